@@ -1,0 +1,50 @@
+"""Rotary position embeddings (RoPE), in the rotate-half layout of Hugging Face checkpoints.
+
+Positions come in as data (one per token), never as "cache length": compression methods
+drop and keep tokens, so a token's position must travel with it.
+"""
+
+import math
+
+import torch
+
+
+def inverse_frequencies(head_dim: int, theta: float, scaling: dict) -> torch.Tensor:
+    """The per-pair rotation speeds, float32 [head_dim // 2], after any context scaling. Always
+    built on the CPU (also inside a meta-device context); the caller moves it."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
+    kind = scaling.get("rope_type", "default")
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    if kind == "freq_factors":  # llama.cpp ships Llama 3.1 scaling pre-computed as divisors
+        return inv_freq / torch.as_tensor(scaling["factors"], dtype=torch.float32, device="cpu")
+    if kind == "llama3":
+        return _llama3_scaling(inv_freq, scaling)
+    return inv_freq
+
+
+def _llama3_scaling(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
+    """Llama 3.1: slow (long-wavelength) pairs are stretched by `factor`, fast ones kept,
+    and the band between is blended linearly in 1/wavelength."""
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_context = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= old_context / high) & (wavelen <= old_context / low)
+    return torch.where(is_medium, blended, scaled)
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
+    """cos and sin for each position, [T, head_dim], computed in float32 as transformers does."""
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, heads, head_dim]; cos/sin: [T, head_dim]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]

@@ -1,0 +1,87 @@
+"""Sequence: one request's tokens, text and stopping state.
+
+Text is produced incrementally so it can be streamed; stop strings are checked on the
+text, and any tail that could still grow into a stop string is held back until it can't.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+from nanokv.sampling import SamplingParams
+
+_ids = itertools.count()
+
+
+@dataclass
+class RequestOutput:
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str            # "stop" (EOS or a stop string) or "length"
+    metrics: dict = field(default_factory=dict)
+
+
+class Sequence:
+    def __init__(self, prompt_token_ids: list[int], params: SamplingParams, stop_token_ids: set[int],
+                 decoder, max_length: int):
+        self.id = next(_ids)
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.output_token_ids: list[int] = []
+        self.params = params
+        self.stop_token_ids = set() if params.ignore_eos else stop_token_ids
+        self.max_length = max_length  # the model's context: generation ends there too
+        self._decoder = decoder        # token id -> text piece (see Tokenizer.stream_decoder)
+        self.text = ""                 # text of the output so far, stop string excluded
+        self._emitted = 0              # how much of self.text has been handed out
+        self.finish_reason: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    def __len__(self):
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    def append(self, token_id: int) -> str:
+        """Record a sampled token; return the text that is now safe to show."""
+        if token_id in self.stop_token_ids:
+            self.finish_reason = "stop"
+            return self._flush()
+        self.output_token_ids.append(token_id)
+        self.text += self._decoder(token_id)
+        for stop in self.params.stop:
+            at = self.text.find(stop, max(0, self._emitted - len(stop)))
+            if at != -1:
+                self.text = self.text[:at]
+                self.finish_reason = "stop"
+                return self._flush()
+        if len(self.output_token_ids) >= self.params.max_tokens or len(self) >= self.max_length:
+            self.finish_reason = "length"
+            return self._flush()
+        safe = len(self.text) - self._held_back()
+        piece, self._emitted = self.text[self._emitted:safe], max(self._emitted, safe)
+        return piece
+
+    def _held_back(self) -> int:
+        """Length of the longest tail of the text that is the start of some stop string."""
+        longest = 0
+        for stop in self.params.stop:
+            for k in range(min(len(stop) - 1, len(self.text)), longest, -1):
+                if self.text.endswith(stop[:k]):
+                    longest = k
+                    break
+        return longest
+
+    def _flush(self) -> str:
+        piece, self._emitted = self.text[self._emitted:], len(self.text)
+        return piece
+
+    def output(self, metrics: dict | None = None) -> RequestOutput:
+        return RequestOutput(self.prompt_token_ids, list(self.output_token_ids), self.text,
+                             self.finish_reason or "length", metrics or {})

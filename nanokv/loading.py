@@ -1,0 +1,151 @@
+"""Weights from disk: Hugging Face directories (config.json + safetensors, sharded or not)
+and GGUF files (dequantized with the `gguf` package). Both end as (ModelConfig, a stream
+of (Hugging Face name, tensor) pairs) that `LlamaModel.load_weights` consumes.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models import MODEL_CLASSES
+from nanokv.config import ConfigError, ModelConfig
+from nanokv.gguf_file import GGUFError, GGUFFile, dequantize
+
+# The GGUF tensor types we dequantize. The issue's list plus the K-quant siblings that
+# gguf.quants implements with the same code path; anything else is refused up front.
+GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
+              "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+
+# GGUF tensor name (after "blk.N.") -> Hugging Face name (after "model.layers.N.").
+GGUF_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+GGUF_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(ValueError):
+    """A weights file nanokv cannot use; the message names the file and what is wrong."""
+
+
+def load_model(kind: str, path: str | Path, dtype: torch.dtype, device="cpu"):
+    """Build the model for `path` ("hf_dir" or "gguf") and fill its weights -> (model, config)."""
+    path = Path(path)
+    if kind == "gguf":
+        config = _gguf_config(path)
+        tensors = _gguf_tensors(path, config)
+    elif kind == "hf_dir":
+        config, tensors = ModelConfig.from_hf_dir(path), _safetensors_tensors(path)
+    else:
+        raise ValueError(f"unknown model kind {kind!r}; valid: hf_dir, gguf")
+    # Build on the meta device (no random init of weights about to be overwritten), then
+    # allocate for real. inv_freq is a plain float32 attribute, untouched by the dtype cast.
+    with torch.device("meta"):
+        model = MODEL_CLASSES[config.architecture](config)
+    model = model.to_empty(device=device).to(dtype)
+    model.inv_freq = model.inv_freq.to(device)
+    model.tie_weights()
+    try:
+        model.load_weights(tensors)
+    except ValueError as e:
+        raise ModelLoadError(f"{path}: {e}") from None
+    return model.eval(), config
+
+
+# --- safetensors -----------------------------------------------------------------------
+
+def _safetensors_tensors(directory: Path):
+    from safetensors import safe_open
+
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"{directory}: no *.safetensors files (pytorch .bin checkpoints are not supported)")
+    for file in files:
+        try:
+            with safe_open(file, framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except ModelLoadError:
+            raise
+        except Exception as e:  # safetensors raises its own error type for corrupt headers
+            raise ModelLoadError(f"{file}: not a readable safetensors file ({e})") from None
+
+
+# --- GGUF ------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=4)
+def read_gguf(path: str | Path) -> GGUFFile:
+    """Open and parse a GGUF file once: the tokenizer and the weights both read it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: no such file")
+    try:
+        return GGUFFile(path)
+    except GGUFError as e:
+        raise ModelLoadError(f"{path}: {e}") from None
+    except Exception as e:  # a corrupt header can fail anywhere in the parse
+        raise ModelLoadError(f"{path}: not a valid GGUF file ({type(e).__name__}: {e})") from None
+
+
+def _gguf_config(path: Path) -> ModelConfig:
+    file = read_gguf(path)
+    tensors = {t.name: t for t in file.tensors}
+    try:
+        config = ModelConfig.from_gguf_metadata(file.metadata, set(tensors))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    for t in file.tensors:
+        if t.type_name not in GGUF_TYPES:
+            raise ModelLoadError(f"{path}: tensor {t.name} has unsupported type {t.type_name}; "
+                                 f"supported: {', '.join(GGUF_TYPES)}")
+    if "rope_freqs.weight" in tensors:
+        factors = dequantize(tensors["rope_freqs.weight"]).tolist()
+        config.rope_scaling = {"rope_type": "freq_factors", "factors": factors}
+    return config
+
+
+def _gguf_tensors(path: Path, config: ModelConfig):
+    file = read_gguf(path)
+    # llama.cpp's converter reorders Q/K rows of Llama-architecture models for its own
+    # rotary layout (pairs (i, i+1) instead of (i, i + d/2)); Qwen GGUFs are written as-is.
+    permuted = file.metadata["general.architecture"] == "llama"
+    for t in file.tensors:
+        if t.name == "rope_freqs.weight":
+            continue
+        name = _hf_name(t.name)
+        if name is None:
+            raise ModelLoadError(f"{path}: unexpected tensor {t.name}")
+        tensor = torch.from_numpy(np.array(dequantize(t)))  # a copy: F32 data is a read-only memmap
+        if permuted and name.endswith(("q_proj.weight", "q_proj.bias")):
+            tensor = _unpermute_rows(tensor, config.num_heads)
+        elif permuted and name.endswith(("k_proj.weight", "k_proj.bias")):
+            tensor = _unpermute_rows(tensor, config.num_kv_heads)
+        yield name, tensor
+
+
+def _hf_name(gguf_name: str) -> str | None:
+    stem, _, kind = gguf_name.rpartition(".")
+    if stem in GGUF_GLOBAL_NAMES:
+        return f"{GGUF_GLOBAL_NAMES[stem]}.{kind}"
+    parts = stem.split(".")
+    if len(parts) == 3 and parts[0] == "blk" and parts[2] in GGUF_LAYER_NAMES:
+        return f"model.layers.{parts[1]}.{GGUF_LAYER_NAMES[parts[2]]}.{kind}"
+    return None
+
+
+def _unpermute_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Inverse of llama.cpp's permute: per head, rows were split into (d/2, 2) interleaved
+    pairs; put them back as two halves (2, d/2)."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+

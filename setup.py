@@ -1,0 +1,27 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="nanokv",
+    version="0.1.0",
+    description="A small, readable inference engine that owns its KV cache, for KV-cache compression research.",
+    python_requires=">=3.10",
+    packages=find_packages(include=["nanokv", "nanokv.*", "models", "models.*", "kernels", "kernels.*"]),
+    py_modules=["generate", "bench"],
+    install_requires=[
+        # torch is installed first, on its own (see the Makefile): an unpinned torch can pull a
+        # multi-GB CUDA build where a CPU build is wanted.
+        "torch>=2.5",
+        "safetensors>=0.4",
+        "tokenizers>=0.21",
+        "huggingface-hub>=0.26",
+        "gguf>=0.10",
+        "numpy>=1.26",
+        "jinja2>=3.1",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "transformers>=5.0", "accelerate>=1.0"],
+        "plot": ["matplotlib>=3.8"],
+        "flash": ["flash-attn>=2.6"],  # CUDA only, optional
+    },
+)

