@@ -3,10 +3,15 @@
 Masks are built from positions, not from slot indices: after a compression method has
 dropped tokens, slot i no longer sits at position i, but "key position <= query position"
 and "query position - key position < window" stay true statements about the tokens.
+
+Scores, softmax and the weighted sum run in float32 whatever the storage dtype. (This is
+also why this is not torch's scaled_dot_product_attention: on CPU its bfloat16 path takes
+~50 ms a call for some key lengths, a thousand times its usual cost.)
 """
 
+import math
+
 import torch
-import torch.nn.functional as F
 
 
 def attention_by_position(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -17,12 +22,16 @@ def attention_by_position(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     q: [T, Hq, D]; k, v: [S, Hkv, D]; q_pos: [T]; k_pos: [S] -> [T, Hq, D].
     A query sees a key when k_pos <= q_pos and, with a window W, q_pos - k_pos < W.
     """
-    allowed = k_pos[None, :] <= q_pos[:, None]
+    T, Hq, D = q.shape
+    S, Hkv, _ = k.shape
+    group = Hq // Hkv  # query heads sharing one kv-head (GQA)
+    qf = q.float().view(T, Hkv, group, D).permute(1, 2, 0, 3)         # [Hkv, group, T, D]
+    kf = k.float().permute(1, 2, 0).unsqueeze(1)                      # [Hkv, 1, D, S]
+    vf = v.float().transpose(0, 1).unsqueeze(1)                       # [Hkv, 1, S, D]
+    scores = (qf @ kf) * (1.0 / math.sqrt(D))                         # [Hkv, group, T, S]
+    allowed = k_pos[None, :] <= q_pos[:, None]                        # [T, S]
     if sliding_window is not None:
         allowed &= (q_pos[:, None] - k_pos[None, :]) < sliding_window
-    if bool(allowed.all()):
-        allowed = None  # e.g. one decode token over its whole past: no mask needed
-    out = F.scaled_dot_product_attention(
-        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-        attn_mask=allowed, enable_gqa=q.shape[1] != k.shape[1])
-    return out.transpose(0, 1)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    out = scores.softmax(dim=-1) @ vf                                 # [Hkv, group, T, D]
+    return out.permute(2, 0, 1, 3).reshape(T, Hq, D).to(q.dtype)

@@ -15,7 +15,7 @@ import torch
 from nanokv.cache import ContiguousKVCache
 from nanokv.engine.sequence import RequestOutput, Sequence
 from nanokv.hub import DEFAULT_MODEL, resolve_model
-from nanokv.loading import DTYPES, load_model
+from nanokv.loading import DTYPES, load_model, read_gguf
 from nanokv.methods import check_method
 from nanokv.sampling import SamplingParams, sample
 from nanokv.tokenizer import Tokenizer
@@ -39,7 +39,8 @@ class LLM:
         self.model_name = model
         self.model, self.config = load_model(self.source.kind, self.source.path, self.dtype, self.device)
         if self.source.kind == "gguf":
-            self.tokenizer = Tokenizer.from_gguf(self.source.path)
+            # the weights loader already parsed this file's metadata (read_gguf is cached)
+            self.tokenizer = Tokenizer.from_gguf_metadata(read_gguf(self.source.path).metadata, str(self.source.path))
         else:
             self.tokenizer = Tokenizer.from_dir(self.source.path)
 
@@ -101,7 +102,7 @@ class LLM:
     @torch.inference_mode()
     def _run(self, prompt_ids: list[int], params: SamplingParams, out: "_Stream") -> Iterator[str]:
         seq = Sequence(prompt_ids, params, self.tokenizer.stop_token_ids,
-                       self.tokenizer.stream_decoder(), self.config.max_position_embeddings)
+                       self.tokenizer.stream_decoder().push, self.config.max_position_embeddings)
         generator = None
         if params.seed is not None:
             generator = torch.Generator(self.device).manual_seed(params.seed)

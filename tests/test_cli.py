@@ -1,0 +1,133 @@
+"""generate.py as a user meets it: bad input is one line on stderr and exit status 2."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+
+def run(*args, timeout=600):
+    return subprocess.run([sys.executable, str(ROOT / "generate.py"), *args], capture_output=True,
+                          text=True, env=ENV, timeout=timeout, cwd=ROOT)
+
+
+def assert_one_line_error(result, *needles):
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def write_gguf(path: Path, arch="llama", tensor_type=gguf.GGMLQuantizationType.F32):
+    """A tiny GGUF: enough metadata for the config, one tensor of the given type."""
+    w = gguf.GGUFWriter(path, arch)
+    w.add_block_count(1)
+    w.add_context_length(64)
+    w.add_embedding_length(32)
+    w.add_feed_forward_length(64)
+    w.add_head_count(2)
+    w.add_head_count_kv(2)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(16)
+    if tensor_type == gguf.GGMLQuantizationType.F32:
+        w.add_tensor("token_embd.weight", np.zeros((16, 32), dtype=np.float32))
+    else:  # raw bytes of the right size for a [16, 32] tensor of that type
+        block, nbytes = gguf.GGML_QUANT_SIZES[tensor_type]
+        w.add_tensor("token_embd.weight", np.zeros((16, 32 // block * nbytes), dtype=np.uint8),
+                     raw_dtype=tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def tiny_hf_dir(path: Path, model_type="llama") -> Path:
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({
+        "model_type": model_type, "vocab_size": 16, "hidden_size": 32, "intermediate_size": 64,
+        "num_hidden_layers": 1, "num_attention_heads": 2}))
+    return path
+
+
+def test_unknown_model():
+    assert_one_line_error(run("--model", "no-such-model", "hi"), "no-such-model", "smollm2-135m")
+
+
+def test_unknown_method():
+    assert_one_line_error(run("--method", "magic", "hi"), "'magic'", "full")
+
+
+def test_missing_file(tmp_path):
+    missing = tmp_path / "absent.gguf"
+    assert_one_line_error(run("--model", str(missing), "hi"), str(missing))
+
+
+def test_truncated_gguf(tmp_path):
+    good = write_gguf(tmp_path / "good.gguf").read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(good[: len(good) - 700])
+    assert_one_line_error(run("--model", str(cut), "hi"), str(cut), "truncated")
+
+
+def test_garbage_gguf(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf at all" * 10)
+    assert_one_line_error(run("--model", str(bad), "hi"), str(bad), "GGUF")
+
+
+def test_unsupported_gguf_architecture(tmp_path):
+    path = write_gguf(tmp_path / "gpt2.gguf", arch="gpt2")
+    assert_one_line_error(run("--model", str(path), "hi"), "'gpt2'", "llama, qwen2, qwen3")
+
+
+def test_unsupported_quant_type(tmp_path):
+    path = write_gguf(tmp_path / "iq.gguf", tensor_type=gguf.GGMLQuantizationType.IQ4_NL)
+    assert_one_line_error(run("--model", str(path), "hi"), "IQ4_NL", "Q4_K")
+
+
+def test_corrupt_safetensors(tmp_path):
+    directory = tiny_hf_dir(tmp_path / "m")
+    (directory / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")
+    assert_one_line_error(run("--model", str(directory), "hi"), "model.safetensors")
+
+
+def test_unsupported_hf_architecture(tmp_path):
+    directory = tiny_hf_dir(tmp_path / "m", model_type="gpt2")
+    assert_one_line_error(run("--model", str(directory), "hi"), "'gpt2'", "llama, mistral, qwen2, qwen3")
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--max-tokens", "-5", "hi"], ["max_tokens", "-5"]),
+    (["--top-p", "0", "hi"], ["top_p"]),
+    (["--temperature", "-1", "hi"], ["temperature"]),
+    (["--dtype", "int3", "hi"], ["'int3'", "float32"]),
+    (["   "], ["prompt is empty"]),
+])
+def test_bad_arguments(args, needles):
+    assert_one_line_error(run(*args), *needles)
+
+
+def test_default_command_answers_paris(smollm2_gguf, tmp_path):
+    stats = tmp_path / "stats.json"
+    result = run("--stats-json", str(stats), "--max-tokens", "48")
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+    data = json.loads(stats.read_text())
+    assert set(data) == {"model", "method", "prompt_tokens", "generated_tokens", "prefill_tokens_per_s",
+                         "decode_tokens_per_s", "kv_cache_bytes"}
+    # full-precision bfloat16 cache: 2 (K and V) x 30 layers x 3 kv-heads x 64 dims x 2 bytes a token,
+    # for every token that went through the model (the last one sampled may not have)
+    cached, rest = divmod(data["kv_cache_bytes"], 2 * 30 * 3 * 64 * 2)
+    assert rest == 0
+    assert cached - data["prompt_tokens"] in (data["generated_tokens"], data["generated_tokens"] - 1)
