@@ -6,6 +6,7 @@ of (Hugging Face name, tensor) pairs) that `LlamaModel.load_weights` consumes.
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 
 import numpy as np
@@ -67,7 +68,14 @@ def load_model(kind: str, path: str | Path, dtype: torch.dtype, device="cpu"):
 def _safetensors_tensors(directory: Path):
     from safetensors import safe_open
 
-    files = sorted(directory.glob("*.safetensors"))
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():  # sharded: the index names the shards (and skips e.g. consolidated.safetensors)
+        try:
+            files = sorted({directory / f for f in json.loads(index.read_text())["weight_map"].values()})
+        except (OSError, ValueError, KeyError) as e:
+            raise ModelLoadError(f"{index}: unreadable shard index ({e})") from None
+    else:
+        files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise ModelLoadError(f"{directory}: no *.safetensors files (pytorch .bin checkpoints are not supported)")
     for file in files:

@@ -53,8 +53,7 @@ class LLM:
             if not prompt.strip():
                 raise ValueError("prompt is empty")
             if chat and self.tokenizer.has_chat_template:
-                text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
-                return self.tokenizer.encode(text, add_special_tokens=False)
+                return self.tokenizer.encode_chat([{"role": "user", "content": prompt}])
             return self.tokenizer.encode(prompt)
         ids = list(prompt)
         if not ids:
