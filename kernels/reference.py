@@ -35,3 +35,35 @@ def attention_by_position(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     scores = scores.masked_fill(~allowed, float("-inf"))
     out = scores.softmax(dim=-1) @ vf                                 # [Hkv, group, T, D]
     return out.permute(2, 0, 1, 3).reshape(T, Hq, D).to(q.dtype)
+
+
+def paged_attention(q: torch.Tensor, q_pos: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                    pos_pool: torch.Tensor, tables: torch.Tensor, lengths: torch.Tensor,
+                    sliding_window: int | None = None) -> torch.Tensor:
+    """Attention of B sequences' queries over their paged, per-head KV.
+
+    q: [B, T, Hq, D] and q_pos: [B, T] (decode: T = 1; prefill: one sequence, B = 1);
+    k_pool, v_pool: [num_blocks, block_size, D]; pos_pool: [num_blocks, block_size];
+    tables: [B, Hkv, nb] block ids (entries past a head's blocks are ignored, may be -1);
+    lengths: [B, Hkv] tokens held per head. Heads may hold different numbers of tokens.
+    -> [B, T, Hq, D]. Same masking rule as `attention_by_position`.
+    """
+    B, T, Hq, D = q.shape
+    Hkv = tables.shape[1]
+    group = Hq // Hkv
+    tables = tables.clamp(min=0)
+    k = k_pool[tables].flatten(2, 3).float()                           # [B, Hkv, S, D]
+    v = v_pool[tables].flatten(2, 3).float()
+    k_pos = pos_pool[tables].flatten(2)                                # [B, Hkv, S]
+    S = k.shape[2]
+    held = torch.arange(S, device=q.device) < lengths[..., None]                         # [B, Hkv, S]
+    # Slots past a head's length are never written: they may hold NaN, and 0 * NaN is NaN.
+    v.masked_fill_(~held[..., None], 0)
+    allowed = held[:, :, None, :] & (k_pos[:, :, None, :] <= q_pos[:, None, :, None])    # [B, Hkv, T, S]
+    if sliding_window is not None:
+        allowed = allowed & ((q_pos[:, None, :, None] - k_pos[:, :, None, :]) < sliding_window)
+    qf = q.float().view(B, T, Hkv, group, D).permute(0, 2, 3, 1, 4)   # [B, Hkv, group, T, D]
+    scores = (qf @ k[:, :, None].transpose(-1, -2)) * (1.0 / math.sqrt(D))  # [B, Hkv, group, T, S]
+    scores = scores.masked_fill(~allowed[:, :, None], float("-inf"))
+    out = scores.softmax(dim=-1) @ v[:, :, None]                       # [B, Hkv, group, T, D]
+    return out.permute(0, 3, 1, 2, 4).reshape(B, T, Hq, D).to(q.dtype)

@@ -2,30 +2,36 @@
 
 import torch
 
-from nanokv.cache import ContiguousKVCache
+from nanokv.cache import CacheAttention, PagedKVCache
 
 
-def nanokv_forward(model, cfg, cache, ids):
-    positions = torch.arange(cache.length, cache.length + len(ids))
-    cache.begin_forward(positions)
-    logits = model.compute_logits(model(torch.as_tensor(ids), positions, cache))
-    cache.end_forward()
-    return logits
+def single_sequence_cache(cfg, dtype=torch.float32, block_size=16):
+    cache = PagedKVCache.from_memory(cfg, 32 << 20, block_size, dtype)
+    cache.add(0)
+    return cache
+
+
+def nanokv_forward(model, cache, ids):
+    """One forward pass of sequence 0 over the paged cache, new tokens after those cached."""
+    start = int(cache.seqs[0].lengths[0, 0])
+    positions = torch.arange(start, start + len(ids))
+    attention = CacheAttention(cache, [0], [len(ids)], positions)
+    return model.compute_logits(model(torch.as_tensor(ids), positions, attention))
 
 
 @torch.no_grad()
 def nanokv_logits(model, cfg, ids, dtype=torch.float32):
-    return nanokv_forward(model, cfg, ContiguousKVCache(cfg, dtype), ids)
+    return nanokv_forward(model, single_sequence_cache(cfg, dtype), ids)
 
 
 @torch.no_grad()
 def nanokv_greedy(model, cfg, ids, steps, dtype=torch.float32):
-    cache = ContiguousKVCache(cfg, dtype)
-    logits = nanokv_forward(model, cfg, cache, ids)[-1]
+    cache = single_sequence_cache(cfg, dtype)
+    logits = nanokv_forward(model, cache, ids)[-1]
     out = []
     for _ in range(steps):
         out.append(int(logits.argmax()))
-        logits = nanokv_forward(model, cfg, cache, [out[-1]])[-1]
+        logits = nanokv_forward(model, cache, [out[-1]])[-1]
     return out
 
 

@@ -1,6 +1,8 @@
-"""The KV cache. For now one contiguous cache per sequence (contiguous.py); the head-block
-pool that compression methods work inside replaces it with the batching engine."""
+"""The KV cache: a pool of head-blocks (pool.py), per-(sequence, layer, kv-head) block tables
+over it (kv_cache.py), and the attention callable the model calls (attention.py)."""
 
-from nanokv.cache.contiguous import ContiguousKVCache
+from nanokv.cache.attention import CacheAttention
+from nanokv.cache.kv_cache import PagedKVCache
+from nanokv.cache.pool import BlockPool, OutOfBlocks
 
-__all__ = ["ContiguousKVCache"]
+__all__ = ["BlockPool", "CacheAttention", "OutOfBlocks", "PagedKVCache"]

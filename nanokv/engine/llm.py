@@ -1,8 +1,11 @@
-"""LLM: the front door. `LLM(model).generate(prompts, SamplingParams(...))`.
+"""LLM: the front door, in the spirit of vLLM and nano-vllm.
 
-This first version runs one sequence at a time over a contiguous cache: prefill the
-prompt in one forward pass, then decode one token per pass. The batching engine (paged
-head-block cache, scheduler) replaces the loop in `stream` without changing this API.
+    llm = LLM("smollm2-135m", kv_cache_memory=2 << 30)
+    outputs = llm.generate(prompts, SamplingParams(max_tokens=64))
+
+Requests go to the Scheduler; each step the ModelRunner runs one prefill or one decode
+batch over the paged cache, and every sequence takes its sampled token. `stream` runs the
+same loop for one prompt and yields its text as it becomes final.
 """
 
 from __future__ import annotations
@@ -11,13 +14,16 @@ import time
 from typing import Iterator
 
 import torch
+from tqdm import tqdm
 
-from nanokv.cache import ContiguousKVCache
+from nanokv.cache import PagedKVCache
+from nanokv.engine.runner import ModelRunner
+from nanokv.engine.scheduler import Scheduler
 from nanokv.engine.sequence import RequestOutput, Sequence
 from nanokv.hub import DEFAULT_MODEL, resolve_model
 from nanokv.loading import DTYPES, load_model, read_gguf
 from nanokv.methods import check_method
-from nanokv.sampling import SamplingParams, sample
+from nanokv.sampling import SamplingParams
 from nanokv.tokenizer import Tokenizer
 
 
@@ -25,24 +31,54 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def available_memory(device: str) -> int:
+    if str(device).startswith("cuda"):
+        return torch.cuda.mem_get_info()[0]
+    with open("/proc/meminfo") as f:
+        info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+    return info.get("MemAvailable", info["MemTotal"])
+
+
+def kv_cache_bytes(kv_cache_memory: int | float | None, device: str) -> int:
+    """Bytes as given, a fraction (0, 1] of the memory available now, or the default:
+    90% of free GPU memory (after the weights are loaded), 25% of free RAM (at most 4 GiB) on CPU."""
+    if kv_cache_memory is None:
+        if str(device).startswith("cuda"):
+            return int(0.9 * available_memory(device))
+        return min(4 << 30, available_memory(device) // 4)
+    if isinstance(kv_cache_memory, float) and 0 < kv_cache_memory <= 1:
+        return int(kv_cache_memory * available_memory(device))
+    if kv_cache_memory <= 0:
+        raise ValueError(f"kv_cache_memory must be a byte count > 0 or a fraction in (0, 1], got {kv_cache_memory!r}")
+    return int(kv_cache_memory)
+
+
 class LLM:
     def __init__(self, model: str = DEFAULT_MODEL, *, dtype: str = "bfloat16", device: str | None = None,
-                 method: str = "full", threads: int | None = None):
+                 method: str = "full", kv_cache_memory: int | float | None = None, block_size: int = 16,
+                 max_num_seqs: int = 256, max_num_batched_tokens: int = 4096):
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+        for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
+                            ("max_num_batched_tokens", max_num_batched_tokens)):
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         self.method = check_method(method)
         self.device = device or default_device()
-        if threads:
-            torch.set_num_threads(threads)
         self.dtype = DTYPES[dtype]
-        self.source = resolve_model(model)
         self.model_name = model
+        self.source = resolve_model(model)
         self.model, self.config = load_model(self.source.kind, self.source.path, self.dtype, self.device)
         if self.source.kind == "gguf":
             # the weights loader already parsed this file's metadata (read_gguf is cached)
             self.tokenizer = Tokenizer.from_gguf_metadata(read_gguf(self.source.path).metadata, str(self.source.path))
         else:
             self.tokenizer = Tokenizer.from_dir(self.source.path)
+        memory = kv_cache_bytes(kv_cache_memory, self.device)
+        self.cache = PagedKVCache.from_memory(self.config, memory, block_size, self.dtype, self.device)
+        self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, self.cache, self.device)
+        self.stats: dict = {}
 
     # --- prompts ----------------------------------------------------------------------
 
@@ -58,20 +94,28 @@ class LLM:
         ids = list(prompt)
         if not ids:
             raise ValueError("prompt is empty")
-        if any(not (0 <= i < self.config.vocab_size) for i in ids):
-            raise ValueError(f"prompt token ids must be in [0, {self.config.vocab_size})")
+        if any(not (isinstance(i, int) and 0 <= i < self.config.vocab_size) for i in ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {self.config.vocab_size})")
         return ids
 
-    def _check_length(self, prompt_ids: list[int]):
+    def _sequence(self, prompt, params: SamplingParams, chat: bool) -> Sequence:
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling params must be SamplingParams, got {type(params).__name__}")
+        ids = self.encode(prompt, chat)
         limit = self.config.max_position_embeddings
-        if len(prompt_ids) >= limit:
-            raise ValueError(f"prompt has {len(prompt_ids)} tokens; the model's context is {limit}")
+        if len(ids) >= limit:
+            raise ValueError(f"prompt has {len(ids)} tokens; the model's context is {limit}")
+        seq = Sequence(ids, params, self.tokenizer.stop_token_ids, self.tokenizer.stream_decoder().push, limit)
+        if params.seed is not None:
+            seq.generator = torch.Generator(self.device).manual_seed(params.seed)
+        return seq
 
     # --- generation -------------------------------------------------------------------
 
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
-                 chat: bool = True) -> list[RequestOutput]:
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+                 chat: bool = True, use_tqdm: bool | None = None) -> list[RequestOutput]:
+        """Outputs in the order of `prompts` (strings or token-id lists)."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         if not prompts:
             raise ValueError("prompts is empty")
@@ -80,67 +124,58 @@ class LLM:
             params = [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
-        ids = [self.encode(p, chat) for p in prompts]
-        for p in ids:
-            self._check_length(p)
-        outputs = []
-        for prompt_ids, p in zip(ids, params):
-            events = self.stream(prompt_ids, p)
-            for _ in events:
-                pass
-            outputs.append(events.result)
-        return outputs
+        seqs = [self._sequence(p, sp, chat) for p, sp in zip(prompts, params)]
+        bar = tqdm(total=len(seqs), desc="generating", unit="req",
+                   disable=not (use_tqdm if use_tqdm is not None else len(seqs) > 1))
+        for seq, _ in self._run(seqs):
+            if seq.finished:
+                bar.update(1)
+        bar.close()
+        return [seq.output() for seq in seqs]
 
-    def stream(self, prompt: str | list[int], params: SamplingParams | None = None, chat: bool = True):
-        """Generate for one prompt, yielding text pieces as they become final. The iterator's
-        `result` holds the RequestOutput (with timings and KV bytes) once it is exhausted."""
-        prompt_ids = self.encode(prompt, chat)
-        self._check_length(prompt_ids)
-        return _Stream(self, prompt_ids, params or SamplingParams())
+    def stream(self, prompt, params: SamplingParams | None = None, chat: bool = True) -> "TextStream":
+        """Generate for one prompt, yielding text pieces as they become final. The stream's
+        `result` holds the RequestOutput once it is exhausted."""
+        return TextStream(self, self._sequence(prompt, params or SamplingParams(), chat))
 
-    @torch.inference_mode()
-    def _run(self, prompt_ids: list[int], params: SamplingParams, out: "_Stream") -> Iterator[str]:
-        seq = Sequence(prompt_ids, params, self.tokenizer.stop_token_ids,
-                       self.tokenizer.stream_decoder().push, self.config.max_position_embeddings)
-        generator = None
-        if params.seed is not None:
-            generator = torch.Generator(self.device).manual_seed(params.seed)
-        cache = ContiguousKVCache(self.config, self.dtype, self.device, capacity=len(prompt_ids) + 64)
-        start = time.perf_counter()
-        tokens = torch.tensor(prompt_ids, device=self.device)
-        positions = torch.arange(len(prompt_ids), device=self.device)
-        first_token_at = None
-        while not seq.finished:
-            cache.begin_forward(positions)
-            hidden = self.model(tokens, positions, cache)
-            cache.end_forward()
-            logits = self.model.compute_logits(hidden[-1:])
-            token = int(sample(logits, [params], [generator])[0])
-            if first_token_at is None:
-                first_token_at = time.perf_counter()
-            piece = seq.append(token)
-            if piece:
-                yield piece
-            tokens = torch.tensor([token], device=self.device)
-            positions = torch.tensor([len(seq) - 1], device=self.device)
-        end = time.perf_counter()
-        decoded = max(len(seq.output_token_ids) - 1, 0)  # the first token came from prefill
-        out.result = seq.output({
-            "prompt_tokens": len(prompt_ids),
-            "generated_tokens": len(seq.output_token_ids),
-            "ttft_s": first_token_at - start,
-            "prefill_tokens_per_s": len(prompt_ids) / (first_token_at - start),
-            "decode_tokens_per_s": decoded / (end - first_token_at) if decoded else 0.0,
-            "kv_cache_bytes": cache.nbytes,
-        })
+    def _run(self, seqs: list[Sequence]) -> Iterator[tuple[Sequence, str]]:
+        """Run the engine until `seqs` are done, yielding (sequence, new text) after every token."""
+        for seq in seqs:
+            self.scheduler.add(seq)  # refuses a request that could never fit
+            seq.arrival_time = time.perf_counter()
+        stats = {"prefill_tokens": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0,
+                 "peak_running": 0, "peak_kv_bytes": 0, "preemptions": 0}
+        while not self.scheduler.finished:
+            batch, is_prefill = self.scheduler.schedule()
+            start = time.perf_counter()
+            tokens = self.runner.step(batch, is_prefill)
+            now = time.perf_counter()
+            kind = "prefill" if is_prefill else "decode"
+            stats[f"{kind}_tokens"] += sum(len(s) for s in batch) if is_prefill else len(batch)
+            stats[f"{kind}_s"] += now - start
+            stats["peak_running"] = max(stats["peak_running"], len(self.scheduler.running))
+            stats["peak_kv_bytes"] = max(stats["peak_kv_bytes"], self.cache.used_bytes)
+            for seq, token in zip(batch, tokens):
+                if seq.first_token_time is None:
+                    seq.first_token_time = now
+                piece = seq.append(token)
+                if seq.finished:
+                    seq.finish_time = now
+                    self.scheduler.finish(seq)
+                yield seq, piece
+        stats["preemptions"] = sum(s.num_preemptions for s in seqs)
+        self.stats = stats
 
 
-class _Stream:
-    """An iterator of text pieces that keeps the final RequestOutput in `.result`."""
+class TextStream:
+    """An iterator of one request's text pieces; `.result` is its RequestOutput at the end."""
 
-    def __init__(self, llm: LLM, prompt_ids: list[int], params: SamplingParams):
+    def __init__(self, llm: LLM, seq: Sequence):
         self.result: RequestOutput | None = None
-        self._pieces = llm._run(prompt_ids, params, self)
+        self._llm, self._seq = llm, seq
 
     def __iter__(self):
-        return self._pieces
+        for seq, piece in self._llm._run([self._seq]):
+            if piece:
+                yield piece
+        self.result = self._seq.output()

@@ -36,10 +36,19 @@ class Sequence:
         self.text = ""                 # text of the output so far, stop string excluded
         self._emitted = 0              # how much of self.text has been handed out
         self.finish_reason: str | None = None
+        # timings (time.perf_counter) and the KV bytes held when it finished, for the stats
+        self.arrival_time = self.first_token_time = self.finish_time = None
+        self.kv_bytes = 0
+        self.generator = None  # a seeded torch.Generator when params.seed is set
+        self.num_preemptions = 0
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def last_token_id(self) -> int:
+        return self.output_token_ids[-1] if self.output_token_ids else self.prompt_token_ids[-1]
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -82,6 +91,19 @@ class Sequence:
         piece, self._emitted = self.text[self._emitted:], len(self.text)
         return piece
 
-    def output(self, metrics: dict | None = None) -> RequestOutput:
+    def output(self) -> RequestOutput:
+        n_out, n_in = len(self.output_token_ids), len(self.prompt_token_ids)
+        ttft = self.first_token_time - self.arrival_time
+        decode_time = self.finish_time - self.first_token_time
+        metrics = {
+            "prompt_tokens": n_in,
+            "generated_tokens": n_out,
+            "ttft_s": ttft,
+            "prefill_tokens_per_s": n_in / ttft if ttft > 0 else 0.0,
+            # the first token comes from the prefill; the rest from decode steps
+            "decode_tokens_per_s": (n_out - 1) / decode_time if n_out > 1 and decode_time > 0 else 0.0,
+            "kv_cache_bytes": self.kv_bytes,
+            "preemptions": self.num_preemptions,
+        }
         return RequestOutput(self.prompt_token_ids, list(self.output_token_ids), self.text,
-                             self.finish_reason or "length", metrics or {})
+                             self.finish_reason or "length", metrics)

@@ -1,0 +1,150 @@
+"""PagedKVCache: per (sequence, layer, kv-head) block tables over one BlockPool.
+
+Each sequence has, for every layer l and kv-head h, its own list of blocks `tables[l, h]`,
+its own `lengths[l, h]` (tokens held) and, in the pool, the position of every slot. Slot i of
+(l, h) lives in block `tables[l, h, i // block_size]` at offset `i % block_size`; a *flat slot*
+is `block * block_size + offset`, an index into `pool.fields[name].view(-1, ...)`.
+
+Uncompressed, every (l, h) of a sequence has the same length. Compression makes them differ:
+`compact(keep)` gathers the kept slots of each (l, h) to its front and frees the tail blocks,
+so per-layer and per-head budgets (PyramidKV, Ada-KV) return real blocks to the pool.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from nanokv.cache.pool import BlockPool, OutOfBlocks
+
+
+@dataclass
+class SequenceKV:
+    tables: torch.Tensor       # [L, H, capacity] block ids (-1 past num_blocks)
+    num_blocks: torch.Tensor   # [L, H]
+    lengths: torch.Tensor      # [L, H] tokens held
+
+
+class PagedKVCache:
+    def __init__(self, num_layers: int, num_kv_heads: int, pool: BlockPool):
+        self.num_layers, self.num_kv_heads, self.pool = num_layers, num_kv_heads, pool
+        self.block_size = pool.block_size
+        self.seqs: dict[int, SequenceKV] = {}
+
+    @classmethod
+    def from_memory(cls, cfg, kv_cache_memory: int, block_size: int, dtype: torch.dtype, device="cpu"):
+        """A cache whose pool holds `kv_cache_memory` bytes of K and V."""
+        per_block = 2 * block_size * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
+        num_blocks = int(kv_cache_memory // per_block)
+        per_token = cfg.num_layers * cfg.num_kv_heads
+        if num_blocks < per_token:
+            raise ValueError(f"kv_cache_memory={kv_cache_memory} bytes holds {num_blocks} blocks; one token of "
+                             f"this model needs {per_token} blocks ({per_token * per_block} bytes)")
+        pool = BlockPool(num_blocks, block_size, cfg.head_dim, dtype, device)
+        return cls(cfg.num_layers, cfg.num_kv_heads, pool)
+
+    # --- sequences --------------------------------------------------------------------
+
+    def add(self, seq_id: int):
+        L, H = self.num_layers, self.num_kv_heads
+        self.seqs[seq_id] = SequenceKV(torch.full((L, H, 4), -1, dtype=torch.int64),
+                                       torch.zeros(L, H, dtype=torch.int64), torch.zeros(L, H, dtype=torch.int64))
+
+    def free(self, seq_id: int):
+        s = self.seqs.pop(seq_id)
+        held = torch.arange(s.tables.shape[-1]) < s.num_blocks[..., None]
+        self.pool.free(s.tables[held])
+
+    def blocks_to_append(self, seq_id: int | None, n: int) -> int:
+        """Blocks the pool must supply to append n tokens to every (layer, head) of a sequence
+        (None: a sequence not yet in the cache)."""
+        if seq_id is None:
+            return self.num_layers * self.num_kv_heads * -(-n // self.block_size)
+        s = self.seqs[seq_id]
+        need = (s.lengths + n + self.block_size - 1) // self.block_size
+        return int((need - s.num_blocks).clamp(min=0).sum())
+
+    def append_slots(self, seq_id: int, n: int) -> torch.Tensor:
+        """Reserve room for n new tokens in every (layer, head) -> their flat slots [L, H, n]."""
+        s = self.seqs[seq_id]
+        need = (s.lengths + n + self.block_size - 1) // self.block_size
+        extra = (need - s.num_blocks).clamp(min=0)
+        total = int(extra.sum())
+        if total:
+            ids = self.pool.allocate(total)  # raises OutOfBlocks: the scheduler checks first
+            if int(need.max()) > s.tables.shape[-1]:
+                grown = torch.full((*s.tables.shape[:2], max(int(need.max()), 2 * s.tables.shape[-1])), -1,
+                                   dtype=torch.int64)
+                grown[..., :s.tables.shape[-1]] = s.tables
+                s.tables = grown
+            # the k-th new block of head (l, h) goes to column num_blocks[l, h] + k
+            rows = torch.repeat_interleave(torch.arange(extra.numel()), extra.flatten())
+            first = torch.cumsum(extra.flatten(), 0) - extra.flatten()
+            cols = s.num_blocks.flatten()[rows] + torch.arange(total) - first[rows]
+            s.tables.view(-1, s.tables.shape[-1])[rows, cols] = ids
+            s.num_blocks = torch.maximum(s.num_blocks, need)
+        logical = s.lengths[..., None] + torch.arange(n)                      # [L, H, n]
+        slots = self.flat_slots(s.tables, logical)
+        s.lengths = s.lengths + n
+        return slots
+
+    def flat_slots(self, tables: torch.Tensor, logical: torch.Tensor) -> torch.Tensor:
+        """Logical slot indices [..., n] of the heads whose tables are [..., capacity] -> flat slots."""
+        blocks = torch.gather(tables, -1, logical // self.block_size)
+        return blocks * self.block_size + logical % self.block_size
+
+    # --- writes -----------------------------------------------------------------------
+
+    def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
+        """slots: [H, T] flat slots of one layer; k, v: [T, H, D]; positions: [T]."""
+        f = self.pool.fields
+        flat = slots.flatten()
+        f["k"].view(-1, self.pool.head_dim)[flat] = k.transpose(0, 1).reshape(-1, self.pool.head_dim)
+        f["v"].view(-1, self.pool.head_dim)[flat] = v.transpose(0, 1).reshape(-1, self.pool.head_dim)
+        f["pos"].view(-1)[flat] = positions.to(torch.int32).repeat(slots.shape[0])
+
+    # --- compaction -------------------------------------------------------------------
+
+    def compact(self, seq_id: int, keep: torch.Tensor, layers: slice | None = None):
+        """Keep the slots marked in `keep` ([L', H, S] bool over logical slots, for `layers`, all by
+        default) and drop the rest: kept slots move, in order, to the front of their head; every
+        slot field moves with them; tail blocks go back to the pool."""
+        s = self.seqs[seq_id]
+        layers = layers or slice(0, self.num_layers)
+        tables, lengths = s.tables[layers], s.lengths[layers]
+        S = keep.shape[-1]
+        if bool((keep & (torch.arange(S) >= lengths[..., None])).any()):
+            raise ValueError("compact: keep marks slots past a head's length")
+        counts = keep.sum(-1)                                                # [L', H]
+        src = self.flat_slots(tables, torch.arange(S).expand_as(keep))[keep]
+        dst_logical = torch.cumsum(keep, -1) - 1                             # rank among kept
+        dst = self.flat_slots(tables, dst_logical.clamp(min=0))[keep]
+        for field in self.pool.fields.values():
+            flat = field.view(self.pool.num_blocks * self.block_size, -1)
+            flat[dst] = flat[src]  # advanced indexing reads a copy first, so overlaps are safe
+        # free the blocks past what the new lengths need
+        need = (counts + self.block_size - 1) // self.block_size
+        have = s.num_blocks[layers]
+        cols = torch.arange(tables.shape[-1])
+        tail = (cols >= need[..., None]) & (cols < have[..., None])
+        self.pool.free(tables[tail])
+        tables[tail] = -1
+        s.num_blocks[layers] = need
+        s.lengths[layers] = counts
+
+    # --- accounting -------------------------------------------------------------------
+
+    def seq_bytes(self, seq_id: int) -> int:
+        return int(self.seqs[seq_id].num_blocks.sum()) * self.pool.bytes_per_block
+
+    def seq_tokens(self, seq_id: int) -> int:
+        """Token slots held summed over (layer, head): uncompressed, len x layers x kv-heads."""
+        return int(self.seqs[seq_id].lengths.sum())
+
+    @property
+    def used_bytes(self) -> int:
+        return self.pool.used_bytes
+
+
+__all__ = ["PagedKVCache", "SequenceKV", "OutOfBlocks"]

@@ -1,0 +1,105 @@
+"""BlockPool: one pool of head-blocks.
+
+A block holds `block_size` tokens of ONE kv-head of ONE layer (the layout of KV-Compress):
+K and V as `[num_blocks, block_size, head_dim]`, plus the original position of every slot.
+Because each (sequence, layer, kv-head) owns its own blocks, a method that keeps fewer tokens
+in one head or one layer returns whole blocks to the pool.
+
+Every per-slot tensor is a *slot field* ("k", "v", "pos", and whatever a method registers,
+e.g. accumulated attention scores); compaction moves all fields together, so metadata rides
+with its token. Other block kinds (quantized, low-rank) will add fields of their own.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class OutOfBlocks(RuntimeError):
+    """The pool cannot serve an allocation; the scheduler preempts and retries."""
+
+
+class BlockPool:
+    def __init__(self, num_blocks: int, block_size: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu"):
+        if num_blocks <= 0:
+            raise ValueError(f"the KV-cache pool needs at least one block, got num_blocks={num_blocks}")
+        self.num_blocks, self.block_size, self.head_dim = num_blocks, block_size, head_dim
+        self.dtype, self.device = dtype, device
+        shape = (num_blocks, block_size)
+        self.fields: dict[str, torch.Tensor] = {
+            "k": torch.empty(*shape, head_dim, dtype=dtype, device=device),
+            "v": torch.empty(*shape, head_dim, dtype=dtype, device=device),
+            "pos": torch.zeros(*shape, dtype=torch.int32, device=device),
+        }
+        # A stack of free block ids; allocate pops from the top, free pushes back.
+        self._free = torch.arange(num_blocks - 1, -1, -1, dtype=torch.int64)
+        self._num_free = num_blocks
+        self._in_use = torch.zeros(num_blocks, dtype=torch.bool)  # guards double frees
+
+    # --- fields -----------------------------------------------------------------------
+
+    @property
+    def k(self) -> torch.Tensor:
+        return self.fields["k"]
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self.fields["v"]
+
+    @property
+    def pos(self) -> torch.Tensor:
+        return self.fields["pos"]
+
+    def add_slot_field(self, name: str, dtype: torch.dtype, fill=0):
+        """Per-slot metadata that moves with its token on compaction (e.g. attention scores)."""
+        if name not in self.fields:
+            self.fields[name] = torch.full((self.num_blocks, self.block_size), fill, dtype=dtype,
+                                           device=self.device)
+        return self.fields[name]
+
+    # --- allocation -------------------------------------------------------------------
+
+    @property
+    def num_free(self) -> int:
+        return self._num_free
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - self._num_free
+
+    def allocate(self, n: int) -> torch.Tensor:
+        if n > self._num_free:
+            raise OutOfBlocks(f"asked for {n} blocks, {self._num_free} free")
+        ids = self._free[self._num_free - n:self._num_free].clone()
+        self._num_free -= n
+        self._in_use[ids] = True
+        return ids
+
+    def free(self, ids: torch.Tensor):
+        if len(ids) == 0:
+            return
+        if not bool(self._in_use[ids].all()) or len(torch.unique(ids)) != len(ids):
+            raise RuntimeError("freeing a block that is not allocated (double free)")
+        self._in_use[ids] = False
+        self._free[self._num_free:self._num_free + len(ids)] = ids
+        self._num_free += len(ids)
+
+    # --- bytes ------------------------------------------------------------------------
+
+    @property
+    def bytes_per_block(self) -> int:
+        """K and V bytes of one block (what a compression method saves when it frees one)."""
+        return 2 * self.block_size * self.head_dim * self.k.element_size()
+
+    @property
+    def total_bytes(self) -> int:
+        return self.num_blocks * self.bytes_per_block
+
+    @property
+    def used_bytes(self) -> int:
+        return self.num_used * self.bytes_per_block
+
+    @property
+    def free_bytes(self) -> int:
+        return self.num_free * self.bytes_per_block

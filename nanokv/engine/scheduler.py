@@ -1,0 +1,86 @@
+"""Scheduler: which sequences run in the next forward step.
+
+Two queues, as in nano-vllm. A step is a prefill when waiting sequences can be admitted
+(bounded by a token budget, a sequence cap and free blocks), otherwise a decode of every
+running sequence. When the pool runs dry during decode, the most recently admitted
+sequence is preempted: its blocks are freed and it goes back to the front of the waiting
+queue, to be re-prefilled later from its prompt plus the tokens it has generated
+(recompute). A request is never dropped for lack of blocks; one that could never fit even
+alone is refused when it is added.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from nanokv.cache import PagedKVCache
+from nanokv.engine.sequence import Sequence
+
+
+class Scheduler:
+    def __init__(self, cache: PagedKVCache, max_num_seqs: int, max_num_batched_tokens: int):
+        self.cache = cache
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence):
+        longest = min(len(seq) + seq.params.max_tokens, seq.max_length)
+        need = self.cache.blocks_to_append(None, longest)
+        if need > self.cache.pool.num_blocks:
+            raise ValueError(
+                f"a request of {len(seq)} prompt tokens and max_tokens={seq.params.max_tokens} needs "
+                f"{need} KV-cache blocks but the whole pool has {self.cache.pool.num_blocks}; "
+                f"raise kv_cache_memory (now {self.cache.pool.total_bytes} bytes) or lower max_tokens")
+        self.waiting.append(seq)
+
+    @property
+    def finished(self) -> bool:
+        return not self.waiting and not self.running
+
+    def schedule(self) -> tuple[list[Sequence], bool]:
+        """-> (sequences to run, is_prefill)."""
+        admitted, tokens = [], 0
+        free = self.cache.pool.num_free
+        while self.waiting and len(self.running) + len(admitted) < self.max_num_seqs:
+            seq = self.waiting[0]
+            need = self.cache.blocks_to_append(None, len(seq))
+            if need > free or (admitted and tokens + len(seq) > self.max_num_batched_tokens):
+                break
+            free -= need
+            tokens += len(seq)
+            self.cache.add(seq.id)
+            admitted.append(self.waiting.popleft())
+        if admitted:
+            self.running.extend(admitted)
+            return admitted, True
+
+        # Decode: every running sequence appends one token. Walk them oldest first and
+        # preempt from the youngest end until the blocks they need are there.
+        scheduled = []
+        free = self.cache.pool.num_free
+        while len(scheduled) < len(self.running):
+            seq = self.running[len(scheduled)]
+            need = self.cache.blocks_to_append(seq.id, 1)
+            while need > free and self.running[-1] is not seq:
+                free += self._preempt(self.running.pop())
+            if need > free:  # it is the youngest left: it waits for the others to finish
+                self._preempt(self.running.pop())
+                break
+            free -= need
+            scheduled.append(seq)
+        return scheduled, False
+
+    def _preempt(self, seq: Sequence) -> int:
+        """Free a running sequence's blocks and requeue it first -> blocks freed."""
+        freed = int(self.cache.seqs[seq.id].num_blocks.sum())
+        self.cache.free(seq.id)
+        seq.num_preemptions += 1
+        self.waiting.appendleft(seq)
+        return freed
+
+    def finish(self, seq: Sequence):
+        seq.kv_bytes = self.cache.seq_bytes(seq.id)
+        self.cache.free(seq.id)
+        self.running.remove(seq)
