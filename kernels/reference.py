@@ -45,25 +45,36 @@ def paged_attention(q: torch.Tensor, q_pos: torch.Tensor, k_pool: torch.Tensor, 
     q: [B, T, Hq, D] and q_pos: [B, T] (decode: T = 1; prefill: one sequence, B = 1);
     k_pool, v_pool: [num_blocks, block_size, D]; pos_pool: [num_blocks, block_size];
     tables: [B, Hkv, nb] block ids (entries past a head's blocks are ignored, may be -1);
+    slots past a head's length are masked, but must hold finite values;
     lengths: [B, Hkv] tokens held per head. Heads may hold different numbers of tokens.
     -> [B, T, Hq, D]. Same masking rule as `attention_by_position`.
     """
     B, T, Hq, D = q.shape
     Hkv = tables.shape[1]
     group = Hq // Hkv
-    tables = tables.clamp(min=0)
-    k = k_pool[tables].flatten(2, 3).float()                           # [B, Hkv, S, D]
-    v = v_pool[tables].flatten(2, 3).float()
-    k_pos = pos_pool[tables].flatten(2)                                # [B, Hkv, S]
+    k = gather_blocks(k_pool, tables).float()                          # [B, Hkv, S, D]
+    v = gather_blocks(v_pool, tables).float()
+    k_pos = gather_blocks(pos_pool, tables)                            # [B, Hkv, S]
     S = k.shape[2]
+    # Slots past a head's length are masked out; they must hold finite values (0 * NaN = NaN),
+    # which the pool guarantees by zeroing blocks as it hands them out.
     held = torch.arange(S, device=q.device) < lengths[..., None]                         # [B, Hkv, S]
-    # Slots past a head's length are never written: they may hold NaN, and 0 * NaN is NaN.
-    v.masked_fill_(~held[..., None], 0)
     allowed = held[:, :, None, :] & (k_pos[:, :, None, :] <= q_pos[:, None, :, None])    # [B, Hkv, T, S]
     if sliding_window is not None:
         allowed = allowed & ((q_pos[:, None, :, None] - k_pos[:, :, None, :]) < sliding_window)
-    qf = q.float().view(B, T, Hkv, group, D).permute(0, 2, 3, 1, 4)   # [B, Hkv, group, T, D]
-    scores = (qf @ k[:, :, None].transpose(-1, -2)) * (1.0 / math.sqrt(D))  # [B, Hkv, group, T, S]
-    scores = scores.masked_fill(~allowed[:, :, None], float("-inf"))
-    out = scores.softmax(dim=-1) @ v[:, :, None]                       # [B, Hkv, group, T, D]
+    # The query heads of a group share their kv-head: fold them into the query axis, so one
+    # plain batched matmul per kv-head serves the group (a broadcast matmul would copy K per head).
+    qf = q.float().view(B, T, Hkv, group, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, group * T, D)
+    scores = (qf @ k.transpose(-1, -2)) * (1.0 / math.sqrt(D))        # [B, Hkv, group*T, S]
+    scores.view(B, Hkv, group, T, S).masked_fill_(~allowed[:, :, None], float("-inf"))
+    out = (scores.softmax(dim=-1) @ v).view(B, Hkv, group, T, D)
     return out.permute(0, 3, 1, 2, 4).reshape(B, T, Hq, D).to(q.dtype)
+
+
+def gather_blocks(pool: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+    """pool: [num_blocks, block_size, *rest]; tables: [..., nb] (-1 reads block 0) ->
+    [..., nb * block_size, *rest], each head's slots in order."""
+    num_blocks, block_size, *rest = pool.shape
+    # index_select over whole blocks is ~6x faster on CPU than advanced indexing
+    rows = torch.index_select(pool.view(num_blocks, -1), 0, tables.clamp(min=0).flatten())
+    return rows.view(*tables.shape[:-1], tables.shape[-1] * block_size, *rest)

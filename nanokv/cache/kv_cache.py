@@ -116,6 +116,8 @@ class PagedKVCache:
         S = keep.shape[-1]
         if bool((keep & (torch.arange(S) >= lengths[..., None])).any()):
             raise ValueError("compact: keep marks slots past a head's length")
+        keep = keep[..., :tables.shape[-1] * self.block_size]  # a wider mask (padded to a batch) marks nothing there
+        S = keep.shape[-1]
         counts = keep.sum(-1)                                                # [L', H]
         src = self.flat_slots(tables, torch.arange(S).expand_as(keep))[keep]
         dst_logical = torch.cumsum(keep, -1) - 1                             # rank among kept

@@ -27,11 +27,17 @@ class BlockPool:
         self.num_blocks, self.block_size, self.head_dim = num_blocks, block_size, head_dim
         self.dtype, self.device = dtype, device
         shape = (num_blocks, block_size)
+        # Attention reads whole blocks and masks the slots past a head's length, so every slot
+        # it can reach must hold a finite number (0 * NaN is NaN): blocks are zeroed when handed
+        # out, and block 0, which padded block-table entries point at, is zeroed now. The rest
+        # stays untouched (on CPU, unused pool memory costs nothing until written).
         self.fields: dict[str, torch.Tensor] = {
             "k": torch.empty(*shape, head_dim, dtype=dtype, device=device),
             "v": torch.empty(*shape, head_dim, dtype=dtype, device=device),
             "pos": torch.zeros(*shape, dtype=torch.int32, device=device),
         }
+        self.fields["k"][0] = 0
+        self.fields["v"][0] = 0
         # A stack of free block ids; allocate pops from the top, free pushes back.
         self._free = torch.arange(num_blocks - 1, -1, -1, dtype=torch.int64)
         self._num_free = num_blocks
@@ -74,6 +80,8 @@ class BlockPool:
         ids = self._free[self._num_free - n:self._num_free].clone()
         self._num_free -= n
         self._in_use[ids] = True
+        self.fields["k"][ids] = 0
+        self.fields["v"][ids] = 0
         return ids
 
     def free(self, ids: torch.Tensor):
