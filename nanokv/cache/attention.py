@@ -4,8 +4,8 @@ PagedKVCache (see models/llama.py for the contract).
 A step is either a prefill (one or more sequences, each with a chunk of new tokens) or a
 decode (every sequence with exactly one new token). The slots of all new tokens are
 reserved once, before layer 0; each layer then writes its K/V there and attends:
-decode in one batched call over all sequences, prefill one sequence at a time (each one is
-a large matmul already).
+decode in a few batched calls over groups of sequences of similar length, prefill one
+sequence at a time (each one is a large matmul already).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from kernels.reference import paged_attention
 from nanokv.cache.kv_cache import PagedKVCache
 
 PREFILL_QUERY_CHUNK = 1024
+GROUP_SLACK = 1.5  # padding waste a decode group may carry (the longest / the shortest member)
 
 
 class CacheAttention:
@@ -23,28 +24,48 @@ class CacheAttention:
         self.cache, self.seq_ids, self.query_lens = cache, seq_ids, query_lens
         self.positions = positions                                        # [T] all new tokens
         self.is_decode = all(n == 1 for n in query_lens)
-        slots = [cache.append_slots(s, n) for s, n in zip(seq_ids, query_lens)]
         device = cache.pool.device
+        slots = [cache.append_slots(s, n) for s, n in zip(seq_ids, query_lens)]
         self.slots = torch.cat(slots, dim=-1).to(device)                  # [L, H, T]
         seqs = [cache.seqs[s] for s in seq_ids]
-        width = max(s.tables.shape[-1] for s in seqs)
-        self.tables = torch.stack([torch.nn.functional.pad(s.tables, (0, width - s.tables.shape[-1]), value=-1)
-                                   for s in seqs], dim=1).to(device)      # [L, B, H, nb]
-        self.lengths = torch.stack([s.lengths for s in seqs], dim=1).to(device)  # [L, B, H]
+        blocks = [int(s.num_blocks.max()) for s in seqs]
+        # Each group is attended in one call, its tables padded to its longest member. Decode
+        # groups sequences of similar length, so a short one is not padded to the longest of
+        # the batch; prefill runs one sequence at a time.
+        groups = length_groups(blocks) if self.is_decode else [[i] for i in range(len(seqs))]
+        self.groups = []
+        for members in groups:
+            width = max(blocks[i] for i in members)
+            tables = torch.stack([seqs[i].tables[..., :width] for i in members], dim=1)   # [L, b, H, nb]
+            lengths = torch.stack([seqs[i].lengths for i in members], dim=1)             # [L, b, H]
+            self.groups.append((torch.tensor(members, device=device), tables.to(device), lengths.to(device)))
         self.q_pos = positions.split(query_lens)
 
     def __call__(self, layer, q, k, v, sliding_window):
-        pool = self.cache.pool
+        pool, workspace = self.cache.pool, self.cache.workspace
         self.cache.write(self.slots[layer], k, v, self.positions)
-        tables, lengths = self.tables[layer], self.lengths[layer]
         if self.is_decode:
-            out = paged_attention(q[:, None], self.positions[:, None], pool.k, pool.v, pool.pos,
-                                  tables, lengths, sliding_window)
-            return out[:, 0]
+            out = torch.empty_like(q)
+            for members, tables, lengths in self.groups:
+                out[members] = paged_attention(q[members, None], self.positions[members, None], pool.k, pool.v,
+                                               pool.pos, tables[layer], lengths[layer], sliding_window, workspace)[:, 0]
+            return out
         outs = []
-        for i, (q_i, pos_i) in enumerate(zip(q.split(self.query_lens), self.q_pos)):
+        for (_, tables, lengths), q_i, pos_i in zip(self.groups, q.split(self.query_lens), self.q_pos):
             # queries in chunks: the score matrix of a long prompt would not fit at once
             for q_c, pos_c in zip(q_i.split(PREFILL_QUERY_CHUNK), pos_i.split(PREFILL_QUERY_CHUNK)):
                 outs.append(paged_attention(q_c[None], pos_c[None], pool.k, pool.v, pool.pos,
-                                            tables[i:i + 1], lengths[i:i + 1], sliding_window)[0])
+                                            tables[layer], lengths[layer], sliding_window, workspace)[0])
         return torch.cat(outs)
+
+
+def length_groups(blocks: list[int], slack: float = GROUP_SLACK) -> list[list[int]]:
+    """Indices grouped so that within a group the longest holds at most `slack` times the
+    blocks of the shortest (sorted by length)."""
+    order = sorted(range(len(blocks)), key=blocks.__getitem__)
+    groups = [[order[0]]]
+    for i in order[1:]:
+        if blocks[i] > slack * blocks[groups[-1][0]]:
+            groups.append([])
+        groups[-1].append(i)
+    return groups

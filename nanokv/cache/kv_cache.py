@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.reference import Workspace
 from nanokv.cache.pool import BlockPool, OutOfBlocks
 
 
@@ -31,6 +32,7 @@ class PagedKVCache:
         self.num_layers, self.num_kv_heads, self.pool = num_layers, num_kv_heads, pool
         self.block_size = pool.block_size
         self.seqs: dict[int, SequenceKV] = {}
+        self.workspace = Workspace()  # scratch for attention's gathers, reused every layer and step
 
     @classmethod
     def from_memory(cls, cfg, kv_cache_memory: int, block_size: int, dtype: torch.dtype, device="cpu"):
