@@ -96,10 +96,7 @@ def percentiles(values) -> dict:
 def run_nanokv(args) -> dict:
     from nanokv import LLM, SamplingParams
 
-    memory = args.kv_cache_memory
-    if memory is not None and memory > 1:
-        memory = int(memory)
-    llm = LLM(args.model, dtype=args.dtype, kv_cache_memory=memory, block_size=args.block_size,
+    llm = LLM(args.model, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory, block_size=args.block_size,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
     requests = workload(args, llm.config.vocab_size)
     llm.generate([requests[0][0][:16]], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
@@ -225,8 +222,10 @@ def fmt(name: str, value) -> str:
         return "-"
     if name.endswith("_bytes"):
         return f"{value / 2**20:.1f} MiB"
+    if name.endswith("_per_s"):
+        return f"{value:.1f}"
     if name.endswith("_s"):
-        return f"{value:.3f}"
+        return f"{value:.2f}"
     return f"{value:.1f}" if isinstance(value, float) else str(value)
 
 

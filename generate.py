@@ -39,6 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--no-chat", action="store_true", help="send the prompt as raw text, without the chat template")
     p.add_argument("--dtype", default="bfloat16", help="float32 or bfloat16 (default: bfloat16)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--kv-cache-memory", type=float, default=None, metavar="BYTES",
+                   help="KV-cache pool size: bytes, or a fraction (0, 1] of free memory")
     p.add_argument("--stats-json", metavar="PATH", help="also write the stats line as JSON to PATH")
     return p.parse_args(argv)
 
@@ -65,7 +67,8 @@ def run(args) -> int:
         raise ValueError("prompt is empty")
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, stop=args.stop)
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, method=args.method)
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, method=args.method,
+              kv_cache_memory=args.kv_cache_memory)
     stream = llm.stream(args.prompt, params, chat=not args.no_chat)
     for piece in stream:
         print(piece, end="", flush=True)

@@ -406,3 +406,24 @@ def test_compaction_frees_whole_blocks():
     assert cache.seqs[0].num_blocks.tolist() == [[3, 3], [1, 2], [1, 6]]
     assert cache.seq_bytes(0) == 16 * 2 * BS * D * 4
     assert cache.pool.num_free == 100 - 52
+
+
+def test_decode_group_of_sequences_with_different_table_capacities():
+    """Sequences decoded in one group are padded to the group's longest; a member whose block
+    table has less capacity than that must be padded, not break the stack (regression)."""
+    torch.manual_seed(0)
+    cache = PagedKVCache(1, 1, BlockPool(64, 2, 8, torch.float32))
+    lens, held = [7, 9], {}  # 4 and 5 blocks: one group; table capacities 4 and 8
+    for s, n in enumerate(lens):
+        cache.add(s)
+        k, v, pos = torch.randn(n, 1, 8), torch.randn(n, 1, 8), torch.arange(n)
+        CacheAttention(cache, [s], [n], pos)(0, torch.randn(n, 1, 8), k, v, None)
+        held[s] = k, v
+    step = CacheAttention(cache, [0, 1], [1, 1], torch.tensor(lens))
+    assert len(step.groups) == 1
+    q, k, v = torch.randn(2, 1, 8), torch.randn(2, 1, 8), torch.randn(2, 1, 8)
+    out = step(0, q, k, v, None)
+    for s, n in enumerate(lens):
+        keys, values = torch.cat([held[s][0], k[s:s + 1]]), torch.cat([held[s][1], v[s:s + 1]])
+        ref = attention_by_position(q[s:s + 1], keys, values, torch.tensor([n]), torch.arange(n + 1))
+        torch.testing.assert_close(out[s:s + 1], ref, rtol=1e-5, atol=1e-6)

@@ -36,7 +36,7 @@ class CacheAttention:
         self.groups = []
         for members in groups:
             width = max(blocks[i] for i in members)
-            tables = torch.stack([seqs[i].tables[..., :width] for i in members], dim=1)   # [L, b, H, nb]
+            tables = torch.stack([pad_blocks(seqs[i].tables, width) for i in members], dim=1)  # [L, b, H, nb]
             lengths = torch.stack([seqs[i].lengths for i in members], dim=1)             # [L, b, H]
             self.groups.append((torch.tensor(members, device=device), tables.to(device), lengths.to(device)))
         self.q_pos = positions.split(query_lens)
@@ -57,6 +57,11 @@ class CacheAttention:
                 outs.append(paged_attention(q_c[None], pos_c[None], pool.k, pool.v, pool.pos,
                                             tables[layer], lengths[layer], sliding_window, workspace)[0])
         return torch.cat(outs)
+
+
+def pad_blocks(tables: torch.Tensor, width: int) -> torch.Tensor:
+    """A sequence's tables cut or padded (with -1) to `width` blocks."""
+    return torch.nn.functional.pad(tables[..., :width], (0, max(0, width - tables.shape[-1])), value=-1)
 
 
 def length_groups(blocks: list[int], slack: float = GROUP_SLACK) -> list[list[int]]:
