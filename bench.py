@@ -21,6 +21,8 @@ import subprocess
 import sys
 import time
 
+from generate import OneLineParser
+
 FIGURES = ("requests_per_s", "output_tokens_per_s", "total_tokens_per_s", "prefill_tokens_per_s",
            "decode_tokens_per_s", "ttft_p50_s", "ttft_p90_s", "peak_kv_bytes", "peak_rss_bytes",
            "peak_running_requests", "single_request_decode_tokens_per_s")

@@ -82,7 +82,18 @@ def test_preemption_recomputes_and_loses_nothing(llm, smollm2_gguf, single_outpu
 def test_request_that_can_never_fit_is_refused(smollm2_gguf):
     tiny = LLM(str(smollm2_gguf), dtype="float32", kv_cache_memory=40 * 2 * 30 * 3 * 64 * 4)
     with pytest.raises(ValueError, match="kv_cache_memory"):
-        tiny.generate([list(range(100, 200))], greedy(8))
+        tiny.generate([[100, 101], list(range(100, 200))], greedy(8))
+    assert not tiny.scheduler.waiting  # the request that fits was not left behind either
+    [out] = tiny.generate([[100, 101]], greedy(8))
+    assert len(out.token_ids) == 8
+
+
+def test_abandoned_stream_gives_its_blocks_back(llm):
+    pieces = iter(llm.stream("Tell me a long story about a dragon.", greedy(40), chat=False))
+    next(pieces)
+    assert llm.cache.pool.num_used > 0
+    pieces.close()
+    assert llm.cache.pool.num_used == 0 and not llm.scheduler.running and not llm.scheduler.waiting
 
 
 @pytest.mark.parametrize("make, field", [

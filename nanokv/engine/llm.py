@@ -140,29 +140,38 @@ class LLM:
 
     def _run(self, seqs: list[Sequence]) -> Iterator[tuple[Sequence, str]]:
         """Run the engine until `seqs` are done, yielding (sequence, new text) after every token."""
+        for seq in seqs:  # refuse a request that could never fit before any of them starts
+            self.scheduler.check_fits(seq)
         for seq in seqs:
-            self.scheduler.add(seq)  # refuses a request that could never fit
+            self.scheduler.add(seq)
             seq.arrival_time = time.perf_counter()
         stats = {"prefill_tokens": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0,
                  "peak_running": 0, "peak_kv_bytes": 0, "preemptions": 0}
-        while not self.scheduler.finished:
-            batch, is_prefill = self.scheduler.schedule()
-            start = time.perf_counter()
-            tokens = self.runner.step(batch, is_prefill)
-            now = time.perf_counter()
-            kind = "prefill" if is_prefill else "decode"
-            stats[f"{kind}_tokens"] += sum(len(s) for s in batch) if is_prefill else len(batch)
-            stats[f"{kind}_s"] += now - start
-            stats["peak_running"] = max(stats["peak_running"], len(self.scheduler.running))
-            stats["peak_kv_bytes"] = max(stats["peak_kv_bytes"], self.cache.used_bytes)
-            for seq, token in zip(batch, tokens):
-                if seq.first_token_time is None:
-                    seq.first_token_time = now
-                piece = seq.append(token)
-                if seq.finished:
-                    seq.finish_time = now
-                    self.scheduler.finish(seq)
-                yield seq, piece
+        try:
+            while not self.scheduler.finished:
+                batch, is_prefill = self.scheduler.schedule()
+                if not batch:  # everything running was preempted; the next step re-admits it
+                    continue
+                start = time.perf_counter()
+                tokens = self.runner.step(batch, is_prefill)
+                now = time.perf_counter()
+                kind = "prefill" if is_prefill else "decode"
+                stats[f"{kind}_tokens"] += sum(len(s) for s in batch) if is_prefill else len(batch)
+                stats[f"{kind}_s"] += now - start
+                stats["peak_running"] = max(stats["peak_running"], len(self.scheduler.running))
+                stats["peak_kv_bytes"] = max(stats["peak_kv_bytes"], self.cache.used_bytes)
+                for seq, token in zip(batch, tokens):
+                    if seq.first_token_time is None:
+                        seq.first_token_time = now
+                    piece = seq.append(token)
+                    if seq.finished:
+                        seq.finish_time = now
+                        self.scheduler.finish(seq)
+                    yield seq, piece
+        finally:  # a stream abandoned half-way must not leave its request in the engine
+            for seq in seqs:
+                if not seq.finished:
+                    self.scheduler.abort(seq)
         stats["preemptions"] = sum(s.num_preemptions for s in seqs)
         self.stats = stats
 

@@ -25,7 +25,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
-    def add(self, seq: Sequence):
+    def check_fits(self, seq: Sequence):
+        """Refuse a request that could not run even with the whole pool to itself."""
         longest = min(len(seq) + seq.params.max_tokens, seq.max_length)
         need = self.cache.blocks_to_append(None, longest)
         if need > self.cache.pool.num_blocks:
@@ -33,6 +34,9 @@ class Scheduler:
                 f"a request of {len(seq)} prompt tokens and max_tokens={seq.params.max_tokens} needs "
                 f"{need} KV-cache blocks but the whole pool has {self.cache.pool.num_blocks}; "
                 f"raise kv_cache_memory (now {self.cache.pool.total_bytes} bytes) or lower max_tokens")
+
+    def add(self, seq: Sequence):
+        self.check_fits(seq)
         self.waiting.append(seq)
 
     @property
@@ -84,3 +88,11 @@ class Scheduler:
         seq.kv_bytes = self.cache.seq_bytes(seq.id)
         self.cache.free(seq.id)
         self.running.remove(seq)
+
+    def abort(self, seq: Sequence):
+        """Drop an unfinished request (its caller went away), giving its blocks back."""
+        if seq in self.running:
+            self.running.remove(seq)
+            self.cache.free(seq.id)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
