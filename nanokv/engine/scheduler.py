@@ -46,7 +46,9 @@ class Scheduler:
     def schedule(self) -> tuple[list[Sequence], bool]:
         """-> (sequences to run, is_prefill)."""
         admitted, tokens = [], 0
-        free = self.cache.pool.num_free
+        # Keep back the blocks the running sequences need to cross their next block boundary,
+        # so that a newly admitted (or just preempted) sequence is not preempted again at once.
+        free = self.cache.pool.num_free - len(self.running) * self.cache.num_layers * self.cache.num_kv_heads
         while self.waiting and len(self.running) + len(admitted) < self.max_num_seqs:
             seq = self.waiting[0]
             need = self.cache.blocks_to_append(None, len(seq))
