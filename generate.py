@@ -30,6 +30,12 @@ def parse_args(argv=None):
                    help=f"short name ({', '.join(MODELS)}), a local HF directory, a .gguf file, "
                         f"or an HF repo id (default: {DEFAULT_MODEL})")
     p.add_argument("--method", default="full", help=f"KV-cache method: {', '.join(METHODS)} (default: full)")
+    p.add_argument("--compression", type=float, default=0.0,
+                   help="fraction of prompt tokens removed per (layer, head), in [0, 1) (default: 0)")
+    p.add_argument("--budget", type=int, default=None, help="prompt tokens kept per (layer, head), instead of --compression")
+    p.add_argument("--method-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="a method option, e.g. --method-arg window_size=16 (repeatable)")
+    p.add_argument("--list-methods", action="store_true", help="list the methods with their options and papers, then exit")
     p.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate (default: 256)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: 0)")
     p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens; 0 is off")
@@ -47,6 +53,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.list_methods:
+        from nanokv.methods import describe_methods
+        print(describe_methods())
+        return 0
     try:
         return run(args)
     except ValueError as e:  # every bad input nanokv detects is a ValueError subclass
@@ -56,29 +66,43 @@ def main(argv=None) -> int:
         return 130
 
 
+def method_options(pairs: list[str]) -> dict:
+    """["window_size=16", ...] -> {"window_size": "16"}; the method converts and checks values."""
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--method-arg {pair!r} is not KEY=VALUE")
+        options[key] = value
+    return options
+
+
 def run(args) -> int:
     from nanokv.engine.llm import LLM
-    from nanokv.methods import check_method
+    from nanokv.methods import make_method
     from nanokv.sampling import SamplingParams
 
     # Check everything cheap before the model loads, so a typo fails in milliseconds.
-    check_method(args.method)
+    options = method_options(args.method_arg)
+    make_method(args.method, args.compression, args.budget, **options)
     if not args.prompt.strip():
         raise ValueError("prompt is empty")
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, stop=args.stop)
     llm = LLM(args.model, dtype=args.dtype, device=args.device, method=args.method,
-              kv_cache_memory=args.kv_cache_memory)
+              compression=args.compression, budget=args.budget, kv_cache_memory=args.kv_cache_memory, **options)
     stream = llm.stream(args.prompt, params, chat=not args.no_chat)
     for piece in stream:
         print(piece, end="", flush=True)
     print()
     m = stream.result.metrics
     stats = {"model": args.model, "method": args.method, **{k: m[k] for k in (
-        "prompt_tokens", "generated_tokens", "prefill_tokens_per_s", "decode_tokens_per_s", "kv_cache_bytes")}}
+        "prompt_tokens", "generated_tokens", "prefill_tokens_per_s", "decode_tokens_per_s", "kv_cache_bytes",
+        "kv_cache_bytes_uncompressed")}}
     print(f"[{args.model} | {args.method}] prompt {m['prompt_tokens']} tok, generated {m['generated_tokens']} tok "
           f"({stream.result.finish_reason}) | prefill {m['prefill_tokens_per_s']:.1f} tok/s | "
-          f"decode {m['decode_tokens_per_s']:.1f} tok/s | KV cache {m['kv_cache_bytes'] / 2**20:.2f} MiB",
+          f"decode {m['decode_tokens_per_s']:.1f} tok/s | KV cache {m['kv_cache_bytes'] / 2**20:.2f} MiB "
+          f"(full: {m['kv_cache_bytes_uncompressed'] / 2**20:.2f} MiB)",
           file=sys.stderr)
     if args.stats_json:
         with open(args.stats_json, "w") as f:

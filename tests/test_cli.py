@@ -68,6 +68,24 @@ def test_unknown_method():
     assert_one_line_error(run("--method", "magic", "hi"), "'magic'", "full")
 
 
+@pytest.mark.parametrize("args, needles", [
+    (["--method", "snapkv", "--compression", "1.5"], ["compression", "[0, 1)"]),
+    (["--method", "snapkv", "--budget", "8"], ["budget=8", "window_size=32"]),
+    (["--method", "snapkv", "--method-arg", "window=4"], ["'window'", "window_size"]),
+    (["--method", "knorm", "--method-arg", "skip_layers=x"], ["skip_layers", "int"]),
+    (["--method", "knorm", "--method-arg", "skip_layers"], ["KEY=VALUE"]),
+])
+def test_bad_method_settings(args, needles):
+    assert_one_line_error(run(*args, "hi"), *needles)
+
+
+def test_list_methods():
+    result = run("--list-methods")
+    assert result.returncode == 0
+    for name in ("full", "random", "streaming_llm", "knorm", "snapkv", "arxiv.org/abs/2404.14469"):
+        assert name in result.stdout
+
+
 def test_missing_file(tmp_path):
     missing = tmp_path / "absent.gguf"
     assert_one_line_error(run("--model", str(missing), "hi"), str(missing))
@@ -125,7 +143,7 @@ def test_default_command_answers_paris(smollm2_gguf, tmp_path):
     assert "Paris" in result.stdout
     data = json.loads(stats.read_text())
     assert set(data) == {"model", "method", "prompt_tokens", "generated_tokens", "prefill_tokens_per_s",
-                         "decode_tokens_per_s", "kv_cache_bytes"}
+                         "decode_tokens_per_s", "kv_cache_bytes", "kv_cache_bytes_uncompressed"}
     # full-precision bfloat16 cache in 16-token head-blocks of 16 x 64 dims x 2 (K and V) x 2 bytes,
     # one list of blocks per (layer, kv-head) = 30 x 3, for the tokens that went through the model
     # (the last one sampled may not have)

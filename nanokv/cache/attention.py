@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.reference import paged_attention
+from kernels.reference import gather_blocks, paged_attention
 from nanokv.cache.kv_cache import PagedKVCache
 
 PREFILL_QUERY_CHUNK = 1024
@@ -20,8 +20,11 @@ GROUP_SLACK = 1.5  # padding waste a decode group may carry (the longest / the s
 
 
 class CacheAttention:
-    def __init__(self, cache: PagedKVCache, seq_ids: list[int], query_lens: list[int], positions: torch.Tensor):
+    def __init__(self, cache: PagedKVCache, seq_ids: list[int], query_lens: list[int], positions: torch.Tensor,
+                 method=None):
         self.cache, self.seq_ids, self.query_lens = cache, seq_ids, query_lens
+        # a prefill-time compression method (nanokv/methods), applied per layer after attention
+        self.method = method if method is not None and method.compresses else None
         self.positions = positions                                        # [T] all new tokens
         self.is_decode = all(n == 1 for n in query_lens)
         device = cache.pool.device
@@ -51,12 +54,29 @@ class CacheAttention:
                                                pool.pos, tables[layer], lengths[layer], sliding_window, workspace)[:, 0]
             return out
         outs = []
-        for (_, tables, lengths), q_i, pos_i in zip(self.groups, q.split(self.query_lens), self.q_pos):
+        for i, ((_, tables, lengths), q_i, pos_i) in enumerate(zip(self.groups, q.split(self.query_lens), self.q_pos)):
             # queries in chunks: the score matrix of a long prompt would not fit at once
             for q_c, pos_c in zip(q_i.split(PREFILL_QUERY_CHUNK), pos_i.split(PREFILL_QUERY_CHUNK)):
                 outs.append(paged_attention(q_c[None], pos_c[None], pool.k, pool.v, pool.pos,
                                             tables[layer], lengths[layer], sliding_window, workspace)[0])
+            if self.method is not None:
+                self._compress(layer, self.seq_ids[i], q_i)
         return torch.cat(outs)
+
+    def _compress(self, layer: int, seq_id: int, queries: torch.Tensor):
+        """Let the method pick what layer `layer` of a just-prefilled sequence keeps; compact it.
+        Nothing else in this forward pass reads this layer's KV again."""
+        from nanokv.methods.base import PrefillView
+
+        pool, s = self.cache.pool, self.cache.seqs[seq_id]
+        n = int(s.lengths[layer].max())
+        tables = s.tables[layer, :, :int(s.num_blocks[layer].max())]
+        keys = gather_blocks(pool.k, tables)[:, :n]                             # [H, S, D]
+        positions = gather_blocks(pool.pos, tables[:1])[0, :n]                 # [S]
+        view = PrefillView(layer, self.cache.num_layers, queries, keys, positions)
+        keep = self.method.keep_mask(view)
+        if keep is not None:
+            self.cache.compact(seq_id, keep[None], layers=slice(layer, layer + 1))
 
 
 def pad_blocks(tables: torch.Tensor, width: int) -> torch.Tensor:

@@ -22,7 +22,7 @@ from nanokv.engine.scheduler import Scheduler
 from nanokv.engine.sequence import RequestOutput, Sequence
 from nanokv.hub import DEFAULT_MODEL, resolve_model
 from nanokv.loading import DTYPES, load_model, read_gguf
-from nanokv.methods import check_method
+from nanokv.methods import make_method
 from nanokv.sampling import SamplingParams
 from nanokv.tokenizer import Tokenizer
 
@@ -55,15 +55,16 @@ def kv_cache_bytes(kv_cache_memory: int | float | None, device: str) -> int:
 
 class LLM:
     def __init__(self, model: str = DEFAULT_MODEL, *, dtype: str = "bfloat16", device: str | None = None,
-                 method: str = "full", kv_cache_memory: int | float | None = None, block_size: int = 16,
-                 max_num_seqs: int = 256, max_num_batched_tokens: int = 4096):
+                 method: str = "full", compression: float = 0.0, budget: int | None = None,
+                 kv_cache_memory: int | float | None = None, block_size: int = 16,
+                 max_num_seqs: int = 256, max_num_batched_tokens: int = 4096, **method_options):
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
         for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
                             ("max_num_batched_tokens", max_num_batched_tokens)):
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        self.method = check_method(method)
+        self.method = make_method(method, compression, budget, **method_options)
         self.device = device or default_device()
         self.dtype = DTYPES[dtype]
         self.model_name = model
@@ -77,7 +78,7 @@ class LLM:
         memory = kv_cache_bytes(kv_cache_memory, self.device)
         self.cache = PagedKVCache.from_memory(self.config, memory, block_size, self.dtype, self.device)
         self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens)
-        self.runner = ModelRunner(self.model, self.cache, self.device)
+        self.runner = ModelRunner(self.model, self.cache, self.device, self.method)
         self.stats: dict = {}
 
     # --- prompts ----------------------------------------------------------------------

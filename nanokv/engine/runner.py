@@ -15,8 +15,8 @@ from nanokv.sampling import sample
 
 
 class ModelRunner:
-    def __init__(self, model, cache: PagedKVCache, device):
-        self.model, self.cache, self.device = model, cache, device
+    def __init__(self, model, cache: PagedKVCache, device, method=None):
+        self.model, self.cache, self.device, self.method = model, cache, device, method
 
     @torch.inference_mode()
     def step(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
@@ -30,7 +30,10 @@ class ModelRunner:
             positions = torch.tensor([len(s) - 1 for s in seqs])
         ids = torch.tensor(ids, device=self.device)
         positions = positions.to(self.device)
-        attention = CacheAttention(self.cache, [s.id for s in seqs], query_lens, positions)
+        attention = CacheAttention(self.cache, [s.id for s in seqs], query_lens, positions,
+                                   self.method if is_prefill else None)
+        for s, n in zip(seqs, query_lens):
+            s.num_cached = n if is_prefill else s.num_cached + 1
         hidden = self.model(ids, positions, attention)
         last = torch.tensor(query_lens, device=self.device).cumsum(0) - 1
         logits = self.model.compute_logits(hidden[last])

@@ -88,6 +88,7 @@ class Scheduler:
 
     def finish(self, seq: Sequence):
         seq.kv_bytes = self.cache.seq_bytes(seq.id)
+        seq.kv_bytes_uncompressed = self.cache.blocks_to_append(None, seq.num_cached) * self.cache.pool.bytes_per_block
         self.cache.free(seq.id)
         self.running.remove(seq)
 

@@ -39,6 +39,8 @@ class Sequence:
         # timings (time.perf_counter) and the KV bytes held when it finished, for the stats
         self.arrival_time = self.first_token_time = self.finish_time = None
         self.kv_bytes = 0
+        self.kv_bytes_uncompressed = 0  # what `full` would hold for the same tokens
+        self.num_cached = 0             # tokens that have gone through the model
         self.generator = None  # a seeded torch.Generator when params.seed is set
         self.num_preemptions = 0
 
@@ -103,6 +105,7 @@ class Sequence:
             # the first token comes from the prefill; the rest from decode steps
             "decode_tokens_per_s": (n_out - 1) / decode_time if n_out > 1 and decode_time > 0 else 0.0,
             "kv_cache_bytes": self.kv_bytes,
+            "kv_cache_bytes_uncompressed": self.kv_bytes_uncompressed,
             "preemptions": self.num_preemptions,
         }
         return RequestOutput(self.prompt_token_ids, list(self.output_token_ids), self.text,

@@ -1,9 +1,5 @@
-"""KV-cache compression methods, one file each. `full` keeps every token (no compression)."""
+"""KV-cache compression methods, one file each; see base.py for the contract."""
 
-METHODS = ("full",)
+from nanokv.methods.registry import METHODS, check_method, describe_methods, make_method
 
-
-def check_method(name: str) -> str:
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; valid: {', '.join(METHODS)}")
-    return name
+__all__ = ["METHODS", "check_method", "describe_methods", "make_method"]

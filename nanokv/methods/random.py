@@ -1,0 +1,20 @@
+"""random: keep a uniformly random subset of tokens per (layer, kv-head).
+
+The floor every method must beat (kvpress's RandomPress). Option `seed` (default 0) makes a
+run repeatable.
+"""
+
+import torch
+
+from nanokv.methods.base import Method, PrefillView
+
+
+class RandomMethod(Method):
+    name = "random"
+    description = "keep a random subset of tokens per head (the baseline to beat)"
+    paper = ""
+    options = {"seed": (int, 0, "an integer", lambda v: True)}
+
+    def scores(self, view: PrefillView) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 100003 + view.layer)
+        return torch.rand(view.keys.shape[:2], generator=g)

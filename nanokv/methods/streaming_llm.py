@@ -1,0 +1,31 @@
+"""streaming_llm: attention sinks plus a recent window.
+
+Paper: Efficient Streaming Language Models with Attention Sinks (Xiao et al., ICLR 2024),
+arXiv 2309.17453. The first few tokens soak up attention whatever they say ("sinks"); keeping
+them plus the most recent tokens keeps the model fluent. Keep `sink_tokens` first tokens and
+fill the rest of the budget with the most recent ones. Default sink_tokens=4 (paper and
+official code, mit-han-lab/streaming-llm). Positions stay those the tokens were written at
+(as kvpress's StreamingLLMPress does); the paper's in-cache position re-assignment is not
+applied.
+"""
+
+import torch
+
+from nanokv.methods.base import Method, PrefillView
+
+
+class StreamingLLM(Method):
+    name = "streaming_llm"
+    description = "keep the first tokens (attention sinks) and the most recent ones"
+    paper = "https://arxiv.org/abs/2309.17453"
+    options = {"sink_tokens": (int, 4, "an integer >= 0", lambda v: v >= 0)}
+
+    def check_budget(self):
+        if self.budget is not None and self.budget <= self.sink_tokens:
+            raise ValueError(f"budget={self.budget} must exceed sink_tokens={self.sink_tokens} for streaming_llm")
+
+    def scores(self, view: PrefillView) -> torch.Tensor:
+        H, S = view.keys.shape[:2]
+        recency = torch.arange(S, dtype=torch.float32)               # later slots score higher
+        recency[:self.sink_tokens] = float("inf")                     # sinks always win
+        return recency.expand(H, S)
