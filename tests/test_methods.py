@@ -62,6 +62,18 @@ def test_snapkv_keeps_what_the_window_attends_to():
     assert kept(pooled.keep_mask(view(keys, queries))) == [[2, 3, 4, 10, 11]]
 
 
+def test_pyramidkv_budgets_fall_with_depth_and_keep_the_total():
+    # B=50, W=8, beta=20: min = 42/20 = 2.1, max = 84 - 2.1 = 81.9, step (81.9 - 2.1)/3 = 26.6
+    method = make_method("pyramidkv", budget=50)
+    assert [method.layer_budget(100, layer, 4) for layer in range(4)] == [8 + 81, 8 + 55, 8 + 28, 8 + 2]
+    # a prompt too short for layer 0's share (8 + 81.9 > 60): every layer keeps B, like SnapKV
+    assert [method.layer_budget(60, layer, 4) for layer in range(4)] == [50] * 4
+    keys = torch.randn(2, 100, 4)
+    for layer, expected in enumerate([89, 63, 36, 10]):
+        mask = method.keep_mask(PrefillView(layer, 4, torch.randn(100, 4, 4), keys, torch.arange(100)))
+        assert mask.sum(-1).tolist() == [expected] * 2
+
+
 def test_random_keeps_exactly_budget_and_repeats_with_seed():
     keys = torch.randn(3, 50, 4)
     a = make_method("random", budget=10).keep_mask(view(keys))

@@ -76,6 +76,11 @@ class Method:
     def applies_to(self, layer: int) -> bool:
         return True
 
+    def layer_budget(self, n: int, layer: int, num_layers: int) -> int:
+        """Tokens layer `layer` keeps per head; uneven allocations (PyramidKV) override this,
+        keeping the request's total."""
+        return self.tokens_to_keep(n)
+
     def scores(self, view: PrefillView) -> torch.Tensor:
         """[H, S] importance of each cached token per kv-head: the highest are kept."""
         raise NotImplementedError
@@ -83,7 +88,7 @@ class Method:
     def keep_mask(self, view: PrefillView) -> torch.Tensor | None:
         """[H, S] bool, or None to keep everything."""
         S = view.keys.shape[1]
-        k = self.tokens_to_keep(S)
+        k = min(S, self.layer_budget(S, view.layer, view.num_layers))
         if k >= S or not self.applies_to(view.layer):
             return None
         top = self.scores(view).topk(k, dim=-1).indices

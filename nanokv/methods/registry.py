@@ -2,11 +2,12 @@
 
 from nanokv.methods.base import Method
 from nanokv.methods.knorm import KNorm
+from nanokv.methods.pyramidkv import PyramidKV
 from nanokv.methods.random import RandomMethod
 from nanokv.methods.snapkv import SnapKV
 from nanokv.methods.streaming_llm import StreamingLLM
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, RandomMethod, StreamingLLM, KNorm, SnapKV)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, RandomMethod, StreamingLLM, KNorm, SnapKV, PyramidKV)}
 
 
 def check_method(name: str) -> str:
