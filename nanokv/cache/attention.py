@@ -21,10 +21,13 @@ GROUP_SLACK = 1.5  # padding waste a decode group may carry (the longest / the s
 
 class CacheAttention:
     def __init__(self, cache: PagedKVCache, seq_ids: list[int], query_lens: list[int], positions: torch.Tensor,
-                 method=None):
+                 method=None, prompt_lens: list[int] | None = None):
         self.cache, self.seq_ids, self.query_lens = cache, seq_ids, query_lens
-        # a prefill-time compression method (nanokv/methods), applied per layer after attention
+        # a prefill-time compression method (nanokv/methods), applied per layer after attention to
+        # each sequence's prompt (a recompute after preemption also carries generated tokens:
+        # those are kept, so the recomputed cache is the one the sequence had)
         self.method = method if method is not None and method.compresses else None
+        self.prompt_lens = prompt_lens or query_lens
         self.positions = positions                                        # [T] all new tokens
         self.is_decode = all(n == 1 for n in query_lens)
         device = cache.pool.device
@@ -60,7 +63,7 @@ class CacheAttention:
                 outs.append(paged_attention(q_c[None], pos_c[None], pool.k, pool.v, pool.pos,
                                             tables[layer], lengths[layer], sliding_window, workspace)[0])
             if self.method is not None:
-                self._compress(layer, self.seq_ids[i], q_i)
+                self._compress(layer, self.seq_ids[i], q_i[:self.prompt_lens[i]])
         return torch.cat(outs)
 
     def _compress(self, layer: int, seq_id: int, queries: torch.Tensor):
@@ -69,14 +72,15 @@ class CacheAttention:
         from nanokv.methods.base import PrefillView
 
         pool, s = self.cache.pool, self.cache.seqs[seq_id]
-        n = int(s.lengths[layer].max())
+        n, held = len(queries), int(s.lengths[layer].max())
         tables = s.tables[layer, :, :int(s.num_blocks[layer].max())]
-        keys = gather_blocks(pool.k, tables)[:, :n]                             # [H, S, D]
+        keys = gather_blocks(pool.k, tables)[:, :n]                             # [H, S, D] the prompt's
         positions = gather_blocks(pool.pos, tables[:1])[0, :n]                 # [S]
         view = PrefillView(layer, self.cache.num_layers, queries, keys, positions)
         keep = self.method.keep_mask(view)
         if keep is not None:
-            self.cache.compact(seq_id, keep[None], layers=slice(layer, layer + 1))
+            generated = torch.ones(keep.shape[0], held - n, dtype=torch.bool, device=keep.device)
+            self.cache.compact(seq_id, torch.cat([keep, generated], dim=1)[None], layers=slice(layer, layer + 1))
 
 
 def pad_blocks(tables: torch.Tensor, width: int) -> torch.Tensor:
