@@ -28,15 +28,10 @@ FIGURES = ("requests_per_s", "output_tokens_per_s", "total_tokens_per_s", "prefi
            "peak_running_requests", "single_request_decode_tokens_per_s")
 
 
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def parse_args(argv=None):
     p = OneLineParser(description="nanokv throughput benchmark (optionally against transformers).")
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--num-requests", type=int, default=64)
     p.add_argument("--min-input", type=int, default=64)
     p.add_argument("--max-input", type=int, default=512)
@@ -221,7 +216,8 @@ def run_child(engine: str, argv: list[str]) -> dict:
     result = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--engine", engine],
                             stdout=subprocess.PIPE, text=True)
     if result.returncode:
-        raise SystemExit(f"bench: the {engine} run failed (exit status {result.returncode})")
+        raise SystemExit(result.returncode if result.returncode == 2 else
+                         f"bench: the {engine} run failed (exit status {result.returncode})")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -241,7 +237,11 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.engine:  # child: run one engine, report
-        figures = (run_nanokv if args.engine == "nanokv" else run_hf)(args)
+        try:
+            figures = (run_nanokv if args.engine == "nanokv" else run_hf)(args)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         print(json.dumps(figures))
         return 0
     config = {k: v for k, v in vars(args).items() if k not in ("engine", "out")}

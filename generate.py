@@ -43,7 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=None, help="seed for sampling")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--no-chat", action="store_true", help="send the prompt as raw text, without the chat template")
-    p.add_argument("--dtype", default="bfloat16", help="float32 or bfloat16 (default: bfloat16)")
+    p.add_argument("--dtype", default="bfloat16",
+                   help="float32, bfloat16 or float16 (float16 for CUDA: it is slow on CPU) (default: bfloat16)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--kv-cache-memory", type=float, default=None, metavar="BYTES",
                    help="KV-cache pool size: bytes, or a fraction (0, 1] of free memory")

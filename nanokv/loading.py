@@ -51,9 +51,10 @@ def load_model(kind: str, path: str | Path, dtype: torch.dtype, device="cpu"):
         raise ValueError(f"unknown model kind {kind!r}; valid: hf_dir, gguf")
     # Build on the meta device (no random init of weights about to be overwritten), then
     # allocate for real. inv_freq is a plain float32 attribute, untouched by the dtype cast.
+    # (cast on meta, so no float32 copy of the weights is ever allocated on the device)
     with torch.device("meta"):
-        model = MODEL_CLASSES[config.architecture](config)
-    model = model.to_empty(device=device).to(dtype)
+        model = MODEL_CLASSES[config.architecture](config).to(dtype)
+    model = model.to_empty(device=device)
     model.inv_freq = model.inv_freq.to(device)
     model.tie_weights()
     try:

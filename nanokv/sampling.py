@@ -25,6 +25,11 @@ class SamplingParams:
     def __post_init__(self):
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) for s in self.stop):
+            raise ValueError(f"stop must be a string or a list of strings, got {self.stop!r}")
+        self.stop = list(self.stop)
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
+            raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
         if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
             raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
         if not math.isfinite(self.temperature) or self.temperature < 0:
@@ -49,7 +54,8 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
     for i, p in enumerate(params):  # only sampled rows pay for the per-row work
         if p.greedy:
             continue
-        probs = _filtered_probs(logits[i] / p.temperature, p.top_k, p.top_p)
+        # shift by the max first: a tiny temperature would otherwise overflow to inf
+        probs = _filtered_probs((logits[i] - logits[i].max()) / p.temperature, p.top_k, p.top_p)
         next_ids[i] = torch.multinomial(probs, 1, generator=generators[i])[0]
     return next_ids
 

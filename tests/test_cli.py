@@ -130,6 +130,8 @@ def test_unsupported_hf_architecture(tmp_path):
     (["--top-p", "0", "hi"], ["top_p"]),
     (["--temperature", "-1", "hi"], ["temperature"]),
     (["--dtype", "int3", "hi"], ["'int3'", "float32"]),
+    (["--device", "gpu", "hi"], ["'gpu'", "cpu"]),
+    (["--method", "full", "--compression", "0.5", "hi"], ["'full' does not compress"]),
     (["   "], ["prompt is empty"]),
 ])
 def test_bad_arguments(args, needles):

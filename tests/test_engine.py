@@ -111,6 +111,15 @@ def test_bad_input_names_the_field(llm, make, field):
         make(llm)
 
 
+def test_one_run_at_a_time(llm):
+    first = iter(llm.stream("Once upon a time", greedy(20), chat=False))
+    next(first)
+    with pytest.raises(ValueError, match="still running"):
+        llm.generate(["The weather"], greedy(2), chat=False)
+    first.close()
+    assert len(llm.generate(["The weather"], greedy(2), chat=False)[0].token_ids) == 2
+
+
 def test_sampling_is_seeded_per_request(llm):
     params = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=3)
     a = llm.generate(["Once upon a time", "The weather"], params, chat=False)

@@ -27,6 +27,7 @@ def test_budget_arithmetic():
     assert make_method("knorm", budget=64).tokens_to_keep(40) == 40          # never more than there is
     assert make_method("full").compresses is False
     assert make_method("knorm").compresses is False                          # no budget given: nothing to do
+    assert make_method("pyramidkv", compression=0.5, beta=10).beta == 10.0   # an int where a float is asked
 
 
 def test_streaming_llm_keeps_sinks_and_recent():
@@ -95,6 +96,7 @@ def test_random_keeps_exactly_budget_and_repeats_with_seed():
     (dict(name="knorm", budget=8, compression=0.5), "either compression or budget"),
     (dict(name="snapkv", budget=16), "budget=16 must exceed window_size=32"),
     (dict(name="streaming_llm", budget=4), "budget=4 must exceed sink_tokens=4"),
+    (dict(name="full", compression=0.5), "'full' does not compress"),
 ])
 def test_bad_method_settings_name_the_valid_range(kwargs, message):
     with pytest.raises(ValueError, match=message):

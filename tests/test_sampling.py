@@ -6,7 +6,8 @@ from nanokv.sampling import SamplingParams, _filtered_probs, sample
 
 
 @pytest.mark.parametrize("field, value", [("max_tokens", 0), ("max_tokens", -3), ("temperature", -0.1),
-                                          ("top_p", 0.0), ("top_p", 1.5), ("top_k", -1)])
+                                          ("top_p", 0.0), ("top_p", 1.5), ("top_k", -1), ("seed", "1"),
+                                          ("seed", 2**70), ("stop", None), ("stop", [3])])
 def test_bad_params_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**{field: value})
@@ -20,6 +21,12 @@ def test_top_k_and_top_p_keep_the_right_tokens():
     assert (_filtered_probs(logits, top_k=0, top_p=0.5) > 0).tolist() == [True, False, False, False]
     kept = _filtered_probs(logits, top_k=0, top_p=0.9)
     assert torch.allclose(kept[:3] / kept[:3].sum(), torch.tensor([0.5, 0.3, 0.15]) / 0.95)
+
+
+def test_tiny_temperature_is_nearly_greedy_not_a_crash():
+    logits = torch.randn(2, 50)
+    params = [SamplingParams(temperature=1e-40)] * 2
+    assert torch.equal(sample(logits, params, [None, None]), logits.argmax(-1))
 
 
 def test_seeded_sampling_repeats_and_greedy_is_argmax():

@@ -25,7 +25,7 @@ class CacheAttention:
         self.cache, self.seq_ids, self.query_lens = cache, seq_ids, query_lens
         # a prefill-time compression method (nanokv/methods), applied per layer after attention to
         # each sequence's prompt (a recompute after preemption also carries generated tokens:
-        # those are kept, so the recomputed cache is the one the sequence had)
+        # those are kept)
         self.method = method if method is not None and method.compresses else None
         self.prompt_lens = prompt_lens or query_lens
         self.positions = positions                                        # [T] all new tokens
@@ -58,13 +58,29 @@ class CacheAttention:
             return out
         outs = []
         for i, ((_, tables, lengths), q_i, pos_i) in enumerate(zip(self.groups, q.split(self.query_lens), self.q_pos)):
-            # queries in chunks: the score matrix of a long prompt would not fit at once
-            for q_c, pos_c in zip(q_i.split(PREFILL_QUERY_CHUNK), pos_i.split(PREFILL_QUERY_CHUNK)):
-                outs.append(paged_attention(q_c[None], pos_c[None], pool.k, pool.v, pool.pos,
-                                            tables[layer], lengths[layer], sliding_window, workspace)[0])
-            if self.method is not None:
-                self._compress(layer, self.seq_ids[i], q_i[:self.prompt_lens[i]])
+            if self.method is None:
+                outs.append(self._prefill(q_i, pos_i, tables[layer], lengths[layer], sliding_window))
+                continue
+            # The prompt attends over itself, then is compressed. Tokens generated before a
+            # preemption (recompute) then attend over the compressed prompt, as they did the
+            # first time, so the recomputed cache is the one the sequence had.
+            n = self.prompt_lens[i]
+            outs.append(self._prefill(q_i[:n], pos_i[:n], tables[layer], lengths[layer], sliding_window))
+            self._compress(layer, self.seq_ids[i], q_i[:n])
+            if n < len(q_i):
+                s = self.cache.seqs[self.seq_ids[i]]
+                compacted = s.tables[layer:layer + 1, :, :int(s.num_blocks[layer].max())].to(pool.device)
+                outs.append(self._prefill(q_i[n:], pos_i[n:], compacted, s.lengths[layer:layer + 1].to(pool.device),
+                                          sliding_window))
         return torch.cat(outs)
+
+    def _prefill(self, q, q_pos, tables, lengths, sliding_window):
+        """One sequence's queries [T, Hq, D] over its cached KV (tables [1, H, nb], lengths [1, H]),
+        in chunks: the score matrix of a long prompt would not fit at once."""
+        pool = self.cache.pool
+        return torch.cat([paged_attention(q_c[None], pos_c[None], pool.k, pool.v, pool.pos, tables, lengths,
+                                          sliding_window, self.cache.workspace)[0]
+                          for q_c, pos_c in zip(q.split(PREFILL_QUERY_CHUNK), q_pos.split(PREFILL_QUERY_CHUNK))])
 
     def _compress(self, layer: int, seq_id: int, queries: torch.Tensor):
         """Let the method pick what layer `layer` of a just-prefilled sequence keeps; compact it.
@@ -79,6 +95,7 @@ class CacheAttention:
         view = PrefillView(layer, self.cache.num_layers, queries, keys, positions)
         keep = self.method.keep_mask(view)
         if keep is not None:
+            keep = keep.cpu()  # block tables live on the CPU
             generated = torch.ones(keep.shape[0], held - n, dtype=torch.bool, device=keep.device)
             self.cache.compact(seq_id, torch.cat([keep, generated], dim=1)[None], layers=slice(layer, layer + 1))
 

@@ -37,7 +37,7 @@ class PagedKVCache:
     @classmethod
     def from_memory(cls, cfg, kv_cache_memory: int, block_size: int, dtype: torch.dtype, device="cpu"):
         """A cache whose pool holds `kv_cache_memory` bytes of K and V."""
-        per_block = 2 * block_size * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
+        per_block = BlockPool.block_bytes(block_size, cfg.head_dim, dtype)
         num_blocks = int(kv_cache_memory // per_block)
         per_token = cfg.num_layers * cfg.num_kv_heads
         if num_blocks < per_token:
@@ -141,10 +141,6 @@ class PagedKVCache:
 
     def seq_bytes(self, seq_id: int) -> int:
         return int(self.seqs[seq_id].num_blocks.sum()) * self.pool.bytes_per_block
-
-    def seq_tokens(self, seq_id: int) -> int:
-        """Token slots held summed over (layer, head): uncompressed, len x layers x kv-heads."""
-        return int(self.seqs[seq_id].lengths.sum())
 
     @property
     def used_bytes(self) -> int:

@@ -16,7 +16,8 @@ import torch
 
 
 class OutOfBlocks(RuntimeError):
-    """The pool cannot serve an allocation; the scheduler preempts and retries."""
+    """The pool cannot serve an allocation. The scheduler checks free blocks before every step
+    (and preempts when they run short), so this only fires when that check was wrong."""
 
 
 class BlockPool:
@@ -98,7 +99,11 @@ class BlockPool:
     @property
     def bytes_per_block(self) -> int:
         """K and V bytes of one block (what a compression method saves when it frees one)."""
-        return 2 * self.block_size * self.head_dim * self.k.element_size()
+        return self.block_bytes(self.block_size, self.head_dim, self.dtype)
+
+    @staticmethod
+    def block_bytes(block_size: int, head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * block_size * head_dim * torch.empty((), dtype=dtype).element_size()
 
     @property
     def total_bytes(self) -> int:
@@ -108,6 +113,3 @@ class BlockPool:
     def used_bytes(self) -> int:
         return self.num_used * self.bytes_per_block
 
-    @property
-    def free_bytes(self) -> int:
-        return self.num_free * self.bytes_per_block

@@ -33,7 +33,7 @@ def default_device() -> str:
 
 def available_memory(device: str) -> int:
     if str(device).startswith("cuda"):
-        return torch.cuda.mem_get_info()[0]
+        return torch.cuda.mem_get_info(torch.device(device))[0]
     with open("/proc/meminfo") as f:
         info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
     return info.get("MemAvailable", info["MemTotal"])
@@ -66,6 +66,11 @@ class LLM:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         self.method = make_method(method, compression, budget, **method_options)
         self.device = device or default_device()
+        try:
+            torch.empty(0, device=self.device)
+        except (RuntimeError, AssertionError):  # a malformed name, or a torch built without it
+            valid = "cpu, cuda" if torch.cuda.is_available() else "cpu"
+            raise ValueError(f"device {self.device!r} is not available; valid: {valid}") from None
         self.dtype = DTYPES[dtype]
         self.model_name = model
         self.source = resolve_model(model)
@@ -80,6 +85,7 @@ class LLM:
         self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.cache, self.device, self.method)
         self.stats: dict = {}
+        self._busy = False  # one generate/stream at a time: they share the scheduler
 
     # --- prompts ----------------------------------------------------------------------
 
@@ -141,11 +147,12 @@ class LLM:
 
     def _run(self, seqs: list[Sequence]) -> Iterator[tuple[Sequence, str]]:
         """Run the engine until `seqs` are done, yielding (sequence, new text) after every token."""
-        for seq in seqs:  # refuse a request that could never fit before any of them starts
-            self.scheduler.check_fits(seq)
+        if self._busy:
+            raise ValueError("this LLM is still running another generate() or stream(); finish it first")
+        self.scheduler.add(seqs)  # refuses them all if one could never fit
         for seq in seqs:
-            self.scheduler.add(seq)
             seq.arrival_time = time.perf_counter()
+        self._busy = True
         stats = {"prefill_tokens": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0,
                  "peak_running": 0, "peak_kv_bytes": 0, "preemptions": 0}
         try:
@@ -170,6 +177,7 @@ class LLM:
                         self.scheduler.finish(seq)
                     yield seq, piece
         finally:  # a stream abandoned half-way must not leave its request in the engine
+            self._busy = False
             for seq in seqs:
                 if not seq.finished:
                     self.scheduler.abort(seq)

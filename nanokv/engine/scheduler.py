@@ -35,9 +35,11 @@ class Scheduler:
                 f"{need} KV-cache blocks but the whole pool has {self.cache.pool.num_blocks}; "
                 f"raise kv_cache_memory (now {self.cache.pool.total_bytes} bytes) or lower max_tokens")
 
-    def add(self, seq: Sequence):
-        self.check_fits(seq)
-        self.waiting.append(seq)
+    def add(self, seqs: list[Sequence]):
+        """Queue requests; if any could never fit, refuse them all before any is queued."""
+        for seq in seqs:
+            self.check_fits(seq)
+        self.waiting.extend(seqs)
 
     @property
     def finished(self) -> bool:
@@ -48,7 +50,7 @@ class Scheduler:
         admitted, tokens = [], 0
         # Keep back the blocks the running sequences need to cross their next block boundary,
         # so that a newly admitted (or just preempted) sequence is not preempted again at once.
-        free = self.cache.pool.num_free - len(self.running) * self.cache.num_layers * self.cache.num_kv_heads
+        free = self.cache.pool.num_free - len(self.running) * self.cache.blocks_to_append(None, 1)
         while self.waiting and len(self.running) + len(admitted) < self.max_num_seqs:
             seq = self.waiting[0]
             need = self.cache.blocks_to_append(None, len(seq))

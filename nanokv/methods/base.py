@@ -45,12 +45,17 @@ class Method:
         if not (isinstance(compression, (int, float)) and 0 <= compression < 1):
             raise ValueError(f"compression must be in [0, 1) (the fraction of tokens removed), got {compression!r}")
         self.compression, self.budget = float(compression), budget
+        if type(self).scores is Method.scores and (compression or budget is not None):
+            raise ValueError(f"method {self.name!r} does not compress; choose a method to use "
+                             f"compression or budget (see --list-methods)")
         unknown = set(options) - set(self.options)
         if unknown:
             valid = ", ".join(self.options) or "none"
             raise ValueError(f"unknown option {sorted(unknown)[0]!r} for method {self.name!r}; valid: {valid}")
         for key, (kind, default, valid_range, check) in self.options.items():
             value = options.get(key, default)
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
             if isinstance(value, str) and kind is not str:
                 try:
                     value = kind(value)
@@ -64,7 +69,7 @@ class Method:
 
     @property
     def compresses(self) -> bool:
-        return type(self).scores is not Method.scores and (self.compression > 0 or self.budget is not None)
+        return self.compression > 0 or self.budget is not None
 
     def check_budget(self):
         """Methods with a minimum (a window, sinks) refuse budgets below it."""

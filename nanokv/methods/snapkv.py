@@ -46,5 +46,5 @@ class SnapKV(Method):
         pool = F.max_pool1d if self.pooling == "max" else F.avg_pool1d
         pooled = pool(attention[:, None, :S - window], self.kernel_size, stride=1,
                       padding=self.kernel_size // 2)[:, 0] if S > window else attention[:, :0]
-        window_scores = torch.full((H, window), float("inf"))         # the window is always kept
+        window_scores = torch.full((H, window), float("inf"), device=attention.device)         # the window is always kept
         return torch.cat([pooled, window_scores], dim=1)
