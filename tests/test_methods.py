@@ -75,6 +75,25 @@ def test_pyramidkv_budgets_fall_with_depth_and_keep_the_total():
         assert mask.sum(-1).tolist() == [expected] * 2
 
 
+def adakv_with_scores(scores, **options):
+    method = make_method("adakv", budget=8, window_size=2, kernel_size=1, **options)
+    method.scores = lambda view: scores  # the selection on its own, over known scores
+    H, S = scores.shape
+    return method.keep_mask(PrefillView(5, 30, torch.zeros(S, 2 * H, 4), torch.zeros(H, S, 4), torch.arange(S)))
+
+
+def test_adakv_gives_the_layer_budget_to_the_best_scores_across_heads():
+    inf = float("inf")
+    # head 0 has 18 strong scores 10, 9, ..., head 1 only weak ones; the last 2 are the window
+    head0 = [10, 9, 8, 7, 6, 5, 4, 3, 2, 1, .9, .8, .7, .6, .5, .4, .3, .2, inf, inf]
+    head1 = [.05 - .001 * i for i in range(18)] + [inf, inf]
+    scores = torch.tensor([head0, head1])
+    # budget 8 a head -> 16 for the layer; floor int(8 * 0.2) = 1 is taken by the window
+    assert kept(adakv_with_scores(scores)) == [list(range(12)) + [18, 19], [18, 19]]
+    # floor int(8 * 0.5) = 4: each head first keeps its own best 4 (window + 2), the rest is global
+    assert kept(adakv_with_scores(scores, alpha_safeguard=0.5)) == [list(range(10)) + [18, 19], [0, 1, 18, 19]]
+
+
 def test_random_keeps_exactly_budget_and_repeats_with_seed():
     keys = torch.randn(3, 50, 4)
     a = make_method("random", budget=10).keep_mask(view(keys))
@@ -113,6 +132,20 @@ def snapkv_llm(smollm2_gguf):
     from nanokv import LLM
 
     return LLM(str(smollm2_gguf), dtype="float32", method="snapkv", compression=0.5, window_size=8)
+
+
+def test_adakv_runs_in_the_engine_with_heads_of_different_lengths(smollm2_gguf):
+    from nanokv import LLM, SamplingParams
+
+    llm = LLM(str(smollm2_gguf), dtype="float32", method="adakv", compression=0.5, window_size=8)
+    held = []
+    original = llm.scheduler.finish
+    llm.scheduler.finish = lambda seq: (held.append(llm.cache.seqs[seq.id].lengths.clone()), original(seq))
+    [out] = llm.generate([PROMPTS[2]], SamplingParams(max_tokens=1, ignore_eos=True))
+    lengths = held[0]  # [layers, kv-heads] tokens each head kept
+    assert (lengths.amax(1) != lengths.amin(1)).any()       # some layer's heads differ in length
+    assert (lengths.sum(1) <= 3 * 120).all()                 # each layer keeps its total: 3 heads x 120
+    assert out.metrics["kv_cache_bytes"] < out.metrics["kv_cache_bytes_uncompressed"]
 
 
 def test_compression_frees_real_blocks(snapkv_llm):

@@ -1,5 +1,6 @@
 """Every method by the name users know it, and the one place methods are made."""
 
+from nanokv.methods.adakv import AdaKV
 from nanokv.methods.base import Method
 from nanokv.methods.knorm import KNorm
 from nanokv.methods.pyramidkv import PyramidKV
@@ -7,7 +8,7 @@ from nanokv.methods.random import RandomMethod
 from nanokv.methods.snapkv import SnapKV
 from nanokv.methods.streaming_llm import StreamingLLM
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, RandomMethod, StreamingLLM, KNorm, SnapKV, PyramidKV)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, RandomMethod, StreamingLLM, KNorm, SnapKV, PyramidKV, AdaKV)}
 
 
 def check_method(name: str) -> str:
