@@ -7,7 +7,8 @@ kvpress pins transformers < 5.3, so it runs in a virtual environment of its own:
 
 For each method: the same ~1,000-token prompt, compression 0.5, kvpress's settings on both
 sides; the kept positions per (layer, kv-head) are compared and the share of kept slots the
-two agree on is printed. transformers loads the same GGUF file nanokv does.
+two agree on is printed, with the largest difference between the two engines' logits for
+one more token fed after the compressed prefill. transformers loads the same GGUF file.
 """
 
 import argparse
@@ -54,6 +55,35 @@ def kvpress_kept(model, ids, press, ratio):
     return {layer: s.topk(n_kept, dim=-1).indices.sort(-1).values for layer, s in scores.items()}
 
 
+@torch.no_grad()
+def kvpress_next_logits(model, ids, press, token):
+    """Logits for `token`, fed after the pressed prefill (at position len(ids))."""
+    cache = transformers.DynamicCache()
+    with press(model):
+        model(torch.tensor([ids]), past_key_values=cache)
+    n = len(ids)
+    out = model(torch.tensor([[token]]), past_key_values=cache, position_ids=torch.tensor([[n]]),
+                cache_position=torch.tensor([n]))
+    return out.logits[0, -1].float()
+
+
+@torch.inference_mode()  # as the engine runs: its scratch buffers are inference tensors
+def nanokv_next_logits(llm, ids, token):
+    """The same through nanokv's model and cache: the method compresses during the prefill."""
+    from nanokv.cache import CacheAttention
+
+    cache = llm.cache
+    cache.add(-1)
+    try:
+        positions = torch.arange(len(ids))
+        llm.model(torch.tensor(ids), positions, CacheAttention(cache, [-1], [len(ids)], positions, llm.method))
+        step = torch.tensor([len(ids)])
+        hidden = llm.model(torch.tensor([token]), step, CacheAttention(cache, [-1], [1], step))
+        return llm.model.compute_logits(hidden)[0]
+    finally:
+        cache.free(-1)
+
+
 def nanokv_kept(path, ids, method, budget, options):
     """{layer: [H, n_kept] sorted positions} nanokv's cache holds after the prefill."""
     llm = LLM(str(path), dtype="float32", method=method, budget=budget, **options)
@@ -69,7 +99,7 @@ def nanokv_kept(path, ids, method, budget, options):
 
     llm.scheduler.finish = capture
     llm.generate([ids], SamplingParams(max_tokens=1, ignore_eos=True))
-    return held
+    return held, llm
 
 
 def main():
@@ -87,14 +117,18 @@ def main():
     for method in args.methods:
         make_press, options = PAIRS[method]
         theirs = kvpress_kept(model, ids, make_press(args.compression), args.compression)
-        ours = nanokv_kept(path, ids, method, budget, options)
+        ours, llm = nanokv_kept(path, ids, method, budget, options)
         agree = total = 0
         for layer, kept in theirs.items():
             for h in range(kept.shape[0]):
                 agree += len(set(kept[h].tolist()) & set(ours[layer][h].tolist()))
                 total += kept.shape[1]
+        token = ids[len(ids) // 2]  # any token will do as the next one
+        diff = (kvpress_next_logits(model, ids, make_press(args.compression), token)
+                - nanokv_next_logits(llm, ids, token)).abs().max().item()
         print(f"{method:14} kept slots agreeing with kvpress: {100 * agree / total:.2f}% "
-              f"({agree}/{total}, {len(theirs)} layers, {len(ids)} tokens, keep {budget})")
+              f"({agree}/{total}, {len(theirs)} layers, {len(ids)} tokens, keep {budget}); "
+              f"next-token logits max |diff| {diff:.1e}")
 
 
 if __name__ == "__main__":
