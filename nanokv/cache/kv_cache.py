@@ -62,15 +62,15 @@ class PagedKVCache:
         """Blocks the pool must supply to append n tokens to every (layer, head) of a sequence
         (None: a sequence not yet in the cache)."""
         if seq_id is None:
-            return self.num_layers * self.num_kv_heads * -(-n // self.block_size)
+            return self.num_layers * self.num_kv_heads * self.blocks_for(n)
         s = self.seqs[seq_id]
-        need = (s.lengths + n + self.block_size - 1) // self.block_size
+        need = self.blocks_for(s.lengths + n)
         return int((need - s.num_blocks).clamp(min=0).sum())
 
     def append_slots(self, seq_id: int, n: int) -> torch.Tensor:
         """Reserve room for n new tokens in every (layer, head) -> their flat slots [L, H, n]."""
         s = self.seqs[seq_id]
-        need = (s.lengths + n + self.block_size - 1) // self.block_size
+        need = self.blocks_for(s.lengths + n)
         extra = (need - s.num_blocks).clamp(min=0)
         total = int(extra.sum())
         if total:
@@ -90,6 +90,10 @@ class PagedKVCache:
         slots = self.flat_slots(s.tables, logical)
         s.lengths = s.lengths + n
         return slots
+
+    def blocks_for(self, tokens):
+        """Blocks that hold `tokens` slots of one head (an int or a tensor of counts)."""
+        return (tokens + self.block_size - 1) // self.block_size
 
     def flat_slots(self, tables: torch.Tensor, logical: torch.Tensor) -> torch.Tensor:
         """Logical slot indices [..., n] of the heads whose tables are [..., capacity] -> flat slots."""
@@ -128,7 +132,7 @@ class PagedKVCache:
             flat = field.view(self.pool.num_blocks * self.block_size, -1)
             flat[dst] = flat[src]  # advanced indexing reads a copy first, so overlaps are safe
         # free the blocks past what the new lengths need
-        need = (counts + self.block_size - 1) // self.block_size
+        need = self.blocks_for(counts)
         have = s.num_blocks[layers]
         cols = torch.arange(tables.shape[-1])
         tail = (cols >= need[..., None]) & (cols < have[..., None])

@@ -21,7 +21,7 @@ from nanokv.engine.runner import ModelRunner
 from nanokv.engine.scheduler import Scheduler
 from nanokv.engine.sequence import RequestOutput, Sequence
 from nanokv.hub import DEFAULT_MODEL, resolve_model
-from nanokv.loading import DTYPES, load_model, read_gguf
+from nanokv.loading import DTYPES, load_model
 from nanokv.methods import make_method
 from nanokv.sampling import SamplingParams
 from nanokv.tokenizer import Tokenizer
@@ -72,14 +72,11 @@ class LLM:
             valid = "cpu, cuda" if torch.cuda.is_available() else "cpu"
             raise ValueError(f"device {self.device!r} is not available; valid: {valid}") from None
         self.dtype = DTYPES[dtype]
-        self.model_name = model
         self.source = resolve_model(model)
         self.model, self.config = load_model(self.source.kind, self.source.path, self.dtype, self.device)
-        if self.source.kind == "gguf":
-            # the weights loader already parsed this file's metadata (read_gguf is cached)
-            self.tokenizer = Tokenizer.from_gguf_metadata(read_gguf(self.source.path).metadata, str(self.source.path))
-        else:
-            self.tokenizer = Tokenizer.from_dir(self.source.path)
+        # from_gguf reads the metadata the weights loader already parsed (read_gguf is cached)
+        make_tokenizer = Tokenizer.from_gguf if self.source.kind == "gguf" else Tokenizer.from_dir
+        self.tokenizer = make_tokenizer(self.source.path)
         memory = kv_cache_bytes(kv_cache_memory, self.device)
         self.cache = PagedKVCache.from_memory(self.config, memory, block_size, self.dtype, self.device)
         self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens)
