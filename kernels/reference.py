@@ -41,7 +41,8 @@ def attention_by_position(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def paged_attention(q: torch.Tensor, q_pos: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
                     pos_pool: torch.Tensor, tables: torch.Tensor, lengths: torch.Tensor,
-                    sliding_window: int | None = None, workspace: "Workspace | None" = None) -> torch.Tensor:
+                    sliding_window: int | None = None, workspace: "Workspace | None" = None,
+                    return_probs: bool = False):
     """Attention of B sequences' queries over their paged, per-head KV.
 
     q: [B, T, Hq, D] and q_pos: [B, T] (decode: T = 1; prefill: one sequence, B = 1);
@@ -50,7 +51,9 @@ def paged_attention(q: torch.Tensor, q_pos: torch.Tensor, k_pool: torch.Tensor, 
     slots past a head's length are masked, but must hold finite values;
     lengths: [B, Hkv] tokens held per head. Heads may hold different numbers of tokens.
     -> [B, T, Hq, D]. Same masking rule as `attention_by_position`. A `workspace` lends the
-    buffers the gathered K, V and positions are copied into.
+    buffers the gathered K, V and positions are copied into. With `return_probs`, also the
+    attention probabilities [B, Hkv, group, T, nb * block_size] (float32, 0 where masked), slot
+    by slot of each head's table: what H2O and TOVA score with.
     """
     B, T, Hq, D = q.shape
     Hkv = tables.shape[1]
@@ -73,8 +76,10 @@ def paged_attention(q: torch.Tensor, q_pos: torch.Tensor, k_pool: torch.Tensor, 
     # same, and upcasting the whole gathered K and V would double the bytes a decode step moves.
     scores = (qg @ k.transpose(-1, -2)).float() * (1.0 / math.sqrt(D))  # [B, Hkv, group*T, S]
     scores.view(B, Hkv, group, T, S).masked_fill_(~allowed[:, :, None], float("-inf"))
-    out = (scores.softmax(dim=-1).to(v.dtype) @ v).view(B, Hkv, group, T, D)
-    return out.permute(0, 3, 1, 2, 4).reshape(B, T, Hq, D).to(q.dtype)
+    probs = scores.softmax(dim=-1)
+    out = (probs.to(v.dtype) @ v).view(B, Hkv, group, T, D)
+    out = out.permute(0, 3, 1, 2, 4).reshape(B, T, Hq, D).to(q.dtype)
+    return (out, probs.view(B, Hkv, group, T, S)) if return_probs else out
 
 
 def gather_blocks(pool: torch.Tensor, tables: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -78,7 +78,7 @@ def check_invariants(cache, model):
     assert len(owned) + len(free) == pool.num_blocks, "a block leaked"
     assert pool.num_used == len(owned)
     assert set(torch.nonzero(pool._in_use).flatten().tolist()) == set(owned)
-    bytes_per_block = 2 * BS * D * 4  # K and V, float32
+    bytes_per_block = BS * (2 * D * 4 + 4 + 4)  # K and V (float32), int32 position, float32 score
     assert pool.used_bytes == len(owned) * bytes_per_block
     assert pool.used_bytes == sum(cache.seq_bytes(s) for s in cache.seqs)
 
@@ -136,18 +136,38 @@ def random_compact(rng, cache, model, seq_id):
     cache.compact(seq_id, keep, layers=slice(first, last))
 
 
+def random_evict(rng, cache, model, seq_id):
+    """Decode-time eviction's two moves: in random heads, the last slot into a random victim's
+    place (move_slots), then the heads shortened by one (drop_last)."""
+    s = cache.seqs[seq_id]
+    drop = torch.zeros(L, H, dtype=torch.bool)
+    src, dst = [], []
+    for layer in range(L):
+        for head in range(H):
+            held = model[seq_id][layer][head]
+            if held and rng.random() < 0.5:
+                victim = rng.randrange(len(held))
+                src.append(int(cache.flat_slots(s.tables[layer, head], torch.tensor([len(held) - 1]))[0]))
+                dst.append(int(cache.flat_slots(s.tables[layer, head], torch.tensor([victim]))[0]))
+                held[victim] = held[-1]
+                held.pop()
+                drop[layer, head] = True
+    cache.move_slots(torch.tensor(src, dtype=torch.long), torch.tensor(dst, dtype=torch.long))
+    cache.drop_last(seq_id, drop)
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_random_operations_keep_blocks_and_data_consistent(seed):
     rng = random.Random(seed)
-    pool = BlockPool(num_blocks=72, block_size=BS, head_dim=D, dtype=torch.float32)
-    pool.add_slot_field("score", torch.float32)
+    pool = BlockPool(num_blocks=72, block_size=BS, head_dim=D, dtype=torch.float32,
+                     extra_fields={"score": torch.float32})
     pool.k.fill_(float("nan"))
     pool.v.fill_(float("nan"))
     cache = PagedKVCache(L, H, pool)
     model, next_pos, new_id = {}, {}, 0
-    done = dict.fromkeys(["add", "append", "refused", "compact", "free", "ragged", "grown"], 0)
+    done = dict.fromkeys(["add", "append", "refused", "compact", "evict", "free", "ragged", "grown"], 0)
     for _ in range(150):
-        op = rng.choices(["add", "append", "compact", "free"], [2, 6, 2, 2])[0]
+        op = rng.choices(["add", "append", "compact", "evict", "free"], [2, 6, 2, 2, 2])[0]
         if op == "add" or not model:
             cache.add(new_id)
             model[new_id] = [[[] for _ in range(H)] for _ in range(L)]
@@ -160,6 +180,9 @@ def test_random_operations_keep_blocks_and_data_consistent(seed):
         elif op == "compact":
             random_compact(rng, cache, model, rng.choice(list(model)))
             done["compact"] += 1
+        elif op == "evict":
+            random_evict(rng, cache, model, rng.choice(list(model)))
+            done["evict"] += 1
         else:
             seq_id = rng.choice(list(model))
             cache.free(seq_id)
@@ -378,11 +401,15 @@ def test_compact_past_length_raises():
 
 def test_from_memory_too_small_names_the_setting():
     cfg = SimpleNamespace(num_layers=3, num_kv_heads=2, head_dim=8)
-    per_block = 2 * 4 * 8 * 2  # K and V of 4 tokens x 8 dims in bfloat16
+    per_block = 4 * (2 * 8 * 2 + 4)  # 4 tokens: K and V of 8 dims in bfloat16, an int32 position
     enough = 6 * per_block     # one block per (layer, kv-head)
-    assert PagedKVCache.from_memory(cfg, enough, 4, torch.bfloat16).pool.num_blocks == 6
+    cache = PagedKVCache.from_memory(cfg, enough, 4, torch.bfloat16)
+    assert cache.pool.num_blocks == 6 and cache.pool.total_bytes == enough
     with pytest.raises(ValueError, match="kv_cache_memory"):
         PagedKVCache.from_memory(cfg, enough - 1, 4, torch.bfloat16)
+    # a method's per-token state (H2O's float32 score) is part of each block's bytes
+    scored = PagedKVCache.from_memory(cfg, 6 * (per_block + 4 * 4), 4, torch.bfloat16, extra_fields={"s": torch.float32})
+    assert scored.pool.num_blocks == 6 and scored.pool.bytes_per_block == per_block + 16
 
 
 # --- 4. compaction returns blocks ----------------------------------------------------------
@@ -404,7 +431,7 @@ def test_compaction_frees_whole_blocks():
     assert cache.pool.num_used == 16 + 36
     assert cache.seqs[0].lengths.tolist() == kept
     assert cache.seqs[0].num_blocks.tolist() == [[3, 3], [1, 2], [1, 6]]
-    assert cache.seq_bytes(0) == 16 * 2 * BS * D * 4
+    assert cache.seq_bytes(0) == 16 * BS * (2 * D * 4 + 4)  # K, V (float32) and positions
     assert cache.pool.num_free == 100 - 52
 
 

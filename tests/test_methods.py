@@ -174,3 +174,154 @@ def test_preempted_sequences_are_compressed_again_the_same_way(snapkv_llm, smoll
     tight = small.generate(prompts, params)
     assert small.stats["preemptions"] > 0
     assert [o.token_ids for o in tight] == [o.token_ids for o in roomy]
+
+
+# --- decode-time methods: H2O and TOVA ------------------------------------------------------
+
+def test_h2o_prefill_keeps_heavy_hitters_and_the_recent_half():
+    sums = torch.tensor([[9., 1., 4., 0., 3., 2., 8., 7., .5, 1.5],
+                         [0., 9., 1., 8., 2., 7., 3., 6., 4., 5.]])
+    v = view(torch.zeros(2, 10, 4))
+    v.column_sums = sums
+    # budget 4: the last 2 tokens (recent half), then the 2 highest sums among the first 8
+    assert kept(make_method("h2o", budget=4).keep_mask(v)) == [[0, 6, 8, 9], [1, 3, 8, 9]]
+    assert kept(make_method("h2o", budget=4, recent_ratio=0).keep_mask(v)) == [[0, 2, 6, 7], [1, 3, 5, 7]]
+    # kvpress's normalization: key j of 10 is seen by 10 - j queries, so row 0 scores
+    # 9/10, 1/9, 4/8, 0/7, 3/6, 2/5, 8/4, 7/3, .5/2, 1.5/1: the best three are 7, 6, 9
+    assert kept(make_method("h2o", budget=3, recent_ratio=0).keep_mask(v))[0] == [0, 6, 7]
+    assert kept(make_method("h2o", budget=3, recent_ratio=0, normalize="true").keep_mask(v))[0] == [6, 7, 9]
+    state = make_method("h2o", budget=4).prefill_state(v)
+    assert torch.equal(state["h2o_score"], sums)  # decode accumulates onto the raw sums
+
+
+def test_tova_prefill_keeps_what_the_last_query_attends_to_averaged_over_heads():
+    # two kv-heads, one query head each; the last query of head 0 points at token 2 strongly
+    # and token 5 a little, head 1's at token 5 a little: averaged, 2 then 5 then the rest
+    S, D = 8, 4
+    keys = torch.zeros(2, S, D)
+    keys[0, 2, 0], keys[0, 5, 0], keys[1, 5, 0] = 6.0, 3.0, 3.0
+    queries = torch.zeros(S, 2, D)
+    queries[-1, :, 0] = 1.0
+    mask = make_method("tova", budget=2).keep_mask(view(keys, queries))
+    assert kept(mask) == [[2, 5], [2, 5]]  # every head of the layer keeps the same tokens
+
+
+class DenseEviction:
+    """H2O or TOVA stated plainly for one sequence, as the model's attention: per (layer,
+    kv-head) a list of [position, k, v, score] entries in arrival order, eviction by list
+    removal. Independent of nanokv's cache, kernels and methods."""
+
+    def __init__(self, kind, budget, recent):
+        self.kind, self.budget, self.recent = kind, budget, recent
+        self.heads, self.positions = {}, None
+
+    def __call__(self, layer, q, k, v, sliding_window):
+        T, Hq, D = q.shape
+        H = k.shape[1]
+        group = Hq // H
+        heads = self.heads.setdefault(layer, [[] for _ in range(H)])
+        for h in range(H):
+            heads[h] += [[int(p), k[t, h], v[t, h], 0.0] for t, p in enumerate(self.positions)]
+        out, probs = torch.empty_like(q), []
+        for h in range(H):
+            keys = torch.stack([e[1] for e in heads[h]])
+            values = torch.stack([e[2] for e in heads[h]])
+            key_pos = torch.tensor([e[0] for e in heads[h]])
+            logits = q[:, h * group:(h + 1) * group].transpose(0, 1) @ keys.T / math.sqrt(D)  # [group, T, S]
+            logits[:, key_pos[None, :] > self.positions[:, None]] = float("-inf")
+            p = logits.softmax(-1)
+            out[:, h * group:(h + 1) * group] = (p @ values).transpose(0, 1)
+            probs.append(p)
+        if T > 1:
+            self.prefill(heads, probs)
+        else:
+            self.decode(heads, probs)
+        return out
+
+    def prefill(self, heads, probs):
+        n = len(heads[0])
+        if self.kind == "h2o":
+            for h, entries in enumerate(heads):
+                sums = probs[h].sum(1).mean(0)
+                for e, s in zip(entries, sums.tolist()):
+                    e[3] = s
+                older = sorted(range(n - self.recent), key=lambda i: -entries[i][3])[:self.budget - self.recent]
+                heads[h][:] = [entries[i] for i in sorted(older)] + entries[n - self.recent:]
+        else:
+            last = torch.stack([p[:, -1] for p in probs]).mean((0, 1))
+            best = sorted(sorted(range(n), key=lambda i: -last[i])[:self.budget])
+            for h in range(len(heads)):
+                heads[h][:] = [heads[h][i] for i in best]
+
+    def decode(self, heads, probs):
+        now = int(self.positions[-1])
+        if self.kind == "h2o":
+            for h, entries in enumerate(heads):
+                for e, p in zip(entries, probs[h][:, 0].mean(0).tolist()):
+                    e[3] += p
+        else:
+            current = torch.stack([p[:, 0] for p in probs]).mean((0, 1)).tolist()
+            for h in range(len(heads)):
+                for e, p in zip(heads[h], current):
+                    e[3] = p
+        for entries in heads:
+            if len(entries) > self.budget:
+                candidates = [e for e in entries if e[0] <= now - self.recent]
+                entries.remove(min(candidates, key=lambda e: (e[3], e[0])))
+
+
+@pytest.mark.parametrize("kind", ["h2o", "tova"])
+def test_decode_time_eviction_matches_a_plain_statement_of_the_method(smollm2_gguf, kind):
+    """Greedy tokens and the positions every (layer, head) holds at the end, through the engine
+    (paged cache, per-slot state, swap-into-victim eviction) and through DenseEviction."""
+    from nanokv import LLM, SamplingParams
+
+    prompt, budget, steps = PROMPTS[0][:120], 48, 30
+    llm = LLM(str(smollm2_gguf), dtype="float32", method=kind, budget=budget)
+    held = []
+    finish = llm.scheduler.finish
+
+    def capture(seq):
+        s = llm.cache.seqs[seq.id]
+        for layer in range(llm.config.num_layers):
+            for head in range(llm.config.num_kv_heads):
+                slots = llm.cache.flat_slots(s.tables[layer, head], torch.arange(int(s.lengths[layer, head])))
+                held.append(sorted(llm.cache.pool.pos.view(-1)[slots].tolist()))
+        finish(seq)
+
+    llm.scheduler.finish = capture
+    [out] = llm.generate([prompt], SamplingParams(max_tokens=steps, ignore_eos=True))
+
+    reference = DenseEviction(kind, budget, budget // 2 if kind == "h2o" else 0)
+    tokens, ids = [], prompt
+    with torch.inference_mode():
+        for step in range(steps):
+            start = len(prompt) + len(tokens) - len(ids)
+            reference.positions = torch.arange(start, start + len(ids))
+            hidden = llm.model(torch.tensor(ids), reference.positions, reference)
+            tokens.append(int(llm.model.compute_logits(hidden[-1:])[0].argmax()))
+            ids = tokens[-1:]
+    expected = [sorted(e[0] for e in entries) for layer in sorted(reference.heads) for entries in reference.heads[layer]]
+    assert out.token_ids == tokens
+    assert all(len(h) == budget for h in held)
+    agree = sum(len(set(a) & set(b)) for a, b in zip(held, expected))
+    assert agree == budget * len(held), f"{agree} of {budget * len(held)} held positions agree"
+
+
+def test_h2o_holds_its_budget_through_preemption_and_recompute(smollm2_gguf):
+    """A sequence preempted mid-generation is re-prefilled: its generated tokens replay their
+    evictions one at a time, so it goes on exactly as if never preempted."""
+    from nanokv import LLM, SamplingParams
+
+    # 40-token prompts grow to the 60-token budget (4 blocks a head) and hold there: 8 of them
+    # need 2880 blocks, more than 2400
+    prompts = [[200 + (i * 31 + j * 17) % 4000 for j in range(40)] for i in range(8)]
+    params = SamplingParams(max_tokens=60, ignore_eos=True)
+    roomy = LLM(str(smollm2_gguf), dtype="float32", method="h2o", budget=60)
+    tight = LLM(str(smollm2_gguf), dtype="float32", method="h2o", budget=60,
+                kv_cache_memory=2400 * roomy.cache.pool.bytes_per_block)
+    expected = roomy.generate(prompts, params)
+    got = tight.generate(prompts, params)
+    assert tight.stats["preemptions"] > 0
+    assert [o.token_ids for o in got] == [o.token_ids for o in expected]
+    assert all(o.metrics["kv_cache_bytes"] == 30 * 3 * 4 * roomy.cache.pool.bytes_per_block for o in got)

@@ -6,6 +6,10 @@ decode (every sequence with exactly one new token). The slots of all new tokens 
 reserved once, before layer 0; each layer then writes its K/V there and attends:
 decode in a few batched calls over groups of sequences of similar length, prefill one
 sequence at a time (each one is a large matmul already).
+
+A compression method (nanokv/methods) acts here: at the end of a prefill it picks, layer by
+layer, what the prompt keeps (`_compress`); a decode-time method (H2O, TOVA) also scores the
+slots with each decode step's attention and evicts one per head over budget (`_evict`).
 """
 
 from __future__ import annotations
@@ -23,14 +27,15 @@ class CacheAttention:
     def __init__(self, cache: PagedKVCache, seq_ids: list[int], query_lens: list[int], positions: torch.Tensor,
                  method=None, prompt_lens: list[int] | None = None):
         self.cache, self.seq_ids, self.query_lens = cache, seq_ids, query_lens
-        # a prefill-time compression method (nanokv/methods), applied per layer after attention to
-        # each sequence's prompt (a recompute after preemption also carries generated tokens:
-        # those are kept)
         self.method = method if method is not None and method.compresses else None
         self.prompt_lens = prompt_lens or query_lens
         self.positions = positions                                        # [T] all new tokens
         self.is_decode = all(n == 1 for n in query_lens)
         device = cache.pool.device
+        self.evicting = self.method is not None and self.method.evicts_during_decode
+        if self.evicting:
+            self.budgets = torch.tensor([self.method.decode_budget(n) for n in self.prompt_lens], device=device)
+            self.evicted = torch.zeros(cache.num_layers, len(seq_ids), cache.num_kv_heads, dtype=torch.bool)
         slots = [cache.append_slots(s, n) for s, n in zip(seq_ids, query_lens)]
         self.slots = torch.cat(slots, dim=-1).to(device)                  # [L, H, T]
         seqs = [cache.seqs[s] for s in seq_ids]
@@ -53,38 +58,77 @@ class CacheAttention:
         if self.is_decode:
             out = torch.empty_like(q)
             for members, tables, lengths in self.groups:
-                out[members] = paged_attention(q[members, None], self.positions[members, None], pool.k, pool.v,
-                                               pool.pos, tables[layer], lengths[layer], sliding_window, workspace)[:, 0]
+                result = paged_attention(q[members, None], self.positions[members, None], pool.k, pool.v, pool.pos,
+                                         tables[layer], lengths[layer], sliding_window, workspace, self.evicting)
+                if self.evicting:
+                    result, probs = result
+                    self.evicted[layer, members.cpu()] = self._evict(tables[layer], lengths[layer], probs[:, :, :, 0],
+                                                                     self.positions[members], self.budgets[members]).cpu()
+                out[members] = result[:, 0]
             return out
         outs = []
         for i, ((_, tables, lengths), q_i, pos_i) in enumerate(zip(self.groups, q.split(self.query_lens), self.q_pos)):
             if self.method is None:
-                outs.append(self._prefill(q_i, pos_i, tables[layer], lengths[layer], sliding_window))
+                outs.append(self._prefill(q_i, pos_i, tables[layer], lengths[layer], sliding_window)[0])
                 continue
             # The prompt attends over itself, then is compressed. Tokens generated before a
             # preemption (recompute) then attend over the compressed prompt, as they did the
             # first time, so the recomputed cache is the one the sequence had.
             n = self.prompt_lens[i]
-            outs.append(self._prefill(q_i[:n], pos_i[:n], tables[layer], lengths[layer], sliding_window))
-            self._compress(layer, self.seq_ids[i], q_i[:n])
+            out, column_sums = self._prefill(q_i[:n], pos_i[:n], tables[layer], lengths[layer], sliding_window,
+                                             self.method.needs_column_sums)
+            outs.append(out)
+            self._compress(layer, self.seq_ids[i], q_i[:n], column_sums)
             if n < len(q_i):
-                s = self.cache.seqs[self.seq_ids[i]]
-                compacted = s.tables[layer:layer + 1, :, :int(s.num_blocks[layer].max())].to(pool.device)
-                outs.append(self._prefill(q_i[n:], pos_i[n:], compacted, s.lengths[layer:layer + 1].to(pool.device),
-                                          sliding_window))
+                outs.append(self._generated(layer, i, q_i[n:], pos_i[n:], sliding_window))
         return torch.cat(outs)
 
-    def _prefill(self, q, q_pos, tables, lengths, sliding_window):
-        """One sequence's queries [T, Hq, D] over its cached KV (tables [1, H, nb], lengths [1, H]),
-        in chunks: the score matrix of a long prompt would not fit at once."""
-        pool = self.cache.pool
-        return torch.cat([paged_attention(q_c[None], pos_c[None], pool.k, pool.v, pool.pos, tables, lengths,
-                                          sliding_window, self.cache.workspace)[0]
-                          for q_c, pos_c in zip(q.split(PREFILL_QUERY_CHUNK), q_pos.split(PREFILL_QUERY_CHUNK))])
+    def finish(self):
+        """After the forward pass: shorten the heads that evicted a slot during this decode step."""
+        if self.evicting and self.is_decode:
+            for i in self.evicted.any(dim=2).any(dim=0).nonzero().flatten().tolist():
+                self.cache.drop_last(self.seq_ids[i], self.evicted[:, i])
 
-    def _compress(self, layer: int, seq_id: int, queries: torch.Tensor):
-        """Let the method pick what layer `layer` of a just-prefilled sequence keeps; compact it.
-        Nothing else in this forward pass reads this layer's KV again."""
+    def _prefill(self, q, q_pos, tables, lengths, sliding_window, column_sums=False):
+        """One sequence's queries [T, Hq, D] over its cached KV (tables [1, H, nb], lengths [1, H]),
+        in chunks: the score matrix of a long prompt would not fit at once. -> (output, and with
+        `column_sums` the attention each slot received [H, nb * block_size], summed over the
+        queries and averaged over each kv-head's query heads)."""
+        pool, outs, sums = self.cache.pool, [], None
+        for q_c, pos_c in zip(q.split(PREFILL_QUERY_CHUNK), q_pos.split(PREFILL_QUERY_CHUNK)):
+            out = paged_attention(q_c[None], pos_c[None], pool.k, pool.v, pool.pos, tables, lengths,
+                                  sliding_window, self.cache.workspace, column_sums)
+            if column_sums:
+                out, probs = out                                    # probs [1, H, group, T, S]
+                chunk = probs[0].sum(dim=2).mean(dim=1)
+                sums = chunk if sums is None else sums + chunk
+            outs.append(out[0])
+        return torch.cat(outs), sums
+
+    def _generated(self, layer, i, q, q_pos, sliding_window):
+        """A recompute's generated tokens over the compressed prompt. A decode-time method evicted
+        as each of them was decoded: replay that one token at a time, so the cache ends as it was."""
+        s, device = self.cache.seqs[self.seq_ids[i]], self.cache.pool.device
+
+        def held():
+            return (s.tables[layer:layer + 1, :, :int(s.num_blocks[layer].max())].to(device),
+                    s.lengths[layer:layer + 1].to(device))
+
+        if not self.evicting:
+            return self._prefill(q, q_pos, *held(), sliding_window)[0]
+        pool, outs = self.cache.pool, []
+        for q_t, pos_t in zip(q, q_pos):
+            tables, lengths = held()
+            out, probs = paged_attention(q_t[None, None], pos_t[None, None], pool.k, pool.v, pool.pos, tables, lengths,
+                                         sliding_window, self.cache.workspace, True)
+            evicted = self._evict(tables, lengths, probs[:, :, :, 0], pos_t[None], self.budgets[i:i + 1])
+            self.cache.drop_last(self.seq_ids[i], evicted.cpu(), layers=slice(layer, layer + 1))
+            outs.append(out[0])
+        return torch.cat(outs)
+
+    def _compress(self, layer: int, seq_id: int, queries: torch.Tensor, column_sums: torch.Tensor | None):
+        """Let the method pick what layer `layer` of a just-prefilled sequence keeps, and set its
+        per-token state; compact. Nothing else in this forward pass reads this layer's KV again."""
         from nanokv.methods.base import PrefillView
 
         pool, s = self.cache.pool, self.cache.seqs[seq_id]
@@ -92,12 +136,52 @@ class CacheAttention:
         tables = s.tables[layer, :, :int(s.num_blocks[layer].max())]
         keys = gather_blocks(pool.k, tables)[:, :n]                             # [H, S, D] the prompt's
         positions = gather_blocks(pool.pos, tables[:1])[0, :n]                 # [S]
-        view = PrefillView(layer, self.cache.num_layers, queries, keys, positions)
+        view = PrefillView(layer, self.cache.num_layers, queries, keys, positions,
+                           None if column_sums is None else column_sums[:, :n])
+        state = self.method.prefill_state(view)
+        if state:
+            prompt = self.cache.flat_slots(tables, torch.arange(n).expand(len(tables), n)).to(pool.device)
+            for name, value in state.items():
+                pool.fields[name].view(-1)[prompt] = value.to(pool.fields[name].dtype)
         keep = self.method.keep_mask(view)
         if keep is not None:
             keep = keep.cpu()  # block tables live on the CPU
             generated = torch.ones(keep.shape[0], held - n, dtype=torch.bool, device=keep.device)
             self.cache.compact(seq_id, torch.cat([keep, generated], dim=1)[None], layers=slice(layer, layer + 1))
+
+    def _evict(self, tables, lengths, probs, q_pos, budgets) -> torch.Tensor:
+        """Decode-time eviction for b sequences at one layer (tables [b, H, nb], lengths [b, H]):
+        the method scores every slot from the query's attention probs [b, H, group, S] (updating
+        its slot fields); each head holding more than its sequence's budget of tokens up to
+        `q_pos` evicts its lowest-scoring one outside the recent window, by moving its last slot
+        into that place. -> [b, H] bool, the heads that evicted (the caller shortens them)."""
+        fields = self.cache.pool.fields
+        B, H, _, S = probs.shape
+        logical = torch.arange(S, device=probs.device).expand(B, H, S)
+        flat = self.cache.flat_slots(tables, logical)         # padding (-1 blocks) gives slots < 0
+        held = logical < lengths[..., None]
+        readable = flat.clamp(min=0)
+        k_pos = fields["pos"].view(-1)[readable]
+        visible = held & (k_pos <= q_pos[:, None, None])     # a replay holds later tokens already
+        scores, state = self.method.decode_scores(probs, {name: fields[name].view(-1)[readable]
+                                                          for name in self.method.slot_fields})
+        for name, value in state.items():
+            fields[name].view(-1)[flat[held]] = value[held]
+        over = visible.sum(-1) > budgets[:, None]
+        if not bool(over.any()):
+            return over
+        recent = self.method.recent_window(budgets)
+        eligible = visible & (k_pos <= (q_pos - recent)[:, None, None])
+        scores = scores.masked_fill(~eligible, float("inf"))
+        lowest = scores.min(dim=-1, keepdim=True).values
+        # ties go to the oldest token, whatever slot it sits in, so a replay picks as the decode did
+        oldest_lowest = k_pos.masked_fill(~eligible | (scores != lowest), torch.iinfo(k_pos.dtype).max)
+        victim = oldest_lowest.argmin(dim=-1)
+        last = (lengths - 1).clamp(min=0)
+        src = flat.gather(-1, last[..., None])[..., 0][over]
+        dst = flat.gather(-1, victim[..., None])[..., 0][over]
+        self.cache.move_slots(src, dst)
+        return over
 
 
 def pad_blocks(tables: torch.Tensor, width: int) -> torch.Tensor:

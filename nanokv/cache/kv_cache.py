@@ -35,15 +35,16 @@ class PagedKVCache:
         self.workspace = Workspace()  # scratch for attention's gathers, reused every layer and step
 
     @classmethod
-    def from_memory(cls, cfg, kv_cache_memory: int, block_size: int, dtype: torch.dtype, device="cpu"):
-        """A cache whose pool holds `kv_cache_memory` bytes of K and V."""
-        per_block = BlockPool.block_bytes(block_size, cfg.head_dim, dtype)
+    def from_memory(cls, cfg, kv_cache_memory: int, block_size: int, dtype: torch.dtype, device="cpu",
+                    extra_fields: dict[str, torch.dtype] | None = None):
+        """A cache whose pool takes `kv_cache_memory` bytes: K, V and every slot field."""
+        per_block = BlockPool.block_bytes(block_size, cfg.head_dim, dtype, extra_fields)
         num_blocks = int(kv_cache_memory // per_block)
         per_token = cfg.num_layers * cfg.num_kv_heads
         if num_blocks < per_token:
             raise ValueError(f"kv_cache_memory={kv_cache_memory} bytes holds {num_blocks} blocks; one token of "
                              f"this model needs {per_token} blocks ({per_token * per_block} bytes)")
-        pool = BlockPool(num_blocks, block_size, cfg.head_dim, dtype, device)
+        pool = BlockPool(num_blocks, block_size, cfg.head_dim, dtype, device, extra_fields)
         return cls(cfg.num_layers, cfg.num_kv_heads, pool)
 
     # --- sequences --------------------------------------------------------------------
@@ -109,6 +110,8 @@ class PagedKVCache:
         f["k"].view(-1, self.pool.head_dim)[flat] = k.transpose(0, 1).reshape(-1, self.pool.head_dim)
         f["v"].view(-1, self.pool.head_dim)[flat] = v.transpose(0, 1).reshape(-1, self.pool.head_dim)
         f["pos"].view(-1)[flat] = positions.to(torch.int32).repeat(slots.shape[0])
+        for name in self.pool.fields.keys() - {"k", "v", "pos"}:  # a method's state starts afresh
+            f[name].view(-1)[flat] = 0
 
     # --- compaction -------------------------------------------------------------------
 
@@ -128,18 +131,32 @@ class PagedKVCache:
         src = self.flat_slots(tables, torch.arange(S).expand_as(keep))[keep]
         dst_logical = torch.cumsum(keep, -1) - 1                             # rank among kept
         dst = self.flat_slots(tables, dst_logical.clamp(min=0))[keep]
+        self.move_slots(src, dst)
+        self._shrink(s, layers, counts)
+
+    def drop_last(self, seq_id: int, drop: torch.Tensor, layers: slice | None = None):
+        """Shorten the heads marked in `drop` ([L', H] bool) by their last slot, freeing a block
+        that empties (decode-time eviction first moves that slot into the evicted one's place)."""
+        s = self.seqs[seq_id]
+        layers = layers or slice(0, self.num_layers)
+        self._shrink(s, layers, s.lengths[layers] - drop.long())
+
+    def move_slots(self, src: torch.Tensor, dst: torch.Tensor):
+        """Copy every slot field from flat slots `src` to flat slots `dst`."""
         for field in self.pool.fields.values():
             flat = field.view(self.pool.num_blocks * self.block_size, -1)
             flat[dst] = flat[src]  # advanced indexing reads a copy first, so overlaps are safe
-        # free the blocks past what the new lengths need
-        need = self.blocks_for(counts)
-        have = s.num_blocks[layers]
+
+    def _shrink(self, s: SequenceKV, layers: slice, lengths: torch.Tensor):
+        """Set the heads' lengths and give back the blocks past what they now need."""
+        tables = s.tables[layers]
+        need = self.blocks_for(lengths)
         cols = torch.arange(tables.shape[-1])
-        tail = (cols >= need[..., None]) & (cols < have[..., None])
+        tail = (cols >= need[..., None]) & (cols < s.num_blocks[layers][..., None])
         self.pool.free(tables[tail])
         tables[tail] = -1
         s.num_blocks[layers] = need
-        s.lengths[layers] = counts
+        s.lengths[layers] = lengths
 
     # --- accounting -------------------------------------------------------------------
 

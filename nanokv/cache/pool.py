@@ -22,7 +22,7 @@ class OutOfBlocks(RuntimeError):
 
 class BlockPool:
     def __init__(self, num_blocks: int, block_size: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", extra_fields: dict[str, torch.dtype] | None = None):
         if num_blocks <= 0:
             raise ValueError(f"the KV-cache pool needs at least one block, got num_blocks={num_blocks}")
         self.num_blocks, self.block_size, self.head_dim = num_blocks, block_size, head_dim
@@ -37,6 +37,8 @@ class BlockPool:
             "v": torch.empty(*shape, head_dim, dtype=dtype, device=device),
             "pos": torch.zeros(*shape, dtype=torch.int32, device=device),
         }
+        for name, field_dtype in (extra_fields or {}).items():  # a method's per-token state
+            self.fields[name] = torch.zeros(*shape, dtype=field_dtype, device=device)
         self.fields["k"][0] = 0
         self.fields["v"][0] = 0
         # A stack of free block ids; allocate pops from the top, free pushes back.
@@ -57,13 +59,6 @@ class BlockPool:
     @property
     def pos(self) -> torch.Tensor:
         return self.fields["pos"]
-
-    def add_slot_field(self, name: str, dtype: torch.dtype, fill=0):
-        """Per-slot metadata that moves with its token on compaction (e.g. attention scores)."""
-        if name not in self.fields:
-            self.fields[name] = torch.full((self.num_blocks, self.block_size), fill, dtype=dtype,
-                                           device=self.device)
-        return self.fields[name]
 
     # --- allocation -------------------------------------------------------------------
 
@@ -98,12 +93,16 @@ class BlockPool:
 
     @property
     def bytes_per_block(self) -> int:
-        """K and V bytes of one block (what a compression method saves when it frees one)."""
-        return self.block_bytes(self.block_size, self.head_dim, self.dtype)
+        """Bytes of one block, every slot field counted (what a method saves when it frees one)."""
+        return sum(f[0].numel() * f.element_size() for f in self.fields.values())
 
     @staticmethod
-    def block_bytes(block_size: int, head_dim: int, dtype: torch.dtype) -> int:
-        return 2 * block_size * head_dim * torch.empty((), dtype=dtype).element_size()
+    def block_bytes(block_size: int, head_dim: int, dtype: torch.dtype,
+                    extra_fields: dict[str, torch.dtype] | None = None) -> int:
+        """bytes_per_block of a pool not built yet: K and V, the int32 positions, extra fields."""
+        per_slot = 2 * head_dim * dtype.itemsize + torch.int32.itemsize
+        per_slot += sum(d.itemsize for d in (extra_fields or {}).values())
+        return block_size * per_slot
 
     @property
     def total_bytes(self) -> int:

@@ -78,7 +78,8 @@ class LLM:
         make_tokenizer = Tokenizer.from_gguf if self.source.kind == "gguf" else Tokenizer.from_dir
         self.tokenizer = make_tokenizer(self.source.path)
         memory = kv_cache_bytes(kv_cache_memory, self.device)
-        self.cache = PagedKVCache.from_memory(self.config, memory, block_size, self.dtype, self.device)
+        self.cache = PagedKVCache.from_memory(self.config, memory, block_size, self.dtype, self.device,
+                                              self.method.slot_fields)
         self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.cache, self.device, self.method)
         self.stats: dict = {}

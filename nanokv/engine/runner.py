@@ -30,12 +30,12 @@ class ModelRunner:
             positions = torch.tensor([len(s) - 1 for s in seqs])
         ids = torch.tensor(ids, device=self.device)
         positions = positions.to(self.device)
-        attention = CacheAttention(self.cache, [s.id for s in seqs], query_lens, positions,
-                                   self.method if is_prefill else None,
+        attention = CacheAttention(self.cache, [s.id for s in seqs], query_lens, positions, self.method,
                                    [len(s.prompt_token_ids) for s in seqs])
         for s, n in zip(seqs, query_lens):
             s.num_cached = n if is_prefill else s.num_cached + 1
         hidden = self.model(ids, positions, attention)
+        attention.finish()
         last = torch.tensor(query_lens, device=self.device).cumsum(0) - 1
         logits = self.model.compute_logits(hidden[last])
         return sample(logits, [s.params for s in seqs], [s.generator for s in seqs]).tolist()

@@ -8,7 +8,16 @@ forward pass no other layer reads layer l's KV, so this equals compressing after
 
 Budgets are per request: `compression=r` keeps ceil((1 - r) * prompt tokens) per (layer, head)
 (the fraction removed, as in kvpress); `budget=B` keeps B. Prompts already within budget are
-left alone. Decode-time methods (H2O, TOVA) and read-time methods (Quest) will extend this.
+left alone.
+
+Decode-time methods (H2O, TOVA) set `evicts_during_decode`: they hold every (layer, head) at
+the request's budget while it generates. Each decode step the engine hands them the current
+query's attention probabilities over the held slots (`decode_scores`) and evicts, per head, the
+lowest-scoring slot outside `recent_window` whenever a head holds more than its budget. State
+a method keeps per token (H2O's accumulated attention) lives in the cache as slot fields
+(`slot_fields`), set at prefill by `prefill_state` and moved with its token by compaction.
+What a method needs from prefill attention beyond queries and keys it asks for
+(`needs_column_sums`: each key's attention summed over the prompt's queries).
 """
 
 from __future__ import annotations
@@ -27,6 +36,20 @@ class PrefillView:
     queries: torch.Tensor    # [T, Hq, D] the prompt's queries at this layer (after RoPE)
     keys: torch.Tensor       # [H, S, D] the layer's cached keys in slot order (after RoPE)
     positions: torch.Tensor  # [S] position of each cached slot
+    # [H, S] float32: attention each key received, summed over the prompt's queries and
+    # averaged over the query heads of its group (only for methods with needs_column_sums)
+    column_sums: torch.Tensor | None = None
+
+
+def observation_attention(view: PrefillView, window: int) -> torch.Tensor:
+    """[Hq, W, S] float32: softmax attention of the last `window` prompt queries over the cached
+    keys, causal by position (what SnapKV-family and TOVA scores start from)."""
+    H, S, D = view.keys.shape
+    q = view.queries[-window:].float()                             # [W, Hq, D]
+    keys = view.keys.float().repeat_interleave(q.shape[1] // H, dim=0)  # [Hq, S, D]
+    logits = torch.einsum("whd,hsd->hws", q, keys) / math.sqrt(D)  # [Hq, W, S]
+    future = view.positions[None, None, :] > view.positions[-window:][None, :, None]
+    return logits.masked_fill(future, float("-inf")).softmax(dim=-1)
 
 
 class Method:
@@ -35,6 +58,9 @@ class Method:
     paper = ""
     # option name -> (type, default, "valid range" text, check)
     options: dict = {}
+    needs_column_sums = False       # PrefillView.column_sums is filled in
+    evicts_during_decode = False    # decode_scores is called every decode step
+    slot_fields: dict[str, torch.dtype] = {}  # per-token state the cache carries
 
     def __init__(self, compression: float = 0.0, budget: int | None = None, **options):
         if budget is not None:
@@ -56,7 +82,9 @@ class Method:
             value = options.get(key, default)
             if kind is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
-            if isinstance(value, str) and kind is not str:
+            if isinstance(value, str) and kind is bool:  # from the command line
+                value = {"true": True, "1": True, "false": False, "0": False}.get(value.lower(), value)
+            elif isinstance(value, str) and kind is not str:
                 try:
                     value = kind(value)
                 except ValueError:
@@ -98,3 +126,24 @@ class Method:
             return None
         top = self.scores(view).topk(k, dim=-1).indices
         return torch.zeros(view.keys.shape[:2], dtype=torch.bool, device=top.device).scatter_(1, top, True)
+
+    def prefill_state(self, view: PrefillView) -> dict[str, torch.Tensor]:
+        """Initial value [H, S] of each slot field for the prompt's tokens."""
+        return {}
+
+    # --- decode-time eviction (evicts_during_decode) --------------------------------------
+
+    def decode_budget(self, prompt_len: int) -> int:
+        """Tokens each (layer, head) holds while the request generates: `budget`, or the share
+        of the prompt that `compression` keeps."""
+        return self.budget if self.budget is not None else math.ceil((1 - self.compression) * prompt_len)
+
+    def recent_window(self, budget: torch.Tensor) -> torch.Tensor:
+        """How many of the newest positions are never evicted, per request's budget."""
+        return torch.zeros_like(budget)
+
+    def decode_scores(self, probs: torch.Tensor, state: dict[str, torch.Tensor]):
+        """probs: [B, H, group, S] float32, the current query heads' attention over each kv-head's
+        slots (0 past a head's length); state: slot fields [B, H, S].
+        -> (scores [B, H, S], the lowest is evicted; updated slot fields)."""
+        raise NotImplementedError

@@ -1,14 +1,16 @@
 """Every method by the name users know it, and the one place methods are made."""
 
 from nanokv.methods.adakv import AdaKV
+from nanokv.methods.h2o import H2O
 from nanokv.methods.base import Method
 from nanokv.methods.knorm import KNorm
 from nanokv.methods.pyramidkv import PyramidKV
 from nanokv.methods.random import RandomMethod
 from nanokv.methods.snapkv import SnapKV
 from nanokv.methods.streaming_llm import StreamingLLM
+from nanokv.methods.tova import TOVA
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, RandomMethod, StreamingLLM, KNorm, SnapKV, PyramidKV, AdaKV)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, RandomMethod, StreamingLLM, KNorm, SnapKV, PyramidKV, AdaKV, H2O, TOVA)}
 
 
 def check_method(name: str) -> str:

@@ -10,12 +10,10 @@ max pooling, kernel_size=7 (official code FasterDecoding/SnapKV defaults to 64 /
 does kvpress's SnapKVPress).
 """
 
-import math
-
 import torch
 import torch.nn.functional as F
 
-from nanokv.methods.base import Method, PrefillView
+from nanokv.methods.base import Method, PrefillView, observation_attention
 
 
 class SnapKV(Method):
@@ -33,16 +31,10 @@ class SnapKV(Method):
             raise ValueError(f"budget={self.budget} must exceed window_size={self.window_size} for snapkv")
 
     def scores(self, view: PrefillView) -> torch.Tensor:
-        H, S, D = view.keys.shape
+        H, S, _ = view.keys.shape
         window = min(self.window_size, S)
-        q = view.queries[-window:].float()                            # [W, Hq, D]
-        group = q.shape[1] // H
-        keys = view.keys.float().repeat_interleave(group, dim=0)      # [Hq, S, D]
-        logits = torch.einsum("whd,hsd->hws", q, keys) / math.sqrt(D)  # [Hq, W, S]
-        q_pos = view.positions[-window:]
-        logits = logits.masked_fill(view.positions[None, None, :] > q_pos[None, :, None], float("-inf"))
-        attention = logits.softmax(dim=-1).mean(dim=1)                # [Hq, S]
-        attention = attention.view(H, group, S).mean(dim=1)           # [H, S] GQA: mean over the group
+        attention = observation_attention(view, window).mean(dim=1)  # [Hq, S]
+        attention = attention.view(H, -1, S).mean(dim=1)               # [H, S] GQA: mean over the group
         pool = F.max_pool1d if self.pooling == "max" else F.avg_pool1d
         pooled = pool(attention[:, None, :S - window], self.kernel_size, stride=1,
                       padding=self.kernel_size // 2)[:, 0] if S > window else attention[:, :0]

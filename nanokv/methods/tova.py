@@ -1,0 +1,29 @@
+"""tova: evict the token the current query attends to least, averaged over the layer's heads.
+
+Paper: Transformers are Multi-State RNNs (Oren et al., 2024), arXiv 2401.06104 (Token Omission
+Via Attention). A fixed-size cache per layer: whenever it holds one token more than its budget,
+the token with the lowest attention from the current query, averaged over all heads of the
+layer, is dropped, so every head of a layer keeps the same tokens. At the end of prefill the
+last prompt token's attention picks the prompt tokens to keep. No recent window or sinks
+(official code schwartz-lab-NLP/TOVA; kvpress's TOVAPress, its prefill half, always keeps the
+last prompt token, which that token's own attention keeps in practice). No options.
+"""
+
+import torch
+
+from nanokv.methods.base import Method, PrefillView, observation_attention
+
+
+class TOVA(Method):
+    name = "tova"
+    description = "evict the token the current query attends to least, averaged over the layer's heads (every step)"
+    paper = "https://arxiv.org/abs/2401.06104"
+    evicts_during_decode = True
+
+    def scores(self, view: PrefillView) -> torch.Tensor:
+        last = observation_attention(view, 1)[:, 0].mean(dim=0)   # [S] mean over every query head
+        return last.expand(view.keys.shape[0], -1)
+
+    def decode_scores(self, probs, state):
+        B, H, _, S = probs.shape
+        return probs.mean(dim=(1, 2))[:, None].expand(B, H, S), state
