@@ -6,9 +6,11 @@ and "query position - key position < window" stay true statements about the toke
 
 `attention_by_position` is the dense, all-float32 statement of the maths; `paged_attention`
 is what the engine runs on CPU: the same rule over per-head block tables, with matmuls in the
-storage dtype and the softmax in float32. Neither calls torch's scaled_dot_product_attention:
-on CPU its bfloat16 path took ~50 ms a call for some key lengths, a thousand times its usual
-cost.
+storage dtype and the softmax in float32. Decode spells the maths out: torch's
+scaled_dot_product_attention took ~50 ms a call on CPU for some bfloat16 key lengths, a
+thousand times its usual cost. Long prefill chunks do call it: there it never materializes the
+score matrix, and measured 2.8x faster than the spelled-out form (1024 queries over 2048 keys,
+bfloat16: 36 ms against 105 ms a layer).
 """
 
 import math
@@ -63,12 +65,11 @@ def paged_attention(q: torch.Tensor, q_pos: torch.Tensor, k_pool: torch.Tensor, 
     v = gather_blocks(v_pool, tables, workspace.get("v", v_pool, tables))
     k_pos = gather_blocks(pos_pool, tables, workspace.get("pos", pos_pool, tables))  # [B, Hkv, S]
     S = k.shape[2]
+    if T >= SDPA_MIN_QUERIES and not return_probs:
+        return _prefill_sdpa(q, q_pos, k, v, k_pos, lengths, sliding_window)
     # Slots past a head's length are masked out; they must hold finite values (0 * NaN = NaN),
     # which the pool guarantees by zeroing blocks as it hands them out.
-    held = torch.arange(S, device=q.device) < lengths[..., None]                         # [B, Hkv, S]
-    allowed = held[:, :, None, :] & (k_pos[:, :, None, :] <= q_pos[:, None, :, None])    # [B, Hkv, T, S]
-    if sliding_window is not None:
-        allowed = allowed & ((q_pos[:, None, :, None] - k_pos[:, :, None, :]) < sliding_window)
+    allowed = allowed_keys(q_pos, k_pos, lengths, sliding_window)                        # [B, Hkv, T, S]
     # The query heads of a group share their kv-head: fold them into the query axis, so one
     # plain batched matmul per kv-head serves the group (a broadcast matmul would copy K per head).
     qg = q.view(B, T, Hkv, group, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, group * T, D)
@@ -80,6 +81,32 @@ def paged_attention(q: torch.Tensor, q_pos: torch.Tensor, k_pool: torch.Tensor, 
     out = (probs.to(v.dtype) @ v).view(B, Hkv, group, T, D)
     out = out.permute(0, 3, 1, 2, 4).reshape(B, T, Hq, D).to(q.dtype)
     return (out, probs.view(B, Hkv, group, T, S)) if return_probs else out
+
+
+SDPA_MIN_QUERIES = 512  # below this the spelled-out form was as fast (measured, bfloat16 CPU)
+
+
+def allowed_keys(q_pos, k_pos, lengths, sliding_window):
+    """[B, Hkv, T, S] bool: which held key each query sees (the rule of attention_by_position)."""
+    held = torch.arange(k_pos.shape[-1], device=k_pos.device) < lengths[..., None]       # [B, Hkv, S]
+    allowed = held[:, :, None, :] & (k_pos[:, :, None, :] <= q_pos[:, None, :, None])
+    if sliding_window is not None:
+        allowed = allowed & ((q_pos[:, None, :, None] - k_pos[:, :, None, :]) < sliding_window)
+    return allowed
+
+
+def _prefill_sdpa(q, q_pos, k, v, k_pos, lengths, sliding_window):
+    """paged_attention for many queries through torch's fused attention, one kv-head at a time
+    (heads may hold different tokens, so each has its own mask)."""
+    B, T, Hq, D = q.shape
+    Hkv = k.shape[1]
+    group = Hq // Hkv
+    allowed = allowed_keys(q_pos, k_pos, lengths, sliding_window)
+    qh = q.transpose(1, 2)                                                                 # [B, Hq, T, D]
+    out = torch.cat([torch.nn.functional.scaled_dot_product_attention(
+        qh[:, h * group:(h + 1) * group], k[:, h:h + 1], v[:, h:h + 1], attn_mask=allowed[:, h:h + 1],
+        enable_gqa=True) for h in range(Hkv)], dim=1)
+    return out.transpose(1, 2).to(q.dtype)
 
 
 def gather_blocks(pool: torch.Tensor, tables: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

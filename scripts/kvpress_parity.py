@@ -9,26 +9,39 @@ For each method: the same ~1,000-token prompt, compression 0.5, kvpress's settin
 sides; the kept positions per (layer, kv-head) are compared and the share of kept slots the
 two agree on is printed, with the largest difference between the two engines' logits for
 one more token fed after the compressed prefill. transformers loads the same GGUF file.
+kvpress's presses act once, after prefill: for h2o and tova this compares the prefill half
+(decode-time eviction is checked against a plain statement of each method in
+tests/test_methods.py). kvpress's AdaKVPress masks keys instead of evicting them: its kept set
+is what it leaves unmasked.
 """
 
 import argparse
 
 import torch
 import transformers
-from kvpress import KnormPress, SnapKVPress, StreamingLLMPress
+from kvpress import (AdaKVPress, KnormPress, ObservedAttentionPress, PyramidKVPress, SnapKVPress,
+                     StreamingLLMPress, TOVAPress)
 from kvpress.utils import compute_n_kept
 
 from kernels.reference import gather_blocks
 from nanokv import LLM, SamplingParams
 from nanokv.hub import resolve_model
 
+SNAPKV_AT_KVPRESS = {"window_size": 64, "kernel_size": 5, "pooling": "avg"}  # SnapKVPress's defaults
+
 # nanokv method -> (kvpress press at ratio r, nanokv options that match kvpress's settings)
 PAIRS = {
     "knorm": (lambda r: KnormPress(compression_ratio=r), {"skip_layers": 0}),
     "streaming_llm": (lambda r: StreamingLLMPress(compression_ratio=r, n_sink=4), {"sink_tokens": 4}),
-    "snapkv": (lambda r: SnapKVPress(compression_ratio=r, window_size=64, kernel_size=5),
-               {"window_size": 64, "kernel_size": 5, "pooling": "avg"}),
+    "snapkv": (lambda r: SnapKVPress(compression_ratio=r, window_size=64, kernel_size=5), SNAPKV_AT_KVPRESS),
+    "tova": (lambda r: TOVAPress(compression_ratio=r), {}),
+    "h2o": (lambda r: ObservedAttentionPress(compression_ratio=r), {"recent_ratio": 0, "normalize": True}),
+    "pyramidkv": (lambda r: PyramidKVPress(compression_ratio=r, window_size=64, kernel_size=5, beta=20),
+                  {**SNAPKV_AT_KVPRESS, "beta": 20, "schedule": "kvpress"}),
+    "adakv": (lambda r: AdaKVPress(SnapKVPress(compression_ratio=r, window_size=64, kernel_size=5), alpha_safeguard=0.2),
+              {**SNAPKV_AT_KVPRESS, "alpha_safeguard": 0.2}),
 }
+NEEDS_EAGER = {"h2o"}  # ObservedAttentionPress reads the attention weights only eager attention returns
 
 TEXT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
         "combined a screw press with movable metal type. Within decades, presses spread across Europe, "
@@ -36,23 +49,35 @@ TEXT = ("The history of the printing press begins in the fifteenth century, when
 
 
 def kvpress_kept(model, ids, press, ratio):
-    """{layer: [H, n_kept] sorted positions} kvpress keeps: its own scores, its own top-k."""
-    scores = {}
-    original = type(press).score
+    """{layer: per kv-head, the set of positions kvpress keeps}: its own scores and top-k
+    (PyramidKVPress: its own layer budget), or what AdaKVPress leaves unmasked."""
+    scores, modules = {}, {}
+    scorer = press.press if isinstance(press, AdaKVPress) else press
+    original = type(scorer).score
 
     def recording_score(self, module, *args, **kwargs):
         s = original(self, module, *args, **kwargs)
-        scores[module.layer_idx] = s[0].detach()
+        scores[module.layer_idx], modules[module.layer_idx] = s[0].detach().clone(), module
         return s
 
-    type(press).score = recording_score
+    type(scorer).score = recording_score
     try:
         with torch.no_grad(), press(model):
             model(torch.tensor([ids]), past_key_values=transformers.DynamicCache())
     finally:
-        type(press).score = original
-    n_kept = compute_n_kept(len(ids), ratio)
-    return {layer: s.topk(n_kept, dim=-1).indices.sort(-1).values for layer, s in scores.items()}
+        type(scorer).score = original
+    kept = {}
+    for layer, s in scores.items():
+        if isinstance(press, AdaKVPress):
+            _, heads, slots = modules[layer].masked_key_indices
+            mask = torch.ones_like(s, dtype=torch.bool)
+            mask[heads, slots] = False
+            kept[layer] = [set(torch.nonzero(row).flatten().tolist()) for row in mask]
+            continue
+        n_kept = (press.get_layer_budget(modules[layer], len(ids)) if isinstance(press, PyramidKVPress)
+                  else compute_n_kept(len(ids), ratio))
+        kept[layer] = [set(row.tolist()) for row in s.topk(n_kept, dim=-1).indices]
+    return kept
 
 
 @torch.no_grad()
@@ -85,16 +110,16 @@ def nanokv_next_logits(llm, ids, token):
 
 
 def nanokv_kept(path, ids, method, budget, options):
-    """{layer: [H, n_kept] sorted positions} nanokv's cache holds after the prefill."""
+    """{layer: per kv-head, the set of positions} nanokv's cache holds after the prefill."""
     llm = LLM(str(path), dtype="float32", method=method, budget=budget, **options)
     held = {}
     finish = llm.scheduler.finish
 
-    def capture(seq):
+    def capture(seq):  # max_tokens=1: the cache holds the compressed prompt only
         s = llm.cache.seqs[seq.id]
         for layer in range(llm.config.num_layers):
             pos = gather_blocks(llm.cache.pool.pos, s.tables[layer, :, :int(s.num_blocks[layer].max())])
-            held[layer] = pos[:, :budget].long().sort(-1).values  # the prompt's kept slots come first
+            held[layer] = [set(row[:n].tolist()) for row, n in zip(pos, s.lengths[layer].tolist())]
         finish(seq)
 
     llm.scheduler.finish = capture
@@ -109,25 +134,24 @@ def main():
     parser.add_argument("--methods", nargs="*", default=list(PAIRS))
     args = parser.parse_args()
     path = resolve_model("smollm2-135m").path
-    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                              dtype=torch.float32).eval()
+    models = {attn: transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32, attn_implementation=attn).eval()
+        for attn in ("sdpa", "eager")}
     tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     ids = tokenizer((TEXT * 40))["input_ids"][:args.tokens]
     budget = compute_n_kept(len(ids), args.compression)
     for method in args.methods:
         make_press, options = PAIRS[method]
+        model = models["eager" if method in NEEDS_EAGER else "sdpa"]
         theirs = kvpress_kept(model, ids, make_press(args.compression), args.compression)
         ours, llm = nanokv_kept(path, ids, method, budget, options)
-        agree = total = 0
-        for layer, kept in theirs.items():
-            for h in range(kept.shape[0]):
-                agree += len(set(kept[h].tolist()) & set(ours[layer][h].tolist()))
-                total += kept.shape[1]
+        agree = sum(len(t & o) for layer, heads in theirs.items() for t, o in zip(heads, ours[layer]))
+        total = sum(len(t) for heads in theirs.values() for t in heads)
         token = ids[len(ids) // 2]  # any token will do as the next one
         diff = (kvpress_next_logits(model, ids, make_press(args.compression), token)
                 - nanokv_next_logits(llm, ids, token)).abs().max().item()
         print(f"{method:14} kept slots agreeing with kvpress: {100 * agree / total:.2f}% "
-              f"({agree}/{total}, {len(theirs)} layers, {len(ids)} tokens, keep {budget}); "
+              f"({agree}/{total}, {len(theirs)} layers, {len(ids)} tokens, keep {budget} a head on average); "
               f"next-token logits max |diff| {diff:.1e}")
 
 

@@ -285,18 +285,20 @@ def test_paged_decode_matches_dense(group, window, garbage):
         torch.testing.assert_close(out[b], ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("T", [7, 600])  # 600: the fused-attention path for long chunks
 @pytest.mark.parametrize("garbage", [False, True])
 @pytest.mark.parametrize("window", [None, 4])
 @pytest.mark.parametrize("group", [1, 3])
-def test_paged_prefill_matches_dense(group, window, garbage):
-    gen = torch.Generator().manual_seed(100 + group * 10 + (window or 0) + garbage)
-    Hkv, d, block_size, total, T = 2, 8, 4, 26, 7
+def test_paged_prefill_matches_dense(group, window, garbage, T):
+    gen = torch.Generator().manual_seed(100 + group * 10 + (window or 0) + garbage + T)
+    Hkv, d, block_size, total = 2, 8, 4, T + 19
     new = list(range(total - T, total))  # the chunk being prefilled, in the cache already
     heads = [[]]
     for _ in range(Hkv):
         pos = kept_positions(gen, total, must_keep=new)  # an earlier prefix, compressed per head
         heads[0].append((torch.randn(len(pos), d, generator=gen), torch.randn(len(pos), d, generator=gen), pos))
-    k_pool, v_pool, pos_pool, tables, lengths = paged_layout(gen, heads, 30, block_size, d, garbage)
+    k_pool, v_pool, pos_pool, tables, lengths = paged_layout(gen, heads, 2 * total // block_size + 10, block_size, d,
+                                                             garbage)
     q = torch.randn(1, T, Hkv * group, d, generator=gen)
     q_pos = torch.tensor(new)[None]
     out = paged_attention(q, q_pos, k_pool, v_pool, pos_pool, tables, lengths, window)

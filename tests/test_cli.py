@@ -146,9 +146,9 @@ def test_default_command_answers_paris(smollm2_gguf, tmp_path):
     data = json.loads(stats.read_text())
     assert set(data) == {"model", "method", "prompt_tokens", "generated_tokens", "prefill_tokens_per_s",
                          "decode_tokens_per_s", "kv_cache_bytes", "kv_cache_bytes_uncompressed"}
-    # full-precision bfloat16 cache in 16-token head-blocks of 16 x 64 dims x 2 (K and V) x 2 bytes,
-    # one list of blocks per (layer, kv-head) = 30 x 3, for the tokens that went through the model
-    # (the last one sampled may not have)
-    held = [30 * 3 * -(-n // 16) * 16 * 64 * 2 * 2 for n in
+    # full-precision bfloat16 cache in 16-token head-blocks of 16 x (64 dims x 2 (K and V) x 2 bytes
+    # + a 4-byte position), one list of blocks per (layer, kv-head) = 30 x 3, for the tokens that
+    # went through the model (the last one sampled may not have)
+    held = [30 * 3 * -(-n // 16) * 16 * (64 * 2 * 2 + 4) for n in
             (data["prompt_tokens"] + data["generated_tokens"] - 1, data["prompt_tokens"] + data["generated_tokens"])]
     assert data["kv_cache_bytes"] in held

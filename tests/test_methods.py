@@ -69,6 +69,11 @@ def test_pyramidkv_budgets_fall_with_depth_and_keep_the_total():
     assert [method.layer_budget(100, layer, 4) for layer in range(4)] == [8 + 81, 8 + 55, 8 + 28, 8 + 2]
     # a prompt too short for layer 0's share (8 + 81.9 > 60): every layer keeps B, like SnapKV
     assert [method.layer_budget(60, layer, 4) for layer in range(4)] == [50] * 4
+    # kvpress's schedule, the window inside: B=500 of n=1000, W=64, 30 layers: max = 2B - B/20 = 975
+    # is clipped to n - W = 936, so min = 2B - 936 = 64; layer l keeps round(936 - l * 872 / 29)
+    kvpress = make_method("pyramidkv", budget=500, window_size=64, schedule="kvpress")
+    budgets = [kvpress.layer_budget(1000, layer, 30) for layer in range(30)]
+    assert budgets[:3] == [936, 906, 876] and budgets[-1] == 64 and sum(budgets) == 30 * 500
     keys = torch.randn(2, 100, 4)
     for layer, expected in enumerate([89, 63, 36, 10]):
         mask = method.keep_mask(PrefillView(layer, 4, torch.randn(100, 4, 4), keys, torch.arange(100)))
@@ -116,6 +121,10 @@ def test_random_keeps_exactly_budget_and_repeats_with_seed():
     (dict(name="snapkv", budget=16), "budget=16 must exceed window_size=32"),
     (dict(name="streaming_llm", budget=4), "budget=4 must exceed sink_tokens=4"),
     (dict(name="full", compression=0.5), "'full' does not compress"),
+    (dict(name="h2o", recent_ratio=1.0), r"recent_ratio=1.0.*in \[0, 1\)"),
+    (dict(name="h2o", normalize="maybe"), "normalize='maybe'.*true or false"),
+    (dict(name="pyramidkv", schedule="linear"), "'kvcache_factory' or 'kvpress'"),
+    (dict(name="tova", window_size=8), "unknown option 'window_size' for method 'tova'; valid: none"),
 ])
 def test_bad_method_settings_name_the_valid_range(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -159,6 +168,29 @@ def test_compression_frees_real_blocks(snapkv_llm):
         full_blocks = 30 * 3 * math.ceil(len(prompt) / 16)
         assert out.metrics["kv_cache_bytes"] == kept_blocks * per_block
         assert out.metrics["kv_cache_bytes_uncompressed"] == full_blocks * per_block
+
+
+def test_prefill_allocates_layer_by_layer_so_compression_lowers_the_peak(snapkv_llm):
+    from nanokv import SamplingParams
+
+    pool, prompt = snapkv_llm.cache.pool, PROMPTS[2]  # 240 tokens, 15 blocks a head whole
+    peak, allocate = 0, pool.allocate
+
+    def tracking(n):
+        nonlocal peak
+        ids = allocate(n)
+        peak = max(peak, pool.num_used)
+        return ids
+
+    pool.allocate = tracking
+    try:
+        snapkv_llm.generate([prompt], SamplingParams(max_tokens=1, ignore_eos=True))
+    finally:
+        del pool.allocate
+    # 29 layers compressed to 120 tokens (8 blocks) in each of 3 heads, the last layer whole
+    assert peak == 29 * 3 * 8 + 3 * 15 < 30 * 3 * 15
+    seq = snapkv_llm._sequence(prompt, SamplingParams(), chat=False)
+    assert snapkv_llm.scheduler.prefill_blocks(seq) >= peak  # what admission plans with
 
 
 def test_preempted_sequences_are_compressed_again_the_same_way(snapkv_llm, smollm2_gguf):

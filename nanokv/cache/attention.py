@@ -2,10 +2,11 @@
 PagedKVCache (see models/llama.py for the contract).
 
 A step is either a prefill (one or more sequences, each with a chunk of new tokens) or a
-decode (every sequence with exactly one new token). The slots of all new tokens are
-reserved once, before layer 0; each layer then writes its K/V there and attends:
-decode in a few batched calls over groups of sequences of similar length, prefill one
-sequence at a time (each one is a large matmul already).
+decode (every sequence with exactly one new token). Decode reserves the new tokens' slots in
+every layer before layer 0 and attends in a few batched calls over groups of sequences of
+similar length. Prefill runs one sequence at a time (each one is a large matmul already) and
+reserves each layer's slots when that layer runs, so a prompt that a method compresses holds
+its earlier layers compressed and only the current one whole.
 
 A compression method (nanokv/methods) acts here: at the end of a prefill it picks, layer by
 layer, what the prompt keeps (`_compress`); a decode-time method (H2O, TOVA) also scores the
@@ -36,26 +37,25 @@ class CacheAttention:
         if self.evicting:
             self.budgets = torch.tensor([self.method.decode_budget(n) for n in self.prompt_lens], device=device)
             self.evicted = torch.zeros(cache.num_layers, len(seq_ids), cache.num_kv_heads, dtype=torch.bool)
-        slots = [cache.append_slots(s, n) for s, n in zip(seq_ids, query_lens)]
-        self.slots = torch.cat(slots, dim=-1).to(device)                  # [L, H, T]
+        self.q_pos = positions.split(query_lens)
+        if not self.is_decode:
+            return
+        self.slots = torch.cat([cache.append_slots(s, 1) for s in seq_ids], dim=-1).to(device)  # [L, H, b]
         seqs = [cache.seqs[s] for s in seq_ids]
         blocks = [int(s.num_blocks.max()) for s in seqs]
-        # Each group is attended in one call, its tables padded to its longest member. Decode
-        # groups sequences of similar length, so a short one is not padded to the longest of
-        # the batch; prefill runs one sequence at a time.
-        groups = length_groups(blocks) if self.is_decode else [[i] for i in range(len(seqs))]
+        # Each group is attended in one call, its tables padded to its longest member: sequences
+        # of similar length, so a short one is not padded to the longest of the batch.
         self.groups = []
-        for members in groups:
+        for members in length_groups(blocks):
             width = max(blocks[i] for i in members)
             tables = torch.stack([pad_blocks(seqs[i].tables, width) for i in members], dim=1)  # [L, b, H, nb]
             lengths = torch.stack([seqs[i].lengths for i in members], dim=1)             # [L, b, H]
             self.groups.append((torch.tensor(members, device=device), tables.to(device), lengths.to(device)))
-        self.q_pos = positions.split(query_lens)
 
     def __call__(self, layer, q, k, v, sliding_window):
         pool, workspace = self.cache.pool, self.cache.workspace
-        self.cache.write(self.slots[layer], k, v, self.positions)
         if self.is_decode:
+            self.cache.write(self.slots[layer], k, v, self.positions)
             out = torch.empty_like(q)
             for members, tables, lengths in self.groups:
                 result = paged_attention(q[members, None], self.positions[members, None], pool.k, pool.v, pool.pos,
@@ -67,21 +67,30 @@ class CacheAttention:
                 out[members] = result[:, 0]
             return out
         outs = []
-        for i, ((_, tables, lengths), q_i, pos_i) in enumerate(zip(self.groups, q.split(self.query_lens), self.q_pos)):
+        new = zip(self.seq_ids, q.split(self.query_lens), k.split(self.query_lens), v.split(self.query_lens), self.q_pos)
+        for i, (seq_id, q_i, k_i, v_i, pos_i) in enumerate(new):
+            slots = self.cache.append_slots(seq_id, len(q_i), layers=slice(layer, layer + 1))[0]
+            self.cache.write(slots.to(pool.device), k_i, v_i, pos_i)
             if self.method is None:
-                outs.append(self._prefill(q_i, pos_i, tables[layer], lengths[layer], sliding_window)[0])
+                outs.append(self._prefill(q_i, pos_i, *self._held(seq_id, layer), sliding_window)[0])
                 continue
             # The prompt attends over itself, then is compressed. Tokens generated before a
             # preemption (recompute) then attend over the compressed prompt, as they did the
             # first time, so the recomputed cache is the one the sequence had.
             n = self.prompt_lens[i]
-            out, column_sums = self._prefill(q_i[:n], pos_i[:n], tables[layer], lengths[layer], sliding_window,
+            out, column_sums = self._prefill(q_i[:n], pos_i[:n], *self._held(seq_id, layer), sliding_window,
                                              self.method.needs_column_sums)
             outs.append(out)
-            self._compress(layer, self.seq_ids[i], q_i[:n], column_sums)
+            self._compress(layer, seq_id, q_i[:n], column_sums)
             if n < len(q_i):
                 outs.append(self._generated(layer, i, q_i[n:], pos_i[n:], sliding_window))
         return torch.cat(outs)
+
+    def _held(self, seq_id: int, layer: int):
+        """One sequence's tables [1, H, nb] and lengths [1, H] at `layer`, as attention takes them."""
+        s, device = self.cache.seqs[seq_id], self.cache.pool.device
+        return (s.tables[layer:layer + 1, :, :int(s.num_blocks[layer].max())].to(device),
+                s.lengths[layer:layer + 1].to(device))
 
     def finish(self):
         """After the forward pass: shorten the heads that evicted a slot during this decode step."""
@@ -108,21 +117,16 @@ class CacheAttention:
     def _generated(self, layer, i, q, q_pos, sliding_window):
         """A recompute's generated tokens over the compressed prompt. A decode-time method evicted
         as each of them was decoded: replay that one token at a time, so the cache ends as it was."""
-        s, device = self.cache.seqs[self.seq_ids[i]], self.cache.pool.device
-
-        def held():
-            return (s.tables[layer:layer + 1, :, :int(s.num_blocks[layer].max())].to(device),
-                    s.lengths[layer:layer + 1].to(device))
-
+        seq_id = self.seq_ids[i]
         if not self.evicting:
-            return self._prefill(q, q_pos, *held(), sliding_window)[0]
+            return self._prefill(q, q_pos, *self._held(seq_id, layer), sliding_window)[0]
         pool, outs = self.cache.pool, []
         for q_t, pos_t in zip(q, q_pos):
-            tables, lengths = held()
+            tables, lengths = self._held(seq_id, layer)
             out, probs = paged_attention(q_t[None, None], pos_t[None, None], pool.k, pool.v, pool.pos, tables, lengths,
                                          sliding_window, self.cache.workspace, True)
             evicted = self._evict(tables, lengths, probs[:, :, :, 0], pos_t[None], self.budgets[i:i + 1])
-            self.cache.drop_last(self.seq_ids[i], evicted.cpu(), layers=slice(layer, layer + 1))
+            self.cache.drop_last(seq_id, evicted.cpu(), layers=slice(layer, layer + 1))
             outs.append(out[0])
         return torch.cat(outs)
 

@@ -68,11 +68,23 @@ class PagedKVCache:
         need = self.blocks_for(s.lengths + n)
         return int((need - s.num_blocks).clamp(min=0).sum())
 
-    def append_slots(self, seq_id: int, n: int) -> torch.Tensor:
-        """Reserve room for n new tokens in every (layer, head) -> their flat slots [L, H, n]."""
+    def prefill_blocks(self, n: int, kept: list[int]) -> int:
+        """Most blocks a prefill of n tokens holds at once when each layer is allocated in turn
+        and left with kept[l] tokens a head (on average over its heads) before the next layer
+        runs: the earlier layers compressed, the last one whole. A layer whose heads keep
+        different lengths (Ada-KV) holds at most one partial block more per head."""
+        H = self.num_kv_heads
+        earlier = sum(H * self.blocks_for(n) if k >= n else H * (self.blocks_for(k) + 1) for k in kept[:-1])
+        return earlier + H * self.blocks_for(n)
+
+    def append_slots(self, seq_id: int, n: int, layers: slice | None = None) -> torch.Tensor:
+        """Reserve room for n new tokens in every head of `layers` (all by default) -> their flat
+        slots [L', H, n]."""
         s = self.seqs[seq_id]
-        need = self.blocks_for(s.lengths + n)
-        extra = (need - s.num_blocks).clamp(min=0)
+        layers = layers or slice(0, self.num_layers)
+        lengths, num_blocks = s.lengths[layers], s.num_blocks[layers]
+        need = self.blocks_for(lengths + n)
+        extra = (need - num_blocks).clamp(min=0)
         total = int(extra.sum())
         if total:
             ids = self.pool.allocate(total)  # raises OutOfBlocks: the scheduler checks first
@@ -84,12 +96,12 @@ class PagedKVCache:
             # the k-th new block of head (l, h) goes to column num_blocks[l, h] + k
             rows = torch.repeat_interleave(torch.arange(extra.numel()), extra.flatten())
             first = torch.cumsum(extra.flatten(), 0) - extra.flatten()
-            cols = s.num_blocks.flatten()[rows] + torch.arange(total) - first[rows]
-            s.tables.view(-1, s.tables.shape[-1])[rows, cols] = ids
-            s.num_blocks = torch.maximum(s.num_blocks, need)
-        logical = s.lengths[..., None] + torch.arange(n)                      # [L, H, n]
-        slots = self.flat_slots(s.tables, logical)
-        s.lengths = s.lengths + n
+            cols = num_blocks.flatten()[rows] + torch.arange(total) - first[rows]
+            s.tables[layers].reshape(-1, s.tables.shape[-1])[rows, cols] = ids
+            s.num_blocks[layers] = torch.maximum(num_blocks, need)
+        logical = lengths[..., None] + torch.arange(n)                        # [L', H, n]
+        slots = self.flat_slots(s.tables[layers], logical)
+        s.lengths[layers] = lengths + n
         return slots
 
     def blocks_for(self, tokens):

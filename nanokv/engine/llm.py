@@ -80,7 +80,7 @@ class LLM:
         memory = kv_cache_bytes(kv_cache_memory, self.device)
         self.cache = PagedKVCache.from_memory(self.config, memory, block_size, self.dtype, self.device,
                                               self.method.slot_fields)
-        self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens)
+        self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens, self.method)
         self.runner = ModelRunner(self.model, self.cache, self.device, self.method)
         self.stats: dict = {}
         self._busy = False  # one generate/stream at a time: they share the scheduler

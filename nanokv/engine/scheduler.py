@@ -18,8 +18,8 @@ from nanokv.engine.sequence import Sequence
 
 
 class Scheduler:
-    def __init__(self, cache: PagedKVCache, max_num_seqs: int, max_num_batched_tokens: int):
-        self.cache = cache
+    def __init__(self, cache: PagedKVCache, max_num_seqs: int, max_num_batched_tokens: int, method=None):
+        self.cache, self.method = cache, method
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -53,7 +53,7 @@ class Scheduler:
         free = self.cache.pool.num_free - len(self.running) * self.cache.blocks_to_append(None, 1)
         while self.waiting and len(self.running) + len(admitted) < self.max_num_seqs:
             seq = self.waiting[0]
-            need = self.cache.blocks_to_append(None, len(seq))
+            need = self.prefill_blocks(seq)
             if need > free or (admitted and tokens + len(seq) > self.max_num_batched_tokens):
                 break
             free -= need
@@ -79,6 +79,15 @@ class Scheduler:
             free -= need
             scheduled.append(seq)
         return scheduled, False
+
+    def prefill_blocks(self, seq: Sequence) -> int:
+        """Most blocks the prefill of `seq` (prompt, plus generated tokens on a recompute: those
+        are all kept) holds at once."""
+        if self.method is None or not self.method.compresses:
+            return self.cache.blocks_to_append(None, len(seq))
+        n, generated, L = len(seq.prompt_token_ids), len(seq) - len(seq.prompt_token_ids), self.cache.num_layers
+        kept = [self.method.kept_after_prefill(n, layer, L) + generated for layer in range(L)]
+        return self.cache.prefill_blocks(len(seq), kept)
 
     def _preempt(self, seq: Sequence) -> int:
         """Free a running sequence's blocks and requeue it first -> blocks freed."""

@@ -114,6 +114,13 @@ class Method:
         keeping the request's total."""
         return self.tokens_to_keep(n)
 
+    def kept_after_prefill(self, n: int, layer: int, num_layers: int) -> int:
+        """Tokens a head of layer `layer` holds (on average over the layer's heads) once a prompt
+        of n tokens is compressed: what the scheduler plans the memory of a prefill with."""
+        if not self.compresses or not self.applies_to(layer):
+            return n
+        return min(n, self.layer_budget(n, layer, num_layers))
+
     def scores(self, view: PrefillView) -> torch.Tensor:
         """[H, S] importance of each cached token per kv-head: the highest are kept."""
         raise NotImplementedError
