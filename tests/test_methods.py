@@ -357,3 +357,32 @@ def test_h2o_holds_its_budget_through_preemption_and_recompute(smollm2_gguf):
     assert tight.stats["preemptions"] > 0
     assert [o.token_ids for o in got] == [o.token_ids for o in expected]
     assert all(o.metrics["kv_cache_bytes"] == 30 * 3 * 4 * roomy.cache.pool.bytes_per_block for o in got)
+
+
+def test_a_question_after_the_context_is_not_seen_by_the_compression(snapkv_llm):
+    """(context, question): the method compresses the context alone, as kvpress does, then the
+    question attends over it and is kept whole."""
+    from nanokv import SamplingParams
+
+    context = "The quick brown fox jumps over the lazy dog. " * 12
+    held = []
+    finish = snapkv_llm.scheduler.finish
+
+    def capture(seq):
+        s = snapkv_llm.cache.seqs[seq.id]
+        slots = snapkv_llm.cache.flat_slots(s.tables[10, 0], torch.arange(int(s.lengths[10, 0])))
+        held.append(sorted(snapkv_llm.cache.pool.pos.view(-1)[slots].tolist()))
+        finish(seq)
+
+    snapkv_llm.scheduler.finish = capture
+    try:
+        ids, n = snapkv_llm.encode_with_question(context, "\n\nWhat does the fox do?")
+        assert ids[:n] == snapkv_llm.encode_with_question(context, "\n\nWho is lazy?")[0][:n]
+        snapkv_llm.generate([(context, "\n\nWhat does the fox do?")], SamplingParams(max_tokens=1))
+        snapkv_llm.generate([ids[:n]], SamplingParams(max_tokens=1))  # the context alone
+    finally:
+        del snapkv_llm.scheduler.finish
+    with_question, context_alone = held
+    assert len(with_question) == math.ceil(n / 2) + (len(ids) - n)
+    assert with_question[:math.ceil(n / 2)] == context_alone          # the same context tokens kept
+    assert with_question[math.ceil(n / 2):] == list(range(n, len(ids)))  # the question, whole

@@ -26,16 +26,18 @@ GROUP_SLACK = 1.5  # padding waste a decode group may carry (the longest / the s
 
 class CacheAttention:
     def __init__(self, cache: PagedKVCache, seq_ids: list[int], query_lens: list[int], positions: torch.Tensor,
-                 method=None, prompt_lens: list[int] | None = None):
+                 method=None, compress_lens: list[int] | None = None):
         self.cache, self.seq_ids, self.query_lens = cache, seq_ids, query_lens
         self.method = method if method is not None and method.compresses else None
-        self.prompt_lens = prompt_lens or query_lens
+        # how many leading new tokens of each sequence the method compresses (its prompt, or the
+        # context before a question); the rest attends over them compressed and is kept
+        self.compress_lens = compress_lens or query_lens
         self.positions = positions                                        # [T] all new tokens
         self.is_decode = all(n == 1 for n in query_lens)
         device = cache.pool.device
         self.evicting = self.method is not None and self.method.evicts_during_decode
         if self.evicting:
-            self.budgets = torch.tensor([self.method.decode_budget(n) for n in self.prompt_lens], device=device)
+            self.budgets = torch.tensor([self.method.decode_budget(n) for n in self.compress_lens], device=device)
             self.evicted = torch.zeros(cache.num_layers, len(seq_ids), cache.num_kv_heads, dtype=torch.bool)
         self.q_pos = positions.split(query_lens)
         if not self.is_decode:
@@ -77,7 +79,7 @@ class CacheAttention:
             # The prompt attends over itself, then is compressed. Tokens generated before a
             # preemption (recompute) then attend over the compressed prompt, as they did the
             # first time, so the recomputed cache is the one the sequence had.
-            n = self.prompt_lens[i]
+            n = self.compress_lens[i]
             out, column_sums = self._prefill(q_i[:n], pos_i[:n], *self._held(seq_id, layer), sliding_window,
                                              self.method.needs_column_sums)
             outs.append(out)

@@ -103,14 +103,36 @@ class LLM:
             raise ValueError(f"prompt token ids must be integers in [0, {self.config.vocab_size})")
         return ids
 
+    def encode_with_question(self, context: str, question: str, chat: bool = True) -> tuple[list[int], int]:
+        """(ids, n): `context` then `question` as one user turn, and how many leading ids come
+        before the question. A method compresses those n without seeing the question (the
+        query-agnostic setting of kvpress); the question then attends over them compressed."""
+        if not context.strip() or not question.strip():
+            raise ValueError("prompt is empty: context and question must both hold text")
+        if chat and self.tokenizer.has_chat_template:
+            marker = "\x00question\x00"
+            head, tail = self.tokenizer.apply_chat_template([{"role": "user", "content": context + marker}]).split(marker)
+            first = self.tokenizer.encode(head, add_special_tokens=False)
+            return first + self.tokenizer.encode(question + tail, add_special_tokens=False), len(first)
+        first = self.tokenizer.encode(context)
+        return first + self.tokenizer.encode(question, add_special_tokens=False), len(first)
+
     def _sequence(self, prompt, params: SamplingParams, chat: bool) -> Sequence:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be SamplingParams, got {type(params).__name__}")
-        ids = self.encode(prompt, chat)
+        compress_len = None
+        if isinstance(prompt, tuple):
+            if len(prompt) != 2 or not all(isinstance(p, str) for p in prompt):
+                raise ValueError("a prompt tuple must be (context, question), two strings")
+            ids, compress_len = self.encode_with_question(*prompt, chat)
+        else:
+            ids = self.encode(prompt, chat)
         limit = self.config.max_position_embeddings
         if len(ids) >= limit:
             raise ValueError(f"prompt has {len(ids)} tokens; the model's context is {limit}")
         seq = Sequence(ids, params, self.tokenizer.stop_token_ids, self.tokenizer.stream_decoder().push, limit)
+        if compress_len is not None:
+            seq.compress_len = compress_len
         if params.seed is not None:
             seq.generator = torch.Generator(self.device).manual_seed(params.seed)
         return seq
@@ -119,7 +141,8 @@ class LLM:
 
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
                  chat: bool = True, use_tqdm: bool | None = None) -> list[RequestOutput]:
-        """Outputs in the order of `prompts` (strings or token-id lists)."""
+        """Outputs in the order of `prompts`: strings, token-id lists, or (context, question)
+        pairs whose context a method compresses before the question is read."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         if not prompts:

@@ -81,12 +81,12 @@ class Scheduler:
         return scheduled, False
 
     def prefill_blocks(self, seq: Sequence) -> int:
-        """Most blocks the prefill of `seq` (prompt, plus generated tokens on a recompute: those
-        are all kept) holds at once."""
+        """Most blocks the prefill of `seq` holds at once: its compressed part, and the rest (a
+        question after the context, generated tokens on a recompute) whole."""
         if self.method is None or not self.method.compresses:
             return self.cache.blocks_to_append(None, len(seq))
-        n, generated, L = len(seq.prompt_token_ids), len(seq) - len(seq.prompt_token_ids), self.cache.num_layers
-        kept = [self.method.kept_after_prefill(n, layer, L) + generated for layer in range(L)]
+        n, rest, L = seq.compress_len, len(seq) - seq.compress_len, self.cache.num_layers
+        kept = [self.method.kept_after_prefill(n, layer, L) + rest for layer in range(L)]
         return self.cache.prefill_blocks(len(seq), kept)
 
     def _preempt(self, seq: Sequence) -> int:

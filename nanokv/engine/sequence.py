@@ -28,6 +28,9 @@ class Sequence:
                  decoder, max_length: int):
         self.id = next(_ids)
         self.prompt_token_ids = list(prompt_token_ids)
+        # the leading prompt tokens a compression method compresses; the rest (a question asked
+        # after a compressed context, as kvpress does) attends over them uncompressed
+        self.compress_len = len(self.prompt_token_ids)
         self.output_token_ids: list[int] = []
         self.params = params
         self.stop_token_ids = set() if params.ignore_eos else stop_token_ids
