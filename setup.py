@@ -20,7 +20,7 @@ setup(
         "tqdm>=4.66",
     ],
     extras_require={
-        "test": ["pytest>=8", "transformers>=5.0", "accelerate>=1.0"],
+        "test": ["pytest>=8", "transformers>=5.0", "accelerate>=1.0", "matplotlib>=3.8"],
         "plot": ["matplotlib>=3.8"],
         "flash": ["flash-attn>=2.6"],  # CUDA only, optional
     },

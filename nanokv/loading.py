@@ -39,16 +39,20 @@ class ModelLoadError(ValueError):
     """A weights file nanokv cannot use; the message names the file and what is wrong."""
 
 
+def read_config(kind: str, path: str | Path) -> ModelConfig:
+    """The model's configuration ("hf_dir" or "gguf"), without reading its weights."""
+    if kind == "gguf":
+        return _gguf_config(Path(path))
+    if kind == "hf_dir":
+        return ModelConfig.from_hf_dir(path)
+    raise ValueError(f"unknown model kind {kind!r}; valid: hf_dir, gguf")
+
+
 def load_model(kind: str, path: str | Path, dtype: torch.dtype, device="cpu"):
     """Build the model for `path` ("hf_dir" or "gguf") and fill its weights -> (model, config)."""
     path = Path(path)
-    if kind == "gguf":
-        config = _gguf_config(path)
-        tensors = _gguf_tensors(path, config)
-    elif kind == "hf_dir":
-        config, tensors = ModelConfig.from_hf_dir(path), _safetensors_tensors(path)
-    else:
-        raise ValueError(f"unknown model kind {kind!r}; valid: hf_dir, gguf")
+    config = read_config(kind, path)
+    tensors = _gguf_tensors(path, config) if kind == "gguf" else _safetensors_tensors(path)
     # Build on the meta device (no random init of weights about to be overwritten), then
     # allocate for real. inv_freq is a plain float32 attribute, untouched by the dtype cast.
     # (cast on meta, so no float32 copy of the weights is ever allocated on the device)

@@ -103,28 +103,34 @@ class LLM:
             raise ValueError(f"prompt token ids must be integers in [0, {self.config.vocab_size})")
         return ids
 
-    def encode_with_question(self, context: str, question: str, chat: bool = True) -> tuple[list[int], int]:
-        """(ids, n): `context` then `question` as one user turn, and how many leading ids come
-        before the question. A method compresses those n without seeing the question (the
-        query-agnostic setting of kvpress); the question then attends over them compressed."""
+    def encode_with_question(self, context: str, question: str, chat: bool = True,
+                             answer_prefix: str = "") -> tuple[list[int], int]:
+        """(ids, n): `context` then `question` as one user turn (and `answer_prefix` as the start
+        of the reply), and how many leading ids come before the question. A method compresses
+        those n without seeing the question (the query-agnostic setting of kvpress); the question
+        then attends over them compressed."""
         if not context.strip() or not question.strip():
             raise ValueError("prompt is empty: context and question must both hold text")
         if chat and self.tokenizer.has_chat_template:
             marker = "\x00question\x00"
             head, tail = self.tokenizer.apply_chat_template([{"role": "user", "content": context + marker}]).split(marker)
             first = self.tokenizer.encode(head, add_special_tokens=False)
-            return first + self.tokenizer.encode(question + tail, add_special_tokens=False), len(first)
+            rest = self.tokenizer.encode(question + tail + answer_prefix, add_special_tokens=False)
+            return first + rest, len(first)
         first = self.tokenizer.encode(context)
-        return first + self.tokenizer.encode(question, add_special_tokens=False), len(first)
+        return first + self.tokenizer.encode(question + answer_prefix, add_special_tokens=False), len(first)
 
     def _sequence(self, prompt, params: SamplingParams, chat: bool) -> Sequence:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be SamplingParams, got {type(params).__name__}")
         compress_len = None
         if isinstance(prompt, tuple):
-            if len(prompt) != 2 or not all(isinstance(p, str) for p in prompt):
-                raise ValueError("a prompt tuple must be (context, question), two strings")
-            ids, compress_len = self.encode_with_question(*prompt, chat)
+            if len(prompt) != 2 or not (all(isinstance(p, str) for p in prompt) or all(isinstance(p, list) for p in prompt)):
+                raise ValueError("a prompt tuple must be (context, question): two strings or two token-id lists")
+            if isinstance(prompt[0], str):
+                ids, compress_len = self.encode_with_question(*prompt, chat)
+            else:
+                ids, compress_len = self.encode(prompt[0] + prompt[1]), len(prompt[0])
         else:
             ids = self.encode(prompt, chat)
         limit = self.config.max_position_embeddings

@@ -1,0 +1,43 @@
+"""Filler text for the synthetic long-context tasks.
+
+Two haystacks, because they test different things. RULER's "noise" repeats five trivial
+sentences: a needle stands out by form. "prose" is varied generated sentences about people,
+places and things, so a model cannot find the needle just by spotting the one odd sentence.
+Both are deterministic given a random.Random.
+"""
+
+import random
+
+NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+
+_NAMES = ["Alice", "Bruno", "Chen", "Dalia", "Emeka", "Freya", "Goran", "Hana", "Ines", "Jonas", "Kira", "Luis",
+          "Maya", "Nikolai", "Omar", "Priya", "Quentin", "Rosa", "Sven", "Tamar", "Umar", "Vera", "Wen", "Yusuf"]
+_PLACES = ["the harbour", "the old library", "a mountain village", "the market square", "the train station",
+           "a quiet garden", "the riverbank", "the museum", "a small bakery", "the lighthouse", "the orchard"]
+_THINGS = ["a wooden chair", "an old map", "a basket of apples", "a brass lamp", "a red bicycle", "a paper kite",
+           "a chess set", "a violin", "a clay pot", "a woollen scarf", "a pocket watch", "a sailing boat"]
+_VERBS = ["repaired", "painted", "carried", "sold", "found", "borrowed", "described", "photographed", "cleaned"]
+_WHEN = ["on Monday", "in the morning", "after lunch", "late at night", "during the storm", "last spring",
+         "before sunrise", "at the weekend", "in early autumn"]
+_TEMPLATES = [
+    "{name} {verb} {thing} at {place} {when}.",
+    "{when}, {name} walked to {place} and {verb} {thing}.",
+    "People at {place} still talk about how {name} {verb} {thing} {when}.",
+    "It was {when} that {name} first saw {thing} near {place}.",
+    "{name} never forgot {place}, where {thing} was {verb} {when}.",
+]
+
+
+def noise_sentences(rng: random.Random, n: int) -> list[str]:
+    base = [s.strip() + "." for s in NOISE.split(".") if s.strip()]
+    return [base[i % len(base)] for i in range(n)]
+
+
+def prose_sentences(rng: random.Random, n: int) -> list[str]:
+    sentences = [rng.choice(_TEMPLATES).format(name=rng.choice(_NAMES), verb=rng.choice(_VERBS),
+                                               thing=rng.choice(_THINGS), place=rng.choice(_PLACES),
+                                               when=rng.choice(_WHEN)) for _ in range(n)]
+    return [s[0].upper() + s[1:] for s in sentences]
+
+
+HAYSTACKS = {"noise": noise_sentences, "prose": prose_sentences}
