@@ -157,15 +157,17 @@ def plot(cells: list[dict], out: Path) -> list[Path]:
         fig, axes = plt.subplots(1, len(placements), figsize=(6 * len(placements), 4.2), squeeze=False)
         for ax, placement in zip(axes[0], placements):
             part = [c for c in cells if c["placement"] == placement and c["budget"] is None]
-            full = [c for c in part if c["method"] == "full"]
-            for method in sorted({c["method"] for c in part} - {"full"}):
-                points = defaultdict(list)  # each line starts from full's point: nothing removed
-                for c in full + [c for c in part if c["method"] == method]:
-                    points[x_of(c)].append(c["accuracy"])
-                xs = sorted(points)
-                ax.plot(xs, [sum(points[x]) / len(points[x]) for x in xs], marker="o", label=method)
+            by_setting = defaultdict(list)  # one point per setting: the mean over its tasks and lengths
+            for c in part:
+                by_setting[c["method"], c["compression"]].append(c)
+            points = {k: (sum(x_of(c) for c in v) / len(v), sum(c["accuracy"] for c in v) / len(v))
+                      for k, v in by_setting.items()}
+            full = [p for (m, _), p in points.items() if m == "full"]
+            for method in sorted({m for m, _ in points} - {"full"}):
+                line = sorted(full + [p for (m, _), p in points.items() if m == method])  # from full: nothing removed
+                ax.plot([x for x, _ in line], [y for _, y in line], marker="o", label=method)
             if full:
-                ax.axhline(sum(c["accuracy"] for c in full) / len(full), ls="--", color="gray", label="full")
+                ax.axhline(full[0][1], ls="--", color="gray", label="full")
             ax.set_title(PLACEMENTS[placement], fontsize=9)
             ax.set_xlabel(xlabel)
             ax.set_ylabel("accuracy (%)")
