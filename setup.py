@@ -20,7 +20,8 @@ setup(
         "tqdm>=4.66",
     ],
     extras_require={
-        "test": ["pytest>=8", "transformers>=5.0", "accelerate>=1.0", "matplotlib>=3.8"],
+        # triton: torch's CUDA builds bring it; on CPU the tests run the kernels in its interpreter
+        "test": ["pytest>=8", "transformers>=5.0", "accelerate>=1.0", "matplotlib>=3.8", "triton==3.7.1"],
         "plot": ["matplotlib>=3.8"],
         "flash": ["flash-attn>=2.6"],  # CUDA only, optional
     },

@@ -1,2 +1,75 @@
-"""Attention kernels. They take tensors (and, later, block tables) and know nothing of
-sequences or scheduling. `reference.py` holds the plain-torch maths every kernel must match."""
+"""Attention kernels behind one interface. They take tensors and block tables and know nothing
+of sequences or scheduling. `reference.py` holds the plain-torch maths every kernel must match;
+paged_decode.py, prefill.py and write_kv.py are the Triton kernels.
+
+    kernels = kernels_for(device)          # Triton on CUDA, the plain-torch twins elsewhere
+    kernels.decode(q [B, Hq, D], q_pos [B], k_pool, v_pool, pos_pool, tables, lengths, window, return_probs)
+    kernels.prefill(q [T, Hq, D], q_pos [T], cu_seqlens [B + 1], k_pool, v_pool, pos_pool, tables, lengths, window)
+    kernels.write_kv(k_pool, v_pool, pos_pool, slots [H, T], k [T, H, D], v, positions [T])
+
+NANOKV_KERNELS=triton|reference (or LLM(kernels=...)) overrides the choice: the tests run the
+Triton kernels on CPU under TRITON_INTERPRET=1.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from kernels import reference
+
+KERNELS = ("triton", "reference")
+PREFILL_QUERY_CHUNK = 1024  # the reference materializes a chunk's scores: keep them bounded
+
+
+@dataclass(frozen=True)
+class Kernels:
+    name: str
+    decode: Callable
+    prefill: Callable
+    write_kv: Callable
+
+
+def reference_kernels(workspace: reference.Workspace | None = None) -> Kernels:
+    """The plain-torch twins, with the signatures of the Triton kernels. `workspace` keeps the
+    gather buffers from call to call (see reference.Workspace)."""
+    workspace = workspace or reference.Workspace()
+
+    def decode(q, q_pos, k_pool, v_pool, pos_pool, tables, lengths, sliding_window=None, return_probs=False):
+        result = reference.paged_attention(q[:, None], q_pos[:, None], k_pool, v_pool, pos_pool, tables, lengths,
+                                           sliding_window, workspace, return_probs)
+        if return_probs:
+            out, probs = result
+            return out[:, 0], probs[:, :, :, 0]
+        return result[:, 0]
+
+    def prefill(q, q_pos, cu_seqlens, k_pool, v_pool, pos_pool, tables, lengths, sliding_window=None):
+        outs = []
+        bounds = cu_seqlens.tolist()
+        for b, (start, end) in enumerate(zip(bounds, bounds[1:])):
+            for s in range(start, end, PREFILL_QUERY_CHUNK):
+                e = min(end, s + PREFILL_QUERY_CHUNK)
+                outs.append(reference.paged_attention(q[None, s:e], q_pos[None, s:e], k_pool, v_pool, pos_pool,
+                                                      tables[b:b + 1], lengths[b:b + 1], sliding_window, workspace)[0])
+        return torch.cat(outs)
+
+    return Kernels("reference", decode, prefill, reference.write_kv)
+
+
+def triton_kernels() -> Kernels:
+    from kernels.paged_decode import paged_decode_attention
+    from kernels.prefill import prefill_attention
+    from kernels.write_kv import write_kv
+
+    return Kernels("triton", paged_decode_attention, prefill_attention, write_kv)
+
+
+def kernels_for(device, choice: str | None = None, workspace: reference.Workspace | None = None) -> Kernels:
+    """Triton on CUDA, the reference elsewhere, unless `choice` (or NANOKV_KERNELS) says which."""
+    choice = choice or os.environ.get("NANOKV_KERNELS") or ("triton" if str(device).startswith("cuda") else "reference")
+    if choice not in KERNELS:
+        raise ValueError(f"unknown kernels {choice!r}; valid: {', '.join(KERNELS)}")
+    return triton_kernels() if choice == "triton" else reference_kernels(workspace)

@@ -109,6 +109,18 @@ def _prefill_sdpa(q, q_pos, k, v, k_pos, lengths, sliding_window):
     return out.transpose(1, 2).to(q.dtype)
 
 
+def write_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, pos_pool: torch.Tensor, slots: torch.Tensor,
+             k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
+    """Store new tokens: slots [H, T] flat slot ids (block * block_size + offset) of one layer's
+    kv-heads; k, v [T, H, D]; positions [T]. The pools are [num_blocks, block_size, D] (K, V) and
+    [num_blocks, block_size] (int32 positions)."""
+    D = k_pool.shape[-1]
+    flat = slots.flatten()
+    k_pool.view(-1, D)[flat] = k.transpose(0, 1).reshape(-1, D).to(k_pool.dtype)
+    v_pool.view(-1, D)[flat] = v.transpose(0, 1).reshape(-1, D).to(v_pool.dtype)
+    pos_pool.view(-1)[flat] = positions.to(pos_pool.dtype).repeat(slots.shape[0])
+
+
 def gather_blocks(pool: torch.Tensor, tables: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """pool: [num_blocks, block_size, *rest]; tables: [..., nb] (-1 reads block 0) ->
     [..., nb * block_size, *rest], each head's slots in order (written into `out` if given)."""

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import torch
 
+from kernels import PREFILL_QUERY_CHUNK
 from kernels.reference import gather_blocks, paged_attention
 from nanokv.cache.kv_cache import PagedKVCache
 
-PREFILL_QUERY_CHUNK = 1024
 GROUP_SLACK = 1.5  # padding waste a decode group may carry (the longest / the shortest member)
 
 
@@ -55,18 +55,18 @@ class CacheAttention:
             self.groups.append((torch.tensor(members, device=device), tables.to(device), lengths.to(device)))
 
     def __call__(self, layer, q, k, v, sliding_window):
-        pool, workspace = self.cache.pool, self.cache.workspace
+        pool, kernels = self.cache.pool, self.cache.kernels
         if self.is_decode:
             self.cache.write(self.slots[layer], k, v, self.positions)
             out = torch.empty_like(q)
             for members, tables, lengths in self.groups:
-                result = paged_attention(q[members, None], self.positions[members, None], pool.k, pool.v, pool.pos,
-                                         tables[layer], lengths[layer], sliding_window, workspace, self.evicting)
+                result = kernels.decode(q[members], self.positions[members], pool.k, pool.v, pool.pos,
+                                        tables[layer], lengths[layer], sliding_window, self.evicting)
                 if self.evicting:
                     result, probs = result
-                    self.evicted[layer, members.cpu()] = self._evict(tables[layer], lengths[layer], probs[:, :, :, 0],
+                    self.evicted[layer, members.cpu()] = self._evict(tables[layer], lengths[layer], probs,
                                                                      self.positions[members], self.budgets[members]).cpu()
-                out[members] = result[:, 0]
+                out[members] = result
             return out
         outs = []
         new = zip(self.seq_ids, q.split(self.query_lens), k.split(self.query_lens), v.split(self.query_lens), self.q_pos)
@@ -101,11 +101,16 @@ class CacheAttention:
                 self.cache.drop_last(self.seq_ids[i], self.evicted[:, i])
 
     def _prefill(self, q, q_pos, tables, lengths, sliding_window, column_sums=False):
-        """One sequence's queries [T, Hq, D] over its cached KV (tables [1, H, nb], lengths [1, H]),
-        in chunks: the score matrix of a long prompt would not fit at once. -> (output, and with
-        `column_sums` the attention each slot received [H, nb * block_size], summed over the
-        queries and averaged over each kv-head's query heads)."""
-        pool, outs, sums = self.cache.pool, [], None
+        """One sequence's queries [T, Hq, D] over its cached KV (tables [1, H, nb], lengths [1, H]).
+        -> (output, and with `column_sums` the attention each slot received [H, nb * block_size],
+        summed over the queries and averaged over each kv-head's query heads). The column sums
+        come from the plain-torch path (in chunks: a long prompt's score matrix would not fit)."""
+        pool = self.cache.pool
+        if not column_sums:
+            cu_seqlens = torch.tensor([0, len(q)], dtype=torch.int32, device=q.device)
+            return self.cache.kernels.prefill(q, q_pos, cu_seqlens, pool.k, pool.v, pool.pos, tables, lengths,
+                                              sliding_window), None
+        outs, sums = [], None
         for q_c, pos_c in zip(q.split(PREFILL_QUERY_CHUNK), q_pos.split(PREFILL_QUERY_CHUNK)):
             out = paged_attention(q_c[None], pos_c[None], pool.k, pool.v, pool.pos, tables, lengths,
                                   sliding_window, self.cache.workspace, column_sums)
@@ -125,11 +130,11 @@ class CacheAttention:
         pool, outs = self.cache.pool, []
         for q_t, pos_t in zip(q, q_pos):
             tables, lengths = self._held(seq_id, layer)
-            out, probs = paged_attention(q_t[None, None], pos_t[None, None], pool.k, pool.v, pool.pos, tables, lengths,
-                                         sliding_window, self.cache.workspace, True)
-            evicted = self._evict(tables, lengths, probs[:, :, :, 0], pos_t[None], self.budgets[i:i + 1])
+            out, probs = self.cache.kernels.decode(q_t[None], pos_t[None], pool.k, pool.v, pool.pos, tables, lengths,
+                                                   sliding_window, True)
+            evicted = self._evict(tables, lengths, probs, pos_t[None], self.budgets[i:i + 1])
             self.cache.drop_last(seq_id, evicted.cpu(), layers=slice(layer, layer + 1))
-            outs.append(out[0])
+            outs.append(out)
         return torch.cat(outs)
 
     def _compress(self, layer: int, seq_id: int, queries: torch.Tensor, column_sums: torch.Tensor | None):

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels import kernels_for
 from kernels.reference import Workspace
 from nanokv.cache.pool import BlockPool, OutOfBlocks
 
@@ -33,6 +34,7 @@ class PagedKVCache:
         self.block_size = pool.block_size
         self.seqs: dict[int, SequenceKV] = {}
         self.workspace = Workspace()  # scratch for attention's gathers, reused every layer and step
+        self.kernels = kernels_for(pool.device, workspace=self.workspace)  # Triton on CUDA, else plain torch
 
     @classmethod
     def from_memory(cls, cfg, kv_cache_memory: int, block_size: int, dtype: torch.dtype, device="cpu",
@@ -118,12 +120,9 @@ class PagedKVCache:
     def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
         """slots: [H, T] flat slots of one layer; k, v: [T, H, D]; positions: [T]."""
         f = self.pool.fields
-        flat = slots.flatten()
-        f["k"].view(-1, self.pool.head_dim)[flat] = k.transpose(0, 1).reshape(-1, self.pool.head_dim)
-        f["v"].view(-1, self.pool.head_dim)[flat] = v.transpose(0, 1).reshape(-1, self.pool.head_dim)
-        f["pos"].view(-1)[flat] = positions.to(torch.int32).repeat(slots.shape[0])
-        for name in self.pool.fields.keys() - {"k", "v", "pos"}:  # a method's state starts afresh
-            f[name].view(-1)[flat] = 0
+        self.kernels.write_kv(f["k"], f["v"], f["pos"], slots, k, v, positions)
+        for name in f.keys() - {"k", "v", "pos"}:  # a method's state starts afresh
+            f[name].view(-1)[slots.flatten()] = 0
 
     # --- compaction -------------------------------------------------------------------
 

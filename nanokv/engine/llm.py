@@ -16,6 +16,7 @@ from typing import Iterator
 import torch
 from tqdm import tqdm
 
+from kernels import KERNELS, kernels_for
 from nanokv.cache import PagedKVCache
 from nanokv.engine.runner import ModelRunner
 from nanokv.engine.scheduler import Scheduler
@@ -57,13 +58,16 @@ class LLM:
     def __init__(self, model: str = DEFAULT_MODEL, *, dtype: str = "bfloat16", device: str | None = None,
                  method: str = "full", compression: float = 0.0, budget: int | None = None,
                  kv_cache_memory: int | float | None = None, block_size: int = 16,
-                 max_num_seqs: int = 256, max_num_batched_tokens: int = 4096, **method_options):
+                 max_num_seqs: int = 256, max_num_batched_tokens: int = 4096, kernels: str | None = None,
+                 **method_options):
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
         for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
                             ("max_num_batched_tokens", max_num_batched_tokens)):
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if kernels is not None and kernels not in KERNELS:
+            raise ValueError(f"unknown kernels {kernels!r}; valid: {', '.join(KERNELS)} (default: triton on CUDA)")
         self.method = make_method(method, compression, budget, **method_options)
         self.device = device or default_device()
         try:
@@ -80,6 +84,7 @@ class LLM:
         memory = kv_cache_bytes(kv_cache_memory, self.device)
         self.cache = PagedKVCache.from_memory(self.config, memory, block_size, self.dtype, self.device,
                                               self.method.slot_fields)
+        self.cache.kernels = kernels_for(self.device, kernels, self.cache.workspace)
         self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens, self.method)
         self.runner = ModelRunner(self.model, self.cache, self.device, self.method)
         self.stats: dict = {}

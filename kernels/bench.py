@@ -1,0 +1,218 @@
+"""GPU benchmark of nanokv's Triton kernels against torch's fused attention (and flash-attn).
+
+    python kernels/bench.py                         # every shape, results in kernels_bench.json
+    python kernels/bench.py --quick --out q.json    # a few shapes (a minute or so)
+
+Llama-3-8B attention heads (32 query heads, 8 kv-heads, head_dim 128), blocks of 16 tokens:
+(a) decode: kernels.paged_decode.paged_decode_attention over a pool whose blocks lie at random
+    places (so the kernel really follows its block tables), against SDPA over the same KV made
+    contiguous and flash_attn_with_kvcache; contexts 4096-32768, batch 1-64;
+(b) prefill: kernels.prefill.prefill_attention against causal SDPA and flash_attn_func, 1024-8192 tokens;
+(c) write_kv: kernels.write_kv against the three torch scatters of kernels.reference.write_kv.
+Each row: time (ms, triton.testing.do_bench, L2 flushed between runs), bandwidth (bytes of K/V read,
+for write_kv read + written, / time), that as a fraction of the device's copy bandwidth (a 1 GiB
+device-to-device copy, read + written bytes / time), speedup against the first row of its case
+(SDPA, or torch for write_kv), the largest difference from that row's output, and TFLOP/s for
+prefill. Needs a CUDA GPU: elsewhere it says so and exits 0. Importing it imports only torch.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+HQ, HKV, D, BLOCK_SIZE = 32, 8, 128, 16
+DECODE = [(b, s) for s in (4096, 8192, 16384, 32768) for b in (1, 8, 32, 64)]   # (batch, context)
+PREFILL = [(1, 1024), (1, 2048), (1, 4096), (1, 8192), (4, 2048)]              # (sequences, tokens each)
+WRITE = [1, 64, 512, 8192]                                                     # tokens written
+QUICK_DECODE, QUICK_PREFILL, QUICK_WRITE = [(1, 4096), (32, 8192)], [(1, 2048)], [64, 8192]
+
+
+def do_bench(fn) -> float:
+    from triton.testing import do_bench as triton_do_bench
+    return triton_do_bench(fn, warmup=25, rep=100)
+
+
+def copy_bandwidth() -> float:
+    """GB/s of a 1 GiB device-to-device copy, counting the bytes read and the bytes written."""
+    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    return 2 * x.numel() / do_bench(lambda: y.copy_(x)) / 1e6
+
+
+def paged_kv(B, S, dtype):
+    """Random K, V [B, Hkv, S, D] and the same KV paged: every (sequence, kv-head) owns S / 16
+    blocks, placed by a random permutation of the pool. -> k, v, k_pool, v_pool, pos_pool, tables, lengths."""
+    nb = S // BLOCK_SIZE
+    k = torch.randn(B, HKV, S, D, dtype=dtype, device="cuda")
+    v = torch.randn(B, HKV, S, D, dtype=dtype, device="cuda")
+    tables = torch.randperm(B * HKV * nb, device="cuda").view(B, HKV, nb)
+    k_pool = torch.empty(B * HKV * nb, BLOCK_SIZE, D, dtype=dtype, device="cuda")
+    v_pool = torch.empty_like(k_pool)
+    pos_pool = torch.empty(B * HKV * nb, BLOCK_SIZE, dtype=torch.int32, device="cuda")
+    k_pool[tables.flatten()] = k.reshape(-1, BLOCK_SIZE, D)   # block j of (b, h) holds tokens 16j..16j+15
+    v_pool[tables.flatten()] = v.reshape(-1, BLOCK_SIZE, D)
+    pos_pool[tables.flatten()] = torch.arange(S, dtype=torch.int32, device="cuda").view(nb, BLOCK_SIZE).repeat(B * HKV, 1)
+    lengths = torch.full((B, HKV), S, dtype=torch.int64, device="cuda")
+    return k, v, k_pool, v_pool, pos_pool, tables, lengths
+
+
+def decode_impls(B, S, dtype):
+    k, v, k_pool, v_pool, pos_pool, tables, lengths = paged_kv(B, S, dtype)
+    q = torch.randn(B, HQ, D, dtype=dtype, device="cuda")
+    q_pos = torch.full((B,), S - 1, dtype=torch.int64, device="cuda")
+
+    def sdpa():  # one query sees every key: a kv-head's group of query heads rides on the query axis
+        qg = q.view(B, HKV, HQ // HKV, D)
+        return lambda: torch.nn.functional.scaled_dot_product_attention(qg, k, v)
+
+    def paged():
+        from kernels.paged_decode import paged_decode_attention
+        return lambda: paged_decode_attention(q, q_pos, k_pool, v_pool, pos_pool, tables, lengths)
+
+    def flash():
+        from flash_attn import flash_attn_with_kvcache
+        kc, vc = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()   # [B, S, Hkv, D]
+        seqlens = torch.full((B,), S, dtype=torch.int32, device="cuda")
+        return lambda: flash_attn_with_kvcache(q.view(B, 1, HQ, D), kc, vc, cache_seqlens=seqlens)
+
+    return [("sdpa", sdpa), ("paged_decode", paged), ("flash_attn", flash)]
+
+
+def prefill_impls(B, T, dtype):
+    k, v, k_pool, v_pool, pos_pool, tables, lengths = paged_kv(B, T, dtype)
+    q = torch.randn(B * T, HQ, D, dtype=dtype, device="cuda")
+    q_pos = torch.arange(T, device="cuda").repeat(B)
+    cu_seqlens = torch.arange(0, B * T + 1, T, dtype=torch.int32, device="cuda")
+
+    def sdpa():  # kv-heads repeated up front: SDPA's GQA path may fall back to the unfused maths
+        qh = q.view(B, T, HQ, D).transpose(1, 2).contiguous()
+        kx, vx = (x.repeat_interleave(HQ // HKV, dim=1) for x in (k, v))
+        return lambda: torch.nn.functional.scaled_dot_product_attention(qh, kx, vx, is_causal=True).transpose(1, 2)
+
+    def paged():
+        from kernels.prefill import prefill_attention
+        return lambda: prefill_attention(q, q_pos, cu_seqlens, k_pool, v_pool, pos_pool, tables, lengths)
+
+    def flash():
+        from flash_attn import flash_attn_func
+        kf, vf = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()   # [B, T, Hkv, D]
+        return lambda: flash_attn_func(q.view(B, T, HQ, D), kf, vf, causal=True)
+
+    return [("sdpa", sdpa), ("prefill", paged), ("flash_attn", flash)]
+
+
+def write_impls(T, dtype):
+    num_blocks = 4 * (T * HKV // BLOCK_SIZE + 1)
+    k_pool = torch.empty(num_blocks, BLOCK_SIZE, D, dtype=dtype, device="cuda")
+    v_pool = torch.empty_like(k_pool)
+    pos_pool = torch.empty(num_blocks, BLOCK_SIZE, dtype=torch.int32, device="cuda")
+    slots = torch.randperm(num_blocks * BLOCK_SIZE, device="cuda")[:HKV * T].view(HKV, T)
+    k, v = (torch.randn(T, HKV, D, dtype=dtype, device="cuda") for _ in range(2))
+    positions = torch.arange(T, device="cuda")
+    args = (k_pool, v_pool, pos_pool, slots, k, v, positions)
+
+    def torch_write():
+        from kernels.reference import write_kv
+        return lambda: write_kv(*args)
+
+    def triton_write():
+        from kernels.write_kv import write_kv
+        return lambda: write_kv(*args)
+
+    return [("torch", torch_write), ("write_kv", triton_write)]
+
+
+def run_case(case, impls, nbytes, copy_bw, flops=None):
+    """Time each (name, make) in `impls`; make() builds the call untimed. The first is the baseline."""
+    rows, base_ms, base_out = [], None, None
+    for name, make in impls:
+        row = dict(case, impl=name, bytes=nbytes)
+        try:
+            fn = make()
+            out = fn()   # also compiles
+            ms = do_bench(fn)
+            if rows and base_out is not None and out is not None:
+                row["max_abs_err"] = (out.float().reshape(base_out.shape) - base_out.float()).abs().max().item()
+        except Exception as e:   # a missing module or a failing kernel: record it, go on
+            row["error"] = f"{type(e).__name__}: {e}"[:500]
+            print(f"{_label(case):32s} {name:13s} {row['error'][:100]}", flush=True)
+            rows.append(row)
+            continue
+        if not rows:
+            base_ms, base_out = ms, out
+        row.update(ms=ms, gbps=nbytes / ms / 1e6, frac_copy_bw=nbytes / ms / 1e6 / copy_bw,
+                   speedup=base_ms / ms if base_ms else None)
+        if flops:
+            row["tflops"] = flops / ms / 1e9
+        print(f"{_label(case):32s} {name:13s} {ms:9.3f} ms {row['gbps']:8.0f} GB/s {row['frac_copy_bw']:5.2f} of copy"
+              + (f"  x{row['speedup']:.2f}" if row["speedup"] else "")
+              + (f"  {row['tflops']:6.1f} TFLOP/s" if flops else "")
+              + (f"  err {row['max_abs_err']:.1e}" if "max_abs_err" in row else ""), flush=True)
+        rows.append(row)
+    torch.cuda.empty_cache()
+    return rows
+
+
+def _label(case):
+    return " ".join(f"{k}={v}" for k, v in case.items() if k != "dtype")
+
+
+def fits(nbytes) -> bool:
+    return nbytes < 0.8 * torch.cuda.mem_get_info()[0]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="kernels_bench.json", help="where the JSON results go")
+    p.add_argument("--quick", action="store_true", help="a few shapes only")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("kernels/bench.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing to benchmark.")
+        return 0
+    import triton
+    try:
+        import flash_attn
+        flash_version = flash_attn.__version__
+    except Exception:
+        flash_version = None
+    torch.manual_seed(0)
+    dtype, es = getattr(torch, args.dtype), torch.finfo(getattr(torch, args.dtype)).bits // 8
+    copy_bw = copy_bandwidth()
+    report = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                  flash_attn=flash_version, dtype=args.dtype, copy_bandwidth_gbps=copy_bw, results=[])
+    print(f"{report['device']}  torch {torch.__version__}  triton {triton.__version__}  flash_attn {flash_version}"
+          f"  {args.dtype}  copy bandwidth {copy_bw:.0f} GB/s")
+
+    def keep(impls):   # flash-attn only where it imports
+        return [(n, m) for n, m in impls if n != "flash_attn" or flash_version]
+
+    def save(rows):   # after every case, so a crash keeps what was measured
+        report["results"] += rows
+        Path(args.out).write_text(json.dumps(report, indent=1))
+
+    save([])
+
+    for B, S in QUICK_DECODE if args.quick else DECODE:
+        case, kv = dict(kernel="decode", B=B, S=S, dtype=args.dtype), 2 * B * HKV * S * D * es
+        if not fits(3 * kv):   # K, V, their pool and flash-attn's copy
+            print(f"{_label(case):32s} skipped: does not fit in memory")
+            continue
+        save(run_case(case, keep(decode_impls(B, S, dtype)), kv, copy_bw))
+    for B, T in QUICK_PREFILL if args.quick else PREFILL:
+        case = dict(kernel="prefill", B=B, T=T, dtype=args.dtype)
+        flops = 2 * B * HQ * D * T * T   # causal: half of 2 matmuls of 2 * T * T * D flops per head
+        save(run_case(case, keep(prefill_impls(B, T, dtype)), 2 * B * HKV * T * D * es, copy_bw, flops))
+    for T in QUICK_WRITE if args.quick else WRITE:
+        case = dict(kernel="write_kv", T=T, H=HKV, dtype=args.dtype)
+        save(run_case(case, write_impls(T, dtype), 2 * 2 * T * HKV * D * es, copy_bw))
+    print(f"results in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run as a script: the repo root
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""Paged decode attention in Triton: the twin of `reference.paged_attention` for one query token
+per sequence (same masking by stored positions, sliding window, GQA, per-head lengths, probs).
+
+Split-K ("flash decoding"): decode has one query per sequence, so one program per
+(sequence, kv-head) gives B * Hkv programs, a few dozen for a small batch, and a long context
+then runs on a handful of the GPU's 100+ SMs while the rest sit idle. So each head's block table
+is also cut into splits of `blocks_per_split` blocks:
+
+1. `_split_kernel`, grid (B, Hkv, num_splits): one program runs an online softmax (running max m,
+   running sum l, unnormalized output acc) for all `group` query heads of its kv-head over its
+   split, and writes the partial (acc, m, l) to float32 scratch. With return_probs it also writes
+   every slot's scaled logit (-inf where masked).
+2. `_merge_kernel`, grid (B, Hkv): combines the splits by the log-sum-exp rule,
+   out = sum_s exp(m_s - M) acc_s / sum_s exp(m_s - M) l_s with M = max_s m_s, and writes out and
+   lse = M + log(L). probs = exp(logit - lse) is then one torch expression.
+
+A split with no visible slot (past the head's length, or outside the window) keeps m = -inf,
+l = 0, acc = 0: every exp() below is taken against a max that is replaced by 0 while still -inf,
+so such a split weighs exp(-inf) = 0 instead of producing NaN.
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_SPLITS = 8            # enough programs to fill the GPU for a small batch; the merge stays tiny
+MIN_SPLIT_TOKENS = 256    # below this a split's fixed cost (q load, scratch write) is not worth it
+
+
+def default_blocks_per_split(nb: int, block_size: int) -> int:
+    """At most MAX_SPLITS splits per head, each of at least MIN_SPLIT_TOKENS tokens: short contexts
+    run as one split (nothing to merge), long ones spread over up to 8x more programs."""
+    return max(math.ceil(nb / MAX_SPLITS), math.ceil(MIN_SPLIT_TOKENS / block_size), 1)
+
+
+@triton.jit
+def _split_kernel(q_ptr, q_pos_ptr, k_ptr, v_ptr, pos_ptr, tables_ptr, lengths_ptr,
+                  acc_ptr, m_ptr, l_ptr, logits_ptr,
+                  sm_scale, window, nb, num_splits, split_slots, group,
+                  D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
+                  BLOCK_D: tl.constexpr, HAS_WINDOW: tl.constexpr, WRITE_LOGITS: tl.constexpr):
+    b, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    num_kv = tl.num_programs(1)
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    n = tl.arange(0, BLOCK_N)
+    g_ok, d_ok = g < group, d < D
+    head = b * num_kv + h
+    # the group's query heads are rows head*group .. head*group+group-1 of q viewed as [B*Hq, D].
+    # Everything is upcast to float32: the interpreter gets fp16/bf16 dots wrong, and decode is
+    # bound by reading K and V, not by the arithmetic.
+    q = tl.load(q_ptr + (head * group + g)[:, None] * D + d[None, :],
+                mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    q_pos = tl.load(q_pos_ptr + b).to(tl.int64)
+    length = tl.load(lengths_ptr + head).to(tl.int32)
+    lo = s * split_slots
+    hi = tl.minimum(lo + split_slots, nb * BLOCK_SIZE)
+    if not WRITE_LOGITS:
+        hi = tl.minimum(hi, length)  # nothing past the length to score: skip its blocks entirely
+
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    # BLOCK_N = max(16, block_size) slots a step (tl.dot needs 16 on a GPU): one whole block, or
+    # several small ones, so each slot looks up its own block id.
+    for start in range(lo, hi, BLOCK_N):
+        slot = start + n
+        in_split = slot < hi
+        held = in_split & (slot < length)  # slots past the length may sit on -1 table entries: never load them
+        block = tl.load(tables_ptr + head * nb + slot // BLOCK_SIZE, mask=in_split, other=0)
+        row = block * BLOCK_SIZE + slot % BLOCK_SIZE  # int64: flat slot index into the pools
+        pos = tl.load(pos_ptr + row, mask=held, other=0)
+        visible = held & (pos <= q_pos)
+        if HAS_WINDOW:
+            visible = visible & (q_pos - pos < window)
+        kv_mask = held[:, None] & d_ok[None, :]
+        k = tl.load(k_ptr + row[:, None] * D + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+        scores = tl.dot(q, tl.trans(k), input_precision="ieee") * sm_scale      # [BLOCK_G, BLOCK_N]
+        scores = tl.where(visible[None, :], scores, float("-inf"))
+        if WRITE_LOGITS:
+            tl.store(logits_ptr + (head * group + g)[:, None] * (nb * BLOCK_SIZE) + slot[None, :], scores,
+                     mask=g_ok[:, None] & in_split[None, :])
+        m_new = tl.maximum(m, tl.max(scores, axis=1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all masked so far: avoid -inf - -inf
+        p = tl.exp(scores - m_ref[:, None])
+        alpha = tl.exp(m - m_ref)
+        v = tl.load(v_ptr + row[:, None] * D + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        l = l * alpha + tl.sum(p, axis=1)
+        m = m_new
+
+    part = (head * num_splits + s) * group + g  # scratch row of (b, h, s, g)
+    tl.store(m_ptr + part, m, mask=g_ok)
+    tl.store(l_ptr + part, l, mask=g_ok)
+    tl.store(acc_ptr + part[:, None] * D + d[None, :], acc, mask=g_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _merge_kernel(acc_ptr, m_ptr, l_ptr, out_ptr, lse_ptr, num_splits, group,
+                  D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
+    b, h = tl.program_id(0), tl.program_id(1)
+    head = b * tl.num_programs(1) + h
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    g_ok, d_ok = g < group, d < D
+    mask = g_ok[:, None] & d_ok[None, :]
+    big_m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    big_l = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    # the same online rule as within a split, one split at a time, so any number of splits fits
+    for s in range(num_splits):
+        part = (head * num_splits + s) * group + g
+        m_s = tl.load(m_ptr + part, mask=g_ok, other=float("-inf"))
+        l_s = tl.load(l_ptr + part, mask=g_ok, other=0.0)
+        acc_s = tl.load(acc_ptr + part[:, None] * D + d[None, :], mask=mask, other=0.0)
+        m_new = tl.maximum(big_m, m_s)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha, beta = tl.exp(big_m - m_ref), tl.exp(m_s - m_ref)
+        big_l = big_l * alpha + l_s * beta
+        acc = acc * alpha[:, None] + acc_s * beta[:, None]
+        big_m = m_new
+    big_l = tl.where(g_ok, big_l, 1.0)  # padding rows hold 0: spare them (and the interpreter) a 0 / 0
+    rows = head * group + g  # (b, query head h*group + g) as a row of [B*Hq, ...]
+    tl.store(out_ptr + rows[:, None] * D + d[None, :], (acc / big_l[:, None]).to(out_ptr.dtype.element_ty),
+             mask=mask)
+    tl.store(lse_ptr + rows, big_m + tl.log(big_l), mask=g_ok)
+
+
+def paged_decode_attention(q, q_pos, k_pool, v_pool, pos_pool, tables, lengths, sliding_window=None,
+                           return_probs=False, blocks_per_split=None):
+    """q [B, Hq, D] (one query token per sequence); q_pos [B] int; k_pool, v_pool [num_blocks, block_size, D];
+    pos_pool [num_blocks, block_size] int32; tables [B, Hkv, nb] int64 block ids, -1 past a head's blocks;
+    lengths [B, Hkv] tokens held per head (heads may differ). -> out [B, Hq, D] in q's dtype, and with
+    return_probs also probs [B, Hkv, group, nb * block_size] float32: the softmax weight of every slot of
+    each head's table, 0 where masked or past the length.
+
+    blocks_per_split: blocks of a head's table per program (default: default_blocks_per_split).
+    Output and scratch start as NaN, not as whatever memory held: a slot the kernels fail to
+    write then shows up in the tests instead of passing by luck."""
+    B, Hq, D = q.shape
+    num_blocks, block_size, _ = k_pool.shape
+    Hkv, nb = tables.shape[1], tables.shape[2]
+    group = Hq // Hkv
+    assert Hq == Hkv * group and k_pool.shape == v_pool.shape and pos_pool.shape == (num_blocks, block_size)
+    assert k_pool.is_contiguous() and v_pool.is_contiguous() and pos_pool.is_contiguous(), "pools are indexed flat"
+    q, q_pos, tables, lengths = (t.contiguous() for t in (q, q_pos, tables, lengths))
+    blocks_per_split = blocks_per_split or default_blocks_per_split(nb, block_size)
+    num_splits = math.ceil(nb / blocks_per_split)
+
+    nan, f32 = float("nan"), torch.float32
+    acc = torch.full((B, Hkv, num_splits, group, D), nan, dtype=f32, device=q.device)
+    m = torch.full((B, Hkv, num_splits, group), nan, dtype=f32, device=q.device)
+    l = torch.full_like(m, nan)
+    logits = torch.full((B, Hkv, group, nb * block_size) if return_probs else (1,), nan, dtype=f32, device=q.device)
+    out = torch.full_like(q, nan)
+    lse = torch.full((B, Hq), nan, dtype=f32, device=q.device)
+
+    block_g = max(16, triton.next_power_of_2(group))  # tl.dot's minimum tile side on a GPU
+    block_d = max(16, triton.next_power_of_2(D))
+    _split_kernel[(B, Hkv, num_splits)](
+        q, q_pos, k_pool, v_pool, pos_pool, tables, lengths, acc, m, l, logits,
+        1.0 / math.sqrt(D), sliding_window or 0, nb, num_splits, blocks_per_split * block_size, group,
+        D=D, BLOCK_SIZE=block_size, BLOCK_N=max(16, block_size), BLOCK_G=block_g, BLOCK_D=block_d,
+        HAS_WINDOW=sliding_window is not None, WRITE_LOGITS=return_probs)
+    _merge_kernel[(B, Hkv)](acc, m, l, out, lse, num_splits, group, D=D, BLOCK_G=block_g, BLOCK_D=block_d)
+    if not return_probs:
+        return out
+    probs = torch.exp(logits - lse.view(B, Hkv, group, 1))  # exp(-inf - lse) = 0 where masked
+    return out, probs

@@ -1,0 +1,90 @@
+"""The engine behind one kernel interface: which implementation each device gets, and the
+Triton kernels (under TRITON_INTERPRET=1 on CPU) giving the engine the same greedy tokens as
+the plain-torch path, through batched decode, prefill and decode-time eviction."""
+
+import pytest
+import torch
+import transformers as T
+
+import kernels
+import kernels.reference
+from kernels import kernels_for
+from nanokv.cache import PagedKVCache
+from nanokv.engine.runner import ModelRunner
+from nanokv.engine.scheduler import Scheduler
+from nanokv.engine.sequence import Sequence
+from nanokv.loading import load_model
+from nanokv.methods import make_method
+from nanokv.sampling import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    torch.manual_seed(0)
+    config = T.Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
+                           max_position_embeddings=256)
+    path = tmp_path_factory.mktemp("tiny-qwen2")
+    T.AutoModelForCausalLM.from_config(config).float().save_pretrained(path)
+    return load_model("hf_dir", path, torch.float32)
+
+
+def greedy(model, cfg, prompts, choice, steps=12, method=None):
+    """Every prompt through the scheduler and runner (batched, continuous), with `choice` kernels."""
+    cache = PagedKVCache.from_memory(cfg, 4 << 20, 4, torch.float32, extra_fields=method and method.slot_fields)
+    cache.kernels = kernels_for("cpu", choice, cache.workspace)
+    scheduler, runner = Scheduler(cache, 8, 64, method), ModelRunner(model, cache, "cpu", method)
+    seqs = [Sequence(p, SamplingParams(max_tokens=steps, ignore_eos=True), set(), lambda t: "", 256) for p in prompts]
+    scheduler.add(seqs)
+    while not scheduler.finished:
+        batch, is_prefill = scheduler.schedule()
+        for seq, token in zip(batch, runner.step(batch, is_prefill) if batch else []):
+            seq.append(token)
+            if seq.finished:
+                scheduler.finish(seq)
+    return [s.output_token_ids for s in seqs]
+
+
+PROMPTS = [[(i * 37 + j * 11) % 256 for j in range(n)] for i, n in enumerate((5, 23, 1, 40, 17))]
+
+
+def test_each_device_gets_its_kernels(monkeypatch):
+    assert kernels_for("cuda").name == "triton" and kernels_for("cuda:1").name == "triton"
+    assert kernels_for("cpu").name == "reference"
+    monkeypatch.setenv("NANOKV_KERNELS", "triton")
+    assert kernels_for("cpu").name == "triton"
+    with pytest.raises(ValueError, match="unknown kernels 'cuda'; valid: triton, reference"):
+        kernels_for("cpu", "cuda")
+
+
+def test_the_engine_runs_every_attention_call_through_the_chosen_kernels(tiny, monkeypatch):
+    model, cfg = tiny
+    calls = {"decode": 0, "prefill": 0, "write_kv": 0}
+    triton = kernels.triton_kernels()
+
+    def counted(name):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return getattr(triton, name)(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(kernels, "triton_kernels", lambda: kernels.Kernels("triton", *map(counted, calls)))
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the plain-torch attention ran while the Triton kernels were chosen")
+
+    monkeypatch.setattr(kernels.reference, "paged_attention", forbidden)
+    monkeypatch.setattr("nanokv.cache.attention.paged_attention", forbidden)
+    greedy(model, cfg, PROMPTS[:2], "triton", steps=3)
+    layers = cfg.num_layers
+    # one prefill step (a write and an attention call per prompt and layer), then two decode steps
+    # (a write per layer; an attention call per layer and length group: 5 and 23 tokens are two)
+    assert calls == {"prefill": 2 * layers, "decode": 2 * 2 * layers, "write_kv": (2 + 2) * layers}, calls
+
+
+@pytest.mark.parametrize("method", [None, "h2o"])
+def test_triton_kernels_give_the_reference_greedy_tokens(tiny, method):
+    model, cfg = tiny
+    make = (lambda: make_method("h2o", budget=12)) if method else (lambda: None)
+    expected = greedy(model, cfg, PROMPTS, "reference", method=make())
+    assert greedy(model, cfg, PROMPTS, "triton", method=make()) == expected
