@@ -4,7 +4,8 @@ paged_decode.py, prefill.py and write_kv.py are the Triton kernels.
 
     kernels = kernels_for(device)          # Triton on CUDA, the plain-torch twins elsewhere
     kernels.decode(q [B, Hq, D], q_pos [B], k_pool, v_pool, pos_pool, tables, lengths, window, return_probs)
-    kernels.prefill(q [T, Hq, D], q_pos [T], cu_seqlens [B + 1], k_pool, v_pool, pos_pool, tables, lengths, window)
+    kernels.prefill(q [T, Hq, D], q_pos [T], cu_seqlens [B + 1], k_pool, v_pool, pos_pool, tables, lengths, window,
+                    obs_window=W)   # with W: also each slot's attention summed over the last W queries
     kernels.write_kv(k_pool, v_pool, pos_pool, slots [H, T], k [T, H, D], v, positions [T])
 
 NANOKV_KERNELS=triton|reference (or LLM(kernels=...)) overrides the choice: the tests run the
@@ -46,15 +47,27 @@ def reference_kernels(workspace: reference.Workspace | None = None) -> Kernels:
             return out[:, 0], probs[:, :, :, 0]
         return result[:, 0]
 
-    def prefill(q, q_pos, cu_seqlens, k_pool, v_pool, pos_pool, tables, lengths, sliding_window=None):
-        outs = []
+    def prefill(q, q_pos, cu_seqlens, k_pool, v_pool, pos_pool, tables, lengths, sliding_window=None,
+                obs_window=None):
+        """-> out, and with obs_window=W also [B, Hq, nb * block_size]: each slot's attention summed
+        over the sequence's last W queries, per query head (the Triton kernel's column sums)."""
+        outs, sums = [], []
         bounds = cu_seqlens.tolist()
         for b, (start, end) in enumerate(zip(bounds, bounds[1:])):
+            window_start, column = end - (obs_window or 0), 0
             for s in range(start, end, PREFILL_QUERY_CHUNK):
                 e = min(end, s + PREFILL_QUERY_CHUNK)
-                outs.append(reference.paged_attention(q[None, s:e], q_pos[None, s:e], k_pool, v_pool, pos_pool,
-                                                      tables[b:b + 1], lengths[b:b + 1], sliding_window, workspace)[0])
-        return torch.cat(outs)
+                wanted = obs_window is not None and e > window_start
+                out = reference.paged_attention(q[None, s:e], q_pos[None, s:e], k_pool, v_pool, pos_pool,
+                                                tables[b:b + 1], lengths[b:b + 1], sliding_window, workspace, wanted)
+                if wanted:
+                    out, probs = out                                   # [1, Hkv, group, T, S]
+                    column = column + probs[0, :, :, max(0, window_start - s):].sum(dim=2)
+                outs.append(out[0])
+            if obs_window is not None:
+                sums.append(column.flatten(0, 1))                      # [Hq, S]
+        out = torch.cat(outs)
+        return (out, torch.stack(sums)) if obs_window is not None else out
 
     return Kernels("reference", decode, prefill, reference.write_kv)
 

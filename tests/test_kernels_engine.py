@@ -57,7 +57,8 @@ def test_each_device_gets_its_kernels(monkeypatch):
         kernels_for("cpu", "cuda")
 
 
-def test_the_engine_runs_every_attention_call_through_the_chosen_kernels(tiny, monkeypatch):
+@pytest.mark.parametrize("method", [None, "h2o"])  # h2o: prefill column sums, decode probabilities
+def test_the_engine_runs_every_attention_call_through_the_chosen_kernels(tiny, monkeypatch, method):
     model, cfg = tiny
     calls = {"decode": 0, "prefill": 0, "write_kv": 0}
     triton = kernels.triton_kernels()
@@ -74,8 +75,7 @@ def test_the_engine_runs_every_attention_call_through_the_chosen_kernels(tiny, m
         raise AssertionError("the plain-torch attention ran while the Triton kernels were chosen")
 
     monkeypatch.setattr(kernels.reference, "paged_attention", forbidden)
-    monkeypatch.setattr("nanokv.cache.attention.paged_attention", forbidden)
-    greedy(model, cfg, PROMPTS[:2], "triton", steps=3)
+    greedy(model, cfg, PROMPTS[:2], "triton", steps=3, method=method and make_method(method, budget=12))
     layers = cfg.num_layers
     # one prefill step (a write and an attention call per prompt and layer), then two decode steps
     # (a write per layer; an attention call per layer and length group: 5 and 23 tokens are two)

@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import PREFILL_QUERY_CHUNK
-from kernels.reference import gather_blocks, paged_attention
+from kernels.reference import gather_blocks
 from nanokv.cache.kv_cache import PagedKVCache
 
 GROUP_SLACK = 1.5  # padding waste a decode group may carry (the longest / the shortest member)
@@ -103,23 +102,15 @@ class CacheAttention:
     def _prefill(self, q, q_pos, tables, lengths, sliding_window, column_sums=False):
         """One sequence's queries [T, Hq, D] over its cached KV (tables [1, H, nb], lengths [1, H]).
         -> (output, and with `column_sums` the attention each slot received [H, nb * block_size],
-        summed over the queries and averaged over each kv-head's query heads). The column sums
-        come from the plain-torch path (in chunks: a long prompt's score matrix would not fit)."""
+        summed over the queries and averaged over each kv-head's query heads)."""
         pool = self.cache.pool
+        cu_seqlens = torch.tensor([0, len(q)], dtype=torch.int32, device=q.device)
+        result = self.cache.kernels.prefill(q, q_pos, cu_seqlens, pool.k, pool.v, pool.pos, tables, lengths,
+                                            sliding_window, obs_window=len(q) if column_sums else None)
         if not column_sums:
-            cu_seqlens = torch.tensor([0, len(q)], dtype=torch.int32, device=q.device)
-            return self.cache.kernels.prefill(q, q_pos, cu_seqlens, pool.k, pool.v, pool.pos, tables, lengths,
-                                              sliding_window), None
-        outs, sums = [], None
-        for q_c, pos_c in zip(q.split(PREFILL_QUERY_CHUNK), q_pos.split(PREFILL_QUERY_CHUNK)):
-            out = paged_attention(q_c[None], pos_c[None], pool.k, pool.v, pool.pos, tables, lengths,
-                                  sliding_window, self.cache.workspace, column_sums)
-            if column_sums:
-                out, probs = out                                    # probs [1, H, group, T, S]
-                chunk = probs[0].sum(dim=2).mean(dim=1)
-                sums = chunk if sums is None else sums + chunk
-            outs.append(out[0])
-        return torch.cat(outs), sums
+            return result, None
+        out, sums = result                                                 # sums [1, Hq, S]
+        return out, sums[0].view(tables.shape[1], -1, sums.shape[-1]).mean(dim=1)
 
     def _generated(self, layer, i, q, q_pos, sliding_window):
         """A recompute's generated tokens over the compressed prompt. A decode-time method evicted
