@@ -154,8 +154,8 @@ class LLM:
                  chat: bool = True, use_tqdm: bool | None = None) -> list[RequestOutput]:
         """Outputs in the order of `prompts`: strings, token-id lists, or (context, question)
         pairs whose context a method compresses before the question is read."""
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
+        if isinstance(prompts, (str, tuple)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # one prompt
         if not prompts:
             raise ValueError("prompts is empty")
         params = params or SamplingParams()
