@@ -1,5 +1,7 @@
 """Shared test helpers: run nanokv's model over its own cache, and transformers' greedy loop."""
 
+import math
+
 import torch
 
 from nanokv.cache import CacheAttention, PagedKVCache
@@ -69,3 +71,32 @@ def _hf_cache_kwarg(hf, out):
     if "cache" in inspect.signature(hf.forward).parameters:
         return {"cache": out.cache}
     return {"past_key_values": out.past_key_values}
+
+
+def paged_layout(gen, heads, num_blocks, block_size, d, garbage, dtype=torch.float32, spare_columns=0):
+    """Scatter per-(sequence, kv-head) keys into randomly permuted blocks of a fresh pool.
+
+    heads: [B][Hkv] of (k [S, D], v [S, D], pos [S]). Returns the pool tensors, tables
+    [B, Hkv, nb + spare_columns] (-1 past each head's blocks) and lengths [B, Hkv]. Slots nobody
+    wrote hold zero, or with `garbage` large finite values that must not leak into an output
+    (the pool guarantees finite values there: it zeroes blocks as it hands them out); their
+    position is 0, visible to every query unless the length masks it."""
+    fill = 1e4 if garbage else 0.0
+    k_pool = torch.full((num_blocks, block_size, d), fill, dtype=dtype)
+    v_pool = torch.full((num_blocks, block_size, d), fill, dtype=dtype)
+    pos_pool = torch.zeros(num_blocks, block_size, dtype=torch.int32)
+    order = torch.randperm(num_blocks, generator=gen).tolist()
+    nb = max(math.ceil(len(p) / block_size) for row in heads for _, _, p in row) + spare_columns
+    tables = torch.full((len(heads), len(heads[0]), nb), -1, dtype=torch.int64)
+    lengths = torch.zeros(len(heads), len(heads[0]), dtype=torch.int64)
+    for b, row in enumerate(heads):
+        for h, (k, v, pos) in enumerate(row):
+            lengths[b, h] = len(pos)
+            for j in range(math.ceil(len(pos) / block_size)):
+                block = order.pop()
+                tables[b, h, j] = block
+                part = slice(j * block_size, (j + 1) * block_size)
+                n = len(pos[part])
+                k_pool[block, :n], v_pool[block, :n], pos_pool[block, :n] = k[part], v[part], pos[part]
+    assert order, "leave some blocks unused"
+    return k_pool, v_pool, pos_pool, tables, lengths

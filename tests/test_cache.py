@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from helpers import paged_layout
 from kernels.reference import attention_by_position, paged_attention
 from nanokv.cache import BlockPool, CacheAttention, OutOfBlocks, PagedKVCache
 
@@ -214,34 +215,6 @@ def test_blocks_to_append_for_a_new_sequence():
 
 
 # --- 2. paged attention against the dense reference ----------------------------------------
-
-def paged_layout(gen, heads, num_blocks, block_size, d, garbage):
-    """Scatter per-(sequence, kv-head) keys into randomly permuted blocks of a fresh pool.
-
-    heads: [B][Hkv] of (k [S, D], v [S, D], pos [S]). Returns the pool tensors, tables [B, Hkv, nb]
-    (-1 past each head's blocks) and lengths [B, Hkv]."""
-    # slots nobody wrote: zero, or large finite garbage that must not leak into the output
-    # (the pool guarantees finite values there: it zeroes blocks as it hands them out)
-    fill = 1e4 if garbage else 0.0
-    k_pool = torch.full((num_blocks, block_size, d), fill)
-    v_pool = torch.full((num_blocks, block_size, d), fill)
-    pos_pool = torch.zeros(num_blocks, block_size, dtype=torch.int32)  # 0: visible to every query if unmasked
-    order = torch.randperm(num_blocks, generator=gen).tolist()
-    nb = max(math.ceil(len(p) / block_size) for row in heads for _, _, p in row)
-    tables = torch.full((len(heads), len(heads[0]), nb), -1, dtype=torch.int64)
-    lengths = torch.zeros(len(heads), len(heads[0]), dtype=torch.int64)
-    for b, row in enumerate(heads):
-        for h, (k, v, pos) in enumerate(row):
-            lengths[b, h] = len(pos)
-            for j in range(math.ceil(len(pos) / block_size)):
-                block = order.pop()
-                tables[b, h, j] = block
-                part = slice(j * block_size, (j + 1) * block_size)
-                n = len(pos[part])
-                k_pool[block, :n], v_pool[block, :n], pos_pool[block, :n] = k[part], v[part], pos[part]
-    assert order, "leave some blocks unused"
-    return k_pool, v_pool, pos_pool, tables, lengths
-
 
 def kept_positions(gen, total, must_keep):
     """A sorted random subset of range(total) that contains must_keep (as after compaction)."""

@@ -12,34 +12,9 @@ import math
 import pytest
 import torch
 
+from helpers import paged_layout
 from kernels.prefill import prefill_attention, query_tiles
 from kernels.reference import paged_attention
-
-
-def paged_layout(gen, heads, block_size, d, dtype, garbage):
-    """Scatter per-(sequence, kv-head) keys into randomly permuted blocks of a fresh pool (as in
-    tests/test_cache.py). heads: [B][Hkv] of (k [S, D], v [S, D], pos [S]). Returns the pools,
-    tables [B, Hkv, nb] (-1 past each head's blocks) and lengths [B, Hkv]."""
-    per_head = [math.ceil(len(p) / block_size) for row in heads for _, _, p in row]
-    num_blocks = sum(per_head) + 5  # some blocks stay unused
-    fill = 1e4 if garbage else 0.0  # finite, as the pool guarantees, but must not leak in
-    k_pool = torch.full((num_blocks, block_size, d), fill, dtype=dtype)
-    v_pool = torch.full((num_blocks, block_size, d), fill, dtype=dtype)
-    # unwritten slots at position 0: visible to every query unless the length masks them
-    pos_pool = torch.zeros(num_blocks, block_size, dtype=torch.int32)
-    order = torch.randperm(num_blocks, generator=gen).tolist()
-    tables = torch.full((len(heads), len(heads[0]), max(per_head) + 1), -1, dtype=torch.int64)  # +1: a -1 column
-    lengths = torch.zeros(len(heads), len(heads[0]), dtype=torch.int64)
-    for b, row in enumerate(heads):
-        for h, (k, v, pos) in enumerate(row):
-            lengths[b, h] = len(pos)
-            for j in range(math.ceil(len(pos) / block_size)):
-                block = order.pop()
-                tables[b, h, j] = block
-                part = slice(j * block_size, (j + 1) * block_size)
-                n = len(pos[part])
-                k_pool[block, :n], v_pool[block, :n], pos_pool[block, :n] = k[part], v[part], pos[part]
-    return k_pool, v_pool, pos_pool, tables, lengths
 
 
 def make_batch(gen, seqs, num_kv_heads, group, d, block_size, dtype, garbage):
@@ -58,7 +33,10 @@ def make_batch(gen, seqs, num_kv_heads, group, d, block_size, dtype, garbage):
             row.append((torch.randn(len(pos), d, generator=gen), torch.randn(len(pos), d, generator=gen), pos))
         heads.append(row)
         q_pos.append(torch.arange(first + prefix, first + prefix + new))
-    k_pool, v_pool, pos_pool, tables, lengths = paged_layout(gen, heads, block_size, d, dtype, garbage)
+    num_blocks = sum(math.ceil(len(p) / block_size) for row in heads for _, _, p in row) + 5  # 5 stay unused
+    # a spare -1 column in every table: entries past a head's blocks must never be read
+    k_pool, v_pool, pos_pool, tables, lengths = paged_layout(gen, heads, num_blocks, block_size, d, garbage,
+                                                             dtype, spare_columns=1)
     q_pos = torch.cat(q_pos)
     q = torch.randn(len(q_pos), num_kv_heads * group, d, generator=gen).to(dtype)
     cu_seqlens = torch.tensor([0] + [new for *_, new, _ in seqs], dtype=torch.int32).cumsum(0).to(torch.int32)
