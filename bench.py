@@ -144,14 +144,14 @@ def hf_model(name: str, dtype):
     import transformers
 
     from nanokv.hub import resolve_model
-    from nanokv.loading import _gguf_config, _gguf_tensors
+    from nanokv.loading import _gguf_tensors, read_config
 
     source = resolve_model(name)
     if source.kind == "hf_dir":
         return transformers.AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype).eval()
     config = transformers.AutoConfig.from_pretrained(source.path.parent, gguf_file=source.path.name)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
-    state = {name: t.to(dtype) for name, t in _gguf_tensors(source.path, _gguf_config(source.path))}
+    state = {name: t.to(dtype) for name, t in _gguf_tensors(source.path, read_config("gguf", source.path))}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or [m for m in missing if m != "lm_head.weight"]:
         raise RuntimeError(f"weights do not fit transformers' model: missing {missing}, unexpected {unexpected}")

@@ -83,12 +83,9 @@ def main(argv=None):
         return 2
     from nanokv import LLM
 
-    def llm_factory(setting):
-        memory = args.kv_cache_memory
-        if memory is not None and memory > 1:
-            memory = int(memory)
+    def llm_factory(setting):  # kv_cache_memory: bytes or a fraction, as LLM reads it (generate.py passes it so too)
         return LLM(str(source.path), dtype=args.dtype, method=setting.method, compression=setting.compression,
-                   budget=setting.budget, kv_cache_memory=memory)
+                   budget=setting.budget, kv_cache_memory=args.kv_cache_memory)
 
     grid = settings(args.methods, args.compression, args.budget)
     run(llm_factory, grid, args.lengths, args.tasks, args.placements, args.samples, args.seed, args.out)
