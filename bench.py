@@ -25,7 +25,8 @@ from generate import OneLineParser, method_options
 
 FIGURES = ("requests_per_s", "output_tokens_per_s", "total_tokens_per_s", "prefill_tokens_per_s",
            "decode_tokens_per_s", "ttft_p50_s", "ttft_p90_s", "peak_kv_bytes", "peak_rss_bytes",
-           "peak_running_requests", "single_request_decode_tokens_per_s")
+           "peak_running_requests", "kv_bytes_per_token", "kv_bytes_per_token_unrounded",
+           "single_request_decode_tokens_per_s")
 
 
 def parse_args(argv=None):
@@ -87,6 +88,14 @@ def throughput(requests, wall: float) -> dict:
             "total_tokens_per_s": (n_in + n_out) / wall}
 
 
+def kv_bytes_per_token(outputs) -> dict:
+    """Each request's KV bytes when it finished, over the tokens it held: as stored (whole blocks)
+    and unrounded (quantized: packed codes + scales + the full-precision residual)."""
+    tokens = sum(o.metrics["kv_cache_tokens"] for o in outputs)
+    return {"kv_bytes_per_token": sum(o.metrics["kv_cache_bytes"] for o in outputs) / tokens,
+            "kv_bytes_per_token_unrounded": sum(o.metrics["kv_cache_bytes_theory"] for o in outputs) / tokens}
+
+
 def percentiles(values) -> dict:
     q = statistics.quantiles(values, n=10, method="inclusive") if len(values) > 1 else [values[0]] * 9
     return {"ttft_p50_s": statistics.median(values), "ttft_p90_s": q[8]}
@@ -114,7 +123,8 @@ def run_nanokv(args) -> dict:
                "decode_tokens_per_s": s["decode_tokens"] / s["decode_s"],
                **percentiles([o.metrics["ttft_s"] for o in outputs]),
                "peak_kv_bytes": s["peak_kv_bytes"], "peak_running_requests": s["peak_running"],
-               "preemptions": s["preemptions"], "kv_pool_bytes": llm.cache.pool.total_bytes}
+               "preemptions": s["preemptions"], "kv_pool_bytes": llm.cache.pool.total_bytes,
+               **kv_bytes_per_token(outputs)}
     if args.single_output:
         [one] = llm.generate([requests[0][0]], SamplingParams(max_tokens=args.single_output, ignore_eos=True))
         figures["single_request_decode_tokens_per_s"] = one.metrics["decode_tokens_per_s"]

@@ -99,11 +99,14 @@ def run(args) -> int:
     m = stream.result.metrics
     stats = {"model": args.model, "method": args.method, **{k: m[k] for k in (
         "prompt_tokens", "generated_tokens", "prefill_tokens_per_s", "decode_tokens_per_s", "kv_cache_bytes",
-        "kv_cache_bytes_uncompressed")}}
+        "kv_cache_bytes_uncompressed", "kv_cache_bytes_theory", "kv_cache_tokens")}}
+    per_token = m["kv_cache_bytes"] / max(1, m["kv_cache_tokens"])
+    theory = m["kv_cache_bytes_theory"] / max(1, m["kv_cache_tokens"])
     print(f"[{args.model} | {args.method}] prompt {m['prompt_tokens']} tok, generated {m['generated_tokens']} tok "
           f"({stream.result.finish_reason}) | prefill {m['prefill_tokens_per_s']:.1f} tok/s | "
           f"decode {m['decode_tokens_per_s']:.1f} tok/s | KV cache {m['kv_cache_bytes'] / 2**20:.2f} MiB "
-          f"(full: {m['kv_cache_bytes_uncompressed'] / 2**20:.2f} MiB)",
+          f"(full: {m['kv_cache_bytes_uncompressed'] / 2**20:.2f} MiB), {per_token:.0f} B/token "
+          f"(unrounded: {theory:.0f})",
           file=sys.stderr)
     if args.stats_json:
         with open(args.stats_json, "w") as f:

@@ -37,7 +37,7 @@ def default_blocks_per_split(nb: int, block_size: int) -> int:
 
 @triton.jit
 def _split_kernel(q_ptr, q_pos_ptr, k_ptr, v_ptr, pos_ptr, tables_ptr, lengths_ptr,
-                  acc_ptr, m_ptr, l_ptr, logits_ptr,
+                  acc_ptr, m_ptr, l_ptr, logits_ptr, s_kv, s_pos,
                   sm_scale, window, nb, num_splits, split_slots, group,
                   D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
                   BLOCK_D: tl.constexpr, HAS_WINDOW: tl.constexpr, WRITE_LOGITS: tl.constexpr):
@@ -70,13 +70,15 @@ def _split_kernel(q_ptr, q_pos_ptr, k_ptr, v_ptr, pos_ptr, tables_ptr, lengths_p
         in_split = slot < hi
         held = in_split & (slot < length)  # slots past the length may sit on -1 table entries: never load them
         block = tl.load(tables_ptr + head * nb + slot // BLOCK_SIZE, mask=in_split, other=0)
-        row = block * BLOCK_SIZE + slot % BLOCK_SIZE  # int64: flat slot index into the pools
-        pos = tl.load(pos_ptr + row, mask=held, other=0)
+        # the pools may be strided views (a quantized pool's rows): address block, then offset in it
+        offset = slot % BLOCK_SIZE
+        pos = tl.load(pos_ptr + block * s_pos + offset, mask=held, other=0)
         visible = held & (pos <= q_pos)
         if HAS_WINDOW:
             visible = visible & (q_pos - pos < window)
         kv_mask = held[:, None] & d_ok[None, :]
-        k = tl.load(k_ptr + row[:, None] * D + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+        at = (block * s_kv + offset * D)[:, None] + d[None, :]  # int64: block ids come from the table
+        k = tl.load(k_ptr + at, mask=kv_mask, other=0.0).to(tl.float32)
         scores = tl.dot(q, tl.trans(k), input_precision="ieee") * sm_scale      # [BLOCK_G, BLOCK_N]
         scores = tl.where(visible[None, :], scores, float("-inf"))
         if WRITE_LOGITS:
@@ -86,7 +88,7 @@ def _split_kernel(q_ptr, q_pos_ptr, k_ptr, v_ptr, pos_ptr, tables_ptr, lengths_p
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all masked so far: avoid -inf - -inf
         p = tl.exp(scores - m_ref[:, None])
         alpha = tl.exp(m - m_ref)
-        v = tl.load(v_ptr + row[:, None] * D + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + at, mask=kv_mask, other=0.0).to(tl.float32)
         acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
         l = l * alpha + tl.sum(p, axis=1)
         m = m_new
@@ -144,7 +146,10 @@ def paged_decode_attention(q, q_pos, k_pool, v_pool, pos_pool, tables, lengths, 
     Hkv, nb = tables.shape[1], tables.shape[2]
     group = Hq // Hkv
     assert Hq == Hkv * group and k_pool.shape == v_pool.shape and pos_pool.shape == (num_blocks, block_size)
-    assert k_pool.is_contiguous() and v_pool.is_contiguous() and pos_pool.is_contiguous(), "pools are indexed flat"
+    # Blocks may be strided (a quantized pool's full-precision blocks are views of its rows), but
+    # within a block the [block_size, D] slots must be contiguous; K and V share one row stride.
+    assert k_pool.stride(-1) == 1 and k_pool.stride(1) == D and pos_pool.stride(-1) == 1, "inner dims contiguous"
+    assert v_pool.stride() == k_pool.stride(), "K and V pools share their strides"
     q, q_pos, tables, lengths = (t.contiguous() for t in (q, q_pos, tables, lengths))
     blocks_per_split = blocks_per_split or default_blocks_per_split(nb, block_size)
     num_splits = math.ceil(nb / blocks_per_split)
@@ -160,7 +165,7 @@ def paged_decode_attention(q, q_pos, k_pool, v_pool, pos_pool, tables, lengths, 
     block_g = max(16, triton.next_power_of_2(group))  # tl.dot's minimum tile side on a GPU
     block_d = max(16, triton.next_power_of_2(D))
     _split_kernel[(B, Hkv, num_splits)](
-        q, q_pos, k_pool, v_pool, pos_pool, tables, lengths, acc, m, l, logits,
+        q, q_pos, k_pool, v_pool, pos_pool, tables, lengths, acc, m, l, logits, k_pool.stride(0), pos_pool.stride(0),
         1.0 / math.sqrt(D), sliding_window or 0, nb, num_splits, blocks_per_split * block_size, group,
         D=D, BLOCK_SIZE=block_size, BLOCK_N=max(16, block_size), BLOCK_G=block_g, BLOCK_D=block_d,
         HAS_WINDOW=sliding_window is not None, WRITE_LOGITS=return_probs)

@@ -19,21 +19,25 @@ import triton.language as tl
 
 
 @triton.jit
-def _slot_scores(q, q_pos, first, length, table, K, Pos, head_dim, window, d, d_ok,
+def _slot_scores(q, q_pos, first, length, table, K, Pos, stride_kv, stride_pos, head_dim, window, d, d_ok,
                  BLOCK_SIZE: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_N: tl.constexpr):
     """Scores [BLOCK_M, BLOCK_N] of the query tile against slots first .. first + BLOCK_N - 1 of
-    one kv-head (-inf where not visible), their flat slot ids in the pools, and which are held."""
+    one kv-head (-inf where not visible), their element offsets in the K and V pools, and which
+    are held."""
     # BLOCK_N slots = BLOCK_N // BLOCK_SIZE whole cache blocks (several when blocks are smaller
     # than the 16 rows tl.dot needs); each slot finds its block through the table.
     slot = first + tl.arange(0, BLOCK_N)
     held = slot < length
     block = tl.load(table + slot // BLOCK_SIZE, mask=held, other=-1)
     held = held & (block >= 0)  # never read through a -1 entry, whatever the lengths say
-    kv = block.to(tl.int64) * BLOCK_SIZE + slot % BLOCK_SIZE
+    # A block is a row of the pool, possibly strided (a quantized pool's full-precision blocks are
+    # views of its rows); within it, slots are contiguous [D] rows.
+    block, offset = block.to(tl.int64), slot % BLOCK_SIZE
+    kv = block * stride_kv + offset * head_dim
     # Slots past a length are never loaded, so whatever they hold cannot leak in.
-    k = tl.load(K + kv[:, None] * head_dim + d[None, :], mask=held[:, None] & d_ok[None, :],
+    k = tl.load(K + kv[:, None] + d[None, :], mask=held[:, None] & d_ok[None, :],
                 other=0.0).to(tl.float32)
-    k_pos = tl.load(Pos + kv, mask=held, other=0)
+    k_pos = tl.load(Pos + block * stride_pos + offset, mask=held, other=0)
     visible = held[None, :] & (k_pos[None, :] <= q_pos[:, None])
     if HAS_WINDOW:
         visible = visible & (q_pos[:, None] - k_pos[None, :] < window)
@@ -44,6 +48,7 @@ def _slot_scores(q, q_pos, first, length, table, K, Pos, head_dim, window, d, d_
 @triton.jit
 def _prefill_kernel(Q, QPos, K, V, Pos, Tables, Lengths, Out, TileSeq, TileStart, CuSeqlens, ColSums,
                     stride_qt, stride_qh, stride_ot, stride_oh, stride_tb, stride_th, stride_lb, stride_lh,
+                    stride_kv, stride_pos,
                     num_table_blocks, head_dim, scale, window, obs_window,
                     GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_OBS: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -69,9 +74,9 @@ def _prefill_kernel(Q, QPos, K, V, Pos, Tables, Lengths, Out, TileSeq, TileStart
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for first in range(0, length, BLOCK_N):
-        s, kv, held = _slot_scores(q, q_pos, first, length, table, K, Pos, head_dim, window, d, d_ok,
-                                   BLOCK_SIZE, HAS_WINDOW, BLOCK_N)
-        v = tl.load(V + kv[:, None] * head_dim + d[None, :], mask=held[:, None] & d_ok[None, :],
+        s, kv, held = _slot_scores(q, q_pos, first, length, table, K, Pos, stride_kv, stride_pos, head_dim,
+                                   window, d, d_ok, BLOCK_SIZE, HAS_WINDOW, BLOCK_N)
+        v = tl.load(V + kv[:, None] + d[None, :], mask=held[:, None] & d_ok[None, :],
                     other=0.0).to(tl.float32)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         # A row that has seen no visible key yet keeps m = -inf; subtract 0 instead, so that
@@ -99,8 +104,8 @@ def _prefill_kernel(Q, QPos, K, V, Pos, Tables, Lengths, Out, TileSeq, TileStart
             m_fin = tl.where(m_i == float("-inf"), 0.0, m_i)  # rows that saw nothing: no NaN
             col = ColSums + (seq * tl.num_programs(1) + head) * num_table_blocks * BLOCK_SIZE
             for first in range(0, length, BLOCK_N):
-                s, kv, held = _slot_scores(q, q_pos, first, length, table, K, Pos, head_dim, window, d, d_ok,
-                                           BLOCK_SIZE, HAS_WINDOW, BLOCK_N)
+                s, kv, held = _slot_scores(q, q_pos, first, length, table, K, Pos, stride_kv, stride_pos,
+                                           head_dim, window, d, d_ok, BLOCK_SIZE, HAS_WINDOW, BLOCK_N)
                 p = tl.where(obs[:, None], tl.exp(s - m_fin[:, None]) / l_i[:, None], 0.0)
                 tl.atomic_add(col + first + tl.arange(0, BLOCK_N), tl.sum(p, axis=0), mask=held)
 
@@ -141,9 +146,11 @@ def prefill_attention(q, q_pos, cu_seqlens, k_pool, v_pool, pos_pool, tables, le
     assert num_q_heads % num_kv_heads == 0, "query heads must be a multiple of kv-heads (GQA)"
     assert block_size & (block_size - 1) == 0, "block_size must be a power of two"
     assert len(cu_seqlens) == batch + 1 and len(q_pos) == total_t
-    # The pools are indexed as flat [slot, D] rows (asserted: copying a pool per call would cost
-    # more than the attention); q and out only need unit stride along D.
-    assert k_pool.is_contiguous() and v_pool.is_contiguous() and pos_pool.is_contiguous()
+    # A block may sit anywhere (a quantized pool's blocks are strided views of its rows), but its
+    # slots must be contiguous [D] rows: asserted, as copying a pool per call would cost more than
+    # the attention. K and V share one block stride. q and out only need unit stride along D.
+    assert k_pool.stride(-1) == 1 and k_pool.stride(1) == head_dim and pos_pool.stride(-1) == 1
+    assert v_pool.stride() == k_pool.stride(), "K and V pools share their strides"
     q_pos, tables = q_pos.contiguous(), tables.contiguous()
     if q.stride(-1) != 1:
         q = q.contiguous()
@@ -161,7 +168,7 @@ def prefill_attention(q, q_pos, cu_seqlens, k_pool, v_pool, pos_pool, tables, le
     _prefill_kernel[grid](
         q, q_pos, k_pool, v_pool, pos_pool, tables, lengths, out, tile_seq, tile_start, cu_seqlens, col_sums,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), tables.stride(0), tables.stride(1),
-        lengths.stride(0), lengths.stride(1),
+        lengths.stride(0), lengths.stride(1), k_pool.stride(0), pos_pool.stride(0),
         num_table_blocks, head_dim, 1.0 / math.sqrt(head_dim), sliding_window or 0, obs_window or 0,
         GROUP=num_q_heads // num_kv_heads, BLOCK_SIZE=block_size, HAS_WINDOW=sliding_window is not None,
         HAS_OBS=obs_window is not None,

@@ -83,6 +83,36 @@ def paged_attention(q: torch.Tensor, q_pos: torch.Tensor, k_pool: torch.Tensor, 
     return (out, probs.view(B, Hkv, group, T, S)) if return_probs else out
 
 
+def quantized_decode_attention(q: torch.Tensor, q_pos: torch.Tensor, quant: "QuantBlocks", qtables: torch.Tensor,
+                               qlens: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, pos_pool: torch.Tensor,
+                               tables: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Decode attention of B sequences over a quantized cache: each head holds qlens[b, h] tokens
+    in quantized blocks (qtables [B, Hkv, nq], oldest first) followed by lengths[b, h] tokens in
+    full-precision blocks (tables [B, Hkv, nb], the residual). q [B, Hq, D], q_pos [B] -> [B, Hq, D].
+
+    Quantized tokens are all older than the query and carry no positions, so each is visible;
+    full-precision ones follow the usual rule by position. This twin dequantizes every block to
+    float32 first (what transformers' quantized caches do at every step); the Triton kernel
+    dequantizes in registers as it reads."""
+    from kernels.quant import dequantize_tokens
+
+    B, Hq, D = q.shape
+    Hkv = tables.shape[1]
+    group = Hq // Hkv
+    k_q = dequantize_tokens(gather_blocks(quant.k_codes, qtables), gather_blocks(quant.k_scale, qtables),
+                            gather_blocks(quant.k_zero, qtables), quant.bits, quant.group_size, quant.keys_per_channel)
+    v_q = dequantize_tokens(gather_blocks(quant.v_codes, qtables), gather_blocks(quant.v_scale, qtables),
+                            gather_blocks(quant.v_zero, qtables), quant.bits, quant.group_size, False)
+    k_pos = gather_blocks(pos_pool, tables)                                              # [B, Hkv, Sf]
+    held_q = torch.arange(k_q.shape[2], device=q.device) < qlens[..., None]              # [B, Hkv, Sq]
+    allowed = torch.cat([held_q, allowed_keys(q_pos[:, None], k_pos, lengths, None)[:, :, 0]], dim=-1)
+    keys = torch.cat([k_q, gather_blocks(k_pool, tables).float()], dim=2)                # [B, Hkv, S, D]
+    values = torch.cat([v_q, gather_blocks(v_pool, tables).float()], dim=2)
+    scores = (q.float().view(B, Hkv, group, D) @ keys.transpose(-1, -2)) * (1.0 / math.sqrt(D))
+    probs = scores.masked_fill(~allowed[:, :, None], float("-inf")).softmax(dim=-1)     # [B, Hkv, group, S]
+    return (probs @ values).view(B, Hq, D).to(q.dtype)
+
+
 SDPA_MIN_QUERIES = 512  # below this the spelled-out form was as fast (measured, bfloat16 CPU)
 
 
@@ -114,11 +144,12 @@ def write_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, pos_pool: torch.Tensor,
     """Store new tokens: slots [H, T] flat slot ids (block * block_size + offset) of one layer's
     kv-heads; k, v [T, H, D]; positions [T]. The pools are [num_blocks, block_size, D] (K, V) and
     [num_blocks, block_size] (int32 positions)."""
-    D = k_pool.shape[-1]
+    D, block_size = k_pool.shape[-1], k_pool.shape[1]
     flat = slots.flatten()
-    k_pool.view(-1, D)[flat] = k.transpose(0, 1).reshape(-1, D).to(k_pool.dtype)
-    v_pool.view(-1, D)[flat] = v.transpose(0, 1).reshape(-1, D).to(v_pool.dtype)
-    pos_pool.view(-1)[flat] = positions.to(pos_pool.dtype).repeat(slots.shape[0])
+    at = (flat // block_size, flat % block_size)  # the pools may be strided views (a quantized pool's rows)
+    k_pool[at] = k.transpose(0, 1).reshape(-1, D).to(k_pool.dtype)
+    v_pool[at] = v.transpose(0, 1).reshape(-1, D).to(v_pool.dtype)
+    pos_pool[at] = positions.to(pos_pool.dtype).repeat(slots.shape[0])
 
 
 def gather_blocks(pool: torch.Tensor, tables: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -120,3 +120,31 @@ def test_a_grid_resumes_and_writes_tables_and_plots(smollm2_gguf, tmp_path):
     assert "| niah_number |" in table and "snapkv@0.5" in table
     for path in grid.plot(cells, tmp_path):
         assert path.stat().st_size > 5000
+
+
+def test_perplexity_read_through_the_cache_is_the_prefill_perplexity(smollm2_gguf):
+    """Teacher-forced one token at a time through the cache, `full` predicts each token exactly as
+    one prefill over the whole text does; quantizing the cache to 2 bits moves it."""
+    import math
+
+    import torch
+
+    from nanokv import LLM
+    from nanokv.eval.perplexity import default_text, perplexity
+
+    llm = LLM(str(smollm2_gguf), dtype="float32")
+    ids = llm.tokenizer.encode(default_text())[:80]
+    with torch.inference_mode():
+        from nanokv.cache import CacheAttention
+
+        llm.cache.add(0)
+        attention = CacheAttention(llm.cache, [0], [len(ids)], torch.arange(len(ids)))
+        logits = llm.model.compute_logits(llm.model(torch.tensor(ids), torch.arange(len(ids)), attention))
+        llm.cache.free(0)
+    nll = torch.nn.functional.cross_entropy(logits[20:-1].float(), torch.tensor(ids[21:]))
+    ppl, held = perplexity(llm, ids, prefill=21)
+    assert math.isclose(ppl, math.exp(float(nll)), rel_tol=1e-4)
+    assert held == llm.cache.uncompressed_bytes(len(ids)) / len(ids)
+    quantized = LLM(str(smollm2_gguf), dtype="float32", method="kivi:bits=2:residual_length=32")
+    ppl2, held2 = perplexity(quantized, ids, prefill=21)
+    assert ppl2 != ppl and held2 < held / 2

@@ -9,7 +9,7 @@ import transformers as T
 import kernels
 import kernels.reference
 from kernels import kernels_for
-from nanokv.cache import PagedKVCache
+from nanokv.cache import PagedKVCache, QuantizedKVCache
 from nanokv.engine.runner import ModelRunner
 from nanokv.engine.scheduler import Scheduler
 from nanokv.engine.sequence import Sequence
@@ -31,7 +31,10 @@ def tiny(tmp_path_factory):
 
 def greedy(model, cfg, prompts, choice, steps=12, method=None):
     """Every prompt through the scheduler and runner (batched, continuous), with `choice` kernels."""
-    cache = PagedKVCache.from_memory(cfg, 4 << 20, 4, torch.float32, extra_fields=method and method.slot_fields)
+    if method is not None and method.quantization is not None:
+        cache = QuantizedKVCache.from_memory(cfg, 4 << 20, method.quantization, torch.float32)
+    else:
+        cache = PagedKVCache.from_memory(cfg, 4 << 20, 4, torch.float32, extra_fields=method and method.slot_fields)
     cache.kernels = kernels_for("cpu", choice, cache.workspace)
     scheduler, runner = Scheduler(cache, 8, 64, method), ModelRunner(model, cache, "cpu", method)
     seqs = [Sequence(p, SamplingParams(max_tokens=steps, ignore_eos=True), set(), lambda t: "", 256) for p in prompts]
@@ -57,10 +60,17 @@ def test_each_device_gets_its_kernels(monkeypatch):
         kernels_for("cpu", "cuda")
 
 
-@pytest.mark.parametrize("method", [None, "h2o"])  # h2o: prefill column sums, decode probabilities
+def tiny_method(name):
+    """h2o: prefill column sums, decode probabilities; kivi: quantized decode (head_dim 16)."""
+    if name == "kivi":
+        return make_method("kivi", bits=4, group_size=8, residual_length=16)
+    return name and make_method(name, budget=12)
+
+
+@pytest.mark.parametrize("method", [None, "h2o", "kivi"])
 def test_the_engine_runs_every_attention_call_through_the_chosen_kernels(tiny, monkeypatch, method):
     model, cfg = tiny
-    calls = {"decode": 0, "prefill": 0, "write_kv": 0}
+    calls = {"decode": 0, "prefill": 0, "write_kv": 0, "quantized_decode": 0}
     triton = kernels.triton_kernels()
 
     def counted(name):
@@ -75,16 +85,22 @@ def test_the_engine_runs_every_attention_call_through_the_chosen_kernels(tiny, m
         raise AssertionError("the plain-torch attention ran while the Triton kernels were chosen")
 
     monkeypatch.setattr(kernels.reference, "paged_attention", forbidden)
-    greedy(model, cfg, PROMPTS[:2], "triton", steps=3, method=method and make_method(method, budget=12))
+    greedy(model, cfg, PROMPTS[:2], "triton", steps=3, method=tiny_method(method))
     layers = cfg.num_layers
     # one prefill step (a write and an attention call per prompt and layer), then two decode steps
     # (a write per layer; an attention call per layer and length group: 5 and 23 tokens are two)
-    assert calls == {"prefill": 2 * layers, "decode": 2 * 2 * layers, "write_kv": (2 + 2) * layers}, calls
+    # (kivi: the 23-token prompt leaves one quantized block and a short residual, so after the
+    # first step the two sequences hold similar block counts and share one group: 2 + 1 calls)
+    if method == "kivi":
+        assert calls == {"prefill": 2 * layers, "quantized_decode": (2 + 1) * layers, "write_kv": (2 + 2) * layers,
+                         "decode": 0}, calls
+    else:
+        assert calls == {"prefill": 2 * layers, "decode": 2 * 2 * layers, "write_kv": (2 + 2) * layers,
+                         "quantized_decode": 0}, calls
 
 
-@pytest.mark.parametrize("method", [None, "h2o"])
+@pytest.mark.parametrize("method", [None, "h2o", "kivi"])
 def test_triton_kernels_give_the_reference_greedy_tokens(tiny, method):
     model, cfg = tiny
-    make = (lambda: make_method("h2o", budget=12)) if method else (lambda: None)
-    expected = greedy(model, cfg, PROMPTS, "reference", method=make())
-    assert greedy(model, cfg, PROMPTS, "triton", method=make()) == expected
+    expected = greedy(model, cfg, PROMPTS, "reference", method=tiny_method(method))
+    assert greedy(model, cfg, PROMPTS, "triton", method=tiny_method(method)) == expected

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from nanokv.cache.quant import dequantize, pack, packed_bytes, quantize_keys, quantize_values, unpack
+from kernels.quant import dequantize, pack, packed_bytes, quantize_keys, quantize_values, unpack
 
 
 def float64_codes(x, bits, group_size, axis):

@@ -11,6 +11,9 @@ its earlier layers compressed and only the current one whole.
 A compression method (nanokv/methods) acts here: at the end of a prefill it picks, layer by
 layer, what the prompt keeps (`_compress`); a decode-time method (H2O, TOVA) also scores the
 slots with each decode step's attention and evicts one per head over budget (`_evict`).
+Over a quantized cache (nanokv/cache/quant_cache.py) prefill works on full precision as ever;
+decode attends over the quantized blocks and the residual in one call (`quantized_decode`), and
+after each layer's prefill and each decode step the cache quantizes residuals that filled up.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 
 from kernels.reference import gather_blocks
 from nanokv.cache.kv_cache import PagedKVCache
+from nanokv.cache.quant_cache import QuantizedKVCache
 
 GROUP_SLACK = 1.5  # padding waste a decode group may carry (the longest / the shortest member)
 
@@ -33,6 +37,7 @@ class CacheAttention:
         self.compress_lens = compress_lens or query_lens
         self.positions = positions                                        # [T] all new tokens
         self.is_decode = all(n == 1 for n in query_lens)
+        self.quantized = isinstance(cache, QuantizedKVCache)  # decode reads quantized blocks too
         device = cache.pool.device
         self.evicting = self.method is not None and self.method.evicts_during_decode
         if self.evicting:
@@ -44,20 +49,41 @@ class CacheAttention:
         self.slots = torch.cat([cache.append_slots(s, 1) for s in seq_ids], dim=-1).to(device)  # [L, H, b]
         seqs = [cache.seqs[s] for s in seq_ids]
         blocks = [int(s.num_blocks.max()) for s in seqs]
+        if self.quantized:
+            blocks = [b + int(s.num_qblocks.max()) for b, s in zip(blocks, seqs)]
         # Each group is attended in one call, its tables padded to its longest member: sequences
         # of similar length, so a short one is not padded to the longest of the batch.
         self.groups = []
         for members in length_groups(blocks):
-            width = max(blocks[i] for i in members)
-            tables = torch.stack([pad_blocks(seqs[i].tables, width) for i in members], dim=1)  # [L, b, H, nb]
-            lengths = torch.stack([seqs[i].lengths for i in members], dim=1)             # [L, b, H]
-            self.groups.append((torch.tensor(members, device=device), tables.to(device), lengths.to(device)))
+            group = [torch.tensor(members, device=device)]
+            for tables, lengths in self._stacked([seqs[i] for i in members]):
+                group += [tables.to(device), lengths.to(device)]
+            self.groups.append(group)
+
+    def _stacked(self, seqs):
+        """The sequences' tables [L, b, H, nb] (padded to the longest) and lengths [L, b, H]: the
+        full-precision blocks, and for a quantized cache first the quantized ones."""
+        width = max(int(s.num_blocks.max()) for s in seqs)
+        stacked = [(torch.stack([pad_blocks(s.tables, width) for s in seqs], dim=1),
+                    torch.stack([s.lengths for s in seqs], dim=1))]
+        if self.quantized:
+            width = max(int(s.num_qblocks.max()) for s in seqs)
+            R = self.cache.spec.block_size
+            stacked.insert(0, (torch.stack([pad_blocks(s.qtables, width) for s in seqs], dim=1),
+                               torch.stack([s.num_qblocks * R for s in seqs], dim=1)))
+        return stacked
 
     def __call__(self, layer, q, k, v, sliding_window):
         pool, kernels = self.cache.pool, self.cache.kernels
         if self.is_decode:
             self.cache.write(self.slots[layer], k, v, self.positions)
             out = torch.empty_like(q)
+            if self.quantized:
+                for members, qtables, qlens, tables, lengths in self.groups:
+                    out[members] = kernels.quantized_decode(q[members], self.positions[members], pool.quant_blocks(),
+                                                            qtables[layer], qlens[layer], pool.k, pool.v, pool.pos,
+                                                            tables[layer], lengths[layer])
+                return out
             for members, tables, lengths in self.groups:
                 result = kernels.decode(q[members], self.positions[members], pool.k, pool.v, pool.pos,
                                         tables[layer], lengths[layer], sliding_window, self.evicting)
@@ -74,6 +100,7 @@ class CacheAttention:
             self.cache.write(slots.to(pool.device), k_i, v_i, pos_i)
             if self.method is None:
                 outs.append(self._prefill(q_i, pos_i, *self._held(seq_id, layer), sliding_window)[0])
+                self.cache.settle(seq_id, layers=slice(layer, layer + 1))
                 continue
             # The prompt attends over itself, then is compressed. Tokens generated before a
             # preemption (recompute) then attend over the compressed prompt, as they did the
@@ -85,6 +112,7 @@ class CacheAttention:
             self._compress(layer, seq_id, q_i[:n], column_sums)
             if n < len(q_i):
                 outs.append(self._generated(layer, i, q_i[n:], pos_i[n:], sliding_window))
+            self.cache.settle(seq_id, layers=slice(layer, layer + 1))
         return torch.cat(outs)
 
     def _held(self, seq_id: int, layer: int):
@@ -94,10 +122,14 @@ class CacheAttention:
                 s.lengths[layer:layer + 1].to(device))
 
     def finish(self):
-        """After the forward pass: shorten the heads that evicted a slot during this decode step."""
+        """After the forward pass: shorten the heads that evicted a slot during this decode step;
+        let a quantized cache quantize the residuals that have filled a block."""
         if self.evicting and self.is_decode:
             for i in self.evicted.any(dim=2).any(dim=0).nonzero().flatten().tolist():
                 self.cache.drop_last(self.seq_ids[i], self.evicted[:, i])
+        if self.quantized and self.is_decode:
+            for seq_id in self.seq_ids:
+                self.cache.settle(seq_id)
 
     def _prefill(self, q, q_pos, tables, lengths, sliding_window, column_sums=False):
         """One sequence's queries [T, Hq, D] over its cached KV (tables [1, H, nb], lengths [1, H]).
@@ -144,7 +176,7 @@ class CacheAttention:
         if state:
             prompt = self.cache.flat_slots(tables, torch.arange(n).expand(len(tables), n)).to(pool.device)
             for name, value in state.items():
-                pool.fields[name].view(-1)[prompt] = value.to(pool.fields[name].dtype)
+                pool.fields[name][pool.slot_index(prompt)] = value.to(pool.fields[name].dtype)
         keep = self.method.keep_mask(view)
         if keep is not None:
             keep = keep.cpu()  # block tables live on the CPU
@@ -157,18 +189,19 @@ class CacheAttention:
         its slot fields); each head holding more than its sequence's budget of tokens up to
         `q_pos` evicts its lowest-scoring one outside the recent window, by moving its last slot
         into that place. -> [b, H] bool, the heads that evicted (the caller shortens them)."""
-        fields = self.cache.pool.fields
+        pool = self.cache.pool
+        fields = pool.fields
         B, H, _, S = probs.shape
         logical = torch.arange(S, device=probs.device).expand(B, H, S)
         flat = self.cache.flat_slots(tables, logical)         # padding (-1 blocks) gives slots < 0
         held = logical < lengths[..., None]
-        readable = flat.clamp(min=0)
-        k_pos = fields["pos"].view(-1)[readable]
+        readable = pool.slot_index(flat.clamp(min=0))
+        k_pos = fields["pos"][readable]
         visible = held & (k_pos <= q_pos[:, None, None])     # a replay holds later tokens already
-        scores, state = self.method.decode_scores(probs, {name: fields[name].view(-1)[readable]
+        scores, state = self.method.decode_scores(probs, {name: fields[name][readable]
                                                           for name in self.method.slot_fields})
         for name, value in state.items():
-            fields[name].view(-1)[flat[held]] = value[held]
+            fields[name][pool.slot_index(flat[held])] = value[held]
         over = visible.sum(-1) > budgets[:, None]
         if not bool(over.any()):
             return over

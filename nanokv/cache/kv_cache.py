@@ -3,7 +3,7 @@
 Each sequence has, for every layer l and kv-head h, its own list of blocks `tables[l, h]`,
 its own `lengths[l, h]` (tokens held) and, in the pool, the position of every slot. Slot i of
 (l, h) lives in block `tables[l, h, i // block_size]` at offset `i % block_size`; a *flat slot*
-is `block * block_size + offset`, an index into `pool.fields[name].view(-1, ...)`.
+is `block * block_size + offset` (`pool.slot_index(slots)` turns it into an index into a field).
 
 Uncompressed, every (l, h) of a sequence has the same length. Compression makes them differ:
 `compact(keep)` gathers the kept slots of each (l, h) to its front and frees the tail blocks,
@@ -76,8 +76,17 @@ class PagedKVCache:
         runs: the earlier layers compressed, the last one whole. A layer whose heads keep
         different lengths (Ada-KV) holds at most one partial block more per head."""
         H = self.num_kv_heads
-        earlier = sum(H * self.blocks_for(n) if k >= n else H * (self.blocks_for(k) + 1) for k in kept[:-1])
+        earlier = sum(H * self.blocks_held(k) + (0 if k >= n else H) for k in kept[:-1])
         return earlier + H * self.blocks_for(n)
+
+    def most_blocks(self, tokens: int) -> int:
+        """Most blocks a sequence of up to `tokens` tokens holds during decode (a request that
+        needs more than the pool can never run)."""
+        return self.num_layers * self.num_kv_heads * self.blocks_for(tokens)
+
+    def blocks_held(self, tokens: int) -> int:
+        """Blocks one head holds for `tokens` tokens once its layer's prefill is done."""
+        return self.blocks_for(tokens)
 
     def append_slots(self, seq_id: int, n: int, layers: slice | None = None) -> torch.Tensor:
         """Reserve room for n new tokens in every head of `layers` (all by default) -> their flat
@@ -90,16 +99,8 @@ class PagedKVCache:
         total = int(extra.sum())
         if total:
             ids = self.pool.allocate(total)  # raises OutOfBlocks: the scheduler checks first
-            if int(need.max()) > s.tables.shape[-1]:
-                grown = torch.full((*s.tables.shape[:2], max(int(need.max()), 2 * s.tables.shape[-1])), -1,
-                                   dtype=torch.int64)
-                grown[..., :s.tables.shape[-1]] = s.tables
-                s.tables = grown
-            # the k-th new block of head (l, h) goes to column num_blocks[l, h] + k
-            rows = torch.repeat_interleave(torch.arange(extra.numel()), extra.flatten())
-            first = torch.cumsum(extra.flatten(), 0) - extra.flatten()
-            cols = num_blocks.flatten()[rows] + torch.arange(total) - first[rows]
-            s.tables[layers].reshape(-1, s.tables.shape[-1])[rows, cols] = ids
+            s.tables = grown_to(s.tables, int(need.max()))
+            place_blocks(s.tables[layers], num_blocks, extra, ids)
             s.num_blocks[layers] = torch.maximum(num_blocks, need)
         logical = lengths[..., None] + torch.arange(n)                        # [L', H, n]
         slots = self.flat_slots(s.tables[layers], logical)
@@ -122,7 +123,7 @@ class PagedKVCache:
         f = self.pool.fields
         self.kernels.write_kv(f["k"], f["v"], f["pos"], slots, k, v, positions)
         for name in f.keys() - {"k", "v", "pos"}:  # a method's state starts afresh
-            f[name].view(-1)[slots.flatten()] = 0
+            f[name][self.pool.slot_index(slots.flatten())] = 0
 
     # --- compaction -------------------------------------------------------------------
 
@@ -154,9 +155,9 @@ class PagedKVCache:
 
     def move_slots(self, src: torch.Tensor, dst: torch.Tensor):
         """Copy every slot field from flat slots `src` to flat slots `dst`."""
+        src, dst = self.pool.slot_index(src), self.pool.slot_index(dst)
         for field in self.pool.fields.values():
-            flat = field.view(self.pool.num_blocks * self.block_size, -1)
-            flat[dst] = flat[src]  # advanced indexing reads a copy first, so overlaps are safe
+            field[dst] = field[src]  # advanced indexing reads a copy first, so overlaps are safe
 
     def _shrink(self, s: SequenceKV, layers: slice, lengths: torch.Tensor):
         """Set the heads' lengths and give back the blocks past what they now need."""
@@ -169,14 +170,49 @@ class PagedKVCache:
         s.num_blocks[layers] = need
         s.lengths[layers] = lengths
 
+    def settle(self, seq_id: int, layers: slice | None = None):
+        """Called after a layer's prefill and after every decode step: a store that changes what
+        it holds once tokens are cached (quantization) does it here. Full precision: nothing."""
+
     # --- accounting -------------------------------------------------------------------
 
     def seq_bytes(self, seq_id: int) -> int:
         return int(self.seqs[seq_id].num_blocks.sum()) * self.pool.bytes_per_block
 
+    def token_bytes(self) -> int:
+        """Bytes one token of one head takes in full precision: K, V and its int32 position."""
+        return 2 * self.pool.head_dim * self.pool.dtype.itemsize + 4
+
+    def theoretical_bytes(self, seq_id: int) -> int:
+        """What the sequence's tokens take with no block rounding: the figure `seq_bytes` (which
+        counts whole blocks) is measured against."""
+        return int(self.seqs[seq_id].lengths.sum()) * self.token_bytes()
+
+    def uncompressed_bytes(self, tokens: int) -> int:
+        """What `full` holds for a sequence of `tokens` tokens."""
+        return self.blocks_to_append(None, tokens) * self.pool.bytes_per_block
+
     @property
     def used_bytes(self) -> int:
         return self.pool.used_bytes
+
+
+def grown_to(tables: torch.Tensor, columns: int) -> torch.Tensor:
+    """`tables` [L, H, capacity], widened (padded with -1, at least doubling) to hold `columns`."""
+    if columns <= tables.shape[-1]:
+        return tables
+    grown = torch.full((*tables.shape[:2], max(columns, 2 * tables.shape[-1])), -1, dtype=torch.int64)
+    grown[..., :tables.shape[-1]] = tables
+    return grown
+
+
+def place_blocks(tables: torch.Tensor, num_blocks: torch.Tensor, extra: torch.Tensor, ids: torch.Tensor):
+    """Write new block ids into `tables` [L', H, capacity] (a view, written in place): head (l, h)
+    gets `extra[l, h]` of them, taken from `ids` in order, at columns num_blocks[l, h] onwards."""
+    rows = torch.repeat_interleave(torch.arange(extra.numel()), extra.flatten())
+    first = torch.cumsum(extra.flatten(), 0) - extra.flatten()
+    cols = num_blocks.flatten()[rows] + torch.arange(len(ids)) - first[rows]
+    tables.reshape(-1, tables.shape[-1])[rows, cols] = ids
 
 
 __all__ = ["PagedKVCache", "SequenceKV", "OutOfBlocks"]

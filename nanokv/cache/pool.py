@@ -41,9 +41,12 @@ class BlockPool:
             self.fields[name] = torch.zeros(*shape, dtype=field_dtype, device=device)
         self.fields["k"][0] = 0
         self.fields["v"][0] = 0
-        # A stack of free block ids; allocate pops from the top, free pushes back.
-        self._free = torch.arange(num_blocks - 1, -1, -1, dtype=torch.int64)
-        self._num_free = num_blocks
+        self._init_free_list(num_blocks)
+
+    def _init_free_list(self, num_blocks: int, first: int = 0):
+        """A stack of free block ids from `first` on; allocate pops from the top, free pushes back."""
+        self._free = torch.arange(num_blocks - 1, first - 1, -1, dtype=torch.int64)
+        self._num_free = num_blocks - first
         self._in_use = torch.zeros(num_blocks, dtype=torch.bool)  # guards double frees
 
     # --- fields -----------------------------------------------------------------------
@@ -68,7 +71,7 @@ class BlockPool:
 
     @property
     def num_used(self) -> int:
-        return self.num_blocks - self._num_free
+        return len(self._free) - self._num_free  # blocks the free list can hold, less those it does
 
     def allocate(self, n: int) -> torch.Tensor:
         if n > self._num_free:
@@ -79,6 +82,12 @@ class BlockPool:
         self.fields["k"][ids] = 0
         self.fields["v"][ids] = 0
         return ids
+
+    def slot_index(self, slots: torch.Tensor):
+        """Flat slots (block * block_size + offset) as an index into any slot field, to read and to
+        assign: `field[pool.slot_index(slots)]`. Works on strided fields too (a quantized pool keeps
+        every field of a block in one row, so its fields cannot be flattened to slots)."""
+        return slots // self.block_size, slots % self.block_size
 
     def free(self, ids: torch.Tensor):
         if len(ids) == 0:

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from kernels import KERNELS, kernels_for
-from nanokv.cache import PagedKVCache
+from nanokv.cache import PagedKVCache, QuantizedKVCache
 from nanokv.engine.runner import ModelRunner
 from nanokv.engine.scheduler import Scheduler
 from nanokv.engine.sequence import RequestOutput, Sequence
@@ -82,8 +82,17 @@ class LLM:
         make_tokenizer = Tokenizer.from_gguf if self.source.kind == "gguf" else Tokenizer.from_dir
         self.tokenizer = make_tokenizer(self.source.path)
         memory = kv_cache_bytes(kv_cache_memory, self.device)
-        self.cache = PagedKVCache.from_memory(self.config, memory, block_size, self.dtype, self.device,
-                                              self.method.slot_fields)
+        spec = self.method.quantization
+        if spec is None:
+            self.cache = PagedKVCache.from_memory(self.config, memory, block_size, self.dtype, self.device,
+                                                  self.method.slot_fields)
+        else:  # blocks sized by the quantization (block_size does not apply)
+            windowed = [w for w in self.config.sliding_windows if w is not None]
+            if windowed:
+                raise ValueError(f"method {method!r} stores tokens without positions, so it cannot serve this model's "
+                                 f"sliding-window layers (window {windowed[0]}); use a full-precision method")
+            spec.field_shapes(self.config.head_dim)  # a group size that does not divide head_dim fails here
+            self.cache = QuantizedKVCache.from_memory(self.config, memory, spec, self.dtype, self.device)
         self.cache.kernels = kernels_for(self.device, kernels, self.cache.workspace)
         self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens, self.method)
         self.runner = ModelRunner(self.model, self.cache, self.device, self.method)

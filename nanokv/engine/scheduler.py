@@ -28,7 +28,7 @@ class Scheduler:
     def check_fits(self, seq: Sequence):
         """Refuse a request that could not run even with the whole pool to itself."""
         longest = min(len(seq) + seq.params.max_tokens, seq.max_length)
-        need = self.cache.blocks_to_append(None, longest)
+        need = max(self.cache.most_blocks(longest), self.prefill_blocks(seq))
         if need > self.cache.pool.num_blocks:
             raise ValueError(
                 f"a request of {len(seq)} prompt tokens and max_tokens={seq.params.max_tokens} needs "
@@ -83,7 +83,7 @@ class Scheduler:
     def prefill_blocks(self, seq: Sequence) -> int:
         """Most blocks the prefill of `seq` holds at once: its compressed part, and the rest (a
         question after the context, generated tokens on a recompute) whole."""
-        if self.method is None or not self.method.compresses:
+        if self.method is None or not (self.method.compresses or self.method.quantization):
             return self.cache.blocks_to_append(None, len(seq))
         n, rest, L = seq.compress_len, len(seq) - seq.compress_len, self.cache.num_layers
         kept = [self.method.kept_after_prefill(n, layer, L) + rest for layer in range(L)]
@@ -91,7 +91,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> int:
         """Free a running sequence's blocks and requeue it first -> blocks freed."""
-        freed = int(self.cache.seqs[seq.id].num_blocks.sum())
+        freed = self.cache.seq_bytes(seq.id) // self.cache.pool.bytes_per_block
         self.cache.free(seq.id)
         seq.num_preemptions += 1
         self.waiting.appendleft(seq)
@@ -99,7 +99,8 @@ class Scheduler:
 
     def finish(self, seq: Sequence):
         seq.kv_bytes = self.cache.seq_bytes(seq.id)
-        seq.kv_bytes_uncompressed = self.cache.blocks_to_append(None, seq.num_cached) * self.cache.pool.bytes_per_block
+        seq.kv_bytes_theory = self.cache.theoretical_bytes(seq.id)
+        seq.kv_bytes_uncompressed = self.cache.uncompressed_bytes(seq.num_cached)
         self.cache.free(seq.id)
         self.running.remove(seq)
 

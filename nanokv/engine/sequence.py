@@ -43,6 +43,7 @@ class Sequence:
         self.arrival_time = self.first_token_time = self.finish_time = None
         self.kv_bytes = 0
         self.kv_bytes_uncompressed = 0  # what `full` would hold for the same tokens
+        self.kv_bytes_theory = 0        # the tokens held with no block rounding (packed + scales + residual)
         self.num_cached = 0             # tokens that have gone through the model
         self.generator = None  # a seeded torch.Generator when params.seed is set
         self.num_preemptions = 0
@@ -109,6 +110,8 @@ class Sequence:
             "decode_tokens_per_s": (n_out - 1) / decode_time if n_out > 1 and decode_time > 0 else 0.0,
             "kv_cache_bytes": self.kv_bytes,
             "kv_cache_bytes_uncompressed": self.kv_bytes_uncompressed,
+            "kv_cache_bytes_theory": self.kv_bytes_theory,
+            "kv_cache_tokens": self.num_cached,
             "preemptions": self.num_preemptions,
         }
         return RequestOutput(self.prompt_token_ids, list(self.output_token_ids), self.text,

@@ -30,7 +30,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m nanokv.eval", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--methods", type=csv_of(str, "--methods"), default="full,snapkv,knorm,streaming_llm",
-                   help="comma-separated methods (see generate.py --list-methods)")
+                   help="comma-separated methods (see generate.py --list-methods), options after colons: "
+                        "full,kivi:bits=4,snapkv+kivi:bits=4")
     p.add_argument("--compression", type=csv_of(float, "--compression"), default="0.5,0.75",
                    help="fractions removed, e.g. 0.25,0.5,0.75,0.9")
     p.add_argument("--budget", type=csv_of(int, "--budget"), default="", help="tokens kept per (layer, head)")
@@ -50,7 +51,7 @@ def check(args):
     """Everything that can be wrong with the arguments, before a model is loaded."""
     from nanokv.hub import resolve_model
     from nanokv.loading import read_config
-    from nanokv.methods import check_method, make_method
+    from nanokv.methods import check_method, is_quantizer, make_method
 
     if not args.methods:
         raise ValueError("--methods is empty; give at least one, e.g. full,snapkv")
@@ -62,8 +63,8 @@ def check(args):
             raise ValueError(f"unknown placement {p!r}; valid: {', '.join(PLACEMENTS)}")
     if args.samples <= 0:
         raise ValueError(f"--samples must be a positive integer, got {args.samples}")
-    if any(m != "full" for m in args.methods) and not (args.compression or args.budget):
-        raise ValueError("give --compression or --budget for the methods other than full")
+    if any(m != "full" and not is_quantizer(m) for m in args.methods) and not (args.compression or args.budget):
+        raise ValueError("give --compression or --budget for the eviction methods (all but full, kivi, int4, int8)")
     for s in settings(args.methods, args.compression, args.budget):
         make_method(s.method, s.compression, s.budget)  # range checks
     source = resolve_model(args.model)

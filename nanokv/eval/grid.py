@@ -36,10 +36,13 @@ class Setting:
 
 
 def settings(methods: list[str], compressions: list[float], budgets: list[int]) -> list[Setting]:
-    """`full` once; every other method at each compression and each budget."""
+    """`full` and quantization alone (kivi, int4, ...) once; every other method at each compression
+    and each budget."""
+    from nanokv.methods import is_quantizer
+
     out = []
     for m in methods:
-        if m == "full":
+        if m == "full" or is_quantizer(m):
             out.append(Setting(m))
             continue
         out += [Setting(m, compression=c) for c in compressions] + [Setting(m, budget=b) for b in budgets]

@@ -1,5 +1,5 @@
 """KV-cache compression methods, one file each; see base.py for the contract."""
 
-from nanokv.methods.registry import METHODS, check_method, describe_methods, make_method
+from nanokv.methods.registry import METHODS, check_method, describe_methods, is_quantizer, make_method
 
-__all__ = ["METHODS", "check_method", "describe_methods", "make_method"]
+__all__ = ["METHODS", "check_method", "describe_methods", "is_quantizer", "make_method"]

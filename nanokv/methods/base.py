@@ -61,6 +61,8 @@ class Method:
     needs_column_sums = False       # PrefillView.column_sums is filled in
     evicts_during_decode = False    # decode_scores is called every decode step
     slot_fields: dict[str, torch.dtype] = {}  # per-token state the cache carries
+    quantization = None             # a QuantSpec: the cache stores K and V quantized (kivi, int4, int8)
+    compression_hint = "choose a method to use compression or budget (see --list-methods)"
 
     def __init__(self, compression: float = 0.0, budget: int | None = None, **options):
         if budget is not None:
@@ -72,8 +74,7 @@ class Method:
             raise ValueError(f"compression must be in [0, 1) (the fraction of tokens removed), got {compression!r}")
         self.compression, self.budget = float(compression), budget
         if type(self).scores is Method.scores and (compression or budget is not None):
-            raise ValueError(f"method {self.name!r} does not compress; choose a method to use "
-                             f"compression or budget (see --list-methods)")
+            raise ValueError(f"method {self.name!r} does not compress; {self.compression_hint}")
         unknown = set(options) - set(self.options)
         if unknown:
             valid = ", ".join(self.options) or "none"

@@ -3,24 +3,78 @@
 from nanokv.methods.adakv import AdaKV
 from nanokv.methods.h2o import H2O
 from nanokv.methods.base import Method
+from nanokv.methods.kivi import KIVI
 from nanokv.methods.knorm import KNorm
+from nanokv.methods.per_token_quant import Int4, Int8
 from nanokv.methods.pyramidkv import PyramidKV
 from nanokv.methods.random import RandomMethod
 from nanokv.methods.snapkv import SnapKV
 from nanokv.methods.streaming_llm import StreamingLLM
 from nanokv.methods.tova import TOVA
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, RandomMethod, StreamingLLM, KNorm, SnapKV, PyramidKV, AdaKV, H2O, TOVA)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, RandomMethod, StreamingLLM, KNorm, SnapKV, PyramidKV, AdaKV, H2O, TOVA,
+                                                         KIVI, Int4, Int8)}
+QUANTIZERS = [name for name, m in METHODS.items() if issubclass(m, KIVI)]
+
+
+def parse_spec(spec: str) -> tuple[str, dict]:
+    """'kivi:bits=4:residual_length=64' -> ('kivi', {'bits': '4', 'residual_length': '64'}): a method
+    with its options in one string, for lists of settings (python -m nanokv.eval --methods)."""
+    name, *pairs = spec.split(":")
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"method {spec!r}: options after the name are KEY=VALUE, e.g. kivi:bits=4")
+        options[key] = value
+    return name, options
+
+
+def is_quantizer(spec: str) -> bool:
+    """A method that only quantizes (keeps every token): it takes no compression or budget."""
+    return parse_spec(spec)[0] in QUANTIZERS
 
 
 def check_method(name: str) -> str:
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; valid: {', '.join(METHODS)}")
-    return name
+    """A method's name, or `evictor+quantizer` (e.g. snapkv+kivi): fewer tokens, each in fewer bits;
+    either may carry options after a colon (kivi:bits=4)."""
+    spec, name = name, parse_spec(name)[0]
+    parts = name.split("+")
+    for part in parts:
+        if part not in METHODS:
+            raise ValueError(f"unknown method {part!r}; valid: {', '.join(METHODS)}, or EVICTION+QUANTIZATION "
+                             f"such as snapkv+kivi")
+    if len(parts) == 2:
+        evictor, quantizer = (METHODS[p] for p in parts)
+        if quantizer.name not in QUANTIZERS or evictor.name in QUANTIZERS or evictor is Method:
+            raise ValueError(f"method {name!r}: combine an eviction method with a quantization method "
+                             f"({', '.join(QUANTIZERS)}), in that order, e.g. snapkv+kivi")
+        if evictor.evicts_during_decode:
+            raise ValueError(f"method {name!r}: {evictor.name} evicts during decode, which would move tokens inside "
+                             f"quantized blocks; combine {quantizer.name} with a prefill-time method "
+                             f"({', '.join(n for n, m in METHODS.items() if n not in QUANTIZERS and not m.evicts_during_decode and m is not Method)})")
+    elif len(parts) > 2:
+        raise ValueError(f"method {name!r}: at most one eviction method and one quantization method, e.g. snapkv+kivi")
+    return spec
 
 
 def make_method(name: str, compression: float = 0.0, budget: int | None = None, **options) -> Method:
-    return METHODS[check_method(name)](compression=compression, budget=budget, **options)
+    name, inline = parse_spec(check_method(name))
+    options = {**inline, **options}
+    if "+" not in name:
+        return METHODS[name](compression=compression, budget=budget, **options)
+    evictor, quantizer = (METHODS[p] for p in name.split("+"))
+    both = set(evictor.options) & set(quantizer.options)
+    if both:  # no two methods share an option name today; refuse rather than guess if they ever do
+        raise ValueError(f"option {sorted(both)[0]!r} belongs to both parts of {name!r}")
+    unknown = set(options) - set(evictor.options) - set(quantizer.options)
+    if unknown:
+        valid = ", ".join([*evictor.options, *quantizer.options])
+        raise ValueError(f"unknown option {sorted(unknown)[0]!r} for method {name!r}; valid: {valid}")
+    quant = quantizer(**{k: v for k, v in options.items() if k in quantizer.options})
+    method = evictor(compression=compression, budget=budget, **{k: v for k, v in options.items() if k in evictor.options})
+    method.name, method.quantization = name, quant.quantization
+    return method
 
 
 def describe_methods() -> str:
@@ -28,4 +82,6 @@ def describe_methods() -> str:
     for name, m in METHODS.items():
         opts = ", ".join(f"{k}={d!r}" for k, (_, d, _, _) in m.options.items())
         lines.append(f"{name:14} {m.description}" + (f" [{opts}]" if opts else "") + (f" {m.paper}" if m.paper else ""))
+    lines.append(f"{'A+B':14} an eviction method A, then quantization B of what it keeps (e.g. snapkv+kivi; "
+                 f"options go to the method that has them)")
     return "\n".join(lines)

@@ -1,0 +1,142 @@
+"""Asymmetric integer quantization in KIVI's layout: the arithmetic of a quantized block kind.
+
+Paper: KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache (Liu et al., ICML 2024),
+arXiv 2402.02750. A group of numbers is stored as b-bit codes q = round((x - min) / scale) with
+scale = (max - min) / (2^b - 1), plus the group's scale and min (the zero point), and read back
+as q * scale + min. Keys have a few outlier channels, so they are quantized per channel over a
+group of tokens (`quantize_keys`); values per token over groups of channels
+(`quantize_values`). Paper defaults: group size 32 for both, the newest 128 tokens (the
+residual) kept in full precision. Codes are packed 8 / b to a byte along the last axis.
+
+This is the arithmetic the quantized block kind (nanokv/cache/quant_pool.py) writes with and the
+attention over it (reference.quantized_decode_attention, quant_decode.py) reads with.
+`QuantBlocks` is what a kernel is handed: the pool's packed fields and how they were made.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+BITS = (2, 4, 8)
+
+
+def quantize(x: torch.Tensor, bits: int, group_size: int, dim: int, scale_dtype: torch.dtype = torch.float32):
+    """Codes (uint8, x's shape), scale and zero ([..., n_groups, 1, ...] along `dim`, in
+    `scale_dtype`): the min/max of every run of `group_size` consecutive entries along `dim` sets
+    its grid. Scale and zero are rounded to `scale_dtype` before the codes are taken, so the codes
+    are the nearest ones on the grid that will be stored."""
+    if bits not in BITS:
+        raise ValueError(f"bits must be one of {BITS}, got {bits}")
+    dim = dim % x.dim()
+    if x.shape[dim] % group_size:
+        raise ValueError(f"length {x.shape[dim]} along dim {dim} is not a multiple of group_size={group_size}")
+    grouped = x.float().unflatten(dim, (x.shape[dim] // group_size, group_size))
+    low = grouped.amin(dim + 1, keepdim=True).to(scale_dtype).float()
+    high = grouped.amax(dim + 1, keepdim=True)
+    scale = ((high - low) / (2 ** bits - 1)).to(scale_dtype).float()
+    # a constant group has scale 0: every code is 0 and reads back as its min
+    codes = ((grouped - low) / torch.where(scale > 0, scale, 1.0)).round().clamp(0, 2 ** bits - 1)
+    return codes.to(torch.uint8).flatten(dim, dim + 1), scale.to(scale_dtype), low.to(scale_dtype)
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int, dim: int) -> torch.Tensor:
+    """float32 values of `codes` quantized by `quantize(..., group_size, dim)`."""
+    dim = dim % codes.dim()
+    grouped = codes.float().unflatten(dim, (codes.shape[dim] // group_size, group_size))
+    return (grouped * scale + zero).flatten(dim, dim + 1)
+
+
+def quantize_keys(k: torch.Tensor, bits: int, group_size: int = 32, scale_dtype=torch.float32):
+    """k [..., T, D]: per channel, over groups of `group_size` tokens."""
+    return quantize(k, bits, group_size, dim=-2, scale_dtype=scale_dtype)
+
+
+def quantize_values(v: torch.Tensor, bits: int, group_size: int = 32, scale_dtype=torch.float32):
+    """v [..., T, D]: per token, over groups of `group_size` channels."""
+    return quantize(v, bits, group_size, dim=-1, scale_dtype=scale_dtype)
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes of `bits` bits [..., n] -> bytes [..., n * bits / 8], the first code in the
+    lowest bits."""
+    per_byte = 8 // bits
+    if codes.shape[-1] % per_byte:
+        raise ValueError(f"the last axis ({codes.shape[-1]}) must hold a multiple of {per_byte} codes")
+    parts = codes.unflatten(-1, (-1, per_byte)).to(torch.int32)
+    shifts = torch.arange(per_byte, device=codes.device, dtype=torch.int32) * bits
+    return (parts << shifts).sum(-1).to(torch.uint8)
+
+
+def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """The inverse of `pack`."""
+    per_byte = 8 // bits
+    shifts = torch.arange(per_byte, device=packed.device, dtype=torch.int32) * bits
+    codes = (packed.to(torch.int32)[..., None] >> shifts) & (2 ** bits - 1)
+    return codes.flatten(-2).to(torch.uint8)
+
+
+def packed_bytes(tokens: int, head_dim: int, bits: int, group_size: int = 32, scale_bytes: int = 2) -> int:
+    """Bytes of `tokens` tokens of one head, K and V: packed codes plus a scale and a zero per
+    group (key groups: group_size tokens x 1 channel; value groups: 1 token x group_size channels)."""
+    codes = 2 * tokens * head_dim * bits // 8
+    groups = tokens // group_size * head_dim + tokens * (head_dim // group_size)
+    return codes + 2 * scale_bytes * groups
+
+
+@dataclass(frozen=True)
+class QuantBlocks:
+    """Quantized blocks as a kernel reads them. Block b holds `block_size` tokens of one head:
+    k_codes, v_codes [num_blocks, block_size, D * bits / 8] uint8 (packed along D);
+    v_scale, v_zero [num_blocks, block_size, D / group_size] (per token, groups of channels);
+    k_scale, k_zero [num_blocks, block_size / group_size, D] when `keys_per_channel` (KIVI: per
+    channel, groups of tokens), else [num_blocks, block_size, D / group_size] like values.
+    The tensors may be strided views (the pool keeps every field of a block in one row)."""
+    k_codes: torch.Tensor
+    k_scale: torch.Tensor
+    k_zero: torch.Tensor
+    v_codes: torch.Tensor
+    v_scale: torch.Tensor
+    v_zero: torch.Tensor
+    bits: int
+    group_size: int
+    keys_per_channel: bool
+
+    @property
+    def block_size(self) -> int:
+        return self.k_codes.shape[1]
+
+
+def quantize_tokens(k: torch.Tensor, v: torch.Tensor, bits: int, group_size: int, keys_per_channel: bool,
+                    scale_dtype=torch.float16) -> dict[str, torch.Tensor]:
+    """k, v [..., T, D] -> the packed fields of QuantBlocks for those tokens (T a multiple of
+    group_size when keys are per channel)."""
+    k_codes, k_scale, k_zero = quantize(k, bits, group_size, dim=-2 if keys_per_channel else -1, scale_dtype=scale_dtype)
+    v_codes, v_scale, v_zero = quantize_values(v, bits, group_size, scale_dtype)
+    k_axis = -2 if keys_per_channel else -1
+    return {"k_codes": pack(k_codes, bits), "k_scale": k_scale.squeeze(k_axis), "k_zero": k_zero.squeeze(k_axis),
+            "v_codes": pack(v_codes, bits), "v_scale": v_scale.squeeze(-1), "v_zero": v_zero.squeeze(-1)}
+
+
+def dequantize_tokens(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int,
+                      per_channel: bool) -> torch.Tensor:
+    """float32 [..., T, D] from packed codes [..., T, D * bits / 8] and the scale and zero of
+    `quantize_tokens` ([..., T / group_size, D] per channel, [..., T, D / group_size] per token)."""
+    # one table lookup (an embedding) unpacks each byte into its codes as floats: 20x faster on
+    # CPU than shifting and masking, and this runs over the whole cache at every decode step
+    values = torch.nn.functional.embedding(codes.int(), _byte_table(bits, codes.device)).flatten(-2)  # [..., T, D]
+    dim = -2 if per_channel else -1
+    grouped = values.unflatten(dim, (values.shape[dim] // group_size, group_size))
+    return torch.addcmul(zero.float().unsqueeze(dim), grouped, scale.float().unsqueeze(dim)).flatten(dim - 1, dim)
+
+
+_TABLES: dict = {}
+
+
+def _byte_table(bits: int, device) -> torch.Tensor:
+    """[256, 8 / bits] float32: the codes packed in each byte value."""
+    key = (bits, str(device))
+    if key not in _TABLES:
+        _TABLES[key] = unpack(torch.arange(256, dtype=torch.uint8, device=device)[:, None], bits).float()
+    return _TABLES[key]

@@ -1,0 +1,122 @@
+"""QuantizedBlockPool: one pool whose blocks are either quantized or full precision.
+
+A quantized block holds `spec.block_size` tokens of one kv-head packed in KIVI's layout
+(kernels/quant.py): K and V codes of `bits` bits packed along the head dimension, and a float16
+scale and zero point per group (keys per channel over `group_size` tokens, or per token like
+values; values per token over `group_size` channels). A sequence's newest tokens, those that do
+not fill a quantized block yet, stay in full precision (KIVI's residual) in full-precision
+blocks of the same pool.
+
+Both kinds share one byte budget and one free list, as vLLM unifies page sizes across kinds:
+every block is one row of `unit_bytes` bytes, sized for a quantized block, and a
+full-precision block holds as many tokens as fit in the same bytes (`block_size`, a power of
+two). Each field of either kind is a strided view into the rows, so a row can serve as
+either kind from one allocation to the next. Quantized blocks keep no positions: every token in
+them is older than any query that reads them, so causality needs none (sliding-window layers,
+which would, are refused by the engine).
+
+Block 0 is never handed out: padded table entries point at it, and it stays zero, which reads
+as finite under both kinds (0 * NaN would be NaN).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kernels.quant import BITS, QuantBlocks
+from nanokv.cache.pool import BlockPool
+
+SCALE_DTYPE = torch.float16  # KIVI keeps scales and zero points in float16
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    bits: int
+    keys_per_channel: bool  # KIVI: keys per channel over groups of tokens; else per token
+    group_size: int = 32
+    block_size: int = 128   # tokens per quantized block = the residual kept in full precision
+
+    def __post_init__(self):
+        if self.bits not in BITS:
+            raise ValueError(f"bits must be one of {BITS}, got {self.bits}")
+        if self.block_size % self.group_size:
+            raise ValueError(f"residual_length={self.block_size} must be a multiple of group_size={self.group_size}")
+
+    def field_shapes(self, head_dim: int) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """Each field of a quantized block: (dtype, shape per block)."""
+        if head_dim % self.group_size:
+            raise ValueError(f"head_dim={head_dim} is not a multiple of group_size={self.group_size}")
+        R, G, D = self.block_size, self.group_size, head_dim
+        codes = (torch.uint8, (R, D * self.bits // 8))
+        per_token = (SCALE_DTYPE, (R, D // G))
+        keys = (SCALE_DTYPE, (R // G, D)) if self.keys_per_channel else per_token
+        return {"k_codes": codes, "v_codes": codes, "k_scale": keys, "k_zero": keys,
+                "v_scale": per_token, "v_zero": per_token}
+
+    def quantized_bytes(self, head_dim: int) -> int:
+        """Bytes of one quantized block: packed codes plus scales and zero points."""
+        return sum(dtype.itemsize * _numel(shape) for dtype, shape in self.field_shapes(head_dim).values())
+
+    def unit_bytes(self, head_dim: int) -> int:
+        """Bytes of a pool row: the quantized fields laid out one after another, each 4-aligned."""
+        return sum(_align(dtype.itemsize * _numel(shape)) for dtype, shape in self.field_shapes(head_dim).values())
+
+    def full_block_size(self, head_dim: int, dtype: torch.dtype) -> int:
+        """Tokens a full-precision block holds in a unit: K, V and an int32 position each, a power
+        of two that divides the quantized block (so a full residual is whole blocks)."""
+        per_token = 2 * head_dim * dtype.itemsize + 4
+        n = 1
+        while 2 * n * per_token <= self.unit_bytes(head_dim) and self.block_size % (2 * n) == 0:
+            n *= 2
+        return n
+
+
+class QuantizedBlockPool(BlockPool):
+    def __init__(self, num_blocks: int, spec: QuantSpec, head_dim: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu"):
+        if num_blocks <= 1:
+            raise ValueError(f"a quantized KV-cache pool needs at least two blocks, got num_blocks={num_blocks}")
+        self.spec, self.num_blocks, self.head_dim = spec, num_blocks, head_dim
+        self.dtype, self.device = dtype, device
+        self.block_size = spec.full_block_size(head_dim, dtype)
+        self.unit_bytes = spec.unit_bytes(head_dim)
+        # empty, not zeros: on CPU untouched rows cost nothing; allocate() zeroes what attention reads
+        self.arena = torch.empty(num_blocks, self.unit_bytes, dtype=torch.uint8, device=device)
+        self.arena[0] = 0
+        n = self.block_size
+        layout = {"k": (dtype, (n, head_dim)), "v": (dtype, (n, head_dim)), "pos": (torch.int32, (n,))}
+        self.fields = self._views(layout)
+        self.qfields = self._views(spec.field_shapes(head_dim))
+        self._init_free_list(num_blocks, first=1)
+
+    def _views(self, layout: dict) -> dict[str, torch.Tensor]:
+        """Strided views [num_blocks, *shape] into the rows, fields one after another (4-aligned)."""
+        views, offset = {}, 0
+        for name, (dtype, shape) in layout.items():
+            size = dtype.itemsize * _numel(shape)
+            views[name] = self.arena[:, offset:offset + size].view(dtype).unflatten(1, shape)
+            offset = _align(offset + size)
+        assert offset <= self.unit_bytes
+        return views
+
+    def quant_blocks(self) -> QuantBlocks:
+        f, s = self.qfields, self.spec
+        return QuantBlocks(f["k_codes"], f["k_scale"], f["k_zero"], f["v_codes"], f["v_scale"], f["v_zero"],
+                           s.bits, s.group_size, s.keys_per_channel)
+
+    @property
+    def bytes_per_block(self) -> int:
+        return self.unit_bytes
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _align(n: int, to: int = 4) -> int:
+    return (n + to - 1) // to * to

@@ -1,0 +1,38 @@
+"""kivi: keys quantized per channel, values per token, the newest tokens in full precision.
+
+Paper: KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache (Liu et al., ICML 2024),
+arXiv 2402.02750. Keys have a few channels with large magnitudes, so each key channel gets its
+own grid over a group of `group_size` tokens; values, whose error matters per token in the
+attention-weighted sum, get one grid per token over `group_size` channels. Asymmetric: each
+group stores a scale and a zero point (its min). The newest `residual_length` tokens stay in
+full precision until there are enough to quantize as a group. Defaults from the paper and its
+official code (jy-yuan/KIVI): 2 bits (4 also reported), group_size=32, residual_length=128.
+
+The quantized blocks, the residual and attention over both are the cache's: see
+nanokv/cache/quant_cache.py (how the residual is flushed) and kernels/quant_decode.py.
+"""
+
+from nanokv.cache.quant_pool import QuantSpec
+from nanokv.methods.base import Method
+
+
+class KIVI(Method):
+    name = "kivi"
+    description = "quantized KV (keys per channel, values per token, newest tokens in full precision)"
+    paper = "https://arxiv.org/abs/2402.02750"
+    keys_per_channel = True
+    compression_hint = "it keeps every token, in fewer bits; to evict too, combine methods, e.g. snapkv+kivi"
+    options = {
+        "bits": (int, 2, "2, 4 or 8", lambda v: v in (2, 4, 8)),
+        "group_size": (int, 32, "a power of two >= 8", lambda v: v >= 8 and v & (v - 1) == 0),
+        "residual_length": (int, 128, "a positive multiple of group_size", lambda v: v > 0),
+    }
+
+    def check_budget(self):
+        if self.residual_length % self.group_size:
+            raise ValueError(f"option residual_length={self.residual_length} of method {self.name!r} must be a "
+                             f"multiple of group_size={self.group_size}")
+
+    @property
+    def quantization(self) -> QuantSpec:
+        return QuantSpec(self.bits, self.keys_per_channel, self.group_size, self.residual_length)

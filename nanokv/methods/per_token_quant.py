@@ -1,0 +1,34 @@
+"""int8, int4: the per-token quantization baselines KIVI is measured against.
+
+Keys and values both quantized per token, asymmetric (scale + zero point) over groups of
+`group_size` channels: the "fake per-token quantization" rows of KIVI's Table 1 (arXiv
+2402.02750) and the group-wise scheme of FlexGen (arXiv 2303.06865), which stores 4-bit KV with
+groups of 64. KIVI's finding is that per-token keys break down at 2 bits, where per-channel keys
+(`kivi`) do not; at 8 and 4 bits both hold up. Here tokens are quantized a block at a time, so
+the newest `residual_length` tokens wait in full precision (one group by default; the baselines
+have no residual of their own).
+"""
+
+from nanokv.methods.kivi import KIVI
+
+
+class Int8(KIVI):
+    name = "int8"
+    description = "8-bit per-token KV quantization (a baseline for kivi)"
+    paper = "https://arxiv.org/abs/2402.02750"
+    keys_per_channel = False
+    fixed_bits = 8
+    options = {
+        "group_size": (int, 32, "a power of two >= 8", lambda v: v >= 8 and v & (v - 1) == 0),
+        "residual_length": (int, 32, "a positive multiple of group_size", lambda v: v > 0),
+    }
+
+    @property
+    def bits(self) -> int:
+        return self.fixed_bits
+
+
+class Int4(Int8):
+    name = "int4"
+    description = "4-bit per-token KV quantization (a baseline for kivi)"
+    fixed_bits = 4
