@@ -26,6 +26,7 @@ from generate import OneLineParser, method_options
 FIGURES = ("requests_per_s", "output_tokens_per_s", "total_tokens_per_s", "prefill_tokens_per_s",
            "decode_tokens_per_s", "ttft_p50_s", "ttft_p90_s", "peak_kv_bytes", "peak_rss_bytes",
            "peak_running_requests", "kv_bytes_per_token", "kv_bytes_per_token_unrounded",
+           "kv_bytes_read_per_decode_token",
            "single_request_decode_tokens_per_s")
 
 
@@ -124,6 +125,7 @@ def run_nanokv(args) -> dict:
                **percentiles([o.metrics["ttft_s"] for o in outputs]),
                "peak_kv_bytes": s["peak_kv_bytes"], "peak_running_requests": s["peak_running"],
                "preemptions": s["preemptions"], "kv_pool_bytes": llm.cache.pool.total_bytes,
+               "kv_bytes_read_per_decode_token": s["kv_bytes_read_per_decode_token"],
                **kv_bytes_per_token(outputs)}
     if args.single_output:
         [one] = llm.generate([requests[0][0]], SamplingParams(max_tokens=args.single_output, ignore_eos=True))

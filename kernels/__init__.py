@@ -9,6 +9,7 @@ paged_decode.py, prefill.py and write_kv.py are the Triton kernels.
     kernels.write_kv(k_pool, v_pool, pos_pool, slots [H, T], k [T, H, D], v, positions [T])
     kernels.quantized_decode(q [B, Hq, D], q_pos [B], quant (QuantBlocks), qtables, qlens,
                              k_pool, v_pool, pos_pool, tables, lengths)   # over quantized + residual blocks
+    kernels.page_scores(q [B, Hq, D], kmin [N, D], kmax [N, D], tables [B, Hkv, nb])  # Quest's page bounds
 
 NANOKV_KERNELS=triton|reference (or LLM(kernels=...)) overrides the choice: the tests run the
 Triton kernels on CPU under TRITON_INTERPRET=1.
@@ -35,6 +36,7 @@ class Kernels:
     prefill: Callable
     write_kv: Callable
     quantized_decode: Callable
+    page_scores: Callable
 
 
 def reference_kernels(workspace: reference.Workspace | None = None) -> Kernels:
@@ -72,16 +74,19 @@ def reference_kernels(workspace: reference.Workspace | None = None) -> Kernels:
         out = torch.cat(outs)
         return (out, torch.stack(sums)) if obs_window is not None else out
 
-    return Kernels("reference", decode, prefill, reference.write_kv, reference.quantized_decode_attention)
+    return Kernels("reference", decode, prefill, reference.write_kv, reference.quantized_decode_attention,
+                   reference.page_scores)
 
 
 def triton_kernels() -> Kernels:
     from kernels.paged_decode import paged_decode_attention
     from kernels.prefill import prefill_attention
     from kernels.quant_decode import quantized_decode_attention
+    from kernels.quest import page_scores
     from kernels.write_kv import write_kv
 
-    return Kernels("triton", paged_decode_attention, prefill_attention, write_kv, quantized_decode_attention)
+    return Kernels("triton", paged_decode_attention, prefill_attention, write_kv, quantized_decode_attention,
+                   page_scores)
 
 
 def kernels_for(device, choice: str | None = None, workspace: reference.Workspace | None = None) -> Kernels:

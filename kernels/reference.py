@@ -113,6 +113,20 @@ def quantized_decode_attention(q: torch.Tensor, q_pos: torch.Tensor, quant: "Qua
     return (probs @ values).view(B, Hq, D).to(q.dtype)
 
 
+def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+    """Quest's page bounds: q [B, Hq, D]; kmin, kmax [num_blocks, D] the per-channel min and max of
+    each block's keys; tables [B, Hkv, nb] (-1 past a head's blocks) -> [B, Hkv, nb] float32, for each page the largest over the kv-head's query heads of
+    sum_c max(q_c * kmax_c, q_c * kmin_c), an upper bound of q . k for every key in the page;
+    -inf for -1 entries."""
+    B, Hq, D = q.shape
+    Hkv = tables.shape[1]
+    blocks = tables.clamp(min=0)
+    low, high = kmin[blocks].float()[:, :, None], kmax[blocks].float()[:, :, None]  # [B, Hkv, 1, nb, D]
+    qg = q.float().view(B, Hkv, Hq // Hkv, 1, D)
+    bounds = torch.maximum(qg * high, qg * low).sum(-1).amax(2)
+    return bounds.masked_fill(tables < 0, float("-inf"))
+
+
 SDPA_MIN_QUERIES = 512  # below this the spelled-out form was as fast (measured, bfloat16 CPU)
 
 

@@ -132,6 +132,9 @@ def test_unsupported_hf_architecture(tmp_path):
     (["--dtype", "int3", "hi"], ["'int3'", "float32"]),
     (["--device", "gpu", "hi"], ["'gpu'", "cpu"]),
     (["--method", "full", "--compression", "0.5", "hi"], ["'full' does not compress"]),
+    (["--method", "kivi", "--compression", "0.5", "hi"], ["'kivi' does not compress", "snapkv+kivi"]),
+    (["--method", "h2o+kivi", "hi"], ["h2o evicts during decode", "snapkv"]),
+    (["--method", "kivi", "--method-arg", "bits=3", "hi"], ["bits=3", "2, 4 or 8"]),
     (["   "], ["prompt is empty"]),
 ])
 def test_bad_arguments(args, needles):
@@ -145,10 +148,26 @@ def test_default_command_answers_paris(smollm2_gguf, tmp_path):
     assert "Paris" in result.stdout
     data = json.loads(stats.read_text())
     assert set(data) == {"model", "method", "prompt_tokens", "generated_tokens", "prefill_tokens_per_s",
-                         "decode_tokens_per_s", "kv_cache_bytes", "kv_cache_bytes_uncompressed"}
+                         "decode_tokens_per_s", "kv_cache_bytes", "kv_cache_bytes_uncompressed",
+                         "kv_cache_bytes_theory", "kv_cache_tokens"}
     # full-precision bfloat16 cache in 16-token head-blocks of 16 x (64 dims x 2 (K and V) x 2 bytes
     # + a 4-byte position), one list of blocks per (layer, kv-head) = 30 x 3, for the tokens that
     # went through the model (the last one sampled may not have)
     held = [30 * 3 * -(-n // 16) * 16 * (64 * 2 * 2 + 4) for n in
             (data["prompt_tokens"] + data["generated_tokens"] - 1, data["prompt_tokens"] + data["generated_tokens"])]
     assert data["kv_cache_bytes"] in held
+
+
+def test_kivi_stats_count_packed_blocks_and_the_residual(smollm2_gguf, tmp_path):
+    stats = tmp_path / "stats.json"
+    prompt = "Tell me about the history of Paris. " * 12
+    result = run("--method", "kivi", "--method-arg", "bits=4", "--stats-json", str(stats), "--max-tokens", "24", prompt)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(stats.read_text())
+    n = data["kv_cache_tokens"]
+    assert n > 128  # at least one quantized block per head
+    # a 4-bit block of 128 tokens: codes 2 x 128 x 32 bytes + float16 scales and zeros (keys 4 x 64,
+    # values 128 x 2, two each) = 10,240 bytes; the residual: blocks of 32 tokens in rows of that size
+    assert data["kv_cache_bytes"] == 30 * 3 * (n // 128 + -(-(n % 128) // 32)) * 10240
+    assert data["kv_cache_bytes_theory"] == 30 * 3 * (n // 128 * 10240 + n % 128 * (64 * 2 * 2 + 4))
+    assert "B/token" in result.stderr

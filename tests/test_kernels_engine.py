@@ -34,7 +34,8 @@ def greedy(model, cfg, prompts, choice, steps=12, method=None):
     if method is not None and method.quantization is not None:
         cache = QuantizedKVCache.from_memory(cfg, 4 << 20, method.quantization, torch.float32)
     else:
-        cache = PagedKVCache.from_memory(cfg, 4 << 20, 4, torch.float32, extra_fields=method and method.slot_fields)
+        cache = PagedKVCache.from_memory(cfg, 4 << 20, 4, torch.float32, extra_fields=method and method.slot_fields,
+                                         key_bounds=method is not None and method.selects_pages)
     cache.kernels = kernels_for("cpu", choice, cache.workspace)
     scheduler, runner = Scheduler(cache, 8, 64, method), ModelRunner(model, cache, "cpu", method)
     seqs = [Sequence(p, SamplingParams(max_tokens=steps, ignore_eos=True), set(), lambda t: "", 256) for p in prompts]
@@ -61,16 +62,19 @@ def test_each_device_gets_its_kernels(monkeypatch):
 
 
 def tiny_method(name):
-    """h2o: prefill column sums, decode probabilities; kivi: quantized decode (head_dim 16)."""
+    """h2o: prefill column sums, decode probabilities; kivi: quantized decode (head_dim 16);
+    quest: page scores and decode over the picked pages (3 of the 4-token blocks, every layer)."""
     if name == "kivi":
         return make_method("kivi", bits=4, group_size=8, residual_length=16)
+    if name == "quest":
+        return make_method("quest", budget=8, skip_layers=0)
     return name and make_method(name, budget=12)
 
 
-@pytest.mark.parametrize("method", [None, "h2o", "kivi"])
+@pytest.mark.parametrize("method", [None, "h2o", "kivi", "quest"])
 def test_the_engine_runs_every_attention_call_through_the_chosen_kernels(tiny, monkeypatch, method):
     model, cfg = tiny
-    calls = {"decode": 0, "prefill": 0, "write_kv": 0, "quantized_decode": 0}
+    calls = {"decode": 0, "prefill": 0, "write_kv": 0, "quantized_decode": 0, "page_scores": 0}
     triton = kernels.triton_kernels()
 
     def counted(name):
@@ -93,13 +97,13 @@ def test_the_engine_runs_every_attention_call_through_the_chosen_kernels(tiny, m
     # first step the two sequences hold similar block counts and share one group: 2 + 1 calls)
     if method == "kivi":
         assert calls == {"prefill": 2 * layers, "quantized_decode": (2 + 1) * layers, "write_kv": (2 + 2) * layers,
-                         "decode": 0}, calls
+                         "decode": 0, "page_scores": 0}, calls
     else:
         assert calls == {"prefill": 2 * layers, "decode": 2 * 2 * layers, "write_kv": (2 + 2) * layers,
-                         "quantized_decode": 0}, calls
+                         "quantized_decode": 0, "page_scores": 2 * 2 * layers if method == "quest" else 0}, calls
 
 
-@pytest.mark.parametrize("method", [None, "h2o", "kivi"])
+@pytest.mark.parametrize("method", [None, "h2o", "kivi", "quest"])
 def test_triton_kernels_give_the_reference_greedy_tokens(tiny, method):
     model, cfg = tiny
     expected = greedy(model, cfg, PROMPTS, "reference", method=tiny_method(method))

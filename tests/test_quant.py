@@ -5,11 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-from kernels.quant import dequantize, pack, packed_bytes, quantize_keys, quantize_values, unpack
+from kernels.quant import (dequantize, dequantize_tokens, pack, packed_bytes, quantize_keys, quantize_tokens,
+                           quantize_values, unpack)
 
 
-def float64_codes(x, bits, group_size, axis):
-    """Element by element in float64: each run of group_size along `axis` gets its own grid."""
+def float64_codes(x, bits, group_size, axis, grid_dtype=None):
+    """Element by element in float64: each run of group_size along `axis` gets its own grid
+    (with `grid_dtype`, its min and step rounded to that type first, as they are stored)."""
     x = np.moveaxis(x.astype(np.float64), axis, -1)
     codes, values = np.zeros(x.shape, np.int64), np.zeros(x.shape)
     levels = 2 ** bits - 1
@@ -17,7 +19,11 @@ def float64_codes(x, bits, group_size, axis):
         for start in range(0, x.shape[-1], group_size):
             group = x[index][start:start + group_size]
             low, high = group.min(), group.max()
+            if grid_dtype is not None:
+                low = float(grid_dtype(low))
             scale = (high - low) / levels
+            if grid_dtype is not None:
+                scale = float(grid_dtype(scale))
             for j, value in enumerate(group):
                 q = 0 if scale == 0 else min(levels, max(0, int(np.floor((value - low) / scale + 0.5))))
                 codes[index + (start + j,)] = q
@@ -43,6 +49,26 @@ def test_round_trip_matches_the_float64_formula(bits, group_size, kind):
     step = np.abs(np.diff(expected_values, axis=axis)).max()  # the largest grid step anywhere
     assert np.abs(got - expected_values)[~differ].max() < 1e-4 * max(1.0, np.abs(x.numpy()).max())
     assert np.abs(got - x.numpy()).max() <= 0.5 * step + 1e-5  # never more than half a step off
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("group_size", [16, 32, 64])
+@pytest.mark.parametrize("keys_per_channel", [True, False])
+def test_stored_blocks_read_back_as_the_float64_formula_on_a_float16_grid(bits, group_size, keys_per_channel):
+    """What the cache stores (packed codes, float16 scale and zero) reads back as the float64
+    statement with the grid's min and step rounded to float16."""
+    gen = torch.Generator().manual_seed(bits + group_size)
+    k, v = (torch.randn(64, 128, generator=gen) * torch.linspace(0.1, 4, 128) for _ in range(2))
+    stored = quantize_tokens(k, v, bits, group_size, keys_per_channel, torch.float16)
+    assert stored["k_codes"].shape == (64, 128 * bits // 8) and stored["k_scale"].dtype == torch.float16
+    for name, x, per_channel in (("k", k, keys_per_channel), ("v", v, False)):
+        got = dequantize_tokens(stored[f"{name}_codes"], stored[f"{name}_scale"], stored[f"{name}_zero"], bits,
+                                group_size, per_channel).numpy()
+        _, expected = float64_codes(x.numpy(), bits, group_size, -2 if per_channel else -1, np.float16)
+        # a value on a .5 boundary may round to the neighbouring code in float32: one step at most
+        off = np.abs(got - expected)
+        step = np.abs(np.diff(expected, axis=-2 if per_channel else -1)).max()
+        assert (off > 1e-3).mean() < 1e-3 and off.max() <= step + 1e-3
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])

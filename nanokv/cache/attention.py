@@ -32,6 +32,9 @@ class CacheAttention:
                  method=None, compress_lens: list[int] | None = None):
         self.cache, self.seq_ids, self.query_lens = cache, seq_ids, query_lens
         self.method = method if method is not None and method.compresses else None
+        # a method that picks which blocks each decode step reads (Quest)
+        self.selector = method if method is not None and method.selects_pages else None
+        self.bytes_read = 0  # KV bytes the decode attention read this step, over all layers
         # how many leading new tokens of each sequence the method compresses (its prompt, or the
         # context before a question); the rest attends over them compressed and is kept
         self.compress_lens = compress_lens or query_lens
@@ -80,16 +83,21 @@ class CacheAttention:
             out = torch.empty_like(q)
             if self.quantized:
                 for members, qtables, qlens, tables, lengths in self.groups:
+                    self.bytes_read += self.cache.read_bytes(lengths[layer], qlens[layer])
                     out[members] = kernels.quantized_decode(q[members], self.positions[members], pool.quant_blocks(),
                                                             qtables[layer], qlens[layer], pool.k, pool.v, pool.pos,
                                                             tables[layer], lengths[layer])
                 return out
             for members, tables, lengths in self.groups:
+                tables, lengths = tables[layer], lengths[layer]
+                if self.selector is not None and layer >= self.selector.skip_layers:
+                    tables, lengths = self._selected_pages(q[members], tables, lengths)
+                self.bytes_read += self.cache.read_bytes(lengths)
                 result = kernels.decode(q[members], self.positions[members], pool.k, pool.v, pool.pos,
-                                        tables[layer], lengths[layer], sliding_window, self.evicting)
+                                        tables, lengths, sliding_window, self.evicting)
                 if self.evicting:
                     result, probs = result
-                    self.evicted[layer, members.cpu()] = self._evict(tables[layer], lengths[layer], probs,
+                    self.evicted[layer, members.cpu()] = self._evict(tables, lengths, probs,
                                                                      self.positions[members], self.budgets[members]).cpu()
                 out[members] = result
             return out
@@ -114,6 +122,23 @@ class CacheAttention:
                 outs.append(self._generated(layer, i, q_i[n:], pos_i[n:], sliding_window))
             self.cache.settle(seq_id, layers=slice(layer, layer + 1))
         return torch.cat(outs)
+
+    def _selected_pages(self, q, tables, lengths):
+        """Quest: score every held page of each head against the query (kernels.page_scores over
+        the pool's key bounds), let the method pick the pages to read, and return the reduced
+        tables [b, H, k] (the picked blocks in their order, -1 after) and lengths. The newest page
+        is always picked, and being last it is the only partial one."""
+        pool, bs = self.cache.pool, self.cache.block_size
+        bounds = self.cache.kernels.page_scores(q, pool.block_fields["kmin"], pool.block_fields["kmax"], tables)
+        self.bytes_read += int(tables.ge(0).sum()) * 2 * pool.head_dim * pool.dtype.itemsize  # the bounds read
+        num_blocks = (lengths + bs - 1) // bs
+        keep = self.selector.select_pages(bounds, num_blocks, bs)
+        count = keep.sum(-1)
+        width = int(count.max())
+        order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)[..., :width]  # picked first, in order
+        picked = tables.gather(-1, order)
+        picked = picked.masked_fill(torch.arange(width, device=picked.device) >= count[..., None], -1)
+        return picked, (count - 1) * bs + lengths - (num_blocks - 1) * bs
 
     def _held(self, seq_id: int, layer: int):
         """One sequence's tables [1, H, nb] and lengths [1, H] at `layer`, as attention takes them."""

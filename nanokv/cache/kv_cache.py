@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels import kernels_for
-from kernels.reference import Workspace
+from kernels.reference import Workspace, gather_blocks
 from nanokv.cache.pool import BlockPool, OutOfBlocks
 
 
@@ -38,15 +38,15 @@ class PagedKVCache:
 
     @classmethod
     def from_memory(cls, cfg, kv_cache_memory: int, block_size: int, dtype: torch.dtype, device="cpu",
-                    extra_fields: dict[str, torch.dtype] | None = None):
-        """A cache whose pool takes `kv_cache_memory` bytes: K, V and every slot field."""
-        per_block = BlockPool.block_bytes(block_size, cfg.head_dim, dtype, extra_fields)
+                    extra_fields: dict[str, torch.dtype] | None = None, key_bounds: bool = False):
+        """A cache whose pool takes `kv_cache_memory` bytes: K, V, every slot field, key bounds."""
+        per_block = BlockPool.block_bytes(block_size, cfg.head_dim, dtype, extra_fields, key_bounds)
         num_blocks = int(kv_cache_memory // per_block)
         per_token = cfg.num_layers * cfg.num_kv_heads
         if num_blocks < per_token:
             raise ValueError(f"kv_cache_memory={kv_cache_memory} bytes holds {num_blocks} blocks; one token of "
                              f"this model needs {per_token} blocks ({per_token * per_block} bytes)")
-        pool = BlockPool(num_blocks, block_size, cfg.head_dim, dtype, device, extra_fields)
+        pool = BlockPool(num_blocks, block_size, cfg.head_dim, dtype, device, extra_fields, key_bounds)
         return cls(cfg.num_layers, cfg.num_kv_heads, pool)
 
     # --- sequences --------------------------------------------------------------------
@@ -124,6 +124,12 @@ class PagedKVCache:
         self.kernels.write_kv(f["k"], f["v"], f["pos"], slots, k, v, positions)
         for name in f.keys() - {"k", "v", "pos"}:  # a method's state starts afresh
             f[name][self.pool.slot_index(slots.flatten())] = 0
+        if self.pool.block_fields:  # widen each written block's key bounds by its new keys
+            blocks = (slots // self.block_size).flatten()
+            keys = k.transpose(0, 1).reshape(-1, k.shape[-1]).to(self.pool.dtype)
+            rows = blocks[:, None].expand_as(keys)
+            self.pool.block_fields["kmin"].scatter_reduce_(0, rows, keys, "amin")
+            self.pool.block_fields["kmax"].scatter_reduce_(0, rows, keys, "amax")
 
     # --- compaction -------------------------------------------------------------------
 
@@ -145,6 +151,7 @@ class PagedKVCache:
         dst = self.flat_slots(tables, dst_logical.clamp(min=0))[keep]
         self.move_slots(src, dst)
         self._shrink(s, layers, counts)
+        self._refresh_key_bounds(s, layers)
 
     def drop_last(self, seq_id: int, drop: torch.Tensor, layers: slice | None = None):
         """Shorten the heads marked in `drop` ([L', H] bool) by their last slot, freeing a block
@@ -152,12 +159,32 @@ class PagedKVCache:
         s = self.seqs[seq_id]
         layers = layers or slice(0, self.num_layers)
         self._shrink(s, layers, s.lengths[layers] - drop.long())
+        self._refresh_key_bounds(s, layers)
 
     def move_slots(self, src: torch.Tensor, dst: torch.Tensor):
         """Copy every slot field from flat slots `src` to flat slots `dst`."""
         src, dst = self.pool.slot_index(src), self.pool.slot_index(dst)
         for field in self.pool.fields.values():
             field[dst] = field[src]  # advanced indexing reads a copy first, so overlaps are safe
+
+    def _refresh_key_bounds(self, s: SequenceKV, layers: slice):
+        """Recompute the key bounds of the heads' blocks from the keys they now hold (after slots
+        moved between blocks)."""
+        if not self.pool.block_fields:
+            return
+        tables, lengths = s.tables[layers], s.lengths[layers]
+        width = int(s.num_blocks[layers].max())
+        if width == 0:
+            return
+        tables = tables[..., :width]
+        keys = gather_blocks(self.pool.k, tables).float()                       # [L', H, S, D]
+        held = (torch.arange(keys.shape[2]) < lengths[..., None])[..., None]
+        per_block = (*tables.shape, self.block_size, keys.shape[-1])
+        kmin = keys.masked_fill(~held, float("inf")).view(per_block).amin(-2)
+        kmax = keys.masked_fill(~held, float("-inf")).view(per_block).amax(-2)
+        owned = tables >= 0
+        self.pool.block_fields["kmin"][tables[owned]] = kmin[owned].to(self.pool.dtype)
+        self.pool.block_fields["kmax"][tables[owned]] = kmax[owned].to(self.pool.dtype)
 
     def _shrink(self, s: SequenceKV, layers: slice, lengths: torch.Tensor):
         """Set the heads' lengths and give back the blocks past what they now need."""
@@ -178,6 +205,11 @@ class PagedKVCache:
 
     def seq_bytes(self, seq_id: int) -> int:
         return int(self.seqs[seq_id].num_blocks.sum()) * self.pool.bytes_per_block
+
+    def read_bytes(self, lengths: torch.Tensor, quantized: torch.Tensor | None = None) -> int:
+        """KV bytes a decode attention call reads for heads holding `lengths` tokens: whole blocks
+        of K, V and positions."""
+        return int(self.blocks_for(lengths).sum()) * self.block_size * self.token_bytes()
 
     def token_bytes(self) -> int:
         """Bytes one token of one head takes in full precision: K, V and its int32 position."""

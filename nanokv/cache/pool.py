@@ -22,7 +22,8 @@ class OutOfBlocks(RuntimeError):
 
 class BlockPool:
     def __init__(self, num_blocks: int, block_size: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu", extra_fields: dict[str, torch.dtype] | None = None):
+                 device: torch.device | str = "cpu", extra_fields: dict[str, torch.dtype] | None = None,
+                 key_bounds: bool = False):
         if num_blocks <= 0:
             raise ValueError(f"the KV-cache pool needs at least one block, got num_blocks={num_blocks}")
         self.num_blocks, self.block_size, self.head_dim = num_blocks, block_size, head_dim
@@ -41,6 +42,12 @@ class BlockPool:
             self.fields[name] = torch.zeros(*shape, dtype=field_dtype, device=device)
         self.fields["k"][0] = 0
         self.fields["v"][0] = 0
+        # Per-block metadata: with key_bounds, the per-channel min and max of the keys a block
+        # holds (Quest's page summary), kept up to date by the cache on every write and compaction.
+        self.block_fields: dict[str, torch.Tensor] = {}
+        if key_bounds:
+            self.block_fields = {name: torch.zeros(num_blocks, head_dim, dtype=dtype, device=device)
+                                 for name in ("kmin", "kmax")}
         self._init_free_list(num_blocks)
 
     def _init_free_list(self, num_blocks: int, first: int = 0):
@@ -81,6 +88,9 @@ class BlockPool:
         self._in_use[ids] = True
         self.fields["k"][ids] = 0
         self.fields["v"][ids] = 0
+        if self.block_fields:  # empty bounds, which the first write replaces
+            self.block_fields["kmin"][ids] = torch.finfo(self.dtype).max
+            self.block_fields["kmax"][ids] = torch.finfo(self.dtype).min
         return ids
 
     def slot_index(self, slots: torch.Tensor):
@@ -102,16 +112,18 @@ class BlockPool:
 
     @property
     def bytes_per_block(self) -> int:
-        """Bytes of one block, every slot field counted (what a method saves when it frees one)."""
-        return sum(f[0].numel() * f.element_size() for f in self.fields.values())
+        """Bytes of one block, every slot field and block field counted (what a method saves when
+        it frees one)."""
+        return sum(f[0].numel() * f.element_size() for f in [*self.fields.values(), *self.block_fields.values()])
 
     @staticmethod
     def block_bytes(block_size: int, head_dim: int, dtype: torch.dtype,
-                    extra_fields: dict[str, torch.dtype] | None = None) -> int:
-        """bytes_per_block of a pool not built yet: K and V, the int32 positions, extra fields."""
+                    extra_fields: dict[str, torch.dtype] | None = None, key_bounds: bool = False) -> int:
+        """bytes_per_block of a pool not built yet: K and V, the int32 positions, extra fields,
+        and the key bounds."""
         per_slot = 2 * head_dim * dtype.itemsize + torch.int32.itemsize
         per_slot += sum(d.itemsize for d in (extra_fields or {}).values())
-        return block_size * per_slot
+        return block_size * per_slot + (2 * head_dim * dtype.itemsize if key_bounds else 0)
 
     @property
     def total_bytes(self) -> int:

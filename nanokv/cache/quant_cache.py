@@ -106,6 +106,11 @@ class QuantizedKVCache(PagedKVCache):
         s = self.seqs[seq_id]
         return int(s.num_blocks.sum() + s.num_qblocks.sum()) * self.pool.bytes_per_block
 
+    def read_bytes(self, lengths: torch.Tensor, quantized: torch.Tensor | None = None) -> int:
+        """The residual's blocks (K, V, positions) and the quantized blocks' codes and scales."""
+        blocks = 0 if quantized is None else int(quantized.sum()) // self.spec.block_size
+        return super().read_bytes(lengths) + blocks * self.spec.quantized_bytes(self.pool.head_dim)
+
     def theoretical_bytes(self, seq_id: int) -> int:
         """Packed codes, scales and zero points of the quantized tokens, plus the residual in full
         precision (with positions), with no block rounding."""

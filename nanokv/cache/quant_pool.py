@@ -89,6 +89,7 @@ class QuantizedBlockPool(BlockPool):
         layout = {"k": (dtype, (n, head_dim)), "v": (dtype, (n, head_dim)), "pos": (torch.int32, (n,))}
         self.fields = self._views(layout)
         self.qfields = self._views(spec.field_shapes(head_dim))
+        self.block_fields = {}  # no per-block metadata (Quest's bounds are for full-precision pools)
         self._init_free_list(num_blocks, first=1)
 
     def _views(self, layout: dict) -> dict[str, torch.Tensor]:

@@ -83,9 +83,9 @@ class LLM:
         self.tokenizer = make_tokenizer(self.source.path)
         memory = kv_cache_bytes(kv_cache_memory, self.device)
         spec = self.method.quantization
-        if spec is None:
+        if spec is None:  # Quest reads each block's key bounds: the pool keeps them
             self.cache = PagedKVCache.from_memory(self.config, memory, block_size, self.dtype, self.device,
-                                                  self.method.slot_fields)
+                                                  self.method.slot_fields, key_bounds=self.method.selects_pages)
         else:  # blocks sized by the quantization (block_size does not apply)
             windowed = [w for w in self.config.sliding_windows if w is not None]
             if windowed:
@@ -195,7 +195,7 @@ class LLM:
             seq.arrival_time = time.perf_counter()
         self._busy = True
         stats = {"prefill_tokens": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0,
-                 "peak_running": 0, "peak_kv_bytes": 0, "preemptions": 0}
+                 "peak_running": 0, "peak_kv_bytes": 0, "preemptions": 0, "decode_kv_bytes_read": 0}
         try:
             while not self.scheduler.finished:
                 batch, is_prefill = self.scheduler.schedule()
@@ -207,6 +207,8 @@ class LLM:
                 kind = "prefill" if is_prefill else "decode"
                 stats[f"{kind}_tokens"] += sum(len(s) for s in batch) if is_prefill else len(batch)
                 stats[f"{kind}_s"] += now - start
+                if not is_prefill:
+                    stats["decode_kv_bytes_read"] += self.runner.last_bytes_read
                 stats["peak_running"] = max(stats["peak_running"], len(self.scheduler.running))
                 stats["peak_kv_bytes"] = max(stats["peak_kv_bytes"], self.cache.used_bytes)
                 for seq, token in zip(batch, tokens):
@@ -223,6 +225,8 @@ class LLM:
                 if not seq.finished:
                     self.scheduler.abort(seq)
         stats["preemptions"] = sum(s.num_preemptions for s in seqs)
+        # what one decode token costs in KV reads (all layers): falls with a Quest budget
+        stats["kv_bytes_read_per_decode_token"] = stats["decode_kv_bytes_read"] / max(1, stats["decode_tokens"])
         self.stats = stats
 
 

@@ -36,6 +36,7 @@ class ModelRunner:
             s.num_cached = n if is_prefill else s.num_cached + 1
         hidden = self.model(ids, positions, attention)
         attention.finish()
+        self.last_bytes_read = attention.bytes_read  # decode: the KV bytes attention read, all layers
         last = torch.tensor(query_lens, device=self.device).cumsum(0) - 1
         logits = self.model.compute_logits(hidden[last])
         return sample(logits, [s.params for s in seqs], [s.generator for s in seqs]).tolist()

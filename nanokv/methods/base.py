@@ -62,6 +62,7 @@ class Method:
     evicts_during_decode = False    # decode_scores is called every decode step
     slot_fields: dict[str, torch.dtype] = {}  # per-token state the cache carries
     quantization = None             # a QuantSpec: the cache stores K and V quantized (kivi, int4, int8)
+    selects_pages = False           # select_pages picks the blocks each decode step reads (quest)
     compression_hint = "choose a method to use compression or budget (see --list-methods)"
 
     def __init__(self, compression: float = 0.0, budget: int | None = None, **options):
@@ -73,7 +74,7 @@ class Method:
         if not (isinstance(compression, (int, float)) and 0 <= compression < 1):
             raise ValueError(f"compression must be in [0, 1) (the fraction of tokens removed), got {compression!r}")
         self.compression, self.budget = float(compression), budget
-        if type(self).scores is Method.scores and (compression or budget is not None):
+        if type(self).scores is Method.scores and not self.selects_pages and (compression or budget is not None):
             raise ValueError(f"method {self.name!r} does not compress; {self.compression_hint}")
         unknown = set(options) - set(self.options)
         if unknown:

@@ -7,13 +7,14 @@ from nanokv.methods.kivi import KIVI
 from nanokv.methods.knorm import KNorm
 from nanokv.methods.per_token_quant import Int4, Int8
 from nanokv.methods.pyramidkv import PyramidKV
+from nanokv.methods.quest import Quest
 from nanokv.methods.random import RandomMethod
 from nanokv.methods.snapkv import SnapKV
 from nanokv.methods.streaming_llm import StreamingLLM
 from nanokv.methods.tova import TOVA
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, RandomMethod, StreamingLLM, KNorm, SnapKV, PyramidKV, AdaKV, H2O, TOVA,
-                                                         KIVI, Int4, Int8)}
+                                                         KIVI, Int4, Int8, Quest)}
 QUANTIZERS = [name for name, m in METHODS.items() if issubclass(m, KIVI)]
 
 
@@ -46,13 +47,13 @@ def check_method(name: str) -> str:
                              f"such as snapkv+kivi")
     if len(parts) == 2:
         evictor, quantizer = (METHODS[p] for p in parts)
-        if quantizer.name not in QUANTIZERS or evictor.name in QUANTIZERS or evictor is Method:
+        if quantizer.name not in QUANTIZERS or evictor.name in QUANTIZERS or evictor is Method or evictor.selects_pages:
             raise ValueError(f"method {name!r}: combine an eviction method with a quantization method "
                              f"({', '.join(QUANTIZERS)}), in that order, e.g. snapkv+kivi")
         if evictor.evicts_during_decode:
             raise ValueError(f"method {name!r}: {evictor.name} evicts during decode, which would move tokens inside "
                              f"quantized blocks; combine {quantizer.name} with a prefill-time method "
-                             f"({', '.join(n for n, m in METHODS.items() if n not in QUANTIZERS and not m.evicts_during_decode and m is not Method)})")
+                             f"({', '.join(n for n, m in METHODS.items() if n not in QUANTIZERS and not m.evicts_during_decode and not m.selects_pages and m is not Method)})")
     elif len(parts) > 2:
         raise ValueError(f"method {name!r}: at most one eviction method and one quantization method, e.g. snapkv+kivi")
     return spec

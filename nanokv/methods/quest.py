@@ -1,0 +1,60 @@
+"""quest: read only the pages of the cache that can matter to the current query.
+
+Paper: Quest: Query-Aware Sparsity for Efficient Long-Context LLM Inference (Tang et al., ICML
+2024), arXiv 2406.10774. The cache is kept whole; what changes is what a decode step reads.
+Every page (a cache block of `block_size` tokens of one head) carries the per-channel min and
+max of its keys. For a query q, sum_c max(q_c * max_c, q_c * min_c) bounds q . k from above for
+every key k in the page, so a page whose bound is low cannot hold a key the query attends to
+much. Each decode step keeps the top K = budget / page_size pages by bound (at least
+`min_pages`; the page holding the newest tokens always) and attends over those alone. Defaults
+from the paper and its official code (mit-han-lab/Quest): page size 16 (the cache's block
+size), the first two layers and the prefill dense (`skip_layers=2`), token budgets of 512 to
+4096 (1024 when none is given). Quest scores per query head; the cache stores kv-heads, so here a page is kept for a
+kv-head when the highest of its query heads' bounds ranks it (one selection serves the GQA
+group, as the heads share their pages).
+
+The bounds live in the cache's pool (kmin / kmax per block, nanokv/cache/pool.py); the scoring
+and the reduced block tables are the engine's (nanokv/cache/attention.py, kernels/quest.py).
+"""
+
+import torch
+
+from nanokv.methods.base import Method
+
+DEFAULT_BUDGET = 1024
+
+
+class Quest(Method):
+    name = "quest"
+    description = "query-aware sparse decode: read only the top pages by a key min/max bound (cache kept whole)"
+    paper = "https://arxiv.org/abs/2406.10774"
+    selects_pages = True
+    options = {
+        "skip_layers": (int, 2, "an integer >= 0", lambda v: v >= 0),
+        "min_pages": (int, 3, "an integer >= 1", lambda v: v >= 1),
+    }
+
+    def __init__(self, compression: float = 0.0, budget: int | None = None, **options):
+        if compression:
+            raise ValueError(f"quest keeps the whole cache and reads a token budget: give --budget (tokens read "
+                             f"per head and step, e.g. 256), not --compression={compression!r}")
+        super().__init__(0.0, DEFAULT_BUDGET if budget is None else budget, **options)
+
+    @property
+    def compresses(self) -> bool:
+        return False  # nothing is evicted
+
+    def pages_to_read(self, block_size: int) -> int:
+        return max(self.min_pages, self.budget // block_size)
+
+    def select_pages(self, bounds: torch.Tensor, num_blocks: torch.Tensor, block_size: int) -> torch.Tensor:
+        """bounds [b, H, nb] (page upper bounds; pages past a head's `num_blocks` [b, H] are
+        padding) -> [b, H, nb] bool, the pages each head reads this step."""
+        nb = bounds.shape[-1]
+        index = torch.arange(nb, device=bounds.device)
+        held = index < num_blocks[..., None]
+        newest = index == (num_blocks - 1)[..., None]
+        ranked = bounds.masked_fill(newest, float("inf")).masked_fill(~held, float("-inf"))
+        k = min(self.pages_to_read(block_size), nb)
+        top = ranked.topk(k, dim=-1).indices
+        return torch.zeros_like(held).scatter_(-1, top, True) & held
