@@ -92,8 +92,8 @@ def quantized_decode_attention(q: torch.Tensor, q_pos: torch.Tensor, quant: "Qua
 
     Quantized tokens are all older than the query and carry no positions, so each is visible;
     full-precision ones follow the usual rule by position. This twin dequantizes every block to
-    float32 first (what transformers' quantized caches do at every step); the Triton kernel
-    dequantizes in registers as it reads."""
+    float32 first (what transformers' quantized caches do at every step, and why KIVI is slower
+    than `full` on CPU); the Triton kernel dequantizes in registers as it reads."""
     from kernels.quant import dequantize_tokens
 
     B, Hq, D = q.shape
@@ -106,11 +106,14 @@ def quantized_decode_attention(q: torch.Tensor, q_pos: torch.Tensor, quant: "Qua
     k_pos = gather_blocks(pos_pool, tables)                                              # [B, Hkv, Sf]
     held_q = torch.arange(k_q.shape[2], device=q.device) < qlens[..., None]              # [B, Hkv, Sq]
     allowed = torch.cat([held_q, allowed_keys(q_pos[:, None], k_pos, lengths, None)[:, :, 0]], dim=-1)
-    keys = torch.cat([k_q, gather_blocks(k_pool, tables).float()], dim=2)                # [B, Hkv, S, D]
-    values = torch.cat([v_q, gather_blocks(v_pool, tables).float()], dim=2)
-    scores = (q.float().view(B, Hkv, group, D) @ keys.transpose(-1, -2)) * (1.0 / math.sqrt(D))
+    # One softmax over both parts; the two parts' keys and values are never concatenated (a
+    # copy of the whole dequantized cache per layer).
+    qg = q.float().view(B, Hkv, group, D)
+    k_f, v_f = gather_blocks(k_pool, tables).float(), gather_blocks(v_pool, tables).float()
+    scores = torch.cat([qg @ k_q.transpose(-1, -2), qg @ k_f.transpose(-1, -2)], dim=-1) * (1.0 / math.sqrt(D))
     probs = scores.masked_fill(~allowed[:, :, None], float("-inf")).softmax(dim=-1)     # [B, Hkv, group, S]
-    return (probs @ values).view(B, Hq, D).to(q.dtype)
+    Sq = k_q.shape[2]
+    return (probs[..., :Sq] @ v_q + probs[..., Sq:] @ v_f).view(B, Hq, D).to(q.dtype)
 
 
 def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
