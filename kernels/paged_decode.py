@@ -63,8 +63,9 @@ def _split_kernel(q_ptr, q_pos_ptr, k_ptr, v_ptr, pos_ptr, tables_ptr, lengths_p
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    # BLOCK_N = max(16, block_size) slots a step (tl.dot needs 16 on a GPU): one whole block, or
-    # several small ones, so each slot looks up its own block id.
+    # BLOCK_N slots a step (a power of two, at least the 16 tl.dot needs on a GPU): a block, several
+    # small ones or parts of them (blocks need not be a power of two), so each slot looks up its
+    # own block id.
     for start in range(lo, hi, BLOCK_N):
         slot = start + n
         in_split = slot < hi
@@ -167,7 +168,7 @@ def paged_decode_attention(q, q_pos, k_pool, v_pool, pos_pool, tables, lengths, 
     _split_kernel[(B, Hkv, num_splits)](
         q, q_pos, k_pool, v_pool, pos_pool, tables, lengths, acc, m, l, logits, k_pool.stride(0), pos_pool.stride(0),
         1.0 / math.sqrt(D), sliding_window or 0, nb, num_splits, blocks_per_split * block_size, group,
-        D=D, BLOCK_SIZE=block_size, BLOCK_N=max(16, block_size), BLOCK_G=block_g, BLOCK_D=block_d,
+        D=D, BLOCK_SIZE=block_size, BLOCK_N=max(16, triton.next_power_of_2(block_size)), BLOCK_G=block_g, BLOCK_D=block_d,
         HAS_WINDOW=sliding_window is not None, WRITE_LOGITS=return_probs)
     _merge_kernel[(B, Hkv)](acc, m, l, out, lse, num_splits, group, D=D, BLOCK_G=block_g, BLOCK_D=block_d)
     if not return_probs:

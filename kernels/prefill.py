@@ -24,8 +24,9 @@ def _slot_scores(q, q_pos, first, length, table, K, Pos, stride_kv, stride_pos, 
     """Scores [BLOCK_M, BLOCK_N] of the query tile against slots first .. first + BLOCK_N - 1 of
     one kv-head (-inf where not visible), their element offsets in the K and V pools, and which
     are held."""
-    # BLOCK_N slots = BLOCK_N // BLOCK_SIZE whole cache blocks (several when blocks are smaller
-    # than the 16 rows tl.dot needs); each slot finds its block through the table.
+    # BLOCK_N slots (a power of two, at least the 16 rows tl.dot needs) may span several cache
+    # blocks, or parts of them (a quantized pool's residual blocks hold any number of tokens):
+    # each slot finds its block through the table.
     slot = first + tl.arange(0, BLOCK_N)
     held = slot < length
     block = tl.load(table + slot // BLOCK_SIZE, mask=held, other=-1)
@@ -144,7 +145,6 @@ def prefill_attention(q, q_pos, cu_seqlens, k_pool, v_pool, pos_pool, tables, le
     block_size = k_pool.shape[1]
     batch, num_kv_heads, num_table_blocks = tables.shape
     assert num_q_heads % num_kv_heads == 0, "query heads must be a multiple of kv-heads (GQA)"
-    assert block_size & (block_size - 1) == 0, "block_size must be a power of two"
     assert len(cu_seqlens) == batch + 1 and len(q_pos) == total_t
     # A block may sit anywhere (a quantized pool's blocks are strided views of its rows), but its
     # slots must be contiguous [D] rows: asserted, as copying a pool per call would cost more than
@@ -172,5 +172,5 @@ def prefill_attention(q, q_pos, cu_seqlens, k_pool, v_pool, pos_pool, tables, le
         num_table_blocks, head_dim, 1.0 / math.sqrt(head_dim), sliding_window or 0, obs_window or 0,
         GROUP=num_q_heads // num_kv_heads, BLOCK_SIZE=block_size, HAS_WINDOW=sliding_window is not None,
         HAS_OBS=obs_window is not None,
-        BLOCK_M=block_m, BLOCK_N=max(16, block_size), BLOCK_D=max(16, triton.next_power_of_2(head_dim)))
+        BLOCK_M=block_m, BLOCK_N=max(16, triton.next_power_of_2(block_size)), BLOCK_D=max(16, triton.next_power_of_2(head_dim)))
     return out if obs_window is None else (out, col_sums)

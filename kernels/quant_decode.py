@@ -134,7 +134,7 @@ def quantized_decode_attention(q, q_pos, quant, qtables, qlens, k_pool, v_pool, 
     group, block_size = Hq // Hkv, k_pool.shape[1]
     R, G, bits = quant.block_size, quant.group_size, quant.bits
     assert Hq == Hkv * group and qtables.shape[:2] == tables.shape[:2] and D % G == 0 and R % G == 0
-    assert block_size & (block_size - 1) == 0 and G & (G - 1) == 0, "block and group sizes are powers of two"
+    assert G & (G - 1) == 0, "the group size is a power of two (a tile of G tokens)"
     # inner dims contiguous; paired fields share a row stride, so one stride serves both
     for t in (quant.k_codes, quant.k_scale, quant.v_codes, quant.v_scale, k_pool, pos_pool):
         assert t.stride(-1) == 1 and (t.dim() < 3 or t.stride(1) == t.shape[2]), "inner dims must be contiguous"
@@ -160,6 +160,6 @@ def quantized_decode_attention(q, q_pos, quant, qtables, qlens, k_pool, v_pool, 
         quant.k_codes.stride(0), quant.k_scale.stride(0), quant.v_scale.stride(0), k_pool.stride(0),
         pos_pool.stride(0), 1.0 / math.sqrt(D), nq, nb, num_splits, q_split, f_split, group,
         D=D, BITS=bits, G=G, R=R, KEYS_PER_CHANNEL=quant.keys_per_channel, BLOCK_SIZE=block_size,
-        BLOCK_Q=max(16, G), BLOCK_N=max(16, block_size), BLOCK_G=block_g, BLOCK_D=block_d)
+        BLOCK_Q=max(16, G), BLOCK_N=max(16, triton.next_power_of_2(block_size)), BLOCK_G=block_g, BLOCK_D=block_d)
     _merge_kernel[(B, Hkv)](acc, m, l, out, lse, num_splits, group, D=D, BLOCK_G=block_g, BLOCK_D=block_d)
     return out

@@ -80,6 +80,9 @@ def test_scoring_gives_partial_credit():
     (["--compression", "1.5"], r"compression must be in \[0, 1\)"),
     (["--placements", "before"], "unknown placement 'before'; valid: after, inside"),
     (["--methods", "snapkv", "--compression", ""], "give --compression or --budget"),
+    (["--methods", "quest"], "quest reads a token budget: give --budget"),
+    (["--methods", "kivi:bits=3"], "bits=3 of method 'kivi' must be 2, 4 or 8"),
+    (["--methods", "kivi:bits"], "options after the name are KEY=VALUE"),
 ])
 def test_bad_arguments_fail_before_a_model_is_loaded(monkeypatch, capsys, argv, message):
     import nanokv.loading
@@ -90,6 +93,12 @@ def test_bad_arguments_fail_before_a_model_is_loaded(monkeypatch, capsys, argv, 
     monkeypatch.setattr(nanokv.loading, "load_model", no_loading)
     assert main(argv) == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_the_grid_runs_quantization_once_and_quest_at_budgets_only():
+    assert grid.settings(["full", "kivi:bits=4", "quest", "snapkv+kivi"], [0.5], [256]) == [
+        grid.Setting("full"), grid.Setting("kivi:bits=4"), grid.Setting("quest", budget=256),
+        grid.Setting("snapkv+kivi", compression=0.5), grid.Setting("snapkv+kivi", budget=256)]
 
 
 def test_a_grid_resumes_and_writes_tables_and_plots(smollm2_gguf, tmp_path):

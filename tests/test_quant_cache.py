@@ -31,8 +31,8 @@ def tiny_config(layers=2, heads=2, head_dim=64):
 
 
 @pytest.mark.parametrize("bits,per_channel,dtype,expected", [
-    (4, True, torch.bfloat16, (10240, 32)),   # 128 tokens: 2 x 4096 codes + 4 x 512 scales / zeros
-    (2, True, torch.bfloat16, (6144, 16)),
+    (4, True, torch.bfloat16, (10240, 39)),   # 128 tokens: 2 x 4096 codes + 4 x 512 scales / zeros
+    (2, True, torch.bfloat16, (6144, 23)),
     (4, False, torch.float32, (2560, 4)),     # 32 tokens per token-keys block
 ])
 def test_unit_bytes_and_residual_block_size(bits, per_channel, dtype, expected):
@@ -40,7 +40,7 @@ def test_unit_bytes_and_residual_block_size(bits, per_channel, dtype, expected):
     assert (spec.unit_bytes(64), spec.full_block_size(64, dtype)) == expected
     per_token = 2 * 64 * dtype.itemsize + 4
     assert spec.full_block_size(64, dtype) * per_token <= spec.unit_bytes(64)  # a residual block fits a row
-    assert 2 * spec.full_block_size(64, dtype) * per_token > spec.unit_bytes(64)  # and is the largest that does
+    assert (spec.full_block_size(64, dtype) + 1) * per_token > spec.unit_bytes(64)  # and is the largest that does
 
 
 def test_every_field_of_both_kinds_is_a_separate_byte_range_of_one_row():
@@ -75,10 +75,10 @@ def test_settle_quantizes_full_residuals_and_frees_their_blocks():
     before = cache.pool.num_free
     cache.settle(7)
     s = cache.seqs[7]
-    bs = cache.block_size                                             # 16 tokens (float32)
+    bs = cache.block_size                                             # 19 tokens (float32)
     assert s.num_qblocks.tolist() == [[2, 2], [2, 2]] and s.lengths.tolist() == [[44, 44], [44, 44]]
-    assert s.num_blocks.tolist() == [[3, 3]] * 2                      # ceil(44 / 16)
-    # each head: 19 residual blocks -> 2 quantized + 3 residual
+    assert s.num_blocks.tolist() == [[3, 3]] * 2                      # ceil(44 / 19)
+    # each head: 16 residual blocks -> 2 quantized + 3 residual
     assert cache.pool.num_free == before + 4 * (math.ceil(n / bs) - 5)
     assert cache.seq_bytes(7) == 4 * 5 * spec.unit_bytes(64)
     assert cache.theoretical_bytes(7) == 4 * (2 * spec.quantized_bytes(64) + 44 * (2 * 64 * 4 + 4))

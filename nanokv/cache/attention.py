@@ -14,6 +14,8 @@ slots with each decode step's attention and evicts one per head over budget (`_e
 Over a quantized cache (nanokv/cache/quant_cache.py) prefill works on full precision as ever;
 decode attends over the quantized blocks and the residual in one call (`quantized_decode`), and
 after each layer's prefill and each decode step the cache quantizes residuals that filled up.
+A query-aware method (Quest) evicts nothing: each decode step it picks the blocks each head
+reads (`_selected_pages`) and the kernel gets a block table of those alone.
 """
 
 from __future__ import annotations

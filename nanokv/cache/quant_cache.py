@@ -5,10 +5,10 @@ R = spec.block_size tokens each) and then its newest tokens in full precision (`
 `lengths`: the residual, fewer than R tokens between steps). Everything PagedKVCache does
 (append, write, compact, prefill attention) acts on the full-precision part, so writes, prefill
 and prefill-time compression are unchanged. `settle` runs after each layer's prefill and after
-every decode step: a head whose residual has reached R tokens quantizes them, R at a time, into
-new quantized blocks and frees their full-precision blocks (KIVI's residual: keys are flushed R
-tokens at a time, as in the paper; values, which KIVI flushes one token at a time from a sliding
-window of R, are flushed with them).
+every decode step: a head whose residual has reached R tokens quantizes its oldest R, into a
+new quantized block, and compacts the rest of its residual to the front, freeing the blocks it
+no longer needs (KIVI's residual: keys are flushed R tokens at a time, as in the paper; values,
+which KIVI flushes one token at a time from a sliding window of R, are flushed with them).
 
 A compression method composes (snapkv+kivi): it compacts the prompt at prefill while it is still
 in full precision, and what it keeps is then quantized. Decode-time eviction would move slots
@@ -76,29 +76,22 @@ class QuantizedKVCache(PagedKVCache):
         n = int(new.sum())
         if n == 0:
             return
-        per = R // self.block_size                                            # residual blocks per quantized one
-        tables = s.tables[layers]
-        cols = torch.arange(tables.shape[-1])
-        taken = cols < (new * per)[..., None]
-        source = tables[taken]                                                # head by head, oldest first
-        f = self.pool.fields
-        k = f["k"][source].view(n, R, -1)
-        v = f["v"][source].view(n, R, -1)
+        tables, lengths = s.tables[layers], s.lengths[layers]
+        logical = torch.arange(int(lengths.max())).expand(*lengths.shape, -1)
+        taken = logical < (new * R)[..., None]                                # the oldest new * R tokens
+        at = self.pool.slot_index(self.flat_slots(tables, logical)[taken])    # head by head, oldest first
+        k = self.pool.fields["k"][at].view(n, R, -1)
+        v = self.pool.fields["v"][at].view(n, R, -1)
         packed = quantize_tokens(k, v, self.spec.bits, self.spec.group_size, self.spec.keys_per_channel, SCALE_DTYPE)
-        # free first: the residual blocks cover at least the quantized ones, so this never runs short
-        self.pool.free(source)
+        # the rest of the residual moves to the front of its blocks, freeing at least as many
+        # rows as the quantized blocks take (a residual block holds fewer tokens than R)
+        self.compact(seq_id, ~taken & (logical < lengths[..., None]), layers)
         ids = self.pool.allocate(n)
         for name, value in packed.items():
             self.pool.qfields[name][ids] = value
         s.qtables = grown_to(s.qtables, int((s.num_qblocks[layers] + new).max()))
         place_blocks(s.qtables[layers], s.num_qblocks[layers], new, ids)
         s.num_qblocks[layers] += new
-        # the residual's remaining blocks move to the front of its table
-        shift = (new * per)[..., None]
-        moved = tables.gather(-1, (cols + shift).clamp(max=tables.shape[-1] - 1))
-        tables.copy_(moved.masked_fill(cols + shift >= tables.shape[-1], -1))
-        s.num_blocks[layers] -= new * per
-        s.lengths[layers] -= new * R
 
     # --- accounting -------------------------------------------------------------------
 
@@ -125,7 +118,7 @@ class QuantizedKVCache(PagedKVCache):
     def most_blocks(self, tokens: int) -> int:
         """At most: the whole blocks quantized, and a full residual (just before its flush)."""
         R = self.spec.block_size
-        return self.num_layers * self.num_kv_heads * (tokens // R + R // self.block_size)
+        return self.num_layers * self.num_kv_heads * (tokens // R + self.blocks_for(R))
 
     def blocks_held(self, tokens: int) -> int:
         R = self.spec.block_size

@@ -9,8 +9,7 @@ blocks of the same pool.
 
 Both kinds share one byte budget and one free list, as vLLM unifies page sizes across kinds:
 every block is one row of `unit_bytes` bytes, sized for a quantized block, and a
-full-precision block holds as many tokens as fit in the same bytes (`block_size`, a power of
-two). Each field of either kind is a strided view into the rows, so a row can serve as
+full-precision block holds as many tokens as fit in the same bytes (`block_size`). Each field of either kind is a strided view into the rows, so a row can serve as
 either kind from one allocation to the next. Quantized blocks keep no positions: every token in
 them is older than any query that reads them, so causality needs none (sliding-window layers,
 which would, are refused by the engine).
@@ -64,13 +63,9 @@ class QuantSpec:
         return sum(_align(dtype.itemsize * _numel(shape)) for dtype, shape in self.field_shapes(head_dim).values())
 
     def full_block_size(self, head_dim: int, dtype: torch.dtype) -> int:
-        """Tokens a full-precision block holds in a unit: K, V and an int32 position each, a power
-        of two that divides the quantized block (so a full residual is whole blocks)."""
-        per_token = 2 * head_dim * dtype.itemsize + 4
-        n = 1
-        while 2 * n * per_token <= self.unit_bytes(head_dim) and self.block_size % (2 * n) == 0:
-            n *= 2
-        return n
+        """Tokens a full-precision block holds in a row: as many as fit, K, V and an int32 position
+        each (not a power of two: the kernels find each slot's block by division)."""
+        return self.unit_bytes(head_dim) // (2 * head_dim * dtype.itemsize + 4)
 
 
 class QuantizedBlockPool(BlockPool):

@@ -51,7 +51,7 @@ def check(args):
     """Everything that can be wrong with the arguments, before a model is loaded."""
     from nanokv.hub import resolve_model
     from nanokv.loading import read_config
-    from nanokv.methods import check_method, is_quantizer, make_method
+    from nanokv.methods import check_method, is_quantizer, make_method, selects_pages
 
     if not args.methods:
         raise ValueError("--methods is empty; give at least one, e.g. full,snapkv")
@@ -65,6 +65,8 @@ def check(args):
         raise ValueError(f"--samples must be a positive integer, got {args.samples}")
     if any(m != "full" and not is_quantizer(m) for m in args.methods) and not (args.compression or args.budget):
         raise ValueError("give --compression or --budget for the eviction methods (all but full, kivi, int4, int8)")
+    if any(selects_pages(m) for m in args.methods) and not args.budget:
+        raise ValueError("quest reads a token budget: give --budget, e.g. --budget 128,256,512")
     for s in settings(args.methods, args.compression, args.budget):
         make_method(s.method, s.compression, s.budget)  # range checks
     source = resolve_model(args.model)

@@ -36,16 +36,18 @@ class Setting:
 
 
 def settings(methods: list[str], compressions: list[float], budgets: list[int]) -> list[Setting]:
-    """`full` and quantization alone (kivi, int4, ...) once; every other method at each compression
-    and each budget."""
-    from nanokv.methods import is_quantizer
+    """`full` and quantization alone (kivi, int4, ...) once; quest at each budget; every other
+    method at each compression and each budget."""
+    from nanokv.methods import is_quantizer, selects_pages
 
     out = []
     for m in methods:
         if m == "full" or is_quantizer(m):
             out.append(Setting(m))
             continue
-        out += [Setting(m, compression=c) for c in compressions] + [Setting(m, budget=b) for b in budgets]
+        if not selects_pages(m):
+            out += [Setting(m, compression=c) for c in compressions]
+        out += [Setting(m, budget=b) for b in budgets]
     return out
 
 

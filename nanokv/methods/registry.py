@@ -36,6 +36,12 @@ def is_quantizer(spec: str) -> bool:
     return parse_spec(spec)[0] in QUANTIZERS
 
 
+def selects_pages(spec: str) -> bool:
+    """A method that keeps every token and reads a budget of them (quest): it takes no compression."""
+    name = parse_spec(spec)[0]
+    return name in METHODS and METHODS[name].selects_pages
+
+
 def check_method(name: str) -> str:
     """A method's name, or `evictor+quantizer` (e.g. snapkv+kivi): fewer tokens, each in fewer bits;
     either may carry options after a colon (kivi:bits=4)."""
