@@ -29,10 +29,13 @@ def parse_args(argv=None):
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"short name ({', '.join(MODELS)}), a local HF directory, a .gguf file, "
                         f"or an HF repo id (default: {DEFAULT_MODEL})")
-    p.add_argument("--method", default="full", help=f"KV-cache method: {', '.join(METHODS)} (default: full)")
+    p.add_argument("--method", default="full",
+                   help=f"KV-cache method: {', '.join(METHODS)}, or eviction+quantization such as snapkv+kivi "
+                        f"(default: full)")
     p.add_argument("--compression", type=float, default=0.0,
                    help="fraction of prompt tokens removed per (layer, head), in [0, 1) (default: 0)")
-    p.add_argument("--budget", type=int, default=None, help="prompt tokens kept per (layer, head), instead of --compression")
+    p.add_argument("--budget", type=int, default=None,
+                   help="prompt tokens kept per (layer, head), instead of --compression (quest: tokens read per step)")
     p.add_argument("--method-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="a method option, e.g. --method-arg window_size=16 (repeatable)")
     p.add_argument("--list-methods", action="store_true", help="list the methods with their options and papers, then exit")
