@@ -71,14 +71,10 @@ def main(argv=None) -> int:
 
 
 def method_options(pairs: list[str]) -> dict:
-    """["window_size=16", ...] -> {"window_size": "16"}; the method converts and checks values."""
-    options = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--method-arg {pair!r} is not KEY=VALUE")
-        options[key] = value
-    return options
+    """--method-arg values -> options; the method converts and checks values."""
+    from nanokv.methods.registry import parse_options
+
+    return parse_options(pairs, "--method-arg")
 
 
 def run(args) -> int:

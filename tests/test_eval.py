@@ -82,7 +82,7 @@ def test_scoring_gives_partial_credit():
     (["--methods", "snapkv", "--compression", ""], "give --compression or --budget"),
     (["--methods", "quest"], "quest reads a token budget: give --budget"),
     (["--methods", "kivi:bits=3"], "bits=3 of method 'kivi' must be 2, 4 or 8"),
-    (["--methods", "kivi:bits"], "options after the name are KEY=VALUE"),
+    (["--methods", "kivi:bits"], "method 'kivi:bits': option .*'bits' is not KEY=VALUE"),
 ])
 def test_bad_arguments_fail_before_a_model_is_loaded(monkeypatch, capsys, argv, message):
     import nanokv.loading

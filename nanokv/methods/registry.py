@@ -18,17 +18,23 @@ METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, RandomMethod, St
 QUANTIZERS = [name for name, m in METHODS.items() if issubclass(m, KIVI)]
 
 
-def parse_spec(spec: str) -> tuple[str, dict]:
-    """'kivi:bits=4:residual_length=64' -> ('kivi', {'bits': '4', 'residual_length': '64'}): a method
-    with its options in one string, for lists of settings (python -m nanokv.eval --methods)."""
-    name, *pairs = spec.split(":")
+def parse_options(pairs: list[str], what: str) -> dict:
+    """["window_size=16", ...] -> {"window_size": "16"}; the method converts and checks values.
+    `what` names where they came from, for the error."""
     options = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise ValueError(f"method {spec!r}: options after the name are KEY=VALUE, e.g. kivi:bits=4")
+            raise ValueError(f"{what} {pair!r} is not KEY=VALUE")
         options[key] = value
-    return name, options
+    return options
+
+
+def parse_spec(spec: str) -> tuple[str, dict]:
+    """'kivi:bits=4:residual_length=64' -> ('kivi', {'bits': '4', 'residual_length': '64'}): a method
+    with its options in one string, for lists of settings (python -m nanokv.eval --methods)."""
+    name, *pairs = spec.split(":")
+    return name, parse_options(pairs, f"method {spec!r}: option (after a colon, e.g. kivi:bits=4)")
 
 
 def is_quantizer(spec: str) -> bool:
