@@ -21,6 +21,20 @@ def nanokv_forward(model, cache, ids):
     return model.compute_logits(model(torch.as_tensor(ids), positions, attention))
 
 
+@torch.inference_mode()
+def restated_greedy(model, attention, prompt, steps):
+    """Greedy tokens of `model` over `attention`, a plain restatement of a method called as the
+    model's attention callable (it reads the step's positions from `attention.positions`)."""
+    tokens, ids = [], prompt
+    for _ in range(steps):
+        start = len(prompt) + len(tokens) - len(ids)
+        attention.positions = torch.arange(start, start + len(ids))
+        hidden = model(torch.tensor(ids), attention.positions, attention)
+        tokens.append(int(model.compute_logits(hidden[-1:])[0].argmax()))
+        ids = tokens[-1:]
+    return tokens
+
+
 @torch.no_grad()
 def nanokv_logits(model, cfg, ids, dtype=torch.float32):
     return nanokv_forward(model, single_sequence_cache(cfg, dtype), ids)

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from helpers import restated_greedy
 from nanokv.methods import make_method
 from nanokv.methods.base import PrefillView
 
@@ -325,14 +326,7 @@ def test_decode_time_eviction_matches_a_plain_statement_of_the_method(smollm2_gg
     [out] = llm.generate([prompt], SamplingParams(max_tokens=steps, ignore_eos=True))
 
     reference = DenseEviction(kind, budget, budget // 2 if kind == "h2o" else 0)
-    tokens, ids = [], prompt
-    with torch.inference_mode():
-        for step in range(steps):
-            start = len(prompt) + len(tokens) - len(ids)
-            reference.positions = torch.arange(start, start + len(ids))
-            hidden = llm.model(torch.tensor(ids), reference.positions, reference)
-            tokens.append(int(llm.model.compute_logits(hidden[-1:])[0].argmax()))
-            ids = tokens[-1:]
+    tokens = restated_greedy(llm.model, reference, prompt, steps)
     expected = [sorted(e[0] for e in entries) for layer in sorted(reference.heads) for entries in reference.heads[layer]]
     assert out.token_ids == tokens
     assert all(len(h) == budget for h in held)

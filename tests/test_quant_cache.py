@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from helpers import restated_greedy
 from kernels.quant import dequantize_tokens
 from kernels.reference import attention_by_position, quantized_decode_attention
 from nanokv.cache.quant_cache import QuantizedKVCache
@@ -167,14 +168,7 @@ def test_engine_matches_a_plain_statement_of_the_quantized_cache(smollm2_gguf, m
     llm = LLM(str(smollm2_gguf), dtype="float32", method=method, **options)
     [out] = llm.generate([prompt], SamplingParams(max_tokens=steps, ignore_eos=True))
     reference = DenseQuantized(*spec)
-    tokens, ids = [], prompt
-    with torch.inference_mode():
-        for _ in range(steps):
-            start = len(prompt) + len(tokens) - len(ids)
-            reference.positions = torch.arange(start, start + len(ids))
-            hidden = llm.model(torch.tensor(ids), reference.positions, reference)
-            tokens.append(int(llm.model.compute_logits(hidden[-1:])[0].argmax()))
-            ids = tokens[-1:]
+    tokens = restated_greedy(llm.model, reference, prompt, steps)
     assert out.token_ids == tokens
     # every cached token is held once, in a quantized block or in the residual
     held = out.metrics["kv_cache_tokens"]

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import torch
 
+from helpers import restated_greedy
 from kernels.reference import attention_by_position
 from nanokv.cache import PagedKVCache
 
@@ -72,14 +73,7 @@ def test_engine_matches_a_plain_statement_of_quest(smollm2_gguf):
     llm = LLM(str(smollm2_gguf), dtype="float32", method="quest", budget=budget)
     [out] = llm.generate([PROMPT], SamplingParams(max_tokens=steps, ignore_eos=True))
     reference = DenseQuest(budget // 16)
-    tokens, ids = [], PROMPT
-    with torch.inference_mode():
-        for _ in range(steps):
-            start = len(PROMPT) + len(tokens) - len(ids)
-            reference.positions = torch.arange(start, start + len(ids))
-            hidden = llm.model(torch.tensor(ids), reference.positions, reference)
-            tokens.append(int(llm.model.compute_logits(hidden[-1:])[0].argmax()))
-            ids = tokens[-1:]
+    tokens = restated_greedy(llm.model, reference, PROMPT, steps)
     assert out.token_ids == tokens
 
 
