@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from kernels.quant import (dequantize, dequantize_tokens, pack, packed_bytes, quantize_keys, quantize_tokens,
-                           quantize_values, unpack)
+from kernels.quant import (dequantize, dequantize_tokens, pack, quantize_keys, quantize_tokens, quantize_values,
+                           unpack)
+from nanokv.cache.quant_pool import QuantSpec
 
 
 def float64_codes(x, bits, group_size, axis, grid_dtype=None):
@@ -84,5 +85,5 @@ def test_pack_round_trip_and_size(bits):
 def test_packed_bytes_of_kivi():
     # 128 tokens of a 64-dim head at 2 bits, groups of 32: K and V codes 2 * 128 * 64 / 4 = 4096 bytes;
     # key groups 4 x 64, value groups 128 x 2, each a 2-byte scale and a 2-byte zero: 512 * 4 = 2048
-    assert packed_bytes(128, 64, 2) == 4096 + 2048
-    assert packed_bytes(128, 64, 4) == 8192 + 2048
+    assert QuantSpec(2, keys_per_channel=True).quantized_bytes(64) == 4096 + 2048
+    assert QuantSpec(4, keys_per_channel=True).quantized_bytes(64) == 8192 + 2048
