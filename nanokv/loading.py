@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from models import MODEL_CLASSES
+from models.cpu_linear import can_pack, pack_linears
 from nanokv.config import ConfigError, ModelConfig
 from nanokv.gguf_file import GGUFError, GGUFFile, dequantize
 
@@ -48,8 +49,10 @@ def read_config(kind: str, path: str | Path) -> ModelConfig:
     raise ValueError(f"unknown model kind {kind!r}; valid: hf_dir, gguf")
 
 
-def load_model(kind: str, path: str | Path, dtype: torch.dtype, device="cpu"):
-    """Build the model for `path` ("hf_dir" or "gguf") and fill its weights -> (model, config)."""
+def load_model(kind: str, path: str | Path, dtype: torch.dtype, device="cpu", pack: bool = True):
+    """Build the model for `path` ("hf_dir" or "gguf") and fill its weights -> (model, config).
+    On CPU in bfloat16 the linear layers' weights are then packed for oneDNN (models/cpu_linear.py)
+    unless `pack` is False."""
     path = Path(path)
     config = read_config(kind, path)
     tensors = _gguf_tensors(path, config) if kind == "gguf" else _safetensors_tensors(path)
@@ -65,6 +68,8 @@ def load_model(kind: str, path: str | Path, dtype: torch.dtype, device="cpu"):
         model.load_weights(tensors)
     except ValueError as e:
         raise ModelLoadError(f"{path}: {e}") from None
+    if pack and can_pack(dtype, device):
+        pack_linears(model)
     return model.eval(), config
 
 

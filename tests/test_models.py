@@ -24,7 +24,7 @@ CASES = {
 }
 
 
-_built = {}
+_built, _saved = {}, {}  # per case: the models; where it was saved
 
 
 def build(name, tmp_path_factory):
@@ -33,11 +33,16 @@ def build(name, tmp_path_factory):
         config_class, extra = CASES[name]
         torch.manual_seed(0)
         hf = T.AutoModelForCausalLM.from_config(config_class(**SIZES, **extra)).float().eval()
+        with torch.no_grad():  # transformers initializes biases (Qwen2's q/k/v) to zero: make them count
+            for module in hf.modules():
+                if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                    module.bias.normal_(std=0.5)
         path = tmp_path_factory.mktemp(name)
         # the plain Llama case is saved in shards, to load through model.safetensors.index.json
         hf.save_pretrained(path, **({"max_shard_size": "200KB"} if name == "llama" else {}))
         model, cfg = load_model("hf_dir", path, torch.float32)
         _built[name] = name, hf, model, cfg
+        _saved[name] = path
     return _built[name]
 
 
@@ -111,3 +116,22 @@ def test_qwen2_sliding_layers_follow_layer_types():
     assert ModelConfig.from_hf_dict(cfg).sliding_windows == [None] * 3
     cfg.update(use_sliding_window=True, layer_types=["full_attention", "sliding_attention", "full_attention"])
     assert ModelConfig.from_hf_dict(cfg).sliding_windows == [None, 4, None]
+
+
+@pytest.mark.parametrize("name", ["qwen2", "qwen3-tied"])  # biases; a tied output head
+def test_packed_bfloat16_linears_equal_plain_ones(name, tmp_path_factory):
+    """On CPU in bfloat16 the loader packs the linear weights for oneDNN (models/cpu_linear.py);
+    the logits must be bit-identical to plain F.linear's."""
+    from models.cpu_linear import PackedLinear, can_pack
+
+    if not can_pack(torch.bfloat16, "cpu"):
+        pytest.skip("torch built without oneDNN")
+    build(name, tmp_path_factory)
+    path = _saved[name]
+    packed, cfg = load_model("hf_dir", path, torch.bfloat16)
+    plain, _ = load_model("hf_dir", path, torch.bfloat16, pack=False)
+    assert isinstance(packed.lm_head, PackedLinear) and isinstance(packed.layers[0].mlp.down_proj, PackedLinear)
+    ids = prompt()
+    ours, theirs = (nanokv_logits(m, cfg, ids, torch.bfloat16) for m in (packed, plain))
+    assert theirs.abs().max() > 0.5
+    assert torch.equal(ours, theirs)

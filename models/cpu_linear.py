@@ -1,0 +1,43 @@
+"""bfloat16 linear layers on CPU with weights pre-packed for oneDNN.
+
+`F.linear` on a plain bfloat16 weight re-lays the weight out for the CPU's bfloat16 dot
+products at every call. Packing it once into oneDNN's blocked layout (what torch.compile's
+CPU backend does when it freezes weights, and vLLM's CPU backend does at load) removes that:
+a batch-1 decode step's matmuls ran 2-3x faster here (576x3072: 119 -> 49 us; the 49152-row
+output head: 4.7 -> 1.5 ms), a 64-token step's 1.2-1.4x. The result is bit-identical to
+`F.linear` in bfloat16 (tests/test_models.py checks it); float32 would round differently, so
+float32 stays plain and its logits stay comparable to transformers' to the last bits.
+
+The packed weight is an opaque oneDNN tensor: it cannot be indexed or copied into, so packing
+comes after the weights are loaded. A tied output head gets its own packed copy (the embedding
+lookup still reads the plain matrix).
+"""
+
+import torch
+from torch import nn
+
+
+def can_pack(dtype: torch.dtype, device) -> bool:
+    return dtype == torch.bfloat16 and torch.device(device).type == "cpu" and torch.backends.mkldnn.is_available()
+
+
+class PackedLinear(nn.Module):
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)
+        self.bias = None if linear.bias is None else linear.bias.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [None], "")
+
+
+@torch.no_grad()
+def pack_linears(model: nn.Module) -> nn.Module:
+    """Swap every nn.Linear of `model` for a PackedLinear (in place)."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(parent, name, PackedLinear(child))
+    return model
+
