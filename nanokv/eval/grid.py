@@ -135,7 +135,8 @@ def table(cells: list[dict]) -> str:
     lines = []
     for placement in sorted({c["placement"] for c in cells}):
         part = [c for c in cells if c["placement"] == placement]
-        settings_ = sorted({c["setting"] for c in part}, key=lambda s: (s != "full", s))
+        order = {c["setting"]: (c["setting"] != "full", c["method"], c["compression"], c["budget"] or 0) for c in part}
+        settings_ = sorted(order, key=order.get)  # full first, then by method and numerically by setting
         tasks = sorted({c["task"] for c in part})
         lines += [f"\n{PLACEMENTS[placement]}: accuracy (%), mean over lengths {sorted({c['length'] for c in part})}\n",
                   "| task | " + " | ".join(settings_) + " |", "|---" * (len(settings_) + 1) + "|"]
