@@ -12,15 +12,18 @@ one more token fed after the compressed prefill. transformers loads the same GGU
 kvpress's presses act once, after prefill: for h2o and tova this compares the prefill half
 (decode-time eviction is checked against a plain statement of each method in
 tests/test_methods.py). kvpress's AdaKVPress masks keys instead of evicting them: its kept set
-is what it leaves unmasked.
+is what it leaves unmasked. ChunkKVPress and SimLayerKVPress have no scores of their own: their
+kept set is read from the keys their compress returns. SimLayerKVPress takes no ratio: a lazy
+layer keeps n_initial + n_recent - n_last tokens, nanokv's budget; its threshold is one where
+SmolLM2 has lazy layers and layers that are not.
 """
 
 import argparse
 
 import torch
 import transformers
-from kvpress import (AdaKVPress, KnormPress, ObservedAttentionPress, PyramidKVPress, SnapKVPress,
-                     StreamingLLMPress, TOVAPress)
+from kvpress import (AdaKVPress, ChunkKVPress, KnormPress, ObservedAttentionPress, PyramidKVPress,
+                     SimLayerKVPress, SnapKVPress, StreamingLLMPress, TOVAPress)
 from kvpress.utils import compute_n_kept
 
 from kernels.reference import gather_blocks
@@ -40,7 +43,13 @@ PAIRS = {
                   {**SNAPKV_AT_KVPRESS, "beta": 20, "schedule": "kvpress"}),
     "adakv": (lambda r: AdaKVPress(SnapKVPress(compression_ratio=r, window_size=64, kernel_size=5), alpha_safeguard=0.2),
               {**SNAPKV_AT_KVPRESS, "alpha_safeguard": 0.2}),
+    "chunkkv": (lambda r: ChunkKVPress(SnapKVPress(compression_ratio=r, window_size=64, kernel_size=5), chunk_length=20),
+                {**SNAPKV_AT_KVPRESS, "chunk_length": 20, "reuse_layers": 1}),
+    "simlayerkv": (lambda r: SimLayerKVPress(lazy_threshold=0.9, n_recent=500, n_initial=4, n_last=1),
+                   {"threshold": 0.9, "sink_tokens": 4, "criterion": "kvpress"}),
 }
+# nanokv's budget where the press does not follow the ratio: what a lazy layer keeps
+BUDGETS = {"simlayerkv": lambda press: press.n_initial + press.n_recent - press.n_last}
 NEEDS_EAGER = {"h2o"}  # ObservedAttentionPress reads the attention weights only eager attention returns
 
 TEXT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
@@ -48,9 +57,33 @@ TEXT = ("The history of the printing press begins in the fifteenth century, when
         "books became cheaper, and literacy rose. ")
 
 
+def kvpress_kept_by_compress(model, ids, press):
+    """{layer: per kv-head, the set of positions} of the keys the press's compress returns
+    (each one found among the keys it was given)."""
+    kept, original = {}, type(press).compress
+
+    def recording_compress(self, module, hidden_states, keys, values, *args, **kwargs):
+        out_keys, out_values = original(self, module, hidden_states, keys, values, *args, **kwargs)
+        distance = torch.cdist(out_keys[0].float(), keys[0].float(),   # [H, kept, S], exact
+                               compute_mode="donot_use_mm_for_euclid_dist")
+        assert bool((distance.min(dim=-1).values == 0).all()), "a returned key is not one of the prompt's"
+        kept[module.layer_idx] = [set(row.tolist()) for row in distance.argmin(dim=-1)]
+        return out_keys, out_values
+
+    type(press).compress = recording_compress
+    try:
+        with torch.no_grad(), press(model):
+            model(torch.tensor([ids]), past_key_values=transformers.DynamicCache())
+    finally:
+        type(press).compress = original
+    return kept
+
+
 def kvpress_kept(model, ids, press, ratio):
     """{layer: per kv-head, the set of positions kvpress keeps}: its own scores and top-k
     (PyramidKVPress: its own layer budget), or what AdaKVPress leaves unmasked."""
+    if isinstance(press, (ChunkKVPress, SimLayerKVPress)):
+        return kvpress_kept_by_compress(model, ids, press)
     scores, modules = {}, {}
     scorer = press.press if isinstance(press, AdaKVPress) else press
     original = type(scorer).score
@@ -143,15 +176,17 @@ def main():
     for method in args.methods:
         make_press, options = PAIRS[method]
         model = models["eager" if method in NEEDS_EAGER else "sdpa"]
-        theirs = kvpress_kept(model, ids, make_press(args.compression), args.compression)
-        ours, llm = nanokv_kept(path, ids, method, budget, options)
+        press = make_press(args.compression)
+        theirs = kvpress_kept(model, ids, press, args.compression)
+        ours, llm = nanokv_kept(path, ids, method, BUDGETS.get(method, lambda _: budget)(press), options)
         agree = sum(len(t & o) for layer, heads in theirs.items() for t, o in zip(heads, ours[layer]))
         total = sum(len(t) for heads in theirs.values() for t in heads)
         token = ids[len(ids) // 2]  # any token will do as the next one
         diff = (kvpress_next_logits(model, ids, make_press(args.compression), token)
                 - nanokv_next_logits(llm, ids, token)).abs().max().item()
         print(f"{method:14} kept slots agreeing with kvpress: {100 * agree / total:.2f}% "
-              f"({agree}/{total}, {len(theirs)} layers, {len(ids)} tokens, keep {budget} a head on average); "
+              f"({agree}/{total}, {len(theirs)} layers, {len(ids)} tokens, keep {total // (len(theirs) * len(theirs[0]))}"
+              f" a head on average); "
               f"next-token logits max |diff| {diff:.1e}")
 
 

@@ -31,7 +31,7 @@ GROUP_SLACK = 1.5  # padding waste a decode group may carry (the longest / the s
 
 class CacheAttention:
     def __init__(self, cache: PagedKVCache, seq_ids: list[int], query_lens: list[int], positions: torch.Tensor,
-                 method=None, compress_lens: list[int] | None = None):
+                 method=None, compress_lens: list[int] | None = None, token_ids: torch.Tensor | None = None):
         self.cache, self.seq_ids, self.query_lens = cache, seq_ids, query_lens
         self.method = method if method is not None and method.compresses else None
         # a method that picks which blocks each decode step reads (Quest)
@@ -40,6 +40,10 @@ class CacheAttention:
         # how many leading new tokens of each sequence the method compresses (its prompt, or the
         # context before a question); the rest attends over them compressed and is kept
         self.compress_lens = compress_lens or query_lens
+        # the new tokens' ids [T], for a method that reads them (PrefillView.token_ids)
+        self.token_ids = None if token_ids is None else token_ids.split(query_lens)
+        if self.method is not None and self.method.trims_earlier_layers and isinstance(cache, QuantizedKVCache):
+            raise ValueError(f"method {self.method.name!r} compacts earlier layers again, which quantized blocks cannot")
         self.positions = positions                                        # [T] all new tokens
         self.is_decode = all(n == 1 for n in query_lens)
         self.quantized = isinstance(cache, QuantizedKVCache)  # decode reads quantized blocks too
@@ -47,9 +51,11 @@ class CacheAttention:
         self.evicting = self.method is not None and self.method.evicts_during_decode
         if self.evicting:
             self.budgets = torch.tensor([self.method.decode_budget(n) for n in self.compress_lens], device=device)
+            self.prompt_lens = torch.tensor(self.compress_lens, device=device)
             self.evicted = torch.zeros(cache.num_layers, len(seq_ids), cache.num_kv_heads, dtype=torch.bool)
         self.q_pos = positions.split(query_lens)
         if not self.is_decode:
+            self.sequence_state = {seq_id: {} for seq_id in seq_ids}  # PrefillView.sequence_state
             return
         self.slots = torch.cat([cache.append_slots(s, 1) for s in seq_ids], dim=-1).to(device)  # [L, H, b]
         seqs = [cache.seqs[s] for s in seq_ids]
@@ -99,8 +105,9 @@ class CacheAttention:
                                         tables, lengths, sliding_window, self.evicting)
                 if self.evicting:
                     result, probs = result
-                    self.evicted[layer, members.cpu()] = self._evict(tables, lengths, probs,
-                                                                     self.positions[members], self.budgets[members]).cpu()
+                    evicted = self._evict(layer, tables, lengths, probs, self.positions[members],
+                                          self.budgets[members], self.prompt_lens[members])
+                    self.evicted[layer, members.cpu()] = evicted.cpu()
                 out[members] = result
             return out
         outs = []
@@ -119,7 +126,7 @@ class CacheAttention:
             out, column_sums = self._prefill(q_i[:n], pos_i[:n], *self._held(seq_id, layer), sliding_window,
                                              self.method.needs_column_sums)
             outs.append(out)
-            self._compress(layer, seq_id, q_i[:n], column_sums)
+            self._compress(layer, seq_id, q_i[:n], column_sums, i)
             if n < len(q_i):
                 outs.append(self._generated(layer, i, q_i[n:], pos_i[n:], sliding_window))
             self.cache.settle(seq_id, layers=slice(layer, layer + 1))
@@ -182,12 +189,13 @@ class CacheAttention:
             tables, lengths = self._held(seq_id, layer)
             out, probs = self.cache.kernels.decode(q_t[None], pos_t[None], pool.k, pool.v, pool.pos, tables, lengths,
                                                    sliding_window, True)
-            evicted = self._evict(tables, lengths, probs, pos_t[None], self.budgets[i:i + 1])
+            evicted = self._evict(layer, tables, lengths, probs, pos_t[None], self.budgets[i:i + 1],
+                                  self.prompt_lens[i:i + 1])
             self.cache.drop_last(seq_id, evicted.cpu(), layers=slice(layer, layer + 1))
             outs.append(out)
         return torch.cat(outs)
 
-    def _compress(self, layer: int, seq_id: int, queries: torch.Tensor, column_sums: torch.Tensor | None):
+    def _compress(self, layer: int, seq_id: int, queries: torch.Tensor, column_sums: torch.Tensor | None, i: int = 0):
         """Let the method pick what layer `layer` of a just-prefilled sequence keeps, and set its
         per-token state; compact. Nothing else in this forward pass reads this layer's KV again."""
         from nanokv.methods.base import PrefillView
@@ -198,24 +206,35 @@ class CacheAttention:
         keys = gather_blocks(pool.k, tables)[:, :n]                             # [H, S, D] the prompt's
         positions = gather_blocks(pool.pos, tables[:1])[0, :n]                 # [S]
         view = PrefillView(layer, self.cache.num_layers, queries, keys, positions,
-                           None if column_sums is None else column_sums[:, :n])
+                           None if column_sums is None else column_sums[:, :n], self.sequence_state[seq_id])
+        if self.method.needs_values:
+            view.values = gather_blocks(pool.v, tables)[:, :n]                 # [H, S, D] the prompt's
+        if self.method.needs_vocabulary:
+            if self.token_ids is None or held != len(self.token_ids[i]):
+                raise ValueError(f"method {self.method.name!r} needs the token ids of a prefill from an empty cache")
+            view.token_ids = self.token_ids[i][:n]  # a prefill writes its tokens from slot 0, in order
         state = self.method.prefill_state(view)
         if state:
             prompt = self.cache.flat_slots(tables, torch.arange(n).expand(len(tables), n)).to(pool.device)
             for name, value in state.items():
                 pool.fields[name][pool.slot_index(prompt)] = value.to(pool.fields[name].dtype)
         keep = self.method.keep_mask(view)
-        if keep is not None:
+        masks = {} if keep is None else {layer: keep}
+        masks.update(self.method.earlier_keep_masks(view))  # a cascade re-trims earlier layers (base.py)
+        for at, keep in masks.items():
             keep = keep.cpu()  # block tables live on the CPU
             generated = torch.ones(keep.shape[0], held - n, dtype=torch.bool, device=keep.device)
-            self.cache.compact(seq_id, torch.cat([keep, generated], dim=1)[None], layers=slice(layer, layer + 1))
+            self.cache.compact(seq_id, torch.cat([keep, generated], dim=1)[None], layers=slice(at, at + 1))
 
-    def _evict(self, tables, lengths, probs, q_pos, budgets) -> torch.Tensor:
+    def _evict(self, layer, tables, lengths, probs, q_pos, budgets, prompt_lens) -> torch.Tensor:
         """Decode-time eviction for b sequences at one layer (tables [b, H, nb], lengths [b, H]):
-        the method scores every slot from the query's attention probs [b, H, group, S] (updating
-        its slot fields); each head holding more than its sequence's budget of tokens up to
-        `q_pos` evicts its lowest-scoring one outside the recent window, by moving its last slot
-        into that place. -> [b, H] bool, the heads that evicted (the caller shortens them)."""
+        the method scores every slot from the query's attention probs [b, H, group, S] and a
+        DecodeStep (updating its slot fields of the slots the query sees); each head holding more
+        than its sequence's budget of tokens up to `q_pos` evicts its lowest-scoring one outside
+        the recent window, by moving its last slot into that place. -> [b, H] bool, the heads
+        that evicted (the caller shortens them)."""
+        from nanokv.methods.base import DecodeStep
+
         pool = self.cache.pool
         fields = pool.fields
         B, H, _, S = probs.shape
@@ -225,10 +244,15 @@ class CacheAttention:
         readable = pool.slot_index(flat.clamp(min=0))
         k_pos = fields["pos"][readable]
         visible = held & (k_pos <= q_pos[:, None, None])     # a replay holds later tokens already
+        step = DecodeStep(layer, q_pos, prompt_lens, k_pos, visible, budgets)
+        if "keys" in self.method.decode_reads:     # [b, H, S, D] in slot order (base.py)
+            step.keys = fields["k"][readable]
+        if "values" in self.method.decode_reads:
+            step.values = fields["v"][readable]
         scores, state = self.method.decode_scores(probs, {name: fields[name][readable]
-                                                          for name in self.method.slot_fields})
-        for name, value in state.items():
-            fields[name][pool.slot_index(flat[held])] = value[held]
+                                                          for name in self.method.slot_fields}, step)
+        for name, value in state.items():  # a replay's later tokens keep theirs (see base.py)
+            fields[name][pool.slot_index(flat[visible])] = value[visible]
         over = visible.sum(-1) > budgets[:, None]
         if not bool(over.any()):
             return over

@@ -81,6 +81,9 @@ class LLM:
         # from_gguf reads the metadata the weights loader already parsed (read_gguf is cached)
         make_tokenizer = Tokenizer.from_gguf if self.source.kind == "gguf" else Tokenizer.from_dir
         self.tokenizer = make_tokenizer(self.source.path)
+        if self.method.needs_vocabulary:  # what each token id reads as (see methods/base.py)
+            self.method.bind_vocabulary([self.tokenizer.decode([i], skip_special_tokens=False)
+                                         for i in range(self.tokenizer.vocab_size)])
         memory = kv_cache_bytes(kv_cache_memory, self.device)
         spec = self.method.quantization
         if spec is None:  # Quest reads each block's key bounds: the pool keeps them

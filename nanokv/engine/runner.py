@@ -31,7 +31,7 @@ class ModelRunner:
         ids = torch.tensor(ids, device=self.device)
         positions = positions.to(self.device)
         attention = CacheAttention(self.cache, [s.id for s in seqs], query_lens, positions, self.method,
-                                   [s.compress_len for s in seqs])
+                                   [s.compress_len for s in seqs], ids)
         for s, n in zip(seqs, query_lens):
             s.num_cached = n if is_prefill else s.num_cached + 1
         hidden = self.model(ids, positions, attention)

@@ -42,7 +42,8 @@ def perplexity(llm, ids: list[int], prefill: int) -> tuple[float, float]:
         step, start = ids[:prefill], 0
         for target in [*ids[prefill:], None]:
             positions = torch.arange(start, start + len(step), device=device)
-            attention = CacheAttention(cache, [seq_id], [len(step)], positions, llm.method)
+            attention = CacheAttention(cache, [seq_id], [len(step)], positions, llm.method,
+                                       token_ids=torch.tensor(step, device=device))
             hidden = model(torch.tensor(step, device=device), positions, attention)
             attention.finish()
             if target is None:

@@ -17,13 +17,48 @@ lowest-scoring slot outside `recent_window` whenever a head holds more than its 
 a method keeps per token (H2O's accumulated attention) lives in the cache as slot fields
 (`slot_fields`), set at prefill by `prefill_state` and moved with its token by compaction.
 What a method needs from prefill attention beyond queries and keys it asks for
-(`needs_column_sums`: each key's attention summed over the prompt's queries).
+(`needs_column_sums`: each key's attention summed over the prompt's queries); methods that
+weigh every prompt query themselves (A2SF's forgetting factor, Keyformer's noise, RoCo's
+variance) read the prompt's attention logits a chunk of queries at a time (`prompt_logits`).
+
+Besides the probabilities, `decode_scores` gets a `DecodeStep`: the layer, each query's
+position, the prompt length its budget was set from (so the decode step: Keyformer's
+temperature schedule), the position of the token in every slot, which slots the query sees,
+and the budgets. A method returns new slot fields for every slot; the cache stores them only
+for the slots the query saw. A recompute after preemption replays its generated tokens over a
+cache that already holds all of them, so a later token must not age, or count a query, before
+it existed (Scissorhands' history, RoCo's query counts, A2SF's decay).
+
+What a method works out at one layer and reuses at a later layer of the same prompt (ChunkKV
+reuses a layer's selection in the next ones) goes in `PrefillView.sequence_state`: one dict per
+sequence, the same object at every layer of that sequence's prefill, empty at its first layer
+and gone after the forward pass. A prefill step runs layer by layer over all of its sequences,
+so state kept anywhere else would mix sequences.
+
+A method that scores tokens by what the cache holds, not only by attention, asks for it: at
+prefill `needs_values` fills `PrefillView.values` (VATP weighs attention by each value's L1
+norm); at decode `decode_reads`, a subset of {"keys", "values"}, fills `DecodeStep.keys` and
+`DecodeStep.values` [b, H, S, D] (R-KV's key redundancy), read from the pool in slot order (the
+slots of the probabilities; garbage where not visible, as key_positions) and only when asked.
+
+A method that reads what the prompt says (SepLLM keeps separator tokens) sets
+`needs_vocabulary`: the engine then calls `bind_vocabulary(texts)` once, texts[i] the decoded
+text of token id i (methods never import the tokenizer), and fills `PrefillView.token_ids` with
+the id of the token in each cached slot.
+
+A method whose budgets depend on layers it has not seen yet (CAKE's cascade: each new layer's
+preference shrinks the budgets of the earlier ones) returns, after each layer's `keep_mask`,
+masks for earlier layers of the same sequence from `earlier_keep_masks`: {layer: [H, P] bool}
+over the P prompt tokens that layer holds now, in slot order (what its previous masks kept,
+in order); the engine compacts those layers again, keeping the tokens a recompute generated.
+Such a method cannot be combined with quantization (quantized blocks are not compacted), and
+its `kept_after_prefill` must plan for the most its layers hold at any point of the prefill.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -39,6 +74,28 @@ class PrefillView:
     # [H, S] float32: attention each key received, summed over the prompt's queries and
     # averaged over the query heads of its group (only for methods with needs_column_sums)
     column_sums: torch.Tensor | None = None
+    # this sequence's scratch space across the layers of its prefill (see the module docstring)
+    sequence_state: dict = field(default_factory=dict)
+    # [S] int64: the token id in each cached slot (only for methods with needs_vocabulary)
+    token_ids: torch.Tensor | None = None
+    # [H, S, D] the layer's cached values in slot order (only for methods with needs_values)
+    values: torch.Tensor | None = None
+
+
+@dataclass
+class DecodeStep:
+    """What a decode-time method sees besides the attention, for b sequences at one layer."""
+    layer: int
+    positions: torch.Tensor      # [b] the query's position
+    prompt_lens: torch.Tensor    # [b] prompt tokens the budget was set from; the query is decode
+                                 # step positions - prompt_lens + 1 (1: the first generated token)
+    key_positions: torch.Tensor  # [b, H, S] position of the token in each slot (garbage where not visible)
+    visible: torch.Tensor        # [b, H, S] bool: the slots this query attends to
+    budgets: torch.Tensor        # [b] tokens each head of the sequence holds
+    # [b, H, S, D] the cached keys / values in each slot, in the pool's dtype (only what the
+    # method's decode_reads names; garbage where not visible)
+    keys: torch.Tensor | None = None
+    values: torch.Tensor | None = None
 
 
 def observation_attention(view: PrefillView, window: int) -> torch.Tensor:
@@ -52,6 +109,22 @@ def observation_attention(view: PrefillView, window: int) -> torch.Tensor:
     return logits.masked_fill(future, float("-inf")).softmax(dim=-1)
 
 
+def prompt_logits(view: PrefillView, first: int = 0, chunk_bytes: int = 1 << 26):
+    """Yield (start, logits [Hq, c, S] float32) for the prompt's queries first.. in chunks of c
+    (about `chunk_bytes` each): each query's attention logits over the cached keys, -inf past its
+    position. Query j of T sits at slot S - T + j. For scores that weigh every prompt query
+    (softmax each chunk for its probabilities)."""
+    H, S, D = view.keys.shape
+    T, Hq = view.queries.shape[:2]
+    keys = view.keys.float().repeat_interleave(Hq // H, dim=0)          # [Hq, S, D]
+    rows = max(1, chunk_bytes // (4 * Hq * S))
+    for start in range(first, T, rows):
+        q = view.queries[start:start + rows].float()                     # [c, Hq, D]
+        q_pos = view.positions[S - T + start:S - T + start + len(q)]
+        logits = torch.einsum("chd,hsd->hcs", q, keys) / math.sqrt(D)
+        yield start, logits.masked_fill(view.positions[None, None, :] > q_pos[None, :, None], float("-inf"))
+
+
 class Method:
     name = "full"
     description = "no compression: every token is kept"
@@ -61,8 +134,12 @@ class Method:
     needs_column_sums = False       # PrefillView.column_sums is filled in
     evicts_during_decode = False    # decode_scores is called every decode step
     slot_fields: dict[str, torch.dtype] = {}  # per-token state the cache carries
+    needs_values = False            # PrefillView.values is filled in
+    decode_reads: frozenset[str] = frozenset()  # of {"keys", "values"}: DecodeStep.keys / .values are filled in
     quantization = None             # a QuantSpec: the cache stores K and V quantized (kivi, int4, int8)
     selects_pages = False           # select_pages picks the blocks each decode step reads (quest)
+    needs_vocabulary = False        # bind_vocabulary is called; PrefillView.token_ids is filled in
+    trims_earlier_layers = False    # earlier_keep_masks may shrink layers compressed before (cake)
     compression_hint = "choose a method to use compression or budget (see --list-methods)"
 
     def __init__(self, compression: float = 0.0, budget: int | None = None, **options):
@@ -136,6 +213,14 @@ class Method:
         top = self.scores(view).topk(k, dim=-1).indices
         return torch.zeros(view.keys.shape[:2], dtype=torch.bool, device=top.device).scatter_(1, top, True)
 
+    def bind_vocabulary(self, texts: list[str]):
+        """texts[i]: the decoded text of token id i (for methods with needs_vocabulary)."""
+
+    def earlier_keep_masks(self, view: PrefillView) -> dict[int, torch.Tensor]:
+        """After keep_mask at view.layer: {earlier layer: [H, P] bool} over the P prompt tokens
+        that layer holds now, in slot order; the engine compacts them (trims_earlier_layers)."""
+        return {}
+
     def prefill_state(self, view: PrefillView) -> dict[str, torch.Tensor]:
         """Initial value [H, S] of each slot field for the prompt's tokens."""
         return {}
@@ -151,8 +236,9 @@ class Method:
         """How many of the newest positions are never evicted, per request's budget."""
         return torch.zeros_like(budget)
 
-    def decode_scores(self, probs: torch.Tensor, state: dict[str, torch.Tensor]):
+    def decode_scores(self, probs: torch.Tensor, state: dict[str, torch.Tensor], step: DecodeStep):
         """probs: [B, H, group, S] float32, the current query heads' attention over each kv-head's
-        slots (0 past a head's length); state: slot fields [B, H, S].
-        -> (scores [B, H, S], the lowest is evicted; updated slot fields)."""
+        slots (0 past a head's length and at slots it does not see); state: slot fields [B, H, S];
+        step: the layer, positions and budgets (DecodeStep).
+        -> (scores [B, H, S], the lowest is evicted; updated slot fields, kept where step.visible)."""
         raise NotImplementedError

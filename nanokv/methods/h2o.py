@@ -48,6 +48,6 @@ class H2O(Method):
     def prefill_state(self, view: PrefillView) -> dict[str, torch.Tensor]:
         return {"h2o_score": view.column_sums}
 
-    def decode_scores(self, probs, state):
+    def decode_scores(self, probs, state, step):
         accumulated = state["h2o_score"] + probs.mean(dim=2)
         return accumulated, {"h2o_score": accumulated}

@@ -1,20 +1,35 @@
 """Every method by the name users know it, and the one place methods are made."""
 
+from nanokv.methods.a2sf import A2SF
 from nanokv.methods.adakv import AdaKV
 from nanokv.methods.h2o import H2O
+from nanokv.methods.keyformer import Keyformer
 from nanokv.methods.base import Method
+from nanokv.methods.cake import CAKE
+from nanokv.methods.chunkkv import ChunkKV
 from nanokv.methods.kivi import KIVI
 from nanokv.methods.knorm import KNorm
+from nanokv.methods.nacl import NACL
 from nanokv.methods.per_token_quant import Int4, Int8
 from nanokv.methods.pyramidkv import PyramidKV
 from nanokv.methods.quest import Quest
 from nanokv.methods.random import RandomMethod
+from nanokv.methods.r_kv import RKV
+from nanokv.methods.roco import RoCo
+from nanokv.methods.sage_kv import SageKV
+from nanokv.methods.scissorhands import Scissorhands
+from nanokv.methods.sepllm import SepLLM
+from nanokv.methods.simlayerkv import SimLayerKV
 from nanokv.methods.snapkv import SnapKV
 from nanokv.methods.streaming_llm import StreamingLLM
 from nanokv.methods.tova import TOVA
+from nanokv.methods.vatp import VATP
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, RandomMethod, StreamingLLM, KNorm, SnapKV, PyramidKV, AdaKV, H2O, TOVA,
-                                                         KIVI, Int4, Int8, Quest)}
+                                                         A2SF, Keyformer, Scissorhands, RoCo, VATP, RKV,
+                                                         KIVI, Int4, Int8, Quest,
+                                                         SageKV, NACL, SimLayerKV, ChunkKV,
+                                                         SepLLM, CAKE)}
 QUANTIZERS = [name for name, m in METHODS.items() if issubclass(m, KIVI)]
 
 
@@ -62,6 +77,9 @@ def check_method(name: str) -> str:
         if quantizer.name not in QUANTIZERS or evictor.name in QUANTIZERS or evictor is Method or evictor.selects_pages:
             raise ValueError(f"method {name!r}: combine an eviction method with a quantization method "
                              f"({', '.join(QUANTIZERS)}), in that order, e.g. snapkv+kivi")
+        if evictor.trims_earlier_layers:
+            raise ValueError(f"method {name!r}: {evictor.name} compacts earlier layers again during prefill, "
+                             f"which quantized blocks cannot follow; use {evictor.name} alone")
         if evictor.evicts_during_decode:
             raise ValueError(f"method {name!r}: {evictor.name} evicts during decode, which would move tokens inside "
                              f"quantized blocks; combine {quantizer.name} with a prefill-time method "

@@ -28,7 +28,7 @@ class SnapKV(Method):
 
     def check_budget(self):
         if self.budget is not None and self.budget <= self.window_size:
-            raise ValueError(f"budget={self.budget} must exceed window_size={self.window_size} for snapkv")
+            raise ValueError(f"budget={self.budget} must exceed window_size={self.window_size} for {self.name}")
 
     def scores(self, view: PrefillView) -> torch.Tensor:
         H, S, _ = view.keys.shape

@@ -24,6 +24,6 @@ class TOVA(Method):
         last = observation_attention(view, 1)[:, 0].mean(dim=0)   # [S] mean over every query head
         return last.expand(view.keys.shape[0], -1)
 
-    def decode_scores(self, probs, state):
+    def decode_scores(self, probs, state, step):
         B, H, _, S = probs.shape
         return probs.mean(dim=(1, 2))[:, None].expand(B, H, S), state

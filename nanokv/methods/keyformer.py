@@ -1,0 +1,127 @@
+"""keyformer: accumulated attention, scored through a Gumbel-noised, tempered softmax.
+
+Paper: Keyformer: KV Cache Reduction through Key Tokens Selection for Efficient Generative
+Inference (Adnan et al., MLSys 2024), arXiv 2403.09054. Removing tokens shifts the softmax
+mass onto those left, which biases plain accumulated attention; Keyformer scores each key with
+a regularised softmax instead, softmax((logits + ζ) / τ), ζ i.i.d. Gumbel(0, 1) noise per
+(query head, query, key), and accumulates that (averaged over the query heads of a group, GQA)
+like H2O. τ rises linearly from `tau_init` at the prompt to `tau_end` after `tau_steps`
+decode steps, then stays. Per (layer, kv-head) the newest `recent_ratio` of the budget is never
+evicted and the rest goes to the highest scores: after the prompt (its score summed over every
+prompt query, at τ = tau_init) and at every decode step, where the lowest-scoring token goes
+whenever a head holds one more than its budget. During decode the engine passes probabilities,
+not logits: log p differs from the logits by one constant per row, which the softmax cancels,
+so softmax((log p + ζ) / τ) is the same thing. With ζ = -log E, E ~ Exponential(1), that is
+(p / E)^(1/τ) normalised, which is how it is computed here (no logarithms).
+
+The noise is a hash of (seed, layer, query position, query head, key position), not a draw
+from a generator: the same token gets the same noise whatever the batch, slot order or
+preemption, so runs repeat and a recompute replays its evictions exactly (`seed` picks another
+stream; noise=none drops it, τ alone, for ablation). Defaults from the official code
+(d-matrix-ai/keyformer-llm): recent window 30% of the cache (`--recent 30`), τ from 1 to 2
+(`--tau_init 1 --tau_end 2`), rising by (tau_end - tau_init) / max_new_tokens per step with
+`--max_new_tokens 128` in its summarization script: tau_steps = 128 here, since the method
+does not see a request's max_tokens.
+"""
+
+import torch
+
+from nanokv.methods.base import Method, PrefillView, prompt_logits
+
+M32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2^32 for x in [0, 2^32), in int64 without overflow (16-bit halves)."""
+    return ((x & 0xFFFF) * c + ((((x >> 16) * c) & 0xFFFF) << 16)) & M32
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mix (xorshift-multiply, the 'lowbias32' constants): every input bit
+    flips about half the output bits."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def exponential_noise(seed: int, layer: int, q_pos, q_head, k_pos) -> torch.Tensor:
+    """Exponential(1) noise E, float32, one value per (seed, layer, query position, query head,
+    key position); the tensor arguments broadcast together (int64). -log E is Gumbel(0, 1)."""
+    h = _hash32(torch.tensor(seed & M32, dtype=torch.int64))
+    h = _hash32(h ^ (layer & M32))
+    for part in (q_pos, q_head, k_pos):
+        h = _hash32(h ^ (torch.as_tensor(part).long() & M32))
+    u = ((h >> 9).float() + 0.5) / 2.0 ** 23              # 23 bits, exact in float32: in (0, 1)
+    return -torch.log1p(u - 1)                            # u - 1 is exact too
+
+
+class Keyformer(Method):
+    name = "keyformer"
+    description = "accumulated attention from a Gumbel-noised softmax whose temperature rises 1 -> 2 (every step)"
+    paper = "https://arxiv.org/abs/2403.09054"
+    options = {
+        "recent_ratio": (float, 0.3, "a number in [0, 1) (share of the budget kept for the newest tokens)",
+                         lambda v: 0 <= v < 1),
+        "tau_init": (float, 1.0, "a number > 0 (softmax temperature at the prompt)", lambda v: v > 0),
+        "tau_end": (float, 2.0, "a number > 0 (temperature from decode step tau_steps on)", lambda v: v > 0),
+        "tau_steps": (int, 128, "an integer >= 1 (decode steps over which the temperature rises)", lambda v: v >= 1),
+        "noise": (str, "gumbel", "'gumbel' or 'none'", lambda v: v in ("gumbel", "none")),
+        "seed": (int, 0, "an integer >= 0 (which noise)", lambda v: v >= 0),
+    }
+    evicts_during_decode = True
+    slot_fields = {"keyformer_score": torch.float32}
+
+    def recent_window(self, budget):
+        return (budget * self.recent_ratio).long()
+
+    def temperature(self, step):
+        """τ at decode step `step` (0 is the prompt, 1 the first generated token): a tensor or int."""
+        step = torch.as_tensor(step).clamp(min=0, max=self.tau_steps)
+        return self.tau_init + (self.tau_end - self.tau_init) * step / self.tau_steps
+
+    def noised(self, probs, tau, layer, q_pos, q_head, k_pos):
+        """softmax((log probs + ζ) / τ) over the last dim, as (probs / E)^(1/τ) normalised."""
+        if self.noise == "gumbel":
+            probs = probs / exponential_noise(self.seed, layer, q_pos, q_head, k_pos).to(probs.device)
+        weights = probs.pow(1 / tau)
+        return weights / weights.sum(dim=-1, keepdim=True)
+
+    def prompt_scores(self, view: PrefillView) -> torch.Tensor:
+        """[H, S] the noised attention each key receives, summed over every prompt query."""
+        memo = getattr(self, "_memo", None)
+        if memo is not None and memo[0] is view:  # prefill_state and scores see the same view
+            return memo[1]
+        H, S, _ = view.keys.shape
+        T, Hq = view.queries.shape[:2]
+        tau = float(self.temperature(0))
+        heads = torch.arange(Hq, device=view.keys.device)[:, None, None]
+        sums = torch.zeros(H, S, device=view.keys.device)
+        for start, logits in prompt_logits(view):
+            q_pos = view.positions[S - T + start:S - T + start + logits.shape[1]]
+            probs = self.noised(logits.softmax(dim=-1), tau, view.layer, q_pos[None, :, None], heads,
+                                view.positions[None, None, :])
+            sums += probs.sum(dim=1).view(H, -1, S).mean(dim=1)
+        self._memo = (view, sums)
+        return sums
+
+    def scores(self, view: PrefillView) -> torch.Tensor:
+        scores = self.prompt_scores(view).clone()
+        self._memo = None
+        S = scores.shape[1]
+        recent = int(self.recent_window(torch.tensor(self.decode_budget(S))))
+        scores[:, S - recent:] = float("inf")
+        return scores
+
+    def prefill_state(self, view: PrefillView) -> dict[str, torch.Tensor]:
+        return {"keyformer_score": self.prompt_scores(view)}
+
+    def decode_scores(self, probs, state, step):
+        B, H, group, S = probs.shape
+        tau = self.temperature(step.positions - step.prompt_lens + 1).to(probs.device)[:, None, None, None]
+        heads = torch.arange(H * group, device=probs.device).view(1, H, group, 1)
+        noised = self.noised(probs, tau, step.layer, step.positions[:, None, None, None], heads,
+                             step.key_positions[:, :, None, :])
+        score = state["keyformer_score"] + noised.mean(dim=2)
+        return score, {"keyformer_score": score}
