@@ -213,7 +213,7 @@ class CacheAttention:
             if self.token_ids is None or held != len(self.token_ids[i]):
                 raise ValueError(f"method {self.method.name!r} needs the token ids of a prefill from an empty cache")
             view.token_ids = self.token_ids[i][:n]  # a prefill writes its tokens from slot 0, in order
-        state = self.method.prefill_state(view)
+        state = self.method.state_of(view)
         if state:
             prompt = self.cache.flat_slots(tables, torch.arange(n).expand(len(tables), n)).to(pool.device)
             for name, value in state.items():

@@ -41,9 +41,6 @@ class A2SF(Method):
 
     def weighted_sums(self, view: PrefillView) -> torch.Tensor:
         """[H, S] Σ_i λ^(T-1-i) a_i over the prompt's queries i, a_i averaged over each group."""
-        memo = getattr(self, "_memo", None)
-        if memo is not None and memo[0] is view:  # prefill_state and scores see the same view
-            return memo[1]
         H, S, _ = view.keys.shape
         T = len(view.queries)
         lam = self.forgetting
@@ -54,16 +51,10 @@ class A2SF(Method):
             age = T - 1 - torch.arange(start, start + probs.shape[1], device=probs.device)
             weights = (math.log(lam) * age.double()).exp().float()                    # λ^age
             sums += (probs * weights[None, :, None]).sum(dim=1).view(H, -1, S).mean(dim=1)
-        self._memo = (view, sums)
         return sums
 
     def scores(self, view: PrefillView) -> torch.Tensor:
-        scores = self.weighted_sums(view).clone()
-        self._memo = None
-        S = scores.shape[1]
-        recent = int(self.recent_window(torch.tensor(self.decode_budget(S))))
-        scores[:, S - recent:] = float("inf")
-        return scores
+        return self.protect_recent(self.state_of(view)["a2sf_score"].clone())
 
     def prefill_state(self, view: PrefillView) -> dict[str, torch.Tensor]:
         return {"a2sf_score": self.weighted_sums(view)}

@@ -80,6 +80,8 @@ class PrefillView:
     token_ids: torch.Tensor | None = None
     # [H, S, D] the layer's cached values in slot order (only for methods with needs_values)
     values: torch.Tensor | None = None
+    # (method, what its prefill_state returned for this view), once computed (Method.state_of)
+    state: tuple | None = None
 
 
 @dataclass
@@ -224,6 +226,21 @@ class Method:
     def prefill_state(self, view: PrefillView) -> dict[str, torch.Tensor]:
         """Initial value [H, S] of each slot field for the prompt's tokens."""
         return {}
+
+    def state_of(self, view: PrefillView) -> dict[str, torch.Tensor]:
+        """prefill_state(view), computed once per view: the engine stores it as slot fields, and
+        a decode-time method's prefill `scores` usually start from it."""
+        if view.state is None or view.state[0] is not self:
+            view.state = (self, self.prefill_state(view))
+        return view.state[1]
+
+    def protect_recent(self, scores: torch.Tensor) -> torch.Tensor:
+        """scores [H, S] with the newest recent_window(decode budget) slots set to +inf: at prefill
+        a decode-time method keeps the window its decode never evicts."""
+        S = scores.shape[1]
+        recent = int(self.recent_window(torch.tensor(self.decode_budget(S))))
+        scores[:, S - recent:] = float("inf")
+        return scores
 
     # --- decode-time eviction (evicts_during_decode) --------------------------------------
 

@@ -41,9 +41,7 @@ class H2O(Method):
         S = scores.shape[1]
         if self.normalize:
             scores /= torch.arange(S, 0, -1, device=scores.device)
-        recent = int(self.recent_window(torch.tensor(self.decode_budget(S))))
-        scores[:, S - recent:] = float("inf")
-        return scores
+        return self.protect_recent(scores)
 
     def prefill_state(self, view: PrefillView) -> dict[str, torch.Tensor]:
         return {"h2o_score": view.column_sums}

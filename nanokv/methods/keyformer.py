@@ -90,9 +90,6 @@ class Keyformer(Method):
 
     def prompt_scores(self, view: PrefillView) -> torch.Tensor:
         """[H, S] the noised attention each key receives, summed over every prompt query."""
-        memo = getattr(self, "_memo", None)
-        if memo is not None and memo[0] is view:  # prefill_state and scores see the same view
-            return memo[1]
         H, S, _ = view.keys.shape
         T, Hq = view.queries.shape[:2]
         tau = float(self.temperature(0))
@@ -103,16 +100,10 @@ class Keyformer(Method):
             probs = self.noised(logits.softmax(dim=-1), tau, view.layer, q_pos[None, :, None], heads,
                                 view.positions[None, None, :])
             sums += probs.sum(dim=1).view(H, -1, S).mean(dim=1)
-        self._memo = (view, sums)
         return sums
 
     def scores(self, view: PrefillView) -> torch.Tensor:
-        scores = self.prompt_scores(view).clone()
-        self._memo = None
-        S = scores.shape[1]
-        recent = int(self.recent_window(torch.tensor(self.decode_budget(S))))
-        scores[:, S - recent:] = float("inf")
-        return scores
+        return self.protect_recent(self.state_of(view)["keyformer_score"].clone())
 
     def prefill_state(self, view: PrefillView) -> dict[str, torch.Tensor]:
         return {"keyformer_score": self.prompt_scores(view)}

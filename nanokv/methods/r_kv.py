@@ -106,12 +106,10 @@ class RKV(Method):
 
     def scores(self, view: PrefillView) -> torch.Tensor:
         H, S, _ = view.keys.shape
-        rows = torch.stack(list(self.prefill_state(view).values()))
+        rows = torch.stack(list(self.state_of(view).values()))
         positions = view.positions.expand(H, S)
-        scores = self.score(rows, view.keys, positions, torch.ones(H, S, dtype=torch.bool, device=view.keys.device))
-        recent = int(self.recent_window(torch.tensor(self.decode_budget(S))))
-        scores[:, S - recent:] = float("inf")
-        return scores
+        return self.protect_recent(self.score(rows, view.keys, positions,
+                                              torch.ones(H, S, dtype=torch.bool, device=view.keys.device)))
 
     def decode_scores(self, probs, state, step):
         now = probs.max(dim=2).values                                        # [B, H, S]

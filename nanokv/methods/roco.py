@@ -76,9 +76,6 @@ class RoCo(Method):
         return ((budget * self.robust_ratio).long() + 1 - self.recent_window(budget)).clamp(min=0)
 
     def prefill_state(self, view: PrefillView) -> dict[str, torch.Tensor]:
-        memo = getattr(self, "_memo", None)
-        if memo is not None and memo[0] is view:  # scores sees the same view
-            return memo[1]
         H, S, _ = view.keys.shape
         T = len(view.queries)
         first = T - min(T, self.window_size) if self.window_size else 0
@@ -89,13 +86,10 @@ class RoCo(Method):
             total += probs.sum(dim=1)
             squares += (probs ** 2).sum(dim=1)
             count += logits[0].isfinite().sum(dim=0)                                     # queries seeing each key
-        state = {"roco_sum": total, "roco_squares": squares, "roco_count": count.expand(H, S).contiguous()}
-        self._memo = (view, state)
-        return state
+        return {"roco_sum": total, "roco_squares": squares, "roco_count": count.expand(H, S).contiguous()}
 
     def scores(self, view: PrefillView) -> torch.Tensor:
-        state = self.prefill_state(view)
-        self._memo = None
+        state = self.state_of(view)
         mean, std = mean_and_std(state["roco_sum"], state["roco_squares"], state["roco_count"])
         H, S = mean.shape
         budget = torch.tensor(self.decode_budget(S), device=mean.device)

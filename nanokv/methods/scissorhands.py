@@ -53,13 +53,9 @@ class Scissorhands(Method):
         return {"scissorhands_history": history, "scissorhands_count": low.sum(dim=1).int()}
 
     def scores(self, view: PrefillView) -> torch.Tensor:
-        count = self.prefill_state(view)["scissorhands_count"].double()
-        S = count.shape[1]
+        count = self.state_of(view)["scissorhands_count"].double()
         order = view.positions.double() / (2 * (int(view.positions.max()) + 1))  # ties: the oldest goes
-        scores = -count + order[None, :]
-        recent = int(self.recent_window(torch.tensor(self.decode_budget(S))))
-        scores[:, S - recent:] = float("inf")
-        return scores
+        return self.protect_recent(-count + order[None, :])
 
     def decode_scores(self, probs, state, step):
         attention = probs.mean(dim=2)                                        # [B, H, S]

@@ -53,11 +53,7 @@ class VATP(Method):
         return score.masked_fill(positions < self.sink_size, float("inf"))
 
     def scores(self, view: PrefillView) -> torch.Tensor:
-        S = view.keys.shape[1]
-        scores = self.weigh(view.column_sums, view.values, view.positions[None, :])
-        recent = int(self.recent_window(torch.tensor(self.decode_budget(S))))
-        scores[:, S - recent:] = float("inf")
-        return scores
+        return self.protect_recent(self.weigh(view.column_sums, view.values, view.positions[None, :]))
 
     def prefill_state(self, view: PrefillView) -> dict[str, torch.Tensor]:
         return {"vatp_attention": view.column_sums}
