@@ -22,6 +22,23 @@ def real_gguf(name: str):
 
 
 @pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """(model, config): a random 2-layer Qwen2 (4 query heads over 2 kv-heads), float32, saved and
+    loaded through nanokv: fast enough to batch and preempt."""
+    import transformers as T
+
+    from nanokv.loading import load_model
+
+    torch.manual_seed(0)
+    config = T.Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
+                           max_position_embeddings=256)
+    path = tmp_path_factory.mktemp("tiny-qwen2")
+    T.AutoModelForCausalLM.from_config(config).float().save_pretrained(path)
+    return load_model("hf_dir", path, torch.float32)
+
+
+@pytest.fixture(scope="session")
 def smollm2_gguf():
     return real_gguf("smollm2-135m")
 

@@ -7,6 +7,14 @@ import torch
 from nanokv.cache import CacheAttention, PagedKVCache
 
 
+def held_positions(cache, seq_id: int) -> list[list[list[int]]]:
+    """[layer][kv-head] -> the sorted positions of the tokens that head of the sequence holds."""
+    s = cache.seqs[seq_id]
+    return [[sorted(cache.pool.pos.view(-1)[cache.flat_slots(s.tables[layer, head],
+                                                              torch.arange(int(s.lengths[layer, head])))].tolist())
+             for head in range(s.lengths.shape[1])] for layer in range(s.lengths.shape[0])]
+
+
 def single_sequence_cache(cfg, dtype=torch.float32, block_size=16):
     cache = PagedKVCache.from_memory(cfg, 32 << 20, block_size, dtype)
     cache.add(0)

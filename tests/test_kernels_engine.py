@@ -4,7 +4,6 @@ the plain-torch path, through batched decode, prefill and decode-time eviction."
 
 import pytest
 import torch
-import transformers as T
 
 import kernels
 import kernels.reference
@@ -13,20 +12,8 @@ from nanokv.cache import PagedKVCache, QuantizedKVCache
 from nanokv.engine.runner import ModelRunner
 from nanokv.engine.scheduler import Scheduler
 from nanokv.engine.sequence import Sequence
-from nanokv.loading import load_model
 from nanokv.methods import make_method
 from nanokv.sampling import SamplingParams
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    torch.manual_seed(0)
-    config = T.Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
-                           max_position_embeddings=256)
-    path = tmp_path_factory.mktemp("tiny-qwen2")
-    T.AutoModelForCausalLM.from_config(config).float().save_pretrained(path)
-    return load_model("hf_dir", path, torch.float32)
 
 
 def greedy(model, cfg, prompts, choice, steps=12, method=None):

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from helpers import restated_greedy
+from helpers import held_positions, restated_greedy
 from nanokv.methods import make_method
 from nanokv.methods.base import PrefillView
 
@@ -315,11 +315,7 @@ def test_decode_time_eviction_matches_a_plain_statement_of_the_method(smollm2_gg
     finish = llm.scheduler.finish
 
     def capture(seq):
-        s = llm.cache.seqs[seq.id]
-        for layer in range(llm.config.num_layers):
-            for head in range(llm.config.num_kv_heads):
-                slots = llm.cache.flat_slots(s.tables[layer, head], torch.arange(int(s.lengths[layer, head])))
-                held.append(sorted(llm.cache.pool.pos.view(-1)[slots].tolist()))
+        held.extend(h for layer in held_positions(llm.cache, seq.id) for h in layer)
         finish(seq)
 
     llm.scheduler.finish = capture

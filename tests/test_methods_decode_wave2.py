@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import restated_greedy
+from helpers import held_positions, restated_greedy
 from nanokv.methods import make_method
 from nanokv.methods.base import DecodeStep, Method, PrefillView, observation_attention, prompt_logits
 from nanokv.methods.keyformer import exponential_noise
@@ -500,11 +500,7 @@ def test_decode_time_eviction_matches_a_plain_statement_of_the_method(smollm2_gg
     finish = llm.scheduler.finish
 
     def capture(seq):
-        s = llm.cache.seqs[seq.id]
-        for layer in range(llm.config.num_layers):
-            for head in range(llm.config.num_kv_heads):
-                slots = llm.cache.flat_slots(s.tables[layer, head], torch.arange(int(s.lengths[layer, head])))
-                held.append(sorted(llm.cache.pool.pos.view(-1)[slots].tolist()))
+        held.extend(h for layer in held_positions(llm.cache, seq.id) for h in layer)
         finish(seq)
 
     llm.scheduler.finish = capture
@@ -518,22 +514,6 @@ def test_decode_time_eviction_matches_a_plain_statement_of_the_method(smollm2_gg
     assert all(len(h) == budget for h in held)
     agree = sum(len(set(a) & set(b)) for a, b in zip(held, expected))
     assert agree == budget * len(held), f"{agree} of {budget * len(held)} held positions agree"
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A random 2-layer Qwen2 (4 query heads over 2 kv-heads): fast enough to batch and preempt."""
-    import transformers as T
-
-    from nanokv.loading import load_model
-
-    torch.manual_seed(0)
-    config = T.Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
-                           max_position_embeddings=256)
-    path = tmp_path_factory.mktemp("tiny-qwen2")
-    T.AutoModelForCausalLM.from_config(config).float().save_pretrained(path)
-    return load_model("hf_dir", path, torch.float32)
 
 
 def serve(tiny, method, prompts, blocks, steps, block_size=4, kernels="reference"):

@@ -3,15 +3,14 @@ Each on hand-built inputs whose victim is known by hand, the framework's reads o
 values from the pool, then in the engine: under continuous batching with mixed prompt lengths,
 preemption and recompute, holding its budget in real blocks."""
 
-import math
-
 import pytest
 import torch
 
+from helpers import held_positions
 from nanokv.methods import make_method
 from nanokv.methods.base import DecodeStep, PrefillView
 from nanokv.methods.r_kv import pooled_in_position_order, redundancy
-from test_methods_decode_wave2 import TINY_PROMPTS, serve, tiny  # noqa: F401 (tiny: a fixture)
+from test_methods_decode_wave2 import TINY_PROMPTS, serve
 
 inf = float("inf")
 
@@ -252,11 +251,7 @@ def test_each_head_keeps_its_sinks_or_its_last_tokens_in_the_engine(smollm2_gguf
         held, finish = [], llm.scheduler.finish
 
         def capture(seq):
-            s = llm.cache.seqs[seq.id]
-            for layer in range(llm.config.num_layers):
-                for head in range(llm.config.num_kv_heads):
-                    slots = llm.cache.flat_slots(s.tables[layer, head], torch.arange(int(s.lengths[layer, head])))
-                    held.append(set(llm.cache.pool.pos.view(-1)[slots].tolist()))
+            held.extend(set(h) for layer in held_positions(llm.cache, seq.id) for h in layer)
             finish(seq)
 
         llm.scheduler.finish = capture

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from helpers import held_positions
 from nanokv.methods import make_method
 from nanokv.methods.base import PrefillView
 
@@ -232,10 +233,7 @@ def run_capturing(llm, prompts, max_tokens):
         return batch, is_prefill
 
     def capture(seq):
-        s = llm.cache.seqs[seq.id]
-        held[seq.id] = [[sorted(llm.cache.pool.pos.view(-1)[llm.cache.flat_slots(
-            s.tables[layer, head], torch.arange(int(s.lengths[layer, head])))].tolist())
-            for head in range(llm.config.num_kv_heads)] for layer in range(llm.config.num_layers)]
+        held[seq.id] = held_positions(llm.cache, seq.id)
         finish(seq)
 
     llm.scheduler.finish, llm.scheduler.schedule = capture, scheduled
