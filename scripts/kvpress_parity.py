@@ -16,14 +16,20 @@ is what it leaves unmasked. ChunkKVPress and SimLayerKVPress have no scores of t
 kept set is read from the keys their compress returns. SimLayerKVPress takes no ratio: a lazy
 layer keeps n_initial + n_recent - n_last tokens, nanokv's budget; its threshold is one where
 SmolLM2 has lazy layers and layers that are not.
+`--methods duoattention` compares head scores first: kvpress's on-the-fly DuoAttention scoring
+over nanokv's calibration texts (in place of its BookSum sample) against `nanokv.calibrate`'s on
+the same token ids; then the heads each streams at the head_compression_ratio that compression
+gives nanokv, and the kept slots.
 """
 
 import argparse
+from pathlib import Path
 
 import torch
 import transformers
-from kvpress import (AdaKVPress, ChunkKVPress, KnormPress, ObservedAttentionPress, PyramidKVPress,
+from kvpress import (AdaKVPress, ChunkKVPress, KnormPress, KVzipPress, ObservedAttentionPress, PyramidKVPress,
                      SimLayerKVPress, SnapKVPress, StreamingLLMPress, TOVAPress)
+from kvpress.presses import kvzip_press
 from kvpress.utils import compute_n_kept
 
 from kernels.reference import gather_blocks
@@ -47,6 +53,7 @@ PAIRS = {
                 {**SNAPKV_AT_KVPRESS, "chunk_length": 20, "reuse_layers": 1}),
     "simlayerkv": (lambda r: SimLayerKVPress(lazy_threshold=0.9, n_recent=500, n_initial=4, n_last=1),
                    {"threshold": 0.9, "sink_tokens": 4, "criterion": "kvpress"}),
+    "kvzip": (lambda r: KVzipPress(compression_ratio=r), {}),
 }
 # nanokv's budget where the press does not follow the ratio: what a lazy layer keeps
 BUDGETS = {"simlayerkv": lambda press: press.n_initial + press.n_recent - press.n_last}
@@ -79,11 +86,37 @@ def kvpress_kept_by_compress(model, ids, press):
     return kept
 
 
+def kvpress_kept_by_mask(model, ids, press, cache=None):
+    """{layer: per kv-head, the set of positions} KVzipPress leaves unmasked. It reads the
+    tokenizer by the model's name: given the one loaded here, without its chat template, so
+    the reconstruction request ends with a newline as nanokv's does for token ids."""
+    class Tokenizers:
+        @staticmethod
+        def from_pretrained(_):
+            return TOKENIZER
+
+    original, kvzip_press.AutoTokenizer = kvzip_press.AutoTokenizer, Tokenizers
+    try:
+        with torch.no_grad(), press(model):
+            model(input_ids=torch.tensor([ids]), past_key_values=transformers.DynamicCache() if cache is None else cache)
+    finally:
+        kvzip_press.AutoTokenizer = original
+    kept = {}
+    for layer, decoder_layer in enumerate(model.model.layers):
+        _, heads, slots = decoder_layer.self_attn.masked_key_indices
+        mask = torch.ones(model.config.num_key_value_heads, len(ids), dtype=torch.bool)
+        mask[heads, slots] = False
+        kept[layer] = [set(torch.nonzero(row).flatten().tolist()) for row in mask]
+    return kept
+
+
 def kvpress_kept(model, ids, press, ratio):
     """{layer: per kv-head, the set of positions kvpress keeps}: its own scores and top-k
     (PyramidKVPress: its own layer budget), or what AdaKVPress leaves unmasked."""
     if isinstance(press, (ChunkKVPress, SimLayerKVPress)):
         return kvpress_kept_by_compress(model, ids, press)
+    if isinstance(press, KVzipPress):
+        return kvpress_kept_by_mask(model, ids, press)
     scores, modules = {}, {}
     scorer = press.press if isinstance(press, AdaKVPress) else press
     original = type(scorer).score
@@ -117,8 +150,11 @@ def kvpress_kept(model, ids, press, ratio):
 def kvpress_next_logits(model, ids, press, token):
     """Logits for `token`, fed after the pressed prefill (at position len(ids))."""
     cache = transformers.DynamicCache()
-    with press(model):
-        model(torch.tensor([ids]), past_key_values=cache)
+    if isinstance(press, KVzipPress):  # its masks stay on the modules for the next token
+        kvpress_kept_by_mask(model, ids, press, cache)
+    else:
+        with press(model):
+            model(torch.tensor([ids]), past_key_values=cache)
     n = len(ids)
     out = model(torch.tensor([[token]]), past_key_values=cache, position_ids=torch.tensor([[n]]),
                 cache_position=torch.tensor([n]))
@@ -127,14 +163,18 @@ def kvpress_next_logits(model, ids, press, token):
 
 @torch.inference_mode()  # as the engine runs: its scratch buffers are inference tensors
 def nanokv_next_logits(llm, ids, token):
-    """The same through nanokv's model and cache: the method compresses during the prefill."""
+    """The same through nanokv's model and cache: the method compresses during the prefill
+    (after a scoring pass of its own, if it has one)."""
     from nanokv.cache import CacheAttention
 
     cache = llm.cache
     cache.add(-1)
     try:
-        positions = torch.arange(len(ids))
-        llm.model(torch.tensor(ids), positions, CacheAttention(cache, [-1], [len(ids)], positions, llm.method))
+        passes = llm.method.scoring_passes(ids, lambda t: llm.tokenizer.encode(t, add_special_tokens=False), "\n")
+        positions = torch.cat([torch.arange(len(ids))] + [torch.arange(len(ids), len(ids) + len(p)) for p in passes])
+        llm.model(torch.tensor(ids + sum(passes, [])), positions,
+                  CacheAttention(cache, [-1], [len(positions)], positions, llm.method, [len(ids)], None,
+                                 [[len(p) for p in passes]]))
         step = torch.tensor([len(ids)])
         hidden = llm.model(torch.tensor([token]), step, CacheAttention(cache, [-1], [1], step))
         return llm.model.compute_logits(hidden)[0]
@@ -160,6 +200,74 @@ def nanokv_kept(path, ids, method, budget, options):
     return held, llm
 
 
+def duoattention_parity(path, model, ids, compression, num_samples=50):
+    """DuoAttention on the fly: kvpress's duo_attention_on_the_fly (its BookSum sample replaced by
+    nanokv's calibration texts, num_samples of them, kvpress's default) against nanokv.calibrate's
+    scores on the same token ids; then the heads each one streams for `ids` at the
+    head_compression_ratio nanokv's `compression` gives (sink 128, recent 256 on both sides), the
+    kept slots compared, and the next-token logits after the pressed prefill."""
+    import json
+    import tempfile
+
+    import pandas as pd
+    from kvpress import DuoAttentionPress
+    from kvpress.presses import duo_attention_press
+
+    from nanokv.calibrate import calibration_texts, duoattention_scores, model_key
+    from nanokv.loading import load_model
+    from nanokv.tokenizer import Tokenizer
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    ours_tokenizer = Tokenizer.from_gguf(path)
+    texts = [ours_tokenizer.decode(t) for t in calibration_texts(ours_tokenizer, num_samples, len(ids), seed=0)]
+    text_ids = [tokenizer(text)["input_ids"] for text in texts]  # both sides read these ids
+
+    class Dataset:  # what load_dataset("kmfoda/booksum", split="train") gives: a "chapter" column
+        @staticmethod
+        def to_pandas():
+            return pd.DataFrame({"chapter": texts})
+
+    class Tokenizers:
+        @staticmethod
+        def from_pretrained(_):
+            return tokenizer
+
+    saved = duo_attention_press.load_dataset, duo_attention_press.AutoTokenizer
+    duo_attention_press.load_dataset = lambda *args, **kwargs: Dataset()
+    duo_attention_press.AutoTokenizer = Tokenizers
+    try:
+        theirs = torch.tensor(duo_attention_press.duo_attention_on_the_fly(model), dtype=torch.float64)  # cached
+        net, config = load_model("gguf", path, torch.float32)
+        ours = duoattention_scores(net, config, text_ids)
+        n, budget = len(ids), compute_n_kept(len(ids), compression)
+        fraction = min(1.0, max(0.0, (n - budget) / (n - 128 - 256)))  # nanokv's head fraction for this budget
+        press = DuoAttentionPress(head_compression_ratio=fraction, on_the_fly_scoring=True)
+        press.post_init_from_model(model)
+        streaming = press.streaming_mask.cpu()
+        kept_theirs = {layer: [set(range(128)) | set(range(n - 256, n)) if streaming[layer, h] else set(range(n))
+                               for h in range(config.num_kv_heads)] for layer in range(config.num_layers)}
+        with tempfile.TemporaryDirectory() as tmp:
+            artifact = Path(tmp) / "duoattention.json"
+            artifact.write_text(json.dumps({"format": 1, "method": "duoattention", "model": model_key(str(path)),
+                                            "num_layers": config.num_layers, "num_kv_heads": config.num_kv_heads,
+                                            "head_scores": ours.tolist(), "settings": {}}))
+            kept_ours, llm = nanokv_kept(path, ids, "duoattention", budget, {"calibration_file": str(artifact)})
+        token = ids[len(ids) // 2]
+        diff = (kvpress_next_logits(model, ids, DuoAttentionPress(head_compression_ratio=fraction,
+                                                                  on_the_fly_scoring=True), token)
+                - nanokv_next_logits(llm, ids, token)).abs().max().item()
+    finally:
+        duo_attention_press.load_dataset, duo_attention_press.AutoTokenizer = saved
+    agree = sum(len(t & o) for layer, heads in kept_theirs.items() for t, o in zip(heads, kept_ours[layer]))
+    total = sum(len(t) for heads in kept_theirs.values() for t in heads)
+    same_heads = bool((llm.method.streaming_heads(n) == streaming).all())
+    print(f"{'duoattention':14} head scores max |diff| {(ours - theirs).abs().max().item():.1e} "
+          f"({num_samples} texts of ~{len(ids)} tokens, scores {theirs.min().item():.3f}..{theirs.max().item():.3f}); "
+          f"streaming {int(streaming.sum())} of {streaming.numel()} heads at head_compression_ratio {fraction:.4f} "
+          f"({'the same heads' if same_heads else 'different heads'}); kept slots agreeing with kvpress: "
+          f"{100 * agree / total:.2f}% ({agree}/{total}); next-token logits max |diff| {diff:.1e}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=1000)
@@ -170,10 +278,15 @@ def main():
     models = {attn: transformers.AutoModelForCausalLM.from_pretrained(
         path.parent, gguf_file=path.name, dtype=torch.float32, attn_implementation=attn).eval()
         for attn in ("sdpa", "eager")}
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    ids = tokenizer((TEXT * 40))["input_ids"][:args.tokens]
+    global TOKENIZER
+    TOKENIZER = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    TOKENIZER.chat_template = None
+    ids = TOKENIZER((TEXT * 40))["input_ids"][:args.tokens]
     budget = compute_n_kept(len(ids), args.compression)
     for method in args.methods:
+        if method == "duoattention":  # head scores from calibration texts, then the heads each streams
+            duoattention_parity(path, models["sdpa"], ids, args.compression)
+            continue
         make_press, options = PAIRS[method]
         model = models["eager" if method in NEEDS_EAGER else "sdpa"]
         press = make_press(args.compression)

@@ -15,6 +15,25 @@ def held_positions(cache, seq_id: int) -> list[list[list[int]]]:
              for head in range(s.lengths.shape[1])] for layer in range(s.lengths.shape[0])]
 
 
+def generate_holding(llm, prompt, steps: int):
+    """One prompt's greedy tokens through the engine (EOS ignored), and the positions each (layer,
+    head) holds when it finishes, flattened layer by layer -> (token ids, [L * H] sorted lists)."""
+    from nanokv import SamplingParams
+
+    held, finish = [], llm.scheduler.finish
+
+    def capture(seq):
+        held.extend(h for layer in held_positions(llm.cache, seq.id) for h in layer)
+        finish(seq)
+
+    llm.scheduler.finish = capture
+    try:
+        [out] = llm.generate([prompt], SamplingParams(max_tokens=steps, ignore_eos=True))
+    finally:
+        del llm.scheduler.finish
+    return out.token_ids, held
+
+
 def single_sequence_cache(cfg, dtype=torch.float32, block_size=16):
     cache = PagedKVCache.from_memory(cfg, 32 << 20, block_size, dtype)
     cache.add(0)

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from helpers import held_positions, restated_greedy
+from helpers import generate_holding, restated_greedy
 from nanokv.methods import make_method
 from nanokv.methods.base import PrefillView
 
@@ -307,24 +307,16 @@ class DenseEviction:
 def test_decode_time_eviction_matches_a_plain_statement_of_the_method(smollm2_gguf, kind):
     """Greedy tokens and the positions every (layer, head) holds at the end, through the engine
     (paged cache, per-slot state, swap-into-victim eviction) and through DenseEviction."""
-    from nanokv import LLM, SamplingParams
+    from nanokv import LLM
 
     prompt, budget, steps = PROMPTS[0][:120], 48, 30
     llm = LLM(str(smollm2_gguf), dtype="float32", method=kind, budget=budget)
-    held = []
-    finish = llm.scheduler.finish
-
-    def capture(seq):
-        held.extend(h for layer in held_positions(llm.cache, seq.id) for h in layer)
-        finish(seq)
-
-    llm.scheduler.finish = capture
-    [out] = llm.generate([prompt], SamplingParams(max_tokens=steps, ignore_eos=True))
+    tokens_out, held = generate_holding(llm, prompt, steps)
 
     reference = DenseEviction(kind, budget, budget // 2 if kind == "h2o" else 0)
     tokens = restated_greedy(llm.model, reference, prompt, steps)
     expected = [sorted(e[0] for e in entries) for layer in sorted(reference.heads) for entries in reference.heads[layer]]
-    assert out.token_ids == tokens
+    assert tokens_out == tokens
     assert all(len(h) == budget for h in held)
     agree = sum(len(set(a) & set(b)) for a, b in zip(held, expected))
     assert agree == budget * len(held), f"{agree} of {budget * len(held)} held positions agree"

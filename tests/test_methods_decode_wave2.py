@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import held_positions, restated_greedy
+from helpers import generate_holding, restated_greedy
 from nanokv.methods import make_method
 from nanokv.methods.base import DecodeStep, Method, PrefillView, observation_attention, prompt_logits
 from nanokv.methods.keyformer import exponential_noise
@@ -492,25 +492,17 @@ ENGINE_CASES = {  # options that exercise each method within a short run
 def test_decode_time_eviction_matches_a_plain_statement_of_the_method(smollm2_gguf, kind):
     """Greedy tokens and the positions every (layer, head) holds at the end, through the engine
     (paged cache, slot fields, swap-into-victim eviction) and through PlainEviction."""
-    from nanokv import LLM, SamplingParams
+    from nanokv import LLM
 
     budget, steps, options = 24, 10, ENGINE_CASES[kind]
     llm = LLM(str(smollm2_gguf), dtype="float32", method=kind, budget=budget, **options)
-    held = []
-    finish = llm.scheduler.finish
-
-    def capture(seq):
-        held.extend(h for layer in held_positions(llm.cache, seq.id) for h in layer)
-        finish(seq)
-
-    llm.scheduler.finish = capture
-    [out] = llm.generate([PROMPT], SamplingParams(max_tokens=steps, ignore_eos=True))
+    tokens_out, held = generate_holding(llm, PROMPT, steps)
 
     reference = PlainEviction(kind, budget, options)
     tokens = restated_greedy(llm.model, reference, PROMPT, steps)
     expected = [sorted(e["pos"] for e in entries) for layer in sorted(reference.heads)
                 for entries in reference.heads[layer]]
-    assert out.token_ids == tokens
+    assert tokens_out == tokens
     assert all(len(h) == budget for h in held)
     agree = sum(len(set(a) & set(b)) for a, b in zip(held, expected))
     assert agree == budget * len(held), f"{agree} of {budget * len(held)} held positions agree"

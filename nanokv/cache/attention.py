@@ -10,12 +10,14 @@ its earlier layers compressed and only the current one whole.
 
 A compression method (nanokv/methods) acts here: at the end of a prefill it picks, layer by
 layer, what the prompt keeps (`_compress`); a decode-time method (H2O, TOVA) also scores the
-slots with each decode step's attention and evicts one per head over budget (`_evict`).
+slots with each decode step's attention and evicts one per head over budget (`_evict`). A
+merging method (CaM, D2O, KVMerger) first folds what goes into the K/V of slots that stay.
 Over a quantized cache (nanokv/cache/quant_cache.py) prefill works on full precision as ever;
 decode attends over the quantized blocks and the residual in one call (`quantized_decode`), and
 after each layer's prefill and each decode step the cache quantizes residuals that filled up.
-A query-aware method (Quest) evicts nothing: each decode step it picks the blocks each head
-reads (`_selected_pages`) and the kernel gets a block table of those alone.
+A layer that shares an earlier layer's KV (KVSharer, `cache.sources`) writes nothing and reads
+that layer's blocks. A query-aware method (Quest) evicts nothing: each decode step it picks the
+blocks each head reads (`_selected_pages`) and the kernel gets a block table of those alone.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ GROUP_SLACK = 1.5  # padding waste a decode group may carry (the longest / the s
 
 class CacheAttention:
     def __init__(self, cache: PagedKVCache, seq_ids: list[int], query_lens: list[int], positions: torch.Tensor,
-                 method=None, compress_lens: list[int] | None = None, token_ids: torch.Tensor | None = None):
+                 method=None, compress_lens: list[int] | None = None, token_ids: torch.Tensor | None = None,
+                 scoring_passes: list[list[int]] | None = None):
         self.cache, self.seq_ids, self.query_lens = cache, seq_ids, query_lens
         self.method = method if method is not None and method.compresses else None
         # a method that picks which blocks each decode step reads (Quest)
@@ -40,6 +43,8 @@ class CacheAttention:
         # how many leading new tokens of each sequence the method compresses (its prompt, or the
         # context before a question); the rest attends over them compressed and is kept
         self.compress_lens = compress_lens or query_lens
+        # the token counts of a method's own scoring passes, which follow them (methods/base.py)
+        self.scoring_passes = scoring_passes or [[] for _ in seq_ids]
         # the new tokens' ids [T], for a method that reads them (PrefillView.token_ids)
         self.token_ids = None if token_ids is None else token_ids.split(query_lens)
         if self.method is not None and self.method.trims_earlier_layers and isinstance(cache, QuantizedKVCache):
@@ -86,8 +91,10 @@ class CacheAttention:
 
     def __call__(self, layer, q, k, v, sliding_window):
         pool, kernels = self.cache.pool, self.cache.kernels
+        source = self.cache.sources[layer]  # a layer sharing another's KV reads that (KVSharer)
         if self.is_decode:
-            self.cache.write(self.slots[layer], k, v, self.positions)
+            if source == layer:
+                self.cache.write(self.slots[layer], k, v, self.positions)
             out = torch.empty_like(q)
             if self.quantized:
                 for members, qtables, qlens, tables, lengths in self.groups:
@@ -97,7 +104,7 @@ class CacheAttention:
                                                             tables[layer], lengths[layer])
                 return out
             for members, tables, lengths in self.groups:
-                tables, lengths = tables[layer], lengths[layer]
+                tables, lengths = tables[source], lengths[source]
                 if self.selector is not None and layer >= self.selector.skip_layers:
                     tables, lengths = self._selected_pages(q[members], tables, lengths)
                 self.bytes_read += self.cache.read_bytes(lengths)
@@ -113,8 +120,13 @@ class CacheAttention:
         outs = []
         new = zip(self.seq_ids, q.split(self.query_lens), k.split(self.query_lens), v.split(self.query_lens), self.q_pos)
         for i, (seq_id, q_i, k_i, v_i, pos_i) in enumerate(new):
-            slots = self.cache.append_slots(seq_id, len(q_i), layers=slice(layer, layer + 1))[0]
-            self.cache.write(slots.to(pool.device), k_i, v_i, pos_i)
+            if source != layer:  # it keeps no KV of its own: its queries read the source layer's
+                outs.append(self._prefill(q_i, pos_i, *self._held(seq_id, source), sliding_window)[0])
+                continue
+            m = sum(self.scoring_passes[i])  # a scoring pass is written when it runs, and dropped
+            cached = len(q_i) - m
+            slots = self.cache.append_slots(seq_id, cached, layers=slice(layer, layer + 1))[0]
+            self.cache.write(slots.to(pool.device), k_i[:cached], v_i[:cached], pos_i[:cached])
             if self.method is None:
                 outs.append(self._prefill(q_i, pos_i, *self._held(seq_id, layer), sliding_window)[0])
                 self.cache.settle(seq_id, layers=slice(layer, layer + 1))
@@ -126,9 +138,13 @@ class CacheAttention:
             out, column_sums = self._prefill(q_i[:n], pos_i[:n], *self._held(seq_id, layer), sliding_window,
                                              self.method.needs_column_sums)
             outs.append(out)
-            self._compress(layer, seq_id, q_i[:n], column_sums, i)
-            if n < len(q_i):
-                outs.append(self._generated(layer, i, q_i[n:], pos_i[n:], sliding_window))
+            scoring = None
+            if m:  # nothing follows a scoring pass in this forward (the runner's second pass)
+                out, scoring = self._scoring_passes(layer, i, q_i[n:], k_i[n:], v_i[n:], pos_i[n:], sliding_window)
+                outs.append(out)
+            self._compress(layer, seq_id, q_i[:n], column_sums, i, scoring)
+            if n + m < len(q_i):
+                outs.append(self._generated(layer, i, q_i[n + m:], pos_i[n + m:], sliding_window))
             self.cache.settle(seq_id, layers=slice(layer, layer + 1))
         return torch.cat(outs)
 
@@ -195,9 +211,30 @@ class CacheAttention:
             outs.append(out)
         return torch.cat(outs)
 
-    def _compress(self, layer: int, seq_id: int, queries: torch.Tensor, column_sums: torch.Tensor | None, i: int = 0):
+    def _scoring_passes(self, layer, i, q, k, v, q_pos, sliding_window):
+        """A method's scoring passes for sequence i at `layer`, each over the prompt and itself:
+        written after the prompt, attended, then dropped before the next one.
+        -> (their outputs, (queries [m, Hq, D], keys [H, m, D], tokens of each pass))."""
+        seq_id, lengths, pool = self.seq_ids[i], self.scoring_passes[i], self.cache.pool
+        layers, outs, keys, start = slice(layer, layer + 1), [], [], 0
+        for length in lengths:
+            part = slice(start, start + length)
+            held = int(self.cache.seqs[seq_id].lengths[layer].max())  # every head: a prefill's prompt
+            slots = self.cache.append_slots(seq_id, length, layers=layers)[0]
+            self.cache.write(slots.to(pool.device), k[part], v[part], q_pos[part])
+            tables, lens = self._held(seq_id, layer)
+            outs.append(self._prefill(q[part], q_pos[part], tables, lens, sliding_window)[0])
+            keys.append(gather_blocks(pool.k, tables[0])[:, held:held + length])
+            prompt_only = torch.arange(held + length) < held
+            self.cache.compact(seq_id, prompt_only.expand(1, tables.shape[1], held + length), layers=layers)
+            start += length
+        return torch.cat(outs), (q, torch.cat(keys, dim=1), lengths)
+
+    def _compress(self, layer: int, seq_id: int, queries: torch.Tensor, column_sums: torch.Tensor | None, i: int = 0,
+                  scoring: tuple | None = None):
         """Let the method pick what layer `layer` of a just-prefilled sequence keeps, and set its
-        per-token state; compact. Nothing else in this forward pass reads this layer's KV again."""
+        per-token state; compact. Nothing else in this forward pass reads this layer's KV again.
+        `scoring`: what a method's scoring passes left it (_scoring_passes)."""
         from nanokv.methods.base import PrefillView
 
         pool, s = self.cache.pool, self.cache.seqs[seq_id]
@@ -207,32 +244,36 @@ class CacheAttention:
         positions = gather_blocks(pool.pos, tables[:1])[0, :n]                 # [S]
         view = PrefillView(layer, self.cache.num_layers, queries, keys, positions,
                            None if column_sums is None else column_sums[:, :n], self.sequence_state[seq_id])
+        if scoring is not None:
+            view.scoring_queries, view.scoring_keys, view.scoring_lengths = scoring
         if self.method.needs_values:
             view.values = gather_blocks(pool.v, tables)[:, :n]                 # [H, S, D] the prompt's
         if self.method.needs_vocabulary:
             if self.token_ids is None or held != len(self.token_ids[i]):
                 raise ValueError(f"method {self.method.name!r} needs the token ids of a prefill from an empty cache")
             view.token_ids = self.token_ids[i][:n]  # a prefill writes its tokens from slot 0, in order
-        state = self.method.state_of(view)
-        if state:
-            prompt = self.cache.flat_slots(tables, torch.arange(n).expand(len(tables), n)).to(pool.device)
-            for name, value in state.items():
-                pool.fields[name][pool.slot_index(prompt)] = value.to(pool.fields[name].dtype)
+        prompt = self.cache.flat_slots(tables, torch.arange(n).expand(len(tables), n)).to(pool.device)
+        for name, value in self.method.state_of(view).items():
+            pool.fields[name][pool.slot_index(prompt)] = value.to(pool.fields[name].dtype)
         keep = self.method.keep_mask(view)
+        if keep is not None and self.method.merges:  # what goes is folded into what stays (base.py)
+            for name, value in self.method.merge(view, keep).items():
+                pool.fields[name][pool.slot_index(prompt)] = value.to(pool.fields[name].dtype)
         masks = {} if keep is None else {layer: keep}
         masks.update(self.method.earlier_keep_masks(view))  # a cascade re-trims earlier layers (base.py)
         for at, keep in masks.items():
             keep = keep.cpu()  # block tables live on the CPU
-            generated = torch.ones(keep.shape[0], held - n, dtype=torch.bool, device=keep.device)
+            generated = torch.ones(keep.shape[0], held - n, dtype=torch.bool)
             self.cache.compact(seq_id, torch.cat([keep, generated], dim=1)[None], layers=slice(at, at + 1))
 
     def _evict(self, layer, tables, lengths, probs, q_pos, budgets, prompt_lens) -> torch.Tensor:
         """Decode-time eviction for b sequences at one layer (tables [b, H, nb], lengths [b, H]):
         the method scores every slot from the query's attention probs [b, H, group, S] and a
         DecodeStep (updating its slot fields of the slots the query sees); each head holding more
-        than its sequence's budget of tokens up to `q_pos` evicts its lowest-scoring one outside
-        the recent window, by moving its last slot into that place. -> [b, H] bool, the heads
-        that evicted (the caller shortens them)."""
+        than its budget (decode_budgets) of tokens up to `q_pos` evicts its lowest-scoring one
+        outside the recent window, first letting a merging method fold it into the slots that
+        stay, then moving its last slot into that place. -> [b, H] bool, the heads that evicted
+        (the caller shortens them)."""
         from nanokv.methods.base import DecodeStep
 
         pool = self.cache.pool
@@ -249,11 +290,12 @@ class CacheAttention:
             step.keys = fields["k"][readable]
         if "values" in self.method.decode_reads:
             step.values = fields["v"][readable]
-        scores, state = self.method.decode_scores(probs, {name: fields[name][readable]
-                                                          for name in self.method.slot_fields}, step)
-        for name, value in state.items():  # a replay's later tokens keep theirs (see base.py)
+        state = {name: fields[name][readable] for name in self.method.slot_fields}
+        scores, new = self.method.decode_scores(probs, state, step)
+        for name, value in new.items():  # a replay's later tokens keep theirs (see base.py)
             fields[name][pool.slot_index(flat[visible])] = value[visible]
-        over = visible.sum(-1) > budgets[:, None]
+        state.update(new)
+        over = visible.sum(-1) > self.method.decode_budgets(state, step)
         if not bool(over.any()):
             return over
         recent = self.method.recent_window(budgets)
@@ -263,6 +305,10 @@ class CacheAttention:
         # ties go to the oldest token, whatever slot it sits in, so a replay picks as the decode did
         oldest_lowest = k_pos.masked_fill(~eligible | (scores != lowest), torch.iinfo(k_pos.dtype).max)
         victim = oldest_lowest.argmin(dim=-1)
+        if self.method.merges:  # fold the victims into the slots that stay (base.py)
+            into = visible & over[..., None]
+            for name, value in self.method.merge_evicted(victim, over, state, step).items():
+                fields[name][pool.slot_index(flat[into])] = value[into].to(fields[name].dtype)
         last = (lengths - 1).clamp(min=0)
         src = flat.gather(-1, last[..., None])[..., 0][over]
         dst = flat.gather(-1, victim[..., None])[..., 0][over]

@@ -32,6 +32,9 @@ class PagedKVCache:
     def __init__(self, num_layers: int, num_kv_heads: int, pool: BlockPool):
         self.num_layers, self.num_kv_heads, self.pool = num_layers, num_kv_heads, pool
         self.block_size = pool.block_size
+        # the layer whose KV each layer reads: itself, unless it shares an earlier one's (share_layers)
+        self.sources = list(range(num_layers))
+        self.owned = torch.ones(num_layers, dtype=torch.bool)  # the layers that hold blocks
         self.seqs: dict[int, SequenceKV] = {}
         self.workspace = Workspace()  # scratch for attention's gathers, reused every layer and step
         self.kernels = kernels_for(pool.device, workspace=self.workspace)  # Triton on CUDA, else plain torch
@@ -49,6 +52,16 @@ class PagedKVCache:
         pool = BlockPool(num_blocks, block_size, cfg.head_dim, dtype, device, extra_fields, key_bounds)
         return cls(cfg.num_layers, cfg.num_kv_heads, pool)
 
+    def share_layers(self, sources: list[int]):
+        """Layer l reads layer sources[l]'s KV (an earlier layer that reads its own) and holds no
+        blocks: nothing is ever appended to it (KVSharer). Before any sequence is added."""
+        if len(sources) != self.num_layers or any(not (s == l or (0 <= s < l and sources[s] == s))
+                                                  for l, s in enumerate(sources)):
+            raise ValueError(f"layer sources must map each of {self.num_layers} layers to itself or to an "
+                             f"earlier layer that reads its own, got {sources}")
+        self.sources = list(sources)
+        self.owned = torch.tensor([s == l for l, s in enumerate(sources)])
+
     # --- sequences --------------------------------------------------------------------
 
     def add(self, seq_id: int):
@@ -65,9 +78,9 @@ class PagedKVCache:
         """Blocks the pool must supply to append n tokens to every (layer, head) of a sequence
         (None: a sequence not yet in the cache)."""
         if seq_id is None:
-            return self.num_layers * self.num_kv_heads * self.blocks_for(n)
+            return int(self.owned.sum()) * self.num_kv_heads * self.blocks_for(n)
         s = self.seqs[seq_id]
-        need = self.blocks_for(s.lengths + n)
+        need = self.blocks_for(s.lengths + n * self.owned[:, None])
         return int((need - s.num_blocks).clamp(min=0).sum())
 
     def prefill_blocks(self, n: int, kept: list[int]) -> int:
@@ -82,7 +95,7 @@ class PagedKVCache:
     def most_blocks(self, tokens: int) -> int:
         """Most blocks a sequence of up to `tokens` tokens holds during decode (a request that
         needs more than the pool can never run)."""
-        return self.num_layers * self.num_kv_heads * self.blocks_for(tokens)
+        return int(self.owned.sum()) * self.num_kv_heads * self.blocks_for(tokens)
 
     def blocks_held(self, tokens: int) -> int:
         """Blocks one head holds for `tokens` tokens once its layer's prefill is done."""
@@ -94,6 +107,7 @@ class PagedKVCache:
         s = self.seqs[seq_id]
         layers = layers or slice(0, self.num_layers)
         lengths, num_blocks = s.lengths[layers], s.num_blocks[layers]
+        n = n * self.owned[layers, None]  # a shared layer takes nothing (its slots come back unusable)
         need = self.blocks_for(lengths + n)
         extra = (need - num_blocks).clamp(min=0)
         total = int(extra.sum())
@@ -102,8 +116,10 @@ class PagedKVCache:
             s.tables = grown_to(s.tables, int(need.max()))
             place_blocks(s.tables[layers], num_blocks, extra, ids)
             s.num_blocks[layers] = torch.maximum(num_blocks, need)
-        logical = lengths[..., None] + torch.arange(n)                        # [L', H, n]
-        slots = self.flat_slots(s.tables[layers], logical)
+        owned = self.owned[layers]
+        logical = lengths[..., None] + torch.arange(int(n.max()) if owned.any() else 0)  # [L', H, n]
+        slots = torch.full(logical.shape, -1, dtype=torch.int64)
+        slots[owned] = self.flat_slots(s.tables[layers][owned], logical[owned])
         s.lengths[layers] = lengths + n
         return slots
 
@@ -222,7 +238,7 @@ class PagedKVCache:
 
     def uncompressed_bytes(self, tokens: int) -> int:
         """What `full` holds for a sequence of `tokens` tokens."""
-        return self.blocks_to_append(None, tokens) * self.pool.bytes_per_block
+        return self.num_layers * self.num_kv_heads * self.blocks_for(tokens) * self.pool.bytes_per_block
 
     @property
     def used_bytes(self) -> int:

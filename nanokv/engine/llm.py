@@ -81,6 +81,11 @@ class LLM:
         # from_gguf reads the metadata the weights loader already parsed (read_gguf is cached)
         make_tokenizer = Tokenizer.from_gguf if self.source.kind == "gguf" else Tokenizer.from_dir
         self.tokenizer = make_tokenizer(self.source.path)
+        if self.method.calibration:  # a per-head profile made by python -m nanokv.calibrate (methods/base.py)
+            from nanokv.calibrate import load_calibration
+            self.method.bind_calibration(load_calibration(self.method.calibration, model, self.config.num_layers,
+                                                          self.config.num_kv_heads,
+                                                          self.method.calibration_file or None))
         if self.method.needs_vocabulary:  # what each token id reads as (see methods/base.py)
             self.method.bind_vocabulary([self.tokenizer.decode([i], skip_special_tokens=False)
                                          for i in range(self.tokenizer.vocab_size)])
@@ -96,6 +101,11 @@ class LLM:
                                  f"sliding-window layers (window {windowed[0]}); use a full-precision method")
             spec.field_shapes(self.config.head_dim)  # a group size that does not divide head_dim fails here
             self.cache = QuantizedKVCache.from_memory(self.config, memory, spec, self.dtype, self.device)
+        sources = self.method.layer_sources(self.config.num_layers)
+        if sources is not None:  # layers that read another's KV hold no blocks (KVSharer)
+            if spec is not None:
+                raise ValueError(f"method {method!r} shares layers, which a quantized cache cannot")
+            self.cache.share_layers(sources)
         self.cache.kernels = kernels_for(self.device, kernels, self.cache.workspace)
         self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens, self.method)
         self.runner = ModelRunner(self.model, self.cache, self.device, self.method)
@@ -156,9 +166,22 @@ class LLM:
         seq = Sequence(ids, params, self.tokenizer.stop_token_ids, self.tokenizer.stream_decoder().push, limit)
         if compress_len is not None:
             seq.compress_len = compress_len
+        if self.method.compresses:  # a method's own scoring passes over the prompt (methods/base.py)
+            seq.scoring_passes = self.method.scoring_passes(
+                ids[:seq.compress_len], lambda text: self.tokenizer.encode(text, add_special_tokens=False),
+                self.reply_prefix(chat and not isinstance(prompt[0] if isinstance(prompt, tuple) else prompt, list)))
         if params.seed is not None:
             seq.generator = torch.Generator(self.device).manual_seed(params.seed)
         return seq
+
+    def reply_prefix(self, chat: bool) -> str:
+        """The text that opens the assistant's reply after a user turn: the chat template's tail
+        (end of the user turn, the assistant header) for a prompt written through the template,
+        else a newline (token ids are taken as they are)."""
+        if not (chat and self.tokenizer.has_chat_template):
+            return "\n"
+        marker = "\x00turn\x00"
+        return self.tokenizer.apply_chat_template([{"role": "user", "content": marker}]).split(marker)[1]
 
     # --- generation -------------------------------------------------------------------
 

@@ -3,6 +3,11 @@
 Prefill feeds every token of each admitted sequence (its prompt, plus what it had generated
 before a preemption: that is the recompute). Decode feeds each running sequence's last
 sampled token, the one token it has that the cache does not hold yet.
+
+A method's scoring passes (KVzip) ride in the prefill after the prompt, each at the positions
+after it. When a method scores with such passes or trims earlier layers again (CAKE), what
+follows the compressed part (a question, a recompute's tokens) waits for a second forward pass
+over the finished cache (nanokv/methods/base.py).
 """
 
 from __future__ import annotations
@@ -20,23 +25,51 @@ class ModelRunner:
 
     @torch.inference_mode()
     def step(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
-        if is_prefill:
-            query_lens = [len(s) for s in seqs]
-            ids = [t for s in seqs for t in s.all_token_ids]
-            positions = torch.cat([torch.arange(n) for n in query_lens])
-        else:
-            query_lens = [1] * len(seqs)
+        if not is_prefill:
             ids = [s.last_token_id for s in seqs]
             positions = torch.tensor([len(s) - 1 for s in seqs])
+            hidden = self._forward(seqs, [1] * len(seqs), ids, positions)
+            for s in seqs:
+                s.num_cached += 1
+            return self._sample(seqs, hidden)
+
+        # A method that re-trims earlier layers, or scores with a pass of its own, finishes the
+        # compressed part first; what follows it then runs over the cache as it ends (base.py).
+        method = self.method if self.method is not None and self.method.compresses else None
+        split = [method is not None and (method.trims_earlier_layers or bool(s.scoring_passes)) for s in seqs]
+        query_lens, ids, positions, last = [], [], [], []
+        for s, later in zip(seqs, split):
+            n = s.compress_len
+            head = s.all_token_ids[:n] if later else s.all_token_ids
+            ids += head + sum(s.scoring_passes, [])
+            # each scoring pass sits right after the prompt, as if it were the only one
+            positions += [torch.arange(len(head))] + [torch.arange(n, n + len(p)) for p in s.scoring_passes]
+            last.append(sum(query_lens) + len(head) - 1)  # the prompt's last token, before any pass
+            query_lens.append(len(head) + sum(len(p) for p in s.scoring_passes))
+        hidden = self._forward(seqs, query_lens, ids, torch.cat(positions))[last]
+        rest = [i for i, (s, later) in enumerate(zip(seqs, split)) if later and len(s) > s.compress_len]
+        if rest:
+            tails = [seqs[i].all_token_ids[seqs[i].compress_len:] for i in rest]
+            tail_positions = torch.cat([torch.arange(seqs[i].compress_len, len(seqs[i])) for i in rest])
+            tail_hidden = self._forward([seqs[i] for i in rest], [len(t) for t in tails], sum(tails, []),
+                                        tail_positions, compress=False)
+            hidden[rest] = tail_hidden[torch.tensor([len(t) for t in tails]).cumsum(0) - 1]
+        for s in seqs:
+            s.num_cached = len(s)
+        return self._sample(seqs, hidden)
+
+    def _forward(self, seqs, query_lens, ids, positions, compress=True):
+        """The model over the cache for these sequences' new tokens -> hidden states [T, hidden]."""
         ids = torch.tensor(ids, device=self.device)
-        positions = positions.to(self.device)
-        attention = CacheAttention(self.cache, [s.id for s in seqs], query_lens, positions, self.method,
-                                   [s.compress_len for s in seqs], ids)
-        for s, n in zip(seqs, query_lens):
-            s.num_cached = n if is_prefill else s.num_cached + 1
-        hidden = self.model(ids, positions, attention)
+        attention = CacheAttention(self.cache, [s.id for s in seqs], query_lens, positions.to(self.device),
+                                   self.method if compress else None, [s.compress_len for s in seqs], ids,
+                                   [[len(p) for p in s.scoring_passes] for s in seqs] if compress else None)
+        hidden = self.model(ids, positions.to(self.device), attention)
         attention.finish()
         self.last_bytes_read = attention.bytes_read  # decode: the KV bytes attention read, all layers
-        last = torch.tensor(query_lens, device=self.device).cumsum(0) - 1
-        logits = self.model.compute_logits(hidden[last])
+        return hidden
+
+    def _sample(self, seqs, hidden):
+        """Each sequence's next token, from its row of `hidden` [len(seqs), hidden]."""
+        logits = self.model.compute_logits(hidden)
         return sample(logits, [s.params for s in seqs], [s.generator for s in seqs]).tolist()

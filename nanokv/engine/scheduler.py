@@ -82,12 +82,14 @@ class Scheduler:
 
     def prefill_blocks(self, seq: Sequence) -> int:
         """Most blocks the prefill of `seq` holds at once: its compressed part, and the rest (a
-        question after the context, generated tokens on a recompute) whole."""
+        question after the context, generated tokens on a recompute) whole; the layer running
+        holds a method's scoring passes too, one at a time."""
         if self.method is None or not (self.method.compresses or self.method.quantization):
             return self.cache.blocks_to_append(None, len(seq))
         n, rest, L = seq.compress_len, len(seq) - seq.compress_len, self.cache.num_layers
         kept = [self.method.kept_after_prefill(n, layer, L) + rest for layer in range(L)]
-        return self.cache.prefill_blocks(len(seq), kept)
+        longest_pass = max((len(p) for p in seq.scoring_passes), default=0)
+        return self.cache.prefill_blocks(len(seq) + longest_pass, kept)
 
     def _preempt(self, seq: Sequence) -> int:
         """Free a running sequence's blocks and requeue it first -> blocks freed."""

@@ -31,6 +31,8 @@ class Sequence:
         # the leading prompt tokens a compression method compresses; the rest (a question asked
         # after a compressed context, as kvpress does) attends over them uncompressed
         self.compress_len = len(self.prompt_token_ids)
+        # a method's scoring passes over the compressed part, each fed after it and dropped (KVzip)
+        self.scoring_passes: list[list[int]] = []
         self.output_token_ids: list[int] = []
         self.params = params
         self.stop_token_ids = set() if params.ignore_eos else stop_token_ids

@@ -53,6 +53,33 @@ over the P prompt tokens that layer holds now, in slot order (what its previous 
 in order); the engine compacts those layers again, keeping the tokens a recompute generated.
 Such a method cannot be combined with quantization (quantized blocks are not compacted), and
 its `kept_after_prefill` must plan for the most its layers hold at any point of the prefill.
+What follows the compressed part of the prompt (a question after a compressed context, a
+recompute's generated tokens) then runs in a second forward pass, over the cache as it ends.
+
+A method that scores the prompt with extra passes of its own (KVzip makes the model repeat the
+context) returns their token ids from `scoring_passes`. The engine feeds them in the same
+forward pass as the prompt, each as if it came right after the prompt alone (its positions
+follow the prompt's; at each layer it attends over the prompt and itself, not over the other
+passes), and the method sees their queries and keys (`PrefillView.scoring_queries`,
+`.scoring_keys`, one pass after the other, `.scoring_lengths`) besides the prompt's. Their KV
+never stays in the cache, the next token is sampled from the prompt's last position, and
+generation goes on at the position after the prompt. What follows the compressed part runs in
+a second forward pass, so the passes never see it.
+
+A method that folds what it evicts into what it keeps (CaM, D2O, KVMerger) sets `merges`: it
+may change the K/V of kept slots as it evicts. At prefill, after `keep_mask`, `merge(view,
+keep)` returns new contents [H, S(, D)] of slot fields ("k", "v", or its own) for the prompt's
+slots, which the engine writes before it compacts, so only the kept slots' new contents stay.
+At decode, once the engine has picked the victim of each head over budget, `merge_evicted`
+gets those victims and returns new contents [b, H, S(, D)] of slot fields (reading the K/V it
+merges through `decode_reads`); the engine writes them into the slots the query sees in the
+heads that evict, then moves the last slot into the victim's place. A recompute replays its
+decode steps, merges included, so a random merge draws from a hash of what it merges (seed,
+layer, head, position: `hashed_uniform`), never from a generator. A weight or multiplicity
+per merged token is a slot field; so is a value per (layer, head) that a method carries from
+step to step (D2O's similarity threshold and layer budget), the same in every slot of the head
+(a new token's slot starts at 0). A method whose layers hold different budgets while the
+request generates returns each head's from `decode_budgets` (D2O).
 """
 
 from __future__ import annotations
@@ -61,6 +88,11 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+
+
+# the option of a method with a calibration: an explicit artifact instead of the cache's
+CALIBRATION_FILE = (str, "", "a path to an artifact of python -m nanokv.calibrate (default: the nanokv cache)",
+                    lambda v: True)
 
 
 @dataclass
@@ -82,6 +114,11 @@ class PrefillView:
     values: torch.Tensor | None = None
     # (method, what its prefill_state returned for this view), once computed (Method.state_of)
     state: tuple | None = None
+    # a method's scoring passes (scoring_passes), one after the other: queries [m, Hq, D], keys
+    # [H, m, D], and the tokens of each pass (each at the positions after the prompt's)
+    scoring_queries: torch.Tensor | None = None
+    scoring_keys: torch.Tensor | None = None
+    scoring_lengths: list[int] | None = None
 
 
 @dataclass
@@ -98,6 +135,18 @@ class DecodeStep:
     # method's decode_reads names; garbage where not visible)
     keys: torch.Tensor | None = None
     values: torch.Tensor | None = None
+
+
+def hashed_uniform(seed: int, layer: int, head, position) -> torch.Tensor:
+    """A uniform number in (0, 1), float32, per (seed, layer, kv-head, position); the tensor
+    arguments broadcast together. The same token gets the same number whatever the batch, slot
+    order or preemption (a random merge's draw: see the module docstring)."""
+    from nanokv.methods.keyformer import _hash32  # the integer mix of Keyformer's noise
+
+    h = _hash32(torch.tensor(seed & 0xFFFFFFFF, dtype=torch.int64))
+    for part in (layer, head, position):
+        h = _hash32(h ^ (torch.as_tensor(part).long() & 0xFFFFFFFF))
+    return ((h >> 9).float() + 0.5) / 2.0 ** 23                       # 23 bits, exact in float32
 
 
 def observation_attention(view: PrefillView, window: int) -> torch.Tensor:
@@ -143,6 +192,9 @@ class Method:
     needs_vocabulary = False        # bind_vocabulary is called; PrefillView.token_ids is filled in
     trims_earlier_layers = False    # earlier_keep_masks may shrink layers compressed before (cake)
     compression_hint = "choose a method to use compression or budget (see --list-methods)"
+    calibration: str | None = None  # the nanokv.calibrate METHOD whose artifact bind_calibration gets
+    calibration_file = ""           # the option of such methods: an explicit artifact (default: the cache)
+    merges = False                  # merge / merge_evicted change the K/V of kept slots (cam, d2o, kvmerger)
 
     def __init__(self, compression: float = 0.0, budget: int | None = None, **options):
         if budget is not None:
@@ -153,7 +205,8 @@ class Method:
         if not (isinstance(compression, (int, float)) and 0 <= compression < 1):
             raise ValueError(f"compression must be in [0, 1) (the fraction of tokens removed), got {compression!r}")
         self.compression, self.budget = float(compression), budget
-        if type(self).scores is Method.scores and not self.selects_pages and (compression or budget is not None):
+        if type(self).scores is Method.scores and not self.selects_pages and type(self).layer_sources is \
+                Method.layer_sources and (compression or budget is not None):
             raise ValueError(f"method {self.name!r} does not compress; {self.compression_hint}")
         unknown = set(options) - set(self.options)
         if unknown:
@@ -215,8 +268,23 @@ class Method:
         top = self.scores(view).topk(k, dim=-1).indices
         return torch.zeros(view.keys.shape[:2], dtype=torch.bool, device=top.device).scatter_(1, top, True)
 
+    def scoring_passes(self, prompt_ids: list[int], encode, reply_prefix: str) -> list[list[int]]:
+        """Token ids of each extra pass fed after the prompt's compressed part `prompt_ids` to
+        score it (see the module docstring); none by default. encode(text) -> ids (no BOS);
+        reply_prefix: the text that opens the assistant's reply after a user turn."""
+        return []
+
     def bind_vocabulary(self, texts: list[str]):
         """texts[i]: the decoded text of token id i (for methods with needs_vocabulary)."""
+
+    def layer_sources(self, num_layers: int) -> list[int] | None:
+        """For each layer, the layer whose KV it reads (KVSharer): itself, or an earlier layer whose
+        cache it shares and then holds none of its own. None: every layer its own."""
+        return None
+
+    def bind_calibration(self, artifact: dict):
+        """The artifact of `python -m nanokv.calibrate <calibration>` made for the loaded model
+        (methods with a calibration; see the module docstring)."""
 
     def earlier_keep_masks(self, view: PrefillView) -> dict[int, torch.Tensor]:
         """After keep_mask at view.layer: {earlier layer: [H, P] bool} over the P prompt tokens
@@ -249,6 +317,12 @@ class Method:
         of the prompt that `compression` keeps."""
         return self.budget if self.budget is not None else math.ceil((1 - self.compression) * prompt_len)
 
+    def decode_budgets(self, state: dict[str, torch.Tensor], step: DecodeStep) -> torch.Tensor:
+        """[b, H] tokens each head holds while the request generates (state: the slot fields after
+        this step's decode_scores): the request's budget in every head, unless a method's layers
+        hold budgets of their own (D2O)."""
+        return step.budgets[:, None].expand(step.visible.shape[:2])
+
     def recent_window(self, budget: torch.Tensor) -> torch.Tensor:
         """How many of the newest positions are never evicted, per request's budget."""
         return torch.zeros_like(budget)
@@ -259,3 +333,17 @@ class Method:
         step: the layer, positions and budgets (DecodeStep).
         -> (scores [B, H, S], the lowest is evicted; updated slot fields, kept where step.visible)."""
         raise NotImplementedError
+
+    # --- merging (merges) ----------------------------------------------------------------
+
+    def merge(self, view: PrefillView, keep: torch.Tensor) -> dict[str, torch.Tensor]:
+        """After keep_mask (keep [H, S]): new contents [H, S(, D)] of slot fields ("k", "v", a
+        method's own) for the prompt's slots; only the kept slots' survive the compaction."""
+        return {}
+
+    def merge_evicted(self, victim: torch.Tensor, evicting: torch.Tensor, state: dict[str, torch.Tensor],
+                      step: DecodeStep) -> dict[str, torch.Tensor]:
+        """victim [b, H]: the slot each head drops this step, where evicting [b, H]; state: the slot
+        fields after decode_scores. -> new contents [b, H, S(, D)] of slot fields, written where
+        step.visible in the evicting heads before the victim's slot is reused."""
+        return {}

@@ -21,8 +21,8 @@ the earlier layers again (`earlier_keep_masks`, base.py).
 What differs from the paper: the window is outside the shared budget (each layer keeps its W
 window tokens, the preferences share the rest); a layer capped at the prompt's length does not
 hand its surplus to the others; the variance is the population variance (divide by W). A
-recompute's generated tokens (and a question after a compressed context) attend over each
-layer as compressed when that layer ran, before later layers trimmed it.
+recompute's generated tokens (and a question after a compressed context) run after the
+cascade, over every layer as it ends (the engine's second pass, base.py).
 Defaults: window_size=32, kernel_size=5 (average pooling), gamma=200 (paper); tau1=tau2=1
 (the paper tunes them per model and budget, e.g. 1.6/0.4 for Llama-3.1-8B at 1024).
 """

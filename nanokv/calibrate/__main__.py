@@ -1,0 +1,5 @@
+import sys
+
+from nanokv.calibrate import main
+
+sys.exit(main())

@@ -1,0 +1,122 @@
+"""The command line: python -m nanokv.calibrate METHOD --model NAME (see the package docstring)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from nanokv.calibrate import FORMAT, artifact_path, model_key
+from nanokv.calibrate.dense import calibration_texts
+from nanokv.calibrate.duoattention import Q_LEN, duoattention_scores
+from nanokv.calibrate.headkv import headkv_scores, needle_probe
+from nanokv.calibrate.kvsharer import kvsharer_pairs
+
+# --samples, --length by default: kvpress's on-the-fly scoring reads 50 samples; KVSharer's
+# official script 30 of 64 tokens
+DEFAULTS = {"duoattention": {"samples": 50, "length": 1024}, "headkv": {"samples": 50, "length": 1024},
+            "kvsharer": {"samples": 30, "length": 64}}
+
+
+def calibrate(method: str, model: str, samples: int | None = None, length: int | None = None, seed: int = 0,
+              out: str | Path | None = None, dtype: str = "float32", device: str | None = None,
+              quiet: bool = False, share_layers: int | None = None, threshold: float = 0.5) -> Path:
+    """Make and write the artifact of `method` for `model` -> its path. kvsharer: at most
+    `share_layers` (default: half the layers) pairs, each kept above `threshold`."""
+    from tqdm import tqdm
+
+    from nanokv.engine.llm import default_device
+    from nanokv.hub import resolve_model
+    from nanokv.loading import DTYPES, load_model, read_config
+    from nanokv.tokenizer import Tokenizer
+
+    if method not in DEFAULTS:
+        raise ValueError(f"unknown calibration method {method!r}; valid: {', '.join(DEFAULTS)}")
+    samples = DEFAULTS[method]["samples"] if samples is None else samples
+    length = DEFAULTS[method]["length"] if length is None else length
+    if not isinstance(samples, int) or samples <= 0:
+        raise ValueError(f"--samples must be a positive integer, got {samples!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+    source = resolve_model(model)
+    limit = read_config(source.kind, source.path).max_position_embeddings
+    if not isinstance(length, int) or not 32 <= length < limit:
+        raise ValueError(f"--length must be in [32, {limit}) for {model} (its context is {limit}), got {length!r}")
+    make_tokenizer = Tokenizer.from_gguf if source.kind == "gguf" else Tokenizer.from_dir
+    tokenizer = make_tokenizer(source.path)
+    device = device or default_device()
+    settings = {"samples": samples, "length": length, "seed": seed, "dtype": dtype}
+    if method == "duoattention":
+        inputs = calibration_texts(tokenizer, samples, length, seed)
+        settings.update(q_len=Q_LEN, text="prose haystack (nanokv/eval/haystack.py), length tokens each",
+                        score="kvpress duo_attention_on_the_fly: area under the cumulative attention of the "
+                              "mean pre-RoPE query over the mean key at positions 0..q_len-1")
+    elif method == "kvsharer":
+        inputs = calibration_texts(tokenizer, samples, length, seed)
+        settings.update(threshold=threshold, text="prose haystack (nanokv/eval/haystack.py), length tokens each",
+                        score="pairs most dissimilar first (mean KV distance), kept while the final hidden "
+                              "states' cosine similarity to the unshared model's stays above threshold")
+    else:
+        inputs = [needle_probe(tokenizer, length, seed, i) for i in range(samples)]
+        settings.update(probe="teacher-forced needle copy: value kinds number/word/uuid and depths 0..1 in turn, "
+                              "prose haystack, answer tokens fed as the reply",
+                        score="share of answer tokens whose predicting query's argmax attention lands in the needle "
+                              "on the same token (Retrieval Head), mean over query heads and samples")
+    net, config = load_model(source.kind, source.path, DTYPES[dtype], device)
+    artifact = {"format": FORMAT, "method": method, "model": model_key(model), "num_layers": config.num_layers,
+                "num_kv_heads": config.num_kv_heads}
+    if method == "kvsharer":
+        share_layers = config.num_layers // 2 if share_layers is None else share_layers
+        if not isinstance(share_layers, int) or not 1 <= share_layers < config.num_layers:
+            raise ValueError(f"--share-layers must be in [1, {config.num_layers}), got {share_layers!r}")
+        bar = tqdm(desc="calibrating kvsharer", unit="try", file=sys.stderr, disable=quiet)
+        pairs, similarities = kvsharer_pairs(net, config, inputs, share_layers, threshold, lambda: bar.update(1))
+        bar.close()
+        artifact.update(pairs=pairs, similarities=similarities, settings={**settings, "share_layers": share_layers})
+    else:
+        bar = tqdm(total=samples, desc=f"calibrating {method}", unit="sample", file=sys.stderr, disable=quiet)
+        run = duoattention_scores if method == "duoattention" else headkv_scores
+        scores = run(net, config, inputs, progress=lambda: bar.update(1))
+        bar.close()
+        artifact.update(head_scores=[[float(s) for s in row] for row in scores.tolist()], settings=settings)
+    path = Path(out).expanduser() if out is not None else artifact_path(method, model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(artifact, indent=1) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m nanokv.calibrate", description=__doc__.splitlines()[0])
+    p.add_argument("method", metavar="METHOD", help=f"one of: {', '.join(DEFAULTS)}")
+    p.add_argument("--model", default=None,
+                   help="short name, local path or Hugging Face repo id (default: smollm2-135m)")
+    p.add_argument("--samples", type=int, default=None, help="calibration samples (default: 50; kvsharer 30)")
+    p.add_argument("--length", type=int, default=None, help="tokens per sample (default: 1024; kvsharer 64)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--share-layers", type=int, default=None,
+                   help="kvsharer: most layers that may share (default: half of them)")
+    p.add_argument("--threshold", type=float, default=0.5,
+                   help="kvsharer: least cosine similarity of the final hidden states (default: 0.5)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="where to write the artifact (default: the nanokv cache, where LLM looks)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    from nanokv.hub import DEFAULT_MODEL
+
+    args = parse_args(argv)
+    model = args.model or DEFAULT_MODEL
+    try:
+        path = calibrate(args.method, model, args.samples, args.length, args.seed, args.out, args.dtype, args.device,
+                         share_layers=args.share_layers, threshold=args.threshold)
+    except ValueError as e:  # ModelNotFoundError and ModelLoadError are ValueErrors with one-line messages
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
