@@ -80,6 +80,17 @@ per merged token is a slot field; so is a value per (layer, head) that a method 
 step to step (D2O's similarity threshold and layer budget), the same in every slot of the head
 (a new token's slot starts at 0). A method whose layers hold different budgets while the
 request generates returns each head's from `decode_budgets` (D2O).
+
+A method that decides from a profile of the model made ahead of time (DuoAttention's head
+scores, HeadKV's retrieval heads, KVSharer's layer pairs) names it in `calibration`: the engine
+loads the artifact `python -m nanokv.calibrate <calibration> --model ...` wrote for the loaded
+model (or the file in the `calibration_file` option; nanokv/calibrate/ documents the format)
+and hands it to `bind_calibration` before any request. A missing artifact, or one made for
+another model or shape, is an error that names the command to run.
+
+A method that shares whole layers (KVSharer) returns from `layer_sources` the layer whose KV
+each layer reads: itself, or an earlier layer that keeps its own. The cache then gives a shared
+layer no blocks at all; its queries attend over the source layer's cache, at prefill and decode.
 """
 
 from __future__ import annotations
