@@ -123,6 +123,7 @@ class Tokenizer:
         self.eos_token_id = backend.token_to_id(eos_token) if eos_token is not None else None
         self.chat_template = chat_template
         self._compiled_template: jinja2.Template | None = None
+        self._user_turn: tuple[str, str] | None = None  # see user_turn
         # A GGUF's token count is what the embedding table is sized by; the backend would count a
         # token stored twice only once.
         self.vocab_size = vocab_size if vocab_size is not None else backend.get_vocab_size(with_added_tokens=True)
@@ -295,6 +296,15 @@ class Tokenizer:
     @property
     def has_chat_template(self) -> bool:
         return self.chat_template is not None
+
+    def user_turn(self) -> tuple[str, str]:
+        """(head, tail): the template's text before and after a user turn's content (system
+        prompt and user header; end of turn and the assistant header), rendered once."""
+        if self._user_turn is None:
+            marker = "\x00turn\x00"
+            head, tail = self.apply_chat_template([{"role": "user", "content": marker}]).split(marker)
+            self._user_turn = head, tail
+        return self._user_turn
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **variables) -> str:
         """Render `messages` with the model's chat template, as transformers' `apply_chat_template(...,

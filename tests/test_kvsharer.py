@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from nanokv.calibrate.kvsharer import final_hidden, greedy_pairs, layer_sources, ranked_pairs
+from nanokv.calibrate.dense import run_dense
+from nanokv.calibrate.kvsharer import greedy_pairs, layer_sources, ranked_pairs
 from nanokv.methods import make_method
 
 
@@ -77,7 +78,7 @@ def test_shared_layers_read_their_source_and_hold_no_blocks(smollm2_gguf, tmp_pa
     for prompt, out in zip(prompts, outs):  # greedy over the whole sequence, recomputed densely each step
         tokens = []
         for _ in range(6):
-            hidden, _ = final_hidden(llm.model, prompt + tokens, sources)
+            hidden, _ = run_dense(llm.model, prompt + tokens, sources=sources)
             tokens.append(int(llm.model.compute_logits(hidden[-1:])[0].argmax()))
         assert out.token_ids == tokens
         held = len(prompt) + 5

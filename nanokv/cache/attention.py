@@ -225,8 +225,7 @@ class CacheAttention:
             tables, lens = self._held(seq_id, layer)
             outs.append(self._prefill(q[part], q_pos[part], tables, lens, sliding_window)[0])
             keys.append(gather_blocks(pool.k, tables[0])[:, held:held + length])
-            prompt_only = torch.arange(held + length) < held
-            self.cache.compact(seq_id, prompt_only.expand(1, tables.shape[1], held + length), layers=layers)
+            self.cache.drop_last(seq_id, torch.full((1, tables.shape[1]), length), layers=layers)
             start += length
         return torch.cat(outs), (q, torch.cat(keys, dim=1), lengths)
 

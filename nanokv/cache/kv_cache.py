@@ -35,6 +35,7 @@ class PagedKVCache:
         # the layer whose KV each layer reads: itself, unless it shares an earlier one's (share_layers)
         self.sources = list(range(num_layers))
         self.owned = torch.ones(num_layers, dtype=torch.bool)  # the layers that hold blocks
+        self.sharing = False                                   # some layer holds none
         self.seqs: dict[int, SequenceKV] = {}
         self.workspace = Workspace()  # scratch for attention's gathers, reused every layer and step
         self.kernels = kernels_for(pool.device, workspace=self.workspace)  # Triton on CUDA, else plain torch
@@ -61,6 +62,7 @@ class PagedKVCache:
                              f"earlier layer that reads its own, got {sources}")
         self.sources = list(sources)
         self.owned = torch.tensor([s == l for l, s in enumerate(sources)])
+        self.sharing = not bool(self.owned.all())
 
     # --- sequences --------------------------------------------------------------------
 
@@ -107,7 +109,9 @@ class PagedKVCache:
         s = self.seqs[seq_id]
         layers = layers or slice(0, self.num_layers)
         lengths, num_blocks = s.lengths[layers], s.num_blocks[layers]
-        n = n * self.owned[layers, None]  # a shared layer takes nothing (its slots come back unusable)
+        if self.sharing:  # a shared layer takes nothing (its slots come back as -1)
+            owned = self.owned[layers]
+            n = n * owned[:, None]
         need = self.blocks_for(lengths + n)
         extra = (need - num_blocks).clamp(min=0)
         total = int(extra.sum())
@@ -116,10 +120,12 @@ class PagedKVCache:
             s.tables = grown_to(s.tables, int(need.max()))
             place_blocks(s.tables[layers], num_blocks, extra, ids)
             s.num_blocks[layers] = torch.maximum(num_blocks, need)
-        owned = self.owned[layers]
-        logical = lengths[..., None] + torch.arange(int(n.max()) if owned.any() else 0)  # [L', H, n]
-        slots = torch.full(logical.shape, -1, dtype=torch.int64)
-        slots[owned] = self.flat_slots(s.tables[layers][owned], logical[owned])
+        if not self.sharing:
+            slots = self.flat_slots(s.tables[layers], lengths[..., None] + torch.arange(n))  # [L', H, n]
+        else:
+            logical = lengths[..., None] + torch.arange(int(n.max()) if owned.any() else 0)
+            slots = torch.full(logical.shape, -1, dtype=torch.int64)
+            slots[owned] = self.flat_slots(s.tables[layers][owned], logical[owned])
         s.lengths[layers] = lengths + n
         return slots
 
@@ -170,8 +176,9 @@ class PagedKVCache:
         self._refresh_key_bounds(s, layers)
 
     def drop_last(self, seq_id: int, drop: torch.Tensor, layers: slice | None = None):
-        """Shorten the heads marked in `drop` ([L', H] bool) by their last slot, freeing a block
-        that empties (decode-time eviction first moves that slot into the evicted one's place)."""
+        """Shorten each head by its last `drop` [L', H] slots (bool: the marked heads by one),
+        freeing blocks that empty (decode-time eviction first moves the last slot into the
+        evicted one's place; a scoring pass goes whole)."""
         s = self.seqs[seq_id]
         layers = layers or slice(0, self.num_layers)
         self._shrink(s, layers, s.lengths[layers] - drop.long())

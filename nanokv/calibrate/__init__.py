@@ -153,10 +153,10 @@ def load_calibration(method: str, model: str, num_layers: int, num_kv_heads: int
 
 # the pieces, for callers and tests: `from nanokv.calibrate import ...`
 from nanokv.calibrate.cli import DEFAULTS, calibrate, main  # noqa: E402  (they need the artifact above)
-from nanokv.calibrate.dense import DenseAttention, calibration_texts, run_recording  # noqa: E402
+from nanokv.calibrate.dense import DenseAttention, calibration_texts, run_dense  # noqa: E402
 from nanokv.calibrate.duoattention import Q_LEN, duo_head_scores, duoattention_scores, undo_rope  # noqa: E402
 from nanokv.calibrate.headkv import copy_scores, headkv_scores, needle_probe  # noqa: E402
 
 __all__ = ["FORMAT", "model_key", "artifact_path", "command", "load_calibration", "DEFAULTS", "calibrate", "main",
-           "DenseAttention", "calibration_texts", "run_recording", "Q_LEN", "duo_head_scores", "duoattention_scores",
+           "DenseAttention", "calibration_texts", "run_dense", "Q_LEN", "duo_head_scores", "duoattention_scores",
            "undo_rope", "copy_scores", "headkv_scores", "needle_probe"]

@@ -37,11 +37,15 @@ class DenseAttention:
 
 
 @torch.inference_mode()
-def run_recording(model, ids: list[int], record):
-    """One forward pass of `ids` (positions 0..) through `model`, `record` seeing every layer."""
+def run_dense(model, ids: list[int], record=None, sources: list[int] | None = None):
+    """One forward pass of `ids` (positions 0..) through `model` with DenseAttention (`record`
+    seeing every layer; `sources` sharing layers) -> (final hidden states [T, hidden] float32,
+    with `sources` each layer's own keys and values)."""
     device = model.inv_freq.device
     positions = torch.arange(len(ids), device=device)
-    model(torch.tensor(ids, device=device), positions, DenseAttention(positions, record))
+    attention = DenseAttention(positions, record, sources)
+    hidden = model(torch.tensor(ids, device=device), positions, attention)
+    return hidden.float(), attention.kv
 
 
 def calibration_texts(tokenizer, samples: int, length: int, seed: int) -> list[list[int]]:

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from nanokv.calibrate.dense import run_recording
+from nanokv.calibrate.dense import run_dense
 
 Q_LEN = 500  # kvpress's duo_attention_on_the_fly q_len
 
@@ -47,7 +47,7 @@ def duoattention_scores(model, config, texts: list[list[int]], q_len: int = Q_LE
             q_mean, k_mean = undo_rope(q, cos, sin).mean(dim=0), undo_rope(k, cos, sin).mean(dim=0)
             scores[layer] += duo_head_scores(q_mean, k_mean, model.inv_freq, q_len).double().cpu() / len(texts)
 
-        run_recording(model, ids, record)
+        run_dense(model, ids, record)
         if progress:
             progress()
     return scores

@@ -8,7 +8,7 @@ import random
 
 import torch
 
-from nanokv.calibrate.dense import run_recording
+from nanokv.calibrate.dense import run_dense
 
 
 def copy_scores(attention: torch.Tensor, token_ids: torch.Tensor, targets: torch.Tensor,
@@ -40,8 +40,7 @@ def needle_probe(tokenizer, length: int, seed: int, index: int):
     question = f"\n\nWhat is the special magic {kind} for {key} mentioned in the provided text?"
     answer_prefix = f"The special magic {kind} for {key} mentioned in the provided text is"
     if tokenizer.has_chat_template:
-        marker = "\x00turn\x00"
-        head, tail = tokenizer.apply_chat_template([{"role": "user", "content": marker}]).split(marker)
+        head, tail = tokenizer.user_turn()
         first = tokenizer.encode(head + intro, add_special_tokens=False)
     else:
         tail = ""
@@ -88,7 +87,7 @@ def headkv_scores(model, config, probes, progress=None) -> torch.Tensor:
             copies = copy_scores(logits, tokens[:len(fed)], targets, needle, k.shape[1])
             scores[layer] += copies.double().cpu() / len(probes)
 
-        run_recording(model, fed, record)
+        run_dense(model, fed, record)
         if progress:
             progress()
     return scores

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from nanokv.calibrate.dense import DenseAttention
+from nanokv.calibrate.dense import run_dense
 
 
 def resolve(sources: list[int]) -> list[int]:
@@ -69,16 +69,6 @@ def greedy_pairs(ranked, similarity, share_layers: int, threshold: float) -> lis
     return accepted
 
 
-@torch.inference_mode()
-def final_hidden(model, ids: list[int], sources: list[int]):
-    """(final hidden states [T, hidden] float32, the layers' own KV) of one sample under `sources`."""
-    device = model.inv_freq.device
-    positions = torch.arange(len(ids), device=device)
-    attention = DenseAttention(positions, sources=sources)
-    hidden = model(torch.tensor(ids, device=device), positions, attention)
-    return hidden.float(), attention.kv
-
-
 def kvsharer_pairs(model, config, texts: list[list[int]], share_layers: int, threshold: float,
                    progress=None) -> tuple[list[list[int]], list[float]]:
     """The accepted (later, earlier) pairs in order, and the similarity each was accepted at."""
@@ -86,7 +76,7 @@ def kvsharer_pairs(model, config, texts: list[list[int]], share_layers: int, thr
     identity = list(range(L))
     keys, values, reference = 0, 0, []
     for ids in texts:  # the unshared model: its KV averages and final hidden states
-        hidden, kv = final_hidden(model, ids, identity)
+        hidden, kv = run_dense(model, ids, sources=identity)
         keys = keys + torch.stack([kv[layer][0].float().transpose(0, 1) for layer in range(L)]) / len(texts)
         values = values + torch.stack([kv[layer][1].float().transpose(0, 1) for layer in range(L)]) / len(texts)
         reference.append(hidden.flatten())
@@ -94,7 +84,7 @@ def kvsharer_pairs(model, config, texts: list[list[int]], share_layers: int, thr
 
     def similarity(pairs):
         sources = layer_sources(pairs, L)
-        total = sum(float(torch.cosine_similarity(final_hidden(model, ids, sources)[0].flatten(), ref, dim=0))
+        total = sum(float(torch.cosine_similarity(run_dense(model, ids, sources=sources)[0].flatten(), ref, dim=0))
                     for ids, ref in zip(texts, reference))
         if progress:
             progress()

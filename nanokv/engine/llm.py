@@ -160,6 +160,7 @@ class LLM:
                 ids, compress_len = self.encode(prompt[0] + prompt[1]), len(prompt[0])
         else:
             ids = self.encode(prompt, chat)
+        templated = isinstance(prompt[0] if isinstance(prompt, tuple) else prompt, str)  # text, not token ids
         limit = self.config.max_position_embeddings
         if len(ids) >= limit:
             raise ValueError(f"prompt has {len(ids)} tokens; the model's context is {limit}")
@@ -169,7 +170,7 @@ class LLM:
         if self.method.compresses:  # a method's own scoring passes over the prompt (methods/base.py)
             seq.scoring_passes = self.method.scoring_passes(
                 ids[:seq.compress_len], lambda text: self.tokenizer.encode(text, add_special_tokens=False),
-                self.reply_prefix(chat and not isinstance(prompt[0] if isinstance(prompt, tuple) else prompt, list)))
+                self.reply_prefix(chat and templated))
         if params.seed is not None:
             seq.generator = torch.Generator(self.device).manual_seed(params.seed)
         return seq
@@ -178,10 +179,7 @@ class LLM:
         """The text that opens the assistant's reply after a user turn: the chat template's tail
         (end of the user turn, the assistant header) for a prompt written through the template,
         else a newline (token ids are taken as they are)."""
-        if not (chat and self.tokenizer.has_chat_template):
-            return "\n"
-        marker = "\x00turn\x00"
-        return self.tokenizer.apply_chat_template([{"role": "user", "content": marker}]).split(marker)[1]
+        return self.tokenizer.user_turn()[1] if chat and self.tokenizer.has_chat_template else "\n"
 
     # --- generation -------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ tail blocks go back to the pool.
 
 import torch
 
-from nanokv.methods.base import PrefillView
+from nanokv.methods.base import PrefillView, top_over_heads
 from nanokv.methods.snapkv import SnapKV
 
 
@@ -32,5 +32,4 @@ class AdaKV(SnapKV):
         floor = int(per_head * self.alpha_safeguard)
         if floor:  # each head's own best `floor` tokens win the layer-wide selection
             scores.scatter_(1, scores.topk(floor, dim=-1).indices, float("inf"))
-        chosen = scores.flatten().topk(per_head * H).indices
-        return torch.zeros(H * S, dtype=torch.bool, device=chosen.device).scatter_(0, chosen, True).view(H, S)
+        return top_over_heads(scores, per_head * H)

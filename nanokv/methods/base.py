@@ -171,6 +171,13 @@ def observation_attention(view: PrefillView, window: int) -> torch.Tensor:
     return logits.masked_fill(future, float("-inf")).softmax(dim=-1)
 
 
+def top_over_heads(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """[H, S] bool: the k highest of all the heads' scores together, so heads keep different
+    numbers of tokens (Ada-KV's layer-wide selection, KVzip's)."""
+    chosen = scores.flatten().topk(k).indices
+    return torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device).scatter_(0, chosen, True).view(scores.shape)
+
+
 def prompt_logits(view: PrefillView, first: int = 0, chunk_bytes: int = 1 << 26):
     """Yield (start, logits [Hq, c, S] float32) for the prompt's queries first.. in chunks of c
     (about `chunk_bytes` each): each query's attention logits over the cached keys, -inf past its

@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from nanokv.methods.base import Method, PrefillView
+from nanokv.methods.base import Method, PrefillView, top_over_heads
 
 FIRST_REQUEST = "\n\nRepeat the previous context exactly."
 LATER_REQUEST = "\n\nRepeat the part of the previous context exactly, starting with"
@@ -103,7 +103,7 @@ class KVzip(Method):
         scores = self.scores(view)
         scores[:, :self.sink_tokens] = float("inf")
         if self.layerwise:
-            return self.top(scores, H * self.tokens_to_keep(S))
+            return top_over_heads(scores, H * self.tokens_to_keep(S))
         state = view.sequence_state.setdefault("kvzip", {"scores": {}})
         state["scores"][view.layer] = scores
         if view.layer < view.num_layers - 1:
@@ -113,14 +113,8 @@ class KVzip(Method):
         stacked = torch.stack([state["scores"][layer] for layer in layers])       # [L, H, S]
         kept = stacked.flatten().topk(len(layers) * H * self.tokens_to_keep(S)).indices
         shares = torch.bincount(kept // (H * S), minlength=len(layers)).tolist()
-        state["masks"] = {layer: self.top(stacked[i], k) for i, (layer, k) in enumerate(zip(layers, shares))}
+        state["masks"] = {layer: top_over_heads(stacked[i], k) for i, (layer, k) in enumerate(zip(layers, shares))}
         return state["masks"].pop(view.layer)
 
     def earlier_keep_masks(self, view: PrefillView) -> dict[int, torch.Tensor]:
         return view.sequence_state.get("kvzip", {}).pop("masks", {})
-
-    @staticmethod
-    def top(scores: torch.Tensor, k: int) -> torch.Tensor:
-        """[H, S] bool: the k highest scores of all the heads together."""
-        chosen = scores.flatten().topk(k).indices
-        return torch.zeros(scores.numel(), dtype=torch.bool).scatter_(0, chosen, True).view(scores.shape)
