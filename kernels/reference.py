@@ -57,14 +57,21 @@ def paged_attention(q: torch.Tensor, q_pos: torch.Tensor, k_pool: torch.Tensor, 
     attention probabilities [B, Hkv, group, T, nb * block_size] (float32, 0 where masked), slot
     by slot of each head's table: what H2O and TOVA score with.
     """
-    B, T, Hq, D = q.shape
-    Hkv = tables.shape[1]
-    group = Hq // Hkv
     workspace = workspace or Workspace()
     k = gather_blocks(k_pool, tables, workspace.get("k", k_pool, tables))  # [B, Hkv, S, D]
     v = gather_blocks(v_pool, tables, workspace.get("v", v_pool, tables))
     k_pos = gather_blocks(pos_pool, tables, workspace.get("pos", pos_pool, tables))  # [B, Hkv, S]
-    S = k.shape[2]
+    return attend(q, q_pos, k, v, k_pos, lengths, sliding_window, return_probs)
+
+
+def attend(q: torch.Tensor, q_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pos: torch.Tensor,
+           lengths: torch.Tensor, sliding_window: int | None = None, return_probs: bool = False):
+    """paged_attention once each head's keys are gathered: k, v [B, Hkv, S, D], k_pos [B, Hkv, S],
+    the slots past lengths [B, Hkv] finite and masked. (A latent cache reconstructs its K and V
+    and calls this: nanokv/cache/latent_cache.py.)"""
+    B, T, Hq, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    group = Hq // Hkv
     if T >= SDPA_MIN_QUERIES and not return_probs:
         return _prefill_sdpa(q, q_pos, k, v, k_pos, lengths, sliding_window)
     # Slots past a head's length are masked out; they must hold finite values (0 * NaN = NaN),
@@ -114,6 +121,35 @@ def quantized_decode_attention(q: torch.Tensor, q_pos: torch.Tensor, quant: "Qua
     probs = scores.masked_fill(~allowed[:, :, None], float("-inf")).softmax(dim=-1)     # [B, Hkv, group, S]
     Sq = k_q.shape[2]
     return (probs[..., :Sq] @ v_q + probs[..., Sq:] @ v_f).view(B, Hq, D).to(q.dtype)
+
+
+def pruned_attention(q: torch.Tensor, q_pos: torch.Tensor, slim_k: torch.Tensor, slim_v: torch.Tensor,
+                     slim_pos: torch.Tensor, stables: torch.Tensor, slim_lengths: torch.Tensor, channels: torch.Tensor,
+                     k_pool: torch.Tensor, v_pool: torch.Tensor, pos_pool: torch.Tensor, tables: torch.Tensor,
+                     lengths: torch.Tensor, sliding_window: int | None = None) -> torch.Tensor:
+    """Attention of B sequences' queries q [B, T, Hq, D] (q_pos [B, T]) over heads whose oldest
+    slim_lengths[b, h] tokens keep only the key channels channels[b, h] (kD of them; ThinK): slim
+    blocks slim_k [N, n, kD], slim_v [N, n, D], slim_pos [N, n] through stables [B, Hkv, ns], then
+    full-precision blocks through tables and lengths as in paged_attention. -> [B, T, Hq, D].
+
+    For a slim token the query is cut to the head's kept channels, so q . k sums over those alone:
+    attention with the pruned channels zeroed. The scale stays 1 / sqrt(D). One softmax over both
+    parts, which are never concatenated."""
+    B, T, Hq, D = q.shape
+    Hkv = tables.shape[1]
+    group = Hq // Hkv
+    k_s, v_s = gather_blocks(slim_k, stables).float(), gather_blocks(slim_v, stables).float()  # [B, Hkv, Ss, .]
+    k_f, v_f = gather_blocks(k_pool, tables).float(), gather_blocks(v_pool, tables).float()
+    allowed = torch.cat([allowed_keys(q_pos, gather_blocks(slim_pos, stables), slim_lengths, sliding_window),
+                         allowed_keys(q_pos, gather_blocks(pos_pool, tables), lengths, sliding_window)], dim=-1)
+    qg = q.float().view(B, T, Hkv, group, D).permute(0, 2, 3, 1, 4)                           # [B, Hkv, g, T, D]
+    kept = channels[:, :, None, None, :].expand(B, Hkv, group, T, channels.shape[-1])
+    scores = torch.cat([qg.gather(-1, kept) @ k_s[:, :, None].transpose(-1, -2),
+                        qg @ k_f[:, :, None].transpose(-1, -2)], dim=-1) * (1.0 / math.sqrt(D))
+    probs = scores.masked_fill(~allowed[:, :, None], float("-inf")).softmax(dim=-1)          # [B, Hkv, g, T, S]
+    Ss = k_s.shape[2]
+    out = probs[..., :Ss] @ v_s[:, :, None] + probs[..., Ss:] @ v_f[:, :, None]
+    return out.permute(0, 3, 1, 2, 4).reshape(B, T, Hq, D).to(q.dtype)
 
 
 def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:

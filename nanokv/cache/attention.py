@@ -16,7 +16,8 @@ Over a quantized cache (nanokv/cache/quant_cache.py) prefill works on full preci
 decode attends over the quantized blocks and the residual in one call (`quantized_decode`), and
 after each layer's prefill and each decode step the cache quantizes residuals that filled up.
 A layer that shares an earlier layer's KV (KVSharer, `cache.sources`) writes nothing and reads
-that layer's blocks. A query-aware method (Quest) evicts nothing: each decode step it picks the
+that layer's blocks. The later layer of a merged pair (MiniCache) is attended in
+nanokv/cache/paired.py. A query-aware method (Quest) evicts nothing: each decode step it picks the
 blocks each head reads (`_selected_pages`) and the kernel gets a block table of those alone.
 """
 
@@ -24,8 +25,11 @@ from __future__ import annotations
 
 import torch
 
-from kernels.reference import gather_blocks
+from kernels.reference import attend, gather_blocks, pruned_attention
 from nanokv.cache.kv_cache import PagedKVCache
+from nanokv.cache.latent_cache import LatentKVCache
+from nanokv.cache.pruned_cache import PrunedKVCache
+from nanokv.cache.paired import attend_second
 from nanokv.cache.quant_cache import QuantizedKVCache
 
 GROUP_SLACK = 1.5  # padding waste a decode group may carry (the longest / the shortest member)
@@ -52,6 +56,8 @@ class CacheAttention:
         self.positions = positions                                        # [T] all new tokens
         self.is_decode = all(n == 1 for n in query_lens)
         self.quantized = isinstance(cache, QuantizedKVCache)  # decode reads quantized blocks too
+        self.latent = isinstance(cache, LatentKVCache)        # tokens stored as low-rank latents
+        self.pruned = isinstance(cache, PrunedKVCache)        # older keys in fewer channels
         device = cache.pool.device
         self.evicting = self.method is not None and self.method.evicts_during_decode
         if self.evicting:
@@ -67,6 +73,8 @@ class CacheAttention:
         blocks = [int(s.num_blocks.max()) for s in seqs]
         if self.quantized:
             blocks = [b + int(s.num_qblocks.max()) for b, s in zip(blocks, seqs)]
+        if self.pruned:
+            blocks = [b + int(s.num_sblocks.max()) for b, s in zip(blocks, seqs)]
         # Each group is attended in one call, its tables padded to its longest member: sequences
         # of similar length, so a short one is not padded to the longest of the batch.
         self.groups = []
@@ -74,11 +82,14 @@ class CacheAttention:
             group = [torch.tensor(members, device=device)]
             for tables, lengths in self._stacked([seqs[i] for i in members]):
                 group += [tables.to(device), lengths.to(device)]
+            if self.pruned:  # each head's kept key channels [L, b, H, kD], after the slim part
+                group.insert(3, torch.stack([seqs[i].channels for i in members], dim=1).to(device))
             self.groups.append(group)
 
     def _stacked(self, seqs):
         """The sequences' tables [L, b, H, nb] (padded to the longest) and lengths [L, b, H]: the
-        full-precision blocks, and for a quantized cache first the quantized ones."""
+        full-precision blocks, and for a quantized cache first the quantized ones, for a pruned
+        cache first the slim ones."""
         width = max(int(s.num_blocks.max()) for s in seqs)
         stacked = [(torch.stack([pad_blocks(s.tables, width) for s in seqs], dim=1),
                     torch.stack([s.lengths for s in seqs], dim=1))]
@@ -87,11 +98,19 @@ class CacheAttention:
             R = self.cache.spec.block_size
             stacked.insert(0, (torch.stack([pad_blocks(s.qtables, width) for s in seqs], dim=1),
                                torch.stack([s.num_qblocks * R for s in seqs], dim=1)))
+        if self.pruned:
+            width = max(int(s.num_sblocks.max()) for s in seqs)
+            stacked.insert(0, (torch.stack([pad_blocks(s.stables, width) for s in seqs], dim=1),
+                               torch.stack([s.slim_lengths for s in seqs], dim=1)))
         return stacked
 
     def __call__(self, layer, q, k, v, sliding_window):
         pool, kernels = self.cache.pool, self.cache.kernels
         source = self.cache.sources[layer]  # a layer sharing another's KV reads that (KVSharer)
+        if self.latent:
+            return self._latent(layer, q, k, v, sliding_window)
+        if layer in getattr(self.cache, "first_of", ()):  # the later layer of a merged pair (MiniCache)
+            return attend_second(self, layer, q, k, v, sliding_window)
         if self.is_decode:
             if source == layer:
                 self.cache.write(self.slots[layer], k, v, self.positions)
@@ -102,6 +121,15 @@ class CacheAttention:
                     out[members] = kernels.quantized_decode(q[members], self.positions[members], pool.quant_blocks(),
                                                             qtables[layer], qlens[layer], pool.k, pool.v, pool.pos,
                                                             tables[layer], lengths[layer])
+                return out
+            if self.pruned:
+                slim = pool.slim_fields
+                for members, stables, slens, channels, tables, lengths in self.groups:
+                    self.bytes_read += self.cache.read_bytes(lengths[layer], slens[layer])
+                    out[members] = pruned_attention(q[members][:, None], self.positions[members][:, None], slim["k"],
+                                                    slim["v"], slim["pos"], stables[layer], slens[layer],
+                                                    channels[layer], pool.k, pool.v, pool.pos, tables[layer],
+                                                    lengths[layer], sliding_window)[:, 0]
                 return out
             for members, tables, lengths in self.groups:
                 tables, lengths = tables[source], lengths[source]
@@ -128,7 +156,8 @@ class CacheAttention:
             slots = self.cache.append_slots(seq_id, cached, layers=slice(layer, layer + 1))[0]
             self.cache.write(slots.to(pool.device), k_i[:cached], v_i[:cached], pos_i[:cached])
             if self.method is None:
-                outs.append(self._prefill(q_i, pos_i, *self._held(seq_id, layer), sliding_window)[0])
+                outs.append(self._prefill(q_i, pos_i, *self._held(seq_id, layer), sliding_window,
+                                          slim=self._slim(seq_id, layer))[0])
                 self.cache.settle(seq_id, layers=slice(layer, layer + 1))
                 continue
             # The prompt attends over itself, then is compressed. Tokens generated before a
@@ -146,6 +175,31 @@ class CacheAttention:
             if n + m < len(q_i):
                 outs.append(self._generated(layer, i, q_i[n + m:], pos_i[n + m:], sliding_window))
             self.cache.settle(seq_id, layers=slice(layer, layer + 1))
+        return torch.cat(outs)
+
+    def _latent(self, layer, q, k, v, sliding_window):
+        """Over a latent cache (LoRC, Palu): store the new tokens' latents, then attend over the K
+        and V the cache rebuilds from every latent it holds (nanokv/cache/latent_cache.py)."""
+        cache, device = self.cache, self.cache.pool.device
+        if self.is_decode:  # each sequence reserved the most slots any layer takes: this one's first
+            m, b = int(cache.slots_per_token[layer]), len(self.seq_ids)
+            slots = self.slots[layer].view(cache.num_kv_heads, b, -1)[:, :, :m].reshape(cache.num_kv_heads, b * m)
+            cache.store(layer, slots, k, v, self.positions)
+            out = torch.empty_like(q)
+            for members, tables, lengths in self.groups:
+                self.bytes_read += cache.read_bytes(lengths[layer])
+                keys, values, k_pos, held = cache.read(layer, tables[layer], lengths[layer])
+                out[members] = attend(q[members][:, None], self.positions[members][:, None], keys.to(q.dtype),
+                                      values.to(q.dtype), k_pos, held, sliding_window)[:, 0]
+            return out
+        outs = []
+        for seq_id, q_i, k_i, v_i, pos_i in zip(self.seq_ids, q.split(self.query_lens), k.split(self.query_lens),
+                                                v.split(self.query_lens), self.q_pos):
+            slots = cache.append_slots(seq_id, len(q_i), layers=slice(layer, layer + 1))[0]
+            cache.store(layer, slots.to(device), k_i, v_i, pos_i)
+            keys, values, k_pos, held = cache.read(layer, *self._held(seq_id, layer))
+            outs.append(attend(q_i[None], pos_i[None], keys.to(q.dtype), values.to(q.dtype), k_pos, held,
+                               sliding_window)[0])
         return torch.cat(outs)
 
     def _selected_pages(self, q, tables, lengths):
@@ -181,11 +235,23 @@ class CacheAttention:
             for seq_id in self.seq_ids:
                 self.cache.settle(seq_id)
 
-    def _prefill(self, q, q_pos, tables, lengths, sliding_window, column_sums=False):
-        """One sequence's queries [T, Hq, D] over its cached KV (tables [1, H, nb], lengths [1, H]).
-        -> (output, and with `column_sums` the attention each slot received [H, nb * block_size],
-        summed over the queries and averaged over each kv-head's query heads)."""
+    def _slim(self, seq_id: int, layer: int):
+        """A pruned cache's slim part of one sequence at `layer` (PrunedKVCache.slim_held), or None."""
+        if not self.pruned:
+            return None
+        slim = self.cache.slim_held(seq_id, layer)
+        return None if slim is None else tuple(t.to(self.cache.pool.device) for t in slim)
+
+    def _prefill(self, q, q_pos, tables, lengths, sliding_window, column_sums=False, slim=None):
+        """One sequence's queries [T, Hq, D] over its cached KV (tables [1, H, nb], lengths [1, H];
+        `slim`: a pruned cache's slim part, _slim). -> (output, and with `column_sums` the attention
+        each slot received [H, nb * block_size], summed over the queries and averaged over each
+        kv-head's query heads)."""
         pool = self.cache.pool
+        if slim is not None:
+            f = pool.slim_fields
+            return pruned_attention(q[None], q_pos[None], f["k"], f["v"], f["pos"], *slim, pool.k, pool.v, pool.pos,
+                                    tables, lengths, sliding_window)[0], None
         cu_seqlens = torch.tensor([0, len(q)], dtype=torch.int32, device=q.device)
         result = self.cache.kernels.prefill(q, q_pos, cu_seqlens, pool.k, pool.v, pool.pos, tables, lengths,
                                             sliding_window, obs_window=len(q) if column_sums else None)
@@ -199,7 +265,8 @@ class CacheAttention:
         as each of them was decoded: replay that one token at a time, so the cache ends as it was."""
         seq_id = self.seq_ids[i]
         if not self.evicting:
-            return self._prefill(q, q_pos, *self._held(seq_id, layer), sliding_window)[0]
+            return self._prefill(q, q_pos, *self._held(seq_id, layer), sliding_window,
+                                 slim=self._slim(seq_id, layer))[0]
         pool, outs = self.cache.pool, []
         for q_t, pos_t in zip(q, q_pos):
             tables, lengths = self._held(seq_id, layer)
@@ -260,10 +327,14 @@ class CacheAttention:
                 pool.fields[name][pool.slot_index(prompt)] = value.to(pool.fields[name].dtype)
         masks = {} if keep is None else {layer: keep}
         masks.update(self.method.earlier_keep_masks(view))  # a cascade re-trims earlier layers (base.py)
-        for at, keep in masks.items():
-            keep = keep.cpu()  # block tables live on the CPU
-            generated = torch.ones(keep.shape[0], held - n, dtype=torch.bool)
-            self.cache.compact(seq_id, torch.cat([keep, generated], dim=1)[None], layers=slice(at, at + 1))
+        for at, kept in masks.items():
+            kept = kept.cpu()  # block tables live on the CPU
+            generated = torch.ones(kept.shape[0], held - n, dtype=torch.bool)
+            self.cache.compact(seq_id, torch.cat([kept, generated], dim=1)[None], layers=slice(at, at + 1))
+        if self.pruned:  # the older kept tokens' keys keep the channels the method picks (ThinK)
+            prompt = torch.full((view.keys.shape[0],), n) if keep is None else keep.sum(-1).cpu()
+            self.cache.prune(seq_id, layer, self.method.key_channels(view, keep).cpu(),
+                             (prompt - self.method.recent).clamp(min=0))
 
     def _evict(self, layer, tables, lengths, probs, q_pos, budgets, prompt_lens) -> torch.Tensor:
         """Decode-time eviction for b sequences at one layer (tables [b, H, nb], lengths [b, H]):

@@ -34,8 +34,10 @@ class PagedKVCache:
         self.block_size = pool.block_size
         # the layer whose KV each layer reads: itself, unless it shares an earlier one's (share_layers)
         self.sources = list(range(num_layers))
-        self.owned = torch.ones(num_layers, dtype=torch.bool)  # the layers that hold blocks
-        self.sharing = False                                   # some layer holds none
+        # slots one token takes in each layer's heads: 1, or 0 in a layer that reads another's KV
+        # (share_layers), or the chunks of a latent (nanokv/cache/latent_cache.py)
+        self.slots_per_token = torch.ones(num_layers, dtype=torch.int64)
+        self.uneven = False  # some layer's token takes other than one slot
         self.seqs: dict[int, SequenceKV] = {}
         self.workspace = Workspace()  # scratch for attention's gathers, reused every layer and step
         self.kernels = kernels_for(pool.device, workspace=self.workspace)  # Triton on CUDA, else plain torch
@@ -61,8 +63,12 @@ class PagedKVCache:
             raise ValueError(f"layer sources must map each of {self.num_layers} layers to itself or to an "
                              f"earlier layer that reads its own, got {sources}")
         self.sources = list(sources)
-        self.owned = torch.tensor([s == l for l, s in enumerate(sources)])
-        self.sharing = not bool(self.owned.all())
+        self.set_slots_per_token(torch.tensor([int(s == l) for l, s in enumerate(sources)]))
+
+    def set_slots_per_token(self, slots: torch.Tensor):
+        """How many slots one token takes in each layer [L] (before any sequence is added)."""
+        self.slots_per_token = slots.to(torch.int64)
+        self.uneven = bool((self.slots_per_token != 1).any())
 
     # --- sequences --------------------------------------------------------------------
 
@@ -80,9 +86,9 @@ class PagedKVCache:
         """Blocks the pool must supply to append n tokens to every (layer, head) of a sequence
         (None: a sequence not yet in the cache)."""
         if seq_id is None:
-            return int(self.owned.sum()) * self.num_kv_heads * self.blocks_for(n)
+            return int(self.blocks_for(n * self.slots_per_token).sum()) * self.num_kv_heads
         s = self.seqs[seq_id]
-        need = self.blocks_for(s.lengths + n * self.owned[:, None])
+        need = self.blocks_for(s.lengths + n * self.slots_per_token[:, None])
         return int((need - s.num_blocks).clamp(min=0).sum())
 
     def prefill_blocks(self, n: int, kept: list[int]) -> int:
@@ -90,14 +96,14 @@ class PagedKVCache:
         and left with kept[l] tokens a head (on average over its heads) before the next layer
         runs: the earlier layers compressed, the last one whole. A layer whose heads keep
         different lengths (Ada-KV) holds at most one partial block more per head."""
-        H = self.num_kv_heads
-        earlier = sum(H * self.blocks_held(k) + (0 if k >= n else H) for k in kept[:-1])
-        return earlier + H * self.blocks_for(n)
+        H, per_token = self.num_kv_heads, self.slots_per_token.tolist()
+        earlier = sum(H * self.blocks_held(k * m) + (0 if k >= n else H) for k, m in zip(kept[:-1], per_token))
+        return earlier + H * self.blocks_for(n * per_token[-1])
 
     def most_blocks(self, tokens: int) -> int:
         """Most blocks a sequence of up to `tokens` tokens holds during decode (a request that
         needs more than the pool can never run)."""
-        return int(self.owned.sum()) * self.num_kv_heads * self.blocks_for(tokens)
+        return int(self.blocks_for(tokens * self.slots_per_token).sum()) * self.num_kv_heads
 
     def blocks_held(self, tokens: int) -> int:
         """Blocks one head holds for `tokens` tokens once its layer's prefill is done."""
@@ -109,9 +115,8 @@ class PagedKVCache:
         s = self.seqs[seq_id]
         layers = layers or slice(0, self.num_layers)
         lengths, num_blocks = s.lengths[layers], s.num_blocks[layers]
-        if self.sharing:  # a shared layer takes nothing (its slots come back as -1)
-            owned = self.owned[layers]
-            n = n * owned[:, None]
+        if self.uneven:  # n tokens take n x slots_per_token slots (a shared layer's none)
+            n = n * self.slots_per_token[layers][:, None]
         need = self.blocks_for(lengths + n)
         extra = (need - num_blocks).clamp(min=0)
         total = int(extra.sum())
@@ -120,12 +125,12 @@ class PagedKVCache:
             s.tables = grown_to(s.tables, int(need.max()))
             place_blocks(s.tables[layers], num_blocks, extra, ids)
             s.num_blocks[layers] = torch.maximum(num_blocks, need)
-        if not self.sharing:
+        if not self.uneven:
             slots = self.flat_slots(s.tables[layers], lengths[..., None] + torch.arange(n))  # [L', H, n]
-        else:
-            logical = lengths[..., None] + torch.arange(int(n.max()) if owned.any() else 0)
-            slots = torch.full(logical.shape, -1, dtype=torch.int64)
-            slots[owned] = self.flat_slots(s.tables[layers][owned], logical[owned])
+        else:  # [L', H, most slots]: -1 past each layer's
+            taken = torch.arange(int(n.max())) < n[..., None]
+            logical = torch.where(taken, lengths[..., None] + torch.arange(taken.shape[-1]), 0)
+            slots = torch.where(taken, self.flat_slots(s.tables[layers], logical), -1)
         s.lengths[layers] = lengths + n
         return slots
 

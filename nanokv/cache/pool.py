@@ -133,3 +133,28 @@ class BlockPool:
     def used_bytes(self) -> int:
         return self.num_used * self.bytes_per_block
 
+
+
+# --- pools whose rows serve two block kinds (quant_pool.py, pruned_pool.py) ----------------
+
+def row_views(arena: torch.Tensor, layout: dict) -> dict[str, torch.Tensor]:
+    """Strided views [num_blocks, *shape] into the byte rows of `arena` [num_blocks, row bytes],
+    one per field of `layout` {name: (dtype, shape per block)}, one after another (4-aligned)."""
+    views, offset = {}, 0
+    for name, (dtype, shape) in layout.items():
+        size = dtype.itemsize * numel(shape)
+        views[name] = arena[:, offset:offset + size].view(dtype).unflatten(1, shape)
+        offset = align(offset + size)
+    assert offset <= arena.shape[1]
+    return views
+
+
+def numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def align(n: int, to: int = 4) -> int:
+    return (n + to - 1) // to * to

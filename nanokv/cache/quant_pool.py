@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels.quant import BITS, QuantBlocks
-from nanokv.cache.pool import BlockPool
+from nanokv.cache.pool import BlockPool, align, numel, row_views
 
 SCALE_DTYPE = torch.float16  # KIVI keeps scales and zero points in float16
 
@@ -56,11 +56,11 @@ class QuantSpec:
 
     def quantized_bytes(self, head_dim: int) -> int:
         """Bytes of one quantized block: packed codes plus scales and zero points."""
-        return sum(dtype.itemsize * _numel(shape) for dtype, shape in self.field_shapes(head_dim).values())
+        return sum(dtype.itemsize * numel(shape) for dtype, shape in self.field_shapes(head_dim).values())
 
     def unit_bytes(self, head_dim: int) -> int:
         """Bytes of a pool row: the quantized fields laid out one after another, each 4-aligned."""
-        return sum(_align(dtype.itemsize * _numel(shape)) for dtype, shape in self.field_shapes(head_dim).values())
+        return sum(align(dtype.itemsize * numel(shape)) for dtype, shape in self.field_shapes(head_dim).values())
 
     def full_block_size(self, head_dim: int, dtype: torch.dtype) -> int:
         """Tokens a full-precision block holds in a row: as many as fit, K, V and an int32 position
@@ -82,20 +82,10 @@ class QuantizedBlockPool(BlockPool):
         self.arena[0] = 0
         n = self.block_size
         layout = {"k": (dtype, (n, head_dim)), "v": (dtype, (n, head_dim)), "pos": (torch.int32, (n,))}
-        self.fields = self._views(layout)
-        self.qfields = self._views(spec.field_shapes(head_dim))
+        self.fields = row_views(self.arena, layout)
+        self.qfields = row_views(self.arena, spec.field_shapes(head_dim))
         self.block_fields = {}  # no per-block metadata (Quest's bounds are for full-precision pools)
         self._init_free_list(num_blocks, first=1)
-
-    def _views(self, layout: dict) -> dict[str, torch.Tensor]:
-        """Strided views [num_blocks, *shape] into the rows, fields one after another (4-aligned)."""
-        views, offset = {}, 0
-        for name, (dtype, shape) in layout.items():
-            size = dtype.itemsize * _numel(shape)
-            views[name] = self.arena[:, offset:offset + size].view(dtype).unflatten(1, shape)
-            offset = _align(offset + size)
-        assert offset <= self.unit_bytes
-        return views
 
     def quant_blocks(self) -> QuantBlocks:
         f, s = self.qfields, self.spec
@@ -106,13 +96,3 @@ class QuantizedBlockPool(BlockPool):
     def bytes_per_block(self) -> int:
         return self.unit_bytes
 
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
-def _align(n: int, to: int = 4) -> int:
-    return (n + to - 1) // to * to

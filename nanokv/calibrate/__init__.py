@@ -44,6 +44,18 @@ The artifact is a JSON file, by default `cache_dir()/calibration/<model key>/<me
 kvsharer's holds, instead of head_scores, "pairs": [[later, earlier], ...] in the order the search
 accepted them (layer `later` reads layer `earlier`'s KV), and the similarity each was kept at.
 
+- lorc, palu: per layer and head group, orthonormal bases of the pre-RoPE keys and of the values,
+  ordered by importance, with their spectra (nanokv/calibrate/lowrank.py: the SVD of W_k and W_v
+  for lorc, from the weights alone; the whitened SVD over calibration text for palu, with each
+  layer's Fisher information).
+
+Their artifacts hold matrices, so they are safetensors files, `<method>.safetensors`: the same
+fields as the JSON above in the header's metadata under "nanokv" (a JSON string, with "group",
+"head_dim"), and the tensors k_basis, v_basis [L, G, gD, gD] (G = kv-heads / group,
+gD = group x head_dim; column i of a basis is its i-th most important direction), k_spectrum,
+v_spectrum, k_bias, v_bias [L, G, gD], and lorc's k_condition, v_condition [L] or palu's
+k_fisher, v_fisher [L].
+
 The model key is the model name as given, made filesystem-safe (a path: its absolute form);
 a file that is a short name's own download (the nanokv cache's GGUF, a Hugging Face cache
 snapshot of its repo) and its repo id are keyed by the short name, so `--model smollm2-135m`
@@ -61,7 +73,10 @@ import re
 import shlex
 from pathlib import Path
 
+import torch
+
 FORMAT = 1
+LOWRANK = ("lorc", "palu")  # the methods whose artifacts are safetensors files of bases
 
 def _safe(name: str) -> str:
     key = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "model"
@@ -96,7 +111,37 @@ def model_key(name: str) -> str:
 def artifact_path(method: str, model: str) -> Path:
     from nanokv.hub import cache_dir
 
-    return cache_dir() / "calibration" / model_key(model) / f"{method}.json"
+    suffix = ".safetensors" if method in LOWRANK else ".json"
+    return cache_dir() / "calibration" / model_key(model) / f"{method}{suffix}"
+
+
+def write_artifact(path: Path, artifact: dict):
+    """Write an artifact (its tensors, for lorc and palu, under "tensors") whole or not at all."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    if artifact["method"] in LOWRANK:
+        from safetensors.torch import save_file
+
+        meta = {key: value for key, value in artifact.items() if key != "tensors"}
+        save_file({name: t.contiguous() for name, t in artifact["tensors"].items()}, str(tmp),
+                  metadata={"nanokv": json.dumps(meta)})
+    else:
+        tmp.write_text(json.dumps(artifact, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def _read(path: Path, method: str) -> dict:
+    """The artifact at `path` as a dict (lorc, palu: with its tensors under "tensors"); ValueError
+    if it is not one."""
+    if method not in LOWRANK:
+        return json.loads(path.read_text())
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads((f.metadata() or {}).get("nanokv", "null"))
+        if isinstance(meta, dict):
+            meta["tensors"] = {name: f.get_tensor(name) for name in f.keys()}
+    return meta
 
 
 def command(method: str, model: str, out: str | Path | None = None) -> str:
@@ -106,10 +151,10 @@ def command(method: str, model: str, out: str | Path | None = None) -> str:
 
 
 def load_calibration(method: str, model: str, num_layers: int, num_kv_heads: int,
-                     path: str | Path | None = None) -> dict:
+                     path: str | Path | None = None, head_dim: int | None = None) -> dict:
     """The artifact of `method` for `model` (at `path`, or the cache path), checked against the
-    model's shape. Raises ValueError, naming the command that makes one, when it is missing or was
-    made for another model or shape."""
+    model's shape (and `head_dim`, for lorc and palu). Raises ValueError, naming the command that
+    makes one, when it is missing or was made for another model or shape."""
     explicit = path is not None
     path = Path(path).expanduser() if explicit else artifact_path(method, model)
     make = command(method, model, path if explicit else None)
@@ -118,9 +163,10 @@ def load_calibration(method: str, model: str, num_layers: int, num_kv_heads: int
             f"no {method} calibration for model {model!r} (looked for {path})"
         raise ValueError(f"{where}; method {method} needs one: run `{make}`")
     try:
-        artifact = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"calibration file {path} is not valid JSON ({e}); make it again: `{make}`") from None
+        artifact = _read(path, method)
+    except Exception as e:  # a JSON, safetensors or header error: the file is not an artifact
+        kind = "safetensors" if method in LOWRANK else "JSON"
+        raise ValueError(f"calibration file {path} is not valid {kind} ({e}); make it again: `{make}`") from None
     if not isinstance(artifact, dict) or artifact.get("format") != FORMAT:
         raise ValueError(f"calibration file {path} is not a format-{FORMAT} nanokv calibration; "
                          f"make it again: `{make}`")
@@ -134,6 +180,8 @@ def load_calibration(method: str, model: str, num_layers: int, num_kv_heads: int
     if shape != (num_layers, num_kv_heads):
         raise ValueError(f"calibration file {path} is for {shape[0]} layers x {shape[1]} kv-heads, but model {model!r} "
                          f"has {num_layers} x {num_kv_heads}; run `{make}`")
+    if method in LOWRANK:
+        return _checked_bases(artifact, path, make, num_layers, num_kv_heads, head_dim)
     if method == "kvsharer":
         pairs = artifact.get("pairs")
         if not (isinstance(pairs, list) and all(isinstance(p, list) and len(p) == 2 and
@@ -151,12 +199,35 @@ def load_calibration(method: str, model: str, num_layers: int, num_kv_heads: int
     return artifact
 
 
+def _checked_bases(artifact: dict, path: Path, make: str, num_layers: int, num_kv_heads: int,
+                   head_dim: int | None) -> dict:
+    """A lorc or palu artifact whose tensors have the shapes its header and the model say."""
+    group, dim = artifact.get("group"), artifact.get("head_dim")
+    if head_dim is not None and dim != head_dim:
+        raise ValueError(f"calibration file {path} is for head_dim {dim}, but the model's is {head_dim}; run `{make}`")
+    if not (isinstance(group, int) and isinstance(dim, int) and group > 0 and num_kv_heads % group == 0):
+        raise ValueError(f"calibration file {path}: group {group!r} does not divide the model's {num_kv_heads} "
+                         f"kv-heads; run `{make}`")
+    L, G, gd = num_layers, num_kv_heads // group, group * dim
+    extra = ("k_condition", "v_condition") if artifact["method"] == "lorc" else ("k_fisher", "v_fisher")
+    shapes = {"k_basis": (L, G, gd, gd), "v_basis": (L, G, gd, gd), "k_spectrum": (L, G, gd),
+              "v_spectrum": (L, G, gd), "k_bias": (L, G, gd), "v_bias": (L, G, gd), **{name: (L,) for name in extra}}
+    tensors = artifact.get("tensors", {})
+    for name, shape in shapes.items():
+        t = tensors.get(name)
+        if t is None or tuple(t.shape) != shape or not bool(torch.isfinite(t).all()):
+            found = "missing" if t is None else f"of shape {tuple(t.shape)}"
+            raise ValueError(f"calibration file {path}: tensor {name} is {found}, expected finite {shape}; "
+                             f"run `{make}`")
+    return artifact
+
+
 # the pieces, for callers and tests: `from nanokv.calibrate import ...`
 from nanokv.calibrate.cli import DEFAULTS, calibrate, main  # noqa: E402  (they need the artifact above)
 from nanokv.calibrate.dense import DenseAttention, calibration_texts, run_dense  # noqa: E402
 from nanokv.calibrate.duoattention import Q_LEN, duo_head_scores, duoattention_scores, undo_rope  # noqa: E402
 from nanokv.calibrate.headkv import copy_scores, headkv_scores, needle_probe  # noqa: E402
 
-__all__ = ["FORMAT", "model_key", "artifact_path", "command", "load_calibration", "DEFAULTS", "calibrate", "main",
+__all__ = ["FORMAT", "LOWRANK", "write_artifact", "model_key", "artifact_path", "command", "load_calibration", "DEFAULTS", "calibrate", "main",
            "DenseAttention", "calibration_texts", "run_dense", "Q_LEN", "duo_head_scores", "duoattention_scores",
            "undo_rope", "copy_scores", "headkv_scores", "needle_probe"]

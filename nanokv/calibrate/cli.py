@@ -3,27 +3,32 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from nanokv.calibrate import FORMAT, artifact_path, model_key
+from nanokv.calibrate import FORMAT, artifact_path, model_key, write_artifact
 from nanokv.calibrate.dense import calibration_texts
 from nanokv.calibrate.duoattention import Q_LEN, duoattention_scores
 from nanokv.calibrate.headkv import headkv_scores, needle_probe
 from nanokv.calibrate.kvsharer import kvsharer_pairs
+from nanokv.calibrate.lowrank import default_group, fisher_information, weight_bases, whitened_bases
 
 # --samples, --length by default: kvpress's on-the-fly scoring reads 50 samples; KVSharer's
-# official script 30 of 64 tokens
+# official script 30 of 64 tokens; Palu's 256 of 2048 (whitening) and 2048 of 1024 (Fisher) scaled
+# down for a CPU; LoRC reads no text
 DEFAULTS = {"duoattention": {"samples": 50, "length": 1024}, "headkv": {"samples": 50, "length": 1024},
-            "kvsharer": {"samples": 30, "length": 64}}
+            "kvsharer": {"samples": 30, "length": 64}, "palu": {"samples": 32, "length": 1024},
+            "lorc": {"samples": 0, "length": 0}}
 
 
 def calibrate(method: str, model: str, samples: int | None = None, length: int | None = None, seed: int = 0,
               out: str | Path | None = None, dtype: str = "float32", device: str | None = None,
-              quiet: bool = False, share_layers: int | None = None, threshold: float = 0.5) -> Path:
+              quiet: bool = False, share_layers: int | None = None, threshold: float = 0.5,
+              group: int | None = None) -> Path:
     """Make and write the artifact of `method` for `model` -> its path. kvsharer: at most
-    `share_layers` (default: half the layers) pairs, each kept above `threshold`."""
+    `share_layers` (default: half the layers) pairs, each kept above `threshold`. lorc, palu: bases
+    per `group` consecutive kv-heads (lorc: all of a layer's; palu: 4, or the largest divisor of
+    the kv-heads below 4)."""
     from tqdm import tqdm
 
     from nanokv.engine.llm import default_device
@@ -35,19 +40,27 @@ def calibrate(method: str, model: str, samples: int | None = None, length: int |
         raise ValueError(f"unknown calibration method {method!r}; valid: {', '.join(DEFAULTS)}")
     samples = DEFAULTS[method]["samples"] if samples is None else samples
     length = DEFAULTS[method]["length"] if length is None else length
-    if not isinstance(samples, int) or samples <= 0:
+    if method == "lorc":  # from the weights alone
+        samples = length = 0
+    elif not isinstance(samples, int) or samples <= 0:
         raise ValueError(f"--samples must be a positive integer, got {samples!r}")
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
     source = resolve_model(model)
     limit = read_config(source.kind, source.path).max_position_embeddings
-    if not isinstance(length, int) or not 32 <= length < limit:
+    if method != "lorc" and (not isinstance(length, int) or not 32 <= length < limit):
         raise ValueError(f"--length must be in [32, {limit}) for {model} (its context is {limit}), got {length!r}")
     make_tokenizer = Tokenizer.from_gguf if source.kind == "gguf" else Tokenizer.from_dir
     tokenizer = make_tokenizer(source.path)
     device = device or default_device()
     settings = {"samples": samples, "length": length, "seed": seed, "dtype": dtype}
-    if method == "duoattention":
+    if method in ("lorc", "palu"):
+        inputs = calibration_texts(tokenizer, samples, length, seed) if samples else []
+        settings.update(text="prose haystack (nanokv/eval/haystack.py), length tokens each" if samples else "none",
+                        bases="SVD of each group's W_k, W_v rows" if method == "lorc" else
+                              "eigenvectors of the pre-RoPE keys' and the values' second moments (the whitened "
+                              "SVD's left singular vectors); Fisher: RMS over samples of the LM loss gradient")
+    elif method == "duoattention":
         inputs = calibration_texts(tokenizer, samples, length, seed)
         settings.update(q_len=Q_LEN, text="prose haystack (nanokv/eval/haystack.py), length tokens each",
                         score="kvpress duo_attention_on_the_fly: area under the cumulative attention of the "
@@ -63,10 +76,24 @@ def calibrate(method: str, model: str, samples: int | None = None, length: int |
                               "prose haystack, answer tokens fed as the reply",
                         score="share of answer tokens whose predicting query's argmax attention lands in the needle "
                               "on the same token (Retrieval Head), mean over query heads and samples")
-    net, config = load_model(source.kind, source.path, DTYPES[dtype], device)
+    net, config = load_model(source.kind, source.path, DTYPES[dtype], device, pack=False)  # weights read as such
     artifact = {"format": FORMAT, "method": method, "model": model_key(model), "num_layers": config.num_layers,
                 "num_kv_heads": config.num_kv_heads}
-    if method == "kvsharer":
+    if method in ("lorc", "palu"):
+        heads = config.num_kv_heads
+        group = (heads if method == "lorc" else default_group(heads)) if group is None else group
+        if not isinstance(group, int) or group <= 0 or heads % group:
+            raise ValueError(f"--group must divide the model's {heads} kv-heads, got {group!r}")
+        if method == "lorc":
+            tensors = weight_bases(net, config, group)
+        else:
+            bar = tqdm(total=2 * samples, desc="calibrating palu", unit="pass", file=sys.stderr, disable=quiet)
+            tensors = {**whitened_bases(net, config, inputs, group, lambda: bar.update(1)),
+                       **fisher_information(net, config, inputs, lambda: bar.update(1))}
+            bar.close()
+        artifact.update(group=group, head_dim=config.head_dim, settings={**settings, "group": group},
+                        tensors=tensors)
+    elif method == "kvsharer":
         share_layers = config.num_layers // 2 if share_layers is None else share_layers
         if not isinstance(share_layers, int) or not 1 <= share_layers < config.num_layers:
             raise ValueError(f"--share-layers must be in [1, {config.num_layers}), got {share_layers!r}")
@@ -81,10 +108,7 @@ def calibrate(method: str, model: str, samples: int | None = None, length: int |
         bar.close()
         artifact.update(head_scores=[[float(s) for s in row] for row in scores.tolist()], settings=settings)
     path = Path(out).expanduser() if out is not None else artifact_path(method, model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(artifact, indent=1) + "\n")
-    tmp.replace(path)
+    write_artifact(path, artifact)
     return path
 
 
@@ -93,7 +117,7 @@ def parse_args(argv=None):
     p.add_argument("method", metavar="METHOD", help=f"one of: {', '.join(DEFAULTS)}")
     p.add_argument("--model", default=None,
                    help="short name, local path or Hugging Face repo id (default: smollm2-135m)")
-    p.add_argument("--samples", type=int, default=None, help="calibration samples (default: 50; kvsharer 30)")
+    p.add_argument("--samples", type=int, default=None, help="calibration samples (default: 50; kvsharer 30, palu 32; lorc reads none)")
     p.add_argument("--length", type=int, default=None, help="tokens per sample (default: 1024; kvsharer 64)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
@@ -102,6 +126,9 @@ def parse_args(argv=None):
                    help="kvsharer: most layers that may share (default: half of them)")
     p.add_argument("--threshold", type=float, default=0.5,
                    help="kvsharer: least cosine similarity of the final hidden states (default: 0.5)")
+    p.add_argument("--group", type=int, default=None,
+                   help="lorc, palu: consecutive kv-heads that share one latent (default: lorc all of a layer's, "
+                        "palu 4 or the largest divisor of the kv-heads below it)")
     p.add_argument("--out", type=Path, default=None,
                    help="where to write the artifact (default: the nanokv cache, where LLM looks)")
     return p.parse_args(argv)
@@ -114,7 +141,7 @@ def main(argv=None) -> int:
     model = args.model or DEFAULT_MODEL
     try:
         path = calibrate(args.method, model, args.samples, args.length, args.seed, args.out, args.dtype, args.device,
-                         share_layers=args.share_layers, threshold=args.threshold)
+                         share_layers=args.share_layers, threshold=args.threshold, group=args.group)
     except ValueError as e:  # ModelNotFoundError and ModelLoadError are ValueErrors with one-line messages
         print(f"error: {e}", file=sys.stderr)
         return 2

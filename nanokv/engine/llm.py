@@ -17,7 +17,8 @@ import torch
 from tqdm import tqdm
 
 from kernels import KERNELS, kernels_for
-from nanokv.cache import PagedKVCache, QuantizedKVCache
+from nanokv.cache import LatentKVCache, PagedKVCache, PrunedKVCache, QuantizedKVCache
+from nanokv.cache.paired import PairedKVCache
 from nanokv.engine.runner import ModelRunner
 from nanokv.engine.scheduler import Scheduler
 from nanokv.engine.sequence import RequestOutput, Sequence
@@ -85,15 +86,27 @@ class LLM:
             from nanokv.calibrate import load_calibration
             self.method.bind_calibration(load_calibration(self.method.calibration, model, self.config.num_layers,
                                                           self.config.num_kv_heads,
-                                                          self.method.calibration_file or None))
+                                                          self.method.calibration_file or None,
+                                                          self.config.head_dim))
         if self.method.needs_vocabulary:  # what each token id reads as (see methods/base.py)
             self.method.bind_vocabulary([self.tokenizer.decode([i], skip_special_tokens=False)
                                          for i in range(self.tokenizer.vocab_size)])
         memory = kv_cache_bytes(kv_cache_memory, self.device)
+        pairs = self.method.layer_pairs(self.config.num_layers)  # layers merged in depth (minicache)
         spec = self.method.quantization
-        if spec is None:  # Quest reads each block's key bounds: the pool keeps them
-            self.cache = PagedKVCache.from_memory(self.config, memory, block_size, self.dtype, self.device,
-                                                  self.method.slot_fields, key_bounds=self.method.selects_pages)
+        if self.method.stores_latents and self.method.compresses:  # tokens as low-rank latents (lorc, palu)
+            self.cache = LatentKVCache.from_memory(self.config, memory, self.method.latent_layers, self.method.group,
+                                                   self.model.inv_freq, block_size, self.dtype, self.device)
+        elif self.method.prunes_key_channels:  # older keys in slim blocks of fewer channels (think)
+            if spec is not None:
+                raise ValueError(f"method {method!r}: {self.method.name.split('+')[0]} keeps older keys in slim "
+                                 f"blocks of its own, which quantized blocks cannot hold; use it alone")
+            channels = self.method.kept_channels(self.config.head_dim)
+            self.cache = PrunedKVCache.from_memory(self.config, memory, block_size, channels, self.dtype, self.device)
+        elif spec is None:  # Quest reads each block's key bounds: the pool keeps them
+            self.cache = (PairedKVCache if pairs else PagedKVCache).from_memory(
+                self.config, memory, block_size, self.dtype, self.device, self.method.slot_fields,
+                key_bounds=self.method.selects_pages)
         else:  # blocks sized by the quantization (block_size does not apply)
             windowed = [w for w in self.config.sliding_windows if w is not None]
             if windowed:
@@ -106,6 +119,8 @@ class LLM:
             if spec is not None:
                 raise ValueError(f"method {method!r} shares layers, which a quantized cache cannot")
             self.cache.share_layers(sources)
+        if pairs:  # a pair's prompt stored once: nanokv/cache/paired.py
+            self.cache.pair_layers(pairs)
         self.cache.kernels = kernels_for(self.device, kernels, self.cache.workspace)
         self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens, self.method)
         self.runner = ModelRunner(self.model, self.cache, self.device, self.method)

@@ -91,6 +91,24 @@ another model or shape, is an error that names the command to run.
 A method that shares whole layers (KVSharer) returns from `layer_sources` the layer whose KV
 each layer reads: itself, or an earlier layer that keeps its own. The cache then gives a shared
 layer no blocks at all; its queries attend over the source layer's cache, at prefill and decode.
+
+A method that stores every token in fewer numbers (LoRC, Palu: methods/lowrank.py) sets
+`stores_latents`: from its calibration it builds `latent_layers` (per layer, the bases a head
+group's pre-RoPE keys and values are stored in) and `group`, and the engine then keeps a
+LatentKVCache (nanokv/cache/latent_cache.py), whose tokens of layer l take as many slots as their
+latents need; attention reads keys and values rebuilt from them. Nothing is evicted.
+
+A method that thins keys (ThinK) sets `prunes_key_channels`: after a layer's keep_mask (and the
+compaction), `key_channels(view, keep)` returns the kD channels [H, kD] each kv-head keeps
+(`kept_channels(D)` of them), and the engine keeps a PrunedKVCache (nanokv/cache/pruned_cache.py):
+the head's oldest kept tokens but the method's `recent` move into slim blocks holding those
+channels of their keys; attention cuts the query to them for those tokens.
+
+A method that merges layers in depth (MiniCache) returns from `layer_pairs` pairs of layers (a, b)
+whose prompt is stored once: the engine then keeps a PairedKVCache (nanokv/cache/paired.py), and
+at the end of prefill, right after layer b's attention, `merge_pair` gets both layers' prompt K/V
+and returns what layer a stores and which tokens layer b keeps of its own; b's attention reads
+a's merged slots restored with b's magnitudes together with its own.
 """
 
 from __future__ import annotations
@@ -213,6 +231,8 @@ class Method:
     calibration: str | None = None  # the nanokv.calibrate METHOD whose artifact bind_calibration gets
     calibration_file = ""           # the option of such methods: an explicit artifact (default: the cache)
     merges = False                  # merge / merge_evicted change the K/V of kept slots (cam, d2o, kvmerger)
+    stores_latents = False          # tokens stored as low-rank latents in latent_layers (lorc, palu)
+    prunes_key_channels = False     # key_channels picks what older keys keep (think)
 
     def __init__(self, compression: float = 0.0, budget: int | None = None, **options):
         if budget is not None:
@@ -224,7 +244,8 @@ class Method:
             raise ValueError(f"compression must be in [0, 1) (the fraction of tokens removed), got {compression!r}")
         self.compression, self.budget = float(compression), budget
         if type(self).scores is Method.scores and not self.selects_pages and type(self).layer_sources is \
-                Method.layer_sources and (compression or budget is not None):
+                Method.layer_sources and not self.stores_latents and type(self).layer_pairs is Method.layer_pairs and \
+                (compression or budget is not None):
             raise ValueError(f"method {self.name!r} does not compress; {self.compression_hint}")
         unknown = set(options) - set(self.options)
         if unknown:
@@ -294,6 +315,11 @@ class Method:
 
     def bind_vocabulary(self, texts: list[str]):
         """texts[i]: the decoded text of token id i (for methods with needs_vocabulary)."""
+
+    def layer_pairs(self, num_layers: int) -> list[tuple[int, int]] | None:
+        """Pairs of layers (a, b) whose prompt KV is merged in depth (MiniCache): a keeps every
+        token, b only those merge_pair leaves it (nanokv/cache/paired.py). None: no pairs."""
+        return None
 
     def layer_sources(self, num_layers: int) -> list[int] | None:
         """For each layer, the layer whose KV it reads (KVSharer): itself, or an earlier layer whose

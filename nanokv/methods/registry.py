@@ -13,10 +13,13 @@ from nanokv.methods.d2o import D2O
 from nanokv.methods.duoattention import DuoAttention
 from nanokv.methods.kivi import KIVI
 from nanokv.methods.knorm import KNorm
+from nanokv.methods.lorc import LoRC
 from nanokv.methods.kvsharer import KVSharer
 from nanokv.methods.kvzip import KVzip
 from nanokv.methods.kvmerger import KVMerger
+from nanokv.methods.minicache import MiniCache
 from nanokv.methods.nacl import NACL
+from nanokv.methods.palu import Palu
 from nanokv.methods.per_token_quant import Int4, Int8
 from nanokv.methods.pyramidkv import PyramidKV
 from nanokv.methods.quest import Quest
@@ -29,6 +32,7 @@ from nanokv.methods.sepllm import SepLLM
 from nanokv.methods.simlayerkv import SimLayerKV
 from nanokv.methods.snapkv import SnapKV
 from nanokv.methods.streaming_llm import StreamingLLM
+from nanokv.methods.think import ThinK
 from nanokv.methods.tova import TOVA
 from nanokv.methods.vatp import VATP
 
@@ -37,7 +41,7 @@ METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, RandomMethod, St
                                                          KIVI, Int4, Int8, Quest,
                                                          SageKV, NACL, SimLayerKV, ChunkKV,
                                                          SepLLM, CAKE, KVzip, DuoAttention, HeadKV,
-                                                         CaM, D2O, KVMerger, KVSharer)}
+                                                         CaM, D2O, KVMerger, KVSharer, LoRC, Palu, ThinK, MiniCache)}
 QUANTIZERS = [name for name, m in METHODS.items() if issubclass(m, KIVI)]
 
 

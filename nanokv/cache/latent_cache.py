@@ -1,0 +1,136 @@
+"""LatentKVCache: a PagedKVCache that stores each token as a low-rank latent (LoRC, Palu).
+
+A layer's kv-heads are taken in groups of `group` consecutive heads (Palu's group-head
+decomposition; one group per head, or one for the whole layer, are the two ends). For each group
+of each layer the method gives two orthonormal bases (nanokv/calibrate/lowrank.py): the first r_k
+columns of one span what the cache keeps of the group's keys *before RoPE*, the first r_v of the
+other its values. A token is stored as its coordinates in them,
+
+    latent_k = (k_pre - b_k) @ U_k[:, :r_k]        latent_v = (v - b_v) @ U_v[:, :r_v]
+
+and read back as k_pre ~ latent_k @ U_k[:, :r_k]^T + b_k (then rotated by RoPE at the token's own
+position: a rotation does not commute with the projection, which is why keys are stored before
+it) and v ~ latent_v @ U_v[:, :r_v]^T + b_v. The bias b is the projection's (Qwen2's k/v bias),
+which the factorization leaves out. This is the truncated SVD of W_k (LoRC) or of the whitened
+W_k (Palu) in another form: the latent X.A of those papers equals (k_pre - b).U_r up to a fixed
+scaling of each coordinate, and the reconstruction is the same.
+
+Storage: the pool's blocks are `chunk` channels wide. A token of layer l takes
+m_l = ceil((r_k + r_v) / (2 chunk)) consecutive slots of its group's blocks, its latent cut into
+chunks (the K latent, then the V latent, zero-padded): slot j holds chunks 2j in the k field and
+2j+1 in the v field, each slot with the token's position. Layers keep different ranks (LoRC's
+progressive ranks, Palu's rank search) and so take different numbers of slots a token
+(`slots_per_token`); everything else (block tables, lengths counted in slots, allocation,
+preemption, accounting) is PagedKVCache's, with a cache "head" being a group.
+
+Attention reconstructs a layer's K and V from the gathered latents and runs the reference maths
+on them (`read`, then kernels/reference.attend), at prefill and at decode: the model with the
+low-rank K/V projections everywhere, as the papers evaluate it. (Palu also folds V's
+reconstruction into W_o and fuses K's with RoPE in a kernel: speed, not maths.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from models.rope import apply_rope, rope_cos_sin
+from nanokv.cache.kv_cache import PagedKVCache
+from nanokv.cache.pool import BlockPool
+
+CHUNK = 16  # channels a slot holds in each of its k and v fields
+
+
+@dataclass
+class LatentLayer:
+    """One layer's projections, per group g: bases [G, group * D, r] (orthonormal columns) and the
+    bias [G, group * D] they are taken around."""
+    k_basis: torch.Tensor
+    v_basis: torch.Tensor
+    k_bias: torch.Tensor
+    v_bias: torch.Tensor
+
+    @property
+    def ranks(self) -> tuple[int, int]:
+        return self.k_basis.shape[-1], self.v_basis.shape[-1]
+
+
+class LatentKVCache(PagedKVCache):
+    def __init__(self, cfg, pool: BlockPool, layers: list[LatentLayer], group: int, inv_freq: torch.Tensor):
+        if cfg.num_kv_heads % group:
+            raise ValueError(f"a head group of {group} does not divide the model's {cfg.num_kv_heads} kv-heads")
+        super().__init__(cfg.num_layers, cfg.num_kv_heads // group, pool)
+        self.group, self.head_dim, self.model_kv_heads = group, cfg.head_dim, cfg.num_kv_heads
+        self.inv_freq = inv_freq
+        self.layers = [LatentLayer(*(t.to(pool.device, torch.float32) for t in (l.k_basis, l.v_basis,
+                                                                               l.k_bias, l.v_bias))) for l in layers]
+        chunk = pool.head_dim
+        self.set_slots_per_token(torch.tensor([-(-sum(l.ranks) // (2 * chunk)) for l in layers]))
+
+    @classmethod
+    def from_memory(cls, cfg, kv_cache_memory: int, layers: list[LatentLayer], group: int, inv_freq: torch.Tensor,
+                    block_size: int, dtype: torch.dtype, device="cpu"):
+        """A cache whose pool of CHUNK-channel blocks takes `kv_cache_memory` bytes."""
+        per_block = BlockPool.block_bytes(block_size, CHUNK, dtype)
+        num_blocks = int(kv_cache_memory // per_block)
+        slots = sum(-(-sum(l.ranks) // (2 * CHUNK)) for l in layers)
+        per_token = slots * (cfg.num_kv_heads // group)
+        if num_blocks < per_token:
+            raise ValueError(f"kv_cache_memory={kv_cache_memory} bytes holds {num_blocks} blocks; one token of "
+                             f"this model's latents needs {per_token} blocks ({per_token * per_block} bytes)")
+        return cls(cfg, BlockPool(num_blocks, block_size, CHUNK, dtype, device), layers, group, inv_freq)
+
+    # --- writing and reading latents ----------------------------------------------------
+
+    def store(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
+        """Write T tokens of `layer`: slots [G, T * m] (a token's m slots in a row), k (after RoPE)
+        and v [T, H, D], positions [T]."""
+        p, m, chunk = self.layers[layer], int(self.slots_per_token[layer]), self.pool.head_dim
+        T, G = k.shape[0], self.num_kv_heads
+        k_pre = self._rotate(k.float(), positions[:, None].expand(k.shape[:2]), inverse=True).reshape(T, G, -1)
+        latent = torch.cat([torch.einsum("tgd,gdr->tgr", k_pre - p.k_bias, p.k_basis),
+                            torch.einsum("tgd,gdr->tgr", v.float().reshape(T, G, -1) - p.v_bias, p.v_basis)], -1)
+        latent = torch.nn.functional.pad(latent, (0, 2 * m * chunk - latent.shape[-1]))
+        chunks = latent.view(T, G, m, 2, chunk).permute(0, 2, 1, 3, 4).reshape(T * m, G, 2, chunk)
+        self.write(slots, chunks[:, :, 0], chunks[:, :, 1], positions.repeat_interleave(m))
+
+    def read(self, layer: int, tables: torch.Tensor, lengths: torch.Tensor):
+        """The keys (after RoPE) and values of B sequences' groups at `layer`, rebuilt from their
+        latents: tables [B, G, nb], lengths [B, G] in slots -> k, v [B, H, S, D] float32,
+        positions [B, H, S], tokens held [B, H]."""
+        from kernels.reference import gather_blocks
+
+        p, m = self.layers[layer], int(self.slots_per_token[layer])
+        B, G = tables.shape[:2]
+        r_k, r_v = p.ranks
+        k_chunks, v_chunks = gather_blocks(self.pool.k, tables), gather_blocks(self.pool.v, tables)
+        S = k_chunks.shape[2] // m
+        latent = torch.stack([k_chunks[:, :, :S * m], v_chunks[:, :, :S * m]], dim=3).view(B, G, S, -1).float()
+        k_pre = torch.einsum("bgsr,gdr->bgsd", latent[..., :r_k], p.k_basis) + p.k_bias[:, None]
+        v = torch.einsum("bgsr,gdr->bgsd", latent[..., r_k:r_k + r_v], p.v_basis) + p.v_bias[:, None]
+        heads = lambda x: x.view(B, G, S, self.group, -1).transpose(2, 3).reshape(B, G * self.group, S, -1)
+        positions = gather_blocks(self.pool.pos, tables)[:, :, :S * m:m].repeat_interleave(self.group, dim=1)
+        k = self._rotate(heads(k_pre), positions)
+        return k, heads(v), positions, (lengths // m).repeat_interleave(self.group, dim=1)
+
+    def _rotate(self, x: torch.Tensor, positions: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+        """RoPE on the vectors x [..., D] at positions [...] (one each), in float32; `inverse` takes
+        it off."""
+        cos, sin = rope_cos_sin(positions.flatten(), self.inv_freq, torch.float32)
+        return apply_rope(x.reshape(-1, 1, x.shape[-1]), cos, -sin if inverse else sin).view(x.shape)
+
+    # --- accounting -------------------------------------------------------------------
+
+    def theoretical_bytes(self, seq_id: int) -> int:
+        """Each token's latents (r_k + r_v numbers of each group) and one int32 position, with no
+        block rounding and no chunk padding."""
+        lengths = self.seqs[seq_id].lengths                                        # [L, G] slots
+        tokens = lengths // self.slots_per_token[:, None]
+        per_token = torch.tensor([sum(l.ranks) * self.pool.dtype.itemsize + 4 for l in self.layers])
+        return int((tokens * per_token[:, None]).sum())
+
+    def uncompressed_bytes(self, tokens: int) -> int:
+        """What `full` holds for the same tokens: every kv-head's K and V in blocks of 16."""
+        per_token = 2 * self.head_dim * self.pool.dtype.itemsize + 4
+        return self.num_layers * self.model_kv_heads * -(-tokens // 16) * 16 * per_token
