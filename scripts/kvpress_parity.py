@@ -16,6 +16,9 @@ is what it leaves unmasked. ChunkKVPress and SimLayerKVPress have no scores of t
 kept set is read from the keys their compress returns. SimLayerKVPress takes no ratio: a lazy
 layer keeps n_initial + n_recent - n_last tokens, nanokv's budget; its threshold is one where
 SmolLM2 has lazy layers and layers that are not.
+`--methods think` compares the key channels each (layer, kv-head) keeps with ThinKPress's
+(key_channel_compression_ratio 0.4, window 32; kvpress zeroes the pruned channels of every
+prompt key, so nanokv runs with recent=0 and no eviction), and the next-token logits.
 `--methods duoattention` compares head scores first: kvpress's on-the-fly DuoAttention scoring
 over nanokv's calibration texts (in place of its BookSum sample) against `nanokv.calibrate`'s on
 the same token ids; then the heads each streams at the head_compression_ratio that compression
@@ -268,6 +271,45 @@ def duoattention_parity(path, model, ids, compression, num_samples=50):
           f"{100 * agree / total:.2f}% ({agree}/{total}); next-token logits max |diff| {diff:.1e}")
 
 
+def think_parity(path, model, ids, ratio=0.4):
+    """ThinK alone: the channels kvpress's ThinKPress leaves nonzero in each (layer, kv-head)'s
+    keys against the channels nanokv's think keeps, and the next-token logits after the prefill."""
+    from kvpress import ThinKPress
+
+    kept_theirs, original = {}, ThinKPress.compress
+
+    def recording_compress(self, module, hidden_states, keys, values, *args, **kwargs):
+        out_keys, out_values = original(self, module, hidden_states, keys, values, *args, **kwargs)
+        kept_theirs[module.layer_idx] = [set(torch.nonzero(row).flatten().tolist())
+                                         for row in out_keys[0].abs().amax(dim=1)]
+        return out_keys, out_values
+
+    ThinKPress.compress = recording_compress
+    try:
+        with torch.no_grad(), ThinKPress(key_channel_compression_ratio=ratio, window_size=32)(model):
+            model(torch.tensor([ids]), past_key_values=transformers.DynamicCache())
+    finally:
+        ThinKPress.compress = original
+    llm = LLM(str(path), dtype="float32", method="think", channel_ratio=ratio, recent=0)
+    kept_ours, finish = {}, llm.scheduler.finish
+
+    def capture(seq):
+        channels = llm.cache.seqs[seq.id].channels
+        kept_ours.update({layer: [set(row.tolist()) for row in channels[layer]] for layer in range(len(channels))})
+        finish(seq)
+
+    llm.scheduler.finish = capture
+    llm.generate([ids], SamplingParams(max_tokens=1, ignore_eos=True))
+    del llm.scheduler.finish
+    agree = sum(len(t & o) for layer, heads in kept_theirs.items() for t, o in zip(heads, kept_ours[layer]))
+    total = sum(len(t) for heads in kept_theirs.values() for t in heads)
+    token = ids[len(ids) // 2]
+    diff = (kvpress_next_logits(model, ids, ThinKPress(key_channel_compression_ratio=ratio, window_size=32), token)
+            - nanokv_next_logits(llm, ids, token)).abs().max().item()
+    print(f"{'think':14} kept key channels agreeing with kvpress: {100 * agree / total:.2f}% ({agree}/{total}, "
+          f"{len(kept_theirs)} layers, {len(ids)} tokens, channel ratio {ratio}); next-token logits max |diff| {diff:.1e}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=1000)
@@ -286,6 +328,9 @@ def main():
     for method in args.methods:
         if method == "duoattention":  # head scores from calibration texts, then the heads each streams
             duoattention_parity(path, models["sdpa"], ids, args.compression)
+            continue
+        if method == "think":  # channels, not tokens
+            think_parity(path, models["sdpa"], ids)
             continue
         make_press, options = PAIRS[method]
         model = models["eager" if method in NEEDS_EAGER else "sdpa"]
