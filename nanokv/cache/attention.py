@@ -17,7 +17,10 @@ decode attends over the quantized blocks and the residual in one call (`quantize
 after each layer's prefill and each decode step the cache quantizes residuals that filled up.
 A layer that shares an earlier layer's KV (KVSharer, `cache.sources`) writes nothing and reads
 that layer's blocks. The later layer of a merged pair (MiniCache) is attended in
-nanokv/cache/paired.py. A query-aware method (Quest) evicts nothing: each decode step it picks the
+nanokv/cache/paired.py. Over a latent cache (LoRC, Palu) each layer stores its new tokens'
+latents and attends over K and V rebuilt from them (`_latent`); over a pruned cache (ThinK) the
+older keys hold fewer channels, and attention cuts the query to them (`pruned_attention`). A
+query-aware method (Quest) evicts nothing: each decode step it picks the
 blocks each head reads (`_selected_pages`) and the kernel gets a block table of those alone.
 """
 

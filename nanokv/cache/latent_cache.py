@@ -62,7 +62,7 @@ class LatentKVCache(PagedKVCache):
             raise ValueError(f"a head group of {group} does not divide the model's {cfg.num_kv_heads} kv-heads")
         super().__init__(cfg.num_layers, cfg.num_kv_heads // group, pool)
         self.group, self.head_dim, self.model_kv_heads = group, cfg.head_dim, cfg.num_kv_heads
-        self.inv_freq = inv_freq
+        self.inv_freq, self._table = inv_freq, None  # RoPE's cos and sin by position (_cos_sin)
         self.layers = [LatentLayer(*(t.to(pool.device, torch.float32) for t in (l.k_basis, l.v_basis,
                                                                                l.k_bias, l.v_bias))) for l in layers]
         chunk = pool.head_dim
@@ -88,7 +88,7 @@ class LatentKVCache(PagedKVCache):
         and v [T, H, D], positions [T]."""
         p, m, chunk = self.layers[layer], int(self.slots_per_token[layer]), self.pool.head_dim
         T, G = k.shape[0], self.num_kv_heads
-        k_pre = self._rotate(k.float(), positions[:, None].expand(k.shape[:2]), inverse=True).reshape(T, G, -1)
+        k_pre = self._rotate(k.float(), positions, inverse=True).reshape(T, G, -1)
         latent = torch.cat([torch.einsum("tgd,gdr->tgr", k_pre - p.k_bias, p.k_basis),
                             torch.einsum("tgd,gdr->tgr", v.float().reshape(T, G, -1) - p.v_bias, p.v_basis)], -1)
         latent = torch.nn.functional.pad(latent, (0, 2 * m * chunk - latent.shape[-1]))
@@ -98,7 +98,8 @@ class LatentKVCache(PagedKVCache):
     def read(self, layer: int, tables: torch.Tensor, lengths: torch.Tensor):
         """The keys (after RoPE) and values of B sequences' groups at `layer`, rebuilt from their
         latents: tables [B, G, nb], lengths [B, G] in slots -> k, v [B, H, S, D] float32,
-        positions [B, H, S], tokens held [B, H]."""
+        positions [B, H, S], tokens held [B, H]. Every group of a sequence holds the same tokens
+        (nothing is evicted), so the first group's positions serve all."""
         from kernels.reference import gather_blocks
 
         p, m = self.layers[layer], int(self.slots_per_token[layer])
@@ -109,16 +110,29 @@ class LatentKVCache(PagedKVCache):
         latent = torch.stack([k_chunks[:, :, :S * m], v_chunks[:, :, :S * m]], dim=3).view(B, G, S, -1).float()
         k_pre = torch.einsum("bgsr,gdr->bgsd", latent[..., :r_k], p.k_basis) + p.k_bias[:, None]
         v = torch.einsum("bgsr,gdr->bgsd", latent[..., r_k:r_k + r_v], p.v_basis) + p.v_bias[:, None]
+        # a token's heads sit side by side in its group's latent: [B, G, S, group, D] -> [B, H, S, D]
         heads = lambda x: x.view(B, G, S, self.group, -1).transpose(2, 3).reshape(B, G * self.group, S, -1)
-        positions = gather_blocks(self.pool.pos, tables)[:, :, :S * m:m].repeat_interleave(self.group, dim=1)
-        k = self._rotate(heads(k_pre), positions)
-        return k, heads(v), positions, (lengths // m).repeat_interleave(self.group, dim=1)
+        positions = gather_blocks(self.pool.pos, tables[:, :1])[:, 0, :S * m:m]                 # [B, S]
+        k = self._rotate(k_pre.view(B, G, S, self.group, -1).permute(0, 2, 1, 3, 4).reshape(B, S, G * self.group, -1),
+                         positions).transpose(1, 2)
+        return k, heads(v), positions[:, None].expand(B, G * self.group, S), \
+            (lengths // m).repeat_interleave(self.group, dim=1)
 
     def _rotate(self, x: torch.Tensor, positions: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-        """RoPE on the vectors x [..., D] at positions [...] (one each), in float32; `inverse` takes
-        it off."""
-        cos, sin = rope_cos_sin(positions.flatten(), self.inv_freq, torch.float32)
-        return apply_rope(x.reshape(-1, 1, x.shape[-1]), cos, -sin if inverse else sin).view(x.shape)
+        """RoPE on x [..., H, D] at positions [...] (one per token, the same for its heads), in
+        float32; `inverse` takes it off."""
+        cos, sin = self._cos_sin(positions.flatten())
+        rotated = apply_rope(x.reshape(-1, *x.shape[-2:]), cos, -sin if inverse else sin)
+        return rotated.view(x.shape)
+
+    def _cos_sin(self, positions: torch.Tensor):
+        """cos and sin [N, D] at `positions`, read from a table grown to the largest position seen:
+        every layer reads every held token's at every step, and sin / cos cost more than a lookup."""
+        needed = int(positions.max()) + 1 if positions.numel() else 0
+        if self._table is None or len(self._table[0]) < needed:
+            size = max(needed, 2 * len(self._table[0]) if self._table is not None else 1024)
+            self._table = rope_cos_sin(torch.arange(size, device=positions.device), self.inv_freq, torch.float32)
+        return self._table[0][positions], self._table[1][positions]
 
     # --- accounting -------------------------------------------------------------------
 
