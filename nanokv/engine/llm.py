@@ -17,8 +17,7 @@ import torch
 from tqdm import tqdm
 
 from kernels import KERNELS, kernels_for
-from nanokv.cache import LatentKVCache, PagedKVCache, PrunedKVCache, QuantizedKVCache
-from nanokv.cache.paired import PairedKVCache
+from nanokv.cache import LatentKVCache, PagedKVCache, PairedKVCache, PrunedKVCache, QuantizedKVCache
 from nanokv.engine.runner import ModelRunner
 from nanokv.engine.scheduler import Scheduler
 from nanokv.engine.sequence import RequestOutput, Sequence
