@@ -66,11 +66,12 @@ def paged_attention(q: torch.Tensor, q_pos: torch.Tensor, k_pool: torch.Tensor, 
 
 def attend(q: torch.Tensor, q_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pos: torch.Tensor,
            lengths: torch.Tensor, sliding_window: int | None = None, return_probs: bool = False):
-    """paged_attention once each head's keys are gathered: k, v [B, Hkv, S, D], k_pos [B, Hkv, S],
-    the slots past lengths [B, Hkv] finite and masked. (A latent cache reconstructs its K and V
-    and calls this: nanokv/cache/latent_cache.py.)"""
+    """paged_attention once each head's keys are gathered: k [B, Hkv, S, D], v [B, Hkv, S, Dv],
+    k_pos [B, Hkv, S], the slots past lengths [B, Hkv] finite and masked -> [B, T, Hq, Dv]. (A
+    latent cache rebuilds its keys and hands its values' latents, Dv = their rank:
+    nanokv/cache/latent_cache.py.)"""
     B, T, Hq, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
+    Hkv, S, Dv = k.shape[1], k.shape[2], v.shape[-1]
     group = Hq // Hkv
     if T >= SDPA_MIN_QUERIES and not return_probs:
         return _prefill_sdpa(q, q_pos, k, v, k_pos, lengths, sliding_window)
@@ -85,8 +86,8 @@ def attend(q: torch.Tensor, q_pos: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     scores = (qg @ k.transpose(-1, -2)).float() * (1.0 / math.sqrt(D))  # [B, Hkv, group*T, S]
     scores.view(B, Hkv, group, T, S).masked_fill_(~allowed[:, :, None], float("-inf"))
     probs = scores.softmax(dim=-1)
-    out = (probs.to(v.dtype) @ v).view(B, Hkv, group, T, D)
-    out = out.permute(0, 3, 1, 2, 4).reshape(B, T, Hq, D).to(q.dtype)
+    out = (probs.to(v.dtype) @ v).view(B, Hkv, group, T, Dv)
+    out = out.permute(0, 3, 1, 2, 4).reshape(B, T, Hq, Dv).to(q.dtype)
     return (out, probs.view(B, Hkv, group, T, S)) if return_probs else out
 
 

@@ -50,9 +50,11 @@ def store_sequence(cache, seq_id, layer, k, v, positions):
 
 
 def read_sequence(cache, seq_id, layer):
+    """(keys, values rebuilt from their latents through values_out, positions, held) of one sequence."""
     s = cache.seqs[seq_id]
     tables = s.tables[layer:layer + 1, :, :int(s.num_blocks[layer].max())]
-    return cache.read(layer, tables, s.lengths[layer:layer + 1])
+    keys, latents, positions, held = cache.read(layer, tables, s.lengths[layer:layer + 1])
+    return keys, cache.values_out(layer, latents.transpose(1, 2)).transpose(1, 2), positions, held
 
 
 def test_latents_rebuild_the_projected_keys_and_values_and_full_rank_gives_them_back():

@@ -181,8 +181,9 @@ class CacheAttention:
         return torch.cat(outs)
 
     def _latent(self, layer, q, k, v, sliding_window):
-        """Over a latent cache (LoRC, Palu): store the new tokens' latents, then attend over the K
-        and V the cache rebuilds from every latent it holds (nanokv/cache/latent_cache.py)."""
+        """Over a latent cache (LoRC, Palu): store the new tokens' latents, then attend with the keys
+        the cache rebuilds from every latent it holds over the values' latents, and take the result
+        through the value basis (nanokv/cache/latent_cache.py)."""
         cache, device = self.cache, self.cache.pool.device
         if self.is_decode:  # each sequence reserved the most slots any layer takes: this one's first
             m, b = int(cache.slots_per_token[layer]), len(self.seq_ids)
@@ -192,8 +193,9 @@ class CacheAttention:
             for members, tables, lengths in self.groups:
                 self.bytes_read += cache.read_bytes(lengths[layer])
                 keys, values, k_pos, held = cache.read(layer, tables[layer], lengths[layer])
-                out[members] = attend(q[members][:, None], self.positions[members][:, None], keys.to(q.dtype),
-                                      values.to(q.dtype), k_pos, held, sliding_window)[:, 0]
+                latent_out = attend(q[members][:, None], self.positions[members][:, None], keys.to(q.dtype),
+                                    values.to(q.dtype), k_pos, held, sliding_window)[:, 0]
+                out[members] = cache.values_out(layer, latent_out).to(q.dtype)
             return out
         outs = []
         for seq_id, q_i, k_i, v_i, pos_i in zip(self.seq_ids, q.split(self.query_lens), k.split(self.query_lens),
@@ -201,8 +203,9 @@ class CacheAttention:
             slots = cache.append_slots(seq_id, len(q_i), layers=slice(layer, layer + 1))[0]
             cache.store(layer, slots.to(device), k_i, v_i, pos_i)
             keys, values, k_pos, held = cache.read(layer, *self._held(seq_id, layer))
-            outs.append(attend(q_i[None], pos_i[None], keys.to(q.dtype), values.to(q.dtype), k_pos, held,
-                               sliding_window)[0])
+            latent_out = attend(q_i[None], pos_i[None], keys.to(q.dtype), values.to(q.dtype), k_pos, held,
+                                sliding_window)[0]
+            outs.append(cache.values_out(layer, latent_out).to(q.dtype))
         return torch.cat(outs)
 
     def _selected_pages(self, q, tables, lengths):

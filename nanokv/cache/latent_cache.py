@@ -23,10 +23,14 @@ progressive ranks, Palu's rank search) and so take different numbers of slots a 
 (`slots_per_token`); everything else (block tables, lengths counted in slots, allocation,
 preemption, accounting) is PagedKVCache's, with a cache "head" being a group.
 
-Attention reconstructs a layer's K and V from the gathered latents and runs the reference maths
-on them (`read`, then kernels/reference.attend), at prefill and at decode: the model with the
-low-rank K/V projections everywhere, as the papers evaluate it. (Palu also folds V's
-reconstruction into W_o and fuses K's with RoPE in a kernel: speed, not maths.)
+Attention rebuilds a layer's keys from the gathered latents and runs the reference maths on
+them (`read`, then kernels/reference.attend), at prefill and at decode: the model with the
+low-rank K/V projections everywhere, as the papers evaluate it. Values are never rebuilt: the
+attention weights apply to their latents, and each head's output is then taken through its rows
+of the value basis (`values_out`): sum_s p_s (U c_s + b) = U (sum_s p_s c_s) + b, Palu's fold of
+V's reconstruction into the output (it folds U into W_o; here the engine applies it, as the model
+knows nothing of latents). Palu also fuses K's reconstruction with RoPE in a kernel: speed, not
+maths.
 """
 
 from __future__ import annotations
@@ -96,10 +100,11 @@ class LatentKVCache(PagedKVCache):
         self.write(slots, chunks[:, :, 0], chunks[:, :, 1], positions.repeat_interleave(m))
 
     def read(self, layer: int, tables: torch.Tensor, lengths: torch.Tensor):
-        """The keys (after RoPE) and values of B sequences' groups at `layer`, rebuilt from their
-        latents: tables [B, G, nb], lengths [B, G] in slots -> k, v [B, H, S, D] float32,
-        positions [B, H, S], tokens held [B, H]. Every group of a sequence holds the same tokens
-        (nothing is evicted), so the first group's positions serve all."""
+        """What B sequences' groups at `layer` hold: tables [B, G, nb], lengths [B, G] in slots ->
+        keys rebuilt from their latents (after RoPE) [B, H, S, D] float32, each head's value latents
+        [B, H, S, r_v] (its group's), positions [B, H, S], tokens held [B, H]. Every group of a
+        sequence holds the same tokens (nothing is evicted), so the first group's positions serve
+        all."""
         from kernels.reference import gather_blocks
 
         p, m = self.layers[layer], int(self.slots_per_token[layer])
@@ -108,15 +113,22 @@ class LatentKVCache(PagedKVCache):
         k_chunks, v_chunks = gather_blocks(self.pool.k, tables), gather_blocks(self.pool.v, tables)
         S = k_chunks.shape[2] // m
         latent = torch.stack([k_chunks[:, :, :S * m], v_chunks[:, :, :S * m]], dim=3).view(B, G, S, -1).float()
-        k_pre = torch.einsum("bgsr,gdr->bgsd", latent[..., :r_k], p.k_basis) + p.k_bias[:, None]
-        v = torch.einsum("bgsr,gdr->bgsd", latent[..., r_k:r_k + r_v], p.v_basis) + p.v_bias[:, None]
-        # a token's heads sit side by side in its group's latent: [B, G, S, group, D] -> [B, H, S, D]
-        heads = lambda x: x.view(B, G, S, self.group, -1).transpose(2, 3).reshape(B, G * self.group, S, -1)
+        k_pre = torch.einsum("bgsr,gdr->bsgd", latent[..., :r_k], p.k_basis) + p.k_bias
+        H = G * self.group
         positions = gather_blocks(self.pool.pos, tables[:, :1])[:, 0, :S * m:m]                 # [B, S]
-        k = self._rotate(k_pre.view(B, G, S, self.group, -1).permute(0, 2, 1, 3, 4).reshape(B, S, G * self.group, -1),
-                         positions).transpose(1, 2)
-        return k, heads(v), positions[:, None].expand(B, G * self.group, S), \
-            (lengths // m).repeat_interleave(self.group, dim=1)
+        # a token's heads sit side by side in its group's latent: [B, S, G, group * D] -> [B, S, H, D]
+        k = self._rotate(k_pre.reshape(B, S, H, -1), positions).transpose(1, 2)
+        values = latent[..., r_k:r_k + r_v].repeat_interleave(self.group, dim=1)                # [B, H, S, r_v]
+        return k, values, positions[:, None].expand(B, H, S), (lengths // m).repeat_interleave(self.group, dim=1)
+
+    def values_out(self, layer: int, out: torch.Tensor) -> torch.Tensor:
+        """Attention outputs over value latents [..., Hq, r_v] -> [..., Hq, D]: each query head's
+        through its kv-head's rows of the value basis, plus that head's bias."""
+        p, H = self.layers[layer], self.model_kv_heads
+        rows = p.v_basis.reshape(H, -1, p.v_basis.shape[-1])                                   # [H, D, r_v]
+        Hq = out.shape[-2]
+        grouped = out.float().unflatten(-2, (H, Hq // H))                                        # [..., H, g, r_v]
+        return (torch.einsum("...hgr,hdr->...hgd", grouped, rows) + p.v_bias.reshape(H, 1, -1)).flatten(-3, -2)
 
     def _rotate(self, x: torch.Tensor, positions: torch.Tensor, inverse: bool = False) -> torch.Tensor:
         """RoPE on x [..., H, D] at positions [...] (one per token, the same for its heads), in
