@@ -307,7 +307,8 @@ def think_parity(path, model, ids, ratio=0.4):
     diff = (kvpress_next_logits(model, ids, ThinKPress(key_channel_compression_ratio=ratio, window_size=32), token)
             - nanokv_next_logits(llm, ids, token)).abs().max().item()
     print(f"{'think':14} kept key channels agreeing with kvpress: {100 * agree / total:.2f}% ({agree}/{total}, "
-          f"{len(kept_theirs)} layers, {len(ids)} tokens, channel ratio {ratio}); next-token logits max |diff| {diff:.1e}")
+          f"{len(kept_theirs)} layers, {len(ids)} tokens, channel ratio {ratio}); "
+          f"next-token logits max |diff| {diff:.1e}")
 
 
 def main():

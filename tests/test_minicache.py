@@ -99,7 +99,8 @@ def test_the_tokens_whose_keys_lie_farthest_apart_are_kept_whole(S):
         assert sorted(out["keep"][h].nonzero().flatten().tolist()) == sorted(angles[h].argsort()[-k:].tolist())
     keep = out["keep"]
     assert torch.equal(out["k"][keep], keys_a[keep]) and (out["k_mag_b"][keep] == 0).all()
-    assert torch.allclose(out["k_mag_b"][~keep], torch.ones(S * 2 - 2 * k)) and torch.allclose(out["v_mag_b"][~keep], values.norm(dim=-1)[~keep])
+    assert torch.allclose(out["k_mag_b"][~keep], torch.ones(S * 2 - 2 * k))
+    assert torch.allclose(out["v_mag_b"][~keep], values.norm(dim=-1)[~keep])
     merged = out["k"][~keep]                                        # e |k_a|: 0.6 of the way to k_b
     assert torch.allclose(merged.norm(dim=-1), torch.full((len(merged),), 2.0))
     assert torch.allclose(torch.atan2(merged[:, 1], merged[:, 0]), 0.6 * angles[~keep], atol=1e-5)

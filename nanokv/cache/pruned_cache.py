@@ -85,7 +85,8 @@ class PrunedKVCache(PagedKVCache):
         per_token = cfg.num_layers * cfg.num_kv_heads
         if num_blocks < per_token + 1:
             raise ValueError(f"kv_cache_memory={kv_cache_memory} bytes holds {num_blocks} blocks; one token of "
-                             f"this model needs {per_token} blocks ({per_token * per_block} bytes) and one more is reserved")
+                             f"this model needs {per_token} blocks ({per_token * per_block} bytes) and one more "
+                             f"is reserved")
         pool = PrunedBlockPool(num_blocks, block_size, cfg.head_dim, key_channels, dtype, device)
         return cls(cfg.num_layers, cfg.num_kv_heads, pool)
 
@@ -94,8 +95,9 @@ class PrunedKVCache(PagedKVCache):
         s = self.seqs[seq_id]
         L, H, kD = self.num_layers, self.num_kv_heads, self.pool.key_channels
         zeros = lambda: torch.zeros(L, H, dtype=torch.int64)
-        self.seqs[seq_id] = PrunedSequenceKV(s.tables, s.num_blocks, s.lengths, torch.full((L, H, 4), -1, dtype=torch.int64),
-                                             zeros(), zeros(), torch.zeros(L, H, kD, dtype=torch.int64))
+        self.seqs[seq_id] = PrunedSequenceKV(s.tables, s.num_blocks, s.lengths,
+                                             torch.full((L, H, 4), -1, dtype=torch.int64), zeros(), zeros(),
+                                             torch.zeros(L, H, kD, dtype=torch.int64))
 
     def free(self, seq_id: int):
         s = self.seqs[seq_id]

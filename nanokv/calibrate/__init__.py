@@ -1,4 +1,4 @@
-"""python -m nanokv.calibrate: the per-model profiles that DuoAttention, HeadKV and KVSharer read.
+"""python -m nanokv.calibrate: the per-model profiles that DuoAttention, HeadKV, KVSharer, LoRC and Palu read.
 
     python -m nanokv.calibrate duoattention --model smollm2-135m
     python -m nanokv.calibrate headkv --model smollm2-135m --samples 20 --length 2048 --out profile.json
@@ -228,6 +228,7 @@ from nanokv.calibrate.dense import DenseAttention, calibration_texts, run_dense 
 from nanokv.calibrate.duoattention import Q_LEN, duo_head_scores, duoattention_scores, undo_rope  # noqa: E402
 from nanokv.calibrate.headkv import copy_scores, headkv_scores, needle_probe  # noqa: E402
 
-__all__ = ["FORMAT", "LOWRANK", "write_artifact", "model_key", "artifact_path", "command", "load_calibration", "DEFAULTS", "calibrate", "main",
+__all__ = ["FORMAT", "LOWRANK", "write_artifact", "model_key", "artifact_path", "command", "load_calibration",
+           "DEFAULTS", "calibrate", "main",
            "DenseAttention", "calibration_texts", "run_dense", "Q_LEN", "duo_head_scores", "duoattention_scores",
            "undo_rope", "copy_scores", "headkv_scores", "needle_probe"]
