@@ -34,6 +34,19 @@ def generate_holding(llm, prompt, steps: int):
     return out.token_ids, held
 
 
+def assert_preemption_repeats(make_llm, prompts, params, blocks: int, roomy=None):
+    """The same requests through a roomy engine and through one whose pool holds `blocks` of its
+    blocks (make_llm(**kwargs) builds either; `roomy`: one already built): the tight one must
+    preempt, and recompute to the same tokens. -> (the tight engine, its outputs)."""
+    roomy = roomy or make_llm()
+    tight = make_llm(kv_cache_memory=blocks * roomy.cache.pool.bytes_per_block)
+    expected = [o.token_ids for o in roomy.generate(prompts, params)]
+    got = tight.generate(prompts, params)
+    assert tight.stats["preemptions"] > 0
+    assert [o.token_ids for o in got] == expected
+    return tight, got
+
+
 def single_sequence_cache(cfg, dtype=torch.float32, block_size=16):
     cache = PagedKVCache.from_memory(cfg, 32 << 20, block_size, dtype)
     cache.add(0)

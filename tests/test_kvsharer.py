@@ -4,6 +4,7 @@ source layer's keys and values and hold no blocks)."""
 
 import json
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import torch
 from nanokv.calibrate.dense import run_dense
 from nanokv.calibrate.kvsharer import greedy_pairs, layer_sources, ranked_pairs
 from nanokv.methods import make_method
+from tests.helpers import assert_preemption_repeats
 
 
 def test_pairs_make_a_layer_map_whose_chains_end_at_a_layer_that_keeps_its_own():
@@ -95,13 +97,8 @@ def test_preemption_recomputes_the_same_tokens(smollm2_gguf, tmp_path):
     artifact = write_artifact(tmp_path / "kvsharer.json", PAIRS)
     prompts = [[200 + (i * 31 + j * 17) % 4000 for j in range(40)] for i in range(6)]
     params = SamplingParams(max_tokens=30, ignore_eos=True)
-    roomy = LLM(str(smollm2_gguf), dtype="float32", method="kvsharer", compression=0.2, calibration_file=artifact)
-    tight = LLM(str(smollm2_gguf), dtype="float32", method="kvsharer", compression=0.2, calibration_file=artifact,
-                kv_cache_memory=800 * roomy.cache.pool.bytes_per_block)
-    expected = roomy.generate(prompts, params)
-    got = tight.generate(prompts, params)
-    assert tight.stats["preemptions"] > 0
-    assert [o.token_ids for o in got] == [o.token_ids for o in expected]
+    assert_preemption_repeats(partial(LLM, str(smollm2_gguf), dtype="float32", method="kvsharer", compression=0.2,
+                                      calibration_file=artifact), prompts, params, 800)
 
 
 def test_the_calibration_command_writes_pairs_the_engine_reads(smollm2_gguf, tmp_path):

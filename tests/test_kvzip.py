@@ -3,6 +3,7 @@ layout, and the engine's whole path (the pass fed after the prompt, its KV dropp
 set equal to a dense restatement, a question after the context, preemption and recompute)."""
 
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch
 from nanokv.cache import CacheAttention
 from nanokv.methods import make_method
 from nanokv.methods.base import PrefillView
+from tests.helpers import assert_preemption_repeats
 
 
 def plain_scores(keys, queries, own_keys, chunks, lengths, sinks):
@@ -221,9 +223,5 @@ def test_preemption_recomputes_the_same_cache(smollm2_gguf, kvzip_llm):
 
     prompts = [[200 + (i * 31 + j * 17) % 4000 for j in range(60)] for i in range(6)]
     params = SamplingParams(max_tokens=40, ignore_eos=True)
-    tight = LLM(str(smollm2_gguf), dtype="float32", method="kvzip", compression=0.5,
-                kv_cache_memory=1200 * kvzip_llm.cache.pool.bytes_per_block)
-    expected = kvzip_llm.generate(prompts, params)
-    got = tight.generate(prompts, params)
-    assert tight.stats["preemptions"] > 0
-    assert [o.token_ids for o in got] == [o.token_ids for o in expected]
+    tight, got = assert_preemption_repeats(partial(LLM, str(smollm2_gguf), dtype="float32", method="kvzip",
+                                                   compression=0.5), prompts, params, 1200, kvzip_llm)

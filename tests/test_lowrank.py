@@ -4,6 +4,7 @@ against the spectrum, the rank allocations by hand, the engine against a dense r
 model with low-rank keys and values, real bytes, preemption, and the calibration's errors."""
 
 import math
+from functools import partial
 from types import SimpleNamespace
 
 import pytest
@@ -18,7 +19,7 @@ from nanokv.calibrate.lowrank import weight_bases, whitened_bases
 from nanokv.methods import make_method
 from nanokv.methods.lorc import progressive_ranks
 from nanokv.methods.lowrank import spread
-from tests.helpers import restated_greedy
+from tests.helpers import assert_preemption_repeats, restated_greedy
 
 
 def orthonormal(gen, *shape):
@@ -232,13 +233,8 @@ def test_preemption_recomputes_the_same_tokens(smollm2_gguf, artifacts):
 
     prompts = [[200 + (i * 31 + j * 17) % 4000 for j in range(40)] for i in range(6)]
     params = SamplingParams(max_tokens=30, ignore_eos=True)
-    options = dict(dtype="float32", method="palu", compression=0.5, calibration_file=str(artifacts["palu"]))
-    roomy = LLM(str(smollm2_gguf), **options)
-    tight = LLM(str(smollm2_gguf), **options, kv_cache_memory=1500 * roomy.cache.pool.bytes_per_block)
-    expected = roomy.generate(prompts, params)
-    got = tight.generate(prompts, params)
-    assert tight.stats["preemptions"] > 0
-    assert [o.token_ids for o in got] == [o.token_ids for o in expected]
+    assert_preemption_repeats(partial(LLM, str(smollm2_gguf), dtype="float32", method="palu", compression=0.5,
+                                      calibration_file=str(artifacts["palu"])), prompts, params, 1500)
 
 
 def test_a_missing_or_mismatched_calibration_is_a_clear_error(smollm2_gguf, artifacts, tmp_path):

@@ -2,6 +2,7 @@
 budget checking, and real bytes freed in the engine."""
 
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ import torch
 from helpers import generate_holding, restated_greedy
 from nanokv.methods import make_method
 from nanokv.methods.base import PrefillView
+from tests.helpers import assert_preemption_repeats
 
 
 def view(keys, queries=None, layer=5):
@@ -331,14 +333,9 @@ def test_h2o_holds_its_budget_through_preemption_and_recompute(smollm2_gguf):
     # need 2880 blocks, more than 2400
     prompts = [[200 + (i * 31 + j * 17) % 4000 for j in range(40)] for i in range(8)]
     params = SamplingParams(max_tokens=60, ignore_eos=True)
-    roomy = LLM(str(smollm2_gguf), dtype="float32", method="h2o", budget=60)
-    tight = LLM(str(smollm2_gguf), dtype="float32", method="h2o", budget=60,
-                kv_cache_memory=2400 * roomy.cache.pool.bytes_per_block)
-    expected = roomy.generate(prompts, params)
-    got = tight.generate(prompts, params)
-    assert tight.stats["preemptions"] > 0
-    assert [o.token_ids for o in got] == [o.token_ids for o in expected]
-    assert all(o.metrics["kv_cache_bytes"] == 30 * 3 * 4 * roomy.cache.pool.bytes_per_block for o in got)
+    tight, got = assert_preemption_repeats(partial(LLM, str(smollm2_gguf), dtype="float32", method="h2o", budget=60),
+                                           prompts, params, 2400)
+    assert all(o.metrics["kv_cache_bytes"] == 30 * 3 * 4 * tight.cache.pool.bytes_per_block for o in got)
 
 
 def test_a_question_after_the_context_is_not_seen_by_the_compression(snapkv_llm):

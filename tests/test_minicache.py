@@ -3,6 +3,7 @@ retained tokens, the engine against a dense restatement (paired layers' prompts 
 prefill), the blocks and bytes the later layer of each pair gives back, preemption, options."""
 
 import math
+from functools import partial
 from types import SimpleNamespace
 
 import pytest
@@ -12,6 +13,7 @@ from kernels.reference import attention_by_position
 from nanokv.cache.paired import PairedKVCache, restored
 from nanokv.methods import make_method
 from nanokv.methods.minicache import slerp_merge
+from tests.helpers import assert_preemption_repeats
 
 L, H, D = 30, 3, 64  # SmolLM2-135M: layers, kv-heads, head_dim
 
@@ -247,12 +249,8 @@ def test_preemption_recomputes_the_same_tokens(served, smollm2_gguf):
     params = SamplingParams(max_tokens=12, ignore_eos=True)
     # 400 blocks: two prompts prefill (180 blocks each at most), both cross into a third block at
     # token 33 (66 blocks each, 88 free): the younger is preempted, then recomputed
-    tight = LLM(str(smollm2_gguf), dtype="float32", method="minicache", compression=0.25,
-                kv_cache_memory=400 * roomy.cache.pool.bytes_per_block)
-    expected = roomy.generate(prompts, params)
-    got = tight.generate(prompts, params)
-    assert tight.stats["preemptions"] > 0
-    assert [o.token_ids for o in got] == [o.token_ids for o in expected]
+    tight, _ = assert_preemption_repeats(partial(LLM, str(smollm2_gguf), dtype="float32", method="minicache",
+                                                 compression=0.25), prompts, params, 400, roomy)
     assert tight.cache.pool.num_free == tight.cache.pool.num_blocks
 
 

@@ -3,6 +3,7 @@ attention against attention with those channels zeroed, the channel scores again
 formula, the engine against a dense restatement, real bytes, preemption and bad settings."""
 
 import math
+from functools import partial
 from types import SimpleNamespace
 
 import pytest
@@ -12,7 +13,7 @@ from kernels.reference import attention_by_position, pruned_attention
 from nanokv.cache.pruned_cache import PrunedKVCache
 from nanokv.methods import make_method
 from nanokv.methods.base import PrefillView
-from tests.helpers import restated_greedy
+from tests.helpers import assert_preemption_repeats, restated_greedy
 
 
 def test_pruned_channel_attention_equals_attention_with_those_channels_zeroed():
@@ -125,13 +126,8 @@ def test_preemption_recomputes_the_same_tokens(smollm2_gguf):
 
     prompts = [[200 + (i * 31 + j * 17) % 4000 for j in range(60)] for i in range(6)]
     params = SamplingParams(max_tokens=30, ignore_eos=True)
-    roomy = LLM(str(smollm2_gguf), dtype="float32", method="think", compression=0.25)
-    tight = LLM(str(smollm2_gguf), dtype="float32", method="think", compression=0.25,
-                kv_cache_memory=850 * roomy.cache.pool.bytes_per_block)
-    expected = roomy.generate(prompts, params)
-    got = tight.generate(prompts, params)
-    assert tight.stats["preemptions"] > 0
-    assert [o.token_ids for o in got] == [o.token_ids for o in expected]
+    assert_preemption_repeats(partial(LLM, str(smollm2_gguf), dtype="float32", method="think", compression=0.25),
+                              prompts, params, 850)
 
 
 def test_bad_settings_are_clear_errors(smollm2_gguf):
