@@ -59,6 +59,10 @@ class LatentLayer:
     def ranks(self) -> tuple[int, int]:
         return self.k_basis.shape[-1], self.v_basis.shape[-1]
 
+    def slots(self, chunk: int = CHUNK) -> int:
+        """Slots one token of this layer takes: its K and V latents, two chunks a slot."""
+        return -(-sum(self.ranks) // (2 * chunk))
+
 
 class LatentKVCache(PagedKVCache):
     def __init__(self, cfg, pool: BlockPool, layers: list[LatentLayer], group: int, inv_freq: torch.Tensor):
@@ -69,8 +73,7 @@ class LatentKVCache(PagedKVCache):
         self.inv_freq, self._table = inv_freq, None  # RoPE's cos and sin by position (_cos_sin)
         self.layers = [LatentLayer(*(t.to(pool.device, torch.float32) for t in (l.k_basis, l.v_basis,
                                                                                l.k_bias, l.v_bias))) for l in layers]
-        chunk = pool.head_dim
-        self.set_slots_per_token(torch.tensor([-(-sum(l.ranks) // (2 * chunk)) for l in layers]))
+        self.set_slots_per_token(torch.tensor([l.slots(pool.head_dim) for l in layers]))
 
     @classmethod
     def from_memory(cls, cfg, kv_cache_memory: int, layers: list[LatentLayer], group: int, inv_freq: torch.Tensor,
@@ -78,7 +81,7 @@ class LatentKVCache(PagedKVCache):
         """A cache whose pool of CHUNK-channel blocks takes `kv_cache_memory` bytes."""
         per_block = BlockPool.block_bytes(block_size, CHUNK, dtype)
         num_blocks = int(kv_cache_memory // per_block)
-        slots = sum(-(-sum(l.ranks) // (2 * CHUNK)) for l in layers)
+        slots = sum(l.slots() for l in layers)
         per_token = slots * (cfg.num_kv_heads // group)
         if num_blocks < per_token:
             raise ValueError(f"kv_cache_memory={kv_cache_memory} bytes holds {num_blocks} blocks; one token of "
