@@ -1,8 +1,9 @@
 """Attention kernels behind one interface. They take tensors and block tables and know nothing
 of sequences or scheduling. `reference.py` holds the plain-torch maths every kernel must match;
-paged_decode.py, prefill.py and write_kv.py are the Triton kernels.
+paged_decode.py, prefill.py and write_kv.py are the Triton kernels; cpu_decode.cpp is the CPU's
+decode (kernels/cpu.py builds it at first use).
 
-    kernels = kernels_for(device)          # Triton on CUDA, the plain-torch twins elsewhere
+    kernels = kernels_for(device)          # Triton on CUDA, C++ decode and plain torch on CPU
     kernels.decode(q [B, Hq, D], q_pos [B], k_pool, v_pool, pos_pool, tables, lengths, window, return_probs)
     kernels.prefill(q [T, Hq, D], q_pos [T], cu_seqlens [B + 1], k_pool, v_pool, pos_pool, tables, lengths, window,
                     obs_window=W)   # with W: also each slot's attention summed over the last W queries
@@ -11,8 +12,9 @@ paged_decode.py, prefill.py and write_kv.py are the Triton kernels.
                              k_pool, v_pool, pos_pool, tables, lengths)   # over quantized + residual blocks
     kernels.page_scores(q [B, Hq, D], kmin [N, D], kmax [N, D], tables [B, Hkv, nb])  # Quest's page bounds
 
-NANOKV_KERNELS=triton|reference (or LLM(kernels=...)) overrides the choice: the tests run the
-Triton kernels on CPU under TRITON_INTERPRET=1.
+NANOKV_KERNELS=triton|cpu|reference (or LLM(kernels=...)) overrides the choice: the tests run the
+Triton kernels on CPU under TRITON_INTERPRET=1. Where the C++ kernels cannot be built (no compiler),
+"cpu" falls back to the plain-torch twins with a warning.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 
 from kernels import reference
 
-KERNELS = ("triton", "reference")
+KERNELS = ("triton", "cpu", "reference")
 PREFILL_QUERY_CHUNK = 1024  # the reference materializes a chunk's scores: keep them bounded
 
 
@@ -78,6 +80,28 @@ def reference_kernels(workspace: reference.Workspace | None = None) -> Kernels:
                    reference.page_scores)
 
 
+def cpu_kernels(workspace: reference.Workspace | None = None) -> Kernels:
+    """The plain-torch twins with the C++ decode (kernels/cpu.py) where it applies: not when a
+    method wants the attention probabilities back (H2O, TOVA), which only the twin returns."""
+    from kernels import cpu
+
+    plain = reference_kernels(workspace)
+    if not cpu.load():
+        return plain
+
+    def decode(q, q_pos, k_pool, v_pool, pos_pool, tables, lengths, sliding_window=None, return_probs=False):
+        if return_probs or q.dtype != k_pool.dtype:
+            return plain.decode(q, q_pos, k_pool, v_pool, pos_pool, tables, lengths, sliding_window, return_probs)
+        return cpu.paged_decode(q, q_pos, k_pool, v_pool, pos_pool, tables, lengths, sliding_window)
+
+    def write_kv(k_pool, v_pool, pos_pool, slots, k, v, positions):
+        if k_pool.dim() != 3 or k_pool.stride(-1) != 1 or v_pool.stride(-1) != 1 or pos_pool.dtype != torch.int32:
+            return plain.write_kv(k_pool, v_pool, pos_pool, slots, k, v, positions)
+        cpu.write_kv(k_pool, v_pool, pos_pool, slots, k, v, positions)
+
+    return Kernels("cpu", decode, plain.prefill, write_kv, plain.quantized_decode, plain.page_scores)
+
+
 def triton_kernels() -> Kernels:
     from kernels.paged_decode import paged_decode_attention
     from kernels.prefill import prefill_attention
@@ -90,8 +114,12 @@ def triton_kernels() -> Kernels:
 
 
 def kernels_for(device, choice: str | None = None, workspace: reference.Workspace | None = None) -> Kernels:
-    """Triton on CUDA, the reference elsewhere, unless `choice` (or NANOKV_KERNELS) says which."""
-    choice = choice or os.environ.get("NANOKV_KERNELS") or ("triton" if str(device).startswith("cuda") else "reference")
+    """Triton on CUDA, the C++ decode on CPU, unless `choice` (or NANOKV_KERNELS) says which."""
+    choice = choice or os.environ.get("NANOKV_KERNELS") or ("triton" if str(device).startswith("cuda") else "cpu")
     if choice not in KERNELS:
         raise ValueError(f"unknown kernels {choice!r}; valid: {', '.join(KERNELS)}")
-    return triton_kernels() if choice == "triton" else reference_kernels(workspace)
+    if choice == "cpu" and str(device).startswith("cuda"):
+        raise ValueError("kernels 'cpu' run on the CPU only; on CUDA use 'triton' or 'reference'")
+    if choice == "triton":
+        return triton_kernels()
+    return cpu_kernels(workspace) if choice == "cpu" else reference_kernels(workspace)

@@ -1,0 +1,83 @@
+"""CPU kernels in C++ (cpu_decode.cpp), built on first use with the machine's C++ compiler.
+
+The plain-torch decode (reference.py) is right but slow on a CPU: each layer copies every
+head's blocks out of the pool and runs ~20 small tensor ops. The C++ kernel reads the blocks in
+place in one pass per (sequence, kv-head). In a batch of 64 the decode attention took most of a
+step; see the README's benchmarks for what moved.
+
+The build is one compiler call against torch's headers, cached by a hash of the source, the
+flags and the torch version under nanokv's cache folder (`NANOKV_CACHE`, else
+~/.cache/nanokv/kernels). Without a compiler, or if the build fails, `load()` returns None with
+one warning, and the engine runs the plain-torch twins.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import tempfile
+import warnings
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_decode.cpp")
+
+
+def _build_command(source: Path, output: Path) -> list[str]:
+    from torch.utils.cpp_extension import include_paths, library_paths
+
+    abi = int(torch.compiled_with_cxx11_abi())
+    return [os.environ.get("CXX", "c++"), "-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros", "-fassociative-math", "-std=c++17", "-fPIC", "-shared", "-fopenmp",
+            f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *(f"-isystem{p}" for p in include_paths()), str(source),
+            "-o", str(output), *(f"-L{p}" for p in library_paths()), "-lc10", "-ltorch_cpu"]
+
+
+def _library_path() -> Path:
+    from nanokv.hub import cache_dir
+
+    cpu = next((line for line in _cpuinfo() if line.startswith("flags")), "")
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(_build_command(SOURCE, Path("x"))).encode()
+                         + torch.__version__.encode() + cpu.encode()).hexdigest()[:16]
+    return cache_dir() / "kernels" / f"nanokv_cpu_{key}.so"
+
+
+def _cpuinfo() -> list[str]:
+    try:
+        return Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return []
+
+
+@lru_cache(maxsize=None)
+def load() -> bool:
+    """Build (once per machine and torch) and load the kernels: True when torch.ops.nanokv_cpu
+    is ready, False (after one warning) when the plain-torch path has to serve."""
+    library = _library_path()
+    try:
+        if not library.exists():
+            library.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
+                built = Path(tmp) / library.name
+                subprocess.run(_build_command(SOURCE, built), check=True, capture_output=True, text=True)
+                os.replace(built, library)  # atomic: a parallel build never sees half a file
+        torch.ops.load_library(str(library))
+        return True
+    except (OSError, subprocess.CalledProcessError, RuntimeError) as error:
+        detail = getattr(error, "stderr", "") or str(error)
+        warnings.warn(f"nanokv: the C++ CPU kernels could not be built, using plain torch "
+                      f"({detail.strip().splitlines()[-1] if detail.strip() else error})", stacklevel=2)
+        return False
+
+
+def write_kv(k_pool, v_pool, pos_pool, slots, k, v, positions):
+    """reference.write_kv: slots [H, T], k and v [T, H, D], positions [T]."""
+    torch.ops.nanokv_cpu.write_kv(k_pool, v_pool, pos_pool, slots, k.to(k_pool.dtype), v.to(v_pool.dtype), positions)
+
+
+def paged_decode(q, q_pos, k_pool, v_pool, pos_pool, tables, lengths, sliding_window=None):
+    """reference.paged_attention for one query per sequence: q [B, Hq, D], q_pos [B] -> [B, Hq, D]."""
+    return torch.ops.nanokv_cpu.paged_decode(q, q_pos, k_pool, v_pool, pos_pool, tables, lengths,
+                                             sliding_window or 0)

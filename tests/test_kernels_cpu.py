@@ -1,0 +1,94 @@
+"""The C++ CPU kernels (kernels/cpu_decode.cpp) against their plain-torch twins: decode attention
+over paged blocks with stale slots past each head's length, KV writes bit for bit, the engine's
+greedy tokens, and the fallback to plain torch when the kernels cannot be built."""
+
+import pytest
+import torch
+
+from kernels import cpu, kernels_for, reference
+from test_kernels_decode import paged_inputs, rel_err
+from test_kernels_engine import PROMPTS, greedy, tiny_method
+from test_kernels_write import _bits, _pools
+
+if not cpu.load():
+    pytest.skip("the C++ CPU kernels could not be built here", allow_module_level=True)
+
+CASES = [  # group, d, block_size, dtype, window, lengths [B][Hkv=2]
+    (1, 64, 4, torch.float32, None, [[1, 7], [23, 9], [14, 16]]),
+    (3, 64, 16, torch.bfloat16, None, [[1, 33], [340, 17]]),     # SmolLM2's heads: the unrolled copy
+    (4, 128, 16, torch.float16, 7, [[45, 3], [1, 1], [18, 30]]),
+    (7, 80, 8, torch.bfloat16, 5, [[13, 1], [25, 11]]),          # a head size with no unrolled copy
+    (8, 128, 4, torch.float32, 3, [[30, 1], [6, 19]]),
+]
+
+
+@pytest.mark.parametrize("group,d,block_size,dtype,window,lengths", CASES)
+def test_paged_decode_matches_reference(group, d, block_size, dtype, window, lengths):
+    q, q_pos, k_pool, v_pool, pos_pool, tables, lengths = paged_inputs(0, lengths, group, d, block_size, dtype)
+    got = cpu.paged_decode(q, q_pos, k_pool, v_pool, pos_pool, tables, lengths, window)
+    # the twin in float32: the kernel computes in float32 and rounds once, at the end
+    exact = reference.paged_attention(q[:, None].float(), q_pos[:, None], k_pool.float(), v_pool.float(), pos_pool,
+                                      tables, lengths, window)[:, 0]
+    assert got.dtype == dtype and got.shape == q.shape
+    assert rel_err(got, exact) < (1e-5 if dtype == torch.float32 else 1e-2)
+    # and the twin in the storage dtype, as the engine runs it, agrees to its own rounding
+    twin = reference.paged_attention(q[:, None], q_pos[:, None], k_pool, v_pool, pos_pool, tables, lengths,
+                                     window)[:, 0]
+    assert rel_err(got, twin) < (1e-5 if dtype == torch.float32 else 2e-2)
+
+
+def test_a_query_that_sees_no_key_gets_zeros_not_nan():
+    q, q_pos, k_pool, v_pool, pos_pool, tables, lengths = paged_inputs(1, [[5, 9]], 2, 64, 4, torch.float32)
+    got = cpu.paged_decode(q, q_pos - 1000, k_pool, v_pool, pos_pool, tables, lengths, None)  # all keys in the future
+    assert torch.equal(got, torch.zeros_like(got))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("H,T", [(1, 1), (3, 5), (8, 37)])
+def test_write_kv_matches_reference_bit_for_bit(dtype, H, T):
+    gen = torch.Generator().manual_seed(H * 100 + T)
+    num_blocks, D = 24, 64
+    slots = torch.randperm(num_blocks * 16, generator=gen)[:H * T].view(H, T)
+    k, v = torch.randn(T, H, D, generator=gen), torch.randn(T, H, D, generator=gen)  # float32 in, cast as stored
+    positions = torch.randint(0, 1000, (T,), generator=gen)
+    want, got = _pools(num_blocks, D, dtype), _pools(num_blocks, D, dtype)
+    reference.write_kv(*want, slots, k, v, positions)
+    cpu.write_kv(*got, slots, k, v, positions)
+    for w, g in zip(want, got):
+        assert torch.equal(_bits(w), _bits(g))
+
+
+def test_write_kv_into_strided_pools():
+    """A quantized pool's full-precision fields are views into wider rows."""
+    rows = torch.full((6, 16, 3 * 32), float("nan"))
+    k_pool, v_pool = rows[:, :, :32], rows[:, :, 32:64]
+    pos_rows = torch.full((6, 2, 16), -1, dtype=torch.int32)
+    pos_pool = pos_rows[:, 0]
+    slots = torch.tensor([[3, 40, 77]])
+    k, v, positions = torch.randn(3, 1, 32), torch.randn(3, 1, 32), torch.tensor([7, 8, 9])
+    cpu.write_kv(k_pool, v_pool, pos_pool, slots, k, v, positions)
+    flat = slots[0]
+    assert torch.equal(k_pool.reshape(-1, 32)[flat], k[:, 0]) and torch.equal(v_pool.reshape(-1, 32)[flat], v[:, 0])
+    assert torch.equal(pos_pool.reshape(-1)[flat], positions.int())
+    assert rows[:, :, 64:].isnan().all() and (pos_rows[:, 1] == -1).all()  # nothing past the views
+
+
+@pytest.mark.parametrize("method", [None, "h2o", "kivi", "quest"])
+def test_cpu_kernels_give_the_reference_greedy_tokens(tiny, method):
+    model, cfg = tiny
+    expected = greedy(model, cfg, PROMPTS, "reference", method=tiny_method(method))
+    assert greedy(model, cfg, PROMPTS, "cpu", method=tiny_method(method)) == expected
+
+
+def test_without_a_compiler_the_plain_torch_kernels_serve(monkeypatch, tmp_path):
+    monkeypatch.setenv("NANOKV_CACHE", str(tmp_path))   # nothing built there yet
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    cpu.load.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="could not be built, using plain torch"):
+            chosen = kernels_for("cpu", "cpu")
+        assert chosen.name == "reference"
+    finally:
+        monkeypatch.undo()
+        cpu.load.cache_clear()
+    assert kernels_for("cpu").name == "cpu"  # the build in the usual place again
