@@ -1,4 +1,5 @@
-"""CPU kernels in C++ (cpu_decode.cpp), built on first use with the machine's C++ compiler.
+"""CPU kernels in C++ (cpu_decode.cpp: decode attention, KV writes; cpu_gemv.cpp: bfloat16
+matrix-vector products), built on first use with the machine's C++ compiler.
 
 The plain-torch decode (reference.py) is right but slow on a CPU: each layer copies every
 head's blocks out of the pool and runs ~20 small tensor ops. The C++ kernel reads the blocks in
@@ -23,15 +24,15 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("cpu_decode.cpp")
+SOURCES = [Path(__file__).with_name(name) for name in ("cpu_decode.cpp", "cpu_gemv.cpp")]
 
 
-def _build_command(source: Path, output: Path) -> list[str]:
+def _build_command(sources: list[Path], output: Path) -> list[str]:
     from torch.utils.cpp_extension import include_paths, library_paths
 
     abi = int(torch.compiled_with_cxx11_abi())
     return [os.environ.get("CXX", "c++"), "-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros", "-fassociative-math", "-std=c++17", "-fPIC", "-shared", "-fopenmp",
-            f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *(f"-isystem{p}" for p in include_paths()), str(source),
+            f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *(f"-isystem{p}" for p in include_paths()), *map(str, sources),
             "-o", str(output), *(f"-L{p}" for p in library_paths()), "-lc10", "-ltorch_cpu"]
 
 
@@ -39,7 +40,7 @@ def _library_path() -> Path:
     from nanokv.hub import cache_dir
 
     cpu = next((line for line in _cpuinfo() if line.startswith("flags")), "")
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(_build_command(SOURCE, Path("x"))).encode()
+    key = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES) + " ".join(_build_command(SOURCES, Path("x"))).encode()
                          + torch.__version__.encode() + cpu.encode()).hexdigest()[:16]
     return cache_dir() / "kernels" / f"nanokv_cpu_{key}.so"
 
@@ -61,7 +62,7 @@ def load() -> bool:
             library.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
                 built = Path(tmp) / library.name
-                subprocess.run(_build_command(SOURCE, built), check=True, capture_output=True, text=True)
+                subprocess.run(_build_command(SOURCES, built), check=True, capture_output=True, text=True)
                 os.replace(built, library)  # atomic: a parallel build never sees half a file
         torch.ops.load_library(str(library))
         return True
@@ -75,6 +76,16 @@ def load() -> bool:
 def write_kv(k_pool, v_pool, pos_pool, slots, k, v, positions):
     """reference.write_kv: slots [H, T], k and v [T, H, D], positions [T]."""
     torch.ops.nanokv_cpu.write_kv(k_pool, v_pool, pos_pool, slots, k.to(k_pool.dtype), v.to(v_pool.dtype), positions)
+
+
+def gemv_available() -> bool:
+    """Whether `gemv` was built (it needs AVX512-BF16; elsewhere oneDNN serves every matmul)."""
+    return load() and torch.ops.nanokv_cpu.gemv_available()
+
+
+def gemv(x, weight, bias=None):
+    """F.linear for a few rows of bfloat16 x [M, K] over a plain bfloat16 weight [N, K] -> [M, N]."""
+    return torch.ops.nanokv_cpu.gemv(x, weight, bias)
 
 
 def paged_decode(q, q_pos, k_pool, v_pool, pos_pool, tables, lengths, sliding_window=None):

@@ -11,10 +11,21 @@ float32 stays plain and its logits stay comparable to transformers' to the last 
 The packed weight is an opaque oneDNN tensor: it cannot be indexed or copied into, so packing
 comes after the weights are loaded. A tied output head gets its own packed copy (the embedding
 lookup still reads the plain matrix).
+
+A decode step of one to four sequences is a matrix-vector product, bound by how fast the weights
+stream from memory. oneDNN's blocked layout reached 16-18 GB/s here; a plain loop over the
+row-major weight with the next rows prefetched (kernels/cpu_gemv.cpp) 20-24 GB/s: batch-1 decode
+went from ~33 to ~40 tokens/s. So a layer may also keep its plain weight (`keep_rows`), which the
+loader does where that second copy fits easily (nanokv/loading.py). That path sums in another
+order, so its bfloat16 result may differ from F.linear's in the last bit.
 """
 
 import torch
 from torch import nn
+
+from kernels import cpu
+
+GEMV_MAX_ROWS = 4  # up to this many rows of x, the matrix-vector kernel; beyond, oneDNN
 
 
 def can_pack(dtype: torch.dtype, device) -> bool:
@@ -22,22 +33,27 @@ def can_pack(dtype: torch.dtype, device) -> bool:
 
 
 class PackedLinear(nn.Module):
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, keep_rows: bool = False):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)
         self.bias = None if linear.bias is None else linear.bias.detach()
+        # the plain weight too, for a few rows of x (the kernel reads K in steps of 32)
+        self.rows = linear.weight.detach().contiguous() if keep_rows and self.in_features % 32 == 0 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rows is not None and x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS:
+            return cpu.gemv(x, self.rows, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [None], "")
 
 
 @torch.no_grad()
-def pack_linears(model: nn.Module) -> nn.Module:
-    """Swap every nn.Linear of `model` for a PackedLinear (in place)."""
+def pack_linears(model: nn.Module, keep_rows: bool = False) -> nn.Module:
+    """Swap every nn.Linear of `model` for a PackedLinear (in place), keeping the plain weights
+    for the matrix-vector kernel too with `keep_rows`."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(parent, name, PackedLinear(child))
+                setattr(parent, name, PackedLinear(child, keep_rows))
     return model
 

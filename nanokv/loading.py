@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from models import MODEL_CLASSES
+from kernels.cpu import gemv_available
 from models.cpu_linear import can_pack, pack_linears
 from nanokv.config import ConfigError, ModelConfig
 from nanokv.gguf_file import GGUFError, GGUFFile, dequantize
@@ -69,8 +70,20 @@ def load_model(kind: str, path: str | Path, dtype: torch.dtype, device="cpu", pa
     except ValueError as e:
         raise ModelLoadError(f"{path}: {e}") from None
     if pack and can_pack(dtype, device):
-        pack_linears(model)
+        # a second, row-major copy of the weights for the batch-1 matmuls (models/cpu_linear.py),
+        # where it costs at most a quarter of the memory left
+        weight_bytes = sum(m.weight.nbytes for m in model.modules() if isinstance(m, torch.nn.Linear))
+        pack_linears(model, keep_rows=gemv_available() and 4 * weight_bytes <= available_memory(device))
     return model.eval(), config
+
+
+def available_memory(device) -> int:
+    """Bytes free on `device` now: free GPU memory, or the kernel's MemAvailable on CPU."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    with open("/proc/meminfo") as f:
+        info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+    return info.get("MemAvailable", info["MemTotal"])
 
 
 # --- safetensors -----------------------------------------------------------------------

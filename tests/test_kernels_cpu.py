@@ -92,3 +92,32 @@ def test_without_a_compiler_the_plain_torch_kernels_serve(monkeypatch, tmp_path)
         monkeypatch.undo()
         cpu.load.cache_clear()
     assert kernels_for("cpu").name == "cpu"  # the build in the usual place again
+
+
+@pytest.mark.skipif(not cpu.gemv_available(), reason="the matrix-vector kernel needs AVX512-BF16")
+@pytest.mark.parametrize("M,K,N,bias", [(1, 576, 960, False), (3, 64, 37, True), (4, 1536, 576, False)])
+def test_gemv_matches_linear_to_the_last_bfloat16_bit(M, K, N, bias):
+    gen = torch.Generator().manual_seed(M * K + N)
+    x, w = torch.randn(M, K, generator=gen).bfloat16(), torch.randn(N, K, generator=gen).bfloat16()
+    b = torch.randn(N, generator=gen).bfloat16() if bias else None
+    got, want = cpu.gemv(x, w, b), torch.nn.functional.linear(x, w, b)
+    exact = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
+    assert got.dtype == torch.bfloat16 and got.shape == (M, N)
+    ulp = want.float().abs().clamp(min=1e-3) * 2 ** -7  # one bfloat16 step at each output's scale
+    assert ((got.float() - want.float()).abs() <= ulp).all()
+    assert (got.double() - exact).abs().max() <= (want.double() - exact).abs().max() * 1.5 + 1e-6
+
+
+@pytest.mark.skipif(not cpu.gemv_available(), reason="the matrix-vector kernel needs AVX512-BF16")
+def test_packed_linear_sends_a_few_rows_through_gemv(monkeypatch):
+    from models import cpu_linear
+
+    linear = torch.nn.Linear(64, 48, bias=False).bfloat16()
+    packed = cpu_linear.PackedLinear(linear, keep_rows=True)
+    calls, gemv = [], cpu.gemv
+    monkeypatch.setattr(cpu_linear.cpu, "gemv", lambda *args: calls.append(args[0].shape[0]) or gemv(*args))
+    for rows in (1, cpu_linear.GEMV_MAX_ROWS, cpu_linear.GEMV_MAX_ROWS + 1):
+        x = torch.randn(rows, 64).bfloat16()
+        assert torch.allclose(packed(x).float(), linear(x).float(), rtol=1e-2, atol=1e-2)
+    assert calls == [1, cpu_linear.GEMV_MAX_ROWS]  # more rows than that: oneDNN's packed weight
+    assert cpu_linear.PackedLinear(linear).rows is None  # no second copy unless asked

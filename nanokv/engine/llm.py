@@ -22,7 +22,7 @@ from nanokv.engine.runner import ModelRunner
 from nanokv.engine.scheduler import Scheduler
 from nanokv.engine.sequence import RequestOutput, Sequence
 from nanokv.hub import DEFAULT_MODEL, resolve_model
-from nanokv.loading import DTYPES, load_model
+from nanokv.loading import DTYPES, available_memory, load_model
 from nanokv.methods import make_method
 from nanokv.sampling import SamplingParams
 from nanokv.tokenizer import Tokenizer
@@ -30,14 +30,6 @@ from nanokv.tokenizer import Tokenizer
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def available_memory(device: str) -> int:
-    if str(device).startswith("cuda"):
-        return torch.cuda.mem_get_info(torch.device(device))[0]
-    with open("/proc/meminfo") as f:
-        info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
-    return info.get("MemAvailable", info["MemTotal"])
 
 
 def kv_cache_bytes(kv_cache_memory: int | float | None, device: str) -> int:
