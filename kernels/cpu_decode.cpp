@@ -64,77 +64,100 @@ inline float dot(const float* a, const float* b, int64_t D) {
   return s;
 }
 
-// FIXED_D > 0 compiles a copy for that head size, whose loops the compiler unrolls and keeps in
-// registers (2.5x faster than the copy for any head size, FIXED_D = 0).
+// One (sequence, kv-head) over its slots [start, end): the group's unnormalized output acc [group,
+// D], each query head's largest score best [group] and sum of exp(score - best) total [group],
+// written to partial = [acc | best | total]. FIXED_D > 0 compiles a copy for that head size, whose
+// loops the compiler unrolls and keeps in registers (2.5x faster than the copy for any head size).
 template <typename T, int FIXED_D>
-void decode_one(const T* q, int64_t q_pos, const T* k_pool, const T* v_pool, const int32_t* pos_pool,
-                const int64_t* table, int64_t length, int64_t window, int64_t group, int64_t head_dim,
-                int64_t block_size, int64_t kv_block_stride, int64_t kv_slot_stride, int64_t pos_block_stride,
-                T* out, std::vector<float>& scratch) {
-  const int64_t D = FIXED_D > 0 ? FIXED_D : head_dim;
-  // scratch: the group's queries [group, D], one key or value row [D], scores [group, length],
-  // accumulators [group, D]
-  scratch.resize(group * D + D + group * length + group * D);
+void decode_part(const T* q, int64_t q_pos, const T* k_pool, const T* v_pool, const int32_t* pos_pool,
+                 const int64_t* table, int64_t start, int64_t end, int64_t window, int64_t group, int64_t head_dim,
+                 int64_t block_size, int64_t kv_block_stride, int64_t kv_slot_stride, int64_t pos_block_stride,
+                 float* partial, std::vector<float>& scratch) {
+  const int64_t D = FIXED_D > 0 ? FIXED_D : head_dim, n = end - start;
+  float* acc = partial;
+  float* best = partial + group * D;
+  float* total = best + group;
+  // scratch: the group's queries [group, D], one key or value row [D], scores [group, n]
+  scratch.resize(group * D + D + group * n);
   float* qf = scratch.data();
   float* row = qf + group * D;
   float* scores = row + D;
-  float* acc = scores + group * length;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   for (int64_t j = 0; j < group; ++j) {
     load_row(q + j * D, qf + j * D, D);
     for (int64_t d = 0; d < D; ++d) qf[j * D + d] *= scale;
   }
   const float neg_inf = -std::numeric_limits<float>::infinity();
-  std::vector<float> best(group, neg_inf);  // each query head's largest score
-  for (int64_t i = 0; i < length; ++i) {
+  std::fill(best, best + group, neg_inf);
+  for (int64_t i = start; i < end; ++i) {
     const int64_t block = table[i / block_size], slot = i % block_size;
     const int64_t p = pos_pool[block * pos_block_stride + slot];
     if (p > q_pos || (window > 0 && q_pos - p >= window)) {
-      for (int64_t j = 0; j < group; ++j) scores[j * length + i] = neg_inf;
+      for (int64_t j = 0; j < group; ++j) scores[j * n + i - start] = neg_inf;
       continue;
     }
     load_row(k_pool + block * kv_block_stride + slot * kv_slot_stride, row, D);
     for (int64_t j = 0; j < group; ++j) {
       const float s = dot(qf + j * D, row, D);
-      scores[j * length + i] = s;
+      scores[j * n + i - start] = s;
       best[j] = std::max(best[j], s);
     }
   }
-  std::vector<float> total(group, 0.f);
   for (int64_t j = 0; j < group; ++j) {
-    float* s = scores + j * length;
-    if (best[j] == neg_inf) continue;  // nothing visible: the output stays 0
+    float* s = scores + j * n;
     const float m = best[j];
     float t = 0.f;
+    if (m != neg_inf) {  // else nothing visible: every weight stays -inf, skipped below
 #pragma omp simd reduction(+ : t)
-    for (int64_t i = 0; i < length; ++i) {
-      s[i] = exp_nonpositive(s[i] - m);
-      t += s[i];
+      for (int64_t i = 0; i < n; ++i) {
+        s[i] = exp_nonpositive(s[i] - m);
+        t += s[i];
+      }
     }
     total[j] = t;
   }
   std::fill(acc, acc + group * D, 0.f);
-  for (int64_t i = 0; i < length; ++i) {
+  for (int64_t i = start; i < end; ++i) {
     const int64_t block = table[i / block_size], slot = i % block_size;
     bool any = false;
-    for (int64_t j = 0; j < group; ++j) any |= scores[j * length + i] > 0.f;
+    for (int64_t j = 0; j < group; ++j) any |= scores[j * n + i - start] > 0.f;
     if (!any) continue;
     load_row(v_pool + block * kv_block_stride + slot * kv_slot_stride, row, D);
     for (int64_t j = 0; j < group; ++j) {
-      const float w = scores[j * length + i];
+      const float w = scores[j * n + i - start];
       float* a = acc + j * D;
 #pragma omp simd
       for (int64_t d = 0; d < D; ++d) a[d] += w * row[d];
     }
   }
+}
+
+// A head's splits merged: each rescaled to the largest score of all, summed, and normalized.
+template <typename T>
+void merge_parts(const float* partials, int64_t splits, int64_t group, int64_t D, T* out) {
+  const int64_t stride = group * (D + 2);
+  const float neg_inf = -std::numeric_limits<float>::infinity();
   for (int64_t j = 0; j < group; ++j) {
-    const float inv = total[j] > 0.f ? 1.f / total[j] : 0.f;
-    for (int64_t d = 0; d < D; ++d) out[j * D + d] = static_cast<T>(acc[j * D + d] * inv);
+    float m = neg_inf;
+    for (int64_t s = 0; s < splits; ++s) m = std::max(m, partials[s * stride + group * D + j]);
+    float total = 0.f;
+    std::vector<float> acc(D, 0.f);
+    for (int64_t s = 0; s < splits; ++s) {
+      const float* part = partials + s * stride;
+      if (part[group * D + j] == neg_inf) continue;
+      const float w = exp_nonpositive(part[group * D + j] - m);
+      total += w * part[group * D + group + j];
+      for (int64_t d = 0; d < D; ++d) acc[d] += w * part[j * D + d];
+    }
+    const float inv = total > 0.f ? 1.f / total : 0.f;  // nothing visible: zeros
+    for (int64_t d = 0; d < D; ++d) out[j * D + d] = static_cast<T>(acc[d] * inv);
   }
 }
 
 // q [B, Hq, D]; q_pos [B]; k_pool, v_pool [N, block_size, D] (rows contiguous); pos_pool [N,
 // block_size] int32; tables [B, Hkv, nb]; lengths [B, Hkv]; window <= 0 for none -> [B, Hq, D].
+// With fewer (sequence, kv-head) pairs than threads (a decode of one or two sequences), each
+// head's slots are cut into splits that the threads share, then merged (flash-decoding).
 at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& q_pos, const at::Tensor& k_pool,
                         const at::Tensor& v_pool, const at::Tensor& pos_pool, const at::Tensor& tables,
                         const at::Tensor& lengths, int64_t window) {
@@ -148,8 +171,14 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& q_pos, const at::
   const auto tab = tables.to(at::kLong).contiguous();
   const auto len = lengths.to(at::kLong).contiguous();
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = tables.size(1), nb = tables.size(2);
-  const int64_t group = Hq / Hkv, block_size = k_pool.size(1);
+  const int64_t group = Hq / Hkv, block_size = k_pool.size(1), heads = B * Hkv;
+  // enough splits for 4 per thread, none shorter than SPLIT_MIN slots
+  constexpr int64_t SPLIT_MIN = 128;
+  const int64_t wanted = (4 * at::get_num_threads() + heads - 1) / heads;
+  const int64_t splits = std::max<int64_t>(1, std::min(wanted, nb * block_size / SPLIT_MIN));
+  const int64_t split_len = (nb * block_size + splits - 1) / splits;
   auto out = at::empty_like(qc);
+  std::vector<float> partials(heads * splits * group * (D + 2));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode", [&] {
     const scalar_t* q_ptr = qc.data_ptr<scalar_t>();
     const scalar_t* k_ptr = k_pool.data_ptr<scalar_t>();
@@ -159,16 +188,24 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& q_pos, const at::
     const int64_t* tab_ptr = tab.data_ptr<int64_t>();
     const int64_t* len_ptr = len.data_ptr<int64_t>();
     const int64_t* qp_ptr = qp.data_ptr<int64_t>();
-    at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+    const auto part = D == 64 ? decode_part<scalar_t, 64> : D == 128 ? decode_part<scalar_t, 128>
+                                                                    : decode_part<scalar_t, 0>;
+    at::parallel_for(0, heads * splits, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> scratch;
       for (int64_t task = begin; task < end; ++task) {
-        const int64_t b = task / Hkv, h = task % Hkv;
-        const int64_t length = std::min(len_ptr[task], nb * block_size);
-        const auto decode = D == 64 ? decode_one<scalar_t, 64> : D == 128 ? decode_one<scalar_t, 128>
-                                                                           : decode_one<scalar_t, 0>;
-        decode(q_ptr + (b * Hq + h * group) * D, qp_ptr[b], k_ptr, v_ptr, pos_ptr, tab_ptr + task * nb, length,
-                   window, group, D, block_size, k_pool.stride(0), k_pool.stride(1), pos_pool.stride(0),
-                   out_ptr + (b * Hq + h * group) * D, scratch);
+        const int64_t head = task / splits, split = task % splits, b = head / Hkv, h = head % Hkv;
+        const int64_t length = std::min(len_ptr[head], nb * block_size);
+        const int64_t start = std::min(length, split * split_len);
+        part(q_ptr + (b * Hq + h * group) * D, qp_ptr[b], k_ptr, v_ptr, pos_ptr, tab_ptr + head * nb, start,
+             std::min(length, start + split_len), window, group, D, block_size, k_pool.stride(0), k_pool.stride(1),
+             pos_pool.stride(0), partials.data() + task * group * (D + 2), scratch);
+      }
+    });
+    at::parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t head = begin; head < end; ++head) {
+        const int64_t b = head / Hkv, h = head % Hkv;
+        merge_parts(partials.data() + head * splits * group * (D + 2), splits, group, D,
+                    out_ptr + (b * Hq + h * group) * D);
       }
     });
   });

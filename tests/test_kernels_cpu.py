@@ -19,6 +19,7 @@ CASES = [  # group, d, block_size, dtype, window, lengths [B][Hkv=2]
     (4, 128, 16, torch.float16, 7, [[45, 3], [1, 1], [18, 30]]),
     (7, 80, 8, torch.bfloat16, 5, [[13, 1], [25, 11]]),          # a head size with no unrolled copy
     (8, 128, 4, torch.float32, 3, [[30, 1], [6, 19]]),
+    (2, 64, 16, torch.float32, 300, [[1000, 700]]),              # one sequence: splits, some masked whole
 ]
 
 
