@@ -31,7 +31,9 @@ def _build_command(sources: list[Path], output: Path) -> list[str]:
     from torch.utils.cpp_extension import include_paths, library_paths
 
     abi = int(torch.compiled_with_cxx11_abi())
-    return [os.environ.get("CXX", "c++"), "-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros", "-fassociative-math", "-std=c++17", "-fPIC", "-shared", "-fopenmp",
+    # -fassociative-math lets the compiler sum a dot product as a tree of vector adds
+    return [os.environ.get("CXX", "c++"), "-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math",
+            "-fno-signed-zeros", "-fassociative-math", "-std=c++17", "-fPIC", "-shared", "-fopenmp",
             f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *(f"-isystem{p}" for p in include_paths()), *map(str, sources),
             "-o", str(output), *(f"-L{p}" for p in library_paths()), "-lc10", "-ltorch_cpu"]
 
@@ -40,8 +42,9 @@ def _library_path() -> Path:
     from nanokv.hub import cache_dir
 
     cpu = next((line for line in _cpuinfo() if line.startswith("flags")), "")
-    key = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES) + " ".join(_build_command(SOURCES, Path("x"))).encode()
-                         + torch.__version__.encode() + cpu.encode()).hexdigest()[:16]
+    flags = " ".join(_build_command(SOURCES, Path("x")))
+    key = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES) + flags.encode() + torch.__version__.encode()
+                         + cpu.encode()).hexdigest()[:16]
     return cache_dir() / "kernels" / f"nanokv_cpu_{key}.so"
 
 

@@ -59,7 +59,8 @@ class LLM:
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if kernels is not None and kernels not in KERNELS:
-            raise ValueError(f"unknown kernels {kernels!r}; valid: {', '.join(KERNELS)} (default: triton on CUDA)")
+            raise ValueError(f"unknown kernels {kernels!r}; valid: {', '.join(KERNELS)} "
+                             "(default: triton on CUDA, cpu elsewhere)")
         self.method = make_method(method, compression, budget, **method_options)
         self.device = device or default_device()
         try:
