@@ -190,9 +190,13 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& q_pos, const at::
     const int64_t* qp_ptr = qp.data_ptr<int64_t>();
     const auto part = D == 64 ? decode_part<scalar_t, 64> : D == 128 ? decode_part<scalar_t, 128>
                                                                     : decode_part<scalar_t, 0>;
-    at::parallel_for(0, heads * splits, 1, [&](int64_t begin, int64_t end) {
+    // each thread gets a contiguous range of indices; index i runs task i / 2 from the front or the
+    // back, so a range holds short and long heads alike (the engine passes sequences by length)
+    const int64_t tasks = heads * splits;
+    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> scratch;
-      for (int64_t task = begin; task < end; ++task) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t task = i % 2 == 0 ? i / 2 : tasks - 1 - i / 2;
         const int64_t head = task / splits, split = task % splits, b = head / Hkv, h = head % Hkv;
         const int64_t length = std::min(len_ptr[head], nb * block_size);
         const int64_t start = std::min(length, split * split_len);
@@ -201,13 +205,12 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& q_pos, const at::
              pos_pool.stride(0), partials.data() + task * group * (D + 2), scratch);
       }
     });
-    at::parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t head = begin; head < end; ++head) {
-        const int64_t b = head / Hkv, h = head % Hkv;
-        merge_parts(partials.data() + head * splits * group * (D + 2), splits, group, D,
-                    out_ptr + (b * Hq + h * group) * D);
-      }
-    });
+    // in one thread: a few flops a head, less than waking the others again
+    for (int64_t head = 0; head < heads; ++head) {
+      const int64_t b = head / Hkv, h = head % Hkv;
+      merge_parts(partials.data() + head * splits * group * (D + 2), splits, group, D,
+                  out_ptr + (b * Hq + h * group) * D);
+    }
   });
   return out;
 }
