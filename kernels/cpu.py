@@ -6,9 +6,9 @@ head's blocks out of the pool and runs ~20 small tensor ops. The C++ kernel read
 place in one pass per (sequence, kv-head). In a batch of 64 the decode attention took most of a
 step; see the README's benchmarks for what moved.
 
-The build is one compiler call against torch's headers, cached by a hash of the source, the
-flags and the torch version under nanokv's cache folder (`NANOKV_CACHE`, else
-~/.cache/nanokv/kernels). Without a compiler, or if the build fails, `load()` returns None with
+The build is one compiler call against torch's headers, cached by a hash of the sources, the
+flags, the torch version and the CPU's flags under nanokv's cache folder (`NANOKV_CACHE`, else
+~/.cache/nanokv/kernels). Without a compiler, or if the build fails, `load()` returns False with
 one warning, and the engine runs the plain-torch twins.
 """
 
