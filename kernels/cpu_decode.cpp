@@ -137,11 +137,12 @@ template <typename T>
 void merge_parts(const float* partials, int64_t splits, int64_t group, int64_t D, T* out) {
   const int64_t stride = group * (D + 2);
   const float neg_inf = -std::numeric_limits<float>::infinity();
+  std::vector<float> acc(D);
   for (int64_t j = 0; j < group; ++j) {
     float m = neg_inf;
     for (int64_t s = 0; s < splits; ++s) m = std::max(m, partials[s * stride + group * D + j]);
     float total = 0.f;
-    std::vector<float> acc(D, 0.f);
+    std::fill(acc.begin(), acc.end(), 0.f);
     for (int64_t s = 0; s < splits; ++s) {
       const float* part = partials + s * stride;
       if (part[group * D + j] == neg_inf) continue;
@@ -227,7 +228,7 @@ void write_kv(at::Tensor k_pool, at::Tensor v_pool, at::Tensor pos_pool, const a
   const auto pos = positions.to(at::kLong).contiguous();
   const auto kc = k.contiguous(), vc = v.contiguous();
   const int64_t H = slots.size(0), T = slots.size(1), D = k.size(2), block_size = k_pool.size(1);
-  const int64_t row_bytes = D * k.element_size();
+  const int64_t item = k.element_size(), row_bytes = D * item;
   const int64_t* sl_ptr = sl.data_ptr<int64_t>();
   const int64_t* pos_ptr = pos.data_ptr<int64_t>();
   char* k_dst = static_cast<char*>(k_pool.data_ptr());
@@ -235,7 +236,6 @@ void write_kv(at::Tensor k_pool, at::Tensor v_pool, at::Tensor pos_pool, const a
   int32_t* pos_dst = pos_pool.data_ptr<int32_t>();
   const char* k_src = static_cast<const char*>(kc.data_ptr());
   const char* v_src = static_cast<const char*>(vc.data_ptr());
-  const int64_t item = k.element_size();
   for (int64_t h = 0; h < H; ++h) {
     for (int64_t t = 0; t < T; ++t) {
       const int64_t slot = sl_ptr[h * T + t], block = slot / block_size, offset = slot % block_size;
