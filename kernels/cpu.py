@@ -1,10 +1,12 @@
 """CPU kernels in C++ (cpu_decode.cpp: decode attention, KV writes; cpu_gemv.cpp: bfloat16
-matrix-vector products), built on first use with the machine's C++ compiler.
+matrix-vector products; cpu_layers.cpp: RMSNorm and RoPE), built on first use with the machine's
+C++ compiler.
 
 The plain-torch decode (reference.py) is right but slow on a CPU: each layer copies every
-head's blocks out of the pool and runs ~20 small tensor ops. The C++ kernel reads the blocks in
-place in one pass per (sequence, kv-head). In a batch of 64 the decode attention took most of a
-step; see the README's benchmarks for what moved.
+head's blocks out of the pool and runs ~20 small tensor ops. The C++ kernel is one task per
+(sequence, kv-head). In a batch of 64 the decode attention took most of a step; see the README's
+benchmarks for what moved. In a small batch, the model's norms and RoPEs cost more in torch's
+per-op dispatch than in arithmetic, so they too get one C++ call each.
 
 The build is one compiler call against torch's headers, cached by a hash of the sources, the
 flags, the torch version and the CPU's flags under nanokv's cache folder (`NANOKV_CACHE`, else
@@ -24,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).with_name(name) for name in ("cpu_decode.cpp", "cpu_gemv.cpp")]
+SOURCES = [Path(__file__).with_name(name) for name in ("cpu_decode.cpp", "cpu_gemv.cpp", "cpu_layers.cpp")]
 
 
 def _build_command(sources: list[Path], output: Path) -> list[str]:
@@ -95,3 +97,18 @@ def paged_decode(q, q_pos, k_pool, v_pool, pos_pool, tables, lengths, sliding_wi
     """reference.paged_attention for one query per sequence: q [B, Hq, D], q_pos [B] -> [B, Hq, D]."""
     return torch.ops.nanokv_cpu.paged_decode(q, q_pos, k_pool, v_pool, pos_pool, tables, lengths,
                                              sliding_window or 0)
+
+
+def serves(x: torch.Tensor) -> bool:
+    """Whether rms_norm and rope take x: a float32 or bfloat16 tensor on the CPU, kernels built."""
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and load()
+
+
+def rms_norm(x, weight, eps):
+    """RMSNorm.forward of models/llama.py in one pass: x [..., H], weight [H] in x's dtype."""
+    return torch.ops.nanokv_cpu.rms_norm(x, weight, eps)
+
+
+def rope(x, cos, sin):
+    """apply_rope of models/rope.py in one pass: x [T, heads, D], cos and sin [T, D]."""
+    return torch.ops.nanokv_cpu.rope(x, cos, sin)

@@ -1,9 +1,10 @@
 // Paged decode attention and KV writes for the CPU, compiled at first use by kernels/cpu.py.
 //
 // The plain-torch twin (kernels/reference.py, paged_attention with T = 1) gathers every head's
-// blocks into a fresh K and V, then runs ~20 small tensor ops per layer. Here one pass per
-// (sequence, kv-head) reads the blocks where they lie in the pool: scores for the group's
-// query heads, a float32 softmax, the weighted sum of V. Same rule by position:
+// blocks into a fresh K and V, then runs ~20 small tensor ops per layer. Here each (sequence,
+// kv-head) is one task: 64 slots at a time are copied out of their blocks into a small float32
+// buffer, then scored for the group's query heads and summed into V with an online softmax (the
+// running max and sum rescale what came before, as in flash attention). Same rule by position:
 // a key is seen when k_pos <= q_pos and, with a window W > 0, q_pos - k_pos < W.
 //
 // Numerics: float32 throughout (the twin rounds scores and probabilities to the storage dtype

@@ -8,6 +8,8 @@ import math
 
 import torch
 
+from kernels import cpu
+
 
 def inverse_frequencies(head_dim: int, theta: float, scaling: dict) -> torch.Tensor:
     """The per-pair rotation speeds, float32 [head_dim // 2], after any context scaling. Always
@@ -45,6 +47,8 @@ def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.d
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [T, heads, head_dim]; cos/sin: [T, head_dim]."""
+    if cpu.serves(x) and cos.dtype == x.dtype:  # the same, bit for bit, in one C++ pass
+        return cpu.rope(x, cos, sin)
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos[:, None, :] + rotated * sin[:, None, :]

@@ -122,3 +122,40 @@ def test_packed_linear_sends_a_few_rows_through_gemv(monkeypatch):
         assert torch.allclose(packed(x).float(), linear(x).float(), rtol=1e-2, atol=1e-2)
     assert calls == [1, cpu_linear.GEMV_MAX_ROWS]  # more rows than that: oneDNN's packed weight
     assert cpu_linear.PackedLinear(linear).rows is None  # no second copy unless asked
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T,heads", [(1, 9), (5, 3), (70, 2)])
+def test_rope_matches_the_plain_torch_rope_bit_for_bit(monkeypatch, dtype, T, heads):
+    from models import rope
+
+    gen = torch.Generator().manual_seed(T * heads)
+    x = (torch.randn(T, heads, 64, generator=gen) * 4).to(dtype)
+    cos, sin = rope.rope_cos_sin(torch.randint(0, 4000, (T,), generator=gen), rope.inverse_frequencies(64, 1e4, {}),
+                                 dtype)
+    got = rope.apply_rope(x, cos, sin)
+    monkeypatch.setattr(cpu, "serves", lambda x: False)  # the twin: models/rope.py in torch
+    want = rope.apply_rope(x, cos, sin)
+    assert got.dtype == dtype and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 576), (7, 960), (70, 3, 64)])
+def test_rms_norm_matches_the_plain_torch_norm(monkeypatch, dtype, shape):
+    from models.llama import RMSNorm
+
+    gen = torch.Generator().manual_seed(len(shape) * shape[-1])
+    norm = RMSNorm(shape[-1], 1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(shape[-1], generator=gen))
+    x = (torch.randn(*shape, generator=gen) * 3).to(dtype)
+    calls, rms_norm = [], cpu.rms_norm
+    monkeypatch.setattr(cpu, "rms_norm", lambda *args: calls.append(1) or rms_norm(*args))
+    got = norm(x)
+    monkeypatch.setattr(cpu, "serves", lambda x: False)
+    want = norm(x)
+    assert calls == [1] and got.dtype == dtype and got.shape == x.shape
+    # the mean of squares is summed in another order and torch's rsqrt rounds its own way: float32
+    # may move in the last bits, and bfloat16, rounded after that, by one step at most
+    step = want.float().abs().clamp(min=1e-3) * (2 ** -7 if dtype == torch.bfloat16 else 2 ** -21)
+    assert ((got.float() - want.float()).abs() <= step).all()
