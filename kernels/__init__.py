@@ -39,6 +39,7 @@ class Kernels:
     write_kv: Callable
     quantized_decode: Callable
     page_scores: Callable
+    ragged_decode: bool = False  # decode reads each head only to its length, however padded its table
 
 
 def reference_kernels(workspace: reference.Workspace | None = None) -> Kernels:
@@ -99,7 +100,8 @@ def cpu_kernels(workspace: reference.Workspace | None = None) -> Kernels:
             return plain.write_kv(k_pool, v_pool, pos_pool, slots, k, v, positions)
         cpu.write_kv(k_pool, v_pool, pos_pool, slots, k, v, positions)
 
-    return Kernels("cpu", decode, plain.prefill, write_kv, plain.quantized_decode, plain.page_scores)
+    return Kernels("cpu", decode, plain.prefill, write_kv, plain.quantized_decode, plain.page_scores,
+                   ragged_decode=True)
 
 
 def triton_kernels() -> Kernels:

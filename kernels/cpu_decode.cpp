@@ -14,9 +14,11 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <numeric>
 #include <vector>
 
 namespace {
@@ -240,19 +242,22 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& q_pos, const at::
     const int64_t* qp_ptr = qp.data_ptr<int64_t>();
     const auto part = D == 64 ? decode_part<scalar_t, 64> : D == 128 ? decode_part<scalar_t, 128>
                                                                     : decode_part<scalar_t, 0>;
-    // each thread gets a contiguous range of indices; index i runs task i / 2 from the front or the
-    // back, so a range holds short and long heads alike (the engine passes sequences by length)
+    // heads by length; each thread gets a contiguous range of indices, and index i runs task i / 2
+    // from the short end or the long end, so a range holds short and long heads alike
+    std::vector<int64_t> by_length(heads);
+    std::iota(by_length.begin(), by_length.end(), 0);
+    std::stable_sort(by_length.begin(), by_length.end(), [&](int64_t a, int64_t b) { return len_ptr[a] < len_ptr[b]; });
     const int64_t tasks = heads * splits;
     at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
       Scratch scratch;
       for (int64_t i = begin; i < end; ++i) {
         const int64_t task = i % 2 == 0 ? i / 2 : tasks - 1 - i / 2;
-        const int64_t head = task / splits, split = task % splits, b = head / Hkv, h = head % Hkv;
+        const int64_t head = by_length[task / splits], split = task % splits, b = head / Hkv, h = head % Hkv;
         const int64_t length = std::min(len_ptr[head], nb * block_size);
         const int64_t start = std::min(length, split * split_len);
         part(q_ptr + (b * Hq + h * group) * D, qp_ptr[b], k_ptr, v_ptr, pos_ptr, tab_ptr + head * nb, start,
              std::min(length, start + split_len), window, group, D, block_size, k_pool.stride(0), k_pool.stride(1),
-             pos_pool.stride(0), partials.data() + task * group * (D + 2), scratch);
+             pos_pool.stride(0), partials.data() + (head * splits + split) * group * (D + 2), scratch);
       }
     });
     // in one thread: a few flops a head, less than waking the others again

@@ -79,9 +79,12 @@ class CacheAttention:
         if self.pruned:
             blocks = [b + int(s.num_sblocks.max()) for b, s in zip(blocks, seqs)]
         # Each group is attended in one call, its tables padded to its longest member: sequences
-        # of similar length, so a short one is not padded to the longest of the batch.
+        # of similar length, so a short one is not padded to the longest of the batch. A kernel
+        # that reads each head only to its length (the C++ decode) takes the whole batch at once.
+        self.whole_batch = cache.kernels.ragged_decode and not (self.evicting or self.quantized or self.pruned
+                                                                or self.latent or self.selector)
         self.groups = []
-        for members in length_groups(blocks):
+        for members in [list(range(len(seqs)))] if self.whole_batch else length_groups(blocks):
             group = [torch.tensor(members, device=device)]
             for tables, lengths in self._stacked([seqs[i] for i in members]):
                 group += [tables.to(device), lengths.to(device)]
@@ -134,6 +137,11 @@ class CacheAttention:
                                                     channels[layer], pool.k, pool.v, pool.pos, tables[layer],
                                                     lengths[layer], sliding_window)[:, 0]
                 return out
+            if self.whole_batch:  # one call in batch order: nothing to pick out or put back
+                [(_, tables, lengths)] = self.groups
+                self.bytes_read += self.cache.read_bytes(lengths[source])
+                return kernels.decode(q, self.positions, pool.k, pool.v, pool.pos, tables[source], lengths[source],
+                                      sliding_window)
             for members, tables, lengths in self.groups:
                 tables, lengths = tables[source], lengths[source]
                 if self.selector is not None and layer >= self.selector.skip_layers:
