@@ -99,8 +99,12 @@ def paged_decode(q, q_pos, k_pool, v_pool, pos_pool, tables, lengths, sliding_wi
                                              sliding_window or 0)
 
 
-def serves(x: torch.Tensor) -> bool:
-    """Whether rms_norm and rope take x: a float32 or bfloat16 tensor on the CPU, kernels built."""
+def serves(x: torch.Tensor, *others: torch.Tensor) -> bool:
+    """Whether rms_norm and rope take x: a float32 or bfloat16 tensor on the CPU, kernels built,
+    and no gradient wanted through x or `others` (the C++ ops have no backward; calibration
+    differentiates through the model)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *others)):
+        return False
     return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and load()
 
 

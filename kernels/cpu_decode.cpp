@@ -87,8 +87,9 @@ inline void add_weighted_rows(const float* w, const float* rows, int64_t n, int6
 }
 
 // Slots gathered at a time. Copying a chunk's rows out of their blocks in one tight loop keeps many
-// memory reads in flight; reading them inside the arithmetic kept few, and ran at a third of the
-// speed (measured). The float32 copies of a chunk's K and V stay in the core's L2.
+// memory reads in flight; reading them inside the arithmetic kept few (a batch-64 step's decode
+// attention over scattered blocks: 129 ms that way, ~80 ms this way). A chunk's float32 K and V
+// copies stay in the core's L2; 16 to 128 slots measured the same.
 constexpr int64_t CHUNK = 64;
 
 struct Scratch {

@@ -82,7 +82,7 @@ class CacheAttention:
         # of similar length, so a short one is not padded to the longest of the batch. A kernel
         # that reads each head only to its length (the C++ decode) takes the whole batch at once.
         self.whole_batch = cache.kernels.ragged_decode and not (self.evicting or self.quantized or self.pruned
-                                                                or self.latent or self.selector)
+                                                                or self.latent or self.selector is not None)
         self.groups = []
         for members in [list(range(len(seqs)))] if self.whole_batch else length_groups(blocks):
             group = [torch.tensor(members, device=device)]
