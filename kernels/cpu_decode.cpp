@@ -92,6 +92,18 @@ inline void add_weighted_rows(const float* w, const float* rows, int64_t n, int6
 // copies stay in the core's L2; 16 to 128 slots measured the same.
 constexpr int64_t CHUNK = 64;
 
+// f(block, first slot, index from start, run) for each run of slots in [start, end) that lies in one
+// block: a head's logical slots, block by block, through its table.
+template <typename F>
+inline void for_each_run(const int64_t* table, int64_t start, int64_t end, int64_t block_size, F&& f) {
+  for (int64_t i = start; i < end;) {
+    const int64_t block = table[i / block_size], slot = i % block_size;
+    const int64_t run = std::min(block_size - slot, end - i);
+    f(block, slot, i - start, run);
+    i += run;
+  }
+}
+
 struct Scratch {
   std::vector<float> q, k, v, scores;
   std::vector<int32_t> pos;
@@ -125,10 +137,8 @@ void decode_part(const T* q, int64_t q_pos, const T* k_pool, const T* v_pool, co
   for (int64_t e = 0; e < group * D; ++e) qf[e] = widen(q[e]) * scale;
   for (int64_t c = start; c < end; c += CHUNK) {
     const int64_t n = std::min(CHUNK, end - c);
-    for (int64_t i = 0; i < n;) {  // gather: runs of slots within one block
-      const int64_t block = table[(c + i) / block_size], slot = (c + i) % block_size;
-      const int64_t run = std::min(block_size - slot, n - i);
-      for (int64_t r = 0; r < run; ++r) {
+    for_each_run(table, c, c + n, block_size, [&](int64_t block, int64_t slot, int64_t i, int64_t run) {
+      for (int64_t r = 0; r < run; ++r) {  // gather
         const T* k_row = k_pool + block * kv_block_stride + (slot + r) * kv_slot_stride;
         const T* v_row = v_pool + block * kv_block_stride + (slot + r) * kv_slot_stride;
         float* k_dst = k + (i + r) * D;
@@ -140,13 +150,10 @@ void decode_part(const T* q, int64_t q_pos, const T* k_pool, const T* v_pool, co
         }
       }
       std::memcpy(pos + i, pos_pool + block * pos_block_stride + slot, run * sizeof(int32_t));
-      i += run;
-    }
+    });
     if (c + CHUNK < end) {  // the next chunk's rows start coming in while this one is computed
-      const int64_t next_end = std::min(c + 2 * CHUNK, end);
-      for (int64_t i = c + CHUNK; i < next_end;) {
-        const int64_t block = table[i / block_size], slot = i % block_size;
-        const int64_t run = std::min(block_size - slot, next_end - i);
+      for_each_run(table, c + CHUNK, std::min(c + 2 * CHUNK, end), block_size,
+                   [&](int64_t block, int64_t slot, int64_t, int64_t run) {
         const char* k_first = reinterpret_cast<const char*>(k_pool + block * kv_block_stride + slot * kv_slot_stride);
         const char* v_first = reinterpret_cast<const char*>(v_pool + block * kv_block_stride + slot * kv_slot_stride);
         const int64_t bytes = ((run - 1) * kv_slot_stride + D) * sizeof(T);
@@ -154,8 +161,7 @@ void decode_part(const T* q, int64_t q_pos, const T* k_pool, const T* v_pool, co
           __builtin_prefetch(k_first + b);
           __builtin_prefetch(v_first + b);
         }
-        i += run;
-      }
+      });
     }
     for (int64_t i = 0; i < n; ++i) {
       const bool seen = pos[i] <= q_pos && (window <= 0 || q_pos - pos[i] < window);
