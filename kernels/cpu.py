@@ -100,12 +100,13 @@ def paged_decode(q, q_pos, k_pool, v_pool, pos_pool, tables, lengths, sliding_wi
 
 
 def serves(x: torch.Tensor, *others: torch.Tensor) -> bool:
-    """Whether rms_norm and rope take x: a float32 or bfloat16 tensor on the CPU, kernels built,
-    and no gradient wanted through x or `others` (the C++ ops have no backward; calibration
-    differentiates through the model)."""
+    """Whether rms_norm and rope take x and the `others` they are given with it: float32 or
+    bfloat16 tensors on the CPU, all in x's dtype, kernels built, and no gradient wanted through
+    them (the C++ ops have no backward; calibration differentiates through the model)."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *others)):
         return False
-    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and load()
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+            and all(t.dtype == x.dtype for t in others) and load())
 
 
 def rms_norm(x, weight, eps):

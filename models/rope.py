@@ -47,7 +47,7 @@ def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.d
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [T, heads, head_dim]; cos/sin: [T, head_dim]."""
-    if cpu.serves(x) and cos.dtype == x.dtype:  # the same, bit for bit, in one C++ pass
+    if cpu.serves(x, cos, sin):  # the same, bit for bit, in one C++ pass
         return cpu.rope(x, cos, sin)
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)

