@@ -1,117 +1,12 @@
-"""Generate text from the command line.
+"""Generate text from the command line (the code is nanokv/cli/generate.py).
 
     python generate.py "What is the capital of France?"
-    python generate.py --model qwen2.5-coder-0.5b --max-tokens 64 "Write quicksort in Python"
-
-Text streams to stdout as it is generated; one stats line follows on stderr.
+    python generate.py --help
 """
 
-import argparse
-import json
 import sys
 
-DEFAULT_PROMPT = "What is the capital of France?"
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse prints the whole usage block on an error; one line is enough."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def parse_args(argv=None):
-    from nanokv.hub import DEFAULT_MODEL, MODELS
-    from nanokv.methods import METHODS
-
-    p = OneLineParser(description="Generate text with nanokv.")
-    p.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT, help=f"the prompt (default: {DEFAULT_PROMPT!r})")
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"short name ({', '.join(MODELS)}), a local HF directory, a .gguf file, "
-                        f"or an HF repo id (default: {DEFAULT_MODEL})")
-    p.add_argument("--method", default="full",
-                   help=f"KV-cache method: {', '.join(METHODS)}, or eviction+quantization such as snapkv+kivi "
-                        f"(default: full)")
-    p.add_argument("--compression", type=float, default=0.0,
-                   help="fraction of prompt tokens removed per (layer, head), in [0, 1) (default: 0)")
-    p.add_argument("--budget", type=int, default=None,
-                   help="prompt tokens kept per (layer, head), instead of --compression (quest: tokens read per step)")
-    p.add_argument("--method-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="a method option, e.g. --method-arg window_size=16 (repeatable)")
-    p.add_argument("--list-methods", action="store_true", help="list the methods with their options and papers, then exit")
-    p.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate (default: 256)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: 0)")
-    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens; 0 is off")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default: 1)")
-    p.add_argument("--seed", type=int, default=None, help="seed for sampling")
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--no-chat", action="store_true", help="send the prompt as raw text, without the chat template")
-    p.add_argument("--dtype", default="bfloat16",
-                   help="float32, bfloat16 or float16 (float16 for CUDA: it is slow on CPU) (default: bfloat16)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--kv-cache-memory", type=float, default=None, metavar="BYTES",
-                   help="KV-cache pool size: bytes, or a fraction (0, 1] of free memory")
-    p.add_argument("--stats-json", metavar="PATH", help="also write the stats line as JSON to PATH")
-    return p.parse_args(argv)
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.list_methods:
-        from nanokv.methods import describe_methods
-        print(describe_methods())
-        return 0
-    try:
-        return run(args)
-    except ValueError as e:  # every bad input nanokv detects is a ValueError subclass
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-
-
-def method_options(pairs: list[str]) -> dict:
-    """--method-arg values -> options; the method converts and checks values."""
-    from nanokv.methods.registry import parse_options
-
-    return parse_options(pairs, "--method-arg")
-
-
-def run(args) -> int:
-    from nanokv.engine.llm import LLM
-    from nanokv.methods import make_method
-    from nanokv.sampling import SamplingParams
-
-    # Check everything cheap before the model loads, so a typo fails in milliseconds.
-    options = method_options(args.method_arg)
-    make_method(args.method, args.compression, args.budget, **options)
-    if not args.prompt.strip():
-        raise ValueError("prompt is empty")
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, seed=args.seed, stop=args.stop)
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, method=args.method,
-              compression=args.compression, budget=args.budget, kv_cache_memory=args.kv_cache_memory, **options)
-    stream = llm.stream(args.prompt, params, chat=not args.no_chat)
-    for piece in stream:
-        print(piece, end="", flush=True)
-    print()
-    m = stream.result.metrics
-    stats = {"model": args.model, "method": args.method, **{k: m[k] for k in (
-        "prompt_tokens", "generated_tokens", "prefill_tokens_per_s", "decode_tokens_per_s", "kv_cache_bytes",
-        "kv_cache_bytes_uncompressed", "kv_cache_bytes_theory", "kv_cache_tokens")}}
-    per_token = m["kv_cache_bytes"] / max(1, m["kv_cache_tokens"])
-    theory = m["kv_cache_bytes_theory"] / max(1, m["kv_cache_tokens"])
-    print(f"[{args.model} | {args.method}] prompt {m['prompt_tokens']} tok, generated {m['generated_tokens']} tok "
-          f"({stream.result.finish_reason}) | prefill {m['prefill_tokens_per_s']:.1f} tok/s | "
-          f"decode {m['decode_tokens_per_s']:.1f} tok/s | KV cache {m['kv_cache_bytes'] / 2**20:.2f} MiB "
-          f"(full: {m['kv_cache_bytes_uncompressed'] / 2**20:.2f} MiB), {per_token:.0f} B/token "
-          f"(unrounded: {theory:.0f})",
-          file=sys.stderr)
-    if args.stats_json:
-        with open(args.stats_json, "w") as f:
-            json.dump(stats, f, indent=2)
-    return 0
-
+from nanokv.cli.generate import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# model_type / GGUF architecture -> the family switches of models/llama.py.
+# model_type / GGUF architecture -> the family switches of nanokv/models/llama.py.
 # Mistral GGUFs are written with architecture "llama", so no "mistral" GGUF key is needed.
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 # "freq_factors": per-frequency divisors stored as a tensor (llama.cpp's rope_freqs for Llama 3.1+).

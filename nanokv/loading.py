@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models import MODEL_CLASSES
-from kernels.cpu import gemv_available
-from models.cpu_linear import can_pack, pack_linears
+from nanokv.models import MODEL_CLASSES
+from nanokv.kernels.cpu import gemv_available
+from nanokv.models.cpu_linear import can_pack, pack_linears
 from nanokv.config import ConfigError, ModelConfig
 from nanokv.gguf_file import GGUFError, GGUFFile, dequantize
 
@@ -34,9 +34,6 @@ GGUF_LAYER_NAMES = {
 }
 GGUF_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 class ModelLoadError(ValueError):
     """A weights file nanokv cannot use; the message names the file and what is wrong."""
 
@@ -52,7 +49,7 @@ def read_config(kind: str, path: str | Path) -> ModelConfig:
 
 def load_model(kind: str, path: str | Path, dtype: torch.dtype, device="cpu", pack: bool = True):
     """Build the model for `path` ("hf_dir" or "gguf") and fill its weights -> (model, config).
-    On CPU in bfloat16 the linear layers' weights are then packed for oneDNN (models/cpu_linear.py)
+    On CPU in bfloat16 the linear layers' weights are then packed for oneDNN (nanokv/models/cpu_linear.py)
     unless `pack` is False."""
     path = Path(path)
     config = read_config(kind, path)
@@ -70,7 +67,7 @@ def load_model(kind: str, path: str | Path, dtype: torch.dtype, device="cpu", pa
     except ValueError as e:
         raise ModelLoadError(f"{path}: {e}") from None
     if pack and can_pack(dtype, device):
-        # a second, row-major copy of the weights for the batch-1 matmuls (models/cpu_linear.py),
+        # a second, row-major copy of the weights for the batch-1 matmuls (nanokv/models/cpu_linear.py),
         # where it costs at most a quarter of the memory left
         weight_bytes = sum(m.weight.nbytes for m in model.modules() if isinstance(m, torch.nn.Linear))
         pack_linears(model, keep_rows=gemv_available() and 4 * weight_bytes <= available_memory(device))

@@ -35,7 +35,7 @@ from kvpress import (AdaKVPress, ChunkKVPress, KnormPress, KVzipPress, ObservedA
 from kvpress.presses import kvzip_press
 from kvpress.utils import compute_n_kept
 
-from kernels.reference import gather_blocks
+from nanokv.kernels.reference import gather_blocks
 from nanokv import LLM, SamplingParams
 from nanokv.hub import resolve_model
 

@@ -23,7 +23,7 @@ from collections import defaultdict
 
 import torch
 
-from kernels.reference import gather_blocks, paged_attention
+from nanokv.kernels.reference import gather_blocks, paged_attention
 from nanokv import LLM, SamplingParams
 from nanokv.cache import attention as cache_attention
 from nanokv.eval.grid import encode

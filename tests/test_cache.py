@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from helpers import paged_layout
-from kernels.reference import attention_by_position, paged_attention
+from nanokv.kernels.reference import attention_by_position, paged_attention
 from nanokv.cache import BlockPool, CacheAttention, OutOfBlocks, PagedKVCache
 
 L, H, D, BS = 3, 2, 4, 4  # layers, kv-heads, head_dim, block_size of the randomized test

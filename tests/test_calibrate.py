@@ -52,7 +52,7 @@ def test_duo_head_scores_match_a_plain_restatement():
 
 
 def test_undo_rope_inverts_rope():
-    from models.rope import apply_rope, rope_cos_sin
+    from nanokv.models.rope import apply_rope, rope_cos_sin
 
     torch.manual_seed(0)
     x = torch.randn(50, 3, 16)

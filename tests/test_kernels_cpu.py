@@ -1,4 +1,4 @@
-"""The C++ CPU kernels (kernels/cpu_*.cpp) against their plain-torch twins: decode attention
+"""The C++ CPU kernels (nanokv/kernels/cpu_*.cpp) against their plain-torch twins: decode attention
 over paged blocks with stale slots past each head's length, KV writes bit for bit, the engine's
 greedy tokens, the fallback to plain torch when the kernels cannot be built, the bfloat16
 matrix-vector product against F.linear, and RMSNorm and RoPE against the model's torch code."""
@@ -6,7 +6,7 @@ matrix-vector product against F.linear, and RMSNorm and RoPE against the model's
 import pytest
 import torch
 
-from kernels import cpu, kernels_for, reference
+from nanokv.kernels import cpu, kernels_for, reference
 from test_kernels_decode import paged_inputs, rel_err
 from test_kernels_engine import PROMPTS, greedy, tiny_method
 from test_kernels_write import _bits, _pools
@@ -112,7 +112,7 @@ def test_gemv_matches_linear_to_the_last_bfloat16_bit(M, K, N, bias):
 
 @pytest.mark.skipif(not cpu.gemv_available(), reason="the matrix-vector kernel needs AVX512-BF16")
 def test_packed_linear_sends_a_few_rows_through_gemv(monkeypatch):
-    from models import cpu_linear
+    from nanokv.models import cpu_linear
 
     linear = torch.nn.Linear(64, 48, bias=False).bfloat16()
     packed = cpu_linear.PackedLinear(linear, keep_rows=True)
@@ -128,14 +128,14 @@ def test_packed_linear_sends_a_few_rows_through_gemv(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("T,heads", [(1, 9), (5, 3), (70, 2)])
 def test_rope_matches_the_plain_torch_rope_bit_for_bit(monkeypatch, dtype, T, heads):
-    from models import rope
+    from nanokv.models import rope
 
     gen = torch.Generator().manual_seed(T * heads)
     x = (torch.randn(T, heads, 64, generator=gen) * 4).to(dtype)
     cos, sin = rope.rope_cos_sin(torch.randint(0, 4000, (T,), generator=gen), rope.inverse_frequencies(64, 1e4, {}),
                                  dtype)
     got = rope.apply_rope(x, cos, sin)
-    monkeypatch.setattr(cpu, "serves", lambda *tensors: False)  # the twin: models/rope.py in torch
+    monkeypatch.setattr(cpu, "serves", lambda *tensors: False)  # the twin: nanokv/models/rope.py in torch
     want = rope.apply_rope(x, cos, sin)
     assert got.dtype == dtype and torch.equal(got, want)
 
@@ -143,7 +143,7 @@ def test_rope_matches_the_plain_torch_rope_bit_for_bit(monkeypatch, dtype, T, he
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(1, 576), (7, 960), (70, 3, 64)])
 def test_rms_norm_matches_the_plain_torch_norm(monkeypatch, dtype, shape):
-    from models.llama import RMSNorm
+    from nanokv.models.llama import RMSNorm
 
     gen = torch.Generator().manual_seed(len(shape) * shape[-1])
     norm = RMSNorm(shape[-1], 1e-5).to(dtype)

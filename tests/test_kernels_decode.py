@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from kernels.paged_decode import default_blocks_per_split, paged_decode_attention
-from kernels.reference import paged_attention
+from nanokv.kernels.paged_decode import default_blocks_per_split, paged_decode_attention
+from nanokv.kernels.reference import paged_attention
 
 GARBAGE = 1e4  # large but finite (fits float16): what a stale slot past a head's length may hold
 

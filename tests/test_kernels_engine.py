@@ -5,9 +5,9 @@ the plain-torch path, through batched decode, prefill and decode-time eviction."
 import pytest
 import torch
 
-import kernels
-import kernels.reference
-from kernels import kernels_for
+from nanokv import kernels
+import nanokv.kernels.reference  # noqa: F401  (kernels.reference below)
+from nanokv.kernels import kernels_for
 from nanokv.cache import PagedKVCache, QuantizedKVCache
 from nanokv.engine.runner import ModelRunner
 from nanokv.engine.scheduler import Scheduler

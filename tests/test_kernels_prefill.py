@@ -1,4 +1,4 @@
-"""The Triton prefill kernel (kernels/prefill.py) against the plain-torch reference, under the
+"""The Triton prefill kernel (nanokv/kernels/prefill.py) against the plain-torch reference, under the
 Triton interpreter on CPU (tests/conftest.py sets TRITON_INTERPRET=1).
 
 Each case launches several sequences at once, with ragged query lengths, over a paged cache laid
@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from helpers import paged_layout
-from kernels.prefill import prefill_attention, query_tiles
-from kernels.reference import paged_attention
+from nanokv.kernels.prefill import prefill_attention, query_tiles
+from nanokv.kernels.reference import paged_attention
 
 
 def make_batch(gen, seqs, num_kv_heads, group, d, block_size, dtype, garbage):

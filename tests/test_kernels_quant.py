@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from helpers import paged_layout
-from kernels.prefill import prefill_attention
-from kernels.paged_decode import paged_decode_attention
-from kernels.quant import quantize_tokens
-from kernels.quant_decode import quantized_decode_attention
-from kernels import reference
+from nanokv.kernels.prefill import prefill_attention
+from nanokv.kernels.paged_decode import paged_decode_attention
+from nanokv.kernels.quant import quantize_tokens
+from nanokv.kernels.quant_decode import quantized_decode_attention
+from nanokv.kernels import reference
 from nanokv.cache.quant_pool import QuantizedBlockPool, QuantSpec
 
 GARBAGE = 1e4  # large but finite in float16

@@ -5,8 +5,8 @@ and Quest.select_pages against a plain-Python brute force. Shapes are tiny."""
 import pytest
 import torch
 
-from kernels import reference
-from kernels.quest import page_scores
+from nanokv.kernels import reference
+from nanokv.kernels.quest import page_scores
 from nanokv.methods import make_method
 
 PAGE = 16

@@ -5,8 +5,8 @@ slot holds the same bits and every untouched slot is still NaN (positions still 
 import pytest
 import torch
 
-from kernels import reference
-from kernels.write_kv import write_kv
+from nanokv.kernels import reference
+from nanokv.kernels.write_kv import write_kv
 
 BLOCK_SIZE = 16
 

@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kernels.reference import attention_by_position
-from models.rope import apply_rope, inverse_frequencies, rope_cos_sin
+from nanokv.kernels.reference import attention_by_position
+from nanokv.models.rope import apply_rope, inverse_frequencies, rope_cos_sin
 from nanokv.cache.latent_cache import LatentKVCache, LatentLayer
 from nanokv.calibrate import load_calibration, write_artifact
 from nanokv.calibrate.dense import run_dense

@@ -512,7 +512,7 @@ def serve(tiny, method, prompts, blocks, steps, block_size=4, kernels="reference
     """Every prompt through the scheduler and runner (continuous batching, preemption) over a pool
     of `blocks` blocks -> (outputs, {seq: (lengths [L, H], blocks [L, H]) when it finished},
     preemptions, the cache)."""
-    from kernels import kernels_for
+    from nanokv.kernels import kernels_for
     from nanokv.cache import PagedKVCache
     from nanokv.cache.pool import BlockPool
     from nanokv.engine.runner import ModelRunner

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kernels.reference import attention_by_position
+from nanokv.kernels.reference import attention_by_position
 from nanokv.cache.paired import PairedKVCache, restored
 from nanokv.methods import make_method
 from nanokv.methods.minicache import slerp_merge

@@ -86,7 +86,7 @@ def test_family_switch_matters(name, tmp_path_factory):
         for layer in model.layers:
             layer.self_attn.sliding_window = 16
     else:
-        from models.rope import inverse_frequencies
+        from nanokv.models.rope import inverse_frequencies
         saved = model.inv_freq.clone()
         model.inv_freq.copy_(inverse_frequencies(cfg.head_dim, cfg.rope_theta, {}))
         changed = nanokv_logits(model, cfg, ids)
@@ -120,9 +120,9 @@ def test_qwen2_sliding_layers_follow_layer_types():
 
 @pytest.mark.parametrize("name", ["qwen2", "qwen3-tied"])  # biases; a tied output head
 def test_packed_bfloat16_linears_equal_plain_ones(name, tmp_path_factory):
-    """On CPU in bfloat16 the loader packs the linear weights for oneDNN (models/cpu_linear.py);
+    """On CPU in bfloat16 the loader packs the linear weights for oneDNN (nanokv/models/cpu_linear.py);
     the logits must be bit-identical to plain F.linear's."""
-    from models.cpu_linear import PackedLinear, can_pack
+    from nanokv.models.cpu_linear import PackedLinear, can_pack
 
     if not can_pack(torch.bfloat16, "cpu"):
         pytest.skip("torch built without oneDNN")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from kernels.quant import (dequantize, dequantize_tokens, pack, quantize_keys, quantize_tokens, quantize_values,
+from nanokv.kernels.quant import (dequantize, dequantize_tokens, pack, quantize_keys, quantize_tokens, quantize_values,
                            unpack)
 from nanokv.cache.quant_pool import QuantSpec
 

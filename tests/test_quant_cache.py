@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from helpers import restated_greedy
-from kernels.quant import dequantize_tokens
-from kernels.reference import attention_by_position, quantized_decode_attention
+from nanokv.kernels.quant import dequantize_tokens
+from nanokv.kernels.reference import attention_by_position, quantized_decode_attention
 from nanokv.cache.quant_cache import QuantizedKVCache
 from nanokv.cache.quant_pool import QuantizedBlockPool, QuantSpec
 
 
 def fake_quant(x: torch.Tensor, bits: int, group: int, dim: int) -> torch.Tensor:
-    """x quantized and read back, written out independently of kernels/quant.py: each run of
+    """x quantized and read back, written out independently of nanokv/kernels/quant.py: each run of
     `group` entries along `dim` gets the grid min + k * (max - min) / (2^bits - 1), its scale and
     min rounded to float16 as stored."""
     x = x.float().movedim(dim, -1)

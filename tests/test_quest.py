@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import torch
 
 from helpers import restated_greedy
-from kernels.reference import attention_by_position
+from nanokv.kernels.reference import attention_by_position
 from nanokv.cache import PagedKVCache
 
 PROMPT = list(range(1000, 1300))

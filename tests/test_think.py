@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kernels.reference import attention_by_position, pruned_attention
+from nanokv.kernels.reference import attention_by_position, pruned_attention
 from nanokv.cache.pruned_cache import PrunedKVCache
 from nanokv.methods import make_method
 from nanokv.methods.base import PrefillView

@@ -1,5 +1,5 @@
 """CacheAttention: the `attention` callable the model calls, for one forward step over a
-PagedKVCache (see models/llama.py for the contract).
+PagedKVCache (see nanokv/models/llama.py for the contract).
 
 A step is either a prefill (one or more sequences, each with a chunk of new tokens) or a
 decode (every sequence with exactly one new token). Decode reserves the new tokens' slots in
@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.reference import attend, gather_blocks, pruned_attention
+from nanokv.kernels.reference import attend, gather_blocks, pruned_attention
 from nanokv.cache.kv_cache import PagedKVCache
 from nanokv.cache.latent_cache import LatentKVCache
 from nanokv.cache.pruned_cache import PrunedKVCache

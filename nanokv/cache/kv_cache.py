@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import kernels_for
-from kernels.reference import Workspace, gather_blocks
+from nanokv.kernels import kernels_for
+from nanokv.kernels.reference import Workspace, gather_blocks
 from nanokv.cache.pool import BlockPool, OutOfBlocks
 
 

@@ -24,7 +24,7 @@ progressive ranks, Palu's rank search) and so take different numbers of slots a 
 preemption, accounting) is PagedKVCache's, with a cache "head" being a group.
 
 Attention rebuilds a layer's keys from the gathered latents and runs the reference maths on
-them (`read`, then kernels/reference.attend), at prefill and at decode: the model with the
+them (`read`, then nanokv/kernels/reference.attend), at prefill and at decode: the model with the
 low-rank K/V projections everywhere, as the papers evaluate it. Values are never rebuilt: the
 attention weights apply to their latents, and each head's output is then taken through its rows
 of the value basis (`values_out`): sum_s p_s (U c_s + b) = U (sum_s p_s c_s) + b, Palu's fold of
@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
-from models.rope import apply_rope, rope_cos_sin
+from nanokv.models.rope import apply_rope, rope_cos_sin
 from nanokv.cache.kv_cache import PagedKVCache
 from nanokv.cache.pool import BlockPool
 
@@ -108,7 +108,7 @@ class LatentKVCache(PagedKVCache):
         [B, H, S, r_v] (its group's), positions [B, H, S], tokens held [B, H]. Every group of a
         sequence holds the same tokens (nothing is evicted), so the first group's positions serve
         all."""
-        from kernels.reference import gather_blocks
+        from nanokv.kernels.reference import gather_blocks
 
         p, m = self.layers[layer], int(self.slots_per_token[layer])
         B, G = tables.shape[:2]

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.reference import attend, gather_blocks
+from nanokv.kernels.reference import attend, gather_blocks
 from nanokv.cache.kv_cache import PagedKVCache
 
 HIDDEN = torch.iinfo(torch.int32).max  # a position no query reaches: the slot is masked

@@ -12,7 +12,7 @@ head's kept channel list.
 One pool serves both kinds, as quant_pool.py does: every block is a row of one full block's
 bytes, and a slim block holds as many slim tokens as fit in it (`slim_block_size`, more than
 `block_size`). Attention over such a head cuts the query to the head's kept channels for the
-slim tokens (kernels/reference.pruned_attention): the dot product over the kept channels is the
+slim tokens (nanokv/kernels/reference.pruned_attention): the dot product over the kept channels is the
 dot product with the pruned channels zeroed.
 """
 

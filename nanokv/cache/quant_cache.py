@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.quant import quantize_tokens
+from nanokv.kernels.quant import quantize_tokens
 from nanokv.cache.kv_cache import PagedKVCache, SequenceKV, grown_to, place_blocks
 from nanokv.cache.quant_pool import SCALE_DTYPE, QuantizedBlockPool, QuantSpec
 

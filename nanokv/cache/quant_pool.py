@@ -1,7 +1,7 @@
 """QuantizedBlockPool: one pool whose blocks are either quantized or full precision.
 
 A quantized block holds `spec.block_size` tokens of one kv-head packed in KIVI's layout
-(kernels/quant.py): K and V codes of `bits` bits packed along the head dimension, and a float16
+(nanokv/kernels/quant.py): K and V codes of `bits` bits packed along the head dimension, and a float16
 scale and zero point per group (keys per channel over `group_size` tokens, or per token like
 values; values per token over `group_size` channels). A sequence's newest tokens, those that do
 not fill a quantized block yet, stay in full precision (KIVI's residual) in full-precision
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.quant import BITS, QuantBlocks
+from nanokv.kernels.quant import BITS, QuantBlocks
 from nanokv.cache.pool import BlockPool, align, numel, row_views
 
 SCALE_DTYPE = torch.float16  # KIVI keeps scales and zero points in float16

@@ -5,7 +5,7 @@
 
 Some methods decide per (layer, kv-head) from a profile of the model made ahead of time. This
 command loads the model as LLM does, runs it over calibration text with a dense attention of its
-own (plain causal attention with GQA, float32; the `attention` callable of models/llama.py),
+own (plain causal attention with GQA, float32; the `attention` callable of nanokv/models/llama.py),
 records what the method's scoring needs, and writes one artifact. There is no dataset to read:
 the text is the quality harness's own filler (nanokv/eval/haystack.py, varied prose), the same
 for a given --seed.

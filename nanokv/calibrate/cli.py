@@ -31,9 +31,9 @@ def calibrate(method: str, model: str, samples: int | None = None, length: int |
     the kv-heads below 4)."""
     from tqdm import tqdm
 
-    from nanokv.engine.llm import default_device
+    from nanokv.hardware import resolve_device, resolve_dtype
     from nanokv.hub import resolve_model
-    from nanokv.loading import DTYPES, load_model, read_config
+    from nanokv.loading import load_model, read_config
     from nanokv.tokenizer import Tokenizer
 
     if method not in DEFAULTS:
@@ -44,15 +44,15 @@ def calibrate(method: str, model: str, samples: int | None = None, length: int |
         samples = length = 0
     elif not isinstance(samples, int) or samples <= 0:
         raise ValueError(f"--samples must be a positive integer, got {samples!r}")
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+    device = str(resolve_device(device))
+    torch_dtype = resolve_dtype(dtype, device)
+    dtype = str(torch_dtype).removeprefix("torch.")  # the artifact records what ran, not "auto"
     source = resolve_model(model)
     limit = read_config(source.kind, source.path).max_position_embeddings
     if method != "lorc" and (not isinstance(length, int) or not 32 <= length < limit):
         raise ValueError(f"--length must be in [32, {limit}) for {model} (its context is {limit}), got {length!r}")
     make_tokenizer = Tokenizer.from_gguf if source.kind == "gguf" else Tokenizer.from_dir
     tokenizer = make_tokenizer(source.path)
-    device = device or default_device()
     settings = {"samples": samples, "length": length, "seed": seed, "dtype": dtype}
     if method in ("lorc", "palu"):
         inputs = calibration_texts(tokenizer, samples, length, seed) if samples else []
@@ -76,7 +76,7 @@ def calibrate(method: str, model: str, samples: int | None = None, length: int |
                               "prose haystack, answer tokens fed as the reply",
                         score="share of answer tokens whose predicting query's argmax attention lands in the needle "
                               "on the same token (Retrieval Head), mean over query heads and samples")
-    net, config = load_model(source.kind, source.path, DTYPES[dtype], device, pack=False)  # weights read as such
+    net, config = load_model(source.kind, source.path, torch_dtype, device, pack=False)  # weights read as such
     artifact = {"format": FORMAT, "method": method, "model": model_key(model), "num_layers": config.num_layers,
                 "num_kv_heads": config.num_kv_heads}
     if method in ("lorc", "palu"):
@@ -121,7 +121,8 @@ def parse_args(argv=None):
                    help="calibration samples (default: 50; kvsharer 30, palu 32; lorc reads none)")
     p.add_argument("--length", type=int, default=None, help="tokens per sample (default: 1024; kvsharer 64)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="float32 (default: the statistics are sums over many tokens), auto, bfloat16 or float16")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--share-layers", type=int, default=None,
                    help="kvsharer: most layers that may share (default: half of them)")

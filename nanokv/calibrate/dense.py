@@ -1,5 +1,5 @@
 """The model run over calibration text with a plain attention of its own, recording what a
-profile needs: no cache, no compression, the `attention` callable of models/llama.py."""
+profile needs: no cache, no compression, the `attention` callable of nanokv/models/llama.py."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ CHUNK_BYTES = 1 << 27  # the dense attention's score matrix per chunk of queries
 
 
 class DenseAttention:
-    """The model's `attention` callable (models/llama.py) for one sequence at `positions`: plain
-    causal attention (GQA, float32, kernels/reference.py) over the sequence's own keys, no cache.
+    """The model's `attention` callable (nanokv/models/llama.py) for one sequence at `positions`: plain
+    causal attention (GQA, float32, nanokv/kernels/reference.py) over the sequence's own keys, no cache.
     `record(layer, q, k, sliding_window)` sees each layer's post-RoPE queries and keys first. With
     `sources`, layer l attends over layer sources[l]'s keys and values (KVSharer's sharing); `kv`
     keeps each layer's own."""
@@ -21,7 +21,7 @@ class DenseAttention:
         self.positions, self.record, self.sources, self.kv = positions, record, sources, {}
 
     def __call__(self, layer, q, k, v, sliding_window):
-        from kernels.reference import attention_by_position
+        from nanokv.kernels.reference import attention_by_position
 
         if self.record:
             self.record(layer, q, k, sliding_window)

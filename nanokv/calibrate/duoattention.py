@@ -14,7 +14,7 @@ Q_LEN = 500  # kvpress's duo_attention_on_the_fly q_len
 
 def undo_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [T, heads, D] after RoPE with (cos, sin) [T, D] -> before it, float32 (rotation by -angle)."""
-    from models.rope import apply_rope
+    from nanokv.models.rope import apply_rope
 
     return apply_rope(x.float(), cos, -sin)
 
@@ -23,7 +23,7 @@ def duo_head_scores(q_mean: torch.Tensor, k_mean: torch.Tensor, inv_freq: torch.
     """q_mean [Hq, D], k_mean [H, D] pre-RoPE -> [H]: the mean query and key repeated at positions
     0..q_len-1 with RoPE, the last query's softmax over the keys, the mean of its cumulative sum,
     averaged over each kv-head's query heads (kvpress's duo_attention_on_the_fly)."""
-    from models.rope import apply_rope, rope_cos_sin
+    from nanokv.models.rope import apply_rope, rope_cos_sin
 
     Hq, D = q_mean.shape
     H = k_mean.shape[0]
@@ -37,7 +37,7 @@ def duo_head_scores(q_mean: torch.Tensor, k_mean: torch.Tensor, inv_freq: torch.
 
 def duoattention_scores(model, config, texts: list[list[int]], q_len: int = Q_LEN, progress=None) -> torch.Tensor:
     """[L, H] DuoAttention on-the-fly scores over `texts` (token ids each)."""
-    from models.rope import rope_cos_sin
+    from nanokv.models.rope import rope_cos_sin
 
     scores = torch.zeros(config.num_layers, config.num_kv_heads, dtype=torch.float64)
     for ids in texts:

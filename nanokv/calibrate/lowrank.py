@@ -69,7 +69,7 @@ class MomentAttention(DenseAttention):
         self.inv_freq, self.biases, self.group, self.moments = inv_freq, biases, group, moments
 
     def __call__(self, layer, q, k, v, sliding_window):
-        from models.rope import rope_cos_sin
+        from nanokv.models.rope import rope_cos_sin
         from nanokv.calibrate.duoattention import undo_rope
 
         cos, sin = rope_cos_sin(self.positions, self.inv_freq, torch.float32)

@@ -16,20 +16,17 @@ from typing import Iterator
 import torch
 from tqdm import tqdm
 
-from kernels import KERNELS, kernels_for
+from nanokv.kernels import KERNELS, kernels_for
 from nanokv.cache import LatentKVCache, PagedKVCache, PairedKVCache, PrunedKVCache, QuantizedKVCache
 from nanokv.engine.runner import ModelRunner
 from nanokv.engine.scheduler import Scheduler
 from nanokv.engine.sequence import RequestOutput, Sequence
 from nanokv.hub import DEFAULT_MODEL, resolve_model
-from nanokv.loading import DTYPES, available_memory, load_model
+from nanokv.hardware import resolve_device, resolve_dtype
+from nanokv.loading import available_memory, load_model
 from nanokv.methods import make_method
 from nanokv.sampling import SamplingParams
 from nanokv.tokenizer import Tokenizer
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def kv_cache_bytes(kv_cache_memory: int | float | None, device: str) -> int:
@@ -47,13 +44,11 @@ def kv_cache_bytes(kv_cache_memory: int | float | None, device: str) -> int:
 
 
 class LLM:
-    def __init__(self, model: str = DEFAULT_MODEL, *, dtype: str = "bfloat16", device: str | None = None,
+    def __init__(self, model: str = DEFAULT_MODEL, *, dtype: str = "auto", device: str | None = None,
                  method: str = "full", compression: float = 0.0, budget: int | None = None,
                  kv_cache_memory: int | float | None = None, block_size: int = 16,
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 4096, kernels: str | None = None,
                  **method_options):
-        if dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
         for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
                             ("max_num_batched_tokens", max_num_batched_tokens)):
             if not isinstance(value, int) or value <= 0:
@@ -62,13 +57,8 @@ class LLM:
             raise ValueError(f"unknown kernels {kernels!r}; valid: {', '.join(KERNELS)} "
                              "(default: triton on CUDA, cpu elsewhere)")
         self.method = make_method(method, compression, budget, **method_options)
-        self.device = device or default_device()
-        try:
-            torch.empty(0, device=self.device)
-        except (RuntimeError, AssertionError):  # a malformed name, or a torch built without it
-            valid = "cpu, cuda" if torch.cuda.is_available() else "cpu"
-            raise ValueError(f"device {self.device!r} is not available; valid: {valid}") from None
-        self.dtype = DTYPES[dtype]
+        self.device = str(resolve_device(device))
+        self.dtype = resolve_dtype(dtype, self.device)  # "auto": what this device computes fastest
         self.source = resolve_model(model)
         self.model, self.config = load_model(self.source.kind, self.source.path, self.dtype, self.device)
         # from_gguf reads the metadata the weights loader already parsed (read_gguf is cached)

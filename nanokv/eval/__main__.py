@@ -41,7 +41,8 @@ def parse_args(argv=None):
                    help="; ".join(f"{k}: {v}" for k, v in PLACEMENTS.items()))
     p.add_argument("--samples", type=int, default=3, help="samples per (task, length)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto (default): bfloat16 on CUDA and on CPUs with bfloat16 arithmetic, else float32")
     p.add_argument("--kv-cache-memory", type=float, default=None, help="bytes, or a fraction of free memory")
     p.add_argument("--out", type=Path, default=Path("eval_out"))
     return p.parse_args(argv)

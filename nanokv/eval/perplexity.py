@@ -67,7 +67,8 @@ def main(argv=None):
     p.add_argument("--text", help="a UTF-8 text file (default: the Python reference's 'Execution model')")
     p.add_argument("--tokens", type=int, default=1024, help="tokens of the text scored (default: 1024)")
     p.add_argument("--prefill", type=int, default=64, help="leading tokens written in one prefill (default: 64)")
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto (default): bfloat16 on CUDA and on CPUs with bfloat16 arithmetic, else float32")
     args = p.parse_args(argv)
     from nanokv.methods import check_method
 

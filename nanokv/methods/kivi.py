@@ -9,7 +9,7 @@ full precision until there are enough to quantize as a group. Defaults from the 
 official code (jy-yuan/KIVI): 2 bits (4 also reported), group_size=32, residual_length=128.
 
 The quantized blocks, the residual and attention over both are the cache's: see
-nanokv/cache/quant_cache.py (how the residual is flushed) and kernels/quant_decode.py.
+nanokv/cache/quant_cache.py (how the residual is flushed) and nanokv/kernels/quant_decode.py.
 """
 
 from nanokv.cache.quant_pool import QuantSpec

@@ -1,6 +1,6 @@
-"""Model definitions. They know nothing of KV caches or compression: see models/llama.py."""
+"""Model definitions. They know nothing of KV caches or compression: see nanokv/models/llama.py."""
 
-from models.llama import LlamaModel
+from nanokv.models.llama import LlamaModel
 
 # One decoder covers every supported family; the differences are ModelConfig switches.
 MODEL_CLASSES = {"llama": LlamaModel, "mistral": LlamaModel, "qwen2": LlamaModel, "qwen3": LlamaModel}

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from nanokv.hardware import cpu_flags, cpu_isa
+
 SOURCES = [Path(__file__).with_name(name) for name in ("cpu_decode.cpp", "cpu_gemv.cpp", "cpu_layers.cpp")]
 
 
@@ -33,8 +35,10 @@ def _build_command(sources: list[Path], output: Path) -> list[str]:
     from torch.utils.cpp_extension import include_paths, library_paths
 
     abi = int(torch.compiled_with_cxx11_abi())
+    # NANOKV_CPU_ISA=avx2: the code an AVX2-only CPU gets (cpu_gemv.cpp's AVX512-BF16 part drops out)
+    target = ["-mavx2", "-mfma"] if cpu_isa() == "avx2" else ["-march=native"]
     # -fassociative-math lets the compiler sum a dot product as a tree of vector adds
-    return [os.environ.get("CXX", "c++"), "-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math",
+    return [os.environ.get("CXX", "c++"), "-O3", *target, "-fno-math-errno", "-fno-trapping-math",
             "-fno-signed-zeros", "-fassociative-math", "-std=c++17", "-fPIC", "-shared", "-fopenmp",
             f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *(f"-isystem{p}" for p in include_paths()), *map(str, sources),
             "-o", str(output), *(f"-L{p}" for p in library_paths()), "-lc10", "-ltorch_cpu"]
@@ -43,18 +47,11 @@ def _build_command(sources: list[Path], output: Path) -> list[str]:
 def _library_path() -> Path:
     from nanokv.hub import cache_dir
 
-    cpu = next((line for line in _cpuinfo() if line.startswith("flags")), "")
+    cpu = " ".join(sorted(cpu_flags()))
     flags = " ".join(_build_command(SOURCES, Path("x")))
     key = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES) + flags.encode() + torch.__version__.encode()
                          + cpu.encode()).hexdigest()[:16]
     return cache_dir() / "kernels" / f"nanokv_cpu_{key}.so"
-
-
-def _cpuinfo() -> list[str]:
-    try:
-        return Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return []
 
 
 @lru_cache(maxsize=None)
@@ -110,10 +107,10 @@ def serves(x: torch.Tensor, *others: torch.Tensor) -> bool:
 
 
 def rms_norm(x, weight, eps):
-    """RMSNorm.forward of models/llama.py in one pass: x [..., H], weight [H] in x's dtype."""
+    """RMSNorm.forward of nanokv/models/llama.py in one pass: x [..., H], weight [H] in x's dtype."""
     return torch.ops.nanokv_cpu.rms_norm(x, weight, eps)
 
 
 def rope(x, cos, sin):
-    """apply_rope of models/rope.py in one pass: x [T, heads, D], cos and sin [T, D]."""
+    """apply_rope of nanokv/models/rope.py in one pass: x [T, heads, D], cos and sin [T, D]."""
     return torch.ops.nanokv_cpu.rope(x, cos, sin)

@@ -1,7 +1,7 @@
 """GPU benchmark of nanokv's Triton kernels against torch's fused attention (and flash-attn).
 
-    python kernels/bench.py                         # every shape, results in kernels_bench.json
-    python kernels/bench.py --quick --out q.json    # a few shapes (a minute or so)
+    python -m nanokv.kernels.bench                  # every shape, results in kernels_bench.json
+    python -m nanokv.kernels.bench --quick --out q.json  # a few shapes (a minute or so)
 
 Llama-3-8B attention heads (32 query heads, 8 kv-heads, head_dim 128), blocks of 16 tokens:
 (a) decode: kernels.paged_decode.paged_decode_attention over a pool whose blocks lie at random
@@ -69,7 +69,7 @@ def decode_impls(B, S, dtype):
         return lambda: torch.nn.functional.scaled_dot_product_attention(qg, k, v)
 
     def paged():
-        from kernels.paged_decode import paged_decode_attention
+        from nanokv.kernels.paged_decode import paged_decode_attention
         return lambda: paged_decode_attention(q, q_pos, k_pool, v_pool, pos_pool, tables, lengths)
 
     def flash():
@@ -93,7 +93,7 @@ def prefill_impls(B, T, dtype):
         return lambda: torch.nn.functional.scaled_dot_product_attention(qh, kx, vx, is_causal=True).transpose(1, 2)
 
     def paged():
-        from kernels.prefill import prefill_attention
+        from nanokv.kernels.prefill import prefill_attention
         return lambda: prefill_attention(q, q_pos, cu_seqlens, k_pool, v_pool, pos_pool, tables, lengths)
 
     def flash():
@@ -115,11 +115,11 @@ def write_impls(T, dtype):
     args = (k_pool, v_pool, pos_pool, slots, k, v, positions)
 
     def torch_write():
-        from kernels.reference import write_kv
+        from nanokv.kernels.reference import write_kv
         return lambda: write_kv(*args)
 
     def triton_write():
-        from kernels.write_kv import write_kv
+        from nanokv.kernels.write_kv import write_kv
         return lambda: write_kv(*args)
 
     return [("torch", torch_write), ("write_kv", triton_write)]
@@ -171,7 +171,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
-        print("kernels/bench.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing to benchmark.")
+        print("python -m nanokv.kernels.bench needs a CUDA GPU (torch.cuda.is_available() is False); nothing to benchmark.")
         return 0
     import triton
     try:
@@ -214,5 +214,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run as a script: the repo root
     sys.exit(main())

@@ -1,7 +1,7 @@
 """Attention kernels behind one interface. They take tensors and block tables and know nothing
 of sequences or scheduling. `reference.py` holds the plain-torch maths every kernel must match;
 paged_decode.py, prefill.py and write_kv.py are the Triton kernels; cpu_decode.cpp is the CPU's
-decode (kernels/cpu.py builds it at first use).
+decode (nanokv/kernels/cpu.py builds it at first use).
 
     kernels = kernels_for(device)          # Triton on CUDA, C++ decode and plain torch on CPU
     kernels.decode(q [B, Hq, D], q_pos [B], k_pool, v_pool, pos_pool, tables, lengths, window, return_probs)
@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from kernels import reference
+from nanokv.kernels import reference
 
 KERNELS = ("triton", "cpu", "reference")
 PREFILL_QUERY_CHUNK = 1024  # the reference materializes a chunk's scores: keep them bounded
@@ -82,9 +82,9 @@ def reference_kernels(workspace: reference.Workspace | None = None) -> Kernels:
 
 
 def cpu_kernels(workspace: reference.Workspace | None = None) -> Kernels:
-    """The plain-torch twins with the C++ decode (kernels/cpu.py) where it applies: not when a
+    """The plain-torch twins with the C++ decode (nanokv/kernels/cpu.py) where it applies: not when a
     method wants the attention probabilities back (H2O, TOVA), which only the twin returns."""
-    from kernels import cpu
+    from nanokv.kernels import cpu
 
     plain = reference_kernels(workspace)
     if not cpu.load():
@@ -105,11 +105,11 @@ def cpu_kernels(workspace: reference.Workspace | None = None) -> Kernels:
 
 
 def triton_kernels() -> Kernels:
-    from kernels.paged_decode import paged_decode_attention
-    from kernels.prefill import prefill_attention
-    from kernels.quant_decode import quantized_decode_attention
-    from kernels.quest import page_scores
-    from kernels.write_kv import write_kv
+    from nanokv.kernels.paged_decode import paged_decode_attention
+    from nanokv.kernels.prefill import prefill_attention
+    from nanokv.kernels.quant_decode import quantized_decode_attention
+    from nanokv.kernels.quest import page_scores
+    from nanokv.kernels.write_kv import write_kv
 
     return Kernels("triton", paged_decode_attention, prefill_attention, write_kv, quantized_decode_attention,
                    page_scores)

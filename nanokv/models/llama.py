@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import cpu
-from models.rope import apply_rope, inverse_frequencies, rope_cos_sin
+from nanokv.kernels import cpu
+from nanokv.models.rope import apply_rope, inverse_frequencies, rope_cos_sin
 from nanokv.config import ModelConfig
 
 

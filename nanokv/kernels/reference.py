@@ -5,8 +5,8 @@ dropped tokens, slot i no longer sits at position i, but "key position <= query 
 and "query position - key position < window" stay true statements about the tokens.
 
 `attention_by_position` is the dense, all-float32 statement of the maths; `paged_attention`
-is what the engine runs on CPU: the same rule over per-head block tables, with matmuls in the
-storage dtype and the softmax in float32. Decode spells the maths out: torch's
+is what the engine runs on CPU: the same rule over per-head block tables, with the scores and
+softmax in float32 and P @ V in the storage dtype. Decode spells the maths out: torch's
 scaled_dot_product_attention took ~50 ms a call on CPU for some bfloat16 key lengths, a
 thousand times its usual cost. Long prefill chunks do call it: there it never materializes the
 score matrix, and measured 2.8x faster than the spelled-out form (1024 queries over 2048 keys,
@@ -81,9 +81,10 @@ def attend(q: torch.Tensor, q_pos: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     # The query heads of a group share their kv-head: fold them into the query axis, so one
     # plain batched matmul per kv-head serves the group (a broadcast matmul would copy K per head).
     qg = q.view(B, T, Hkv, group, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, group * T, D)
-    # Matmuls in the storage dtype, softmax in float32: transformers' eager attention does the
-    # same, and upcasting the whole gathered K and V would double the bytes a decode step moves.
-    scores = (qg @ k.transpose(-1, -2)).float() * (1.0 / math.sqrt(D))  # [B, Hkv, group*T, S]
+    # Scores and softmax in float32, as the Triton and C++ kernels and torch's SDPA accumulate
+    # them: rounded to bfloat16 (steps of 0.125 near 20), scores flipped SmolLM2's greedy answer
+    # to the README's first prompt. P @ V stays in the storage dtype (a float32 accumulation).
+    scores = (qg.float() @ k.float().transpose(-1, -2)) * (1.0 / math.sqrt(D))  # [B, Hkv, group*T, S]
     scores.view(B, Hkv, group, T, S).masked_fill_(~allowed[:, :, None], float("-inf"))
     probs = scores.softmax(dim=-1)
     out = (probs.to(v.dtype) @ v).view(B, Hkv, group, T, Dv)
@@ -102,7 +103,7 @@ def quantized_decode_attention(q: torch.Tensor, q_pos: torch.Tensor, quant: "Qua
     full-precision ones follow the usual rule by position. This twin dequantizes every block to
     float32 first (what transformers' quantized caches do at every step, and why KIVI is slower
     than `full` on CPU); the Triton kernel dequantizes in registers as it reads."""
-    from kernels.quant import dequantize_tokens
+    from nanokv.kernels.quant import dequantize_tokens
 
     B, Hq, D = q.shape
     Hkv = tables.shape[1]

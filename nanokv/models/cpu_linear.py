@@ -14,7 +14,7 @@ lookup still reads the plain matrix).
 
 A decode step of one to four sequences is a matrix-vector product, bound by how fast the weights
 stream from memory. oneDNN's blocked layout reached 16-18 GB/s here; a plain loop over the
-row-major weight with the next rows prefetched (kernels/cpu_gemv.cpp) 20-24 GB/s: batch-1 decode
+row-major weight with the next rows prefetched (nanokv/kernels/cpu_gemv.cpp) 20-24 GB/s: batch-1 decode
 went from ~33 to ~40 tokens/s. So a layer may also keep its plain weight (`keep_rows`), which the
 loader does where that second copy fits easily (nanokv/loading.py). That path sums in another
 order, so its bfloat16 result may differ from F.linear's in the last bit.
@@ -23,13 +23,15 @@ order, so its bfloat16 result may differ from F.linear's in the last bit.
 import torch
 from torch import nn
 
-from kernels import cpu
+from nanokv.hardware import onednn_packs_bfloat16
+from nanokv.kernels import cpu
 
 GEMV_MAX_ROWS = 4  # up to this many rows of x, the matrix-vector kernel; beyond, oneDNN
 
 
 def can_pack(dtype: torch.dtype, device) -> bool:
-    return dtype == torch.bfloat16 and torch.device(device).type == "cpu" and torch.backends.mkldnn.is_available()
+    """bfloat16 on a CPU whose oneDNN packs it (elsewhere torch raises; plain F.linear serves)."""
+    return dtype == torch.bfloat16 and torch.device(device).type == "cpu" and onednn_packs_bfloat16()
 
 
 class PackedLinear(nn.Module):

@@ -2,7 +2,7 @@
 `reference.quantized_decode_attention`.
 
 Each (sequence, kv-head) holds its oldest tokens in quantized blocks (KIVI's layout, see
-kernels/quant.py: b-bit codes packed along the head dimension, a float16 scale and zero point per
+nanokv/kernels/quant.py: b-bit codes packed along the head dimension, a float16 scale and zero point per
 group) and its newest ones, the residual, in full-precision blocks. The reference dequantizes every
 block to float32 before attending, as transformers' quantized caches do at every step: that writes
 and rereads 16 / b times the bytes the codes hold, and decode is bound by exactly those bytes. Here
@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.paged_decode import MAX_SPLITS, MIN_SPLIT_TOKENS, _merge_kernel
+from nanokv.kernels.paged_decode import MAX_SPLITS, MIN_SPLIT_TOKENS, _merge_kernel
 
 
 @triton.jit

@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from kernels import cpu
+from nanokv.kernels import cpu
 
 
 def inverse_frequencies(head_dim: int, theta: float, scaling: dict) -> torch.Tensor:
