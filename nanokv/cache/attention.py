@@ -30,6 +30,7 @@ import torch
 
 from nanokv.kernels.reference import attend, gather_blocks, pruned_attention
 from nanokv.cache.kv_cache import PagedKVCache
+from nanokv.cache.pool import HOST
 from nanokv.cache.latent_cache import LatentKVCache
 from nanokv.cache.pruned_cache import PrunedKVCache
 from nanokv.cache.paired import attend_second
@@ -66,7 +67,7 @@ class CacheAttention:
         if self.evicting:
             self.budgets = torch.tensor([self.method.decode_budget(n) for n in self.compress_lens], device=device)
             self.prompt_lens = torch.tensor(self.compress_lens, device=device)
-            self.evicted = torch.zeros(cache.num_layers, len(seq_ids), cache.num_kv_heads, dtype=torch.bool)
+            self.evicted = torch.zeros(cache.num_layers, len(seq_ids), cache.num_kv_heads, dtype=torch.bool, device=HOST)
         self.q_pos = positions.split(query_lens)
         if not self.is_decode:
             self.sequence_state = {seq_id: {} for seq_id in seq_ids}  # PrefillView.sequence_state
@@ -153,7 +154,7 @@ class CacheAttention:
                     result, probs = result
                     evicted = self._evict(layer, tables, lengths, probs, self.positions[members],
                                           self.budgets[members], self.prompt_lens[members])
-                    self.evicted[layer, members.cpu()] = evicted.cpu()
+                    self.evicted[layer, members.to(HOST)] = evicted.to(HOST)
                 out[members] = result
             return out
         outs = []
@@ -288,7 +289,7 @@ class CacheAttention:
                                                    sliding_window, True)
             evicted = self._evict(layer, tables, lengths, probs, pos_t[None], self.budgets[i:i + 1],
                                   self.prompt_lens[i:i + 1])
-            self.cache.drop_last(seq_id, evicted.cpu(), layers=slice(layer, layer + 1))
+            self.cache.drop_last(seq_id, evicted.to(HOST), layers=slice(layer, layer + 1))
             outs.append(out)
         return torch.cat(outs)
 
@@ -306,7 +307,7 @@ class CacheAttention:
             tables, lens = self._held(seq_id, layer)
             outs.append(self._prefill(q[part], q_pos[part], tables, lens, sliding_window)[0])
             keys.append(gather_blocks(pool.k, tables[0])[:, held:held + length])
-            self.cache.drop_last(seq_id, torch.full((1, tables.shape[1]), length), layers=layers)
+            self.cache.drop_last(seq_id, torch.full((1, tables.shape[1]), length, device=HOST), layers=layers)
             start += length
         return torch.cat(outs), (q, torch.cat(keys, dim=1), lengths)
 
@@ -319,7 +320,7 @@ class CacheAttention:
 
         pool, s = self.cache.pool, self.cache.seqs[seq_id]
         n, held = len(queries), int(s.lengths[layer].max())
-        tables = s.tables[layer, :, :int(s.num_blocks[layer].max())]
+        tables = s.tables[layer, :, :int(s.num_blocks[layer].max())].to(pool.device)
         keys = gather_blocks(pool.k, tables)[:, :n]                             # [H, S, D] the prompt's
         positions = gather_blocks(pool.pos, tables[:1])[0, :n]                 # [S]
         view = PrefillView(layer, self.cache.num_layers, queries, keys, positions,
@@ -332,7 +333,7 @@ class CacheAttention:
             if self.token_ids is None or held != len(self.token_ids[i]):
                 raise ValueError(f"method {self.method.name!r} needs the token ids of a prefill from an empty cache")
             view.token_ids = self.token_ids[i][:n]  # a prefill writes its tokens from slot 0, in order
-        prompt = self.cache.flat_slots(tables, torch.arange(n).expand(len(tables), n)).to(pool.device)
+        prompt = self.cache.flat_slots(tables, torch.arange(n, device=pool.device).expand(len(tables), n))
         for name, value in self.method.state_of(view).items():
             pool.fields[name][pool.slot_index(prompt)] = value.to(pool.fields[name].dtype)
         keep = self.method.keep_mask(view)
@@ -342,12 +343,12 @@ class CacheAttention:
         masks = {} if keep is None else {layer: keep}
         masks.update(self.method.earlier_keep_masks(view))  # a cascade re-trims earlier layers (base.py)
         for at, kept in masks.items():
-            kept = kept.cpu()  # block tables live on the CPU
-            generated = torch.ones(kept.shape[0], held - n, dtype=torch.bool)
+            kept = kept.to(HOST)  # block tables live on the host
+            generated = torch.ones(kept.shape[0], held - n, dtype=torch.bool, device=HOST)
             self.cache.compact(seq_id, torch.cat([kept, generated], dim=1)[None], layers=slice(at, at + 1))
         if self.pruned:  # the older kept tokens' keys keep the channels the method picks (ThinK)
-            prompt = torch.full((view.keys.shape[0],), n) if keep is None else keep.sum(-1).cpu()
-            self.cache.prune(seq_id, layer, self.method.key_channels(view, keep).cpu(),
+            prompt = torch.full((view.keys.shape[0],), n, device=HOST) if keep is None else keep.sum(-1).to(HOST)
+            self.cache.prune(seq_id, layer, self.method.key_channels(view, keep).to(HOST),
                              (prompt - self.method.recent).clamp(min=0))
 
     def _evict(self, layer, tables, lengths, probs, q_pos, budgets, prompt_lens) -> torch.Tensor:

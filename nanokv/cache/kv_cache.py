@@ -18,14 +18,14 @@ import torch
 
 from nanokv.kernels import kernels_for
 from nanokv.kernels.reference import Workspace, gather_blocks
-from nanokv.cache.pool import BlockPool, OutOfBlocks
+from nanokv.cache.pool import HOST, BlockPool, OutOfBlocks
 
 
 @dataclass
 class SequenceKV:
-    tables: torch.Tensor       # [L, H, capacity] block ids (-1 past num_blocks)
-    num_blocks: torch.Tensor   # [L, H]
-    lengths: torch.Tensor      # [L, H] tokens held
+    tables: torch.Tensor       # [L, H, capacity] block ids (-1 past num_blocks), on the HOST
+    num_blocks: torch.Tensor   # [L, H], on the HOST
+    lengths: torch.Tensor      # [L, H] tokens held, on the HOST
 
 
 class PagedKVCache:
@@ -36,7 +36,7 @@ class PagedKVCache:
         self.sources = list(range(num_layers))
         # slots one token takes in each layer's heads: 1, or 0 in a layer that reads another's KV
         # (share_layers), or the chunks of a latent (nanokv/cache/latent_cache.py)
-        self.slots_per_token = torch.ones(num_layers, dtype=torch.int64)
+        self.slots_per_token = torch.ones(num_layers, dtype=torch.int64, device=HOST)
         self.uneven = False  # some layer's token takes other than one slot
         self.seqs: dict[int, SequenceKV] = {}
         self.workspace = Workspace()  # scratch for attention's gathers, reused every layer and step
@@ -63,23 +63,24 @@ class PagedKVCache:
             raise ValueError(f"layer sources must map each of {self.num_layers} layers to itself or to an "
                              f"earlier layer that reads its own, got {sources}")
         self.sources = list(sources)
-        self.set_slots_per_token(torch.tensor([int(s == l) for l, s in enumerate(sources)]))
+        self.set_slots_per_token(torch.tensor([int(s == l) for l, s in enumerate(sources)], device=HOST))
 
     def set_slots_per_token(self, slots: torch.Tensor):
         """How many slots one token takes in each layer [L] (before any sequence is added)."""
-        self.slots_per_token = slots.to(torch.int64)
+        self.slots_per_token = slots.to(HOST, torch.int64)
         self.uneven = bool((self.slots_per_token != 1).any())
 
     # --- sequences --------------------------------------------------------------------
 
     def add(self, seq_id: int):
         L, H = self.num_layers, self.num_kv_heads
-        self.seqs[seq_id] = SequenceKV(torch.full((L, H, 4), -1, dtype=torch.int64),
-                                       torch.zeros(L, H, dtype=torch.int64), torch.zeros(L, H, dtype=torch.int64))
+        self.seqs[seq_id] = SequenceKV(torch.full((L, H, 4), -1, dtype=torch.int64, device=HOST),
+                                       torch.zeros(L, H, dtype=torch.int64, device=HOST),
+                                       torch.zeros(L, H, dtype=torch.int64, device=HOST))
 
     def free(self, seq_id: int):
         s = self.seqs.pop(seq_id)
-        held = torch.arange(s.tables.shape[-1]) < s.num_blocks[..., None]
+        held = torch.arange(s.tables.shape[-1], device=HOST) < s.num_blocks[..., None]
         self.pool.free(s.tables[held])
 
     def blocks_to_append(self, seq_id: int | None, n: int) -> int:
@@ -111,7 +112,7 @@ class PagedKVCache:
 
     def append_slots(self, seq_id: int, n: int, layers: slice | None = None) -> torch.Tensor:
         """Reserve room for n new tokens in every head of `layers` (all by default) -> their flat
-        slots [L', H, n]."""
+        slots [L', H, n], on the HOST (the caller moves them to the pool's device to write)."""
         s = self.seqs[seq_id]
         layers = layers or slice(0, self.num_layers)
         lengths, num_blocks = s.lengths[layers], s.num_blocks[layers]
@@ -126,10 +127,10 @@ class PagedKVCache:
             place_blocks(s.tables[layers], num_blocks, extra, ids)
             s.num_blocks[layers] = torch.maximum(num_blocks, need)
         if not self.uneven:
-            slots = self.flat_slots(s.tables[layers], lengths[..., None] + torch.arange(n))  # [L', H, n]
+            slots = self.flat_slots(s.tables[layers], lengths[..., None] + torch.arange(n, device=HOST))  # [L', H, n]
         else:  # [L', H, most slots]: -1 past each layer's
-            taken = torch.arange(int(n.max())) < n[..., None]
-            logical = torch.where(taken, lengths[..., None] + torch.arange(taken.shape[-1]), 0)
+            taken = torch.arange(int(n.max()), device=HOST) < n[..., None]
+            logical = torch.where(taken, lengths[..., None] + torch.arange(taken.shape[-1], device=HOST), 0)
             slots = torch.where(taken, self.flat_slots(s.tables[layers], logical), -1)
         s.lengths[layers] = lengths + n
         return slots
@@ -167,13 +168,14 @@ class PagedKVCache:
         s = self.seqs[seq_id]
         layers = layers or slice(0, self.num_layers)
         tables, lengths = s.tables[layers], s.lengths[layers]
+        keep = keep.to(HOST)
         S = keep.shape[-1]
-        if bool((keep & (torch.arange(S) >= lengths[..., None])).any()):
+        if bool((keep & (torch.arange(S, device=HOST) >= lengths[..., None])).any()):
             raise ValueError("compact: keep marks slots past a head's length")
         keep = keep[..., :tables.shape[-1] * self.block_size]  # a wider mask (padded to a batch) marks nothing there
         S = keep.shape[-1]
         counts = keep.sum(-1)                                                # [L', H]
-        src = self.flat_slots(tables, torch.arange(S).expand_as(keep))[keep]
+        src = self.flat_slots(tables, torch.arange(S, device=HOST).expand_as(keep))[keep]
         dst_logical = torch.cumsum(keep, -1) - 1                             # rank among kept
         dst = self.flat_slots(tables, dst_logical.clamp(min=0))[keep]
         self.move_slots(src, dst)
@@ -186,12 +188,13 @@ class PagedKVCache:
         evicted one's place; a scoring pass goes whole)."""
         s = self.seqs[seq_id]
         layers = layers or slice(0, self.num_layers)
-        self._shrink(s, layers, s.lengths[layers] - drop.long())
+        self._shrink(s, layers, s.lengths[layers] - drop.to(HOST, torch.int64))
         self._refresh_key_bounds(s, layers)
 
     def move_slots(self, src: torch.Tensor, dst: torch.Tensor):
-        """Copy every slot field from flat slots `src` to flat slots `dst`."""
-        src, dst = self.pool.slot_index(src), self.pool.slot_index(dst)
+        """Copy every slot field from flat slots `src` to flat slots `dst` (on any device)."""
+        device = self.pool.device
+        src, dst = self.pool.slot_index(src.to(device)), self.pool.slot_index(dst.to(device))
         for field in self.pool.fields.values():
             field[dst] = field[src]  # advanced indexing reads a copy first, so overlaps are safe
 
@@ -204,9 +207,10 @@ class PagedKVCache:
         width = int(s.num_blocks[layers].max())
         if width == 0:
             return
-        tables = tables[..., :width]
+        device = self.pool.device
+        tables, lengths = tables[..., :width].to(device), lengths.to(device)
         keys = gather_blocks(self.pool.k, tables).float()                       # [L', H, S, D]
-        held = (torch.arange(keys.shape[2]) < lengths[..., None])[..., None]
+        held = (torch.arange(keys.shape[2], device=device) < lengths[..., None])[..., None]
         per_block = (*tables.shape, self.block_size, keys.shape[-1])
         kmin = keys.masked_fill(~held, float("inf")).view(per_block).amin(-2)
         kmax = keys.masked_fill(~held, float("-inf")).view(per_block).amax(-2)
@@ -218,7 +222,7 @@ class PagedKVCache:
         """Set the heads' lengths and give back the blocks past what they now need."""
         tables = s.tables[layers]
         need = self.blocks_for(lengths)
-        cols = torch.arange(tables.shape[-1])
+        cols = torch.arange(tables.shape[-1], device=HOST)
         tail = (cols >= need[..., None]) & (cols < s.num_blocks[layers][..., None])
         self.pool.free(tables[tail])
         tables[tail] = -1
@@ -261,7 +265,7 @@ def grown_to(tables: torch.Tensor, columns: int) -> torch.Tensor:
     """`tables` [L, H, capacity], widened (padded with -1, at least doubling) to hold `columns`."""
     if columns <= tables.shape[-1]:
         return tables
-    grown = torch.full((*tables.shape[:2], max(columns, 2 * tables.shape[-1])), -1, dtype=torch.int64)
+    grown = torch.full((*tables.shape[:2], max(columns, 2 * tables.shape[-1])), -1, dtype=torch.int64, device=HOST)
     grown[..., :tables.shape[-1]] = tables
     return grown
 
@@ -269,9 +273,9 @@ def grown_to(tables: torch.Tensor, columns: int) -> torch.Tensor:
 def place_blocks(tables: torch.Tensor, num_blocks: torch.Tensor, extra: torch.Tensor, ids: torch.Tensor):
     """Write new block ids into `tables` [L', H, capacity] (a view, written in place): head (l, h)
     gets `extra[l, h]` of them, taken from `ids` in order, at columns num_blocks[l, h] onwards."""
-    rows = torch.repeat_interleave(torch.arange(extra.numel()), extra.flatten())
+    rows = torch.repeat_interleave(torch.arange(extra.numel(), device=HOST), extra.flatten())
     first = torch.cumsum(extra.flatten(), 0) - extra.flatten()
-    cols = num_blocks.flatten()[rows] + torch.arange(len(ids)) - first[rows]
+    cols = num_blocks.flatten()[rows] + torch.arange(len(ids), device=HOST) - first[rows]
     tables.reshape(-1, tables.shape[-1])[rows, cols] = ids
 
 

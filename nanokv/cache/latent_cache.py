@@ -41,7 +41,7 @@ import torch
 
 from nanokv.models.rope import apply_rope, rope_cos_sin
 from nanokv.cache.kv_cache import PagedKVCache
-from nanokv.cache.pool import BlockPool
+from nanokv.cache.pool import HOST, BlockPool
 
 CHUNK = 16  # channels a slot holds in each of its k and v fields
 
@@ -73,7 +73,7 @@ class LatentKVCache(PagedKVCache):
         self.inv_freq, self._table = inv_freq, None  # RoPE's cos and sin by position (_cos_sin)
         self.layers = [LatentLayer(*(t.to(pool.device, torch.float32) for t in (l.k_basis, l.v_basis,
                                                                                l.k_bias, l.v_bias))) for l in layers]
-        self.set_slots_per_token(torch.tensor([l.slots(pool.head_dim) for l in layers]))
+        self.set_slots_per_token(torch.tensor([l.slots(pool.head_dim) for l in layers], device=HOST))
 
     @classmethod
     def from_memory(cls, cfg, kv_cache_memory: int, layers: list[LatentLayer], group: int, inv_freq: torch.Tensor,
@@ -156,7 +156,7 @@ class LatentKVCache(PagedKVCache):
         block rounding and no chunk padding."""
         lengths = self.seqs[seq_id].lengths                                        # [L, G] slots
         tokens = lengths // self.slots_per_token[:, None]
-        per_token = torch.tensor([sum(l.ranks) * self.pool.dtype.itemsize + 4 for l in self.layers])
+        per_token = torch.tensor([sum(l.ranks) * self.pool.dtype.itemsize + 4 for l in self.layers], device=HOST)
         return int((tokens * per_token[:, None]).sum())
 
     def uncompressed_bytes(self, tokens: int) -> int:

@@ -26,6 +26,7 @@ import torch
 
 from nanokv.kernels.reference import attend, gather_blocks
 from nanokv.cache.kv_cache import PagedKVCache
+from nanokv.cache.pool import HOST
 
 HIDDEN = torch.iinfo(torch.int32).max  # a position no query reaches: the slot is masked
 
@@ -62,8 +63,8 @@ class PairedKVCache(PagedKVCache):
         for name in ("k", "v", *self.MAGNITUDES):
             pool.fields[name][pool.slot_index(prompt)] = merged[name].to(pool.fields[name].dtype)
         self._refresh_key_bounds(s, slice(a, a + 1))
-        keep = merged["keep"].cpu()  # block tables live on the CPU
-        after = torch.ones(H, int(s.lengths[b].max()) - n, dtype=torch.bool)
+        keep = merged["keep"].to(HOST)  # block tables live on the host
+        after = torch.ones(H, int(s.lengths[b].max()) - n, dtype=torch.bool, device=HOST)
         self.compact(seq_id, torch.cat([keep, after], dim=1)[None], layers=slice(b, b + 1))
 
     # --- reading layer b ---------------------------------------------------------------

@@ -14,6 +14,11 @@ from __future__ import annotations
 
 import torch
 
+# Where the bookkeeping lives: block tables, lengths and the free list stay in host memory, since
+# the scheduler and the cache read them in Python every step. K, V and every slot field live on
+# the pool's device; a step moves the tables it needs there once (nanokv/cache/attention.py).
+HOST = torch.device("cpu")
+
 
 class OutOfBlocks(RuntimeError):
     """The pool cannot serve an allocation. The scheduler checks free blocks before every step
@@ -27,7 +32,7 @@ class BlockPool:
         if num_blocks <= 0:
             raise ValueError(f"the KV-cache pool needs at least one block, got num_blocks={num_blocks}")
         self.num_blocks, self.block_size, self.head_dim = num_blocks, block_size, head_dim
-        self.dtype, self.device = dtype, device
+        self.dtype, self.device = dtype, torch.device(device)
         shape = (num_blocks, block_size)
         # Attention reads whole blocks and masks the slots past a head's length, so every slot
         # it can reach must hold a finite number (0 * NaN is NaN): blocks are zeroed when handed
@@ -56,9 +61,9 @@ class BlockPool:
         ids go back reversed), so one allocation out of a fresh pool, or out of what one free gave
         back, is ascending neighbouring blocks: a head's prefill then lies in one run of memory,
         which the CPU reads ~1.5x faster than scattered blocks (decode attention, measured)."""
-        self._free = torch.arange(num_blocks - 1, first - 1, -1, dtype=torch.int64)
+        self._free = torch.arange(num_blocks - 1, first - 1, -1, dtype=torch.int64, device=HOST)
         self._num_free = num_blocks - first
-        self._in_use = torch.zeros(num_blocks, dtype=torch.bool)  # guards double frees
+        self._in_use = torch.zeros(num_blocks, dtype=torch.bool, device=HOST)  # guards double frees
 
     # --- fields -----------------------------------------------------------------------
 
@@ -90,20 +95,24 @@ class BlockPool:
         ids = self._free[self._num_free - n:self._num_free].flip(0)
         self._num_free -= n
         self._in_use[ids] = True
-        self.fields["k"][ids] = 0
-        self.fields["v"][ids] = 0
+        on_device = ids.to(self.device)
+        self.fields["k"][on_device] = 0
+        self.fields["v"][on_device] = 0
         if self.block_fields:  # empty bounds, which the first write replaces
-            self.block_fields["kmin"][ids] = torch.finfo(self.dtype).max
-            self.block_fields["kmax"][ids] = torch.finfo(self.dtype).min
+            self.block_fields["kmin"][on_device] = torch.finfo(self.dtype).max
+            self.block_fields["kmax"][on_device] = torch.finfo(self.dtype).min
         return ids
 
     def slot_index(self, slots: torch.Tensor):
         """Flat slots (block * block_size + offset) as an index into any slot field, to read and to
         assign: `field[pool.slot_index(slots)]`. Works on strided fields too (a quantized pool keeps
-        every field of a block in one row, so its fields cannot be flattened to slots)."""
+        every field of a block in one row, so its fields cannot be flattened to slots). Slots
+        worked out from the HOST's block tables move to the pool's device here."""
+        slots = slots.to(self.device)
         return slots // self.block_size, slots % self.block_size
 
     def free(self, ids: torch.Tensor):
+        ids = ids.to(HOST)
         if len(ids) == 0:
             return
         if not bool(self._in_use[ids].all()) or len(torch.unique(ids)) != len(ids):

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from nanokv.cache.kv_cache import PagedKVCache, SequenceKV, grown_to, place_blocks
-from nanokv.cache.pool import BlockPool, align, numel, row_views
+from nanokv.cache.pool import HOST, BlockPool, align, numel, row_views
 
 
 class PrunedBlockPool(BlockPool):
@@ -32,7 +32,7 @@ class PrunedBlockPool(BlockPool):
         if num_blocks <= 1:
             raise ValueError(f"a pruned KV-cache pool needs at least two blocks, got num_blocks={num_blocks}")
         self.num_blocks, self.block_size, self.head_dim = num_blocks, block_size, head_dim
-        self.key_channels, self.dtype, self.device = key_channels, dtype, device
+        self.key_channels, self.dtype, self.device = key_channels, dtype, torch.device(device)
         full = layout(block_size, head_dim, head_dim, dtype)
         self.unit_bytes = sum(align(t.itemsize * numel(shape)) for t, shape in full.values())
         n = self.unit_bytes // ((key_channels + head_dim) * dtype.itemsize + 4)
@@ -50,11 +50,12 @@ class PrunedBlockPool(BlockPool):
 
     def allocate(self, n: int) -> torch.Tensor:
         ids = super().allocate(n)
-        self.arena[ids] = 0  # either kind reads zeros, never NaN, past what it holds
+        self.arena[ids.to(self.device)] = 0  # either kind reads zeros, never NaN, past what it holds
         return ids
 
     def slim_index(self, slots: torch.Tensor):
         """Flat slim slots (block * slim_block_size + offset) as an index into a slim field."""
+        slots = slots.to(self.device)
         return slots // self.slim_block_size, slots % self.slim_block_size
 
     @property
@@ -94,14 +95,14 @@ class PrunedKVCache(PagedKVCache):
         super().add(seq_id)
         s = self.seqs[seq_id]
         L, H, kD = self.num_layers, self.num_kv_heads, self.pool.key_channels
-        zeros = lambda: torch.zeros(L, H, dtype=torch.int64)
+        zeros = lambda *shape: torch.zeros(*shape, dtype=torch.int64, device=HOST)
         self.seqs[seq_id] = PrunedSequenceKV(s.tables, s.num_blocks, s.lengths,
-                                             torch.full((L, H, 4), -1, dtype=torch.int64), zeros(), zeros(),
-                                             torch.zeros(L, H, kD, dtype=torch.int64))
+                                             torch.full((L, H, 4), -1, dtype=torch.int64, device=HOST),
+                                             zeros(L, H), zeros(L, H), zeros(L, H, kD))
 
     def free(self, seq_id: int):
         s = self.seqs[seq_id]
-        held = torch.arange(s.stables.shape[-1]) < s.num_sblocks[..., None]
+        held = torch.arange(s.stables.shape[-1], device=HOST) < s.num_sblocks[..., None]
         super().free(seq_id)
         self.pool.free(s.stables[held])
 
@@ -112,11 +113,12 @@ class PrunedKVCache(PagedKVCache):
         s, pool, n = self.seqs[seq_id], self.pool, self.pool.slim_block_size
         H = self.num_kv_heads
         tables, lengths = s.tables[layer:layer + 1], s.lengths[layer:layer + 1]
-        logical = torch.arange(int(lengths.max())).expand(1, H, -1)
+        counts, channels = counts.to(HOST), channels.to(HOST)
+        logical = torch.arange(int(lengths.max()), device=HOST).expand(1, H, -1)
         taken = logical < counts[None, :, None]                                 # [1, H, S] the oldest
         at = pool.slot_index(self.flat_slots(tables, logical)[taken])           # head by head, oldest first
-        head = torch.repeat_interleave(torch.arange(H), counts)
-        keys = pool.fields["k"][at].gather(-1, channels.to(pool.device)[head])  # [N, kD]
+        head = torch.repeat_interleave(torch.arange(H, device=HOST), counts)
+        keys = pool.fields["k"][at].gather(-1, channels[head].to(pool.device))  # [N, kD]
         values, positions = pool.fields["v"][at], pool.fields["pos"][at]
         self.compact(seq_id, ~taken & (logical < lengths[..., None]), layers=slice(layer, layer + 1))
         blocks = (counts + n - 1) // n
@@ -126,7 +128,7 @@ class PrunedKVCache(PagedKVCache):
         s.num_sblocks[layer] = blocks
         s.slim_lengths[layer] = counts
         s.channels[layer] = channels
-        index = torch.cat([torch.arange(int(c)) for c in counts])               # each token's slot in its head
+        index = torch.cat([torch.arange(int(c), device=HOST) for c in counts])  # each token's slot in its head
         slots = s.stables[layer, head, index // n] * n + index % n
         for name, value in (("k", keys), ("v", values), ("pos", positions)):
             pool.slim_fields[name][pool.slim_index(slots)] = value

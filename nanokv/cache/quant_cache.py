@@ -23,6 +23,7 @@ import torch
 
 from nanokv.kernels.quant import quantize_tokens
 from nanokv.cache.kv_cache import PagedKVCache, SequenceKV, grown_to, place_blocks
+from nanokv.cache.pool import HOST
 from nanokv.cache.quant_pool import SCALE_DTYPE, QuantizedBlockPool, QuantSpec
 
 
@@ -55,12 +56,12 @@ class QuantizedKVCache(PagedKVCache):
         s = self.seqs[seq_id]
         L, H = self.num_layers, self.num_kv_heads
         self.seqs[seq_id] = QuantSequenceKV(s.tables, s.num_blocks, s.lengths,
-                                            torch.full((L, H, 4), -1, dtype=torch.int64),
-                                            torch.zeros(L, H, dtype=torch.int64))
+                                            torch.full((L, H, 4), -1, dtype=torch.int64, device=HOST),
+                                            torch.zeros(L, H, dtype=torch.int64, device=HOST))
 
     def free(self, seq_id: int):
         s = self.seqs[seq_id]
-        held = torch.arange(s.qtables.shape[-1]) < s.num_qblocks[..., None]
+        held = torch.arange(s.qtables.shape[-1], device=HOST) < s.num_qblocks[..., None]
         super().free(seq_id)
         self.pool.free(s.qtables[held])
 
@@ -77,7 +78,7 @@ class QuantizedKVCache(PagedKVCache):
         if n == 0:
             return
         tables, lengths = s.tables[layers], s.lengths[layers]
-        logical = torch.arange(int(lengths.max())).expand(*lengths.shape, -1)
+        logical = torch.arange(int(lengths.max()), device=HOST).expand(*lengths.shape, -1)
         taken = logical < (new * R)[..., None]                                # the oldest new * R tokens
         at = self.pool.slot_index(self.flat_slots(tables, logical)[taken])    # head by head, oldest first
         k = self.pool.fields["k"][at].view(n, R, -1)
@@ -88,7 +89,7 @@ class QuantizedKVCache(PagedKVCache):
         self.compact(seq_id, ~taken & (logical < lengths[..., None]), layers)
         ids = self.pool.allocate(n)
         for name, value in packed.items():
-            self.pool.qfields[name][ids] = value
+            self.pool.qfields[name][ids.to(self.pool.device)] = value
         s.qtables = grown_to(s.qtables, int((s.num_qblocks[layers] + new).max()))
         place_blocks(s.qtables[layers], s.num_qblocks[layers], new, ids)
         s.num_qblocks[layers] += new

@@ -74,7 +74,7 @@ class QuantizedBlockPool(BlockPool):
         if num_blocks <= 1:
             raise ValueError(f"a quantized KV-cache pool needs at least two blocks, got num_blocks={num_blocks}")
         self.spec, self.num_blocks, self.head_dim = spec, num_blocks, head_dim
-        self.dtype, self.device = dtype, device
+        self.dtype, self.device = dtype, torch.device(device)
         self.block_size = spec.full_block_size(head_dim, dtype)
         self.unit_bytes = spec.unit_bytes(head_dim)
         # empty, not zeros: on CPU untouched rows cost nothing; allocate() zeroes what attention reads

@@ -27,7 +27,7 @@ class ModelRunner:
     def step(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
         if not is_prefill:
             ids = [s.last_token_id for s in seqs]
-            positions = torch.tensor([len(s) - 1 for s in seqs])
+            positions = torch.tensor([len(s) - 1 for s in seqs], device=self.device)
             hidden = self._forward(seqs, [1] * len(seqs), ids, positions)
             for s in seqs:
                 s.num_cached += 1
@@ -43,17 +43,18 @@ class ModelRunner:
             head = s.all_token_ids[:n] if later else s.all_token_ids
             ids += head + sum(s.scoring_passes, [])
             # each scoring pass sits right after the prompt, as if it were the only one
-            positions += [torch.arange(len(head))] + [torch.arange(n, n + len(p)) for p in s.scoring_passes]
+            positions += [torch.arange(len(head), device=self.device)] + [torch.arange(n, n + len(p), device=self.device)
+                                                                       for p in s.scoring_passes]
             last.append(sum(query_lens) + len(head) - 1)  # the prompt's last token, before any pass
             query_lens.append(len(head) + sum(len(p) for p in s.scoring_passes))
         hidden = self._forward(seqs, query_lens, ids, torch.cat(positions))[last]
         rest = [i for i, (s, later) in enumerate(zip(seqs, split)) if later and len(s) > s.compress_len]
         if rest:
             tails = [seqs[i].all_token_ids[seqs[i].compress_len:] for i in rest]
-            tail_positions = torch.cat([torch.arange(seqs[i].compress_len, len(seqs[i])) for i in rest])
+            tail_positions = torch.cat([torch.arange(seqs[i].compress_len, len(seqs[i]), device=self.device) for i in rest])
             tail_hidden = self._forward([seqs[i] for i in rest], [len(t) for t in tails], sum(tails, []),
                                         tail_positions, compress=False)
-            hidden[rest] = tail_hidden[torch.tensor([len(t) for t in tails]).cumsum(0) - 1]
+            hidden[rest] = tail_hidden[torch.tensor([len(t) for t in tails], device=self.device).cumsum(0) - 1]
         for s in seqs:
             s.num_cached = len(s)
         return self._sample(seqs, hidden)
@@ -61,10 +62,10 @@ class ModelRunner:
     def _forward(self, seqs, query_lens, ids, positions, compress=True):
         """The model over the cache for these sequences' new tokens -> hidden states [T, hidden]."""
         ids = torch.tensor(ids, device=self.device)
-        attention = CacheAttention(self.cache, [s.id for s in seqs], query_lens, positions.to(self.device),
+        attention = CacheAttention(self.cache, [s.id for s in seqs], query_lens, positions,
                                    self.method if compress else None, [s.compress_len for s in seqs], ids,
                                    [[len(p) for p in s.scoring_passes] for s in seqs] if compress else None)
-        hidden = self.model(ids, positions.to(self.device), attention)
+        hidden = self.model(ids, positions, attention)
         attention.finish()
         self.last_bytes_read = attention.bytes_read  # decode: the KV bytes attention read, all layers
         return hidden

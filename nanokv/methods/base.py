@@ -172,9 +172,10 @@ def hashed_uniform(seed: int, layer: int, head, position) -> torch.Tensor:
     order or preemption (a random merge's draw: see the module docstring)."""
     from nanokv.methods.keyformer import _hash32  # the integer mix of Keyformer's noise
 
-    h = _hash32(torch.tensor(seed & 0xFFFFFFFF, dtype=torch.int64))
+    device = next((p.device for p in (head, position) if isinstance(p, torch.Tensor)), torch.device("cpu"))
+    h = _hash32(torch.tensor(seed & 0xFFFFFFFF, dtype=torch.int64, device=device))
     for part in (layer, head, position):
-        h = _hash32(h ^ (torch.as_tensor(part).long() & 0xFFFFFFFF))
+        h = _hash32(h ^ (torch.as_tensor(part, device=device).long() & 0xFFFFFFFF))
     return ((h >> 9).float() + 0.5) / 2.0 ** 23                       # 23 bits, exact in float32
 
 
@@ -350,7 +351,7 @@ class Method:
         """scores [H, S] with the newest recent_window(decode budget) slots set to +inf: at prefill
         a decode-time method keeps the window its decode never evicts."""
         S = scores.shape[1]
-        recent = int(self.recent_window(torch.tensor(self.decode_budget(S))))
+        recent = int(self.recent_window(torch.tensor(self.decode_budget(S), device=scores.device)))
         scores[:, S - recent:] = float("inf")
         return scores
 

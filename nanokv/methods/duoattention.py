@@ -52,7 +52,7 @@ class DuoAttention(Method):
                              f"{self.name} (what a streaming head keeps)")
 
     def bind_calibration(self, artifact: dict):
-        self.head_scores = torch.tensor(artifact["head_scores"], dtype=torch.float64)
+        self.head_scores = torch.tensor(artifact["head_scores"], dtype=torch.float64, device="cpu")  # a profile: read once
 
     def streaming_heads(self, n: int) -> torch.Tensor:
         """[L, H] bool: the heads that stream for an n-token prompt."""
@@ -60,7 +60,7 @@ class DuoAttention(Method):
             raise ValueError(f"method {self.name!r} has no calibration: bind_calibration first "
                              f"(LLM does; make one with python -m nanokv.calibrate {self.calibration})")
         window = self.sink_size + self.recent_size
-        streaming = torch.zeros(self.head_scores.shape, dtype=torch.bool)
+        streaming = torch.zeros(self.head_scores.shape, dtype=torch.bool, device="cpu")
         if not self.compresses or n <= window:
             return streaming
         fraction = min(1.0, max(0.0, (n - self.tokens_to_keep(n)) / (n - window)))
@@ -80,7 +80,7 @@ class DuoAttention(Method):
     def scores(self, view: PrefillView) -> torch.Tensor:
         """A streaming head's order: its sinks first, then the newest tokens."""
         H, S = view.keys.shape[:2]
-        recency = torch.arange(S, dtype=torch.float32)
+        recency = torch.arange(S, dtype=torch.float32, device=view.keys.device)
         recency[:self.sink_size] = float("inf")
         return recency.expand(H, S)
 

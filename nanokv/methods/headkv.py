@@ -42,7 +42,7 @@ class HeadKV(SnapKV):
     head_shares: torch.Tensor | None = None  # [L, H] the normalized profile, from bind_calibration
 
     def bind_calibration(self, artifact: dict):
-        scores = torch.tensor(artifact["head_scores"], dtype=torch.float64).clamp(min=0)
+        scores = torch.tensor(artifact["head_scores"], dtype=torch.float64, device="cpu").clamp(min=0)  # a profile
         total = float(scores.sum())
         shares = scores / total if total > 0 else torch.full_like(scores, 1 / scores.numel())
         shares = shares ** self.temp

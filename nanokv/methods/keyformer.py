@@ -49,10 +49,11 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
 def exponential_noise(seed: int, layer: int, q_pos, q_head, k_pos) -> torch.Tensor:
     """Exponential(1) noise E, float32, one value per (seed, layer, query position, query head,
     key position); the tensor arguments broadcast together (int64). -log E is Gumbel(0, 1)."""
-    h = _hash32(torch.tensor(seed & M32, dtype=torch.int64))
+    device = next((p.device for p in (q_pos, q_head, k_pos) if isinstance(p, torch.Tensor)), torch.device("cpu"))
+    h = _hash32(torch.tensor(seed & M32, dtype=torch.int64, device=device))
     h = _hash32(h ^ (layer & M32))
     for part in (q_pos, q_head, k_pos):
-        h = _hash32(h ^ (torch.as_tensor(part).long() & M32))
+        h = _hash32(h ^ (torch.as_tensor(part, device=device).long() & M32))
     u = ((h >> 9).float() + 0.5) / 2.0 ** 23              # 23 bits, exact in float32: in (0, 1)
     return -torch.log1p(u - 1)                            # u - 1 is exact too
 
@@ -78,7 +79,8 @@ class Keyformer(Method):
 
     def temperature(self, step):
         """τ at decode step `step` (0 is the prompt, 1 the first generated token): a tensor or int."""
-        step = torch.as_tensor(step).clamp(min=0, max=self.tau_steps)
+        step = torch.as_tensor(step, device=step.device if isinstance(step, torch.Tensor) else "cpu")
+        step = step.clamp(min=0, max=self.tau_steps)
         return self.tau_init + (self.tau_end - self.tau_init) * step / self.tau_steps
 
     def noised(self, probs, tau, layer, q_pos, q_head, k_pos):

@@ -76,7 +76,8 @@ class KVzip(Method):
         H, S, D = view.keys.shape
         queries, own_keys = view.scoring_queries.float(), view.scoring_keys.float()
         group = queries.shape[1] // H
-        scores = torch.zeros(H, S)
+        device = view.keys.device
+        scores = torch.zeros(H, S, device=device)
         offset = 0  # where this chunk's reconstruction starts in the scoring pass
         for (start, end), m in zip(self.chunks(S), view.scoring_lengths):
             q = queries[offset:offset + m]                                         # [m, Hq, D]
@@ -84,11 +85,11 @@ class KVzip(Method):
             keys = torch.cat([view.keys[:, :sinks].float(), view.keys[:, start:end].float(),
                               own_keys[:, offset:offset + m]], dim=1)               # [H, K, D]
             keys = keys.repeat_interleave(group, dim=0)
-            best = torch.zeros(H * group, end - start)
+            best = torch.zeros(H * group, end - start, device=device)
             rows = max(1, ROW_BYTES // (4 * keys.shape[0] * keys.shape[1]))
             for r in range(0, m, rows):  # a block of queries at a time: logits [Hq, rows, K]
                 logits = torch.einsum("mhd,hkd->hmk", q[r:r + rows], keys) / math.sqrt(D)
-                future = torch.arange(m)[None, :] > torch.arange(r, min(m, r + rows))[:, None]
+                future = torch.arange(m, device=device)[None, :] > torch.arange(r, min(m, r + rows), device=device)[:, None]
                 logits[:, :, -m:] = logits[:, :, -m:].masked_fill(future, float("-inf"))
                 probs = logits.softmax(dim=-1)[:, :, sinks:sinks + end - start]   # [Hq, rows, chunk]
                 best = torch.maximum(best, probs.amax(dim=1))

@@ -16,5 +16,6 @@ class RandomMethod(Method):
     options = {"seed": (int, 0, "an integer", lambda v: True)}
 
     def scores(self, view: PrefillView) -> torch.Tensor:
+        # drawn on the CPU, so a seed keeps the same tokens on every device
         g = torch.Generator().manual_seed(self.seed * 100003 + view.layer)
-        return torch.rand(view.keys.shape[:2], generator=g)
+        return torch.rand(view.keys.shape[:2], generator=g, device="cpu").to(view.keys.device)

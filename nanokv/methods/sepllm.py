@@ -49,7 +49,7 @@ class SepLLM(Method):
             raise ValueError(f"budget={self.budget} must exceed sink_tokens={self.sink_tokens} for sepllm")
 
     def bind_vocabulary(self, texts: list[str]):
-        self.separator_ids = torch.tensor([is_separator(t) for t in texts], dtype=torch.bool)
+        self.separator_ids = torch.tensor([is_separator(t) for t in texts], dtype=torch.bool, device="cpu")
 
     def split(self, budget: int) -> tuple[int, int, int]:
         """(sinks a, most separators s, window w) of a head holding `budget` tokens."""
@@ -62,16 +62,17 @@ class SepLLM(Method):
             raise ValueError("sepllm needs the prompt's token ids and the vocabulary (the engine gives both)")
         H, S = view.keys.shape[:2]
         a, s, w = self.split(min(S, self.layer_budget(S, view.layer, view.num_layers)))
-        ids = view.token_ids.cpu()
+        device = view.keys.device
+        ids = view.token_ids.to(device)
         known = ids < len(self.separator_ids)
-        separator = torch.zeros(S, dtype=torch.bool)
-        separator[known] = self.separator_ids[ids[known]]
-        recency = torch.arange(S, dtype=torch.float32)           # the rest: the newest first
-        middle = torch.arange(S) < S - w
+        separator = torch.zeros(S, dtype=torch.bool, device=device)
+        separator[known] = self.separator_ids.to(device)[ids[known]]
+        recency = torch.arange(S, dtype=torch.float32, device=device)   # the rest: the newest first
+        middle = torch.arange(S, device=device) < S - w
         middle[:a] = False
-        chosen = (separator & middle).nonzero().flatten()[-s:] if s else torch.zeros(0, dtype=torch.long)
+        chosen = (separator & middle).nonzero().flatten()[-s:] if s else torch.zeros(0, dtype=torch.long, device=device)
         scores = recency.clone()
         scores[chosen] += S                                       # the s latest separators outside the window
         scores[S - w:] += 2 * S                                   # the window
         scores[:a] = float("inf")                                 # the sinks
-        return scores.expand(H, S).to(view.keys.device)
+        return scores.expand(H, S)

@@ -26,6 +26,6 @@ class StreamingLLM(Method):
 
     def scores(self, view: PrefillView) -> torch.Tensor:
         H, S = view.keys.shape[:2]
-        recency = torch.arange(S, dtype=torch.float32)               # later slots score higher
+        recency = torch.arange(S, dtype=torch.float32, device=view.keys.device)  # later slots score higher
         recency[:self.sink_tokens] = float("inf")                     # sinks always win
         return recency.expand(H, S)
