@@ -1,12 +1,18 @@
 import os
 
-# Triton kernels run under the interpreter on CPU; this must be set before any import.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+# Triton compiles its kernels for a CUDA GPU, or runs them in its interpreter on CPU tensors. The
+# choice is made once per process, when the kernels are imported, so it is made here: natively
+# where a GPU is (make test-gpu), interpreted elsewhere. TRITON_INTERPRET=1 forces the interpreter.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
-torch.set_num_threads(max(1, os.cpu_count() or 1))
+# pytest-xdist workers share the cores
+torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 
 def real_gguf(name: str):
@@ -46,3 +52,14 @@ def smollm2_gguf():
 @pytest.fixture(scope="session")
 def qwen_gguf():
     return real_gguf("qwen2.5-coder-0.5b")
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def triton_device(request):
+    """Where a Triton kernel test runs: CPU tensors under the interpreter, CUDA tensors natively
+    (marked `gpu`). Each is skipped where this process cannot run it."""
+    if request.param == "cuda" and (not torch.cuda.is_available() or TRITON_INTERPRETED):
+        pytest.skip("needs a CUDA GPU with Triton compiling natively (TRITON_INTERPRET unset)")
+    if request.param == "cpu" and not TRITON_INTERPRETED:
+        pytest.skip("Triton compiles for the GPU in this process; its interpreter serves CPU tensors elsewhere")
+    return torch.device(request.param)

@@ -95,13 +95,13 @@ def nanokv_greedy(model, cfg, ids, steps, dtype=torch.float32):
 def hf_greedy(hf, ids, steps):
     """transformers' own incremental decode (its KV cache), returning the tokens and the
     logits each token was chosen from."""
-    out = hf(torch.as_tensor(ids)[None], use_cache=True)
+    out = hf(torch.as_tensor(ids, device=hf.device)[None], use_cache=True)
     tokens, chosen_from = [], []
     for _ in range(steps):
         logits = out.logits[0, -1].float()
         tokens.append(int(logits.argmax()))
         chosen_from.append(logits)
-        out = hf(torch.tensor([[tokens[-1]]]), use_cache=True, **_hf_cache_kwarg(hf, out))
+        out = hf(torch.tensor([[tokens[-1]]], device=hf.device), use_cache=True, **_hf_cache_kwarg(hf, out))
     return tokens, chosen_from
 
 
@@ -154,3 +154,16 @@ def paged_layout(gen, heads, num_blocks, block_size, d, garbage, dtype=torch.flo
                 k_pool[block, :n], v_pool[block, :n], pos_pool[block, :n] = k[part], v[part], pos[part]
     assert order, "leave some blocks unused"
     return k_pool, v_pool, pos_pool, tables, lengths
+
+
+def byte_tokenizer_json() -> str:
+    """A byte-level tokenizer.json of 256 tokens (one per byte, no merges): what a tiny random
+    model saved for LLM needs beside its weights."""
+    from tokenizers import Tokenizer as BackendTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    backend = BackendTokenizer(models.BPE(vocab={b: i for i, b in enumerate(alphabet)}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return backend.to_str()

@@ -193,14 +193,9 @@ def test_cli_errors_are_one_line(capsys, monkeypatch, tmp_path):
 
 @pytest.fixture(scope="module")
 def byte_tokenizer_json():
-    from tokenizers import Tokenizer as BackendTokenizer
-    from tokenizers import decoders, models, pre_tokenizers
+    from helpers import byte_tokenizer_json
 
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())        # 256 tokens: one per byte
-    backend = BackendTokenizer(models.BPE(vocab={b: i for i, b in enumerate(alphabet)}, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    return backend.to_str()
+    return byte_tokenizer_json()
 
 
 @pytest.fixture

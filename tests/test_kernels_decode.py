@@ -1,4 +1,5 @@
-"""kernels.paged_decode against kernels.reference.paged_attention, under the Triton interpreter.
+"""kernels.paged_decode against kernels.reference.paged_attention: under the Triton interpreter on
+CPU, compiled on a CUDA GPU (`triton_device`).
 
 Shapes are tiny (the interpreter runs each program in numpy): a handful of cases that together
 cover every GQA ratio, head dim, block size, dtype, window, split count and return_probs."""
@@ -64,9 +65,9 @@ CASES = [  # group, d, block_size, dtype, window, blocks_per_split, return_probs
 
 @pytest.mark.parametrize("group,d,block_size,dtype,window,blocks_per_split,return_probs,lengths", CASES)
 def test_paged_decode_matches_reference(group, d, block_size, dtype, window, blocks_per_split, return_probs,
-                                        lengths):
-    q, q_pos, k_pool, v_pool, pos_pool, tables, lengths_t = paged_inputs(
-        group * 100 + d + block_size, lengths, group, d, block_size, dtype)
+                                        lengths, triton_device):
+    q, q_pos, k_pool, v_pool, pos_pool, tables, lengths_t = (t.to(triton_device) for t in paged_inputs(
+        group * 100 + d + block_size, lengths, group, d, block_size, dtype))
     assert (lengths_t % block_size != 0).any() and (lengths_t == 1).any(), "cover ragged lengths"
     assert (lengths_t[:, 0] != lengths_t[:, 1]).any(), "heads of one sequence should differ in length"
     result = paged_decode_attention(q, q_pos, k_pool, v_pool, pos_pool, tables, lengths_t, window,
@@ -88,7 +89,7 @@ def test_paged_decode_matches_reference(group, d, block_size, dtype, window, blo
         ref_probs = ref_probs[:, :, :, 0]
         assert rel_err(probs, ref_probs) < tol
         assert (probs[ref_probs == 0] == 0).all(), "masked and past-length slots weigh exactly 0"
-        torch.testing.assert_close(probs.sum(-1), torch.ones(B, 2, group), rtol=0, atol=1e-5)
+        torch.testing.assert_close(probs.sum(-1), torch.ones(B, 2, group, device=triton_device), rtol=0, atol=1e-5)
 
 
 def test_splits_agree_and_masked_keys_do_not_leak():

@@ -60,11 +60,12 @@ CASES = [
 
 
 @pytest.mark.parametrize("group, num_kv_heads, d, block_size, dtype, window, garbage, block_m, seqs", CASES)
-def test_prefill_matches_reference(group, num_kv_heads, d, block_size, dtype, window, garbage, block_m, seqs):
+def test_prefill_matches_reference(group, num_kv_heads, d, block_size, dtype, window, garbage, block_m, seqs,
+                                   triton_device):
     gen = torch.Generator().manual_seed(group * 1000 + d + block_size)
     seqs = [s if len(s) == 4 else (*s, False) for s in seqs]
-    q, q_pos, cu, k_pool, v_pool, pos_pool, tables, lengths = make_batch(
-        gen, seqs, num_kv_heads, group, d, block_size, dtype, garbage)
+    q, q_pos, cu, k_pool, v_pool, pos_pool, tables, lengths = (t.to(triton_device) for t in make_batch(
+        gen, seqs, num_kv_heads, group, d, block_size, dtype, garbage))
     if any(s[3] for s in seqs):
         assert (lengths[:, :1] != lengths).any(), "a compressed prefix should give heads different lengths"
     out = torch.full_like(q, float("nan"))  # any row the kernel does not write stays NaN
@@ -86,15 +87,15 @@ def test_prefill_matches_reference(group, num_kv_heads, d, block_size, dtype, wi
 
 
 @pytest.mark.parametrize("window, obs_window", [(None, 3), (4, 18), (None, 100)])
-def test_observation_column_sums_match_reference_probs(window, obs_window):
+def test_observation_column_sums_match_reference_probs(window, obs_window, triton_device):
     """obs_window W: per slot, the probability it received summed over each sequence's last W
     queries (W = 18 spans two 16-row tiles, so they add into the same columns; 100 > every chunk:
     all queries)."""
     gen = torch.Generator().manual_seed(obs_window)
     group, num_kv_heads, block_size = 2, 2, 4
-    q, q_pos, cu, k_pool, v_pool, pos_pool, tables, lengths = make_batch(
+    q, q_pos, cu, k_pool, v_pool, pos_pool, tables, lengths = (t.to(triton_device) for t in make_batch(
         gen, [(0, 10, 20, True), (0, 0, 1, False), (2, 5, 7, False)], num_kv_heads, group, 64, block_size,
-        torch.float32, True)
+        torch.float32, True))
     out, sums = prefill_attention(q, q_pos, cu, k_pool, v_pool, pos_pool, tables, lengths, window,
                                   obs_window=obs_window, block_m=16)
     assert sums.shape == (3, num_kv_heads * group, tables.shape[2] * block_size) and sums.dtype == torch.float32
@@ -106,7 +107,8 @@ def test_observation_column_sums_match_reference_probs(window, obs_window):
         expected = probs[0, :, :, -obs_window:].sum(dim=2).flatten(0, 1)  # [Hq, S]
         torch.testing.assert_close(sums[b], expected, rtol=1e-5, atol=1e-5)
         # every window query's probabilities sum to 1 over the slots
-        torch.testing.assert_close(sums[b].sum(dim=1), torch.full((len(sums[b]),), float(min(obs_window, e - s))))
+        torch.testing.assert_close(sums[b].sum(dim=1), torch.full((len(sums[b]),), float(min(obs_window, e - s)),
+                                                                  device=triton_device))
 
 
 def test_prefill_is_causal_and_allocates_output():

@@ -101,10 +101,16 @@ CASES = [  # bits, per channel, G, R, group, D, dtype, splits, qlens [B][Hkv=2],
 
 
 @pytest.mark.parametrize("bits, per_channel, G, R, group, d, dtype, splits, qlens, lengths", CASES)
-def test_quantized_decode_matches_reference(bits, per_channel, G, R, group, d, dtype, splits, qlens, lengths):
+def test_quantized_decode_matches_reference(bits, per_channel, G, R, group, d, dtype, splits, qlens, lengths,
+                                            triton_device):
     spec = QuantSpec(bits, per_channel, G, R)
     q, q_pos, pool, qtables, qlens_t, tables, lengths_t = quant_inputs(
         bits * 100 + G + R + d + group, spec, d, dtype, group, qlens, lengths)
+    q, q_pos, qtables, qlens_t, tables, lengths_t = (t.to(triton_device) for t in (q, q_pos, qtables, qlens_t,
+                                                                                  tables, lengths_t))
+    moved = QuantizedBlockPool(pool.num_blocks, spec, d, dtype, triton_device)  # the same rows, on the device
+    moved.arena.copy_(pool.arena)
+    pool = moved
     assert pool.quant_blocks().k_codes.stride(0) == pool.unit_bytes, "fields are strided views of the rows"
     args = (pool.quant_blocks(), qtables, qlens_t, pool.fields["k"], pool.fields["v"], pool.fields["pos"],
             tables, lengths_t)

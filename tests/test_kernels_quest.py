@@ -12,30 +12,31 @@ from nanokv.methods import make_method
 PAGE = 16
 
 
-def strided_bounds(gen, num_blocks, D, dtype):
+def strided_bounds(gen, num_blocks, D, dtype, device="cpu"):
     """kmin, kmax [num_blocks, D] as column views of one wider tensor (stride(0) != D), kmin <= kmax.
     Every third block holds one key (kmin == kmax): its bound is q . k, negative for about half the
     pages, so a padded query head (bound 0) winning the group's max would show."""
     arena = torch.randn(num_blocks, 2 * D + 8, generator=gen)
     spread = torch.rand(num_blocks, D, generator=gen) * 2 * (torch.arange(num_blocks) % 3 != 0)[:, None]
     arena[:, D + 8:] = arena[:, :D] + spread
-    arena = arena.to(dtype)
+    arena = arena.to(device, dtype)
     return arena[:, :D], arena[:, D + 8:]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("group", [1, 3])
 @pytest.mark.parametrize("D", [64, 96])
-def test_matches_reference(dtype, group, D):
+def test_matches_reference(dtype, group, D, triton_device):
     gen = torch.Generator().manual_seed(D * 10 + group)
     B, Hkv, nb, num_blocks = 2, 2, 37, 60
     q = torch.randn(B, Hkv * group, D, generator=gen).to(dtype)
-    kmin, kmax = strided_bounds(gen, num_blocks, D, dtype)
+    kmin, kmax = strided_bounds(gen, num_blocks, D, dtype, triton_device)
     assert kmin.stride(0) == 2 * D + 8
     tables = torch.randint(1, num_blocks, (B, Hkv, nb), generator=gen)
     tables[0, 0, 30:] = -1       # a head holding fewer pages
     tables[1, 1, :] = -1         # a head holding none
     tables[1, 0, 5] = -1         # a hole, for good measure
+    q, tables = q.to(triton_device), tables.to(triton_device)
     for block_n in (None, 8):    # 37 pages: never a whole number of tiles
         got = page_scores(q, kmin, kmax, tables, block_n=block_n)
         want = reference.page_scores(q, kmin, kmax, tables)

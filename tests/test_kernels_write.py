@@ -11,10 +11,10 @@ from nanokv.kernels.write_kv import write_kv
 BLOCK_SIZE = 16
 
 
-def _pools(num_blocks, D, dtype):
-    k_pool = torch.full((num_blocks, BLOCK_SIZE, D), float("nan"), dtype=dtype)
-    v_pool = torch.full((num_blocks, BLOCK_SIZE, D), float("nan"), dtype=dtype)
-    pos_pool = torch.full((num_blocks, BLOCK_SIZE), -1, dtype=torch.int32)
+def _pools(num_blocks, D, dtype, device="cpu"):
+    k_pool = torch.full((num_blocks, BLOCK_SIZE, D), float("nan"), dtype=dtype, device=device)
+    v_pool = torch.full((num_blocks, BLOCK_SIZE, D), float("nan"), dtype=dtype, device=device)
+    pos_pool = torch.full((num_blocks, BLOCK_SIZE), -1, dtype=torch.int32, device=device)
     return k_pool, v_pool, pos_pool
 
 
@@ -25,14 +25,14 @@ def _bits(t):
 
 
 def _check(slots, k, v, positions, num_blocks, pool_dtype):
-    D = k.shape[-1]
-    want = _pools(num_blocks, D, pool_dtype)
-    got = _pools(num_blocks, D, pool_dtype)
+    D, device = k.shape[-1], k.device
+    want = _pools(num_blocks, D, pool_dtype, device)
+    got = _pools(num_blocks, D, pool_dtype, device)
     reference.write_kv(*want, slots, k, v, positions)
     write_kv(*got, slots, k, v, positions)
     for w, g in zip(want, got):
         assert torch.equal(_bits(w), _bits(g))
-    written = torch.zeros(num_blocks * BLOCK_SIZE, dtype=torch.bool)
+    written = torch.zeros(num_blocks * BLOCK_SIZE, dtype=torch.bool, device=device)
     written[slots.flatten()] = True
     assert got[0].view(-1, D)[~written].isnan().all() and (got[2].view(-1)[~written] == -1).all()
     assert not got[0].view(-1, D)[written].isnan().any()
@@ -44,14 +44,14 @@ def _check(slots, k, v, positions, num_blocks, pool_dtype):
 @pytest.mark.parametrize("D", [64, 128, 80])
 @pytest.mark.parametrize("H", [1, 3, 8])
 @pytest.mark.parametrize("T", [1, 5, 37])
-def test_write_kv_matches_reference(k_dtype, pool_dtype, D, H, T):
+def test_write_kv_matches_reference(k_dtype, pool_dtype, D, H, T, triton_device):
     g = torch.Generator().manual_seed(1000 * H + 10 * T + D)
     num_blocks = (H * T) // BLOCK_SIZE + 3            # a few blocks spare: some slots stay untouched
     slots = torch.randperm(num_blocks * BLOCK_SIZE, generator=g)[:H * T].view(H, T)
     k = (torch.randn(T, H, D, generator=g) * 10).to(k_dtype)  # * 10: plenty of float32 -> float16 rounding
     v = (torch.randn(T, H, D, generator=g) * 10).to(k_dtype)
     positions = torch.randint(0, 100_000, (T,), generator=g)
-    _check(slots, k, v, positions, num_blocks, pool_dtype)
+    _check(*(t.to(triton_device) for t in (slots, k, v, positions)), num_blocks, pool_dtype)
 
 
 def test_write_kv_strided_inputs():
