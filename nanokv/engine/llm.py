@@ -10,6 +10,7 @@ same loop for one prompt and yields its text as it becomes final.
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Iterator
 
@@ -41,6 +42,17 @@ def kv_cache_bytes(kv_cache_memory: int | float | None, device: str) -> int:
     if kv_cache_memory <= 0:
         raise ValueError(f"kv_cache_memory must be a byte count > 0 or a fraction in (0, 1], got {kv_cache_memory!r}")
     return int(kv_cache_memory)
+
+
+def plain_torch_storage(cache) -> str | None:
+    """What a cache holds that only the plain-torch attention reads (None: every block kind has a kernel)."""
+    if isinstance(cache, LatentKVCache):
+        return "tokens as low-rank latents"
+    if isinstance(cache, PrunedKVCache):
+        return "older keys in fewer channels"
+    if isinstance(cache, PairedKVCache) and cache.pairs:
+        return "merged layer pairs"
+    return None
 
 
 class LLM:
@@ -104,6 +116,10 @@ class LLM:
         if pairs:  # a pair's prompt stored once: nanokv/cache/paired.py
             self.cache.pair_layers(pairs)
         self.cache.kernels = kernels_for(self.device, kernels, self.cache.workspace)
+        plain = plain_torch_storage(self.cache)
+        if plain and self.cache.kernels.name == "triton":
+            print(f"nanokv: method {method!r} keeps {plain}, which no Triton kernel reads yet: its attention "
+                  f"runs in plain torch on {self.device}", file=sys.stderr)
         self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens, self.method)
         self.runner = ModelRunner(self.model, self.cache, self.device, self.method)
         self.stats: dict = {}
