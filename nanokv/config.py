@@ -44,6 +44,7 @@ class ModelConfig:
     sliding_windows: list = field(default_factory=list)
     bos_token_id: int | None = None
     eos_token_id: int | list | None = None
+    initializer_range: float = 0.02     # std of random weights (--load-format dummy), as transformers inits
 
     def __post_init__(self):
         if self.architecture not in ARCHITECTURES:
@@ -100,15 +101,23 @@ class ModelConfig:
             sliding_windows=_hf_sliding_windows(cfg, arch, n_layers),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_id=cfg.get("eos_token_id"),
+            initializer_range=cfg.get("initializer_range") or 0.02,
         )
 
     @classmethod
     def from_hf_dir(cls, path: str | Path) -> "ModelConfig":
-        file = Path(path) / "config.json"
+        return cls.from_json_file(Path(path) / "config.json")
+
+    @classmethod
+    def from_json_file(cls, file: str | Path) -> "ModelConfig":
+        """A Hugging Face config.json on its own (nanokv ships some: nanokv/models/configs/)."""
+        file = Path(file)
         try:
             cfg = json.loads(file.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise ConfigError(f"cannot read {file}: {e}") from None
+        if not isinstance(cfg, dict):
+            raise ConfigError(f"{file} is not a JSON object")
         try:
             return cls.from_hf_dict(cfg)
         except KeyError as e:

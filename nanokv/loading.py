@@ -1,6 +1,9 @@
 """Weights from disk: Hugging Face directories (config.json + safetensors, sharded or not)
 and GGUF files (dequantized with the `gguf` package). Both end as (ModelConfig, a stream
 of (Hugging Face name, tensor) pairs) that `LlamaModel.load_weights` consumes.
+
+Or no weights at all: `dummy_model` fills a model of a given shape with seeded random numbers
+(vLLM's `--load-format dummy`), to run and time an architecture without downloading it.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import numpy as np
 import torch
 
 from nanokv.models import MODEL_CLASSES
+from nanokv.models.llama import RMSNorm
 from nanokv.kernels.cpu import gemv_available
 from nanokv.models.cpu_linear import can_pack, pack_linears
 from nanokv.config import ConfigError, ModelConfig
@@ -34,6 +38,10 @@ GGUF_LAYER_NAMES = {
 }
 GGUF_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
+# "auto": real weights from a checkpoint or GGUF; "dummy": random weights of a shipped shape
+LOAD_FORMATS = ("auto", "dummy")
+
+
 class ModelLoadError(ValueError):
     """A weights file nanokv cannot use; the message names the file and what is wrong."""
 
@@ -54,6 +62,18 @@ def load_model(kind: str, path: str | Path, dtype: torch.dtype, device="cpu", pa
     path = Path(path)
     config = read_config(kind, path)
     tensors = _gguf_tensors(path, config) if kind == "gguf" else _safetensors_tensors(path)
+    model = empty_model(config, dtype, device)
+    try:
+        model.load_weights(tensors)
+    except ValueError as e:
+        raise ModelLoadError(f"{path}: {e}") from None
+    if pack:
+        pack_for_cpu(model, dtype, device)
+    return model.eval(), config
+
+
+def empty_model(config: ModelConfig, dtype: torch.dtype, device="cpu"):
+    """The model for `config` with its weights allocated on `device` but not yet set."""
     # Build on the meta device (no random init of weights about to be overwritten), then
     # allocate for real. inv_freq is a plain float32 attribute, untouched by the dtype cast.
     # (cast on meta, so no float32 copy of the weights is ever allocated on the device)
@@ -62,16 +82,65 @@ def load_model(kind: str, path: str | Path, dtype: torch.dtype, device="cpu", pa
     model = model.to_empty(device=device)
     model.inv_freq = model.inv_freq.to(device)
     model.tie_weights()
-    try:
-        model.load_weights(tensors)
-    except ValueError as e:
-        raise ModelLoadError(f"{path}: {e}") from None
-    if pack and can_pack(dtype, device):
+    return model
+
+
+def pack_for_cpu(model, dtype: torch.dtype, device) -> None:
+    """Pack the linear layers for oneDNN where it serves this dtype (bfloat16 on a capable CPU)."""
+    if can_pack(dtype, device):
         # a second, row-major copy of the weights for the batch-1 matmuls (nanokv/models/cpu_linear.py),
         # where it costs at most a quarter of the memory left
         weight_bytes = sum(m.weight.nbytes for m in model.modules() if isinstance(m, torch.nn.Linear))
         pack_linears(model, keep_rows=gemv_available() and 4 * weight_bytes <= available_memory(device))
-    return model.eval(), config
+
+
+# --- random weights (--load-format dummy) -------------------------------------------------
+
+def load_dummy(name: str, dtype: torch.dtype, device="cpu", seed: int = 0, pack: bool = True):
+    """Random weights in the shape of `name` (a shipped short name or a config.json path) -> (model, config)."""
+    from nanokv.hub import config_file
+
+    config = ModelConfig.from_json_file(config_file(name))
+    return dummy_model(config, dtype, device, seed, pack), config
+
+
+@torch.no_grad()
+def dummy_model(config: ModelConfig, dtype: torch.dtype, device="cpu", seed: int = 0, pack: bool = True):
+    """A model of `config`'s shape with random weights, initialised as transformers' `_init_weights`
+    does for Llama: linear and embedding weights normal(0, initializer_range), biases 0, norms 1.
+
+    The numbers are drawn on `device` from a generator seeded with `seed`, parameter by parameter in
+    the model's fixed order, so one seed gives one set of weights on a device type (CPU and CUDA
+    draw different streams; drawing an 8B model on the CPU to copy it over would take minutes)."""
+    model = empty_model(config, dtype, device)
+    generator = torch.Generator(device).manual_seed(seed)
+    done = set()  # a tied output head shares the embedding matrix: draw it once
+    for module in model.modules():
+        if isinstance(module, RMSNorm):
+            module.weight.fill_(1.0)
+        elif isinstance(module, (torch.nn.Linear, torch.nn.Embedding)) and id(module.weight) not in done:
+            module.weight.normal_(0.0, config.initializer_range, generator=generator)
+            done.add(id(module.weight))
+            if getattr(module, "bias", None) is not None:
+                module.bias.zero_()
+    if pack:
+        pack_for_cpu(model, dtype, device)
+    return model.eval()
+
+
+def hf_tensors(model):
+    """(Hugging Face name, tensor) for every weight of an unpacked nanokv model (pack=False): the
+    reverse of `LlamaModel.load_weights`, q/k/v and gate/up cut back apart (views, no copies)."""
+    split = {}  # our packed layer -> its Hugging Face layers, in shard order
+    for hf, (packed, shard) in sorted(model.PACKED.items(), key=lambda item: item[1]):
+        split.setdefault(packed, []).append(hf)
+    for name, tensor in model.named_parameters():  # a tied output head is listed once, as the embedding
+        *parent, layer, kind = name.split(".")  # layers.3.self_attn . qkv_proj . weight
+        if layer in split:
+            for shard, hf in enumerate(split[layer]):
+                yield f"model.{'.'.join(parent)}.{hf}.{kind}", tensor.narrow(0, *model._shard_range(name, shard))
+        else:
+            yield name if name.startswith("lm_head.") else f"model.{name}", tensor
 
 
 def available_memory(device) -> int:

@@ -190,6 +190,22 @@ class Tokenizer:
         return cls(backend, **special, chat_template=chat_template, extra_stop_token_ids=stop_ids)
 
     @classmethod
+    def from_bytes(cls, vocab_size: int) -> Tokenizer:
+        """A tokenizer that needs no files, for random weights (`--load-format dummy`): ids 0-255 are
+        the 256 bytes of the UTF-8 text, so any text encodes, with no BOS, no stop ids and no chat
+        template. A model with random weights mostly emits ids above 255; they decode as "<id>"."""
+        if vocab_size < 256:
+            raise ValueError(f"the byte tokenizer needs a vocabulary of at least 256 ids, the model has {vocab_size}")
+        # ByteLevel spells each byte as one printable character; ids past the bytes get a name made of
+        # several, which BPE without merges never forms from text.
+        vocab = {char: i for i, char in enumerate(_BYTE_ALPHABET)}
+        vocab.update((f"<{i}>", i) for i in range(256, vocab_size))
+        backend = BackendTokenizer(models.BPE(vocab=vocab, merges=[]))
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        backend.decoder = decoders.ByteLevel()
+        return cls(backend, vocab_size=vocab_size)
+
+    @classmethod
     def from_gguf(cls, path: str | os.PathLike) -> Tokenizer:
         """Build the tokenizer a GGUF file describes in its `tokenizer.*` metadata."""
         from nanokv.loading import read_gguf  # cached: the weights loader parses the same file
@@ -377,6 +393,17 @@ class StreamDecoder:
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+
+def _byte_alphabet() -> list[str]:
+    """GPT-2's spelling of byte b as one printable character (what ByteLevel maps text to): printable
+    Latin-1 bytes stand for themselves, the others take the characters from U+0100 on, in order."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    shifted = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(shifted)) for b in range(256)]
+
+
+_BYTE_ALPHABET = _byte_alphabet()
 
 
 # ---- GGUF metadata -----------------------------------------------------------------------------

@@ -4,10 +4,13 @@ lengths from a fixed seed, EOS ignored, all submitted at once.
     python bench.py                      # nanokv alone
     python bench.py --compare hf         # and the same requests through transformers, with ratios
     python bench.py --out bench.json     # also write the figures as JSON
+    python bench.py --model llama3-8b --load-format dummy --compare hf   # that shape, random weights
 
 Each engine runs in a child process of its own, so peak memory is its own. transformers runs
-the same model with dense weights and dtype, batched with `generate` (left padding; a batch
-runs until its longest request is done, and only the requested tokens are counted).
+the same model with dense weights and dtype on the same device, batched with `generate` (left
+padding; a batch runs until its longest request is done, and only the requested tokens are
+counted). With `--load-format dummy` both engines hold the same random weights: transformers'
+model is built from the same config.json and filled with nanokv's tensors.
 """
 
 from __future__ import annotations
@@ -24,15 +27,20 @@ import time
 from nanokv.cli.args import OneLineParser, method_options
 
 FIGURES = ("requests_per_s", "output_tokens_per_s", "total_tokens_per_s", "prefill_tokens_per_s",
-           "decode_tokens_per_s", "ttft_p50_s", "ttft_p90_s", "peak_kv_bytes", "peak_rss_bytes",
+           "decode_tokens_per_s", "ttft_p50_s", "ttft_p90_s", "peak_kv_bytes", "peak_rss_bytes", "peak_gpu_bytes",
            "peak_running_requests", "kv_bytes_per_token", "kv_bytes_per_token_unrounded",
            "kv_bytes_read_per_decode_token",
            "single_request_decode_tokens_per_s")
 
 
 def parse_args(argv=None):
+    from nanokv.loading import LOAD_FORMATS
+
     p = OneLineParser(description="nanokv throughput benchmark (optionally against transformers).")
     p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--load-format", default="auto", choices=LOAD_FORMATS,
+                   help="auto (default): the model's weights; dummy: random weights of its shape (no download)")
+    p.add_argument("--device", default=None, help="cpu or cuda, for both engines (default: cuda when available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto (default): bfloat16 on CUDA and on CPUs with bfloat16 arithmetic, else float32")
     p.add_argument("--num-requests", type=int, default=64)
@@ -83,6 +91,31 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def peak_memory(device) -> dict:
+    """Peak host memory, and on CUDA the peak of what torch allocated on the GPU (for nanokv that
+    includes its KV pool, by default 90% of the GPU memory left after the weights)."""
+    import torch
+
+    gpu = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return {"peak_rss_bytes": peak_rss_bytes(), "peak_gpu_bytes": gpu}
+
+
+def device_name(device) -> str:
+    import torch
+
+    from nanokv.hardware import cpu_name
+
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+
+
+def synchronize(device) -> None:
+    """Wait for the GPU's queued work, so a timer read next covers it."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def throughput(requests, wall: float) -> dict:
     n_in = sum(len(p) for p, _ in requests)
     n_out = sum(n for _, n in requests)
@@ -107,16 +140,22 @@ def percentiles(values) -> dict:
 
 def run_nanokv(args) -> dict:
     from nanokv import LLM, SamplingParams
+    from nanokv.hardware import resolve_device
 
-    llm = LLM(args.model, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory, block_size=args.block_size,
+    device = resolve_device(args.device)
+    llm = LLM(args.model, dtype=args.dtype, device=str(device), load_format=args.load_format,
+              kv_cache_memory=args.kv_cache_memory, block_size=args.block_size,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               method=args.method, compression=args.compression, budget=args.budget,
               **method_options(args.method_arg))
     requests = workload(args, llm.config.vocab_size)
     llm.generate([requests[0][0][:16]], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
+    synchronize(device)
     start = time.perf_counter()
     outputs = llm.generate([p for p, _ in requests],
                            [SamplingParams(max_tokens=n, ignore_eos=True) for _, n in requests], use_tqdm=True)
+    # each engine step already waits for its sampled ids (runner.py's .tolist()), so its timers are whole
+    synchronize(device)
     wall = time.perf_counter() - start
     assert [len(o.token_ids) for o in outputs] == [n for _, n in requests]
     s = llm.stats
@@ -131,7 +170,7 @@ def run_nanokv(args) -> dict:
     if args.single_output:
         [one] = llm.generate([requests[0][0]], SamplingParams(max_tokens=args.single_output, ignore_eos=True))
         figures["single_request_decode_tokens_per_s"] = one.metrics["decode_tokens_per_s"]
-    figures["peak_rss_bytes"] = peak_rss_bytes()
+    figures.update(peak_memory(device))
     return figures
 
 
@@ -150,21 +189,47 @@ class _FirstTokenClock:
         self.times.append(time.perf_counter())
 
 
-def hf_model(name: str, dtype):
-    """transformers' model for `name` with dense weights: from the directory, or built from a
-    GGUF's config and filled with nanokv's dequantized tensors (transformers 5 would otherwise
-    keep GGUF weights packed and dequantize them in every matmul, several times slower)."""
+def hf_model(args, dtype, device):
+    """transformers' model for `args.model` with dense weights on `device`: from the directory, or
+    built from a GGUF's config and filled with nanokv's dequantized tensors (transformers 5 would
+    otherwise keep GGUF weights packed and dequantize them in every matmul, several times slower),
+    or, for --load-format dummy, built from the same config.json and filled with nanokv's random
+    weights."""
     import transformers
 
-    from nanokv.hub import resolve_model
-    from nanokv.loading import _gguf_tensors, read_config
+    from nanokv.hub import config_file, resolve_model
+    from nanokv.loading import _gguf_tensors, load_dummy, read_config
 
-    source = resolve_model(name)
+    if args.load_format == "dummy":
+        ours, _ = load_dummy(args.model, dtype, device, pack=False)
+        return hf_copy(ours, config_file(args.model), dtype, device)
+    source = resolve_model(args.model)
     if source.kind == "hf_dir":
-        return transformers.AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype).eval()
+        return transformers.AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype).to(device).eval()
     config = transformers.AutoConfig.from_pretrained(source.path.parent, gguf_file=source.path.name)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
-    state = {name: t.to(dtype) for name, t in _gguf_tensors(source.path, read_config("gguf", source.path))}
+    return hf_with_weights(config, _gguf_tensors(source.path, read_config("gguf", source.path)), dtype, device)
+
+
+def hf_copy(model, config_path, dtype, device):
+    """transformers' model for the config.json at `config_path`, holding the weights of `model`, an
+    unpacked nanokv model of that config (q/k/v and gate/up cut apart again: loading.hf_tensors)."""
+    import transformers
+
+    from nanokv.loading import hf_tensors
+
+    config = transformers.AutoConfig.from_pretrained(config_path)
+    return hf_with_weights(config, hf_tensors(model), dtype, device)
+
+
+def hf_with_weights(config, tensors, dtype, device):
+    """transformers' model for `config` on `device`, every weight copied from (name, tensor) pairs."""
+    import torch
+    import transformers
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights(), torch.device(device):  # no random init of weights about to be overwritten
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    state = {name: t.to(dtype) for name, t in tensors}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or [m for m in missing if m != "lm_head.weight"]:
         raise RuntimeError(f"weights do not fit transformers' model: missing {missing}, unexpected {unexpected}")
@@ -176,9 +241,12 @@ def run_hf(args) -> dict:
     import torch
     import transformers
 
+    from nanokv.hardware import resolve_device, resolve_dtype
+
     transformers.logging.set_verbosity_error()
-    dtype = getattr(torch, args.dtype)
-    model = hf_model(args.model, dtype)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)  # what nanokv's run resolves "auto" to
+    model = hf_model(args, dtype, device)
     model.generation_config.eos_token_id = None  # ignore EOS, as nanokv's run does
     model.generation_config.pad_token_id = 0
     requests = workload(args, model.config.vocab_size)
@@ -188,10 +256,11 @@ def run_hf(args) -> dict:
 
     def generate(batch):
         width = max(len(p) for p, _ in batch)
-        ids = torch.tensor([[0] * (width - len(p)) + p for p, _ in batch])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in batch])
+        ids = torch.tensor([[0] * (width - len(p)) + p for p, _ in batch], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in batch], device=device)
         new = max(n for _, n in batch)
-        clock = _FirstTokenClock()
+        clock = _FirstTokenClock()  # generate() hands it each token via .cpu(), which waits for the GPU
+        synchronize(device)
         start = time.perf_counter()
         with torch.inference_mode():
             model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
@@ -218,7 +287,7 @@ def run_hf(args) -> dict:
     if args.single_output:
         began, first, end, _ = generate([(requests[0][0], args.single_output)])
         figures["single_request_decode_tokens_per_s"] = (args.single_output - 1) / (end - first)
-    figures["peak_rss_bytes"] = peak_rss_bytes()
+    figures.update(peak_memory(device))
     return figures
 
 
@@ -258,21 +327,28 @@ def main(argv=None):
         print(json.dumps(figures))
         return 0
     config = {k: v for k, v in vars(args).items() if k not in ("engine", "out")}
-    try:  # a bad method setting is reported here, not from inside the child process
+    try:  # a bad method, device or dummy model is reported here, not from inside the child process
+        from nanokv.hardware import resolve_device
+        from nanokv.hub import config_file
         from nanokv.methods import make_method
         make_method(args.method, args.compression, args.budget, **method_options(args.method_arg))
+        device = resolve_device(args.device)  # the children resolve it the same way
+        if args.load_format == "dummy":
+            config_file(args.model)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    hardware = device_name(device)
     print(f"bench: {args.num_requests} requests, input {args.min_input}-{args.max_input}, output "
-          f"{args.min_output}-{args.max_output} tokens, {args.model}, {args.dtype}, method {args.method}",
-          file=sys.stderr)
-    result = {"config": config, "nanokv": run_child("nanokv", argv)}
+          f"{args.min_output}-{args.max_output} tokens, {args.model} ({args.load_format} weights), {args.dtype}, "
+          f"method {args.method}, on {device} ({hardware})", file=sys.stderr)
+    result = {"config": config, "device": hardware, "nanokv": run_child("nanokv", argv)}
     if args.compare == "hf":
         result["hf"] = run_child("hf", argv)
         result["ratio"] = {k: result["nanokv"][k] / result["hf"][k] for k in FIGURES
                            if result["hf"].get(k) and result["nanokv"].get(k) is not None}
     columns = [c for c in ("nanokv", "hf", "ratio") if c in result]
+    print(f"device: {hardware}")
     print(f"{'figure':36}" + "".join(f"{c:>16}" for c in columns))
     for name in FIGURES:
         row = [fmt(name, result[c].get(name)) if c != "ratio" else

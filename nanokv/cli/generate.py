@@ -2,6 +2,7 @@
 
     python generate.py "What is the capital of France?"
     python generate.py --model qwen2.5-coder-0.5b --max-tokens 64 "Write quicksort in Python"
+    python generate.py --model llama3-8b --load-format dummy   # random weights: runs, but says nothing
 
 Text streams to stdout as it is generated; one stats line follows on stderr.
 """
@@ -15,7 +16,8 @@ DEFAULT_PROMPT = "What is the capital of France?"
 
 
 def parse_args(argv=None):
-    from nanokv.hub import DEFAULT_MODEL, MODELS
+    from nanokv.hub import DEFAULT_MODEL, MODELS, shipped_configs
+    from nanokv.loading import LOAD_FORMATS
     from nanokv.methods import METHODS
 
     p = OneLineParser(description="Generate text with nanokv.")
@@ -23,6 +25,9 @@ def parse_args(argv=None):
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"short name ({', '.join(MODELS)}), a local HF directory, a .gguf file, "
                         f"or an HF repo id (default: {DEFAULT_MODEL})")
+    p.add_argument("--load-format", default="auto", choices=LOAD_FORMATS,
+                   help="auto (default): the model's weights; dummy: random weights of its shape, from the config "
+                        f"nanokv ships ({', '.join(shipped_configs())}) or a config.json path, and a byte tokenizer")
     p.add_argument("--method", default="full",
                    help=f"KV-cache method: {', '.join(METHODS)}, or eviction+quantization such as snapkv+kivi "
                         f"(default: full)")
@@ -67,18 +72,24 @@ def main(argv=None) -> int:
 
 def run(args) -> int:
     from nanokv.engine.llm import LLM
+    from nanokv.hardware import resolve_device
+    from nanokv.hub import config_file
     from nanokv.methods import make_method
     from nanokv.sampling import SamplingParams
 
     # Check everything cheap before the model loads, so a typo fails in milliseconds.
     options = method_options(args.method_arg)
     make_method(args.method, args.compression, args.budget, **options)
+    resolve_device(args.device)
+    if args.load_format == "dummy":
+        config_file(args.model)
     if not args.prompt.strip():
         raise ValueError("prompt is empty")
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, stop=args.stop)
     llm = LLM(args.model, dtype=args.dtype, device=args.device, method=args.method,
-              compression=args.compression, budget=args.budget, kv_cache_memory=args.kv_cache_memory, **options)
+              compression=args.compression, budget=args.budget, kv_cache_memory=args.kv_cache_memory,
+              load_format=args.load_format, **options)
     stream = llm.stream(args.prompt, params, chat=not args.no_chat)
     for piece in stream:
         print(piece, end="", flush=True)

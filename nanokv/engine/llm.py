@@ -2,6 +2,7 @@
 
     llm = LLM("smollm2-135m", kv_cache_memory=2 << 30)
     outputs = llm.generate(prompts, SamplingParams(max_tokens=64))
+    LLM("llama3-8b", load_format="dummy")  # that shape with random weights: nothing downloaded
 
 Requests go to the Scheduler; each step the ModelRunner runs one prefill or one decode
 batch over the paged cache, and every sequence takes its sampled token. `stream` runs the
@@ -24,7 +25,7 @@ from nanokv.engine.scheduler import Scheduler
 from nanokv.engine.sequence import RequestOutput, Sequence
 from nanokv.hub import DEFAULT_MODEL, resolve_model
 from nanokv.hardware import resolve_device, resolve_dtype
-from nanokv.loading import available_memory, load_model
+from nanokv.loading import LOAD_FORMATS, available_memory, load_dummy, load_model
 from nanokv.methods import make_method
 from nanokv.sampling import SamplingParams
 from nanokv.tokenizer import Tokenizer
@@ -60,7 +61,7 @@ class LLM:
                  method: str = "full", compression: float = 0.0, budget: int | None = None,
                  kv_cache_memory: int | float | None = None, block_size: int = 16,
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 4096, kernels: str | None = None,
-                 **method_options):
+                 load_format: str = "auto", **method_options):
         for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
                             ("max_num_batched_tokens", max_num_batched_tokens)):
             if not isinstance(value, int) or value <= 0:
@@ -68,14 +69,21 @@ class LLM:
         if kernels is not None and kernels not in KERNELS:
             raise ValueError(f"unknown kernels {kernels!r}; valid: {', '.join(KERNELS)} "
                              "(default: triton on CUDA, cpu elsewhere)")
+        if load_format not in LOAD_FORMATS:
+            raise ValueError(f"unknown load_format {load_format!r}; valid: {', '.join(LOAD_FORMATS)}")
         self.method = make_method(method, compression, budget, **method_options)
         self.device = str(resolve_device(device))
         self.dtype = resolve_dtype(dtype, self.device)  # "auto": what this device computes fastest
-        self.source = resolve_model(model)
-        self.model, self.config = load_model(self.source.kind, self.source.path, self.dtype, self.device)
-        # from_gguf reads the metadata the weights loader already parsed (read_gguf is cached)
-        make_tokenizer = Tokenizer.from_gguf if self.source.kind == "gguf" else Tokenizer.from_dir
-        self.tokenizer = make_tokenizer(self.source.path)
+        if load_format == "dummy":  # random weights of a shipped shape, no download (nanokv/loading.py)
+            self.source = None
+            self.model, self.config = load_dummy(model, self.dtype, self.device)
+            self.tokenizer = Tokenizer.from_bytes(self.config.vocab_size)
+        else:
+            self.source = resolve_model(model)
+            self.model, self.config = load_model(self.source.kind, self.source.path, self.dtype, self.device)
+            # from_gguf reads the metadata the weights loader already parsed (read_gguf is cached)
+            make_tokenizer = Tokenizer.from_gguf if self.source.kind == "gguf" else Tokenizer.from_dir
+            self.tokenizer = make_tokenizer(self.source.path)
         if self.method.calibration:  # a per-head profile made by python -m nanokv.calibrate (methods/base.py)
             from nanokv.calibrate import load_calibration
             self.method.bind_calibration(load_calibration(self.method.calibration, model, self.config.num_layers,
