@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from helpers import byte_tokenizer_json
-from nanokv.methods import METHODS, check_method
+from nanokv.methods import METHODS, make_method
 from nanokv.methods.registry import QUANTIZERS
 
 pytestmark = [pytest.mark.gpu,
@@ -27,22 +27,6 @@ pytestmark = [pytest.mark.gpu,
 PROMPT_LENGTHS = (7, 64, 300, 1100)
 STEPS = 8
 CALIBRATED = ("duoattention", "headkv", "kvsharer", "lorc", "palu")
-
-
-def valid(name: str) -> bool:
-    """A combination the registry and the engine both take (a latent, slim-key or layer-sharing
-    cache cannot hold quantized blocks)."""
-    try:
-        check_method(name)
-    except ValueError:
-        return False
-    first = METHODS[name.split("+")[0]]
-    return not (first.stores_latents or first.prunes_key_channels or first.name == "kvsharer")
-
-
-# every method alone; every quantizer after snapkv; every eviction method that can take one before kivi
-SETTINGS = list(METHODS) + sorted({f"snapkv+{q}" for q in QUANTIZERS} |
-                                  {f"{m}+kivi" for m in METHODS if valid(f"{m}+kivi")})
 
 
 def knob(name: str) -> dict:
@@ -54,6 +38,19 @@ def knob(name: str) -> dict:
     if METHODS[first].selects_pages:
         return {"budget": 64}
     return {"compression": 0.5}
+
+
+def valid(name: str) -> bool:
+    try:
+        make_method(name, **knob(name))
+        return True
+    except ValueError:
+        return False
+
+
+# every method alone; every quantizer after snapkv; every eviction method that can take one before kivi
+SETTINGS = list(METHODS) + sorted({f"snapkv+{q}" for q in QUANTIZERS} |
+                                  {f"{m}+kivi" for m in METHODS if valid(f"{m}+kivi")})
 
 
 @pytest.fixture(scope="module")

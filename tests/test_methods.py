@@ -365,3 +365,18 @@ def test_a_question_after_the_context_is_not_seen_by_the_compression(snapkv_llm)
     assert len(with_question) == math.ceil(n / 2) + (len(ids) - n)
     assert with_question[:math.ceil(n / 2)] == context_alone          # the same context tokens kept
     assert with_question[math.ceil(n / 2):] == list(range(n, len(ids)))  # the question, whole
+
+
+@pytest.mark.parametrize("name, message", [
+    ("lorc+kivi", "lorc keeps tokens as low-rank latents, which quantized blocks cannot hold"),
+    ("palu+int8", "palu keeps tokens as low-rank latents"),
+    ("think+kivi", "think keeps older keys in fewer channels"),
+    ("kvsharer+int4", "kvsharer shares whole layers"),
+    ("kvzip+kivi", "kvzip with these options compacts earlier layers again"),
+])
+def test_a_combination_the_cache_cannot_hold_is_refused_when_made(name, message):
+    """Refused by make_method, before any model loads (lorc+kivi used to drop the quantization silently)."""
+    with pytest.raises(ValueError, match=message):
+        make_method(name, compression=0.5)
+    if name == "kvzip+kivi":  # layer by layer, kvzip never returns to an earlier layer
+        assert make_method(name, compression=0.5, layerwise="true").quantization is not None

@@ -135,5 +135,5 @@ def test_bad_settings_are_clear_errors(smollm2_gguf):
 
     with pytest.raises(ValueError, match=r"channel_ratio=1.0 of method 'think' must be a number in \(0, 1\)"):
         make_method("think", channel_ratio=1.0)
-    with pytest.raises(ValueError, match="slim blocks of its own, which quantized blocks cannot hold"):
+    with pytest.raises(ValueError, match="think keeps older keys in fewer channels, which quantized blocks cannot hold"):
         LLM(str(smollm2_gguf), method="think+kivi", compression=0.5)

@@ -100,9 +100,6 @@ class LLM:
             self.cache = LatentKVCache.from_memory(self.config, memory, self.method.latent_layers, self.method.group,
                                                    self.model.inv_freq, block_size, self.dtype, self.device)
         elif self.method.prunes_key_channels:  # older keys in slim blocks of fewer channels (think)
-            if spec is not None:
-                raise ValueError(f"method {method!r}: {self.method.name.split('+')[0]} keeps older keys in slim "
-                                 f"blocks of its own, which quantized blocks cannot hold; use it alone")
             channels = self.method.kept_channels(self.config.head_dim)
             self.cache = PrunedKVCache.from_memory(self.config, memory, block_size, channels, self.dtype, self.device)
         elif spec is None:  # Quest reads each block's key bounds: the pool keeps them
@@ -118,8 +115,6 @@ class LLM:
             self.cache = QuantizedKVCache.from_memory(self.config, memory, spec, self.dtype, self.device)
         sources = self.method.layer_sources(self.config.num_layers)
         if sources is not None:  # layers that read another's KV hold no blocks (KVSharer)
-            if spec is not None:
-                raise ValueError(f"method {method!r} shares layers, which a quantized cache cannot")
             self.cache.share_layers(sources)
         if pairs:  # a pair's prompt stored once: nanokv/cache/paired.py
             self.cache.pair_layers(pairs)

@@ -89,6 +89,12 @@ def check_method(name: str) -> str:
         if quantizer.name not in QUANTIZERS or evictor.name in QUANTIZERS or evictor is Method or evictor.selects_pages:
             raise ValueError(f"method {name!r}: combine an eviction method with a quantization method "
                              f"({', '.join(QUANTIZERS)}), in that order, e.g. snapkv+kivi")
+        storage = ("keeps tokens as low-rank latents" if evictor.stores_latents else
+                   "keeps older keys in fewer channels" if evictor.prunes_key_channels else
+                   "shares whole layers" if evictor.layer_sources is not Method.layer_sources else None)
+        if storage:  # a storage of its own, which quantized blocks cannot be
+            raise ValueError(f"method {name!r}: {evictor.name} {storage}, which quantized blocks cannot hold; "
+                             f"use {evictor.name} alone")
         if evictor.trims_earlier_layers:
             raise ValueError(f"method {name!r}: {evictor.name} compacts earlier layers again during prefill, "
                              f"which quantized blocks cannot follow; use {evictor.name} alone")
@@ -116,6 +122,9 @@ def make_method(name: str, compression: float = 0.0, budget: int | None = None, 
         raise ValueError(f"unknown option {sorted(unknown)[0]!r} for method {name!r}; valid: {valid}")
     quant = quantizer(**{k: v for k, v in options.items() if k in quantizer.options})
     method = evictor(compression=compression, budget=budget, **{k: v for k, v in options.items() if k in evictor.options})
+    if method.trims_earlier_layers:  # some methods do only with some options (kvzip unless layerwise)
+        raise ValueError(f"method {name!r}: {evictor.name} with these options compacts earlier layers again during "
+                         f"prefill, which quantized blocks cannot follow; use {evictor.name} alone")
     method.name, method.quantization = name, quant.quantization
     return method
 
