@@ -141,6 +141,7 @@ def test_bad_arguments(args, needles):
     assert_one_line_error(run(*args), *needles)
 
 
+@pytest.mark.slow
 def test_default_command_answers_paris(smollm2_gguf, tmp_path):
     stats = tmp_path / "stats.json"
     result = run("--stats-json", str(stats), "--max-tokens", "48")
@@ -158,6 +159,7 @@ def test_default_command_answers_paris(smollm2_gguf, tmp_path):
     assert data["kv_cache_bytes"] in held
 
 
+@pytest.mark.slow
 def test_kivi_stats_count_packed_blocks_and_the_residual(smollm2_gguf, tmp_path):
     stats = tmp_path / "stats.json"
     prompt = "Tell me about the history of Paris. " * 12
@@ -172,3 +174,40 @@ def test_kivi_stats_count_packed_blocks_and_the_residual(smollm2_gguf, tmp_path)
     assert data["kv_cache_bytes"] == 30 * 3 * (n // 128 + -(-(n % 128) // 39)) * 10240
     assert data["kv_cache_bytes_theory"] == 30 * 3 * (n // 128 * 10240 + n % 128 * (64 * 2 * 2 + 4))
     assert "B/token" in result.stderr
+
+
+# --- device and dtype: refused before any model is looked for (the model named here does not exist) ---
+
+def run_with(env: dict, *args):
+    return subprocess.run([sys.executable, str(ROOT / "generate.py"), *args], capture_output=True, text=True,
+                          env={**ENV, **env}, timeout=600, cwd=ROOT)
+
+
+def test_float16_on_cpu_is_refused():
+    assert_one_line_error(run("--model", "no-such-model", "--device", "cpu", "--dtype", "float16", "hi"),
+                          "'float16' is not served on CPU", "float32")
+
+
+def test_cuda_without_a_gpu_is_refused():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    assert_one_line_error(run("--model", "no-such-model", "--device", "cuda", "hi"), "'cuda' is not available",
+                          "valid: cpu")
+
+
+def test_an_unknown_cpu_isa_is_refused():
+    assert_one_line_error(run_with({"NANOKV_CPU_ISA": "avx9"}, "--model", "no-such-model", "--device", "cpu", "hi"),
+                          "NANOKV_CPU_ISA='avx9'", "native, avx2")
+
+
+def test_auto_dtype_on_an_avx2_only_cpu_is_float32(tmp_path):
+    from tiny_model import save_tiny_llama
+
+    model = save_tiny_llama(tmp_path / "tiny")
+    result = run_with({"NANOKV_CPU_ISA": "avx2"}, "--model", str(model), "--device", "cpu", "--dtype", "auto",
+                      "--no-chat", "--max-tokens", "4", "--kv-cache-memory", str(16 << 20), "hi")
+    assert result.returncode == 0, result.stderr
+    [stats] = [line for line in result.stderr.splitlines() if line.startswith(f"[{model} | full |")]
+    assert "| cpu float32]" in stats, stats
