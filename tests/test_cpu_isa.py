@@ -9,6 +9,8 @@ The rest are unit tests of hardware.py with the CPU's flags faked."""
 import json
 import os
 import platform
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -73,6 +75,17 @@ def test_cpp_kernels_build_for_avx2_and_leave_out_the_avx512_gemv(avx2_report, m
     # the flags are part of the cache key: an AVX2 run never loads the native build
     monkeypatch.delenv(hardware.ISA_VARIABLE, raising=False)
     assert avx2_report["library"] != str(cpu._library_path())
+
+
+@x86_with_avx2
+def test_the_avx2_build_uses_no_avx512_register(avx2_report):
+    """No zmm, no mask register k0-k7, no xmm/ymm 16-31: nothing an AVX2-only CPU would fault on."""
+    if shutil.which("objdump") is None:
+        pytest.skip("no objdump to read the machine code")
+    code = subprocess.run(["objdump", "-d", "--no-show-raw-insn", avx2_report["library"]], capture_output=True,
+                          text=True, check=True).stdout
+    assert "vfmadd" in code   # -mfma took: the dot products fuse
+    assert re.findall(r"%(?:zmm\d+|[xy]mm(?:1[6-9]|2\d|3[01])|k[0-7])\b", code) == []
 
 
 @x86_with_avx2
