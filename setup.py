@@ -8,7 +8,7 @@ setup(
     # One top-level name: `kernels` and `models` belong to other packages (transformers requires
     # Hugging Face's `kernels`), so nanokv's live inside it.
     packages=find_packages(include=["nanokv", "nanokv.*"]),
-    package_data={"nanokv.kernels": ["*.cpp"], "nanokv.models": ["configs/*.json"]},
+    package_data={"nanokv.kernels": ["*.cpp"]},  # built on the user's machine (nanokv/kernels/cpu.py)
     entry_points={"console_scripts": ["nanokv-generate = nanokv.cli.generate:main",
                                       "nanokv-bench = nanokv.cli.bench:main"]},
     install_requires=[
@@ -26,7 +26,9 @@ setup(
     extras_require={
         # The versions the suite last ran against are pinned in constraints.txt (make test uses it).
         # triton: torch's CUDA builds bring it; on CPU the tests run the kernels in its interpreter.
-        "test": ["pytest>=8", "transformers>=5.0,<6", "accelerate>=1.0", "matplotlib>=3.8", "triton>=3.2"],
+        # It has wheels for Linux only.
+        "test": ["pytest>=8", "transformers>=5.0,<6", "accelerate>=1.0", "matplotlib>=3.8",
+                 "triton>=3.2; platform_system == 'Linux'"],
         "plot": ["matplotlib>=3.8"],
         "flash": ["flash-attn>=2.6"],  # CUDA only, optional
     },

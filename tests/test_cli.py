@@ -141,23 +141,28 @@ def test_bad_arguments(args, needles):
     assert_one_line_error(run(*args), *needles)
 
 
+@pytest.mark.slow
 def test_default_command_answers_paris(smollm2_gguf, tmp_path):
     stats = tmp_path / "stats.json"
     result = run("--stats-json", str(stats), "--max-tokens", "48")
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout
     data = json.loads(stats.read_text())
-    assert set(data) == {"model", "method", "prompt_tokens", "generated_tokens", "prefill_tokens_per_s",
-                         "decode_tokens_per_s", "kv_cache_bytes", "kv_cache_bytes_uncompressed",
+    assert set(data) == {"model", "method", "device", "dtype", "prompt_tokens", "generated_tokens",
+                         "prefill_tokens_per_s", "decode_tokens_per_s", "kv_cache_bytes", "kv_cache_bytes_uncompressed",
                          "kv_cache_bytes_theory", "kv_cache_tokens"}
-    # full-precision bfloat16 cache in 16-token head-blocks of 16 x (64 dims x 2 (K and V) x 2 bytes
-    # + a 4-byte position), one list of blocks per (layer, kv-head) = 30 x 3, for the tokens that
-    # went through the model (the last one sampled may not have)
-    held = [30 * 3 * -(-n // 16) * 16 * (64 * 2 * 2 + 4) for n in
+    # full-precision cache in the dtype --dtype auto chose (float32 on a CPU without bfloat16
+    # arithmetic), in 16-token head-blocks of 16 x (64 dims x 2 (K and V) x its bytes + a 4-byte
+    # position), one list of blocks per (layer, kv-head) = 30 x 3, for the tokens that went through
+    # the model (the last one sampled may not have)
+    assert data["dtype"] in ("bfloat16", "float32")
+    size = 2 if data["dtype"] == "bfloat16" else 4
+    held = [30 * 3 * -(-n // 16) * 16 * (64 * 2 * size + 4) for n in
             (data["prompt_tokens"] + data["generated_tokens"] - 1, data["prompt_tokens"] + data["generated_tokens"])]
     assert data["kv_cache_bytes"] in held
 
 
+@pytest.mark.slow
 def test_kivi_stats_count_packed_blocks_and_the_residual(smollm2_gguf, tmp_path):
     stats = tmp_path / "stats.json"
     prompt = "Tell me about the history of Paris. " * 12
@@ -167,8 +172,46 @@ def test_kivi_stats_count_packed_blocks_and_the_residual(smollm2_gguf, tmp_path)
     n = data["kv_cache_tokens"]
     assert n > 128  # at least one quantized block per head
     # a 4-bit block of 128 tokens: codes 2 x 128 x 32 bytes + float16 scales and zeros (keys 4 x 64,
-    # values 128 x 2, two each) = 10,240 bytes; the residual: blocks of 39 tokens (260 bytes each)
-    # in rows of that size
-    assert data["kv_cache_bytes"] == 30 * 3 * (n // 128 + -(-(n % 128) // 39)) * 10240
-    assert data["kv_cache_bytes_theory"] == 30 * 3 * (n // 128 * 10240 + n % 128 * (64 * 2 * 2 + 4))
+    # values 128 x 2, two each) = 10,240 bytes; the residual, in the dtype --dtype auto chose: blocks
+    # of as many tokens as fit in rows of that size (bfloat16: 39 of 260 bytes each)
+    residual = 64 * 2 * (2 if data["dtype"] == "bfloat16" else 4) + 4
+    assert data["kv_cache_bytes"] == 30 * 3 * (n // 128 + -(-(n % 128) // (10240 // residual))) * 10240
+    assert data["kv_cache_bytes_theory"] == 30 * 3 * (n // 128 * 10240 + n % 128 * residual)
     assert "B/token" in result.stderr
+
+
+# --- device and dtype: refused before any model is looked for (the model named here does not exist) ---
+
+def run_with(env: dict, *args):
+    return subprocess.run([sys.executable, str(ROOT / "generate.py"), *args], capture_output=True, text=True,
+                          env={**ENV, **env}, timeout=600, cwd=ROOT)
+
+
+def test_float16_on_cpu_is_refused():
+    assert_one_line_error(run("--model", "no-such-model", "--device", "cpu", "--dtype", "float16", "hi"),
+                          "'float16' is not served on CPU", "float32")
+
+
+def test_cuda_without_a_gpu_is_refused():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    assert_one_line_error(run("--model", "no-such-model", "--device", "cuda", "hi"), "'cuda' is not available",
+                          "valid: cpu")
+
+
+def test_an_unknown_cpu_isa_is_refused():
+    assert_one_line_error(run_with({"NANOKV_CPU_ISA": "avx9"}, "--model", "no-such-model", "--device", "cpu", "hi"),
+                          "NANOKV_CPU_ISA='avx9'", "native, avx2")
+
+
+def test_auto_dtype_on_an_avx2_only_cpu_is_float32(tmp_path):
+    from tiny_model import save_tiny_llama
+
+    model = save_tiny_llama(tmp_path / "tiny")
+    result = run_with({"NANOKV_CPU_ISA": "avx2"}, "--model", str(model), "--device", "cpu", "--dtype", "auto",
+                      "--no-chat", "--max-tokens", "4", "--kv-cache-memory", str(16 << 20), "hi")
+    assert result.returncode == 0, result.stderr
+    [stats] = [line for line in result.stderr.splitlines() if line.startswith(f"[{model} | full |")]
+    assert "| cpu float32]" in stats, stats

@@ -17,6 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helpers import nanokv_logits  # noqa: E402
 from nanokv import LLM, SamplingParams  # noqa: E402
 
+pytestmark = pytest.mark.slow  # every test here runs SmolLM2
+
 WORDS = ("The old lighthouse keeper climbed the spiral stairs every evening, counting the steps "
          "as his father had taught him, and at the top he wound the clockwork that turned the great "
          "lens. Ships passing in the night never knew his name, but they trusted the light, and the "

@@ -25,6 +25,7 @@ def tokens(llm, sample):
 
 @pytest.mark.parametrize("task", list(TASKS))
 @pytest.mark.parametrize("target", [1024, 2048])
+@pytest.mark.slow
 def test_samples_land_on_the_target_length_hold_their_answers_and_repeat(llm, task, target):
     sample = make_sample(task, target, lambda s: tokens(llm, s), seed=3, index=1)
     assert abs(tokens(llm, sample) - target) <= 0.02 * target
@@ -35,6 +36,7 @@ def test_samples_land_on_the_target_length_hold_their_answers_and_repeat(llm, ta
     assert again == sample and other.answers != sample.answers
 
 
+@pytest.mark.slow
 def test_a_single_needle_sits_at_its_depth(llm):
     for index, depth in enumerate(DEPTHS):
         sample = make_sample("niah_number", 2048, lambda s: tokens(llm, s), index=index)
@@ -43,6 +45,7 @@ def test_a_single_needle_sits_at_its_depth(llm):
         assert sample.depth == depth and abs(at / len(body) - depth) < 0.02, (depth, at / len(body))
 
 
+@pytest.mark.slow
 def test_the_answers_are_what_the_text_says(llm):
     """Recount from the generated text, independently of the generator."""
     count = lambda s: tokens(llm, s)
@@ -101,6 +104,7 @@ def test_the_grid_runs_quantization_once_and_quest_at_budgets_only():
         grid.Setting("snapkv+kivi", compression=0.5), grid.Setting("snapkv+kivi", budget=256)]
 
 
+@pytest.mark.slow
 def test_a_grid_resumes_and_writes_tables_and_plots(smollm2_gguf, tmp_path):
     from nanokv import LLM
 
@@ -131,6 +135,7 @@ def test_a_grid_resumes_and_writes_tables_and_plots(smollm2_gguf, tmp_path):
         assert path.stat().st_size > 5000
 
 
+@pytest.mark.slow
 def test_perplexity_read_through_the_cache_is_the_prefill_perplexity(smollm2_gguf):
     """Teacher-forced one token at a time through the cache, `full` predicts each token exactly as
     one prefill over the whole text does; quantizing the cache to 2 bits moves it."""

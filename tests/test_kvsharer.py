@@ -67,6 +67,7 @@ PAIRS = [[29, 3], [20, 10], [12, 11], [25, 20], [7, 6], [16, 2]]  # 25 -> 20 -> 
 
 
 @torch.inference_mode()
+@pytest.mark.slow
 def test_shared_layers_read_their_source_and_hold_no_blocks(smollm2_gguf, tmp_path):
     from nanokv import LLM, SamplingParams
 
@@ -91,6 +92,7 @@ def test_shared_layers_read_their_source_and_hold_no_blocks(smollm2_gguf, tmp_pa
     assert owned == 24  # round(0.2 x 30) = 6 layers share
 
 
+@pytest.mark.slow
 def test_preemption_recomputes_the_same_tokens(smollm2_gguf, tmp_path):
     from nanokv import LLM, SamplingParams
 
@@ -101,6 +103,7 @@ def test_preemption_recomputes_the_same_tokens(smollm2_gguf, tmp_path):
                                       calibration_file=artifact), prompts, params, 800)
 
 
+@pytest.mark.slow
 def test_the_calibration_command_writes_pairs_the_engine_reads(smollm2_gguf, tmp_path):
     from nanokv import LLM
     from nanokv.calibrate import load_calibration, main

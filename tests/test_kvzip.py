@@ -134,6 +134,7 @@ MAX_TOKENS = [4, 1, 2, 1]
 
 @pytest.mark.parametrize("chunk_size", [2048, 48])
 @torch.inference_mode()
+@pytest.mark.slow
 def test_the_engine_keeps_what_a_dense_restatement_keeps(smollm2_gguf, chunk_size):
     """The prompt and each repeat request through the model with plain attention, one pass at a
     time: each layer's reconstruction attention, the sinks, one top-k over all layers; the first
@@ -168,6 +169,7 @@ def test_the_engine_keeps_what_a_dense_restatement_keeps(smollm2_gguf, chunk_siz
     assert llm.generate([prompt], SamplingParams(max_tokens=1, ignore_eos=True))[0].token_ids == [first]
 
 
+@pytest.mark.slow
 def test_runs_under_continuous_batching_and_frees_real_blocks(kvzip_llm):
     from tests.test_methods_prefill_wave2 import run_capturing
 
@@ -189,6 +191,7 @@ def test_runs_under_continuous_batching_and_frees_real_blocks(kvzip_llm):
     assert alone == held[2]
 
 
+@pytest.mark.slow
 def test_a_question_after_the_context_reads_the_compressed_context(kvzip_llm):
     """(context, question): the context is scored and compressed first; the question then runs
     over the compressed cache, as a question asked later would, and is kept whole."""
@@ -218,6 +221,7 @@ def test_a_question_after_the_context_reads_the_compressed_context(kvzip_llm):
         cache.free(-1)
 
 
+@pytest.mark.slow
 def test_preemption_recomputes_the_same_cache(smollm2_gguf, kvzip_llm):
     from nanokv import LLM, SamplingParams
 

@@ -104,6 +104,7 @@ def truncation_error(cache, layer, k_pre, v, inv_freq):
 
 
 @pytest.mark.parametrize("rank", [64, 128])
+@pytest.mark.slow
 def test_lorc_latents_miss_exactly_the_weight_spectrum_they_drop(smollm2, rank):
     # The keys of the inputs e_1..e_hidden are W_k's columns: storing them at rank r loses the sum of
     # W_k's squared singular values past r (Eckart-Young), the same for values.
@@ -122,6 +123,7 @@ def test_lorc_latents_miss_exactly_the_weight_spectrum_they_drop(smollm2, rank):
     assert bases["k_condition"][layer] > 1
 
 
+@pytest.mark.slow
 def test_palu_latents_miss_exactly_the_calibration_spectrum_they_drop(smollm2):
     # Palu's bases are the calibration keys' principal directions: the same keys stored at rank r
     # lose the sum of the eigenvalues past r (the whitened SVD's squared singular values).
@@ -204,6 +206,7 @@ def artifacts(smollm2, tmp_path_factory):
 
 @pytest.mark.parametrize("name", ["lorc", "palu"])
 @torch.inference_mode()
+@pytest.mark.slow
 def test_the_engine_equals_the_model_with_low_rank_keys_and_values(smollm2_gguf, artifacts, name):
     from nanokv import LLM, SamplingParams
 
@@ -228,6 +231,7 @@ def test_the_engine_equals_the_model_with_low_rank_keys_and_values(smollm2_gguf,
         assert theory / (held * 30 * 3 * (2 * 64 * 4 + 4)) == pytest.approx(0.5, abs=0.03)  # half the numbers
 
 
+@pytest.mark.slow
 def test_preemption_recomputes_the_same_tokens(smollm2_gguf, artifacts):
     from nanokv import LLM, SamplingParams
 
@@ -237,6 +241,7 @@ def test_preemption_recomputes_the_same_tokens(smollm2_gguf, artifacts):
                                       calibration_file=str(artifacts["palu"])), prompts, params, 1500)
 
 
+@pytest.mark.slow
 def test_a_missing_or_mismatched_calibration_is_a_clear_error(smollm2_gguf, artifacts, tmp_path):
     from nanokv import LLM
     from nanokv.calibrate import _read
@@ -269,6 +274,7 @@ def test_a_missing_or_mismatched_calibration_is_a_clear_error(smollm2_gguf, arti
         make_method("snapkv+lorc", compression=0.5)
 
 
+@pytest.mark.slow
 def test_the_calibration_command_writes_bases_the_engine_reads(smollm2_gguf, tmp_path):
     from nanokv import LLM, SamplingParams
     from nanokv.calibrate import main

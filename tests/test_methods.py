@@ -146,6 +146,7 @@ def snapkv_llm(smollm2_gguf):
     return LLM(str(smollm2_gguf), dtype="float32", method="snapkv", compression=0.5, window_size=8)
 
 
+@pytest.mark.slow
 def test_adakv_runs_in_the_engine_with_heads_of_different_lengths(smollm2_gguf):
     from nanokv import LLM, SamplingParams
 
@@ -160,6 +161,7 @@ def test_adakv_runs_in_the_engine_with_heads_of_different_lengths(smollm2_gguf):
     assert out.metrics["kv_cache_bytes"] < out.metrics["kv_cache_bytes_uncompressed"]
 
 
+@pytest.mark.slow
 def test_compression_frees_real_blocks(snapkv_llm):
     from nanokv import SamplingParams
 
@@ -173,6 +175,7 @@ def test_compression_frees_real_blocks(snapkv_llm):
         assert out.metrics["kv_cache_bytes_uncompressed"] == full_blocks * per_block
 
 
+@pytest.mark.slow
 def test_prefill_allocates_layer_by_layer_so_compression_lowers_the_peak(snapkv_llm):
     from nanokv import SamplingParams
 
@@ -196,6 +199,7 @@ def test_prefill_allocates_layer_by_layer_so_compression_lowers_the_peak(snapkv_
     assert snapkv_llm.scheduler.prefill_blocks(seq) >= peak  # what admission plans with
 
 
+@pytest.mark.slow
 def test_preempted_sequences_are_compressed_again_the_same_way(snapkv_llm, smollm2_gguf):
     from nanokv import LLM, SamplingParams
 
@@ -306,6 +310,7 @@ class DenseEviction:
 
 
 @pytest.mark.parametrize("kind", ["h2o", "tova"])
+@pytest.mark.slow
 def test_decode_time_eviction_matches_a_plain_statement_of_the_method(smollm2_gguf, kind):
     """Greedy tokens and the positions every (layer, head) holds at the end, through the engine
     (paged cache, per-slot state, swap-into-victim eviction) and through DenseEviction."""
@@ -324,6 +329,7 @@ def test_decode_time_eviction_matches_a_plain_statement_of_the_method(smollm2_gg
     assert agree == budget * len(held), f"{agree} of {budget * len(held)} held positions agree"
 
 
+@pytest.mark.slow
 def test_h2o_holds_its_budget_through_preemption_and_recompute(smollm2_gguf):
     """A sequence preempted mid-generation is re-prefilled: its generated tokens replay their
     evictions one at a time, so it goes on exactly as if never preempted."""
@@ -338,6 +344,7 @@ def test_h2o_holds_its_budget_through_preemption_and_recompute(smollm2_gguf):
     assert all(o.metrics["kv_cache_bytes"] == 30 * 3 * 4 * tight.cache.pool.bytes_per_block for o in got)
 
 
+@pytest.mark.slow
 def test_a_question_after_the_context_is_not_seen_by_the_compression(snapkv_llm):
     """(context, question): the method compresses the context alone, as kvpress does, then the
     question attends over it and is kept whole."""

@@ -132,6 +132,7 @@ def artifact_file(tmp_path, method, scores):
 
 
 @pytest.mark.parametrize("name", ["duoattention", "headkv"])
+@pytest.mark.slow
 def test_runs_under_continuous_batching_and_frees_real_blocks(smollm2_gguf, smollm2_scores, tmp_path, name):
     from nanokv import LLM
     from test_methods_prefill_wave2 import run_capturing
@@ -174,6 +175,7 @@ def test_runs_under_continuous_batching_and_frees_real_blocks(smollm2_gguf, smol
         assert alone == held[i]
 
 
+@pytest.mark.slow
 def test_a_profile_for_another_shape_is_refused_by_llm(smollm2_gguf, tmp_path):
     from nanokv import LLM
 

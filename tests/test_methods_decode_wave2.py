@@ -489,6 +489,7 @@ ENGINE_CASES = {  # options that exercise each method within a short run
 
 
 @pytest.mark.parametrize("kind", list(ENGINE_CASES))
+@pytest.mark.slow
 def test_decode_time_eviction_matches_a_plain_statement_of_the_method(smollm2_gguf, kind):
     """Greedy tokens and the positions every (layer, head) holds at the end, through the engine
     (paged cache, slot fields, swap-into-victim eviction) and through PlainEviction."""

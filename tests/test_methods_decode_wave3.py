@@ -240,6 +240,7 @@ def test_mixed_prompts_hold_the_budget_in_real_blocks_through_preemption(tiny, k
     assert cache.pool.num_free == cache.pool.num_blocks
 
 
+@pytest.mark.slow
 def test_each_head_keeps_its_sinks_or_its_last_tokens_in_the_engine(smollm2_gguf):
     """A short real-model run per method: VATP holds positions 0..sink_size-1 in every head, R-KV
     the last α positions, both at exactly the budget."""

@@ -239,6 +239,7 @@ PROMPTS = [[100 + (i * 7 + j * 13) % 5000 for j in range(n)] for i, n in enumera
 
 
 @pytest.mark.parametrize("kind", ["cam", "d2o", "kvmerger"])
+@pytest.mark.slow
 def test_mixed_prompts_in_continuous_batching_hold_the_budgets_tokens(smollm2_gguf, kind):
     from nanokv import LLM, SamplingParams
 
@@ -396,6 +397,7 @@ DECODE_CASES = {"cam": dict(merge_budget=4, seed=5), "d2o": dict(sink_tokens=2)}
 
 
 @pytest.mark.parametrize("kind", list(DECODE_CASES))
+@pytest.mark.slow
 def test_decode_time_merging_matches_a_plain_statement_of_the_method(smollm2_gguf, kind):
     """Greedy tokens and the positions every (layer, head) holds at the end, through the engine
     (paged cache, slot fields, merges written into the pool, swap-into-victim eviction) and

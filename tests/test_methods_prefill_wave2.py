@@ -264,6 +264,7 @@ def check_kept(method, n, layers):
 
 
 @pytest.mark.parametrize("method", list(ENGINE))
+@pytest.mark.slow
 def test_runs_under_continuous_batching_and_frees_real_blocks(smollm2_gguf, method):
     from nanokv import LLM
 

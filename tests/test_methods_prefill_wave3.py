@@ -179,6 +179,7 @@ def check_sepllm(method, prompt, layers, keep):
 
 
 @pytest.mark.parametrize("name", ["sepllm", "cake"])
+@pytest.mark.slow
 def test_runs_under_continuous_batching_and_frees_real_blocks(smollm2_gguf, name):
     from nanokv import LLM
     from tests.test_methods_prefill_wave2 import run_capturing

@@ -200,6 +200,7 @@ def served(smollm2_gguf):
     return llm, outs, [held[i] for i in sorted(held)]
 
 
+@pytest.mark.slow
 def test_engine_matches_a_dense_restatement(served):
     llm, outs, _ = served
     pairs = llm.cache.pairs
@@ -219,6 +220,7 @@ def paper_bytes(n, g, pairs, s=4, m=4):
     return (L - 2 * pairs) * (n + g) * token + pairs * ((n - r) * (token + 4 * m) + (r + g) * 2 * token)
 
 
+@pytest.mark.slow
 def test_the_later_layer_of_each_pair_holds_only_its_retained_and_later_tokens(served):
     llm, outs, held = served
     cache, block = llm.cache, llm.cache.block_size
@@ -241,6 +243,7 @@ def test_the_later_layer_of_each_pair_holds_only_its_retained_and_later_tokens(s
     assert cache.pool.num_free == cache.pool.num_blocks
 
 
+@pytest.mark.slow
 def test_preemption_recomputes_the_same_tokens(served, smollm2_gguf):
     from nanokv import LLM, SamplingParams
 

@@ -159,6 +159,7 @@ class DenseQuantized:
     ("kivi", {"bits": 2}, (2, 32, 128, True)),
     ("int4", {}, (4, 32, 32, False)),
 ])
+@pytest.mark.slow
 def test_engine_matches_a_plain_statement_of_the_quantized_cache(smollm2_gguf, method, options, spec):
     """Greedy tokens and final logits through the engine (packed blocks, residual blocks, flushes
     in settle, quantized decode attention) and through DenseQuantized, across two flushes."""
@@ -177,6 +178,7 @@ def test_engine_matches_a_plain_statement_of_the_quantized_cache(smollm2_gguf, m
         held // R * llm.cache.spec.quantized_bytes(64) + held % R * (2 * 64 * 4 + 4))
 
 
+@pytest.mark.slow
 def test_eviction_then_quantization_keeps_the_same_tokens_in_fewer_bytes(smollm2_gguf):
     from nanokv import LLM, SamplingParams
 
@@ -201,6 +203,7 @@ def test_eviction_then_quantization_keeps_the_same_tokens_in_fewer_bytes(smollm2
     assert quant_bytes < full_bytes / 2
 
 
+@pytest.mark.slow
 def test_a_quantized_cache_preempts_and_recomputes_without_losing_a_request(smollm2_gguf):
     from nanokv import LLM, SamplingParams
 

@@ -4,6 +4,7 @@ the context gives `full` exactly; the bytes read fall with the budget."""
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from helpers import restated_greedy
@@ -66,6 +67,7 @@ class DenseQuest:
         return torch.cat(out, dim=1)
 
 
+@pytest.mark.slow
 def test_engine_matches_a_plain_statement_of_quest(smollm2_gguf):
     from nanokv import LLM, SamplingParams
 
@@ -77,6 +79,7 @@ def test_engine_matches_a_plain_statement_of_quest(smollm2_gguf):
     assert out.token_ids == tokens
 
 
+@pytest.mark.slow
 def test_a_budget_covering_the_context_is_full_exactly_and_reads_fall_with_the_budget(smollm2_gguf):
     from nanokv import LLM, SamplingParams
 

@@ -9,6 +9,8 @@ from helpers import assert_same_greedy, hf_greedy, nanokv_logits
 from nanokv.engine.llm import LLM
 from nanokv.sampling import SamplingParams
 
+pytestmark = pytest.mark.slow
+
 TEXT = (
     "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
     "combined a screw press with movable metal type. Within decades, presses spread across Europe, "

@@ -100,6 +100,7 @@ class ThinKDense:
 
 @pytest.mark.parametrize("compression", [0.0, 0.5])
 @torch.inference_mode()
+@pytest.mark.slow
 def test_the_engine_equals_a_dense_restatement_and_frees_real_bytes(smollm2_gguf, compression):
     from nanokv import LLM, SamplingParams
 
@@ -121,6 +122,7 @@ def test_the_engine_equals_a_dense_restatement_and_frees_real_bytes(smollm2_gguf
             assert out.metrics["kv_cache_bytes"] / theory < 1.1
 
 
+@pytest.mark.slow
 def test_preemption_recomputes_the_same_tokens(smollm2_gguf):
     from nanokv import LLM, SamplingParams
 
@@ -130,6 +132,7 @@ def test_preemption_recomputes_the_same_tokens(smollm2_gguf):
                               prompts, params, 850)
 
 
+@pytest.mark.slow
 def test_bad_settings_are_clear_errors(smollm2_gguf):
     from nanokv import LLM
 

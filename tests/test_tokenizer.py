@@ -115,6 +115,7 @@ def pair(request, load):
 # ---- real files against transformers ------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_encode_matches_transformers(pair):
     name, ours, hf = pair
     compared = 0
@@ -127,6 +128,7 @@ def test_encode_matches_transformers(pair):
     assert compared >= len(TEXTS) - 3  # smollm leaves out three texts
 
 
+@pytest.mark.slow
 def test_smollm_splits_digits_like_the_model(load):
     ours, hf = load(SMOLLM)
     # SmolLM's own tokenizer.json (and llama.cpp for pre=smollm) split digits off before the GPT-2
@@ -142,6 +144,7 @@ def test_smollm_splits_digits_like_the_model(load):
     assert [hf.convert_ids_to_tokens(i) for i in hf_ids(hf, "    1")] == ["ĠĠĠ", "Ġ", "1"]
 
 
+@pytest.mark.slow
 def test_decode_round_trips_and_matches_transformers(pair):
     _, ours, hf = pair
     for text in TEXTS:
@@ -151,6 +154,7 @@ def test_decode_round_trips_and_matches_transformers(pair):
             assert ours.decode(ids, skip_special_tokens=skip) == hf.decode(ids, skip_special_tokens=skip), text
 
 
+@pytest.mark.slow
 def test_special_tokens_match_transformers(pair):
     name, ours, hf = pair
     assert ours.vocab_size == len(hf)
@@ -162,6 +166,7 @@ def test_special_tokens_match_transformers(pair):
     assert ours.eos_token_id == im_end
 
 
+@pytest.mark.slow
 def test_chat_template_matches_transformers(pair):
     name, ours, hf = pair
     assert ours.has_chat_template
@@ -180,6 +185,7 @@ def test_chat_template_matches_transformers(pair):
         assert rendered == expected and "<Zürich> &" in rendered
 
 
+@pytest.mark.slow
 def test_stream_decoder_joins_to_full_decode(pair):
     _, ours, _ = pair
     text = "family 👨‍👩‍👧‍👦, flag 🏳️‍🌈, 日本語 and 😀👍🏽 done<|im_end|>"
@@ -204,6 +210,7 @@ def saved_dir(pair, tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_from_dir_on_save_pretrained(pair, saved_dir):
     _, ours_gguf, hf = pair
     ours = Tokenizer.from_dir(saved_dir)
@@ -215,6 +222,7 @@ def test_from_dir_on_save_pretrained(pair, saved_dir):
     assert ours.apply_chat_template(CONVERSATIONS[1]) == ours_gguf.apply_chat_template(CONVERSATIONS[1])
 
 
+@pytest.mark.slow
 def test_llama3_split_matches_transformers(smollm_metadata):
     # No Llama 3 file at hand: relabel SmolLM's vocabulary as llama-bpe and compare the splits.
     pytest.importorskip("transformers")
