@@ -24,8 +24,11 @@ test: $(VENV)/.installed-test
 test-all: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q tests
 
-test-gpu: $(VENV)/.installed-test
-	$(BIN)/python -m pytest -q -m gpu tests
+# On a machine whose own python3 already has a CUDA torch, triton and transformers (and no network):
+#   make test-gpu TEST_PYTHON=python3
+TEST_PYTHON ?= $(BIN)/python
+test-gpu: $(if $(filter $(BIN)/python,$(TEST_PYTHON)),$(VENV)/.installed-test)
+	$(TEST_PYTHON) -m pytest -q -m gpu tests
 
 $(VENV)/.installed: setup.py $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

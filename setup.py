@@ -8,7 +8,9 @@ setup(
     # One top-level name: `kernels` and `models` belong to other packages (transformers requires
     # Hugging Face's `kernels`), so nanokv's live inside it.
     packages=find_packages(include=["nanokv", "nanokv.*"]),
-    package_data={"nanokv.kernels": ["*.cpp"]},  # built on the user's machine (nanokv/kernels/cpu.py)
+    # the C++ kernels are built on the user's machine (nanokv/kernels/cpu.py); the shipped model
+    # configs serve --load-format dummy (nanokv/hub.py)
+    package_data={"nanokv.kernels": ["*.cpp"], "nanokv.models": ["configs/*.json"]},
     entry_points={"console_scripts": ["nanokv-generate = nanokv.cli.generate:main",
                                       "nanokv-bench = nanokv.cli.bench:main"]},
     install_requires=[
