@@ -97,3 +97,19 @@ def test_triton_kernels_give_the_reference_greedy_tokens(tiny, method):
     model, cfg = tiny
     expected = greedy(model, cfg, PROMPTS, "reference", method=tiny_method(method))
     assert greedy(model, cfg, PROMPTS, "triton", method=tiny_method(method)) == expected
+
+
+@pytest.mark.parametrize("method, notice", [("full", None), ("think", "older keys in fewer channels"),
+                                            ("minicache", "merged layer pairs")])
+def test_storage_without_a_triton_kernel_says_so_once(tmp_path, capfd, method, notice):
+    """A method whose blocks only the plain-torch attention reads runs there under Triton kernels,
+    and says so in one line (not a crash, not silence)."""
+    from nanokv import LLM
+    from test_dummy import tiny_config
+
+    LLM(tiny_config(tmp_path), load_format="dummy", dtype="float32", device="cpu", kernels="triton",
+        kv_cache_memory=4 << 20, method=method, compression=0.5 if notice else 0.0)
+    lines = [line for line in capfd.readouterr().err.splitlines() if "no Triton kernel" in line]
+    assert lines == ([] if notice is None else [
+        f"nanokv: method {method!r} keeps {notice}, which no Triton kernel reads yet: its attention runs in "
+        f"plain torch on cpu"])
