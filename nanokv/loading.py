@@ -138,7 +138,7 @@ def hf_tensors(model):
         *parent, layer, kind = name.split(".")  # layers.3.self_attn . qkv_proj . weight
         if layer in split:
             for shard, hf in enumerate(split[layer]):
-                yield f"model.{'.'.join(parent)}.{hf}.{kind}", tensor.narrow(0, *model._shard_range(name, shard))
+                yield f"model.{'.'.join(parent)}.{hf}.{kind}", tensor.narrow(0, *model.shard_range(name, shard))
         else:
             yield name if name.startswith("lm_head.") else f"model.{name}", tensor
 

@@ -156,7 +156,7 @@ class LlamaModel(nn.Module):
                 raise ValueError(f"unexpected weight {name!r} for architecture {self.cfg.architecture!r}")
             param = params[target]
             if shard is not None:
-                param = param.narrow(0, *self._shard_range(target, shard))
+                param = param.narrow(0, *self.shard_range(target, shard))
             if tuple(param.shape) != tuple(tensor.shape):
                 raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, "
                                  f"expected {tuple(param.shape)}")
@@ -171,7 +171,8 @@ class LlamaModel(nn.Module):
         if missing:
             raise ValueError(f"checkpoint lacks {len(missing)} weights, e.g. {missing[:3]}")
 
-    def _shard_range(self, target: str, shard: int) -> tuple[int, int]:
+    def shard_range(self, target: str, shard: int) -> tuple[int, int]:
+        """(first row, rows) of shard `shard` (q, k, v; or gate, up) in the packed parameter `target`."""
         cfg = self.cfg
         if target.endswith("qkv_proj.weight") or target.endswith("qkv_proj.bias"):
             sizes = [cfg.q_size, cfg.kv_size, cfg.kv_size]
