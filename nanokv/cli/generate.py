@@ -99,13 +99,16 @@ def run(args) -> int:
     stats = {"model": args.model, "method": args.method, "device": llm.device, "dtype": dtype, **{k: m[k] for k in (
         "prompt_tokens", "generated_tokens", "prefill_tokens_per_s", "decode_tokens_per_s", "kv_cache_bytes",
         "kv_cache_bytes_uncompressed", "kv_cache_bytes_theory", "kv_cache_tokens")}}
+    # what one decode step's attention read, all layers: below what is held where a method picks
+    # what to read (quest)
+    stats["kv_bytes_read_per_decode_token"] = read = llm.stats["kv_bytes_read_per_decode_token"]
     per_token = m["kv_cache_bytes"] / max(1, m["kv_cache_tokens"])
     theory = m["kv_cache_bytes_theory"] / max(1, m["kv_cache_tokens"])
     print(f"[{args.model} | {args.method} | {llm.device} {dtype}] prompt {m['prompt_tokens']} tok, generated {m['generated_tokens']} tok "
           f"({stream.result.finish_reason}) | prefill {m['prefill_tokens_per_s']:.1f} tok/s | "
           f"decode {m['decode_tokens_per_s']:.1f} tok/s | KV cache {m['kv_cache_bytes'] / 2**20:.2f} MiB "
           f"(full: {m['kv_cache_bytes_uncompressed'] / 2**20:.2f} MiB), {per_token:.0f} B/token "
-          f"(unrounded: {theory:.0f})",
+          f"(unrounded: {theory:.0f})" + (f" | read {read / 2**20:.2f} MiB/decode token" if read else ""),
           file=sys.stderr)
     if args.stats_json:
         with open(args.stats_json, "w") as f:

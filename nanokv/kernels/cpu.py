@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+import sys
 import tempfile
 import warnings
 from functools import lru_cache
@@ -61,6 +62,8 @@ def load() -> bool:
     library = _library_path()
     try:
         if not library.exists():
+            print("nanokv: building the C++ CPU kernels (once per machine and torch, ~20-60 s)...", file=sys.stderr,
+                  flush=True)
             library.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
                 built = Path(tmp) / library.name
