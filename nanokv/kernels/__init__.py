@@ -82,7 +82,7 @@ def reference_kernels(workspace: reference.Workspace | None = None) -> Kernels:
 
 
 def cpu_kernels(workspace: reference.Workspace | None = None) -> Kernels:
-    """The plain-torch twins with the C++ decode (nanokv/kernels/cpu.py) where it applies: not when a
+    """The plain-torch twins with the C++ decodes (nanokv/kernels/cpu.py) where they apply: not when a
     method wants the attention probabilities back (H2O, TOVA), which only the twin returns."""
     from nanokv.kernels import cpu
 
@@ -100,7 +100,12 @@ def cpu_kernels(workspace: reference.Workspace | None = None) -> Kernels:
             return plain.write_kv(k_pool, v_pool, pos_pool, slots, k, v, positions)
         cpu.write_kv(k_pool, v_pool, pos_pool, slots, k, v, positions)
 
-    return Kernels("cpu", decode, plain.prefill, write_kv, plain.quantized_decode, plain.page_scores,
+    def quantized_decode(q, q_pos, quant, qtables, qlens, k_pool, v_pool, pos_pool, tables, lengths):
+        if quant.k_scale.dtype != torch.float16 or pos_pool.dtype != torch.int32:
+            return plain.quantized_decode(q, q_pos, quant, qtables, qlens, k_pool, v_pool, pos_pool, tables, lengths)
+        return cpu.quantized_decode(q, q_pos, quant, qtables, qlens, k_pool, v_pool, pos_pool, tables, lengths)
+
+    return Kernels("cpu", decode, plain.prefill, write_kv, quantized_decode, plain.page_scores,
                    ragged_decode=True)
 
 

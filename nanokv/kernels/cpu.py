@@ -1,4 +1,5 @@
-"""CPU kernels in C++ (cpu_decode.cpp: decode attention, KV writes; cpu_gemv.cpp: bfloat16
+"""CPU kernels in C++ (cpu_decode.cpp: decode attention, KV writes; cpu_quant_decode.cpp: decode
+attention over a quantized cache; cpu_gemv.cpp: bfloat16
 matrix-vector products; cpu_layers.cpp: RMSNorm and RoPE), built on first use with the machine's
 C++ compiler.
 
@@ -29,7 +30,8 @@ import torch
 
 from nanokv.hardware import cpu_flags, cpu_isa
 
-SOURCES = [Path(__file__).with_name(name) for name in ("cpu_decode.cpp", "cpu_gemv.cpp", "cpu_layers.cpp")]
+SOURCES = [Path(__file__).with_name(name) for name in ("cpu_decode.cpp", "cpu_gemv.cpp", "cpu_layers.cpp",
+                                                                    "cpu_quant_decode.cpp")]
 
 
 def _build_command(sources: list[Path], output: Path) -> list[str]:
@@ -97,6 +99,15 @@ def paged_decode(q, q_pos, k_pool, v_pool, pos_pool, tables, lengths, sliding_wi
     """reference.paged_attention for one query per sequence: q [B, Hq, D], q_pos [B] -> [B, Hq, D]."""
     return torch.ops.nanokv_cpu.paged_decode(q, q_pos, k_pool, v_pool, pos_pool, tables, lengths,
                                              sliding_window or 0)
+
+
+def quantized_decode(q, q_pos, quant, qtables, qlens, k_pool, v_pool, pos_pool, tables, lengths):
+    """reference.quantized_decode_attention (cpu_quant_decode.cpp): q [B, Hq, D], quant a QuantBlocks
+    with float16 scales -> [B, Hq, D] in q's dtype (computed in float32)."""
+    out = torch.ops.nanokv_cpu.quantized_decode(
+        q.float(), q_pos, quant.k_codes, quant.k_scale, quant.k_zero, quant.v_codes, quant.v_scale, quant.v_zero,
+        quant.bits, quant.group_size, quant.keys_per_channel, qtables, qlens, k_pool, v_pool, pos_pool, tables, lengths)
+    return out.to(q.dtype)
 
 
 def serves(x: torch.Tensor, *others: torch.Tensor) -> bool:
