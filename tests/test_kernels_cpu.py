@@ -39,10 +39,29 @@ def test_paged_decode_matches_reference(group, d, block_size, dtype, window, len
     assert rel_err(got, twin) < (1e-5 if dtype == torch.float32 else 2e-2)
 
 
+@pytest.mark.parametrize("group,d,block_size,dtype,window,lengths", CASES)
+def test_paged_decode_returns_the_reference_probabilities(group, d, block_size, dtype, window, lengths):
+    """H2O and TOVA score with these: [B, Hkv, group, nb * block_size] float32 slot by slot of each
+    head's table, 0 where masked or past the head's length, as reference.paged_attention returns them."""
+    q, q_pos, k_pool, v_pool, pos_pool, tables, lengths = paged_inputs(0, lengths, group, d, block_size, dtype)
+    out, probs = cpu.paged_decode(q, q_pos, k_pool, v_pool, pos_pool, tables, lengths, window, return_probs=True)
+    assert torch.equal(out, cpu.paged_decode(q, q_pos, k_pool, v_pool, pos_pool, tables, lengths, window))
+    # scores and softmax are float32 in the twin whatever the storage dtype: bfloat16 only moves the dot's order
+    _, want = reference.paged_attention(q[:, None], q_pos[:, None], k_pool, v_pool, pos_pool, tables, lengths,
+                                        window, return_probs=True)
+    want = want[:, :, :, 0]
+    assert probs.dtype == torch.float32 and probs.shape == want.shape
+    assert rel_err(probs, want) < (1e-5 if dtype == torch.float32 else 1e-4)
+    assert torch.equal(probs == 0, want == 0)  # the same slots masked, the padding and stale slots included
+    assert torch.allclose(probs.sum(-1), torch.ones(()), atol=1e-5)
+
+
 def test_a_query_that_sees_no_key_gets_zeros_not_nan():
     q, q_pos, k_pool, v_pool, pos_pool, tables, lengths = paged_inputs(1, [[5, 9]], 2, 64, 4, torch.float32)
     got = cpu.paged_decode(q, q_pos - 1000, k_pool, v_pool, pos_pool, tables, lengths, None)  # all keys in the future
     assert torch.equal(got, torch.zeros_like(got))
+    got, probs = cpu.paged_decode(q, q_pos - 1000, k_pool, v_pool, pos_pool, tables, lengths, None, True)
+    assert torch.equal(got, torch.zeros_like(got)) and torch.equal(probs, torch.zeros_like(probs))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -75,7 +94,7 @@ def test_write_kv_into_strided_pools():
     assert rows[:, :, 64:].isnan().all() and (pos_rows[:, 1] == -1).all()  # nothing past the views
 
 
-@pytest.mark.parametrize("method", [None, "h2o", "kivi", "quest"])
+@pytest.mark.parametrize("method", [None, "h2o", "tova", "kivi", "quest"])
 def test_cpu_kernels_give_the_reference_greedy_tokens(tiny, method):
     model, cfg = tiny
     expected = greedy(model, cfg, PROMPTS, "reference", method=tiny_method(method))
@@ -162,3 +181,13 @@ def test_rms_norm_matches_the_plain_torch_norm(monkeypatch, dtype, shape):
     # may move in the last bits, and bfloat16, rounded after that, by one step at most
     step = want.float().abs().clamp(min=1e-3) * (2 ** -7 if dtype == torch.bfloat16 else 2 ** -21)
     assert ((got.float() - want.float()).abs() <= step).all()
+
+
+@pytest.mark.parametrize("method", ["h2o", "tova"])
+def test_an_evicting_method_decodes_through_the_cpp_kernel(tiny, monkeypatch, method):
+    """Its probabilities come from the C++ decode, not the plain-torch twin (4x slower on CPU)."""
+    model, cfg = tiny
+    asked, paged_decode = [], cpu.paged_decode
+    monkeypatch.setattr(cpu, "paged_decode", lambda *args: asked.append(args[-1]) or paged_decode(*args))
+    greedy(model, cfg, PROMPTS[:2], "cpu", steps=3, method=tiny_method(method))
+    assert asked and all(asked)  # every decode call wanted the probabilities

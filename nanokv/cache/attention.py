@@ -364,18 +364,26 @@ class CacheAttention:
         pool = self.cache.pool
         fields = pool.fields
         B, H, _, S = probs.shape
-        logical = torch.arange(S, device=probs.device).expand(B, H, S)
-        flat = self.cache.flat_slots(tables, logical)         # padding (-1 blocks) gives slots < 0
-        held = logical < lengths[..., None]
-        readable = pool.slot_index(flat.clamp(min=0))
-        k_pos = fields["pos"][readable]
+        bs = pool.block_size
+        # every slot of each head's table, in order: flat_slots over all of them, as a broadcast add
+        flat = (tables[..., None] * bs + torch.arange(bs, device=tables.device)).flatten(-2)  # padding: < 0
+        held = torch.arange(S, device=probs.device) < lengths[..., None]
+
+        def read(field):  # [b, H, S, ...]: whole blocks through index_select where the field's blocks are
+            # rows (~10x faster on CPU than advanced indexing slot by slot, which took most of a
+            # layer's eviction); padding reads block 0, which `visible` leaves out
+            if field.is_contiguous():
+                return gather_blocks(field, tables)
+            return field[pool.slot_index(flat.clamp(min=0))]
+
+        k_pos = read(fields["pos"])
         visible = held & (k_pos <= q_pos[:, None, None])     # a replay holds later tokens already
         step = DecodeStep(layer, q_pos, prompt_lens, k_pos, visible, budgets)
         if "keys" in self.method.decode_reads:     # [b, H, S, D] in slot order (base.py)
-            step.keys = fields["k"][readable]
+            step.keys = read(fields["k"])
         if "values" in self.method.decode_reads:
-            step.values = fields["v"][readable]
-        state = {name: fields[name][readable] for name in self.method.slot_fields}
+            step.values = read(fields["v"])
+        state = {name: read(fields[name]) for name in self.method.slot_fields}
         scores, new = self.method.decode_scores(probs, state, step)
         for name, value in new.items():  # a replay's later tokens keep theirs (see base.py)
             fields[name][pool.slot_index(flat[visible])] = value[visible]

@@ -82,8 +82,8 @@ def reference_kernels(workspace: reference.Workspace | None = None) -> Kernels:
 
 
 def cpu_kernels(workspace: reference.Workspace | None = None) -> Kernels:
-    """The plain-torch twins with the C++ decodes (nanokv/kernels/cpu.py) where they apply: not when a
-    method wants the attention probabilities back (H2O, TOVA), which only the twin returns."""
+    """The plain-torch twins with the C++ decodes (nanokv/kernels/cpu.py) where they apply: full
+    precision (with the attention probabilities, for H2O and TOVA, when asked) and quantized."""
     from nanokv.kernels import cpu
 
     plain = reference_kernels(workspace)
@@ -91,9 +91,9 @@ def cpu_kernels(workspace: reference.Workspace | None = None) -> Kernels:
         return plain
 
     def decode(q, q_pos, k_pool, v_pool, pos_pool, tables, lengths, sliding_window=None, return_probs=False):
-        if return_probs or q.dtype != k_pool.dtype:
+        if q.dtype != k_pool.dtype:
             return plain.decode(q, q_pos, k_pool, v_pool, pos_pool, tables, lengths, sliding_window, return_probs)
-        return cpu.paged_decode(q, q_pos, k_pool, v_pool, pos_pool, tables, lengths, sliding_window)
+        return cpu.paged_decode(q, q_pos, k_pool, v_pool, pos_pool, tables, lengths, sliding_window, return_probs)
 
     def write_kv(k_pool, v_pool, pos_pool, slots, k, v, positions):
         if k_pool.dim() != 3 or k_pool.stride(-1) != 1 or v_pool.stride(-1) != 1 or pos_pool.dtype != torch.int32:

@@ -95,10 +95,12 @@ def gemv(x, weight, bias=None):
     return torch.ops.nanokv_cpu.gemv(x, weight, bias)
 
 
-def paged_decode(q, q_pos, k_pool, v_pool, pos_pool, tables, lengths, sliding_window=None):
-    """reference.paged_attention for one query per sequence: q [B, Hq, D], q_pos [B] -> [B, Hq, D]."""
-    return torch.ops.nanokv_cpu.paged_decode(q, q_pos, k_pool, v_pool, pos_pool, tables, lengths,
-                                             sliding_window or 0)
+def paged_decode(q, q_pos, k_pool, v_pool, pos_pool, tables, lengths, sliding_window=None, return_probs=False):
+    """reference.paged_attention for one query per sequence: q [B, Hq, D], q_pos [B] -> [B, Hq, D];
+    with `return_probs` also the probabilities [B, Hkv, group, nb * block_size] float32, 0 where
+    masked or past a head's length (the twin's layout)."""
+    op = torch.ops.nanokv_cpu.paged_decode_probs if return_probs else torch.ops.nanokv_cpu.paged_decode
+    return op(q, q_pos, k_pool, v_pool, pos_pool, tables, lengths, sliding_window or 0)
 
 
 def quantized_decode(q, q_pos, quant, qtables, qlens, k_pool, v_pool, pos_pool, tables, lengths):

@@ -7,8 +7,16 @@
 // running max and sum rescale what came before, as in flash attention). Same rule by position:
 // a key is seen when k_pos <= q_pos and, with a window W > 0, q_pos - k_pos < W.
 //
+// With probabilities (paged_decode_probs, what H2O and TOVA score with): each task also writes
+// its raw scores into the output [B, Hkv, group, nb * block_size] as it goes, and once the
+// splits are merged and every head's final max and sum are known, a second pass over the same
+// rows (still in cache) turns each score into exp(score - max) / sum, 0 where masked or past the
+// head's length: the twin's layout, slot by slot of each head's table. Storing the scores costs a
+// few stores per slot; computing them again in the second pass would read K a second time.
+//
 // Numerics: float32 throughout (the twin rounds scores and probabilities to the storage dtype
-// between its matmuls), so the two agree to that rounding, not bit for bit.
+// between its matmuls), so the two agree to that rounding, not bit for bit. A query that sees no
+// key gets zeros for its output and its probabilities (the twin's softmax gives NaN there).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -19,6 +27,7 @@
 #include <cstring>
 #include <limits>
 #include <numeric>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -111,13 +120,15 @@ struct Scratch {
 
 // Slots [start, end) of one (sequence, kv-head), chunk by chunk with an online softmax: the
 // group's unnormalized output acc [group, D], each query head's largest score best [group] and sum
-// of exp(score - best) total [group], written to partial = [acc | best | total]. FIXED_D > 0
-// compiles a copy for that head size, whose loops the compiler unrolls.
+// of exp(score - best) total [group], written to partial = [acc | best | total]. With
+// `raw_scores` (group rows `row_stride` apart, indexed by slot), each slot's scaled score is also
+// kept there, -inf where masked. FIXED_D > 0 compiles a copy for that head size, whose loops the
+// compiler unrolls.
 template <typename T, int FIXED_D>
 void decode_part(const T* q, int64_t q_pos, const T* k_pool, const T* v_pool, const int32_t* pos_pool,
                  const int64_t* table, int64_t start, int64_t end, int64_t window, int64_t group, int64_t head_dim,
                  int64_t block_size, int64_t kv_block_stride, int64_t kv_slot_stride, int64_t pos_block_stride,
-                 float* partial, Scratch& scratch) {
+                 float* partial, Scratch& scratch, float* raw_scores, int64_t row_stride) {
   const int64_t D = FIXED_D > 0 ? FIXED_D : head_dim;
   float* acc = partial;
   float* best = partial + group * D;
@@ -167,6 +178,9 @@ void decode_part(const T* q, int64_t q_pos, const T* k_pool, const T* v_pool, co
       const bool seen = pos[i] <= q_pos && (window <= 0 || q_pos - pos[i] < window);
       for (int64_t j = 0; j < group; ++j) scores[j * CHUNK + i] = seen ? dot(qf + j * D, k + i * D, D) : neg_inf;
     }
+    if (raw_scores != nullptr) {  // before the exps below overwrite them
+      for (int64_t j = 0; j < group; ++j) std::memcpy(raw_scores + j * row_stride + c, scores + j * CHUNK, n * sizeof(float));
+    }
     for (int64_t j = 0; j < group; ++j) {
       float* s = scores + j * CHUNK;
       float m = neg_inf;
@@ -191,8 +205,10 @@ void decode_part(const T* q, int64_t q_pos, const T* k_pool, const T* v_pool, co
 }
 
 // A head's splits merged: each rescaled to the largest score of all, summed, and normalized.
+// Each query head's largest score and sum of exp(score - largest) go to final_best, final_total.
 template <typename T>
-void merge_parts(const float* partials, int64_t splits, int64_t group, int64_t D, T* out) {
+void merge_parts(const float* partials, int64_t splits, int64_t group, int64_t D, T* out, float* final_best,
+                 float* final_total) {
   const int64_t stride = group * (D + 2);
   const float neg_inf = -std::numeric_limits<float>::infinity();
   std::vector<float> acc(D);
@@ -210,16 +226,34 @@ void merge_parts(const float* partials, int64_t splits, int64_t group, int64_t D
     }
     const float inv = total > 0.f ? 1.f / total : 0.f;  // nothing visible: zeros
     for (int64_t d = 0; d < D; ++d) out[j * D + d] = static_cast<T>(acc[d] * inv);
+    final_best[j] = m;
+    final_total[j] = total;
   }
 }
 
+// One query head's row of raw scores [S] turned into probabilities in place: the first `length`
+// slots exp(score - best) / total (a masked slot's -inf gives 0), the rest (past the head's
+// length, never scored) 0.
+inline void normalize_row(float* row, int64_t length, int64_t S, float best, float total) {
+  if (!(total > 0.f)) {  // nothing visible
+    std::fill(row, row + S, 0.f);
+    return;
+  }
+  const float inv = 1.f / total;
+#pragma omp simd
+  for (int64_t i = 0; i < length; ++i) row[i] = exp_nonpositive(row[i] - best) * inv;
+  std::fill(row + length, row + S, 0.f);
+}
+
 // q [B, Hq, D]; q_pos [B]; k_pool, v_pool [N, block_size, D] (rows contiguous); pos_pool [N,
-// block_size] int32; tables [B, Hkv, nb]; lengths [B, Hkv]; window <= 0 for none -> [B, Hq, D].
-// With fewer (sequence, kv-head) pairs than threads (a decode of one or two sequences), each
-// head's slots are cut into splits that the threads share, then merged (flash-decoding).
-at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& q_pos, const at::Tensor& k_pool,
-                        const at::Tensor& v_pool, const at::Tensor& pos_pool, const at::Tensor& tables,
-                        const at::Tensor& lengths, int64_t window) {
+// block_size] int32; tables [B, Hkv, nb]; lengths [B, Hkv]; window <= 0 for none -> [B, Hq, D],
+// and with `probs` defined (float32 [B, Hkv, group, nb * block_size], contiguous) the attention
+// probabilities written there. With fewer (sequence, kv-head) pairs than threads (a decode of
+// one or two sequences), each head's slots are cut into splits that the threads share, then
+// merged (flash-decoding).
+at::Tensor decode_impl(const at::Tensor& q, const at::Tensor& q_pos, const at::Tensor& k_pool,
+                       const at::Tensor& v_pool, const at::Tensor& pos_pool, const at::Tensor& tables,
+                       const at::Tensor& lengths, int64_t window, at::Tensor probs) {
   TORCH_CHECK(q.dim() == 3 && k_pool.dim() == 3 && tables.dim() == 3, "paged_decode: bad ranks");
   TORCH_CHECK(k_pool.stride(2) == 1 && v_pool.stride(2) == 1 && k_pool.strides() == v_pool.strides(),
               "paged_decode: K and V pools need the same strides and contiguous rows");
@@ -230,14 +264,16 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& q_pos, const at::
   const auto tab = tables.to(at::kLong).contiguous();
   const auto len = lengths.to(at::kLong).contiguous();
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = tables.size(1), nb = tables.size(2);
-  const int64_t group = Hq / Hkv, block_size = k_pool.size(1), heads = B * Hkv;
+  const int64_t group = Hq / Hkv, block_size = k_pool.size(1), heads = B * Hkv, S = nb * block_size;
+  float* probs_ptr = probs.defined() ? probs.data_ptr<float>() : nullptr;
   // enough splits for 4 per thread, none shorter than SPLIT_MIN slots
   constexpr int64_t SPLIT_MIN = 128;
   const int64_t wanted = (4 * at::get_num_threads() + heads - 1) / heads;
-  const int64_t splits = std::max<int64_t>(1, std::min(wanted, nb * block_size / SPLIT_MIN));
-  const int64_t split_len = (nb * block_size + splits - 1) / splits;
+  const int64_t splits = std::max<int64_t>(1, std::min(wanted, S / SPLIT_MIN));
+  const int64_t split_len = (S + splits - 1) / splits;
   auto out = at::empty_like(qc);
   std::vector<float> partials(heads * splits * group * (D + 2));
+  std::vector<float> final_best(heads * group), final_total(heads * group);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode", [&] {
     const scalar_t* q_ptr = qc.data_ptr<scalar_t>();
     const scalar_t* k_ptr = k_pool.data_ptr<scalar_t>();
@@ -260,21 +296,50 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& q_pos, const at::
       for (int64_t i = begin; i < end; ++i) {
         const int64_t task = i % 2 == 0 ? i / 2 : tasks - 1 - i / 2;
         const int64_t head = by_length[task / splits], split = task % splits, b = head / Hkv, h = head % Hkv;
-        const int64_t length = std::min(len_ptr[head], nb * block_size);
+        const int64_t length = std::min(len_ptr[head], S);
         const int64_t start = std::min(length, split * split_len);
+        // the head's rows of scores, indexed by slot (decode_part's chunks start at `start`)
+        float* raw = probs_ptr == nullptr ? nullptr : probs_ptr + head * group * S;
         part(q_ptr + (b * Hq + h * group) * D, qp_ptr[b], k_ptr, v_ptr, pos_ptr, tab_ptr + head * nb, start,
              std::min(length, start + split_len), window, group, D, block_size, k_pool.stride(0), k_pool.stride(1),
-             pos_pool.stride(0), partials.data() + (head * splits + split) * group * (D + 2), scratch);
+             pos_pool.stride(0), partials.data() + (head * splits + split) * group * (D + 2), scratch, raw, S);
       }
     });
     // in one thread: a few flops a head, less than waking the others again
     for (int64_t head = 0; head < heads; ++head) {
       const int64_t b = head / Hkv, h = head % Hkv;
       merge_parts(partials.data() + head * splits * group * (D + 2), splits, group, D,
-                  out_ptr + (b * Hq + h * group) * D);
+                  out_ptr + (b * Hq + h * group) * D, final_best.data() + head * group,
+                  final_total.data() + head * group);
     }
   });
+  if (probs_ptr != nullptr) {  // the second pass: scores to probabilities, now that each row's max and sum are final
+    at::parallel_for(0, heads * group, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t length = std::min(len.data_ptr<int64_t>()[row / group], S);
+        normalize_row(probs_ptr + row * S, length, S, final_best[row], final_total[row]);
+      }
+    });
+  }
   return out;
+}
+
+at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& q_pos, const at::Tensor& k_pool,
+                        const at::Tensor& v_pool, const at::Tensor& pos_pool, const at::Tensor& tables,
+                        const at::Tensor& lengths, int64_t window) {
+  return decode_impl(q, q_pos, k_pool, v_pool, pos_pool, tables, lengths, window, at::Tensor());
+}
+
+// paged_decode and the probabilities [B, Hkv, group, nb * block_size] float32 (see the header).
+std::tuple<at::Tensor, at::Tensor> paged_decode_probs(const at::Tensor& q, const at::Tensor& q_pos,
+                                                      const at::Tensor& k_pool, const at::Tensor& v_pool,
+                                                      const at::Tensor& pos_pool, const at::Tensor& tables,
+                                                      const at::Tensor& lengths, int64_t window) {
+  const int64_t Hkv = tables.size(1);
+  auto probs = at::empty({q.size(0), Hkv, q.size(1) / Hkv, tables.size(2) * k_pool.size(1)},
+                         q.options().dtype(at::kFloat));
+  auto out = decode_impl(q, q_pos, k_pool, v_pool, pos_pool, tables, lengths, window, probs);
+  return {out, probs};
 }
 
 // reference.write_kv in one call: slots [H, T] flat slot ids of one layer's kv-heads, k and v
@@ -313,11 +378,14 @@ void write_kv(at::Tensor k_pool, at::Tensor v_pool, at::Tensor pos_pool, const a
 TORCH_LIBRARY(nanokv_cpu, m) {
   m.def("paged_decode(Tensor q, Tensor q_pos, Tensor k_pool, Tensor v_pool, Tensor pos_pool, Tensor tables, "
         "Tensor lengths, int window) -> Tensor");
+  m.def("paged_decode_probs(Tensor q, Tensor q_pos, Tensor k_pool, Tensor v_pool, Tensor pos_pool, Tensor tables, "
+        "Tensor lengths, int window) -> (Tensor, Tensor)");
   m.def("write_kv(Tensor(a!) k_pool, Tensor(b!) v_pool, Tensor(c!) pos_pool, Tensor slots, Tensor k, Tensor v, "
         "Tensor positions) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(nanokv_cpu, CPU, m) {
   m.impl("paged_decode", paged_decode);
+  m.impl("paged_decode_probs", paged_decode_probs);
   m.impl("write_kv", write_kv);
 }
