@@ -191,3 +191,84 @@ def test_an_evicting_method_decodes_through_the_cpp_kernel(tiny, monkeypatch, me
     monkeypatch.setattr(cpu, "paged_decode", lambda *args: asked.append(args[-1]) or paged_decode(*args))
     greedy(model, cfg, PROMPTS[:2], "cpu", steps=3, method=tiny_method(method))
     assert asked and all(asked)  # every decode call wanted the probabilities
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("group", [1, 3])
+def test_page_scores_match_reference(dtype, group):
+    from test_kernels_quest import strided_bounds
+
+    gen = torch.Generator().manual_seed(group)
+    B, Hkv, nb, D = 2, 2, 37, 64
+    q = torch.randn(B, Hkv * group, D, generator=gen).to(dtype)
+    kmin, kmax = strided_bounds(gen, 60, D, dtype)
+    tables = torch.randint(1, 60, (B, Hkv, nb), generator=gen)
+    tables[0, 0, 30:] = -1
+    tables[1, 1, :] = -1
+    got, want = cpu.page_scores(q, kmin, kmax, tables), reference.page_scores(q, kmin, kmax, tables)
+    held = tables >= 0
+    assert got.dtype == torch.float32 and got.shape == (B, Hkv, nb)
+    torch.testing.assert_close(got[held], want[held], rtol=1e-5, atol=1e-5 * D ** 0.5)  # float32 sums, in any order
+    assert torch.isneginf(got[~held]).all()
+
+
+@pytest.mark.parametrize("block_size,budget,group", [(16, 64, 3), (4, 8, 1), (16, 256, 3), (8, 24, 2)])
+def test_quest_select_picks_what_the_torch_path_picks(block_size, budget, group):
+    """cpu.quest_select against CacheAttention._selected_pages' plain-torch path (reference
+    page_scores, Quest.select_pages, argsort and gather): the same tables and lengths."""
+    from types import SimpleNamespace
+
+    from nanokv.cache.attention import CacheAttention
+    from nanokv.methods import make_method
+
+    quest = make_method("quest", budget=budget)
+    gen = torch.Generator().manual_seed(block_size * budget)
+    B, Hkv, D, N = 5, 3, 64, 800
+    for dtype in (torch.float32, torch.bfloat16):
+        keys = torch.randn(N, block_size, D, generator=gen)
+        kmin, kmax = keys.amin(1).to(dtype), keys.amax(1).to(dtype)
+        pool = SimpleNamespace(block_fields={"kmin": kmin, "kmax": kmax}, head_dim=D, dtype=dtype)
+        plain = SimpleNamespace(pool=pool, block_size=block_size, kernels=kernels_for("cpu", "reference"))
+        for trial in range(5):
+            lengths = torch.randint(0, 40 * block_size, (B, Hkv), generator=gen)
+            lengths[0] = torch.tensor([1, block_size, block_size * 3 + 1])  # one page; a full one; a few
+            nb = int(((lengths + block_size - 1) // block_size).max()) + trial  # tables wider than needed too
+            tables = torch.randperm(N, generator=gen)[:B * Hkv * nb].view(B, Hkv, nb)
+            tables = tables.masked_fill(torch.arange(nb) * block_size >= lengths[..., None], -1)
+            q = torch.randn(B, Hkv * group, D, generator=gen).to(dtype)
+            this = SimpleNamespace(cache=plain, selector=quest, bytes_read=0)
+            want_tables, want_lengths = CacheAttention._selected_pages(this, q, tables, lengths)
+            got_tables, got_lengths = cpu.quest_select(q, kmin, kmax, tables, lengths, block_size,
+                                                       quest.pages_to_read(block_size))
+            assert torch.equal(got_tables, want_tables), (dtype, trial)
+            assert torch.equal(got_lengths, want_lengths), (dtype, trial)
+
+
+def test_quest_decodes_the_whole_batch_in_one_call(tiny, monkeypatch):
+    """Over the C++ kernels Quest's decode is one quest_select and one decode per layer (no length
+    groups), and its greedy tokens are the reference kernels' (as test_cpu_kernels_give_the_reference_greedy_tokens)."""
+    import dataclasses
+
+    import nanokv.kernels as kernels_module
+
+    model, cfg = tiny
+    method = tiny_method("quest")
+    prompts = [[(i * 31 + j * 7) % 256 for j in range(n)] for i, n in enumerate((3, 60, 9, 41, 120))]
+    expected = greedy(model, cfg, prompts, "reference", method=method, steps=10)
+    calls = {"quest_select": 0, "decode": 0}
+    made = kernels_module.cpu_kernels
+
+    def counting(*args, **kwargs):
+        k = made(*args, **kwargs)
+
+        def count(name, fn):
+            def wrapped(*a, **kw):
+                calls[name] += 1
+                return fn(*a, **kw)
+            return wrapped
+        return dataclasses.replace(k, quest_select=count("quest_select", k.quest_select),
+                                   decode=count("decode", k.decode))
+
+    monkeypatch.setattr(kernels_module, "cpu_kernels", counting)
+    assert greedy(model, cfg, prompts, "cpu", method=method, steps=10) == expected
+    assert calls["quest_select"] > 0 and calls["decode"] == calls["quest_select"]  # skip_layers=0: every layer

@@ -35,6 +35,7 @@ from nanokv.cache.latent_cache import LatentKVCache
 from nanokv.cache.pruned_cache import PrunedKVCache
 from nanokv.cache.paired import attend_second
 from nanokv.cache.quant_cache import QuantizedKVCache
+from nanokv.methods.quest import Quest
 
 GROUP_SLACK = 1.5  # padding waste a decode group may carry (the longest / the shortest member)
 
@@ -81,9 +82,10 @@ class CacheAttention:
             blocks = [b + int(s.num_sblocks.max()) for b, s in zip(blocks, seqs)]
         # Each group is attended in one call, its tables padded to its longest member: sequences
         # of similar length, so a short one is not padded to the longest of the batch. A kernel
-        # that reads each head only to its length (the C++ decode) takes the whole batch at once.
+        # that reads each head only to its length (the C++ decode) takes the whole batch at once;
+        # so does Quest's reduced tables, which are cut to the most pages any head reads.
         self.whole_batch = cache.kernels.ragged_decode and not (self.evicting or self.quantized or self.pruned
-                                                                or self.latent or self.selector is not None)
+                                                                or self.latent)
         self.groups = []
         for members in [list(range(len(seqs)))] if self.whole_batch else length_groups(blocks):
             group = [torch.tensor(members, device=device)]
@@ -140,9 +142,11 @@ class CacheAttention:
                 return out
             if self.whole_batch:  # one call in batch order: nothing to pick out or put back
                 [(_, tables, lengths)] = self.groups
-                self.bytes_read += self.cache.read_bytes(lengths[source])
-                return kernels.decode(q, self.positions, pool.k, pool.v, pool.pos, tables[source], lengths[source],
-                                      sliding_window)
+                tables, lengths = tables[source], lengths[source]
+                if self.selector is not None and layer >= self.selector.skip_layers:
+                    tables, lengths = self._selected_pages(q, tables, lengths)
+                self.bytes_read += self.cache.read_bytes(lengths)
+                return kernels.decode(q, self.positions, pool.k, pool.v, pool.pos, tables, lengths, sliding_window)
             for members, tables, lengths in self.groups:
                 tables, lengths = tables[source], lengths[source]
                 if self.selector is not None and layer >= self.selector.skip_layers:
@@ -222,9 +226,14 @@ class CacheAttention:
         the pool's key bounds), let the method pick the pages to read, and return the reduced
         tables [b, H, k] (the picked blocks in their order, -1 after) and lengths. The newest page
         is always picked, and being last it is the only partial one."""
-        pool, bs = self.cache.pool, self.cache.block_size
-        bounds = self.cache.kernels.page_scores(q, pool.block_fields["kmin"], pool.block_fields["kmax"], tables)
+        pool, bs, kernels = self.cache.pool, self.cache.block_size, self.cache.kernels
+        kmin, kmax = pool.block_fields["kmin"], pool.block_fields["kmax"]
         self.bytes_read += int(tables.ge(0).sum()) * 2 * pool.head_dim * pool.dtype.itemsize  # the bounds read
+        if kernels.quest_select is not None and isinstance(self.selector, Quest):
+            # the same rule (Quest.select_pages) and tables in one C++ call: the torch steps below
+            # cost several times the attention over the pages they keep (cpu_quest.cpp)
+            return kernels.quest_select(q, kmin, kmax, tables, lengths, bs, self.selector.pages_to_read(bs))
+        bounds = kernels.page_scores(q, kmin, kmax, tables)
         num_blocks = (lengths + bs - 1) // bs
         keep = self.selector.select_pages(bounds, num_blocks, bs)
         count = keep.sum(-1)

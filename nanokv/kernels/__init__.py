@@ -11,6 +11,7 @@ decode (nanokv/kernels/cpu.py builds it at first use).
     kernels.quantized_decode(q [B, Hq, D], q_pos [B], quant (QuantBlocks), qtables, qlens,
                              k_pool, v_pool, pos_pool, tables, lengths)   # over quantized + residual blocks
     kernels.page_scores(q [B, Hq, D], kmin [N, D], kmax [N, D], tables [B, Hkv, nb])  # Quest's page bounds
+    kernels.quest_select(q, kmin, kmax, tables, lengths, block_size, pages)  # Quest's reduced tables (C++ only)
 
 NANOKV_KERNELS=triton|cpu|reference (or LLM(kernels=...)) overrides the choice: the tests run the
 Triton kernels on CPU under TRITON_INTERPRET=1. Where the C++ kernels cannot be built (no compiler),
@@ -40,6 +41,9 @@ class Kernels:
     quantized_decode: Callable
     page_scores: Callable
     ragged_decode: bool = False  # decode reads each head only to its length, however padded its table
+    # Quest's whole page selection in one call, where the kernels have it (the C++ CPU kernels):
+    # quest_select(q, kmin, kmax, tables, lengths, block_size, pages) -> the reduced (tables, lengths)
+    quest_select: Callable | None = None
 
 
 def reference_kernels(workspace: reference.Workspace | None = None) -> Kernels:
@@ -105,8 +109,8 @@ def cpu_kernels(workspace: reference.Workspace | None = None) -> Kernels:
             return plain.quantized_decode(q, q_pos, quant, qtables, qlens, k_pool, v_pool, pos_pool, tables, lengths)
         return cpu.quantized_decode(q, q_pos, quant, qtables, qlens, k_pool, v_pool, pos_pool, tables, lengths)
 
-    return Kernels("cpu", decode, plain.prefill, write_kv, quantized_decode, plain.page_scores,
-                   ragged_decode=True)
+    return Kernels("cpu", decode, plain.prefill, write_kv, quantized_decode, cpu.page_scores,
+                   ragged_decode=True, quest_select=cpu.quest_select)
 
 
 def triton_kernels() -> Kernels:

@@ -31,7 +31,7 @@ import torch
 from nanokv.hardware import cpu_flags, cpu_isa
 
 SOURCES = [Path(__file__).with_name(name) for name in ("cpu_decode.cpp", "cpu_gemv.cpp", "cpu_layers.cpp",
-                                                                    "cpu_quant_decode.cpp")]
+                                                                    "cpu_quant_decode.cpp", "cpu_quest.cpp")]
 
 
 def _build_command(sources: list[Path], output: Path) -> list[str]:
@@ -130,3 +130,15 @@ def rms_norm(x, weight, eps):
 def rope(x, cos, sin):
     """apply_rope of nanokv/models/rope.py in one pass: x [T, heads, D], cos and sin [T, D]."""
     return torch.ops.nanokv_cpu.rope(x, cos, sin)
+
+
+def page_scores(q, kmin, kmax, tables):
+    """reference.page_scores (Quest's page bounds, cpu_quest.cpp): q [B, Hq, D], kmin and kmax [N, D],
+    tables [B, Hkv, nb] -> [B, Hkv, nb] float32."""
+    return torch.ops.nanokv_cpu.page_scores(q, kmin, kmax, tables)
+
+
+def quest_select(q, kmin, kmax, tables, lengths, block_size, pages):
+    """One Quest step's reduced tables [B, Hkv, w] and lengths [B, Hkv] (cpu_quest.cpp): each head's
+    newest page and its top pages - 1 others by page_scores, in table order."""
+    return torch.ops.nanokv_cpu.quest_select(q, kmin, kmax, tables, lengths, block_size, pages)
