@@ -10,7 +10,7 @@ setup(
     packages=find_packages(include=["nanokv", "nanokv.*"]),
     # the C++ kernels are built on the user's machine (nanokv/kernels/cpu.py); the shipped model
     # configs serve --load-format dummy (nanokv/hub.py)
-    package_data={"nanokv.kernels": ["*.cpp"], "nanokv.models": ["configs/*.json"]},
+    package_data={"nanokv.kernels": ["*.cpp", "*.h"], "nanokv.models": ["configs/*.json"]},
     entry_points={"console_scripts": ["nanokv-generate = nanokv.cli.generate:main",
                                       "nanokv-bench = nanokv.cli.bench:main"]},
     install_requires=[

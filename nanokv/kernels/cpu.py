@@ -1,7 +1,8 @@
-"""CPU kernels in C++ (cpu_decode.cpp: decode attention, KV writes; cpu_quant_decode.cpp: decode
-attention over a quantized cache; cpu_gemv.cpp: bfloat16
-matrix-vector products; cpu_layers.cpp: RMSNorm and RoPE), built on first use with the machine's
-C++ compiler.
+"""CPU kernels in C++, built on first use with the machine's C++ compiler: cpu_decode.cpp (decode
+attention, with the probabilities when a method asks; KV writes), cpu_quant_decode.cpp (decode
+attention over a quantized cache), cpu_quest.cpp (Quest's page scores and picks), cpu_gemv.cpp
+(bfloat16 matrix-vector products), cpu_layers.cpp (RMSNorm and RoPE); cpu_common.h holds what
+they share.
 
 The plain-torch decode (reference.py) is right but slow on a CPU: each layer copies every
 head's blocks out of the pool and runs ~20 small tensor ops. The C++ kernel is one task per
@@ -32,6 +33,7 @@ from nanokv.hardware import cpu_flags, cpu_isa
 
 SOURCES = [Path(__file__).with_name(name) for name in ("cpu_decode.cpp", "cpu_gemv.cpp", "cpu_layers.cpp",
                                                                     "cpu_quant_decode.cpp", "cpu_quest.cpp")]
+HEADERS = [Path(__file__).with_name("cpu_common.h")]  # what the sources share (a change rebuilds too)
 
 
 def _build_command(sources: list[Path], output: Path) -> list[str]:
@@ -52,7 +54,7 @@ def _library_path() -> Path:
 
     cpu = " ".join(sorted(cpu_flags()))
     flags = " ".join(_build_command(SOURCES, Path("x")))
-    key = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES) + flags.encode() + torch.__version__.encode()
+    key = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES + HEADERS) + flags.encode() + torch.__version__.encode()
                          + cpu.encode()).hexdigest()[:16]
     return cache_dir() / "kernels" / f"nanokv_cpu_{key}.so"
 

@@ -36,83 +36,9 @@
 #include <limits>
 #include <vector>
 
+#include "cpu_common.h"
+
 namespace {
-
-// The helpers below are cpu_decode.cpp's (each .cpp is its own translation unit, and that file
-// is left as it is); see it for why each is written the way it is.
-
-template <typename T>
-inline float widen(T x) {
-  return static_cast<float>(x);
-}
-template <>
-inline float widen<c10::BFloat16>(c10::BFloat16 x) {
-  const uint32_t bits = static_cast<uint32_t>(x.x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
-// exp(x) for x <= 0, vectorizable: relative error < 5e-7, 0 below -87 (cpu_decode.cpp)
-inline float exp_nonpositive(float x) {
-  const float clamped = std::max(x, -87.0f);
-  const float n = std::nearbyint(clamped * 1.44269504088896341f);
-  const float r = clamped - n * 0.693145751953125f - n * 1.428606765330187045e-06f;
-  float p = 1.f / 720;
-  p = p * r + 1.f / 120;
-  p = p * r + 1.f / 24;
-  p = p * r + 1.f / 6;
-  p = p * r + 0.5f;
-  p = p * r + 1.f;
-  p = p * r + 1.f;
-  int32_t bits;
-  std::memcpy(&bits, &p, sizeof bits);
-  bits += static_cast<int32_t>(n) << 23;
-  float result;
-  std::memcpy(&result, &bits, sizeof result);
-  return x < -87.0f ? 0.f : result;
-}
-
-inline float dot(const float* a, const float* b, int64_t D) {
-  float s = 0.f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t d = 0; d < D; ++d) s += a[d] * b[d];
-  return s;
-}
-
-template <int FIXED_D>
-inline void add_weighted_rows(const float* w, const float* rows, int64_t n, int64_t head_dim, float* acc) {
-  const int64_t D = FIXED_D > 0 ? FIXED_D : head_dim;
-  if constexpr (FIXED_D > 0) {
-    float a[FIXED_D];
-    for (int64_t d = 0; d < FIXED_D; ++d) a[d] = acc[d];
-    for (int64_t i = 0; i < n; ++i) {
-      if (w[i] == 0.f) continue;
-#pragma omp simd
-      for (int64_t d = 0; d < FIXED_D; ++d) a[d] += w[i] * rows[i * FIXED_D + d];
-    }
-    for (int64_t d = 0; d < FIXED_D; ++d) acc[d] = a[d];
-  } else {
-    for (int64_t i = 0; i < n; ++i) {
-      if (w[i] == 0.f) continue;
-#pragma omp simd
-      for (int64_t d = 0; d < D; ++d) acc[d] += w[i] * rows[i * D + d];
-    }
-  }
-}
-
-constexpr int64_t CHUNK = 64;  // tokens dequantized (or gathered) at a time, as in cpu_decode.cpp
-
-// f(block, first row, index from start, run) for each run of tokens in [start, end) within one block
-template <typename F>
-inline void for_each_run(const int64_t* table, int64_t start, int64_t end, int64_t block_size, F&& f) {
-  for (int64_t i = start; i < end;) {
-    const int64_t block = table[i / block_size], slot = i % block_size;
-    const int64_t run = std::min(block_size - slot, end - i);
-    f(block, slot, i - start, run);
-    i += run;
-  }
-}
 
 // Unpacking in the packed order. Channel d's code sits in byte d / per_byte at bit (d % per_byte) *
 // bits: unpacked in channel order, neighbouring lanes would need different bytes and shifts, and

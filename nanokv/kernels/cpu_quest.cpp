@@ -28,19 +28,9 @@
 #include <tuple>
 #include <vector>
 
-namespace {
+#include "cpu_common.h"
 
-template <typename T>
-inline float widen(T x) {
-  return static_cast<float>(x);
-}
-template <>
-inline float widen<c10::BFloat16>(c10::BFloat16 x) {  // the top half of a float32: a shift
-  const uint32_t bits = static_cast<uint32_t>(x.x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
+namespace {
 
 // Bounds of one kv-head's pages: q [group, D] float32; the head's table row `table` of `count`
 // entries -> scores[count] (-inf for a -1 entry). lo and hi are D floats of scratch.
