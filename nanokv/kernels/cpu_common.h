@@ -1,6 +1,6 @@
 // What the C++ CPU kernels share (cpu_decode.cpp, cpu_quant_decode.cpp, cpu_quest.cpp): widening
 // to float32, a vectorizable exp, dot products, weighted row sums, and walking a head's slots
-// block by block. Each .cpp that includes it gets its own copy (an anonymous namespace).
+// block by block, a chunk of the online softmax, and merging a head's splits. Each .cpp that includes it gets its own copy (an anonymous namespace).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -9,6 +9,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
+#include <vector>
 
 namespace {
 
@@ -90,6 +92,63 @@ inline void for_each_run(const int64_t* table, int64_t start, int64_t end, int64
     const int64_t run = std::min(block_size - slot, end - i);
     f(block, slot, i - start, run);
     i += run;
+  }
+}
+
+
+// One chunk of the online softmax: scores [group, CHUNK] (the first n of each row, -inf where
+// unseen) become weights in place, and the running state acc [group, D], best [group] and
+// total [group] takes them in. A new largest score first shrinks what was summed by exp(old - new).
+template <int FIXED_D>
+inline void softmax_chunk(float* scores, const float* v, int64_t n, int64_t group, int64_t D, float* acc,
+                          float* best, float* total) {
+  constexpr float neg_inf = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < group; ++j) {
+    float* s = scores + j * CHUNK;
+    float m = neg_inf;
+    for (int64_t i = 0; i < n; ++i) m = std::max(m, s[i]);
+    if (m == neg_inf) continue;  // nothing visible in this chunk
+    if (m > best[j]) {
+      const float shrink = exp_nonpositive(best[j] - m);
+      total[j] *= shrink;
+      for (int64_t d = 0; d < D; ++d) acc[j * D + d] *= shrink;
+      best[j] = m;
+    }
+    float t = 0.f;
+#pragma omp simd reduction(+ : t)
+    for (int64_t i = 0; i < n; ++i) {
+      s[i] = exp_nonpositive(s[i] - best[j]);
+      t += s[i];
+    }
+    total[j] += t;
+    add_weighted_rows<FIXED_D>(s, v, n, D, acc + j * D);
+  }
+}
+
+// A head's splits merged: each rescaled to the largest score of all, summed, and normalized.
+// Each query head's largest score and sum of exp(score - largest) go to final_best, final_total.
+template <typename T>
+void merge_parts(const float* partials, int64_t splits, int64_t group, int64_t D, T* out, float* final_best = nullptr,
+                 float* final_total = nullptr) {
+  const int64_t stride = group * (D + 2);
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  std::vector<float> acc(D);
+  for (int64_t j = 0; j < group; ++j) {
+    float m = neg_inf;
+    for (int64_t s = 0; s < splits; ++s) m = std::max(m, partials[s * stride + group * D + j]);
+    float total = 0.f;
+    std::fill(acc.begin(), acc.end(), 0.f);
+    for (int64_t s = 0; s < splits; ++s) {
+      const float* part = partials + s * stride;
+      if (part[group * D + j] == neg_inf) continue;
+      const float w = exp_nonpositive(part[group * D + j] - m);
+      total += w * part[group * D + group + j];
+      for (int64_t d = 0; d < D; ++d) acc[d] += w * part[j * D + d];
+    }
+    const float inv = total > 0.f ? 1.f / total : 0.f;  // nothing visible: zeros
+    for (int64_t d = 0; d < D; ++d) out[j * D + d] = static_cast<T>(acc[d] * inv);
+    if (final_best != nullptr) final_best[j] = m;  // for the probabilities pass (cpu_decode.cpp)
+    if (final_total != nullptr) final_total[j] = total;
   }
 }
 

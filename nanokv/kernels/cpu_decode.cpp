@@ -102,53 +102,7 @@ void decode_part(const T* q, int64_t q_pos, const T* k_pool, const T* v_pool, co
     if (raw_scores != nullptr) {  // before the exps below overwrite them
       for (int64_t j = 0; j < group; ++j) std::memcpy(raw_scores + j * row_stride + c, scores + j * CHUNK, n * sizeof(float));
     }
-    for (int64_t j = 0; j < group; ++j) {
-      float* s = scores + j * CHUNK;
-      float m = neg_inf;
-      for (int64_t i = 0; i < n; ++i) m = std::max(m, s[i]);
-      if (m == neg_inf) continue;  // nothing visible in this chunk
-      if (m > best[j]) {           // a new largest score: what was summed so far shrinks by exp(old - new)
-        const float shrink = exp_nonpositive(best[j] - m);
-        total[j] *= shrink;
-        for (int64_t d = 0; d < D; ++d) acc[j * D + d] *= shrink;
-        best[j] = m;
-      }
-      float t = 0.f;
-#pragma omp simd reduction(+ : t)
-      for (int64_t i = 0; i < n; ++i) {
-        s[i] = exp_nonpositive(s[i] - best[j]);
-        t += s[i];
-      }
-      total[j] += t;
-      add_weighted_rows<FIXED_D>(s, v, n, D, acc + j * D);
-    }
-  }
-}
-
-// A head's splits merged: each rescaled to the largest score of all, summed, and normalized.
-// Each query head's largest score and sum of exp(score - largest) go to final_best, final_total.
-template <typename T>
-void merge_parts(const float* partials, int64_t splits, int64_t group, int64_t D, T* out, float* final_best,
-                 float* final_total) {
-  const int64_t stride = group * (D + 2);
-  const float neg_inf = -std::numeric_limits<float>::infinity();
-  std::vector<float> acc(D);
-  for (int64_t j = 0; j < group; ++j) {
-    float m = neg_inf;
-    for (int64_t s = 0; s < splits; ++s) m = std::max(m, partials[s * stride + group * D + j]);
-    float total = 0.f;
-    std::fill(acc.begin(), acc.end(), 0.f);
-    for (int64_t s = 0; s < splits; ++s) {
-      const float* part = partials + s * stride;
-      if (part[group * D + j] == neg_inf) continue;
-      const float w = exp_nonpositive(part[group * D + j] - m);
-      total += w * part[group * D + group + j];
-      for (int64_t d = 0; d < D; ++d) acc[d] += w * part[j * D + d];
-    }
-    const float inv = total > 0.f ? 1.f / total : 0.f;  // nothing visible: zeros
-    for (int64_t d = 0; d < D; ++d) out[j * D + d] = static_cast<T>(acc[d] * inv);
-    final_best[j] = m;
-    final_total[j] = total;
+    softmax_chunk<FIXED_D>(scores, v, n, group, D, acc, best, total);
   }
 }
 

@@ -124,26 +124,7 @@ void attend_chunk(const float* qf, const float* k, const float* v, const int32_t
     const bool seen = pos == nullptr || pos[i] <= q_pos;
     for (int64_t j = 0; j < group; ++j) scores[j * CHUNK + i] = seen ? dot(qf + j * D, k + i * D, D) : neg_inf;
   }
-  for (int64_t j = 0; j < group; ++j) {
-    float* s = scores + j * CHUNK;
-    float m = neg_inf;
-    for (int64_t i = 0; i < n; ++i) m = std::max(m, s[i]);
-    if (m == neg_inf) continue;  // nothing visible in this chunk
-    if (m > best[j]) {           // a new largest score: what was summed so far shrinks by exp(old - new)
-      const float shrink = exp_nonpositive(best[j] - m);
-      total[j] *= shrink;
-      for (int64_t d = 0; d < D; ++d) acc[j * D + d] *= shrink;
-      best[j] = m;
-    }
-    float t = 0.f;
-#pragma omp simd reduction(+ : t)
-    for (int64_t i = 0; i < n; ++i) {
-      s[i] = exp_nonpositive(s[i] - best[j]);
-      t += s[i];
-    }
-    total[j] += t;
-    add_weighted_rows<FIXED_D>(s, v, n, D, acc + j * D);
-  }
+  softmax_chunk<FIXED_D>(scores, v, n, group, D, acc, best, total);
 }
 
 // One task: quantized tokens [q_start, q_end) of a head (through qtable), then its residual slots
@@ -227,28 +208,6 @@ void quant_part(const float* q, int64_t q_pos, const Quantized& quant, const int
       std::copy(acc + j * D, acc + (j + 1) * D, k);
       for (int64_t d = 0; d < D; ++d) acc[j * D + d] = k[unpacked_at<BITS>(d, D)];
     }
-  }
-}
-
-// A head's splits merged: each rescaled to the largest score of all, summed, normalized (float32 out).
-void merge_parts(const float* partials, int64_t splits, int64_t group, int64_t D, float* out) {
-  const int64_t stride = group * (D + 2);
-  const float neg_inf = -std::numeric_limits<float>::infinity();
-  std::vector<float> acc(D);
-  for (int64_t j = 0; j < group; ++j) {
-    float m = neg_inf;
-    for (int64_t s = 0; s < splits; ++s) m = std::max(m, partials[s * stride + group * D + j]);
-    float total = 0.f;
-    std::fill(acc.begin(), acc.end(), 0.f);
-    for (int64_t s = 0; s < splits; ++s) {
-      const float* part = partials + s * stride;
-      if (part[group * D + j] == neg_inf) continue;
-      const float w = exp_nonpositive(part[group * D + j] - m);
-      total += w * part[group * D + group + j];
-      for (int64_t d = 0; d < D; ++d) acc[d] += w * part[j * D + d];
-    }
-    const float inv = total > 0.f ? 1.f / total : 0.f;  // nothing visible: zeros
-    for (int64_t d = 0; d < D; ++d) out[j * D + d] = acc[d] * inv;
   }
 }
 
