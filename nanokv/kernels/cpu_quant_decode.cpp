@@ -7,9 +7,11 @@
 // every head to float32 at every step: it writes, then rereads, 16 / bits times the bytes the
 // codes hold, and on a CPU that made `kivi` decode 6x slower than `full`. Here each task (a
 // sequence's kv-head, or a split of it) walks its tokens 64 at a time, as cpu_decode.cpp does:
-// a chunk's codes are unpacked and dequantized (code * scale + zero) into a small float32 buffer
-// that stays in the core's L1/L2, then scored for the group's query heads and summed into V with
-// an online softmax. Only the packed codes and their float16 scales come from memory.
+// a token's key codes are unpacked to floats and scored at once for the group's query heads, its
+// value codes dequantized (code * scale + zero) into a chunk buffer that stays in the core's L1/L2,
+// and the chunk is summed into V with an online softmax. Only the packed codes and their float16
+// scales come from memory. KIVI's per-channel key scales fold into q, once per group of G tokens:
+// q . (c * scale + zero) = (q * scale) . c + q . zero, so keys are only unpacked (9% faster).
 //
 // Layout (nanokv/kernels/quant.py): channel d's code sits in byte d / (8 / bits) of its token's
 // row, at bit (d % (8 / bits)) * bits. Keys per channel (KIVI) share one scale and zero per
@@ -21,10 +23,9 @@
 // qlens alone masks them; residual slots are seen when k_pos <= q_pos (no window: the engine
 // refuses quantized caches on sliding-window layers), as in the twin.
 //
-// Numerics: float32 throughout. Dequantized values are the twin's (one float32
-// multiply-add of the same code, scale and zero; the twin's addcmul rounds once too, and
-// -ffp-contract may fuse ours: at most one rounding apart); the sums run in another order, so
-// outputs agree to float32 rounding. The output is float32; kernels/cpu.py casts it to q's dtype.
+// Numerics: float32 throughout. Dequantized values are the twin's (one float32 multiply-add of the
+// same code, scale and zero; at most one rounding apart); folded scores and the sums run in
+// another order, so outputs agree to float32 rounding. The output is float32; kernels/cpu.py casts it to q's dtype.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -54,17 +55,26 @@ inline int64_t unpacked_at(int64_t d, int64_t D) {
   return (d % per_byte) * (D / per_byte) + d / per_byte;
 }
 
-// dst [D] (unpacked order) = row's codes * scale + zero, with scale and zero [D] in unpacked order
-// (keys per channel: a group's float16 scales, widened and permuted once for its G tokens)
+// dst [D] (unpacked order) = src [D] (channel order) widened: position s * D / per_byte + j takes
+// channel j * per_byte + s, a strided read the compiler vectorizes (a per-channel permutation did not)
 template <int BITS, int FIXED_D>
-inline void dequantize_per_channel(const uint8_t* row, const float* scale, const float* zero, int64_t head_dim,
-                                   float* dst) {
+inline void widen_unpacked(const c10::Half* src, int64_t head_dim, float* dst) {
+  constexpr int per_byte = 8 / BITS;
+  const int64_t Dp = (FIXED_D > 0 ? FIXED_D : head_dim) / per_byte;
+  for (int s = 0; s < per_byte; ++s) {
+#pragma omp simd
+    for (int64_t j = 0; j < Dp; ++j) dst[s * Dp + j] = static_cast<float>(src[j * per_byte + s]);
+  }
+}
+
+// dst [D] (unpacked order) = row's codes as floats
+template <int BITS, int FIXED_D>
+inline void unpack(const uint8_t* row, int64_t head_dim, float* dst) {
   constexpr int per_byte = 8 / BITS, mask = (1 << BITS) - 1;
   const int64_t Dp = (FIXED_D > 0 ? FIXED_D : head_dim) / per_byte;
   for (int s = 0; s < per_byte; ++s) {
-    float* out = dst + s * Dp;
 #pragma omp simd
-    for (int64_t j = 0; j < Dp; ++j) out[j] = static_cast<float>((row[j] >> (s * BITS)) & mask) * scale[s * Dp + j] + zero[s * Dp + j];
+    for (int64_t j = 0; j < Dp; ++j) dst[s * Dp + j] = static_cast<float>((row[j] >> (s * BITS)) & mask);
   }
 }
 
@@ -74,14 +84,15 @@ inline void dequantize_per_channel(const uint8_t* row, const float* scale, const
 template <int BITS, int FIXED_D>
 inline void dequantize_per_token(const uint8_t* row, const c10::Half* scale, const c10::Half* zero, int64_t G,
                                  int64_t head_dim, float* dst) {
-  constexpr int per_byte = 8 / BITS, mask = (1 << BITS) - 1;
+  constexpr int per_byte = 8 / BITS;
   const int64_t D = FIXED_D > 0 ? FIXED_D : head_dim, Dp = D / per_byte, Gp = G / per_byte;
+  unpack<BITS, FIXED_D>(row, D, dst);  // whole rows: one long vector loop per shift
   for (int64_t g = 0; g < D / G; ++g) {
     const float sc = static_cast<float>(scale[g]), z = static_cast<float>(zero[g]);
     for (int s = 0; s < per_byte; ++s) {
-      float* out = dst + s * Dp;
+      float* out = dst + s * Dp + g * Gp;
 #pragma omp simd
-      for (int64_t j = g * Gp; j < (g + 1) * Gp; ++j) out[j] = static_cast<float>((row[j] >> (s * BITS)) & mask) * sc + z;
+      for (int64_t j = 0; j < Gp; ++j) out[j] = out[j] * sc + z;
     }
   }
 }
@@ -109,7 +120,7 @@ struct Residual {
 };
 
 struct Scratch {
-  std::vector<float> q, k, v, scores, k_scale, k_zero;
+  std::vector<float> q, k, v, scores, k_scale, k_zero, q_scaled, q_zero;
   std::vector<int32_t> pos;
 };
 
@@ -145,46 +156,66 @@ void quant_part(const float* q, int64_t q_pos, const Quantized& quant, const int
   scratch.v.resize(CHUNK * D);
   scratch.pos.resize(CHUNK);
   scratch.scores.resize(group * CHUNK);
+  scratch.q_scaled.resize(group * D);
   scratch.k_scale.resize(D);
   scratch.k_zero.resize(D);
+  scratch.q_zero.resize(group);
+  float *q_scaled = scratch.q_scaled.data(), *q_zero = scratch.q_zero.data();
+  float *k_scale = scratch.k_scale.data(), *k_zero = scratch.k_zero.data();
   float *qf = scratch.q.data(), *k = scratch.k.data(), *v = scratch.v.data(), *scores = scratch.scores.data();
   const float sm_scale = 1.0f / std::sqrt(static_cast<float>(D));
-  // q, the keys and acc in unpacked order for the whole task (the residual's rows too)
+  // q, the keys and acc in unpacked order for the quantized tokens
   for (int64_t j = 0; j < group; ++j)
     for (int64_t d = 0; d < D; ++d) qf[j * D + unpacked_at<BITS>(d, D)] = q[j * D + d] * sm_scale;
 
-  // Quantized tokens, a chunk at a time: dequantize K and V rows into the buffers, then attend.
+  // Quantized tokens, a chunk at a time: each token's keys are unpacked and scored at once (the row
+  // is still in L1), its values dequantized into the chunk's buffer; then the chunk is attended.
+  // Per-channel key scales fold into q: q . (c * scale + zero) = (q * scale) . c + q . zero, so a
+  // group of G tokens costs one multiply of q and its keys are only unpacked, not dequantized.
   const int64_t G = quant.group_size;
-  int64_t widened_block = -1, widened_group = -1;  // whose per-channel key scales scratch holds
+  int64_t folded_block = -1, folded_group = -1;  // whose scales q_scaled holds
+  float* row = k;  // one token's unpacked keys
   for (int64_t c = q_start; c < q_end; c += CHUNK) {
     const int64_t n = std::min(CHUNK, q_end - c);
-    for_each_run(qtable, c, c + n, quant.block_size, [&](int64_t block, int64_t row, int64_t i, int64_t run) {
-      for (int64_t r = row; r < row + run; ++r, ++i) {
+    for_each_run(qtable, c, c + n, quant.block_size, [&](int64_t block, int64_t first, int64_t i, int64_t run) {
+      for (int64_t r = first; r < first + run; ++r, ++i) {
         if (quant.keys_per_channel) {
-          if (block != widened_block || r / G != widened_group) {  // a new group of G tokens: widen its scales once
-            const c10::Half* s = quant.k_scale.row(block, r / G);
-            const c10::Half* z = quant.k_zero.row(block, r / G);
-            for (int64_t d = 0; d < D; ++d) {
-              scratch.k_scale[unpacked_at<BITS>(d, D)] = static_cast<float>(s[d]);
-              scratch.k_zero[unpacked_at<BITS>(d, D)] = static_cast<float>(z[d]);
+          if (block != folded_block || r / G != folded_group) {
+            widen_unpacked<BITS, FIXED_D>(quant.k_scale.row(block, r / G), D, k_scale);
+            widen_unpacked<BITS, FIXED_D>(quant.k_zero.row(block, r / G), D, k_zero);
+            for (int64_t j = 0; j < group; ++j) {
+#pragma omp simd
+              for (int64_t u = 0; u < D; ++u) q_scaled[j * D + u] = qf[j * D + u] * k_scale[u];
+              q_zero[j] = dot(qf + j * D, k_zero, D);
             }
-            widened_block = block, widened_group = r / G;
+            folded_block = block, folded_group = r / G;
           }
-          dequantize_per_channel<BITS, FIXED_D>(quant.k_codes.row(block, r), scratch.k_scale.data(),
-                                                scratch.k_zero.data(), D, k + i * D);
+          unpack<BITS, FIXED_D>(quant.k_codes.row(block, r), D, row);
+          for (int64_t j = 0; j < group; ++j) scores[j * CHUNK + i] = dot(q_scaled + j * D, row, D) + q_zero[j];
         } else {
           dequantize_per_token<BITS, FIXED_D>(quant.k_codes.row(block, r), quant.k_scale.row(block, r),
-                                              quant.k_zero.row(block, r), G, D, k + i * D);
+                                              quant.k_zero.row(block, r), G, D, row);
+          for (int64_t j = 0; j < group; ++j) scores[j * CHUNK + i] = dot(qf + j * D, row, D);
         }
         dequantize_per_token<BITS, FIXED_D>(quant.v_codes.row(block, r), quant.v_scale.row(block, r),
                                             quant.v_zero.row(block, r), G, D, v + i * D);
       }
     });
-    attend_chunk<FIXED_D>(qf, k, v, nullptr, q_pos, n, group, D, scores, acc, best, total);
+    softmax_chunk<FIXED_D>(scores, v, n, group, D, acc, best, total);
   }
 
-  // The full-precision residual: gathered and widened as in cpu_decode.cpp (into unpacked order: a
-  // scatter within the row, over at most a block's worth of tokens), seen by position.
+  // acc back in channel order: the residual's rows are read as they are stored, with q in channel order
+  if constexpr (BITS != 8) {
+    for (int64_t j = 0; j < group; ++j) {
+      std::copy(acc + j * D, acc + (j + 1) * D, k);
+      for (int64_t d = 0; d < D; ++d) acc[j * D + d] = k[unpacked_at<BITS>(d, D)];
+    }
+  }
+  if (r_start == r_end) return;
+  for (int64_t j = 0; j < group; ++j)
+    for (int64_t d = 0; d < D; ++d) qf[j * D + d] = q[j * D + d] * sm_scale;
+
+  // The full-precision residual: gathered and widened as in cpu_decode.cpp, seen by position.
   int32_t* pos = scratch.pos.data();
   for (int64_t c = r_start; c < r_end; c += CHUNK) {
     const int64_t n = std::min(CHUNK, r_end - c);
@@ -194,20 +225,12 @@ void quant_part(const float* q, int64_t q_pos, const Quantized& quant, const int
         const T* v_row = res.v.row(block, slot + r);
         float* k_dst = k + (i + r) * D;
         float* v_dst = v + (i + r) * D;
-        for (int64_t d = 0; d < D; ++d) {
-          k_dst[unpacked_at<BITS>(d, D)] = widen(k_row[d]);
-          v_dst[unpacked_at<BITS>(d, D)] = widen(v_row[d]);
-        }
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) k_dst[d] = widen(k_row[d]), v_dst[d] = widen(v_row[d]);
       }
       std::memcpy(pos + i, res.pos.row(block, slot), run * sizeof(int32_t));
     });
     attend_chunk<FIXED_D>(qf, k, v, pos, q_pos, n, group, D, scores, acc, best, total);
-  }
-  if constexpr (BITS != 8) {  // acc back in channel order
-    for (int64_t j = 0; j < group; ++j) {
-      std::copy(acc + j * D, acc + (j + 1) * D, k);
-      for (int64_t d = 0; d < D; ++d) acc[j * D + d] = k[unpacked_at<BITS>(d, D)];
-    }
   }
 }
 
