@@ -4,7 +4,8 @@ import math
 
 import torch
 
-from nanokv.cache import CacheAttention, PagedKVCache
+from nanokv.cache import PagedKVCache
+from nanokv.engine.attention import StepAttention
 
 
 def held_positions(cache, seq_id: int) -> list[list[list[int]]]:
@@ -57,7 +58,7 @@ def nanokv_forward(model, cache, ids):
     """One forward pass of sequence 0 over the paged cache, new tokens after those cached."""
     start = int(cache.seqs[0].lengths[0, 0])
     positions = torch.arange(start, start + len(ids))
-    attention = CacheAttention(cache, [0], [len(ids)], positions)
+    attention = StepAttention(cache, [0], [len(ids)], positions)
     return model.compute_logits(model(torch.as_tensor(ids), positions, attention))
 
 

@@ -17,7 +17,8 @@ import torch
 
 from helpers import paged_layout
 from nanokv.kernels.reference import attention_by_position, paged_attention
-from nanokv.cache import BlockPool, CacheAttention, OutOfBlocks, PagedKVCache
+from nanokv.cache import BlockPool, OutOfBlocks, PagedKVCache
+from nanokv.engine.attention import StepAttention
 
 L, H, D, BS = 3, 2, 4, 4  # layers, kv-heads, head_dim, block_size of the randomized test
 
@@ -286,7 +287,7 @@ def test_paged_prefill_matches_dense(group, window, garbage, T):
 
 
 def test_cache_attention_steps_match_dense_after_compaction():
-    """CacheAttention writes K/V through the cache and attends over it: a two-sequence prefill,
+    """StepAttention writes K/V through the cache and attends over it: a two-sequence prefill,
     a per-head compaction, then a batched decode step, each against dense attention."""
     gen = torch.Generator().manual_seed(7)
     layers, Hkv, group, d = 2, 2, 2, 8
@@ -300,7 +301,7 @@ def test_cache_attention_steps_match_dense_after_compaction():
     held = {(s, l, h): ([], [], []) for s in range(2) for l in range(layers) for h in range(Hkv)}
 
     def step(seq_ids, query_lens, positions):
-        attn = CacheAttention(cache, seq_ids, query_lens, positions)
+        attn = StepAttention(cache, seq_ids, query_lens, positions)
         T = len(positions)
         for layer in range(layers):
             q = torch.randn(T, Hkv * group, d, generator=gen)
@@ -429,9 +430,9 @@ def test_decode_group_of_sequences_with_different_table_capacities():
     for s, n in enumerate(lens):
         cache.add(s)
         k, v, pos = torch.randn(n, 1, 8), torch.randn(n, 1, 8), torch.arange(n)
-        CacheAttention(cache, [s], [n], pos)(0, torch.randn(n, 1, 8), k, v, None)
+        StepAttention(cache, [s], [n], pos)(0, torch.randn(n, 1, 8), k, v, None)
         held[s] = k, v
-    step = CacheAttention(cache, [0, 1], [1, 1], torch.tensor(lens))
+    step = StepAttention(cache, [0, 1], [1, 1], torch.tensor(lens))
     assert len(step.groups) == 1
     q, k, v = torch.randn(2, 1, 8), torch.randn(2, 1, 8), torch.randn(2, 1, 8)
     out = step(0, q, k, v, None)

@@ -60,5 +60,5 @@ def test_the_guard_accepts_a_placed_factory(placed):
 
 def test_the_guard_covers_the_layers_a_step_runs_through():
     names = {str(p.relative_to(ROOT)) for p in guarded_files()}
-    assert {"cache/attention.py", "cache/kv_cache.py", "methods/base.py", "engine/runner.py",
+    assert {"engine/attention.py", "cache/kv_cache.py", "methods/base.py", "engine/runner.py",
             "kernels/reference.py"} <= names

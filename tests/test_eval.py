@@ -149,10 +149,10 @@ def test_perplexity_read_through_the_cache_is_the_prefill_perplexity(smollm2_ggu
     llm = LLM(str(smollm2_gguf), dtype="float32")
     ids = llm.tokenizer.encode(default_text())[:80]
     with torch.inference_mode():
-        from nanokv.cache import CacheAttention
+        from nanokv.engine.attention import StepAttention
 
         llm.cache.add(0)
-        attention = CacheAttention(llm.cache, [0], [len(ids)], torch.arange(len(ids)))
+        attention = StepAttention(llm.cache, [0], [len(ids)], torch.arange(len(ids)))
         logits = llm.model.compute_logits(llm.model(torch.tensor(ids), torch.arange(len(ids)), attention))
         llm.cache.free(0)
     nll = torch.nn.functional.cross_entropy(logits[20:-1].float(), torch.tensor(ids[21:]))

@@ -8,7 +8,7 @@ from functools import partial
 import pytest
 import torch
 
-from nanokv.cache import CacheAttention
+from nanokv.engine.attention import StepAttention
 from nanokv.methods import make_method
 from nanokv.methods.base import PrefillView
 from tests.helpers import assert_preemption_repeats
@@ -212,10 +212,10 @@ def test_a_question_after_the_context_reads_the_compressed_context(kvzip_llm):
         with torch.inference_mode():
             positions = torch.arange(n + len(tokens))
             llm.model(torch.tensor(context + tokens), positions,
-                      CacheAttention(cache, [-1], [len(positions)], positions, method, [n], None, [[len(tokens)]]))
+                      StepAttention(cache, [-1], [len(positions)], positions, method, [n], None, [[len(tokens)]]))
             for p, token in enumerate(question, start=n):
                 step = torch.tensor([p])
-                hidden = llm.model(torch.tensor([token]), step, CacheAttention(cache, [-1], [1], step))
+                hidden = llm.model(torch.tensor([token]), step, StepAttention(cache, [-1], [1], step))
             assert outs[0].token_ids[0] == int(llm.model.compute_logits(hidden)[0].argmax())
     finally:
         cache.free(-1)

@@ -40,7 +40,7 @@ def step(positions, budgets, S, prompt_lens=None, visible=None, layer=3):
 
 def victim(method, scores, st):
     """The engine's choice: the lowest score among the visible slots outside the recent
-    window, the oldest among equals (nanokv/cache/attention.py _evict)."""
+    window, the oldest among equals (nanokv/engine/attention.py _evict)."""
     recent = method.recent_window(st.budgets)
     eligible = st.visible & (st.key_positions <= (st.positions - recent)[:, None, None])
     scores = scores.masked_fill(~eligible, inf)

@@ -23,7 +23,7 @@ def step(position, budget, S, **reads):
 
 
 def victim(method, scores, st):
-    """The engine's choice (nanokv/cache/attention.py _evict): the lowest score among the visible
+    """The engine's choice (nanokv/engine/attention.py _evict): the lowest score among the visible
     slots outside the recent window, the oldest among equals."""
     recent = method.recent_window(st.budgets)
     eligible = st.visible & (st.key_positions <= (st.positions - recent)[:, None, None])

@@ -67,7 +67,7 @@ def test_identical_layers_merge_and_restore_exactly_through_the_cache():
         slots = cache.append_slots(0, S, layers=slice(layer, layer + 1))[0]
         cache.write(slots, k, v, torch.arange(S))
     method = make_method("minicache", compression=0.25)
-    cache.merge_pair(0, 1, S, method)
+    cache.store_merged(0, 1, S, method.merge_pair(*cache.pair_prompt(0, 1, S)))
     s = cache.seqs[0]
     assert s.lengths.tolist() == [[S, S], [2, 2]] and s.num_blocks.tolist() == [[10, 10], [1, 1]]
     tables = s.tables[:, :, :10]

@@ -144,6 +144,123 @@ class PagedKVCache:
         blocks = torch.gather(tables, -1, logical // self.block_size)
         return blocks * self.block_size + logical % self.block_size
 
+    # --- attention's reads and writes ---------------------------------------------------
+    # What one step's attention (nanokv/engine/attention.py) calls; each block kind overrides what
+    # it stores differently, and reads through self.kernels, so the engine never looks at the pool.
+
+    ragged = True  # a decode may take the whole batch in one call when the kernel reads ragged lengths
+    plain_torch_only: str | None = None  # what the cache holds that only a plain-torch twin reads yet
+
+    def pair_of(self, layer: int) -> int | None:
+        """The first layer of the merged pair whose second layer is `layer` (PairedKVCache), or None."""
+        return None
+
+    def held(self, seq_id: int, layer: int):
+        """One sequence's tables [1, H, nb] and lengths [1, H] at `layer`, on the pool's device."""
+        s, device = self.seqs[seq_id], self.pool.device
+        return (s.tables[layer:layer + 1, :, :int(s.num_blocks[layer].max())].to(device),
+                s.lengths[layer:layer + 1].to(device))
+
+    def decode_groups(self, seq_ids: list[int], whole_batch: bool) -> list[list[torch.Tensor]]:
+        """The decode step's sequences in groups attended one call each: [members [b], then the
+        block kind's stacked tables (`stacked`), each [L, b, ...]], on the pool's device. A group
+        holds sequences of similar length, so a short one is not padded to the longest of the batch;
+        `whole_batch` (a kernel that reads each head only to its length) takes all of them at once."""
+        seqs, device = [self.seqs[s] for s in seq_ids], self.pool.device
+        members = [list(range(len(seqs)))] if whole_batch else length_groups([self.blocks_read(s) for s in seqs])
+        return [[torch.tensor(m, device=device), *(t.to(device) for t in self.stacked([seqs[i] for i in m]))]
+                for m in members]
+
+    def blocks_read(self, s: SequenceKV) -> int:
+        return int(s.num_blocks.max())
+
+    def stacked(self, seqs: list[SequenceKV]) -> list[torch.Tensor]:
+        """The sequences' tables [L, b, H, nb] (padded to the longest) and lengths [L, b, H]."""
+        width = max(int(s.num_blocks.max()) for s in seqs)
+        return [torch.stack([pad_blocks(s.tables, width) for s in seqs], dim=1), torch.stack([s.lengths for s in seqs], dim=1)]
+
+    def write_decode(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
+        """A decode step's new tokens at `layer` into the slots append_slots reserved [H, b]; a layer
+        that reads another's KV (share_layers) keeps none."""
+        if self.sources[layer] == layer:
+            self.write(slots, k, v, positions)
+
+    def attend_decode(self, layer: int, q, positions, group: list[torch.Tensor], sliding_window):
+        """A group's queries [b, Hq, D] over what its sequences hold at `layer` (or at the layer
+        whose KV it shares) -> (output [b, Hq, D], KV bytes read)."""
+        tables, lengths = (t[self.sources[layer]] for t in group)
+        return self.attend_tables(q, positions, tables, lengths, sliding_window), self.read_bytes(lengths)
+
+    def attend_tables(self, q, positions, tables, lengths, sliding_window, return_probs: bool = False):
+        """Decode attention over explicit tables [b, H, nb] and lengths [b, H] of full-precision
+        blocks (a method's reduced tables, Quest; with return_probs also the probabilities, H2O)."""
+        pool = self.pool
+        return self.kernels.decode(q, positions, pool.k, pool.v, pool.pos, tables, lengths, sliding_window, return_probs)
+
+    def write_prefill(self, seq_id: int, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
+        """Append one sequence's new tokens k, v [T, H, D] at `layer` and write them."""
+        slots = self.append_slots(seq_id, len(k), layers=slice(layer, layer + 1))[0]
+        self.write(slots.to(self.pool.device), k, v, positions)
+
+    def attend_prefill(self, seq_id: int, layer: int, q, q_pos, sliding_window, column_sums: bool = False,
+                       merged: bool = True):
+        """One sequence's queries [T, Hq, D] over what it holds at `layer` -> (output, and with
+        `column_sums` the attention each slot received [H, nb * block_size], summed over the queries
+        and averaged over each kv-head's query heads). `merged`: see PairedKVCache."""
+        pool, (tables, lengths) = self.pool, self.held(seq_id, layer)
+        cu_seqlens = torch.tensor([0, len(q)], dtype=torch.int32, device=q.device)
+        result = self.kernels.prefill(q, q_pos, cu_seqlens, pool.k, pool.v, pool.pos, tables, lengths,
+                                      sliding_window, obs_window=len(q) if column_sums else None)
+        if not column_sums:
+            return result, None
+        out, sums = result                                                 # sums [1, Hq, S]
+        return out, sums[0].view(tables.shape[1], -1, sums.shape[-1]).mean(dim=1)
+
+    # --- what compression reads and writes (a method's slot fields, the prompt's K/V) ------
+
+    def read_prompt(self, seq_id: int, layer: int, n: int, fields=("k", "pos")) -> dict[str, torch.Tensor]:
+        """The first n slots of each head of `layer` (a just-prefilled prompt), per field: [H, n(, D)]
+        ("pos": [n], the first head's: a prefill writes every head alike)."""
+        tables = self.held(seq_id, layer)[0][0]
+        return {name: gather_blocks(self.pool.fields[name], tables[:1] if name == "pos" else tables)
+                [0 if name == "pos" else slice(None), :n] for name in fields}
+
+    def write_prompt(self, seq_id: int, layer: int, n: int, values: dict[str, torch.Tensor]):
+        """Set fields of the first n slots of each head of `layer`: values [H, n(, D)] per field."""
+        tables, pool = self.held(seq_id, layer)[0][0], self.pool
+        prompt = pool.slot_index(self.flat_slots(tables, torch.arange(n, device=pool.device).expand(len(tables), n)))
+        for name, value in values.items():
+            pool.fields[name][prompt] = value.to(pool.fields[name].dtype)
+
+    def read_slots(self, tables: torch.Tensor, names) -> dict[str, torch.Tensor]:
+        """Every slot of heads with tables [b, H, nb], per field: [b, H, nb * block_size(, D)], in
+        slot order (padding reads block 0)."""
+        out = {}
+        for name in names:
+            field = self.pool.fields[name]
+            # whole blocks through index_select where the field's blocks are rows: ~10x faster on
+            # CPU than advanced indexing slot by slot
+            out[name] = gather_blocks(field, tables) if field.is_contiguous() else \
+                field[self.pool.slot_index(self.slots_of(tables).clamp(min=0))]
+        return out
+
+    def write_slots(self, tables: torch.Tensor, where: torch.Tensor, values: dict[str, torch.Tensor]):
+        """Set fields at the slots `where` [b, H, S] marks of heads with tables [b, H, nb]: values
+        [b, H, S(, D)] per field."""
+        at = self.pool.slot_index(self.slots_of(tables)[where])
+        for name, value in values.items():
+            field = self.pool.fields[name]
+            field[at] = value[where].to(field.dtype)
+
+    def slots_of(self, tables: torch.Tensor) -> torch.Tensor:
+        """Flat slots [..., nb * block_size] of every slot of tables [..., nb] (padding: < 0)."""
+        bs = self.block_size
+        return (tables[..., None] * bs + torch.arange(bs, device=tables.device)).flatten(-2)
+
+    def key_bounds(self):
+        """Each block's smallest and largest key per channel, kmin and kmax [N, D] (Quest's pages)."""
+        return self.pool.block_fields["kmin"], self.pool.block_fields["kmax"]
+
     # --- writes -----------------------------------------------------------------------
 
     def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
@@ -259,6 +376,26 @@ class PagedKVCache:
     @property
     def used_bytes(self) -> int:
         return self.pool.used_bytes
+
+
+GROUP_SLACK = 1.5  # padding waste a decode group may carry (the longest / the shortest member)
+
+
+def pad_blocks(tables: torch.Tensor, width: int) -> torch.Tensor:
+    """A sequence's tables cut or padded (with -1) to `width` blocks."""
+    return torch.nn.functional.pad(tables[..., :width], (0, max(0, width - tables.shape[-1])), value=-1)
+
+
+def length_groups(blocks: list[int], slack: float = GROUP_SLACK) -> list[list[int]]:
+    """Indices grouped so that within a group the longest holds at most `slack` times the
+    blocks of the shortest (sorted by length)."""
+    order = sorted(range(len(blocks)), key=blocks.__getitem__)
+    groups = [[order[0]]]
+    for i in order[1:]:
+        if blocks[i] > slack * blocks[groups[-1][0]]:
+            groups.append([])
+        groups[-1].append(i)
+    return groups
 
 
 def grown_to(tables: torch.Tensor, columns: int) -> torch.Tensor:

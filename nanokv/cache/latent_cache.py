@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
+from nanokv.kernels.reference import gather_blocks
 from nanokv.models.rope import apply_rope, rope_cos_sin
 from nanokv.cache.kv_cache import PagedKVCache
 from nanokv.cache.pool import HOST, BlockPool
@@ -102,14 +103,43 @@ class LatentKVCache(PagedKVCache):
         chunks = latent.view(T, G, m, 2, chunk).permute(0, 2, 1, 3, 4).reshape(T * m, G, 2, chunk)
         self.write(slots, chunks[:, :, 0], chunks[:, :, 1], positions.repeat_interleave(m))
 
+    # --- attention's reads and writes: latents in, keys rebuilt, outputs through the value basis
+
+    ragged = False
+    plain_torch_only = "tokens as low-rank latents"
+
+    def write_decode(self, layer: int, slots: torch.Tensor, k, v, positions):
+        """slots [G, b * most]: each sequence reserved the most slots any layer takes, this one's first."""
+        m, b = int(self.slots_per_token[layer]), len(positions)
+        self.store(layer, slots.view(self.num_kv_heads, b, -1)[:, :, :m].reshape(self.num_kv_heads, b * m), k, v,
+                   positions)
+
+    def attend_decode(self, layer: int, q, positions, group: list[torch.Tensor], sliding_window):
+        tables, lengths = (t[layer] for t in group)
+        return self._attend(layer, q[:, None], positions[:, None], tables, lengths, sliding_window)[:, 0], \
+            self.read_bytes(lengths)
+
+    def write_prefill(self, seq_id: int, layer: int, k, v, positions):
+        slots = self.append_slots(seq_id, len(k), layers=slice(layer, layer + 1))[0]
+        self.store(layer, slots.to(self.pool.device), k, v, positions)
+
+    def attend_prefill(self, seq_id: int, layer: int, q, q_pos, sliding_window, column_sums: bool = False,
+                       merged: bool = True):
+        return self._attend(layer, q[None], q_pos[None], *self.held(seq_id, layer), sliding_window)[0], None
+
+    def _attend(self, layer: int, q, q_pos, tables, lengths, sliding_window):
+        """Queries [B, T, Hq, D] over the keys rebuilt from the latents and the value latents, then
+        through the value basis."""
+        keys, values, k_pos, held = self.read(layer, tables, lengths)
+        out = self.kernels.attend(q, q_pos, keys.to(q.dtype), values.to(q.dtype), k_pos, held, sliding_window)
+        return self.values_out(layer, out).to(q.dtype)
+
     def read(self, layer: int, tables: torch.Tensor, lengths: torch.Tensor):
         """What B sequences' groups at `layer` hold: tables [B, G, nb], lengths [B, G] in slots ->
         keys rebuilt from their latents (after RoPE) [B, H, S, D] float32, each head's value latents
         [B, H, S, r_v] (its group's), positions [B, H, S], tokens held [B, H]. Every group of a
         sequence holds the same tokens (nothing is evicted), so the first group's positions serve
         all."""
-        from nanokv.kernels.reference import gather_blocks
-
         p, m = self.layers[layer], int(self.slots_per_token[layer])
         B, G = tables.shape[:2]
         r_k, r_v = p.ranks

@@ -2,7 +2,7 @@
 
 A pair (a, b), a < b, stores its prompt once. At the end of a sequence's prefill, right after
 layer b's attention has run over its own prompt K/V, the method (nanokv/methods/minicache.py)
-merges the two layers' prompt K/V and the cache stores the result (`merge_pair`):
+merges the two layers' prompt K/V (`pair_prompt`) and the cache stores the result (`store_merged`):
 
 - layer a holds every token, in its own blocks as any layer does. A merged prompt token's slot
   holds the merged direction times a's magnitude, e |x_a|, so layer a's attention reads its
@@ -12,7 +12,7 @@ merges the two layers' prompt K/V and the cache stores the result (`merge_pair`)
 - layer b holds, in its own blocks, its retained prompt tokens and every token after the prompt
   (decode, a question after a compressed context, a recompute's generated tokens): the rest of
   its prompt is compacted away and its blocks go back to the pool.
-- layer b's attention (`attend_second`, what CacheAttention calls for it) reads both: a's merged
+- layer b's attention (`attend_decode`, `attend_prefill`) reads both: a's merged
   slots restored with b's magnitudes, x / |x| * mag_b (a's other slots masked out by giving
   them a position later than any query), and b's own slots.
 
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from nanokv.kernels.reference import attend, gather_blocks
+from nanokv.kernels.reference import gather_blocks
 from nanokv.cache.kv_cache import PagedKVCache
 from nanokv.cache.pool import HOST
 
@@ -49,23 +49,50 @@ class PairedKVCache(PagedKVCache):
 
     # --- the merge ---------------------------------------------------------------------
 
-    def merge_pair(self, seq_id: int, b: int, n: int, method):
-        """Merge the first n tokens (the prompt) of layers a and b of a just-prefilled sequence:
-        the method works out what they become (`method.merge_pair`), the cache writes layer a and
-        compacts layer b to the tokens it keeps of its own (and any tokens after the prompt)."""
-        a, s, pool = self.first_of[b], self.seqs[seq_id], self.pool
-        tables = {layer: s.tables[layer, :, :int(s.num_blocks[layer].max())].to(pool.device) for layer in (a, b)}
-        k_a, v_a, k_b, v_b = (gather_blocks(field, tables[layer])[:, :n]
-                              for layer in (a, b) for field in (pool.k, pool.v))
-        merged = method.merge_pair(k_a, v_a, k_b, v_b)
-        H = self.num_kv_heads
-        prompt = self.flat_slots(tables[a], torch.arange(n, device=pool.device).expand(H, n))
-        for name in ("k", "v", *self.MAGNITUDES):
-            pool.fields[name][pool.slot_index(prompt)] = merged[name].to(pool.fields[name].dtype)
+    def pair_of(self, layer: int) -> int | None:
+        return self.first_of.get(layer)
+
+    @property
+    def plain_torch_only(self) -> str | None:
+        return "merged layer pairs" if self.pairs else None
+
+    def pair_prompt(self, seq_id: int, b: int, n: int):
+        """The first n tokens (the prompt) of layers a and b of a just-prefilled sequence: what the
+        method merges -> k_a, v_a, k_b, v_b [H, n, D]."""
+        a = self.first_of[b]
+        return tuple(self.read_prompt(seq_id, layer, n, ("k", "v"))[name] for layer in (a, b) for name in ("k", "v"))
+
+    def store_merged(self, seq_id: int, b: int, n: int, merged: dict[str, torch.Tensor]):
+        """Write what the method made of the pair's prompt (`merge_pair`): layer a's K, V and b's
+        magnitudes, and compact layer b to the tokens it keeps of its own (and any after the prompt)."""
+        a, s = self.first_of[b], self.seqs[seq_id]
+        self.write_prompt(seq_id, a, n, {name: merged[name] for name in ("k", "v", *self.MAGNITUDES)})
         self._refresh_key_bounds(s, slice(a, a + 1))
         keep = merged["keep"].to(HOST)  # block tables live on the host
-        after = torch.ones(H, int(s.lengths[b].max()) - n, dtype=torch.bool, device=HOST)
+        after = torch.ones(self.num_kv_heads, int(s.lengths[b].max()) - n, dtype=torch.bool, device=HOST)
         self.compact(seq_id, torch.cat([keep, after], dim=1)[None], layers=slice(b, b + 1))
+
+    # --- attention at layer b: a's merged slots restored with b's magnitudes, then b's own ---
+
+    def attend_decode(self, layer: int, q, positions, group: list[torch.Tensor], sliding_window):
+        a = self.first_of.get(layer)
+        if a is None:
+            return super().attend_decode(layer, q, positions, group, sliding_window)
+        tables, lengths = group
+        nbytes = self.read_bytes(lengths[a]) + self.read_bytes(lengths[layer]) + \
+            int(self.blocks_for(lengths[a]).sum()) * self.block_size * self.magnitude_bytes()
+        keys, values, k_pos, held = self.read_second(tables[a], lengths[a], tables[layer], lengths[layer])
+        return self.kernels.attend(q[:, None], positions[:, None], keys, values, k_pos, held, sliding_window)[:, 0], nbytes
+
+    def attend_prefill(self, seq_id: int, layer: int, q, q_pos, sliding_window, column_sums: bool = False,
+                       merged: bool = True):
+        """At layer b, `merged`: over read_second; else over b's own K/V alone (the prompt, before
+        the pair is merged)."""
+        a = self.first_of.get(layer)
+        if a is None or not merged:
+            return super().attend_prefill(seq_id, layer, q, q_pos, sliding_window, column_sums)
+        keys, values, k_pos, held = self.read_second(*self.held(seq_id, a), *self.held(seq_id, layer))
+        return self.kernels.attend(q[None], q_pos[None], keys, values, k_pos, held, sliding_window)[0], None
 
     # --- reading layer b ---------------------------------------------------------------
 
@@ -109,34 +136,3 @@ def restored(x: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
     """Vectors x [..., D] with their length set to `magnitude` [...] (0 where x is 0)."""
     xf = x.float()
     return (xf * (magnitude / xf.norm(dim=-1).clamp(min=1e-30))[..., None]).to(x.dtype)
-
-
-def attend_second(att, layer: int, q, k, v, sliding_window):
-    """CacheAttention (att) at layer b of a pair: write the new tokens into b's blocks, attend.
-    In a prefill with the method the prompt first attends over b's own K/V whole, and then the
-    pair is merged; what follows the prompt, and every decode step, attends over read_second."""
-    cache, device = att.cache, att.cache.pool.device
-    a = cache.first_of[layer]
-    if att.is_decode:
-        cache.write(att.slots[layer], k, v, att.positions)
-        out = torch.empty_like(q)
-        for members, tables, lengths in att.groups:
-            att.bytes_read += cache.read_bytes(lengths[a]) + cache.read_bytes(lengths[layer]) + \
-                int(cache.blocks_for(lengths[a]).sum()) * cache.block_size * cache.magnitude_bytes()
-            keys, values, k_pos, held = cache.read_second(tables[a], lengths[a], tables[layer], lengths[layer])
-            out[members] = attend(q[members][:, None], att.positions[members][:, None], keys, values, k_pos, held,
-                                  sliding_window)[:, 0]
-        return out
-    outs = []
-    new = zip(att.seq_ids, q.split(att.query_lens), k.split(att.query_lens), v.split(att.query_lens), att.q_pos)
-    for i, (seq_id, q_i, k_i, v_i, pos_i) in enumerate(new):
-        slots = cache.append_slots(seq_id, len(q_i), layers=slice(layer, layer + 1))[0]
-        cache.write(slots.to(device), k_i, v_i, pos_i)
-        n = att.compress_lens[i] if att.method is not None else 0
-        if n:  # the prompt over its own K/V, then merged (prefill starts from an empty cache)
-            outs.append(att._prefill(q_i[:n], pos_i[:n], *att._held(seq_id, layer), sliding_window)[0])
-            cache.merge_pair(seq_id, layer, n, att.method)
-        if n < len(q_i):
-            keys, values, k_pos, held = cache.read_second(*att._held(seq_id, a), *att._held(seq_id, layer))
-            outs.append(attend(q_i[n:][None], pos_i[n:][None], keys, values, k_pos, held, sliding_window)[0])
-    return torch.cat(outs)

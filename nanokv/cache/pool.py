@@ -16,7 +16,7 @@ import torch
 
 # Where the bookkeeping lives: block tables, lengths and the free list stay in host memory, since
 # the scheduler and the cache read them in Python every step. K, V and every slot field live on
-# the pool's device; a step moves the tables it needs there once (nanokv/cache/attention.py).
+# the pool's device; a step moves the tables it needs there once (nanokv/engine/attention.py).
 HOST = torch.device("cpu")
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nanokv.cache.kv_cache import PagedKVCache, SequenceKV, grown_to, place_blocks
+from nanokv.cache.kv_cache import PagedKVCache, SequenceKV, grown_to, pad_blocks, place_blocks
 from nanokv.cache.pool import HOST, BlockPool, align, numel, row_views
 
 
@@ -133,6 +133,35 @@ class PrunedKVCache(PagedKVCache):
         for name, value in (("k", keys), ("v", values), ("pos", positions)):
             pool.slim_fields[name][pool.slim_index(slots)] = value
 
+    # --- attention's reads: the slim part with the query cut to each head's channels, then the rest
+
+    ragged = False
+    plain_torch_only = "older keys in fewer channels"
+
+    def blocks_read(self, s: PrunedSequenceKV) -> int:
+        return int(s.num_blocks.max()) + int(s.num_sblocks.max())
+
+    def stacked(self, seqs: list[PrunedSequenceKV]) -> list[torch.Tensor]:
+        """The slim tables [L, b, H, ns], slim lengths [L, b, H] and kept channels [L, b, H, kD],
+        then the full-precision tables and lengths."""
+        width = max(int(s.num_sblocks.max()) for s in seqs)
+        return [torch.stack([pad_blocks(s.stables, width) for s in seqs], dim=1),
+                torch.stack([s.slim_lengths for s in seqs], dim=1), torch.stack([s.channels for s in seqs], dim=1),
+                *super().stacked(seqs)]
+
+    def attend_decode(self, layer: int, q, positions, group: list[torch.Tensor], sliding_window):
+        stables, slens, channels, tables, lengths = (t[layer] for t in group)
+        out = self._attend(q[:, None], positions[:, None], (stables, slens, channels), tables, lengths, sliding_window)
+        return out[:, 0], self.read_bytes(lengths, slens)
+
+    def attend_prefill(self, seq_id: int, layer: int, q, q_pos, sliding_window, column_sums: bool = False,
+                       merged: bool = True):
+        slim = self.slim_held(seq_id, layer)
+        if slim is None or column_sums:  # nothing slim yet (a compressing prefill): a full-precision read
+            return super().attend_prefill(seq_id, layer, q, q_pos, sliding_window, column_sums)
+        slim = tuple(t.to(self.pool.device) for t in slim)
+        return self._attend(q[None], q_pos[None], slim, *self.held(seq_id, layer), sliding_window)[0], None
+
     def slim_held(self, seq_id: int, layer: int):
         """One sequence's slim tables [1, H, ns], slim lengths [1, H] and channels [1, H, kD] at
         `layer`, or None while it holds no slim tokens there."""
@@ -141,6 +170,11 @@ class PrunedKVCache(PagedKVCache):
             return None
         return (s.stables[layer:layer + 1, :, :int(s.num_sblocks[layer].max())], s.slim_lengths[layer:layer + 1],
                 s.channels[layer:layer + 1])
+
+    def _attend(self, q, q_pos, slim, tables, lengths, sliding_window):
+        f, pool = self.pool.slim_fields, self.pool
+        return self.kernels.pruned_attention(q, q_pos, f["k"], f["v"], f["pos"], *slim, pool.k, pool.v, pool.pos,
+                                             tables, lengths, sliding_window)
 
     # --- accounting -------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from nanokv.kernels.quant import quantize_tokens
-from nanokv.cache.kv_cache import PagedKVCache, SequenceKV, grown_to, place_blocks
+from nanokv.cache.kv_cache import PagedKVCache, SequenceKV, grown_to, pad_blocks, place_blocks
 from nanokv.cache.pool import HOST
 from nanokv.cache.quant_pool import SCALE_DTYPE, QuantizedBlockPool, QuantSpec
 
@@ -93,6 +93,26 @@ class QuantizedKVCache(PagedKVCache):
         s.qtables = grown_to(s.qtables, int((s.num_qblocks[layers] + new).max()))
         place_blocks(s.qtables[layers], s.num_qblocks[layers], new, ids)
         s.num_qblocks[layers] += new
+
+    # --- attention's reads: the quantized blocks, then the residual, in one kernel call ------
+
+    ragged = False
+
+    def blocks_read(self, s: QuantSequenceKV) -> int:
+        return int(s.num_blocks.max()) + int(s.num_qblocks.max())
+
+    def stacked(self, seqs: list[QuantSequenceKV]) -> list[torch.Tensor]:
+        """The quantized tables [L, b, H, nq] and token counts [L, b, H], then the residual's."""
+        width, R = max(int(s.num_qblocks.max()) for s in seqs), self.spec.block_size
+        return [torch.stack([pad_blocks(s.qtables, width) for s in seqs], dim=1),
+                torch.stack([s.num_qblocks * R for s in seqs], dim=1), *super().stacked(seqs)]
+
+    def attend_decode(self, layer: int, q, positions, group: list[torch.Tensor], sliding_window):
+        qtables, qlens, tables, lengths = (t[layer] for t in group)
+        pool = self.pool
+        out = self.kernels.quantized_decode(q, positions, pool.quant_blocks(), qtables, qlens, pool.k, pool.v, pool.pos,
+                                            tables, lengths)
+        return out, self.read_bytes(lengths, qlens)
 
     # --- accounting -------------------------------------------------------------------
 

@@ -45,17 +45,6 @@ def kv_cache_bytes(kv_cache_memory: int | float | None, device: str) -> int:
     return int(kv_cache_memory)
 
 
-def plain_torch_storage(cache) -> str | None:
-    """What a cache holds that only the plain-torch attention reads (None: every block kind has a kernel)."""
-    if isinstance(cache, LatentKVCache):
-        return "tokens as low-rank latents"
-    if isinstance(cache, PrunedKVCache):
-        return "older keys in fewer channels"
-    if isinstance(cache, PairedKVCache) and cache.pairs:
-        return "merged layer pairs"
-    return None
-
-
 class LLM:
     def __init__(self, model: str = DEFAULT_MODEL, *, dtype: str = "auto", device: str | None = None,
                  method: str = "full", compression: float = 0.0, budget: int | None = None,
@@ -119,7 +108,7 @@ class LLM:
         if pairs:  # a pair's prompt stored once: nanokv/cache/paired.py
             self.cache.pair_layers(pairs)
         self.cache.kernels = kernels_for(self.device, kernels, self.cache.workspace)
-        plain = plain_torch_storage(self.cache)
+        plain = self.cache.plain_torch_only
         if plain and self.cache.kernels.name == "triton":
             print(f"nanokv: method {method!r} keeps {plain}, which no Triton kernel reads yet: its attention "
                   f"runs in plain torch on {self.device}", file=sys.stderr)

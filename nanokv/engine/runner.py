@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from nanokv.cache import CacheAttention, PagedKVCache
+from nanokv.cache import PagedKVCache
+from nanokv.engine.attention import StepAttention
 from nanokv.engine.sequence import Sequence
 from nanokv.sampling import sample
 
@@ -62,7 +63,7 @@ class ModelRunner:
     def _forward(self, seqs, query_lens, ids, positions, compress=True):
         """The model over the cache for these sequences' new tokens -> hidden states [T, hidden]."""
         ids = torch.tensor(ids, device=self.device)
-        attention = CacheAttention(self.cache, [s.id for s in seqs], query_lens, positions,
+        attention = StepAttention(self.cache, [s.id for s in seqs], query_lens, positions,
                                    self.method if compress else None, [s.compress_len for s in seqs], ids,
                                    [[len(p) for p in s.scoring_passes] for s in seqs] if compress else None)
         hidden = self.model(ids, positions, attention)

@@ -30,7 +30,7 @@ def perplexity(llm, ids: list[int], prefill: int) -> tuple[float, float]:
     """exp(mean negative log-likelihood) of ids[prefill:], each token predicted from the cache
     holding every token before it (the first `prefill` ones written in one prefill step); and the
     KV bytes per token the cache held at the end (whole blocks)."""
-    from nanokv.cache import CacheAttention
+    from nanokv.engine.attention import StepAttention
 
     if not 0 < prefill < len(ids):
         raise ValueError(f"prefill must be in [1, {len(ids)}) for a text of {len(ids)} tokens, got {prefill}")
@@ -42,7 +42,7 @@ def perplexity(llm, ids: list[int], prefill: int) -> tuple[float, float]:
         step, start = ids[:prefill], 0
         for target in [*ids[prefill:], None]:
             positions = torch.arange(start, start + len(step), device=device)
-            attention = CacheAttention(cache, [seq_id], [len(step)], positions, llm.method,
+            attention = StepAttention(cache, [seq_id], [len(step)], positions, llm.method,
                                        token_ids=torch.tensor(step, device=device))
             hidden = model(torch.tensor(step, device=device), positions, attention)
             attention.finish()

@@ -12,6 +12,9 @@ decode (nanokv/kernels/cpu.py builds it at first use).
                              k_pool, v_pool, pos_pool, tables, lengths)   # over quantized + residual blocks
     kernels.page_scores(q [B, Hq, D], kmin [N, D], kmax [N, D], tables [B, Hkv, nb])  # Quest's page bounds
     kernels.quest_select(q, kmin, kmax, tables, lengths, block_size, pages)  # Quest's reduced tables (C++ only)
+    kernels.attend(q [B, T, Hq, D], q_pos [B, T], keys, values [B, H, S, D], k_pos [B, H, S], lengths [B, H], window)
+    kernels.pruned_attention(q, q_pos, slim K/V/pos pools, slim tables, slim lengths, channels, K/V/pos pools,
+                             tables, lengths, window)   # ThinK: older keys in fewer channels
 
 NANOKV_KERNELS=triton|cpu|reference (or LLM(kernels=...)) overrides the choice: the tests run the
 Triton kernels on CPU under TRITON_INTERPRET=1. Where the C++ kernels cannot be built (no compiler),
@@ -41,6 +44,11 @@ class Kernels:
     quantized_decode: Callable
     page_scores: Callable
     ragged_decode: bool = False  # decode reads each head only to its length, however padded its table
+    # The block kinds that have no kernel of their own yet read through their plain-torch twins on
+    # every device: dense attention over gathered K/V (latent caches, MiniCache's merged pairs) and
+    # attention whose older keys hold fewer channels (ThinK's slim blocks).
+    attend: Callable = reference.attend
+    pruned_attention: Callable = reference.pruned_attention
     # Quest's whole page selection in one call, where the kernels have it (the C++ CPU kernels):
     # quest_select(q, kmin, kmax, tables, lengths, block_size, pages) -> the reduced (tables, lengths)
     quest_select: Callable | None = None

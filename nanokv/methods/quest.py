@@ -14,7 +14,7 @@ kv-head when the highest of its query heads' bounds ranks it (one selection serv
 group, as the heads share their pages).
 
 The bounds live in the cache's pool (kmin / kmax per block, nanokv/cache/pool.py); the scoring
-and the reduced block tables are the engine's (nanokv/cache/attention.py, nanokv/kernels/quest.py).
+and the reduced block tables are the engine's (nanokv/engine/attention.py, nanokv/kernels/quest.py).
 """
 
 import torch

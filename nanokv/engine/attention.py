@@ -1,0 +1,285 @@
+"""StepAttention: the `attention` callable the model calls, for one forward step over the KV
+cache (see nanokv/models/llama.py for the contract), and where a compression method acts.
+
+A step is either a prefill (one or more sequences, each with a chunk of new tokens) or a
+decode (every sequence with exactly one new token). Decode reserves the new tokens' slots in
+every layer before layer 0 and attends in a few batched calls over groups of sequences of
+similar length (`cache.decode_groups`). Prefill runs one sequence at a time (each one is a large
+matmul already) and reserves each layer's slots when that layer runs, so a prompt that a method
+compresses holds its earlier layers compressed and only the current one whole.
+
+Each layer runs write -> attend -> (score -> keep / merge -> compact). The writes and reads are
+the cache's (`write_decode`, `attend_decode`, `write_prefill`, `attend_prefill`): each block kind
+(full precision, quantized, slim keys, latents, merged pairs, shared layers) reads its own way,
+through the kernels, and this file never looks at the pool. The scoring is the method's
+(nanokv/methods/base.py): at the end of a prefill it picks, layer by layer, what the prompt keeps
+(`_compress`); a decode-time method (H2O, TOVA) also scores the slots with each decode step's
+attention and evicts one per head over budget (`_evict`); a merging method (CaM, D2O, KVMerger)
+first folds what goes into the K/V of slots that stay; MiniCache merges a pair of layers after the
+second one's prompt has attended (`_paired_prefill`); ThinK thins the older keys (`cache.prune`);
+a query-aware method (Quest) evicts nothing: each decode step it picks the blocks each head reads
+(`_selected_pages`) and the kernel gets a block table of those alone.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nanokv.cache.pool import HOST
+from nanokv.methods.base import DecodeStep, PrefillView
+
+
+class StepAttention:
+    def __init__(self, cache, seq_ids: list[int], query_lens: list[int], positions: torch.Tensor, method=None,
+                 compress_lens: list[int] | None = None, token_ids: torch.Tensor | None = None,
+                 scoring_passes: list[list[int]] | None = None):
+        self.cache, self.seq_ids, self.query_lens = cache, seq_ids, query_lens
+        # a method that scores tokens at prefill (a latent cache's method picks ranks, not tokens)
+        self.method = method if method is not None and method.compresses and not method.stores_latents else None
+        # a method that picks which blocks each decode step reads (Quest)
+        self.selector = method if method is not None and method.selects_pages else None
+        self.bytes_read = 0  # KV bytes the decode attention read this step, over all layers
+        # how many leading new tokens of each sequence the method compresses (its prompt, or the
+        # context before a question); the rest attends over them compressed and is kept
+        self.compress_lens = compress_lens or query_lens
+        # the token counts of a method's own scoring passes, which follow them (methods/base.py)
+        self.scoring_passes = scoring_passes or [[] for _ in seq_ids]
+        # the new tokens' ids [T], for a method that reads them (PrefillView.token_ids)
+        self.token_ids = None if token_ids is None else token_ids.split(query_lens)
+        self.positions = positions                                        # [T] all new tokens
+        self.is_decode = all(n == 1 for n in query_lens)
+        device = cache.pool.device
+        self.evicting = self.method is not None and self.method.evicts_during_decode
+        if self.evicting:
+            self.budgets = torch.tensor([self.method.decode_budget(n) for n in self.compress_lens], device=device)
+            self.prompt_lens = torch.tensor(self.compress_lens, device=device)
+            self.evicted = torch.zeros(cache.num_layers, len(seq_ids), cache.num_kv_heads, dtype=torch.bool, device=HOST)
+        self.q_pos = positions.split(query_lens)
+        if not self.is_decode:
+            self.sequence_state = {seq_id: {} for seq_id in seq_ids}  # PrefillView.sequence_state
+            return
+        self.slots = torch.cat([cache.append_slots(s, 1) for s in seq_ids], dim=-1).to(device)  # [L, H, b]
+        # A kernel that reads each head only to its length (the C++ decode) takes the whole batch
+        # at once; so does Quest's reduced tables, which are cut to the most pages any head reads.
+        self.whole_batch = cache.kernels.ragged_decode and cache.ragged and not self.evicting
+        self.groups = cache.decode_groups(seq_ids, self.whole_batch)
+
+    def __call__(self, layer, q, k, v, sliding_window):
+        if self.is_decode:
+            return self._decode(layer, q, k, v, sliding_window)
+        cache, outs = self.cache, []
+        source = cache.sources[layer]  # a layer sharing another's KV reads that (KVSharer)
+        new = zip(self.seq_ids, q.split(self.query_lens), k.split(self.query_lens), v.split(self.query_lens), self.q_pos)
+        for i, (seq_id, q_i, k_i, v_i, pos_i) in enumerate(new):
+            if source != layer:  # it keeps no KV of its own: its queries read the source layer's
+                outs.append(cache.attend_prefill(seq_id, source, q_i, pos_i, sliding_window)[0])
+                continue
+            if cache.pair_of(layer) is not None:  # the second layer of a merged pair (MiniCache)
+                outs.append(self._paired_prefill(layer, i, q_i, k_i, v_i, pos_i, sliding_window))
+                continue
+            m = sum(self.scoring_passes[i])  # a scoring pass is written when it runs, and dropped
+            cached = len(q_i) - m
+            cache.write_prefill(seq_id, layer, k_i[:cached], v_i[:cached], pos_i[:cached])
+            if self.method is None:
+                outs.append(cache.attend_prefill(seq_id, layer, q_i, pos_i, sliding_window)[0])
+                cache.settle(seq_id, layers=slice(layer, layer + 1))
+                continue
+            # The prompt attends over itself, then is compressed. Tokens generated before a
+            # preemption (recompute) then attend over the compressed prompt, as they did the
+            # first time, so the recomputed cache is the one the sequence had.
+            n = self.compress_lens[i]
+            out, column_sums = cache.attend_prefill(seq_id, layer, q_i[:n], pos_i[:n], sliding_window,
+                                                    self.method.needs_column_sums)
+            outs.append(out)
+            scoring = None
+            if m:  # nothing follows a scoring pass in this forward (the runner's second pass)
+                out, scoring = self._scoring_passes(layer, i, q_i[n:], k_i[n:], v_i[n:], pos_i[n:], sliding_window)
+                outs.append(out)
+            self._compress(layer, seq_id, q_i[:n], column_sums, i, scoring)
+            if n + m < len(q_i):
+                outs.append(self._generated(layer, i, q_i[n + m:], pos_i[n + m:], sliding_window))
+            cache.settle(seq_id, layers=slice(layer, layer + 1))
+        return torch.cat(outs)
+
+    def _decode(self, layer, q, k, v, sliding_window):
+        cache = self.cache
+        cache.write_decode(layer, self.slots[layer], k, v, self.positions)
+        selecting = self.selector is not None and layer >= self.selector.skip_layers
+        if self.whole_batch and not selecting:  # one call in batch order: nothing to pick out or put back
+            out, nbytes = cache.attend_decode(layer, q, self.positions, self.groups[0][1:], sliding_window)
+            self.bytes_read += nbytes
+            return out
+        if not (selecting or self.evicting):  # the block kind reads its own way
+            out = torch.empty_like(q)
+            for members, *group in self.groups:
+                out[members], nbytes = cache.attend_decode(layer, q[members], self.positions[members], group,
+                                                           sliding_window)
+                self.bytes_read += nbytes
+            return out
+        # full-precision blocks read through tables a method changes (Quest) or whose attention
+        # it scores (H2O): the registry gives these methods no other block kind
+        source, out = cache.sources[layer], torch.empty_like(q)
+        for members, tables, lengths in self.groups:
+            tables, lengths = tables[source], lengths[source]
+            if selecting:
+                tables, lengths = self._selected_pages(q[members], tables, lengths)
+            self.bytes_read += cache.read_bytes(lengths)
+            result = cache.attend_tables(q[members], self.positions[members], tables, lengths, sliding_window,
+                                         self.evicting)
+            if self.evicting:
+                result, probs = result
+                evicted = self._evict(layer, tables, lengths, probs, self.positions[members],
+                                      self.budgets[members], self.prompt_lens[members])
+                self.evicted[layer, members.to(HOST)] = evicted.to(HOST)
+            out[members] = result
+        return out
+
+    def _paired_prefill(self, layer, i, q, k, v, q_pos, sliding_window):
+        """The second layer b of a merged pair (MiniCache, nanokv/cache/paired.py): with the method,
+        the prompt first attends over b's own K/V whole, then the method merges the pair's prompt;
+        what follows the prompt attends over a's merged slots and b's own."""
+        cache, seq_id = self.cache, self.seq_ids[i]
+        cache.write_prefill(seq_id, layer, k, v, q_pos)
+        n, outs = self.compress_lens[i] if self.method is not None else 0, []
+        if n:  # prefill starts from an empty cache
+            outs.append(cache.attend_prefill(seq_id, layer, q[:n], q_pos[:n], sliding_window, merged=False)[0])
+            cache.store_merged(seq_id, layer, n, self.method.merge_pair(*cache.pair_prompt(seq_id, layer, n)))
+        if n < len(q):
+            outs.append(cache.attend_prefill(seq_id, layer, q[n:], q_pos[n:], sliding_window)[0])
+        return torch.cat(outs)
+
+    def _selected_pages(self, q, tables, lengths):
+        """Quest: score every held page of each head against the query (kernels.page_scores over
+        the cache's key bounds), let the method pick the pages to read, and return the reduced
+        tables [b, H, k] (the picked blocks in their order, -1 after) and lengths. The newest page
+        is always picked, and being last it is the only partial one."""
+        cache, kernels = self.cache, self.cache.kernels
+        bs, (kmin, kmax) = cache.block_size, cache.key_bounds()
+        self.bytes_read += int(tables.ge(0).sum()) * 2 * kmin.shape[-1] * kmin.dtype.itemsize  # the bounds read
+        pages = self.selector.pages_to_read(bs)
+        if kernels.quest_select is not None and pages is not None:
+            # the same rule (Quest.select_pages) and tables in one C++ call: the torch steps below
+            # cost several times the attention over the pages they keep (cpu_quest.cpp)
+            return kernels.quest_select(q, kmin, kmax, tables, lengths, bs, pages)
+        bounds = kernels.page_scores(q, kmin, kmax, tables)
+        num_blocks = (lengths + bs - 1) // bs
+        keep = self.selector.select_pages(bounds, num_blocks, bs)
+        count = keep.sum(-1)
+        width = int(count.max())
+        order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)[..., :width]  # picked first, in order
+        picked = tables.gather(-1, order)
+        picked = picked.masked_fill(torch.arange(width, device=picked.device) >= count[..., None], -1)
+        return picked, (count - 1) * bs + lengths - (num_blocks - 1) * bs
+
+    def finish(self):
+        """After the forward pass: shorten the heads that evicted a slot during this decode step;
+        let the cache settle what it changes once tokens are cached (quantize full residuals)."""
+        if self.is_decode:
+            if self.evicting:
+                for i in self.evicted.any(dim=2).any(dim=0).nonzero().flatten().tolist():
+                    self.cache.drop_last(self.seq_ids[i], self.evicted[:, i])
+            for seq_id in self.seq_ids:
+                self.cache.settle(seq_id)
+
+    def _generated(self, layer, i, q, q_pos, sliding_window):
+        """A recompute's generated tokens over the compressed prompt. A decode-time method evicted
+        as each of them was decoded: replay that one token at a time, so the cache ends as it was."""
+        seq_id, cache = self.seq_ids[i], self.cache
+        if not self.evicting:
+            return cache.attend_prefill(seq_id, layer, q, q_pos, sliding_window)[0]
+        outs = []
+        for q_t, pos_t in zip(q, q_pos):
+            tables, lengths = cache.held(seq_id, layer)
+            out, probs = cache.attend_tables(q_t[None], pos_t[None], tables, lengths, sliding_window, True)
+            evicted = self._evict(layer, tables, lengths, probs, pos_t[None], self.budgets[i:i + 1],
+                                  self.prompt_lens[i:i + 1])
+            cache.drop_last(seq_id, evicted.to(HOST), layers=slice(layer, layer + 1))
+            outs.append(out)
+        return torch.cat(outs)
+
+    def _scoring_passes(self, layer, i, q, k, v, q_pos, sliding_window):
+        """A method's scoring passes for sequence i at `layer`, each over the prompt and itself:
+        written after the prompt, attended, then dropped before the next one.
+        -> (their outputs, (queries [m, Hq, D], keys [H, m, D], tokens of each pass))."""
+        seq_id, lengths, cache = self.seq_ids[i], self.scoring_passes[i], self.cache
+        layers, outs, keys, start = slice(layer, layer + 1), [], [], 0
+        for length in lengths:
+            part = slice(start, start + length)
+            held = int(cache.seqs[seq_id].lengths[layer].max())  # every head: a prefill's prompt
+            cache.write_prefill(seq_id, layer, k[part], v[part], q_pos[part])
+            outs.append(cache.attend_prefill(seq_id, layer, q[part], q_pos[part], sliding_window)[0])
+            keys.append(cache.read_prompt(seq_id, layer, held + length, ("k",))["k"][:, held:])
+            cache.drop_last(seq_id, torch.full((1, cache.num_kv_heads), length, device=HOST), layers=layers)
+            start += length
+        return torch.cat(outs), (q, torch.cat(keys, dim=1), lengths)
+
+    def _compress(self, layer: int, seq_id: int, queries: torch.Tensor, column_sums: torch.Tensor | None, i: int = 0,
+                  scoring: tuple | None = None):
+        """Let the method pick what layer `layer` of a just-prefilled sequence keeps, and set its
+        per-token state; compact. Nothing else in this forward pass reads this layer's KV again.
+        `scoring`: what a method's scoring passes left it (_scoring_passes)."""
+        cache, method = self.cache, self.method
+        n, held = len(queries), int(cache.seqs[seq_id].lengths[layer].max())
+        prompt = cache.read_prompt(seq_id, layer, n, ("k", "pos", "v") if method.needs_values else ("k", "pos"))
+        view = PrefillView(layer, cache.num_layers, queries, prompt["k"], prompt["pos"],
+                           None if column_sums is None else column_sums[:, :n], self.sequence_state[seq_id],
+                           values=prompt.get("v"))
+        if scoring is not None:
+            view.scoring_queries, view.scoring_keys, view.scoring_lengths = scoring
+        if method.needs_vocabulary:
+            if self.token_ids is None or held != len(self.token_ids[i]):
+                raise ValueError(f"method {method.name!r} needs the token ids of a prefill from an empty cache")
+            view.token_ids = self.token_ids[i][:n]  # a prefill writes its tokens from slot 0, in order
+        cache.write_prompt(seq_id, layer, n, method.state_of(view))
+        keep = method.keep_mask(view)
+        if keep is not None and method.merges:  # what goes is folded into what stays (base.py)
+            cache.write_prompt(seq_id, layer, n, method.merge(view, keep))
+        masks = {} if keep is None else {layer: keep}
+        masks.update(method.earlier_keep_masks(view))  # a cascade re-trims earlier layers (base.py)
+        for at, kept in masks.items():
+            kept = kept.to(HOST)  # block tables live on the host
+            generated = torch.ones(kept.shape[0], held - n, dtype=torch.bool, device=HOST)
+            cache.compact(seq_id, torch.cat([kept, generated], dim=1)[None], layers=slice(at, at + 1))
+        if method.prunes_key_channels:  # the older kept tokens' keys keep the channels the method picks (ThinK)
+            prompt = torch.full((view.keys.shape[0],), n, device=HOST) if keep is None else keep.sum(-1).to(HOST)
+            cache.prune(seq_id, layer, method.key_channels(view, keep).to(HOST), (prompt - method.recent).clamp(min=0))
+
+    def _evict(self, layer, tables, lengths, probs, q_pos, budgets, prompt_lens) -> torch.Tensor:
+        """Decode-time eviction for b sequences at one layer (tables [b, H, nb], lengths [b, H]):
+        the method scores every slot from the query's attention probs [b, H, group, S] and a
+        DecodeStep (updating its slot fields of the slots the query sees); each head holding more
+        than its budget (decode_budgets) of tokens up to `q_pos` evicts its lowest-scoring one
+        outside the recent window, first letting a merging method fold it into the slots that
+        stay, then moving its last slot into that place. -> [b, H] bool, the heads that evicted
+        (the caller shortens them)."""
+        cache, method = self.cache, self.method
+        S = probs.shape[-1]
+        held = torch.arange(S, device=probs.device) < lengths[..., None]
+        reads = {"pos", *method.slot_fields, *("k" if r == "keys" else "v" for r in method.decode_reads)}
+        fields = cache.read_slots(tables, reads)   # [b, H, S, ...] in slot order
+        k_pos = fields.pop("pos")
+        visible = held & (k_pos <= q_pos[:, None, None])     # a replay holds later tokens already
+        step = DecodeStep(layer, q_pos, prompt_lens, k_pos, visible, budgets, fields.pop("k", None),
+                          fields.pop("v", None))
+        state = fields
+        scores, new = method.decode_scores(probs, state, step)
+        cache.write_slots(tables, visible, new)  # a replay's later tokens keep theirs (see base.py)
+        state.update(new)
+        over = visible.sum(-1) > method.decode_budgets(state, step)
+        if not bool(over.any()):
+            return over
+        recent = method.recent_window(budgets)
+        eligible = visible & (k_pos <= (q_pos - recent)[:, None, None])
+        scores = scores.masked_fill(~eligible, float("inf"))
+        lowest = scores.min(dim=-1, keepdim=True).values
+        # ties go to the oldest token, whatever slot it sits in, so a replay picks as the decode did
+        oldest_lowest = k_pos.masked_fill(~eligible | (scores != lowest), torch.iinfo(k_pos.dtype).max)
+        victim = oldest_lowest.argmin(dim=-1)
+        if method.merges:  # fold the victims into the slots that stay (base.py)
+            cache.write_slots(tables, visible & over[..., None], method.merge_evicted(victim, over, state, step))
+        flat = cache.slots_of(tables)
+        last = (lengths - 1).clamp(min=0)
+        src = flat.gather(-1, last[..., None])[..., 0][over]
+        dst = flat.gather(-1, victim[..., None])[..., 0][over]
+        cache.move_slots(src, dst)
+        return over
