@@ -392,3 +392,39 @@ class Method:
         fields after decode_scores. -> new contents [b, H, S(, D)] of slot fields, written where
         step.visible in the evicting heads before the victim's slot is reused."""
         return {}
+
+    # --- page reading (selects_pages: Quest) ------------------------------------------------
+
+    skip_layers = 0  # the first layers, whose decode reads every page
+
+    def pages_to_read(self, block_size: int) -> int | None:
+        """Pages each head reads by Quest's rule (the highest upper bounds, the newest page always),
+        which the C++ kernels pick in one call (kernels.quest_select); None: only select_pages decides."""
+        return None
+
+    def select_pages(self, bounds: torch.Tensor, num_blocks: torch.Tensor, block_size: int) -> torch.Tensor:
+        """bounds [b, H, nb]: each held page's upper bound on the query's attention logit
+        (kernels.page_scores); num_blocks [b, H] pages held. -> [b, H, nb] bool, the pages read."""
+        raise NotImplementedError
+
+    # --- storage of its own (stores_latents, prunes_key_channels, layer_pairs) ---------------
+
+    latent_layers: list | None = None  # stores_latents: per layer, the bases (cache/latent_cache.LatentLayer)
+    group = 1                          # stores_latents: kv-heads sharing one basis
+    recent = 0                         # prunes_key_channels: the newest tokens that keep every channel
+
+    def kept_channels(self, head_dim: int) -> int:
+        """prunes_key_channels: how many key channels (kD) the older tokens keep."""
+        raise NotImplementedError
+
+    def key_channels(self, view: PrefillView, keep: torch.Tensor | None) -> torch.Tensor:
+        """prunes_key_channels: after keep_mask (keep [H, S] or None), the kD channels [H, kD] each
+        kv-head's older keys keep."""
+        raise NotImplementedError
+
+    def merge_pair(self, keys_a: torch.Tensor, values_a: torch.Tensor, keys_b: torch.Tensor,
+                   values_b: torch.Tensor) -> dict[str, torch.Tensor]:
+        """layer_pairs: the prompt K/V [H, n, D] of layers a and b -> what the cache stores: "k", "v"
+        (layer a's new contents), "k_mag_b", "v_mag_b" (b's magnitudes, 0 where b keeps its own) and
+        "keep" [H, n] bool (the tokens b keeps of its own) (nanokv/cache/paired.py)."""
+        raise NotImplementedError
