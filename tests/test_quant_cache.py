@@ -77,7 +77,7 @@ def test_settle_quantizes_full_residuals_and_frees_their_blocks():
     cache.settle(7)
     s = cache.seqs[7]
     bs = cache.block_size                                             # 19 tokens (float32)
-    assert s.num_qblocks.tolist() == [[2, 2], [2, 2]] and s.lengths.tolist() == [[44, 44], [44, 44]]
+    assert s.num_cold.tolist() == [[2, 2], [2, 2]] and s.lengths.tolist() == [[44, 44], [44, 44]]
     assert s.num_blocks.tolist() == [[3, 3]] * 2                      # ceil(44 / 19)
     # each head: 16 residual blocks -> 2 quantized + 3 residual
     assert cache.pool.num_free == before + 4 * (math.ceil(n / bs) - 5)
@@ -87,7 +87,7 @@ def test_settle_quantizes_full_residuals_and_frees_their_blocks():
     pool = cache.pool
     for layer in range(2):
         for head in range(2):
-            qb = s.qtables[layer, head, :2]
+            qb = s.cold_tables[layer, head, :2]
             keys = dequantize_tokens(pool.qfields["k_codes"][qb], pool.qfields["k_scale"][qb],
                                      pool.qfields["k_zero"][qb], 4, 32, True).reshape(256, 64)
             values = dequantize_tokens(pool.qfields["v_codes"][qb], pool.qfields["v_scale"][qb],
@@ -115,10 +115,10 @@ def test_decode_attention_over_quantized_blocks_and_residual_is_attention_over_t
     q = torch.randn(2, 6, 64, generator=gen)  # GQA: 3 query heads per kv-head
     seqs = [cache.seqs[i] for i in range(2)]
     pad = lambda t, w: torch.nn.functional.pad(t, (0, w - t.shape[-1]), value=-1)  # noqa: E731
-    qtables = torch.stack([pad(s.qtables[0], 4) for s in seqs])
+    qtables = torch.stack([pad(s.cold_tables[0], 4) for s in seqs])
     tables = torch.stack([pad(s.tables[0], 8) for s in seqs])
     out = quantized_decode_attention(q, torch.tensor([149, 69]), cache.pool.quant_blocks(), qtables,
-                                     torch.stack([s.num_qblocks[0] * 64 for s in seqs]), cache.pool.k, cache.pool.v,
+                                     torch.stack([s.num_cold[0] * 64 for s in seqs]), cache.pool.k, cache.pool.v,
                                      cache.pool.pos, tables, torch.stack([s.lengths[0] for s in seqs]))
     for i, n in enumerate(lengths):
         cut = n // 64 * 64

@@ -29,11 +29,11 @@ def test_pruned_channel_attention_equals_attention_with_those_channels_zeroed():
     channels = torch.stack([torch.randperm(16, generator=gen)[:4].sort().values for _ in range(2)])
     cache.prune(0, 0, channels, counts)
     s = cache.seqs[0]
-    assert s.slim_lengths[0].tolist() == [17, 9] and s.lengths[0].tolist() == [6, 14]
-    assert s.num_sblocks[0].tolist() == [3, 2] and s.num_blocks[0].tolist() == [2, 4]  # the rest went back
+    assert s.cold_lengths[0].tolist() == [17, 9] and s.lengths[0].tolist() == [6, 14]
+    assert s.num_cold[0].tolist() == [3, 2] and s.num_blocks[0].tolist() == [2, 4]  # the rest went back
     q = torch.randn(3, 4, 16, generator=gen)          # 2 query heads a kv-head
     q_pos = torch.tensor([40, 60, 80])
-    slim, f = cache.slim_held(0, 0), cache.pool.slim_fields
+    slim, f = (*cache.cold_held(0, 0), s.channels[:1]), cache.pool.slim_fields
     tables, lengths = s.tables[:, :, :int(s.num_blocks.max())], s.lengths
     out = pruned_attention(q[None], q_pos[None], f["k"], f["v"], f["pos"], *slim, cache.pool.k, cache.pool.v,
                            cache.pool.pos, tables, lengths)[0]

@@ -18,7 +18,7 @@ import torch
 
 from nanokv.kernels import kernels_for
 from nanokv.kernels.reference import Workspace, gather_blocks
-from nanokv.cache.pool import HOST, BlockPool, OutOfBlocks
+from nanokv.cache.pool import HOST, BlockPool, OutOfBlocks, pool_blocks
 
 
 @dataclass
@@ -32,6 +32,9 @@ class PagedKVCache:
     def __init__(self, num_layers: int, num_kv_heads: int, pool: BlockPool):
         self.num_layers, self.num_kv_heads, self.pool = num_layers, num_kv_heads, pool
         self.block_size = pool.block_size
+        # the model's shape, for what `full` would hold (uncompressed_bytes): a cache whose blocks
+        # hold something else (quantized codes, latents) says so
+        self.model_kv_heads, self.model_head_dim, self.full_block_size = num_kv_heads, pool.head_dim, pool.block_size
         # the layer whose KV each layer reads: itself, unless it shares an earlier one's (share_layers)
         self.sources = list(range(num_layers))
         # slots one token takes in each layer's heads: 1, or 0 in a layer that reads another's KV
@@ -47,11 +50,7 @@ class PagedKVCache:
                     extra_fields: dict[str, torch.dtype] | None = None, key_bounds: bool = False):
         """A cache whose pool takes `kv_cache_memory` bytes: K, V, every slot field, key bounds."""
         per_block = BlockPool.block_bytes(block_size, cfg.head_dim, dtype, extra_fields, key_bounds)
-        num_blocks = int(kv_cache_memory // per_block)
-        per_token = cfg.num_layers * cfg.num_kv_heads
-        if num_blocks < per_token:
-            raise ValueError(f"kv_cache_memory={kv_cache_memory} bytes holds {num_blocks} blocks; one token of "
-                             f"this model needs {per_token} blocks ({per_token * per_block} bytes)")
+        num_blocks = pool_blocks(kv_cache_memory, per_block, cfg.num_layers * cfg.num_kv_heads)
         pool = BlockPool(num_blocks, block_size, cfg.head_dim, dtype, device, extra_fields, key_bounds)
         return cls(cfg.num_layers, cfg.num_kv_heads, pool)
 
@@ -370,8 +369,11 @@ class PagedKVCache:
         return int(self.seqs[seq_id].lengths.sum()) * self.token_bytes()
 
     def uncompressed_bytes(self, tokens: int) -> int:
-        """What `full` holds for a sequence of `tokens` tokens."""
-        return self.num_layers * self.num_kv_heads * self.blocks_for(tokens) * self.pool.bytes_per_block
+        """What `full` holds for a sequence of `tokens` tokens: every kv-head's K, V and positions, in
+        full-precision blocks of `full_block_size` tokens."""
+        blocks = -(-tokens // self.full_block_size)
+        per_token = 2 * self.model_head_dim * self.pool.dtype.itemsize + 4
+        return self.num_layers * self.model_kv_heads * blocks * self.full_block_size * per_token
 
     @property
     def used_bytes(self) -> int:

@@ -42,7 +42,7 @@ import torch
 from nanokv.kernels.reference import gather_blocks
 from nanokv.models.rope import apply_rope, rope_cos_sin
 from nanokv.cache.kv_cache import PagedKVCache
-from nanokv.cache.pool import HOST, BlockPool
+from nanokv.cache.pool import DEFAULT_BLOCK_SIZE, HOST, BlockPool, pool_blocks
 
 CHUNK = 16  # channels a slot holds in each of its k and v fields
 
@@ -70,7 +70,8 @@ class LatentKVCache(PagedKVCache):
         if cfg.num_kv_heads % group:
             raise ValueError(f"a head group of {group} does not divide the model's {cfg.num_kv_heads} kv-heads")
         super().__init__(cfg.num_layers, cfg.num_kv_heads // group, pool)
-        self.group, self.head_dim, self.model_kv_heads = group, cfg.head_dim, cfg.num_kv_heads
+        self.group, self.model_kv_heads, self.model_head_dim = group, cfg.num_kv_heads, cfg.head_dim
+        self.full_block_size = DEFAULT_BLOCK_SIZE  # full's, for uncompressed_bytes
         self.inv_freq, self._table = inv_freq, None  # RoPE's cos and sin by position (_cos_sin)
         self.layers = [LatentLayer(*(t.to(pool.device, torch.float32) for t in (l.k_basis, l.v_basis,
                                                                                l.k_bias, l.v_bias))) for l in layers]
@@ -81,12 +82,7 @@ class LatentKVCache(PagedKVCache):
                     block_size: int, dtype: torch.dtype, device="cpu"):
         """A cache whose pool of CHUNK-channel blocks takes `kv_cache_memory` bytes."""
         per_block = BlockPool.block_bytes(block_size, CHUNK, dtype)
-        num_blocks = int(kv_cache_memory // per_block)
-        slots = sum(l.slots() for l in layers)
-        per_token = slots * (cfg.num_kv_heads // group)
-        if num_blocks < per_token:
-            raise ValueError(f"kv_cache_memory={kv_cache_memory} bytes holds {num_blocks} blocks; one token of "
-                             f"this model's latents needs {per_token} blocks ({per_token * per_block} bytes)")
+        num_blocks = pool_blocks(kv_cache_memory, per_block, sum(l.slots() for l in layers) * (cfg.num_kv_heads // group))
         return cls(cfg, BlockPool(num_blocks, block_size, CHUNK, dtype, device), layers, group, inv_freq)
 
     # --- writing and reading latents ----------------------------------------------------
@@ -188,8 +184,3 @@ class LatentKVCache(PagedKVCache):
         tokens = lengths // self.slots_per_token[:, None]
         per_token = torch.tensor([sum(l.ranks) * self.pool.dtype.itemsize + 4 for l in self.layers], device=HOST)
         return int((tokens * per_token[:, None]).sum())
-
-    def uncompressed_bytes(self, tokens: int) -> int:
-        """What `full` holds for the same tokens: every kv-head's K and V in blocks of 16."""
-        per_token = 2 * self.head_dim * self.pool.dtype.itemsize + 4
-        return self.num_layers * self.model_kv_heads * -(-tokens // 16) * 16 * per_token

@@ -126,11 +126,6 @@ class PairedKVCache(PagedKVCache):
         magnitudes per slot held (methods/minicache.py compares it with the paper's figure)."""
         return int(self.seqs[seq_id].lengths.sum()) * (self.token_bytes() + self.magnitude_bytes())
 
-    def uncompressed_bytes(self, tokens: int) -> int:
-        """What `full` holds for `tokens` tokens: K, V and positions in every layer's blocks (no
-        magnitudes)."""
-        return self.num_layers * self.num_kv_heads * self.blocks_for(tokens) * self.block_size * self.token_bytes()
-
 
 def restored(x: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
     """Vectors x [..., D] with their length set to `magnitude` [...] (0 where x is 0)."""

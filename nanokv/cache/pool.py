@@ -18,6 +18,7 @@ import torch
 # the scheduler and the cache read them in Python every step. K, V and every slot field live on
 # the pool's device; a step moves the tables it needs there once (nanokv/engine/attention.py).
 HOST = torch.device("cpu")
+DEFAULT_BLOCK_SIZE = 16  # tokens a full-precision block holds unless the user says otherwise
 
 
 class OutOfBlocks(RuntimeError):
@@ -171,3 +172,14 @@ def numel(shape) -> int:
 
 def align(n: int, to: int = 4) -> int:
     return (n + to - 1) // to * to
+
+
+def pool_blocks(kv_cache_memory: int, per_block: int, per_token: int, reserved: int = 0) -> int:
+    """How many blocks of `per_block` bytes `kv_cache_memory` bytes hold; an error if not enough
+    for one token (`per_token` blocks) and the `reserved` ones (a pool that never hands out block 0)."""
+    num_blocks = int(kv_cache_memory // per_block)
+    if num_blocks < per_token + reserved:
+        more = f" and {reserved} more reserved" if reserved else ""
+        raise ValueError(f"kv_cache_memory={kv_cache_memory} bytes holds {num_blocks} blocks; one token of "
+                         f"this model needs {per_token} blocks ({per_token * per_block} bytes){more}")
+    return num_blocks
