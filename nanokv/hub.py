@@ -31,6 +31,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from nanokv.paths import cache_dir
+
 
 class ModelNotFoundError(ValueError):
     """No source could provide the model. The message is one line, fit to show a user as is."""
@@ -116,14 +118,6 @@ HF_IGNORE_PATTERNS = ["original/*", "consolidated*"]
 
 _HF_REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
 _CHUNK = 1 << 20
-
-
-def cache_dir() -> Path:
-    """Where nanokv keeps files it assembled itself (the PyPI GGUFs)."""
-    if os.environ.get("NANOKV_CACHE"):
-        return Path(os.environ["NANOKV_CACHE"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "nanokv"
 
 
 def resolve_model(name: str) -> ResolvedModel:

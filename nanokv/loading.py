@@ -61,7 +61,7 @@ def load_model(kind: str, path: str | Path, dtype: torch.dtype, device="cpu", pa
     unless `pack` is False."""
     path = Path(path)
     config = read_config(kind, path)
-    tensors = _gguf_tensors(path, config) if kind == "gguf" else _safetensors_tensors(path)
+    tensors = gguf_tensors(path, config) if kind == "gguf" else _safetensors_tensors(path)
     model = empty_model(config, dtype, device)
     try:
         model.load_weights(tensors)
@@ -211,7 +211,8 @@ def _gguf_config(path: Path) -> ModelConfig:
     return config
 
 
-def _gguf_tensors(path: Path, config: ModelConfig):
+def gguf_tensors(path: Path, config: ModelConfig):
+    """(HF name, tensor) pairs of the GGUF at `path`, dequantized: what load_weights takes."""
     file = read_gguf(path)
     # llama.cpp's converter reorders Q/K rows of Llama-architecture models for its own
     # rotary layout (pairs (i, i+1) instead of (i, i + d/2)); Qwen GGUFs are written as-is.

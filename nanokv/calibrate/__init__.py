@@ -7,7 +7,7 @@ Some methods decide per (layer, kv-head) from a profile of the model made ahead 
 command loads the model as LLM does, runs it over calibration text with a dense attention of its
 own (plain causal attention with GQA, float32; the `attention` callable of nanokv/models/llama.py),
 records what the method's scoring needs, and writes one artifact. There is no dataset to read:
-the text is the quality harness's own filler (nanokv/eval/haystack.py, varied prose), the same
+the text is the quality harness's own filler (nanokv/haystack.py, varied prose), the same
 for a given --seed.
 
 - duoattention: NVIDIA kvpress's training-free "on-the-fly" DuoAttention score
@@ -34,7 +34,7 @@ for a given --seed.
   layers first, each pair kept while the final hidden states stay close to the unshared model's).
 
 The artifact is a JSON file, by default `cache_dir()/calibration/<model key>/<method>.json`
-(cache_dir: nanokv.hub, $NANOKV_CACHE or ~/.cache/nanokv):
+(cache_dir: nanokv/paths.py, $NANOKV_CACHE or ~/.cache/nanokv):
 
     {"format": 1, "method": "duoattention", "model": "smollm2-135m",
      "num_layers": 30, "num_kv_heads": 3,
@@ -75,6 +75,11 @@ from pathlib import Path
 
 import torch
 
+from nanokv.calibrate.dense import DenseAttention, calibration_texts, run_dense
+from nanokv.calibrate.duoattention import Q_LEN, duo_head_scores, duoattention_scores, undo_rope
+from nanokv.calibrate.headkv import copy_scores, headkv_scores, needle_probe
+from nanokv.paths import cache_dir
+
 FORMAT = 1
 LOWRANK = ("lorc", "palu")  # the methods whose artifacts are safetensors files of bases
 
@@ -87,7 +92,7 @@ def _safe(name: str) -> str:
 
 def model_key(name: str) -> str:
     """The folder an artifact of model `name` lives in (see the module docstring)."""
-    from nanokv.hub import MODELS, cache_dir
+    from nanokv.hub import MODELS
 
     if name in MODELS:
         return name
@@ -109,8 +114,6 @@ def model_key(name: str) -> str:
 
 
 def artifact_path(method: str, model: str) -> Path:
-    from nanokv.hub import cache_dir
-
     suffix = ".safetensors" if method in LOWRANK else ".json"
     return cache_dir() / "calibration" / model_key(model) / f"{method}{suffix}"
 
@@ -222,13 +225,7 @@ def _checked_bases(artifact: dict, path: Path, make: str, num_layers: int, num_k
     return artifact
 
 
-# the pieces, for callers and tests: `from nanokv.calibrate import ...`
-from nanokv.calibrate.cli import DEFAULTS, calibrate, main  # noqa: E402  (they need the artifact above)
-from nanokv.calibrate.dense import DenseAttention, calibration_texts, run_dense  # noqa: E402
-from nanokv.calibrate.duoattention import Q_LEN, duo_head_scores, duoattention_scores, undo_rope  # noqa: E402
-from nanokv.calibrate.headkv import copy_scores, headkv_scores, needle_probe  # noqa: E402
-
+# the pieces, for callers and tests (not the command line, nanokv.calibrate.cli: it imports this module)
 __all__ = ["FORMAT", "LOWRANK", "write_artifact", "model_key", "artifact_path", "command", "load_calibration",
-           "DEFAULTS", "calibrate", "main",
            "DenseAttention", "calibration_texts", "run_dense", "Q_LEN", "duo_head_scores", "duoattention_scores",
            "undo_rope", "copy_scores", "headkv_scores", "needle_probe"]

@@ -1,5 +1,5 @@
 import sys
 
-from nanokv.calibrate import main
+from nanokv.calibrate.cli import main
 
 sys.exit(main())

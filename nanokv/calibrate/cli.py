@@ -56,18 +56,18 @@ def calibrate(method: str, model: str, samples: int | None = None, length: int |
     settings = {"samples": samples, "length": length, "seed": seed, "dtype": dtype}
     if method in ("lorc", "palu"):
         inputs = calibration_texts(tokenizer, samples, length, seed) if samples else []
-        settings.update(text="prose haystack (nanokv/eval/haystack.py), length tokens each" if samples else "none",
+        settings.update(text="prose haystack (nanokv/haystack.py), length tokens each" if samples else "none",
                         bases="SVD of each group's W_k, W_v rows" if method == "lorc" else
                               "eigenvectors of the pre-RoPE keys' and the values' second moments (the whitened "
                               "SVD's left singular vectors); Fisher: RMS over samples of the LM loss gradient")
     elif method == "duoattention":
         inputs = calibration_texts(tokenizer, samples, length, seed)
-        settings.update(q_len=Q_LEN, text="prose haystack (nanokv/eval/haystack.py), length tokens each",
+        settings.update(q_len=Q_LEN, text="prose haystack (nanokv/haystack.py), length tokens each",
                         score="kvpress duo_attention_on_the_fly: area under the cumulative attention of the "
                               "mean pre-RoPE query over the mean key at positions 0..q_len-1")
     elif method == "kvsharer":
         inputs = calibration_texts(tokenizer, samples, length, seed)
-        settings.update(threshold=threshold, text="prose haystack (nanokv/eval/haystack.py), length tokens each",
+        settings.update(threshold=threshold, text="prose haystack (nanokv/haystack.py), length tokens each",
                         score="pairs most dissimilar first (mean KV distance), kept while the final hidden "
                               "states' cosine similarity to the unshared model's stays above threshold")
     else:

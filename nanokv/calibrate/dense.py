@@ -49,9 +49,9 @@ def run_dense(model, ids: list[int], record=None, sources: list[int] | None = No
 
 
 def calibration_texts(tokenizer, samples: int, length: int, seed: int) -> list[list[int]]:
-    """`samples` token-id lists of `length` tokens each: varied prose (nanokv/eval/haystack.py),
+    """`samples` token-id lists of `length` tokens each: varied prose (nanokv/haystack.py),
     the same for a given seed."""
-    from nanokv.eval.haystack import prose_sentences
+    from nanokv.haystack import prose_sentences
 
     texts = []
     for i in range(samples):

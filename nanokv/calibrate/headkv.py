@@ -28,8 +28,7 @@ def needle_probe(tokenizer, length: int, seed: int, index: int):
     (ids: prompt then answer, needle [start, end) slots, prompt length). The pieces are tokenized
     one by one, so the needle's slots and its value's tokens are known exactly; the answer fed as
     the reply is the value's own tokens."""
-    from nanokv.eval.haystack import prose_sentences
-    from nanokv.eval.tasks import DEPTHS, key_word, value_of
+    from nanokv.haystack import DEPTHS, key_word, prose_sentences, value_of
 
     rng = random.Random(f"calibrate/probe/{seed}/{index}")
     kind = ("number", "word", "uuid")[index % 3]

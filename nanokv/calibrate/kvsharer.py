@@ -21,23 +21,7 @@ from __future__ import annotations
 import torch
 
 from nanokv.calibrate.dense import run_dense
-
-
-def resolve(sources: list[int]) -> list[int]:
-    """Each layer's root source: a layer reading a layer that reads another reads that one."""
-    roots = []
-    for layer, source in enumerate(sources):
-        roots.append(layer if source == layer else roots[source])
-    return roots
-
-
-def layer_sources(pairs: list[list[int]], num_layers: int) -> list[int]:
-    """The layer map once `pairs` [(later, earlier), ...] are applied in order."""
-    sources = list(range(num_layers))
-    for later, earlier in pairs:
-        sources[later] = earlier
-        sources = resolve(sources)
-    return sources
+from nanokv.methods.kvsharer import layer_sources
 
 
 def ranked_pairs(mean_keys: torch.Tensor, mean_values: torch.Tensor) -> list[tuple[int, int]]:

@@ -201,7 +201,7 @@ def hf_model(args, dtype, device):
     import transformers
 
     from nanokv.hub import config_file, resolve_model
-    from nanokv.loading import _gguf_tensors, load_dummy, read_config
+    from nanokv.loading import gguf_tensors, load_dummy, read_config
 
     if args.load_format == "dummy":
         ours, _ = load_dummy(args.model, dtype, device, pack=False)
@@ -210,7 +210,7 @@ def hf_model(args, dtype, device):
     if source.kind == "hf_dir":
         return transformers.AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype).to(device).eval()
     config = transformers.AutoConfig.from_pretrained(source.path.parent, gguf_file=source.path.name)
-    return hf_with_weights(config, _gguf_tensors(source.path, read_config("gguf", source.path)), dtype, device)
+    return hf_with_weights(config, gguf_tensors(source.path, read_config("gguf", source.path)), dtype, device)
 
 
 def hf_copy(model, config_path, dtype, device):

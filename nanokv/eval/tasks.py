@@ -23,19 +23,10 @@ from __future__ import annotations
 
 import random
 import string
-import uuid
 from dataclasses import dataclass
 from typing import Callable
 
-from nanokv.eval.haystack import HAYSTACKS
-
-_ADJECTIVES = ["abundant", "bitter", "careful", "dusty", "eager", "fragile", "gentle", "hollow", "icy", "jolly",
-               "keen", "lively", "mellow", "noisy", "odd", "proud", "quiet", "rapid", "silent", "tidy", "vivid",
-               "wary", "young", "zealous", "brave", "calm", "dark", "early", "faint", "grand"]
-_NOUNS = ["retina", "shoreline", "lantern", "meadow", "anchor", "violin", "harbor", "pepper", "compass", "glacier",
-          "quartz", "saddle", "thimble", "umbrella", "walnut", "yacht", "zephyr", "beacon", "canyon", "falcon",
-          "garnet", "hammock", "island", "jasmine", "kettle", "ledger", "marble", "nutmeg", "orchid", "pebble"]
-DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+from nanokv.haystack import ADJECTIVES, DEPTHS, HAYSTACKS, NOUNS, key_word, value_of
 
 
 @dataclass
@@ -48,18 +39,6 @@ class Sample:
     depth: float | None = None  # where the (first) needle sits in the filler (0 = start, 1 = end)
     metric: str = "all"
     max_tokens: int = 32  # generation budget for the answer
-
-
-def key_word(rng: random.Random) -> str:
-    return f"{rng.choice(_ADJECTIVES)}-{rng.choice(_NOUNS)}"
-
-
-def value_of(kind: str, rng: random.Random) -> str:
-    if kind == "number":
-        return str(rng.randrange(1_000_000, 10_000_000))
-    if kind == "word":
-        return key_word(rng)
-    return str(uuid.UUID(int=rng.getrandbits(128)))
 
 
 def insert_at(sentences: list[str], needles: list[str], depths: list[float]) -> list[str]:
@@ -123,7 +102,7 @@ def common_words(num_common: int = 10, common_freq: int = 6, rare_freq: int = 2)
     """RULER repeats common words 30 times and rare ones 3 (for 4k+ prompts); 6 and 2 here let a
     1k-token prompt hold the list."""
     def build(rng: random.Random, n: int, depth: float) -> Sample:
-        vocab = rng.sample([f"{a}{b}" for a in _ADJECTIVES for b in _NOUNS], num_common + n)
+        vocab = rng.sample([f"{a}{b}" for a in ADJECTIVES for b in NOUNS], num_common + n)
         words = vocab[:num_common] * common_freq + vocab[num_common:] * rare_freq
         rng.shuffle(words)
         listing = " ".join(f"{i + 1}. {w}" for i, w in enumerate(words))

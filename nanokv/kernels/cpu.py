@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from nanokv.hardware import cpu_flags, cpu_isa
+from nanokv.paths import cache_dir
 
 SOURCES = [Path(__file__).with_name(name) for name in ("cpu_decode.cpp", "cpu_gemv.cpp", "cpu_layers.cpp",
                                                                     "cpu_quant_decode.cpp", "cpu_quest.cpp")]
@@ -50,8 +51,6 @@ def _build_command(sources: list[Path], output: Path) -> list[str]:
 
 
 def _library_path() -> Path:
-    from nanokv.hub import cache_dir
-
     cpu = " ".join(sorted(cpu_flags()))
     flags = " ".join(_build_command(SOURCES, Path("x")))
     key = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES + HEADERS) + flags.encode() + torch.__version__.encode()

@@ -166,16 +166,30 @@ class DecodeStep:
     values: torch.Tensor | None = None
 
 
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2^32 for x in [0, 2^32), in int64 without overflow (16-bit halves)."""
+    return ((x & 0xFFFF) * c + ((((x >> 16) * c) & 0xFFFF) << 16)) & 0xFFFFFFFF
+
+
+def hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mix (xorshift-multiply, the 'lowbias32' constants): every input bit
+    flips about half the output bits. Seeded draws that must not depend on the batch (Keyformer's
+    noise, hashed_uniform) hash their coordinates with it."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
 def hashed_uniform(seed: int, layer: int, head, position) -> torch.Tensor:
     """A uniform number in (0, 1), float32, per (seed, layer, kv-head, position); the tensor
     arguments broadcast together. The same token gets the same number whatever the batch, slot
     order or preemption (a random merge's draw: see the module docstring)."""
-    from nanokv.methods.keyformer import _hash32  # the integer mix of Keyformer's noise
-
     device = next((p.device for p in (head, position) if isinstance(p, torch.Tensor)), torch.device("cpu"))
-    h = _hash32(torch.tensor(seed & 0xFFFFFFFF, dtype=torch.int64, device=device))
+    h = hash32(torch.tensor(seed & 0xFFFFFFFF, dtype=torch.int64, device=device))
     for part in (layer, head, position):
-        h = _hash32(h ^ (torch.as_tensor(part, device=device).long() & 0xFFFFFFFF))
+        h = hash32(h ^ (torch.as_tensor(part, device=device).long() & 0xFFFFFFFF))
     return ((h >> 9).float() + 0.5) / 2.0 ** 23                       # 23 bits, exact in float32
 
 

@@ -26,34 +26,19 @@ does not see a request's max_tokens.
 
 import torch
 
-from nanokv.methods.base import Method, PrefillView, prompt_logits
+from nanokv.methods.base import Method, PrefillView, hash32, prompt_logits
 
 M32 = 0xFFFFFFFF
-
-
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """(x * c) mod 2^32 for x in [0, 2^32), in int64 without overflow (16-bit halves)."""
-    return ((x & 0xFFFF) * c + ((((x >> 16) * c) & 0xFFFF) << 16)) & M32
-
-
-def _hash32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer mix (xorshift-multiply, the 'lowbias32' constants): every input bit
-    flips about half the output bits."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
 
 
 def exponential_noise(seed: int, layer: int, q_pos, q_head, k_pos) -> torch.Tensor:
     """Exponential(1) noise E, float32, one value per (seed, layer, query position, query head,
     key position); the tensor arguments broadcast together (int64). -log E is Gumbel(0, 1)."""
     device = next((p.device for p in (q_pos, q_head, k_pos) if isinstance(p, torch.Tensor)), torch.device("cpu"))
-    h = _hash32(torch.tensor(seed & M32, dtype=torch.int64, device=device))
-    h = _hash32(h ^ (layer & M32))
+    h = hash32(torch.tensor(seed & M32, dtype=torch.int64, device=device))
+    h = hash32(h ^ (layer & M32))
     for part in (q_pos, q_head, k_pos):
-        h = _hash32(h ^ (torch.as_tensor(part, device=device).long() & M32))
+        h = hash32(h ^ (torch.as_tensor(part, device=device).long() & M32))
     u = ((h >> 9).float() + 0.5) / 2.0 ** 23              # 23 bits, exact in float32: in (0, 1)
     return -torch.log1p(u - 1)                            # u - 1 is exact too
 

@@ -14,8 +14,17 @@ the layers. A budget does not apply (the unit is a layer). Defaults: the calibra
 (30 samples of 64 tokens, threshold 0.5, official script test_llama-2-7b-hf.py).
 """
 
-from nanokv.calibrate.kvsharer import layer_sources
 from nanokv.methods.base import CALIBRATION_FILE, Method
+
+
+def layer_sources(pairs: list[list[int]], num_layers: int) -> list[int]:
+    """The layer map once `pairs` [(later, earlier), ...] are applied in order."""
+    sources = list(range(num_layers))
+    for later, earlier in pairs:
+        sources[later] = earlier
+        for layer, source in enumerate(sources):  # a layer reading one that reads another reads that one
+            sources[layer] = sources[source]
+    return sources
 
 
 class KVSharer(Method):

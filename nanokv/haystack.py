@@ -1,4 +1,5 @@
-"""Filler text for the synthetic long-context tasks.
+"""Filler text and needles for the synthetic long-context tasks (nanokv/eval/tasks.py) and the
+calibration text and probes (nanokv/calibrate/).
 
 Two haystacks, because they test different things. RULER's "noise" repeats five trivial
 sentences: a needle stands out by form. "prose" is varied generated sentences about people,
@@ -7,6 +8,7 @@ Both are deterministic given a random.Random.
 """
 
 import random
+import uuid
 
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 
@@ -41,3 +43,24 @@ def prose_sentences(rng: random.Random, n: int) -> list[str]:
 
 
 HAYSTACKS = {"noise": noise_sentences, "prose": prose_sentences}
+
+# the needles: a key word, a value of one kind, and where the needle sits in the filler
+ADJECTIVES = ["abundant", "bitter", "careful", "dusty", "eager", "fragile", "gentle", "hollow", "icy", "jolly",
+              "keen", "lively", "mellow", "noisy", "odd", "proud", "quiet", "rapid", "silent", "tidy", "vivid",
+              "wary", "young", "zealous", "brave", "calm", "dark", "early", "faint", "grand"]
+NOUNS = ["retina", "shoreline", "lantern", "meadow", "anchor", "violin", "harbor", "pepper", "compass", "glacier",
+         "quartz", "saddle", "thimble", "umbrella", "walnut", "yacht", "zephyr", "beacon", "canyon", "falcon",
+         "garnet", "hammock", "island", "jasmine", "kettle", "ledger", "marble", "nutmeg", "orchid", "pebble"]
+DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def key_word(rng: random.Random) -> str:
+    return f"{rng.choice(ADJECTIVES)}-{rng.choice(NOUNS)}"
+
+
+def value_of(kind: str, rng: random.Random) -> str:
+    if kind == "number":
+        return str(rng.randrange(1_000_000, 10_000_000))
+    if kind == "word":
+        return key_word(rng)
+    return str(uuid.UUID(int=rng.getrandbits(128)))
