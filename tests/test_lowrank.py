@@ -244,7 +244,7 @@ def test_preemption_recomputes_the_same_tokens(smollm2_gguf, artifacts):
 @pytest.mark.slow
 def test_a_missing_or_mismatched_calibration_is_a_clear_error(smollm2_gguf, artifacts, tmp_path):
     from nanokv import LLM
-    from nanokv.calibrate import _read
+    from nanokv.artifacts import read_artifact as _read
 
     with pytest.raises(ValueError, match=r"does not exist; method lorc needs one: run `python -m nanokv.calibrate "
                                          r"lorc --model"):

@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from nanokv.kernels import KERNELS, kernels_for
-from nanokv.cache import LatentKVCache, PagedKVCache, PairedKVCache, PrunedKVCache, QuantizedKVCache
+from nanokv.cache.build import build_cache
 from nanokv.engine.runner import ModelRunner
 from nanokv.engine.scheduler import Scheduler
 from nanokv.engine.sequence import RequestOutput, Sequence
@@ -74,7 +74,7 @@ class LLM:
             make_tokenizer = Tokenizer.from_gguf if self.source.kind == "gguf" else Tokenizer.from_dir
             self.tokenizer = make_tokenizer(self.source.path)
         if self.method.calibration:  # a per-head profile made by python -m nanokv.calibrate (methods/base.py)
-            from nanokv.calibrate import load_calibration
+            from nanokv.artifacts import load_calibration
             self.method.bind_calibration(load_calibration(self.method.calibration, model, self.config.num_layers,
                                                           self.config.num_kv_heads,
                                                           self.method.calibration_file or None,
@@ -83,30 +83,9 @@ class LLM:
             self.method.bind_vocabulary([self.tokenizer.decode([i], skip_special_tokens=False)
                                          for i in range(self.tokenizer.vocab_size)])
         memory = kv_cache_bytes(kv_cache_memory, self.device)
-        pairs = self.method.layer_pairs(self.config.num_layers)  # layers merged in depth (minicache)
-        spec = self.method.quantization
-        if self.method.stores_latents and self.method.compresses:  # tokens as low-rank latents (lorc, palu)
-            self.cache = LatentKVCache.from_memory(self.config, memory, self.method.latent_layers, self.method.group,
-                                                   self.model.inv_freq, block_size, self.dtype, self.device)
-        elif self.method.prunes_key_channels:  # older keys in slim blocks of fewer channels (think)
-            channels = self.method.kept_channels(self.config.head_dim)
-            self.cache = PrunedKVCache.from_memory(self.config, memory, block_size, channels, self.dtype, self.device)
-        elif spec is None:  # Quest reads each block's key bounds: the pool keeps them
-            self.cache = (PairedKVCache if pairs else PagedKVCache).from_memory(
-                self.config, memory, block_size, self.dtype, self.device, self.method.slot_fields,
-                key_bounds=self.method.selects_pages)
-        else:  # blocks sized by the quantization (block_size does not apply)
-            windowed = [w for w in self.config.sliding_windows if w is not None]
-            if windowed:
-                raise ValueError(f"method {method!r} stores tokens without positions, so it cannot serve this model's "
-                                 f"sliding-window layers (window {windowed[0]}); use a full-precision method")
-            spec.field_shapes(self.config.head_dim)  # a group size that does not divide head_dim fails here
-            self.cache = QuantizedKVCache.from_memory(self.config, memory, spec, self.dtype, self.device)
-        sources = self.method.layer_sources(self.config.num_layers)
-        if sources is not None:  # layers that read another's KV hold no blocks (KVSharer)
-            self.cache.share_layers(sources)
-        if pairs:  # a pair's prompt stored once: nanokv/cache/paired.py
-            self.cache.pair_layers(pairs)
+        # the block kind the method asks for (methods/base.py: cache_request), built by the cache
+        self.cache = build_cache(self.method.cache_request(self.config.num_layers, self.config.head_dim), self.config,
+                                 memory, block_size, self.dtype, self.device, self.model.inv_freq)
         self.cache.kernels = kernels_for(self.device, kernels, self.cache.workspace)
         plain = self.cache.plain_torch_only
         if plain and self.cache.kernels.name == "triton":

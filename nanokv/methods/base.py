@@ -118,6 +118,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from nanokv.cache.build import CacheRequest
+
 
 # the option of a method with a calibration: an explicit artifact instead of the cache's
 CALIBRATION_FILE = (str, "", "a path to an artifact of python -m nanokv.calibrate (default: the nanokv cache)",
@@ -442,3 +444,14 @@ class Method:
         (layer a's new contents), "k_mag_b", "v_mag_b" (b's magnitudes, 0 where b keeps its own) and
         "keep" [H, n] bool (the tokens b keeps of its own) (nanokv/cache/paired.py)."""
         raise NotImplementedError
+
+    # --- the storage request: what the engine builds the cache from -------------------------
+
+    def cache_request(self, num_layers: int, head_dim: int) -> CacheRequest:
+        """The block kind, fields and layer layout this method needs (nanokv/cache/build.py)."""
+        return CacheRequest(quantization=self.quantization,
+                            latent_layers=self.latent_layers if self.stores_latents and self.compresses else None,
+                            group=self.group,
+                            key_channels=self.kept_channels(head_dim) if self.prunes_key_channels else None,
+                            pairs=self.layer_pairs(num_layers), sources=self.layer_sources(num_layers),
+                            slot_fields=self.slot_fields, key_bounds=self.selects_pages)

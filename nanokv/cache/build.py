@@ -1,0 +1,53 @@
+"""What storage a method asks for (`CacheRequest`, from Method.cache_request), and the cache that
+holds it (`build_cache`): the one place that picks a block kind."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from nanokv.cache.kv_cache import PagedKVCache
+from nanokv.cache.latent_cache import LatentKVCache
+from nanokv.cache.paired import PairedKVCache
+from nanokv.cache.pruned_cache import PrunedKVCache
+from nanokv.cache.quant_cache import QuantizedKVCache
+from nanokv.cache.quant_pool import QuantSpec
+
+
+@dataclass
+class CacheRequest:
+    quantization: QuantSpec | None = None      # quantized blocks behind a full-precision residual (kivi)
+    latent_layers: list | None = None          # tokens as low-rank latents, per layer (lorc, palu)
+    group: int = 1                             # kv-heads sharing one latent basis
+    key_channels: int | None = None            # older keys keep this many channels (think)
+    pairs: list[tuple[int, int]] | None = None  # layers whose prompt is stored once (minicache)
+    sources: list[int] | None = None           # the layer whose KV each layer reads (kvsharer)
+    slot_fields: dict[str, torch.dtype] = field(default_factory=dict)  # per-token state (h2o's scores)
+    key_bounds: bool = False                   # each block's smallest and largest keys (quest)
+
+
+def build_cache(request: CacheRequest, cfg, kv_cache_memory: int, block_size: int, dtype: torch.dtype, device,
+                inv_freq: torch.Tensor) -> PagedKVCache:
+    """The cache for `request` over a pool of `kv_cache_memory` bytes (cfg: the model's shape;
+    inv_freq: its RoPE frequencies, which a latent cache applies to the keys it rebuilds)."""
+    if request.latent_layers is not None:
+        cache = LatentKVCache.from_memory(cfg, kv_cache_memory, request.latent_layers, request.group, inv_freq,
+                                          block_size, dtype, device)
+    elif request.key_channels is not None:
+        cache = PrunedKVCache.from_memory(cfg, kv_cache_memory, block_size, request.key_channels, dtype, device)
+    elif request.quantization is not None:  # blocks sized by the quantization (block_size does not apply)
+        windowed = [w for w in cfg.sliding_windows if w is not None]
+        if windowed:
+            raise ValueError(f"quantized KV blocks hold no positions, so they cannot serve this model's sliding-window "
+                             f"layers (window {windowed[0]}); use a full-precision method")
+        request.quantization.field_shapes(cfg.head_dim)  # a group size that does not divide head_dim fails here
+        cache = QuantizedKVCache.from_memory(cfg, kv_cache_memory, request.quantization, dtype, device)
+    else:
+        cache = (PairedKVCache if request.pairs else PagedKVCache).from_memory(
+            cfg, kv_cache_memory, block_size, dtype, device, request.slot_fields, key_bounds=request.key_bounds)
+    if request.sources is not None:  # layers that read another's KV hold no blocks
+        cache.share_layers(request.sources)
+    if request.pairs:
+        cache.pair_layers(request.pairs)
+    return cache
