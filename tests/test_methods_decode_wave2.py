@@ -12,7 +12,7 @@ import torch
 
 from helpers import generate_holding, restated_greedy
 from nanokv.methods import make_method
-from nanokv.methods.base import DecodeStep, Method, PrefillView, observation_attention, prompt_logits
+from nanokv.methods.base import DecodeEvictor, DecodeStep, PrefillView, observation_attention, prompt_logits
 from nanokv.methods.keyformer import exponential_noise
 
 inf = float("inf")
@@ -548,11 +548,10 @@ def serve(tiny, method, prompts, blocks, steps, block_size=4, kernels="reference
 TINY_PROMPTS = [[(i * 37 + j * 11) % 256 for j in range(n)] for i, n in enumerate((6, 3, 20, 2, 15, 9, 4, 7))]
 
 
-class SeenCount(Method):
+class SeenCount(DecodeEvictor):
     """Evicts the token the fewest queries have seen, and its state ignores step.visible on
     purpose: which slots a step may change is the cache's business."""
     name = "seen_count"
-    evicts_during_decode = True
     slot_fields = {"seen": torch.float32}
 
     def scores(self, view):

@@ -34,8 +34,11 @@ class StepAttention:
                  compress_lens: list[int] | None = None, token_ids: torch.Tensor | None = None,
                  scoring_passes: list[list[int]] | None = None):
         self.cache, self.seq_ids, self.query_lens = cache, seq_ids, query_lens
-        # a method that scores tokens at prefill (a latent cache's method picks ranks, not tokens)
-        self.method = method if method is not None and method.compresses and not method.stores_latents else None
+        compressing = method if method is not None and method.compresses else None
+        # a method that picks the tokens each layer's prompt keeps (the PrefillSelector role)
+        self.method = compressing if compressing is not None and compressing.selects_tokens else None
+        # a method that stores pairs of layers once (MiniCache: the cache holds the pairs it asked for)
+        self.pair_merger = compressing
         # a method that picks which blocks each decode step reads (Quest)
         self.selector = method if method is not None and method.selects_pages else None
         self.bytes_read = 0  # KV bytes the decode attention read this step, over all layers
@@ -140,10 +143,10 @@ class StepAttention:
         what follows the prompt attends over a's merged slots and b's own."""
         cache, seq_id = self.cache, self.seq_ids[i]
         cache.write_prefill(seq_id, layer, k, v, q_pos)
-        n, outs = self.compress_lens[i] if self.method is not None else 0, []
+        n, outs = self.compress_lens[i] if self.pair_merger is not None else 0, []
         if n:  # prefill starts from an empty cache
             outs.append(cache.attend_prefill(seq_id, layer, q[:n], q_pos[:n], sliding_window, merged=False)[0])
-            cache.store_merged(seq_id, layer, n, self.method.merge_pair(*cache.pair_prompt(seq_id, layer, n)))
+            cache.store_merged(seq_id, layer, n, self.pair_merger.merge_pair(*cache.pair_prompt(seq_id, layer, n)))
         if n < len(q):
             outs.append(cache.attend_prefill(seq_id, layer, q[n:], q_pos[n:], sliding_window)[0])
         return torch.cat(outs)

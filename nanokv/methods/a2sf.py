@@ -19,12 +19,12 @@ import math
 
 import torch
 
-from nanokv.methods.base import Method, PrefillView, prompt_logits
+from nanokv.methods.base import DecodeEvictor, PrefillView, prompt_logits
 
 NEGLIGIBLE = 1e-12  # prefill rows weighted below this are skipped
 
 
-class A2SF(Method):
+class A2SF(DecodeEvictor):
     name = "a2sf"
     description = "H2O with a forgetting factor: accumulated attention decays by `forgetting` per query (every step)"
     paper = "https://arxiv.org/abs/2407.20485"
@@ -33,7 +33,6 @@ class A2SF(Method):
                                     "1 is H2O's plain sum)", lambda v: 0 < v <= 1),
         "recent_size": (int, 16, "an integer >= 0 (the newest tokens, never evicted)", lambda v: v >= 0),
     }
-    evicts_during_decode = True
     slot_fields = {"a2sf_score": torch.float32}
 
     def recent_window(self, budget):

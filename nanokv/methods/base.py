@@ -1,7 +1,17 @@
 """The contract between a compression method and the engine.
 
+A method plays one or more roles, each a class below that it subclasses, with the hooks the
+engine calls for it (nanokv/engine/attention.py):
+
+    PrefillSelector  what each layer's prompt keeps (scores -> keep_mask)      snapkv, pyramidkv, ...
+    DecodeEvictor    a PrefillSelector that also evicts every decode step      h2o, tova, ...
+    Merger           a PrefillSelector that folds what goes into what stays   kvmerger (cam, d2o: both)
+    PageReader       the pages each decode step reads; evicts nothing          quest
+    Method itself    the storage it asks for (cache_request): quantized blocks (kivi), latents
+                     (lorc, palu), layer pairs (minicache), shared layers (kvsharer)
+
 A method never touches storage. At the end of a sequence's prefill, for each layer right after
-that layer's attention has run, the engine shows it a `PrefillView` (the layer's queries, the
+that layer's attention has run, the engine shows a PrefillSelector a `PrefillView` (the layer's queries, the
 keys it just cached, their positions) and asks for a keep mask [kv_heads, tokens]; the cache
 then compacts those heads and frees their tail blocks (nanokv/cache/kv_cache.py). Within one
 forward pass no other layer reads layer l's KV, so this equals compressing after the pass.
@@ -10,7 +20,7 @@ Budgets are per request: `compression=r` keeps ceil((1 - r) * prompt tokens) per
 (the fraction removed, as in kvpress); `budget=B` keeps B. Prompts already within budget are
 left alone.
 
-Decode-time methods (H2O, TOVA) set `evicts_during_decode`: they hold every (layer, head) at
+Decode-time methods (H2O, TOVA: DecodeEvictor) hold every (layer, head) at
 the request's budget while it generates. Each decode step the engine hands them the current
 query's attention probabilities over the held slots (`decode_scores`) and evicts, per head, the
 lowest-scoring slot outside `recent_window` whenever a head holds more than its budget. State
@@ -66,7 +76,7 @@ never stays in the cache, the next token is sampled from the prompt's last posit
 generation goes on at the position after the prompt. What follows the compressed part runs in
 a second forward pass, so the passes never see it.
 
-A method that folds what it evicts into what it keeps (CaM, D2O, KVMerger) sets `merges`: it
+A method that folds what it evicts into what it keeps (CaM, D2O, KVMerger: Merger)
 may change the K/V of kept slots as it evicts. At prefill, after `keep_mask`, `merge(view,
 keep)` returns new contents [H, S(, D)] of slot fields ("k", "v", or its own) for the prompt's
 slots, which the engine writes before it compacts, so only the kept slots' new contents stay.
@@ -227,29 +237,31 @@ def prompt_logits(view: PrefillView, first: int = 0, chunk_bytes: int = 1 << 26)
         q_pos = view.positions[S - T + start:S - T + start + len(q)]
         logits = torch.einsum("chd,hsd->hcs", q, keys) / math.sqrt(D)
         yield start, logits.masked_fill(view.positions[None, None, :] > q_pos[None, :, None], float("-inf"))
-
-
 class Method:
+    """What every method has: its name and options, the request's budget (compression or
+    budget), and the storage it asks for (`cache_request`). On its own it compresses nothing
+    (`full`, and the methods that only store differently: kivi, lorc, palu, minicache, kvsharer);
+    the roles below add the rest."""
     name = "full"
     description = "no compression: every token is kept"
     paper = ""
     # option name -> (type, default, "valid range" text, check)
     options: dict = {}
-    needs_column_sums = False       # PrefillView.column_sums is filled in
-    evicts_during_decode = False    # decode_scores is called every decode step
-    slot_fields: dict[str, torch.dtype] = {}  # per-token state the cache carries
-    needs_values = False            # PrefillView.values is filled in
-    decode_reads: frozenset[str] = frozenset()  # of {"keys", "values"}: DecodeStep.keys / .values are filled in
-    quantization = None             # a QuantSpec: the cache stores K and V quantized (kivi, int4, int8)
-    selects_pages = False           # select_pages picks the blocks each decode step reads (quest)
-    needs_vocabulary = False        # bind_vocabulary is called; PrefillView.token_ids is filled in
-    trims_earlier_layers = False    # earlier_keep_masks may shrink layers compressed before (cake)
     compression_hint = "choose a method to use compression or budget (see --list-methods)"
     calibration: str | None = None  # the nanokv.calibrate METHOD whose artifact bind_calibration gets
     calibration_file = ""           # the option of such methods: an explicit artifact (default: the cache)
-    merges = False                  # merge / merge_evicted change the K/V of kept slots (cam, d2o, kvmerger)
+    needs_vocabulary = False        # bind_vocabulary is called; PrefillView.token_ids is filled in
+    trims_earlier_layers = False    # what follows the prompt waits for a second pass (cake, kvzip, minicache)
+    # storage (cache_request)
+    quantization = None             # a QuantSpec: the cache stores K and V quantized (kivi, int4, int8)
     stores_latents = False          # tokens stored as low-rank latents in latent_layers (lorc, palu)
     prunes_key_channels = False     # key_channels picks what older keys keep (think)
+    slot_fields: dict[str, torch.dtype] = {}  # per-token state the cache carries
+    # the roles a method plays, set by the role classes below (never by a method itself)
+    selects_tokens = False          # PrefillSelector: keep_mask at the end of each layer's prefill
+    evicts_during_decode = False    # DecodeEvictor: decode_scores every decode step
+    merges = False                  # Merger: merge / merge_evicted change the K/V of kept slots
+    selects_pages = False           # PageReader: select_pages picks the blocks each decode step reads
 
     def __init__(self, compression: float = 0.0, budget: int | None = None, **options):
         if budget is not None:
@@ -260,9 +272,8 @@ class Method:
         if not (isinstance(compression, (int, float)) and 0 <= compression < 1):
             raise ValueError(f"compression must be in [0, 1) (the fraction of tokens removed), got {compression!r}")
         self.compression, self.budget = float(compression), budget
-        if type(self).scores is Method.scores and not self.selects_pages and type(self).layer_sources is \
-                Method.layer_sources and not self.stores_latents and type(self).layer_pairs is Method.layer_pairs and \
-                (compression or budget is not None):
+        if not (self.selects_tokens or self.selects_pages or self.stores_latents) and type(self).layer_sources is \
+                Method.layer_sources and type(self).layer_pairs is Method.layer_pairs and (compression or budget is not None):
             raise ValueError(f"method {self.name!r} does not compress; {self.compression_hint}")
         unknown = set(options) - set(self.options)
         if unknown:
@@ -311,19 +322,6 @@ class Method:
             return n
         return min(n, self.layer_budget(n, layer, num_layers))
 
-    def scores(self, view: PrefillView) -> torch.Tensor:
-        """[H, S] importance of each cached token per kv-head: the highest are kept."""
-        raise NotImplementedError
-
-    def keep_mask(self, view: PrefillView) -> torch.Tensor | None:
-        """[H, S] bool, or None to keep everything."""
-        S = view.keys.shape[1]
-        k = min(S, self.layer_budget(S, view.layer, view.num_layers))
-        if k >= S or not self.applies_to(view.layer):
-            return None
-        top = self.scores(view).topk(k, dim=-1).indices
-        return torch.zeros(view.keys.shape[:2], dtype=torch.bool, device=top.device).scatter_(1, top, True)
-
     def scoring_passes(self, prompt_ids: list[int], encode, reply_prefix: str) -> list[list[int]]:
         """Token ids of each extra pass fed after the prompt's compressed part `prompt_ids` to
         score it (see the module docstring); none by default. encode(text) -> ids (no BOS);
@@ -346,82 +344,6 @@ class Method:
     def bind_calibration(self, artifact: dict):
         """The artifact of `python -m nanokv.calibrate <calibration>` made for the loaded model
         (methods with a calibration; see the module docstring)."""
-
-    def earlier_keep_masks(self, view: PrefillView) -> dict[int, torch.Tensor]:
-        """After keep_mask at view.layer: {earlier layer: [H, P] bool} over the P prompt tokens
-        that layer holds now, in slot order; the engine compacts them (trims_earlier_layers)."""
-        return {}
-
-    def prefill_state(self, view: PrefillView) -> dict[str, torch.Tensor]:
-        """Initial value [H, S] of each slot field for the prompt's tokens."""
-        return {}
-
-    def state_of(self, view: PrefillView) -> dict[str, torch.Tensor]:
-        """prefill_state(view), computed once per view: the engine stores it as slot fields, and
-        a decode-time method's prefill `scores` usually start from it."""
-        if view.state is None or view.state[0] is not self:
-            view.state = (self, self.prefill_state(view))
-        return view.state[1]
-
-    def protect_recent(self, scores: torch.Tensor) -> torch.Tensor:
-        """scores [H, S] with the newest recent_window(decode budget) slots set to +inf: at prefill
-        a decode-time method keeps the window its decode never evicts."""
-        S = scores.shape[1]
-        recent = int(self.recent_window(torch.tensor(self.decode_budget(S), device=scores.device)))
-        scores[:, S - recent:] = float("inf")
-        return scores
-
-    # --- decode-time eviction (evicts_during_decode) --------------------------------------
-
-    def decode_budget(self, prompt_len: int) -> int:
-        """Tokens each (layer, head) holds while the request generates: `budget`, or the share
-        of the prompt that `compression` keeps."""
-        return self.budget if self.budget is not None else math.ceil((1 - self.compression) * prompt_len)
-
-    def decode_budgets(self, state: dict[str, torch.Tensor], step: DecodeStep) -> torch.Tensor:
-        """[b, H] tokens each head holds while the request generates (state: the slot fields after
-        this step's decode_scores): the request's budget in every head, unless a method's layers
-        hold budgets of their own (D2O)."""
-        return step.budgets[:, None].expand(step.visible.shape[:2])
-
-    def recent_window(self, budget: torch.Tensor) -> torch.Tensor:
-        """How many of the newest positions are never evicted, per request's budget."""
-        return torch.zeros_like(budget)
-
-    def decode_scores(self, probs: torch.Tensor, state: dict[str, torch.Tensor], step: DecodeStep):
-        """probs: [B, H, group, S] float32, the current query heads' attention over each kv-head's
-        slots (0 past a head's length and at slots it does not see); state: slot fields [B, H, S];
-        step: the layer, positions and budgets (DecodeStep).
-        -> (scores [B, H, S], the lowest is evicted; updated slot fields, kept where step.visible)."""
-        raise NotImplementedError
-
-    # --- merging (merges) ----------------------------------------------------------------
-
-    def merge(self, view: PrefillView, keep: torch.Tensor) -> dict[str, torch.Tensor]:
-        """After keep_mask (keep [H, S]): new contents [H, S(, D)] of slot fields ("k", "v", a
-        method's own) for the prompt's slots; only the kept slots' survive the compaction."""
-        return {}
-
-    def merge_evicted(self, victim: torch.Tensor, evicting: torch.Tensor, state: dict[str, torch.Tensor],
-                      step: DecodeStep) -> dict[str, torch.Tensor]:
-        """victim [b, H]: the slot each head drops this step, where evicting [b, H]; state: the slot
-        fields after decode_scores. -> new contents [b, H, S(, D)] of slot fields, written where
-        step.visible in the evicting heads before the victim's slot is reused."""
-        return {}
-
-    # --- page reading (selects_pages: Quest) ------------------------------------------------
-
-    skip_layers = 0  # the first layers, whose decode reads every page
-
-    def pages_to_read(self, block_size: int) -> int | None:
-        """Pages each head reads by Quest's rule (the highest upper bounds, the newest page always),
-        which the C++ kernels pick in one call (kernels.quest_select); None: only select_pages decides."""
-        return None
-
-    def select_pages(self, bounds: torch.Tensor, num_blocks: torch.Tensor, block_size: int) -> torch.Tensor:
-        """bounds [b, H, nb]: each held page's upper bound on the query's attention logit
-        (kernels.page_scores); num_blocks [b, H] pages held. -> [b, H, nb] bool, the pages read."""
-        raise NotImplementedError
 
     # --- storage of its own (stores_latents, prunes_key_channels, layer_pairs) ---------------
 
@@ -455,3 +377,112 @@ class Method:
                             key_channels=self.kept_channels(head_dim) if self.prunes_key_channels else None,
                             pairs=self.layer_pairs(num_layers), sources=self.layer_sources(num_layers),
                             slot_fields=self.slot_fields, key_bounds=self.selects_pages)
+
+
+class PrefillSelector(Method):
+    """Role: at the end of a prefill, right after each layer's attention, pick what the layer's
+    prompt keeps (`keep_mask`; by default each head's top `layer_budget` of `scores`)."""
+    selects_tokens = True
+    needs_column_sums = False       # PrefillView.column_sums is filled in
+    needs_values = False            # PrefillView.values is filled in
+
+    def scores(self, view: PrefillView) -> torch.Tensor:
+        """[H, S] importance of each cached token per kv-head: the highest are kept."""
+        raise NotImplementedError
+
+    def keep_mask(self, view: PrefillView) -> torch.Tensor | None:
+        """[H, S] bool, or None to keep everything."""
+        S = view.keys.shape[1]
+        k = min(S, self.layer_budget(S, view.layer, view.num_layers))
+        if k >= S or not self.applies_to(view.layer):
+            return None
+        top = self.scores(view).topk(k, dim=-1).indices
+        return torch.zeros(view.keys.shape[:2], dtype=torch.bool, device=top.device).scatter_(1, top, True)
+
+    def earlier_keep_masks(self, view: PrefillView) -> dict[int, torch.Tensor]:
+        """After keep_mask at view.layer: {earlier layer: [H, P] bool} over the P prompt tokens
+        that layer holds now, in slot order; the engine compacts them (trims_earlier_layers)."""
+        return {}
+
+    def prefill_state(self, view: PrefillView) -> dict[str, torch.Tensor]:
+        """Initial value [H, S] of each slot field for the prompt's tokens."""
+        return {}
+
+    def state_of(self, view: PrefillView) -> dict[str, torch.Tensor]:
+        """prefill_state(view), computed once per view: the engine stores it as slot fields, and
+        a decode-time method's prefill `scores` usually start from it."""
+        if view.state is None or view.state[0] is not self:
+            view.state = (self, self.prefill_state(view))
+        return view.state[1]
+
+
+class DecodeEvictor(PrefillSelector):
+    """Role: hold every (layer, head) at the request's budget while it generates: each decode step
+    the engine asks `decode_scores` and evicts the lowest-scoring slot of each head over budget."""
+    evicts_during_decode = True
+    decode_reads: frozenset[str] = frozenset()  # of {"keys", "values"}: DecodeStep.keys / .values are filled in
+
+    def protect_recent(self, scores: torch.Tensor) -> torch.Tensor:
+        """scores [H, S] with the newest recent_window(decode budget) slots set to +inf: at prefill
+        a decode-time method keeps the window its decode never evicts."""
+        S = scores.shape[1]
+        recent = int(self.recent_window(torch.tensor(self.decode_budget(S), device=scores.device)))
+        scores[:, S - recent:] = float("inf")
+        return scores
+
+    def decode_budget(self, prompt_len: int) -> int:
+        """Tokens each (layer, head) holds while the request generates: `budget`, or the share
+        of the prompt that `compression` keeps."""
+        return self.budget if self.budget is not None else math.ceil((1 - self.compression) * prompt_len)
+
+    def decode_budgets(self, state: dict[str, torch.Tensor], step: DecodeStep) -> torch.Tensor:
+        """[b, H] tokens each head holds while the request generates (state: the slot fields after
+        this step's decode_scores): the request's budget in every head, unless a method's layers
+        hold budgets of their own (D2O)."""
+        return step.budgets[:, None].expand(step.visible.shape[:2])
+
+    def recent_window(self, budget: torch.Tensor) -> torch.Tensor:
+        """How many of the newest positions are never evicted, per request's budget."""
+        return torch.zeros_like(budget)
+
+    def decode_scores(self, probs: torch.Tensor, state: dict[str, torch.Tensor], step: DecodeStep):
+        """probs: [B, H, group, S] float32, the current query heads' attention over each kv-head's
+        slots (0 past a head's length and at slots it does not see); state: slot fields [B, H, S];
+        step: the layer, positions and budgets (DecodeStep).
+        -> (scores [B, H, S], the lowest is evicted; updated slot fields, kept where step.visible)."""
+        raise NotImplementedError
+
+
+class Merger(PrefillSelector):
+    """Role: fold what is evicted into the K/V of what stays (at prefill `merge`; a decode evictor
+    that merges also `merge_evicted`)."""
+    merges = True
+
+    def merge(self, view: PrefillView, keep: torch.Tensor) -> dict[str, torch.Tensor]:
+        """After keep_mask (keep [H, S]): new contents [H, S(, D)] of slot fields ("k", "v", a
+        method's own) for the prompt's slots; only the kept slots' survive the compaction."""
+        return {}
+
+    def merge_evicted(self, victim: torch.Tensor, evicting: torch.Tensor, state: dict[str, torch.Tensor],
+                      step: DecodeStep) -> dict[str, torch.Tensor]:
+        """victim [b, H]: the slot each head drops this step, where evicting [b, H]; state: the slot
+        fields after decode_scores. -> new contents [b, H, S(, D)] of slot fields, written where
+        step.visible in the evicting heads before the victim's slot is reused."""
+        return {}
+
+
+class PageReader(Method):
+    """Role: evict nothing, and pick the pages (blocks) each decode step reads (Quest)."""
+    selects_pages = True
+
+    skip_layers = 0  # the first layers, whose decode reads every page
+
+    def pages_to_read(self, block_size: int) -> int | None:
+        """Pages each head reads by Quest's rule (the highest upper bounds, the newest page always),
+        which the C++ kernels pick in one call (kernels.quest_select); None: only select_pages decides."""
+        return None
+
+    def select_pages(self, bounds: torch.Tensor, num_blocks: torch.Tensor, block_size: int) -> torch.Tensor:
+        """bounds [b, H, nb]: each held page's upper bound on the query's attention logit
+        (kernels.page_scores); num_blocks [b, H] pages held. -> [b, H, nb] bool, the pages read."""
+        raise NotImplementedError

@@ -32,12 +32,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-from nanokv.methods.base import Method, PrefillView, observation_attention
+from nanokv.methods.base import PrefillSelector, PrefillView, observation_attention
 
 WINDOW_SCORE = 1e6  # above any mean + gamma x variance of attention (at most 1 + gamma / 4)
 
 
-class CAKE(Method):
+class CAKE(PrefillSelector):
     name = "cake"
     description = "layer budgets from attention entropy x variance, set in cascade; score mean + gamma var"
     paper = "https://arxiv.org/abs/2503.12491"

@@ -27,7 +27,7 @@ the window; with fewer than m tokens after e the share is 1/m' (kvpress), not 1/
 
 import torch
 
-from nanokv.methods.base import DecodeStep, Method, PrefillView, hashed_uniform
+from nanokv.methods.base import DecodeEvictor, DecodeStep, Merger, PrefillView, hashed_uniform
 
 
 def merge_probability(evicted: torch.Tensor, mean_target: torch.Tensor) -> torch.Tensor:
@@ -36,7 +36,7 @@ def merge_probability(evicted: torch.Tensor, mean_target: torch.Tensor) -> torch
     return torch.where(p.isnan(), 0.0, p).clamp(0, 1)
 
 
-class CaM(Method):
+class CaM(DecodeEvictor, Merger):
     name = "cam"
     description = "keep start + recent tokens; merge each evicted value into the next ones, with probability"
     paper = "https://openreview.net/forum?id=LCTmppB165"
@@ -48,8 +48,6 @@ class CaM(Method):
     }
     needs_column_sums = True
     needs_values = True
-    evicts_during_decode = True
-    merges = True
     decode_reads = frozenset({"values"})
     slot_fields = {"cam_attention": torch.float32}
 

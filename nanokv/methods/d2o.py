@@ -33,10 +33,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from nanokv.methods.base import DecodeStep, Method, PrefillView
+from nanokv.methods.base import DecodeEvictor, DecodeStep, Merger, PrefillView
 
 
-class D2O(Method):
+class D2O(DecodeEvictor, Merger):
     name = "d2o"
     description = "layer budgets from attention density; heavy + recent; evicted tokens merged into similar kept ones"
     paper = "https://arxiv.org/abs/2406.13035"
@@ -49,8 +49,6 @@ class D2O(Method):
     }
     needs_column_sums = True
     needs_values = True
-    evicts_during_decode = True
-    merges = True
     decode_reads = frozenset({"keys", "values"})
     slot_fields = {"d2o_score": torch.float32, "d2o_threshold": torch.float32, "d2o_budget": torch.int32}
 

@@ -30,10 +30,10 @@ import math
 
 import torch
 
-from nanokv.methods.base import CALIBRATION_FILE, Method, PrefillView
+from nanokv.methods.base import CALIBRATION_FILE, PrefillSelector, PrefillView
 
 
-class DuoAttention(Method):
+class DuoAttention(PrefillSelector):
     name = "duoattention"
     description = "calibrated retrieval heads keep everything, the other heads sinks + recent tokens"
     paper = "https://arxiv.org/abs/2410.10819"

@@ -16,10 +16,10 @@ that see the key: `recent_ratio=0 normalize=true`.
 
 import torch
 
-from nanokv.methods.base import Method, PrefillView
+from nanokv.methods.base import DecodeEvictor, PrefillView
 
 
-class H2O(Method):
+class H2O(DecodeEvictor):
     name = "h2o"
     description = "keep the tokens with the most accumulated attention plus a recent window (every step)"
     paper = "https://arxiv.org/abs/2306.14048"
@@ -30,7 +30,6 @@ class H2O(Method):
                       lambda v: True),
     }
     needs_column_sums = True
-    evicts_during_decode = True
     slot_fields = {"h2o_score": torch.float32}
 
     def recent_window(self, budget):

@@ -26,7 +26,7 @@ does not see a request's max_tokens.
 
 import torch
 
-from nanokv.methods.base import Method, PrefillView, hash32, prompt_logits
+from nanokv.methods.base import DecodeEvictor, PrefillView, hash32, prompt_logits
 
 M32 = 0xFFFFFFFF
 
@@ -43,7 +43,7 @@ def exponential_noise(seed: int, layer: int, q_pos, q_head, k_pos) -> torch.Tens
     return -torch.log1p(u - 1)                            # u - 1 is exact too
 
 
-class Keyformer(Method):
+class Keyformer(DecodeEvictor):
     name = "keyformer"
     description = "accumulated attention from a Gumbel-noised softmax whose temperature rises 1 -> 2 (every step)"
     paper = "https://arxiv.org/abs/2403.09054"
@@ -56,7 +56,6 @@ class Keyformer(Method):
         "noise": (str, "gumbel", "'gumbel' or 'none'", lambda v: v in ("gumbel", "none")),
         "seed": (int, 0, "an integer >= 0 (which noise)", lambda v: v >= 0),
     }
-    evicts_during_decode = True
     slot_fields = {"keyformer_score": torch.float32}
 
     def recent_window(self, budget):

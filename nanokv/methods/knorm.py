@@ -10,10 +10,10 @@ layer (`skip_layers=0`).
 
 import torch
 
-from nanokv.methods.base import Method, PrefillView
+from nanokv.methods.base import PrefillSelector, PrefillView
 
 
-class KNorm(Method):
+class KNorm(PrefillSelector):
     name = "knorm"
     description = "keep the tokens whose keys have the lowest L2 norm"
     paper = "https://arxiv.org/abs/2406.11430"

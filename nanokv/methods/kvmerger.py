@@ -26,10 +26,10 @@ pivot must be a kept token, so the cache holds exactly the budget's tokens.
 import torch
 import torch.nn.functional as F
 
-from nanokv.methods.base import Method, PrefillView
+from nanokv.methods.base import Merger, PrefillView
 
 
-class KVMerger(Method):
+class KVMerger(Merger):
     name = "kvmerger"
     description = "keep heavy + recent tokens; merge the similar neighbours of each into it (Gaussian weights)"
     paper = "https://arxiv.org/abs/2407.08454"
@@ -43,7 +43,6 @@ class KVMerger(Method):
     }
     needs_column_sums = True
     needs_values = True
-    merges = True
 
     def recent(self, S: int) -> int:
         return int(self.tokens_to_keep(S) * self.recent_ratio)

@@ -52,8 +52,6 @@ class KVSharer(Method):
     def layer_sources(self, num_layers: int) -> list[int] | None:
         return self.sources if self.compresses else None
 
-    def keep_mask(self, view):
-        return None  # no token is evicted: whole layers are
 
     def kept_after_prefill(self, n: int, layer: int, num_layers: int) -> int:
         return n if self.sources is None or self.sources[layer] == layer else 0

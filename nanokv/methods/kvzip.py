@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from nanokv.methods.base import Method, PrefillView, top_over_heads
+from nanokv.methods.base import PrefillSelector, PrefillView, top_over_heads
 
 FIRST_REQUEST = "\n\nRepeat the previous context exactly."
 LATER_REQUEST = "\n\nRepeat the part of the previous context exactly, starting with"
@@ -36,7 +36,7 @@ OVERLAP = 8  # tokens of the previous chunk quoted in a later chunk's request
 ROW_BYTES = 1 << 26  # the reconstruction's attention is scored a block of queries at a time
 
 
-class KVzip(Method):
+class KVzip(PrefillSelector):
     name = "kvzip"
     description = "context reconstruction pass: each token scored by its max attention while the model repeats the prompt"
     paper = "https://arxiv.org/abs/2505.23416"

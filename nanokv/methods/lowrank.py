@@ -43,8 +43,6 @@ class LowRankMethod(Method):
         step = min(self.rank_step, full)
         return int(min(full, max(step, round(rank / step) * step)))
 
-    def keep_mask(self, view):
-        return None  # no token is evicted: each one is stored smaller
 
     def kept_after_prefill(self, n: int, layer: int, num_layers: int) -> int:
         return n

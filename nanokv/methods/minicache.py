@@ -109,8 +109,6 @@ class MiniCache(Method):
         first = num_layers - 2 * pairs
         return [(first + 2 * i, first + 2 * i + 1) for i in range(pairs)]
 
-    def keep_mask(self, view):
-        return None  # layers outside a pair keep everything; the engine merges a pair (merge_pair)
 
     def kept_after_prefill(self, n: int, layer: int, num_layers: int) -> int:
         seconds = {b for _, b in self.layer_pairs(num_layers) or []}

@@ -23,10 +23,10 @@ hundreds or thousands of tokens.
 
 import torch
 
-from nanokv.methods.base import Method, PrefillView, observation_attention
+from nanokv.methods.base import PrefillSelector, PrefillView, observation_attention
 
 
-class NACL(Method):
+class NACL(PrefillSelector):
     name = "nacl"
     description = "sinks + proxy window; budget by the prompt end's attention, part drawn at random by it (seeded)"
     paper = "https://arxiv.org/abs/2408.03675"

@@ -19,16 +19,15 @@ and the reduced block tables are the engine's (nanokv/engine/attention.py, nanok
 
 import torch
 
-from nanokv.methods.base import Method
+from nanokv.methods.base import PageReader
 
 DEFAULT_BUDGET = 1024
 
 
-class Quest(Method):
+class Quest(PageReader):
     name = "quest"
     description = "query-aware sparse decode: read only the top pages by a key min/max bound (cache kept whole)"
     paper = "https://arxiv.org/abs/2406.10774"
-    selects_pages = True
     options = {
         "skip_layers": (int, 2, "an integer >= 0", lambda v: v >= 0),
         "min_pages": (int, 3, "an integer >= 1", lambda v: v >= 1),

@@ -30,7 +30,7 @@ Defaults from the official code and the seed table: λ = 0.07, α = 8, kernel 7,
 import torch
 import torch.nn.functional as F
 
-from nanokv.methods.base import Method, PrefillView, observation_attention
+from nanokv.methods.base import DecodeEvictor, PrefillView, observation_attention
 
 
 def pooled_in_position_order(attention, positions, held, kernel):
@@ -60,7 +60,7 @@ def redundancy(keys, positions, held, threshold):
     return mean.masked_fill(~held, float("-inf")).softmax(dim=-1).masked_fill(~held, 0)
 
 
-class RKV(Method):
+class RKV(DecodeEvictor):
     name = "r_kv"
     description = "λ·(attention of the last α queries, max-pooled) − (1−λ)·key redundancy; last α kept (every step)"
     paper = "https://arxiv.org/abs/2505.24133"
@@ -75,7 +75,6 @@ class RKV(Method):
                       lambda v: -1 <= v <= 1),
     }
     decode_reads = frozenset({"keys"})
-    evicts_during_decode = True
 
     def __init__(self, compression: float = 0.0, budget: int | None = None, **options):
         super().__init__(compression, budget, **options)

@@ -6,10 +6,10 @@ run repeatable.
 
 import torch
 
-from nanokv.methods.base import Method, PrefillView
+from nanokv.methods.base import PrefillSelector, PrefillView
 
 
-class RandomMethod(Method):
+class RandomMethod(PrefillSelector):
     name = "random"
     description = "keep a random subset of tokens per head (the baseline to beat)"
     paper = ""

@@ -31,7 +31,7 @@ after a budget-sized prefix). Defaults from EasyKV: 10 recent tokens, robust_rat
 
 import torch
 
-from nanokv.methods.base import Method, PrefillView, prompt_logits
+from nanokv.methods.base import DecodeEvictor, PrefillView, prompt_logits
 
 
 def protect_highest(std: torch.Tensor, positions: torch.Tensor, candidates: torch.Tensor,
@@ -55,7 +55,7 @@ def mean_and_std(total, squares, count):
     return mean, (squares / count - mean ** 2).clamp(min=0).sqrt()
 
 
-class RoCo(Method):
+class RoCo(DecodeEvictor):
     name = "roco"
     description = "evict the lowest mean attention among tokens whose attention is steady (low std) (every step)"
     paper = "https://arxiv.org/abs/2402.06262"
@@ -65,7 +65,6 @@ class RoCo(Method):
         "robust_ratio": (float, 0.3, "a number in [0, 1) (share of the budget outside the eviction scope: "
                                      "the recent tokens, then the highest std)", lambda v: 0 <= v < 1),
     }
-    evicts_during_decode = True
     slot_fields = {"roco_sum": torch.float32, "roco_squares": torch.float32, "roco_count": torch.float32}
 
     def recent_window(self, budget):

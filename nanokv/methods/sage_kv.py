@@ -16,10 +16,10 @@ observation window).
 
 import torch
 
-from nanokv.methods.base import Method, PrefillView, observation_attention
+from nanokv.methods.base import PrefillSelector, PrefillView, observation_attention
 
 
-class SageKV(Method):
+class SageKV(PrefillSelector):
     name = "sage_kv"
     description = "sinks + recent window + each head's top-k by the last prompt token's attention (one shot)"
     paper = "https://arxiv.org/abs/2503.08879"

@@ -22,10 +22,10 @@ one int64 mask) and 10 recent tokens.
 
 import torch
 
-from nanokv.methods.base import Method, PrefillView, observation_attention
+from nanokv.methods.base import DecodeEvictor, PrefillView, observation_attention
 
 
-class Scissorhands(Method):
+class Scissorhands(DecodeEvictor):
     name = "scissorhands"
     description = "evict the token most often attended below uniform over the last queries (every step)"
     paper = "https://arxiv.org/abs/2305.17118"
@@ -34,7 +34,6 @@ class Scissorhands(Method):
                            lambda v: 1 <= v <= 62),
         "recent_size": (int, 10, "an integer >= 0 (the newest tokens, never evicted)", lambda v: v >= 0),
     }
-    evicts_during_decode = True
     slot_fields = {"scissorhands_history": torch.int64, "scissorhands_count": torch.int32}
 
     def recent_window(self, budget):

@@ -21,7 +21,7 @@ Defaults: sink_tokens=4 (paper), separator_share=0.2 (paper's s=64 of s + w = 32
 
 import torch
 
-from nanokv.methods.base import Method, PrefillView
+from nanokv.methods.base import PrefillSelector, PrefillView
 
 SEPARATORS = frozenset(".,;:!?\n")
 BLANKS = frozenset(" \t\r")
@@ -32,7 +32,7 @@ def is_separator(text: str) -> bool:
     return bool(chars & SEPARATORS) and chars <= SEPARATORS | BLANKS
 
 
-class SepLLM(Method):
+class SepLLM(PrefillSelector):
     name = "sepllm"
     description = "keep the first tokens, the most recent separators (punctuation, line breaks) and a recent window"
     paper = "https://arxiv.org/abs/2412.12094"

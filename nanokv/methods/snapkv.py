@@ -13,10 +13,10 @@ does kvpress's SnapKVPress).
 import torch
 import torch.nn.functional as F
 
-from nanokv.methods.base import Method, PrefillView, observation_attention
+from nanokv.methods.base import PrefillSelector, PrefillView, observation_attention
 
 
-class SnapKV(Method):
+class SnapKV(PrefillSelector):
     name = "snapkv"
     description = "keep the tokens the prompt's last queries attend to most (pooled, per head)"
     paper = "https://arxiv.org/abs/2404.14469"

@@ -11,10 +11,10 @@ applied.
 
 import torch
 
-from nanokv.methods.base import Method, PrefillView
+from nanokv.methods.base import PrefillSelector, PrefillView
 
 
-class StreamingLLM(Method):
+class StreamingLLM(PrefillSelector):
     name = "streaming_llm"
     description = "keep the first tokens (attention sinks) and the most recent ones"
     paper = "https://arxiv.org/abs/2309.17453"

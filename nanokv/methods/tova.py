@@ -11,14 +11,13 @@ last prompt token, which that token's own attention keeps in practice). No optio
 
 import torch
 
-from nanokv.methods.base import Method, PrefillView, observation_attention
+from nanokv.methods.base import DecodeEvictor, PrefillView, observation_attention
 
 
-class TOVA(Method):
+class TOVA(DecodeEvictor):
     name = "tova"
     description = "evict the token the current query attends to least, averaged over the layer's heads (every step)"
     paper = "https://arxiv.org/abs/2401.06104"
-    evicts_during_decode = True
 
     def scores(self, view: PrefillView) -> torch.Tensor:
         last = observation_attention(view, 1)[:, 0].mean(dim=0)   # [S] mean over every query head

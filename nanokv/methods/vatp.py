@@ -22,10 +22,10 @@ with no default; 4 here, the attention-sink count of StreamingLLM.
 
 import torch
 
-from nanokv.methods.base import Method, PrefillView
+from nanokv.methods.base import DecodeEvictor, PrefillView
 
 
-class VATP(Method):
+class VATP(DecodeEvictor):
     name = "vatp"
     description = "H2O's accumulated attention times each value's L1 norm, sinks kept (every step)"
     paper = "https://arxiv.org/abs/2406.12335"
@@ -37,7 +37,6 @@ class VATP(Method):
     needs_column_sums = True
     needs_values = True
     decode_reads = frozenset({"values"})
-    evicts_during_decode = True
     slot_fields = {"vatp_attention": torch.float32}
 
     def check_budget(self):
