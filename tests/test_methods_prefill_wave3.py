@@ -8,6 +8,7 @@ import torch
 
 from nanokv.methods import make_method
 from nanokv.methods.base import PrefillView
+from nanokv.methods.cake import share_budgets
 from nanokv.methods.sepllm import is_separator
 
 
@@ -59,27 +60,29 @@ def test_sepllm_needs_the_token_ids():
 # --- cake -------------------------------------------------------------------------------------
 
 def cake_reference(keys, queries, window, gamma, tau1, tau2, kernel):
-    """Float64, one query head at a time: (preference, token scores [H, prefix])."""
+    """Float64, one query head at a time, as the official code states it: (preference, token
+    scores [H, prefix])."""
     keys, queries = keys.double(), queries.double()
     H, S, D = keys.shape
     Hq = queries.shape[1]
     P = S - window
-    entropies, shifts, token = [], [], torch.zeros(H, P, dtype=torch.float64)
+    entropy, shift, token = 0.0, 0.0, torch.zeros(H, P, dtype=torch.float64)
     for hq in range(Hq):
         h = hq // (Hq // H)
         rows = []
-        for i in range(S - window, S):                     # query i sees keys 0..i
+        for i in range(S - window, S):                     # query i sees keys 0..i, softmax over them all
             logits = keys[h, :i + 1] @ queries[i, hq] / math.sqrt(D)
-            rows.append(torch.softmax(logits, 0)[:P])
+            rows.append(torch.softmax(logits, 0)[:P])      # the older tokens' columns, not renormalised
         A = torch.stack(rows)                              # [W, P]
-        entropies.append(float(-(A * A.log()).sum()))
+        entropy += float(-(A * (A + 1e-10).log()).sum())   # one entropy over every head
         mean = A.mean(0)
-        var = ((A - mean) ** 2).mean(0)
-        shifts.append(float(var.sum()))
+        var = ((A - mean) ** 2).sum(0) / (window - 1)      # unbiased, as torch.var
+        shift += float(var.sum())                          # one variance sum over every head
         token[h] += (mean + gamma * var) / (Hq // H)
-    preference = sum(e ** (1 / tau1) * s ** (1 / tau2) for e, s in zip(entropies, shifts)) / Hq
+    preference = entropy ** (1 / tau1) * shift ** (1 / tau2)
     half = kernel // 2
-    pooled = torch.stack([token[:, max(0, j - half):j + half + 1].mean(1) for j in range(P)], dim=1)
+    padded = torch.cat([torch.zeros(H, half, dtype=torch.float64), token, torch.zeros(H, half, dtype=torch.float64)], 1)
+    pooled = torch.stack([padded[:, j:j + kernel].sum(1) / kernel for j in range(P)], dim=1)  # padding counts
     return preference, pooled
 
 
@@ -94,6 +97,22 @@ def test_cake_preference_and_scores_match_a_float64_formula(tau1, tau2):
     assert preference == pytest.approx(want_preference, rel=1e-4)
     assert torch.allclose(scores[:, :S - W].double(), want_scores, rtol=1e-4, atol=1e-6)
     assert (scores[:, S - W:] > scores[:, :S - W].max()).all()      # the window is kept first
+
+
+def test_cake_preference_is_the_product_of_sums_not_the_mean_of_products():
+    # head 0 spreads its attention (high entropy, no shift), head 1 moves it (low entropy, high
+    # shift): per head H x V is small for both, but the layer's H x V is not
+    S, W = 12, 4
+    keys = torch.zeros(2, S, 4)
+    keys[1, :S - W, 0] = torch.arange(S - W, dtype=torch.float32) * 8
+    queries = torch.zeros(S, 2, 4)
+    queries[S - W:, 1, 0] = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    method = make_method("cake", budget=8, window_size=W)
+    preference = method.preference_and_scores(PrefillView(0, 30, queries, keys, torch.arange(S)))[0]
+    want, _ = cake_reference(keys, queries, W, 200.0, 1.0, 1.0, 5)
+    per_head = [cake_reference(keys[h:h + 1], queries[:, h:h + 1], W, 200.0, 1.0, 1.0, 5)[0] for h in range(2)]
+    assert preference == pytest.approx(want, rel=1e-4)
+    assert want > 2 * sum(per_head)
 
 
 def test_cake_a_spread_layer_gets_more_than_a_focused_one():
@@ -136,18 +155,82 @@ def test_cake_cascade_shares_the_total_by_preference_and_only_shrinks_earlier_la
     preferences = [1.0, 3.0, 2.0, 2.0]
     scores = [torch.cat([torch.rand(H, S - W), torch.full((H, W), 1e6)], 1) for _ in range(L)]
     held, history = cake_cascade(preferences, scores, B, W)
-    # after layer l every seen layer m holds W + floor(64 P_m / sum P): independent arithmetic
-    for l, counts in enumerate(history):
-        total = sum(preferences[:l + 1])
-        assert counts[:l + 1] == [min(S, W + int(64 * p / total)) for p in preferences[:l + 1]]
-        assert sum(counts[:l + 1]) <= L * B              # never above the request's total
-    assert history[-1] == [12, 28, 20, 20]
+    # after layer l the seen layers share all 64 by preference; by hand: after layer 2 the floors
+    # 10.67, 32, 21.33 -> 10, 32, 21 sum to 63, and the one left over goes to the first layer
+    assert history == [[68, None, None, None], [20, 52, None, None], [15, 36, 25, None], [12, 28, 20, 20]]
+    assert all(sum(c for c in counts if c) <= L * B for counts in history)  # never above the request's total
     # the final keep-sets: each layer's top of its own scores at its final budget, window included
     for layer, h in enumerate(held):
         for head in range(H):
             want = scores[layer][head].topk(history[-1][layer]).indices.sort().values
             assert h[head].tolist() == want.tolist()
     assert make_method("cake", budget=B, window_size=W).kept_after_prefill(S, 0, L) == math.ceil(B * L / (L - 1))
+
+
+def test_cake_hands_what_a_capped_layer_cannot_hold_to_the_others():
+    # S = 30, W = 4: a layer holds at most 26 older tokens; 3 layers share 3 x (20 - 4) = 48
+    # preferences 1 : 1 : 6 -> 6, 6, 36; the third is capped at 26 and its 10 go 5 and 5 to the others
+    assert share_budgets([1.0, 1.0, 6.0], 48, 26) == [11, 11, 26]
+    # floors 10.67 x 3 -> 10 each: the 2 left over go to the first two layers
+    assert share_budgets([1.0, 1.0, 1.0], 32, 26) == [11, 11, 10]
+    torch.manual_seed(0)
+    H, S, B, W = 2, 30, 20, 4
+    scores = [torch.cat([torch.rand(H, S - W), torch.full((H, W), 1e6)], 1) for _ in range(3)]
+    _, history = cake_cascade([1.0, 1.0, 6.0], scores, B, W)
+    assert history[-1] == [15, 15, 30] and sum(history[-1]) == 3 * B
+
+
+def test_cake_leaves_a_prompt_within_budget_and_window_whole():
+    B, W = 20, 4
+    method = make_method("cake", budget=B, window_size=W)
+    for S, whole in ((24, True), (25, False)):              # the official trigger: S > B + W
+        torch.manual_seed(0)
+        v = PrefillView(0, 1, torch.randn(S, 2, 4), torch.randn(2, S, 4), torch.arange(S))  # one layer
+        assert (method.keep_mask(v) is None) == whole
+        assert (method.state_of(v)["cake_budget"] == B).all()   # B for decode either way
+
+
+def test_cake_decode_scores_pool_the_current_attention_over_older_tokens_by_position():
+    from nanokv.methods.base import DecodeStep
+    W, S = 3, 10
+    method = make_method("cake", budget=8, window_size=W)
+    torch.manual_seed(0)
+    positions = torch.randperm(S)                           # slot i holds the token at positions[i]
+    probs = torch.rand(1, 1, 2, S).softmax(-1)              # two query heads over one kv-head
+    q = S - 1
+    step = DecodeStep(3, torch.tensor([q]), torch.tensor([6]), positions.view(1, 1, S),
+                      torch.ones(1, 1, S, dtype=torch.bool), torch.tensor([8]))
+    state = {"cake_budget": torch.full((1, 1, S), 8, dtype=torch.int32)}
+    scores, new = method.decode_scores(probs, state, step)
+    mean = probs[0, 0].mean(0)                              # GQA mean of the current query's attention
+    by_position = {int(p): float(a) for p, a in zip(positions, mean)}
+    older = [p for p in range(S) if p <= q - W]             # the newest W are never scored
+    for slot, p in enumerate(positions.tolist()):
+        if p in older:
+            near = [by_position[o] for o in older if abs(o - p) <= 2]
+            assert float(scores[0, 0, slot]) == pytest.approx(sum(near) / 5, rel=1e-5)
+    assert (new["cake_budget"] == 8).all()
+
+
+def test_cake_holds_each_layers_budget_while_generating(tiny):
+    """The official CakeDecodingKVCache trims every layer back to its budget each step: after 200
+    generated tokens every head still holds its layer's share plus the window, which sum to L x B."""
+    from tests.test_methods_decode_wave2 import serve
+
+    B, W, steps = 16, 4, 200
+    method = make_method("cake", budget=B, window_size=W)
+    prompts = [[(i * 37 + j * 11) % 256 for j in range(n)] for i, n in enumerate((40, 33, 12))]
+    outs, held, preemptions, cache = serve(tiny, method, prompts, 400, steps)
+    L = tiny[1].num_layers
+    for (lengths, blocks), prompt, out in zip(held, prompts, outs):
+        assert len(out) == steps
+        assert (lengths == lengths[:, :1]).all()            # every head of a layer at its budget
+        if len(prompt) > B + W:
+            assert int(lengths[:, 0].sum()) == L * B and len(set(lengths[:, 0].tolist())) > 1
+        else:                                                # not compressed: B in every layer
+            assert (lengths == B).all()
+        assert (blocks == (lengths + 3) // 4).all()          # and only the blocks that holds
+    assert cache.pool.num_free == cache.pool.num_blocks
 
 
 def test_cake_refuses_quantization_and_small_budgets():
@@ -197,11 +280,12 @@ def test_runs_under_continuous_batching_and_frees_real_blocks(smollm2_gguf, name
         prompt_held = [[[p for p in h if p < n] for h in heads] for heads in layers]
         if name == "sepllm":
             separators += check_sepllm(llm.method, prompt, prompt_held, keep)
-        else:  # every layer keeps its window; the layers share L x (keep - window) beyond it
-            counts = [len(heads[0]) for heads in prompt_held]
-            assert all(len(h) == c for heads, c in zip(prompt_held, counts) for h in heads)
-            assert all(set(range(n - 8, n)) <= set(h) for heads in prompt_held for h in heads)
-            assert sum(counts) <= L * keep and len(set(counts)) > 1
+        else:  # every layer keeps its newest 8; the layers share L x (keep - 8) beyond them
+            counts = [len(heads[0]) for heads in layers]
+            cached = n + max_tokens - 1                  # the last sampled token is never fed
+            assert all(len(h) == c for heads, c in zip(layers, counts) for h in heads)
+            assert all(set(range(cached - 8, cached)) <= set(h) for heads in layers for h in heads)
+            assert sum(counts) == L * keep and len(set(counts)) > 1
         blocks = sum(math.ceil(len(h) / 16) for heads in layers for h in heads)
         assert out.metrics["kv_cache_bytes"] == blocks * per_block < out.metrics["kv_cache_bytes_uncompressed"]
     if name == "sepllm":

@@ -243,6 +243,8 @@ class StepAttention:
             kept = kept.to(HOST)  # block tables live on the host
             generated = torch.ones(kept.shape[0], held - n, dtype=torch.bool, device=HOST)
             cache.compact(seq_id, torch.cat([kept, generated], dim=1)[None], layers=slice(at, at + 1))
+        for at, fields in method.earlier_prefill_state(view).items():
+            cache.write_prompt(seq_id, at, next(iter(fields.values())).shape[1], fields)
         if method.prunes_key_channels:  # the older kept tokens' keys keep the channels the method picks (ThinK)
             prompt = torch.full((view.keys.shape[0],), n, device=HOST) if keep is None else keep.sum(-1).to(HOST)
             cache.prune(seq_id, layer, method.key_channels(view, keep).to(HOST), (prompt - method.recent).clamp(min=0))

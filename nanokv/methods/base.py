@@ -60,7 +60,8 @@ A method whose budgets depend on layers it has not seen yet (CAKE's cascade: eac
 preference shrinks the budgets of the earlier ones) returns, after each layer's `keep_mask`,
 masks for earlier layers of the same sequence from `earlier_keep_masks`: {layer: [H, P] bool}
 over the P prompt tokens that layer holds now, in slot order (what its previous masks kept,
-in order); the engine compacts those layers again, keeping the tokens a recompute generated.
+in order); the engine compacts those layers again, keeping the tokens a recompute generated,
+and then sets the slot fields `earlier_prefill_state` returns for them (a budget that changed).
 Such a method cannot be combined with quantization (quantized blocks are not compacted), and
 its `kept_after_prefill` must plan for the most its layers hold at any point of the prefill.
 What follows the compressed part of the prompt (a question after a compressed context, a
@@ -214,6 +215,13 @@ def observation_attention(view: PrefillView, window: int) -> torch.Tensor:
     logits = torch.einsum("whd,hsd->hws", q, keys) / math.sqrt(D)  # [Hq, W, S]
     future = view.positions[None, None, :] > view.positions[-window:][None, :, None]
     return logits.masked_fill(future, float("-inf")).softmax(dim=-1)
+
+
+def head_value(field: torch.Tensor, step: DecodeStep) -> torch.Tensor:
+    """A value per (layer, head) carried in every slot of a slot field [b, H, S] (D2O's and CAKE's
+    layer budgets): read at the oldest slot the query sees -> [b, H]."""
+    oldest = step.key_positions.masked_fill(~step.visible, torch.iinfo(step.key_positions.dtype).max)
+    return field.gather(-1, oldest.argmin(dim=-1, keepdim=True))[..., 0]
 
 
 def top_over_heads(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -402,6 +410,12 @@ class PrefillSelector(Method):
     def earlier_keep_masks(self, view: PrefillView) -> dict[int, torch.Tensor]:
         """After keep_mask at view.layer: {earlier layer: [H, P] bool} over the P prompt tokens
         that layer holds now, in slot order; the engine compacts them (trims_earlier_layers)."""
+        return {}
+
+    def earlier_prefill_state(self, view: PrefillView) -> dict[int, dict[str, torch.Tensor]]:
+        """After earlier_keep_masks: {earlier layer: {slot field: [H, P]}} over the P prompt tokens
+        that layer holds now, to set again (CAKE: a layer's decode budget, final only once the
+        cascade has seen the last layer)."""
         return {}
 
     def prefill_state(self, view: PrefillView) -> dict[str, torch.Tensor]:

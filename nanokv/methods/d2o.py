@@ -33,7 +33,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from nanokv.methods.base import DecodeEvictor, DecodeStep, Merger, PrefillView
+from nanokv.methods.base import DecodeEvictor, DecodeStep, Merger, PrefillView, head_value
 
 
 class D2O(DecodeEvictor, Merger):
@@ -109,22 +109,16 @@ class D2O(DecodeEvictor, Merger):
         return {"k": scatter_mean(keys, target, best, merging), "v": scatter_mean(values, target, best, merging),
                 "d2o_threshold": threshold[:, None].expand(H, S)}
 
-    @staticmethod
-    def head_value(field: torch.Tensor, step: DecodeStep) -> torch.Tensor:
-        """A per-head value carried in every slot: read at the oldest slot the query sees [b, H]."""
-        oldest = step.key_positions.masked_fill(~step.visible, torch.iinfo(step.key_positions.dtype).max)
-        return field.gather(-1, oldest.argmin(dim=-1, keepdim=True))[..., 0]
-
     def decode_scores(self, probs, state, step: DecodeStep):
         accumulated = state["d2o_score"] + probs.mean(dim=2)
-        budget, threshold = self.head_value(state["d2o_budget"], step), self.head_value(state["d2o_threshold"], step)
+        budget, threshold = head_value(state["d2o_budget"], step), head_value(state["d2o_threshold"], step)
         scores = self.protect(accumulated, step.key_positions, step.positions[:, None, None], budget[..., None])
         return scores, {"d2o_score": accumulated,  # the per-head values reach the new token's slot too
                         "d2o_budget": budget[..., None].expand_as(accumulated),
                         "d2o_threshold": threshold[..., None].expand_as(accumulated)}
 
     def decode_budgets(self, state, step: DecodeStep) -> torch.Tensor:
-        return self.head_value(state["d2o_budget"], step).long()
+        return head_value(state["d2o_budget"], step).long()
 
     def merge_evicted(self, victim, evicting, state, step: DecodeStep) -> dict[str, torch.Tensor]:
         keys, values = step.keys.float(), step.values.float()                  # [b, H, S, D]
@@ -136,7 +130,7 @@ class D2O(DecodeEvictor, Merger):
         similarity = (unit * row(unit, victim)).sum(-1)                          # [b, H, S]
         others = step.visible.scatter(-1, victim[..., None], False)
         best, target = similarity.masked_fill(~others, float("-inf")).max(dim=-1)
-        previous = self.head_value(state["d2o_threshold"], step)
+        previous = head_value(state["d2o_threshold"], step)
         threshold = torch.where(previous.isnan(), best, self.alpha * previous + self.beta * best)
         merging = evicting & (best >= threshold)                                  # [b, H]
         # into the target t alone: k_t <- (k_t + s k_e) / 2
