@@ -215,7 +215,7 @@ def test_cake_decode_scores_pool_the_current_attention_over_older_tokens_by_posi
 def test_cake_holds_each_layers_budget_while_generating(tiny):
     """The official CakeDecodingKVCache trims every layer back to its budget each step: after 200
     generated tokens every head still holds its layer's share plus the window, which sum to L x B."""
-    from tests.test_methods_decode_wave2 import serve
+    from tests.test_methods_decode_wave2 import TINY_PROMPTS, serve
 
     B, W, steps = 16, 4, 200
     method = make_method("cake", budget=B, window_size=W)
@@ -231,6 +231,14 @@ def test_cake_holds_each_layers_budget_while_generating(tiny):
             assert (lengths == B).all()
         assert (blocks == (lengths + 3) // 4).all()          # and only the blocks that holds
     assert cache.pool.num_free == cache.pool.num_blocks
+    # preempted for want of blocks, a request recomputes to the same tokens and the same cache:
+    # its generated tokens replay their evictions after the cascade (the runner's second pass)
+    # (short prompts grow to their budget while generating: they are what runs out of blocks)
+    method = make_method("cake", budget=12, window_size=W)
+    roomy, roomy_held, _, _ = serve(tiny, method, TINY_PROMPTS, 400, 20)
+    tight, tight_held, tight_preemptions, _ = serve(tiny, method, TINY_PROMPTS, 44, 20)
+    assert tight_preemptions > 0 and tight == roomy
+    assert all((a[0] == b[0]).all() for a, b in zip(tight_held, roomy_held))
 
 
 def test_cake_refuses_quantization_and_small_budgets():

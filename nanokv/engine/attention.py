@@ -32,13 +32,18 @@ from nanokv.methods.base import DecodeStep, PrefillView
 class StepAttention:
     def __init__(self, cache, seq_ids: list[int], query_lens: list[int], positions: torch.Tensor, method=None,
                  compress_lens: list[int] | None = None, token_ids: torch.Tensor | None = None,
-                 scoring_passes: list[list[int]] | None = None):
+                 scoring_passes: list[list[int]] | None = None, compress: bool = True):
         self.cache, self.seq_ids, self.query_lens = cache, seq_ids, query_lens
         compressing = method if method is not None and method.compresses else None
         # a method that picks the tokens each layer's prompt keeps (the PrefillSelector role)
         self.method = compressing if compressing is not None and compressing.selects_tokens else None
         # a method that stores pairs of layers once (MiniCache: the cache holds the pairs it asked for)
-        self.pair_merger = compressing
+        self.pair_merger = compressing if compress else None
+        # the second pass over a finished compressed prompt (runner.py) compresses nothing; a
+        # decode-time method replays its evictions over it, token by token (_generated)
+        self.compress = compress
+        if not compress and not (self.method is not None and self.method.evicts_during_decode):
+            self.method = None
         # a method that picks which blocks each decode step reads (Quest)
         self.selector = method if method is not None and method.selects_pages else None
         self.bytes_read = 0  # KV bytes the decode attention read this step, over all layers
@@ -83,8 +88,9 @@ class StepAttention:
             m = sum(self.scoring_passes[i])  # a scoring pass is written when it runs, and dropped
             cached = len(q_i) - m
             cache.write_prefill(seq_id, layer, k_i[:cached], v_i[:cached], pos_i[:cached])
-            if self.method is None:
-                outs.append(cache.attend_prefill(seq_id, layer, q_i, pos_i, sliding_window)[0])
+            if self.method is None or not self.compress:
+                outs.append(self._generated(layer, i, q_i, pos_i, sliding_window) if self.method is not None
+                            else cache.attend_prefill(seq_id, layer, q_i, pos_i, sliding_window)[0])
                 cache.settle(seq_id, layers=slice(layer, layer + 1))
                 continue
             # The prompt attends over itself, then is compressed. Tokens generated before a

@@ -63,9 +63,9 @@ class ModelRunner:
     def _forward(self, seqs, query_lens, ids, positions, compress=True):
         """The model over the cache for these sequences' new tokens -> hidden states [T, hidden]."""
         ids = torch.tensor(ids, device=self.device)
-        attention = StepAttention(self.cache, [s.id for s in seqs], query_lens, positions,
-                                   self.method if compress else None, [s.compress_len for s in seqs], ids,
-                                   [[len(p) for p in s.scoring_passes] for s in seqs] if compress else None)
+        attention = StepAttention(self.cache, [s.id for s in seqs], query_lens, positions, self.method,
+                                   [s.compress_len for s in seqs], ids,
+                                   [[len(p) for p in s.scoring_passes] for s in seqs] if compress else None, compress)
         hidden = self.model(ids, positions, attention)
         attention.finish()
         self.last_bytes_read = attention.bytes_read  # decode: the KV bytes attention read, all layers
