@@ -45,6 +45,23 @@ def tiny(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_deep(tmp_path_factory):
+    """(model, config): the tiny Qwen2 with 5 layers, for methods that treat the first and last
+    layers apart (D2O's official allocation)."""
+    import transformers as T
+
+    from nanokv.loading import load_model
+
+    torch.manual_seed(0)
+    config = T.Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=5,
+                           num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
+                           max_position_embeddings=256)
+    path = tmp_path_factory.mktemp("tiny-qwen2-deep")
+    T.AutoModelForCausalLM.from_config(config).float().save_pretrained(path)
+    return load_model("hf_dir", path, torch.float32)
+
+
+@pytest.fixture(scope="session")
 def smollm2_gguf():
     return real_gguf("smollm2-135m")
 

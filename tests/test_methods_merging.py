@@ -11,6 +11,7 @@ import torch
 
 from helpers import generate_holding, restated_greedy
 from nanokv.methods import make_method
+from nanokv.methods.d2o import WHOLE
 from nanokv.methods.base import DecodeStep, PrefillView, hashed_uniform
 from test_methods_decode_wave2 import TINY_PROMPTS, serve
 
@@ -134,6 +135,67 @@ def test_d2o_layer_budgets_follow_the_density_of_each_layer_seen_so_far():
         assert int(method.prefill_state(view)["d2o_budget"][0, 0]) == expected
         assert method.kept_after_prefill(20, layer, 30) >= expected
     assert [int(10 * (i + 1) * w[i] / sum(w[:i + 1])) for i in range(3)] == [10, 9, 10]
+
+
+def test_d2o_official_allocation_is_a_softmax_over_all_layers_with_0_1_and_the_last_whole():
+    # 5 layers, B = 10 of 20; v = 0.5 in layers 2 and 3, 0 elsewhere: w = e^-v / (3 + 2 e^-0.5)
+    method = make_method("d2o", compression=0.5, allocation="official")
+    w_low = math.exp(-0.5) / (3 + 2 * math.exp(-0.5))
+    want = int(5 * w_low * 10)                                             # 5 x 0.1440 x 10 = 7
+    assert method.official_budgets([0.0, 0.0, 0.5, 0.5, 0.0], 20) == [WHOLE, WHOLE, want, want, WHOLE] == \
+        [WHOLE, WHOLE, 7, 7, WHOLE]
+    # clamped to [0.01, 1] of the prompt: a dense layer among sparse ones keeps at least 1 of 100
+    assert method.official_budgets([0.0, 0.0, 40.0, 0.0, 0.0], 100)[2] == 1
+    assert method.trims_earlier_layers and not make_method("d2o", compression=0.5).trims_earlier_layers
+    assert method.kept_after_prefill(20, 2, 5) == 20                       # whole until the last layer
+
+
+def test_d2o_official_allocation_compresses_and_merges_the_middle_layers_at_the_last_ones_prefill():
+    torch.manual_seed(0)
+    L, H, S = 5, 2, 20
+    method = make_method("d2o", compression=0.5, allocation="official", sink_tokens=1)
+    state, views = {}, []
+    for layer in range(L):
+        sums = torch.rand(H, S) * (1 + layer)
+        view = prefill_view(torch.randn(H, S, 4), sums, layer=layer, num_layers=L, state=state)
+        views.append(view)
+        fields = method.state_of(view)
+        assert (fields["d2o_budget"] == WHOLE).all() and method.keep_mask(view) is None
+        masks = method.earlier_keep_masks(view)
+        if layer < L - 1:
+            assert masks == {} and method.earlier_prefill_state(view) == {}
+    budgets = method.official_budgets([method.density(v.column_sums) for v in views], S)
+    assert sorted(masks) == [2, 3] and all(b < S for b in budgets[2:4])
+    written = method.earlier_prefill_state(view)
+    assert sorted(written) == [0, 1, 2, 3]
+    for layer in (2, 3):
+        v, keep, budget = views[layer], masks[layer], budgets[layer]
+        assert (keep.sum(-1) == budget).all()
+        # what `keep_mask` keeps at that budget (sinks, recent share, heaviest), merged as `merge` does
+        top = method.protect(v.column_sums.clone(), v.positions, v.positions[-1], budget).topk(budget, dim=-1)
+        assert (keep.gather(1, top.indices)).all()
+        merged = method.merge(v, keep)
+        assert torch.equal(written[layer]["k"], merged["k"][keep].view(H, budget, 4))
+        assert (written[layer]["d2o_budget"] == budget).all()
+    assert (written[0]["d2o_budget"] == WHOLE).all() and "k" not in written[0]  # layers 0, 1: whole
+
+
+def test_d2o_official_allocation_in_the_engine_holds_middle_layers_at_budget_and_recomputes_alike(tiny_deep):
+    method = make_method("d2o", budget=8, allocation="official")
+    prompts = [p * 3 for p in TINY_PROMPTS]                                # 6 to 60 tokens
+    roomy, held, preemptions, cache = serve(tiny_deep, method, prompts, 1000, 12)
+    assert preemptions == 0 and cache.pool.num_free == cache.pool.num_blocks
+    for (lengths, blocks), prompt in zip(held, prompts):
+        cached = len(prompt) + 11
+        if len(prompt) <= 8:                                               # within budget: B everywhere
+            assert (lengths == min(8, cached)).all()
+            continue
+        assert (lengths[[0, 1, 4]] == cached).all()                        # never compressed
+        middle = lengths[2:4]
+        assert (middle == middle[:, :1]).all() and (middle < cached).all()
+    tight, tight_held, tight_preemptions, _ = serve(tiny_deep, method, prompts, 260, 12)
+    assert tight_preemptions > 0 and tight == roomy
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(tight_held, held))
 
 
 def test_d2o_prefill_merges_each_evicted_key_into_its_most_similar_kept_one_above_the_mean():

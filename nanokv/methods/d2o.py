@@ -17,15 +17,25 @@ T = alpha T + beta s at each later one (updated before the test). Merging (the o
 scatter mean): k_t <- (k_t + sum of s_e k_e) / (1 + number merged into t), the same weights
 for v. T and B_l are per (layer, kv-head) values carried in slot fields (base.py).
 
-Defaults (official code): alpha = beta = 0.5, sink_tokens=4, heavy and recent halves
-(`--hh_ratio 0.1 --recent_ratio 0.1`). What differs: the engine compresses a layer when its
-prefill ends, before later layers run, so the softmax runs over the layers seen so far
-(B_l = B x (l + 1) x w_l / sum_{k<=l} w_k, w = exp(-v)): the last layer's budget is the
-paper's, the earlier ones leave out the layers after them, and the request's total is near
-L x B, not exactly it; the official code keeps layers 0, 1 and L-1 whole, here every layer is
-compressed; selection, threshold and merge decision are per kv-head (the official code
-decides per evicted index over the heads); a prompt within the budget is left whole in every
-layer, which then holds the request's budget.
+Defaults (official code @ 12c99d8): alpha = beta = 0.5, sink_tokens=4, heavy and recent halves
+(`--hh_ratio 0.1 --recent_ratio 0.1`).
+
+Layer allocation, two choices (`allocation`):
+- "seen" (the default): each layer is compressed as its prefill ends, before later layers run,
+  so the softmax runs over the layers seen so far (B_l = B x (l + 1) x w_l / sum_{k<=l} w_k,
+  w = exp(-v)): the last layer's budget is the paper's, the earlier ones leave out the layers
+  after them, and the request's total is ~0.8-0.93 of L x B; every layer is compressed. The
+  cache never holds a whole prompt in every layer at once.
+- "official": as the official code (modeling_llama3_new.py), w = softmax(-v) over all L layers
+  and B_l = L w_l B tokens, at least 1% and at most all of the prompt (the official clamps
+  L rho w_l to [0.01, 1], its B being rho (n + 1)); layers 0, 1 and L-1 are never compressed (they keep
+  their share of the softmax). Every layer stays whole until the last one's prefill, which
+  compresses and merges the middle ones (earlier_keep_masks), so a prefill holds the whole prompt.
+What differs in both: the official code starts evicting at the first decode step, from budgets
+that are ratios of n + 1 (sizes int(ratio x (n + 1)) for heavy and recent apiece); here at the
+end of prefill, from the request's budget in tokens; selection, threshold and merge decision are
+per kv-head (the official code decides per evicted index over the heads); a prompt within the
+budget is left whole in every layer, which then holds the request's budget.
 """
 
 import math
@@ -34,6 +44,8 @@ import torch
 import torch.nn.functional as F
 
 from nanokv.methods.base import DecodeEvictor, DecodeStep, Merger, PrefillView, head_value
+
+WHOLE = torch.iinfo(torch.int32).max  # the budget of a layer the official allocation never compresses
 
 
 class D2O(DecodeEvictor, Merger):
@@ -46,11 +58,20 @@ class D2O(DecodeEvictor, Merger):
         "sink_tokens": (int, 4, "an integer >= 0 (first tokens never evicted)", lambda v: v >= 0),
         "alpha": (float, 0.5, "a number in [0, 1] (weight of the previous threshold)", lambda v: 0 <= v <= 1),
         "beta": (float, 0.5, "a number in [0, 1] (weight of the new max similarity)", lambda v: 0 <= v <= 1),
+        "allocation": (str, "seen", "'seen' (softmax over the layers seen so far, each compressed as its "
+                       "prefill ends) or 'official' (over all layers; layers 0, 1 and L-1 whole)",
+                       lambda v: v in ("seen", "official")),
     }
     needs_column_sums = True
     needs_values = True
     decode_reads = frozenset({"keys", "values"})
     slot_fields = {"d2o_score": torch.float32, "d2o_threshold": torch.float32, "d2o_budget": torch.int32}
+
+    def __init__(self, *args, **options):
+        super().__init__(*args, **options)
+        # the official allocation needs every layer's density first: the last layer's prefill
+        # compresses the others (earlier_keep_masks), and what follows the prompt waits (base.py)
+        self.trims_earlier_layers = self.allocation == "official"
 
     @staticmethod
     def density(column_sums: torch.Tensor) -> float:
@@ -69,11 +90,22 @@ class D2O(DecodeEvictor, Merger):
         return min(S, max(1, int(budget * len(seen) * seen[view.layer] / sum(seen.values()))))
 
     def kept_after_prefill(self, n: int, layer: int, num_layers: int) -> int:
-        """Each w is in [1/e, 1], so layer l's share is at most (l + 1) / (1 + l / e)."""
+        """Each w is in [1/e, 1], so layer l's share is at most (l + 1) / (1 + l / e); the
+        official allocation holds every layer whole until the last one's prefill."""
         budget = self.decode_budget(n)
-        if not self.compresses or budget >= n:
+        if not self.compresses or budget >= n or self.allocation == "official":
             return n
         return min(n, math.ceil(budget * (layer + 1) / (1 + layer / math.e)))
+
+    def official_budgets(self, densities: list[float], n: int) -> list[int]:
+        """The official allocation: w = softmax(-v) over all L layers, layer l keeping
+        clamp(L w_l, 0.01, 1) of the tokens the request's budget B is the share of (B = rho (n + 1)
+        there); layers 0, 1 and L - 1 are never compressed (they keep their softmax share all the
+        same): their budget is the int32 maximum."""
+        L, budget = len(densities), self.decode_budget(n)
+        w = torch.tensor(densities, dtype=torch.float64).neg().softmax(0)
+        budgets = [min(n, max(math.ceil(0.01 * n), int(L * float(w_l) * budget))) for w_l in w]
+        return [WHOLE if layer in (0, 1, L - 1) else b for layer, b in enumerate(budgets)]
 
     def protect(self, scores, positions, newest, budget):
         """Sinks and the newest recent_ratio of the budget score +inf (never evicted)."""
@@ -83,8 +115,16 @@ class D2O(DecodeEvictor, Merger):
 
     def prefill_state(self, view: PrefillView) -> dict[str, torch.Tensor]:
         sums = view.column_sums
+        if self.allocation == "official":
+            budget = self.decode_budget(view.keys.shape[1])
+            if budget < view.keys.shape[1]:  # compressed once every layer is seen: until then, whole
+                layers = view.sequence_state.setdefault("d2o", {})
+                layers[view.layer] = (self.density(sums), view)
+                budget = WHOLE
+        else:
+            budget = self.budget_of(view)
         return {"d2o_score": sums, "d2o_threshold": torch.full_like(sums, float("nan")),  # nan: no eviction yet
-                "d2o_budget": torch.full_like(sums, self.budget_of(view), dtype=torch.int32)}
+                "d2o_budget": torch.full_like(sums, budget, dtype=torch.int32)}
 
     def scores(self, view: PrefillView) -> torch.Tensor:
         budget = int(self.state_of(view)["d2o_budget"][0, 0])
@@ -96,6 +136,34 @@ class D2O(DecodeEvictor, Merger):
             return None
         top = self.scores(view).topk(budget, dim=-1).indices
         return torch.zeros(view.keys.shape[:2], dtype=torch.bool, device=top.device).scatter_(1, top, True)
+
+    def earlier_keep_masks(self, view: PrefillView) -> dict[int, torch.Tensor]:
+        """The official allocation, at the last layer's prefill: every layer's budget from all the
+        densities; each layer over budget keeps its top tokens and merges the rest (as `merge`)."""
+        layers = view.sequence_state.get("d2o")
+        if layers is None or view.layer != view.num_layers - 1:
+            return {}
+        budgets = self.official_budgets([layers[l][0] for l in range(view.num_layers)], view.keys.shape[1])
+        masks, fields = {}, {}
+        for layer, budget in enumerate(budgets):
+            earlier = layers[layer][1]
+            H, S, D = earlier.keys.shape
+            state = {"d2o_score": earlier.column_sums, "d2o_budget": torch.full((H, S), min(budget, WHOLE),
+                                                                              dtype=torch.int32, device=earlier.keys.device)}
+            if budget < S and layer < view.layer:
+                keep = self.protect(earlier.column_sums.clone(), earlier.positions, earlier.positions[-1], budget)
+                keep = torch.zeros((H, S), dtype=torch.bool, device=keep.device).scatter_(
+                    1, keep.topk(budget, dim=-1).indices, True)
+                state |= self.merge(earlier, keep)
+                masks[layer] = keep
+                state = {name: value[keep].view(H, budget, *value.shape[2:]) for name, value in state.items()}
+            fields[layer] = state
+        view.sequence_state["d2o_fields"] = fields
+        return masks
+
+    def earlier_prefill_state(self, view: PrefillView) -> dict[int, dict[str, torch.Tensor]]:
+        return {layer: state for layer, state in view.sequence_state.pop("d2o_fields", {}).items()
+                if layer < view.layer}
 
     def merge(self, view: PrefillView, keep: torch.Tensor) -> dict[str, torch.Tensor]:
         keys, values = view.keys.float(), view.values.float()                  # [H, S, D]
