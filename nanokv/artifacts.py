@@ -10,6 +10,9 @@ The artifact is a JSON file, by default `cache_dir()/calibration/<model key>/<me
      "head_scores": [[s_00, s_01, s_02], ...],      # num_layers lists of num_kv_heads floats
      "settings": {"samples": 50, "length": 1024, "seed": 0, "dtype": "float32", "text": ..., ...}}
 
+headkv's and headkv_r2's also hold "profile": HeadKV's two head profiles, "copy" (Retrieval Head
+scores: HeadKV-R) and "reason" (retrieval-reasoning scores: HeadKV-R2).
+
 kvsharer's holds, instead of head_scores, "pairs": [[later, earlier], ...] in the order the search
 accepted them (layer `later` reads layer `earlier`'s KV), and the similarity each was kept at.
 
@@ -44,6 +47,7 @@ from nanokv.paths import cache_dir
 
 FORMAT = 1
 LOWRANK = ("lorc", "palu")  # the methods whose artifacts are safetensors files of bases
+PROFILES = {"headkv": "copy", "headkv_r2": "reason"}  # HeadKV's calibrations -> the profile each holds
 
 def _safe(name: str) -> str:
     key = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "model"
@@ -135,8 +139,14 @@ def load_calibration(method: str, model: str, num_layers: int, num_kv_heads: int
     if not isinstance(artifact, dict) or artifact.get("format") != FORMAT:
         raise ValueError(f"calibration file {path} is not a format-{FORMAT} nanokv calibration; "
                          f"make it again: `{make}`")
-    if artifact.get("method") != method:
-        raise ValueError(f"calibration file {path} was made for method {artifact.get('method')!r}, not {method!r}; "
+    made = artifact.get("method")
+    if method in PROFILES and made in PROFILES:  # HeadKV's other profile: say so by its name
+        held = artifact.get("profile", "copy")   # headkv artifacts from before R2 hold no field: copy
+        if held != PROFILES[method]:
+            raise ValueError(f"calibration file {path} holds HeadKV's {held!r} profile, but method headkv with "
+                             f"profile={PROFILES[method]} needs the {PROFILES[method]!r} one; run `{make}`")
+    if made != method:
+        raise ValueError(f"calibration file {path} was made for method {made!r}, not {method!r}; "
                          f"run `{make}`")
     if artifact.get("model") != model_key(model):
         raise ValueError(f"calibration file {path} was made for model {artifact.get('model')!r}, not {model!r} "

@@ -64,3 +64,15 @@ def value_of(kind: str, rng: random.Random) -> str:
     if kind == "word":
         return key_word(rng)
     return str(uuid.UUID(int=rng.getrandbits(128)))
+
+# the retrieval-reasoning needle (HeadKV-R2's probe, nanokv/calibrate/headkv.py): two people, a
+# pastime each and their ages; names kept apart from the prose filler's, so the needle's are its own
+PEOPLE = ["John", "Mary", "Peter", "Lucy", "David", "Sarah", "Thomas", "Anna", "Mark", "Emma", "Paul", "Julia"]
+PASTIMES = ["to take a walk in the park and have a cup of espresso in the evening",
+            "to play basketball at the local gym and enjoy a smoothie afterward",
+            "to read detective novels on the balcony while it rains",
+            "to bake cinnamon rolls for the neighbours on Sunday mornings",
+            "to swim in the lake before breakfast and then write letters",
+            "to grow tomatoes in the allotment and cook them into soup",
+            "to cycle along the coast road and photograph the sunset",
+            "to play the piano for an hour after dinner"]

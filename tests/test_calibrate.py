@@ -1,6 +1,8 @@
 """python -m nanokv.calibrate: the DuoAttention on-the-fly score against a plain restatement, the
-retrieval copy score on hand-built attention, the artifact's path, checks and errors, and the
-command end to end on a tiny random model whose artifact LLM then reads."""
+retrieval copy score on hand-built attention, HeadKV-R2's retrieval-reasoning score against a
+plain restatement of the official rule and its probe, the artifact's path, checks and errors
+(HeadKV's profile among them), and the command end to end on a tiny random model whose artifact
+LLM then reads."""
 
 import json
 import math
@@ -11,7 +13,7 @@ import pytest
 import torch
 
 from nanokv.calibrate import (cli, copy_scores, duo_head_scores, duoattention_scores, headkv_scores,
-                              load_calibration, model_key, needle_probe, undo_rope)
+                              load_calibration, model_key, needle_probe, reason_probe, reason_scores, undo_rope)
 
 
 # --- duoattention: the on-the-fly score -------------------------------------------------------
@@ -134,6 +136,68 @@ def test_needle_probe_feeds_the_needles_own_value_tokens(byte_tokenizer):
         needle_probe(byte_tokenizer, 100, seed=0, index=0)
 
 
+# --- headkv_r2: the retrieval-reasoning score ---------------------------------------------------
+
+def restated_reason_scores(probs, start, end, group):
+    """FYYFU/HeadKV retrieval_head_detection_r2.py, retrieval_calculate, one query head and one
+    decode step at a time: topk = needle_end - needle_start; for each top-k (value, slot) with
+    needle_start <= slot < needle_end, score += value / (needle_end - needle_start). Then nanokv's
+    mean over each kv-head's query heads."""
+    per_query_head = []
+    for head in probs:
+        score = 0.0
+        for step in head:
+            values, slots = step.topk(end - start)
+            for v, i in zip(values.tolist(), slots.tolist()):
+                if start <= i < end:
+                    score += v * 1 / (end - start)
+        per_query_head.append(score)
+    return [sum(per_query_head[h:h + group]) / group for h in range(0, len(per_query_head), group)]
+
+
+def test_reason_scores_match_the_official_top_k_rule():
+    torch.manual_seed(0)
+    probs = torch.softmax(3 * torch.randn(4, 5, 40), dim=-1)    # 4 query heads over 2 kv-heads, 5 answer tokens
+    probs[:2, :, 10:16] += 0.3                                    # kv-head 0's query heads attend to the span
+    probs /= probs.sum(-1, keepdim=True)
+    ours = reason_scores(probs, (10, 16), num_kv_heads=2)
+    assert ours.tolist() == pytest.approx(restated_reason_scores(probs, 10, 16, 2), abs=1e-6)
+    assert float(ours[0]) > float(ours[1]) > 0
+
+
+def test_headkv_r2_scores_sum_the_probabilities_of_the_queries_that_predict_the_answer():
+    # as in the copy test: span 10..15 (k = 6), prompt ends at 20, 3 answer tokens, so the queries at
+    # slots 19, 20, 21 count. Head 0 puts ~all its probability on the span for each of them: 3 x 1 / 6;
+    # head 1 only from slot 19, the query that predicts the first answer token (the official first
+    # decode step feeds the last prompt token): 1 / 6
+    ids = list(range(100, 110)) + [30, 31, 40, 41, 42, 32] + [50, 51, 52, 53] + [40, 41, 42]
+    n, span = 20, (10, 16)
+    inside = lambda r: 12 if r >= n - 1 else 0                       # noqa: E731
+    first = lambda r: 11 if r == n - 1 else 0                        # noqa: E731
+    cfg = types.SimpleNamespace(num_layers=1, num_kv_heads=2)
+    scores = headkv_scores(PointingModel([inside, first]), cfg, [(ids, span, n)], profile="reason")
+    assert scores.tolist()[0] == pytest.approx([3 / 6, 1 / 6], abs=1e-6)
+
+
+def test_reason_probe_asks_for_the_older_or_younger_ones_sentence(byte_tokenizer):
+    orders = set()
+    for index in range(8):
+        ids, (start, end), n = reason_probe(byte_tokenizer, 700, seed=0, index=index)
+        assert n == 700 and ids[n:] == ids[start:end]             # the reply fed is the sentence in the needle
+        prompt = byte_tokenizer.decode(ids[:n])
+        which, a, b = re.search(r"of the (older|younger) one between (\w+) and (\w+)\?", prompt).groups()
+        assert which == ("older", "younger")[index % 2]
+        ages = {name: int(re.search(rf"{name} is (\d+) years old\.", prompt).group(1)) for name in (a, b)}
+        pick = (max if which == "older" else min)(ages, key=ages.get)
+        answer = byte_tokenizer.decode(ids[n:])
+        assert re.fullmatch(rf" {pick}'s favorite thing is [^.]+\.", answer)
+        other = re.search(rf" {({a, b} - {pick}).pop()}'s favorite thing is [^.]+\.", prompt)
+        orders.add(other.start() < prompt.index(answer))          # the right sentence first or second
+    assert orders == {True, False}
+    with pytest.raises(ValueError, match="too short for the reason probe"):
+        reason_probe(byte_tokenizer, 150, seed=0, index=0)
+
+
 # --- the artifact -----------------------------------------------------------------------------
 
 def test_model_key_is_filesystem_safe_and_meets_the_short_name(monkeypatch, tmp_path):
@@ -173,6 +237,16 @@ def test_load_calibration_reads_the_cache_path_and_refuses_what_does_not_fit(mon
         load_calibration("headkv", "smollm2-135m", 2, 3, path=path)
     with pytest.raises(ValueError, match=r"calibration file .*nowhere.json does not exist.*--out"):
         load_calibration("headkv", "smollm2-135m", 2, 3, path=tmp_path / "nowhere.json")
+    # HeadKV's two profiles: each method option reads its own, and the other is named in one line
+    copy = write_artifact(tmp_path / "copy.json", method="headkv")                 # from before R2: no field
+    reason = write_artifact(tmp_path / "reason.json", method="headkv_r2", profile="reason")
+    assert load_calibration("headkv", "smollm2-135m", 2, 3, path=copy)["head_scores"][0] == [0.1, 0.2, 0.3]
+    assert load_calibration("headkv_r2", "smollm2-135m", 2, 3, path=reason)["profile"] == "reason"
+    for want, path, held in (("headkv_r2", copy, "copy"), ("headkv", reason, "reason")):
+        with pytest.raises(ValueError, match=rf"holds HeadKV's '{held}' profile.*run `python -m nanokv.calibrate "
+                                             rf"{want} --model smollm2-135m --out") as error:
+            load_calibration(want, "smollm2-135m", 2, 3, path=path)
+        assert "\n" not in str(error.value)
     bad = write_artifact(tmp_path / "bad.json", head_scores=[[0.1, 0.2], [0.4, 0.5]])
     with pytest.raises(ValueError, match="not 2 lists of 3 finite numbers"):
         load_calibration("duoattention", "smollm2-135m", 2, 3, path=bad)
@@ -221,20 +295,24 @@ def tiny_dir(tmp_path_factory, byte_tokenizer_json):
     return path
 
 
-@pytest.mark.parametrize("method, options", [("duoattention", {"sink_size": 4, "recent_size": 16}),
-                                             ("headkv", {"window_size": 4})])
-def test_calibrate_writes_an_artifact_that_llm_reads(tiny_dir, monkeypatch, tmp_path, capsys, method, options):
+@pytest.mark.parametrize("calibration, method, options", [
+    ("duoattention", "duoattention", {"sink_size": 4, "recent_size": 16}),
+    ("headkv", "headkv", {"window_size": 4}),
+    ("headkv_r2", "headkv", {"window_size": 4, "profile": "reason"})])
+def test_calibrate_writes_an_artifact_that_llm_reads(tiny_dir, monkeypatch, tmp_path, capsys, calibration, method,
+                                                     options):
     from nanokv import LLM, SamplingParams
 
     monkeypatch.setenv("NANOKV_CACHE", str(tmp_path))
-    with pytest.raises(ValueError, match=re.escape(f"python -m nanokv.calibrate {method} --model {tiny_dir}")):
+    with pytest.raises(ValueError, match=re.escape(f"python -m nanokv.calibrate {calibration} --model {tiny_dir}")):
         LLM(str(tiny_dir), dtype="float32", method=method, compression=0.5, **options)
-    argv = [method, "--model", str(tiny_dir), "--samples", "2", "--length", "512", "--device", "cpu"]
+    argv = [calibration, "--model", str(tiny_dir), "--samples", "2", "--length", "512", "--device", "cpu"]
     assert cli.main(argv) == 0
-    path = tmp_path / "calibration" / model_key(str(tiny_dir)) / f"{method}.json"
+    path = tmp_path / "calibration" / model_key(str(tiny_dir)) / f"{calibration}.json"
     assert capsys.readouterr().out.strip() == f"wrote {path}"
     artifact = json.loads(path.read_text())
-    assert (artifact["format"], artifact["method"]) == (1, method)
+    assert (artifact["format"], artifact["method"]) == (1, calibration)
+    assert artifact.get("profile") == {"headkv": "copy", "headkv_r2": "reason"}.get(calibration)
     assert (artifact["num_layers"], artifact["num_kv_heads"]) == (2, 2)
     assert artifact["settings"]["samples"] == 2 and artifact["settings"]["length"] == 512
     scores = torch.tensor(artifact["head_scores"])
@@ -244,6 +322,23 @@ def test_calibrate_writes_an_artifact_that_llm_reads(tiny_dir, monkeypatch, tmp_
     llm = LLM(str(tiny_dir), dtype="float32", method=method, compression=0.5, **options)
     bound = llm.method.head_scores if method == "duoattention" else llm.method.head_shares
     assert bound is not None and bound.shape == (2, 2)
+    if calibration == "headkv_r2":  # the official allocation (snapkv_utils.py:381-389) of the R2 profile
+        assert bool((scores > 0).all())                         # attention mass: every head scores
+        n, W, beta = 150, 4, 1.5
+        base = math.ceil(n / 2) - W
+        s = [x for row in artifact["head_scores"] for x in row]  # layer-major, as the official flattening
+        s = [x / sum(s) for x in s]
+        s = [x ** 1.0 for x in s]                               # temp
+        s = [x / sum(s) for x in s]
+        pool = (base // beta) * len(s)
+        # round half to even as torch.round; a capacity past the prefix keeps the whole prefix (the official slice)
+        want = [min(round(x * pool + base - base // beta), n - W) for x in s]
+        assert llm.method.head_capacities(n).flatten().tolist() == want
+    if method == "headkv":  # the other profile's option refuses this artifact
+        other = "copy" if options.get("profile") == "reason" else "reason"
+        with pytest.raises(ValueError, match=f"holds HeadKV's '{artifact['profile']}' profile"):
+            LLM(str(tiny_dir), dtype="float32", method=method, compression=0.5, calibration_file=str(path),
+                **{**options, "profile": other})
     prompts = [[i % 200 + 30 for i in range(n)] for n in (150, 90, 200)]
     outs = llm.generate(prompts, SamplingParams(max_tokens=3, ignore_eos=True))
     assert all(len(o.token_ids) == 3 for o in outs)
@@ -253,3 +348,17 @@ def test_calibrate_writes_an_artifact_that_llm_reads(tiny_dir, monkeypatch, tmp_
     moved.write_text(path.read_text())
     path.unlink()
     LLM(str(tiny_dir), dtype="float32", method=method, compression=0.5, calibration_file=str(moved), **options)
+
+
+@pytest.mark.slow
+def test_headkv_r2_profile_of_a_real_model_is_dense(smollm2_gguf, tmp_path):
+    """On SmolLM2 the R2 score is attention mass, so most heads score (the official Llama-3 profile:
+    1022 of 1024 heads), each at most 1 (k answer tokens, each adding at most 1 / k)."""
+    from nanokv.calibrate.cli import calibrate
+
+    path = calibrate("headkv_r2", str(smollm2_gguf), samples=2, length=512, out=tmp_path / "r2.json",
+                     device="cpu", quiet=True)
+    artifact = json.loads(path.read_text())
+    scores = torch.tensor(artifact["head_scores"])
+    assert (artifact["model"], artifact["profile"], scores.shape) == ("smollm2-135m", "reason", (30, 3))
+    assert float((scores > 0).float().mean()) > 0.5 and float(scores.max()) <= 1

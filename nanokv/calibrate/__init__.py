@@ -2,6 +2,7 @@
 
     python -m nanokv.calibrate duoattention --model smollm2-135m
     python -m nanokv.calibrate headkv --model smollm2-135m --samples 20 --length 2048 --out profile.json
+    python -m nanokv.calibrate headkv_r2 --model smollm2-135m      # for headkv profile=reason (HeadKV-R2)
 
 Some methods decide per (layer, kv-head) from a profile of the model made ahead of time. This
 command loads the model as LLM does, runs it over calibration text with a dense attention of its
@@ -28,7 +29,22 @@ for a given --seed.
   value is a number, a word pair or a uuid in turn, at depths 0, 0.25, .., 1 in turn. (The paper
   lets the model generate and counts only samples it answers right, each copy weighing 1 /
   needle length; teacher forcing gives every sample the same answer tokens, so a small model
-  that misses the needle still yields a profile.)
+  that misses the needle still yields a profile.) This is HeadKV-R's profile (the official
+  head_choice=copy); the artifact records "profile": "copy".
+- headkv_r2: HeadKV-R2's retrieval-reasoning profile (the official head_choice=reason, the
+  paper's headline; FYYFU/HeadKV Important_Head/retrieval_head_detection_r2.py), for method headkv
+  with profile=reason. The needle gives two people's favorite things and their ages ("John's
+  favorite thing is to ... Mary's favorite thing is to ... John is 12 years old. Mary is 13 years
+  old."), the question asks for the older one's or the younger one's (in turn; names, pastimes,
+  ages and sentence order drawn per probe), and the correct person's sentence is fed as the reply
+  ("Based on the content of the text, Question: ...?\nAnswer:", the official template). For each
+  answer token, per query head: the k most attended slots of the query that predicts it (k = the
+  sentence's length), and the attention probability of each one inside the sentence / k, summed
+  over the answer tokens; averaged over samples and over the query heads of each kv-head. Unlike
+  the copy score, attention mass rather than top-1 copies, so almost every head scores above 0.
+  (The official probe decodes greedily and keeps only samples answered with token F1 > 0.5; the
+  small models here rarely pick the right person, so that filter would leave no sample: teacher
+  forcing with the right answer instead, every sample kept.) The artifact records "profile": "reason".
 
 - kvsharer: the layer pairs KVSharer shares (nanokv/calibrate/kvsharer.py: most dissimilar
   layers first, each pair kept while the final hidden states stay close to the unshared model's).
@@ -45,10 +61,10 @@ from __future__ import annotations
 
 from nanokv.calibrate.dense import DenseAttention, calibration_texts, run_dense
 from nanokv.calibrate.duoattention import Q_LEN, duo_head_scores, duoattention_scores, undo_rope
-from nanokv.calibrate.headkv import copy_scores, headkv_scores, needle_probe
-from nanokv.artifacts import FORMAT, LOWRANK, artifact_path, command, load_calibration, model_key, write_artifact
+from nanokv.calibrate.headkv import copy_scores, headkv_scores, needle_probe, reason_probe, reason_scores
+from nanokv.artifacts import FORMAT, LOWRANK, PROFILES, artifact_path, command, load_calibration, model_key, write_artifact
 
 # the pieces, for callers and tests (not the command line, nanokv.calibrate.cli: it imports this module)
-__all__ = ["FORMAT", "LOWRANK", "write_artifact", "model_key", "artifact_path", "command", "load_calibration",
+__all__ = ["FORMAT", "LOWRANK", "PROFILES", "write_artifact", "model_key", "artifact_path", "command", "load_calibration",
            "DenseAttention", "calibration_texts", "run_dense", "Q_LEN", "duo_head_scores", "duoattention_scores",
-           "undo_rope", "copy_scores", "headkv_scores", "needle_probe"]
+           "undo_rope", "copy_scores", "headkv_scores", "needle_probe", "reason_probe", "reason_scores"]

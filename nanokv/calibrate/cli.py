@@ -6,10 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from nanokv.calibrate import FORMAT, artifact_path, model_key, write_artifact
+from nanokv.calibrate import FORMAT, PROFILES, artifact_path, model_key, write_artifact
 from nanokv.calibrate.dense import calibration_texts
 from nanokv.calibrate.duoattention import Q_LEN, duoattention_scores
-from nanokv.calibrate.headkv import headkv_scores, needle_probe
+from nanokv.calibrate.headkv import headkv_scores, needle_probe, reason_probe
 from nanokv.calibrate.kvsharer import kvsharer_pairs
 from nanokv.calibrate.lowrank import default_group, fisher_information, weight_bases, whitened_bases
 
@@ -17,6 +17,7 @@ from nanokv.calibrate.lowrank import default_group, fisher_information, weight_b
 # official script 30 of 64 tokens; Palu's 256 of 2048 (whitening) and 2048 of 1024 (Fisher) scaled
 # down for a CPU; LoRC reads no text
 DEFAULTS = {"duoattention": {"samples": 50, "length": 1024}, "headkv": {"samples": 50, "length": 1024},
+            "headkv_r2": {"samples": 50, "length": 1024},
             "kvsharer": {"samples": 30, "length": 64}, "palu": {"samples": 32, "length": 1024},
             "lorc": {"samples": 0, "length": 0}}
 
@@ -70,12 +71,19 @@ def calibrate(method: str, model: str, samples: int | None = None, length: int |
         settings.update(threshold=threshold, text="prose haystack (nanokv/haystack.py), length tokens each",
                         score="pairs most dissimilar first (mean KV distance), kept while the final hidden "
                               "states' cosine similarity to the unshared model's stays above threshold")
-    else:
+    elif method == "headkv":
         inputs = [needle_probe(tokenizer, length, seed, i) for i in range(samples)]
         settings.update(probe="teacher-forced needle copy: value kinds number/word/uuid and depths 0..1 in turn, "
                               "prose haystack, answer tokens fed as the reply",
                         score="share of answer tokens whose predicting query's argmax attention lands in the needle "
                               "on the same token (Retrieval Head), mean over query heads and samples")
+    else:
+        inputs = [reason_probe(tokenizer, length, seed, i) for i in range(samples)]
+        settings.update(probe="teacher-forced retrieval-reasoning: two people's favorite things and ages, the older's "
+                              "or younger's in turn, depths 0..1, prose haystack, the answer sentence fed as the reply",
+                        score="per answer token, the attention of the predicting query's top-k slots (k = answer "
+                              "length) inside the answer sentence / k, summed (HeadKV-R2); mean over query heads and "
+                              "samples, no success filter")
     net, config = load_model(source.kind, source.path, torch_dtype, device, pack=False)  # weights read as such
     artifact = {"format": FORMAT, "method": method, "model": model_key(model), "num_layers": config.num_layers,
                 "num_kv_heads": config.num_kv_heads}
@@ -103,8 +111,11 @@ def calibrate(method: str, model: str, samples: int | None = None, length: int |
         artifact.update(pairs=pairs, similarities=similarities, settings={**settings, "share_layers": share_layers})
     else:
         bar = tqdm(total=samples, desc=f"calibrating {method}", unit="sample", file=sys.stderr, disable=quiet)
-        run = duoattention_scores if method == "duoattention" else headkv_scores
-        scores = run(net, config, inputs, progress=lambda: bar.update(1))
+        if method == "duoattention":
+            scores = duoattention_scores(net, config, inputs, progress=lambda: bar.update(1))
+        else:  # headkv, headkv_r2: the artifact says which profile it holds
+            scores = headkv_scores(net, config, inputs, PROFILES[method], progress=lambda: bar.update(1))
+            artifact["profile"] = PROFILES[method]
         bar.close()
         artifact.update(head_scores=[[float(s) for s in row] for row in scores.tolist()], settings=settings)
     path = Path(out).expanduser() if out is not None else artifact_path(method, model)

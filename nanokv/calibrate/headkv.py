@@ -1,5 +1,6 @@
-"""HeadKV's head profile: Retrieval Head scores from a teacher-forced needle copy probe (see the
-package docstring)."""
+"""HeadKV's head profiles (see the package docstring): Retrieval Head scores from a teacher-forced
+needle copy probe (profile copy, HeadKV-R), and retrieval-reasoning scores from a teacher-forced
+"who is older" probe (profile reason, HeadKV-R2). Both probes share one haystack builder."""
 
 from __future__ import annotations
 
@@ -23,12 +24,59 @@ def copy_scores(attention: torch.Tensor, token_ids: torch.Tensor, targets: torch
     return copied.float().mean(dim=1).view(num_kv_heads, -1).mean(dim=1)
 
 
+def reason_scores(probs: torch.Tensor, span: tuple[int, int], num_kv_heads: int) -> torch.Tensor:
+    """probs [Hq, m, S]: the softmax attention of the m queries that predict the answer tokens;
+    span: the answer sentence's [start, end) slots in the needle. -> [H]: per kv-head, the
+    official R2 score (retrieval_head_detection_r2.py, retrieval_calculate): for each query, its
+    k = span-length most attended slots, the probability of each one inside the span / k, summed
+    over the queries; averaged over the kv-head's query heads."""
+    start, end = span
+    top = probs.topk(end - start, dim=-1)                                   # [Hq, m, k]
+    inside = (top.indices >= start) & (top.indices < end)
+    per_query_head = (top.values * inside).sum(dim=(1, 2)) / (end - start)
+    return per_query_head.view(num_kv_heads, -1).mean(dim=1)
+
+
+def haystack_prompt(tokenizer, rng: random.Random, length: int, depth: float, intro: str, pieces: list[str],
+                    question: str, answer_prefix: str, probe: str):
+    """A prompt of `length` tokens: `intro`, prose filler with the needle (`pieces`, in order) at
+    `depth`, the question, the start of the reply (the user turn closed first for a chat model).
+    The pieces are tokenized one by one, so their slots are known exactly -> (prompt ids, the
+    slot each piece starts at, then the needle's end)."""
+    from nanokv.haystack import prose_sentences
+
+    if tokenizer.has_chat_template:
+        head, tail = tokenizer.user_turn()
+        first = tokenizer.encode(head + intro, add_special_tokens=False)
+    else:
+        tail = ""
+        first = tokenizer.encode(intro)
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    needle = [encode(piece) for piece in pieces]
+    last = encode(question + tail + answer_prefix)
+    fill = length - len(first) - sum(map(len, needle)) - len(last)
+    if fill < 16:
+        raise ValueError(f"--length {length} is too short for the {probe} probe: it needs at least "
+                         f"{length - fill + 16} tokens with this tokenizer")
+    sentences = prose_sentences(rng, max(8, fill // 8))
+    filler = encode(" ".join(sentences))
+    while len(filler) < fill:
+        sentences += prose_sentences(rng, max(8, fill // 8))
+        filler = encode(" ".join(sentences))
+    split = round(depth * fill)
+    prompt = first + filler[:split]
+    starts = []
+    for ids in needle:
+        starts.append(len(prompt))
+        prompt += ids
+    return prompt + filler[split:fill] + last, starts + [len(prompt)]
+
+
 def needle_probe(tokenizer, length: int, seed: int, index: int):
     """One teacher-forced copy probe of about `length` prompt tokens ->
-    (ids: prompt then answer, needle [start, end) slots, prompt length). The pieces are tokenized
-    one by one, so the needle's slots and its value's tokens are known exactly; the answer fed as
-    the reply is the value's own tokens."""
-    from nanokv.haystack import DEPTHS, key_word, prose_sentences, value_of
+    (ids: prompt then answer, needle [start, end) slots, prompt length). The answer fed as the
+    reply is the needle value's own tokens."""
+    from nanokv.haystack import DEPTHS, key_word, value_of
 
     rng = random.Random(f"calibrate/probe/{seed}/{index}")
     kind = ("number", "word", "uuid")[index % 3]
@@ -38,36 +86,41 @@ def needle_probe(tokenizer, length: int, seed: int, index: int):
              f"I will quiz you about the {kind}s afterwards.\n")
     question = f"\n\nWhat is the special magic {kind} for {key} mentioned in the provided text?"
     answer_prefix = f"The special magic {kind} for {key} mentioned in the provided text is"
-    if tokenizer.has_chat_template:
-        head, tail = tokenizer.user_turn()
-        first = tokenizer.encode(head + intro, add_special_tokens=False)
-    else:
-        tail = ""
-        first = tokenizer.encode(intro)
-    encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
-    needle_head, value_ids, needle_tail = encode(f" One of the special magic {kind}s for {key} is:"), \
-        encode(f" {value}"), encode(". ")
-    last = encode(question + tail + answer_prefix)
-    fill = length - len(first) - len(needle_head) - len(value_ids) - len(needle_tail) - len(last)
-    if fill < 16:
-        raise ValueError(f"--length {length} is too short for the copy probe: it needs at least "
-                         f"{length - fill + 16} tokens with this tokenizer")
-    sentences = prose_sentences(rng, max(8, fill // 8))
-    filler = encode(" ".join(sentences))
-    while len(filler) < fill:
-        sentences += prose_sentences(rng, max(8, fill // 8))
-        filler = encode(" ".join(sentences))
-    split = round(depth * fill)
-    before = first + filler[:split]
-    prompt = before + needle_head + value_ids + needle_tail + filler[split:fill] + last
-    needle = (len(before), len(before) + len(needle_head) + len(value_ids) + len(needle_tail))
-    return prompt + value_ids, needle, len(prompt)
+    pieces = [f" One of the special magic {kind}s for {key} is:", f" {value}", ". "]
+    prompt, at = haystack_prompt(tokenizer, rng, length, depth, intro, pieces, question, answer_prefix, "copy")
+    return prompt + prompt[at[1]:at[2]], (at[0], at[3]), len(prompt)
 
 
-def headkv_scores(model, config, probes, progress=None) -> torch.Tensor:
-    """[L, H] retrieval (copy) scores over `probes`, each (ids, needle, prompt length) from needle_probe."""
+def reason_probe(tokenizer, length: int, seed: int, index: int):
+    """One teacher-forced retrieval-reasoning probe (HeadKV-R2's, Important_Head/haystack_for_detect_r2):
+    the needle gives two people's favorite things and their ages, the question asks for the older
+    one's (even index) or the younger one's (odd), in the official template -> (ids: prompt then
+    answer, the correct sentence's [start, end) slots, prompt length). As officially, the answer is
+    that sentence itself, so its tokens are fed as the reply; names, pastimes, ages and the order
+    of the sentences are drawn per probe, depths 0, 0.25, .., 1 in turn."""
+    from nanokv.haystack import DEPTHS, PASTIMES, PEOPLE
+
+    rng = random.Random(f"calibrate/reason/{seed}/{index}")
+    which = ("older", "younger")[index % 2]
+    depth = DEPTHS[index // 2 % len(DEPTHS)]
+    people = rng.sample(PEOPLE, 2)                              # the order their sentences come in
+    ages = dict(zip(people, rng.sample(range(8, 80), 2)))
+    pick = (max if which == "older" else min)(people, key=ages.get)
+    facts = [f" {name}'s favorite thing is {pastime}." for name, pastime in zip(people, rng.sample(PASTIMES, 2))]
+    told = " " + " ".join(f"{name} is {ages[name]} years old." for name in rng.sample(people, 2))
+    asked = " and ".join(rng.sample(people, 2))
+    question = f"\n\nBased on the content of the text, Question: What is the favorite thing of the {which} one " \
+               f"between {asked}?\n"
+    prompt, at = haystack_prompt(tokenizer, rng, length, depth, "", facts + [told], question, "Answer:", "reason")
+    i = people.index(pick)
+    return prompt + prompt[at[i]:at[i + 1]], (at[i], at[i + 1]), len(prompt)
+
+
+def headkv_scores(model, config, probes, profile: str = "copy", progress=None) -> torch.Tensor:
+    """[L, H] head scores over `probes`, each (ids, span, prompt length): profile copy, the
+    Retrieval Head copy score of needle_probe's; reason, the R2 score of reason_probe's."""
     scores = torch.zeros(config.num_layers, config.num_kv_heads, dtype=torch.float64)
-    for ids, needle, n in probes:
+    for ids, span, n in probes:
         device = model.inv_freq.device
         tokens = torch.tensor(ids, device=device)
         targets = tokens[n:]                                     # the answer tokens
@@ -83,8 +136,11 @@ def headkv_scores(model, config, probes, progress=None) -> torch.Tensor:
             if sliding_window is not None:
                 allowed &= rows[:, None] - slots[None, :] < sliding_window
             logits = logits.masked_fill(~allowed[None], float("-inf"))
-            copies = copy_scores(logits, tokens[:len(fed)], targets, needle, k.shape[1])
-            scores[layer] += copies.double().cpu() / len(probes)
+            if profile == "reason":   # attention mass, so probabilities
+                part = reason_scores(logits.softmax(dim=-1), span, k.shape[1])
+            else:                     # an argmax: the logits do
+                part = copy_scores(logits, tokens[:len(fed)], targets, span, k.shape[1])
+            scores[layer] += part.double().cpu() / len(probes)
 
         run_dense(model, fed, record)
         if progress:
