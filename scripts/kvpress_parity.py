@@ -168,7 +168,7 @@ def kvpress_next_logits(model, ids, press, token):
 def nanokv_next_logits(llm, ids, token):
     """The same through nanokv's model and cache: the method compresses during the prefill
     (after a scoring pass of its own, if it has one)."""
-    from nanokv.cache import CacheAttention
+    from nanokv.engine.attention import StepAttention
 
     cache = llm.cache
     cache.add(-1)
@@ -176,10 +176,10 @@ def nanokv_next_logits(llm, ids, token):
         passes = llm.method.scoring_passes(ids, lambda t: llm.tokenizer.encode(t, add_special_tokens=False), "\n")
         positions = torch.cat([torch.arange(len(ids))] + [torch.arange(len(ids), len(ids) + len(p)) for p in passes])
         llm.model(torch.tensor(ids + sum(passes, [])), positions,
-                  CacheAttention(cache, [-1], [len(positions)], positions, llm.method, [len(ids)], None,
+                  StepAttention(cache, [-1], [len(positions)], positions, llm.method, [len(ids)], None,
                                  [[len(p) for p in passes]]))
         step = torch.tensor([len(ids)])
-        hidden = llm.model(torch.tensor([token]), step, CacheAttention(cache, [-1], [1], step))
+        hidden = llm.model(torch.tensor([token]), step, StepAttention(cache, [-1], [1], step))
         return llm.model.compute_logits(hidden)[0]
     finally:
         cache.free(-1)

@@ -25,7 +25,7 @@ import torch
 
 from nanokv.kernels.reference import gather_blocks, paged_attention
 from nanokv import LLM, SamplingParams
-from nanokv.cache import attention as cache_attention
+from nanokv.engine import attention as step_attention
 from nanokv.eval.grid import encode
 from nanokv.eval.tasks import make_sample, score
 
@@ -37,7 +37,7 @@ mode = ["quest"]
 
 
 def patch_engine():
-    call, selected_pages = cache_attention.CacheAttention.__call__, cache_attention.CacheAttention._selected_pages
+    call, selected_pages = step_attention.StepAttention.__call__, step_attention.StepAttention._selected_pages
 
     def tracking_call(self, layer, *args):
         current_layer[0] = layer
@@ -76,8 +76,8 @@ def patch_engine():
         finally:
             del self.selector.select_pages
 
-    cache_attention.CacheAttention.__call__ = tracking_call
-    cache_attention.CacheAttention._selected_pages = measured_selection
+    step_attention.StepAttention.__call__ = tracking_call
+    step_attention.StepAttention._selected_pages = measured_selection
 
 
 def main():

@@ -140,3 +140,23 @@ def test_the_library_imports_no_tool():
     library = [m for m in MODULES if package(m) not in tools]
     bad = offenders(library, list(tools))
     assert not bad, "the library reaches up into a tool:\n" + "\n".join(bad)
+
+
+def test_the_scripts_import_what_exists():
+    """scripts/ and the root scripts run outside the suite (the kvpress parity needs a venv of its
+    own): every name they import from nanokv, at any depth, must still be there."""
+    import importlib
+
+    root = Path(__file__).resolve().parent.parent
+    missing = []
+    for path in sorted([*root.glob("scripts/*.py"), *root.glob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "nanokv":
+                module = importlib.import_module(node.module)
+                missing += [f"{path.name}: {node.module}.{a.name}" for a in node.names
+                            if not hasattr(module, a.name) and importlib.util.find_spec(f"{node.module}.{a.name}") is None]
+            elif isinstance(node, ast.Import):
+                for a in node.names:
+                    if a.name.split(".")[0] == "nanokv" and importlib.util.find_spec(a.name) is None:
+                        missing.append(f"{path.name}: {a.name}")
+    assert missing == []
