@@ -27,6 +27,11 @@ def kept(mask):
 def test_budget_arithmetic():
     assert make_method("knorm", compression=0.5).tokens_to_keep(9) == 5      # ceil((1 - 0.5) * 9)
     assert make_method("knorm", compression=0.75).tokens_to_keep(100) == 25
+    # (1 - 0.7) * 10 is 3.0000000000000004 in floats: 3 are kept, as by every reference, not 4
+    assert make_method("knorm", compression=0.7).tokens_to_keep(10) == 3
+    assert make_method("h2o", compression=0.7).decode_budget(10) == 3
+    assert [make_method("knorm", compression=r).tokens_to_keep(n) for r, n in ((0.9, 30), (0.3, 10), (0.1, 1000))] \
+        == [3, 7, 900]
     assert make_method("knorm", budget=64).tokens_to_keep(40) == 40          # never more than there is
     assert make_method("full").compresses is False
     assert make_method("knorm").compresses is False                          # no budget given: nothing to do
