@@ -27,6 +27,11 @@ def kept(mask):
 def test_budget_arithmetic():
     assert make_method("knorm", compression=0.5).tokens_to_keep(9) == 5      # ceil((1 - 0.5) * 9)
     assert make_method("knorm", compression=0.75).tokens_to_keep(100) == 25
+    # (1 - 0.7) * 10 is 3.0000000000000004 in floats: 3 are kept, as by every reference, not 4
+    assert make_method("knorm", compression=0.7).tokens_to_keep(10) == 3
+    assert make_method("h2o", compression=0.7).decode_budget(10) == 3
+    assert [make_method("knorm", compression=r).tokens_to_keep(n) for r, n in ((0.9, 30), (0.3, 10), (0.1, 1000))] \
+        == [3, 7, 900]
     assert make_method("knorm", budget=64).tokens_to_keep(40) == 40          # never more than there is
     assert make_method("full").compresses is False
     assert make_method("knorm").compresses is False                          # no budget given: nothing to do
@@ -66,19 +71,85 @@ def test_snapkv_keeps_what_the_window_attends_to():
     assert kept(pooled.keep_mask(view(keys, queries))) == [[2, 3, 4, 10, 11]]
 
 
-def test_pyramidkv_budgets_fall_with_depth_and_keep_the_total():
-    # B=50, W=8, beta=20: min = 42/20 = 2.1, max = 84 - 2.1 = 81.9, step (81.9 - 2.1)/3 = 26.6
+def snapkv_scores_restated(keys, queries, window, kernel, pooling, group_mean_first):
+    """SnapKV's prefix scores [H, P] stated plainly: per query head, the last `window` queries'
+    causal softmax over the keys averaged over those queries; pooled per query head and then
+    averaged over the group (kvpress), or averaged over the group and then pooled."""
+    H, S, D = keys.shape
+    Hq = queries.shape[1]
+    group, P = Hq // H, S - window
+    rows = []
+    for hq in range(Hq):
+        logits = queries[-window:, hq] @ keys[hq // group].T / math.sqrt(D)   # [W, S]
+        for i in range(window):
+            logits[i, P + i + 1:] = float("-inf")
+        rows.append(logits.softmax(-1).mean(0)[:P])
+    attention = torch.stack(rows)                                              # [Hq, P]
+    pool = (torch.nn.functional.max_pool1d if pooling == "max" else torch.nn.functional.avg_pool1d)
+    smooth = lambda x: pool(x[:, None], kernel, stride=1, padding=kernel // 2)[:, 0]
+    if group_mean_first:
+        return smooth(attention.view(H, group, P).mean(1))
+    return smooth(attention).view(H, group, P).mean(1)
+
+
+@pytest.mark.parametrize("pooling", ["max", "avg"])
+def test_snapkv_pools_each_query_head_then_averages_the_group(pooling):
+    # snapkv pools per query head, then averages the group (kvpress's SnapKVPress order);
+    # pyramidkv and adakv average first (KVCache-Factory's kv_head mode, AdaKV's gqa_support)
+    torch.manual_seed(0)
+    H, Hq, S, W = 2, 6, 40, 8
+    keys, queries = torch.randn(H, S, 16), torch.randn(S, Hq, 16)
+    v = view(keys, queries)
+    options = dict(budget=20, window_size=W, kernel_size=5, pooling=pooling)
+    pooled_first = snapkv_scores_restated(keys, queries, W, 5, pooling, False)
+    mean_first = snapkv_scores_restated(keys, queries, W, 5, pooling, True)
+    assert torch.allclose(make_method("snapkv", **options).scores(v)[:, :S - W], pooled_first, atol=1e-6)
+    for name in ("pyramidkv", "adakv"):
+        assert torch.allclose(make_method(name, **options).scores(v)[:, :S - W], mean_first, atol=1e-6)
+    # average pooling is linear: the order only matters for max pooling
+    assert torch.allclose(pooled_first, mean_first, atol=1e-6) == (pooling == "avg")
+    short = make_method("snapkv", budget=20, window_size=W).scores(view(keys[:, :6], queries[:6]))
+    assert short.shape == (H, 6) and bool(short.isinf().all())  # a prompt within the window: all window
+
+
+def kcf_layer_capacity(n, B, W, L, layer, beta=20):
+    """Tokens a head of `layer` keeps under KVCache-Factory's PyramidKVCluster.update_kv
+    (@ c97f9d7), restated from its control flow: integers, floor divisions, the clamp."""
+    if n < B:
+        return n                                    # not compressed
+    min_num = (B - W) // beta
+    max_num = (B - W) * 2 - min_num
+    if max_num >= n - W:
+        max_num = n - W
+        min_num = (B - W) * 2 - max_num
+    steps = (max_num - min_num) // (L - 1)
+    if n < (B - W) * 2:
+        return (B - W) + W                          # uniform: top B - W of the prefix, plus the window
+    return (max_num - layer * steps) + W
+
+
+def test_pyramidkv_budgets_fall_with_depth_as_the_official_schedule():
+    # B=50, W=8, beta=20: min = 42 // 20 = 2, max = 84 - 2 = 82, step (82 - 2) // 3 = 26
     method = make_method("pyramidkv", budget=50)
-    assert [method.layer_budget(100, layer, 4) for layer in range(4)] == [8 + 81, 8 + 55, 8 + 28, 8 + 2]
-    # a prompt too short for layer 0's share (8 + 81.9 > 60): every layer keeps B, like SnapKV
-    assert [method.layer_budget(60, layer, 4) for layer in range(4)] == [50] * 4
+    assert [method.layer_budget(100, layer, 4) for layer in range(4)] == [8 + 82, 8 + 56, 8 + 30, 8 + 4]
+    # a prompt shorter than 2 (B - W) = 84: every layer keeps B, like SnapKV
+    assert [method.layer_budget(80, layer, 4) for layer in range(4)] == [50] * 4
+    # 84 <= n = 88 <= W + max: max is clamped to n - W = 80, min = 84 - 80 = 4, step 76 // 3 = 25
+    assert [method.layer_budget(88, layer, 4) for layer in range(4)] == [88, 63, 38, 13]
+    # the official schedule on a grid of prompt lengths, budgets and depths
+    for L in (2, 12, 30):
+        for B in range(9, 400, 13):
+            m = make_method("pyramidkv", budget=B)
+            for n in range(20, 600, 7):
+                assert [m.layer_budget(n, l, L) for l in range(L)] == [kcf_layer_capacity(n, B, 8, L, l)
+                                                                       for l in range(L)], (L, B, n)
     # kvpress's schedule, the window inside: B=500 of n=1000, W=64, 30 layers: max = 2B - B/20 = 975
     # is clipped to n - W = 936, so min = 2B - 936 = 64; layer l keeps round(936 - l * 872 / 29)
     kvpress = make_method("pyramidkv", budget=500, window_size=64, schedule="kvpress")
     budgets = [kvpress.layer_budget(1000, layer, 30) for layer in range(30)]
     assert budgets[:3] == [936, 906, 876] and budgets[-1] == 64 and sum(budgets) == 30 * 500
     keys = torch.randn(2, 100, 4)
-    for layer, expected in enumerate([89, 63, 36, 10]):
+    for layer, expected in enumerate([90, 64, 38, 12]):
         mask = method.keep_mask(PrefillView(layer, 4, torch.randn(100, 4, 4), keys, torch.arange(100)))
         assert mask.sum(-1).tolist() == [expected] * 2
 
@@ -100,6 +171,37 @@ def test_adakv_gives_the_layer_budget_to_the_best_scores_across_heads():
     assert kept(adakv_with_scores(scores)) == [list(range(12)) + [18, 19], [18, 19]]
     # floor int(8 * 0.5) = 4: each head first keeps its own best 4 (window + 2), the rest is global
     assert kept(adakv_with_scores(scores, alpha_safeguard=0.5)) == [list(range(10)) + [18, 19], [0, 1, 18, 19]]
+
+
+def adakv_official_restated(scores, budget, window, alpha):
+    """FFY0/AdaKV's AdaptiveSnapKVCluster allocation in plain Python: B' = budget - window; c_h =
+    head h's count in the top H B' prefix scores of all heads; head h keeps its top
+    round((1 - alpha) c_h + int(alpha B')) prefix tokens and the window."""
+    H, S = scores.shape
+    P, base = S - window, budget - window
+    best = sorted(((float(scores[h, i]), h) for h in range(H) for i in range(P)), reverse=True)[:H * base]
+    caps = [round(sum(1 for _, g in best if g == h) * (1 - alpha) + int(base * alpha)) for h in range(H)]
+    return [sorted(sorted(range(P), key=lambda i: -float(scores[h, i]))[:caps[h]]) + list(range(P, S))
+            for h in range(H)]
+
+
+def test_adakv_official_allocation_pulls_each_head_toward_its_share():
+    inf = float("inf")
+    head0 = [10, 9, 8, 7, 6, 5, 4, 3, 2, 1, .9, .8, .7, .6, .5, .4, .3, .2, inf, inf]
+    head1 = [.05 - .001 * i for i in range(18)] + [inf, inf]
+    scores = torch.tensor([head0, head1])
+    # B' = 8 - 2 = 6: head 0 holds all 12 of the layer's top 12, head 1 none; floor int(6 * 0.2) = 1:
+    # head 0 keeps round(12 * 0.8 + 1) = 11, head 1 round(0 + 1) = 1 (kvpress's: 12 and 0)
+    assert kept(adakv_with_scores(scores, allocation="official")) == [list(range(11)) + [18, 19], [0, 18, 19]]
+    # alpha 0.5: floor 3, caps round(12 * 0.5 + 3) = 9 and 3
+    assert kept(adakv_with_scores(scores, allocation="official", alpha_safeguard=0.5)) == \
+        [list(range(9)) + [18, 19], [0, 1, 2, 18, 19]]
+    torch.manual_seed(0)
+    for alpha in (0.2, 0.5, 0.0, 1.0):
+        scores = torch.cat([torch.rand(4, 56) * torch.tensor([[4.], [2.], [1.], [.5]]), torch.full((4, 2), inf)], 1)
+        got = kept(adakv_with_scores(scores, allocation="official", alpha_safeguard=alpha))
+        assert got == adakv_official_restated(scores, 8, 2, alpha)
+    assert len({len(k) for k in got}) == 1  # alpha 1: every head its equal share
 
 
 def test_random_keeps_exactly_budget_and_repeats_with_seed():
@@ -147,17 +249,20 @@ def snapkv_llm(smollm2_gguf):
 
 
 @pytest.mark.slow
-def test_adakv_runs_in_the_engine_with_heads_of_different_lengths(smollm2_gguf):
+@pytest.mark.parametrize("allocation", ["kvpress", "official"])
+def test_adakv_runs_in_the_engine_with_heads_of_different_lengths(smollm2_gguf, allocation):
     from nanokv import LLM, SamplingParams
 
-    llm = LLM(str(smollm2_gguf), dtype="float32", method="adakv", compression=0.5, window_size=8)
+    llm = LLM(str(smollm2_gguf), dtype="float32", method="adakv", compression=0.5, window_size=8,
+              allocation=allocation)
     held = []
     original = llm.scheduler.finish
     llm.scheduler.finish = lambda seq: (held.append(llm.cache.seqs[seq.id].lengths.clone()), original(seq))
     [out] = llm.generate([PROMPTS[2]], SamplingParams(max_tokens=1, ignore_eos=True))
     lengths = held[0]  # [layers, kv-heads] tokens each head kept
     assert (lengths.amax(1) != lengths.amin(1)).any()       # some layer's heads differ in length
-    assert (lengths.sum(1) <= 3 * 120).all()                 # each layer keeps its total: 3 heads x 120
+    # each layer keeps its total, 3 heads x 120 (official: up to one more, each head's share rounded)
+    assert (lengths.sum(1) <= 3 * 120 + (allocation == "official")).all()
     assert out.metrics["kv_cache_bytes"] < out.metrics["kv_cache_bytes_uncompressed"]
 
 

@@ -10,9 +10,17 @@ attention rows weighted the same way, Σ_i λ^(T-1-i) a_i over the T prompt quer
 weight λ^(T-1-i) is below 1e-12 are skipped: together they move no score by more than
 1e-12 / (1 - λ)). The newest `recent_size` tokens are never evicted; the rest of the budget
 goes to the highest scores, and during decode the lowest-scoring token goes whenever a head
-holds one more than its budget. λ = 1 is H2O with a fixed recent window. Defaults are the
-official code's (Dirac-Notation/A2SF, as the seed-methods table records them): forgetting
-factor 0.95 (the paper tunes it per model) and a small recent window of 16 tokens.
+holds one more than its budget. λ = 1 is H2O with a fixed recent window.
+
+Defaults: forgetting factor 0.95, the value in the official repository's README example
+(Dirac-Notation/A2SF @ 00a617f; its code takes λ from a config, script/a2sf_test.sh passes
+0.99), and a recent window of 16 tokens (its policies' recent_budget default). The paper
+(arXiv 2407.20485) treats λ as a factor in (0, 1) to choose; the value it used could not be
+verified here (the stored copies of the paper hold its abstract and introduction only), so the
+default is the repository's.
+
+What differs: the repository's history starts in 2025, after the paper, so the code compared
+with is that later one. GQA: scores averaged over the query heads of each group.
 """
 
 import math

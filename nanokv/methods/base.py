@@ -126,6 +126,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 import torch
 
@@ -245,6 +246,13 @@ def prompt_logits(view: PrefillView, first: int = 0, chunk_bytes: int = 1 << 26)
         q_pos = view.positions[S - T + start:S - T + start + len(q)]
         logits = torch.einsum("chd,hsd->hcs", q, keys) / math.sqrt(D)
         yield start, logits.masked_fill(view.positions[None, None, :] > q_pos[None, :, None], float("-inf"))
+
+
+def kept_share(compression: float, n: int) -> int:
+    """ceil((1 - compression) n), compression read as the decimal it is written as (exact)."""
+    return math.ceil((1 - Fraction(str(compression))) * n)
+
+
 class Method:
     """What every method has: its name and options, the request's budget (compression or
     budget), and the storage it asks for (`cache_request`). On its own it compresses nothing
@@ -312,7 +320,10 @@ class Method:
         """Methods with a minimum (a window, sinks) refuse budgets below it."""
 
     def tokens_to_keep(self, n: int) -> int:
-        keep = self.budget if self.budget is not None else math.ceil((1 - self.compression) * n)
+        """`budget`, or ceil((1 - r) n) for compression=r, none over n. r is taken as the decimal it
+        is written as, so (1 - 0.7) x 10 keeps 3, not the 4 the float product 3.0000000000000004
+        rounds up to. As l2compress; kvpress keeps int(n (1 - r)), one fewer when that is fractional."""
+        keep = self.budget if self.budget is not None else kept_share(self.compression, n)
         return min(n, keep)
 
     def applies_to(self, layer: int) -> bool:
@@ -447,7 +458,7 @@ class DecodeEvictor(PrefillSelector):
     def decode_budget(self, prompt_len: int) -> int:
         """Tokens each (layer, head) holds while the request generates: `budget`, or the share
         of the prompt that `compression` keeps."""
-        return self.budget if self.budget is not None else math.ceil((1 - self.compression) * prompt_len)
+        return self.budget if self.budget is not None else kept_share(self.compression, prompt_len)
 
     def decode_budgets(self, state: dict[str, torch.Tensor], step: DecodeStep) -> torch.Tensor:
         """[b, H] tokens each head holds while the request generates (state: the slot fields after

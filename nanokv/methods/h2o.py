@@ -7,11 +7,17 @@ and a token's attention summed over the queries so far predicts its future share
 column sums of the prompt's attention and increased at every decode step by the current
 query's attention. The cache holds a fixed budget: the newest `recent_ratio` of it is never
 evicted, and whenever a head holds one token more than its budget the token with the lowest
-score outside that window goes. Defaults from the paper (heavy 10% + recent 10%, official code
-FMInference/H2O `--heavy_ratio 0.1 --recent_ratio 0.1`): half the budget recent. GQA: the
-attention of the query heads sharing a kv-head is averaged. kvpress's ObservedAttentionPress is
-the prefill half with no recent window and each column sum divided by the number of queries
-that see the key: `recent_ratio=0 normalize=true`.
+score outside that window goes. Default recent_ratio=0.5: the official real-drop cache
+(FMInference/H2O @ ac75c2a, h2o_hf/utils_real_drop H2OKVCache_LayerWise; run_summarization.py
+hh_size = recent_size = 1024), the paper's 10% heavy + 10% recent being the same split.
+kvpress's ObservedAttentionPress is the prefill half with no recent window and each column sum
+divided by the number of queries that see the key: `recent_ratio=0 normalize=true`.
+
+What differs:
+- GQA (the official code is MHA only): the attention of the query heads sharing a kv-head is
+  averaged.
+- Scores accumulate in float32; the official cache keeps them in the model dtype (near-ties).
+- An odd budget gives the heavy part the extra token (recent = int(budget x recent_ratio)).
 """
 
 import torch

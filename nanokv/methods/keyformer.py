@@ -18,10 +18,19 @@ The noise is a hash of (seed, layer, query position, query head, key position), 
 from a generator: the same token gets the same noise whatever the batch, slot order or
 preemption, so runs repeat and a recompute replays its evictions exactly (`seed` picks another
 stream; noise=none drops it, τ alone, for ablation). Defaults from the official code
-(d-matrix-ai/keyformer-llm): recent window 30% of the cache (`--recent 30`), τ from 1 to 2
-(`--tau_init 1 --tau_end 2`), rising by (tau_end - tau_init) / max_new_tokens per step with
-`--max_new_tokens 128` in its summarization script: tau_steps = 128 here, since the method
-does not see a request's max_tokens.
+(d-matrix-ai/keyformer-llm @ f327831, models/*-keyformer-lib `_attn`,
+summarization/run_summarization_task.sh): recent window 30% of the cache (`--recent 30`), τ
+from 1 to 2 (`--tau_init 1 --tau_end 2`), rising by (tau_end - tau_init) / max_new_tokens per
+step with `--max_new_tokens 128`: tau_steps = 128 here, since the method does not see a
+request's max_tokens. Its `--kv_cache 60` (60% of the prompt kept) is `--compression 0.4`.
+
+What differs:
+- GQA (the official models are MHA): scores averaged over the query heads of a group.
+- Hashed noise instead of torch draws, scores accumulated in float32 (official: model dtype).
+- Budget: ceil((1 - r) n) here; the official int(prompt x kv_cache / 100) floors.
+- A head attends over budget + 1 tokens (the new one) and then evicts; the official mask leaves
+  budget - 1 old tokens plus the new one, so attention sees the budget.
+- τ stays at tau_end after tau_steps; the official one keeps rising (its script never gets there).
 """
 
 import torch

@@ -5,8 +5,17 @@ arXiv 2402.02750. Keys have a few channels with large magnitudes, so each key ch
 own grid over a group of `group_size` tokens; values, whose error matters per token in the
 attention-weighted sum, get one grid per token over `group_size` channels. Asymmetric: each
 group stores a scale and a zero point (its min). The newest `residual_length` tokens stay in
-full precision until there are enough to quantize as a group. Defaults from the paper and its
-official code (jy-yuan/KIVI): 2 bits (4 also reported), group_size=32, residual_length=128.
+full precision until there are enough to quantize as a group. Defaults from the paper and the
+official code (jy-yuan/KIVI @ 876b4d2, docs/long_bench.md): 2 bits (4 also reported),
+group_size=32, residual_length=128.
+
+What differs:
+- Values are flushed with their keys, R = residual_length at a time (a head's block holds
+  both): 0 to R - 1 of the newest values are in full precision between steps. Official KIVI
+  keeps the newest R values in full precision always (a sliding window, one token at a time).
+- One bit width for K and V (official: k_bits and v_bits; its reported settings use equal ones).
+- A constant group reads back as its value (official: scale 0, a division by zero); scales and
+  zero points are float16, dequantization runs in float32.
 
 The quantized blocks, the residual and attention over both are the cache's: see
 nanokv/cache/quant_cache.py (how the residual is flushed) and nanokv/kernels/quant_decode.py.

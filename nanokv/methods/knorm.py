@@ -2,10 +2,18 @@
 
 Paper: A Simple and Effective L2 Norm-Based Strategy for KV Cache Compression (Devoto et al.,
 EMNLP 2024), arXiv 2406.11430. Keys with a low norm draw high attention, so per (layer, head)
-keep the tokens whose key norm is lowest. Attention-free: no scores to compute. The paper
-leaves the first two layers uncompressed (official code alessiodevoto/l2compress,
-`skip_layers=[0, 1]`): option `skip_layers` (default 2); kvpress's KnormPress compresses every
-layer (`skip_layers=0`).
+keep the tokens whose key norm is lowest. Attention-free: no scores to compute. The first two
+layers are left whole, as in the official l2_compress usage (alessiodevoto/l2compress @
+f93d6ca, README and eval_lm_quick.py `skip_layers=[0, 1]`): option `skip_layers` (default 2);
+kvpress's KnormPress compresses every layer (`skip_layers=0`). ceil((1 - r) n) kept, as there.
+
+What differs:
+- No `prune_after` threshold: l2compress leaves caches shorter than it (e.g. 1000) whole; here
+  any prompt over the budget is compressed.
+- Compresses once, after prefill (as its README quickstart and kvpress); its LM evaluation
+  compresses again after every token.
+- Kept tokens stay in position order (l2compress stores them in norm order; attention is the
+  same) and norms are float32 (near-ties).
 """
 
 import torch

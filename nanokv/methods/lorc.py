@@ -14,7 +14,10 @@ of layer l's W_k (W_v for values), c_l = sum over j >= l of log kappa_j, scaled 
 rank_l = r_lo + (r_hi - r_lo) * s_l, with r_hi the full rank (or lower, if the smallest rank
 would fall under 16) and r_lo set so the mean rank is (1 - compression) of the full one; ranks
 in steps of 16. The SVD is of each layer's whole W_k (all kv-heads jointly) unless the
-calibration was made with --group. No public code.
+calibration was made with --group.
+
+What differs: no public code was found to compare with (searched by name and first author); the
+rank schedule above is our reading of the paper's description.
 """
 
 from __future__ import annotations

@@ -6,12 +6,18 @@ Every page (a cache block of `block_size` tokens of one head) carries the per-ch
 max of its keys. For a query q, sum_c max(q_c * max_c, q_c * min_c) bounds q . k from above for
 every key k in the page, so a page whose bound is low cannot hold a key the query attends to
 much. Each decode step keeps the top K = budget / page_size pages by bound (at least
-`min_pages`; the page holding the newest tokens always) and attends over those alone. Defaults
-from the paper and its official code (mit-han-lab/Quest): page size 16 (the cache's block
-size), the first two layers and the prefill dense (`skip_layers=2`), token budgets of 512 to
-4096 (1024 when none is given). Quest scores per query head; the cache stores kv-heads, so here a page is kept for a
-kv-head when the highest of its query heads' bounds ranks it (one selection serves the GQA
-group, as the heads share their pages).
+`min_pages`) and attends over those alone. Defaults from the paper and the official code
+(mit-han-lab/Quest @ 01c1623, evaluation/quest_attention.py): page size 16 (the cache's block
+size), the first two layers and the prefill dense (`skip_layers=2`), at least 3 pages, token
+budgets of 512 to 4096 (1024 when none is given).
+
+What differs:
+- GQA: one page set per kv-head, ranked by the highest of its query heads' bounds, which all
+  of the group read (the cache stores kv-heads); official Quest selects per query head.
+- The newest page is always read, inside the K (Quest's kernel path); its accuracy path ranks
+  it like any page.
+- A recompute after preemption runs its generated tokens densely (as prefill), so later
+  layers' KV may differ slightly from the sparse first run.
 
 The bounds live in the cache's pool (kmin / kmax per block, nanokv/cache/pool.py); the scoring
 and the reduced block tables are the engine's (nanokv/engine/attention.py, nanokv/kernels/quest.py).

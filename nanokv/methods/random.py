@@ -1,7 +1,11 @@
 """random: keep a uniformly random subset of tokens per (layer, kv-head).
 
-The floor every method must beat (kvpress's RandomPress). Option `seed` (default 0) makes a
-run repeatable.
+The floor every method must beat (kvpress's RandomPress, NVIDIA/kvpress @ 8bb29b9). Option
+`seed` (default 0) makes a run repeatable.
+
+What differs: each layer draws its own subset (a per-layer seed, float32 draws on the CPU);
+kvpress's seeded RandomPress makes a fresh generator on every call, so every layer keeps the
+same positions, and draws in the keys' dtype. ceil((1 - r) n) kept; kvpress int(n (1 - r)).
 """
 
 import torch

@@ -15,9 +15,18 @@ The paper compresses in batches: when the cache reaches its budget B it drops th
 counts at once, down to B - m, and then grows back for m steps without re-scoring. Here, as for
 H2O and TOVA, a head evicts one token whenever it holds B + 1, so it always holds B and scores
 every step: m = 1. Among equal counts the oldest token goes (the engine's tie rule; the prefill
-selection breaks ties the same way). The paper sets w, r and m per experiment and the seed
-table records no official code; the defaults here are ours: a 32-query history (at most 62:
-one int64 mask) and 10 recent tokens.
+selection breaks ties the same way). The paper sets w, r and m per experiment. Defaults: 10
+recent tokens (POSITION_WINDOW=10 in the authors' run_infer_opt_66b_sparse_c4.sh) and a
+32-query history (ours: at most 62, one int64 mask; that script uses LRU_WINDOW=100).
+
+What differs from the authors' code (lzcemma/Scissorhands @ d0bf444, Decentralized_FM_alpha/
+modules/hf_opt_dropkv.py), which only simulates eviction in a teacher-forced C4 perplexity run
+on OPT-66B (its generation code is "coming soon"); nanokv follows the paper's budgeted rule:
+- There a key stays if its attention was above its query's 90th-percentile attention at least
+  once over the last 100 queries (no fixed budget); here the most-often-below-1/t token goes.
+- A history of 100 queries there, 32 here (a bit mask of at most 62).
+- There only layers 5-35 of 64, from position 100 on, during the prompt; here every layer, from
+  prefill on, and at every decode step (the decode-time part is the paper's).
 """
 
 import torch

@@ -3,10 +3,19 @@
 Paper: Efficient Streaming Language Models with Attention Sinks (Xiao et al., ICLR 2024),
 arXiv 2309.17453. The first few tokens soak up attention whatever they say ("sinks"); keeping
 them plus the most recent tokens keeps the model fluent. Keep `sink_tokens` first tokens and
-fill the rest of the budget with the most recent ones. Default sink_tokens=4 (paper and
-official code, mit-han-lab/streaming-llm). Positions stay those the tokens were written at
-(as kvpress's StreamingLLMPress does); the paper's in-cache position re-assignment is not
-applied.
+fill the rest of the budget with the most recent ones. Default sink_tokens=4: start_size of the
+official StartRecentKVCache (mit-han-lab/streaming-llm @ 2e50426), n_sink of kvpress's
+StreamingLLMPress.
+
+What differs:
+- Compresses once, after prefill, as kvpress and KVCache-Factory do: generated tokens add to
+  the budget. The official cache stays at sinks + recent while generating (the oldest non-sink
+  goes each step); not done here because simlayerkv builds on this class and combinations with
+  a quantizer (streaming_llm+kivi) need a prefill-time method.
+- Positions stay those the tokens were written at (keys cached after RoPE), as in kvpress's
+  StreamingLLMPress; the official code caches keys before RoPE and rotates them by their slot in
+  the cache (kvpress's KeyRerotationPress does that).
+- compression=r keeps ceil((1 - r) n); kvpress int(n (1 - r)) (base.py).
 """
 
 import torch

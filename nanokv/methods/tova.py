@@ -4,9 +4,14 @@ Paper: Transformers are Multi-State RNNs (Oren et al., 2024), arXiv 2401.06104 (
 Via Attention). A fixed-size cache per layer: whenever it holds one token more than its budget,
 the token with the lowest attention from the current query, averaged over all heads of the
 layer, is dropped, so every head of a layer keeps the same tokens. At the end of prefill the
-last prompt token's attention picks the prompt tokens to keep. No recent window or sinks
-(official code schwartz-lab-NLP/TOVA; kvpress's TOVAPress, its prefill half, always keeps the
-last prompt token, which that token's own attention keeps in practice). No options.
+last prompt token's attention picks the prompt tokens to keep. No recent window or sinks, no
+options: as the official TOVACache.reduce (schwartz-lab-NLP/TOVA @ 9c7d09b).
+
+What differs:
+- Attention averaged in float32; the official code averages the model-dtype probabilities
+  (near-ties). Among equal scores the oldest token goes (official: topk's order).
+- kvpress's TOVAPress, its prefill half, always keeps the last prompt token, which that
+  token's own attention keeps in practice.
 """
 
 import torch
