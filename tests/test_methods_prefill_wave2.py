@@ -182,6 +182,21 @@ def test_chunkkv_keeps_whole_chunks_by_their_mean_score_over_heads_the_same_in_e
     assert tokens.sum(-1).tolist() == [4, 4] and tokens[0, 7]
 
 
+def test_chunkkv_max_pools_each_query_head_before_the_group_mean():
+    # SnapKV's scores under chunkkv's default max pooling, GQA (2 kv-heads of 3 query heads):
+    # each query head's window attention pooled, then the group averaged (kvpress's order; the
+    # group's mean pooled would differ for max pooling)
+    from nanokv.methods.base import observation_attention
+
+    gen = torch.Generator().manual_seed(3)
+    S, window = 40, 4
+    v = view(torch.randn(2, S, 8, generator=gen), torch.randn(S, 6, 8, generator=gen))
+    method = make_method("chunkkv", budget=20, window_size=window, kernel_size=5, pooling="max")
+    attention = observation_attention(v, window).mean(dim=1)[:, None, :S - window]     # [Hq, 1, S - w]
+    pooled = torch.nn.functional.max_pool1d(attention, 5, stride=1, padding=2)[:, 0]
+    torch.testing.assert_close(method.scores(v)[:, :S - window], pooled.view(2, 3, -1).mean(dim=1))
+
+
 def test_chunkkv_the_window_scores_one_above_the_best_prefix_score():
     torch.manual_seed(0)
     S, W = 40, 4

@@ -3,8 +3,8 @@
 Paper: SnapKV: LLM Knows What You are Looking for Before Generation (Li et al., 2024),
 arXiv 2404.14469. The last `window_size` queries of the prompt (the observation window) already
 attend to what generation will need. Per layer: their softmax attention over the prefix
-(causal inside the window), averaged over the window queries and over the query heads that
-share a kv-head (GQA), smoothed by 1-D pooling; keep the top (budget - window) prefix tokens
+(causal inside the window), averaged over the window queries, smoothed by 1-D pooling per
+query head, then averaged over the query heads that share a kv-head (GQA); keep the top (budget - window) prefix tokens
 per kv-head plus the window itself. Defaults from the paper's experiments: window_size=32,
 max pooling, kernel_size=7 (official code FasterDecoding/SnapKV defaults to 64 / avg / 5, as
 does kvpress's SnapKVPress).
@@ -34,9 +34,10 @@ class SnapKV(PrefillSelector):
         H, S, _ = view.keys.shape
         window = min(self.window_size, S)
         attention = observation_attention(view, window).mean(dim=1)  # [Hq, S]
-        attention = attention.view(H, -1, S).mean(dim=1)               # [H, S] GQA: mean over the group
         pool = F.max_pool1d if self.pooling == "max" else F.avg_pool1d
         pooled = pool(attention[:, None, :S - window], self.kernel_size, stride=1,
                       padding=self.kernel_size // 2)[:, 0] if S > window else attention[:, :0]
+        # GQA: each query head pooled, then the group's mean (official SnapKV's and kvpress's order)
+        pooled = pooled.view(H, attention.shape[0] // H, S - window).mean(dim=1)                # [H, S - w]
         window_scores = torch.full((H, window), float("inf"), device=attention.device)         # the window is always kept
         return torch.cat([pooled, window_scores], dim=1)
