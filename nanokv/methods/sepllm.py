@@ -27,6 +27,8 @@ What differs:
 - one shot after a dense prefill; SepCache compresses on decode whenever the cache reaches c, and
   the mask-based runs also sparsify the prompt's own attention (the stored K/V of layers >= 1).
 - generated tokens are never evicted.
+- every all-space token is a separator; the llama list holds three of them (ids 220, 256,
+  262), so other runs of spaces count here and not there.
 """
 
 import torch
