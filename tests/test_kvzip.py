@@ -95,6 +95,20 @@ def test_one_top_k_over_every_layer_and_head_keeps_the_sinks():
     assert [sum(len(h) for h in heads) for heads in layerwise] == [H * 6] * L
 
 
+def test_an_odd_length_prunes_what_kvpress_prunes():
+    # kvpress's compress_post prunes int(pairs x ratio): of L H S = 3 x 3 x 1001 pairs at 0.5,
+    # 4504 go and 4505 stay (not L H ceil(S / 2) = 4509); layer-wise, 3003 - 1501 = 1502 a layer
+    L, H, S = 3, 3, 1001
+    scores = torch.rand(L, H, S, generator=torch.Generator().manual_seed(2))
+    held = run_layers(make_method("kvzip", compression=0.5), scores)
+    assert sum(len(h) for heads in held for h in heads) == L * H * S - int(L * H * S * 0.5) == 4505
+    layerwise = run_layers(make_method("kvzip", compression=0.5, layerwise=True), scores)
+    assert [sum(len(h) for h in heads) for heads in layerwise] == [H * S - int(H * S * 0.5)] * L == [1502] * L
+    # a budget keeps its B tokens a head on average, as before
+    held = run_layers(make_method("kvzip", budget=300), scores)
+    assert sum(len(h) for heads in held for h in heads) == L * H * 300
+
+
 def test_kvzip_options_and_budgets():
     with pytest.raises(ValueError, match="budget=4 must exceed sink_tokens=4"):
         make_method("kvzip", budget=4)

@@ -316,13 +316,34 @@ def test_roco_prefill_keeps_recent_then_volatile_then_highest_means():
     std = (state["roco_squares"] / state["roco_count"] - mean ** 2).clamp(min=0).sqrt()[0]
     torch.testing.assert_close(mean[[0, 4, 2]], torch.tensor([5 / 9, 3 / 5, 1 / 7]), atol=1e-3, rtol=0)
     torch.testing.assert_close(std[[0, 4, 2]], torch.tensor([0.4969, 0.4899, 0.3499]), atol=1e-3, rtol=0)
-    # budget 3, 1 recent (token 8), int(0.9) + 1 - 1 = 0 by std: then the two highest means, 4 and 0
-    assert kept(make_method("roco", budget=3, recent_size=1).keep_mask(v)) == [[0, 4, 8]]
-    # budget 5, robust_ratio 0.5: int(2.5) + 1 - 1 = 2 kept by std (0 and 4), then the two
-    # highest means of the rest: 2, and the best of the nearly-zero ones
-    got = kept(make_method("roco", budget=5, recent_size=1, robust_ratio=0.5).keep_mask(v))[0]
+    # no sinks: budget 3, 1 recent (token 8), int(0.3) + 1 - 1 = 0 by std: then the two highest means, 4 and 0
+    assert kept(make_method("roco", budget=3, recent_size=1, sink_size=0).keep_mask(v)) == [[0, 4, 8]]
+    # budget 5, prefill_robust_ratio 0.5: int(2.5) + 1 - 1 = 2 kept by std (0 and 4), then the
+    # two highest means of the rest: 2, and the best of the nearly-zero ones
+    got = kept(make_method("roco", budget=5, recent_size=1, sink_size=0, prefill_robust_ratio=0.5).keep_mask(v))[0]
     fifth = max((j for j in (1, 3, 5, 6, 7)), key=lambda j: mean[j])
     assert got == sorted([0, 2, 4, 8, fifth])
+    # the decode share (robust_ratio) plays no part at prefill: int(0.5) + 1 - 1 = 0 by std, so the
+    # four highest means: 4, 0, 2 and that best nearly-zero one
+    got = kept(make_method("roco", budget=5, recent_size=1, sink_size=0, robust_ratio=0.5).keep_mask(v))[0]
+    assert got == sorted([0, 2, 4, 8, fifth])
+
+
+def test_roco_prefill_protects_sinks_and_a_tenth_of_the_budget_as_easykv_encoding():
+    # EasyKV's prefill (encoding mode): the first temp_length = 4 tokens and the newest out of the
+    # scope, which is budget - int(0.1 budget) - 4 lowest std. 12 tokens; queries point at 0 for
+    # the first four, then 4, 5, 5, 6, 6, 7, 6, 5: means 5: 3/7, 6: 1/2, 7: 1/5, 4: 1/8, 1-3 ~0.
+    # Budget 8, 1 recent: sinks 0-3 and 11, int(0.8) + 1 - 1 = 0 by std, then the three highest
+    # means of 4..10: 6, 5, 7
+    keys, queries = pointing([0, 0, 0, 0, 4, 5, 5, 6, 6, 7, 6, 5], 12)
+    v = view(keys, queries)
+    method = make_method("roco", budget=8, recent_size=1)
+    assert (method.sink_size, method.prefill_robust_ratio, method.robust_ratio) == (4, 0.1, 0.3)
+    assert kept(method.keep_mask(v)) == [[0, 1, 2, 3, 5, 6, 7, 11]]
+    # no sinks and the decode share 0.3 (int(2.4) + 1 - 1 = 2 by std: 6 and 5), then the highest
+    # means: 0, 7, 4 and two nearly-zero ones
+    old = kept(make_method("roco", budget=8, recent_size=1, sink_size=0, prefill_robust_ratio=0.3).keep_mask(v))[0]
+    assert {0, 4, 5, 6, 7, 11} < set(old) and len(old) == 8
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -332,6 +353,8 @@ def test_roco_prefill_keeps_recent_then_volatile_then_highest_means():
     (dict(name="keyformer", tau_steps=0), "tau_steps=0 .* integer >= 1"),
     (dict(name="scissorhands", history_window=63), r"history_window=63 .* integer in \[1, 62\]"),
     (dict(name="roco", robust_ratio=1.0), r"robust_ratio=1.0 .* in \[0, 1\)"),
+    (dict(name="roco", prefill_robust_ratio=-0.1), r"prefill_robust_ratio=-0.1 .* in \[0, 1\)"),
+    (dict(name="roco", sink_size=-1), r"sink_size=-1 .* integer >= 0"),
     (dict(name="roco", windw=3), "unknown option 'windw' for method 'roco'; valid: window_size, recent_size"),
     (dict(name="scissorhands+kivi"), "scissorhands evicts during decode"),
 ])
@@ -440,8 +463,11 @@ class PlainEviction:
         older = range(n - self.recent)
         if self.kind == "scissorhands":
             ranked = sorted(older, key=lambda i: (sum(entries[i]["low"]), -i))
-        elif self.kind == "roco":
-            protect = max(0, int(B * self.o.get("robust_ratio", 0.3)) + 1 - self.recent)
+        elif self.kind == "roco":  # the sinks kept too, and the prefill share of the budget
+            sinks = [i for i in older if entries[i]["pos"] < self.o.get("sink_size", 4)]
+            keep += sinks
+            older = [i for i in older if i not in sinks]
+            protect = max(0, int(B * self.o.get("prefill_robust_ratio", 0.1)) + 1 - self.recent)
             volatile = sorted(older, key=lambda i: (-self.stats(entries[i])[1], -i))[:protect]
             keep += volatile
             ranked = sorted((i for i in older if i not in volatile), key=lambda i: -self.stats(entries[i])[0])

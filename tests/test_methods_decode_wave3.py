@@ -74,6 +74,7 @@ def test_vatp_prefill_keeps_sinks_recent_then_the_highest_attention_times_value_
                     values=values_with_l1([0.01, 0.01, 1, 4, 1, 10, 1, 1])[0])
     method = make_method("vatp", budget=5, recent_ratio=0.4, sink_size=2)
     assert kept(method.keep_mask(v)) == [[0, 1, 5, 6, 7]]
+    assert make_method("vatp").sink_size == 20               # the official README's --sink_len 20
     assert torch.equal(method.prefill_state(v)["vatp_attention"], column_sums)
     # by attention alone (H2O) tokens 0 (9), 2 (3) and 4 (2) would win
     assert kept(make_method("h2o", budget=5, recent_ratio=0.4).keep_mask(v)) == [[0, 2, 4, 6, 7]]
@@ -170,7 +171,8 @@ def test_r_kv_prefill_drops_the_old_copies_of_a_repeated_key():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(name="vatp", budget=4), "budget=4 must exceed sink_size=4"),
+    (dict(name="vatp", budget=20), "budget=20 must exceed sink_size=20"),
+    (dict(name="vatp", budget=4, sink_size=4), "budget=4 must exceed sink_size=4"),
     (dict(name="vatp", sink_size=-1), r"sink_size=-1 .* integer >= 0"),
     (dict(name="r_kv", budget=8), "budget=8 must exceed window_size=8"),
     (dict(name="r_kv", kernel_size=4), "kernel_size=4 .* odd integer"),

@@ -65,6 +65,20 @@ def test_nacl_without_random_keeps_sinks_the_proxy_window_and_what_the_proxies_a
     assert kept(method.keep_mask(view(keys, queries))) == [[0, 1, 30, 50, 70, 95, 96, 97, 98, 99]]
 
 
+def test_nacl_proxies_attend_both_ways_as_the_official_code():
+    # proxies 18 and 19 (proxy_ratio 0.1 of 20); budget 4 = sink 0 + the proxies + one by score.
+    # Proxy 18 looks at token 5, and far more at proxy 19: causal, 5 would take most of its
+    # attention and win; the official proxies' softmax runs over every key (flash_attn with
+    # causal=False), so 19 draws it off and token 8, proxy 19's choice, wins
+    S = 20
+    keys = torch.zeros(1, S, 4)
+    keys[0, 5, 0], keys[0, 19, 0], keys[0, 8, 1] = 10.0, 20.0, 6.0   # logits 5, 10 (for q = e0), 3 (q = e1)
+    queries = torch.zeros(S, 1, 4)
+    queries[18, 0, 0] = queries[19, 0, 1] = 1.0
+    method = make_method("nacl", budget=4, sink_tokens=1, proxy_ratio=0.1, random_ratio=0.0)
+    assert kept(method.keep_mask(view(keys, queries))) == [[0, 8, 18, 19]]
+
+
 def nacl_with_scores(scores, seed, **options):
     method = make_method("nacl", seed=seed, **options)
     method.scores = lambda view: scores              # the selection on its own, over known scores
@@ -166,6 +180,21 @@ def test_chunkkv_keeps_whole_chunks_by_their_mean_score_over_heads_the_same_in_e
     # under one chunk of budget: SnapKV's token-level top-k per head
     [tokens] = chunkkv_with_scores(lambda layer: scores, 1, budget=4, chunk_length=5)
     assert tokens.sum(-1).tolist() == [4, 4] and tokens[0, 7]
+
+
+def test_chunkkv_max_pools_each_query_head_before_the_group_mean():
+    # SnapKV's scores under chunkkv's default max pooling, GQA (2 kv-heads of 3 query heads):
+    # each query head's window attention pooled, then the group averaged (kvpress's order; the
+    # group's mean pooled would differ for max pooling)
+    from nanokv.methods.base import observation_attention
+
+    gen = torch.Generator().manual_seed(3)
+    S, window = 40, 4
+    v = view(torch.randn(2, S, 8, generator=gen), torch.randn(S, 6, 8, generator=gen))
+    method = make_method("chunkkv", budget=20, window_size=window, kernel_size=5, pooling="max")
+    attention = observation_attention(v, window).mean(dim=1)[:, None, :S - window]     # [Hq, 1, S - w]
+    pooled = torch.nn.functional.max_pool1d(attention, 5, stride=1, padding=2)[:, 0]
+    torch.testing.assert_close(method.scores(v)[:, :S - window], pooled.view(2, 3, -1).mean(dim=1))
 
 
 def test_chunkkv_the_window_scores_one_above_the_best_prefix_score():

@@ -18,7 +18,7 @@ def kept(mask):
 
 # --- sepllm -----------------------------------------------------------------------------------
 
-VOCAB = ["a", "b", ".", " ,", "\n", "hello", "!?", " ", "x.", ".\n"]  # separators: 2, 3, 4, 6, 9
+VOCAB = ["a", "b", ".", " ,", "\n", "hello", "!?", " ", "x.", ".\n"]  # separators: 2, 3, 4, 7
 
 
 def sepllm_mask(token_ids, **options):
@@ -30,16 +30,22 @@ def sepllm_mask(token_ids, **options):
     return method.keep_mask(v)
 
 
-def test_separators_are_tokens_of_punctuation_and_line_breaks_only():
-    assert [i for i, t in enumerate(VOCAB) if is_separator(t)] == [2, 3, 4, 6, 9]
+def test_separators_are_the_official_sepcache_list_by_text():
+    assert [i for i, t in enumerate(VOCAB) if is_separator(t)] == [2, 3, 4, 7]
+    # SepCache's llama ids: . , ? ! ; : \n alone or after one space, and the all-space tokens
+    official = [".", ",", "?", "!", ";", ":", "\n", " .", " ,", " ?", " !", " ;", " :", " \n", " ", "  ", "    "]
+    assert all(is_separator(t) for t in official)
+    # not in the list: merged punctuation, blank lines, tabs, two spaces before a mark
+    others = ["\n\n", ".\n", ".\n\n", "...", ":\n", ",\n", "!?", "\t", "\t.", "  .", ". ", "", "a", " a"]
+    assert not any(is_separator(t) for t in others)
 
 
 def test_sepllm_keeps_sinks_the_latest_separators_and_the_window():
     # budget 14, sink_tokens 2, share 0.25: a=2, s=floor(12 x 0.25)=3, w=9 (tokens 21-29)
     ids = [0] * 30
-    for position, token in ((1, 2), (3, 3), (8, 4), (12, 6), (15, 9), (19, 2), (25, 3)):
+    for position, token in ((1, 2), (3, 3), (8, 4), (12, 7), (15, 3), (19, 2), (25, 3)):
         ids[position] = token        # 1 is a sink and 25 in the window anyway; 8 and 3 are older than 12, 15, 19
-    ids[17] = 8                      # "x." is not a separator
+    ids[17], ids[18] = 8, 9          # "x." and ".\n" are not separators
     assert kept(sepllm_mask(ids, budget=14, sink_tokens=2, separator_share=0.25)) == \
         [[0, 1, 12, 15, 19] + list(range(21, 30))] * 2
     # one separator before the window: the two unused places go to the tokens just before it

@@ -12,8 +12,10 @@ shares at most once; the search stops after `share_layers` accepted pairs. Since
 the first k accepted pairs are what a search for k would accept, so one artifact serves every
 smaller share (the method takes the first round(compression x L)).
 
-Defaults from the official script (test_llama-2-7b-hf.py): 30 samples of 64 tokens, threshold
-0.5; `share_layers` defaults to half the layers here (the paper shares 12.5-25%).
+Defaults from the official code (yangyifei729/KVSharer @ 39e5c19, test_llama.ipynb): 30 samples
+of 64 tokens, threshold 0.5; `share_layers` defaults to half the layers here (the paper shares
+12.5-25%). What differs: the samples are nanokv's prose haystack, not the official
+data/wiki_demo.txt lines.
 """
 
 from __future__ import annotations

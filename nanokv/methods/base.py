@@ -207,13 +207,16 @@ def hashed_uniform(seed: int, layer: int, head, position) -> torch.Tensor:
     return ((h >> 9).float() + 0.5) / 2.0 ** 23                       # 23 bits, exact in float32
 
 
-def observation_attention(view: PrefillView, window: int) -> torch.Tensor:
+def observation_attention(view: PrefillView, window: int, causal: bool = True) -> torch.Tensor:
     """[Hq, W, S] float32: softmax attention of the last `window` prompt queries over the cached
-    keys, causal by position (what SnapKV-family and TOVA scores start from)."""
+    keys, causal by position (what SnapKV-family and TOVA scores start from); causal=False lets
+    each of them see every cached key, the later window queries' too (NACL's proxy scores)."""
     H, S, D = view.keys.shape
     q = view.queries[-window:].float()                             # [W, Hq, D]
     keys = view.keys.float().repeat_interleave(q.shape[1] // H, dim=0)  # [Hq, S, D]
     logits = torch.einsum("whd,hsd->hws", q, keys) / math.sqrt(D)  # [Hq, W, S]
+    if not causal:
+        return logits.softmax(dim=-1)
     future = view.positions[None, None, :] > view.positions[-window:][None, :, None]
     return logits.masked_fill(future, float("-inf")).softmax(dim=-1)
 

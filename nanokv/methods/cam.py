@@ -16,13 +16,23 @@ evictions run in the same order, oldest first, each into the next m prompt token
 go later and carry it on), with A the prompt's column sums. M is hashed_uniform(seed, layer,
 kv-head, position of e) < p: a recompute replays the same draws.
 
-Defaults: start_ratio=0.5 (the official runs keep start 10% + recent 10%: half and half);
-merge_budget=32 (the official code's `merge_budget = 32`, kvpress CAMPress's default).
-What differs: the official runs size both windows from the prompt length, here they split the
-request's budget; the paper's p (mean over the m targets; kvpress's too) is used at prefill as
-well, where the official lm-eval simulation divides by the most attention in the windows; at
-prefill A is the whole prompt's column sums, not the sums up to when the token would have left
-the window; with fewer than m tokens after e the share is 1/m' (kvpress), not 1/m.
+Defaults (official code zyxxmu/cam @ fc80e64): start_ratio=0.5 (the official runs keep start
+10% + recent 10%: half and half); merge_budget=32 (utils_hh's `merge_budget = 32`, kvpress
+CAMPress's default; the streaming code uses 16).
+What differs:
+- the official runs size both windows from the prompt length; here they split the budget.
+- at prefill every evicted prompt token is merged, oldest first, into the next m tokens over a
+  dense prefill (the lm-eval simulation's order, without its start + recent mask on the prompt's
+  own queries); the generation code (utils_hh) merges one token per decode step only.
+- A at decode includes the prompt's column sums (kvpress and the official generation code use
+  decode attention only), so p saturates at 1 more often.
+- the paper's p (mean over the m targets; kvpress's too) is used at prefill as well, where the
+  lm-eval simulation divides by the most attention in the windows; A there is the whole
+  prompt's column sums, not the sums up to when the token would have left the window.
+- with fewer than m tokens after e the share is 1/m' (kvpress), not 1/m.
+- the evicted token is merged; the generation code's merge index is off by one (the oldest
+  token still in the next window).
+- GQA: the query group's mean attention (kvpress); the official code is MHA only.
 """
 
 import torch

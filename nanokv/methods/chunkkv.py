@@ -11,11 +11,20 @@ one chunk, or a prompt shorter than one, SnapKV's token-level selection is kept 
 Layer-wise index reuse (the paper's): with `reuse_layers=N` the layers 0, N, 2N, ... select
 and each of the N - 1 layers after one keeps what it kept.
 
-This is kvpress's ChunkKVPress around SnapKVPress, whose defaults are chunk_length=20,
-window_size=64, kernel_size=5, average pooling, no reuse. kvpress keeps max(1, int(chunks x
-(1 - r))) chunks, which can be one more than fits the budget when the last chunk is short;
-here the chunks are those whole ones the budget holds. Defaults: chunk_length=10 (the paper's
-chosen size), reuse_layers=1, and SnapKV's (window_size=32, max pooling, kernel_size=7).
+Defaults: chunk_length=10 (the paper's chosen size), reuse_layers=1, and SnapKV's
+(window_size=32, max pooling, kernel_size=7). The official code is kvpress's ChunkKVPress around
+SnapKVPress (NVIDIA/kvpress @ 8bb29b9; the paper links it; no separate authors' repository),
+whose defaults are chunk_length=20, window_size=64, kernel_size=5, average pooling, no reuse:
+with those its kept sets equal these.
+What differs:
+- kvpress keeps max(1, int(chunks x (1 - r))) chunks, counting a short last one, which can
+  overshoot the budget by less than a chunk; here the whole chunks the budget holds.
+- with a budget under one chunk kvpress still keeps one chunk; here SnapKV's token-level
+  selection (as kvpress does for a prompt shorter than one chunk).
+- the window sits inside the chunk grid, scored above the prefix (kvpress), not apart from it as
+  in the paper's algorithm.
+- max pooling (the default) has no kvpress counterpart (SnapKVPress pools by average); each
+  query head is pooled, then the group averaged, as kvpress and official SnapKV order it.
 """
 
 import torch

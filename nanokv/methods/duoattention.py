@@ -19,11 +19,19 @@ head_compression_ratio = f, its argsort over the score matrix), so the prompt ke
 a head. Prompts of at most sink_size + recent_size tokens are kept whole; where B is below that,
 every head streams and keeps sink_size + recent_size. Heads of a layer really end with different
 lengths. It acts once, after prefill, as kvpress's press does: generated tokens are kept in every
-head (the paper's deployed streaming heads hold a constant sink + recent window while decoding).
+head.
 
-Defaults: sink_size=128, recent_size=256 (kvpress's on-the-fly setting, and the sizes the paper's
-released patterns were trained with, mit-han-lab/duo-attention attn_patterns/*/config.json; its
-LongBench and needle scripts deploy them with sink 64, recent 256).
+Defaults: sink_size=128, recent_size=256 (kvpress DuoAttentionPress @ 8bb29b9, on-the-fly
+setting, whose head scores and kept sets these equal; the sizes the released patterns were
+trained with, mit-han-lab/duo-attention @ fe93c31 attn_patterns/*/config.json).
+What differs:
+- head scores are kvpress's training-free approximation, not the paper's trained gates
+  (attn_patterns/*/full_attention_heads.tsv).
+- the official LongBench and needle scripts deploy sink 64, recent 256.
+- acts once after prefill (kvpress); the official streaming heads are cut back to sink + recent
+  after every step, and its LongBench runs feed the last 50 prompt tokens as decode steps.
+- the streaming-head count is round(f L H) by a stable argsort (kvpress), with f from the
+  budget; the official `--sparsity` thresholds at np.quantile of the scores plus U(0, 1e-6).
 """
 
 import math

@@ -14,13 +14,18 @@ tokens with the most A); the set's evicted tokens merge into it with Gaussian-ke
 w_i = exp(-|k_i - k_p|^2 / 2 sigma^2), w_p = 1: k_p <- (k_p + sum w_i k_i) / (1 + sum w_i), the
 same weights for v. A set that keeps no token goes whole; its other kept tokens stay apart.
 
-Defaults: threshold=0.8 (the paper's ≈0.75-0.8, set per layer: one value for every layer
-here); recent_ratio=0.5 (H2O's heavy and recent halves). sigma=0 sets sigma^2, per set, to the
-mean |k_i - k_p|^2 of its evicted tokens, so the weights do not depend on the keys' scale (the
-paper's own sigma is not reproduced); a positive sigma is used as is. What differs: prefill
-only (decode tokens are kept, as SnapKV's); the recent window takes no part in merging; merging
-sets are runs of adjacent similar keys, the paper's identification reduced to its rule; the
-pivot must be a kept token, so the cache holds exactly the budget's tokens.
+Defaults: threshold=0.8 (the paper's ≈0.75-0.8), recent_ratio=0.5 (H2O's heavy and recent
+halves), sigma=0 (below). Paper only: no public code found (code index, GitHub repo names
+kvmerger, pages and issues for arXiv 2407.08454; KVCache-Factory's merge="weighted" merges each
+dropped token into its nearest kept key and is a different rule).
+What differs:
+- sigma=0 sets sigma^2, per set, to the mean |k_i - k_p|^2 of its evicted tokens, so the
+  weights do not depend on the keys' scale (our choice; the paper's sigma is not reproduced); a
+  positive sigma is used as is.
+- one threshold for every layer; the paper calibrates it per layer.
+- prefill only (decode tokens are kept, as SnapKV's); the recent window takes no part in merging.
+- merging sets are runs of adjacent similar keys, the paper's identification reduced to its rule.
+- the pivot must be a kept token, so the cache holds exactly the budget's tokens.
 """
 
 import torch

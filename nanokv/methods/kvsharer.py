@@ -10,8 +10,15 @@ freed whole. Nothing is evicted token by token.
 
 Knob: `compression=r` shares round(r x L) layers: the first that many pairs the search kept
 (the greedy search's first k pairs are what a search for k keeps). The paper shares 12.5-25% of
-the layers. A budget does not apply (the unit is a layer). Defaults: the calibration's
-(30 samples of 64 tokens, threshold 0.5, official script test_llama-2-7b-hf.py).
+the layers. A budget does not apply (the unit is a layer).
+
+Defaults: the calibration's (30 samples of 64 tokens, threshold 0.5: official code
+yangyifei729/KVSharer @ 39e5c19, test_llama.ipynb).
+What differs:
+- calibration text: nanokv's prose haystack (nanokv/haystack.py), not the official
+  data/wiki_demo.txt lines (the chosen pairs depend on the data).
+- the artifact holds up to L/2 pairs and compression picks the first round(r L); the official
+  search stops at SHARE_LAYERS (the same pairs, the greedy search keeping a prefix).
 """
 
 from nanokv.methods.base import CALIBRATION_FILE, Method

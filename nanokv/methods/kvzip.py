@@ -17,11 +17,24 @@ previous chunk's last 8 tokens. A chunk's score is its pass's softmax over the s
 and the pass itself (the rest of the prompt left out of the normalization, as in the official
 code).
 
-Defaults: chunk_size=2048, sink_tokens=4, global top-k (official code snu-mllab/KVzip and
-kvpress's KVzipPress). What differs: with a chat template the whole prompt, template
-included, is repeated (kvpress repeats only the context after the template's opening);
-KVzip+'s normalization (by the hidden state's norm and the output projection) is not built,
-as it reads weights.
+`compression=r` keeps what kvpress keeps: of the N (layer, kv-head, token) pairs, N - int(N r)
+stay (layer-wise, H S - int(H S r) a layer), exact at any prompt length; `budget=B` keeps B
+tokens a head on average.
+
+Defaults: chunk_size=2048, sink_tokens=4, global top-k (kvpress KVzipPress @ 8bb29b9, whose
+kept sets these equal; official code snu-mllab/KVzip @ 5d84729).
+What differs:
+- with a chat template the whole prompt, template included, is repeated (kvpress repeats only
+  the context after the template's opening and its template prefix scores 0).
+- the sinks are the first 4 tokens, counted in the budget (kvpress); the official code keeps the
+  whole system-prompt prefix unscored and outside the ratio.
+- chunk_size 2048 and the later request without a trailing space (kvpress); the official
+  self_task uses 2000 and "... starting with " (a space).
+- the official code keeps the pairs scoring strictly above a threshold score (score.py
+  _threshold: ties dropped, about one pair off); here and in kvpress an exact top-k.
+- scores in float32 (kvpress and the official code softmax in the model's dtype: ties only).
+- KVzip+'s normalization (by the hidden state's norm and the output projection) and the
+  head-level (context-independent) variant are not built.
 """
 
 import math
@@ -59,6 +72,13 @@ class KVzip(PrefillSelector):
         if self.compresses and self.layerwise:
             return self.tokens_to_keep(n)
         return n  # the global top-k trims every layer once the last has been scored
+
+    def kept_pairs(self, pairs: int, n: int) -> int:
+        """Of `pairs` (token, kv-head) pairs over an n-token prompt, how many stay: kvpress's
+        pairs - int(pairs x compression) (exact at any length), or the budget's share."""
+        if self.budget is not None:
+            return pairs // n * self.tokens_to_keep(n)
+        return pairs - int(pairs * self.compression)
 
     def chunks(self, n: int) -> list[tuple[int, int]]:
         return [(start, min(n, start + self.chunk_size)) for start in range(0, n, self.chunk_size)]
@@ -104,7 +124,7 @@ class KVzip(PrefillSelector):
         scores = self.scores(view)
         scores[:, :self.sink_tokens] = float("inf")
         if self.layerwise:
-            return top_over_heads(scores, H * self.tokens_to_keep(S))
+            return top_over_heads(scores, self.kept_pairs(H * S, S))
         state = view.sequence_state.setdefault("kvzip", {"scores": {}})
         state["scores"][view.layer] = scores
         if view.layer < view.num_layers - 1:
@@ -112,7 +132,7 @@ class KVzip(PrefillSelector):
         # one top-k over every layer's scores sets each layer's share
         layers = sorted(state["scores"])
         stacked = torch.stack([state["scores"][layer] for layer in layers])       # [L, H, S]
-        kept = stacked.flatten().topk(len(layers) * H * self.tokens_to_keep(S)).indices
+        kept = stacked.flatten().topk(self.kept_pairs(len(layers) * H * S, S)).indices
         shares = torch.bincount(kept // (H * S), minlength=len(layers)).tolist()
         state["masks"] = {layer: top_over_heads(stacked[i], k) for i, (layer, k) in enumerate(zip(layers, shares))}
         return state["masks"].pop(view.layer)

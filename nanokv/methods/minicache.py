@@ -18,9 +18,6 @@ retained prompt tokens and what follows the prompt; its other blocks go back to 
 Knob: `compression=r` merges P = floor(r L + 1/2) pairs, the top 2P layers (at most every layer:
 r <= 0.5), so about r of the prompt's KV goes (P (1 - retention) / L exactly). r = 0.25 merges
 from layer L / 2 on, the paper's setting. A budget does not apply (the unit is a layer pair).
-Defaults: interpolation t = 0.6 (the paper's SLERP parameter; KVCache-Factory's
-pyramidkv/minicache.py, where it weighs the later layer), retention gamma = 0.05 (KVCache-Factory:
-per head, the top ceil(gamma S) tokens by distance).
 
 Bytes (what `cache.theoretical_bytes` reports, within a few percent of the paper's figure): per
 (sequence, kv-head), a layer outside the pairs holds T tokens x (2 D s + 4) (K, V in the cache
@@ -32,12 +29,22 @@ the paper's figure. nanokv stores each merged token's direction times a's magnit
 magnitudes cost nothing) and b's two magnitudes as float32 slot fields, which the pool gives
 every slot of every layer: 8 bytes a slot more than K, V and position everywhere.
 
-What differs from the paper: only the prompt is merged (tokens generated after it, and a question
-that follows a compressed context, are kept unmerged in both layers, as SnapKV-family methods
-keep them); the keys' angular distance picks the retained tokens, and a retained token keeps its
-keys and values both (one set of retained tokens per head: b holds one length per head); the
-pairs sit at the top of the model (for an odd count of layers to pair, from layer L - 2P on:
-L = 30, r = 0.25 merges layers 14..29, the paper from 15); magnitudes are float32.
+Defaults: interpolation t = 0.6 (the paper's SLERP parameter; KVCache-Factory's
+pyramidkv/minicache.py, where it weighs the later layer), retention gamma = 0.05 (KVCache-Factory:
+per head, the top ceil(gamma S) tokens by distance).
+Paper only: AkideLiu/MiniCache @ f1baccac is a project page with no code; cross-checked with
+KVCache-Factory pyramidkv/minicache.py @ c97f9d7 (third-party, "MiniCache-style").
+What differs:
+- only the prompt is merged (the project page merges in prefilling and decoding): tokens
+  generated after it, and a question that follows a compressed context, are kept unmerged in
+  both layers, as SnapKV-family methods keep them.
+- retention: per head the top ceil(gamma S) tokens by angular distance (KVCache-Factory's rule);
+  the paper's gamma is a threshold on the normalised distance range. The keys' distance picks
+  them, and a retained token keeps its keys and values both (one set per head: b holds one
+  length per head).
+- the pairs sit at the top of the model (for an odd count of layers to pair, from layer L - 2P
+  on: L = 30, r = 0.25 merges layers 14..29, the paper from 15); magnitudes are float32.
+- not stacked on 4-bit KIVI, as the paper's headline numbers are.
 """
 
 from __future__ import annotations

@@ -4,21 +4,28 @@ Paper: NACL: A General and Effective KV Cache Eviction Framework for LLMs at Inf
 (Chen et al., ACL 2024), arXiv 2408.03675. One eviction after encoding, per head. Proxy-token
 eviction: the last tokens of the prompt (where the question sits) stand in for the queries to
 come; a token's score is the attention they give it, summed over them (averaged over the query
-heads of a kv-head; causal here, as every nanokv score, where the official code lets the proxies
-see each other both ways). Random eviction: part of the budget is drawn at random among the
-tokens the proxy scores left out, without replacement, token j with probability proportional to
-exp(score_j) (the official code's softmax over those scores; drawn here as the top-k of score +
-Gumbel noise, the same distribution). Per kv-head: keep `sink_tokens` + the proxy window, then
-of the rest of the budget a share `random_ratio` at random and the others by the highest proxy
-score. The draw is seeded by `seed` and the layer, so a prompt is compressed the same way
-whatever it is batched with.
+heads of a kv-head). As in the official code (flash_attn with causal=False), each proxy's
+softmax runs over every prompt key, the later proxies' included. Random eviction: part of the
+budget is drawn at random among the tokens the proxy scores left out, without replacement,
+token j with probability proportional to exp(score_j) (the official code's softmax over those
+scores; drawn here as the top-k of score + Gumbel noise, the same distribution). Per kv-head:
+keep `sink_tokens` + the proxy window, then of the rest of the budget a share `random_ratio` at
+random and the others by the highest proxy score. The draw is seeded by `seed` and the layer,
+so a prompt is compressed the same way whatever it is batched with.
 
-Defaults from the official run (PaddlePaddle/Research, NLP/ACL2024-NACL, 128K-token inputs):
-the last 1% of the prompt are the proxies (`proxy_ratio=0.01`, here at least one token); 1% of
-the prompt is protected, 256 sinks and the newest tokens, here `sink_tokens` and the proxy
-window; of the tokens kept by eviction 12% of the prompt go by proxy score and 7% at random,
-`random_ratio` = 7/19 = 0.37. sink_tokens=4 (StreamingLLM's) rather than 256, for prompts of
-hundreds or thousands of tokens.
+Defaults from the official run (PaddlePaddle/Research @ 46593e1, NLP/ACL2024-NACL, src/args.py;
+128K-token inputs): the last 1% of the prompt are the proxies (`proxy_ratio=0.01`, here at least
+one token); of the tokens kept by eviction 12% of the prompt go by proxy score and 7% at random,
+`random_ratio` = 7/19 = 0.37.
+What differs:
+- sink_tokens=4 (StreamingLLM's), not 256, for prompts of hundreds or thousands of tokens; the
+  official protected 1% of the prompt includes its sinks, here protected = sinks + proxy window.
+- the budget B is split, random = round(0.37 (B - protected)); officially each part is a share
+  of the prompt length.
+- the official code leaves prompts of <= 2048 tokens whole (`min_eviction_seqlen`); here any
+  prompt over budget is compressed.
+- per kv-head, the proxy attention averaged over the query group (the official code selects per
+  query head on its repeat_kv path).
 """
 
 import torch
@@ -46,7 +53,7 @@ class NACL(PrefillSelector):
     def scores(self, view: PrefillView) -> torch.Tensor:
         """[H, S] the proxy tokens' attention, summed over them (the proxy score)."""
         H, S = view.keys.shape[:2]
-        summed = observation_attention(view, self.proxies(S)).sum(dim=1)   # [Hq, S]
+        summed = observation_attention(view, self.proxies(S), causal=False).sum(dim=1)   # [Hq, S]
         return summed.view(H, -1, S).mean(dim=1)
 
     def keep_mask(self, view: PrefillView) -> torch.Tensor | None:

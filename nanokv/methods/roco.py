@@ -10,23 +10,30 @@ its policy RoCo ("robust cache omission"), code DRSY/EasyKV. Two parts:
 - eviction scope: tokens whose attention varies a lot (high standard deviation over those same
   queries) may matter again, so they are kept out of the scope, as are the newest
   `recent_size`; the lowest mean inside the scope goes.
-EasyKV's decode (its `h2o_head_std_avg` policy) holds the budget B plus one new token, leaves
-the newest 10 out of the scope and takes as the scope the B - int(0.3 B) lowest standard
-deviations of the rest: int(0.3 B) + 1 tokens are outside it. Here the same split holds for
-any number held: the newest `recent_size`, then the highest standard deviations up to
-int(robust_ratio * B) + 1 in all, are kept; the scope keeps its highest means up to B. During
-decode that evicts EasyKV's token; after the prompt it picks the prompt tokens kept at once
-(EasyKV's prefill evicts a stride of tokens at a time and protects 4 sink tokens too).
-Standard deviations that tie go to the newer token; during decode, means that tie evict the
-older (the engine's rule). Unlike EasyKV's decoding mode, which budgets the generated tokens
-and keeps the prompt whole, the budget covers prompt and generated tokens, as for every
-nanokv method.
+EasyKV's decode (its `roco` policy, `h2o_head_std_avg` in older logs) holds the budget B plus
+one new token, leaves the newest 10 out of the scope and takes as the scope the B - int(0.3 B)
+lowest standard deviations of the rest: int(0.3 B) + 1 tokens are outside it. Here the same
+split holds for any number held: the newest `recent_size`, then the highest standard
+deviations up to int(robust_ratio * B) + 1 in all, are kept; the scope keeps its highest means
+up to B. During decode that evicts EasyKV's token. After the prompt it picks the prompt tokens
+kept at once, with EasyKV's prefill (encoding) split: the first `sink_size` tokens are kept
+too, and the share is `prefill_robust_ratio` (EasyKV's recent_ratio 0.1 there, its scope
+B - int(0.1 B) - 4). Standard deviations that tie go to the newer token; during decode, means
+that tie evict the older (the engine's rule).
 
 Statistics live in slot fields (sum, sum of squares and count of the attention each token
 received) and grow with every decode query. At prefill they come from the prompt's last
 `window_size` queries (0: every prompt query, as EasyKV with keep_attention=True, which its
-README recommends when memory allows; its streaming prefill otherwise scores with the queries
-after a budget-sized prefix). Defaults from EasyKV: 10 recent tokens, robust_ratio 0.3.
+README recommends when memory allows).
+
+Defaults from EasyKV (DRSY/EasyKV @ a1d71ca, easykv.py generate): recent_size=10,
+robust_ratio=0.3 (decode), sink_size=4 (temp_length) and prefill_robust_ratio=0.1 (prefill).
+What differs:
+- the prompt is compressed once after prefill; EasyKV's prefill streams it in chunks of
+  `stride` tokens, evicting `stride` after each (and otherwise scores with the queries after a
+  budget-sized prefix).
+- the budget covers prompt and generated tokens (EasyKV's auto mode, without its +stride);
+  its decoding mode budgets only the generated tokens and keeps the prompt whole.
 """
 
 import torch
@@ -64,15 +71,19 @@ class RoCo(DecodeEvictor):
         "recent_size": (int, 10, "an integer >= 0 (the newest tokens, never evicted)", lambda v: v >= 0),
         "robust_ratio": (float, 0.3, "a number in [0, 1) (share of the budget outside the eviction scope: "
                                      "the recent tokens, then the highest std)", lambda v: 0 <= v < 1),
+        "sink_size": (int, 4, "an integer >= 0 (the first tokens, kept at prefill)", lambda v: v >= 0),
+        "prefill_robust_ratio": (float, 0.1, "a number in [0, 1) (robust_ratio at prefill)", lambda v: 0 <= v < 1),
     }
     slot_fields = {"roco_sum": torch.float32, "roco_squares": torch.float32, "roco_count": torch.float32}
 
     def recent_window(self, budget):
         return budget.clamp(max=self.recent_size)
 
-    def protected(self, budget: torch.Tensor) -> torch.Tensor:
-        """Tokens kept out of the scope for their standard deviation, besides the recent ones."""
-        return ((budget * self.robust_ratio).long() + 1 - self.recent_window(budget)).clamp(min=0)
+    def protected(self, budget: torch.Tensor, ratio: float | None = None) -> torch.Tensor:
+        """Tokens kept out of the scope for their standard deviation, besides the recent ones
+        (and the sinks, at prefill)."""
+        ratio = self.robust_ratio if ratio is None else ratio
+        return ((budget * ratio).long() + 1 - self.recent_window(budget)).clamp(min=0)
 
     def prefill_state(self, view: PrefillView) -> dict[str, torch.Tensor]:
         H, S, _ = view.keys.shape
@@ -93,8 +104,9 @@ class RoCo(DecodeEvictor):
         H, S = mean.shape
         budget = torch.tensor(self.decode_budget(S), device=mean.device)
         recent = view.positions > view.positions[-1] - self.recent_window(budget)        # [S]
+        recent |= view.positions < self.sink_size                                        # and the sinks
         keep = recent[None, :] | protect_highest(std, view.positions.expand(H, S), ~recent.expand(H, S),
-                                                 self.protected(budget).expand(H))
+                                                 self.protected(budget, self.prefill_robust_ratio).expand(H))
         return mean.masked_fill(keep, float("inf"))
 
     def decode_scores(self, probs, state, step):

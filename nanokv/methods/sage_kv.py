@@ -8,10 +8,17 @@ own top-k of them, one time. Per layer: the last query's softmax attention over 
 averaged over the query heads that share a kv-head (GQA); keep `sink_tokens` + the top
 (budget - sinks - recent) of the middle per kv-head + `recent_tokens`. A budget below sinks +
 recent keeps sinks then the newest tokens (StreamingLLM). As kvpress's presses do, it acts once
-after prefill and keeps every generated token (the paper's decoding slides the recent window
-to hold the cache at its size: not done here). The paper's own sink and window sizes are not
-restated here; defaults sink_tokens=4 (StreamingLLM's sinks) and recent_tokens=32 (SnapKV's
-observation window).
+after prefill and keeps every generated token.
+
+Defaults: sink_tokens=4 (StreamingLLM's sinks), recent_tokens=32 (SnapKV's observation window).
+Paper only: no public code found (code index, GitHub repo names sage-kv / sagekv, issues and
+pages for SAGE-KV / arXiv 2503.08879); the paper's own sink and window sizes are not restated.
+What differs:
+- recent_tokens includes the last prompt token; the paper keeps it as a segment of its own, in
+  addition to the recent window (one token more).
+- the paper's decoding slides the recent window to hold the cache at its size; here every
+  generated token is kept.
+- GQA: the group's mean attention (our choice; the paper is silent).
 """
 
 import torch

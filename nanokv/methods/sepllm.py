@@ -7,29 +7,43 @@ gathers in the separator that ends it (punctuation, a line break), so the cache 
 window of the `w` newest tokens; everything else is dropped, one-shot after prefill, the same in
 every layer and head.
 
-A separator is a token whose decoded text is made only of the characters . , ; : ! ? and line
-breaks (spaces and tabs around them allowed: " ." and ".\\n" count), at least one of them; the
-engine hands the vocabulary over (`needs_vocabulary`, see base.py).
+Separators are the official SepCache llama list, by text: a token whose decoded text is one of
+. , ? ! ; : and a line break, alone or after one space (" ." and " \n" count), or is made only
+of spaces (" ", "  "); "\n\n", ".\n", "..." and "!?" are not separators. The engine hands the
+vocabulary over (`needs_vocabulary`, see base.py); BOS is the first sink anyway.
 
 Budget: the request's budget B (per layer and head) is a + s + w. a = sink_tokens; of the rest
 a `separator_share` goes to separators, s = floor((B - a) x share), and w = B - a - s to the
 window. The default share 0.2 is the paper's split at its cache size c = 324: a=4, s=64, w=256.
 When the prompt has fewer than s separators before the window, the unused room goes to the
 window (the tokens just before it), so a head always holds B tokens.
-Defaults: sink_tokens=4 (paper), separator_share=0.2 (paper's s=64 of s + w = 320).
+
+Defaults: sink_tokens=4 (paper; SepCache's init_cache_size), separator_share=0.2 (paper's s=64
+of s + w = 320); separators from HKUDS/SepLLM @ f250f59 (TrainingFree llama3 configs) and SepCache
+(transformers-community/sep_cache @ e95635e).
+What differs:
+- s caps the separators as SepCache's USE_MAX_SEP_CACHE does; the mask-based training-free runs
+  keep every separator (and use a=3, w=256 fixed).
+- one shot after a dense prefill; SepCache compresses on decode whenever the cache reaches c, and
+  the mask-based runs also sparsify the prompt's own attention (the stored K/V of layers >= 1).
+- generated tokens are never evicted.
+- every all-space token is a separator; the llama list holds three of them (ids 220, 256,
+  262), so other runs of spaces count here and not there.
 """
 
 import torch
 
 from nanokv.methods.base import PrefillSelector, PrefillView
 
-SEPARATORS = frozenset(".,;:!?\n")
-BLANKS = frozenset(" \t\r")
+SEPARATORS = frozenset(".,?!;:\n")
 
 
 def is_separator(text: str) -> bool:
-    chars = set(text)
-    return bool(chars & SEPARATORS) and chars <= SEPARATORS | BLANKS
+    """SepCache's llama separator ids, by text: one of . , ? ! ; : \\n, with at most one space
+    before it, or a token made only of spaces."""
+    if text.startswith(" ") and len(text) == 2:
+        text = text[1:]
+    return text in SEPARATORS or (text != "" and set(text) == {" "})
 
 
 class SepLLM(PrefillSelector):

@@ -7,17 +7,26 @@ prompt: the last prompt token's softmax attention (averaged over all query heads
 what a lazy layer would keep, the first `sink_tokens` and the recent window; above `threshold`
 the layer is lazy and keeps just those (the same tokens in every head), otherwise it stays
 whole. The request's budget (or 1 - compression of the prompt) is what a lazy layer keeps:
-`sink_tokens` + the newest (budget - sink_tokens). The paper's recent window is 1024 tokens
-(budget=1028). Acts once, after prefill, as kvpress does; generated tokens are kept.
+`sink_tokens` + the newest (budget - sink_tokens). Acts once, after prefill, as kvpress does;
+generated tokens are kept.
 
-Defaults: sink_tokens=4 (paper, official code sail-sg/SimLayerKV, kvpress), threshold=0.9 (the
-paper's value for Llama-3; it gives Llama-2 0.65, Mistral 0.8, Qwen 0.85). kvpress's
-SimLayerKVPress defaults to lazy_threshold=1.0, which never finds a lazy layer.
+Defaults: sink_tokens=4 (paper, official code sail-sg/SimLayerKV @ 1fb6bda, kvpress),
+threshold=0.9 (the paper's value for Llama-3; it gives Llama-2 0.65, Mistral 0.8, Qwen 0.85).
+kvpress's SimLayerKVPress (@ 8bb29b9) defaults to lazy_threshold=1.0, which never finds a lazy
+layer. `compression=r` sets the lazy window from the prompt length; the paper's fixed window
+(4 + 1024 for every prompt) is budget=1028.
 
 `criterion=kvpress` measures as SimLayerKVPress does (n_last=1): with n_recent = budget -
 sink_tokens + 1 (it keeps the newest n_recent - 1), the last token's attention on the first
 sinks and on the n_recent tokens before the last one, the last token's attention to itself left
-out. kvpress leaves prompts of at most sinks + n_recent + 1 tokens whole.
+out. kvpress leaves prompts of at most sinks + n_recent + 1 tokens whole. With it the kept sets
+equal kvpress's.
+What differs:
+- laziness is decided at prefill from the last prompt token (kvpress's n_last=1 stand-in); the
+  official SimLayerKV-decode decides at the first decode step from the first generated token's
+  attention on the sinks and the last 1024 keys, itself included, and keeps that token.
+- the official code keeps 4 + the last 1024 however long the prompt (duplicating tokens when the
+  cache is shorter); here a prompt within the budget stays whole.
 """
 
 import torch

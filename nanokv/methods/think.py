@@ -1,13 +1,12 @@
 """think: the older tokens' keys keep only the channels the last queries weigh most.
 
-Paper: ThinK: Thinner Key Cache by Query-Driven Pruning (Xu et al., 2024), arXiv 2407.21018;
-official code SalesforceAIResearch/ThinK. Key channels differ in how much they contribute to
-q . k, and a few carry most of it. After prefill, per layer and kv-head, each channel c scores
+Paper: ThinK: Thinner Key Cache by Query-Driven Pruning (Xu et al., 2024), arXiv 2407.21018.
+Key channels differ in how much they contribute to q . k, and a few carry most of it. After
+prefill, per layer and kv-head, each channel c scores
 
     score_c = mean over the last 32 queries of q_c^2  x  mean over the held keys of k_c^2
 
-(post-RoPE; the query heads of a GQA group averaged, as kvpress's ThinKPress does; the official
-code scores each query head over keys repeated per head). The int(channel_ratio x D) lowest go:
+(post-RoPE; the query heads of a GQA group averaged). The int(channel_ratio x D) lowest go:
 every held token but the newest `recent` keeps only the other channels (nanokv/cache/
 pruned_cache.py, slim blocks that really hold fewer bytes), and at decode the query is cut to a
 head's kept channels for those tokens. The recent window and every generated token keep all
@@ -16,8 +15,17 @@ channels, as in the official code. Values are whole.
 Composes with token eviction as the paper evaluates it: compression or budget first keeps
 SnapKV's choice (this class is SnapKV with its options), whose kept keys are then scored and
 pruned; compression=0 prunes channels alone. KV bytes: tokens x (1 - channel_ratio / 2) of full.
-Defaults from the official run_longbench.py: channel_ratio=0.4, recent=32, observation window
-32 (SnapKV window 32, max pooling, kernel 7).
+
+Defaults from the official run_longbench.py (SalesforceAIResearch/ThinK @ d200577):
+channel_ratio=0.4, recent=32, observation window 32 (SnapKV window 32, max pooling, kernel 7).
+The kept channels equal kvpress ThinKPress's (@ 8bb29b9) with recent=0.
+What differs:
+- GQA: one token set and one channel set per kv-head from the group's mean q^2 (kvpress
+  ThinKPress); the official code scores each query head over keys repeated per head (Hq / H
+  copies of the cache). MHA models are the same.
+- the recent 32 keep every channel, as in the official code; kvpress prunes every prompt key.
+- the SnapKV part averages in float32; the official code sums the window's attention in the
+  model's dtype (rank ties only).
 """
 
 import torch

@@ -15,9 +15,15 @@ does. The norm is of the value as cached (values carry no RoPE), read from the c
 (`needs_values` at prefill, `decode_reads` at decode); the slot field holds the plain sum,
 which equals the official running sum of a·‖v‖₁ since a token's norm never changes.
 
-Defaults from the official code (guozhiyu/vatp, its H2O setting: `--heavy_ratio` = recent
-ratio, so half the budget recent, as our h2o). It takes the sink length from the command line
-with no default; 4 here, the attention-sink count of StreamingLLM.
+Defaults from the official code (guozhiyu/vatp @ 39ea686, its H2O setting `--h2o --apval`:
+`--heavy_ratio` = recent ratio, so half the budget recent, as our h2o); sink_size=20, the sink
+length of the official README's LongBench command (pred.py's `--sink_len` has no default).
+What differs:
+- a decode query attends over the budget plus itself before the eviction (the engine's rule);
+  the official mask, built at the step before, holds it to exactly the budget.
+- the official recent mask leaves the token at S - recent out of both windows for one step
+  (a quirk of H2O's code), not reproduced.
+- GQA: the group's mean attention times the kv-head's own value norm (the official code is MHA).
 """
 
 import torch
@@ -32,7 +38,7 @@ class VATP(DecodeEvictor):
     options = {
         "recent_ratio": (float, 0.5, "a number in [0, 1) (share of the budget kept for the newest tokens)",
                          lambda v: 0 <= v < 1),
-        "sink_size": (int, 4, "an integer >= 0 (the first tokens, always kept)", lambda v: v >= 0),
+        "sink_size": (int, 20, "an integer >= 0 (the first tokens, always kept)", lambda v: v >= 0),
     }
     needs_column_sums = True
     needs_values = True
