@@ -20,7 +20,8 @@ head gets base - base // beta, and a global pool of (base // beta) L H tokens is
 layers and heads in proportion to the normalized scores (score / sum, raised to `temp`,
 normalized again): a head keeps round(share x pool + base - base // beta) prefix tokens, plus the
 window. Within each head, SnapKV selection: the last W queries' attention over the prefix,
-averaged over the window and over the kv-head's query heads, max-pooled; the head's top prefix
+averaged over the window, max-pooled per query head, then averaged over the kv-head's query
+heads (SnapKV's order; the official cache is Hq heads wide and selects per query head); the head's top prefix
 tokens and the window are kept. A capacity beyond a head's prefix is not handed on (as in the
 official code); a profile of all zeros shares the pool evenly. Heads really end with different lengths.
 
