@@ -103,7 +103,7 @@ class D2O(DecodeEvictor, Merger):
         there); layers 0, 1 and L - 1 are never compressed (they keep their softmax share all the
         same): their budget is the int32 maximum."""
         L, budget = len(densities), self.decode_budget(n)
-        w = torch.tensor(densities, dtype=torch.float64).neg().softmax(0)
+        w = torch.tensor(densities, dtype=torch.float64, device="cpu").neg().softmax(0)  # L host numbers
         budgets = [min(n, max(math.ceil(0.01 * n), int(L * float(w_l) * budget))) for w_l in w]
         return [WHOLE if layer in (0, 1, L - 1) else b for layer, b in enumerate(budgets)]
 
