@@ -535,10 +535,11 @@ def test_decode_time_eviction_matches_a_plain_statement_of_the_method(smollm2_gg
     assert agree == budget * len(held), f"{agree} of {budget * len(held)} held positions agree"
 
 
-def serve(tiny, method, prompts, blocks, steps, block_size=4, kernels="reference"):
+def serve(tiny, method, prompts, blocks, steps, block_size=4, kernels="reference", max_length=256, on_decode=None):
     """Every prompt through the scheduler and runner (continuous batching, preemption) over a pool
     of `blocks` blocks -> (outputs, {seq: (lengths [L, H], blocks [L, H]) when it finished},
-    preemptions, the cache)."""
+    preemptions, the cache). on_decode(seq, position, cache): after each decode step, per sequence,
+    the position of the token it fed."""
     from nanokv.kernels import kernels_for
     from nanokv.cache import PagedKVCache
     from nanokv.cache.pool import BlockPool
@@ -553,7 +554,8 @@ def serve(tiny, method, prompts, blocks, steps, block_size=4, kernels="reference
                                      extra_fields=method.slot_fields)
     cache.kernels = kernels_for("cpu", kernels, cache.workspace)
     scheduler, runner = Scheduler(cache, 8, 64, method), ModelRunner(model, cache, "cpu", method)
-    seqs = [Sequence(p, SamplingParams(max_tokens=steps, ignore_eos=True), set(), lambda t: "", 256) for p in prompts]
+    seqs = [Sequence(p, SamplingParams(max_tokens=steps, ignore_eos=True), set(), lambda t: "", max_length)
+            for p in prompts]
     held, finish = {}, scheduler.finish
 
     def capture(seq):
@@ -565,6 +567,8 @@ def serve(tiny, method, prompts, blocks, steps, block_size=4, kernels="reference
     while not scheduler.finished:
         batch, is_prefill = scheduler.schedule()
         for seq, token in zip(batch, runner.step(batch, is_prefill) if batch else []):
+            if on_decode is not None and not is_prefill:
+                on_decode(seq, len(seq) - 1, cache)
             seq.append(token)
             if seq.finished:
                 scheduler.finish(seq)

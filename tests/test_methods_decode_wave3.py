@@ -3,12 +3,14 @@ Each on hand-built inputs whose victim is known by hand, the framework's reads o
 values from the pool, then in the engine: under continuous batching with mixed prompt lengths,
 preemption and recompute, holding its budget in real blocks."""
 
+import math
+
 import pytest
 import torch
 
 from helpers import held_positions
 from nanokv.methods import make_method
-from nanokv.methods.base import DecodeStep, PrefillView
+from nanokv.methods.base import DecodeEvictor, DecodeStep, Merger, PrefillView, hashed_uniform
 from nanokv.methods.r_kv import pooled_in_position_order, redundancy
 from test_methods_decode_wave2 import TINY_PROMPTS, serve
 
@@ -106,68 +108,130 @@ def test_r_kv_redundancy_counts_copies_but_spares_each_rows_newest_near_duplicat
 
 
 def test_r_kv_evicts_the_oldest_copy_before_a_distinct_key_of_equal_attention():
-    # equal attention everywhere; budget 6, α = 2 (6, 7 recent). Without redundancy (λ = 1) the
-    # tie goes to the oldest, slot 0; with it, the most redundant: the oldest copy, slot 1
+    # zero queries: equal logits everywhere; budget 6, α = 2 (6, 7 the window). Without
+    # redundancy (λ = 1) the tie goes to the oldest, slot 0; with it, the most redundant: the
+    # oldest copy, slot 1
     method = make_method("r_kv", budget=6, window_size=2, kernel_size=1)
     probs = torch.full((1, 1, 2, 8), 1 / 8)                     # two query heads in the group
-    state = {name: torch.full((1, 1, 8), 1 / 8) for name in method.slot_fields}
-    st = step(7, 6, 8, keys=dup_keys()[None, None])
+    state = {name: torch.zeros(1, 1, 8) for name in method.slot_fields}
+    st = step(7, 6, 8, keys=dup_keys()[None, None], queries=torch.zeros(1, 2, 8))
     scores, new = method.decode_scores(probs, state, st)
     assert victim(method, scores, st) == 1
     plain = make_method("r_kv", budget=6, window_size=2, kernel_size=1, mix_lambda=1.0)
     assert victim(plain, plain.decode_scores(probs, state, st)[0], st) == 0
-    # and the score is λ·I − (1−λ)·R by hand
+    # and the score of the prefix (0..5) is λ·I − (1−λ)·R by hand, I uniform over the prefix
     r = (torch.tensor([0.0, 2, 1, 0, 0, 0, 0, 0]) / 8).softmax(-1)
-    torch.testing.assert_close(scores[0, 0], 0.07 / 8 - 0.93 * r)
+    torch.testing.assert_close(scores[0, 0, :6], 0.07 / 6 - 0.93 * r[:6])
 
 
-def test_r_kv_importance_is_the_group_max_over_the_last_queries_pooled_in_position_order():
-    method = make_method("r_kv", budget=9, window_size=2, kernel_size=3)
-    # the query at position 9 writes ring field 9 % 2 = 1; field 0 holds the query before it
-    probs = torch.zeros(1, 1, 2, 6)
-    probs[0, 0, 0, 2] = 0.2
-    probs[0, 0, 1, 2] = 0.6                                     # the group's max: 0.6
-    old = torch.tensor([[[0.0, 0.0, 0.0, 0.0, 0.4, 0.0]]])
-    state = {"rkv_attention0": old, "rkv_attention1": torch.full((1, 1, 6), 7.0)}
-    positions = torch.tensor([[[3, 0, 5, 1, 4, 2]]])            # slots out of position order
-    st = DecodeStep(0, torch.tensor([9]), torch.tensor([6]), positions, torch.ones(1, 1, 6, dtype=torch.bool),
-                    torch.tensor([5]), keys=torch.randn(1, 1, 6, 4))   # 6 held > budget 5: scored
-    scores, new = method.decode_scores(probs, state, st)
-    assert torch.equal(new["rkv_attention0"], old)
-    assert new["rkv_attention1"][0, 0].tolist() == pytest.approx([0, 0, 0.6, 0, 0, 0])
-    # mean of the two rows by slot: positions 3: 0, 0: 0, 5: 0.3, 1: 0, 4: 0.2, 2: 0. Pooled over
-    # position neighbours (kernel 3): 0: 0, 1: 0, 2: 0, 3: 0.2, 4: 0.3, 5: 0.3
-    pooled = pooled_in_position_order((new["rkv_attention0"] + new["rkv_attention1"])[0] / 2, positions[0],
-                                      torch.ones(1, 6, dtype=torch.bool), 3)
-    assert pooled[0].tolist() == pytest.approx([0.2, 0, 0.3, 0, 0.3, 0])
-    r = redundancy(st.keys[0], positions[0], st.visible[0], 0.5)
-    torch.testing.assert_close(scores[0], 0.07 * pooled - 0.93 * r)
-    # a slot that is not held (position 4) neither pools nor is pooled: 3 and 5 become neighbours
-    held = torch.tensor([[True, True, True, True, False, True]])
-    assert pooled_in_position_order(torch.tensor([[0.0, 0, 0.3, 0, 0.9, 0]]), positions[0], held, 3)[0].tolist() \
-        == pytest.approx([0.3, 0, 0.3, 0, 0, 0])
+def pointing_step(S, position, budget, group=2, D=None):
+    """One kv-head whose key j is e_j, with a query to fill in; slots hold positions 0..S-1."""
+    D = D or S
+    return step(position, budget, S, keys=torch.eye(S, D)[None, None], queries=torch.zeros(1, group, D))
+
+
+def test_r_kv_importance_is_the_group_max_of_the_logits_into_a_ring_of_the_last_queries():
+    method = make_method("r_kv", budget=7, window_size=2, kernel_size=1, mix_lambda=1.0)
+    st = pointing_step(9, 8, 7)                                 # 9 held > 7: scored; prefix 0..6
+    # the query at position 8 writes ring field 8 % 2 = 0; field 1 holds the query at 7. Its
+    # heads point at keys 2 (logit 4) and 3 (logit -4, but 2 in the other head): max 4 and 2
+    st.queries[0, 0, 2], st.queries[0, 0, 3] = 4 * 3.0, -4 * 3.0    # / sqrt(D = 9)
+    st.queries[0, 1, 3] = 2 * 3.0
+    old = torch.tensor([[[0.0, 1, 0, 0, 0, 0, 0, 0, 0]]])
+    state = {"rkv_logit0": torch.full((1, 1, 9), 7.0), "rkv_logit1": old}
+    scores, new = method.decode_scores(torch.zeros(1, 1, 2, 9), state, st)
+    assert torch.equal(new["rkv_logit1"], old)
+    torch.testing.assert_close(new["rkv_logit0"][0, 0], torch.tensor([0.0, 0, 4, 2, 0, 0, 0, 0, 0]))
+    # softmax of each row over the prefix keys 0..6, then the mean of the two rows
+    prefix = torch.arange(9) <= 6
+    rows = torch.stack([new["rkv_logit0"][0, 0], old[0, 0]])[:, prefix].softmax(-1)
+    torch.testing.assert_close(scores[0, 0, :7], rows.mean(0))
 
 
 def test_r_kv_under_budget_leaves_scores_alone_and_only_moves_the_ring():
     method = make_method("r_kv", budget=9, window_size=2)
-    probs = torch.full((1, 1, 1, 6), 1 / 6)
+    st = pointing_step(6, 5, 9, group=1)
+    st.queries[0, 0, 1] = 6.0
     state = {name: torch.zeros(1, 1, 6) for name in method.slot_fields}
-    st = step(5, 9, 6)                                          # no keys given: none are read
-    scores, new = method.decode_scores(probs, state, st)
-    assert (scores == 0).all() and (new["rkv_attention1"] == 1 / 6).all() and (new["rkv_attention0"] == 0).all()
+    scores, new = method.decode_scores(torch.zeros(1, 1, 1, 6), state, st)
+    assert (scores == 0).all() and (new["rkv_logit0"] == 0).all()
+    assert new["rkv_logit1"][0, 0].tolist() == pytest.approx([0, 6 / 6 ** 0.5, 0, 0, 0, 0])
 
 
 def test_r_kv_prefill_drops_the_old_copies_of_a_repeated_key():
-    # uniform attention (zero queries): every key older than the last α queries gets the same
-    # importance, so redundancy decides: of the copies 1, 2, 3 the two oldest go
+    # zero queries: every key of the prefix (0..5) gets the same importance, so redundancy
+    # decides: of the copies 1, 2, 3 the two oldest go
     keys = dup_keys()[None] * 5
     v = PrefillView(2, 30, torch.zeros(8, 2, 8), keys, torch.arange(8))
     method = make_method("r_kv", budget=6, window_size=2)
     assert kept(method.keep_mask(v)) == [[0, 3, 4, 5, 6, 7]]
     state = method.prefill_state(v)
-    # query 7 (ring 1) and query 6 (ring 0): uniform over the keys each sees
-    torch.testing.assert_close(state["rkv_attention1"][0], torch.full((8,), 1 / 8))
-    torch.testing.assert_close(state["rkv_attention0"][0], torch.tensor([1 / 7] * 7 + [0.0]))
+    assert set(state) == {"rkv_logit0", "rkv_logit1"} and all((x == 0).all() for x in state.values())
+    # a query's logits over the keys it sees, 0 over later ones (query 6 in field 0 sees 0..6)
+    queries = torch.ones(8, 2, 8)
+    queries[6, 1] = 2.0                                       # the group's max
+    state = method.prefill_state(PrefillView(2, 30, queries, keys, torch.arange(8)))
+    torch.testing.assert_close(state["rkv_logit0"][0], torch.tensor([1, 1, 2, 3, 1, 1, 1, 0]) * 5 * 2 / 8 ** 0.5)
+    torch.testing.assert_close(state["rkv_logit1"][0], torch.tensor([1, 1, 2, 3, 1, 1, 1, 1]) * 5 / 8 ** 0.5)
+
+
+def test_r_kv_pooling_never_reads_the_window():
+    # the window (7, 8) holds a spike: the current query points at key 7 (logit 30) and so did the
+    # last one. The window's keys are left out of the softmax and the pooling, so the prefix
+    # 0..6 is uniform; pooling into the window would raise 4, 5, 6 (kernel 7) to the spike
+    method = make_method("r_kv", budget=7, window_size=2, mix_lambda=1.0)
+    st = pointing_step(9, 8, 7)
+    st.queries[0, :, 7] = 30 * 3.0
+    spike = torch.zeros(1, 1, 9)
+    spike[..., 7] = 30.0
+    scores, _ = method.decode_scores(torch.zeros(1, 1, 2, 9), {"rkv_logit0": spike, "rkv_logit1": spike}, st)
+    torch.testing.assert_close(scores[0, 0, :7], torch.full((7,), 1 / 7))
+
+
+def official_r1kv_scores(queries, keys, window, kernel, mix_lambda):
+    """R1KV.update_kv's final_score (Zefan-Cai/R-KV @ d15c976, r1_kv.py 49-77 with
+    utils.compute_attention_scores and cal_similarity), restated: queries [α, Hq, D], keys
+    [H, S, D] in position order -> [H, S - α] over the prefix."""
+    H, S, D = keys.shape
+    q = queries.permute(1, 0, 2)[None]                                        # [1, Hq, α, D]
+    k = keys[None]
+    attn = torch.matmul(q.view(1, H, -1, window, D), k.unsqueeze(2).transpose(3, 4)) / math.sqrt(D)
+    attn = attn.max(dim=2).values                                             # [1, H, α, S]
+    weights = torch.softmax(attn[:, :, -window:, :-window], dim=-1, dtype=torch.float32).mean(dim=-2)
+    pooled = torch.nn.functional.max_pool1d(weights, kernel_size=kernel, padding=kernel // 2, stride=1)
+    unit = k[0] / (k[0].norm(dim=-1, keepdim=True) + 1e-8)
+    sim = unit @ unit.transpose(-1, -2)
+    for h in range(H):
+        sim[h].fill_diagonal_(0.0)
+    idx = torch.where(sim > 0.5, torch.arange(S), torch.zeros_like(sim, dtype=torch.long))
+    last = idx.max(dim=-1).values
+    sim[torch.arange(H)[:, None], torch.arange(S)[None, :], last] = 0
+    similarity = sim.mean(dim=1).softmax(dim=-1)[:, :-window]
+    return (pooled * mix_lambda - similarity * (1 - mix_lambda))[0]
+
+
+def test_r_kv_scores_are_the_official_formula_at_prefill_and_after_a_ring_of_decode_steps():
+    torch.manual_seed(0)
+    H, G, S, D, window = 2, 3, 24, 16, 4
+    base = torch.randn(H, S // 2, D)                    # keys in near-copy pairs: every row has a
+    keys = base.repeat_interleave(2, dim=1) + 0.1 * torch.randn(H, S, D)   # near-duplicate
+    queries = torch.randn(S, H * G, D) * 2
+    method = make_method("r_kv", budget=12, window_size=window)
+    official = official_r1kv_scores(queries[-window:], keys, window, 7, 0.07)
+    ours = method.scores(PrefillView(1, 4, queries, keys, torch.arange(S)))
+    torch.testing.assert_close(ours[:, :-window], official)
+    assert (ours[:, -window:] == inf).all()
+    # at decode: the last α queries one step each, slots in any order
+    perm = torch.randperm(S)
+    k_pos = perm.expand(1, H, S)
+    state = {name: torch.zeros(1, H, S) for name in method.slot_fields}
+    for position in range(S - window, S):
+        st = DecodeStep(1, torch.tensor([position]), torch.tensor([S - window]), k_pos, k_pos <= position,
+                        torch.tensor([12]), keys=keys[:, perm][None], queries=queries[position][None])
+        scores, new = method.decode_scores(torch.zeros(1, H, G, S), state, st)
+        state = {name: torch.where(st.visible, new[name], state[name]) for name in state}   # as the engine
+    prefix = perm < S - window
+    torch.testing.assert_close(scores[0][:, prefix], official[:, perm[prefix]])
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -263,3 +327,121 @@ def test_each_head_keeps_its_sinks_or_its_last_tokens_in_the_engine(smollm2_gguf
         must = set(must) if must is not None else set(range(last - 8, last))
         assert all(len(h) == 24 for h in held) and all(must <= h for h in held), kind
         assert len(set(map(frozenset, held))) > 1, kind         # heads choose differently
+
+
+def test_r_kv_divide_length_grows_the_cache_and_cuts_it_back_every_d_positions(tiny):
+    """divide_length=128, the official schedule: each head holds budget..budget+127 and drops back
+    to the budget at the step whose query sits at a multiple of 128 (the official code's
+    self.length % 128 == 0); under preemption every request still ends, with the same tokens."""
+    B, D = 16, 128
+    method = make_method("r_kv", budget=B, window_size=4, divide_length=D)
+    seen = {}
+
+    def record(seq, position, cache):
+        seen.setdefault(tuple(seq.prompt_token_ids), []).append((position, cache.seqs[seq.id].lengths.clone()))
+
+    def check(prompt):
+        held, expected = min(len(prompt), B), []
+        for position, lengths in seen.pop(tuple(prompt)):
+            held = min(held + 1, B + position % D)
+            expected.append(held)
+            assert (lengths == held).all(), (len(prompt), position)
+        return expected
+
+    long = TINY_PROMPTS[2]                                      # 20 tokens: cut to 16 at prefill
+    [out], _, _, _ = serve(tiny, method, [long], 320, 300, max_length=400, on_decode=record)
+    expected = check(long)
+    assert len(out) == 300 and max(expected) == B + D - 1 and expected[-1] > B
+    # three requests (two shorter than the budget) in a pool that holds one whole but not three
+    # growing together: one is preempted and recomputed (its cuts replayed), and all end alike
+    prompts = [long, TINY_PROMPTS[0], TINY_PROMPTS[4]]
+    roomy = serve(tiny, method, prompts, 1000, 150, on_decode=record)[0]
+    assert all(B in check(prompt) for prompt in prompts)
+    tight, _, preemptions, cache = serve(tiny, method, prompts, 300, 150)
+    assert preemptions > 0
+    assert tight == roomy and all(len(out) == 150 for out in tight)
+    assert cache.pool.num_free == cache.pool.num_blocks
+
+
+# --- several evictions in one step ------------------------------------------------------------
+
+class HashedScore(DecodeEvictor):
+    """Each token's score is a fixed draw per (layer, head, position); the newest 2 stay."""
+    name = "hashed"
+
+    def recent_window(self, budget):
+        return torch.full_like(budget, 2)
+
+    def scores(self, view):
+        heads = torch.arange(view.keys.shape[0])[:, None]
+        return self.protect_recent(hashed_uniform(0, view.layer, heads, view.positions[None]))
+
+    def decode_scores(self, probs, state, step):
+        heads = torch.arange(step.visible.shape[1])[None, :, None]
+        return hashed_uniform(0, step.layer, heads, step.key_positions), {}
+
+
+class HashedInWaves(HashedScore):
+    """The same scores; the cache grows by 7 and is cut back to the budget every 8 positions."""
+
+    def decode_budgets(self, state, step):
+        return super().decode_budgets(state, step) + (step.positions % 8)[:, None]
+
+
+def test_evicting_several_in_one_step_keeps_what_evicting_one_a_step_keeps(tiny):
+    """With fixed scores, evicting one token a step keeps the best of all the tokens seen; so does
+    cutting several at once, so at each cut both hold the same positions in every head."""
+    held = {}
+
+    def record(kind):
+        def at(seq, position, cache):
+            if position % 8 == 0:
+                held[kind, tuple(seq.prompt_token_ids), position] = held_positions(cache, seq.id)
+        return at
+
+    for kind, method in (("one", HashedScore(budget=12)), ("waves", HashedInWaves(budget=12))):
+        serve(tiny, method, TINY_PROMPTS[:5], 400, 40, on_decode=record(kind))
+    cuts = [key[1:] for key in held if key[0] == "waves"]
+    assert len(cuts) >= 15
+    for prompt, position in cuts:
+        assert held["waves", prompt, position] == held["one", prompt, position], (len(prompt), position)
+        if position >= 12:
+            assert all(len(h) == 12 for layer in held["waves", prompt, position] for h in layer)
+
+
+class MassMerger(HashedInWaves, Merger):
+    """Folds each victim's value into the newest token's: the sum of the values a head holds only
+    grows by each new token's, if each merge of a step sees the values the previous one left."""
+    decode_reads = frozenset({"values"})
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.sums = []  # (layer, position, [H] sum of the held values, [H] the new token's)
+
+    def decode_scores(self, probs, state, step):
+        values = step.values.float().sum(-1)                                 # [1, H, S]
+        newest = step.key_positions == step.positions[:, None, None]
+        self.sums.append((step.layer, int(step.positions[0]), (values * step.visible).sum(-1)[0],
+                          (values * newest).sum(-1)[0]))
+        return super().decode_scores(probs, state, step)
+
+    def merge_evicted(self, victim, evicting, state, step):
+        values = step.values.float()
+        into = (step.key_positions == step.positions[:, None, None])[..., None]   # the newest token
+        evicted = values.gather(-2, victim[..., None, None].expand(-1, -1, 1, values.shape[-1]))
+        return {"v": values + into * evicted}
+
+
+def test_a_merger_evicting_several_in_one_step_merges_each_into_what_the_previous_left(tiny):
+    method = MassMerger(budget=12)
+    serve(tiny, method, TINY_PROMPTS[2:3], 400, 40)
+    by_layer = {}
+    for layer, position, total, new in method.sums:
+        by_layer.setdefault(layer, []).append((position, total, new))
+    cuts = 0
+    for rows in by_layer.values():
+        for (p0, total0, _), (p1, total1, new1) in zip(rows, rows[1:]):
+            assert p1 == p0 + 1
+            torch.testing.assert_close(total1 - new1, total0, rtol=1e-5, atol=1e-4)
+            cuts += p0 % 8 == 0
+    assert cuts >= 4

@@ -14,11 +14,12 @@ the cache's (`write_decode`, `attend_decode`, `write_prefill`, `attend_prefill`)
 through the kernels, and this file never looks at the pool. The scoring is the method's
 (nanokv/methods/base.py): at the end of a prefill it picks, layer by layer, what the prompt keeps
 (`_compress`); a decode-time method (H2O, TOVA) also scores the slots with each decode step's
-attention and evicts one per head over budget (`_evict`); a merging method (CaM, D2O, KVMerger)
-first folds what goes into the K/V of slots that stay; MiniCache merges a pair of layers after the
-second one's prompt has attended (`_paired_prefill`); ThinK thins the older keys (`cache.prune`);
-a query-aware method (Quest) evicts nothing: each decode step it picks the blocks each head reads
-(`_selected_pages`) and the kernel gets a block table of those alone.
+attention and evicts what each head holds over budget (`_evict`: one a step, several when a
+method's budget drops); a merging method (CaM, D2O, KVMerger) first folds what goes into the K/V
+of slots that stay; MiniCache merges a pair of layers after the second one's prompt has attended
+(`_paired_prefill`); ThinK thins the older keys (`cache.prune`); a query-aware method (Quest)
+evicts nothing: each decode step it picks the blocks each head reads (`_selected_pages`) and the
+kernel gets a block table of those alone.
 """
 
 from __future__ import annotations
@@ -61,7 +62,9 @@ class StepAttention:
         if self.evicting:
             self.budgets = torch.tensor([self.method.decode_budget(n) for n in self.compress_lens], device=device)
             self.prompt_lens = torch.tensor(self.compress_lens, device=device)
-            self.evicted = torch.zeros(cache.num_layers, len(seq_ids), cache.num_kv_heads, dtype=torch.bool, device=HOST)
+            # the slots each (layer, sequence, head) evicted this decode step
+            self.evicted = torch.zeros(cache.num_layers, len(seq_ids), cache.num_kv_heads, dtype=torch.long,
+                                       device=HOST)
         self.q_pos = positions.split(query_lens)
         if not self.is_decode:
             self.sequence_state = {seq_id: {} for seq_id in seq_ids}  # PrefillView.sequence_state
@@ -137,7 +140,7 @@ class StepAttention:
                                          self.evicting)
             if self.evicting:
                 result, probs = result
-                evicted = self._evict(layer, tables, lengths, probs, self.positions[members],
+                evicted = self._evict(layer, tables, lengths, q[members], probs, self.positions[members],
                                       self.budgets[members], self.prompt_lens[members])
                 self.evicted[layer, members.to(HOST)] = evicted.to(HOST)
             out[members] = result
@@ -181,7 +184,7 @@ class StepAttention:
         return picked, (count - 1) * bs + lengths - (num_blocks - 1) * bs
 
     def finish(self):
-        """After the forward pass: shorten the heads that evicted a slot during this decode step;
+        """After the forward pass: shorten each head by the slots it evicted during this decode step;
         let the cache settle what it changes once tokens are cached (quantize full residuals)."""
         if self.is_decode:
             if self.evicting:
@@ -200,7 +203,7 @@ class StepAttention:
         for q_t, pos_t in zip(q, q_pos):
             tables, lengths = cache.held(seq_id, layer)
             out, probs = cache.attend_tables(q_t[None], pos_t[None], tables, lengths, sliding_window, True)
-            evicted = self._evict(layer, tables, lengths, probs, pos_t[None], self.budgets[i:i + 1],
+            evicted = self._evict(layer, tables, lengths, q_t[None], probs, pos_t[None], self.budgets[i:i + 1],
                                   self.prompt_lens[i:i + 1])
             cache.drop_last(seq_id, evicted.to(HOST), layers=slice(layer, layer + 1))
             outs.append(out)
@@ -255,42 +258,60 @@ class StepAttention:
             prompt = torch.full((view.keys.shape[0],), n, device=HOST) if keep is None else keep.sum(-1).to(HOST)
             cache.prune(seq_id, layer, method.key_channels(view, keep).to(HOST), (prompt - method.recent).clamp(min=0))
 
-    def _evict(self, layer, tables, lengths, probs, q_pos, budgets, prompt_lens) -> torch.Tensor:
+    def _evict(self, layer, tables, lengths, q, probs, q_pos, budgets, prompt_lens) -> torch.Tensor:
         """Decode-time eviction for b sequences at one layer (tables [b, H, nb], lengths [b, H]):
         the method scores every slot from the query's attention probs [b, H, group, S] and a
-        DecodeStep (updating its slot fields of the slots the query sees); each head holding more
-        than its budget (decode_budgets) of tokens up to `q_pos` evicts its lowest-scoring one
-        outside the recent window, first letting a merging method fold it into the slots that
-        stay, then moving its last slot into that place. -> [b, H] bool, the heads that evicted
-        (the caller shortens them)."""
+        DecodeStep (updating its slot fields of the slots the query sees); each head holding n
+        more tokens up to `q_pos` than its budget (decode_budgets) evicts its n lowest-scoring
+        outside the recent window, one after another: for each, a merging method first folds it
+        into the slots that stay, then the head's last slot moves into its place.
+        -> [b, H] the number each head evicted (the caller shortens them by it)."""
         cache, method = self.cache, self.method
         S = probs.shape[-1]
-        held = torch.arange(S, device=probs.device) < lengths[..., None]
-        reads = {"pos", *method.slot_fields, *("k" if r == "keys" else "v" for r in method.decode_reads)}
-        fields = cache.read_slots(tables, reads)   # [b, H, S, ...] in slot order
-        k_pos = fields.pop("pos")
-        visible = held & (k_pos <= q_pos[:, None, None])     # a replay holds later tokens already
-        step = DecodeStep(layer, q_pos, prompt_lens, k_pos, visible, budgets, fields.pop("k", None),
-                          fields.pop("v", None))
-        state = fields
+        arange = torch.arange(S, device=probs.device)
+        reads = {"pos", *method.slot_fields, *("k" if r == "keys" else "v" for r in method.decode_reads
+                                               if r != "queries")}
+
+        def read(length):
+            """The step as the cache holds it now (a merge changes K/V; a move, the slots)."""
+            fields = cache.read_slots(tables, reads)   # [b, H, S, ...] in slot order
+            k_pos = fields.pop("pos")
+            visible = (arange < length[..., None]) & (k_pos <= q_pos[:, None, None])  # a replay holds later tokens
+            return fields, DecodeStep(layer, q_pos, prompt_lens, k_pos, visible, budgets, fields.pop("k", None),
+                                      fields.pop("v", None), q if "queries" in method.decode_reads else None)
+
+        state, step = read(lengths)
         scores, new = method.decode_scores(probs, state, step)
-        cache.write_slots(tables, visible, new)  # a replay's later tokens keep theirs (see base.py)
+        cache.write_slots(tables, step.visible, new)  # a replay's later tokens keep theirs (see base.py)
         state.update(new)
-        over = visible.sum(-1) > method.decode_budgets(state, step)
-        if not bool(over.any()):
-            return over
-        recent = method.recent_window(budgets)
-        eligible = visible & (k_pos <= (q_pos - recent)[:, None, None])
+        need = (step.visible.sum(-1) - method.decode_budgets(state, step)).clamp(min=0)
+        rounds = int(need.max())
+        if rounds == 0:
+            return need
+        k_pos, recent = step.key_positions, method.recent_window(budgets)
+        eligible = step.visible & (k_pos <= (q_pos - recent)[:, None, None])
         scores = scores.masked_fill(~eligible, float("inf"))
-        lowest = scores.min(dim=-1, keepdim=True).values
-        # ties go to the oldest token, whatever slot it sits in, so a replay picks as the decode did
-        oldest_lowest = k_pos.masked_fill(~eligible | (scores != lowest), torch.iinfo(k_pos.dtype).max)
-        victim = oldest_lowest.argmin(dim=-1)
-        if method.merges:  # fold the victims into the slots that stay (base.py)
-            cache.write_slots(tables, visible & over[..., None], method.merge_evicted(victim, over, state, step))
-        flat = cache.slots_of(tables)
-        last = (lengths - 1).clamp(min=0)
-        src = flat.gather(-1, last[..., None])[..., 0][over]
-        dst = flat.gather(-1, victim[..., None])[..., 0][over]
-        cache.move_slots(src, dst)
-        return over
+        flat, length = cache.slots_of(tables), lengths
+        for r in range(rounds):  # once, unless a method's budget drops by more than one (r_kv's divide_length)
+            evicting = need > r
+            lowest = scores.min(dim=-1, keepdim=True).values
+            # ties go to the oldest token, whatever slot it sits in, so a replay picks as the decode did
+            victim = k_pos.masked_fill(~eligible | (scores != lowest), torch.iinfo(k_pos.dtype).max).argmin(dim=-1)
+            if method.merges:  # fold the victims into the slots that stay (base.py)
+                cache.write_slots(tables, step.visible & evicting[..., None],
+                                  method.merge_evicted(victim, evicting, state, step))
+            last = (length - 1).clamp(min=0)
+            cache.move_slots(flat.gather(-1, last[..., None])[..., 0][evicting],
+                             flat.gather(-1, victim[..., None])[..., 0][evicting])
+            length = length - evicting.long()
+            if r + 1 == rounds:
+                break
+            # the next round's view: the last slot now sits in the victim's (heads done evicting
+            # get a garbage view, never read again)
+            scores, eligible, k_pos = (x.scatter(-1, victim[..., None], x.gather(-1, last[..., None]))
+                                       for x in (scores, eligible, k_pos))
+            eligible = eligible & (arange < length[..., None])
+            scores = scores.masked_fill(~eligible, float("inf"))
+            if method.merges:
+                state, step = read(length)
+        return need

@@ -23,7 +23,8 @@ left alone.
 Decode-time methods (H2O, TOVA: DecodeEvictor) hold every (layer, head) at
 the request's budget while it generates. Each decode step the engine hands them the current
 query's attention probabilities over the held slots (`decode_scores`) and evicts, per head, the
-lowest-scoring slot outside `recent_window` whenever a head holds more than its budget. State
+lowest-scoring slot outside `recent_window` whenever a head holds more than its budget (the n
+lowest, one after another, when it holds n more: a method whose `decode_budgets` drop). State
 a method keeps per token (H2O's accumulated attention) lives in the cache as slot fields
 (`slot_fields`), set at prefill by `prefill_state` and moved with its token by compaction.
 What a method needs from prefill attention beyond queries and keys it asks for
@@ -47,9 +48,10 @@ so state kept anywhere else would mix sequences.
 
 A method that scores tokens by what the cache holds, not only by attention, asks for it: at
 prefill `needs_values` fills `PrefillView.values` (VATP weighs attention by each value's L1
-norm); at decode `decode_reads`, a subset of {"keys", "values"}, fills `DecodeStep.keys` and
-`DecodeStep.values` [b, H, S, D] (R-KV's key redundancy), read from the pool in slot order (the
-slots of the probabilities; garbage where not visible, as key_positions) and only when asked.
+norm); at decode `decode_reads`, a subset of {"keys", "values", "queries"}, fills `DecodeStep.keys`
+and `DecodeStep.values` [b, H, S, D] (R-KV's key redundancy), read from the pool in slot order (the
+slots of the probabilities; garbage where not visible, as key_positions), and `DecodeStep.queries`
+[b, Hq, D] (R-KV's attention logits), only when asked.
 
 A method that reads what the prompt says (SepLLM keeps separator tokens) sets
 `needs_vocabulary`: the engine then calls `bind_vocabulary(texts)` once, texts[i] the decoded
@@ -84,7 +86,9 @@ slots, which the engine writes before it compacts, so only the kept slots' new c
 At decode, once the engine has picked the victim of each head over budget, `merge_evicted`
 gets those victims and returns new contents [b, H, S(, D)] of slot fields (reading the K/V it
 merges through `decode_reads`); the engine writes them into the slots the query sees in the
-heads that evict, then moves the last slot into the victim's place. A recompute replays its
+heads that evict, then moves the last slot into the victim's place. A head that evicts several
+in one step does so one victim at a time, each merge seeing the cache (fields, K/V) as the
+previous one left it. A recompute replays its
 decode steps, merges included, so a random merge draws from a hash of what it merges (seed,
 layer, head, position: `hashed_uniform`), never from a generator. A weight or multiplicity
 per merged token is a slot field; so is a value per (layer, head) that a method carries from
@@ -178,6 +182,7 @@ class DecodeStep:
     # method's decode_reads names; garbage where not visible)
     keys: torch.Tensor | None = None
     values: torch.Tensor | None = None
+    queries: torch.Tensor | None = None  # [b, Hq, D] the query (after RoPE), if decode_reads names it
 
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
@@ -446,9 +451,9 @@ class PrefillSelector(Method):
 
 class DecodeEvictor(PrefillSelector):
     """Role: hold every (layer, head) at the request's budget while it generates: each decode step
-    the engine asks `decode_scores` and evicts the lowest-scoring slot of each head over budget."""
+    the engine asks `decode_scores` and evicts the lowest-scoring slots of each head over budget."""
     evicts_during_decode = True
-    decode_reads: frozenset[str] = frozenset()  # of {"keys", "values"}: DecodeStep.keys / .values are filled in
+    decode_reads: frozenset[str] = frozenset()  # of {"keys", "values", "queries"}: DecodeStep fills those in
 
     def protect_recent(self, scores: torch.Tensor) -> torch.Tensor:
         """scores [H, S] with the newest recent_window(decode budget) slots set to +inf: at prefill
@@ -466,7 +471,8 @@ class DecodeEvictor(PrefillSelector):
     def decode_budgets(self, state: dict[str, torch.Tensor], step: DecodeStep) -> torch.Tensor:
         """[b, H] tokens each head holds while the request generates (state: the slot fields after
         this step's decode_scores): the request's budget in every head, unless a method's layers
-        hold budgets of their own (D2O)."""
+        hold budgets of their own (D2O) or let the cache grow between cuts (R-KV's divide_length);
+        a head over it by n evicts n slots this step."""
         return step.budgets[:, None].expand(step.visible.shape[:2])
 
     def recent_window(self, budget: torch.Tensor) -> torch.Tensor:
@@ -493,9 +499,10 @@ class Merger(PrefillSelector):
 
     def merge_evicted(self, victim: torch.Tensor, evicting: torch.Tensor, state: dict[str, torch.Tensor],
                       step: DecodeStep) -> dict[str, torch.Tensor]:
-        """victim [b, H]: the slot each head drops this step, where evicting [b, H]; state: the slot
-        fields after decode_scores. -> new contents [b, H, S(, D)] of slot fields, written where
-        step.visible in the evicting heads before the victim's slot is reused."""
+        """victim [b, H]: the slot each head drops now, where evicting [b, H] (called once per victim
+        when a head drops several in a step); state: the slot fields after decode_scores.
+        -> new contents [b, H, S(, D)] of slot fields, written where step.visible in the evicting
+        heads before the victim's slot is reused."""
         return {}
 
 

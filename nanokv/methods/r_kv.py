@@ -1,36 +1,44 @@
 """r_kv: keep what recent queries attend to and is not a near-copy of other cached keys.
 
 Paper: R-KV: Redundancy-aware KV Cache Compression for Reasoning Models (Cai et al., 2025),
-arXiv 2505.24133. Long reasoning outputs repeat themselves, so their cache holds many keys that
-say the same thing. Per (layer, kv-head), score = λ·I − (1−λ)·R:
-- I, importance: each key's attention from the last α queries, taken per query as the max over
-  the query heads of the group (GQA), averaged over the α queries, then max-pooled over
-  neighbouring keys (kernel 7) so a token's neighbours survive with it;
-- R, redundancy: the cosine similarity of the key to every other key, averaged per key, then
-  softmaxed over the keys. Before averaging, each key drops its similarity to its most recent
-  near-duplicate (the newest other key with cosine > `threshold`), so of a run of copies the
-  newest is spared and the oldest counts as most redundant.
-The last α tokens are always kept and the top B − α scores fill the rest of the budget B.
+arXiv 2505.24133; official code Zefan-Cai/R-KV @ d15c976 (class R1KV in rkv/compression/r1_kv.py,
+rkv/utils.py). Long reasoning outputs repeat themselves, so their cache holds many keys that say
+the same thing. Per (layer, kv-head), the window being the last α tokens, the prefix the others:
+- logits of the last α queries over the keys, q·k/sqrt(D), max over the query heads of the group
+  (GQA: the max of the logits, not of probabilities);
+- I, importance: per query a softmax over the prefix keys only (the window's keys left out),
+  the mean over the α queries, then max-pooled over the prefix (kernel 7, padding 3, stride 1)
+  so a token's neighbours survive with it; nothing of the window is pooled into the prefix;
+- R, redundancy: the cosine similarity of each key to every other held key (the window's too),
+  each row first dropping its similarity to its most recent near-duplicate (cosine >
+  `threshold`), averaged per key, softmaxed over the keys;
+- score = λ·I − (1−λ)·R; the top B − α of the prefix and the window make the budget B.
+- schedule, `divide_length` D > 0 (the official one with D = 128): the cache grows to B + D, and
+  the step whose query sits at a multiple of D attends over all of it, then cuts it back to B
+  (the official `self.length % divide_length == 0`; here `decode_budgets` B + position mod D).
+  A prompt longer than B is cut to B at prefill, from its last α queries.
+Defaults from the official code (d15c976): α = 8 (R1KV), kernel 7 (R1KV), threshold 0.5
+(utils.cal_similarity), λ = 0.07 (R1KV and run_math.py; the README's table says 0.1).
 
-Differences from the paper and official code (Zefan-Cai/R-KV):
-- It compresses once every 128 generated tokens (buffer) from B + 128 down to B; here, as for
-  H2O, a head evicts its lowest score whenever it holds B + 1, so it always holds B and scores
-  every step (the redundancy costs O(S² D) per head, computed only for sequences over budget).
-- I comes from the attention the engine's decode already computed: the max over the group of
-  probabilities (the official code takes the max of logits, then a softmax over all but the
-  last α keys). The α queries' rows are kept as α slot fields (`rkv_attention0`..), a ring
-  indexed by the query's position mod α, so the cache carries 4α bytes more per token.
-- Neighbours for the pooling are the held tokens in position order (the official cache, once
-  compressed, is in score order). A key with no near-duplicate drops nothing (the official code
-  then drops its similarity to the first key).
-- A prompt longer than B is scored the same way at prefill from its last α queries.
-Defaults from the official code and the seed table: λ = 0.07, α = 8, kernel 7, threshold 0.5.
+Differences from the official code:
+- divide_length = 0 by default: a head evicts one token whenever it holds B + 1, so it always
+  holds B as the other decode methods here do (scoring every step: R is O(S² D) per head).
+- The last α queries' logits are kept per key as α slot fields (`rkv_logit0`..), a ring indexed
+  by the query's position mod α (4α bytes per token), where the official code keeps the queries.
+- Pooling and ties run in position order (the official cache, once cut, is in score order and
+  pools over slot neighbours).
+- A key with no near-duplicate drops nothing (the official code then drops its similarity to
+  the first key).
+- Scores in float32 (the official code rounds I and the similarities to the model dtype).
+- The schedule's phase is the query's position; the official counter also runs across requests.
 """
+
+import math
 
 import torch
 import torch.nn.functional as F
 
-from nanokv.methods.base import DecodeEvictor, PrefillView, observation_attention
+from nanokv.methods.base import DecodeEvictor, PrefillView
 
 
 def pooled_in_position_order(attention, positions, held, kernel):
@@ -60,9 +68,16 @@ def redundancy(keys, positions, held, threshold):
     return mean.masked_fill(~held, float("-inf")).softmax(dim=-1).masked_fill(~held, 0)
 
 
+def group_max_logits(queries, keys):
+    """queries [..., Hq, D], keys [..., H, S, D] -> [..., H, S]: q·k/sqrt(D), max over each group."""
+    H, S, D = keys.shape[-3:]
+    logits = torch.einsum("...hgd,...hsd->...hgs", queries.float().unflatten(-2, (H, -1)), keys.float())
+    return logits.max(dim=-2).values / math.sqrt(D)
+
+
 class RKV(DecodeEvictor):
     name = "r_kv"
-    description = "λ·(attention of the last α queries, max-pooled) − (1−λ)·key redundancy; last α kept (every step)"
+    description = "λ·(attention of the last α queries, max-pooled) − (1−λ)·key redundancy; last α kept"
     paper = "https://arxiv.org/abs/2505.24133"
     options = {
         "window_size": (int, 8, "an integer >= 1 (α: the queries importance is averaged over, and the newest "
@@ -73,12 +88,15 @@ class RKV(DecodeEvictor):
                        lambda v: 0 <= v <= 1),
         "threshold": (float, 0.5, "a number in [-1, 1] (the cosine above which a key is a near-duplicate)",
                       lambda v: -1 <= v <= 1),
+        "divide_length": (int, 0, "an integer >= 0 (0: evict every step; D: let the cache grow to budget + D, "
+                                  "cut back to budget every D tokens, as the official code with 128)",
+                          lambda v: v >= 0),
     }
-    decode_reads = frozenset({"keys"})
+    decode_reads = frozenset({"keys", "queries"})
 
     def __init__(self, compression: float = 0.0, budget: int | None = None, **options):
         super().__init__(compression, budget, **options)
-        self.slot_fields = {f"rkv_attention{k}": torch.float32 for k in range(self.window_size)}
+        self.slot_fields = {f"rkv_logit{k}": torch.float32 for k in range(self.window_size)}
 
     def check_budget(self):
         if self.budget is not None and self.budget <= self.window_size:
@@ -87,37 +105,48 @@ class RKV(DecodeEvictor):
     def recent_window(self, budget):
         return budget.clamp(max=self.window_size)
 
-    def score(self, rows, keys, positions, held):
-        """rows [α, H, S]: the last α queries' attention; -> [H, S] λ·I − (1−λ)·R."""
-        importance = pooled_in_position_order(rows.mean(dim=0), positions, held, self.kernel_size)
-        return self.mix_lambda * importance - (1 - self.mix_lambda) * redundancy(keys, positions, held, self.threshold)
+    def decode_budgets(self, state, step):
+        budgets = super().decode_budgets(state, step)
+        return budgets + (step.positions % self.divide_length)[:, None] if self.divide_length else budgets
+
+    def score(self, rows, keys, positions, held, newest):
+        """rows [α, H, S]: the last α queries' logits; newest: the last query's position.
+        -> [H, S] λ·I − (1−λ)·R (only the prefix's count)."""
+        prefix = held & (positions <= newest - self.window_size)
+        # (a head with no prefix, its budget within the window, has no importance: 0, not nan)
+        importance = rows.masked_fill(~prefix, float("-inf")).softmax(dim=-1).mean(dim=0).nan_to_num(0.0)
+        pooled = pooled_in_position_order(importance, positions, prefix, self.kernel_size)
+        return self.mix_lambda * pooled - (1 - self.mix_lambda) * redundancy(keys, positions, held, self.threshold)
 
     def prefill_state(self, view: PrefillView) -> dict[str, torch.Tensor]:
-        """The attention of the prompt's last min(α, T) queries, each in field (its position mod α)."""
+        """The logits of the prompt's last min(α, T) queries, each in field (its position mod α)."""
         H, S, _ = view.keys.shape
         window = min(self.window_size, len(view.queries))
-        attention = observation_attention(view, window)                       # [Hq, W, S]
-        attention = attention.view(H, -1, window, S).max(dim=1).values       # [H, W, S]
+        q_pos = view.positions[-window:]
+        logits = group_max_logits(view.queries[-window:], view.keys)          # [W, H, S]
+        # a later key's logit is never read: that key stays in the window as long as this query does
+        logits = logits.masked_fill(view.positions > q_pos[:, None, None], 0)
         state = {name: torch.zeros(H, S, device=view.keys.device) for name in self.slot_fields}
-        for w, position in enumerate(view.positions[-window:].tolist()):
-            state[f"rkv_attention{position % self.window_size}"] = attention[:, w]
+        for w, position in enumerate(q_pos.tolist()):
+            state[f"rkv_logit{position % self.window_size}"] = logits[w]
         return state
 
     def scores(self, view: PrefillView) -> torch.Tensor:
         H, S, _ = view.keys.shape
         rows = torch.stack(list(self.state_of(view).values()))
         positions = view.positions.expand(H, S)
-        return self.protect_recent(self.score(rows, view.keys, positions,
-                                              torch.ones(H, S, dtype=torch.bool, device=view.keys.device)))
+        held = torch.ones(H, S, dtype=torch.bool, device=view.keys.device)
+        return self.protect_recent(self.score(rows, view.keys, positions, held, view.positions[-1]))
 
     def decode_scores(self, probs, state, step):
-        now = probs.max(dim=2).values                                        # [B, H, S]
+        now = group_max_logits(step.queries, step.keys)                      # [B, H, S]
         ring = (step.positions % self.window_size)[:, None, None]
         state = {name: torch.where(ring == k, now, state[name]) for k, name in enumerate(self.slot_fields)}
         scores = torch.zeros_like(now)
-        over = (step.visible.sum(dim=-1) > step.budgets[:, None]).any(dim=-1)  # only these evict
+        over = (step.visible.sum(dim=-1) > self.decode_budgets(state, step)).any(dim=-1)  # only these evict
         if bool(over.any()):
             rows = torch.stack(list(state.values()))                          # [α, B, H, S]
             for b in over.nonzero().flatten().tolist():
-                scores[b] = self.score(rows[:, b], step.keys[b], step.key_positions[b], step.visible[b])
+                scores[b] = self.score(rows[:, b], step.keys[b], step.key_positions[b], step.visible[b],
+                                       step.positions[b])
         return scores, state
