@@ -31,9 +31,9 @@ and evicts the lowest (nothing accumulates across steps); the newest W are never
 
 What differs from the official code: statistics are float32 (the official variance runs in
 fp16/bf16); decode pooling runs along positions (the official pools along slots, which after an
-eviction lie in top-k order); the engine evicts one token a step per head, so a prompt of
-B < n <= B + W tokens, left whole at prefill, comes down to B by one token a step (the official
-trims it at the first decode step). A recompute's generated tokens (and a question after a
+eviction lie in top-k order). A prompt of B < n <= B + W tokens, left whole at prefill, is cut to
+B at the first decode step, as the official (the engine evicts what a head holds over its budget
+in one step). A recompute's generated tokens (and a question after a
 compressed context) run after the cascade, over every layer as it ends (base.py).
 Defaults (official pred_cake.py): window_size=32, kernel_size=5 (hard-coded there), gamma=200,
 tau1=tau2=1 (the official falls back to 1/1; its model2tau.json tunes them per model and budget,
