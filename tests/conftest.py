@@ -27,38 +27,32 @@ def real_gguf(name: str):
     return resolved.path
 
 
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory):
-    """(model, config): a random 2-layer Qwen2 (4 query heads over 2 kv-heads), float32, saved and
-    loaded through nanokv: fast enough to batch and preempt."""
+def tiny_qwen2(tmp_path_factory, num_layers: int):
+    """(model, config): a random Qwen2 (4 query heads over 2 kv-heads), float32, saved and loaded
+    through nanokv."""
     import transformers as T
 
     from nanokv.loading import load_model
 
     torch.manual_seed(0)
-    config = T.Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    config = T.Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
                            num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
                            max_position_embeddings=256)
-    path = tmp_path_factory.mktemp("tiny-qwen2")
+    path = tmp_path_factory.mktemp(f"tiny-qwen2-{num_layers}")
     T.AutoModelForCausalLM.from_config(config).float().save_pretrained(path)
     return load_model("hf_dir", path, torch.float32)
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """2 layers: fast enough to batch and preempt."""
+    return tiny_qwen2(tmp_path_factory, 2)
 
 
 @pytest.fixture(scope="session")
 def tiny_deep(tmp_path_factory):
-    """(model, config): the tiny Qwen2 with 5 layers, for methods that treat the first and last
-    layers apart (D2O's official allocation)."""
-    import transformers as T
-
-    from nanokv.loading import load_model
-
-    torch.manual_seed(0)
-    config = T.Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=5,
-                           num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
-                           max_position_embeddings=256)
-    path = tmp_path_factory.mktemp("tiny-qwen2-deep")
-    T.AutoModelForCausalLM.from_config(config).float().save_pretrained(path)
-    return load_model("hf_dir", path, torch.float32)
+    """5 layers, for methods that treat the first and last layers apart (D2O's official allocation)."""
+    return tiny_qwen2(tmp_path_factory, 5)
 
 
 @pytest.fixture(scope="session")
