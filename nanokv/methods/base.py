@@ -233,6 +233,12 @@ def head_value(field: torch.Tensor, step: DecodeStep) -> torch.Tensor:
     return field.gather(-1, oldest.argmin(dim=-1, keepdim=True))[..., 0]
 
 
+def top_per_head(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """[H, S] bool: each head's k highest scores."""
+    top = scores.topk(min(k, scores.shape[-1]), dim=-1).indices
+    return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter_(-1, top, True)
+
+
 def top_over_heads(scores: torch.Tensor, k: int) -> torch.Tensor:
     """[H, S] bool: the k highest of all the heads' scores together, so heads keep different
     numbers of tokens (Ada-KV's layer-wide selection, KVzip's)."""
@@ -423,8 +429,7 @@ class PrefillSelector(Method):
         k = min(S, self.layer_budget(S, view.layer, view.num_layers))
         if k >= S or not self.applies_to(view.layer):
             return None
-        top = self.scores(view).topk(k, dim=-1).indices
-        return torch.zeros(view.keys.shape[:2], dtype=torch.bool, device=top.device).scatter_(1, top, True)
+        return top_per_head(self.scores(view), k)
 
     def earlier_keep_masks(self, view: PrefillView) -> dict[int, torch.Tensor]:
         """After keep_mask at view.layer: {earlier layer: [H, P] bool} over the P prompt tokens

@@ -45,7 +45,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from nanokv.methods.base import DecodeEvictor, DecodeStep, PrefillView, head_value, observation_attention
+from nanokv.methods.base import (DecodeEvictor, DecodeStep, PrefillView, head_value, observation_attention,
+                                 top_per_head)
 
 WINDOW_SCORE = 1e6  # above any mean + gamma x variance of attention (at most 1 + gamma / 2)
 
@@ -145,7 +146,7 @@ class CAKE(DecodeEvictor):
             state["scores"].append(scores)
             state["layers"].append(view.layer)
             state["budgets"] = self.cascade_budgets(state["preference"], S, view.num_layers)
-            state["kept"].append(self.top(scores, state["budgets"][-1]))
+            state["kept"].append(top_per_head(scores, state["budgets"][-1]))
             state["written"].append(state["budgets"][-1])
             budget = state["budgets"][-1]
         return {"cake_budget": torch.full((H, S), budget, dtype=torch.int32, device=view.keys.device)}
@@ -157,11 +158,6 @@ class CAKE(DecodeEvictor):
             return None
         return state["kept"][-1]
 
-    @staticmethod
-    def top(scores: torch.Tensor, k: int) -> torch.Tensor:
-        top = scores.topk(min(k, scores.shape[1]), dim=-1).indices
-        return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter_(1, top, True)
-
     def earlier_keep_masks(self, view: PrefillView) -> dict[int, torch.Tensor]:
         state = view.sequence_state.get("cake")
         if state is None or state["layers"][-1] != view.layer:
@@ -172,7 +168,7 @@ class CAKE(DecodeEvictor):
             count = int(held[0].sum())
             if budget >= count:
                 continue
-            new = self.top(state["scores"][i].masked_fill(~held, float("-inf")), budget)
+            new = top_per_head(state["scores"][i].masked_fill(~held, float("-inf")), budget)
             masks[layer] = new[held].view(held.shape[0], count)          # over the held tokens, in slot order
             state["kept"][i] = new
         return masks

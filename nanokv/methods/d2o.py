@@ -43,7 +43,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from nanokv.methods.base import DecodeEvictor, DecodeStep, Merger, PrefillView, head_value
+from nanokv.methods.base import DecodeEvictor, DecodeStep, Merger, PrefillView, head_value, top_per_head
 
 WHOLE = torch.iinfo(torch.int32).max  # the budget of a layer the official allocation never compresses
 
@@ -126,16 +126,13 @@ class D2O(DecodeEvictor, Merger):
         return {"d2o_score": sums, "d2o_threshold": torch.full_like(sums, float("nan")),  # nan: no eviction yet
                 "d2o_budget": torch.full_like(sums, budget, dtype=torch.int32)}
 
-    def scores(self, view: PrefillView) -> torch.Tensor:
-        budget = int(self.state_of(view)["d2o_budget"][0, 0])
+    def scores(self, view: PrefillView, budget: int | None = None) -> torch.Tensor:
+        budget = int(self.state_of(view)["d2o_budget"][0, 0]) if budget is None else budget
         return self.protect(view.column_sums.clone(), view.positions, view.positions[-1], budget)
 
     def keep_mask(self, view: PrefillView) -> torch.Tensor | None:
         budget = int(self.state_of(view)["d2o_budget"][0, 0])
-        if budget >= view.keys.shape[1]:
-            return None
-        top = self.scores(view).topk(budget, dim=-1).indices
-        return torch.zeros(view.keys.shape[:2], dtype=torch.bool, device=top.device).scatter_(1, top, True)
+        return None if budget >= view.keys.shape[1] else top_per_head(self.scores(view, budget), budget)
 
     def earlier_keep_masks(self, view: PrefillView) -> dict[int, torch.Tensor]:
         """The official allocation, at the last layer's prefill: every layer's budget from all the
@@ -145,16 +142,13 @@ class D2O(DecodeEvictor, Merger):
             return {}
         budgets = self.official_budgets([layers[l][0] for l in range(view.num_layers)], view.keys.shape[1])
         masks, fields = {}, {}
-        for layer, budget in enumerate(budgets):
+        for layer, budget in enumerate(budgets[:-1]):  # the last layer is this one, kept whole
             earlier = layers[layer][1]
             H, S, D = earlier.keys.shape
-            state = {"d2o_score": earlier.column_sums, "d2o_budget": torch.full((H, S), min(budget, WHOLE),
-                                                                              dtype=torch.int32, device=earlier.keys.device)}
-            if budget < S and layer < view.layer:
-                keep = self.protect(earlier.column_sums.clone(), earlier.positions, earlier.positions[-1], budget)
-                keep = torch.zeros((H, S), dtype=torch.bool, device=keep.device).scatter_(
-                    1, keep.topk(budget, dim=-1).indices, True)
-                state |= self.merge(earlier, keep)
+            state = {"d2o_budget": torch.full((H, S), budget, dtype=torch.int32, device=earlier.keys.device)}
+            if budget < S:
+                keep = top_per_head(self.scores(earlier, budget), budget)
+                state |= self.merge(earlier, keep)  # (the scores move with their tokens)
                 masks[layer] = keep
                 state = {name: value[keep].view(H, budget, *value.shape[2:]) for name, value in state.items()}
             fields[layer] = state
@@ -162,8 +156,7 @@ class D2O(DecodeEvictor, Merger):
         return masks
 
     def earlier_prefill_state(self, view: PrefillView) -> dict[int, dict[str, torch.Tensor]]:
-        return {layer: state for layer, state in view.sequence_state.pop("d2o_fields", {}).items()
-                if layer < view.layer}
+        return view.sequence_state.pop("d2o_fields", {})
 
     def merge(self, view: PrefillView, keep: torch.Tensor) -> dict[str, torch.Tensor]:
         keys, values = view.keys.float(), view.values.float()                  # [H, S, D]

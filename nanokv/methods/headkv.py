@@ -11,19 +11,21 @@ the model made ahead of time. Two profiles, as the official `--head_choice`:
   retrieval-reasoning scores: `python -m nanokv.calibrate headkv_r2`. A needle gives two people's
   favorite things and ages, the question asks for the older (or younger) one's, and a head scores
   the attention its query puts, among its k most attended slots, on the answer sentence (k = the
-  sentence's length), / k, summed over the answer tokens. The default stays copy so that `--method headkv` keeps reading the artifacts and giving the
-  eval numbers it did before R2 existed; R2 is one option away (headkv:profile=reason).
+  sentence's length), / k, summed over the answer tokens. The default stays copy so that
+  `--method headkv` keeps reading the artifacts and giving the eval numbers it did before R2
+  existed; R2 is one option away (headkv:profile=reason).
 
 Allocation as the official code (headkv/snapkv_utils.py, ReasonSnapKVCluster): with B tokens a
 head on average (`compression` or `budget`, as every method) and a window W, base = B - W; every
 head gets base - base // beta, and a global pool of (base // beta) L H tokens is shared over all
 layers and heads in proportion to the normalized scores (score / sum, raised to `temp`,
-normalized again): a head keeps round(share x pool + base - base // beta) prefix tokens, plus the
-window. Within each head, SnapKV selection: the last W queries' attention over the prefix,
+normalized again): a head keeps round(share x pool + base - base // beta) prefix tokens, plus
+the window. Within each head, SnapKV selection: the last W queries' attention over the prefix,
 averaged over the window, max-pooled per query head, then averaged over the kv-head's query
-heads (SnapKV's order; the official cache is Hq heads wide and selects per query head); the head's top prefix
-tokens and the window are kept. A capacity beyond a head's prefix is not handed on (as in the
-official code); a profile of all zeros shares the pool evenly. Heads really end with different lengths.
+heads (SnapKV's order; the official cache is Hq heads wide and selects per query head); the
+head's top prefix tokens and the window are kept. A capacity beyond a head's prefix is not
+handed on (as in the official code); a profile of all zeros shares the pool evenly. Heads really
+end with different lengths.
 
 Defaults from the official code (run_longbench.py:217-223, 297-299): window_size=8, max pooling,
 kernel_size=7, beta=1.5 (their --beta default; head_start_llama3.sh sweeps 1.005 to 10), temp=1.
