@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from nanokv.kernels.paged_decode import default_blocks_per_split, paged_decode_attention
+from nanokv.kernels.paged_decode import MIN_SPLIT_TOKENS, default_blocks_per_split, paged_decode_attention
 from nanokv.kernels.reference import paged_attention
 
 GARBAGE = 1e4  # large but finite (fits float16): what a stale slot past a head's length may hold
@@ -114,7 +114,37 @@ def test_splits_agree_and_masked_keys_do_not_leak():
     torch.testing.assert_close(again, many, rtol=0, atol=0)
 
 
-def test_default_split_size():
-    assert math.ceil(3 / default_blocks_per_split(3, 16)) == 1  # short context: one split, nothing to merge
-    assert math.ceil(4096 / default_blocks_per_split(4096, 16)) == 8  # long context: 8 splits
-    assert default_blocks_per_split(4096, 16) * 16 >= 256
+def test_split_count_fills_the_device_and_no_more():
+    """Split-K from the SM count: a lone sequence spreads its keys over many programs, a large
+    batch already fills the device and is not split, and no split is under MIN_SPLIT_TOKENS."""
+    from nanokv.kernels import launch
+
+    sms = 132
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(launch, "num_sms", lambda device: sms)
+        assert launch.split_count(8, 4096, "cuda") == 4096 // MIN_SPLIT_TOKENS       # B=1: 16 splits per head
+        assert launch.split_count(32 * 8, 8192, "cuda") == 2                           # B=32 x 8 kv-heads
+        assert launch.split_count(64 * 8, 32768, "cuda") == 1
+        assert launch.split_count(8, 100, "cuda") == 1                                 # short context: no merge
+        assert launch.split_count(1, 1 << 20, "cuda") == 64                            # capped
+    assert math.ceil(3 / default_blocks_per_split(3, 16)) == 1
+
+
+@pytest.mark.parametrize("return_probs", [False, True])
+def test_tensor_core_path(return_probs, monkeypatch):
+    """The path a GPU takes for a half-precision cache (tiles in their dtype, tl.dot on tensor cores,
+    float32 accumulators), run by the interpreter in float16, the one half precision whose dots it
+    gets right: the same answer as the reference, tiles spanning several blocks."""
+    import nanokv.kernels.paged_decode as paged_decode
+
+    monkeypatch.setattr(paged_decode, "exact_dots", lambda dtype: False)
+    args = paged_inputs(3, [[70, 17], [5, 33]], 4, 64, 4, torch.float16)
+    q, q_pos, k_pool, v_pool, pos_pool, tables, lengths = args
+    result = paged_decode.paged_decode_attention(*args, sliding_window=40, return_probs=return_probs,
+                                                 blocks_per_split=16)
+    ref_out, ref_probs = paged_attention(q.float()[:, None], q_pos[:, None], k_pool.float(), v_pool.float(),
+                                         pos_pool, tables, lengths, 40, return_probs=True)
+    out, probs = result if return_probs else (result, None)
+    assert rel_err(out, ref_out[:, 0]) < 2e-3
+    if return_probs:
+        assert rel_err(probs, ref_probs[:, :, :, 0]) < 2e-3

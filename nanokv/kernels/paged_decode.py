@@ -1,14 +1,25 @@
 """Paged decode attention in Triton: the twin of `reference.paged_attention` for one query token
 per sequence (same masking by stored positions, sliding window, GQA, per-head lengths, probs).
 
-Split-K ("flash decoding"): decode has one query per sequence, so one program per
-(sequence, kv-head) gives B * Hkv programs, a few dozen for a small batch, and a long context
-then runs on a handful of the GPU's 100+ SMs while the rest sit idle. So each head's block table
-is also cut into splits of `blocks_per_split` blocks:
+Decode is bound by reading K and V: every held slot is read once per step, and the kernel is
+fast when those reads keep the memory system busy. Hence:
+
+- One program covers a kv-head's whole query group: each K/V tile is read once for all `group`
+  query heads, which ride on the rows of one [BLOCK_G, D] x [D, BLOCK_N] tensor-core dot.
+- Each iteration reads BLOCK_N slots (64: four 16-token blocks), each slot finding its block
+  through the table, K and V both loaded before either is used, so 32 KiB per program are in
+  flight; the loop is also marked for software pipelining (`num_stages`).
+- Tiles stay in the cache's dtype (bf16/fp16) and the dots accumulate in float32 on tensor cores;
+  only a float32 cache and the interpreter take float32 tiles and exact dots (launch.exact_dots).
+- Split-K ("flash decoding"): one query per sequence gives only B * Hkv programs, a few for B=1
+  on a GPU of 132 SMs. Each head's table is cut into splits sized from the batch and the SM count
+  (launch.split_count), so B=1 spreads a 4k context over 16 programs per head, while B=32 runs
+  as one or two splits and does not pay for merging many partials:
 
 1. `_split_kernel`, grid (B, Hkv, num_splits): one program runs an online softmax (running max m,
    running sum l, unnormalized output acc) for all `group` query heads of its kv-head over its
-   split, and writes the partial (acc, m, l) to float32 scratch. With return_probs it also writes
+   split, and writes the partial (acc, m, l) to float32 scratch. The H2O-style methods' variant
+   (WRITE_LOGITS, its own specialization, so the common path carries none of it) also writes
    every slot's scaled logit (-inf where masked).
 2. `_merge_kernel`, grid (B, Hkv): combines the splits by the log-sum-exp rule,
    out = sum_s exp(m_s - M) acc_s / sum_s exp(m_s - M) l_s with M = max_s m_s, and writes out and
@@ -25,14 +36,21 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_SPLITS = 8            # enough programs to fill the GPU for a small batch; the merge stays tiny
-MIN_SPLIT_TOKENS = 256    # below this a split's fixed cost (q load, scratch write) is not worth it
+from nanokv.kernels.launch import exact_dots, split_count
+
+MAX_SPLITS = 8  # quant_decode's cap on splits, until it sizes them by launch.split_count too
+MIN_SPLIT_TOKENS = 256  # below this a split's fixed cost (q load, scratch write) is not worth it
+# Slots a program reads per iteration, and its warps. Checked with scripts/compile_kernels.py for
+# sm_90 at head_dim 128: 64 slots over 8 warps take ~210 registers a thread and spill nothing (4
+# warps spill: each thread then holds twice the 64-bit addresses of a [64, 128] tile); float32
+# tiles with exact dots spill at 64, so they take 32.
+TILE_TOKENS, EXACT_TILE_TOKENS, NUM_WARPS = 64, 32, 8
+NUM_STAGES = 2
 
 
-def default_blocks_per_split(nb: int, block_size: int) -> int:
-    """At most MAX_SPLITS splits per head, each of at least MIN_SPLIT_TOKENS tokens: short contexts
-    run as one split (nothing to merge), long ones spread over up to 8x more programs."""
-    return max(math.ceil(nb / MAX_SPLITS), math.ceil(MIN_SPLIT_TOKENS / block_size), 1)
+def default_blocks_per_split(nb: int, block_size: int, programs: int = 1, device="cpu") -> int:
+    """Blocks of a head's table per split: see launch.split_count."""
+    return math.ceil(nb / split_count(programs, nb * block_size, device, MIN_SPLIT_TOKENS))
 
 
 @triton.jit
@@ -40,7 +58,8 @@ def _split_kernel(q_ptr, q_pos_ptr, k_ptr, v_ptr, pos_ptr, tables_ptr, lengths_p
                   acc_ptr, m_ptr, l_ptr, logits_ptr, s_kv, s_pos,
                   sm_scale, window, nb, num_splits, split_slots, group,
                   D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
-                  BLOCK_D: tl.constexpr, HAS_WINDOW: tl.constexpr, WRITE_LOGITS: tl.constexpr):
+                  BLOCK_D: tl.constexpr, HAS_WINDOW: tl.constexpr, WRITE_LOGITS: tl.constexpr,
+                  UPCAST: tl.constexpr, NUM_STAGES: tl.constexpr):
     b, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     num_kv = tl.num_programs(1)
     g = tl.arange(0, BLOCK_G)
@@ -48,11 +67,10 @@ def _split_kernel(q_ptr, q_pos_ptr, k_ptr, v_ptr, pos_ptr, tables_ptr, lengths_p
     n = tl.arange(0, BLOCK_N)
     g_ok, d_ok = g < group, d < D
     head = b * num_kv + h
-    # the group's query heads are rows head*group .. head*group+group-1 of q viewed as [B*Hq, D].
-    # Everything is upcast to float32: the interpreter gets fp16/bf16 dots wrong, and decode is
-    # bound by reading K and V, not by the arithmetic.
-    q = tl.load(q_ptr + (head * group + g)[:, None] * D + d[None, :],
-                mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    # the group's query heads are rows head*group .. head*group+group-1 of q viewed as [B*Hq, D]
+    q = tl.load(q_ptr + (head * group + g)[:, None] * D + d[None, :], mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
     q_pos = tl.load(q_pos_ptr + b).to(tl.int64)
     length = tl.load(lengths_ptr + head).to(tl.int32)
     lo = s * split_slots
@@ -63,14 +81,13 @@ def _split_kernel(q_ptr, q_pos_ptr, k_ptr, v_ptr, pos_ptr, tables_ptr, lengths_p
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    # BLOCK_N slots a step (a power of two, at least the 16 tl.dot needs on a GPU): a block, several
-    # small ones or parts of them (blocks need not be a power of two), so each slot looks up its
-    # own block id.
-    for start in range(lo, hi, BLOCK_N):
+    # BLOCK_N slots a step: several blocks or parts of them (blocks need not be a power of two),
+    # so each slot looks up its own block id; neighbours share the table entry, read from L1.
+    for start in tl.range(lo, hi, BLOCK_N, num_stages=NUM_STAGES):
         slot = start + n
         in_split = slot < hi
         held = in_split & (slot < length)  # slots past the length may sit on -1 table entries: never load them
-        block = tl.load(tables_ptr + head * nb + slot // BLOCK_SIZE, mask=in_split, other=0)
+        block = tl.load(tables_ptr + head * nb + slot // BLOCK_SIZE, mask=held, other=0)
         # the pools may be strided views (a quantized pool's rows): address block, then offset in it
         offset = slot % BLOCK_SIZE
         pos = tl.load(pos_ptr + block * s_pos + offset, mask=held, other=0)
@@ -79,9 +96,13 @@ def _split_kernel(q_ptr, q_pos_ptr, k_ptr, v_ptr, pos_ptr, tables_ptr, lengths_p
             visible = visible & (q_pos - pos < window)
         kv_mask = held[:, None] & d_ok[None, :]
         at = (block * s_kv + offset * D)[:, None] + d[None, :]  # int64: block ids come from the table
-        k = tl.load(k_ptr + at, mask=kv_mask, other=0.0).to(tl.float32)
-        scores = tl.dot(q, tl.trans(k), input_precision="ieee") * sm_scale      # [BLOCK_G, BLOCK_N]
-        scores = tl.where(visible[None, :], scores, float("-inf"))
+        k = tl.load(k_ptr + at, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + at, mask=kv_mask, other=0.0)
+        if UPCAST:
+            scores = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
+        else:
+            scores = tl.dot(q, tl.trans(k))                     # tensor cores, float32 accumulator
+        scores = tl.where(visible[None, :], scores * sm_scale, float("-inf"))   # [BLOCK_G, BLOCK_N]
         if WRITE_LOGITS:
             tl.store(logits_ptr + (head * group + g)[:, None] * (nb * BLOCK_SIZE) + slot[None, :], scores,
                      mask=g_ok[:, None] & in_split[None, :])
@@ -89,8 +110,10 @@ def _split_kernel(q_ptr, q_pos_ptr, k_ptr, v_ptr, pos_ptr, tables_ptr, lengths_p
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all masked so far: avoid -inf - -inf
         p = tl.exp(scores - m_ref[:, None])
         alpha = tl.exp(m - m_ref)
-        v = tl.load(v_ptr + at, mask=kv_mask, other=0.0).to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        if UPCAST:
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         l = l * alpha + tl.sum(p, axis=1)
         m = m_new
 
@@ -152,7 +175,7 @@ def paged_decode_attention(q, q_pos, k_pool, v_pool, pos_pool, tables, lengths, 
     assert k_pool.stride(-1) == 1 and k_pool.stride(1) == D and pos_pool.stride(-1) == 1, "inner dims contiguous"
     assert v_pool.stride() == k_pool.stride(), "K and V pools share their strides"
     q, q_pos, tables, lengths = (t.contiguous() for t in (q, q_pos, tables, lengths))
-    blocks_per_split = blocks_per_split or default_blocks_per_split(nb, block_size)
+    blocks_per_split = blocks_per_split or default_blocks_per_split(nb, block_size, B * Hkv, q.device)
     num_splits = math.ceil(nb / blocks_per_split)
 
     nan, f32 = float("nan"), torch.float32
@@ -165,11 +188,16 @@ def paged_decode_attention(q, q_pos, k_pool, v_pool, pos_pool, tables, lengths, 
 
     block_g = max(16, triton.next_power_of_2(group))  # tl.dot's minimum tile side on a GPU
     block_d = max(16, triton.next_power_of_2(D))
+    # a split of few slots (a short context, a test) takes a smaller tile: no padded iterations
+    upcast = exact_dots(k_pool.dtype) or q.dtype != k_pool.dtype
+    tile = EXACT_TILE_TOKENS if upcast else TILE_TOKENS
+    block_n = max(16, min(tile, triton.next_power_of_2(blocks_per_split * block_size)))
     _split_kernel[(B, Hkv, num_splits)](
         q, q_pos, k_pool, v_pool, pos_pool, tables, lengths, acc, m, l, logits, k_pool.stride(0), pos_pool.stride(0),
         1.0 / math.sqrt(D), sliding_window or 0, nb, num_splits, blocks_per_split * block_size, group,
-        D=D, BLOCK_SIZE=block_size, BLOCK_N=max(16, triton.next_power_of_2(block_size)), BLOCK_G=block_g, BLOCK_D=block_d,
-        HAS_WINDOW=sliding_window is not None, WRITE_LOGITS=return_probs)
+        D=D, BLOCK_SIZE=block_size, BLOCK_N=block_n, BLOCK_G=block_g, BLOCK_D=block_d,
+        HAS_WINDOW=sliding_window is not None, WRITE_LOGITS=return_probs, UPCAST=upcast,
+        NUM_STAGES=NUM_STAGES, num_warps=NUM_WARPS)
     _merge_kernel[(B, Hkv)](acc, m, l, out, lse, num_splits, group, D=D, BLOCK_G=block_g, BLOCK_D=block_d)
     if not return_probs:
         return out
