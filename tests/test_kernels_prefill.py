@@ -130,6 +130,29 @@ def test_prefill_is_causal_and_allocates_output():
 
 def test_query_tiles_map_each_tile_to_its_sequence():
     cu = torch.tensor([0, 1, 1, 17, 50], dtype=torch.int32)  # lengths 1, 0, 16, 33
-    seq, start = query_tiles(cu, 16)
+    seq, start = query_tiles(cu, 16)  # tiles of 16 query tokens
     assert seq.tolist() == [0, 2, 3, 3, 3]
     assert start.tolist() == [0, 1, 17, 33, 49]
+
+
+@pytest.mark.parametrize("group, obs_window", [(3, None), (3, 5), (4, 40)])
+def test_tensor_core_path(group, obs_window, monkeypatch):
+    """The path a GPU takes for a half-precision cache (tiles in their dtype on tensor cores, float32
+    accumulators, the default 128-row tiles folding the GQA group into rows, a group of 3 padded
+    to 4), run by the interpreter in float16, the one half precision whose dots it gets right."""
+    import nanokv.kernels.prefill as prefill
+
+    monkeypatch.setattr(prefill, "exact_dots", lambda dtype: False)
+    gen = torch.Generator().manual_seed(group)
+    q, q_pos, cu, k_pool, v_pool, pos_pool, tables, lengths = make_batch(
+        gen, [(0, 9, 40, True), (0, 0, 35, False)], 2, group, 64, 16, torch.float16, True)
+    result = prefill.prefill_attention(q, q_pos, cu, k_pool, v_pool, pos_pool, tables, lengths, obs_window=obs_window)
+    out, sums = result if obs_window else (result, None)
+    for b in range(2):
+        s, e = int(cu[b]), int(cu[b + 1])
+        ref, probs = paged_attention(q[s:e].float()[None], q_pos[s:e][None], k_pool.float(), v_pool.float(), pos_pool,
+                                     tables[b:b + 1], lengths[b:b + 1], None, return_probs=True)
+        assert ((out[s:e].float() - ref[0]).abs().max() / ref.abs().max()) < 2e-3
+        if obs_window:
+            expected = probs[0, :, :, -obs_window:].sum(dim=2).flatten(0, 1)
+            torch.testing.assert_close(sums[b], expected, rtol=2e-3, atol=2e-3)
