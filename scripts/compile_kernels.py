@@ -27,7 +27,8 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.autotuner import Autotuner  # noqa: E402
-from triton.runtime.jit import JITFunction, mangle_type  # noqa: E402
+from triton.compiler.compiler import make_backend  # noqa: E402
+from triton.runtime.jit import JITFunction, native_specialize_impl  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -61,18 +62,26 @@ def recorded_launches():
         JITFunction.run, Autotuner.run = jit_run, tuned_run
 
 
+def specialized(fn, bound, backend):
+    """Each argument's (type, what the launch specializes on), as JITFunction.run takes them: a
+    pointer or an integer divisible by 16 is compiled as such (vectorized loads hang on it), an
+    integer 1 as a constant."""
+    return [("constexpr", bound[p.name]) if p.is_constexpr or bound[p.name] is None else
+            native_specialize_impl(backend, bound[p.name], p.is_const, not p.do_not_specialize,
+                                   not p.do_not_specialize_on_alignment) for p in fn.params]
+
+
 def compile_launch(fn, bound, options, target):
     """-> the compiled kernel (raises what the compiler raises)."""
-    signature, constexprs = {}, {}
-    for i, p in enumerate(fn.params):
-        value = bound[p.name]
-        if p.is_constexpr:
-            signature[p.name], constexprs[(i,)] = "constexpr", value
-        elif value is None:
-            signature[p.name], constexprs[(i,)] = "constexpr", None
-        else:
-            signature[p.name] = mangle_type(value)
-    return triton.compile(ASTSource(fn, signature, constexprs), target=target, options=options)
+    backend = make_backend(target)
+    signature, constexprs, attrs = {}, {}, {}
+    for i, (p, (kind, spec)) in enumerate(zip(fn.params, specialized(fn, bound, backend))):
+        signature[p.name] = kind
+        if kind == "constexpr":
+            constexprs[(i,)] = spec
+        elif isinstance(spec, str):
+            attrs[(i,)] = backend.parse_attr(spec)
+    return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options)
 
 
 def ptxas_usage(kernel, arch) -> str:
@@ -143,12 +152,12 @@ def main(argv=None) -> int:
         target = GPUTarget("cuda", arch, 32)
         for fn, bound, options in launches:
             constants = {p.name: bound[p.name] for p in fn.params if p.is_constexpr}
-            types = tuple(mangle_type(bound[p.name]) for p in fn.params if not p.is_constexpr and bound[p.name] is not None)
-            key = (arch, fn, types, tuple(constants.items()), tuple(sorted(options.items())))
+            specs = tuple(specialized(fn, bound, make_backend(target)))
+            key = (arch, fn, specs, tuple(sorted(options.items())))
             if key in seen:
                 continue
             seen.add(key)
-            label = f"sm_{arch} {fn.__module__.rsplit('.', 1)[-1]}.{fn.__name__} {types[0]} {constants} {options}"
+            label = f"sm_{arch} {fn.__module__.rsplit('.', 1)[-1]}.{fn.__name__} {specs[0][0]} {constants} {options}"
             try:
                 kernel = compile_launch(fn, bound, options, target)
             except Exception as e:
