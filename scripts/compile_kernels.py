@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import itertools
 import os
 import re
 import sys
@@ -105,7 +106,7 @@ def launch_all():
     """Every wrapper, over the shapes and options the engine uses, with launches recorded."""
     from nanokv.kernels import paged_decode, prefill, quant_decode, quest, write_kv
     from nanokv.kernels.quant import quantize_tokens
-    from nanokv.cache.quant_pool import SCALE_DTYPE
+    from nanokv.cache.quant_pool import SCALE_DTYPE, QuantSpec
 
     B, Hq, Hkv, D, bs, nb = 2, 8, 2, 128, 16, 8
     with recorded_launches() as launches:
@@ -129,15 +130,20 @@ def launch_all():
             slots = torch.arange(Hkv * 4).view(Hkv, 4)
             write_kv.write_kv(*pools, pos, slots, torch.randn(4, Hkv, D, dtype=dtype),
                               torch.randn(4, Hkv, D, dtype=dtype), torch.arange(4))
-            for bits, per_channel in ((2, True), (4, True), (8, False)):
-                R, G = 32, 32
-                packed = quantize_tokens(torch.randn(B * Hkv * 2, R, D), torch.randn(B * Hkv * 2, R, D), bits, G,
-                                         per_channel, SCALE_DTYPE)
-                quant = type("QuantBlocks", (), dict(block_size=R, group_size=G, bits=bits,
+            # the engine's quantized blocks (R = 128, G = 32) and residual blocks (a row's worth of
+            # tokens); the tiles depend on the head dim
+            for d, (bits, per_channel) in itertools.product((64, 128), ((2, True), (4, True), (8, False))):
+                spec = QuantSpec(bits, per_channel)
+                R, rbs, nq = spec.block_size, spec.full_block_size(d, dtype), 2
+                packed = quantize_tokens(torch.randn(B * Hkv * nq, R, d), torch.randn(B * Hkv * nq, R, d), bits,
+                                         spec.group_size, per_channel, SCALE_DTYPE)
+                quant = type("QuantBlocks", (), dict(block_size=R, group_size=spec.group_size, bits=bits,
                                                      keys_per_channel=per_channel, **packed))
-                qtables = torch.arange(B * Hkv * 2).view(B, Hkv, 2)
-                quant_decode.quantized_decode_attention(q, q_pos, quant, qtables, torch.full((B, Hkv), 2 * R),
-                                                        *pools, pos, tables, lengths)
+                residual = [torch.randn(B * Hkv * nb, rbs, d, dtype=dtype) for _ in range(2)]
+                quant_decode.quantized_decode_attention(
+                    torch.randn(B, Hq, d, dtype=dtype), q_pos, quant, torch.arange(B * Hkv * nq).view(B, Hkv, nq),
+                    torch.full((B, Hkv), nq * R), *residual, torch.zeros(B * Hkv * nb, rbs, dtype=torch.int32),
+                    tables, lengths)
     return launches
 
 
