@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import itertools
 import os
 import re
 import sys
@@ -27,7 +28,8 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.autotuner import Autotuner  # noqa: E402
-from triton.runtime.jit import JITFunction, mangle_type  # noqa: E402
+from triton.compiler.compiler import make_backend  # noqa: E402
+from triton.runtime.jit import JITFunction, native_specialize_impl  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -61,18 +63,26 @@ def recorded_launches():
         JITFunction.run, Autotuner.run = jit_run, tuned_run
 
 
+def specialized(fn, bound, backend):
+    """Each argument's (type, what the launch specializes on), as JITFunction.run takes them: a
+    pointer or an integer divisible by 16 is compiled as such (vectorized loads hang on it), an
+    integer 1 as a constant."""
+    return [("constexpr", bound[p.name]) if p.is_constexpr or bound[p.name] is None else
+            native_specialize_impl(backend, bound[p.name], p.is_const, not p.do_not_specialize,
+                                   not p.do_not_specialize_on_alignment) for p in fn.params]
+
+
 def compile_launch(fn, bound, options, target):
     """-> the compiled kernel (raises what the compiler raises)."""
-    signature, constexprs = {}, {}
-    for i, p in enumerate(fn.params):
-        value = bound[p.name]
-        if p.is_constexpr:
-            signature[p.name], constexprs[(i,)] = "constexpr", value
-        elif value is None:
-            signature[p.name], constexprs[(i,)] = "constexpr", None
-        else:
-            signature[p.name] = mangle_type(value)
-    return triton.compile(ASTSource(fn, signature, constexprs), target=target, options=options)
+    backend = make_backend(target)
+    signature, constexprs, attrs = {}, {}, {}
+    for i, (p, (kind, spec)) in enumerate(zip(fn.params, specialized(fn, bound, backend))):
+        signature[p.name] = kind
+        if kind == "constexpr":
+            constexprs[(i,)] = spec
+        elif isinstance(spec, str):
+            attrs[(i,)] = backend.parse_attr(spec)
+    return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options)
 
 
 def ptxas_usage(kernel, arch) -> str:
@@ -96,7 +106,7 @@ def launch_all():
     """Every wrapper, over the shapes and options the engine uses, with launches recorded."""
     from nanokv.kernels import paged_decode, prefill, quant_decode, quest, write_kv
     from nanokv.kernels.quant import quantize_tokens
-    from nanokv.cache.quant_pool import SCALE_DTYPE
+    from nanokv.cache.quant_pool import SCALE_DTYPE, QuantSpec
 
     B, Hq, Hkv, D, bs, nb = 2, 8, 2, 128, 16, 8
     with recorded_launches() as launches:
@@ -120,15 +130,20 @@ def launch_all():
             slots = torch.arange(Hkv * 4).view(Hkv, 4)
             write_kv.write_kv(*pools, pos, slots, torch.randn(4, Hkv, D, dtype=dtype),
                               torch.randn(4, Hkv, D, dtype=dtype), torch.arange(4))
-            for bits, per_channel in ((2, True), (4, True), (8, False)):
-                R, G = 32, 32
-                packed = quantize_tokens(torch.randn(B * Hkv * 2, R, D), torch.randn(B * Hkv * 2, R, D), bits, G,
-                                         per_channel, SCALE_DTYPE)
-                quant = type("QuantBlocks", (), dict(block_size=R, group_size=G, bits=bits,
+            # the engine's quantized blocks (R = 128, G = 32) and residual blocks (a row's worth of
+            # tokens); the tiles depend on the head dim
+            for d, (bits, per_channel) in itertools.product((64, 128), ((2, True), (4, True), (8, False))):
+                spec = QuantSpec(bits, per_channel)
+                R, rbs, nq = spec.block_size, spec.full_block_size(d, dtype), 2
+                packed = quantize_tokens(torch.randn(B * Hkv * nq, R, d), torch.randn(B * Hkv * nq, R, d), bits,
+                                         spec.group_size, per_channel, SCALE_DTYPE)
+                quant = type("QuantBlocks", (), dict(block_size=R, group_size=spec.group_size, bits=bits,
                                                      keys_per_channel=per_channel, **packed))
-                qtables = torch.arange(B * Hkv * 2).view(B, Hkv, 2)
-                quant_decode.quantized_decode_attention(q, q_pos, quant, qtables, torch.full((B, Hkv), 2 * R),
-                                                        *pools, pos, tables, lengths)
+                residual = [torch.randn(B * Hkv * nb, rbs, d, dtype=dtype) for _ in range(2)]
+                quant_decode.quantized_decode_attention(
+                    torch.randn(B, Hq, d, dtype=dtype), q_pos, quant, torch.arange(B * Hkv * nq).view(B, Hkv, nq),
+                    torch.full((B, Hkv), nq * R), *residual, torch.zeros(B * Hkv * nb, rbs, dtype=torch.int32),
+                    tables, lengths)
     return launches
 
 
@@ -143,12 +158,12 @@ def main(argv=None) -> int:
         target = GPUTarget("cuda", arch, 32)
         for fn, bound, options in launches:
             constants = {p.name: bound[p.name] for p in fn.params if p.is_constexpr}
-            types = tuple(mangle_type(bound[p.name]) for p in fn.params if not p.is_constexpr and bound[p.name] is not None)
-            key = (arch, fn, types, tuple(constants.items()), tuple(sorted(options.items())))
+            specs = tuple(specialized(fn, bound, make_backend(target)))
+            key = (arch, fn, specs, tuple(sorted(options.items())))
             if key in seen:
                 continue
             seen.add(key)
-            label = f"sm_{arch} {fn.__module__.rsplit('.', 1)[-1]}.{fn.__name__} {types[0]} {constants} {options}"
+            label = f"sm_{arch} {fn.__module__.rsplit('.', 1)[-1]}.{fn.__name__} {specs[0][0]} {constants} {options}"
             try:
                 kernel = compile_launch(fn, bound, options, target)
             except Exception as e:

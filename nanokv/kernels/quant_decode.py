@@ -7,14 +7,24 @@ group) and its newest ones, the residual, in full-precision blocks. The referenc
 block to float32 before attending, as transformers' quantized caches do at every step: that writes
 and rereads 16 / b times the bytes the codes hold, and decode is bound by exactly those bytes. Here
 each tile of codes is dequantized in registers right after it is loaded (code * scale + zero), so
-only the packed codes and their scales ever leave memory.
+only the packed codes and their scales ever leave memory: at 4 bits and D=128, 160 bytes a token
+(K and V) against bfloat16's 512.
 
 Layout as `paged_decode.py`, whose merge kernel this reuses: grid (B, Hkv, num_splits), one
 program runs an online softmax for all `group` query heads of its kv-head over its split of the
-tokens, float32 throughout, and writes a partial (acc, m, l); `_merge_kernel` combines the splits
-by log-sum-exp. A split takes its share of each part: a run of quantized blocks, then a run of
+tokens and writes a partial (acc, m, l) in float32; `_merge_kernel` combines the splits by
+log-sum-exp. The splits (split-K) are sized from the batch and the SM count (launch.split_count)
+and cut at block boundaries: a split takes a run of quantized blocks, then a run of
 full-precision blocks. Quantized tokens carry no positions (every one is older than the query);
 full-precision slots are visible by position, as in paged_decode.
+
+Tiles (`tiling`): a step takes up to 128 tokens, a power of two that divides the quantized block
+size, so a tile of codes is one contiguous run of bytes in one block, loaded once and unpacked
+in registers (a byte holds 8 / b channels), and spans several key groups, whose scales are
+loaded once per group. The dequantized tiles take q's dtype and meet q on tensor cores, float32
+accumulation (launch.exact_dots: a float32 cache, and the interpreter, keep float32 tiles and exact
+dots); the softmax scale is folded into q. The next tile's loads are in flight while this one is
+dequantized (num_stages).
 
 Every field is a strided view into one byte arena (nanokv/cache/quant_pool.py keeps all fields of
 a block in one row), so a token is always addressed as block * row_stride + offset within the
@@ -27,36 +37,89 @@ import torch
 import triton
 import triton.language as tl
 
-from nanokv.kernels.paged_decode import MAX_SPLITS, MIN_SPLIT_TOKENS, _merge_kernel
+from nanokv.kernels.launch import exact_dots, split_count
+from nanokv.kernels.paged_decode import _merge_kernel
+
+TILE = 8192  # elements of a [tokens, head dim] tile of K or V (scripts/compile_kernels.py: no spills)
+
+
+def tiling(dtype: torch.dtype, block_d: int) -> tuple[int, int, int]:
+    """(tokens a step, pipeline stages, warps) for a cache of `dtype`. Half precision: tiles of
+    TILE elements (128 tokens of D=64, 64 of D=128) on tensor cores, two stages; 4 warps issue
+    fewer instructions a token than 8 (the dequantization is most of them). Float32 dots run on
+    CUDA cores with whole operands in registers: 16 tokens (tl.dot's smallest tile), one stage,
+    8 warps."""
+    if dtype == torch.float32:
+        return 16, 1, 8
+    return min(128, max(16, TILE // block_d)), 2, 4
 
 
 @triton.jit
-def _dequantize(codes_ptr, scale_ptr, zero_ptr, block, row, held, d, d_ok, s_codes, s_scale,
-                D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, PER_CHANNEL: tl.constexpr):
-    """float32 [tokens, BLOCK_D] of tokens `row` of quantized blocks `block` (0 where not held)."""
-    mask = held[:, None] & d_ok[None, :]
-    # Channel c's code sits in byte c // (8 / BITS), at bit (c % (8 / BITS)) * BITS. Neighbouring
-    # channels load the same byte: repeats of one cache line, served from L1, not from memory.
-    byte = tl.load(codes_ptr + (block * s_codes + row * (D * BITS // 8))[:, None] + (d // (8 // BITS))[None, :],
-                   mask=mask, other=0)
-    code = (byte.to(tl.int32) >> ((d % (8 // BITS)) * BITS)[None, :]) & ((1 << BITS) - 1)
-    if PER_CHANNEL:  # KIVI keys: one scale per channel for each run of G tokens
-        at = (block * s_scale + (row // G) * D)[:, None] + d[None, :]
+def _unpack(byte, BITS: tl.constexpr):
+    """int32 codes [tokens, n * 8 / BITS] of bytes [tokens, n]: a byte holds 8 / BITS neighbouring
+    channels, the first in its lowest bits, so the codes of each bit offset are interleaved."""
+    byte = byte.to(tl.int32)
+    if BITS == 4:
+        byte = tl.interleave(byte & 15, byte >> 4)
+    elif BITS == 2:  # channels 4i, 4i+2 then 4i+1, 4i+3 of byte i, interleaved twice
+        byte = tl.interleave(tl.interleave(byte & 3, (byte >> 4) & 3), tl.interleave((byte >> 2) & 3, byte >> 6))
+    return byte
+
+
+@triton.jit
+def _dequantize(codes_ptr, scale_ptr, zero_ptr, block, row, count, s_codes, s_scale, D: tl.constexpr,
+                BITS: tl.constexpr, G: tl.constexpr, PER_CHANNEL: tl.constexpr, TOKENS: tl.constexpr,
+                BLOCK_D: tl.constexpr):
+    """float32 [TOKENS, BLOCK_D]: rows row.. of quantized block `block`, the first `count` of
+    them held (0 past them)."""
+    t = tl.arange(0, TOKENS)
+    # the tile's codes are one contiguous run of TOKENS rows of D * BITS / 8 bytes: each byte is
+    # loaded once, and unpacked in registers
+    c = tl.arange(0, BLOCK_D * BITS // 8)
+    byte = tl.load(codes_ptr + block * s_codes + (row + t)[:, None] * (D * BITS // 8) + c[None, :],
+                   mask=(t < count)[:, None] & (c < D * BITS // 8)[None, :], other=0)
+    code = _unpack(byte, BITS)
+    # Scales and zero points are loaded once per group and spread in registers over its G tokens
+    # (keys per channel) or its G channels (per token).
+    if PER_CHANNEL:  # KIVI keys: one scale per channel for each run of G tokens; the tile starts a run
+        RUN: tl.constexpr = G if G < TOKENS else TOKENS
+        first, d = tl.arange(0, TOKENS // RUN) * RUN, tl.arange(0, BLOCK_D)
+        at = ((row + first) // G)[:, None] * D + d[None, :]
+        mask = (first < count)[:, None] & (d < D)[None, :]
+        spread: tl.constexpr = (TOKENS // RUN, RUN, BLOCK_D)
     else:            # values (and per-token keys): one scale per token for each run of G channels
-        at = (block * s_scale + row * (D // G))[:, None] + (d // G)[None, :]
-    scale = tl.load(scale_ptr + at, mask=mask, other=0.0).to(tl.float32)
-    zero = tl.load(zero_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        j = tl.arange(0, BLOCK_D // G)
+        at = (row + t)[:, None] * (D // G) + j[None, :]
+        mask = (t < count)[:, None] & (j < D // G)[None, :]
+        spread: tl.constexpr = (TOKENS, BLOCK_D // G, G)
+    scale = tl.load(scale_ptr + block * s_scale + at, mask=mask, other=0.0).to(tl.float32)
+    zero = tl.load(zero_ptr + block * s_scale + at, mask=mask, other=0.0).to(tl.float32)
+    if PER_CHANNEL:
+        scale, zero = tl.broadcast_to(scale[:, None, :], spread), tl.broadcast_to(zero[:, None, :], spread)
+    else:
+        scale, zero = tl.broadcast_to(scale[:, :, None], spread), tl.broadcast_to(zero[:, :, None], spread)
+    scale, zero = tl.reshape(scale, (TOKENS, BLOCK_D)), tl.reshape(zero, (TOKENS, BLOCK_D))
     return code.to(tl.float32) * scale + zero
 
 
 @triton.jit
-def _online_softmax(m, l, acc, scores, v):
+def _dot(a, b, UPCAST: tl.constexpr):
+    """a @ b accumulated in float32: exact float32 products when upcast, else on tensor cores."""
+    if UPCAST:
+        out = tl.dot(a, b, input_precision="ieee")
+    else:
+        out = tl.dot(a, b)
+    return out
+
+
+@triton.jit
+def _online_softmax(m, l, acc, scores, v, UPCAST: tl.constexpr):
     """Fold a tile of scores [BLOCK_G, N] (-inf where masked) and its values [N, BLOCK_D] in."""
     m_new = tl.maximum(m, tl.max(scores, axis=1))
     m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all masked so far: avoid -inf - -inf
     p = tl.exp(scores - m_ref[:, None])
     alpha = tl.exp(m - m_ref)
-    acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST)
     return m_new, l * alpha + tl.sum(p, axis=1), acc
 
 
@@ -66,42 +129,42 @@ def _split_kernel(q_ptr, q_pos_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_p
                   s_codes, s_kscale, s_vscale, s_kv, s_pos, sm_scale, nq, nb, num_splits, q_split, f_split, group,
                   D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, R: tl.constexpr,
                   KEYS_PER_CHANNEL: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
+                  BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
+                  NUM_STAGES: tl.constexpr):
     b, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     head = b * tl.num_programs(1) + h
     g, d = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D)
     g_ok, d_ok = g < group, d < D
-    # float32 from here on (the interpreter gets half-precision dots wrong); the scale is folded into q
+    # The scale is folded into q in float32; tiles then take q's dtype (float32 when upcast).
     q = tl.load(q_ptr + (head * group + g)[:, None] * D + d[None, :],
                 mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32) * sm_scale
+    if not UPCAST:
+        q = q.to(q_ptr.dtype.element_ty)
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
 
-    # Quantized tokens: all visible, so only the count masks. Each token looks up its own block
-    # (a tile may span several small blocks); -1 table entries past the count are never read.
+    # Quantized tokens: all visible, so only the count masks.
     qlen = tl.minimum(tl.load(qlens_ptr + head).to(tl.int32), nq * R)
     lo = s * q_split
     hi = tl.minimum(lo + q_split, qlen)
-    for start in range(lo, hi, BLOCK_Q):
-        t = start + tl.arange(0, BLOCK_Q)
-        held = t < hi
-        block = tl.load(qtables_ptr + head * nq + t // R, mask=held, other=0)
-        held = held & (block >= 0)
-        row = t % R
-        k = _dequantize(kc_ptr, ks_ptr, kz_ptr, block, row, held, d, d_ok, s_codes, s_kscale,
-                        D, BITS, G, KEYS_PER_CHANNEL)
-        scores = tl.dot(q, tl.trans(k), input_precision="ieee")
-        scores = tl.where(held[None, :], scores, float("-inf"))
-        v = _dequantize(vc_ptr, vs_ptr, vz_ptr, block, row, held, d, d_ok, s_codes, s_vscale, D, BITS, G, False)
-        m, l, acc = _online_softmax(m, l, acc, scores, v)
+    for start in tl.range(lo, hi, BLOCK_Q, num_stages=NUM_STAGES):
+        block = tl.load(qtables_ptr + head * nq + start // R)  # a tile lies in one block (BLOCK_Q divides R)
+        row, count = start % R, hi - start
+        k = _dequantize(kc_ptr, ks_ptr, kz_ptr, block, row, count, s_codes, s_kscale,
+                        D, BITS, G, KEYS_PER_CHANNEL, BLOCK_Q, BLOCK_D).to(q.dtype)
+        held = tl.arange(0, BLOCK_Q) < count
+        scores = tl.where(held[None, :], _dot(q, tl.trans(k), UPCAST), float("-inf"))
+        v = _dequantize(vc_ptr, vs_ptr, vz_ptr, block, row, count, s_codes, s_vscale,
+                        D, BITS, G, False, BLOCK_Q, BLOCK_D).to(q.dtype)
+        m, l, acc = _online_softmax(m, l, acc, scores, v, UPCAST)
 
     # The full-precision residual: visible by position, as in paged_decode.
     q_pos = tl.load(q_pos_ptr + b).to(tl.int64)
     length = tl.minimum(tl.load(lengths_ptr + head).to(tl.int32), nb * BLOCK_SIZE)
     lo = s * f_split
     hi = tl.minimum(lo + f_split, length)
-    for start in range(lo, hi, BLOCK_N):
+    for start in tl.range(lo, hi, BLOCK_N, num_stages=NUM_STAGES):
         slot = start + tl.arange(0, BLOCK_N)
         held = slot < hi
         block = tl.load(tables_ptr + head * nb + slot // BLOCK_SIZE, mask=held, other=0)
@@ -111,10 +174,10 @@ def _split_kernel(q_ptr, q_pos_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_p
         visible = held & (pos <= q_pos)
         at = (block * s_kv + offset * D)[:, None] + d[None, :]
         kv_mask = held[:, None] & d_ok[None, :]
-        k = tl.load(k_ptr + at, mask=kv_mask, other=0.0).to(tl.float32)
-        scores = tl.where(visible[None, :], tl.dot(q, tl.trans(k), input_precision="ieee"), float("-inf"))
-        v = tl.load(v_ptr + at, mask=kv_mask, other=0.0).to(tl.float32)
-        m, l, acc = _online_softmax(m, l, acc, scores, v)
+        k = tl.load(k_ptr + at, mask=kv_mask, other=0.0).to(q.dtype)
+        scores = tl.where(visible[None, :], _dot(q, tl.trans(k), UPCAST), float("-inf"))
+        v = tl.load(v_ptr + at, mask=kv_mask, other=0.0).to(q.dtype)
+        m, l, acc = _online_softmax(m, l, acc, scores, v, UPCAST)
 
     part = (head * num_splits + s) * group + g  # scratch row of (b, h, s, g), as paged_decode's merge reads it
     tl.store(m_ptr + part, m, mask=g_ok)
@@ -128,7 +191,7 @@ def quantized_decode_attention(q, q_pos, quant, qtables, qlens, k_pool, v_pool, 
     first (-1 past a head's blocks); qlens [B, Hkv] tokens held in them; k_pool, v_pool [num_blocks,
     block_size, D], pos_pool [num_blocks, block_size] int32, tables [B, Hkv, nb], lengths [B, Hkv]: the
     full-precision residual, as in paged_decode. Every field may be a strided view (rows of one arena).
-    -> [B, Hq, D] in q's dtype. num_splits: programs per head (default: as paged_decode sizes them)."""
+    -> [B, Hq, D] in q's dtype. num_splits: programs per head (default: launch.split_count)."""
     B, Hq, D = q.shape
     Hkv, nq, nb = tables.shape[1], qtables.shape[2], tables.shape[2]
     group, block_size = Hq // Hkv, k_pool.shape[1]
@@ -141,8 +204,7 @@ def quantized_decode_attention(q, q_pos, quant, qtables, qlens, k_pool, v_pool, 
     assert quant.k_codes.stride() == quant.v_codes.stride() and k_pool.stride() == v_pool.stride()
     assert quant.k_scale.stride() == quant.k_zero.stride() and quant.v_scale.stride() == quant.v_zero.stride()
     q, q_pos, qtables, qlens, tables, lengths = (t.contiguous() for t in (q, q_pos, qtables, qlens, tables, lengths))
-    if num_splits is None:
-        num_splits = min(MAX_SPLITS, max(1, math.ceil((nq * R + nb * block_size) / MIN_SPLIT_TOKENS)))
+    num_splits = num_splits or split_count(B * Hkv, nq * R + nb * block_size, q.device)
     # splits cut at block boundaries: a tile of G tokens is then one key group of one block
     q_split, f_split = math.ceil(nq / num_splits) * R, math.ceil(nb / num_splits) * block_size
 
@@ -154,12 +216,16 @@ def quantized_decode_attention(q, q_pos, quant, qtables, qlens, k_pool, v_pool, 
     lse = torch.full((B, Hq), nan, dtype=f32, device=q.device)
     block_g = max(16, triton.next_power_of_2(group))  # tl.dot's minimum tile side on a GPU
     block_d = max(16, triton.next_power_of_2(D))
+    tokens, stages, warps = tiling(q.dtype, block_d)
+    block_q = min(tokens, R & -R)  # a power of two that divides R: a tile lies in one quantized block
+    assert block_q >= 16, "quantized blocks of a multiple of 16 tokens (tl.dot's smallest tile)"
     _split_kernel[(B, Hkv, num_splits)](
         q, q_pos, quant.k_codes, quant.k_scale, quant.k_zero, quant.v_codes, quant.v_scale, quant.v_zero,
         qtables, qlens, k_pool, v_pool, pos_pool, tables, lengths, acc, m, l,
         quant.k_codes.stride(0), quant.k_scale.stride(0), quant.v_scale.stride(0), k_pool.stride(0),
         pos_pool.stride(0), 1.0 / math.sqrt(D), nq, nb, num_splits, q_split, f_split, group,
         D=D, BITS=bits, G=G, R=R, KEYS_PER_CHANNEL=quant.keys_per_channel, BLOCK_SIZE=block_size,
-        BLOCK_Q=max(16, G), BLOCK_N=max(16, triton.next_power_of_2(block_size)), BLOCK_G=block_g, BLOCK_D=block_d)
+        BLOCK_Q=block_q, BLOCK_N=tokens, BLOCK_G=block_g, BLOCK_D=block_d, UPCAST=exact_dots(q.dtype),
+        NUM_STAGES=stages, num_warps=warps)
     _merge_kernel[(B, Hkv)](acc, m, l, out, lse, num_splits, group, D=D, BLOCK_G=block_g, BLOCK_D=block_d)
     return out
