@@ -23,7 +23,7 @@ from collections import defaultdict
 
 import torch
 
-from nanokv.kernels.reference import gather_blocks, paged_attention
+from nanokv.kernels.reference import gather_blocks, paged_attention, quest_pages
 from nanokv import LLM, SamplingParams
 from nanokv.engine import attention as step_attention
 from nanokv.eval.grid import encode
@@ -44,7 +44,8 @@ def patch_engine():
         return call(self, layer, *args)
 
     def measured_selection(self, q, tables, lengths):
-        pool, bs = self.cache.pool, self.cache.block_size
+        cache, bs = self.cache, self.cache.block_size
+        pool = cache.pool
         b, H, nb = tables.shape
         far = torch.full((b, 1), 1 << 30, device=q.device)
         _, probs = paged_attention(q[:, None], far, pool.k, pool.v, pool.pos, tables, lengths, return_probs=True)
@@ -54,27 +55,23 @@ def patch_engine():
         held = torch.arange(nb * bs, device=q.device) < lengths[..., None]
         logits = logits.masked_fill(~held[:, :, None], float("-inf"))
         true_max = logits.reshape(b, H, -1, nb, bs).amax(-1).amax(2)                  # [b, H, nb]
-        select = self.selector.select_pages
-
-        def both(bounds, num_blocks, block_size):
-            keep = {"quest": select(bounds, num_blocks, block_size),
-                    "oracle": select(page_mass.amax(dim=2), num_blocks, block_size)}
-            record = caught[current_layer[0]]
-            for name, k in keep.items():
-                record[name] += (page_mass * k[:, :, None]).sum(-1).flatten().tolist()
-            top = page_mass.amax(dim=2).argmax(-1, keepdim=True)
-            record["missed"] += (~keep["quest"].gather(-1, top)).flatten().float().tolist()
-            real = torch.arange(nb, device=q.device) < num_blocks[..., None]
-            record["slack"] += ((bounds - true_max)[real]).tolist()
-            record["spread"] += torch.stack([t[r].std() for t, r in zip(true_max.flatten(0, 1), real.flatten(0, 1))
-                                             if r.sum() > 1]).tolist()
-            return keep[mode[0]]
-
-        self.selector.select_pages = both
-        try:
-            return selected_pages(self, q, tables, lengths)
-        finally:
-            del self.selector.select_pages
+        bounds = cache.kernels.page_scores(q, *cache.key_bounds(), tables)
+        num_blocks = (lengths + bs - 1) // bs
+        picked = {"quest": selected_pages(self, q, tables, lengths),
+                  "oracle": quest_pages(page_mass.amax(dim=2), tables, lengths, bs, self.selector.pages_to_read(bs))}
+        # which of the head's pages each selection reads [b, H, nb]
+        keep = {name: (tables[..., :, None] == reduced[..., None, :]).any(-1) & (tables >= 0)
+                for name, (reduced, _) in picked.items()}
+        record = caught[current_layer[0]]
+        for name, k in keep.items():
+            record[name] += (page_mass * k[:, :, None]).sum(-1).flatten().tolist()
+        top = page_mass.amax(dim=2).argmax(-1, keepdim=True)
+        record["missed"] += (~keep["quest"].gather(-1, top)).flatten().float().tolist()
+        real = torch.arange(nb, device=q.device) < num_blocks[..., None]
+        record["slack"] += ((bounds - true_max)[real]).tolist()
+        record["spread"] += torch.stack([t[r].std() for t, r in zip(true_max.flatten(0, 1), real.flatten(0, 1))
+                                         if r.sum() > 1]).tolist()
+        return picked[mode[0]]
 
     step_attention.StepAttention.__call__ = tracking_call
     step_attention.StepAttention._selected_pages = measured_selection

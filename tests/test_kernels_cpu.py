@@ -214,11 +214,8 @@ def test_page_scores_match_reference(dtype, group):
 
 @pytest.mark.parametrize("block_size,budget,group", [(16, 64, 3), (4, 8, 1), (16, 256, 3), (8, 24, 2)])
 def test_quest_select_picks_what_the_torch_path_picks(block_size, budget, group):
-    """cpu.quest_select against StepAttention._selected_pages' plain-torch path (reference
-    page_scores, Quest.select_pages, argsort and gather): the same tables and lengths."""
-    from types import SimpleNamespace
-
-    from nanokv.engine.attention import StepAttention
+    """cpu.quest_select against the engine's plain-torch path (reference.page_scores, then
+    reference.quest_pages): the same tables, as wide, and lengths."""
     from nanokv.methods import make_method
 
     quest = make_method("quest", budget=budget)
@@ -227,8 +224,6 @@ def test_quest_select_picks_what_the_torch_path_picks(block_size, budget, group)
     for dtype in (torch.float32, torch.bfloat16):
         keys = torch.randn(N, block_size, D, generator=gen)
         kmin, kmax = keys.amin(1).to(dtype), keys.amax(1).to(dtype)
-        plain = SimpleNamespace(key_bounds=lambda: (kmin, kmax), block_size=block_size,
-                                kernels=kernels_for("cpu", "reference"))
         for trial in range(5):
             lengths = torch.randint(0, 40 * block_size, (B, Hkv), generator=gen)
             lengths[0] = torch.tensor([1, block_size, block_size * 3 + 1])  # one page; a full one; a few
@@ -236,10 +231,10 @@ def test_quest_select_picks_what_the_torch_path_picks(block_size, budget, group)
             tables = torch.randperm(N, generator=gen)[:B * Hkv * nb].view(B, Hkv, nb)
             tables = tables.masked_fill(torch.arange(nb) * block_size >= lengths[..., None], -1)
             q = torch.randn(B, Hkv * group, D, generator=gen).to(dtype)
-            this = SimpleNamespace(cache=plain, selector=quest, bytes_read=0)
-            want_tables, want_lengths = StepAttention._selected_pages(this, q, tables, lengths)
-            got_tables, got_lengths = cpu.quest_select(q, kmin, kmax, tables, lengths, block_size,
-                                                       quest.pages_to_read(block_size))
+            pages = quest.pages_to_read(block_size)
+            want_tables, want_lengths = reference.quest_pages(reference.page_scores(q, kmin, kmax, tables), tables,
+                                                              lengths, block_size, pages)
+            got_tables, got_lengths = cpu.quest_select(q, kmin, kmax, tables, lengths, block_size, pages)
             assert torch.equal(got_tables, want_tables), (dtype, trial)
             assert torch.equal(got_lengths, want_lengths), (dtype, trial)
 

@@ -113,3 +113,49 @@ def test_storage_without_a_triton_kernel_says_so_once(tmp_path, capfd, method, n
     assert lines == ([] if notice is None else [
         f"nanokv: method {method!r} keeps {notice}, which no Triton kernel reads yet: its attention runs in "
         f"plain torch on cpu"])
+
+
+READBACKS = ("item", "tolist", "__int__", "__float__", "__bool__", "__index__")  # each waits for the GPU
+
+
+def count_readbacks(monkeypatch, during):
+    """Count the calls that read a tensor back to the host (READBACKS) which nanokv's own code makes
+    while `during` (a method of StepAttention) runs -> a dict that fills as they happen. On a GPU
+    each one waits for the queued kernels: a decode layer that makes one serializes the step."""
+    import sys
+    from pathlib import Path
+
+    from nanokv.engine.attention import StepAttention
+
+    ours, counts, inside = str(Path(kernels.__file__).parent.parent), {}, [False]
+    for name in READBACKS:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name):
+            caller = sys._getframe(1).f_code
+            if inside[0] and caller.co_filename.startswith(ours):
+                key = f"{_name} in {caller.co_name} ({Path(caller.co_filename).name})"
+                counts[key] = counts.get(key, 0) + 1
+            return _original(self, *args)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    wrapped = getattr(StepAttention, during)
+
+    def watched(self, *args, **kwargs):
+        inside[0] = self.is_decode
+        try:
+            return wrapped(self, *args, **kwargs)
+        finally:
+            inside[0] = False
+    monkeypatch.setattr(StepAttention, during, watched)
+    return counts
+
+
+@pytest.mark.parametrize("method", [None, "kivi", "quest"])
+def test_a_decode_layer_reads_nothing_back_to_the_host(tiny, monkeypatch, method):
+    """With the Triton kernels (the GPU's path), a decode layer of full, KIVI or Quest queues its
+    work and returns: Quest's reduced tables are a static number of pages wide, and the KV bytes
+    read stay a device tensor that the runner reads once a step."""
+    model, cfg = tiny
+    counts = count_readbacks(monkeypatch, "__call__")
+    greedy(model, cfg, PROMPTS[:2], "triton", steps=3, method=tiny_method(method))
+    assert counts == {}

@@ -1,6 +1,6 @@
 """Quest's page scoring: kernels.quest.page_scores (Triton, under the interpreter) against
 kernels.reference.page_scores; the bound really bounds q . k from above (both implementations);
-and Quest.select_pages against a plain-Python brute force. Shapes are tiny."""
+and the pick, reference.quest_pages, against a plain-Python brute force. Shapes are tiny."""
 
 import pytest
 import torch
@@ -79,23 +79,22 @@ def test_bound_is_an_upper_bound(impl):
 
 
 def brute_select(bounds, num_blocks, k):
-    """Per head: held pages ordered newest first, then by bound descending; the first k."""
-    out = torch.zeros(bounds.shape, dtype=torch.bool)
+    """Per head: held pages ordered newest first, then by bound descending; the first k, in
+    page order."""
+    picks = []
     for b in range(bounds.shape[0]):
         for h in range(bounds.shape[1]):
             held = int(num_blocks[b, h])
-            if held == 0:
-                continue
             rest = sorted(range(held - 1), key=lambda i: -float(bounds[b, h, i]))
-            for i in ([held - 1] + rest)[:k]:
-                out[b, h, i] = True
-    return out
+            picks.append(sorted(([held - 1] + rest)[:k] if held else []))
+    return picks
 
 
 @pytest.mark.parametrize("block_size", [16, 32])
-def test_select_pages_brute_force(block_size):
+def test_quest_pages_brute_force(block_size):
     m = make_method("quest", budget=64)
-    k = max(m.min_pages, 64 // block_size)  # 4 pages at 16 tokens, min_pages = 3 at 32
+    k = m.pages_to_read(block_size)
+    assert k == max(m.min_pages, 64 // block_size)  # 4 pages at 16 tokens, min_pages = 3 at 32
     gen = torch.Generator().manual_seed(block_size)
     b, H, nb = 3, 4, 12
     for trial in range(10):
@@ -105,7 +104,13 @@ def test_select_pages_brute_force(block_size):
         num_blocks[1, 0] = nb
         if trial % 2:  # as the kernel writes them: -inf past a head's pages
             bounds = bounds.masked_fill(torch.arange(nb) >= num_blocks[..., None], float("-inf"))
-        got = m.select_pages(bounds, num_blocks, block_size)
-        assert got.dtype == torch.bool and got.shape == (b, H, nb)
-        assert torch.equal(got, brute_select(bounds, num_blocks, k)), (trial, num_blocks)
-        assert torch.equal(got.sum(-1), num_blocks.clamp(max=k))
+        lengths = (num_blocks * block_size - torch.randint(0, block_size, (b, H), generator=gen)).clamp(min=0)
+        tables = torch.randperm(200, generator=gen)[:b * H * nb].view(b, H, nb)  # block ids, not page indices
+        tables = tables.masked_fill(torch.arange(nb) >= num_blocks[..., None], -1)
+        got, got_lengths = reference.quest_pages(bounds, tables, lengths, block_size, k)
+        assert got.shape == (b, H, k)  # as wide as the method reads, whatever each head picked
+        want = [row[i].tolist() + [-1] * (k - len(i)) for row, i in zip(tables.view(b * H, nb),
+                                                                         brute_select(bounds, num_blocks, k))]
+        assert got.view(b * H, k).tolist() == want, (trial, num_blocks)
+        # whole pages dropped, the newest (partial) one kept
+        assert torch.equal(got_lengths, lengths - (num_blocks - num_blocks.clamp(max=k)) * block_size)

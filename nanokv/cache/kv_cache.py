@@ -354,10 +354,11 @@ class PagedKVCache:
     def seq_bytes(self, seq_id: int) -> int:
         return int(self.seqs[seq_id].num_blocks.sum()) * self.pool.bytes_per_block
 
-    def read_bytes(self, lengths: torch.Tensor, quantized: torch.Tensor | None = None) -> int:
+    def read_bytes(self, lengths: torch.Tensor, quantized: torch.Tensor | None = None) -> torch.Tensor:
         """KV bytes a decode attention call reads for heads holding `lengths` tokens: whole blocks
-        of K, V and positions."""
-        return int(self.blocks_for(lengths).sum()) * self.block_size * self.token_bytes()
+        of K, V and positions. A 0-d tensor on the lengths' device: a decode step adds one up per
+        layer, and reading it on the host would make each layer wait for the GPU."""
+        return self.blocks_for(lengths).sum() * (self.block_size * self.token_bytes())
 
     def token_bytes(self) -> int:
         """Bytes one token of one head takes in full precision: K, V and its int32 position."""

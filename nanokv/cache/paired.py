@@ -80,7 +80,7 @@ class PairedKVCache(PagedKVCache):
             return super().attend_decode(layer, q, positions, group, sliding_window)
         tables, lengths = group
         nbytes = self.read_bytes(lengths[a]) + self.read_bytes(lengths[layer]) + \
-            int(self.blocks_for(lengths[a]).sum()) * self.block_size * self.magnitude_bytes()
+            self.blocks_for(lengths[a]).sum() * (self.block_size * self.magnitude_bytes())
         keys, values, k_pos, held = self.read_second(tables[a], lengths[a], tables[layer], lengths[layer])
         return self.kernels.attend(q[:, None], positions[:, None], keys, values, k_pos, held, sliding_window)[:, 0], nbytes
 

@@ -139,8 +139,8 @@ class PrunedKVCache(TieredKVCache):
         """Bytes one slim token takes: kD key channels, the whole value, its int32 position."""
         return (self.pool.key_channels + self.pool.head_dim) * self.pool.dtype.itemsize + 4
 
-    def cold_bytes(self, cold_lengths: torch.Tensor) -> int:
-        return int(cold_lengths.sum()) * self.slim_token_bytes()
+    def cold_bytes(self, cold_lengths: torch.Tensor) -> torch.Tensor:
+        return cold_lengths.sum() * self.slim_token_bytes()
 
     def theoretical_bytes(self, seq_id: int) -> int:
         """The slim tokens at slim_token_bytes, the rest in full precision, and each head's channel

@@ -71,9 +71,9 @@ class QuantizedKVCache(TieredKVCache):
 
     # --- accounting -------------------------------------------------------------------
 
-    def cold_bytes(self, cold_lengths: torch.Tensor) -> int:
+    def cold_bytes(self, cold_lengths: torch.Tensor) -> torch.Tensor:
         """Packed codes, scales and zero points of whole quantized blocks."""
-        return int(cold_lengths.sum()) // self.spec.block_size * self.spec.quantized_bytes(self.pool.head_dim)
+        return cold_lengths.sum() // self.spec.block_size * self.spec.quantized_bytes(self.pool.head_dim)
 
     def most_blocks(self, tokens: int) -> int:
         """At most: the whole blocks quantized, and a full residual (just before its flush)."""

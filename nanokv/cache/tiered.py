@@ -113,14 +113,15 @@ class TieredKVCache(PagedKVCache):
         s = self.seqs[seq_id]
         return int(s.num_blocks.sum() + s.num_cold.sum()) * self.pool.bytes_per_block
 
-    def cold_bytes(self, cold_lengths: torch.Tensor) -> int:
-        """What heads holding `cold_lengths` cold tokens take of them, with no block rounding."""
+    def cold_bytes(self, cold_lengths: torch.Tensor) -> torch.Tensor:
+        """What heads holding `cold_lengths` cold tokens take of them, with no block rounding (a
+        0-d tensor on their device, as read_bytes)."""
         raise NotImplementedError
 
     def theoretical_bytes(self, seq_id: int) -> int:
         s = self.seqs[seq_id]
-        return self.cold_bytes(s.cold_lengths) + int(s.lengths.sum()) * self.token_bytes()
+        return int(self.cold_bytes(s.cold_lengths)) + int(s.lengths.sum()) * self.token_bytes()
 
-    def read_bytes(self, lengths: torch.Tensor, cold_lengths: torch.Tensor | None = None) -> int:
+    def read_bytes(self, lengths: torch.Tensor, cold_lengths: torch.Tensor | None = None) -> torch.Tensor:
         """The residual's blocks (K, V, positions) and the cold tokens."""
         return super().read_bytes(lengths) + (0 if cold_lengths is None else self.cold_bytes(cold_lengths))

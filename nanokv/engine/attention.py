@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from nanokv.cache.pool import HOST
+from nanokv.kernels.reference import quest_pages
 from nanokv.methods.base import DecodeStep, PrefillView
 
 
@@ -47,7 +48,9 @@ class StepAttention:
             self.method = None
         # a method that picks which blocks each decode step reads (Quest)
         self.selector = method if method is not None and method.selects_pages else None
-        self.bytes_read = 0  # KV bytes the decode attention read this step, over all layers
+        # KV bytes the decode attention read this step, over all layers: a 0-d tensor on the pool's
+        # device once a layer adds to it (the runner reads it once a step, not once a layer)
+        self.bytes_read = 0
         # how many leading new tokens of each sequence the method compresses (its prompt, or the
         # context before a question); the rest attends over them compressed and is kept
         self.compress_lens = compress_lens or query_lens
@@ -71,7 +74,7 @@ class StepAttention:
             return
         self.slots = torch.cat([cache.append_slots(s, 1) for s in seq_ids], dim=-1).to(device)  # [L, H, b]
         # A kernel that reads each head only to its length (the C++ decode) takes the whole batch
-        # at once; so does Quest's reduced tables, which are cut to the most pages any head reads.
+        # at once, Quest's reduced tables too (each head's picks, -1 after).
         self.whole_batch = cache.kernels.ragged_decode and cache.ragged and not self.evicting
         self.groups = cache.decode_groups(seq_ids, self.whole_batch)
 
@@ -162,26 +165,18 @@ class StepAttention:
 
     def _selected_pages(self, q, tables, lengths):
         """Quest: score every held page of each head against the query (kernels.page_scores over
-        the cache's key bounds), let the method pick the pages to read, and return the reduced
-        tables [b, H, k] (the picked blocks in their order, -1 after) and lengths. The newest page
-        is always picked, and being last it is the only partial one."""
+        the cache's key bounds) and pick the method's number of pages (kernels.reference.quest_pages)
+        -> the reduced tables [b, H, k] (the picked blocks in their order, -1 after) and lengths.
+        Everything stays on the device: k is the method's, not counted from the picks."""
         cache, kernels = self.cache, self.cache.kernels
         bs, (kmin, kmax) = cache.block_size, cache.key_bounds()
-        self.bytes_read += int(tables.ge(0).sum()) * 2 * kmin.shape[-1] * kmin.dtype.itemsize  # the bounds read
+        self.bytes_read += tables.ge(0).sum() * (2 * kmin.shape[-1] * kmin.dtype.itemsize)  # the bounds
         pages = self.selector.pages_to_read(bs)
-        if kernels.quest_select is not None and pages is not None:
-            # the same rule (Quest.select_pages) and tables in one C++ call: the torch steps below
-            # cost several times the attention over the pages they keep (cpu_quest.cpp)
+        if kernels.quest_select is not None:
+            # the same pick in one C++ call: the torch steps cost several times the attention
+            # over the pages they keep on a CPU (cpu_quest.cpp)
             return kernels.quest_select(q, kmin, kmax, tables, lengths, bs, pages)
-        bounds = kernels.page_scores(q, kmin, kmax, tables)
-        num_blocks = (lengths + bs - 1) // bs
-        keep = self.selector.select_pages(bounds, num_blocks, bs)
-        count = keep.sum(-1)
-        width = int(count.max())
-        order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)[..., :width]  # picked first, in order
-        picked = tables.gather(-1, order)
-        picked = picked.masked_fill(torch.arange(width, device=picked.device) >= count[..., None], -1)
-        return picked, (count - 1) * bs + lengths - (num_blocks - 1) * bs
+        return quest_pages(kernels.page_scores(q, kmin, kmax, tables), tables, lengths, bs, pages)
 
     def finish(self):
         """After the forward pass: shorten each head by the slots it evicted during this decode step;

@@ -216,7 +216,7 @@ class LLM:
                 stats[f"{kind}_tokens"] += sum(len(s) for s in batch) if is_prefill else len(batch)
                 stats[f"{kind}_s"] += now - start
                 if not is_prefill:
-                    stats["decode_kv_bytes_read"] += self.runner.last_bytes_read
+                    stats["decode_kv_bytes_read"] += int(self.runner.last_bytes_read)
                 stats["peak_running"] = max(stats["peak_running"], len(self.scheduler.running))
                 stats["peak_kv_bytes"] = max(stats["peak_kv_bytes"], self.cache.used_bytes)
                 for seq, token in zip(batch, tokens):

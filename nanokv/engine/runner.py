@@ -68,7 +68,9 @@ class ModelRunner:
                                    [[len(p) for p in s.scoring_passes] for s in seqs] if compress else None, compress)
         hidden = self.model(ids, positions, attention)
         attention.finish()
-        self.last_bytes_read = attention.bytes_read  # decode: the KV bytes attention read, all layers
+        # decode: the KV bytes attention read, all layers; a tensor on the device, which the caller
+        # reads after the step, when sampling has waited for the GPU anyway
+        self.last_bytes_read = attention.bytes_read
         return hidden
 
     def _sample(self, seqs, hidden):

@@ -11,7 +11,8 @@ decode (nanokv/kernels/cpu.py builds it at first use).
     kernels.quantized_decode(q [B, Hq, D], q_pos [B], quant (QuantBlocks), qtables, qlens,
                              k_pool, v_pool, pos_pool, tables, lengths)   # over quantized + residual blocks
     kernels.page_scores(q [B, Hq, D], kmin [N, D], kmax [N, D], tables [B, Hkv, nb])  # Quest's page bounds
-    kernels.quest_select(q, kmin, kmax, tables, lengths, block_size, pages)  # Quest's reduced tables (C++ only)
+    kernels.quest_select(q, kmin, kmax, tables, lengths, block_size, pages)  # page_scores + reference.quest_pages
+                                                                              # in one call (C++ only)
     kernels.attend(q [B, T, Hq, D], q_pos [B, T], keys, values [B, H, S, D], k_pos [B, H, S], lengths [B, H], window)
     kernels.pruned_attention(q, q_pos, slim K/V/pos pools, slim tables, slim lengths, channels, K/V/pos pools,
                              tables, lengths, window)   # ThinK: older keys in fewer channels
@@ -50,7 +51,8 @@ class Kernels:
     attend: Callable = reference.attend
     pruned_attention: Callable = reference.pruned_attention
     # Quest's whole page selection in one call, where the kernels have it (the C++ CPU kernels):
-    # quest_select(q, kmin, kmax, tables, lengths, block_size, pages) -> the reduced (tables, lengths)
+    # quest_select(q, kmin, kmax, tables, lengths, block_size, pages) -> the reduced (tables, lengths);
+    # elsewhere the engine runs page_scores, then reference.quest_pages
     quest_select: Callable | None = None
 
 

@@ -1,19 +1,27 @@
 """GPU benchmark of nanokv's Triton kernels against torch's fused attention (and flash-attn).
 
-    python -m nanokv.kernels.bench                  # every shape, results in kernels_bench.json
-    python -m nanokv.kernels.bench --quick --out q.json  # a few shapes (a minute or so)
+    python -m nanokv.kernels.bench --json k.json            # every shape
+    python -m nanokv.kernels.bench --quick --json k.json    # a few shapes (a minute or so)
+    python -m nanokv.kernels.bench --markdown k.json        # k.json as the tables of docs/kernels.md
 
 Llama-3-8B attention heads (32 query heads, 8 kv-heads, head_dim 128), blocks of 16 tokens:
 (a) decode: kernels.paged_decode.paged_decode_attention over a pool whose blocks lie at random
     places (so the kernel really follows its block tables), against SDPA over the same KV made
     contiguous and flash_attn_with_kvcache; contexts 4096-32768, batch 1-64;
-(b) prefill: kernels.prefill.prefill_attention against causal SDPA and flash_attn_func, 1024-8192 tokens;
-(c) write_kv: kernels.write_kv against the three torch scatters of kernels.reference.write_kv.
+(b) quant_decode: kernels.quant_decode.quantized_decode_attention over the same contexts held as
+    KIVI does (4 and 2 bits, keys per channel, groups of 32, the newest 128 tokens in full
+    precision) in a real QuantizedBlockPool, against paged_decode over them in full precision;
+(c) quest_decode: Quest at a budget of 512 tokens over 4,096: the engine's page scores, pick and
+    paged_decode over the picked blocks (StepAttention._selected_pages), against paged_decode over
+    every block;
+(d) prefill: kernels.prefill.prefill_attention against causal SDPA and flash_attn_func, 1024-8192 tokens;
+(e) write_kv: kernels.write_kv against the three torch scatters of kernels.reference.write_kv.
 Each row: time (ms, triton.testing.do_bench, L2 flushed between runs), bandwidth (bytes of K/V read,
 for write_kv read + written, / time), that as a fraction of the device's copy bandwidth (a 1 GiB
 device-to-device copy, read + written bytes / time), speedup against the first row of its case
-(SDPA, or torch for write_kv), the largest difference from that row's output, and TFLOP/s for
-prefill. Needs a CUDA GPU: elsewhere it says so and exits 0. Importing it imports only torch.
+(SDPA, torch for write_kv, full-precision paged_decode for quant_decode and quest_decode), the
+largest difference from that row's output, and TFLOP/s for prefill. Needs a CUDA GPU: elsewhere
+it says so and exits 0 (--markdown needs none). Importing it imports only torch.
 """
 
 import argparse
@@ -28,6 +36,8 @@ DECODE = [(b, s) for s in (4096, 8192, 16384, 32768) for b in (1, 8, 32, 64)]   
 PREFILL = [(1, 1024), (1, 2048), (1, 4096), (1, 8192), (4, 2048)]              # (sequences, tokens each)
 WRITE = [1, 64, 512, 8192]                                                     # tokens written
 QUICK_DECODE, QUICK_PREFILL, QUICK_WRITE = [(1, 4096), (32, 8192)], [(1, 2048)], [64, 8192]
+KIVI_BITS, KIVI_GROUP, KIVI_RESIDUAL = (4, 2), 32, 128   # KIVI's settings (nanokv/methods/kivi.py)
+QUEST_BUDGET, QUEST = 512, [(1, 4096), (32, 4096)]       # tokens read per head; (batch, context)
 
 
 def do_bench(fn) -> float:
@@ -81,6 +91,92 @@ def decode_impls(B, S, dtype):
     return [("sdpa", sdpa), ("paged_decode", paged), ("flash_attn", flash)]
 
 
+def quantized_pool(k, v, bits, dtype):
+    """K, V [B, Hkv, S, D] as the engine's KIVI cache holds them: the oldest S - R tokens of each
+    head in quantized blocks of R, the newest R (a residual just before its flush) in
+    full-precision blocks, all rows of one QuantizedBlockPool at random places.
+    -> (QuantBlocks, qtables, qlens, k_pool, v_pool, pos_pool, tables, lengths), the kernel's arguments."""
+    from nanokv.cache.quant_pool import SCALE_DTYPE, QuantizedBlockPool, QuantSpec
+    from nanokv.kernels.quant import quantize_tokens
+
+    B, _, S, _ = k.shape
+    spec, R = QuantSpec(bits, True, KIVI_GROUP, KIVI_RESIDUAL), KIVI_RESIDUAL
+    bs = spec.full_block_size(D, dtype)
+    nq, nb = (S - R) // R, -(-R // bs)
+    pool = QuantizedBlockPool(1 + B * HKV * (nq + nb), spec, D, dtype, device="cuda")
+    rows = 1 + torch.randperm(B * HKV * (nq + nb), device="cuda")
+    qtables, tables = rows[:B * HKV * nq].view(B, HKV, nq), rows[B * HKV * nq:].view(B, HKV, nb)
+    old = slice(0, nq * R)
+    packed = quantize_tokens(k[:, :, old].reshape(-1, R, D), v[:, :, old].reshape(-1, R, D), bits, KIVI_GROUP, True,
+                             SCALE_DTYPE)
+    for name, value in packed.items():
+        pool.qfields[name][qtables.flatten()] = value
+    pad = nb * bs - R   # the last residual block holds fewer than bs tokens: zeros past them
+    for name, x in (("k", k), ("v", v)):
+        newest = torch.nn.functional.pad(x[:, :, nq * R:], (0, 0, 0, pad))
+        pool.fields[name][tables.flatten()] = newest.reshape(-1, bs, D)
+    positions = torch.arange(nq * R, nq * R + nb * bs, dtype=torch.int32, device="cuda")
+    pool.fields["pos"][tables.flatten()] = positions.view(nb, bs).repeat(B * HKV, 1)
+    qlens = torch.full((B, HKV), nq * R, device="cuda")
+    return (pool.quant_blocks(), qtables, qlens, pool.k, pool.v, pool.pos, tables, torch.full_like(qlens, R))
+
+
+def quant_impls(B, S, dtype):
+    """Full-precision paged decode, then KIVI's quantized decode at each of KIVI_BITS, over the
+    same K and V. -> (impls, bytes each reads)."""
+    from nanokv.cache.quant_pool import QuantSpec
+    from nanokv.kernels.paged_decode import paged_decode_attention
+    from nanokv.kernels.quant_decode import quantized_decode_attention
+
+    k, v, k_pool, v_pool, pos_pool, tables, lengths = paged_kv(B, S, dtype)
+    q = torch.randn(B, HQ, D, dtype=dtype, device="cuda")
+    q_pos = torch.full((B,), S - 1, dtype=torch.int64, device="cuda")
+    impls = [("paged_decode", lambda: lambda: paged_decode_attention(q, q_pos, k_pool, v_pool, pos_pool, tables,
+                                                                     lengths))]
+    es = torch.finfo(dtype).bits // 8
+    nbytes = {"paged_decode": 2 * B * HKV * S * D * es}
+    for bits in KIVI_BITS:
+        def make(bits=bits):
+            args = quantized_pool(k, v, bits, dtype)
+            return lambda: quantized_decode_attention(q, q_pos, *args)
+        impls.append((f"kivi{bits}", make))
+        block = QuantSpec(bits, True, KIVI_GROUP, KIVI_RESIDUAL).quantized_bytes(D)
+        nbytes[f"kivi{bits}"] = B * HKV * ((S - KIVI_RESIDUAL) // KIVI_RESIDUAL * block + 2 * KIVI_RESIDUAL * D * es)
+    return impls, nbytes
+
+
+def quest_impls(B, S, dtype):
+    """Full-precision paged decode over every block, then Quest at QUEST_BUDGET as the engine runs
+    it on a GPU: page_scores over the blocks' key bounds, reference.quest_pages, paged_decode over
+    the picked blocks (and the first two alone). -> (impls, bytes each reads)."""
+    from nanokv.kernels.paged_decode import paged_decode_attention
+    from nanokv.kernels.quest import page_scores
+    from nanokv.kernels.reference import quest_pages
+
+    k, v, k_pool, v_pool, pos_pool, tables, lengths = paged_kv(B, S, dtype)
+    kmin, kmax = k_pool.amin(1), k_pool.amax(1)   # each block's key bounds [N, D], as the pool keeps them
+    q = torch.randn(B, HQ, D, dtype=dtype, device="cuda")
+    q_pos = torch.full((B,), S - 1, dtype=torch.int64, device="cuda")
+    pages = QUEST_BUDGET // BLOCK_SIZE   # Quest.pages_to_read (methods/ is a layer above the kernels)
+
+    def select():
+        return quest_pages(page_scores(q, kmin, kmax, tables), tables, lengths, BLOCK_SIZE, pages)
+
+    def select_only():   # no output to compare with the baseline's
+        select()
+
+    def quest():
+        return paged_decode_attention(q, q_pos, k_pool, v_pool, pos_pool, *select())
+
+    es, nb = torch.finfo(dtype).bits // 8, tables.shape[-1]
+    bounds = B * HKV * nb * 2 * D * es
+    impls = [("paged_decode", lambda: lambda: paged_decode_attention(q, q_pos, k_pool, v_pool, pos_pool, tables,
+                                                                     lengths)),
+             ("quest_pick", lambda: select_only), ("quest", lambda: quest)]
+    return impls, {"paged_decode": 2 * B * HKV * S * D * es, "quest_pick": bounds,
+                   "quest": bounds + 2 * B * HKV * pages * BLOCK_SIZE * D * es}
+
+
 def prefill_impls(B, T, dtype):
     k, v, k_pool, v_pool, pos_pool, tables, lengths = paged_kv(B, T, dtype)
     q = torch.randn(B * T, HQ, D, dtype=dtype, device="cuda")
@@ -126,10 +222,11 @@ def write_impls(T, dtype):
 
 
 def run_case(case, impls, nbytes, copy_bw, flops=None):
-    """Time each (name, make) in `impls`; make() builds the call untimed. The first is the baseline."""
+    """Time each (name, make) in `impls`; make() builds the call untimed. The first is the baseline.
+    nbytes: what each reads (and writes), one number or one per name."""
     rows, base_ms, base_out = [], None, None
     for name, make in impls:
-        row = dict(case, impl=name, bytes=nbytes)
+        row = dict(case, impl=name, bytes=nbytes[name] if isinstance(nbytes, dict) else nbytes)
         try:
             fn = make()
             out = fn()   # also compiles
@@ -143,7 +240,7 @@ def run_case(case, impls, nbytes, copy_bw, flops=None):
             continue
         if not rows:
             base_ms, base_out = ms, out
-        row.update(ms=ms, gbps=nbytes / ms / 1e6, frac_copy_bw=nbytes / ms / 1e6 / copy_bw,
+        row.update(ms=ms, gbps=row["bytes"] / ms / 1e6, frac_copy_bw=row["bytes"] / ms / 1e6 / copy_bw,
                    speedup=base_ms / ms if base_ms else None)
         if flops:
             row["tflops"] = flops / ms / 1e9
@@ -164,12 +261,56 @@ def fits(nbytes) -> bool:
     return nbytes < 0.8 * torch.cuda.mem_get_info()[0]
 
 
+# a row's keys that are not its case's
+RESULTS = {"kernel", "dtype", "impl", "bytes", "ms", "gbps", "frac_copy_bw", "speedup", "tflops", "max_abs_err",
+           "error"}
+TIME_RATIO = {"quant_decode", "quest_decode"}   # kernels whose target is a share of full precision's time
+
+
+def times(x: float) -> str:
+    """A ratio of times as a table shows it: 2.00x, 0.50x, or 1/1,180 when two decimals would read 0."""
+    return f"{x:.2f}x" if x >= 0.01 else f"1/{1 / x:,.0f}"
+
+
+def markdown(report: dict) -> str:
+    """The tables of docs/kernels.md from a run's JSON: one per kernel, a row per case and impl."""
+    flash = f", flash-attn {report['flash_attn']}" if report.get("flash_attn") else ""
+    quick = " (`--quick`)" if report.get("quick") else ""
+    lines = [f"{report['device']}, {report['dtype']}, torch {report['torch']}, triton {report['triton']}{flash}; "
+             f"copy bandwidth {report['copy_bandwidth_gbps']:,.0f} GB/s{quick}"]
+    kernels = list(dict.fromkeys(r["kernel"] for r in report["results"]))
+    for kernel in kernels:
+        rows = [r for r in report["results"] if r["kernel"] == kernel]
+        columns = ["case", "impl", "ms", "GB/s", "of copy bw", "speedup"]
+        columns += ["time / baseline"] * (kernel in TIME_RATIO) + ["TFLOP/s"] * any("tflops" in r for r in rows)
+        lines += ["", f"**{kernel}**", "", "| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+        for r in rows:
+            case = ", ".join(f"{k}={v:,}" if isinstance(v, int) else f"{k}={v}"
+                             for k, v in r.items() if k not in RESULTS)
+            if "error" in r:
+                cells = [case, r["impl"], f"error: {r['error'][:80]}"] + [""] * (len(columns) - 3)
+            else:
+                speedup = r.get("speedup")
+                cells = [case, r["impl"], f"{r['ms']:.3f}", f"{r['gbps']:,.0f}", f"{r['frac_copy_bw']:.0%}",
+                         times(speedup) if speedup else ""]
+                cells += [times(1 / speedup) if speedup else ""] * (kernel in TIME_RATIO)
+                cells += [f"{r['tflops']:.1f}" if "tflops" in r else ""] * ("TFLOP/s" in columns)
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="kernels_bench.json", help="where the JSON results go")
+    p.add_argument("--json", "--out", dest="json", default="kernels_bench.json", metavar="PATH",
+                   help="where the JSON results go (--out: its older name)")
+    p.add_argument("--markdown", metavar="PATH", help="print the JSON results at PATH as markdown tables and exit "
+                                                      "(needs no GPU)")
     p.add_argument("--quick", action="store_true", help="a few shapes only")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     args = p.parse_args(argv)
+    if args.markdown:
+        print(markdown(json.loads(Path(args.markdown).read_text())))
+        return 0
     if not torch.cuda.is_available():
         print("python -m nanokv.kernels.bench needs a CUDA GPU (torch.cuda.is_available() is False); nothing to benchmark.")
         return 0
@@ -183,7 +324,7 @@ def main(argv=None) -> int:
     dtype, es = getattr(torch, args.dtype), torch.finfo(getattr(torch, args.dtype)).bits // 8
     copy_bw = copy_bandwidth()
     report = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                  flash_attn=flash_version, dtype=args.dtype, copy_bandwidth_gbps=copy_bw, results=[])
+                  flash_attn=flash_version, dtype=args.dtype, quick=args.quick, copy_bandwidth_gbps=copy_bw, results=[])
     print(f"{report['device']}  torch {torch.__version__}  triton {triton.__version__}  flash_attn {flash_version}"
           f"  {args.dtype}  copy bandwidth {copy_bw:.0f} GB/s")
 
@@ -192,16 +333,26 @@ def main(argv=None) -> int:
 
     def save(rows):   # after every case, so a crash keeps what was measured
         report["results"] += rows
-        Path(args.out).write_text(json.dumps(report, indent=1))
+        Path(args.json).write_text(json.dumps(report, indent=1))
 
     save([])
 
-    for B, S in QUICK_DECODE if args.quick else DECODE:
+    decode = QUICK_DECODE if args.quick else DECODE
+    for B, S in decode:
         case, kv = dict(kernel="decode", B=B, S=S, dtype=args.dtype), 2 * B * HKV * S * D * es
         if not fits(3 * kv):   # K, V, their pool and flash-attn's copy
             print(f"{_label(case):32s} skipped: does not fit in memory")
             continue
         save(run_case(case, keep(decode_impls(B, S, dtype)), kv, copy_bw))
+    for B, S in decode:
+        case = dict(kernel="quant_decode", B=B, S=S, dtype=args.dtype)
+        if not fits(3 * 2 * B * HKV * S * D * es):   # K, V, their pool, and the quantized pools
+            print(f"{_label(case):32s} skipped: does not fit in memory")
+            continue
+        save(run_case(case, *quant_impls(B, S, dtype), copy_bw))
+    for B, S in QUEST:
+        case = dict(kernel="quest_decode", B=B, S=S, budget=QUEST_BUDGET, dtype=args.dtype)
+        save(run_case(case, *quest_impls(B, S, dtype), copy_bw))
     for B, T in QUICK_PREFILL if args.quick else PREFILL:
         case = dict(kernel="prefill", B=B, T=T, dtype=args.dtype)
         flops = 2 * B * HQ * D * T * T   # causal: half of 2 matmuls of 2 * T * T * D flops per head
@@ -209,7 +360,7 @@ def main(argv=None) -> int:
     for T in QUICK_WRITE if args.quick else WRITE:
         case = dict(kernel="write_kv", T=T, H=HKV, dtype=args.dtype)
         save(run_case(case, write_impls(T, dtype), 2 * 2 * T * HKV * D * es, copy_bw))
-    print(f"results in {args.out}")
+    print(f"results in {args.json}; as markdown: python -m nanokv.kernels.bench --markdown {args.json}")
     return 0
 
 

@@ -140,6 +140,7 @@ def page_scores(q, kmin, kmax, tables):
 
 
 def quest_select(q, kmin, kmax, tables, lengths, block_size, pages):
-    """One Quest step's reduced tables [B, Hkv, w] and lengths [B, Hkv] (cpu_quest.cpp): each head's
-    newest page and its top pages - 1 others by page_scores, in table order."""
+    """One Quest step's reduced tables [B, Hkv, min(pages, nb)] and lengths [B, Hkv] (cpu_quest.cpp):
+    each head's newest page and its top pages - 1 others by page_scores, in table order (-1 after);
+    reference.page_scores then reference.quest_pages in one pass."""
     return torch.ops.nanokv_cpu.quest_select(q, kmin, kmax, tables, lengths, block_size, pages)

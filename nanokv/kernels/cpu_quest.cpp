@@ -5,8 +5,8 @@
 // a query head q the page's bound is sum_c max(q_c * kmax_c, q_c * kmin_c), which no key of the
 // page can beat in q . k; a kv-head ranks its pages by the largest bound over its query heads.
 //
-// In plain torch (reference.page_scores, then Quest.select_pages, then an argsort and a gather
-// to build the reduced tables) that is ~15 tensor ops over [B, Hkv, group, nb, D] temporaries per
+// In plain torch (reference.page_scores, then reference.quest_pages: a topk, a sort and a gather
+// to build the reduced tables) that is ~25 tensor ops over [B, Hkv, group, nb, D] temporaries per
 // layer, several times the cost of the attention over the pages kept. Here one task per
 // (sequence, kv-head) scores its held pages (its bounds rows are read once for all the group's
 // query heads) and picks them in the same pass:
@@ -102,8 +102,8 @@ at::Tensor page_scores(const at::Tensor& q, const at::Tensor& kmin, const at::Te
 
 // One Quest step's reduced tables: q, kmin, kmax, tables as page_scores; lengths [B, Hkv] the
 // tokens each head holds (its pages are the first ceil(length / block_size) of its row); `pages`
-// the pages each head reads -> (tables [B, Hkv, w] of the picked blocks, -1 after, w the most any
-// head picked; lengths [B, Hkv] of what they hold), in the dtypes given.
+// the pages each head reads -> (tables [B, Hkv, min(pages, nb)] of the picked blocks, -1 after;
+// lengths [B, Hkv] of what they hold), in the dtypes given: reference.quest_pages' shapes.
 std::tuple<at::Tensor, at::Tensor> select_pages(const at::Tensor& q, const at::Tensor& kmin, const at::Tensor& kmax,
                                                 const at::Tensor& tables, const at::Tensor& lengths,
                                                 int64_t block_size, int64_t pages) {
@@ -150,11 +150,7 @@ std::tuple<at::Tensor, at::Tensor> select_pages(const at::Tensor& q, const at::T
       }
     });
   });
-  int64_t most = 0;
-  for (int64_t head = 0; head < heads; ++head) {
-    most = std::max(most, std::min(width, (len.data_ptr<int64_t>()[head] + block_size - 1) / block_size));
-  }
-  return {picked.narrow(2, 0, most).contiguous().to(tables.scalar_type()), picked_len.to(lengths.scalar_type())};
+  return {picked.to(tables.scalar_type()), picked_len.to(lengths.scalar_type())};
 }
 
 }  // namespace

@@ -168,6 +168,26 @@ def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, tables:
     return bounds.masked_fill(tables < 0, float("-inf"))
 
 
+def quest_pages(bounds: torch.Tensor, tables: torch.Tensor, lengths: torch.Tensor, block_size: int,
+                pages: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quest's pick (nanokv/methods/quest.py) from the page bounds [b, H, nb] (page_scores) of heads
+    holding `lengths` [b, H] tokens in `tables` [b, H, nb]: each head's newest page and its pages - 1
+    others of highest bound -> the reduced tables [b, H, k], the picked blocks in table order (-1
+    after), and the tokens they hold [b, H]. The newest page is the only partial one, so a head
+    loses whole pages. k = min(pages, nb) is known on the host: a decode step runs this in every
+    layer, and nothing here waits for the device."""
+    nb = tables.shape[-1]
+    k = min(pages, nb)
+    num_blocks = (lengths + block_size - 1) // block_size
+    index = torch.arange(nb, device=tables.device)
+    ranked = bounds.masked_fill(index == (num_blocks - 1)[..., None], float("inf"))
+    ranked = ranked.masked_fill(index >= num_blocks[..., None], float("-inf"))
+    # a head holding fewer than k pages picks them all, then padding, which sorts after them
+    picked = ranked.topk(k, dim=-1).indices.sort(dim=-1).values
+    reduced = tables.gather(-1, picked).masked_fill(picked >= num_blocks[..., None], -1)
+    return reduced, lengths - (num_blocks - num_blocks.clamp(max=k)) * block_size
+
+
 SDPA_MIN_QUERIES = 512  # below this the spelled-out form was as fast (measured, bfloat16 CPU)
 
 

@@ -291,7 +291,7 @@ class Method:
     selects_tokens = False          # PrefillSelector: keep_mask at the end of each layer's prefill
     evicts_during_decode = False    # DecodeEvictor: decode_scores every decode step
     merges = False                  # Merger: merge / merge_evicted change the K/V of kept slots
-    selects_pages = False           # PageReader: select_pages picks the blocks each decode step reads
+    selects_pages = False           # PageReader: pages_to_read sets how many blocks each decode step reads
 
     def __init__(self, compression: float = 0.0, budget: int | None = None, **options):
         if budget is not None:
@@ -517,12 +517,7 @@ class PageReader(Method):
 
     skip_layers = 0  # the first layers, whose decode reads every page
 
-    def pages_to_read(self, block_size: int) -> int | None:
-        """Pages each head reads by Quest's rule (the highest upper bounds, the newest page always),
-        which the C++ kernels pick in one call (kernels.quest_select); None: only select_pages decides."""
-        return None
-
-    def select_pages(self, bounds: torch.Tensor, num_blocks: torch.Tensor, block_size: int) -> torch.Tensor:
-        """bounds [b, H, nb]: each held page's upper bound on the query's attention logit
-        (kernels.page_scores); num_blocks [b, H] pages held. -> [b, H, nb] bool, the pages read."""
+    def pages_to_read(self, block_size: int) -> int:
+        """Pages each head reads a decode step by Quest's rule (the highest upper bounds on the
+        query's attention logit, the newest page always: kernels.reference.quest_pages)."""
         raise NotImplementedError

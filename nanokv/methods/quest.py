@@ -19,11 +19,12 @@ What differs:
 - A recompute after preemption runs its generated tokens densely (as prefill), so later
   layers' KV may differ slightly from the sparse first run.
 
-The bounds live in the cache's pool (kmin / kmax per block, nanokv/cache/pool.py); the scoring
-and the reduced block tables are the engine's (nanokv/engine/attention.py, nanokv/kernels/quest.py).
+The bounds live in the cache's pool (kmin / kmax per block, nanokv/cache/pool.py). The scoring
+and the pick are kernels (page_scores: nanokv/kernels/quest.py in Triton, cpu_quest.cpp on a CPU;
+the pick as reference.quest_pages, or cpu_quest.cpp's quest_select in one call with the scoring),
+which the engine runs in every decode layer (nanokv/engine/attention.py): the reduced tables are
+K pages wide whatever the picks, so no layer waits for the GPU to say how many it made.
 """
-
-import torch
 
 from nanokv.methods.base import PageReader
 
@@ -51,15 +52,3 @@ class Quest(PageReader):
 
     def pages_to_read(self, block_size: int) -> int:
         return max(self.min_pages, self.budget // block_size)
-
-    def select_pages(self, bounds: torch.Tensor, num_blocks: torch.Tensor, block_size: int) -> torch.Tensor:
-        """bounds [b, H, nb] (page upper bounds; pages past a head's `num_blocks` [b, H] are
-        padding) -> [b, H, nb] bool, the pages each head reads this step."""
-        nb = bounds.shape[-1]
-        index = torch.arange(nb, device=bounds.device)
-        held = index < num_blocks[..., None]
-        newest = index == (num_blocks - 1)[..., None]
-        ranked = bounds.masked_fill(newest, float("inf")).masked_fill(~held, float("-inf"))
-        k = min(self.pages_to_read(block_size), nb)
-        top = ranked.topk(k, dim=-1).indices
-        return torch.zeros_like(held).scatter_(-1, top, True) & held
