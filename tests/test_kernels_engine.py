@@ -2,6 +2,8 @@
 Triton kernels (under TRITON_INTERPRET=1 on CPU) giving the engine the same greedy tokens as
 the plain-torch path, through batched decode, prefill and decode-time eviction."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -90,6 +92,38 @@ def test_the_engine_runs_every_attention_call_through_the_chosen_kernels(tiny, m
     else:
         assert calls == {"prefill": 2 * layers, "decode": 2 * 2 * layers, "write_kv": (2 + 2) * layers,
                          "quantized_decode": 0, "page_scores": 2 * 2 * layers if method == "quest" else 0}, calls
+
+
+@pytest.mark.parametrize("method, fresh", [(None, True), ("kivi", True), ("h2o", False)])
+def test_a_fresh_prompt_attends_over_its_own_kv(tiny, monkeypatch, method, fresh):
+    """A prompt with nothing cached before it goes to fresh_prefill (SDPA on a GPU), with the paged
+    prefill's answer; a prefill that needs column sums (H2O) stays on the paged kernel."""
+    model, cfg = tiny
+    calls = {"fresh": 0, "paged": 0}
+    triton = kernels.triton_kernels()
+
+    def fresh_prefill(q, k, v):
+        calls["fresh"] += 1
+        out = triton.fresh_prefill(q, k, v)
+        T = len(q)
+        bs, nb = 4, -(-T // 4)
+        pool = lambda x: torch.nn.functional.pad(x, (0, 0, 0, 0, 0, nb * bs - T)).transpose(0, 1).reshape(-1, bs, x.shape[-1])
+        pos = torch.arange(nb * bs, dtype=torch.int32).view(nb, bs).repeat(k.shape[1], 1)
+        tables = torch.arange(k.shape[1] * nb).view(1, k.shape[1], nb)
+        paged = triton.prefill(q, torch.arange(T), torch.tensor([0, T], dtype=torch.int32), pool(k), pool(v), pos,
+                               tables, torch.full((1, k.shape[1]), T))
+        torch.testing.assert_close(out, paged, rtol=1e-5, atol=1e-5)
+        return out
+
+    def paged_prefill(*args, **kwargs):
+        calls["paged"] += 1
+        return triton.prefill(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "triton_kernels",
+                        lambda: dataclasses.replace(triton, prefill=paged_prefill, fresh_prefill=fresh_prefill))
+    greedy(model, cfg, PROMPTS[:2], "triton", steps=2, method=tiny_method(method))
+    prompts = 2 * cfg.num_layers
+    assert calls == ({"fresh": prompts, "paged": 0} if fresh else {"fresh": 0, "paged": prompts}), calls
 
 
 @pytest.mark.parametrize("method", [None, "h2o", "kivi", "quest"])

@@ -154,6 +154,10 @@ class PagedKVCache:
         """The first layer of the merged pair whose second layer is `layer` (PairedKVCache), or None."""
         return None
 
+    def holds_only(self, seq_id: int, layer: int, n: int) -> bool:
+        """Does every head hold exactly n tokens at `layer` (a prompt just written, nothing before)?"""
+        return bool((self.seqs[seq_id].lengths[layer] == n).all())
+
     def held(self, seq_id: int, layer: int):
         """One sequence's tables [1, H, nb] and lengths [1, H] at `layer`, on the pool's device."""
         s, device = self.seqs[seq_id], self.pool.device
@@ -202,10 +206,15 @@ class PagedKVCache:
         self.write(slots.to(self.pool.device), k, v, positions)
 
     def attend_prefill(self, seq_id: int, layer: int, q, q_pos, sliding_window, column_sums: bool = False,
-                       merged: bool = True):
+                       merged: bool = True, new_kv: tuple | None = None):
         """One sequence's queries [T, Hq, D] over what it holds at `layer` -> (output, and with
         `column_sums` the attention each slot received [H, nb * block_size], summed over the queries
-        and averaged over each kv-head's query heads). `merged`: see PairedKVCache."""
+        and averaged over each kv-head's query heads). `merged`: see PairedKVCache. `new_kv`: the
+        queries' own k, v [T, H, D]: where the sequence holds those alone, the kernels' fresh_prefill
+        attends over them in hand instead of through the pool."""
+        if (new_kv is not None and self.kernels.fresh_prefill is not None and not column_sums
+                and sliding_window is None and self.holds_only(seq_id, layer, len(q))):
+            return self.kernels.fresh_prefill(q, *new_kv), None
         pool, (tables, lengths) = self.pool, self.held(seq_id, layer)
         cu_seqlens = torch.tensor([0, len(q)], dtype=torch.int32, device=q.device)
         result = self.kernels.prefill(q, q_pos, cu_seqlens, pool.k, pool.v, pool.pos, tables, lengths,

@@ -120,7 +120,7 @@ class LatentKVCache(PagedKVCache):
         self.store(layer, slots.to(self.pool.device), k, v, positions)
 
     def attend_prefill(self, seq_id: int, layer: int, q, q_pos, sliding_window, column_sums: bool = False,
-                       merged: bool = True):
+                       merged: bool = True, new_kv: tuple | None = None):
         return self._attend(layer, q[None], q_pos[None], *self.held(seq_id, layer), sliding_window)[0], None
 
     def _attend(self, layer: int, q, q_pos, tables, lengths, sliding_window):

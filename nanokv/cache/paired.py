@@ -85,7 +85,7 @@ class PairedKVCache(PagedKVCache):
         return self.kernels.attend(q[:, None], positions[:, None], keys, values, k_pos, held, sliding_window)[:, 0], nbytes
 
     def attend_prefill(self, seq_id: int, layer: int, q, q_pos, sliding_window, column_sums: bool = False,
-                       merged: bool = True):
+                       merged: bool = True, new_kv: tuple | None = None):
         """At layer b, `merged`: over read_second; else over b's own K/V alone (the prompt, before
         the pair is merged)."""
         a = self.first_of.get(layer)

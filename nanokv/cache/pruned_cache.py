@@ -121,10 +121,10 @@ class PrunedKVCache(TieredKVCache):
         return out[:, 0], self.read_bytes(lengths, slens)
 
     def attend_prefill(self, seq_id: int, layer: int, q, q_pos, sliding_window, column_sums: bool = False,
-                       merged: bool = True):
+                       merged: bool = True, new_kv: tuple | None = None):
         slim = self.cold_held(seq_id, layer)
         if slim is None or column_sums:  # nothing slim yet (a compressing prefill): a full-precision read
-            return super().attend_prefill(seq_id, layer, q, q_pos, sliding_window, column_sums)
+            return super().attend_prefill(seq_id, layer, q, q_pos, sliding_window, column_sums, new_kv=new_kv)
         channels = self.seqs[seq_id].channels[layer:layer + 1].to(self.pool.device)
         return self._attend(q[None], q_pos[None], (*slim, channels), *self.held(seq_id, layer), sliding_window)[0], None
 

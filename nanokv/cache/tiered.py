@@ -97,6 +97,9 @@ class TieredKVCache(PagedKVCache):
         return [torch.stack([pad_blocks(s.cold_tables, width) for s in seqs], dim=1),
                 torch.stack([s.cold_lengths for s in seqs], dim=1), *super().stacked(seqs)]
 
+    def holds_only(self, seq_id: int, layer: int, n: int) -> bool:
+        return super().holds_only(seq_id, layer, n) and not bool(self.seqs[seq_id].cold_lengths[layer].any())
+
     def cold_held(self, seq_id: int, layer: int):
         """One sequence's cold tables [1, H, nc] and cold lengths [1, H] at `layer`, on the pool's
         device, or None while it holds no cold tokens there."""

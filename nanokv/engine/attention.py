@@ -96,7 +96,8 @@ class StepAttention:
             cache.write_prefill(seq_id, layer, k_i[:cached], v_i[:cached], pos_i[:cached])
             if self.method is None or not self.compress:
                 outs.append(self._generated(layer, i, q_i, pos_i, sliding_window) if self.method is not None
-                            else cache.attend_prefill(seq_id, layer, q_i, pos_i, sliding_window)[0])
+                            else cache.attend_prefill(seq_id, layer, q_i, pos_i, sliding_window,
+                                                      new_kv=(k_i, v_i))[0])
                 cache.settle(seq_id, layers=slice(layer, layer + 1))
                 continue
             # The prompt attends over itself, then is compressed. Tokens generated before a
@@ -104,7 +105,7 @@ class StepAttention:
             # first time, so the recomputed cache is the one the sequence had.
             n = self.compress_lens[i]
             out, column_sums = cache.attend_prefill(seq_id, layer, q_i[:n], pos_i[:n], sliding_window,
-                                                    self.method.needs_column_sums)
+                                                    self.method.needs_column_sums, new_kv=(k_i[:n], v_i[:n]))
             outs.append(out)
             scoring = None
             if m:  # nothing follows a scoring pass in this forward (the runner's second pass)

@@ -7,6 +7,7 @@ decode (nanokv/kernels/cpu.py builds it at first use).
     kernels.decode(q [B, Hq, D], q_pos [B], k_pool, v_pool, pos_pool, tables, lengths, window, return_probs)
     kernels.prefill(q [T, Hq, D], q_pos [T], cu_seqlens [B + 1], k_pool, v_pool, pos_pool, tables, lengths, window,
                     obs_window=W)   # with W: also each slot's attention summed over the last W queries
+    kernels.fresh_prefill(q [T, Hq, D], k [T, Hkv, D], v)   # a prompt over its own K/V alone (GPU: SDPA)
     kernels.write_kv(k_pool, v_pool, pos_pool, slots [H, T], k [T, H, D], v, positions [T])
     kernels.quantized_decode(q [B, Hq, D], q_pos [B], quant (QuantBlocks), qtables, qlens,
                              k_pool, v_pool, pos_pool, tables, lengths)   # over quantized + residual blocks
@@ -54,6 +55,11 @@ class Kernels:
     # quest_select(q, kmin, kmax, tables, lengths, block_size, pages) -> the reduced (tables, lengths);
     # elsewhere the engine runs page_scores, then reference.quest_pages
     quest_select: Callable | None = None
+    # A prompt the sequence holds alone (no cached prefix, no window) attends over its own K/V,
+    # contiguous in hand, rather than through the paged pool: on a GPU torch's fused attention
+    # (FlashAttention, ~400 TFLOP/s on an H200) beats any paged kernel there. On CPU the paged
+    # path is ~3x faster than SDPA (2,000 tokens, 9/3 heads of 64: 55 vs 180 ms), so it has none.
+    fresh_prefill: Callable | None = None
 
 
 def reference_kernels(workspace: reference.Workspace | None = None) -> Kernels:
@@ -131,7 +137,7 @@ def triton_kernels() -> Kernels:
     from nanokv.kernels.write_kv import write_kv
 
     return Kernels("triton", paged_decode_attention, prefill_attention, write_kv, quantized_decode_attention,
-                   page_scores)
+                   page_scores, fresh_prefill=reference.causal_attention)
 
 
 def kernels_for(device, choice: str | None = None, workspace: reference.Workspace | None = None) -> Kernels:

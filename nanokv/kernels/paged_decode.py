@@ -38,7 +38,6 @@ import triton.language as tl
 
 from nanokv.kernels.launch import exact_dots, split_count
 
-MAX_SPLITS = 8  # quant_decode's cap on splits, until it sizes them by launch.split_count too
 MIN_SPLIT_TOKENS = 256  # below this a split's fixed cost (q load, scratch write) is not worth it
 # Slots a program reads per iteration, and its warps. Checked with scripts/compile_kernels.py for
 # sm_90 at head_dim 128: 64 slots over 8 warps take ~210 registers a thread and spill nothing (4

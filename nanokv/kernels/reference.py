@@ -200,6 +200,16 @@ def allowed_keys(q_pos, k_pos, lengths, sliding_window):
     return allowed
 
 
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """A prompt over its own keys alone: q [T, Hq, D], k, v [T, Hkv, D] of the same T tokens in
+    order -> [T, Hq, D]. Causal by index, which is by position for a prompt's increasing
+    positions. Torch's fused attention (FlashAttention on a GPU); the kv-heads are repeated
+    for the group first, since SDPA's own GQA path may leave the flash backend."""
+    group = q.shape[1] // k.shape[1]
+    k, v = (x.transpose(0, 1).repeat_interleave(group, dim=0) for x in (k, v))
+    return torch.nn.functional.scaled_dot_product_attention(q.transpose(0, 1), k, v, is_causal=True).transpose(0, 1)
+
+
 def _prefill_sdpa(q, q_pos, k, v, k_pos, lengths, sliding_window):
     """paged_attention for many queries through torch's fused attention, one kv-head at a time
     (heads may hold different tokens, so each has its own mask)."""
