@@ -144,6 +144,9 @@ def launch_all():
                     torch.randn(B, Hq, d, dtype=dtype), q_pos, quant, torch.arange(B * Hkv * nq).view(B, Hkv, nq),
                     torch.full((B, Hkv), nq * R), *residual, torch.zeros(B * Hkv * nb, rbs, dtype=torch.int32),
                     tables, lengths)
+                # a quantized cache's prefill reads its residual blocks: not a power of two of tokens
+                prefill.prefill_attention(torch.randn(T, Hq, d, dtype=dtype), torch.arange(T), cu[:2], *residual,
+                                          torch.zeros(B * Hkv * nb, rbs, dtype=torch.int32), tables[:1], lengths[:1])
     return launches
 
 

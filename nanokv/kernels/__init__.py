@@ -45,7 +45,9 @@ class Kernels:
     write_kv: Callable
     quantized_decode: Callable
     page_scores: Callable
-    ragged_decode: bool = False  # decode reads each head only to its length, however padded its table
+    # decode reads each head only to its length, however padded its table: the engine then sends
+    # the whole batch in one call per layer rather than one per group of similar lengths
+    ragged_decode: bool = False
     # The block kinds that have no kernel of their own yet read through their plain-torch twins on
     # every device: dense attention over gathered K/V (latent caches, MiniCache's merged pairs) and
     # attention whose older keys hold fewer channels (ThinK's slim blocks).
@@ -137,7 +139,7 @@ def triton_kernels() -> Kernels:
     from nanokv.kernels.write_kv import write_kv
 
     return Kernels("triton", paged_decode_attention, prefill_attention, write_kv, quantized_decode_attention,
-                   page_scores, fresh_prefill=reference.causal_attention)
+                   page_scores, ragged_decode=True, fresh_prefill=reference.causal_attention)
 
 
 def kernels_for(device, choice: str | None = None, workspace: reference.Workspace | None = None) -> Kernels:
