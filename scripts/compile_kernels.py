@@ -104,7 +104,8 @@ def ptxas_usage(kernel, arch) -> str:
 
 def launch_all():
     """Every wrapper, over the shapes and options the engine uses, with launches recorded."""
-    from nanokv.kernels import paged_decode, prefill, quant_decode, quest, write_kv
+    from nanokv.kernels import paged_decode, prefill, quant_decode, quest, two_part_decode, write_kv
+    from nanokv.cache.pruned_cache import PrunedBlockPool
     from nanokv.kernels.quant import quantize_tokens
     from nanokv.cache.quant_pool import SCALE_DTYPE, QuantSpec
 
@@ -127,6 +128,16 @@ def launch_all():
                     prefill.prefill_attention(qp, torch.arange(T).repeat(2), cu, *pools, pos, tables, lengths,
                                               window, obs_window=obs)
             quest.page_scores(q, pools[0][:, 0], pools[1][:, 0], tables)
+            # ThinK's slim blocks (ratio 0.4: 77 of 128 key channels), MiniCache's restoring read
+            kD = D - int(0.4 * D)
+            pruned = PrunedBlockPool(B * Hkv * nb * 2 + 1, bs, D, kD, dtype)
+            slim = [pruned.slim_fields[name] for name in ("k", "v", "pos")]
+            two_part_decode.pruned_decode_attention(q, q_pos, *slim, tables, lengths,
+                                                    torch.arange(kD).repeat(B, Hkv, 1), pruned.k, pruned.v,
+                                                    pruned.pos, tables, lengths)
+            magnitudes = [torch.ones(B * Hkv * nb, bs) for _ in range(2)]
+            two_part_decode.paired_decode_attention(q, q_pos, *pools, pos, *magnitudes, tables, lengths, tables,
+                                                    lengths)
             slots = torch.arange(Hkv * 4).view(Hkv, 4)
             write_kv.write_kv(*pools, pos, slots, torch.randn(4, Hkv, D, dtype=dtype),
                               torch.randn(4, Hkv, D, dtype=dtype), torch.arange(4))

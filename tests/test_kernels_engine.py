@@ -133,20 +133,44 @@ def test_triton_kernels_give_the_reference_greedy_tokens(tiny, method):
     assert greedy(model, cfg, PROMPTS, "triton", method=tiny_method(method)) == expected
 
 
-@pytest.mark.parametrize("method, notice", [("full", None), ("think", "older keys in fewer channels"),
-                                            ("minicache", "merged layer pairs")])
-def test_storage_without_a_triton_kernel_says_so_once(tmp_path, capfd, method, notice):
-    """A method whose blocks only the plain-torch attention reads runs there under Triton kernels,
-    and says so in one line (not a crash, not silence)."""
-    from nanokv import LLM
+# the kernel entry of each block kind, and where its arguments (after q) hold the lengths of the
+# part that makes it what it is: ThinK's slim tokens (channels pruned alone: no token evicted, so
+# prompts past its recent 32 hold some), MiniCache's merged layer
+BLOCK_KINDS = {"think": ("pruned_attention", 4, 0.0), "minicache": ("paired_attention", 6, 0.5)}
+
+
+@pytest.mark.parametrize("method", list(BLOCK_KINDS))
+def test_block_kinds_decode_through_their_triton_kernels(tmp_path, monkeypatch, method):
+    """ThinK's slim keys and MiniCache's merged pairs: under the Triton kernels every decode layer
+    that reads them runs its kernel (never the twin), and the engine gives the plain-torch
+    kernels' greedy tokens, through a batch of prompts of different lengths."""
+    from nanokv import LLM, SamplingParams
     from test_dummy import tiny_config
 
-    LLM(tiny_config(tmp_path), load_format="dummy", dtype="float32", device="cpu", kernels="triton",
-        kv_cache_memory=4 << 20, method=method, compression=0.5 if notice else 0.0)
-    lines = [line for line in capfd.readouterr().err.splitlines() if "no Triton kernel" in line]
-    assert lines == ([] if notice is None else [
-        f"nanokv: method {method!r} keeps {notice}, which no Triton kernel reads yet: its attention runs in "
-        f"plain torch on cpu"])
+    config, (name, special, compression) = tiny_config(tmp_path, num_hidden_layers=4), BLOCK_KINDS[method]
+    twin, calls = getattr(kernels.reference, name), {"kernel": 0, "special": 0}
+    triton = kernels.triton_kernels()
+
+    def counted(q, q_pos, *args):
+        if q.shape[1] == 1:
+            calls["kernel"] += 1
+            calls["special"] += int(args[special].sum() > 0)
+        return getattr(triton, name)(q, q_pos, *args)
+    monkeypatch.setattr(kernels, "triton_kernels", lambda: dataclasses.replace(triton, **{name: counted}))
+
+    def run(choice):
+        llm = LLM(config, load_format="dummy", dtype="float32", device="cpu", kernels=choice,
+                  kv_cache_memory=4 << 20, method=method, compression=compression)
+        outs = llm.generate([p + [7] * 30 for p in PROMPTS[:3]], SamplingParams(max_tokens=5, ignore_eos=True),
+                            use_tqdm=False)
+        return [o.token_ids for o in outs]
+
+    expected = run("reference")
+    decode_twin = lambda q, *args: (_ for _ in ()).throw(AssertionError("a decode ran the twin")) \
+        if q.shape[1] == 1 else twin(q, *args)
+    monkeypatch.setattr(kernels.reference, name, decode_twin)
+    assert run("triton") == expected
+    assert calls["kernel"] > 0 and calls["special"] > 0, calls
 
 
 READBACKS = ("item", "tolist", "__int__", "__float__", "__bool__", "__index__")  # each waits for the GPU

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from nanokv.kernels.reference import attention_by_position
-from nanokv.cache.paired import PairedKVCache, restored
+from nanokv.kernels.reference import attention_by_position, restored
+from nanokv.cache.paired import PairedKVCache
 from nanokv.methods import make_method
 from nanokv.methods.minicache import slerp_merge
 from tests.helpers import assert_preemption_repeats

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nanokv.kernels.reference import gather_blocks
+from nanokv.kernels.reference import attend, gather_blocks
 from nanokv.models.rope import apply_rope, rope_cos_sin
 from nanokv.cache.kv_cache import PagedKVCache
 from nanokv.cache.pool import DEFAULT_BLOCK_SIZE, HOST, BlockPool, pool_blocks
@@ -127,7 +127,7 @@ class LatentKVCache(PagedKVCache):
         """Queries [B, T, Hq, D] over the keys rebuilt from the latents and the value latents, then
         through the value basis."""
         keys, values, k_pos, held = self.read(layer, tables, lengths)
-        out = self.kernels.attend(q, q_pos, keys.to(q.dtype), values.to(q.dtype), k_pos, held, sliding_window)
+        out = attend(q, q_pos, keys.to(q.dtype), values.to(q.dtype), k_pos, held, sliding_window)
         return self.values_out(layer, out).to(q.dtype)
 
     def read(self, layer: int, tables: torch.Tensor, lengths: torch.Tensor):

@@ -13,8 +13,9 @@ merges the two layers' prompt K/V (`pair_prompt`) and the cache stores the resul
   (decode, a question after a compressed context, a recompute's generated tokens): the rest of
   its prompt is compacted away and its blocks go back to the pool.
 - layer b's attention (`attend_decode`, `attend_prefill`) reads both: a's merged
-  slots restored with b's magnitudes, x / |x| * mag_b (a's other slots masked out by giving
-  them a position later than any query), and b's own slots.
+  slots restored with b's magnitudes, x / |x| * mag_b (a's other slots masked out), and b's own
+  slots, in one softmax (kernels.paired_attention: on CUDA a decode kernel that restores each
+  slot as it loads, nanokv/kernels/two_part_decode.py).
 
 Block tables, lengths, preemption and scheduling are PagedKVCache's: b is a layer whose heads
 keep fewer tokens after prefill (kept_after_prefill), as under any eviction method.
@@ -24,11 +25,9 @@ from __future__ import annotations
 
 import torch
 
-from nanokv.kernels.reference import gather_blocks
+from nanokv.kernels.reference import paired_keys
 from nanokv.cache.kv_cache import PagedKVCache
 from nanokv.cache.pool import HOST
-
-HIDDEN = torch.iinfo(torch.int32).max  # a position no query reaches: the slot is masked
 
 
 class PairedKVCache(PagedKVCache):
@@ -51,10 +50,6 @@ class PairedKVCache(PagedKVCache):
 
     def pair_of(self, layer: int) -> int | None:
         return self.first_of.get(layer)
-
-    @property
-    def plain_torch_only(self) -> str | None:
-        return "merged layer pairs" if self.pairs else None
 
     def pair_prompt(self, seq_id: int, b: int, n: int):
         """The first n tokens (the prompt) of layers a and b of a just-prefilled sequence: what the
@@ -81,8 +76,9 @@ class PairedKVCache(PagedKVCache):
         tables, lengths = group
         nbytes = self.read_bytes(lengths[a]) + self.read_bytes(lengths[layer]) + \
             self.blocks_for(lengths[a]).sum() * (self.block_size * self.magnitude_bytes())
-        keys, values, k_pos, held = self.read_second(tables[a], lengths[a], tables[layer], lengths[layer])
-        return self.kernels.attend(q[:, None], positions[:, None], keys, values, k_pos, held, sliding_window)[:, 0], nbytes
+        out = self._attend(q[:, None], positions[:, None], tables[a], lengths[a], tables[layer], lengths[layer],
+                           sliding_window)
+        return out[:, 0], nbytes
 
     def attend_prefill(self, seq_id: int, layer: int, q, q_pos, sliding_window, column_sums: bool = False,
                        merged: bool = True, new_kv: tuple | None = None):
@@ -91,29 +87,24 @@ class PairedKVCache(PagedKVCache):
         a = self.first_of.get(layer)
         if a is None or not merged:
             return super().attend_prefill(seq_id, layer, q, q_pos, sliding_window, column_sums)
-        keys, values, k_pos, held = self.read_second(*self.held(seq_id, a), *self.held(seq_id, layer))
-        return self.kernels.attend(q[None], q_pos[None], keys, values, k_pos, held, sliding_window)[0], None
+        return self._attend(q[None], q_pos[None], *self.held(seq_id, a), *self.held(seq_id, layer), sliding_window)[0], None
+
+    def _attend(self, q, q_pos, tables_a, lengths_a, tables_b, lengths_b, sliding_window):
+        pool = self.pool
+        return self.kernels.paired_attention(q, q_pos, pool.k, pool.v, pool.pos, *self.magnitudes(), tables_a,
+                                             lengths_a, tables_b, lengths_b, sliding_window)
 
     # --- reading layer b ---------------------------------------------------------------
 
+    def magnitudes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer b's K and V magnitudes [num_blocks, block_size], slot fields of the pool."""
+        return tuple(self.pool.fields[name] for name in self.MAGNITUDES)
+
     def read_second(self, tables_a, lengths_a, tables_b, lengths_b):
-        """What layer b attends over, for sequences whose tables at a and b are tables_a, tables_b
-        [B, H, nb] (lengths [B, H]): a's slots (restored with b's magnitudes; those b does not
-        read, and any past a's length, at a position no query reaches), then b's own.
-        -> keys, values [B, H, S, D] (the pool's dtype), positions [B, H, S], lengths [B, H]."""
-        pool, bs = self.pool, self.block_size
-        parts = []
-        for tables, lengths, restore in ((tables_a, lengths_a, True), (tables_b, lengths_b, False)):
-            tables = tables[..., :int((lengths.max() + bs - 1) // bs)]
-            k, v, pos = (gather_blocks(f, tables) for f in (pool.k, pool.v, pool.pos))
-            held = torch.arange(k.shape[2], device=k.device) < lengths[..., None]
-            if restore:
-                k_mag, v_mag = (gather_blocks(pool.fields[name], tables) for name in self.MAGNITUDES)
-                held = held & (k_mag > 0)
-                k, v = restored(k, k_mag), restored(v, v_mag)
-            parts.append((k, v, pos.masked_fill(~held, HIDDEN)))
-        keys, values, positions = (torch.cat(x, dim=2) for x in zip(*parts))
-        return keys, values, positions, torch.full_like(lengths_b, keys.shape[2])
+        """What layer b attends over, gathered (reference.paired_keys): a's slots restored with
+        b's magnitudes, then b's own. -> keys, values [B, H, S, D], positions [B, H, S], lengths [B, H]."""
+        pool = self.pool
+        return paired_keys(pool.k, pool.v, pool.pos, *self.magnitudes(), tables_a, lengths_a, tables_b, lengths_b)
 
     # --- accounting --------------------------------------------------------------------
 
@@ -126,8 +117,3 @@ class PairedKVCache(PagedKVCache):
         magnitudes per slot held (methods/minicache.py compares it with the paper's figure)."""
         return int(self.seqs[seq_id].lengths.sum()) * (self.token_bytes() + self.magnitude_bytes())
 
-
-def restored(x: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
-    """Vectors x [..., D] with their length set to `magnitude` [...] (0 where x is 0)."""
-    xf = x.float()
-    return (xf * (magnitude / xf.norm(dim=-1).clamp(min=1e-30))[..., None]).to(x.dtype)

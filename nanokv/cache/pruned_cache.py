@@ -11,8 +11,9 @@ the older tokens left return to the pool. The slim blocks are the cold tier (`co
 One pool serves both kinds, as quant_pool.py does: every block is a row of one full block's
 bytes, and a slim block holds as many slim tokens as fit in it (`slim_block_size`, more than
 `block_size`). Attention over such a head cuts the query to the head's kept channels for the
-slim tokens (nanokv/kernels/reference.pruned_attention): the dot product over the kept channels is the
-dot product with the pruned channels zeroed.
+slim tokens (kernels.pruned_attention; on CUDA a decode kernel reading both kinds of block in place,
+nanokv/kernels/two_part_decode.py): the dot product over the kept channels is the dot product with
+the pruned channels zeroed.
 """
 
 from __future__ import annotations
@@ -73,7 +74,6 @@ class PrunedSequenceKV(TieredSequenceKV):
 
 class PrunedKVCache(TieredKVCache):
     pool: PrunedBlockPool
-    plain_torch_only = "older keys in fewer channels"
 
     def __init__(self, num_layers: int, num_kv_heads: int, pool: PrunedBlockPool):
         super().__init__(num_layers, num_kv_heads, pool)

@@ -14,9 +14,10 @@ decode (nanokv/kernels/cpu.py builds it at first use).
     kernels.page_scores(q [B, Hq, D], kmin [N, D], kmax [N, D], tables [B, Hkv, nb])  # Quest's page bounds
     kernels.quest_select(q, kmin, kmax, tables, lengths, block_size, pages)  # page_scores + reference.quest_pages
                                                                               # in one call (C++ only)
-    kernels.attend(q [B, T, Hq, D], q_pos [B, T], keys, values [B, H, S, D], k_pos [B, H, S], lengths [B, H], window)
-    kernels.pruned_attention(q, q_pos, slim K/V/pos pools, slim tables, slim lengths, channels, K/V/pos pools,
-                             tables, lengths, window)   # ThinK: older keys in fewer channels
+    kernels.pruned_attention(q [B, T, Hq, D], q_pos [B, T], slim K/V/pos pools, slim tables, slim lengths, channels,
+                             K/V/pos pools, tables, lengths, window)   # ThinK: older keys in fewer channels
+    kernels.paired_attention(q, q_pos, K/V/pos pools, K/V magnitudes, tables_a, lengths_a, tables_b, lengths_b,
+                             window)   # MiniCache: a merged pair's second layer
 
 NANOKV_KERNELS=triton|cpu|reference (or LLM(kernels=...)) overrides the choice: the tests run the
 Triton kernels on CPU under TRITON_INTERPRET=1. Where the C++ kernels cannot be built (no compiler),
@@ -48,11 +49,12 @@ class Kernels:
     # decode reads each head only to its length, however padded its table: the engine then sends
     # the whole batch in one call per layer rather than one per group of similar lengths
     ragged_decode: bool = False
-    # The block kinds that have no kernel of their own yet read through their plain-torch twins on
-    # every device: dense attention over gathered K/V (latent caches, MiniCache's merged pairs) and
-    # attention whose older keys hold fewer channels (ThinK's slim blocks).
-    attend: Callable = reference.attend
+    # The block kinds beyond plain paged K/V, queries [B, T, Hq, D]: older keys in fewer channels
+    # (ThinK's slim blocks), a merged layer pair (MiniCache), tokens as low-rank latents (LoRC,
+    # Palu). Triton has decode kernels for them; a prefill over them (rare: a question after a
+    # compressed prompt), and every read on CPU, goes through the plain-torch twins.
     pruned_attention: Callable = reference.pruned_attention
+    paired_attention: Callable = reference.paired_attention
     # Quest's whole page selection in one call, where the kernels have it (the C++ CPU kernels):
     # quest_select(q, kmin, kmax, tables, lengths, block_size, pages) -> the reduced (tables, lengths);
     # elsewhere the engine runs page_scores, then reference.quest_pages
@@ -136,10 +138,23 @@ def triton_kernels() -> Kernels:
     from nanokv.kernels.prefill import prefill_attention
     from nanokv.kernels.quant_decode import quantized_decode_attention
     from nanokv.kernels.quest import page_scores
+    from nanokv.kernels.two_part_decode import paired_decode_attention, pruned_decode_attention
     from nanokv.kernels.write_kv import write_kv
 
     return Kernels("triton", paged_decode_attention, prefill_attention, write_kv, quantized_decode_attention,
-                   page_scores, ragged_decode=True, fresh_prefill=reference.causal_attention)
+                   page_scores, ragged_decode=True, fresh_prefill=reference.causal_attention,
+                   pruned_attention=one_query(pruned_decode_attention, reference.pruned_attention),
+                   paired_attention=one_query(paired_decode_attention, reference.paired_attention))
+
+
+def one_query(kernel: Callable, twin: Callable) -> Callable:
+    """A block kind's attention over queries [B, T, Hq, D]: its decode kernel when T = 1 (the
+    kernel takes [B, Hq, D]), else its plain-torch twin."""
+    def attention(q, q_pos, *args):
+        if q.shape[1] != 1:
+            return twin(q, q_pos, *args)
+        return kernel(q[:, 0], q_pos[:, 0], *args)[:, None]
+    return attention
 
 
 def kernels_for(device, choice: str | None = None, workspace: reference.Workspace | None = None) -> Kernels:

@@ -31,6 +31,7 @@ so such a split weighs exp(-inf) = 0 instead of producing NaN.
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -53,21 +54,23 @@ def default_blocks_per_split(nb: int, block_size: int, programs: int = 1, device
 
 
 @triton.jit
-def _split_kernel(q_ptr, q_pos_ptr, k_ptr, v_ptr, pos_ptr, tables_ptr, lengths_ptr,
-                  acc_ptr, m_ptr, l_ptr, logits_ptr, s_kv, s_pos,
-                  sm_scale, window, nb, num_splits, split_slots, group,
-                  D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
-                  BLOCK_D: tl.constexpr, HAS_WINDOW: tl.constexpr, WRITE_LOGITS: tl.constexpr,
-                  UPCAST: tl.constexpr, NUM_STAGES: tl.constexpr):
+def _split_kernel(q_ptr, q_pos_ptr, k_ptr, v_ptr, pos_ptr, tables_ptr, lengths_ptr, k_mag_ptr, v_mag_ptr,
+                  acc_ptr, m_ptr, l_ptr, logits_ptr, s_kv, s_pos, s_mag,
+                  sm_scale, window, nb, first_split, num_splits, split_slots, group,
+                  D: tl.constexpr, KD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_KD: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                  WRITE_LOGITS: tl.constexpr, RESTORE: tl.constexpr, UPCAST: tl.constexpr, NUM_STAGES: tl.constexpr):
     b, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     num_kv = tl.num_programs(1)
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
+    dk = tl.arange(0, BLOCK_KD)
     n = tl.arange(0, BLOCK_N)
-    g_ok, d_ok = g < group, d < D
+    g_ok, d_ok, dk_ok = g < group, d < D, dk < KD
     head = b * num_kv + h
-    # the group's query heads are rows head*group .. head*group+group-1 of q viewed as [B*Hq, D]
-    q = tl.load(q_ptr + (head * group + g)[:, None] * D + d[None, :], mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+    # the group's query heads are rows head*group .. head*group+group-1 of q viewed as [B*Hq, KD]
+    q = tl.load(q_ptr + (head * group + g)[:, None] * KD + dk[None, :], mask=g_ok[:, None] & dk_ok[None, :],
+                other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
     q_pos = tl.load(q_pos_ptr + b).to(tl.int64)
@@ -93,10 +96,20 @@ def _split_kernel(q_ptr, q_pos_ptr, k_ptr, v_ptr, pos_ptr, tables_ptr, lengths_p
         visible = held & (pos <= q_pos)
         if HAS_WINDOW:
             visible = visible & (q_pos - pos < window)
-        kv_mask = held[:, None] & d_ok[None, :]
-        at = (block * s_kv + offset * D)[:, None] + d[None, :]  # int64: block ids come from the table
-        k = tl.load(k_ptr + at, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + at, mask=kv_mask, other=0.0)
+        # int64 addresses: block ids come from the table
+        k = tl.load(k_ptr + (block * s_kv + offset * KD)[:, None] + dk[None, :], mask=held[:, None] & dk_ok[None, :],
+                    other=0.0)
+        v = tl.load(v_ptr + (block * s_kv + offset * D)[:, None] + d[None, :], mask=held[:, None] & d_ok[None, :],
+                    other=0.0)
+        if RESTORE:
+            # MiniCache's merged slots: each stored vector is a direction, restored to the layer's own
+            # magnitude as it loads (rounded to the cache dtype, as the twin stores it); magnitude 0
+            # marks a slot the layer does not read
+            k_mag = tl.load(k_mag_ptr + block * s_mag + offset, mask=held, other=0.0)
+            v_mag = tl.load(v_mag_ptr + block * s_mag + offset, mask=held, other=0.0)
+            visible = visible & (k_mag > 0)
+            k = _restored(k, k_mag)
+            v = _restored(v, v_mag)
         if UPCAST:
             scores = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
         else:
@@ -116,10 +129,18 @@ def _split_kernel(q_ptr, q_pos_ptr, k_ptr, v_ptr, pos_ptr, tables_ptr, lengths_p
         l = l * alpha + tl.sum(p, axis=1)
         m = m_new
 
-    part = (head * num_splits + s) * group + g  # scratch row of (b, h, s, g)
+    part = (head * num_splits + first_split + s) * group + g  # scratch row of (b, h, split, g)
     tl.store(m_ptr + part, m, mask=g_ok)
     tl.store(l_ptr + part, l, mask=g_ok)
     tl.store(acc_ptr + part[:, None] * D + d[None, :], acc, mask=g_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _restored(x, magnitude):
+    """Rows of x with their length set to `magnitude` (the twin: reference.restored)."""
+    xf = x.to(tl.float32)
+    norm = tl.sqrt(tl.sum(xf * xf, axis=1))
+    return (xf * (magnitude / tl.maximum(norm, 1e-30))[:, None]).to(x.dtype)
 
 
 @triton.jit
@@ -153,6 +174,22 @@ def _merge_kernel(acc_ptr, m_ptr, l_ptr, out_ptr, lse_ptr, num_splits, group,
     tl.store(lse_ptr + rows, big_m + tl.log(big_l), mask=g_ok)
 
 
+@dataclass
+class DecodePart:
+    """One run of blocks a decode reads, its own kind of slot: q [B, Hq, KD] the query as these keys
+    see it; k [N, block_size, KD], v [N, block_size, D], pos [N, block_size] int32 pools (views of
+    rows allowed; K and V share their block stride); tables [B, Hkv, nb] (-1 past a head's
+    blocks), lengths [B, Hkv]. With `magnitudes` (k_mag, v_mag [N, block_size] float32), each
+    slot's K and V are directions restored to those lengths, and a slot of K magnitude 0 is not read."""
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    pos: torch.Tensor
+    tables: torch.Tensor
+    lengths: torch.Tensor
+    magnitudes: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
 def paged_decode_attention(q, q_pos, k_pool, v_pool, pos_pool, tables, lengths, sliding_window=None,
                            return_probs=False, blocks_per_split=None):
     """q [B, Hq, D] (one query token per sequence); q_pos [B] int; k_pool, v_pool [num_blocks, block_size, D];
@@ -161,42 +198,70 @@ def paged_decode_attention(q, q_pos, k_pool, v_pool, pos_pool, tables, lengths, 
     return_probs also probs [B, Hkv, group, nb * block_size] float32: the softmax weight of every slot of
     each head's table, 0 where masked or past the length.
 
-    blocks_per_split: blocks of a head's table per program (default: default_blocks_per_split).
+    blocks_per_split: blocks of a head's table per program (default: default_blocks_per_split)."""
+    assert k_pool.shape == v_pool.shape, "K and V of one width"
+    part = DecodePart(q, k_pool, v_pool, pos_pool, tables, lengths)
+    return decode_parts([part], q_pos, 1.0 / math.sqrt(q.shape[-1]), sliding_window, return_probs, blocks_per_split)
+
+
+def decode_parts(parts: list[DecodePart], q_pos, sm_scale: float, sliding_window=None, return_probs=False,
+                 blocks_per_split=None):
+    """One softmax over several parts (ThinK's slim blocks then full ones; MiniCache's merged layer
+    then its own): each part's splits write their partials into one scratch, and the merge kernel
+    combines them all as it combines any splits. -> out [B, Hq, D] in the first part's q dtype
+    (and probs, for a single part: see paged_decode_attention).
+
     Output and scratch start as NaN, not as whatever memory held: a slot the kernels fail to
     write then shows up in the tests instead of passing by luck."""
-    B, Hq, D = q.shape
-    num_blocks, block_size, _ = k_pool.shape
-    Hkv, nb = tables.shape[1], tables.shape[2]
+    first = parts[0]
+    B, Hq, _ = first.q.shape
+    D = first.v.shape[-1]
+    Hkv = first.tables.shape[1]
     group = Hq // Hkv
-    assert Hq == Hkv * group and k_pool.shape == v_pool.shape and pos_pool.shape == (num_blocks, block_size)
-    # Blocks may be strided (a quantized pool's full-precision blocks are views of its rows), but
-    # within a block the [block_size, D] slots must be contiguous; K and V share one row stride.
-    assert k_pool.stride(-1) == 1 and k_pool.stride(1) == D and pos_pool.stride(-1) == 1, "inner dims contiguous"
-    assert v_pool.stride() == k_pool.stride(), "K and V pools share their strides"
-    q, q_pos, tables, lengths = (t.contiguous() for t in (q, q_pos, tables, lengths))
-    blocks_per_split = blocks_per_split or default_blocks_per_split(nb, block_size, B * Hkv, q.device)
-    num_splits = math.ceil(nb / blocks_per_split)
+    assert Hq == Hkv * group and (not return_probs or len(parts) == 1)
+    parts = [part for part in parts if part.tables.shape[2]]  # a part with no blocks (none slim yet): no launch
+    splits = []
+    for part in parts:
+        nb, block_size = part.tables.shape[2], part.k.shape[1]
+        # Blocks may be strided (a quantized or pruned pool's blocks are views of its rows), but
+        # within a block the [block_size, width] slots must be contiguous; K and V share one row stride.
+        assert part.k.stride(-1) == 1 and part.k.stride(1) == part.k.shape[-1] and part.v.stride(1) == D, \
+            "inner dims contiguous"
+        assert part.v.stride(0) == part.k.stride(0) and part.pos.stride(-1) == 1, "K and V share their block stride"
+        per_split = blocks_per_split or default_blocks_per_split(nb, block_size, B * Hkv, first.q.device)
+        splits.append((per_split, math.ceil(nb / per_split)))
+    num_splits = sum(n for _, n in splits)
 
-    nan, f32 = float("nan"), torch.float32
-    acc = torch.full((B, Hkv, num_splits, group, D), nan, dtype=f32, device=q.device)
-    m = torch.full((B, Hkv, num_splits, group), nan, dtype=f32, device=q.device)
+    nan, f32, device = float("nan"), torch.float32, first.q.device
+    acc = torch.full((B, Hkv, num_splits, group, D), nan, dtype=f32, device=device)
+    m = torch.full((B, Hkv, num_splits, group), nan, dtype=f32, device=device)
     l = torch.full_like(m, nan)
-    logits = torch.full((B, Hkv, group, nb * block_size) if return_probs else (1,), nan, dtype=f32, device=q.device)
-    out = torch.full_like(q, nan)
-    lse = torch.full((B, Hq), nan, dtype=f32, device=q.device)
+    width = first.tables.shape[2] * first.k.shape[1]
+    logits = torch.full((B, Hkv, group, width) if return_probs else (1,), nan, dtype=f32, device=device)
+    out = torch.full((B, Hq, D), nan, dtype=first.q.dtype, device=device)
+    lse = torch.full((B, Hq), nan, dtype=f32, device=device)
 
     block_g = max(16, triton.next_power_of_2(group))  # tl.dot's minimum tile side on a GPU
     block_d = max(16, triton.next_power_of_2(D))
-    # a split of few slots (a short context, a test) takes a smaller tile: no padded iterations
-    upcast = exact_dots(k_pool.dtype) or q.dtype != k_pool.dtype
-    tile = EXACT_TILE_TOKENS if upcast else TILE_TOKENS
-    block_n = max(16, min(tile, triton.next_power_of_2(blocks_per_split * block_size)))
-    _split_kernel[(B, Hkv, num_splits)](
-        q, q_pos, k_pool, v_pool, pos_pool, tables, lengths, acc, m, l, logits, k_pool.stride(0), pos_pool.stride(0),
-        1.0 / math.sqrt(D), sliding_window or 0, nb, num_splits, blocks_per_split * block_size, group,
-        D=D, BLOCK_SIZE=block_size, BLOCK_N=block_n, BLOCK_G=block_g, BLOCK_D=block_d,
-        HAS_WINDOW=sliding_window is not None, WRITE_LOGITS=return_probs, UPCAST=upcast,
-        NUM_STAGES=NUM_STAGES, num_warps=NUM_WARPS)
+    q_pos = q_pos.contiguous()
+    first_split = 0
+    for part, (per_split, n) in zip(parts, splits):
+        q, tables, lengths = (t.contiguous() for t in (part.q, part.tables, part.lengths))
+        KD, block_size = part.k.shape[-1], part.k.shape[1]
+        k_mag, v_mag = part.magnitudes or (part.pos, part.pos)  # never read without RESTORE
+        upcast = exact_dots(part.k.dtype) or q.dtype != part.k.dtype
+        # a split of few slots (a short context, a test) takes a smaller tile: no padded iterations
+        tile = EXACT_TILE_TOKENS if upcast else TILE_TOKENS
+        block_n = max(16, min(tile, triton.next_power_of_2(per_split * block_size)))
+        _split_kernel[(B, Hkv, n)](
+            q, q_pos, part.k, part.v, part.pos, tables, lengths, k_mag, v_mag, acc, m, l, logits,
+            part.k.stride(0), part.pos.stride(0), k_mag.stride(0), sm_scale, sliding_window or 0,
+            tables.shape[2], first_split, num_splits, per_split * block_size, group,
+            D=D, KD=KD, BLOCK_SIZE=block_size, BLOCK_N=block_n, BLOCK_G=block_g, BLOCK_D=block_d,
+            BLOCK_KD=max(16, triton.next_power_of_2(KD)), HAS_WINDOW=sliding_window is not None,
+            WRITE_LOGITS=return_probs, RESTORE=part.magnitudes is not None, UPCAST=upcast,
+            NUM_STAGES=NUM_STAGES, num_warps=NUM_WARPS)
+        first_split += n
     _merge_kernel[(B, Hkv)](acc, m, l, out, lse, num_splits, group, D=D, BLOCK_G=block_g, BLOCK_D=block_d)
     if not return_probs:
         return out

@@ -125,6 +125,43 @@ def quantized_decode_attention(q: torch.Tensor, q_pos: torch.Tensor, quant: "Qua
     return (probs[..., :Sq] @ v_q + probs[..., Sq:] @ v_f).view(B, Hq, D).to(q.dtype)
 
 
+def latent_attention(q: torch.Tensor, q_pos: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                     pos_pool: torch.Tensor, tables: torch.Tensor, lengths: torch.Tensor, slots_per_token: int,
+                     k_basis: torch.Tensor, k_bias: torch.Tensor, ranks: tuple[int, int], cos: torch.Tensor,
+                     sin: torch.Tensor, sliding_window: int | None = None) -> torch.Tensor:
+    """Attention over a latent cache's groups (nanokv/cache/latent_cache.py): q [B, T, Hq, D],
+    q_pos [B, T]; k_pool, v_pool [N, block_size, C] the latents' chunks, pos_pool [N, block_size];
+    tables [B, G, nb] and lengths [B, G] (slots, `slots_per_token` a token) of each head group;
+    k_basis [G, group * D, r_k] and k_bias [G, group * D] float32, ranks (r_k, r_v); cos, sin
+    [P, D] float32 RoPE tables by position. -> the attention over each kv-head's value latents,
+    [B, T, Hq, r_v] in q's dtype (the cache takes it through the value basis).
+
+    The same operations, in the same order, as LatentKVCache.read then `attend` on keys and
+    values cast to q's dtype: the cache's results do not change when it calls this. The kv-heads a
+    group holds (group = k_basis.shape[1] // D, H = G * group) come from the basis; RoPE is
+    rotate-half at each token's position, read from its first slot in the first group (every group
+    holds the same tokens). Kernels import nothing from nanokv.models, so the rotation is spelled
+    out here, as apply_rope does it."""
+    B, G = tables.shape[:2]
+    D, m = q.shape[-1], slots_per_token
+    r_k, r_v = ranks
+    group = k_basis.shape[1] // D
+    H = G * group
+    k_chunks, v_chunks = gather_blocks(k_pool, tables), gather_blocks(v_pool, tables)
+    S = k_chunks.shape[2] // m
+    latent = torch.stack([k_chunks[:, :, :S * m], v_chunks[:, :, :S * m]], dim=3).view(B, G, S, -1).float()
+    k_pre = (torch.einsum("bgsr,gdr->bsgd", latent[..., :r_k], k_basis) + k_bias).reshape(B * S, H, D)
+    positions = gather_blocks(pos_pool, tables[:, :1])[:, 0, :S * m:m]                       # [B, S]
+    cos_at, sin_at = cos[positions.flatten()][:, None], sin[positions.flatten()][:, None]
+    half = D // 2
+    rotated = torch.cat((-k_pre[..., half:], k_pre[..., :half]), dim=-1)
+    keys = (k_pre * cos_at + rotated * sin_at).view(B, S, H, D).transpose(1, 2)               # [B, H, S, D]
+    values = latent[..., r_k:r_k + r_v].repeat_interleave(group, dim=1)                       # [B, H, S, r_v]
+    held = (lengths // m).repeat_interleave(group, dim=1)
+    return attend(q, q_pos, keys.to(q.dtype), values.to(q.dtype), positions[:, None].expand(B, H, S), held,
+                  sliding_window)
+
+
 def pruned_attention(q: torch.Tensor, q_pos: torch.Tensor, slim_k: torch.Tensor, slim_v: torch.Tensor,
                      slim_pos: torch.Tensor, stables: torch.Tensor, slim_lengths: torch.Tensor, channels: torch.Tensor,
                      k_pool: torch.Tensor, v_pool: torch.Tensor, pos_pool: torch.Tensor, tables: torch.Tensor,
@@ -152,6 +189,46 @@ def pruned_attention(q: torch.Tensor, q_pos: torch.Tensor, slim_k: torch.Tensor,
     Ss = k_s.shape[2]
     out = probs[..., :Ss] @ v_s[:, :, None] + probs[..., Ss:] @ v_f[:, :, None]
     return out.permute(0, 3, 1, 2, 4).reshape(B, T, Hq, D).to(q.dtype)
+
+
+HIDDEN = torch.iinfo(torch.int32).max  # a position no query reaches: the slot is masked
+
+
+def paired_attention(q: torch.Tensor, q_pos: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                     pos_pool: torch.Tensor, k_mag: torch.Tensor, v_mag: torch.Tensor, tables_a: torch.Tensor,
+                     lengths_a: torch.Tensor, tables_b: torch.Tensor, lengths_b: torch.Tensor,
+                     sliding_window: int | None = None) -> torch.Tensor:
+    """MiniCache's layer b of a merged pair (nanokv/cache/paired.py): queries q [B, T, Hq, D] over
+    layer a's slots with K and V restored to b's magnitudes k_mag, v_mag [N, block_size] (a slot
+    of K magnitude 0 is a's alone: not read), then layer b's own slots; tables_a, tables_b
+    [B, H, nb], lengths_a, lengths_b [B, H]. -> [B, T, Hq, D]."""
+    return attend(q, q_pos, *paired_keys(k_pool, v_pool, pos_pool, k_mag, v_mag, tables_a, lengths_a, tables_b,
+                                         lengths_b), sliding_window)
+
+
+def paired_keys(k_pool, v_pool, pos_pool, k_mag, v_mag, tables_a, lengths_a, tables_b, lengths_b):
+    """What paired_attention attends over, gathered: a's slots restored (those b does not read, and
+    any past a's length, at a position no query reaches), then b's own. -> keys, values [B, H, S, D]
+    (the pool's dtype), positions [B, H, S], lengths [B, H]."""
+    block_size = k_pool.shape[1]
+    parts = []
+    for tables, lengths, restore in ((tables_a, lengths_a, True), (tables_b, lengths_b, False)):
+        tables = tables[..., :int((lengths.max() + block_size - 1) // block_size)]
+        k, v, pos = (gather_blocks(f, tables) for f in (k_pool, v_pool, pos_pool))
+        held = torch.arange(k.shape[2], device=k.device) < lengths[..., None]
+        if restore:
+            k_len, v_len = gather_blocks(k_mag, tables), gather_blocks(v_mag, tables)
+            held = held & (k_len > 0)
+            k, v = restored(k, k_len), restored(v, v_len)
+        parts.append((k, v, pos.masked_fill(~held, HIDDEN)))
+    keys, values, positions = (torch.cat(x, dim=2) for x in zip(*parts))
+    return keys, values, positions, torch.full_like(lengths_b, keys.shape[2])
+
+
+def restored(x: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """Vectors x [..., D] with their length set to `magnitude` [...] (0 where x is 0)."""
+    xf = x.float()
+    return (xf * (magnitude / xf.norm(dim=-1).clamp(min=1e-30))[..., None]).to(x.dtype)
 
 
 def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
