@@ -1,12 +1,11 @@
-"""Where a decode step's time goes for the block kinds no Triton kernel reads yet: latent caches
-(lorc, palu), MiniCache's merged pairs and ThinK's slim keys read through plain-torch twins
-(kernels.attend, kernels.pruned_attention) on every device. This measures, in one run on the same
-device, the share of decode time spent in those twins' attention and in rebuilding the K/V they
-attend over (latent: keys from latents, outputs through the value basis; paired: the merged
-layer's slots restored), beside `full`'s paged decode kernel on the same prompts.
-
-A Triton kernel for the attention alone can save at most its share; the rebuild is dense torch
-(einsum, RoPE, gathers) that a kernel would have to fuse to save more.
+"""Where a decode step's time goes for the block kinds beyond plain paged K/V: latent caches (lorc,
+palu), MiniCache's merged pairs and ThinK's slim keys, beside `full` on the same prompts. Each
+reads through its own entry of the kernel interface (kernels.latent_attention, paired_attention,
+pruned_attention): a Triton decode kernel on CUDA (nanokv/kernels/latent_decode.py,
+two_part_decode.py), the plain-torch twin on CPU, which gathers the blocks, rebuilds the K/V
+(keys from latents and RoPE; merged slots restored) and attends densely. This measures, in one run
+on the same device, the share of decode time spent in that entry, and in what follows it outside
+the kernels (a latent cache's outputs through the value basis, `values_out`).
 
     python scripts/block_kind_profile.py                          # SmolLM2 shape, CPU or GPU
     python scripts/block_kind_profile.py --model llama3.2-1b --prompts 16 --input 3500
@@ -27,40 +26,26 @@ from nanokv.artifacts import FORMAT, model_key, write_artifact
 from nanokv.calibrate.lowrank import weight_bases
 from nanokv.loading import load_dummy
 
-KINDS = {"full": "paged (the Triton/C++ decode)", "lorc": "latent", "minicache": "paired", "think": "slim keys"}
+KINDS = {"full": "paged", "lorc": "latent", "minicache": "paired", "think": "slim keys"}
 
 
 class Timer:
-    """Seconds per phase (prefill: several queries per sequence; decode: one) in the timed calls.
-    A rebuild is charged to the phase of the attention call that follows it."""
+    """Seconds per phase (prefill: several queries per sequence; decode: one) in the timed calls."""
 
     def __init__(self, device: torch.device):
-        self.device, self.pending = device, 0.0
-        self.seconds = {(phase, part): 0.0 for phase in ("prefill", "decode") for part in ("attention", "rebuild")}
+        self.device = device
+        self.seconds = {(phase, part): 0.0 for phase in ("prefill", "decode") for part in ("attention", "after")}
 
-    def _timed(self, fn, *args, **kwargs):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        start = time.perf_counter()
-        out = fn(*args, **kwargs)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return out, time.perf_counter() - start
-
-    def rebuild(self, fn):
+    def timed(self, fn, part, queries_per_sequence):
         def wrapped(*args, **kwargs):
-            out, seconds = self._timed(fn, *args, **kwargs)
-            self.pending += seconds
-            return out
-        return wrapped
-
-    def attention(self, fn, queries_per_sequence):
-        def wrapped(*args, **kwargs):
-            out, seconds = self._timed(fn, *args, **kwargs)
-            phase = "decode" if queries_per_sequence(args[0]) == 1 else "prefill"
-            self.seconds[phase, "attention"] += seconds
-            self.seconds[phase, "rebuild"] += self.pending
-            self.pending = 0.0
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            phase = "decode" if queries_per_sequence(args) == 1 else "prefill"
+            self.seconds[phase, part] += time.perf_counter() - start
             return out
         return wrapped
 
@@ -69,13 +54,13 @@ def instrument(llm: LLM) -> Timer:
     cache = llm.cache
     timer = Timer(cache.pool.device)
     k = cache.kernels
+    per_sequence = lambda args: args[0].shape[1]                                # q [B, T, Hq, D]
     cache.kernels = dataclasses.replace(
-        k, decode=timer.attention(k.decode, lambda q: 1),                  # q [B, Hq, D]: one query each
-        attend=timer.attention(k.attend, lambda q: q.shape[1]),            # q [B, T, Hq, D]
-        pruned_attention=timer.attention(k.pruned_attention, lambda q: q.shape[1]))
-    for name in ("read", "values_out", "read_second"):  # latent: read, values_out; paired: read_second
-        if hasattr(cache, name) and (name != "read" or hasattr(cache, "values_out")):
-            setattr(cache, name, timer.rebuild(getattr(cache, name)))
+        k, decode=timer.timed(k.decode, "attention", lambda args: 1),           # q [B, Hq, D]: one query each
+        **{name: timer.timed(getattr(k, name), "attention", per_sequence)
+           for name in ("pruned_attention", "paired_attention", "latent_attention")})
+    if hasattr(cache, "values_out"):                                            # out [B, T, Hq, r_v]
+        cache.values_out = timer.timed(cache.values_out, "after", lambda args: args[1].shape[1])
     return timer
 
 
@@ -103,7 +88,7 @@ def main():
     args = ap.parse_args()
 
     generator = torch.Generator().manual_seed(0)
-    print(f"| method | block kind | decode tok/s | decode s | attention (share) | rebuild (share) |")
+    print(f"| method | block kind | decode tok/s | decode s | attention (share) | value basis (share) |")
     print("|---|---|---|---|---|---|")
     for method in args.methods.split(","):
         options = {} if method == "full" else {"compression": 0.5}
@@ -117,12 +102,13 @@ def main():
         timer = instrument(llm)
         llm.generate(prompts, params, chat=False, use_tqdm=False)
         decode_s = llm.stats["decode_s"]
-        att, rebuild = timer.seconds["decode", "attention"], timer.seconds["decode", "rebuild"]
+        att, after = timer.seconds["decode", "attention"], timer.seconds["decode", "after"]
         print(f"| {method} | {KINDS.get(method, '?')} | {llm.stats['decode_tokens'] / decode_s:.1f} | {decode_s:.2f} "
-              f"| {att:.2f} s ({att / decode_s:.0%}) | {rebuild:.2f} s ({rebuild / decode_s:.0%}) |", flush=True)
+              f"| {att:.2f} s ({att / decode_s:.0%}) | {after:.2f} s ({after / decode_s:.0%}) |", flush=True)
+        llm_kernels = llm.cache.kernels.name
         del llm
     print(f"\n{args.prompts} prompts of {args.input} random tokens, {args.output} out, "
-          f"{args.model} with random weights, device {args.device or 'default'}")
+          f"{args.model} with random weights, device {args.device or 'default'}, kernels {llm_kernels}")
 
 
 if __name__ == "__main__":

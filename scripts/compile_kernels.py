@@ -104,7 +104,7 @@ def ptxas_usage(kernel, arch) -> str:
 
 def launch_all():
     """Every wrapper, over the shapes and options the engine uses, with launches recorded."""
-    from nanokv.kernels import paged_decode, prefill, quant_decode, quest, two_part_decode, write_kv
+    from nanokv.kernels import latent_decode, paged_decode, prefill, quant_decode, quest, two_part_decode, write_kv
     from nanokv.cache.pruned_cache import PrunedBlockPool
     from nanokv.kernels.quant import quantize_tokens
     from nanokv.cache.quant_pool import SCALE_DTYPE, QuantSpec
@@ -138,6 +138,15 @@ def launch_all():
             magnitudes = [torch.ones(B * Hkv * nb, bs) for _ in range(2)]
             two_part_decode.paired_decode_attention(q, q_pos, *pools, pos, *magnitudes, tables, lengths, tables,
                                                     lengths)
+            # a latent cache's head groups (LoRC: a head a group; Palu: 4 heads of 128 at ranks 256)
+            for d, heads, (r_k, r_v) in ((128, 1, (64, 64)), (64, 2, (24, 40)), (128, 4, (256, 256))):
+                m = -(-(r_k + r_v) // 32)
+                chunks = [torch.randn(B * Hkv * nb, bs, 16, dtype=dtype) for _ in range(2)]
+                for window in (None, 64):
+                    latent_decode.latent_decode_attention(
+                        torch.randn(B, Hkv * heads * 4, d, dtype=dtype), q_pos, *chunks, pos, tables,
+                        torch.full((B, Hkv), nb * bs // m * m), m, torch.randn(Hkv, heads * d, r_k),
+                        torch.randn(Hkv, heads * d), (r_k, r_v), *torch.randn(2, nb * bs, d), window)
             slots = torch.arange(Hkv * 4).view(Hkv, 4)
             write_kv.write_kv(*pools, pos, slots, torch.randn(4, Hkv, D, dtype=dtype),
                               torch.randn(4, Hkv, D, dtype=dtype), torch.arange(4))

@@ -136,12 +136,27 @@ def test_triton_kernels_give_the_reference_greedy_tokens(tiny, method):
 # the kernel entry of each block kind, and where its arguments (after q) hold the lengths of the
 # part that makes it what it is: ThinK's slim tokens (channels pruned alone: no token evicted, so
 # prompts past its recent 32 hold some), MiniCache's merged layer
-BLOCK_KINDS = {"think": ("pruned_attention", 4, 0.0), "minicache": ("paired_attention", 6, 0.5)}
+BLOCK_KINDS = {"think": ("pruned_attention", 4, 0.0), "minicache": ("paired_attention", 6, 0.5),
+               "lorc": ("latent_attention", 4, 0.5)}
+
+
+def lorc_profile(config: str, path) -> str:
+    """A lorc profile made from the random weights themselves (all kv-heads of a layer one group)."""
+    from nanokv.artifacts import FORMAT, model_key, write_artifact
+    from nanokv.calibrate.lowrank import weight_bases
+    from nanokv.loading import load_dummy
+
+    model, cfg = load_dummy(config, torch.float32, pack=False)
+    H = cfg.num_kv_heads
+    write_artifact(path, {"format": FORMAT, "method": "lorc", "model": model_key(config), "num_layers": cfg.num_layers,
+                          "num_kv_heads": H, "group": H, "head_dim": cfg.head_dim, "settings": {},
+                          "tensors": weight_bases(model, cfg, H)})
+    return str(path)
 
 
 @pytest.mark.parametrize("method", list(BLOCK_KINDS))
 def test_block_kinds_decode_through_their_triton_kernels(tmp_path, monkeypatch, method):
-    """ThinK's slim keys and MiniCache's merged pairs: under the Triton kernels every decode layer
+    """ThinK's slim keys, MiniCache's merged pairs, LoRC's latents: under the Triton kernels every decode layer
     that reads them runs its kernel (never the twin), and the engine gives the plain-torch
     kernels' greedy tokens, through a batch of prompts of different lengths."""
     from nanokv import LLM, SamplingParams
@@ -158,9 +173,11 @@ def test_block_kinds_decode_through_their_triton_kernels(tmp_path, monkeypatch, 
         return getattr(triton, name)(q, q_pos, *args)
     monkeypatch.setattr(kernels, "triton_kernels", lambda: dataclasses.replace(triton, **{name: counted}))
 
+    extra = {"calibration_file": lorc_profile(config, tmp_path / "lorc.safetensors")} if method == "lorc" else {}
+
     def run(choice):
         llm = LLM(config, load_format="dummy", dtype="float32", device="cpu", kernels=choice,
-                  kv_cache_memory=4 << 20, method=method, compression=compression)
+                  kv_cache_memory=4 << 20, method=method, compression=compression, **extra)
         outs = llm.generate([p + [7] * 30 for p in PROMPTS[:3]], SamplingParams(max_tokens=5, ignore_eos=True),
                             use_tqdm=False)
         return [o.token_ids for o in outs]

@@ -148,7 +148,6 @@ class PagedKVCache:
     # it stores differently, and reads through self.kernels, so the engine never looks at the pool.
 
     ragged = True  # a decode may take the whole batch in one call when the kernel reads ragged lengths
-    plain_torch_only: str | None = None  # what the cache holds that only a plain-torch twin reads yet
 
     def pair_of(self, layer: int) -> int | None:
         """The first layer of the merged pair whose second layer is `layer` (PairedKVCache), or None."""

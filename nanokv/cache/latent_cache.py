@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nanokv.kernels.reference import attend, gather_blocks
+from nanokv.kernels.reference import latent_keys
 from nanokv.models.rope import apply_rope, rope_cos_sin
 from nanokv.cache.kv_cache import PagedKVCache
 from nanokv.cache.pool import DEFAULT_BLOCK_SIZE, HOST, BlockPool, pool_blocks
@@ -72,7 +72,7 @@ class LatentKVCache(PagedKVCache):
         super().__init__(cfg.num_layers, cfg.num_kv_heads // group, pool)
         self.group, self.model_kv_heads, self.model_head_dim = group, cfg.num_kv_heads, cfg.head_dim
         self.full_block_size = DEFAULT_BLOCK_SIZE  # full's, for uncompressed_bytes
-        self.inv_freq, self._table = inv_freq, None  # RoPE's cos and sin by position (_cos_sin)
+        self.inv_freq, self._table = inv_freq, None  # RoPE's cos and sin by position (rope_tables)
         self.layers = [LatentLayer(*(t.to(pool.device, torch.float32) for t in (l.k_basis, l.v_basis,
                                                                                l.k_bias, l.v_bias))) for l in layers]
         self.set_slots_per_token(torch.tensor([l.slots(pool.head_dim) for l in layers], device=HOST))
@@ -102,7 +102,6 @@ class LatentKVCache(PagedKVCache):
     # --- attention's reads and writes: latents in, keys rebuilt, outputs through the value basis
 
     ragged = False
-    plain_torch_only = "tokens as low-rank latents"
 
     def write_decode(self, layer: int, slots: torch.Tensor, k, v, positions):
         """slots [G, b * most]: each sequence reserved the most slots any layer takes, this one's first."""
@@ -124,31 +123,25 @@ class LatentKVCache(PagedKVCache):
         return self._attend(layer, q[None], q_pos[None], *self.held(seq_id, layer), sliding_window)[0], None
 
     def _attend(self, layer: int, q, q_pos, tables, lengths, sliding_window):
-        """Queries [B, T, Hq, D] over the keys rebuilt from the latents and the value latents, then
-        through the value basis."""
-        keys, values, k_pos, held = self.read(layer, tables, lengths)
-        out = attend(q, q_pos, keys.to(q.dtype), values.to(q.dtype), k_pos, held, sliding_window)
+        """Queries [B, T, Hq, D] over the keys rebuilt from the latents and the value latents
+        (kernels.latent_attention), then through the value basis."""
+        p, pool = self.layers[layer], self.pool
+        # the newest held token is the newest query (its K/V were written first)
+        cos, sin = self.rope_tables(int(q_pos.max()))
+        out = self.kernels.latent_attention(q, q_pos, pool.k, pool.v, pool.pos, tables, lengths,
+                                            int(self.slots_per_token[layer]), p.k_basis, p.k_bias, p.ranks, cos, sin,
+                                            sliding_window)
         return self.values_out(layer, out).to(q.dtype)
 
     def read(self, layer: int, tables: torch.Tensor, lengths: torch.Tensor):
         """What B sequences' groups at `layer` hold: tables [B, G, nb], lengths [B, G] in slots ->
         keys rebuilt from their latents (after RoPE) [B, H, S, D] float32, each head's value latents
-        [B, H, S, r_v] (its group's), positions [B, H, S], tokens held [B, H]. Every group of a
-        sequence holds the same tokens (nothing is evicted), so the first group's positions serve
-        all."""
-        p, m = self.layers[layer], int(self.slots_per_token[layer])
-        B, G = tables.shape[:2]
-        r_k, r_v = p.ranks
-        k_chunks, v_chunks = gather_blocks(self.pool.k, tables), gather_blocks(self.pool.v, tables)
-        S = k_chunks.shape[2] // m
-        latent = torch.stack([k_chunks[:, :, :S * m], v_chunks[:, :, :S * m]], dim=3).view(B, G, S, -1).float()
-        k_pre = torch.einsum("bgsr,gdr->bsgd", latent[..., :r_k], p.k_basis) + p.k_bias
-        H = G * self.group
-        positions = gather_blocks(self.pool.pos, tables[:, :1])[:, 0, :S * m:m]                 # [B, S]
-        # a token's heads sit side by side in its group's latent: [B, S, G, group * D] -> [B, S, H, D]
-        k = self._rotate(k_pre.reshape(B, S, H, -1), positions).transpose(1, 2)
-        values = latent[..., r_k:r_k + r_v].repeat_interleave(self.group, dim=1)                # [B, H, S, r_v]
-        return k, values, positions[:, None].expand(B, H, S), (lengths // m).repeat_interleave(self.group, dim=1)
+        [B, H, S, r_v] (its group's), positions [B, H, S], tokens held [B, H]
+        (kernels.reference.latent_keys: what the attention reads)."""
+        p, pool = self.layers[layer], self.pool
+        cos, sin = self.rope_tables(int(pool.pos.max()))  # covers every position any slot holds
+        return latent_keys(pool.k, pool.v, pool.pos, tables, lengths, int(self.slots_per_token[layer]), p.k_basis,
+                           p.k_bias, p.ranks, cos, sin)
 
     def values_out(self, layer: int, out: torch.Tensor) -> torch.Tensor:
         """Attention outputs over value latents [..., Hq, r_v] -> [..., Hq, D]: each query head's
@@ -167,13 +160,18 @@ class LatentKVCache(PagedKVCache):
         return rotated.view(x.shape)
 
     def _cos_sin(self, positions: torch.Tensor):
-        """cos and sin [N, D] at `positions`, read from a table grown to the largest position seen:
-        every layer reads every held token's at every step, and sin / cos cost more than a lookup."""
-        needed = int(positions.max()) + 1 if positions.numel() else 0
-        if self._table is None or len(self._table[0]) < needed:
-            size = max(needed, 2 * len(self._table[0]) if self._table is not None else 1024)
-            self._table = rope_cos_sin(torch.arange(size, device=positions.device), self.inv_freq, torch.float32)
-        return self._table[0][positions], self._table[1][positions]
+        """cos and sin [N, D] at `positions`."""
+        cos, sin = self.rope_tables(int(positions.max()) if positions.numel() else 0)
+        return cos[positions], sin[positions]
+
+    def rope_tables(self, last_position: int):
+        """RoPE's cos and sin [P, D] float32 for positions 0 .. P - 1 >= last_position: a table grown
+        as positions grow, since every layer reads every held token's at every step, and sin and
+        cos cost more than a lookup."""
+        if self._table is None or len(self._table[0]) <= last_position:
+            size = max(last_position + 1, 2 * len(self._table[0]) if self._table is not None else 1024)
+            self._table = rope_cos_sin(torch.arange(size, device=self.pool.device), self.inv_freq, torch.float32)
+        return self._table
 
     # --- accounting -------------------------------------------------------------------
 

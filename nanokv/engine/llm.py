@@ -11,7 +11,6 @@ same loop for one prompt and yields its text as it becomes final.
 
 from __future__ import annotations
 
-import sys
 import time
 from typing import Iterator
 
@@ -87,10 +86,6 @@ class LLM:
         self.cache = build_cache(self.method.cache_request(self.config.num_layers, self.config.head_dim), self.config,
                                  memory, block_size, self.dtype, self.device, self.model.inv_freq)
         self.cache.kernels = kernels_for(self.device, kernels, self.cache.workspace)
-        plain = self.cache.plain_torch_only
-        if plain and self.cache.kernels.name == "triton":
-            print(f"nanokv: method {method!r} keeps {plain}, which no Triton kernel reads yet: its attention "
-                  f"runs in plain torch on {self.device}", file=sys.stderr)
         self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens, self.method)
         self.runner = ModelRunner(self.model, self.cache, self.device, self.method)
         self.stats: dict = {}

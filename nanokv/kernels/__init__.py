@@ -1,7 +1,7 @@
 """Attention kernels behind one interface. They take tensors and block tables and know nothing
 of sequences or scheduling. `reference.py` holds the plain-torch maths every kernel must match;
-paged_decode.py, prefill.py and write_kv.py are the Triton kernels; cpu_decode.cpp is the CPU's
-decode (nanokv/kernels/cpu.py builds it at first use).
+the Triton kernels each have a file of their own (docs/kernels.md lists them); the .cpp files are
+the CPU's decodes (nanokv/kernels/cpu.py builds them at first use).
 
     kernels = kernels_for(device)          # Triton on CUDA, C++ decode and plain torch on CPU
     kernels.decode(q [B, Hq, D], q_pos [B], k_pool, v_pool, pos_pool, tables, lengths, window, return_probs)
@@ -18,6 +18,8 @@ decode (nanokv/kernels/cpu.py builds it at first use).
                              K/V/pos pools, tables, lengths, window)   # ThinK: older keys in fewer channels
     kernels.paired_attention(q, q_pos, K/V/pos pools, K/V magnitudes, tables_a, lengths_a, tables_b, lengths_b,
                              window)   # MiniCache: a merged pair's second layer
+    kernels.latent_attention(q, q_pos, latent K/V/pos pools, tables, lengths, slots_per_token, k_basis, k_bias,
+                             ranks, cos, sin, window)   # LoRC, Palu: over value latents [B, T, Hq, r_v]
 
 NANOKV_KERNELS=triton|cpu|reference (or LLM(kernels=...)) overrides the choice: the tests run the
 Triton kernels on CPU under TRITON_INTERPRET=1. Where the C++ kernels cannot be built (no compiler),
@@ -55,6 +57,7 @@ class Kernels:
     # compressed prompt), and every read on CPU, goes through the plain-torch twins.
     pruned_attention: Callable = reference.pruned_attention
     paired_attention: Callable = reference.paired_attention
+    latent_attention: Callable = reference.latent_attention
     # Quest's whole page selection in one call, where the kernels have it (the C++ CPU kernels):
     # quest_select(q, kmin, kmax, tables, lengths, block_size, pages) -> the reduced (tables, lengths);
     # elsewhere the engine runs page_scores, then reference.quest_pages
@@ -134,6 +137,7 @@ def cpu_kernels(workspace: reference.Workspace | None = None) -> Kernels:
 
 
 def triton_kernels() -> Kernels:
+    from nanokv.kernels.latent_decode import latent_decode_attention
     from nanokv.kernels.paged_decode import paged_decode_attention
     from nanokv.kernels.prefill import prefill_attention
     from nanokv.kernels.quant_decode import quantized_decode_attention
@@ -144,7 +148,8 @@ def triton_kernels() -> Kernels:
     return Kernels("triton", paged_decode_attention, prefill_attention, write_kv, quantized_decode_attention,
                    page_scores, ragged_decode=True, fresh_prefill=reference.causal_attention,
                    pruned_attention=one_query(pruned_decode_attention, reference.pruned_attention),
-                   paired_attention=one_query(paired_decode_attention, reference.paired_attention))
+                   paired_attention=one_query(paired_decode_attention, reference.paired_attention),
+                   latent_attention=one_query(latent_decode_attention, reference.latent_attention))
 
 
 def one_query(kernel: Callable, twin: Callable) -> Callable:

@@ -14,12 +14,18 @@ Llama-3-8B attention heads (32 query heads, 8 kv-heads, head_dim 128), blocks of
 (c) quest_decode: Quest at a budget of 512 tokens over 4,096: the engine's page scores, pick and
     paged_decode over the picked blocks (StepAttention._selected_pages), against paged_decode over
     every block;
-(d) prefill: kernels.prefill.prefill_attention against causal SDPA and flash_attn_func, 1024-8192 tokens;
-(e) write_kv: kernels.write_kv against the three torch scatters of kernels.reference.write_kv.
+(d) block_kinds: the decode of the block kinds beyond plain K/V at the Quest shapes, against
+    paged_decode over the same context in full precision: ThinK's slim keys (the oldest tokens
+    keeping 77 of 128 key channels, the newest 32 whole; kernels.two_part_decode), MiniCache's
+    merged layer (every prompt slot restored to the layer's magnitudes, then 32 tokens of its own)
+    and Palu's latents (groups of 4 kv-heads, ranks 256; kernels.latent_decode);
+(e) prefill: kernels.prefill.prefill_attention against causal SDPA and flash_attn_func, 1024-8192 tokens;
+(f) write_kv: kernels.write_kv against the three torch scatters of kernels.reference.write_kv.
 Each row: time (ms, triton.testing.do_bench, L2 flushed between runs), bandwidth (bytes of K/V read,
 for write_kv read + written, / time), that as a fraction of the device's copy bandwidth (a 1 GiB
 device-to-device copy, read + written bytes / time), speedup against the first row of its case
-(SDPA, torch for write_kv, full-precision paged_decode for quant_decode and quest_decode), the
+(SDPA, torch for write_kv, full-precision paged_decode for quant_decode, quest_decode and
+block_kinds), the
 largest difference from that row's output, and TFLOP/s for prefill. Needs a CUDA GPU: elsewhere
 it says so and exits 0 (--markdown needs none). Importing it imports only torch.
 """
@@ -38,6 +44,8 @@ WRITE = [1, 64, 512, 8192]                                                     #
 QUICK_DECODE, QUICK_PREFILL, QUICK_WRITE = [(1, 4096), (32, 8192)], [(1, 2048)], [64, 8192]
 KIVI_BITS, KIVI_GROUP, KIVI_RESIDUAL = (4, 2), 32, 128   # KIVI's settings (nanokv/methods/kivi.py)
 QUEST_BUDGET, QUEST = 512, [(1, 4096), (32, 4096)]       # tokens read per head; (batch, context)
+THINK_KEPT, RECENT = D - int(0.4 * D), 32   # ThinK's channel_ratio 0.4; its recent window, MiniCache's own tokens
+LATENT_GROUP, LATENT_RANK = 4, 256   # Palu's groups of 4 kv-heads, half their 512 numbers a token for K and for V
 
 
 def do_bench(fn) -> float:
@@ -177,6 +185,85 @@ def quest_impls(B, S, dtype):
                    "quest": bounds + 2 * B * HKV * pages * BLOCK_SIZE * D * es}
 
 
+def block_kind_impls(B, S, dtype):
+    """Full-precision paged decode, then ThinK's and MiniCache's decode over the same context.
+    -> (impls, bytes each reads). Their outputs are other maths than the baseline's: not compared."""
+    from nanokv.cache.pruned_cache import PrunedBlockPool
+    from nanokv.kernels.paged_decode import paged_decode_attention
+    from nanokv.kernels.two_part_decode import paired_decode_attention, pruned_decode_attention
+
+    k, v, k_pool, v_pool, pos_pool, tables, lengths = paged_kv(B, S, dtype)
+    q = torch.randn(B, HQ, D, dtype=dtype, device="cuda")
+    q_pos = torch.full((B,), S - 1, dtype=torch.int64, device="cuda")
+    es, heads, old = torch.finfo(dtype).bits // 8, B * HKV, S - RECENT
+
+    # ThinK: the oldest tokens in slim blocks (their kept channels), the newest RECENT in full ones
+    n = PrunedBlockPool(2, BLOCK_SIZE, D, THINK_KEPT, dtype).slim_block_size
+    ns, nr = -(-old // n), RECENT // BLOCK_SIZE
+    pruned = PrunedBlockPool(1 + heads * (ns + nr), BLOCK_SIZE, D, THINK_KEPT, dtype, "cuda")
+    rows = 1 + torch.randperm(heads * (ns + nr), device="cuda")
+    stables, ftables = rows[:heads * ns].view(B, HKV, ns), rows[heads * ns:].view(B, HKV, nr)
+    channels = torch.stack([torch.randperm(D, device="cuda")[:THINK_KEPT] for _ in range(heads)]).view(B, HKV, -1)
+    slim_k = k[:, :, :old].gather(-1, channels[:, :, None].expand(B, HKV, old, THINK_KEPT))
+    pad = (0, 0, 0, ns * n - old)
+    for name, x in (("k", slim_k), ("v", v[:, :, :old])):
+        pruned.slim_fields[name][stables.flatten()] = torch.nn.functional.pad(x, pad).reshape(-1, n, x.shape[-1])
+    pruned.slim_fields["pos"][stables.flatten()] = torch.nn.functional.pad(
+        torch.arange(old, dtype=torch.int32, device="cuda"), pad[2:]).view(ns, n).repeat(heads, 1)
+    for name, x in (("k", k), ("v", v)):
+        pruned.fields[name][ftables.flatten()] = x[:, :, old:].reshape(-1, BLOCK_SIZE, D)
+    pruned.fields["pos"][ftables.flatten()] = torch.arange(old, S, dtype=torch.int32, device="cuda").view(
+        nr, BLOCK_SIZE).repeat(heads, 1)
+    slim = [pruned.slim_fields[name] for name in ("k", "v", "pos")]
+    recent = torch.full_like(lengths, RECENT)
+
+    def think():
+        pruned_decode_attention(q, q_pos, *slim, stables, lengths - RECENT, channels, pruned.k, pruned.v, pruned.pos,
+                                ftables, recent)
+
+    # MiniCache: layer a's blocks, every slot restored to layer b's magnitudes, then b's own RECENT
+    # tokens (here the first blocks of each head: any blocks do)
+    magnitudes = [torch.rand(k_pool.shape[:2], device="cuda") + 0.5 for _ in range(2)]
+
+    def minicache():
+        paired_decode_attention(q, q_pos, k_pool, v_pool, pos_pool, *magnitudes, tables, lengths, tables[..., :nr],
+                                recent)
+
+    full = 2 * heads * S * D * es
+    latent, latent_bytes = latent_case(q, q_pos, B, S, dtype)
+    impls = [("paged_decode", lambda: lambda: paged_decode_attention(q, q_pos, k_pool, v_pool, pos_pool, tables,
+                                                                     lengths)),
+             ("think", lambda: think), ("minicache", lambda: minicache), ("palu", lambda: latent)]
+    return impls, {"paged_decode": full, "think": heads * (old * (THINK_KEPT + D) * es + 2 * RECENT * D * es),
+                   "minicache": full + heads * (S * 8 + 2 * RECENT * D * es), "palu": latent_bytes}
+
+
+def latent_case(q, q_pos, B, S, dtype):
+    """Palu's latent cache at half the numbers: groups of LATENT_GROUP kv-heads, each token's K and
+    V latents of LATENT_RANK numbers in 2 * LATENT_RANK / 32 slots of 16-channel blocks at random
+    places. -> (the decode call, bytes it reads)."""
+    from nanokv.kernels.latent_decode import latent_decode_attention
+
+    G, chunk, m = HKV // LATENT_GROUP, 16, 2 * LATENT_RANK // 32
+    nb = S * m // BLOCK_SIZE
+    tables = torch.randperm(B * G * nb, device="cuda").view(B, G, nb)
+    k_pool, v_pool = (torch.randn(B * G * nb, BLOCK_SIZE, chunk, dtype=dtype, device="cuda") for _ in range(2))
+    pos_pool = torch.empty(B * G * nb, BLOCK_SIZE, dtype=torch.int32, device="cuda")
+    slots = torch.arange(S, dtype=torch.int32, device="cuda").repeat_interleave(m)   # a token's m slots
+    pos_pool[tables.flatten()] = slots.view(nb, BLOCK_SIZE).repeat(B * G, 1)
+    lengths = torch.full((B, G), S * m, device="cuda")
+    k_basis = torch.linalg.qr(torch.randn(G, LATENT_GROUP * D, LATENT_RANK, device="cuda"))[0]
+    k_bias = torch.zeros(G, LATENT_GROUP * D, device="cuda")
+    inv_freq = 1.0 / 500000.0 ** (torch.arange(0, D, 2, device="cuda").float() / D)
+    angles = torch.arange(S, device="cuda").float()[:, None] * inv_freq
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+
+    def latent():
+        latent_decode_attention(q, q_pos, k_pool, v_pool, pos_pool, tables, lengths, m, k_basis, k_bias,
+                                (LATENT_RANK, LATENT_RANK), cos, sin)
+    return latent, B * G * S * (2 * LATENT_RANK * (torch.finfo(dtype).bits // 8) + 4 * m)
+
+
 def prefill_impls(B, T, dtype):
     k, v, k_pool, v_pool, pos_pool, tables, lengths = paged_kv(B, T, dtype)
     q = torch.randn(B * T, HQ, D, dtype=dtype, device="cuda")
@@ -264,7 +351,7 @@ def fits(nbytes) -> bool:
 # a row's keys that are not its case's
 RESULTS = {"kernel", "dtype", "impl", "bytes", "ms", "gbps", "frac_copy_bw", "speedup", "tflops", "max_abs_err",
            "error"}
-TIME_RATIO = {"quant_decode", "quest_decode"}   # kernels whose target is a share of full precision's time
+TIME_RATIO = {"quant_decode", "quest_decode", "block_kinds"}   # kernels whose target is a share of full precision's time
 
 
 def times(x: float) -> str:
@@ -353,6 +440,9 @@ def main(argv=None) -> int:
     for B, S in QUEST:
         case = dict(kernel="quest_decode", B=B, S=S, budget=QUEST_BUDGET, dtype=args.dtype)
         save(run_case(case, *quest_impls(B, S, dtype), copy_bw))
+    for B, S in QUEST:
+        case = dict(kernel="block_kinds", B=B, S=S, dtype=args.dtype)
+        save(run_case(case, *block_kind_impls(B, S, dtype), copy_bw))
     for B, T in QUICK_PREFILL if args.quick else PREFILL:
         case = dict(kernel="prefill", B=B, T=T, dtype=args.dtype)
         flops = 2 * B * HQ * D * T * T   # causal: half of 2 matmuls of 2 * T * T * D flops per head

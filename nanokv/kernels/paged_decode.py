@@ -252,6 +252,8 @@ def decode_parts(parts: list[DecodePart], q_pos, sm_scale: float, sliding_window
         upcast = exact_dots(part.k.dtype) or q.dtype != part.k.dtype
         # a split of few slots (a short context, a test) takes a smaller tile: no padded iterations
         tile = EXACT_TILE_TOKENS if upcast else TILE_TOKENS
+        if upcast and part.magnitudes is not None:
+            tile //= 2  # float32 tiles restored in registers spill at 32 slots (sm_90, head_dim 128)
         block_n = max(16, min(tile, triton.next_power_of_2(per_split * block_size)))
         _split_kernel[(B, Hkv, n)](
             q, q_pos, part.k, part.v, part.pos, tables, lengths, k_mag, v_mag, acc, m, l, logits,

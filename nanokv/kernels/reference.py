@@ -134,22 +134,29 @@ def latent_attention(q: torch.Tensor, q_pos: torch.Tensor, k_pool: torch.Tensor,
     tables [B, G, nb] and lengths [B, G] (slots, `slots_per_token` a token) of each head group;
     k_basis [G, group * D, r_k] and k_bias [G, group * D] float32, ranks (r_k, r_v); cos, sin
     [P, D] float32 RoPE tables by position. -> the attention over each kv-head's value latents,
-    [B, T, Hq, r_v] in q's dtype (the cache takes it through the value basis).
+    [B, T, Hq, r_v] in q's dtype (the cache takes it through the value basis): `attend` over
+    latent_keys, cast to q's dtype."""
+    keys, values, positions, held = latent_keys(k_pool, v_pool, pos_pool, tables, lengths, slots_per_token, k_basis,
+                                                k_bias, ranks, cos, sin)
+    return attend(q, q_pos, keys.to(q.dtype), values.to(q.dtype), positions, held, sliding_window)
 
-    The same operations, in the same order, as LatentKVCache.read then `attend` on keys and
-    values cast to q's dtype: the cache's results do not change when it calls this. The kv-heads a
-    group holds (group = k_basis.shape[1] // D, H = G * group) come from the basis; RoPE is
-    rotate-half at each token's position, read from its first slot in the first group (every group
-    holds the same tokens). Kernels import nothing from nanokv.models, so the rotation is spelled
-    out here, as apply_rope does it."""
+
+def latent_keys(k_pool, v_pool, pos_pool, tables, lengths, slots_per_token, k_basis, k_bias, ranks, cos, sin):
+    """What latent_attention attends over, gathered: the keys rebuilt from their latents and
+    rotated at their positions [B, H, S, D] float32, each kv-head's value latents [B, H, S, r_v]
+    (its group's), positions [B, H, S], tokens held [B, H]. The kv-heads a group holds
+    (group = k_basis.shape[1] // D, H = G * group) come from the basis; a token's position is
+    read from its first slot in the first group (every group holds the same tokens). Kernels
+    import nothing from nanokv.models, so RoPE's rotate-half is spelled out here."""
     B, G = tables.shape[:2]
-    D, m = q.shape[-1], slots_per_token
+    D, m = cos.shape[-1], slots_per_token
     r_k, r_v = ranks
     group = k_basis.shape[1] // D
     H = G * group
     k_chunks, v_chunks = gather_blocks(k_pool, tables), gather_blocks(v_pool, tables)
     S = k_chunks.shape[2] // m
     latent = torch.stack([k_chunks[:, :, :S * m], v_chunks[:, :, :S * m]], dim=3).view(B, G, S, -1).float()
+    # a token's heads sit side by side in its group's latent: [B, S, G, group * D] -> [B * S, H, D]
     k_pre = (torch.einsum("bgsr,gdr->bsgd", latent[..., :r_k], k_basis) + k_bias).reshape(B * S, H, D)
     positions = gather_blocks(pos_pool, tables[:, :1])[:, 0, :S * m:m]                       # [B, S]
     cos_at, sin_at = cos[positions.flatten()][:, None], sin[positions.flatten()][:, None]
@@ -157,9 +164,7 @@ def latent_attention(q: torch.Tensor, q_pos: torch.Tensor, k_pool: torch.Tensor,
     rotated = torch.cat((-k_pre[..., half:], k_pre[..., :half]), dim=-1)
     keys = (k_pre * cos_at + rotated * sin_at).view(B, S, H, D).transpose(1, 2)               # [B, H, S, D]
     values = latent[..., r_k:r_k + r_v].repeat_interleave(group, dim=1)                       # [B, H, S, r_v]
-    held = (lengths // m).repeat_interleave(group, dim=1)
-    return attend(q, q_pos, keys.to(q.dtype), values.to(q.dtype), positions[:, None].expand(B, H, S), held,
-                  sliding_window)
+    return keys, values, positions[:, None].expand(B, H, S), (lengths // m).repeat_interleave(group, dim=1)
 
 
 def pruned_attention(q: torch.Tensor, q_pos: torch.Tensor, slim_k: torch.Tensor, slim_v: torch.Tensor,
