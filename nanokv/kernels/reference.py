@@ -146,8 +146,7 @@ def latent_keys(k_pool, v_pool, pos_pool, tables, lengths, slots_per_token, k_ba
     rotated at their positions [B, H, S, D] float32, each kv-head's value latents [B, H, S, r_v]
     (its group's), positions [B, H, S], tokens held [B, H]. The kv-heads a group holds
     (group = k_basis.shape[1] // D, H = G * group) come from the basis; a token's position is
-    read from its first slot in the first group (every group holds the same tokens). Kernels
-    import nothing from nanokv.models, so RoPE's rotate-half is spelled out here."""
+    read from its first slot in the first group (every group holds the same tokens)."""
     B, G = tables.shape[:2]
     D, m = cos.shape[-1], slots_per_token
     r_k, r_v = ranks
@@ -159,10 +158,8 @@ def latent_keys(k_pool, v_pool, pos_pool, tables, lengths, slots_per_token, k_ba
     # a token's heads sit side by side in its group's latent: [B, S, G, group * D] -> [B * S, H, D]
     k_pre = (torch.einsum("bgsr,gdr->bsgd", latent[..., :r_k], k_basis) + k_bias).reshape(B * S, H, D)
     positions = gather_blocks(pos_pool, tables[:, :1])[:, 0, :S * m:m]                       # [B, S]
-    cos_at, sin_at = cos[positions.flatten()][:, None], sin[positions.flatten()][:, None]
-    half = D // 2
-    rotated = torch.cat((-k_pre[..., half:], k_pre[..., :half]), dim=-1)
-    keys = (k_pre * cos_at + rotated * sin_at).view(B, S, H, D).transpose(1, 2)               # [B, H, S, D]
+    at = positions.flatten()
+    keys = apply_rope(k_pre, cos[at], sin[at]).view(B, S, H, D).transpose(1, 2)               # [B, H, S, D]
     values = latent[..., r_k:r_k + r_v].repeat_interleave(group, dim=1)                       # [B, H, S, r_v]
     return keys, values, positions[:, None].expand(B, H, S), (lengths // m).repeat_interleave(group, dim=1)
 
@@ -234,6 +231,18 @@ def restored(x: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
     """Vectors x [..., D] with their length set to `magnitude` [...] (0 where x is 0)."""
     xf = x.float()
     return (xf * (magnitude / xf.norm(dim=-1).clamp(min=1e-30))[..., None]).to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embeddings, rotate-half layout (the model's, nanokv/models/rope.py): x [T, heads,
+    head_dim]; cos/sin [T, head_dim]."""
+    from nanokv.kernels import cpu
+
+    if cpu.serves(x, cos, sin):  # the same, bit for bit, in one C++ pass
+        return cpu.rope(x, cos, sin)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 
 def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,8 @@ import math
 
 import torch
 
-from nanokv.kernels import cpu
+# rotate-half RoPE itself lives with the kernels' maths, which rotate rebuilt keys with it too
+from nanokv.kernels.reference import apply_rope  # noqa: F401
 
 
 def inverse_frequencies(head_dim: int, theta: float, scaling: dict) -> torch.Tensor:
@@ -43,12 +44,3 @@ def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.d
     freqs = positions.float()[:, None] * inv_freq[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, head_dim]; cos/sin: [T, head_dim]."""
-    if cpu.serves(x, cos, sin):  # the same, bit for bit, in one C++ pass
-        return cpu.rope(x, cos, sin)
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
