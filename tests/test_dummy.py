@@ -169,6 +169,27 @@ def test_bench_runs_both_engines_on_dummy_weights(tmp_path):
         assert figures["output_tokens_per_s"] > 0 and figures["peak_gpu_bytes"] is None
 
 
+def test_bench_profile_traces_the_decode_steps(tmp_path, capsys):
+    """--profile writes a Chrome trace in which each engine step is a span, and prints the busiest
+    operators; the figures include the share of the KV pool the run used at its peak."""
+    import json
+
+    from nanokv.cli.bench import PROFILE_STEPS, parse_args, run_nanokv
+
+    trace = tmp_path / "trace.json"
+    args = parse_args(["--model", tiny_config(tmp_path), "--load-format", "dummy", "--device", "cpu",
+                       "--num-requests", "3", "--min-input", "8", "--max-input", "16", "--min-output", "2",
+                       "--max-output", "4", "--single-output", "0", "--kv-cache-memory", "4000000",
+                       "--profile", str(trace)])
+    figures = run_nanokv(args)
+    assert 0 < figures["kv_pool_peak_share"] < 1
+    spans = [e["name"] for e in json.loads(trace.read_text())["traceEvents"] if e.get("name", "").startswith("nanokv.")]
+    # one prefill step for the batch (3 requests: fewer than PROFILE_REQUESTS), then a step per token after the first
+    assert spans.count("nanokv.prefill_step") == 1 and spans.count("nanokv.decode_step") == PROFILE_STEPS
+    err = capsys.readouterr().err
+    assert f"profile of 3 requests x {PROFILE_STEPS} decode steps" in err and "Self CPU" in err
+
+
 @pytest.mark.parametrize("argv, expected", [
     (["--load-format", "dummy", "--model", "gpt-5"], "no config for 'gpt-5'"),
     (["--device", "cuda"], "device 'cuda' is not available"),

@@ -18,8 +18,9 @@ from nanokv.methods import make_method
 from nanokv.sampling import SamplingParams
 
 
-def greedy(model, cfg, prompts, choice, steps=12, method=None):
-    """Every prompt through the scheduler and runner (batched, continuous), with `choice` kernels."""
+def greedy(model, cfg, prompts, choice, steps=12, method=None, send=None):
+    """Every prompt through the scheduler and runner (batched, continuous), with `choice` kernels
+    (and `send`, what sends a decode step's host inputs, when given)."""
     if method is not None and method.quantization is not None:
         cache = QuantizedKVCache.from_memory(cfg, 4 << 20, method.quantization, torch.float32)
     else:
@@ -27,6 +28,7 @@ def greedy(model, cfg, prompts, choice, steps=12, method=None):
                                          key_bounds=method is not None and method.selects_pages)
     cache.kernels = kernels_for("cpu", choice, cache.workspace)
     scheduler, runner = Scheduler(cache, 8, 64, method), ModelRunner(model, cache, "cpu", method)
+    runner.send = send or runner.send
     seqs = [Sequence(p, SamplingParams(max_tokens=steps, ignore_eos=True), set(), lambda t: "", 256) for p in prompts]
     scheduler.add(seqs)
     while not scheduler.finished:
@@ -188,6 +190,53 @@ def test_block_kinds_decode_through_their_triton_kernels(tmp_path, monkeypatch, 
     monkeypatch.setattr(kernels.reference, name, decode_twin)
     assert run("triton") == expected
     assert calls["kernel"] > 0 and calls["special"] > 0, calls
+
+
+@pytest.mark.parametrize("method", [None, "h2o", "kivi", "quest"])
+def test_a_decode_step_sends_its_host_inputs_in_one_copy(tiny, monkeypatch, method):
+    """What a GPU does, forced on CPU: each decode step packs its ids, positions, slots, block
+    tables and lengths (and H2O's budgets) into one buffer and sends it in one copy, and the
+    engine reads them from there: the same greedy tokens, one copy per decode step."""
+    from nanokv.engine.runner import ModelRunner
+    from nanokv.engine.upload import HostToDevice
+
+    model, cfg = tiny
+    decode_steps, step = [0], ModelRunner.step
+
+    def counted(self, seqs, is_prefill):
+        decode_steps[0] += not is_prefill
+        return step(self, seqs, is_prefill)
+    monkeypatch.setattr(ModelRunner, "step", counted)
+    expected = greedy(model, cfg, PROMPTS, "cpu", method=tiny_method(method))
+    send, decode_steps[0] = HostToDevice("cpu", pack=True), 0
+    assert greedy(model, cfg, PROMPTS, "cpu", method=tiny_method(method), send=send) == expected
+    assert send.copies == decode_steps[0] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("method, options", [("full", {}), ("kivi", dict(bits=4, group_size=8, residual_length=16)),
+                                             ("quest", dict(budget=8, skip_layers=0))])
+def test_a_decode_step_waits_for_the_gpu_once(tmp_path, method, options):
+    """On CUDA a decode step of full, KIVI or Quest queues its work without waiting for the GPU
+    (torch's sync debug mode raises on a wait) until it reads its sampled tokens back."""
+    from nanokv import LLM
+    from test_dummy import tiny_config
+
+    llm = LLM(tiny_config(tmp_path), load_format="dummy", dtype="float32", device="cuda", kv_cache_memory=4 << 20,
+              method=method, **options)
+    forward = llm.runner._forward
+
+    def watched(seqs, query_lens, *args, **kwargs):
+        torch.cuda.set_sync_debug_mode("error" if all(n == 1 for n in query_lens) else "default")
+        try:
+            return forward(seqs, query_lens, *args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    llm.runner._forward = watched
+    outs = llm.generate([p + [3] * 20 for p in PROMPTS], SamplingParams(max_tokens=4, ignore_eos=True),
+                        use_tqdm=False)
+    assert all(len(o.token_ids) == 4 for o in outs)
 
 
 READBACKS = ("item", "tolist", "__int__", "__float__", "__bool__", "__index__")  # each waits for the GPU

@@ -165,13 +165,13 @@ class PagedKVCache:
 
     def decode_groups(self, seq_ids: list[int], whole_batch: bool) -> list[list[torch.Tensor]]:
         """The decode step's sequences in groups attended one call each: [members [b], then the
-        block kind's stacked tables (`stacked`), each [L, b, ...]], on the pool's device. A group
-        holds sequences of similar length, so a short one is not padded to the longest of the batch;
-        `whole_batch` (a kernel that reads each head only to its length) takes all of them at once."""
-        seqs, device = [self.seqs[s] for s in seq_ids], self.pool.device
+        block kind's stacked tables (`stacked`), each [L, b, ...]], on the host (the engine sends a
+        step's inputs to the device in one copy). A group holds sequences of similar length, so a
+        short one is not padded to the longest of the batch; `whole_batch` (a kernel that reads
+        each head only to its length) takes all of them at once."""
+        seqs = [self.seqs[s] for s in seq_ids]
         members = [list(range(len(seqs)))] if whole_batch else length_groups([self.blocks_read(s) for s in seqs])
-        return [[torch.tensor(m, device=device), *(t.to(device) for t in self.stacked([seqs[i] for i in m]))]
-                for m in members]
+        return [[torch.tensor(m, device=HOST), *self.stacked([seqs[i] for i in m])] for m in members]
 
     def blocks_read(self, s: SequenceKV) -> int:
         return int(s.num_blocks.max())

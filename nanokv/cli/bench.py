@@ -28,9 +28,12 @@ from nanokv.cli.args import OneLineParser, method_options
 
 FIGURES = ("requests_per_s", "output_tokens_per_s", "total_tokens_per_s", "prefill_tokens_per_s",
            "decode_tokens_per_s", "ttft_p50_s", "ttft_p90_s", "peak_kv_bytes", "peak_rss_bytes", "peak_gpu_bytes",
-           "peak_running_requests", "kv_bytes_per_token", "kv_bytes_per_token_unrounded",
+           "peak_running_requests", "kv_pool_peak_share", "kv_bytes_per_token", "kv_bytes_per_token_unrounded",
            "kv_bytes_read_per_decode_token",
            "single_request_decode_tokens_per_s")
+
+
+PROFILE_REQUESTS, PROFILE_STEPS = 8, 8  # what --profile traces: a short batch, a few decode steps
 
 
 def parse_args(argv=None):
@@ -66,6 +69,10 @@ def parse_args(argv=None):
     p.add_argument("--budget", type=int, default=None, help="prompt tokens the method keeps per (layer, head)")
     p.add_argument("--method-arg", action="append", default=[], metavar="KEY=VALUE", help="a method option")
     p.add_argument("--out", metavar="PATH", help="write config and figures as JSON")
+    p.add_argument("--profile", metavar="PATH",
+                   help=f"after the timed run, trace {PROFILE_STEPS} decode steps of {PROFILE_REQUESTS} requests with "
+                        "torch.profiler into PATH (Chrome trace JSON: chrome://tracing or ui.perfetto.dev) and print "
+                        "the operators that took the most time")
     p.add_argument("--engine", choices=["nanokv", "hf"], help=argparse.SUPPRESS)  # child process mode
     args = p.parse_args(argv)
     for name in ("num_requests", "min_input", "min_output", "block_size", "max_num_seqs",
@@ -168,13 +175,35 @@ def run_nanokv(args) -> dict:
                **percentiles([o.metrics["ttft_s"] for o in outputs]),
                "peak_kv_bytes": s["peak_kv_bytes"], "peak_running_requests": s["peak_running"],
                "preemptions": s["preemptions"], "kv_pool_bytes": llm.cache.pool.total_bytes,
+               "kv_pool_peak_share": s["peak_kv_bytes"] / llm.cache.pool.total_bytes,
                "kv_bytes_read_per_decode_token": s["kv_bytes_read_per_decode_token"],
                **kv_bytes_per_token(outputs)}
     if args.single_output:
         [one] = llm.generate([requests[0][0]], SamplingParams(max_tokens=args.single_output, ignore_eos=True))
         figures["single_request_decode_tokens_per_s"] = one.metrics["decode_tokens_per_s"]
     figures.update(peak_memory(device))
+    if args.profile:
+        profile_decode(llm, [p for p, _ in requests[:PROFILE_REQUESTS]], args.profile)
     return figures
+
+
+def profile_decode(llm, prompts, path: str) -> None:
+    """Trace a short batch with torch.profiler (CPU, and CUDA on a GPU) into `path`, where each
+    engine step is a span (nanokv.prefill_step, nanokv.decode_step); print the operators that took
+    the most time (its one prefill step included)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from nanokv import SamplingParams
+
+    on_gpu = str(llm.device).startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    with profile(activities=activities) as trace:
+        llm.generate(prompts, SamplingParams(max_tokens=PROFILE_STEPS + 1, ignore_eos=True))
+    trace.export_chrome_trace(path)
+    sort = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
+    print(f"bench: profile of {len(prompts)} requests x {PROFILE_STEPS} decode steps (and their prefill) in {path}; "
+          f"the operators that took the most time:", file=sys.stderr)
+    print(trace.key_averages().table(sort_by=sort, row_limit=15), file=sys.stderr)
 
 
 # --- transformers ---------------------------------------------------------------------------
@@ -291,7 +320,28 @@ def run_hf(args) -> dict:
         began, first, end, _ = generate([(requests[0][0], args.single_output)])
         figures["single_request_decode_tokens_per_s"] = (args.single_output - 1) / (end - first)
     figures.update(peak_memory(device))
+    if args.profile:
+        profile_decode(llm, [p for p, _ in requests[:PROFILE_REQUESTS]], args.profile)
     return figures
+
+
+def profile_decode(llm, prompts, path: str) -> None:
+    """Trace a short batch with torch.profiler (CPU, and CUDA on a GPU) into `path`, where each
+    engine step is a span (nanokv.prefill_step, nanokv.decode_step); print the operators that took
+    the most time (its one prefill step included)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from nanokv import SamplingParams
+
+    on_gpu = str(llm.device).startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    with profile(activities=activities) as trace:
+        llm.generate(prompts, SamplingParams(max_tokens=PROFILE_STEPS + 1, ignore_eos=True))
+    trace.export_chrome_trace(path)
+    sort = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
+    print(f"bench: profile of {len(prompts)} requests x {PROFILE_STEPS} decode steps (and their prefill) in {path}; "
+          f"the operators that took the most time:", file=sys.stderr)
+    print(trace.key_averages().table(sort_by=sort, row_limit=15), file=sys.stderr)
 
 
 # --- driver ---------------------------------------------------------------------------------
@@ -311,6 +361,8 @@ def fmt(name: str, value) -> str:
         return "-"
     if "bytes" in name:  # totals in MiB; a per-token figure under a MiB in KiB
         return f"{value / 2**20:.1f} MiB" if value >= 2**20 else f"{value / 2**10:.1f} KiB"
+    if name.endswith("_share"):
+        return f"{value:.0%}"
     if name.endswith("_per_s"):
         return f"{value:.1f}"
     if name.endswith("_s"):

@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from nanokv.cache.pool import HOST
+from nanokv.engine.upload import HostToDevice
 from nanokv.kernels.reference import quest_pages
 from nanokv.methods.base import DecodeStep, PrefillView
 
@@ -34,7 +35,11 @@ from nanokv.methods.base import DecodeStep, PrefillView
 class StepAttention:
     def __init__(self, cache, seq_ids: list[int], query_lens: list[int], positions: torch.Tensor, method=None,
                  compress_lens: list[int] | None = None, token_ids: torch.Tensor | None = None,
-                 scoring_passes: list[list[int]] | None = None, compress: bool = True):
+                 scoring_passes: list[list[int]] | None = None, compress: bool = True,
+                 send: HostToDevice | None = None):
+        """A decode's positions and token ids may come on the host: they go to the device with the
+        step's tables, in one copy by `send` (engine/upload.py), and the model reads them back
+        from here (`positions`, `ids`)."""
         self.cache, self.seq_ids, self.query_lens = cache, seq_ids, query_lens
         compressing = method if method is not None and method.compresses else None
         # a method that picks the tokens each layer's prompt keeps (the PrefillSelector role)
@@ -57,26 +62,44 @@ class StepAttention:
         # the token counts of a method's own scoring passes, which follow them (methods/base.py)
         self.scoring_passes = scoring_passes or [[] for _ in seq_ids]
         # the new tokens' ids [T], for a method that reads them (PrefillView.token_ids)
-        self.token_ids = None if token_ids is None else token_ids.split(query_lens)
-        self.positions = positions                                        # [T] all new tokens
+        self.ids, self.positions = token_ids, positions                   # [T] all new tokens
         self.is_decode = all(n == 1 for n in query_lens)
-        device = cache.pool.device
         self.evicting = self.method is not None and self.method.evicts_during_decode
         if self.evicting:
-            self.budgets = torch.tensor([self.method.decode_budget(n) for n in self.compress_lens], device=device)
-            self.prompt_lens = torch.tensor(self.compress_lens, device=device)
             # the slots each (layer, sequence, head) evicted this decode step
             self.evicted = torch.zeros(cache.num_layers, len(seq_ids), cache.num_kv_heads, dtype=torch.long,
                                        device=HOST)
-        self.q_pos = positions.split(query_lens)
         if not self.is_decode:
+            if self.evicting:
+                self.budgets, self.prompt_lens = self._budgets(cache.pool.device)
+            self._split_by_sequence()
             self.sequence_state = {seq_id: {} for seq_id in seq_ids}  # PrefillView.sequence_state
             return
-        self.slots = torch.cat([cache.append_slots(s, 1) for s in seq_ids], dim=-1).to(device)  # [L, H, b]
+        slots = torch.cat([cache.append_slots(s, 1) for s in seq_ids], dim=-1)                 # [L, H, b]
         # A kernel that reads each head only to its length (the C++ decode) takes the whole batch
         # at once, Quest's reduced tables too (each head's picks, -1 after).
         self.whole_batch = cache.kernels.ragged_decode and cache.ragged and not self.evicting
-        self.groups = cache.decode_groups(seq_ids, self.whole_batch)
+        groups = cache.decode_groups(seq_ids, self.whole_batch)                                # on the host
+        # everything the step needs from the host, in one copy
+        inputs = [self.positions, slots, *[t for group in groups for t in group]]
+        inputs += [self.ids] if self.ids is not None else []
+        inputs += list(self._budgets(HOST)) if self.evicting else []
+        sent = iter((send or HostToDevice(cache.pool.device))(inputs))
+        self.positions, self.slots = next(sent), next(sent)
+        self.groups = [[next(sent) for _ in group] for group in groups]
+        self.ids = next(sent) if self.ids is not None else None
+        if self.evicting:
+            self.budgets, self.prompt_lens = next(sent), next(sent)
+        self._split_by_sequence()
+
+    def _budgets(self, device):
+        """A decode-time method's budget and prompt length of each sequence."""
+        return (torch.tensor([self.method.decode_budget(n) for n in self.compress_lens], device=device),
+                torch.tensor(self.compress_lens, device=device))
+
+    def _split_by_sequence(self):
+        self.q_pos = self.positions.split(self.query_lens)
+        self.token_ids = None if self.ids is None else self.ids.split(self.query_lens)
 
     def __call__(self, layer, q, k, v, sliding_window):
         if self.is_decode:

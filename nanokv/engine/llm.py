@@ -204,10 +204,11 @@ class LLM:
                 batch, is_prefill = self.scheduler.schedule()
                 if not batch:  # everything running was preempted; the next step re-admits it
                     continue
-                start = time.perf_counter()
-                tokens = self.runner.step(batch, is_prefill)
-                now = time.perf_counter()
                 kind = "prefill" if is_prefill else "decode"
+                start = time.perf_counter()
+                with torch.profiler.record_function(f"nanokv.{kind}_step"):  # a span in a profiler's trace
+                    tokens = self.runner.step(batch, is_prefill)
+                now = time.perf_counter()
                 stats[f"{kind}_tokens"] += sum(len(s) for s in batch) if is_prefill else len(batch)
                 stats[f"{kind}_s"] += now - start
                 if not is_prefill:

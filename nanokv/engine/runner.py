@@ -15,7 +15,9 @@ from __future__ import annotations
 import torch
 
 from nanokv.cache import PagedKVCache
+from nanokv.cache.pool import HOST
 from nanokv.engine.attention import StepAttention
+from nanokv.engine.upload import HostToDevice
 from nanokv.engine.sequence import Sequence
 from nanokv.sampling import sample
 
@@ -23,12 +25,14 @@ from nanokv.sampling import sample
 class ModelRunner:
     def __init__(self, model, cache: PagedKVCache, device, method=None):
         self.model, self.cache, self.device, self.method = model, cache, device, method
+        self.send = HostToDevice(device)  # a decode step's host inputs, in one copy
 
     @torch.inference_mode()
     def step(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
         if not is_prefill:
-            ids = [s.last_token_id for s in seqs]
-            positions = torch.tensor([len(s) - 1 for s in seqs], device=self.device)
+            # on the host: StepAttention sends them with the step's block tables
+            ids = torch.tensor([s.last_token_id for s in seqs], device=HOST)
+            positions = torch.tensor([len(s) - 1 for s in seqs], device=HOST)
             hidden = self._forward(seqs, [1] * len(seqs), ids, positions)
             for s in seqs:
                 s.num_cached += 1
@@ -61,12 +65,15 @@ class ModelRunner:
         return self._sample(seqs, hidden)
 
     def _forward(self, seqs, query_lens, ids, positions, compress=True):
-        """The model over the cache for these sequences' new tokens -> hidden states [T, hidden]."""
-        ids = torch.tensor(ids, device=self.device)
+        """The model over the cache for these sequences' new tokens -> hidden states [T, hidden].
+        ids: a list (prefill), or with positions host tensors (decode)."""
+        if isinstance(ids, list):
+            ids = torch.tensor(ids, device=self.device)
         attention = StepAttention(self.cache, [s.id for s in seqs], query_lens, positions, self.method,
                                    [s.compress_len for s in seqs], ids,
-                                   [[len(p) for p in s.scoring_passes] for s in seqs] if compress else None, compress)
-        hidden = self.model(ids, positions, attention)
+                                   [[len(p) for p in s.scoring_passes] for s in seqs] if compress else None, compress,
+                                   self.send)
+        hidden = self.model(attention.ids, attention.positions, attention)
         attention.finish()
         # decode: the KV bytes attention read, all layers; a tensor on the device, which the caller
         # reads after the step, when sampling has waited for the GPU anyway

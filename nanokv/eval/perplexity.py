@@ -43,8 +43,8 @@ def perplexity(llm, ids: list[int], prefill: int) -> tuple[float, float]:
         for target in [*ids[prefill:], None]:
             positions = torch.arange(start, start + len(step), device=device)
             attention = StepAttention(cache, [seq_id], [len(step)], positions, llm.method,
-                                       token_ids=torch.tensor(step, device=device))
-            hidden = model(torch.tensor(step, device=device), positions, attention)
+                                       token_ids=torch.tensor(step, device=device), send=llm.runner.send)
+            hidden = model(attention.ids, attention.positions, attention)
             attention.finish()
             if target is None:
                 break

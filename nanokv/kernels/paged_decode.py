@@ -25,6 +25,12 @@ fast when those reads keep the memory system busy. Hence:
    out = sum_s exp(m_s - M) acc_s / sum_s exp(m_s - M) l_s with M = max_s m_s, and writes out and
    lse = M + log(L). probs = exp(logit - lse) is then one torch expression.
 
+`decode_parts` runs the same two kernels over several runs of blocks in one softmax: each run's
+splits write into one scratch, and one merge combines them all. The block kinds whose heads hold
+two kinds of block use it (two_part_decode.py): a run may have keys narrower than its values
+(KD < D, ThinK's slim keys) and rows restored to stored magnitudes as they load (the RESTORE
+specialization, MiniCache's merged layer).
+
 A split with no visible slot (past the head's length, or outside the window) keeps m = -inf,
 l = 0, acc = 0: every exp() below is taken against a max that is replaced by 0 while still -inf,
 so such a split weighs exp(-inf) = 0 instead of producing NaN.

@@ -32,7 +32,7 @@ def pruned_decode_attention(q, q_pos, slim_k, slim_v, slim_pos, stables, slim_le
     B, Hq, D = q.shape
     Hkv, kD = channels.shape[1], channels.shape[2]
     group = Hq // Hkv
-    kept = channels.to(q.device)[:, :, None, :].expand(B, Hkv, group, kD)
+    kept = channels[:, :, None, :].expand(B, Hkv, group, kD)
     q_slim = q.view(B, Hkv, group, D).gather(-1, kept).reshape(B, Hq, kD)
     parts = [DecodePart(q_slim, slim_k, slim_v, slim_pos, stables, slim_lengths),
              DecodePart(q, k_pool, v_pool, pos_pool, tables, lengths)]
