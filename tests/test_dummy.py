@@ -174,7 +174,7 @@ def test_bench_profile_traces_the_decode_steps(tmp_path, capsys):
     operators; the figures include the share of the KV pool the run used at its peak."""
     import json
 
-    from nanokv.cli.bench import PROFILE_STEPS, parse_args, run_nanokv
+    from nanokv.cli.bench import PROFILE_STEPS, parse_args, run_hf, run_nanokv
 
     trace = tmp_path / "trace.json"
     args = parse_args(["--model", tiny_config(tmp_path), "--load-format", "dummy", "--device", "cpu",
@@ -188,6 +188,8 @@ def test_bench_profile_traces_the_decode_steps(tmp_path, capsys):
     assert spans.count("nanokv.prefill_step") == 1 and spans.count("nanokv.decode_step") == PROFILE_STEPS
     err = capsys.readouterr().err
     assert f"profile of 3 requests x {PROFILE_STEPS} decode steps" in err and "Self CPU" in err
+    trace.unlink()
+    assert run_hf(args)["output_tokens_per_s"] > 0 and not trace.exists()  # the transformers side traces nothing
 
 
 @pytest.mark.parametrize("argv, expected", [

@@ -70,8 +70,8 @@ def parse_args(argv=None):
     p.add_argument("--method-arg", action="append", default=[], metavar="KEY=VALUE", help="a method option")
     p.add_argument("--out", metavar="PATH", help="write config and figures as JSON")
     p.add_argument("--profile", metavar="PATH",
-                   help=f"after the timed run, trace {PROFILE_STEPS} decode steps of {PROFILE_REQUESTS} requests with "
-                        "torch.profiler into PATH (Chrome trace JSON: chrome://tracing or ui.perfetto.dev) and print "
+                   help=f"after the timed run, trace nanokv's {PROFILE_STEPS} decode steps of {PROFILE_REQUESTS} "
+                        "requests with torch.profiler into PATH (Chrome trace JSON: chrome://tracing or ui.perfetto.dev) and print "
                         "the operators that took the most time")
     p.add_argument("--engine", choices=["nanokv", "hf"], help=argparse.SUPPRESS)  # child process mode
     args = p.parse_args(argv)
@@ -320,28 +320,7 @@ def run_hf(args) -> dict:
         began, first, end, _ = generate([(requests[0][0], args.single_output)])
         figures["single_request_decode_tokens_per_s"] = (args.single_output - 1) / (end - first)
     figures.update(peak_memory(device))
-    if args.profile:
-        profile_decode(llm, [p for p, _ in requests[:PROFILE_REQUESTS]], args.profile)
     return figures
-
-
-def profile_decode(llm, prompts, path: str) -> None:
-    """Trace a short batch with torch.profiler (CPU, and CUDA on a GPU) into `path`, where each
-    engine step is a span (nanokv.prefill_step, nanokv.decode_step); print the operators that took
-    the most time (its one prefill step included)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    from nanokv import SamplingParams
-
-    on_gpu = str(llm.device).startswith("cuda")
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
-    with profile(activities=activities) as trace:
-        llm.generate(prompts, SamplingParams(max_tokens=PROFILE_STEPS + 1, ignore_eos=True))
-    trace.export_chrome_trace(path)
-    sort = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
-    print(f"bench: profile of {len(prompts)} requests x {PROFILE_STEPS} decode steps (and their prefill) in {path}; "
-          f"the operators that took the most time:", file=sys.stderr)
-    print(trace.key_averages().table(sort_by=sort, row_limit=15), file=sys.stderr)
 
 
 # --- driver ---------------------------------------------------------------------------------
