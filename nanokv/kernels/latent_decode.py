@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from nanokv.kernels.launch import exact_dots, split_count
-from nanokv.kernels.paged_decode import MIN_SPLIT_TOKENS, NUM_STAGES, _merge_kernel
+from nanokv.kernels.paged_decode import MIN_SPLIT_TOKENS, NUM_STAGES, _dot, _merge_kernel, _online_softmax
 
 # Tokens a program reads per iteration, and its warps; key-latent columns a key-rebuild dot takes.
 # Compiled for sm_90 with Triton's ptxas (as scripts/compile_kernels.py does), bf16, 32 tokens over
@@ -127,11 +127,8 @@ def _latent_split_kernel(q_ptr, q_pos_ptr, k_ptr, v_ptr, pos_ptr, tables_ptr, le
             basis2 = tl.load(basis + t * KEY_TILE * D + HALF, mask=e_ok[None, :], other=0.0)
             if UPCAST:
                 latent_k = latent_k.to(tl.float32)
-                k1 += tl.dot(latent_k, basis1, input_precision="ieee")
-                k2 += tl.dot(latent_k, basis2, input_precision="ieee")
-            else:
-                k1 += tl.dot(latent_k, basis1)                   # tensor cores, float32 accumulator
-                k2 += tl.dot(latent_k, basis2)
+            k1 += _dot(latent_k, basis1, UPCAST)                 # tensor cores, float32 accumulator
+            k2 += _dot(latent_k, basis2, UPCAST)
         latent_v = _latent_columns(k_ptr, v_ptr, table_row, first, held, RK + vc, vc_ok, s_kv, C, BLOCK_SIZE)
         k1 += bias1[None, :]
         k2 += bias2[None, :]
@@ -144,21 +141,10 @@ def _latent_split_kernel(q_ptr, q_pos_ptr, k_ptr, v_ptr, pos_ptr, tables_ptr, le
         key1 = (k1 * cos1 - k2 * sin1).to(key_dtype)
         key2 = (k2 * cos2 + k1 * sin2).to(key_dtype)
         if UPCAST:
-            scores = tl.dot(q1, tl.trans(key1.to(tl.float32)), input_precision="ieee") + \
-                tl.dot(q2, tl.trans(key2.to(tl.float32)), input_precision="ieee")
-        else:
-            scores = tl.dot(q1, tl.trans(key1)) + tl.dot(q2, tl.trans(key2))
+            key1, key2, latent_v = key1.to(tl.float32), key2.to(tl.float32), latent_v.to(tl.float32)
+        scores = _dot(q1, tl.trans(key1), UPCAST) + _dot(q2, tl.trans(key2), UPCAST)
         scores = tl.where(visible[None, :], scores * sm_scale, float("-inf"))   # [BLOCK_G, BLOCK_N]
-        m_new = tl.maximum(m, tl.max(scores, axis=1))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all masked so far: avoid -inf - -inf
-        p = tl.exp(scores - m_ref[:, None])
-        alpha = tl.exp(m - m_ref)
-        if UPCAST:
-            acc = acc * alpha[:, None] + tl.dot(p, latent_v.to(tl.float32), input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(latent_v.dtype), latent_v)
-        l = l * alpha + tl.sum(p, axis=1)
-        m = m_new
+        m, l, acc = _online_softmax(m, l, acc, scores, latent_v, UPCAST)
 
     part = (head * num_splits + s) * group + g  # scratch row of (b, h, split, g)
     tl.store(m_ptr + part, m, mask=g_ok)

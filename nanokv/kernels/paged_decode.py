@@ -60,6 +60,28 @@ def default_blocks_per_split(nb: int, block_size: int, programs: int = 1, device
 
 
 @triton.jit
+def _dot(a, b, UPCAST: tl.constexpr):
+    """a @ b accumulated in float32: exact float32 products when upcast, else on tensor cores."""
+    if UPCAST:
+        out = tl.dot(a, b, input_precision="ieee")
+    else:
+        out = tl.dot(a, b)
+    return out
+
+
+@triton.jit
+def _online_softmax(m, l, acc, scores, v, UPCAST: tl.constexpr):
+    """Fold a tile of scores [BLOCK_G, N] (-inf where masked) and its values [N, BLOCK_D] into the
+    running max m, sum l and unnormalized output acc (every decode kernel here does this)."""
+    m_new = tl.maximum(m, tl.max(scores, axis=1))
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all masked so far: avoid -inf - -inf
+    p = tl.exp(scores - m_ref[:, None])
+    alpha = tl.exp(m - m_ref)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST)
+    return m_new, l * alpha + tl.sum(p, axis=1), acc
+
+
+@triton.jit
 def _split_kernel(q_ptr, q_pos_ptr, k_ptr, v_ptr, pos_ptr, tables_ptr, lengths_ptr, k_mag_ptr, v_mag_ptr,
                   acc_ptr, m_ptr, l_ptr, logits_ptr, s_kv, s_pos, s_mag,
                   sm_scale, window, nb, first_split, num_splits, split_slots, group,
@@ -117,23 +139,13 @@ def _split_kernel(q_ptr, q_pos_ptr, k_ptr, v_ptr, pos_ptr, tables_ptr, lengths_p
             k = _restored(k, k_mag)
             v = _restored(v, v_mag)
         if UPCAST:
-            scores = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
-        else:
-            scores = tl.dot(q, tl.trans(k))                     # tensor cores, float32 accumulator
+            k, v = k.to(tl.float32), v.to(tl.float32)
+        scores = _dot(q, tl.trans(k), UPCAST)                    # tensor cores, float32 accumulator
         scores = tl.where(visible[None, :], scores * sm_scale, float("-inf"))   # [BLOCK_G, BLOCK_N]
         if WRITE_LOGITS:
             tl.store(logits_ptr + (head * group + g)[:, None] * (nb * BLOCK_SIZE) + slot[None, :], scores,
                      mask=g_ok[:, None] & in_split[None, :])
-        m_new = tl.maximum(m, tl.max(scores, axis=1))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all masked so far: avoid -inf - -inf
-        p = tl.exp(scores - m_ref[:, None])
-        alpha = tl.exp(m - m_ref)
-        if UPCAST:
-            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        l = l * alpha + tl.sum(p, axis=1)
-        m = m_new
+        m, l, acc = _online_softmax(m, l, acc, scores, v, UPCAST)
 
     part = (head * num_splits + first_split + s) * group + g  # scratch row of (b, h, split, g)
     tl.store(m_ptr + part, m, mask=g_ok)

@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from nanokv.kernels.launch import exact_dots, split_count
-from nanokv.kernels.paged_decode import _merge_kernel
+from nanokv.kernels.paged_decode import _dot, _merge_kernel, _online_softmax
 
 TILE = 8192  # elements of a [tokens, head dim] tile of K or V (scripts/compile_kernels.py: no spills)
 
@@ -100,27 +100,6 @@ def _dequantize(codes_ptr, scale_ptr, zero_ptr, block, row, count, s_codes, s_sc
         scale, zero = tl.broadcast_to(scale[:, :, None], spread), tl.broadcast_to(zero[:, :, None], spread)
     scale, zero = tl.reshape(scale, (TOKENS, BLOCK_D)), tl.reshape(zero, (TOKENS, BLOCK_D))
     return code.to(tl.float32) * scale + zero
-
-
-@triton.jit
-def _dot(a, b, UPCAST: tl.constexpr):
-    """a @ b accumulated in float32: exact float32 products when upcast, else on tensor cores."""
-    if UPCAST:
-        out = tl.dot(a, b, input_precision="ieee")
-    else:
-        out = tl.dot(a, b)
-    return out
-
-
-@triton.jit
-def _online_softmax(m, l, acc, scores, v, UPCAST: tl.constexpr):
-    """Fold a tile of scores [BLOCK_G, N] (-inf where masked) and its values [N, BLOCK_D] in."""
-    m_new = tl.maximum(m, tl.max(scores, axis=1))
-    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all masked so far: avoid -inf - -inf
-    p = tl.exp(scores - m_ref[:, None])
-    alpha = tl.exp(m - m_ref)
-    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST)
-    return m_new, l * alpha + tl.sum(p, axis=1), acc
 
 
 @triton.jit

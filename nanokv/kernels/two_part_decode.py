@@ -47,4 +47,3 @@ def paired_decode_attention(q, q_pos, k_pool, v_pool, pos_pool, k_mag, v_mag, ta
     parts = [DecodePart(q, k_pool, v_pool, pos_pool, tables_a, lengths_a, (k_mag, v_mag)),
              DecodePart(q, k_pool, v_pool, pos_pool, tables_b, lengths_b)]
     return decode_parts(parts, q_pos, 1.0 / math.sqrt(q.shape[-1]), sliding_window, blocks_per_split=blocks_per_split)
-
