@@ -158,6 +158,21 @@ def random_evict(rng, cache, model, seq_id):
     cache.drop_last(seq_id, drop)
 
 
+def check_mirror(cache):
+    """After the pending edits are applied, the device mirror (DeviceTables) holds each sequence's
+    tables in its row, -1 everywhere else: past each head's blocks, and in every row no sequence owns."""
+    mirror = cache.mirror
+    mirror.sync()
+    expected = torch.full_like(mirror.tables, -1)
+    for seq_id, s in cache.seqs.items():
+        held = torch.arange(s.tables.shape[-1]) < s.num_blocks[..., None]
+        width = min(s.tables.shape[-1], mirror.tables.shape[-1])
+        assert not held[..., width:].any()
+        expected[:, mirror.rows[seq_id], :, :width] = torch.where(held, s.tables, -1)[..., :width]
+    assert torch.equal(mirror.tables, expected)
+    assert sorted([*mirror.rows.values(), *mirror.free_rows]) == list(range(1, mirror.next_row))
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_random_operations_keep_blocks_and_data_consistent(seed):
     rng = random.Random(seed)
@@ -191,6 +206,8 @@ def test_random_operations_keep_blocks_and_data_consistent(seed):
             del model[seq_id]
             done["free"] += 1
         check_invariants(cache, model)
+        if rng.random() < 0.5:  # else the mirror's edits pile up over several operations
+            check_mirror(cache)
         done["ragged"] += any(len({len(h) for heads in m for h in heads}) > 1 for m in model.values())
         done["grown"] += any(s.tables.shape[-1] > 4 for s in cache.seqs.values())
     # then run the pool dry: appends until one is refused
@@ -201,11 +218,60 @@ def test_random_operations_keep_blocks_and_data_consistent(seed):
         check_invariants(cache, model)
     done["refused"] += 1
     check_invariants(cache, model)
+    check_mirror(cache)
     # the run exercised every path, including heads of different lengths and grown tables
     assert all(done.values()), done
     for seq_id in list(model):
         cache.free(seq_id)
     assert pool.num_free == pool.num_blocks and pool.used_bytes == 0
+
+
+def test_the_mirror_takes_a_few_edits_a_decode_step():
+    """Appending a token to a head whose last block has room changes no table entry; one that fills
+    a block edits one entry per (layer, head); an entry edited twice before it is sent goes once,
+    with its last value."""
+    cache = PagedKVCache(L, H, BlockPool(64, BS, D, torch.float32))
+    cache.add(0)
+    cache.append_slots(0, 5)                      # two blocks a head
+    assert len(cache.table_edits()[0]) == 2 * L * H
+    cache.append_slots(0, 3)                      # fills the second block: no new one
+    assert cache.table_edits() == []
+    cache.append_slots(0, 1)                      # a third block in every head
+    index, ids = cache.table_edits()
+    assert len(index) == L * H and torch.equal(ids, cache.seqs[0].tables[..., 2].flatten())
+    cache.append_slots(0, 1)
+    cache.drop_last(0, torch.full((L, H), 2))     # the third block goes back before any step sent it
+    index, ids = cache.table_edits()
+    assert len(index) == L * H and (ids == -1).all()
+
+
+def test_a_decode_step_works_its_slots_out_on_the_device():
+    """append_decode (allocation on the host only where a head needs a block) then decode_slots
+    (slots from the mirrored tables and the lengths) gives the slots, tables and lengths that
+    append_slots gives sequence by sequence, over steps that cross block boundaries, with heads
+    of different lengths after a compaction."""
+    def cache_with_prompts():
+        cache = PagedKVCache(L, H, BlockPool(200, BS, D, torch.float32))
+        gen = torch.Generator().manual_seed(0)
+        for seq_id, n in enumerate([1, 4, 7, 13]):
+            cache.add(seq_id)
+            cache.append_slots(seq_id, n)
+            cache.compact(seq_id, torch.rand(L, H, n, generator=gen) < 0.7)
+        return cache
+
+    per_sequence, on_device, seq_ids = cache_with_prompts(), cache_with_prompts(), [3, 0, 2, 1]
+    for _ in range(9):
+        expected = torch.cat([per_sequence.append_slots(s, 1) for s in seq_ids], dim=-1)       # [L, H, b]
+        on_device.append_decode(seq_ids)
+        [group] = on_device.decode_groups(seq_ids, whole_batch=True)
+        on_device.mirror.sync()
+        _, tables, lengths = on_device.device_group(group, group.host)
+        assert torch.equal(on_device.decode_slots(tables, lengths), expected)
+        for s in seq_ids:
+            a, b = per_sequence.seqs[s], on_device.seqs[s]
+            assert torch.equal(a.lengths, b.lengths) and torch.equal(a.num_blocks, b.num_blocks)
+            assert torch.equal(a.tables, b.tables)
+    assert any(len(set(s.lengths.flatten().tolist())) > 1 for s in per_sequence.seqs.values())  # ragged heads
 
 
 def test_blocks_to_append_for_a_new_sequence():

@@ -150,7 +150,12 @@ def test_default_command_answers_paris(smollm2_gguf, tmp_path):
     data = json.loads(stats.read_text())
     assert set(data) == {"model", "method", "device", "dtype", "prompt_tokens", "generated_tokens",
                          "prefill_tokens_per_s", "decode_tokens_per_s", "kv_cache_bytes", "kv_cache_bytes_uncompressed",
-                         "kv_cache_bytes_theory", "kv_cache_tokens", "kv_bytes_read_per_decode_token"}
+                         "kv_cache_bytes_theory", "kv_cache_tokens", "kv_bytes_read_per_decode_token", "decode_graphs"}
+    # a CPU runs every decode step eagerly, and says why
+    graphs = data["decode_graphs"]
+    assert graphs["eager_steps"] >= data["generated_tokens"] - 1 > 0
+    assert graphs | {"eager_steps": 0} == {"replayed_steps": 0, "eager_steps": 0, "graphs": 0,
+                                           "eager_reason": "CUDA graphs need a CUDA device"}
     # full reads every block it holds: each decode step a little more than the one before
     assert 0 < data["kv_bytes_read_per_decode_token"] <= data["kv_cache_bytes"]
     # full-precision cache in the dtype --dtype auto chose (float32 on a CPU without bfloat16

@@ -10,7 +10,7 @@ import torch
 from nanokv import kernels
 import nanokv.kernels.reference  # noqa: F401  (kernels.reference below)
 from nanokv.kernels import kernels_for
-from nanokv.cache import PagedKVCache, QuantizedKVCache
+from nanokv.cache.build import CacheRequest, build_cache
 from nanokv.engine.runner import ModelRunner
 from nanokv.engine.scheduler import Scheduler
 from nanokv.engine.sequence import Sequence
@@ -18,16 +18,15 @@ from nanokv.methods import make_method
 from nanokv.sampling import SamplingParams
 
 
-def greedy(model, cfg, prompts, choice, steps=12, method=None, send=None):
+def greedy(model, cfg, prompts, choice, steps=12, method=None, send=None, graphs=None):
     """Every prompt through the scheduler and runner (batched, continuous), with `choice` kernels
-    (and `send`, what sends a decode step's host inputs, when given)."""
-    if method is not None and method.quantization is not None:
-        cache = QuantizedKVCache.from_memory(cfg, 4 << 20, method.quantization, torch.float32)
-    else:
-        cache = PagedKVCache.from_memory(cfg, 4 << 20, 4, torch.float32, extra_fields=method and method.slot_fields,
-                                         key_bounds=method is not None and method.selects_pages)
+    (and `send`, what sends a decode step's host inputs, when given; `graphs(model, cache)`, the
+    runner's DecodeGraphs, when given)."""
+    request = method.cache_request(cfg.num_layers, cfg.head_dim) if method is not None else CacheRequest()
+    cache = build_cache(request, cfg, 4 << 20, 4, torch.float32, "cpu", model.inv_freq)
     cache.kernels = kernels_for("cpu", choice, cache.workspace)
-    scheduler, runner = Scheduler(cache, 8, 64, method), ModelRunner(model, cache, "cpu", method)
+    scheduler = Scheduler(cache, 8, 64, method)
+    runner = ModelRunner(model, cache, "cpu", method, graphs and graphs(model, cache))
     runner.send = send or runner.send
     seqs = [Sequence(p, SamplingParams(max_tokens=steps, ignore_eos=True), set(), lambda t: "", 256) for p in prompts]
     scheduler.add(seqs)
@@ -225,6 +224,8 @@ def test_a_decode_step_waits_for_the_gpu_once(tmp_path, method, options):
 
     llm = LLM(tiny_config(tmp_path), load_format="dummy", dtype="float32", device="cuda", kv_cache_memory=4 << 20,
               method=method, **options)
+    prompts, params = [p + [3] * 20 for p in PROMPTS], SamplingParams(max_tokens=4, ignore_eos=True)
+    llm.generate(prompts, params, use_tqdm=False)  # captures the CUDA graphs these steps replay (cuda_graphs.py)
     forward = llm.runner._forward
 
     def watched(seqs, query_lens, *args, **kwargs):
@@ -234,9 +235,9 @@ def test_a_decode_step_waits_for_the_gpu_once(tmp_path, method, options):
         finally:
             torch.cuda.set_sync_debug_mode("default")
     llm.runner._forward = watched
-    outs = llm.generate([p + [3] * 20 for p in PROMPTS], SamplingParams(max_tokens=4, ignore_eos=True),
-                        use_tqdm=False)
+    outs = llm.generate(prompts, params, use_tqdm=False)
     assert all(len(o.token_ids) == 4 for o in outs)
+    assert llm.stats["decode_graphs"]["replayed_steps"] == (0 if method == "kivi" else 3)
 
 
 READBACKS = ("item", "tolist", "__int__", "__float__", "__bool__", "__index__")  # each waits for the GPU

@@ -18,6 +18,7 @@ import torch
 
 from nanokv.kernels import kernels_for
 from nanokv.kernels.reference import Workspace, gather_blocks
+from nanokv.cache.device_tables import DeviceTables
 from nanokv.cache.pool import HOST, BlockPool, OutOfBlocks, pool_blocks
 
 
@@ -44,6 +45,9 @@ class PagedKVCache:
         self.seqs: dict[int, SequenceKV] = {}
         self.workspace = Workspace()  # scratch for attention's gathers, reused every layer and step
         self.kernels = kernels_for(pool.device, workspace=self.workspace)  # Triton on CUDA, else plain torch
+        # the tables mirrored on the pool's device, which a decode step reads (a block kind with
+        # tables of its own, cold tiers, stacks them on the host each step instead)
+        self.mirror = DeviceTables(num_layers, num_kv_heads, pool.device) if self.mirrors_tables else None
 
     @classmethod
     def from_memory(cls, cfg, kv_cache_memory: int, block_size: int, dtype: torch.dtype, device="cpu",
@@ -76,9 +80,13 @@ class PagedKVCache:
         self.seqs[seq_id] = SequenceKV(torch.full((L, H, 4), -1, dtype=torch.int64, device=HOST),
                                        torch.zeros(L, H, dtype=torch.int64, device=HOST),
                                        torch.zeros(L, H, dtype=torch.int64, device=HOST))
+        if self.mirror is not None:
+            self.mirror.add(seq_id)
 
     def free(self, seq_id: int):
         s = self.seqs.pop(seq_id)
+        if self.mirror is not None:
+            self.mirror.remove(seq_id, s.tables, s.num_blocks)
         held = torch.arange(s.tables.shape[-1], device=HOST) < s.num_blocks[..., None]
         self.pool.free(s.tables[held])
 
@@ -123,7 +131,11 @@ class PagedKVCache:
         if total:
             ids = self.pool.allocate(total)  # raises OutOfBlocks: the scheduler checks first
             s.tables = grown_to(s.tables, int(need.max()))
-            place_blocks(s.tables[layers], num_blocks, extra, ids)
+            heads, cols = place_blocks(s.tables[layers], num_blocks, extra, ids)
+            if self.mirror is not None:
+                H = self.num_kv_heads
+                self.mirror.record(seq_id, torch.stack([heads // H, heads % H, cols], dim=1), ids,
+                                   layers.indices(self.num_layers)[0])
             s.num_blocks[layers] = torch.maximum(num_blocks, need)
         if not self.uneven:
             slots = self.flat_slots(s.tables[layers], lengths[..., None] + torch.arange(n, device=HOST))  # [L', H, n]
@@ -133,6 +145,32 @@ class PagedKVCache:
             slots = torch.where(taken, self.flat_slots(s.tables[layers], logical), -1)
         s.lengths[layers] = lengths + n
         return slots
+
+    @property
+    def slots_on_device(self) -> bool:
+        """Can a decode step work out its new tokens' slots on the device, from the mirrored tables
+        and the lengths (decode_slots)? Then the host only allocates (append_decode)."""
+        return self.mirror is not None and not self.uneven
+
+    def append_decode(self, seq_ids: list[int]):
+        """Reserve one token's room in every head of each sequence, for a decode step whose slots
+        `decode_slots` works out on the device: on the host only the sequences whose next token
+        needs a new block allocate (one in block_size steps); the rest just count one more."""
+        seqs = [self.seqs[s] for s in seq_ids]
+        lengths, num_blocks = torch.stack([s.lengths for s in seqs]), torch.stack([s.num_blocks for s in seqs])
+        grows = (self.blocks_for(lengths + 1) > num_blocks).flatten(1).any(dim=1).tolist()
+        for seq_id, s, grow in zip(seq_ids, seqs, grows):
+            if grow:
+                self.append_slots(seq_id, 1)
+            else:
+                s.lengths += 1
+
+    def decode_slots(self, tables: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The flat slots [L, H, b] of each head's newest token, from the batch's tables [L, b, H, nb]
+        and lengths [L, b, H] (counting it), on their device."""
+        last = lengths - 1
+        blocks = tables.gather(-1, (last // self.block_size)[..., None])[..., 0]
+        return (blocks * self.block_size + last % self.block_size).transpose(1, 2)
 
     def blocks_for(self, tokens):
         """Blocks that hold `tokens` slots of one head (an int or a tensor of counts)."""
@@ -148,6 +186,9 @@ class PagedKVCache:
     # it stores differently, and reads through self.kernels, so the engine never looks at the pool.
 
     ragged = True  # a decode may take the whole batch in one call when the kernel reads ragged lengths
+    mirrors_tables = True  # a decode reads the tables from their device mirror (DeviceTables)
+    # why a decode step over this block kind cannot be a CUDA graph (engine/cuda_graphs.py); None: it can
+    eager_decode_reason: str | None = None
 
     def pair_of(self, layer: int) -> int | None:
         """The first layer of the merged pair whose second layer is `layer` (PairedKVCache), or None."""
@@ -163,15 +204,38 @@ class PagedKVCache:
         return (s.tables[layer:layer + 1, :, :int(s.num_blocks[layer].max())].to(device),
                 s.lengths[layer:layer + 1].to(device))
 
-    def decode_groups(self, seq_ids: list[int], whole_batch: bool) -> list[list[torch.Tensor]]:
-        """The decode step's sequences in groups attended one call each: [members [b], then the
-        block kind's stacked tables (`stacked`), each [L, b, ...]], on the host (the engine sends a
-        step's inputs to the device in one copy). A group holds sequences of similar length, so a
-        short one is not padded to the longest of the batch; `whole_batch` (a kernel that reads
-        each head only to its length) takes all of them at once."""
+    def decode_groups(self, seq_ids: list[int], whole_batch: bool) -> list[DecodeGroup]:
+        """The decode step's sequences in groups attended one call each. A group holds sequences
+        of similar length, so a short one is not padded to the longest of the batch; `whole_batch`
+        (a kernel that reads each head only to its length) takes all of them at once. Each group's
+        `host` tensors go to the device with the step's other inputs, in one copy; `device_group`
+        then makes them [members [b], the block kind's tables (`stacked`), each [L, b, ...]]."""
         seqs = [self.seqs[s] for s in seq_ids]
         members = [list(range(len(seqs)))] if whole_batch else length_groups([self.blocks_read(s) for s in seqs])
-        return [[torch.tensor(m, device=HOST), *self.stacked([seqs[i] for i in m])] for m in members]
+        if self.mirror is None:
+            return [DecodeGroup([torch.tensor(m, device=HOST), *self.stacked([seqs[i] for i in m])]) for m in members]
+        # the tables are on the device already: send the rows that hold them, and the lengths
+        return [DecodeGroup([torch.tensor(m, device=HOST),
+                             torch.tensor([self.mirror.rows[seq_ids[i]] for i in m], device=HOST),
+                             torch.stack([seqs[i].lengths for i in m], dim=1)],
+                            width=max(int(seqs[i].num_blocks.max()) for i in m)) for m in members]
+
+    def table_edits(self) -> list[torch.Tensor]:
+        """What changed in the tables since the last decode step, for its one copy to the device
+        (an empty list when nothing did, or when the tables have no mirror)."""
+        return self.mirror.pending() if self.mirror is not None else []
+
+    def apply_table_edits(self, edits: list[torch.Tensor]):
+        """table_edits' tensors, now on the device, written into the mirror."""
+        if edits:
+            self.mirror.apply(*edits)
+
+    def device_group(self, group: DecodeGroup, sent: list[torch.Tensor]) -> list[torch.Tensor]:
+        """A group's host tensors as sent to the device -> [members, tables, lengths, ...]."""
+        if group.width is None:
+            return sent
+        members, rows, lengths = sent
+        return [members, self.mirror.gather(rows, group.width), lengths]
 
     def blocks_read(self, s: SequenceKV) -> int:
         return int(s.num_blocks.max())
@@ -303,7 +367,7 @@ class PagedKVCache:
         dst_logical = torch.cumsum(keep, -1) - 1                             # rank among kept
         dst = self.flat_slots(tables, dst_logical.clamp(min=0))[keep]
         self.move_slots(src, dst)
-        self._shrink(s, layers, counts)
+        self._shrink(seq_id, layers, counts)
         self._refresh_key_bounds(s, layers)
 
     def drop_last(self, seq_id: int, drop: torch.Tensor, layers: slice | None = None):
@@ -312,7 +376,7 @@ class PagedKVCache:
         evicted one's place; a scoring pass goes whole)."""
         s = self.seqs[seq_id]
         layers = layers or slice(0, self.num_layers)
-        self._shrink(s, layers, s.lengths[layers] - drop.to(HOST, torch.int64))
+        self._shrink(seq_id, layers, s.lengths[layers] - drop.to(HOST, torch.int64))
         self._refresh_key_bounds(s, layers)
 
     def move_slots(self, src: torch.Tensor, dst: torch.Tensor):
@@ -342,14 +406,19 @@ class PagedKVCache:
         self.pool.block_fields["kmin"][tables[owned]] = kmin[owned].to(self.pool.dtype)
         self.pool.block_fields["kmax"][tables[owned]] = kmax[owned].to(self.pool.dtype)
 
-    def _shrink(self, s: SequenceKV, layers: slice, lengths: torch.Tensor):
+    def _shrink(self, seq_id: int, layers: slice, lengths: torch.Tensor):
         """Set the heads' lengths and give back the blocks past what they now need."""
+        s = self.seqs[seq_id]
         tables = s.tables[layers]
         need = self.blocks_for(lengths)
         cols = torch.arange(tables.shape[-1], device=HOST)
         tail = (cols >= need[..., None]) & (cols < s.num_blocks[layers][..., None])
         self.pool.free(tables[tail])
         tables[tail] = -1
+        if self.mirror is not None:
+            where = tail.nonzero()
+            self.mirror.record(seq_id, where, torch.full((len(where),), -1, dtype=torch.int64, device=HOST),
+                               layers.indices(self.num_layers)[0])
         s.num_blocks[layers] = need
         s.lengths[layers] = lengths
 
@@ -389,6 +458,12 @@ class PagedKVCache:
         return self.pool.used_bytes
 
 
+@dataclass
+class DecodeGroup:
+    host: list[torch.Tensor]  # on the host, for the step's one copy: members, then tables or their rows
+    width: int | None = None  # with rows: the columns of the group's tables in the device mirror
+
+
 GROUP_SLACK = 1.5  # padding waste a decode group may carry (the longest / the shortest member)
 
 
@@ -420,11 +495,13 @@ def grown_to(tables: torch.Tensor, columns: int) -> torch.Tensor:
 
 def place_blocks(tables: torch.Tensor, num_blocks: torch.Tensor, extra: torch.Tensor, ids: torch.Tensor):
     """Write new block ids into `tables` [L', H, capacity] (a view, written in place): head (l, h)
-    gets `extra[l, h]` of them, taken from `ids` in order, at columns num_blocks[l, h] onwards."""
+    gets `extra[l, h]` of them, taken from `ids` in order, at columns num_blocks[l, h] onwards.
+    -> where each id went: (flat head l * H + h, column), each [len(ids)]."""
     rows = torch.repeat_interleave(torch.arange(extra.numel(), device=HOST), extra.flatten())
     first = torch.cumsum(extra.flatten(), 0) - extra.flatten()
     cols = num_blocks.flatten()[rows] + torch.arange(len(ids), device=HOST) - first[rows]
     tables.reshape(-1, tables.shape[-1])[rows, cols] = ids
+    return rows, cols
 
 
-__all__ = ["PagedKVCache", "SequenceKV", "OutOfBlocks"]
+__all__ = ["PagedKVCache", "SequenceKV", "DecodeGroup", "OutOfBlocks"]

@@ -102,6 +102,7 @@ class LatentKVCache(PagedKVCache):
     # --- attention's reads and writes: latents in, keys rebuilt, outputs through the value basis
 
     ragged = False
+    eager_decode_reason = "it sizes its RoPE table from the newest position, which it reads on the host each step"
 
     def write_decode(self, layer: int, slots: torch.Tensor, k, v, positions):
         """slots [G, b * most]: each sequence reserved the most slots any layer takes, this one's first."""

@@ -35,6 +35,8 @@ class TieredSequenceKV(SequenceKV):
 class TieredKVCache(PagedKVCache):
     cold_block_size: int  # tokens a cold block holds
     ragged = False
+    mirrors_tables = False  # two tiers of tables: stacked on the host each step (stacked)
+    eager_decode_reason = "its two tiers of block tables are stacked on the host each step (no device mirror yet)"
 
     def add(self, seq_id: int):
         super().add(seq_id)

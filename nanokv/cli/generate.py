@@ -51,6 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--kv-cache-memory", type=float, default=None, metavar="BYTES",
                    help="KV-cache pool size: bytes, or a fraction (0, 1] of free memory")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="run every decode step eagerly, without CUDA graphs (vLLM's name)")
     p.add_argument("--stats-json", metavar="PATH", help="also write the stats line as JSON to PATH")
     return p.parse_args(argv)
 
@@ -89,7 +91,7 @@ def run(args) -> int:
                             top_p=args.top_p, seed=args.seed, stop=args.stop)
     llm = LLM(args.model, dtype=args.dtype, device=args.device, method=args.method,
               compression=args.compression, budget=args.budget, kv_cache_memory=args.kv_cache_memory,
-              load_format=args.load_format, **options)
+              load_format=args.load_format, enforce_eager=args.enforce_eager, **options)
     stream = llm.stream(args.prompt, params, chat=not args.no_chat)
     for piece in stream:
         print(piece, end="", flush=True)
@@ -102,6 +104,7 @@ def run(args) -> int:
     # what one decode step's attention read, all layers: below what is held where a method picks
     # what to read (quest)
     stats["kv_bytes_read_per_decode_token"] = read = llm.stats["kv_bytes_read_per_decode_token"]
+    stats["decode_graphs"] = llm.stats["decode_graphs"]  # replayed as CUDA graphs, or eager and why
     per_token = m["kv_cache_bytes"] / max(1, m["kv_cache_tokens"])
     theory = m["kv_cache_bytes_theory"] / max(1, m["kv_cache_tokens"])
     print(f"[{args.model} | {args.method} | {llm.device} {dtype}] prompt {m['prompt_tokens']} tok, generated {m['generated_tokens']} tok "

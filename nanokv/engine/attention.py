@@ -75,22 +75,42 @@ class StepAttention:
             self._split_by_sequence()
             self.sequence_state = {seq_id: {} for seq_id in seq_ids}  # PrefillView.sequence_state
             return
-        slots = torch.cat([cache.append_slots(s, 1) for s in seq_ids], dim=-1)                 # [L, H, b]
         # A kernel that reads each head only to its length (the C++ decode) takes the whole batch
         # at once, Quest's reduced tables too (each head's picks, -1 after).
         self.whole_batch = cache.kernels.ragged_decode and cache.ragged and not self.evicting
+        # the new tokens' slots: worked out on the device from the batch's tables where they are
+        # there (the host only allocates), else on the host for each sequence
+        on_device = self.whole_batch and cache.slots_on_device
+        if on_device:
+            cache.append_decode(seq_ids)
+            slots = []
+        else:
+            slots = [torch.cat([cache.append_slots(s, 1) for s in seq_ids], dim=-1)]           # [L, H, b]
         groups = cache.decode_groups(seq_ids, self.whole_batch)                                # on the host
+        edits = cache.table_edits()  # what changed in the tables' device mirror since the last step
         # everything the step needs from the host, in one copy
-        inputs = [self.positions, slots, *[t for group in groups for t in group]]
+        inputs = [self.positions, *slots, *edits, *[t for group in groups for t in group.host]]
         inputs += [self.ids] if self.ids is not None else []
         inputs += list(self._budgets(HOST)) if self.evicting else []
         sent = iter((send or HostToDevice(cache.pool.device))(inputs))
-        self.positions, self.slots = next(sent), next(sent)
-        self.groups = [[next(sent) for _ in group] for group in groups]
+        self.positions = next(sent)
+        self.slots = None if on_device else next(sent)
+        cache.apply_table_edits([next(sent) for _ in edits])
+        self.groups = [cache.device_group(group, [next(sent) for _ in group.host]) for group in groups]
+        if on_device:
+            self.slots = cache.decode_slots(*self.groups[0][1:])
         self.ids = next(sent) if self.ids is not None else None
         if self.evicting:
             self.budgets, self.prompt_lens = next(sent), next(sent)
         self._split_by_sequence()
+
+    def bind(self, ids, positions, slots, tables, lengths):
+        """Read a whole-batch decode's inputs from these tensors from now on (a CUDA graph's static
+        buffers, engine/cuda_graphs.py): ids and positions [B], slots [L, H, B], tables [L, B, H, nb],
+        lengths [L, B, H]."""
+        self.ids, self.positions, self.slots = ids, positions, slots
+        self.groups = [[torch.arange(len(ids), device=ids.device), tables, lengths]]
+        self.bytes_read = 0
 
     def _budgets(self, device):
         """A decode-time method's budget and prompt length of each sequence."""

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from nanokv.kernels import KERNELS, kernels_for
 from nanokv.cache.build import build_cache
+from nanokv.engine.cuda_graphs import DecodeGraphs, eager_reason
 from nanokv.engine.runner import ModelRunner
 from nanokv.engine.scheduler import Scheduler
 from nanokv.engine.sequence import RequestOutput, Sequence
@@ -49,7 +50,7 @@ class LLM:
                  method: str = "full", compression: float = 0.0, budget: int | None = None,
                  kv_cache_memory: int | float | None = None, block_size: int = 16,
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 4096, kernels: str | None = None,
-                 load_format: str = "auto", **method_options):
+                 load_format: str = "auto", enforce_eager: bool = False, **method_options):
         for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
                             ("max_num_batched_tokens", max_num_batched_tokens)):
             if not isinstance(value, int) or value <= 0:
@@ -87,7 +88,10 @@ class LLM:
                                  memory, block_size, self.dtype, self.device, self.model.inv_freq)
         self.cache.kernels = kernels_for(self.device, kernels, self.cache.workspace)
         self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens, self.method)
-        self.runner = ModelRunner(self.model, self.cache, self.device, self.method)
+        # decode steps as CUDA graphs where they can be (engine/cuda_graphs.py), else eagerly, and why
+        self.eager_reason = eager_reason(self.method, self.cache, self.cache.kernels.name, self.device, enforce_eager)
+        graphs = DecodeGraphs(self.model, self.cache, max_num_seqs) if self.eager_reason is None else None
+        self.runner = ModelRunner(self.model, self.cache, self.device, self.method, graphs)
         self.stats: dict = {}
         self._busy = False  # one generate/stream at a time: they share the scheduler
 
@@ -197,6 +201,7 @@ class LLM:
         for seq in seqs:
             seq.arrival_time = time.perf_counter()
         self._busy = True
+        replayed, eager = self.runner.graph_steps, self.runner.eager_steps
         stats = {"prefill_tokens": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0,
                  "peak_running": 0, "peak_kv_bytes": 0, "preemptions": 0, "decode_kv_bytes_read": 0}
         try:
@@ -229,6 +234,11 @@ class LLM:
                 if not seq.finished:
                     self.scheduler.abort(seq)
         stats["preemptions"] = sum(s.num_preemptions for s in seqs)
+        # decode steps replayed as CUDA graphs and run eagerly (with why, when none can be captured)
+        runner = self.runner
+        stats["decode_graphs"] = {"replayed_steps": runner.graph_steps - replayed, "eager_steps": runner.eager_steps - eager,
+                                  "graphs": len(runner.graphs.steps) if runner.graphs else 0,
+                                  "eager_reason": self.eager_reason}
         # what one decode token costs in KV reads (all layers): falls with a Quest budget
         stats["kv_bytes_read_per_decode_token"] = stats["decode_kv_bytes_read"] / max(1, stats["decode_tokens"])
         self.stats = stats

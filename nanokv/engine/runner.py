@@ -17,15 +17,18 @@ import torch
 from nanokv.cache import PagedKVCache
 from nanokv.cache.pool import HOST
 from nanokv.engine.attention import StepAttention
+from nanokv.engine.cuda_graphs import DecodeGraphs
 from nanokv.engine.upload import HostToDevice
 from nanokv.engine.sequence import Sequence
 from nanokv.sampling import sample
 
 
 class ModelRunner:
-    def __init__(self, model, cache: PagedKVCache, device, method=None):
-        self.model, self.cache, self.device, self.method = model, cache, device, method
+    def __init__(self, model, cache: PagedKVCache, device, method=None, graphs: DecodeGraphs | None = None):
+        """`graphs`: replay decode steps as CUDA graphs (engine/cuda_graphs.py); None: eagerly."""
+        self.model, self.cache, self.device, self.method, self.graphs = model, cache, device, method, graphs
         self.send = HostToDevice(device)  # a decode step's host inputs, in one copy
+        self.graph_steps = self.eager_steps = 0  # decode steps replayed, and run eagerly
 
     @torch.inference_mode()
     def step(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
@@ -73,7 +76,12 @@ class ModelRunner:
                                    [s.compress_len for s in seqs], ids,
                                    [[len(p) for p in s.scoring_passes] for s in seqs] if compress else None, compress,
                                    self.send)
-        hidden = self.model(attention.ids, attention.positions, attention)
+        if attention.is_decode and self.graphs is not None and self.graphs.takes(attention):
+            hidden = self.graphs.forward(attention)
+            self.graph_steps += 1
+        else:
+            hidden = self.model(attention.ids, attention.positions, attention)
+            self.eager_steps += attention.is_decode
         attention.finish()
         # decode: the KV bytes attention read, all layers; a tensor on the device, which the caller
         # reads after the step, when sampling has waited for the GPU anyway

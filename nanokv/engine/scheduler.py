@@ -29,10 +29,10 @@ class Scheduler:
         """Refuse a request that could not run even with the whole pool to itself."""
         longest = min(len(seq) + seq.params.max_tokens, seq.max_length)
         need = max(self.cache.most_blocks(longest), self.prefill_blocks(seq))
-        if need > self.cache.pool.num_blocks:
+        if need > self.cache.pool.usable_blocks:
             raise ValueError(
                 f"a request of {len(seq)} prompt tokens and max_tokens={seq.params.max_tokens} needs "
-                f"{need} KV-cache blocks but the whole pool has {self.cache.pool.num_blocks}; "
+                f"{need} KV-cache blocks but the whole pool has {self.cache.pool.usable_blocks}; "
                 f"raise kv_cache_memory (now {self.cache.pool.total_bytes} bytes) or lower max_tokens")
 
     def add(self, seqs: list[Sequence]):

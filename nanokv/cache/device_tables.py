@@ -1,0 +1,94 @@
+"""DeviceTables: every sequence's block tables, mirrored on the pool's device and kept current by
+edits, so that a decode step does not rebuild and send [L, b, H, nb] tables from the host.
+
+The host's tables (kv_cache.SequenceKV) stay the source of truth: the scheduler and the cache read
+them in Python. Each sequence also owns a row of one device tensor `tables` [L, rows, H, capacity]
+that holds the same block ids, -1 past each head's blocks. When the host's tables change (blocks
+appended, a compaction's tail freed, a sequence freed) the cache records the entries it changed
+(`record`); the next decode step sends them with its other inputs, in one copy, and `apply` writes
+them into the mirror. A step then reads its batch's tables with one gather of their rows.
+
+A decode step allocates a block for a head once every block_size tokens, so the edits a step sends
+are a few entries per sequence, not the whole table. Row 0 is never handed out: it stays -1, a row
+that holds nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nanokv.cache.pool import HOST
+
+
+class DeviceTables:
+    def __init__(self, num_layers: int, num_kv_heads: int, device):
+        self.num_layers, self.num_kv_heads, self.device = num_layers, num_kv_heads, torch.device(device)
+        self.tables = torch.full((num_layers, 1, num_kv_heads, 4), -1, dtype=torch.int64, device=self.device)
+        self.rows: dict[int, int] = {}
+        self.free_rows: list[int] = []
+        self.next_row = 1  # row 0 is the empty row
+        self.edits: list[tuple[torch.Tensor, ...]] = []  # (layers, rows, heads, columns, block ids), on the host
+
+    def add(self, seq_id: int):
+        self.rows[seq_id] = self.free_rows.pop() if self.free_rows else self._new_row()
+        self._grow(self.next_row, 0)
+
+    def _new_row(self) -> int:
+        self.next_row += 1
+        return self.next_row - 1
+
+    def remove(self, seq_id: int, tables: torch.Tensor, num_blocks: torch.Tensor):
+        """Free a sequence's row, setting the blocks it held back to -1 (the row's next owner starts
+        from an empty table)."""
+        row = self.rows.pop(seq_id)
+        held = torch.arange(tables.shape[-1], device=HOST) < num_blocks[..., None]
+        self.record(seq_id, held.nonzero(), torch.full((int(held.sum()),), -1, dtype=torch.int64, device=HOST),
+                    row=row)
+        self.free_rows.append(row)
+
+    def record(self, seq_id: int, where: torch.Tensor, ids: torch.Tensor, first_layer: int = 0,
+               row: int | None = None):
+        """The sequence's table entries `where` [n, 3] (layer - first_layer, head, column) now hold
+        block ids `ids` [n]."""
+        if len(ids):
+            row = self.rows[seq_id] if row is None else row
+            self.edits.append((where[:, 0] + first_layer, torch.full_like(ids, row), where[:, 1], where[:, 2], ids))
+
+    def pending(self) -> list[torch.Tensor]:
+        """The edits recorded since the last call, as host tensors [flat indices into `tables`, block
+        ids] (none: an empty list), the last edit of an entry winning. The mirror grows first to hold
+        every row and column they name."""
+        if not self.edits:
+            return []
+        layers, rows, heads, cols, ids = (torch.cat(parts) for parts in zip(*self.edits))
+        self.edits = []
+        self._grow(0, int(cols.max()) + 1)
+        _, R, H, C = self.tables.shape
+        flat = ((layers * R + rows) * H + heads) * C + cols
+        index, inverse = torch.unique(flat, return_inverse=True)
+        last = torch.full_like(index, -1).scatter_reduce(0, inverse, torch.arange(len(flat), device=HOST), "amax")
+        return [index, ids[last]]
+
+    def apply(self, index: torch.Tensor, ids: torch.Tensor):
+        """Write what `pending` returned (sent to the device) into the mirror."""
+        self.tables.view(-1)[index] = ids
+
+    def sync(self):
+        """Apply the pending edits at once (outside a decode step, which sends them with its inputs)."""
+        edits = self.pending()
+        if edits:
+            self.apply(*(t.to(self.device) for t in edits))
+
+    def gather(self, rows: torch.Tensor, width: int) -> torch.Tensor:
+        """The tables of rows `rows` [b] (on the device), cut to `width` columns -> [L, b, H, width]."""
+        return self.tables[:, rows, :, :width]
+
+    def _grow(self, rows: int, columns: int):
+        """Widen the mirror (doubling) to at least `rows` rows and `columns` columns, -1 where new."""
+        L, R, H, C = self.tables.shape
+        if rows <= R and columns <= C:
+            return
+        grown = torch.full((L, max(rows, 2 * R if rows > R else R), H, max(columns, 2 * C if columns > C else C)), -1,
+                           dtype=torch.int64, device=self.device)
+        grown[:, :R, :, :C] = self.tables
+        self.tables = grown

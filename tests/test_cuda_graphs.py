@@ -1,0 +1,139 @@
+"""Decode steps as CUDA graphs (nanokv/engine/cuda_graphs.py).
+
+Without a GPU the graphs' static buffers still run, eagerly (`capture=False`): a batch padded to
+its bucket, tables copied into a wider buffer, padding rows that write to a scratch block. So the
+CPU checks that this path gives the eager path's greedy tokens, with the C++ kernels and with the
+Triton ones under the interpreter; on CUDA (marked `gpu`), the captured graphs do.
+"""
+
+import pytest
+import torch
+
+from nanokv import LLM, SamplingParams
+from nanokv.engine.cuda_graphs import DecodeGraphs, batch_buckets, eager_reason
+from nanokv.cache.build import build_cache
+from nanokv.cache.latent_cache import LatentKVCache
+from nanokv.methods import METHODS, make_method
+from nanokv.methods.registry import QUANTIZERS
+from test_kernels_engine import PROMPTS, greedy
+
+GRAPH_METHODS = {None: None, "snapkv": dict(budget=12, window_size=4), "quest": dict(budget=8, skip_layers=0),
+                 "minicache": {}}
+
+
+def test_batch_buckets_are_nano_vllms():
+    assert batch_buckets(1) == [1]
+    assert batch_buckets(5) == [1, 2, 4, 5]
+    assert batch_buckets(40) == [1, 2, 4, 8, 16, 32, 40]
+    assert batch_buckets(256)[-3:] == [224, 240, 256]
+
+
+# padding rows attend over nothing: the interpreter warns of the 0 / 0 their output is
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning",
+                            "ignore:divide by zero encountered:RuntimeWarning",
+                            "ignore:All-NaN slice encountered:RuntimeWarning")
+@pytest.mark.parametrize("kernels", ["cpu", "triton"])
+@pytest.mark.parametrize("name", list(GRAPH_METHODS))
+def test_the_graphs_buffers_give_the_eager_tokens(tiny, kernels, name):
+    """Five prompts (a bucket of 8: three padding rows), heads of different lengths (snapkv), the
+    tables a method picks from (quest), a merged layer pair (minicache)."""
+    model, cfg = tiny
+    method = name and make_method(name, **GRAPH_METHODS[name])
+    made = []
+
+    def graphs(model, cache):
+        made.append(DecodeGraphs(model, cache, 8, capture=False))
+        return made[-1]
+
+    expected = greedy(model, cfg, PROMPTS, kernels, method=method)
+    assert greedy(model, cfg, PROMPTS, kernels, method=method, graphs=graphs) == expected
+    [static] = made
+    # all five prompts decoded in the 8-row bucket, tables in widths of powers of two
+    assert 8 in {batch for batch, _ in static.steps}
+    assert all(width & (width - 1) == 0 for _, width in static.steps)
+
+
+def test_padding_rows_write_only_the_scratch_block(tiny):
+    """A pool whose every other block is NaN before a run: the static path's tokens still match,
+    so no padding row wrote where a sequence reads, and padding never read NaN into a real row."""
+    model, cfg = tiny
+    made = []
+
+    def graphs(model, cache):
+        free = cache.pool._free[:cache.pool.num_free]
+        cache.pool.k[free[free > 0]] = float("nan")
+        cache.pool.v[free[free > 0]] = float("nan")
+        made.append(DecodeGraphs(model, cache, 8, capture=False))
+        return made[-1]
+
+    assert greedy(model, cfg, PROMPTS[:3], "cpu", graphs=graphs) == greedy(model, cfg, PROMPTS[:3], "cpu")
+    assert made[0].steps and made[0].replays == 0  # ran the buffers eagerly: nothing captured on a CPU
+
+
+# the calibrated methods need a profile to pick their block kind: lorc and palu's latent cache is
+# checked by its class's reason, the others hold plain blocks
+CALIBRATED = ("lorc", "palu", "duoattention", "headkv", "kvsharer")
+
+
+def test_the_docs_table_lists_every_method():
+    assert sorted(documented_reasons()) == sorted(METHODS)
+    assert documented_reasons()["lorc"] == LatentKVCache.eager_decode_reason
+    assert all(documented_reasons()[name] is None for name in CALIBRATED if name not in ("lorc", "palu"))
+
+
+@pytest.mark.parametrize("name", [n for n in METHODS if n not in CALIBRATED])
+def test_each_method_says_whether_its_decode_is_captured(name, tiny):
+    """The reason the engine gives, for a CUDA device with the Triton kernels, against the docs'
+    table (docs/architecture.md)."""
+    model, cfg = tiny
+    if name == "full" or name in QUANTIZERS:
+        method = make_method(name, **({} if name == "full" else {"group_size": 8}))  # head_dim 16
+    else:
+        method = make_method(name, budget=8) if METHODS[name].selects_pages else make_method(name, compression=0.5)
+    cache = build_cache(method.cache_request(cfg.num_layers, cfg.head_dim), cfg, 1 << 20, 4, torch.float32, "cpu",
+                        model.inv_freq)
+    assert eager_reason(method, cache, "triton", "cuda", False) == documented_reasons()[name]
+
+
+def documented_reasons() -> dict:
+    """{method: None (captured) or why not}, from the table in docs/architecture.md."""
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "docs" / "architecture.md").read_text()
+    table = text.split("<!-- decode-graphs -->")[1]
+    rows = [line.split("|")[1:-1] for line in table.strip().splitlines()[2:] if line.startswith("|")]
+    reasons = {}
+    for names, captured, why in rows:
+        for n in names.replace("`", "").split(","):
+            reasons[n.strip()] = None if captured.strip() == "yes" else why.strip().format(method=n.strip())
+    return reasons
+
+
+def test_the_engine_reports_why_decode_is_eager():
+    assert eager_reason(None, None, "triton", "cuda", True) == "enforce_eager is set"
+    assert eager_reason(None, None, "triton", "cpu", False) == "CUDA graphs need a CUDA device"
+    assert eager_reason(None, None, "reference", "cuda", False) == "the 'reference' kernels (graphs replay the Triton ones)"
+    llm = LLM("smollm2-135m", load_format="dummy", device="cpu", dtype="float32", kv_cache_memory=8 << 20,
+              enforce_eager=True)
+    llm.generate([[1, 2, 3]], SamplingParams(max_tokens=3, ignore_eos=True))
+    assert llm.stats["decode_graphs"] == {"replayed_steps": 0, "eager_steps": 2, "graphs": 0,
+                                          "eager_reason": "enforce_eager is set"}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", ["full", "snapkv", "quest"])
+def test_captured_graphs_give_the_eager_tokens_on_cuda(name):
+    """float32, random SmolLM2 weights: batches that cross buckets (1, 3, 9 rows) and table widths."""
+    options = {"budget": 8} if name == "quest" else {"compression": 0.5} if name == "snapkv" else {}
+    llm = LLM("smollm2-135m", load_format="dummy", device="cuda", dtype="float32", kv_cache_memory=256 << 20,
+              method=name, **options)
+    assert llm.eager_reason is None
+    prompts = [[(i * 31 + j) % 1000 + 1 for j in range(n)] for i, n in enumerate((5, 40, 300, 17, 90, 3, 64, 128, 33))]
+    params = [SamplingParams(max_tokens=8 + 4 * i, ignore_eos=True) for i in range(len(prompts))]
+    graphed = [o.token_ids for o in llm.generate(prompts, params)]
+    assert llm.stats["decode_graphs"]["replayed_steps"] > 0 and llm.stats["decode_graphs"]["eager_steps"] == 0
+    graphs, llm.runner.graphs = llm.runner.graphs, None
+    eager = [o.token_ids for o in llm.generate(prompts, params)]
+    assert graphed == eager
+    assert len(graphs.steps) >= 3 and graphs.replays > 0
