@@ -11,6 +11,7 @@ from nanokv import kernels
 import nanokv.kernels.reference  # noqa: F401  (kernels.reference below)
 from nanokv.kernels import kernels_for
 from nanokv.cache.build import CacheRequest, build_cache
+from nanokv.cache.pool import HOST
 from nanokv.engine.runner import ModelRunner
 from nanokv.engine.scheduler import Scheduler
 from nanokv.engine.sequence import Sequence
@@ -215,9 +216,9 @@ def test_a_decode_step_sends_its_host_inputs_in_one_copy(tiny, monkeypatch, meth
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("method, options", [("full", {}), ("kivi", dict(bits=4, group_size=8, residual_length=16)),
-                                             ("quest", dict(budget=8, skip_layers=0))])
+                                             ("quest", dict(budget=8, skip_layers=0)), ("h2o", dict(budget=12))])
 def test_a_decode_step_waits_for_the_gpu_once(tmp_path, method, options):
-    """On CUDA a decode step of full, KIVI or Quest queues its work without waiting for the GPU
+    """On CUDA a decode step of full, KIVI, Quest or H2O queues its work without waiting for the GPU
     (torch's sync debug mode raises on a wait) until it reads its sampled tokens back."""
     from nanokv import LLM
     from test_dummy import tiny_config
@@ -237,10 +238,22 @@ def test_a_decode_step_waits_for_the_gpu_once(tmp_path, method, options):
     llm.runner._forward = watched
     outs = llm.generate(prompts, params, use_tqdm=False)
     assert all(len(o.token_ids) == 4 for o in outs)
-    assert llm.stats["decode_graphs"]["replayed_steps"] == (0 if method == "kivi" else 3)
+    assert llm.stats["decode_graphs"]["replayed_steps"] == (0 if method in ("kivi", "h2o") else 3)
 
 
 READBACKS = ("item", "tolist", "__int__", "__float__", "__bool__", "__index__")  # each waits for the GPU
+# these wait too, with some arguments: a copy to the host (nanokv's HOST: on a CPU the pool's own
+# device is another object), picking elements by a boolean mask (the result's size is counted on
+# the device), nonzero
+ON_HOST = {"to": lambda self, *args, **kw: any(a is HOST for a in (*args, *kw.values())),
+           "__getitem__": lambda self, index, *args: is_mask(index),
+           "__setitem__": lambda self, index, *args: is_mask(index),
+           "nonzero": lambda self, *args, **kw: True}
+
+
+def is_mask(index) -> bool:
+    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
+               for i in (index if isinstance(index, tuple) else (index,)))
 
 
 def count_readbacks(monkeypatch, during):
@@ -253,15 +266,16 @@ def count_readbacks(monkeypatch, during):
     from nanokv.engine.attention import StepAttention
 
     ours, counts, inside = str(Path(kernels.__file__).parent.parent), {}, [False]
-    for name in READBACKS:
+    for name in (*READBACKS, *ON_HOST):
         original = getattr(torch.Tensor, name)
 
-        def counted(self, *args, _original=original, _name=name):
+        def counted(self, *args, _original=original, _name=name, **kwargs):
             caller = sys._getframe(1).f_code
-            if inside[0] and caller.co_filename.startswith(ours):
+            if (inside[0] and caller.co_filename.startswith(ours)
+                    and (_name not in ON_HOST or ON_HOST[_name](self, *args, **kwargs))):
                 key = f"{_name} in {caller.co_name} ({Path(caller.co_filename).name})"
                 counts[key] = counts.get(key, 0) + 1
-            return _original(self, *args)
+            return _original(self, *args, **kwargs)
         monkeypatch.setattr(torch.Tensor, name, counted)
     wrapped = getattr(StepAttention, during)
 
@@ -275,11 +289,13 @@ def count_readbacks(monkeypatch, during):
     return counts
 
 
-@pytest.mark.parametrize("method", [None, "kivi", "quest"])
+@pytest.mark.parametrize("method", [None, "kivi", "quest", "h2o", "tova"])
 def test_a_decode_layer_reads_nothing_back_to_the_host(tiny, monkeypatch, method):
-    """With the Triton kernels (the GPU's path), a decode layer of full, KIVI or Quest queues its
-    work and returns: Quest's reduced tables are a static number of pages wide, and the KV bytes
-    read stay a device tensor that the runner reads once a step."""
+    """With the Triton kernels (the GPU's path), a decode layer of full, KIVI, Quest, H2O or TOVA
+    queues its work and returns: Quest's reduced tables are a static number of pages wide, the KV
+    bytes read stay a device tensor that the runner reads once a step, and an evictor's rounds
+    come from the host's lengths, its moves and writes go to a scratch slot where a head evicts
+    nothing, and its counts come back once the step's tokens are read (finish)."""
     model, cfg = tiny
     counts = count_readbacks(monkeypatch, "__call__")
     greedy(model, cfg, PROMPTS[:2], "triton", steps=3, method=tiny_method(method))

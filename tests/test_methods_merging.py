@@ -184,7 +184,7 @@ def test_d2o_official_allocation_in_the_engine_holds_middle_layers_at_budget_and
     method = make_method("d2o", budget=8, allocation="official")
     prompts = [p * 3 for p in TINY_PROMPTS]                                # 6 to 60 tokens
     roomy, held, preemptions, cache = serve(tiny_deep, method, prompts, 1000, 12)
-    assert preemptions == 0 and cache.pool.num_free == cache.pool.num_blocks
+    assert preemptions == 0 and cache.pool.num_free == cache.pool.usable_blocks
     for (lengths, blocks), prompt in zip(held, prompts):
         cached = len(prompt) + 11
         if len(prompt) <= 8:                                               # within budget: B everywhere
@@ -497,7 +497,7 @@ def test_preemption_and_recompute_change_nothing(tiny, kind):
             assert (lengths == 12).all() and (blocks == 3).all()
         else:
             assert (lengths == lengths[:, :1]).all()                        # D2O: one budget per layer
-    assert cache.pool.num_free == cache.pool.num_blocks
+    assert cache.pool.num_free == cache.pool.usable_blocks
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -236,7 +236,7 @@ def test_cake_holds_each_layers_budget_while_generating(tiny):
         else:                                                # not compressed: B in every layer
             assert (lengths == B).all()
         assert (blocks == (lengths + 3) // 4).all()          # and only the blocks that holds
-    assert cache.pool.num_free == cache.pool.num_blocks
+    assert cache.pool.num_free == cache.pool.usable_blocks
     # preempted for want of blocks, a request recomputes to the same tokens and the same cache:
     # its generated tokens replay their evictions after the cascade (the runner's second pass)
     # (short prompts grow to their budget while generating: they are what runs out of blocks)

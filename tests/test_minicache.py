@@ -240,7 +240,7 @@ def test_the_later_layer_of_each_pair_holds_only_its_retained_and_later_tokens(s
         assert m["kv_cache_bytes_uncompressed"] == full and m["kv_cache_bytes"] < full
         if prompt is PROMPTS[0]:  # 95 tokens fill 6 blocks of 16 (a short prompt's rounding is large)
             assert abs(m["kv_cache_bytes"] / theory - 1) < 0.1 and m["kv_cache_bytes"] < 0.85 * full
-    assert cache.pool.num_free == cache.pool.num_blocks
+    assert cache.pool.num_free == cache.pool.usable_blocks
 
 
 @pytest.mark.slow
@@ -254,7 +254,7 @@ def test_preemption_recomputes_the_same_tokens(served, smollm2_gguf):
     # token 33 (66 blocks each, 88 free): the younger is preempted, then recomputed
     tight, _ = assert_preemption_repeats(partial(LLM, str(smollm2_gguf), dtype="float32", method="minicache",
                                                  compression=0.25), prompts, params, 400, roomy)
-    assert tight.cache.pool.num_free == tight.cache.pool.num_blocks
+    assert tight.cache.pool.num_free == tight.cache.pool.usable_blocks
 
 
 # --- options --------------------------------------------------------------------------------

@@ -48,6 +48,7 @@ class PagedKVCache:
         # the tables mirrored on the pool's device, which a decode step reads (a block kind with
         # tables of its own, cold tiers, stacks them on the host each step instead)
         self.mirror = DeviceTables(num_layers, num_kv_heads, pool.device) if self.mirrors_tables else None
+        self.scratch_slot: int | None = None  # reserve_scratch
 
     @classmethod
     def from_memory(cls, cfg, kv_cache_memory: int, block_size: int, dtype: torch.dtype, device="cpu",
@@ -317,11 +318,20 @@ class PagedKVCache:
 
     def write_slots(self, tables: torch.Tensor, where: torch.Tensor, values: dict[str, torch.Tensor]):
         """Set fields at the slots `where` [b, H, S] marks of heads with tables [b, H, nb]: values
-        [b, H, S(, D)] per field."""
-        at = self.pool.slot_index(self.slots_of(tables)[where])
+        [b, H, S(, D)] per field. The slots `where` leaves out are written to the scratch slot
+        instead (reserve_scratch): picking the marked ones out would make a GPU's host wait."""
+        at = self.pool.slot_index(torch.where(where, self.slots_of(tables), self.reserve_scratch()))
         for name, value in values.items():
             field = self.pool.fields[name]
-            field[at] = value[where].to(field.dtype)
+            field[at] = value.to(field.dtype)
+
+    def reserve_scratch(self) -> int:
+        """A flat slot that no table holds, set aside from the pool at the first call (before the
+        first step that needs it: the runner calls this at its start): where a decode's writes and
+        moves that must not land anywhere go (padding rows, heads that evict nothing)."""
+        if self.scratch_slot is None:
+            self.scratch_slot = self.pool.set_aside() * self.block_size
+        return self.scratch_slot
 
     def slots_of(self, tables: torch.Tensor) -> torch.Tensor:
         """Flat slots [..., nb * block_size] of every slot of tables [..., nb] (padding: < 0)."""

@@ -66,9 +66,12 @@ class StepAttention:
         self.is_decode = all(n == 1 for n in query_lens)
         self.evicting = self.method is not None and self.method.evicts_during_decode
         if self.evicting:
-            # the slots each (layer, sequence, head) evicted this decode step
+            # the slots each (layer, sequence, head) evicted this decode step: on the device until the
+            # step ends (finish), so that no layer waits for the GPU to count them
             self.evicted = torch.zeros(cache.num_layers, len(seq_ids), cache.num_kv_heads, dtype=torch.long,
-                                       device=HOST)
+                                       device=cache.pool.device)
+            self.rounds = None  # per group and layer: how many slots the head most over budget evicts
+            cache.reserve_scratch()  # where the moves and writes of heads that evict nothing go
         if not self.is_decode:
             if self.evicting:
                 self.budgets, self.prompt_lens = self._budgets(cache.pool.device)
@@ -88,10 +91,16 @@ class StepAttention:
             slots = [torch.cat([cache.append_slots(s, 1) for s in seq_ids], dim=-1)]           # [L, H, b]
         groups = cache.decode_groups(seq_ids, self.whole_batch)                                # on the host
         edits = cache.table_edits()  # what changed in the tables' device mirror since the last step
+        budgets = self._budgets(HOST) if self.evicting else ()
+        if self.evicting and not self.method.budgets_from_state:
+            # a head over budget by n evicts n: the host knows both (every held slot is visible to a
+            # decode's query), so the rounds of eviction need no count from the device
+            self.rounds = [(group.host[2] - budgets[0][group.host[0]][None, :, None]).clamp(min=0).amax(dim=(1, 2))
+                           .tolist() for group in groups]
         # everything the step needs from the host, in one copy
         inputs = [self.positions, *slots, *edits, *[t for group in groups for t in group.host]]
         inputs += [self.ids] if self.ids is not None else []
-        inputs += list(self._budgets(HOST)) if self.evicting else []
+        inputs += list(budgets)
         sent = iter((send or HostToDevice(cache.pool.device))(inputs))
         self.positions = next(sent)
         self.slots = None if on_device else next(sent)
@@ -178,7 +187,7 @@ class StepAttention:
         # full-precision blocks read through tables a method changes (Quest) or whose attention
         # it scores (H2O): the registry gives these methods no other block kind
         source, out = cache.sources[layer], torch.empty_like(q)
-        for members, tables, lengths in self.groups:
+        for g, (members, tables, lengths) in enumerate(self.groups):
             tables, lengths = tables[source], lengths[source]
             if selecting:
                 tables, lengths = self._selected_pages(q[members], tables, lengths)
@@ -188,8 +197,9 @@ class StepAttention:
             if self.evicting:
                 result, probs = result
                 evicted = self._evict(layer, tables, lengths, q[members], probs, self.positions[members],
-                                      self.budgets[members], self.prompt_lens[members])
-                self.evicted[layer, members.to(HOST)] = evicted.to(HOST)
+                                      self.budgets[members], self.prompt_lens[members],
+                                      self.rounds[g][source] if self.rounds is not None else None)
+                self.evicted[layer, members] = evicted
             out[members] = result
         return out
 
@@ -223,12 +233,14 @@ class StepAttention:
         return quest_pages(kernels.page_scores(q, kmin, kmax, tables), tables, lengths, bs, pages)
 
     def finish(self):
-        """After the forward pass: shorten each head by the slots it evicted during this decode step;
+        """After the forward pass (a decode: after its sampled tokens are read, so the counts below
+        come back without a wait): shorten each head by the slots it evicted during this decode step;
         let the cache settle what it changes once tokens are cached (quantize full residuals)."""
         if self.is_decode:
             if self.evicting:
-                for i in self.evicted.any(dim=2).any(dim=0).nonzero().flatten().tolist():
-                    self.cache.drop_last(self.seq_ids[i], self.evicted[:, i])
+                evicted = self.evicted.to(HOST)
+                for i in evicted.any(dim=2).any(dim=0).nonzero().flatten().tolist():
+                    self.cache.drop_last(self.seq_ids[i], evicted[:, i])
             for seq_id in self.seq_ids:
                 self.cache.settle(seq_id)
 
@@ -297,13 +309,14 @@ class StepAttention:
             prompt = torch.full((view.keys.shape[0],), n, device=HOST) if keep is None else keep.sum(-1).to(HOST)
             cache.prune(seq_id, layer, method.key_channels(view, keep).to(HOST), (prompt - method.recent).clamp(min=0))
 
-    def _evict(self, layer, tables, lengths, q, probs, q_pos, budgets, prompt_lens) -> torch.Tensor:
+    def _evict(self, layer, tables, lengths, q, probs, q_pos, budgets, prompt_lens, rounds=None) -> torch.Tensor:
         """Decode-time eviction for b sequences at one layer (tables [b, H, nb], lengths [b, H]):
         the method scores every slot from the query's attention probs [b, H, group, S] and a
         DecodeStep (updating its slot fields of the slots the query sees); each head holding n
         more tokens up to `q_pos` than its budget (decode_budgets) evicts its n lowest-scoring
         outside the recent window, one after another: for each, a merging method first folds it
-        into the slots that stay, then the head's last slot moves into its place.
+        into the slots that stay, then the head's last slot moves into its place. `rounds`: the most
+        any head evicts, where the caller knows it (else it is read from the device).
         -> [b, H] the number each head evicted (the caller shortens them by it)."""
         cache, method = self.cache, self.method
         S = probs.shape[-1]
@@ -324,7 +337,7 @@ class StepAttention:
         cache.write_slots(tables, step.visible, new)  # a replay's later tokens keep theirs (see base.py)
         state.update(new)
         need = (step.visible.sum(-1) - method.decode_budgets(state, step)).clamp(min=0)
-        rounds = int(need.max())
+        rounds = int(need.max()) if rounds is None else rounds
         if rounds == 0:
             return need
         k_pos, recent = step.key_positions, method.recent_window(budgets)
@@ -340,8 +353,11 @@ class StepAttention:
                 cache.write_slots(tables, step.visible & evicting[..., None],
                                   method.merge_evicted(victim, evicting, state, step))
             last = (length - 1).clamp(min=0)
-            cache.move_slots(flat.gather(-1, last[..., None])[..., 0][evicting],
-                             flat.gather(-1, victim[..., None])[..., 0][evicting])
+            # every head moves: one that evicts nothing this round, the scratch slot onto itself
+            # (picking the evicting heads out would make the host wait for their count)
+            scratch = cache.reserve_scratch()
+            cache.move_slots(torch.where(evicting, flat.gather(-1, last[..., None])[..., 0], scratch).flatten(),
+                             torch.where(evicting, flat.gather(-1, victim[..., None])[..., 0], scratch).flatten())
             length = length - evicting.long()
             if r + 1 == rounds:
                 break

@@ -45,7 +45,7 @@ def eager_reason(method, cache, kernels_name: str, device, enforce_eager: bool) 
     if kernels_name != "triton":
         return f"the {kernels_name!r} kernels (graphs replay the Triton ones)"
     if method is not None and method.evicts_during_decode:
-        return f"{method.name} evicts during decode: it picks its victims on the host every step"
+        return f"{method.name} evicts during decode: the rounds of eviction a layer runs change from step to step"
     return cache.eager_decode_reason
 
 
@@ -70,7 +70,7 @@ class DecodeGraphs:
         self.capture = cache.pool.device.type == "cuda" if capture is None else capture
         self.steps: dict[tuple[int, int], StaticStep] = {}
         self.memory_pool = None  # shared by every graph
-        self.scratch_slot = cache.pool.set_aside() * cache.block_size  # where padding rows write their K/V
+        self.scratch_slot = cache.reserve_scratch()  # where padding rows write their K/V
         self.replays = 0
 
     def takes(self, attention) -> bool:

@@ -29,6 +29,8 @@ class ModelRunner:
         self.model, self.cache, self.device, self.method, self.graphs = model, cache, device, method, graphs
         self.send = HostToDevice(device)  # a decode step's host inputs, in one copy
         self.graph_steps = self.eager_steps = 0  # decode steps replayed, and run eagerly
+        if method is not None and method.evicts_during_decode:
+            cache.reserve_scratch()  # its decode steps write there (attention.py: _evict); now, before any step
 
     @torch.inference_mode()
     def step(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
@@ -36,10 +38,12 @@ class ModelRunner:
             # on the host: StepAttention sends them with the step's block tables
             ids = torch.tensor([s.last_token_id for s in seqs], device=HOST)
             positions = torch.tensor([len(s) - 1 for s in seqs], device=HOST)
-            hidden = self._forward(seqs, [1] * len(seqs), ids, positions)
+            hidden, attention = self._forward(seqs, [1] * len(seqs), ids, positions, finish=False)
+            tokens = self._sample(seqs, hidden)
+            attention.finish()  # after the tokens are read: what it reads back (evictions) has no GPU to wait for
             for s in seqs:
                 s.num_cached += 1
-            return self._sample(seqs, hidden)
+            return tokens
 
         # A method that re-trims earlier layers, or scores with a pass of its own, finishes the
         # compressed part first; what follows it then runs over the cache as it ends (base.py).
@@ -67,8 +71,9 @@ class ModelRunner:
             s.num_cached = len(s)
         return self._sample(seqs, hidden)
 
-    def _forward(self, seqs, query_lens, ids, positions, compress=True):
-        """The model over the cache for these sequences' new tokens -> hidden states [T, hidden].
+    def _forward(self, seqs, query_lens, ids, positions, compress=True, finish=True):
+        """The model over the cache for these sequences' new tokens -> hidden states [T, hidden]
+        (with finish=False also the step's StepAttention, for the caller to finish).
         ids: a list (prefill), or with positions host tensors (decode)."""
         if isinstance(ids, list):
             ids = torch.tensor(ids, device=self.device)
@@ -82,10 +87,12 @@ class ModelRunner:
         else:
             hidden = self.model(attention.ids, attention.positions, attention)
             self.eager_steps += attention.is_decode
-        attention.finish()
         # decode: the KV bytes attention read, all layers; a tensor on the device, which the caller
         # reads after the step, when sampling has waited for the GPU anyway
         self.last_bytes_read = attention.bytes_read
+        if not finish:
+            return hidden, attention
+        attention.finish()
         return hidden
 
     def _sample(self, seqs, hidden):

@@ -459,6 +459,9 @@ class DecodeEvictor(PrefillSelector):
     the engine asks `decode_scores` and evicts the lowest-scoring slots of each head over budget."""
     evicts_during_decode = True
     decode_reads: frozenset[str] = frozenset()  # of {"keys", "values", "queries"}: DecodeStep fills those in
+    # decode_budgets reads the slot fields or the step's positions: how many each head evicts is then
+    # counted on the device (the engine otherwise knows it on the host, from the lengths and budgets)
+    budgets_from_state = False
 
     def protect_recent(self, scores: torch.Tensor) -> torch.Tensor:
         """scores [H, S] with the newest recent_window(decode budget) slots set to +inf: at prefill

@@ -80,6 +80,7 @@ class CAKE(DecodeEvictor):
     name = "cake"
     description = "layer budgets from attention entropy x variance, set in cascade and held while generating"
     paper = "https://arxiv.org/abs/2503.12491"
+    budgets_from_state = True  # each layer's own budget, a slot field
     options = {
         "window_size": (int, 32, "an integer >= 1", lambda v: v >= 1),
         "kernel_size": (int, 5, "an odd integer >= 1", lambda v: v >= 1 and v % 2 == 1),

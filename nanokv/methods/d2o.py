@@ -65,6 +65,7 @@ class D2O(DecodeEvictor, Merger):
     needs_column_sums = True
     needs_values = True
     decode_reads = frozenset({"keys", "values"})
+    budgets_from_state = True  # each layer's own budget, a slot field
     slot_fields = {"d2o_score": torch.float32, "d2o_threshold": torch.float32, "d2o_budget": torch.int32}
 
     def __init__(self, *args, **options):

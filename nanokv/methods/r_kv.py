@@ -79,6 +79,7 @@ class RKV(DecodeEvictor):
     name = "r_kv"
     description = "λ·(attention of the last α queries, max-pooled) − (1−λ)·key redundancy; last α kept"
     paper = "https://arxiv.org/abs/2505.24133"
+    budgets_from_state = True  # the budget grows between cuts (divide_length)
     options = {
         "window_size": (int, 8, "an integer >= 1 (α: the queries importance is averaged over, and the newest "
                                 "tokens, never evicted)", lambda v: v >= 1),
