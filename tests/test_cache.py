@@ -110,6 +110,8 @@ def append_or_refuse(cache, model, next_pos, seq_id, n):
     refuses with OutOfBlocks and changes nothing (False)."""
     need = sum(math.ceil((len(h) + n) / BS) - math.ceil(len(h) / BS) for heads in model[seq_id] for h in heads)
     assert cache.blocks_to_append(seq_id, n) == need
+    # all the sequences in one pass (the scheduler's decode step) agree with each one alone
+    assert cache.blocks_to_append_each(list(model), n) == [cache.blocks_to_append(s, n) for s in model]
     if need <= cache.pool.num_free:
         append(cache, model, next_pos, seq_id, n)
         return True

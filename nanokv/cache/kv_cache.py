@@ -100,6 +100,16 @@ class PagedKVCache:
         need = self.blocks_for(s.lengths + n * self.slots_per_token[:, None])
         return int((need - s.num_blocks).clamp(min=0).sum())
 
+    def blocks_to_append_each(self, seq_ids: list[int], n: int) -> list[int]:
+        """blocks_to_append for each of these sequences, in one pass over them all (a decode step
+        asks it of every running sequence)."""
+        if not seq_ids:
+            return []
+        seqs = [self.seqs[s] for s in seq_ids]
+        lengths, num_blocks = torch.stack([s.lengths for s in seqs]), torch.stack([s.num_blocks for s in seqs])
+        need = self.blocks_for(lengths + n * self.slots_per_token[:, None])                  # [b, L, H]
+        return (need - num_blocks).clamp(min=0).flatten(1).sum(dim=1).tolist()
+
     def prefill_blocks(self, n: int, kept: list[int]) -> int:
         """Most blocks a prefill of n tokens holds at once when each layer is allocated in turn
         and left with kept[l] tokens a head (on average over its heads) before the next layer

@@ -68,9 +68,10 @@ class Scheduler:
         # preempt from the youngest end until the blocks they need are there.
         scheduled = []
         free = self.cache.pool.num_free
+        needs = self.cache.blocks_to_append_each([seq.id for seq in self.running], 1)
         while len(scheduled) < len(self.running):
             seq = self.running[len(scheduled)]
-            need = self.cache.blocks_to_append(seq.id, 1)
+            need = needs[len(scheduled)]
             while need > free and self.running[-1] is not seq:
                 free += self._preempt(self.running.pop())
             if need > free:  # it is the youngest left: it waits for the others to finish
