@@ -8,6 +8,10 @@ is `block * block_size + offset` (`pool.slot_index(slots)` turns it into an inde
 Uncompressed, every (l, h) of a sequence has the same length. Compression makes them differ:
 `compact(keep)` gathers the kept slots of each (l, h) to its front and frees the tail blocks,
 so per-layer and per-head budgets (PyramidKV, Ada-KV) return real blocks to the pool.
+
+The tables live on the host, where the scheduler reads them; `mirror` (device_tables.py) holds a
+copy on the pool's device that a decode step reads, kept current by the entries each change
+records (append_slots, _shrink, free).
 """
 
 from __future__ import annotations

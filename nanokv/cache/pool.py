@@ -16,7 +16,7 @@ import torch
 
 # Where the bookkeeping lives: block tables, lengths and the free list stay in host memory, since
 # the scheduler and the cache read them in Python every step. K, V and every slot field live on
-# the pool's device; a step moves the tables it needs there once (nanokv/engine/attention.py).
+# the pool's device, and so does a mirror of the tables, kept current by edits (device_tables.py).
 HOST = torch.device("cpu")
 DEFAULT_BLOCK_SIZE = 16  # tokens a full-precision block holds unless the user says otherwise
 
