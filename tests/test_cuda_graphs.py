@@ -137,3 +137,27 @@ def test_captured_graphs_give_the_eager_tokens_on_cuda(name):
     eager = [o.token_ids for o in llm.generate(prompts, params)]
     assert graphed == eager
     assert len(graphs.steps) >= 3 and graphs.replays > 0
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_preemption_under_the_graphs_buffers_recomputes_the_same_tokens(tmp_path):
+    """A pool too small for every request: sequences are preempted (their rows of the tables' mirror
+    freed and handed to others) and recomputed, batches shrink and grow across buckets, and the
+    tokens equal an eager engine's with room to spare."""
+    from helpers import assert_preemption_repeats
+    from test_dummy import tiny_config
+
+    config, made = tiny_config(tmp_path), []
+
+    def make_llm(**kwargs):
+        llm = LLM(config, load_format="dummy", dtype="float32", device="cpu", block_size=4, **kwargs)
+        if kwargs:  # the tight one
+            llm.runner.graphs = DecodeGraphs(llm.model, llm.cache, 8, capture=False)
+            made.append(llm.runner.graphs)
+        return llm
+
+    prompts = [[(i * 13 + j) % 500 + 1 for j in range(n)] for i, n in enumerate((3, 17, 9, 30, 5, 22))]
+    params = [SamplingParams(max_tokens=24 + 3 * i, ignore_eos=True) for i in range(len(prompts))]
+    tight, _ = assert_preemption_repeats(make_llm, prompts, params, blocks=2 * 2 * 18)
+    assert tight.stats["decode_graphs"]["replayed_steps"] > 0 and tight.stats["decode_graphs"]["eager_steps"] == 0
+    assert len({batch for batch, _ in made[0].steps}) >= 2
