@@ -159,5 +159,26 @@ def test_preemption_under_the_graphs_buffers_recomputes_the_same_tokens(tmp_path
     prompts = [[(i * 13 + j) % 500 + 1 for j in range(n)] for i, n in enumerate((3, 17, 9, 30, 5, 22))]
     params = [SamplingParams(max_tokens=24 + 3 * i, ignore_eos=True) for i in range(len(prompts))]
     tight, _ = assert_preemption_repeats(make_llm, prompts, params, blocks=2 * 2 * 18)
-    assert tight.stats["decode_graphs"]["replayed_steps"] > 0 and tight.stats["decode_graphs"]["eager_steps"] == 0
+    # the static buffers ran every decode step, eagerly: nothing is captured on a CPU
+    assert tight.stats["decode_graphs"]["replayed_steps"] == 0 and tight.stats["decode_graphs"]["eager_steps"] > 0
     assert len({batch for batch, _ in made[0].steps}) >= 2
+
+
+def test_a_capture_that_fails_turns_capturing_off_and_says_why(tmp_path, monkeypatch):
+    """Something in a step that waits for the GPU makes its capture raise: that step and the rest
+    run eagerly over the same buffers, with the same tokens, and the stats give the error."""
+    from test_dummy import tiny_config
+
+    def failing(self, step, attention):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(DecodeGraphs, "_capture", failing)
+    llm = LLM(tiny_config(tmp_path), load_format="dummy", dtype="float32", device="cpu")
+    prompts, params = [[5, 6, 7], [8, 9, 10, 11, 12]], SamplingParams(max_tokens=6, ignore_eos=True)
+    expected = [o.token_ids for o in llm.generate(prompts, params)]
+    llm.runner.graphs = DecodeGraphs(llm.model, llm.cache, 8, capture=True)
+    llm.eager_reason = None  # as on a GPU, where graphs are on
+    assert [o.token_ids for o in llm.generate(prompts, params)] == expected
+    assert llm.stats["decode_graphs"] == {
+        "replayed_steps": 0, "eager_steps": 5, "graphs": 1,
+        "eager_reason": "capturing a decode step failed: operation not permitted when stream is capturing"}

@@ -20,7 +20,9 @@ What cannot be captured runs eagerly, and `eager_reason` says why (the engine's 
 a method that evicts during decode (the rounds of eviction a step runs vary), a block kind whose
 tables are stacked on the host or whose read waits for the GPU, kernels other than Triton, a CPU. On a CPU the
 same static buffers run without capture when asked (`capture=False`), which is how the tests check
-the padding and the buffers without a GPU.
+the padding and the buffers without a GPU. A capture that fails (something in the step waits for
+the GPU, which a capture forbids) turns capturing off for the rest of the run, with the error as
+the reason: the step, and every later one, runs eagerly over the same buffers.
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ class DecodeGraphs:
         self.memory_pool = None  # shared by every graph
         self.scratch_slot = cache.reserve_scratch()  # where padding rows write their K/V
         self.replays = 0
+        self.failure: str | None = None  # why a capture failed (capturing is then off)
 
     def takes(self, attention) -> bool:
         """Whether this decode step fits a graph: one call over the whole batch, tables from the
@@ -91,10 +94,15 @@ class DecodeGraphs:
             self._load(step, attention)
             attention.bind(step.ids, step.positions, step.slots, step.tables, step.lengths)
             if self.capture:
-                self._capture(step, attention)
+                try:
+                    self._capture(step, attention)
+                except RuntimeError as e:  # e.g. a wait for the GPU inside the step
+                    self.capture, self.failure, step.graph = False, f"capturing a decode step failed: {e}", None
+                    attention.bytes_read = 0
         else:
             self._load(step, attention)
-        if step.graph is not None:
+        self.replayed = step.graph is not None
+        if self.replayed:
             step.graph.replay()
             self.replays += 1
         else:  # not captured: the same buffers, eagerly

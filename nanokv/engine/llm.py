@@ -238,7 +238,7 @@ class LLM:
         runner = self.runner
         stats["decode_graphs"] = {"replayed_steps": runner.graph_steps - replayed, "eager_steps": runner.eager_steps - eager,
                                   "graphs": len(runner.graphs.steps) if runner.graphs else 0,
-                                  "eager_reason": self.eager_reason}
+                                  "eager_reason": self.eager_reason or (runner.graphs and runner.graphs.failure)}
         # what one decode token costs in KV reads (all layers): falls with a Quest budget
         stats["kv_bytes_read_per_decode_token"] = stats["decode_kv_bytes_read"] / max(1, stats["decode_tokens"])
         self.stats = stats

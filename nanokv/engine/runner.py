@@ -83,7 +83,8 @@ class ModelRunner:
                                    self.send)
         if attention.is_decode and self.graphs is not None and self.graphs.takes(attention):
             hidden = self.graphs.forward(attention)
-            self.graph_steps += 1
+            self.graph_steps += self.graphs.replayed
+            self.eager_steps += not self.graphs.replayed
         else:
             hidden = self.model(attention.ids, attention.positions, attention)
             self.eager_steps += attention.is_decode
