@@ -289,10 +289,10 @@ def count_readbacks(monkeypatch, during):
     return counts
 
 
-@pytest.mark.parametrize("method", [None, "kivi", "quest", "h2o", "tova"])
+@pytest.mark.parametrize("method", [None, "kivi", "quest", "h2o", "tova", "roco", "cam"])
 def test_a_decode_layer_reads_nothing_back_to_the_host(tiny, monkeypatch, method):
-    """With the Triton kernels (the GPU's path), a decode layer of full, KIVI, Quest, H2O or TOVA
-    queues its work and returns: Quest's reduced tables are a static number of pages wide, the KV
+    """With the Triton kernels (the GPU's path), a decode layer of full, KIVI, Quest or of the
+    evictors H2O, TOVA, RoCo and CaM (which merges what it evicts) queues its work and returns: Quest's reduced tables are a static number of pages wide, the KV
     bytes read stay a device tensor that the runner reads once a step, and an evictor's rounds
     come from the host's lengths, its moves and writes go to a scratch slot where a head evicts
     nothing, and its counts come back once the step's tokens are read (finish)."""

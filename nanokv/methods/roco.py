@@ -44,9 +44,11 @@ from nanokv.methods.base import DecodeEvictor, PrefillView, prompt_logits
 def protect_highest(std: torch.Tensor, positions: torch.Tensor, candidates: torch.Tensor,
                     count: torch.Tensor) -> torch.Tensor:
     """[..., S] bool: among `candidates`, the `count` [...] highest `std` (ties: the newer)."""
-    k = min(int(count.max()), std.shape[-1]) if count.numel() else 0
+    # every slot is ranked (a sort, not a top-k of the largest count): reading that count would make
+    # a decode step on a GPU wait for it
+    k = std.shape[-1]
     protected = torch.zeros_like(candidates)
-    if k == 0:
+    if k == 0 or count.numel() == 0:
         return protected
     # a float >= 0 orders as its bits do: one int64 key, std then position
     bits = (std.float().clamp(min=0) + 0.0).contiguous().view(torch.int32).long()
