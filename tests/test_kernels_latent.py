@@ -177,7 +177,9 @@ def test_full_rank_latents_attend_as_the_keys_and_values_they_hold(choice, T, wi
         positions = torch.arange(n) * 3 + seq_id  # gaps: positions are data
         store_tokens(cache, seq_id, k, v, positions)
         held[seq_id] = k, v, positions
-    tables, lengths = cache.stacked([cache.seqs[0], cache.seqs[1]])
+    [group] = cache.decode_groups([0, 1], whole_batch=True)
+    cache.mirror.sync()
+    _, tables, lengths = cache.device_group(group, group.host)
     q = torch.randn(2, T, 8, 32, generator=gen)
     q_pos = torch.tensor([30, 6])[:, None] - torch.arange(T).flip(0)
     out = cache._attend(0, q, q_pos, tables[0], lengths[0], window)

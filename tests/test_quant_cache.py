@@ -97,8 +97,24 @@ def test_settle_quantizes_full_residuals_and_frees_their_blocks():
             rest = s.tables[layer, head, :3]
             assert torch.equal(pool.fields["k"][rest].reshape(-1, 64)[:44], k[256:, head])
             assert pool.fields["pos"][rest].reshape(-1)[:44].tolist() == list(range(256, 300))
+    # both tiers' tables are mirrored on the device, at one row
+    check_mirrors(cache)
     cache.free(7)
     assert cache.pool.num_free == cache.pool.usable_blocks
+    check_mirrors(cache)
+
+
+def check_mirrors(cache):
+    """Each tier's device mirror holds its host tables in the sequence's row, -1 elsewhere."""
+    for mirror, tables, held in ((cache.mirror, "tables", "num_blocks"), (cache.cold_mirror, "cold_tables", "num_cold")):
+        mirror.sync()
+        expected = torch.full_like(mirror.tables, -1)
+        for seq_id, s in cache.seqs.items():
+            t, n = getattr(s, tables), getattr(s, held)
+            width = min(t.shape[-1], mirror.tables.shape[-1])
+            expected[:, mirror.rows[seq_id], :, :width] = torch.where(torch.arange(t.shape[-1]) < n[..., None], t, -1)[..., :width]
+        assert torch.equal(mirror.tables, expected)
+    assert cache.mirror.rows == cache.cold_mirror.rows
 
 
 def test_decode_attention_over_quantized_blocks_and_residual_is_attention_over_their_values():

@@ -29,9 +29,13 @@ class DeviceTables:
         self.next_row = 1  # row 0 is the empty row
         self.edits: list[tuple[torch.Tensor, ...]] = []  # (layers, rows, heads, columns, block ids), on the host
 
-    def add(self, seq_id: int):
-        self.rows[seq_id] = self.free_rows.pop() if self.free_rows else self._new_row()
-        self._grow(self.next_row, 0)
+    def add(self, seq_id: int, row: int | None = None):
+        """Give a new sequence a row (`row`: the one it holds in another mirror of the same cache,
+        a cold tier's, so one row index reads both)."""
+        if row is None:
+            row = self.free_rows.pop() if self.free_rows else self._new_row()
+        self.rows[seq_id] = row
+        self._grow(row + 1, 0)
 
     def _new_row(self) -> int:
         self.next_row += 1
@@ -45,6 +49,13 @@ class DeviceTables:
         self.record(seq_id, held.nonzero(), torch.full((int(held.sum()),), -1, dtype=torch.int64, device=HOST),
                     row=row)
         self.free_rows.append(row)
+
+    def record_placed(self, seq_id: int, heads: torch.Tensor, cols: torch.Tensor, ids: torch.Tensor,
+                      first_layer: int):
+        """What kv_cache.place_blocks did: block ids `ids` went to flat heads `heads` (l * H + h of
+        the layers from `first_layer`) at columns `cols`."""
+        H = self.num_kv_heads
+        self.record(seq_id, torch.stack([heads // H, heads % H, cols], dim=1), ids, first_layer)
 
     def record(self, seq_id: int, where: torch.Tensor, ids: torch.Tensor, first_layer: int = 0,
                row: int | None = None):

@@ -49,9 +49,8 @@ class PagedKVCache:
         self.seqs: dict[int, SequenceKV] = {}
         self.workspace = Workspace()  # scratch for attention's gathers, reused every layer and step
         self.kernels = kernels_for(pool.device, workspace=self.workspace)  # Triton on CUDA, else plain torch
-        # the tables mirrored on the pool's device, which a decode step reads (a block kind with
-        # tables of its own, cold tiers, stacks them on the host each step instead)
-        self.mirror = DeviceTables(num_layers, num_kv_heads, pool.device) if self.mirrors_tables else None
+        # the tables mirrored on the pool's device, which a decode step reads
+        self.mirror = DeviceTables(num_layers, num_kv_heads, pool.device)
         self.scratch_slot: int | None = None  # reserve_scratch
 
     @classmethod
@@ -85,13 +84,11 @@ class PagedKVCache:
         self.seqs[seq_id] = SequenceKV(torch.full((L, H, 4), -1, dtype=torch.int64, device=HOST),
                                        torch.zeros(L, H, dtype=torch.int64, device=HOST),
                                        torch.zeros(L, H, dtype=torch.int64, device=HOST))
-        if self.mirror is not None:
-            self.mirror.add(seq_id)
+        self.mirror.add(seq_id)
 
     def free(self, seq_id: int):
         s = self.seqs.pop(seq_id)
-        if self.mirror is not None:
-            self.mirror.remove(seq_id, s.tables, s.num_blocks)
+        self.mirror.remove(seq_id, s.tables, s.num_blocks)
         held = torch.arange(s.tables.shape[-1], device=HOST) < s.num_blocks[..., None]
         self.pool.free(s.tables[held])
 
@@ -146,11 +143,8 @@ class PagedKVCache:
         if total:
             ids = self.pool.allocate(total)  # raises OutOfBlocks: the scheduler checks first
             s.tables = grown_to(s.tables, int(need.max()))
-            heads, cols = place_blocks(s.tables[layers], num_blocks, extra, ids)
-            if self.mirror is not None:
-                H = self.num_kv_heads
-                self.mirror.record(seq_id, torch.stack([heads // H, heads % H, cols], dim=1), ids,
-                                   layers.indices(self.num_layers)[0])
+            placed = place_blocks(s.tables[layers], num_blocks, extra, ids)
+            self.mirror.record_placed(seq_id, *placed, ids, layers.indices(self.num_layers)[0])
             s.num_blocks[layers] = torch.maximum(num_blocks, need)
         if not self.uneven:
             slots = self.flat_slots(s.tables[layers], lengths[..., None] + torch.arange(n, device=HOST))  # [L', H, n]
@@ -165,7 +159,7 @@ class PagedKVCache:
     def slots_on_device(self) -> bool:
         """Can a decode step work out its new tokens' slots on the device, from the mirrored tables
         and the lengths (decode_slots)? Then the host only allocates (append_decode)."""
-        return self.mirror is not None and not self.uneven
+        return not self.uneven
 
     def append_decode(self, seq_ids: list[int]):
         """Reserve one token's room in every head of each sequence, for a decode step whose slots
@@ -201,7 +195,6 @@ class PagedKVCache:
     # it stores differently, and reads through self.kernels, so the engine never looks at the pool.
 
     ragged = True  # a decode may take the whole batch in one call when the kernel reads ragged lengths
-    mirrors_tables = True  # a decode reads the tables from their device mirror (DeviceTables)
     # why a decode step over this block kind cannot be a CUDA graph (engine/cuda_graphs.py); None: it can
     eager_decode_reason: str | None = None
 
@@ -224,21 +217,25 @@ class PagedKVCache:
         of similar length, so a short one is not padded to the longest of the batch; `whole_batch`
         (a kernel that reads each head only to its length) takes all of them at once. Each group's
         `host` tensors go to the device with the step's other inputs, in one copy; `device_group`
-        then makes them [members [b], the block kind's tables (`stacked`), each [L, b, ...]]."""
+        then makes them [members [b], the block kind's tables and lengths, each [L, b, ...]]."""
         seqs = [self.seqs[s] for s in seq_ids]
         members = [list(range(len(seqs)))] if whole_batch else length_groups([self.blocks_read(s) for s in seqs])
-        if self.mirror is None:
-            return [DecodeGroup([torch.tensor(m, device=HOST), *self.stacked([seqs[i] for i in m])]) for m in members]
-        # the tables are on the device already: send the rows that hold them, and the lengths
-        return [DecodeGroup([torch.tensor(m, device=HOST),
-                             torch.tensor([self.mirror.rows[seq_ids[i]] for i in m], device=HOST),
-                             torch.stack([seqs[i].lengths for i in m], dim=1)],
-                            width=max(int(seqs[i].num_blocks.max()) for i in m)) for m in members]
+        return [self.mirrored_group([seq_ids[i] for i in m], m) for m in members]
+
+    def mirrored_group(self, seq_ids: list[int], members: list[int]) -> DecodeGroup:
+        """One group's host part: the tables are on the device already, so what goes there is the
+        rows that hold them and the lengths ([members, rows, lengths]); `device_group` gathers the
+        tables."""
+        seqs = [self.seqs[s] for s in seq_ids]
+        return DecodeGroup([torch.tensor(members, device=HOST),
+                            torch.tensor([self.mirror.rows[s] for s in seq_ids], device=HOST),
+                            torch.stack([s.lengths for s in seqs], dim=1)],
+                           widths=(max(int(s.num_blocks.max()) for s in seqs),))
 
     def table_edits(self) -> list[torch.Tensor]:
         """What changed in the tables since the last decode step, for its one copy to the device
         (an empty list when nothing did, or when the tables have no mirror)."""
-        return self.mirror.pending() if self.mirror is not None else []
+        return self.mirror.pending()
 
     def apply_table_edits(self, edits: list[torch.Tensor]):
         """table_edits' tensors, now on the device, written into the mirror."""
@@ -247,18 +244,11 @@ class PagedKVCache:
 
     def device_group(self, group: DecodeGroup, sent: list[torch.Tensor]) -> list[torch.Tensor]:
         """A group's host tensors as sent to the device -> [members, tables, lengths, ...]."""
-        if group.width is None:
-            return sent
         members, rows, lengths = sent
-        return [members, self.mirror.gather(rows, group.width), lengths]
+        return [members, self.mirror.gather(rows, group.widths[0]), lengths]
 
     def blocks_read(self, s: SequenceKV) -> int:
         return int(s.num_blocks.max())
-
-    def stacked(self, seqs: list[SequenceKV]) -> list[torch.Tensor]:
-        """The sequences' tables [L, b, H, nb] (padded to the longest) and lengths [L, b, H]."""
-        width = max(int(s.num_blocks.max()) for s in seqs)
-        return [torch.stack([pad_blocks(s.tables, width) for s in seqs], dim=1), torch.stack([s.lengths for s in seqs], dim=1)]
 
     def write_decode(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
         """A decode step's new tokens at `layer` into the slots append_slots reserved [H, b]; a layer
@@ -439,10 +429,9 @@ class PagedKVCache:
         tail = (cols >= need[..., None]) & (cols < s.num_blocks[layers][..., None])
         self.pool.free(tables[tail])
         tables[tail] = -1
-        if self.mirror is not None:
-            where = tail.nonzero()
-            self.mirror.record(seq_id, where, torch.full((len(where),), -1, dtype=torch.int64, device=HOST),
-                               layers.indices(self.num_layers)[0])
+        where = tail.nonzero()
+        self.mirror.record(seq_id, where, torch.full((len(where),), -1, dtype=torch.int64, device=HOST),
+                           layers.indices(self.num_layers)[0])
         s.num_blocks[layers] = need
         s.lengths[layers] = lengths
 
@@ -484,16 +473,11 @@ class PagedKVCache:
 
 @dataclass
 class DecodeGroup:
-    host: list[torch.Tensor]  # on the host, for the step's one copy: members, then tables or their rows
-    width: int | None = None  # with rows: the columns of the group's tables in the device mirror
+    host: list[torch.Tensor]  # on the host, for the step's one copy: members, the tables' rows, lengths
+    widths: tuple[int, ...]   # the columns of the group's tables in each mirror (a tier each)
 
 
 GROUP_SLACK = 1.5  # padding waste a decode group may carry (the longest / the shortest member)
-
-
-def pad_blocks(tables: torch.Tensor, width: int) -> torch.Tensor:
-    """A sequence's tables cut or padded (with -1) to `width` blocks."""
-    return torch.nn.functional.pad(tables[..., :width], (0, max(0, width - tables.shape[-1])), value=-1)
 
 
 def length_groups(blocks: list[int], slack: float = GROUP_SLACK) -> list[list[int]]:

@@ -109,11 +109,11 @@ class PrunedKVCache(TieredKVCache):
 
     # --- attention's reads: the slim part with the query cut to each head's channels, then the rest
 
-    def stacked(self, seqs: list[PrunedSequenceKV]) -> list[torch.Tensor]:
-        """The slim tables [L, b, H, ns], slim lengths [L, b, H] and kept channels [L, b, H, kD],
-        then the full-precision tables and lengths."""
-        cold_tables, cold_lengths, *hot = super().stacked(seqs)
-        return [cold_tables, cold_lengths, torch.stack([s.channels for s in seqs], dim=1), *hot]
+    def mirrored_group(self, seq_ids: list[int], members: list[int]):
+        """[members, rows, slim lengths, kept channels [L, b, H, kD], lengths] (see TieredKVCache)."""
+        group = super().mirrored_group(seq_ids, members)
+        group.host.insert(3, torch.stack([self.seqs[s].channels for s in seq_ids], dim=1))
+        return group
 
     def attend_decode(self, layer: int, q, positions, group: list[torch.Tensor], sliding_window):
         stables, slens, channels, tables, lengths = (t[layer] for t in group)

@@ -12,7 +12,9 @@ Two codecs (one pool, whose rows hold either kind):
 - quant_cache.py: KIVI's quantized blocks of R tokens, a head's residual flushed R at a time;
 - pruned_cache.py: ThinK's slim blocks, keys in fewer channels, once per layer at prefill.
 
-A decode reads both tiers in one kernel call per group (the block kind's `attend_decode`).
+A decode reads both tiers in one kernel call per group (the block kind's `attend_decode`). The cold
+tables have a device mirror of their own (`cold_mirror`, device_tables.py), at the same rows as the
+hot tables', kept current by the blocks `to_cold` places and `free` gives back.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from nanokv.cache.kv_cache import PagedKVCache, SequenceKV, grown_to, pad_blocks, place_blocks
+from nanokv.cache.device_tables import DeviceTables
+from nanokv.cache.kv_cache import DecodeGroup, PagedKVCache, SequenceKV, grown_to, place_blocks
 from nanokv.cache.pool import HOST
 
 
@@ -35,11 +38,15 @@ class TieredSequenceKV(SequenceKV):
 class TieredKVCache(PagedKVCache):
     cold_block_size: int  # tokens a cold block holds
     ragged = False
-    mirrors_tables = False  # two tiers of tables: stacked on the host each step (stacked)
-    eager_decode_reason = "its two tiers of block tables are stacked on the host each step (no device mirror yet)"
+    eager_decode_reason = "its decode attends in groups of similar length, which change from step to step"
+
+    def __init__(self, num_layers: int, num_kv_heads: int, pool):
+        super().__init__(num_layers, num_kv_heads, pool)
+        self.cold_mirror = DeviceTables(num_layers, num_kv_heads, pool.device)
 
     def add(self, seq_id: int):
         super().add(seq_id)
+        self.cold_mirror.add(seq_id, self.mirror.rows[seq_id])
         s, (L, H) = self.seqs[seq_id], (self.num_layers, self.num_kv_heads)
         self.seqs[seq_id] = TieredSequenceKV(s.tables, s.num_blocks, s.lengths,
                                              torch.full((L, H, 4), -1, dtype=torch.int64, device=HOST),
@@ -50,6 +57,7 @@ class TieredKVCache(PagedKVCache):
         s = self.seqs[seq_id]
         held = torch.arange(s.cold_tables.shape[-1], device=HOST) < s.num_cold[..., None]
         super().free(seq_id)
+        self.cold_mirror.remove(seq_id, s.cold_tables, s.num_cold)
         self.pool.free(s.cold_tables[held])
 
     def to_cold(self, seq_id: int, layers: slice, counts: torch.Tensor):
@@ -70,7 +78,8 @@ class TieredKVCache(PagedKVCache):
         extra = need - num_cold
         ids = pool.allocate(int(extra.sum()))
         s.cold_tables = grown_to(s.cold_tables, int(need.max()))
-        place_blocks(s.cold_tables[layers], num_cold, extra, ids)
+        placed = place_blocks(s.cold_tables[layers], num_cold, extra, ids)
+        self.cold_mirror.record_placed(seq_id, *placed, ids, layers.indices(self.num_layers)[0])
         s.num_cold[layers] = need
         # each moved token's cold slot: after its head's cold tokens, in order
         heads = torch.repeat_interleave(torch.arange(counts.numel(), device=HOST), counts.flatten())  # [N] in [L' * H]
@@ -93,11 +102,33 @@ class TieredKVCache(PagedKVCache):
     def blocks_read(self, s: TieredSequenceKV) -> int:
         return int(s.num_blocks.max()) + int(s.num_cold.max())
 
-    def stacked(self, seqs: list[TieredSequenceKV]) -> list[torch.Tensor]:
-        """The cold tables [L, b, H, nc] and token counts [L, b, H], then the hot ones."""
-        width = max(int(s.num_cold.max()) for s in seqs)
-        return [torch.stack([pad_blocks(s.cold_tables, width) for s in seqs], dim=1),
-                torch.stack([s.cold_lengths for s in seqs], dim=1), *super().stacked(seqs)]
+    def mirrored_group(self, seq_ids: list[int], members: list[int]) -> DecodeGroup:
+        """[members, rows, cold lengths, lengths]: both tiers' tables are gathered on the device."""
+        group, seqs = super().mirrored_group(seq_ids, members), [self.seqs[s] for s in seq_ids]
+        group.host.insert(2, torch.stack([s.cold_lengths for s in seqs], dim=1))
+        group.widths = (max(int(s.num_cold.max()) for s in seqs), *group.widths)
+        return group
+
+    def device_group(self, group: DecodeGroup, sent: list[torch.Tensor]) -> list[torch.Tensor]:
+        """-> [members, cold tables [L, b, H, nc], cold lengths [L, b, H] (and what a codec adds),
+        tables, lengths]."""
+        members, rows, *cold, lengths = sent
+        return [members, self.cold_mirror.gather(rows, group.widths[0]), *cold,
+                self.mirror.gather(rows, group.widths[1]), lengths]
+
+    def table_edits(self) -> list[torch.Tensor]:
+        """Both mirrors' edits: [hot index, hot ids, cold index, cold ids] (empty where a tier has
+        none), or nothing."""
+        hot, cold = self.mirror.pending(), self.cold_mirror.pending()
+        if not hot and not cold:
+            return []
+        none = [torch.zeros(0, dtype=torch.int64, device=HOST)] * 2
+        return [*(hot or none), *(cold or none)]
+
+    def apply_table_edits(self, edits: list[torch.Tensor]):
+        if edits:
+            self.mirror.apply(*edits[:2])
+            self.cold_mirror.apply(*edits[2:])
 
     def holds_only(self, seq_id: int, layer: int, n: int) -> bool:
         return super().holds_only(seq_id, layer, n) and not bool(self.seqs[seq_id].cold_lengths[layer].any())

@@ -17,8 +17,8 @@ nothing), position 0, and their new K/V go to a scratch block that no table hold
 are garbage nobody reads; a decode's rows never mix.
 
 What cannot be captured runs eagerly, and `eager_reason` says why (the engine's stats show it):
-a method that evicts during decode (the rounds of eviction a step runs vary), a block kind whose
-tables are stacked on the host or whose read waits for the GPU, kernels other than Triton, a CPU. On a CPU the
+a method that evicts during decode (the rounds of eviction a step runs vary), a block kind that
+attends in groups of similar length or whose read waits for the GPU, kernels other than Triton, a CPU. On a CPU the
 same static buffers run without capture when asked (`capture=False`), which is how the tests check
 the padding and the buffers without a GPU. A capture that fails (something in the step waits for
 the GPU, which a capture forbids) turns capturing off for the rest of the run, with the error as

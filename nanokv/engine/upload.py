@@ -1,8 +1,8 @@
 """HostToDevice: what a decode step sends from the host to the GPU, in one copy.
 
 A decode step's inputs are made on the host, where the scheduler and the block tables live: the
-new tokens' ids and positions, the slots they go into, each group's stacked block tables and
-lengths (and a method's budgets). Sent one by one with `.to(device)`, each would be a copy from
+new tokens' ids and positions, the edits to the tables' device mirror, each group's rows of it and
+lengths (and a method's budgets; the slots, where the host works them out). Sent one by one with `.to(device)`, each would be a copy from
 pageable memory, which torch follows with a wait for the GPU to finish everything queued before
 it: six or more stalls a step. Here they are packed into one pinned byte buffer and sent with one
 non-blocking copy, so the step's kernels queue behind it and the host runs ahead.
