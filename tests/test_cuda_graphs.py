@@ -116,7 +116,7 @@ def test_the_engine_reports_why_decode_is_eager():
     llm = LLM("smollm2-135m", load_format="dummy", device="cpu", dtype="float32", kv_cache_memory=8 << 20,
               enforce_eager=True)
     llm.generate([[1, 2, 3]], SamplingParams(max_tokens=3, ignore_eos=True))
-    assert llm.stats["decode_graphs"] == {"replayed_steps": 0, "eager_steps": 2, "graphs": 0,
+    assert llm.stats["decode_graphs"] == {"replayed_steps": 0, "eager_steps": 2, "graphs": 0, "capture_s": 0.0,
                                           "eager_reason": "enforce_eager is set"}
 
 
@@ -124,7 +124,10 @@ def test_the_engine_reports_why_decode_is_eager():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("name", ["full", "snapkv", "quest"])
 def test_captured_graphs_give_the_eager_tokens_on_cuda(name):
-    """float32, random SmolLM2 weights: batches that cross buckets (1, 3, 9 rows) and table widths."""
+    """float32, random SmolLM2 weights: batches that cross buckets (1, 3, 9 rows) and table widths.
+    Replaying a graph gives exactly what running its buffers eagerly gives. Against the plain eager
+    engine the decode kernel splits each head's keys differently (the graph sees its bucket and its
+    padded width), so sums come in another order: most tokens agree, a near-tie may not."""
     options = {"budget": 8} if name == "quest" else {"compression": 0.5} if name == "snapkv" else {}
     llm = LLM("smollm2-135m", load_format="dummy", device="cuda", dtype="float32", kv_cache_memory=256 << 20,
               method=name, **options)
@@ -133,10 +136,14 @@ def test_captured_graphs_give_the_eager_tokens_on_cuda(name):
     params = [SamplingParams(max_tokens=8 + 4 * i, ignore_eos=True) for i in range(len(prompts))]
     graphed = [o.token_ids for o in llm.generate(prompts, params)]
     assert llm.stats["decode_graphs"]["replayed_steps"] > 0 and llm.stats["decode_graphs"]["eager_steps"] == 0
-    graphs, llm.runner.graphs = llm.runner.graphs, None
+    graphs = llm.runner.graphs
+    assert len(graphs.steps) >= 3 and graphs.replays > 0 and graphs.failure is None
+    llm.runner.graphs = DecodeGraphs(llm.model, llm.cache, graphs.buckets[-1], capture=False)
+    assert [o.token_ids for o in llm.generate(prompts, params)] == graphed
+    llm.runner.graphs = None
     eager = [o.token_ids for o in llm.generate(prompts, params)]
-    assert graphed == eager
-    assert len(graphs.steps) >= 3 and graphs.replays > 0
+    pairs = [(a, b) for g, e in zip(graphed, eager) for a, b in zip(g, e)]
+    assert sum(a == b for a, b in pairs) >= 0.9 * len(pairs)
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
@@ -179,6 +186,8 @@ def test_a_capture_that_fails_turns_capturing_off_and_says_why(tmp_path, monkeyp
     llm.runner.graphs = DecodeGraphs(llm.model, llm.cache, 8, capture=True)
     llm.eager_reason = None  # as on a GPU, where graphs are on
     assert [o.token_ids for o in llm.generate(prompts, params)] == expected
-    assert llm.stats["decode_graphs"] == {
+    stats = dict(llm.stats["decode_graphs"])
+    assert stats.pop("capture_s") >= 0
+    assert stats == {
         "replayed_steps": 0, "eager_steps": 5, "graphs": 1,
         "eager_reason": "capturing a decode step failed: operation not permitted when stream is capturing"}

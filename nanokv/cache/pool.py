@@ -89,7 +89,7 @@ class BlockPool:
 
     @property
     def num_used(self) -> int:
-        return len(self._free) - self._num_free  # blocks the free list can hold, less those it does
+        return self.usable_blocks - self._num_free  # set-aside blocks hold no sequence's tokens
 
     def allocate(self, n: int) -> torch.Tensor:
         if n > self._num_free:
@@ -107,11 +107,17 @@ class BlockPool:
 
     def set_aside(self) -> int:
         """Take one block out of circulation for good -> its id: a scratch that no table holds (a CUDA
-        graph's padding rows write there). Not block 0, which the plain-torch gathers read for -1
-        table entries and so must hold finite numbers."""
-        ids = self.allocate(2)
-        kept = int(ids.max())
-        self.free(ids[ids != kept])
+        graph's padding rows write there). It is the bottom of the free stack, the last one
+        `allocate` would hand out: on a fresh pool the highest id, so the ascending runs allocations
+        take stay whole, and never block 0 (which the plain-torch gathers read for -1 table entries,
+        so it must hold finite numbers). Not counted as used: it holds no sequence's tokens."""
+        if self._num_free == 0 or int(self._free[0]) == 0:
+            raise ValueError(f"the KV-cache pool of {self.num_blocks} blocks has none free to set aside as a "
+                             "scratch block; raise kv_cache_memory")
+        kept = int(self._free[0])
+        self._free[:self._num_free - 1] = self._free[1:self._num_free].clone()
+        self._num_free -= 1
+        self._in_use[kept] = True
         self.usable_blocks -= 1
         return kept
 

@@ -29,7 +29,7 @@ from nanokv.cli.args import OneLineParser, method_options
 FIGURES = ("requests_per_s", "output_tokens_per_s", "total_tokens_per_s", "prefill_tokens_per_s",
            "decode_tokens_per_s", "ttft_p50_s", "ttft_p90_s", "peak_kv_bytes", "peak_rss_bytes", "peak_gpu_bytes",
            "peak_running_requests", "kv_pool_peak_share", "kv_bytes_per_token", "kv_bytes_per_token_unrounded",
-           "kv_bytes_read_per_decode_token", "decode_graph_share",
+           "kv_bytes_read_per_decode_token", "decode_graph_share", "decode_graph_capture_s",
            "single_request_decode_tokens_per_s")
 
 
@@ -181,6 +181,9 @@ def run_nanokv(args) -> dict:
                "kv_bytes_read_per_decode_token": s["kv_bytes_read_per_decode_token"],
                "decode_graph_share": s["decode_graphs"]["replayed_steps"] / max(1, s["decode_graphs"]["replayed_steps"]
                                                                                + s["decode_graphs"]["eager_steps"]),
+               # graphs are captured when a batch bucket and table width first come up: inside the
+               # timed run, as a fresh engine pays it (included in decode_tokens_per_s)
+               "decode_graph_capture_s": s["decode_graphs"]["capture_s"],
                **kv_bytes_per_token(outputs)}
     if llm.eager_reason is not None and device.type == "cuda":  # a CPU is always eager
         print(f"nanokv: decode runs eagerly: {llm.eager_reason}", file=sys.stderr)

@@ -113,12 +113,12 @@ class StepAttention:
             self.budgets, self.prompt_lens = next(sent), next(sent)
         self._split_by_sequence()
 
-    def bind(self, ids, positions, slots, tables, lengths):
+    def bind(self, ids, positions, slots, members, tables, lengths):
         """Read a whole-batch decode's inputs from these tensors from now on (a CUDA graph's static
-        buffers, engine/cuda_graphs.py): ids and positions [B], slots [L, H, B], tables [L, B, H, nb],
-        lengths [L, B, H]."""
+        buffers, engine/cuda_graphs.py): ids, positions and members (0 .. B - 1) [B], slots [L, H, B],
+        tables [L, B, H, nb], lengths [L, B, H]."""
         self.ids, self.positions, self.slots = ids, positions, slots
-        self.groups = [[torch.arange(len(ids), device=ids.device), tables, lengths]]
+        self.groups = [[members, tables, lengths]]
         self.bytes_read = 0
 
     def _budgets(self, device):

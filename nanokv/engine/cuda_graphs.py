@@ -12,7 +12,8 @@ copies its inputs in and replays. Graphs are captured when first needed, one per
 - batch bucket: 1, 2, 4, 8, then every 16 up to max_num_seqs (nano-vllm's); a batch of 5 runs
   in the graph of 8, and
 - table width: the columns of the batch's tables, rounded up to a power of two,
-and share one memory pool. The rows a batch does not fill are padding: length 0 (attention reads
+and share one memory pool; their tables buffers are views of one storage (only one graph replays
+at a time), so wider and wider tables do not each keep a buffer of their own. The rows a batch does not fill are padding: length 0 (attention reads
 nothing), position 0, and their new K/V go to a scratch block that no table holds. Their outputs
 are garbage nobody reads; a decode's rows never mix.
 
@@ -27,6 +28,7 @@ the reason: the step, and every later one, runs eagerly over the same buffers.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +58,7 @@ class StaticStep:
     """One graph's buffers: its inputs, filled before every replay, and its outputs."""
     ids: torch.Tensor        # [B]
     positions: torch.Tensor  # [B]
+    members: torch.Tensor    # [B]: 0 .. B - 1, the batch's rows (Quest's pick indexes with it)
     slots: torch.Tensor      # [L, H, B]: the new tokens' slots
     tables: torch.Tensor     # [L, B, H, width]
     lengths: torch.Tensor    # [L, B, H]
@@ -74,7 +77,9 @@ class DecodeGraphs:
         self.memory_pool = None  # shared by every graph
         self.scratch_slot = cache.reserve_scratch()  # where padding rows write their K/V
         self.replays = 0
+        self.capture_s = 0.0  # time spent capturing (warm-up runs included)
         self.failure: str | None = None  # why a capture failed (capturing is then off)
+        self.table_storage: torch.Tensor | None = None  # what every graph's tables are a view of
 
     def takes(self, attention) -> bool:
         """Whether this decode step fits a graph: one call over the whole batch, tables from the
@@ -92,13 +97,17 @@ class DecodeGraphs:
         if step is None:
             step = self.steps[key] = self._buffers(*key, attention)
             self._load(step, attention)
-            attention.bind(step.ids, step.positions, step.slots, step.tables, step.lengths)
+            attention.bind(step.ids, step.positions, step.slots, step.members, step.tables, step.lengths)
             if self.capture:
+                start = time.perf_counter()
                 try:
                     self._capture(step, attention)
+                except torch.OutOfMemoryError:
+                    raise
                 except RuntimeError as e:  # e.g. a wait for the GPU inside the step
                     self.capture, self.failure, step.graph = False, f"capturing a decode step failed: {e}", None
                     attention.bytes_read = 0
+                self.capture_s += time.perf_counter() - start
         else:
             self._load(step, attention)
         self.replayed = step.graph is not None
@@ -106,7 +115,7 @@ class DecodeGraphs:
             step.graph.replay()
             self.replays += 1
         else:  # not captured: the same buffers, eagerly
-            attention.bind(step.ids, step.positions, step.slots, step.tables, step.lengths)
+            attention.bind(step.ids, step.positions, step.slots, step.members, step.tables, step.lengths)
             step.hidden = self.model(step.ids, step.positions, attention)
             step.bytes_read = attention.bytes_read
         attention.bytes_read = step.bytes_read
@@ -114,11 +123,15 @@ class DecodeGraphs:
 
     def _buffers(self, batch: int, width: int, attention) -> StaticStep:
         L, H = self.cache.num_layers, self.cache.num_kv_heads
-        device = self.cache.pool.device
+        device, size = self.cache.pool.device, L * batch * H * width
+        if self.table_storage is None or len(self.table_storage) < size:  # graphs before keep the old one
+            grown = max(size, 2 * len(self.table_storage) if self.table_storage is not None else 0)
+            self.table_storage = torch.full((grown,), -1, dtype=torch.int64, device=device)
         return StaticStep(torch.zeros(batch, dtype=attention.ids.dtype, device=device),
                           torch.zeros(batch, dtype=attention.positions.dtype, device=device),
+                          torch.arange(batch, device=device),
                           torch.full((L, H, batch), self.scratch_slot, dtype=attention.slots.dtype, device=device),
-                          torch.full((L, batch, H, width), -1, dtype=torch.int64, device=device),
+                          self.table_storage[:size].view(L, batch, H, width),
                           torch.zeros(L, batch, H, dtype=torch.int64, device=device))
 
     def _load(self, step: StaticStep, attention):
@@ -139,14 +152,20 @@ class DecodeGraphs:
     def _capture(self, step: StaticStep, attention):
         """Run the step once eagerly on a side stream (Triton compiles its kernels for these shapes
         then: compiling inside a capture is not allowed), then record it."""
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self.model(step.ids, step.positions, attention)
-        torch.cuda.current_stream().wait_stream(side)
-        attention.bytes_read = 0
-        step.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(step.graph, pool=self.memory_pool):
-            step.hidden = self.model(step.ids, step.positions, attention)
-            step.bytes_read = attention.bytes_read
-        self.memory_pool = step.graph.pool()
+        stream = torch.cuda.current_stream()
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(stream)
+            with torch.cuda.stream(side):
+                self.model(step.ids, step.positions, attention)
+            stream.wait_stream(side)
+            attention.bytes_read = 0
+            step.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(step.graph, pool=self.memory_pool):
+                step.hidden = self.model(step.ids, step.positions, attention)
+                step.bytes_read = attention.bytes_read
+            self.memory_pool = step.graph.pool()
+        except BaseException:
+            torch.cuda.set_stream(stream)  # a capture that fails leaves its own stream current
+            torch.cuda.synchronize()
+            raise

@@ -202,6 +202,7 @@ class LLM:
             seq.arrival_time = time.perf_counter()
         self._busy = True
         replayed, eager = self.runner.graph_steps, self.runner.eager_steps
+        captured_s = self.runner.graphs.capture_s if self.runner.graphs else 0.0
         stats = {"prefill_tokens": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0,
                  "peak_running": 0, "peak_kv_bytes": 0, "preemptions": 0, "decode_kv_bytes_read": 0}
         try:
@@ -238,6 +239,7 @@ class LLM:
         runner = self.runner
         stats["decode_graphs"] = {"replayed_steps": runner.graph_steps - replayed, "eager_steps": runner.eager_steps - eager,
                                   "graphs": len(runner.graphs.steps) if runner.graphs else 0,
+                                  "capture_s": (runner.graphs.capture_s if runner.graphs else 0.0) - captured_s,
                                   "eager_reason": self.eager_reason or (runner.graphs and runner.graphs.failure)}
         # what one decode token costs in KV reads (all layers): falls with a Quest budget
         stats["kv_bytes_read_per_decode_token"] = stats["decode_kv_bytes_read"] / max(1, stats["decode_tokens"])
