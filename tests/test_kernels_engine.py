@@ -192,6 +192,21 @@ def test_block_kinds_decode_through_their_triton_kernels(tmp_path, monkeypatch, 
     assert calls["kernel"] > 0 and calls["special"] > 0, calls
 
 
+def test_a_latent_decode_layer_reads_nothing_back_to_the_host(tmp_path, monkeypatch):
+    """LoRC's decode layers under the Triton kernels: the RoPE table the latent keys are rotated
+    with was grown from the positions the host announced (expect_positions), not from their
+    largest read back from the device."""
+    from nanokv import LLM, SamplingParams
+    from test_dummy import tiny_config
+
+    config = tiny_config(tmp_path, num_hidden_layers=4)
+    llm = LLM(config, load_format="dummy", dtype="float32", device="cpu", kernels="triton", kv_cache_memory=4 << 20,
+              method="lorc", compression=0.5, calibration_file=lorc_profile(config, tmp_path / "lorc.safetensors"))
+    counts = count_readbacks(monkeypatch, "__call__")
+    llm.generate([p + [7] * 30 for p in PROMPTS[:3]], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
+    assert llm.cache.newest_position is not None and counts == {}
+
+
 @pytest.mark.parametrize("method", [None, "h2o", "kivi", "quest"])
 def test_a_decode_step_sends_its_host_inputs_in_one_copy(tiny, monkeypatch, method):
     """What a GPU does, forced on CPU: each decode step packs its ids, positions, slots, block

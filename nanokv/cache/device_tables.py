@@ -10,7 +10,8 @@ them into the mirror. A step then reads its batch's tables with one gather of th
 
 A decode step allocates a block for a head once every block_size tokens, so the edits a step sends
 are a few entries per sequence, not the whole table. Row 0 is never handed out: it stays -1, a row
-that holds nothing.
+that holds nothing. Block ids are int32 here (half the bytes of a mirror sized for every running
+sequence); a gather hands the kernels int64, which they multiply by block strides without overflow.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from nanokv.cache.pool import HOST
 class DeviceTables:
     def __init__(self, num_layers: int, num_kv_heads: int, device):
         self.num_layers, self.num_kv_heads, self.device = num_layers, num_kv_heads, torch.device(device)
-        self.tables = torch.full((num_layers, 1, num_kv_heads, 4), -1, dtype=torch.int64, device=self.device)
+        self.tables = torch.full((num_layers, 1, num_kv_heads, 4), -1, dtype=torch.int32, device=self.device)
         self.rows: dict[int, int] = {}
         self.free_rows: list[int] = []
         self.next_row = 1  # row 0 is the empty row
@@ -78,11 +79,11 @@ class DeviceTables:
         flat = ((layers * R + rows) * H + heads) * C + cols
         index, inverse = torch.unique(flat, return_inverse=True)
         last = torch.full_like(index, -1).scatter_reduce(0, inverse, torch.arange(len(flat), device=HOST), "amax")
-        return [index, ids[last]]
+        return [index, ids[last].to(torch.int32)]
 
     def apply(self, index: torch.Tensor, ids: torch.Tensor):
         """Write what `pending` returned (sent to the device) into the mirror."""
-        self.tables.view(-1)[index] = ids
+        self.tables.view(-1)[index] = ids.to(self.tables.dtype)
 
     def sync(self):
         """Apply the pending edits at once (outside a decode step, which sends them with its inputs)."""
@@ -92,7 +93,7 @@ class DeviceTables:
 
     def gather(self, rows: torch.Tensor, width: int) -> torch.Tensor:
         """The tables of rows `rows` [b] (on the device), cut to `width` columns -> [L, b, H, width]."""
-        return self.tables[:, rows, :, :width]
+        return self.tables[:, rows, :, :width].long()
 
     def _grow(self, rows: int, columns: int):
         """Widen the mirror (doubling) to at least `rows` rows and `columns` columns, -1 where new."""
@@ -100,6 +101,6 @@ class DeviceTables:
         if rows <= R and columns <= C:
             return
         grown = torch.full((L, max(rows, 2 * R if rows > R else R), H, max(columns, 2 * C if columns > C else C)), -1,
-                           dtype=torch.int64, device=self.device)
+                           dtype=torch.int32, device=self.device)
         grown[:, :R, :, :C] = self.tables
         self.tables = grown

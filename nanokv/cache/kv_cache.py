@@ -45,6 +45,7 @@ class PagedKVCache:
         # slots one token takes in each layer's heads: 1, or 0 in a layer that reads another's KV
         # (share_layers), or the chunks of a latent (nanokv/cache/latent_cache.py)
         self.slots_per_token = torch.ones(num_layers, dtype=torch.int64, device=HOST)
+        self.slot_counts = [1] * num_layers  # the same as Python ints, for per-layer code
         self.uneven = False  # some layer's token takes other than one slot
         self.seqs: dict[int, SequenceKV] = {}
         self.workspace = Workspace()  # scratch for attention's gathers, reused every layer and step
@@ -75,6 +76,7 @@ class PagedKVCache:
     def set_slots_per_token(self, slots: torch.Tensor):
         """How many slots one token takes in each layer [L] (before any sequence is added)."""
         self.slots_per_token = slots.to(HOST, torch.int64)
+        self.slot_counts = self.slots_per_token.tolist()
         self.uneven = bool((self.slots_per_token != 1).any())
 
     # --- sequences --------------------------------------------------------------------
@@ -180,6 +182,10 @@ class PagedKVCache:
         last = lengths - 1
         blocks = tables.gather(-1, (last // self.block_size)[..., None])[..., 0]
         return (blocks * self.block_size + last % self.block_size).transpose(1, 2)
+
+    def expect_positions(self, last: int):
+        """The newest position the coming step writes or attends from, counted on the host (a block
+        kind that keeps a table by position grows it here: the latent cache's RoPE)."""
 
     def blocks_for(self, tokens):
         """Blocks that hold `tokens` slots of one head (an int or a tensor of counts)."""

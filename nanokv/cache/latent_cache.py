@@ -73,6 +73,7 @@ class LatentKVCache(PagedKVCache):
         self.group, self.model_kv_heads, self.model_head_dim = group, cfg.num_kv_heads, cfg.head_dim
         self.full_block_size = DEFAULT_BLOCK_SIZE  # full's, for uncompressed_bytes
         self.inv_freq, self._table = inv_freq, None  # RoPE's cos and sin by position (rope_tables)
+        self.newest_position: int | None = None  # the newest any step has announced (expect_positions)
         self.layers = [LatentLayer(*(t.to(pool.device, torch.float32) for t in (l.k_basis, l.v_basis,
                                                                                l.k_bias, l.v_bias))) for l in layers]
         self.set_slots_per_token(torch.tensor([l.slots(pool.head_dim) for l in layers], device=HOST))
@@ -90,7 +91,7 @@ class LatentKVCache(PagedKVCache):
     def store(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
         """Write T tokens of `layer`: slots [G, T * m] (a token's m slots in a row), k (after RoPE)
         and v [T, H, D], positions [T]."""
-        p, m, chunk = self.layers[layer], int(self.slots_per_token[layer]), self.pool.head_dim
+        p, m, chunk = self.layers[layer], self.slot_counts[layer], self.pool.head_dim
         T, G = k.shape[0], self.num_kv_heads
         k_pre = self._rotate(k.float(), positions, inverse=True).reshape(T, G, -1)
         latent = torch.cat([torch.einsum("tgd,gdr->tgr", k_pre - p.k_bias, p.k_basis),
@@ -102,11 +103,11 @@ class LatentKVCache(PagedKVCache):
     # --- attention's reads and writes: latents in, keys rebuilt, outputs through the value basis
 
     ragged = False
-    eager_decode_reason = "it sizes its RoPE table from the newest position, which it reads on the host each step"
+    eager_decode_reason = "its decode attends in groups of similar length, which change from step to step"
 
     def write_decode(self, layer: int, slots: torch.Tensor, k, v, positions):
         """slots [G, b * most]: each sequence reserved the most slots any layer takes, this one's first."""
-        m, b = int(self.slots_per_token[layer]), len(positions)
+        m, b = self.slot_counts[layer], len(positions)
         self.store(layer, slots.view(self.num_kv_heads, b, -1)[:, :, :m].reshape(self.num_kv_heads, b * m), k, v,
                    positions)
 
@@ -128,9 +129,9 @@ class LatentKVCache(PagedKVCache):
         (kernels.latent_attention), then through the value basis."""
         p, pool = self.layers[layer], self.pool
         # the newest held token is the newest query (its K/V were written first)
-        cos, sin = self.rope_tables(int(q_pos.max()))
+        cos, sin = self.table_for(q_pos)
         out = self.kernels.latent_attention(q, q_pos, pool.k, pool.v, pool.pos, tables, lengths,
-                                            int(self.slots_per_token[layer]), p.k_basis, p.k_bias, p.ranks, cos, sin,
+                                            self.slot_counts[layer], p.k_basis, p.k_bias, p.ranks, cos, sin,
                                             sliding_window)
         return self.values_out(layer, out).to(q.dtype)
 
@@ -141,7 +142,7 @@ class LatentKVCache(PagedKVCache):
         (kernels.reference.latent_keys: what the attention reads)."""
         p, pool = self.layers[layer], self.pool
         cos, sin = self.rope_tables(int(pool.pos.max()))  # covers every position any slot holds
-        return latent_keys(pool.k, pool.v, pool.pos, tables, lengths, int(self.slots_per_token[layer]), p.k_basis,
+        return latent_keys(pool.k, pool.v, pool.pos, tables, lengths, self.slot_counts[layer], p.k_basis,
                            p.k_bias, p.ranks, cos, sin)
 
     def values_out(self, layer: int, out: torch.Tensor) -> torch.Tensor:
@@ -162,8 +163,21 @@ class LatentKVCache(PagedKVCache):
 
     def _cos_sin(self, positions: torch.Tensor):
         """cos and sin [N, D] at `positions`."""
-        cos, sin = self.rope_tables(int(positions.max()) if positions.numel() else 0)
+        cos, sin = self.table_for(positions)
         return cos[positions], sin[positions]
+
+    def expect_positions(self, last: int):
+        """A step's newest position, from the host: the table grows now, so that the step's
+        layers look positions up without reading their largest back from the device."""
+        self.newest_position = last if self.newest_position is None else max(self.newest_position, last)
+        self.rope_tables(self.newest_position)
+
+    def table_for(self, positions: torch.Tensor):
+        """RoPE's table covering `positions`: as far as the steps announced (expect_positions), else
+        (a caller outside a step) as far as their largest."""
+        if self.newest_position is not None:
+            return self.rope_tables(self.newest_position)
+        return self.rope_tables(int(positions.max()) if positions.numel() else 0)
 
     def rope_tables(self, last_position: int):
         """RoPE's cos and sin [P, D] float32 for positions 0 .. P - 1 >= last_position: a table grown

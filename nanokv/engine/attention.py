@@ -64,6 +64,7 @@ class StepAttention:
         # the new tokens' ids [T], for a method that reads them (PrefillView.token_ids)
         self.ids, self.positions = token_ids, positions                   # [T] all new tokens
         self.is_decode = all(n == 1 for n in query_lens)
+        cache.expect_positions(int(positions.max()))  # a decode's are on the host: no wait
         self.evicting = self.method is not None and self.method.evicts_during_decode
         if self.evicting:
             # the slots each (layer, sequence, head) evicted this decode step: on the device until the
