@@ -240,7 +240,7 @@ class PagedKVCache:
 
     def table_edits(self) -> list[torch.Tensor]:
         """What changed in the tables since the last decode step, for its one copy to the device
-        (an empty list when nothing did, or when the tables have no mirror)."""
+        (an empty list when nothing did)."""
         return self.mirror.pending()
 
     def apply_table_edits(self, edits: list[torch.Tensor]):
