@@ -47,8 +47,7 @@ class DeviceTables:
         from an empty table)."""
         row = self.rows.pop(seq_id)
         held = torch.arange(tables.shape[-1], device=HOST) < num_blocks[..., None]
-        self.record(seq_id, held.nonzero(), torch.full((int(held.sum()),), -1, dtype=torch.int64, device=HOST),
-                    row=row)
+        self.record_freed(seq_id, held, row=row)
         self.free_rows.append(row)
 
     def record_placed(self, seq_id: int, heads: torch.Tensor, cols: torch.Tensor, ids: torch.Tensor,
@@ -57,6 +56,11 @@ class DeviceTables:
         the layers from `first_layer`) at columns `cols`."""
         H = self.num_kv_heads
         self.record(seq_id, torch.stack([heads // H, heads % H, cols], dim=1), ids, first_layer)
+
+    def record_freed(self, seq_id: int, freed: torch.Tensor, first_layer: int = 0, row: int | None = None):
+        """The entries `freed` [L', H, capacity] (bool) of the sequence's tables hold no block now (-1)."""
+        where = freed.nonzero()
+        self.record(seq_id, where, torch.full((len(where),), -1, dtype=torch.int64, device=HOST), first_layer, row)
 
     def record(self, seq_id: int, where: torch.Tensor, ids: torch.Tensor, first_layer: int = 0,
                row: int | None = None):

@@ -167,14 +167,11 @@ class PagedKVCache:
         """Reserve one token's room in every head of each sequence, for a decode step whose slots
         `decode_slots` works out on the device: on the host only the sequences whose next token
         needs a new block allocate (one in block_size steps); the rest just count one more."""
-        seqs = [self.seqs[s] for s in seq_ids]
-        lengths, num_blocks = torch.stack([s.lengths for s in seqs]), torch.stack([s.num_blocks for s in seqs])
-        grows = (self.blocks_for(lengths + 1) > num_blocks).flatten(1).any(dim=1).tolist()
-        for seq_id, s, grow in zip(seq_ids, seqs, grows):
-            if grow:
+        for seq_id, need in zip(seq_ids, self.blocks_to_append_each(seq_ids, 1)):
+            if need:
                 self.append_slots(seq_id, 1)
             else:
-                s.lengths += 1
+                self.seqs[seq_id].lengths += 1
 
     def decode_slots(self, tables: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """The flat slots [L, H, b] of each head's newest token, from the batch's tables [L, b, H, nb]
@@ -435,9 +432,7 @@ class PagedKVCache:
         tail = (cols >= need[..., None]) & (cols < s.num_blocks[layers][..., None])
         self.pool.free(tables[tail])
         tables[tail] = -1
-        where = tail.nonzero()
-        self.mirror.record(seq_id, where, torch.full((len(where),), -1, dtype=torch.int64, device=HOST),
-                           layers.indices(self.num_layers)[0])
+        self.mirror.record_freed(seq_id, tail, layers.indices(self.num_layers)[0])
         s.num_blocks[layers] = need
         s.lengths[layers] = lengths
 

@@ -13,15 +13,16 @@ copies its inputs in and replays. Graphs are captured when first needed, one per
   in the graph of 8, and
 - table width: the columns of the batch's tables, rounded up to a power of two,
 and share one memory pool; their tables buffers are views of one storage (only one graph replays
-at a time), so wider and wider tables do not each keep a buffer of their own. The rows a batch does not fill are padding: length 0 (attention reads
-nothing), position 0, and their new K/V go to a scratch block that no table holds. Their outputs
-are garbage nobody reads; a decode's rows never mix.
+at a time), so wider and wider tables do not each keep a buffer of their own. The rows a batch
+does not fill are padding: length 0 (attention reads nothing), position 0, and their new K/V go to
+a scratch block that no table holds. Their outputs are garbage nobody reads; a decode's rows never
+mix.
 
 What cannot be captured runs eagerly, and `eager_reason` says why (the engine's stats show it):
 a method that evicts during decode (the rounds of eviction a step runs vary), a block kind that
-attends in groups of similar length or whose read waits for the GPU, kernels other than Triton, a CPU. On a CPU the
-same static buffers run without capture when asked (`capture=False`), which is how the tests check
-the padding and the buffers without a GPU. A capture that fails (something in the step waits for
+attends in groups of similar length or whose read waits for the GPU, kernels other than Triton, a
+CPU. On a CPU the same static buffers run without capture when asked (`capture=False`), which is
+how the tests check the padding and the buffers without a GPU. A capture that fails (something in the step waits for
 the GPU, which a capture forbids) turns capturing off for the rest of the run, with the error as
 the reason: the step, and every later one, runs eagerly over the same buffers.
 """
@@ -97,8 +98,8 @@ class DecodeGraphs:
         if step is None:
             step = self.steps[key] = self._buffers(*key, attention)
             self._load(step, attention)
-            attention.bind(step.ids, step.positions, step.slots, step.members, step.tables, step.lengths)
             if self.capture:
+                attention.bind(step.ids, step.positions, step.slots, step.members, step.tables, step.lengths)
                 start = time.perf_counter()
                 try:
                     self._capture(step, attention)
