@@ -72,7 +72,7 @@ def test_padding_rows_write_only_the_scratch_block(tiny):
 
 # the calibrated methods need a profile to pick their block kind: lorc and palu's latent cache is
 # checked by its class's reason, the others hold plain blocks
-CALIBRATED = ("lorc", "palu", "duoattention", "headkv", "kvsharer")
+CALIBRATED = ("lorc", "palu", "duoattention", "headkv", "kvsharer", "retrieval_head", "razorattention")
 
 
 def test_the_docs_table_lists_every_method():

@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.gpu,
 
 PROMPT_LENGTHS = (7, 64, 300, 1100)
 STEPS = 8
-CALIBRATED = ("duoattention", "headkv", "kvsharer", "lorc", "palu")
+CALIBRATED = ("duoattention", "headkv", "kvsharer", "lorc", "palu", "retrieval_head", "razorattention")
 
 
 def knob(name: str) -> dict:
@@ -90,6 +90,9 @@ def calibrations(path, folder) -> dict:
     artifacts = {
         "duoattention": {"head_scores": torch.rand(L, H, generator=gen).tolist()},
         "headkv": {"head_scores": torch.rand(L, H, generator=gen).tolist()},
+        "retrieval_head": {"head_scores": (0.2 * torch.rand(L, H, generator=gen)).tolist()},   # some above 0.1
+        "razorattention": {"head_scores": torch.rand(L, H, generator=gen).tolist(),
+                           "echo_scores": torch.rand(L, H, generator=gen).tolist()},
         "kvsharer": {"pairs": [[1, 0], [3, 2]]},
         "lorc": {"group": H, "head_dim": cfg.head_dim, "tensors": weight_bases(model, cfg, H)},
         "palu": {"group": group, "head_dim": cfg.head_dim,

@@ -1,8 +1,11 @@
-"""python -m nanokv.calibrate: the per-model profiles that DuoAttention, HeadKV, KVSharer, LoRC and Palu read.
+"""python -m nanokv.calibrate: the per-model profiles that DuoAttention, HeadKV, Retrieval Head,
+RazorAttention, KVSharer, LoRC and Palu read.
 
     python -m nanokv.calibrate duoattention --model smollm2-135m
     python -m nanokv.calibrate headkv --model smollm2-135m --samples 20 --length 2048 --out profile.json
     python -m nanokv.calibrate headkv_r2 --model smollm2-135m      # for headkv profile=reason (HeadKV-R2)
+    python -m nanokv.calibrate retrieval_head --model smollm2-135m
+    python -m nanokv.calibrate razorattention --model smollm2-135m
 
 Some methods decide per (layer, kv-head) from a profile of the model made ahead of time. This
 command loads the model as LLM does, runs it over calibration text with a dense attention of its
@@ -46,6 +49,25 @@ for a given --seed.
   small models here rarely pick the right person, so that filter would leave no sample: teacher
   forcing with the right answer instead, every sample kept.) The artifact records "profile": "reason".
 
+- retrieval_head: the Retrieval Head detector itself (Wu et al., arXiv 2404.15574; official
+  nightdessert/Retrieval_Head retrieval_head_detection.py), for method retrieval_head: headkv's
+  teacher-forced copy probe, scored as the official code scores it. A head copies an answer token
+  when the argmax attention of the query that predicts it lands inside the answer's own span in
+  the needle (the official real_needle: here the needle's value) on a token equal to the one
+  predicted; a query head's score is its copies / the span's length, averaged over samples; a
+  kv-head's is the max over its query heads (it serves every query head of its group, so one
+  retrieval query head makes its cache a retrieval head's). Heads above 0.1 are retrieval heads
+  (the paper's threshold; the method applies it). Unlike the official detector: teacher forcing
+  with every sample kept (it decodes greedily and keeps samples with ROUGE-1 recall > 0.5), and
+  nanokv's synthetic needles, as headkv's.
+- razorattention: RazorAttention's data-free head profile (Tang et al., arXiv 2407.15891; no
+  public code): random ordinary token ids, distinct within a segment, the segment repeated 4
+  times after the tokenizer's BOS; for the queries of copies 2..4, the softmax attention on the
+  previous occurrence of their own token (echo score) and on the token after it (induction score),
+  averaged over those queries and the samples per query head, then the max over each kv-head's
+  query heads. "head_scores" holds the induction scores and "echo_scores" the echo ones; the
+  method protects the top 14% induction and top 1% echo kv-heads.
+
 - kvsharer: the layer pairs KVSharer shares (nanokv/calibrate/kvsharer.py: most dissimilar
   layers first, each pair kept while the final hidden states stay close to the unshared model's).
 
@@ -61,10 +83,14 @@ from __future__ import annotations
 
 from nanokv.calibrate.dense import DenseAttention, calibration_texts, run_dense
 from nanokv.calibrate.duoattention import Q_LEN, duo_head_scores, duoattention_scores, undo_rope
-from nanokv.calibrate.headkv import copy_scores, headkv_scores, needle_probe, reason_probe, reason_scores
+from nanokv.calibrate.headkv import (copy_hits, copy_scores, fold_query_heads, headkv_scores, needle_probe,
+                                     reason_probe, reason_scores, retrieval_head_scores)
+from nanokv.calibrate.razorattention import echo_induction_hits, razor_scores, repeated_random_tokens
 from nanokv.artifacts import FORMAT, LOWRANK, PROFILES, artifact_path, command, load_calibration, model_key, write_artifact
 
 # the pieces, for callers and tests (not the command line, nanokv.calibrate.cli: it imports this module)
 __all__ = ["FORMAT", "LOWRANK", "PROFILES", "write_artifact", "model_key", "artifact_path", "command", "load_calibration",
            "DenseAttention", "calibration_texts", "run_dense", "Q_LEN", "duo_head_scores", "duoattention_scores",
-           "undo_rope", "copy_scores", "headkv_scores", "needle_probe", "reason_probe", "reason_scores"]
+           "undo_rope", "copy_scores", "headkv_scores", "needle_probe", "reason_probe", "reason_scores",
+           "copy_hits", "fold_query_heads", "retrieval_head_scores", "echo_induction_hits", "razor_scores",
+           "repeated_random_tokens"]

@@ -9,17 +9,20 @@ from pathlib import Path
 from nanokv.calibrate import FORMAT, PROFILES, artifact_path, model_key, write_artifact
 from nanokv.calibrate.dense import calibration_texts
 from nanokv.calibrate.duoattention import Q_LEN, duoattention_scores
-from nanokv.calibrate.headkv import headkv_scores, needle_probe, reason_probe
+from nanokv.calibrate.headkv import headkv_scores, needle_probe, reason_probe, retrieval_head_scores
 from nanokv.calibrate.kvsharer import kvsharer_pairs
 from nanokv.calibrate.lowrank import default_group, fisher_information, weight_bases, whitened_bases
+from nanokv.calibrate.razorattention import REPEATS, razor_scores, repeated_random_tokens
 
 # --samples, --length by default: kvpress's on-the-fly scoring reads 50 samples; KVSharer's
 # official script 30 of 64 tokens; Palu's 256 of 2048 (whitening) and 2048 of 1024 (Fisher) scaled
-# down for a CPU; LoRC reads no text
+# down for a CPU; LoRC reads no text; retrieval_head as headkv (the official probe runs 3 needles x
+# 20 lengths up to 50K x 10 depths); razorattention's random sequences are nanokv's choice
 DEFAULTS = {"duoattention": {"samples": 50, "length": 1024}, "headkv": {"samples": 50, "length": 1024},
             "headkv_r2": {"samples": 50, "length": 1024},
             "kvsharer": {"samples": 30, "length": 64}, "palu": {"samples": 32, "length": 1024},
-            "lorc": {"samples": 0, "length": 0}}
+            "lorc": {"samples": 0, "length": 0},
+            "retrieval_head": {"samples": 50, "length": 1024}, "razorattention": {"samples": 8, "length": 1024}}
 
 
 def calibrate(method: str, model: str, samples: int | None = None, length: int | None = None, seed: int = 0,
@@ -71,6 +74,19 @@ def calibrate(method: str, model: str, samples: int | None = None, length: int |
         settings.update(threshold=threshold, text="prose haystack (nanokv/haystack.py), length tokens each",
                         score="pairs most dissimilar first (mean KV distance), kept while the final hidden "
                               "states' cosine similarity to the unshared model's stays above threshold")
+    elif method == "retrieval_head":
+        inputs = [needle_probe(tokenizer, length, seed, i, span="value") for i in range(samples)]
+        settings.update(probe="teacher-forced needle copy: value kinds number/word/uuid and depths 0..1 in turn, "
+                              "prose haystack, the value's tokens fed as the reply",
+                        score="per query head, copies (argmax on the value's span, on the token predicted) / the "
+                              "value's length (Retrieval Head), mean over samples; a kv-head's max over its query heads")
+    elif method == "razorattention":
+        vocab = min(tokenizer.backend.get_vocab_size(), read_config(source.kind, source.path).vocab_size)
+        inputs = [repeated_random_tokens(tokenizer, vocab, length, seed, i) for i in range(samples)]
+        settings.update(probe=f"random ordinary token ids, distinct within a segment, repeated {REPEATS} times",
+                        score="per query head, mean attention of the queries in copies 2.. on the previous "
+                              "occurrence of their token (echo) and on the token after it (induction), mean over "
+                              "samples; a kv-head's max over its query heads")
     elif method == "headkv":
         inputs = [needle_probe(tokenizer, length, seed, i) for i in range(samples)]
         settings.update(probe="teacher-forced needle copy: value kinds number/word/uuid and depths 0..1 in turn, "
@@ -113,6 +129,11 @@ def calibrate(method: str, model: str, samples: int | None = None, length: int |
         bar = tqdm(total=samples, desc=f"calibrating {method}", unit="sample", file=sys.stderr, disable=quiet)
         if method == "duoattention":
             scores = duoattention_scores(net, config, inputs, progress=lambda: bar.update(1))
+        elif method == "retrieval_head":
+            scores = retrieval_head_scores(net, config, inputs, progress=lambda: bar.update(1))
+        elif method == "razorattention":  # head_scores: induction (the checked field); echo beside it
+            echo, scores = razor_scores(net, config, inputs, progress=lambda: bar.update(1))
+            artifact["echo_scores"] = [[float(s) for s in row] for row in echo.tolist()]
         else:  # headkv, headkv_r2: the artifact says which profile it holds
             scores = headkv_scores(net, config, inputs, PROFILES[method], progress=lambda: bar.update(1))
             artifact["profile"] = PROFILES[method]
@@ -129,7 +150,7 @@ def parse_args(argv=None):
     p.add_argument("--model", default=None,
                    help="short name, local path or Hugging Face repo id (default: smollm2-135m)")
     p.add_argument("--samples", type=int, default=None,
-                   help="calibration samples (default: 50; kvsharer 30, palu 32; lorc reads none)")
+                   help="calibration samples (default: 50; kvsharer 30, palu 32, razorattention 8; lorc reads none)")
     p.add_argument("--length", type=int, default=None, help="tokens per sample (default: 1024; kvsharer 64)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"],

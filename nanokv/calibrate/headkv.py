@@ -1,6 +1,8 @@
 """HeadKV's head profiles (see the package docstring): Retrieval Head scores from a teacher-forced
 needle copy probe (profile copy, HeadKV-R), and retrieval-reasoning scores from a teacher-forced
-"who is older" probe (profile reason, HeadKV-R2). Both probes share one haystack builder."""
+"who is older" probe (profile reason, HeadKV-R2). Both probes share one haystack builder. The
+retrieval_head calibration runs the same copy probe, scored as the Retrieval Head paper does
+(retrieval_head_scores)."""
 
 from __future__ import annotations
 
@@ -12,29 +14,47 @@ import torch
 from nanokv.calibrate.dense import run_dense
 
 
-def copy_scores(attention: torch.Tensor, token_ids: torch.Tensor, targets: torch.Tensor,
-                needle: tuple[int, int], num_kv_heads: int) -> torch.Tensor:
+def copy_hits(attention: torch.Tensor, token_ids: torch.Tensor, targets: torch.Tensor,
+              needle: tuple[int, int]) -> torch.Tensor:
     """attention [Hq, m, S]: the attention (probabilities or logits) of the m queries that predict
     the answer tokens `targets` [m] over the S tokens `token_ids` [S]; needle: its [start, end) slots.
-    -> [H]: per kv-head, the share of answer tokens whose query's argmax lands inside the needle on
-    a token equal to the one predicted, averaged over the kv-head's query heads."""
+    -> [Hq]: per query head, the share of answer tokens whose query's argmax lands inside the
+    needle on a token equal to the one predicted."""
     top = attention.argmax(dim=-1)                                          # [Hq, m]
     start, end = needle
     copied = (top >= start) & (top < end) & (token_ids.to(top.device)[top] == targets.to(top.device)[None, :])
-    return copied.float().mean(dim=1).view(num_kv_heads, -1).mean(dim=1)
+    return copied.float().mean(dim=1)
 
 
-def reason_scores(probs: torch.Tensor, span: tuple[int, int], num_kv_heads: int) -> torch.Tensor:
+def copy_scores(attention: torch.Tensor, token_ids: torch.Tensor, targets: torch.Tensor,
+                needle: tuple[int, int], num_kv_heads: int) -> torch.Tensor:
+    """copy_hits averaged over each kv-head's query heads -> [H]."""
+    return copy_hits(attention, token_ids, targets, needle).view(num_kv_heads, -1).mean(dim=1)
+
+
+def reason_hits(probs: torch.Tensor, span: tuple[int, int]) -> torch.Tensor:
     """probs [Hq, m, S]: the softmax attention of the m queries that predict the answer tokens;
-    span: the answer sentence's [start, end) slots in the needle. -> [H]: per kv-head, the
+    span: the answer sentence's [start, end) slots in the needle. -> [Hq]: per query head, the
     official R2 score (retrieval_head_detection_r2.py, retrieval_calculate): for each query, its
     k = span-length most attended slots, the probability of each one inside the span / k, summed
-    over the queries; averaged over the kv-head's query heads."""
+    over the queries."""
     start, end = span
     top = probs.topk(end - start, dim=-1)                                   # [Hq, m, k]
     inside = (top.indices >= start) & (top.indices < end)
-    per_query_head = (top.values * inside).sum(dim=(1, 2)) / (end - start)
-    return per_query_head.view(num_kv_heads, -1).mean(dim=1)
+    return (top.values * inside).sum(dim=(1, 2)) / (end - start)
+
+
+def reason_scores(probs: torch.Tensor, span: tuple[int, int], num_kv_heads: int) -> torch.Tensor:
+    """reason_hits averaged over each kv-head's query heads -> [H]."""
+    return reason_hits(probs, span).view(num_kv_heads, -1).mean(dim=1)
+
+
+def fold_query_heads(scores: torch.Tensor, num_kv_heads: int, fold: str) -> torch.Tensor:
+    """[L, Hq] per query head -> [L, H] per kv-head: the mean over each kv-head's query heads
+    (HeadKV: a budget shared by the group) or their max (retrieval_head: a kv-head whose cache
+    any of its query heads retrieves from is a retrieval head)."""
+    grouped = scores.view(scores.shape[0], num_kv_heads, -1)
+    return grouped.amax(dim=-1) if fold == "max" else grouped.mean(dim=-1)
 
 
 def haystack_prompt(tokenizer, rng: random.Random, length: int, depth: float, intro: str, pieces: list[str],
@@ -72,10 +92,12 @@ def haystack_prompt(tokenizer, rng: random.Random, length: int, depth: float, in
     return prompt + filler[split:fill] + last, starts + [len(prompt)]
 
 
-def needle_probe(tokenizer, length: int, seed: int, index: int):
+def needle_probe(tokenizer, length: int, seed: int, index: int, span: str = "needle"):
     """One teacher-forced copy probe of about `length` prompt tokens ->
-    (ids: prompt then answer, needle [start, end) slots, prompt length). The answer fed as the
-    reply is the needle value's own tokens."""
+    (ids: prompt then answer, [start, end) slots, prompt length). The answer fed as the reply is
+    the needle value's own tokens; the slots are the whole needle sentence's (span="needle",
+    HeadKV's) or the value's alone (span="value": the official Retrieval Head probe's real_needle,
+    the answer's own span)."""
     from nanokv.haystack import DEPTHS, key_word, value_of
 
     rng = random.Random(f"calibrate/probe/{seed}/{index}")
@@ -88,7 +110,8 @@ def needle_probe(tokenizer, length: int, seed: int, index: int):
     answer_prefix = f"The special magic {kind} for {key} mentioned in the provided text is"
     pieces = [f" One of the special magic {kind}s for {key} is:", f" {value}", ". "]
     prompt, at = haystack_prompt(tokenizer, rng, length, depth, intro, pieces, question, answer_prefix, "copy")
-    return prompt + prompt[at[1]:at[2]], (at[0], at[3]), len(prompt)
+    slots = (at[1], at[2]) if span == "value" else (at[0], at[3])
+    return prompt + prompt[at[1]:at[2]], slots, len(prompt)
 
 
 def reason_probe(tokenizer, length: int, seed: int, index: int):
@@ -116,10 +139,11 @@ def reason_probe(tokenizer, length: int, seed: int, index: int):
     return prompt + prompt[at[i]:at[i + 1]], (at[i], at[i + 1]), len(prompt)
 
 
-def headkv_scores(model, config, probes, profile: str = "copy", progress=None) -> torch.Tensor:
+def headkv_scores(model, config, probes, profile: str = "copy", progress=None, fold: str = "mean") -> torch.Tensor:
     """[L, H] head scores over `probes`, each (ids, span, prompt length): profile copy, the
-    Retrieval Head copy score of needle_probe's; reason, the R2 score of reason_probe's."""
-    scores = torch.zeros(config.num_layers, config.num_kv_heads, dtype=torch.float64)
+    Retrieval Head copy score of needle_probe's; reason, the R2 score of reason_probe's. Each query
+    head's score is its mean over the probes, then `fold` ("mean" or "max") over a kv-head's."""
+    scores = None                                                # [L, Hq], once the first layer shows Hq
     for ids, span, n in probes:
         device = model.inv_freq.device
         tokens = torch.tensor(ids, device=device)
@@ -128,7 +152,10 @@ def headkv_scores(model, config, probes, profile: str = "copy", progress=None) -
         fed = ids[:-1]                                           # the last answer token predicts nothing here
 
         def record(layer, q, k, sliding_window):
+            nonlocal scores
             Hq, D = q.shape[1:]
+            if scores is None:
+                scores = torch.zeros(config.num_layers, Hq, dtype=torch.float64)
             keys = k.float().repeat_interleave(Hq // k.shape[1], dim=1)            # [S, Hq, D]
             logits = torch.einsum("mhd,shd->hms", q[rows].float(), keys) / math.sqrt(D)
             slots = torch.arange(len(fed), device=device)
@@ -137,12 +164,22 @@ def headkv_scores(model, config, probes, profile: str = "copy", progress=None) -
                 allowed &= rows[:, None] - slots[None, :] < sliding_window
             logits = logits.masked_fill(~allowed[None], float("-inf"))
             if profile == "reason":   # attention mass, so probabilities
-                part = reason_scores(logits.softmax(dim=-1), span, k.shape[1])
+                part = reason_hits(logits.softmax(dim=-1), span)
             else:                     # an argmax: the logits do
-                part = copy_scores(logits, tokens[:len(fed)], targets, span, k.shape[1])
+                part = copy_hits(logits, tokens[:len(fed)], targets, span)
             scores[layer] += part.double().cpu() / len(probes)
 
         run_dense(model, fed, record)
         if progress:
             progress()
-    return scores
+    if scores is None:
+        return torch.zeros(config.num_layers, config.num_kv_heads, dtype=torch.float64)
+    return fold_query_heads(scores, config.num_kv_heads, fold)
+
+
+def retrieval_head_scores(model, config, probes, progress=None) -> torch.Tensor:
+    """[L, H] Retrieval Head scores (Wu et al., arXiv 2404.15574; nightdessert/Retrieval_Head
+    retrieval_head_detection.py, retrieval_calculate) over needle_probe(..., span="value")'s:
+    per query head, the copies (argmax inside the answer's span on the token predicted) / the
+    span's length, averaged over the probes; a kv-head scores its query heads' max."""
+    return headkv_scores(model, config, probes, "copy", progress, fold="max")

@@ -199,7 +199,8 @@ class StepAttention:
                 result, probs = result
                 evicted = self._evict(layer, tables, lengths, q[members], probs, self.positions[members],
                                       self.budgets[members], self.prompt_lens[members],
-                                      self.rounds[g][source] if self.rounds is not None else None)
+                                      self.rounds[g][source] if self.rounds is not None else None,
+                                      self.ids[members] if self.ids is not None else None)
                 self.evicted[layer, members] = evicted
             out[members] = result
         return out
@@ -251,12 +252,12 @@ class StepAttention:
         seq_id, cache = self.seq_ids[i], self.cache
         if not self.evicting:
             return cache.attend_prefill(seq_id, layer, q, q_pos, sliding_window)[0]
-        outs = []
-        for q_t, pos_t in zip(q, q_pos):
+        outs, ids = [], self.token_ids[i][-len(q):] if self.token_ids is not None else [None] * len(q)
+        for q_t, pos_t, id_t in zip(q, q_pos, ids):
             tables, lengths = cache.held(seq_id, layer)
             out, probs = cache.attend_tables(q_t[None], pos_t[None], tables, lengths, sliding_window, True)
             evicted = self._evict(layer, tables, lengths, q_t[None], probs, pos_t[None], self.budgets[i:i + 1],
-                                  self.prompt_lens[i:i + 1])
+                                  self.prompt_lens[i:i + 1], token_ids=None if id_t is None else id_t[None])
             cache.drop_last(seq_id, evicted.to(HOST), layers=slice(layer, layer + 1))
             outs.append(out)
         return torch.cat(outs)
@@ -310,7 +311,8 @@ class StepAttention:
             prompt = torch.full((view.keys.shape[0],), n, device=HOST) if keep is None else keep.sum(-1).to(HOST)
             cache.prune(seq_id, layer, method.key_channels(view, keep).to(HOST), (prompt - method.recent).clamp(min=0))
 
-    def _evict(self, layer, tables, lengths, q, probs, q_pos, budgets, prompt_lens, rounds=None) -> torch.Tensor:
+    def _evict(self, layer, tables, lengths, q, probs, q_pos, budgets, prompt_lens, rounds=None,
+               token_ids=None) -> torch.Tensor:
         """Decode-time eviction for b sequences at one layer (tables [b, H, nb], lengths [b, H]):
         the method scores every slot from the query's attention probs [b, H, group, S] and a
         DecodeStep (updating its slot fields of the slots the query sees); each head holding n
@@ -331,7 +333,8 @@ class StepAttention:
             k_pos = fields.pop("pos")
             visible = (arange < length[..., None]) & (k_pos <= q_pos[:, None, None])  # a replay holds later tokens
             return fields, DecodeStep(layer, q_pos, prompt_lens, k_pos, visible, budgets, fields.pop("k", None),
-                                      fields.pop("v", None), q if "queries" in method.decode_reads else None)
+                                      fields.pop("v", None), q if "queries" in method.decode_reads else None,
+                                      token_ids if method.needs_vocabulary else None)
 
         state, step = read(lengths)
         scores, new = method.decode_scores(probs, state, step)

@@ -183,6 +183,9 @@ class DecodeStep:
     keys: torch.Tensor | None = None
     values: torch.Tensor | None = None
     queries: torch.Tensor | None = None  # [b, Hq, D] the query (after RoPE), if decode_reads names it
+    # [b] int64: the id of the token this step feeds, whose slot is the one at `positions` (only for
+    # methods with needs_vocabulary: FastGen marks a generated punctuation token)
+    token_ids: torch.Tensor | None = None
 
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:

@@ -35,13 +35,31 @@ from nanokv.methods.streaming_llm import StreamingLLM
 from nanokv.methods.think import ThinK
 from nanokv.methods.tova import TOVA
 from nanokv.methods.vatp import VATP
+from nanokv.methods.alisa import ALISA
+from nanokv.methods.corm import CORM
+from nanokv.methods.inf_mllm import InfMLLM
+from nanokv.methods.buzz import BUZZ
+from nanokv.methods.scope import SCOPE
+from nanokv.methods.hashevict import HashEvict
+from nanokv.methods.morphkv import MorphKV
+from nanokv.methods.kvcrush import KVCrush
+from nanokv.methods.fastgen import FastGen
+from nanokv.methods.pyramidinfer import PyramidInfer
+from nanokv.methods.kv_compress import KVCompress
+from nanokv.methods.dynamickv import DynamicKV
+from nanokv.methods.dbudgetkv import DBudgetKV
+from nanokv.methods.razorattention import RazorAttention
+from nanokv.methods.retrieval_head import RetrievalHead
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, RandomMethod, StreamingLLM, KNorm, SnapKV, PyramidKV, AdaKV, H2O, TOVA,
                                                          A2SF, Keyformer, Scissorhands, RoCo, VATP, RKV,
                                                          KIVI, Int4, Int8, Quest,
                                                          SageKV, NACL, SimLayerKV, ChunkKV,
                                                          SepLLM, CAKE, KVzip, DuoAttention, HeadKV,
-                                                         CaM, D2O, KVMerger, KVSharer, LoRC, Palu, ThinK, MiniCache)}
+                                                         CaM, D2O, KVMerger, KVSharer, LoRC, Palu, ThinK, MiniCache,
+                                                         # the third wave (issue 27)
+                                                         ALISA, CORM, InfMLLM, BUZZ, SCOPE, HashEvict, MorphKV, KVCrush, FastGen,
+                                                         PyramidInfer, KVCompress, DynamicKV, DBudgetKV, RazorAttention, RetrievalHead)}
 QUANTIZERS = [name for name, m in METHODS.items() if issubclass(m, KIVI)]
 
 
