@@ -95,7 +95,7 @@ class FastGen(DecodeEvictor):
 
     def bind_vocabulary(self, texts: list[str]):
         self.kinds = torch.tensor([SPECIAL * is_control(t) + PUNCT * (is_punctuation(t) and not is_control(t))
-                                   for t in texts], dtype=torch.int32)
+                                   for t in texts], dtype=torch.int32, device="cpu")
 
     def kept_after_prefill(self, n: int, layer: int, num_layers: int) -> int:
         return n  # a head may keep it all (C_full)

@@ -70,7 +70,8 @@ class RazorAttention(RetrievalHead):
     def bind_calibration(self, artifact: dict):
         super().bind_calibration(artifact)
         echo = artifact.get("echo_scores")
-        if not (isinstance(echo, list) and torch.tensor(echo, dtype=torch.float64).shape == self.head_scores.shape):
+        if not (isinstance(echo, list) and torch.tensor(echo, dtype=torch.float64, device="cpu").shape
+                == self.head_scores.shape):
             raise ValueError(f"the razorattention calibration holds no echo_scores of shape "
                              f"{tuple(self.head_scores.shape)}; make it again with python -m nanokv.calibrate "
                              f"razorattention")
@@ -80,7 +81,7 @@ class RazorAttention(RetrievalHead):
         """[L, H] bool: the top echo_ratio of kv-heads by echo score and the top induction_ratio by
         induction score (ties to the earlier head)."""
         induction = self._scores_bound()
-        protected = torch.zeros(induction.numel(), dtype=torch.bool)
+        protected = torch.zeros(induction.numel(), dtype=torch.bool, device=induction.device)
         for scores, ratio in ((self.echo_scores, self.echo_ratio), (induction, self.induction_ratio)):
             top = torch.argsort(-scores.flatten(), stable=True)[:share(ratio, scores.numel())]
             protected[top] = True
