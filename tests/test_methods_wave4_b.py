@@ -11,7 +11,8 @@ from helpers import held_positions
 from nanokv.methods import make_method
 from nanokv.methods.base import DecodeStep, PrefillView, observation_attention
 from nanokv.methods.hashevict import hamming, hyperplanes, popcount, simhash
-from test_methods_decode_wave2 import TINY_PROMPTS, serve
+from test_methods_decode_wave2 import TINY_PROMPTS, kept, serve
+from test_methods_decode_wave3 import victim
 
 inf = float("inf")
 
@@ -23,20 +24,6 @@ def step(position, budget, S, prompt_len=None, H=1, **reads):
     prompt_lens = torch.tensor([position if prompt_len is None else prompt_len])
     return DecodeStep(3, positions, prompt_lens, key_positions, key_positions <= position, torch.tensor([budget]),
                       **reads)
-
-
-def victim(method, scores, st):
-    """The engine's pick (nanokv/engine/attention.py _evict): the lowest score among the visible
-    slots outside the recent window, the oldest among equals."""
-    recent = method.recent_window(st.budgets)
-    eligible = st.visible & (st.key_positions <= (st.positions - recent)[:, None, None])
-    scores = scores.masked_fill(~eligible, inf)
-    lowest = scores == scores.min(dim=-1, keepdim=True).values
-    return int(st.key_positions.masked_fill(~lowest | ~eligible, 1 << 30).argmin(dim=-1))
-
-
-def kept(mask):
-    return [sorted(torch.nonzero(row).flatten().tolist()) for row in mask]
 
 
 # --- SCOPE ------------------------------------------------------------------------------------
@@ -217,13 +204,15 @@ def test_alisa_sums_the_last_queries_attention_so_an_old_heavy_hitter_fades():
     # (field 1); the query at 5 overwrites field 1. Slot 0 got 0.9 from query 3, which drops out:
     # sums over queries 4 and 5 are 0.1, 0.6, 0.5, 0.5 for slots 0-3; slots 4, 5 are the local
     # window (budget 4 x 0.5). Slot 0 goes; H2O's running sum (1.0 for slot 0) would keep it.
+    # Slot 5's field 0 is stale (0.7: left by a token evicted before; query 4 never saw position
+    # 5), so it counts for nothing: slot 5 scores query 5's 0.1 alone.
     method = make_method("alisa", budget=4, query_window=2)
-    ring = {"alisa_attention0": torch.tensor([0.1, 0.3, 0.2, 0.4, 0.0, 0.0]).view(1, 1, 6),
+    ring = {"alisa_attention0": torch.tensor([0.1, 0.3, 0.2, 0.4, 0.0, 0.7]).view(1, 1, 6),
             "alisa_attention1": torch.tensor([0.9, 0.0, 0.0, 0.1, 0.0, 0.0]).view(1, 1, 6)}
     probs = torch.tensor([0.0, 0.3, 0.3, 0.1, 0.2, 0.1]).view(1, 1, 1, 6)
     st = step(5, 4, 6)
     scores, state = method.decode_scores(probs, ring, st)
-    torch.testing.assert_close(scores[0, 0, :4], torch.tensor([0.1, 0.6, 0.5, 0.5]))
+    torch.testing.assert_close(scores[0, 0], torch.tensor([0.1, 0.6, 0.5, 0.5, 0.2, 0.1]))
     assert torch.equal(state["alisa_attention1"], probs[:, :, 0]) and torch.equal(state["alisa_attention0"],
                                                                                   ring["alisa_attention0"])
     assert method.recent_window(st.budgets).tolist() == [2]

@@ -16,6 +16,7 @@ from nanokv.calibrate import (cli, copy_hits, echo_induction_hits, fold_query_he
 from nanokv.methods import make_method
 from nanokv.methods.base import PrefillView
 from nanokv.methods.razorattention import share
+from test_calibrate import byte_tokenizer, byte_tokenizer_json, tiny_dir  # noqa: F401 (fixtures)
 
 
 class Pointing:
@@ -283,37 +284,6 @@ def test_mixed_prompts_keep_the_split_in_real_blocks_through_preemption(tiny, ki
 
 
 # --- the command end to end on a tiny random model -----------------------------------------------------
-
-@pytest.fixture(scope="module")
-def byte_tokenizer_json():
-    from helpers import byte_tokenizer_json
-
-    return byte_tokenizer_json()
-
-
-@pytest.fixture
-def byte_tokenizer(byte_tokenizer_json):
-    from tokenizers import Tokenizer as BackendTokenizer
-
-    from nanokv.tokenizer import Tokenizer
-
-    return Tokenizer(BackendTokenizer.from_str(byte_tokenizer_json))
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, byte_tokenizer_json):
-    """A random 2-layer Qwen2 (4 query heads over 2 kv-heads) saved with a byte-level tokenizer."""
-    import transformers as T
-
-    torch.manual_seed(0)
-    config = T.Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
-                           max_position_embeddings=1024)
-    path = tmp_path_factory.mktemp("tiny-qwen2-bytes-f")
-    T.AutoModelForCausalLM.from_config(config).float().save_pretrained(path)
-    (path / "tokenizer.json").write_text(byte_tokenizer_json)
-    return path
-
 
 @pytest.mark.parametrize("calibration, length, options", [
     ("retrieval_head", 512, {"sink_size": 2}),

@@ -34,6 +34,7 @@ What differs:
 import torch
 
 from nanokv.methods.base import DecodeEvictor, PrefillView, observation_attention
+from nanokv.methods.query_ring import prompt_ring, ring_fields, ring_positions, ring_write, windowed_sum
 
 
 class ALISA(DecodeEvictor):
@@ -49,7 +50,7 @@ class ALISA(DecodeEvictor):
 
     def __init__(self, compression: float = 0.0, budget: int | None = None, **options):
         super().__init__(compression, budget, **options)
-        self.slot_fields = {f"alisa_attention{k}": torch.float32 for k in range(self.query_window)}
+        self.slot_fields = ring_fields("alisa_attention", self.query_window)
 
     def recent_window(self, budget):
         return (budget * self.local_ratio).long()
@@ -57,20 +58,18 @@ class ALISA(DecodeEvictor):
     def prefill_state(self, view: PrefillView) -> dict[str, torch.Tensor]:
         """The attention of the prompt's last min(query_window, T) queries, each in the field of
         its position mod query_window (0 in the others)."""
-        H, S, _ = view.keys.shape
+        H = view.keys.shape[0]
         window = min(self.query_window, len(view.queries))
-        attention = observation_attention(view, window)                    # [Hq, W, S], causal
-        attention = attention.view(H, -1, window, S).mean(dim=1)           # GQA: mean over the group
-        state = {name: torch.zeros(H, S, device=view.keys.device) for name in self.slot_fields}
-        for w, position in enumerate(view.positions[-window:].tolist()):
-            state[f"alisa_attention{position % self.query_window}"] = attention[:, w]
-        return state
+        attention = observation_attention(view, window).unflatten(0, (H, -1)).mean(dim=1)  # [H, W, S]: GQA mean
+        return prompt_ring(list(self.slot_fields), attention, view.positions[-window:].tolist())
 
     def scores(self, view: PrefillView) -> torch.Tensor:
-        return self.protect_recent(sum(self.state_of(view).values()))
+        rows = torch.stack(list(self.state_of(view).values()))                   # [R, H, S]
+        row_positions = ring_positions(view.positions[-1], self.query_window).view(-1, 1, 1)
+        return self.protect_recent(windowed_sum(rows, row_positions, view.positions))
 
     def decode_scores(self, probs, state, step):
-        now = probs.mean(dim=2)                                             # [b, H, S]
-        ring = (step.positions % self.query_window)[:, None, None]
-        state = {name: torch.where(ring == k, now, state[name]) for k, name in enumerate(self.slot_fields)}
-        return sum(state.values()), state
+        state = ring_write(state, list(self.slot_fields), probs.mean(dim=2), step.positions)
+        rows = torch.stack(list(state.values()))                                  # [R, B, H, S]
+        row_positions = ring_positions(step.positions[:, None, None], self.query_window)
+        return windowed_sum(rows, row_positions, step.key_positions), state

@@ -30,7 +30,7 @@ What differs:
 import torch
 
 from nanokv.methods.base import DecodeEvictor, PrefillView, observation_attention
-from nanokv.methods.morphkv import ring_positions, ring_write
+from nanokv.methods.query_ring import prompt_ring, ring_fields, ring_positions, ring_write, windowed_sum
 
 
 class InfMLLM(DecodeEvictor):
@@ -44,7 +44,7 @@ class InfMLLM(DecodeEvictor):
 
     def __init__(self, compression: float = 0.0, budget: int | None = None, **options):
         super().__init__(compression, budget, **options)
-        self.slot_fields = {f"infmllm_attn{k}": torch.float32 for k in range(self.window_size)}
+        self.slot_fields = ring_fields("infmllm_attn", self.window_size)
 
     def check_budget(self):
         if self.budget is not None and self.budget <= self.window_size:
@@ -54,29 +54,19 @@ class InfMLLM(DecodeEvictor):
     def recent_window(self, budget):
         return budget.clamp(max=self.window_size)
 
-    @staticmethod
-    def saddle_scores(rows, row_positions, key_positions):
-        """rows [R, ..., S]: the window queries' attention; row_positions [R, ..., 1] -> [..., S]
-        the sum over the queries that saw each key."""
-        return rows.masked_fill(key_positions[None] > row_positions, 0.0).sum(dim=0)
-
     def prefill_state(self, view: PrefillView) -> dict[str, torch.Tensor]:
-        H, S, _ = view.keys.shape
+        H = view.keys.shape[0]
         window = min(self.window_size, len(view.queries))
         attention = observation_attention(view, window).unflatten(0, (H, -1)).mean(dim=1)   # [H, W, S]
-        state = {name: torch.zeros(H, S, device=view.keys.device) for name in self.slot_fields}
-        names = list(self.slot_fields)
-        for j, position in enumerate(view.positions[-window:].tolist()):
-            state[names[position % self.window_size]] = attention[:, j]
-        return state
+        return prompt_ring(list(self.slot_fields), attention, view.positions[-window:].tolist())
 
     def scores(self, view: PrefillView) -> torch.Tensor:
         rows = torch.stack(list(self.state_of(view).values()))                   # [R, H, S]
         row_positions = ring_positions(view.positions[-1], self.window_size).view(-1, 1, 1)
-        return self.protect_recent(self.saddle_scores(rows, row_positions, view.positions))
+        return self.protect_recent(windowed_sum(rows, row_positions, view.positions))
 
     def decode_scores(self, probs, state, step):
         state = ring_write(state, list(self.slot_fields), probs.mean(dim=2), step.positions)
         rows = torch.stack(list(state.values()))                                  # [R, B, H, S]
         row_positions = ring_positions(step.positions[:, None, None], self.window_size)
-        return self.saddle_scores(rows, row_positions, step.key_positions), state
+        return windowed_sum(rows, row_positions, step.key_positions), state

@@ -37,20 +37,7 @@ What differs from the official code:
 import torch
 
 from nanokv.methods.base import DecodeEvictor, PrefillView, prompt_logits
-
-
-def ring_positions(query_position: torch.Tensor, size: int) -> torch.Tensor:
-    """[size, *query_position.shape]: the position of the query whose row ring field k holds, the
-    newest position <= query_position that is k mod size (negative: no such query yet)."""
-    k = torch.arange(size, device=query_position.device).view(-1, *[1] * query_position.dim())
-    return query_position[None] - (query_position[None] - k) % size
-
-
-def ring_write(state: dict, names: list, row: torch.Tensor, query_position: torch.Tensor) -> dict:
-    """The ring after the query at query_position [B] wrote its row [B, H, S] into field
-    (position mod len(names))."""
-    at = (query_position % len(names))[:, None, None]
-    return {name: torch.where(at == k, row, state[name]) for k, name in enumerate(names)}
+from nanokv.methods.query_ring import ring_fields, ring_positions, ring_write
 
 
 def correlation(rows, row_positions, key_positions, older, fusion):
@@ -75,7 +62,7 @@ class MorphKV(DecodeEvictor):
 
     def __init__(self, compression: float = 0.0, budget: int | None = None, **options):
         super().__init__(compression, budget, **options)
-        self.slot_fields = {f"morphkv_logit{k}": torch.float32 for k in range(self.window_size)}
+        self.slot_fields = ring_fields("morphkv_logit", self.window_size)
 
     def check_budget(self):
         if self.budget is not None and self.budget <= self.window_size:
