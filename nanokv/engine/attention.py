@@ -317,8 +317,9 @@ class StepAttention:
         the method scores every slot from the query's attention probs [b, H, group, S] and a
         DecodeStep (updating its slot fields of the slots the query sees); each head holding n
         more tokens up to `q_pos` than its budget (decode_budgets) evicts its n lowest-scoring
-        outside the recent window, one after another: for each, a merging method first folds it
-        into the slots that stay, then the head's last slot moves into its place. `rounds`: the most
+        outside the recent window: all at once (_drop_lowest), or for a merging method one after
+        another, each first folded into the slots that stay, then the head's last slot moved into
+        its place. `rounds`: the most
         any head evicts, where the caller knows it (else it is read from the device).
         -> [b, H] the number each head evicted (the caller shortens them by it)."""
         cache, method = self.cache, self.method
@@ -348,7 +349,10 @@ class StepAttention:
         eligible = step.visible & (k_pos <= (q_pos - recent)[:, None, None])
         scores = scores.masked_fill(~eligible, float("inf"))
         flat, length = cache.slots_of(tables), lengths
-        for r in range(rounds):  # once, unless a method's budget drops by more than one (r_kv's divide_length)
+        if not method.merges:  # nothing changes between victims: take them all at once
+            self._drop_lowest(flat, scores, eligible, k_pos, need, lengths, rounds)
+            return need
+        for r in range(rounds):  # a merge changes what the next victim sees: one at a time
             evicting = need > r
             lowest = scores.min(dim=-1, keepdim=True).values
             # ties go to the oldest token, whatever slot it sits in, so a replay picks as the decode did
@@ -371,6 +375,26 @@ class StepAttention:
                                        for x in (scores, eligible, k_pos))
             eligible = eligible & (arange < length[..., None])
             scores = scores.masked_fill(~eligible, float("inf"))
-            if method.merges:
-                state, step = read(length)
+            state, step = read(length)
         return need
+
+    def _drop_lowest(self, flat, scores, eligible, k_pos, need, length, rounds):
+        """Each head [b, H] evicts its need lowest eligible scores (ties: the oldest position), the
+        same set as one at a time: each victim below the head's new length takes one of the
+        survivors above it, moved in one call (`rounds` >= every need, so no count is read back)."""
+        S = scores.shape[-1]
+        rounds = min(rounds, S)
+        by_position = k_pos.masked_fill(~eligible, torch.iinfo(k_pos.dtype).max).argsort(dim=-1, stable=True)
+        order = by_position.gather(-1, scores.gather(-1, by_position).argsort(dim=-1, stable=True))
+        firsts = torch.arange(rounds, device=scores.device) < need[..., None]
+        victim = torch.zeros_like(eligible).scatter(-1, order[..., :rounds], firsts)
+        slot, kept = torch.arange(S, device=scores.device), (length - need)[..., None]
+        hole = victim & (slot < kept)
+        survivor = ~victim & (slot >= kept) & (slot < length[..., None])
+        # the k-th hole takes the k-th survivor; heads with fewer holes move the scratch slot onto itself
+        holes = torch.where(hole, slot, S + slot).argsort(dim=-1)[..., :rounds]
+        survivors = torch.where(survivor, slot, S + slot).argsort(dim=-1)[..., :rounds]
+        moving = torch.arange(rounds, device=scores.device) < hole.sum(-1, keepdim=True)
+        scratch = self.cache.reserve_scratch()
+        self.cache.move_slots(torch.where(moving, flat.gather(-1, survivors), scratch).flatten(),
+                              torch.where(moving, flat.gather(-1, holes), scratch).flatten())

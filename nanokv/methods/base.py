@@ -24,7 +24,7 @@ Decode-time methods (H2O, TOVA: DecodeEvictor) hold every (layer, head) at
 the request's budget while it generates. Each decode step the engine hands them the current
 query's attention probabilities over the held slots (`decode_scores`) and evicts, per head, the
 lowest-scoring slot outside `recent_window` whenever a head holds more than its budget (the n
-lowest, one after another, when it holds n more: a method whose `decode_budgets` drop). State
+lowest when it holds n more: a method whose `decode_budgets` drop). State
 a method keeps per token (H2O's accumulated attention) lives in the cache as slot fields
 (`slot_fields`), set at prefill by `prefill_state` and moved with its token by compaction.
 What a method needs from prefill attention beyond queries and keys it asks for
