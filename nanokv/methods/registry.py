@@ -16,6 +16,7 @@ from nanokv.methods.knorm import KNorm
 from nanokv.methods.lorc import LoRC
 from nanokv.methods.kvsharer import KVSharer
 from nanokv.methods.kvzip import KVzip
+from nanokv.methods.keepkv import KeepKV
 from nanokv.methods.kvmerger import KVMerger
 from nanokv.methods.minicache import MiniCache
 from nanokv.methods.nacl import NACL
@@ -59,7 +60,8 @@ METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, RandomMethod, St
                                                          CaM, D2O, KVMerger, KVSharer, LoRC, Palu, ThinK, MiniCache,
                                                          # the third wave (issue 27)
                                                          ALISA, CORM, InfMLLM, BUZZ, SCOPE, HashEvict, MorphKV, KVCrush, FastGen,
-                                                         PyramidInfer, KVCompress, DynamicKV, DBudgetKV, RazorAttention, RetrievalHead)}
+                                                         PyramidInfer, KVCompress, DynamicKV, DBudgetKV, RazorAttention, RetrievalHead,
+                                                         KeepKV)}
 QUANTIZERS = [name for name, m in METHODS.items() if issubclass(m, KIVI)]
 
 
