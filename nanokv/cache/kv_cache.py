@@ -259,11 +259,12 @@ class PagedKVCache:
         if self.sources[layer] == layer:
             self.write(slots, k, v, positions)
 
-    def attend_decode(self, layer: int, q, positions, group: list[torch.Tensor], sliding_window):
+    def attend_decode(self, layer: int, q, positions, group: list[torch.Tensor], sliding_window, **bias):
         """A group's queries [b, Hq, D] over what its sequences hold at `layer` (or at the layer
-        whose KV it shares) -> (output [b, Hq, D], KV bytes read)."""
+        whose KV it shares) -> (output [b, Hq, D], KV bytes read). `bias`: as attend_tables (full
+        precision blocks only: the other block kinds take none)."""
         tables, lengths = (t[self.sources[layer]] for t in group)
-        return self.attend_tables(q, positions, tables, lengths, sliding_window), self.read_bytes(lengths)
+        return self.attend_tables(q, positions, tables, lengths, sliding_window, **bias), self.read_bytes(lengths)
 
     def attend_tables(self, q, positions, tables, lengths, sliding_window, return_probs: bool = False,
                       bias: str | None = None):

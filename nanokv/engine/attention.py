@@ -67,8 +67,8 @@ class StepAttention:
         cache.expect_positions(int(positions.max()))  # a decode's are on the host: no wait
         self.evicting = self.method is not None and self.method.evicts_during_decode
         # a merging method's per-slot logit bias (base.py: attention_bias), passed to every read of
-        # the cache; none: the reads take exactly their plain path
-        bias = self.method.attention_bias if self.method is not None else None
+        # the cache (a second pass's too); none: the reads take exactly their plain path
+        bias = compressing.attention_bias if compressing is not None else None
         self.biased = {} if bias is None else {"bias": bias}
         if self.evicting:
             # the slots each (layer, sequence, head) evicted this decode step: on the device until the
@@ -180,14 +180,15 @@ class StepAttention:
         cache.write_decode(layer, self.slots[layer], k, v, self.positions)
         selecting = self.selector is not None and layer >= self.selector.skip_layers
         if self.whole_batch and not selecting:  # one call in batch order: nothing to pick out or put back
-            out, nbytes = cache.attend_decode(layer, q, self.positions, self.groups[0][1:], sliding_window)
+            out, nbytes = cache.attend_decode(layer, q, self.positions, self.groups[0][1:], sliding_window,
+                                              **self.biased)
             self.bytes_read += nbytes
             return out
         if not (selecting or self.evicting):  # the block kind reads its own way
             out = torch.empty_like(q)
             for members, *group in self.groups:
                 out[members], nbytes = cache.attend_decode(layer, q[members], self.positions[members], group,
-                                                           sliding_window)
+                                                           sliding_window, **self.biased)
                 self.bytes_read += nbytes
             return out
         # full-precision blocks read through tables a method changes (Quest) or whose attention
