@@ -145,6 +145,9 @@ def make_method(name: str, compression: float = 0.0, budget: int | None = None, 
     if method.trims_earlier_layers:  # some methods do only with some options (kvzip unless layerwise)
         raise ValueError(f"method {name!r}: {evictor.name} with these options compacts earlier layers again during "
                          f"prefill, which quantized blocks cannot follow; use {evictor.name} alone")
+    if method.attention_bias is not None:  # an option that makes it (razorattention's compensation)
+        raise ValueError(f"method {name!r}: {evictor.name} with these options weighs slots by a logit bias, which "
+                         f"quantized blocks cannot carry; use {evictor.name} alone")
     method.name, method.quantization = name, quant.quantization
     return method
 
