@@ -27,7 +27,7 @@ def test_zip_merge_by_hand():
     # (logit log 3, weight 3), merges into it. Shares 1/4 and 3/4: v = (v_t + 3 v_e) / 4, the mean
     # key (3/4 log 3, 1); the merged slot (2 votes) needs logit log(1 + 3) - log 2 = log 2, so the
     # key moves along q' to (log 2, 1). Its weight: 2 e^(log 2) = 4 = 1 + 3, as before.
-    q = torch.tensor([[[math.sqrt(2) / math.sqrt(2), 0.0]]])                 # [N=1, g=1, D] already scaled
+    q = torch.tensor([[[1.0, 0.0]]])                 # [N=1, g=1, D]: zip_merge takes q' = q / sqrt(D)
     keys = torch.tensor([[[0.0, 1.0], [math.log(3), 1.0]]])
     values = torch.tensor([[[4.0, 0.0], [0.0, 8.0]]])
     merged = zip_merge(q, keys, values, torch.zeros(1, 2), torch.tensor([[0.5, 0.1]]), torch.tensor([[0, 0]]))
@@ -168,14 +168,15 @@ def test_keepkv_holds_its_budget_in_real_blocks_through_preemption(tiny):
     every block back, and a tight pool's preemptions and recomputes give the same tokens."""
     method = make_method("keepkv", budget=12, similarity_threshold=0.5)
     votes = []
-    roomy, held, preemptions, cache = serve(tiny, method, TINY_PROMPTS, 400, 20, on_decode=lambda seq, pos, c: votes.append(
-        float(c.pool.fields["keepkv_log_votes"].max())))
+    most_votes = lambda seq, pos, c: votes.append(float(c.pool.fields["keepkv_log_votes"].max()))  # noqa: E731
+    roomy, held, preemptions, cache = serve(tiny, method, TINY_PROMPTS, 400, 20, on_decode=most_votes)
     assert preemptions == 0 and max(votes) > math.log(2) - 1e-6
     for lengths, blocks in held:
         assert (lengths == 12).all() and (blocks == 3).all()
     tight, _, tight_preemptions, tight_cache = serve(tiny, method, TINY_PROMPTS, 44, 20)
     assert tight_preemptions > 0 and tight == roomy
-    assert cache.pool.num_free == cache.pool.usable_blocks and tight_cache.pool.num_free == tight_cache.pool.usable_blocks
+    for pool in (cache.pool, tight_cache.pool):
+        assert pool.num_free == pool.usable_blocks
 
 
 @pytest.mark.parametrize("kernels", ["cpu", "triton"])

@@ -1,4 +1,4 @@
-"""keepkv: evict by recent attention, merge each evicted token into its most similar kept one so the current output is unchanged.
+"""keepkv: evict by recent attention; merge what goes into its most similar kept slot, output unchanged.
 
 Paper: KeepKV: Eliminating Output Perturbation in KV Cache Compression for Efficient LLMs Inference
 (Tian, Wang, Peng, Yuan, Wang, Yi, Liu, Cui, Yang; v2 retitled "Achieving Periodic Lossless KV
