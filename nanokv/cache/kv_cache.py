@@ -259,16 +259,22 @@ class PagedKVCache:
         if self.sources[layer] == layer:
             self.write(slots, k, v, positions)
 
-    def attend_decode(self, layer: int, q, positions, group: list[torch.Tensor], sliding_window):
+    def attend_decode(self, layer: int, q, positions, group: list[torch.Tensor], sliding_window, **bias):
         """A group's queries [b, Hq, D] over what its sequences hold at `layer` (or at the layer
-        whose KV it shares) -> (output [b, Hq, D], KV bytes read)."""
+        whose KV it shares) -> (output [b, Hq, D], KV bytes read). `bias`: as attend_tables (full
+        precision blocks only: the other block kinds take none)."""
         tables, lengths = (t[self.sources[layer]] for t in group)
-        return self.attend_tables(q, positions, tables, lengths, sliding_window), self.read_bytes(lengths)
+        return self.attend_tables(q, positions, tables, lengths, sliding_window, **bias), self.read_bytes(lengths)
 
-    def attend_tables(self, q, positions, tables, lengths, sliding_window, return_probs: bool = False):
+    def attend_tables(self, q, positions, tables, lengths, sliding_window, return_probs: bool = False,
+                      bias: str | None = None):
         """Decode attention over explicit tables [b, H, nb] and lengths [b, H] of full-precision
-        blocks (a method's reduced tables, Quest; with return_probs also the probabilities, H2O)."""
+        blocks (a method's reduced tables, Quest; with return_probs also the probabilities, H2O).
+        `bias`: the slot field added to each slot's attention logit (a method's attention_bias)."""
         pool = self.pool
+        if bias is not None:  # the kernels' biased variant; without one, exactly the plain call
+            return self.kernels.decode(q, positions, pool.k, pool.v, pool.pos, tables, lengths, sliding_window,
+                                       return_probs, bias=pool.fields[bias])
         return self.kernels.decode(q, positions, pool.k, pool.v, pool.pos, tables, lengths, sliding_window, return_probs)
 
     def write_prefill(self, seq_id: int, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
@@ -277,19 +283,23 @@ class PagedKVCache:
         self.write(slots.to(self.pool.device), k, v, positions)
 
     def attend_prefill(self, seq_id: int, layer: int, q, q_pos, sliding_window, column_sums: bool = False,
-                       merged: bool = True, new_kv: tuple | None = None):
+                       merged: bool = True, new_kv: tuple | None = None, bias: str | None = None):
         """One sequence's queries [T, Hq, D] over what it holds at `layer` -> (output, and with
         `column_sums` the attention each slot received [H, nb * block_size], summed over the queries
         and averaged over each kv-head's query heads). `merged`: see PairedKVCache. `new_kv`: the
         queries' own k, v [T, H, D]: where the sequence holds those alone, the kernels' fresh_prefill
-        attends over them in hand instead of through the pool."""
+        attends over them in hand instead of through the pool (a fresh prompt's slots carry no
+        bias). `bias`: as attend_tables."""
         if (new_kv is not None and self.kernels.fresh_prefill is not None and not column_sums
                 and sliding_window is None and self.holds_only(seq_id, layer, len(q))):
             return self.kernels.fresh_prefill(q, *new_kv), None
         pool, (tables, lengths) = self.pool, self.held(seq_id, layer)
+        if bias is not None and self.holds_only(seq_id, layer, len(q)):
+            bias = None  # a prompt's own fresh slots: every bias is 0 (write starts a slot field afresh)
         cu_seqlens = torch.tensor([0, len(q)], dtype=torch.int32, device=q.device)
+        biased = {} if bias is None else {"bias": pool.fields[bias]}
         result = self.kernels.prefill(q, q_pos, cu_seqlens, pool.k, pool.v, pool.pos, tables, lengths,
-                                      sliding_window, obs_window=len(q) if column_sums else None)
+                                      sliding_window, obs_window=len(q) if column_sums else None, **biased)
         if not column_sums:
             return result, None
         out, sums = result                                                 # sums [1, Hq, S]

@@ -66,6 +66,10 @@ class StepAttention:
         self.is_decode = all(n == 1 for n in query_lens)
         cache.expect_positions(int(positions.max()))  # a decode's are on the host: no wait
         self.evicting = self.method is not None and self.method.evicts_during_decode
+        # a merging method's per-slot logit bias (base.py: attention_bias), passed to every read of
+        # the cache (a second pass's too); none: the reads take exactly their plain path
+        bias = compressing.attention_bias if compressing is not None else None
+        self.biased = {} if bias is None else {"bias": bias}
         if self.evicting:
             # the slots each (layer, sequence, head) evicted this decode step: on the device until the
             # step ends (finish), so that no layer waits for the GPU to count them
@@ -150,7 +154,7 @@ class StepAttention:
             if self.method is None or not self.compress:
                 outs.append(self._generated(layer, i, q_i, pos_i, sliding_window) if self.method is not None
                             else cache.attend_prefill(seq_id, layer, q_i, pos_i, sliding_window,
-                                                      new_kv=(k_i, v_i))[0])
+                                                      new_kv=(k_i, v_i), **self.biased)[0])
                 cache.settle(seq_id, layers=slice(layer, layer + 1))
                 continue
             # The prompt attends over itself, then is compressed. Tokens generated before a
@@ -158,7 +162,8 @@ class StepAttention:
             # first time, so the recomputed cache is the one the sequence had.
             n = self.compress_lens[i]
             out, column_sums = cache.attend_prefill(seq_id, layer, q_i[:n], pos_i[:n], sliding_window,
-                                                    self.method.needs_column_sums, new_kv=(k_i[:n], v_i[:n]))
+                                                    self.method.needs_column_sums, new_kv=(k_i[:n], v_i[:n]),
+                                                    **self.biased)
             outs.append(out)
             scoring = None
             if m:  # nothing follows a scoring pass in this forward (the runner's second pass)
@@ -175,14 +180,15 @@ class StepAttention:
         cache.write_decode(layer, self.slots[layer], k, v, self.positions)
         selecting = self.selector is not None and layer >= self.selector.skip_layers
         if self.whole_batch and not selecting:  # one call in batch order: nothing to pick out or put back
-            out, nbytes = cache.attend_decode(layer, q, self.positions, self.groups[0][1:], sliding_window)
+            out, nbytes = cache.attend_decode(layer, q, self.positions, self.groups[0][1:], sliding_window,
+                                              **self.biased)
             self.bytes_read += nbytes
             return out
         if not (selecting or self.evicting):  # the block kind reads its own way
             out = torch.empty_like(q)
             for members, *group in self.groups:
                 out[members], nbytes = cache.attend_decode(layer, q[members], self.positions[members], group,
-                                                           sliding_window)
+                                                           sliding_window, **self.biased)
                 self.bytes_read += nbytes
             return out
         # full-precision blocks read through tables a method changes (Quest) or whose attention
@@ -194,7 +200,7 @@ class StepAttention:
                 tables, lengths = self._selected_pages(q[members], tables, lengths)
             self.bytes_read += cache.read_bytes(lengths)
             result = cache.attend_tables(q[members], self.positions[members], tables, lengths, sliding_window,
-                                         self.evicting)
+                                         self.evicting, **self.biased)
             if self.evicting:
                 result, probs = result
                 evicted = self._evict(layer, tables, lengths, q[members], probs, self.positions[members],
@@ -251,11 +257,12 @@ class StepAttention:
         as each of them was decoded: replay that one token at a time, so the cache ends as it was."""
         seq_id, cache = self.seq_ids[i], self.cache
         if not self.evicting:
-            return cache.attend_prefill(seq_id, layer, q, q_pos, sliding_window)[0]
+            return cache.attend_prefill(seq_id, layer, q, q_pos, sliding_window, **self.biased)[0]
         outs, ids = [], self.token_ids[i][-len(q):] if self.token_ids is not None else [None] * len(q)
         for q_t, pos_t, id_t in zip(q, q_pos, ids):
             tables, lengths = cache.held(seq_id, layer)
-            out, probs = cache.attend_tables(q_t[None], pos_t[None], tables, lengths, sliding_window, True)
+            out, probs = cache.attend_tables(q_t[None], pos_t[None], tables, lengths, sliding_window, True,
+                                             **self.biased)
             evicted = self._evict(layer, tables, lengths, q_t[None], probs, pos_t[None], self.budgets[i:i + 1],
                                   self.prompt_lens[i:i + 1], token_ids=None if id_t is None else id_t[None])
             cache.drop_last(seq_id, evicted.to(HOST), layers=slice(layer, layer + 1))

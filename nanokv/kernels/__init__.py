@@ -4,9 +4,15 @@ the Triton kernels each have a file of their own (docs/kernels.md lists them); t
 the CPU's decodes (nanokv/kernels/cpu.py builds them at first use).
 
     kernels = kernels_for(device)          # Triton on CUDA, C++ decode and plain torch on CPU
-    kernels.decode(q [B, Hq, D], q_pos [B], k_pool, v_pool, pos_pool, tables, lengths, window, return_probs)
+    kernels.decode(q [B, Hq, D], q_pos [B], k_pool, v_pool, pos_pool, tables, lengths, window, return_probs,
+                   bias=None)
     kernels.prefill(q [T, Hq, D], q_pos [T], cu_seqlens [B + 1], k_pool, v_pool, pos_pool, tables, lengths, window,
-                    obs_window=W)   # with W: also each slot's attention summed over the last W queries
+                    obs_window=W, bias=None)   # with W: also each slot's attention summed over the last W queries
+
+`bias`, where given, is a slot field [num_blocks, block_size] float32 added to each slot's scaled
+logit (KeepKV's log vote counts: a slot of bias log c weighs as c copies of itself). Without it every
+kernel runs exactly its unbiased code; the Triton prefill sends a biased call to its plain-torch twin
+(only a method that merges reads merged slots, and its prompt's prefill reads fresh ones).
     kernels.fresh_prefill(q [T, Hq, D], k [T, Hkv, D], v)   # a prompt over its own K/V alone (GPU: SDPA)
     kernels.write_kv(k_pool, v_pool, pos_pool, slots [H, T], k [T, H, D], v, positions [T])
     kernels.quantized_decode(q [B, Hq, D], q_pos [B], quant (QuantBlocks), qtables, qlens,
@@ -74,16 +80,17 @@ def reference_kernels(workspace: reference.Workspace | None = None) -> Kernels:
     gather buffers from call to call (see reference.Workspace)."""
     workspace = workspace or reference.Workspace()
 
-    def decode(q, q_pos, k_pool, v_pool, pos_pool, tables, lengths, sliding_window=None, return_probs=False):
+    def decode(q, q_pos, k_pool, v_pool, pos_pool, tables, lengths, sliding_window=None, return_probs=False,
+               bias=None):
         result = reference.paged_attention(q[:, None], q_pos[:, None], k_pool, v_pool, pos_pool, tables, lengths,
-                                           sliding_window, workspace, return_probs)
+                                           sliding_window, workspace, return_probs, bias)
         if return_probs:
             out, probs = result
             return out[:, 0], probs[:, :, :, 0]
         return result[:, 0]
 
     def prefill(q, q_pos, cu_seqlens, k_pool, v_pool, pos_pool, tables, lengths, sliding_window=None,
-                obs_window=None):
+                obs_window=None, bias=None):
         """-> out, and with obs_window=W also [B, Hq, nb * block_size]: each slot's attention summed
         over the sequence's last W queries, per query head (the Triton kernel's column sums)."""
         outs, sums = [], []
@@ -94,7 +101,8 @@ def reference_kernels(workspace: reference.Workspace | None = None) -> Kernels:
                 e = min(end, s + PREFILL_QUERY_CHUNK)
                 wanted = obs_window is not None and e > window_start
                 out = reference.paged_attention(q[None, s:e], q_pos[None, s:e], k_pool, v_pool, pos_pool,
-                                                tables[b:b + 1], lengths[b:b + 1], sliding_window, workspace, wanted)
+                                                tables[b:b + 1], lengths[b:b + 1], sliding_window, workspace, wanted,
+                                                bias)
                 if wanted:
                     out, probs = out                                   # [1, Hkv, group, T, S]
                     column = column + probs[0, :, :, max(0, window_start - s):].sum(dim=2)
@@ -117,10 +125,14 @@ def cpu_kernels(workspace: reference.Workspace | None = None) -> Kernels:
     if not cpu.load():
         return plain
 
-    def decode(q, q_pos, k_pool, v_pool, pos_pool, tables, lengths, sliding_window=None, return_probs=False):
-        if q.dtype != k_pool.dtype:
-            return plain.decode(q, q_pos, k_pool, v_pool, pos_pool, tables, lengths, sliding_window, return_probs)
-        return cpu.paged_decode(q, q_pos, k_pool, v_pool, pos_pool, tables, lengths, sliding_window, return_probs)
+    def decode(q, q_pos, k_pool, v_pool, pos_pool, tables, lengths, sliding_window=None, return_probs=False,
+               bias=None):
+        if q.dtype != k_pool.dtype or (bias is not None and (bias.dtype != torch.float32 or bias.stride(-1) != 1)):
+            return plain.decode(q, q_pos, k_pool, v_pool, pos_pool, tables, lengths, sliding_window, return_probs,
+                                bias)
+        biased = {} if bias is None else {"bias": bias}
+        return cpu.paged_decode(q, q_pos, k_pool, v_pool, pos_pool, tables, lengths, sliding_window, return_probs,
+                                **biased)
 
     def write_kv(k_pool, v_pool, pos_pool, slots, k, v, positions):
         if k_pool.dim() != 3 or k_pool.stride(-1) != 1 or v_pool.stride(-1) != 1 or pos_pool.dtype != torch.int32:
@@ -145,7 +157,17 @@ def triton_kernels() -> Kernels:
     from nanokv.kernels.two_part_decode import paired_decode_attention, pruned_decode_attention
     from nanokv.kernels.write_kv import write_kv
 
-    return Kernels("triton", paged_decode_attention, prefill_attention, write_kv, quantized_decode_attention,
+    plain = reference_kernels()
+
+    def prefill(q, q_pos, cu_seqlens, k_pool, v_pool, pos_pool, tables, lengths, sliding_window=None,
+                obs_window=None, bias=None):
+        if bias is not None:  # see the module docstring
+            return plain.prefill(q, q_pos, cu_seqlens, k_pool, v_pool, pos_pool, tables, lengths, sliding_window,
+                                 obs_window, bias)
+        return prefill_attention(q, q_pos, cu_seqlens, k_pool, v_pool, pos_pool, tables, lengths, sliding_window,
+                                 obs_window=obs_window)
+
+    return Kernels("triton", paged_decode_attention, prefill, write_kv, quantized_decode_attention,
                    page_scores, ragged_decode=True, fresh_prefill=reference.causal_attention,
                    pruned_attention=one_query(pruned_decode_attention, reference.pruned_attention),
                    paired_attention=one_query(paired_decode_attention, reference.paired_attention),

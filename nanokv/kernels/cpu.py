@@ -96,11 +96,17 @@ def gemv(x, weight, bias=None):
     return torch.ops.nanokv_cpu.gemv(x, weight, bias)
 
 
-def paged_decode(q, q_pos, k_pool, v_pool, pos_pool, tables, lengths, sliding_window=None, return_probs=False):
+def paged_decode(q, q_pos, k_pool, v_pool, pos_pool, tables, lengths, sliding_window=None, return_probs=False,
+                 bias=None):
     """reference.paged_attention for one query per sequence: q [B, Hq, D], q_pos [B] -> [B, Hq, D];
     with `return_probs` also the probabilities [B, Hkv, group, nb * block_size] float32, 0 where
-    masked or past a head's length (the twin's layout)."""
-    op = torch.ops.nanokv_cpu.paged_decode_probs if return_probs else torch.ops.nanokv_cpu.paged_decode
+    masked or past a head's length (the twin's layout); `bias` [N, block_size] float32, added to each
+    slot's scaled score (ops of their own: the unbiased ones read nothing more)."""
+    ops = torch.ops.nanokv_cpu
+    if bias is not None:
+        op = ops.paged_decode_bias_probs if return_probs else ops.paged_decode_bias
+        return op(q, q_pos, k_pool, v_pool, pos_pool, tables, lengths, bias, sliding_window or 0)
+    op = ops.paged_decode_probs if return_probs else ops.paged_decode
     return op(q, q_pos, k_pool, v_pool, pos_pool, tables, lengths, sliding_window or 0)
 
 

@@ -14,6 +14,10 @@
 // head's length: the twin's layout, slot by slot of each head's table. Storing the scores costs a
 // few stores per slot; computing them again in the second pass would read K a second time.
 //
+// With a bias (paged_decode_bias, paged_decode_bias_probs: a method's float32 slot field, KeepKV's
+// log vote counts), each slot's value is added to its scaled score, copied out of its block with
+// the positions; the ops without one read nothing more.
+//
 // Numerics: float32 throughout (the twin rounds scores and probabilities to the storage dtype
 // between its matmuls), so the two agree to that rounding, not bit for bit. A query that sees no
 // key gets zeros for its output and its probabilities (the twin's softmax gives NaN there).
@@ -35,7 +39,7 @@
 namespace {
 
 struct Scratch {
-  std::vector<float> q, k, v, scores;
+  std::vector<float> q, k, v, scores, bias;
   std::vector<int32_t> pos;
 };
 
@@ -43,13 +47,14 @@ struct Scratch {
 // group's unnormalized output acc [group, D], each query head's largest score best [group] and sum
 // of exp(score - best) total [group], written to partial = [acc | best | total]. With
 // `raw_scores` (group rows `row_stride` apart, indexed by slot), each slot's scaled score is also
-// kept there, -inf where masked. FIXED_D > 0 compiles a copy for that head size, whose loops the
-// compiler unrolls.
+// kept there, -inf where masked. `bias_pool` (or nullptr): a float per slot added to its scaled
+// score. FIXED_D > 0 compiles a copy for that head size, whose loops the compiler unrolls.
 template <typename T, int FIXED_D>
 void decode_part(const T* q, int64_t q_pos, const T* k_pool, const T* v_pool, const int32_t* pos_pool,
                  const int64_t* table, int64_t start, int64_t end, int64_t window, int64_t group, int64_t head_dim,
                  int64_t block_size, int64_t kv_block_stride, int64_t kv_slot_stride, int64_t pos_block_stride,
-                 float* partial, Scratch& scratch, float* raw_scores, int64_t row_stride) {
+                 float* partial, Scratch& scratch, float* raw_scores, int64_t row_stride, const float* bias_pool,
+                 int64_t bias_block_stride) {
   const int64_t D = FIXED_D > 0 ? FIXED_D : head_dim;
   float* acc = partial;
   float* best = partial + group * D;
@@ -63,7 +68,9 @@ void decode_part(const T* q, int64_t q_pos, const T* k_pool, const T* v_pool, co
   scratch.v.resize(CHUNK * D);
   scratch.pos.resize(CHUNK);
   scratch.scores.resize(group * CHUNK);
+  scratch.bias.resize(CHUNK);
   float *qf = scratch.q.data(), *k = scratch.k.data(), *v = scratch.v.data(), *scores = scratch.scores.data();
+  float* bias = scratch.bias.data();
   int32_t* pos = scratch.pos.data();
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   for (int64_t e = 0; e < group * D; ++e) qf[e] = widen(q[e]) * scale;
@@ -82,6 +89,7 @@ void decode_part(const T* q, int64_t q_pos, const T* k_pool, const T* v_pool, co
         }
       }
       std::memcpy(pos + i, pos_pool + block * pos_block_stride + slot, run * sizeof(int32_t));
+      if (bias_pool != nullptr) std::memcpy(bias + i, bias_pool + block * bias_block_stride + slot, run * sizeof(float));
     });
     if (c + CHUNK < end) {  // the next chunk's rows start coming in while this one is computed
       for_each_run(table, c + CHUNK, std::min(c + 2 * CHUNK, end), block_size,
@@ -97,7 +105,8 @@ void decode_part(const T* q, int64_t q_pos, const T* k_pool, const T* v_pool, co
     }
     for (int64_t i = 0; i < n; ++i) {
       const bool seen = pos[i] <= q_pos && (window <= 0 || q_pos - pos[i] < window);
-      for (int64_t j = 0; j < group; ++j) scores[j * CHUNK + i] = seen ? dot(qf + j * D, k + i * D, D) : neg_inf;
+      const float add = bias_pool != nullptr ? bias[i] : 0.f;
+      for (int64_t j = 0; j < group; ++j) scores[j * CHUNK + i] = seen ? dot(qf + j * D, k + i * D, D) + add : neg_inf;
     }
     if (raw_scores != nullptr) {  // before the exps below overwrite them
       for (int64_t j = 0; j < group; ++j) std::memcpy(raw_scores + j * row_stride + c, scores + j * CHUNK, n * sizeof(float));
@@ -128,12 +137,16 @@ inline void normalize_row(float* row, int64_t length, int64_t S, float best, flo
 // merged (flash-decoding).
 at::Tensor decode_impl(const at::Tensor& q, const at::Tensor& q_pos, const at::Tensor& k_pool,
                        const at::Tensor& v_pool, const at::Tensor& pos_pool, const at::Tensor& tables,
-                       const at::Tensor& lengths, int64_t window, at::Tensor probs) {
+                       const at::Tensor& lengths, int64_t window, at::Tensor probs, const at::Tensor& bias) {
   TORCH_CHECK(q.dim() == 3 && k_pool.dim() == 3 && tables.dim() == 3, "paged_decode: bad ranks");
   TORCH_CHECK(k_pool.stride(2) == 1 && v_pool.stride(2) == 1 && k_pool.strides() == v_pool.strides(),
               "paged_decode: K and V pools need the same strides and contiguous rows");
   TORCH_CHECK(pos_pool.scalar_type() == at::kInt && pos_pool.stride(1) == 1, "paged_decode: pos_pool must be int32");
   TORCH_CHECK(q.scalar_type() == k_pool.scalar_type(), "paged_decode: q and the pools must share a dtype");
+  TORCH_CHECK(!bias.defined() || (bias.scalar_type() == at::kFloat && bias.stride(1) == 1),
+              "paged_decode: the bias must be a float32 slot field");
+  const float* bias_ptr = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  const int64_t bias_stride = bias.defined() ? bias.stride(0) : 0;
   const auto qc = q.contiguous();
   const auto qp = q_pos.to(at::kLong).contiguous();
   const auto tab = tables.to(at::kLong).contiguous();
@@ -177,7 +190,8 @@ at::Tensor decode_impl(const at::Tensor& q, const at::Tensor& q_pos, const at::T
         float* raw = probs_ptr == nullptr ? nullptr : probs_ptr + head * group * S;
         part(q_ptr + (b * Hq + h * group) * D, qp_ptr[b], k_ptr, v_ptr, pos_ptr, tab_ptr + head * nb, start,
              std::min(length, start + split_len), window, group, D, block_size, k_pool.stride(0), k_pool.stride(1),
-             pos_pool.stride(0), partials.data() + (head * splits + split) * group * (D + 2), scratch, raw, S);
+             pos_pool.stride(0), partials.data() + (head * splits + split) * group * (D + 2), scratch, raw, S,
+             bias_ptr, bias_stride);
       }
     });
     // in one thread: a few flops a head, less than waking the others again
@@ -202,7 +216,19 @@ at::Tensor decode_impl(const at::Tensor& q, const at::Tensor& q_pos, const at::T
 at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& q_pos, const at::Tensor& k_pool,
                         const at::Tensor& v_pool, const at::Tensor& pos_pool, const at::Tensor& tables,
                         const at::Tensor& lengths, int64_t window) {
-  return decode_impl(q, q_pos, k_pool, v_pool, pos_pool, tables, lengths, window, at::Tensor());
+  return decode_impl(q, q_pos, k_pool, v_pool, pos_pool, tables, lengths, window, at::Tensor(), at::Tensor());
+}
+
+// paged_decode with each slot's bias (a float32 field [N, block_size]) added to its scaled score.
+at::Tensor paged_decode_bias(const at::Tensor& q, const at::Tensor& q_pos, const at::Tensor& k_pool,
+                             const at::Tensor& v_pool, const at::Tensor& pos_pool, const at::Tensor& tables,
+                             const at::Tensor& lengths, const at::Tensor& bias, int64_t window) {
+  return decode_impl(q, q_pos, k_pool, v_pool, pos_pool, tables, lengths, window, at::Tensor(), bias);
+}
+
+at::Tensor probs_for(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& tables) {
+  const int64_t Hkv = tables.size(1);
+  return at::empty({q.size(0), Hkv, q.size(1) / Hkv, tables.size(2) * k_pool.size(1)}, q.options().dtype(at::kFloat));
 }
 
 // paged_decode and the probabilities [B, Hkv, group, nb * block_size] float32 (see the header).
@@ -210,10 +236,19 @@ std::tuple<at::Tensor, at::Tensor> paged_decode_probs(const at::Tensor& q, const
                                                       const at::Tensor& k_pool, const at::Tensor& v_pool,
                                                       const at::Tensor& pos_pool, const at::Tensor& tables,
                                                       const at::Tensor& lengths, int64_t window) {
-  const int64_t Hkv = tables.size(1);
-  auto probs = at::empty({q.size(0), Hkv, q.size(1) / Hkv, tables.size(2) * k_pool.size(1)},
-                         q.options().dtype(at::kFloat));
-  auto out = decode_impl(q, q_pos, k_pool, v_pool, pos_pool, tables, lengths, window, probs);
+  auto probs = probs_for(q, k_pool, tables);
+  auto out = decode_impl(q, q_pos, k_pool, v_pool, pos_pool, tables, lengths, window, probs, at::Tensor());
+  return {out, probs};
+}
+
+// paged_decode_bias and the probabilities of the biased softmax.
+std::tuple<at::Tensor, at::Tensor> paged_decode_bias_probs(const at::Tensor& q, const at::Tensor& q_pos,
+                                                           const at::Tensor& k_pool, const at::Tensor& v_pool,
+                                                           const at::Tensor& pos_pool, const at::Tensor& tables,
+                                                           const at::Tensor& lengths, const at::Tensor& bias,
+                                                           int64_t window) {
+  auto probs = probs_for(q, k_pool, tables);
+  auto out = decode_impl(q, q_pos, k_pool, v_pool, pos_pool, tables, lengths, window, probs, bias);
   return {out, probs};
 }
 
@@ -255,6 +290,10 @@ TORCH_LIBRARY(nanokv_cpu, m) {
         "Tensor lengths, int window) -> Tensor");
   m.def("paged_decode_probs(Tensor q, Tensor q_pos, Tensor k_pool, Tensor v_pool, Tensor pos_pool, Tensor tables, "
         "Tensor lengths, int window) -> (Tensor, Tensor)");
+  m.def("paged_decode_bias(Tensor q, Tensor q_pos, Tensor k_pool, Tensor v_pool, Tensor pos_pool, Tensor tables, "
+        "Tensor lengths, Tensor bias, int window) -> Tensor");
+  m.def("paged_decode_bias_probs(Tensor q, Tensor q_pos, Tensor k_pool, Tensor v_pool, Tensor pos_pool, "
+        "Tensor tables, Tensor lengths, Tensor bias, int window) -> (Tensor, Tensor)");
   m.def("write_kv(Tensor(a!) k_pool, Tensor(b!) v_pool, Tensor(c!) pos_pool, Tensor slots, Tensor k, Tensor v, "
         "Tensor positions) -> ()");
 }
@@ -262,5 +301,7 @@ TORCH_LIBRARY(nanokv_cpu, m) {
 TORCH_LIBRARY_IMPL(nanokv_cpu, CPU, m) {
   m.impl("paged_decode", paged_decode);
   m.impl("paged_decode_probs", paged_decode_probs);
+  m.impl("paged_decode_bias", paged_decode_bias);
+  m.impl("paged_decode_bias_probs", paged_decode_bias_probs);
   m.impl("write_kv", write_kv);
 }

@@ -20,7 +20,8 @@ fast when those reads keep the memory system busy. Hence:
    running sum l, unnormalized output acc) for all `group` query heads of its kv-head over its
    split, and writes the partial (acc, m, l) to float32 scratch. The H2O-style methods' variant
    (WRITE_LOGITS, its own specialization, so the common path carries none of it) also writes
-   every slot's scaled logit (-inf where masked).
+   every slot's scaled logit (-inf where masked). A method's per-slot logit bias (HAS_BIAS: KeepKV's
+   log vote counts) is added to the scaled logits, so those and the probabilities are the biased ones.
 2. `_merge_kernel`, grid (B, Hkv): combines the splits by the log-sum-exp rule,
    out = sum_s exp(m_s - M) acc_s / sum_s exp(m_s - M) l_s with M = max_s m_s, and writes out and
    lse = M + log(L). probs = exp(logit - lse) is then one torch expression.
@@ -83,11 +84,12 @@ def _online_softmax(m, l, acc, scores, v, UPCAST: tl.constexpr):
 
 @triton.jit
 def _split_kernel(q_ptr, q_pos_ptr, k_ptr, v_ptr, pos_ptr, tables_ptr, lengths_ptr, k_mag_ptr, v_mag_ptr,
-                  acc_ptr, m_ptr, l_ptr, logits_ptr, s_kv, s_pos, s_mag,
+                  bias_ptr, acc_ptr, m_ptr, l_ptr, logits_ptr, s_kv, s_pos, s_mag, s_bias,
                   sm_scale, window, nb, first_split, num_splits, split_slots, group,
                   D: tl.constexpr, KD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_KD: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                  WRITE_LOGITS: tl.constexpr, RESTORE: tl.constexpr, UPCAST: tl.constexpr, NUM_STAGES: tl.constexpr):
+                  WRITE_LOGITS: tl.constexpr, RESTORE: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+                  NUM_STAGES: tl.constexpr):
     b, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     num_kv = tl.num_programs(1)
     g = tl.arange(0, BLOCK_G)
@@ -140,8 +142,10 @@ def _split_kernel(q_ptr, q_pos_ptr, k_ptr, v_ptr, pos_ptr, tables_ptr, lengths_p
             v = _restored(v, v_mag)
         if UPCAST:
             k, v = k.to(tl.float32), v.to(tl.float32)
-        scores = _dot(q, tl.trans(k), UPCAST)                    # tensor cores, float32 accumulator
-        scores = tl.where(visible[None, :], scores * sm_scale, float("-inf"))   # [BLOCK_G, BLOCK_N]
+        scores = _dot(q, tl.trans(k), UPCAST) * sm_scale         # tensor cores, float32 accumulator
+        if HAS_BIAS:  # a slot field added to each slot's logit (KeepKV's log vote counts)
+            scores += tl.load(bias_ptr + block * s_bias + offset, mask=held, other=0.0)[None, :]
+        scores = tl.where(visible[None, :], scores, float("-inf"))   # [BLOCK_G, BLOCK_N]
         if WRITE_LOGITS:
             tl.store(logits_ptr + (head * group + g)[:, None] * (nb * BLOCK_SIZE) + slot[None, :], scores,
                      mask=g_ok[:, None] & in_split[None, :])
@@ -198,7 +202,8 @@ class DecodePart:
     see it; k [N, block_size, KD], v [N, block_size, D], pos [N, block_size] int32 pools (views of
     rows allowed; K and V share their block stride); tables [B, Hkv, nb] (-1 past a head's
     blocks), lengths [B, Hkv]. With `magnitudes` (k_mag, v_mag [N, block_size] float32), each
-    slot's K and V are directions restored to those lengths, and a slot of K magnitude 0 is not read."""
+    slot's K and V are directions restored to those lengths, and a slot of K magnitude 0 is not read.
+    With `bias` [N, block_size] float32, each slot's value is added to its scaled logit."""
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
@@ -206,19 +211,22 @@ class DecodePart:
     tables: torch.Tensor
     lengths: torch.Tensor
     magnitudes: tuple[torch.Tensor, torch.Tensor] | None = None
+    bias: torch.Tensor | None = None
 
 
 def paged_decode_attention(q, q_pos, k_pool, v_pool, pos_pool, tables, lengths, sliding_window=None,
-                           return_probs=False, blocks_per_split=None):
+                           return_probs=False, blocks_per_split=None, bias=None):
     """q [B, Hq, D] (one query token per sequence); q_pos [B] int; k_pool, v_pool [num_blocks, block_size, D];
     pos_pool [num_blocks, block_size] int32; tables [B, Hkv, nb] int64 block ids, -1 past a head's blocks;
     lengths [B, Hkv] tokens held per head (heads may differ). -> out [B, Hq, D] in q's dtype, and with
     return_probs also probs [B, Hkv, group, nb * block_size] float32: the softmax weight of every slot of
-    each head's table, 0 where masked or past the length.
+    each head's table, 0 where masked or past the length (of the biased softmax, with a bias).
 
-    blocks_per_split: blocks of a head's table per program (default: default_blocks_per_split)."""
+    blocks_per_split: blocks of a head's table per program (default: default_blocks_per_split).
+    bias: [num_blocks, block_size] float32 added to each slot's scaled logit (a HAS_BIAS
+    specialization: without it the kernel reads nothing more)."""
     assert k_pool.shape == v_pool.shape, "K and V of one width"
-    part = DecodePart(q, k_pool, v_pool, pos_pool, tables, lengths)
+    part = DecodePart(q, k_pool, v_pool, pos_pool, tables, lengths, bias=bias)
     return decode_parts([part], q_pos, 1.0 / math.sqrt(q.shape[-1]), sliding_window, return_probs, blocks_per_split)
 
 
@@ -267,6 +275,8 @@ def decode_parts(parts: list[DecodePart], q_pos, sm_scale: float, sliding_window
         q, tables, lengths = (t.contiguous() for t in (part.q, part.tables, part.lengths))
         KD, block_size = part.k.shape[-1], part.k.shape[1]
         k_mag, v_mag = part.magnitudes or (part.pos, part.pos)  # never read without RESTORE
+        bias = part.pos if part.bias is None else part.bias     # never read without HAS_BIAS
+        assert part.bias is None or (bias.dtype == torch.float32 and bias.stride(-1) == 1), "float32 bias rows"
         upcast = exact_dots(part.k.dtype) or q.dtype != part.k.dtype
         # a split of few slots (a short context, a test) takes a smaller tile: no padded iterations
         tile = EXACT_TILE_TOKENS if upcast else TILE_TOKENS
@@ -274,12 +284,13 @@ def decode_parts(parts: list[DecodePart], q_pos, sm_scale: float, sliding_window
             tile //= 2  # float32 tiles restored in registers spill at 32 slots (sm_90, head_dim 128)
         block_n = max(16, min(tile, triton.next_power_of_2(per_split * block_size)))
         _split_kernel[(B, Hkv, n)](
-            q, q_pos, part.k, part.v, part.pos, tables, lengths, k_mag, v_mag, acc, m, l, logits,
-            part.k.stride(0), part.pos.stride(0), k_mag.stride(0), sm_scale, sliding_window or 0,
+            q, q_pos, part.k, part.v, part.pos, tables, lengths, k_mag, v_mag, bias, acc, m, l, logits,
+            part.k.stride(0), part.pos.stride(0), k_mag.stride(0), bias.stride(0), sm_scale, sliding_window or 0,
             tables.shape[2], first_split, num_splits, per_split * block_size, group,
             D=D, KD=KD, BLOCK_SIZE=block_size, BLOCK_N=block_n, BLOCK_G=block_g, BLOCK_D=block_d,
             BLOCK_KD=max(16, triton.next_power_of_2(KD)), HAS_WINDOW=sliding_window is not None,
-            WRITE_LOGITS=return_probs, RESTORE=part.magnitudes is not None, UPCAST=upcast,
+            WRITE_LOGITS=return_probs, RESTORE=part.magnitudes is not None, HAS_BIAS=part.bias is not None,
+            UPCAST=upcast,
             NUM_STAGES=NUM_STAGES, num_warps=NUM_WARPS)
         first_split += n
     _merge_kernel[(B, Hkv)](acc, m, l, out, lse, num_splits, group, D=D, BLOCK_G=block_g, BLOCK_D=block_d)

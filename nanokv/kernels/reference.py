@@ -44,7 +44,7 @@ def attention_by_position(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 def paged_attention(q: torch.Tensor, q_pos: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
                     pos_pool: torch.Tensor, tables: torch.Tensor, lengths: torch.Tensor,
                     sliding_window: int | None = None, workspace: "Workspace | None" = None,
-                    return_probs: bool = False):
+                    return_probs: bool = False, bias_pool: torch.Tensor | None = None):
     """Attention of B sequences' queries over their paged, per-head KV.
 
     q: [B, T, Hq, D] and q_pos: [B, T] (decode: T = 1; prefill: one sequence, B = 1);
@@ -55,26 +55,31 @@ def paged_attention(q: torch.Tensor, q_pos: torch.Tensor, k_pool: torch.Tensor, 
     -> [B, T, Hq, D]. Same masking rule as `attention_by_position`. A `workspace` lends the
     buffers the gathered K, V and positions are copied into. With `return_probs`, also the
     attention probabilities [B, Hkv, group, T, nb * block_size] (float32, 0 where masked), slot
-    by slot of each head's table: what H2O and TOVA score with.
+    by slot of each head's table: what H2O and TOVA score with. With `bias_pool` [num_blocks,
+    block_size] float32 (a method's slot field: KeepKV's log vote counts), each slot's value is added
+    to its scaled logit, for every query that sees it: a slot of bias log c weighs as c copies of itself.
     """
     workspace = workspace or Workspace()
     k = gather_blocks(k_pool, tables, workspace.get("k", k_pool, tables))  # [B, Hkv, S, D]
     v = gather_blocks(v_pool, tables, workspace.get("v", v_pool, tables))
     k_pos = gather_blocks(pos_pool, tables, workspace.get("pos", pos_pool, tables))  # [B, Hkv, S]
-    return attend(q, q_pos, k, v, k_pos, lengths, sliding_window, return_probs)
+    bias = None if bias_pool is None else gather_blocks(bias_pool, tables)          # [B, Hkv, S]
+    return attend(q, q_pos, k, v, k_pos, lengths, sliding_window, return_probs, bias)
 
 
 def attend(q: torch.Tensor, q_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pos: torch.Tensor,
-           lengths: torch.Tensor, sliding_window: int | None = None, return_probs: bool = False):
+           lengths: torch.Tensor, sliding_window: int | None = None, return_probs: bool = False,
+           bias: torch.Tensor | None = None):
     """paged_attention once each head's keys are gathered: k [B, Hkv, S, D], v [B, Hkv, S, Dv],
-    k_pos [B, Hkv, S], the slots past lengths [B, Hkv] finite and masked -> [B, T, Hq, Dv]. (A
+    k_pos [B, Hkv, S], the slots past lengths [B, Hkv] finite and masked, bias [B, Hkv, S] float32
+    added to each slot's logit (or None) -> [B, T, Hq, Dv]. (A
     latent cache rebuilds its keys and hands its values' latents, Dv = their rank:
     nanokv/cache/latent_cache.py.)"""
     B, T, Hq, D = q.shape
     Hkv, S, Dv = k.shape[1], k.shape[2], v.shape[-1]
     group = Hq // Hkv
     if T >= SDPA_MIN_QUERIES and not return_probs:
-        return _prefill_sdpa(q, q_pos, k, v, k_pos, lengths, sliding_window)
+        return _prefill_sdpa(q, q_pos, k, v, k_pos, lengths, sliding_window, bias)
     # Slots past a head's length are masked out; they must hold finite values (0 * NaN = NaN),
     # which the pool guarantees by zeroing blocks as it hands them out.
     allowed = allowed_keys(q_pos, k_pos, lengths, sliding_window)                        # [B, Hkv, T, S]
@@ -85,6 +90,8 @@ def attend(q: torch.Tensor, q_pos: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     # them: rounded to bfloat16 (steps of 0.125 near 20), scores flipped SmolLM2's greedy answer
     # to the README's first prompt. P @ V stays in the storage dtype (a float32 accumulation).
     scores = (qg.float() @ k.float().transpose(-1, -2)) * (1.0 / math.sqrt(D))  # [B, Hkv, group*T, S]
+    if bias is not None:  # before the mask: a masked slot stays -inf whatever its bias
+        scores += bias.float()[:, :, None, :]
     scores.view(B, Hkv, group, T, S).masked_fill_(~allowed[:, :, None], float("-inf"))
     probs = scores.softmax(dim=-1)
     out = (probs.to(v.dtype) @ v).view(B, Hkv, group, T, Dv)
@@ -301,13 +308,15 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     return torch.nn.functional.scaled_dot_product_attention(q.transpose(0, 1), k, v, is_causal=True).transpose(0, 1)
 
 
-def _prefill_sdpa(q, q_pos, k, v, k_pos, lengths, sliding_window):
+def _prefill_sdpa(q, q_pos, k, v, k_pos, lengths, sliding_window, bias=None):
     """paged_attention for many queries through torch's fused attention, one kv-head at a time
-    (heads may hold different tokens, so each has its own mask)."""
+    (heads may hold different tokens, so each has its own mask; a bias makes it a float mask)."""
     B, T, Hq, D = q.shape
     Hkv = k.shape[1]
     group = Hq // Hkv
     allowed = allowed_keys(q_pos, k_pos, lengths, sliding_window)
+    if bias is not None:
+        allowed = torch.where(allowed, bias.to(q.dtype)[:, :, None, :], float("-inf"))
     qh = q.transpose(1, 2)                                                                 # [B, Hq, T, D]
     out = torch.cat([torch.nn.functional.scaled_dot_product_attention(
         qh[:, h * group:(h + 1) * group], k[:, h:h + 1], v[:, h:h + 1], attn_mask=allowed[:, h:h + 1],

@@ -94,7 +94,11 @@ layer, head, position: `hashed_uniform`), never from a generator. A weight or mu
 per merged token is a slot field; so is a value per (layer, head) that a method carries from
 step to step (D2O's similarity threshold and layer budget), the same in every slot of the head
 (a new token's slot starts at 0). A method whose layers hold different budgets while the
-request generates returns each head's from `decode_budgets` (D2O).
+request generates returns each head's from `decode_budgets` (D2O). A merge that must keep how
+much attention a slot draws (KeepKV: a slot standing for c tokens weighs c exp(q.k)) names a
+float32 slot field in `attention_bias`: every attention over the cache, decode and prefill, adds
+it to each slot's logit (log c; a new token's 0 is a plain slot), and the probabilities
+`decode_scores` gets are those of the biased softmax.
 
 A method that decides from a profile of the model made ahead of time (DuoAttention's head
 scores, HeadKV's retrieval heads, KVSharer's layer pairs) names it in `calibration`: the engine
@@ -290,6 +294,9 @@ class Method:
     stores_latents = False          # tokens stored as low-rank latents in latent_layers (lorc, palu)
     prunes_key_channels = False     # key_channels picks what older keys keep (think)
     slot_fields: dict[str, torch.dtype] = {}  # per-token state the cache carries
+    # a float32 slot field every attention over this cache adds to each slot's logit (KeepKV's log
+    # vote counts: a slot standing for c merged tokens weighs c times); None: plain attention
+    attention_bias: str | None = None
     # the roles a method plays, set by the role classes below (never by a method itself)
     selects_tokens = False          # PrefillSelector: keep_mask at the end of each layer's prefill
     evicts_during_decode = False    # DecodeEvictor: decode_scores every decode step

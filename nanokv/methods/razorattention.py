@@ -16,6 +16,14 @@ C = 1 / (1 - r)) and `budget=B` keeps B; a non-retrieval head holds sink_size + 
 at most N. Protected heads keep the whole prompt. It acts once, after prefill (Algorithm 1 takes
 the prefill's cache): generated tokens are kept in every head.
 
+Compensation token (`compensation=true`): each non-retrieval head that drops tokens keeps one slot
+more, the newest dropped token's (the oldest past the sinks that it keeps, so its position is
+before every later query's), and it becomes the paper's compensation token: k = the mean of the
+dropped keys (itself included), v = the mean of their values, and a logit bias log d for the d
+tokens it stands for (the slot field `razor_log_count`, the cache's `attention_bias`: every
+attention over the cache adds it, nanokv/kernels/__init__.py). A query that sees the dropped
+tokens alike (equal logits) then reads the same output from the compensation token as from them.
+
 Defaults: echo_ratio=0.01, induction_ratio=0.14 (the paper's protected shares; msModelSlim's
 RARopeCompressConfig defaults echo_head_ratio=0.01, induction_head_ratio=0.14: CANN
 8.0.RC3.alpha003 docs, modelslim_0099). sink_size (N0) = 4 and s0 (S0) = 0 are nanokv's: the
@@ -23,13 +31,10 @@ paper's N0, S0 and C could not be read here (only its Algorithm 1 was); N0 = 4 i
 sink count, and S0 = 0 leaves the budget alone to set L_h (give s0 to floor it, as the paper does
 to spare short inputs).
 What differs:
-- NO COMPENSATION TOKEN. The paper folds each non-retrieval head's dropped tokens into one extra
-  slot, k = mean of the dropped keys, v = mean of the dropped values, whose softmax weight is
-  multiplied by the number d it replaces (its logit + log d). nanokv's attention kernels have no
-  per-slot logit bias, so the dropped tokens are simply dropped. Building it needs a slot field
-  holding log d that every attention path adds to that slot's logit (prefill over the cache, the
-  reference, Triton and CPU decode kernels), and a prefill merge (base.Merger.merge) writing the
-  means into one kept slot per head (with a position no eviction or RoPE re-use mistakes).
+- the compensation token is opt-in (`compensation=true`; the paper always has it): by default the
+  dropped tokens are simply dropped, as before the kernels took a per-slot logit bias. With it, a
+  head keeps sink_size + L_h + 1 slots, and the method cannot be combined with a quantizer
+  (quantized blocks carry no bias). The keys averaged are the cached ones, after RoPE.
 - kv-heads: each kv-head scores the max over its query heads (it serves all of them), and the
   shares are of the model's kv-heads, ceil(share x L x H) each (the paper ranks query heads).
 - the probe (random ordinary token ids, a segment repeated 4 times, 8 samples of 1024 tokens) is
@@ -41,7 +46,7 @@ import math
 
 import torch
 
-from nanokv.methods.base import CALIBRATION_FILE
+from nanokv.methods.base import CALIBRATION_FILE, Merger, PrefillView
 from nanokv.methods.retrieval_head import RetrievalHead
 
 
@@ -50,10 +55,10 @@ def share(ratio: float, count: int) -> int:
     return min(count, math.ceil(round(ratio * count, 9)))
 
 
-class RazorAttention(RetrievalHead):
+class RazorAttention(RetrievalHead, Merger):
     name = "razorattention"
     description = ("top echo + induction heads (random-token profile) keep everything, the others "
-                   "sinks + recent (no compensation token)")
+                   "sinks + recent (+ a compensation token with compensation=true)")
     paper = "https://arxiv.org/abs/2407.15891"
     calibration = "razorattention"
     others = "streaming"  # Algorithm 1: sinks + the recent buffer, never SnapKV
@@ -61,8 +66,17 @@ class RazorAttention(RetrievalHead):
                "induction_ratio": (float, 0.14, "a number in [0, 1]", lambda v: 0 <= v <= 1),
                "sink_size": (int, 4, "an integer >= 0", lambda v: v >= 0),
                "s0": (int, 0, "an integer >= 0", lambda v: v >= 0),
+               "compensation": (bool, False, "true or false (fold each other head's dropped tokens into one "
+                                "slot weighing as many)", lambda v: True),
                "calibration_file": CALIBRATION_FILE}
     echo_scores: torch.Tensor | None = None  # [L, H]; head_scores holds the induction scores
+
+    def __init__(self, *args, **options):
+        super().__init__(*args, **options)
+        if self.compensation:  # the compensation token's count, read as a logit bias (base.py)
+            self.slot_fields = {"razor_log_count": torch.float32}
+            self.attention_bias = "razor_log_count"
+            self.needs_values = True
 
     def check_budget(self):
         """Any budget: a head keeps its sinks on top of its recent buffer (at least one token)."""
@@ -88,5 +102,25 @@ class RazorAttention(RetrievalHead):
         return protected.view(induction.shape)
 
     def others_keep(self, n: int) -> int:
-        """N0 sinks + L_h = max(S0, N / C) recent tokens of an n-token prompt, at most n."""
-        return min(n, self.sink_size + max(self.s0, self.tokens_to_keep(n)))
+        """N0 sinks + L_h = max(S0, N / C) recent tokens of an n-token prompt, at most n; with the
+        compensation token one more, the newest dropped token's slot (nothing dropped: none)."""
+        keep = self.sink_size + max(self.s0, self.tokens_to_keep(n))
+        return min(n, keep + 1 if self.compensation and keep < n else keep)
+
+    def merge(self, view: PrefillView, keep: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The compensation token: in each head that drops tokens, the oldest kept slot past the
+        sinks takes the mean key and value of the dropped ones and itself, and log of their count."""
+        if not self.compensation:
+            return {}
+        H, S, _ = view.keys.shape
+        order = torch.arange(S, device=keep.device)
+        # the oldest kept slot past the sinks (the streaming choice keeps sinks, then the newest)
+        slot = torch.where(keep & (order >= self.sink_size), order, S).amin(dim=-1, keepdim=True)   # [H, 1]
+        folded = (~keep).scatter(-1, slot.clamp(max=S - 1), True) & (~keep).any(-1, keepdim=True)
+        count = folded.sum(-1, keepdim=True)                                                   # [H, 1]
+        at = folded.any(-1, keepdim=True) & (order == slot)                                    # [H, S]
+        merged = {"razor_log_count": torch.where(at, count.clamp(min=1).float().log(), 0.0)}
+        for name, x in (("k", view.keys), ("v", view.values)):
+            mean = (x.float() * folded[..., None]).sum(1, keepdim=True) / count.clamp(min=1)[..., None]
+            merged[name] = torch.where(at[..., None], mean, x.float())
+        return merged

@@ -16,6 +16,7 @@ from nanokv.methods.knorm import KNorm
 from nanokv.methods.lorc import LoRC
 from nanokv.methods.kvsharer import KVSharer
 from nanokv.methods.kvzip import KVzip
+from nanokv.methods.keepkv import KeepKV
 from nanokv.methods.kvmerger import KVMerger
 from nanokv.methods.minicache import MiniCache
 from nanokv.methods.nacl import NACL
@@ -59,7 +60,8 @@ METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, RandomMethod, St
                                                          CaM, D2O, KVMerger, KVSharer, LoRC, Palu, ThinK, MiniCache,
                                                          # the third wave (issue 27)
                                                          ALISA, CORM, InfMLLM, BUZZ, SCOPE, HashEvict, MorphKV, KVCrush, FastGen,
-                                                         PyramidInfer, KVCompress, DynamicKV, DBudgetKV, RazorAttention, RetrievalHead)}
+                                                         PyramidInfer, KVCompress, DynamicKV, DBudgetKV, RazorAttention, RetrievalHead,
+                                                         KeepKV)}
 QUANTIZERS = [name for name, m in METHODS.items() if issubclass(m, KIVI)]
 
 
@@ -143,6 +145,9 @@ def make_method(name: str, compression: float = 0.0, budget: int | None = None, 
     if method.trims_earlier_layers:  # some methods do only with some options (kvzip unless layerwise)
         raise ValueError(f"method {name!r}: {evictor.name} with these options compacts earlier layers again during "
                          f"prefill, which quantized blocks cannot follow; use {evictor.name} alone")
+    if method.attention_bias is not None:  # an option that makes it (razorattention's compensation)
+        raise ValueError(f"method {name!r}: {evictor.name} with these options weighs slots by a logit bias, which "
+                         f"quantized blocks cannot carry; use {evictor.name} alone")
     method.name, method.quantization = name, quant.quantization
     return method
 
