@@ -196,7 +196,8 @@ def test_razor_protects_the_top_echo_and_induction_heads_and_buffers_max_s0_n_ov
     # 2 layers x 4 kv-heads: echo 1% -> ceil(0.08) = 1 head, induction 14% -> ceil(1.12) = 2 heads
     induction = [[0.9, 0.1, 0.0, 0.3], [0.2, 0.8, 0.05, 0.0]]    # top 2: (0, 0), (1, 1)
     echo = [[0.0, 0.0, 0.1, 0.0], [0.0, 0.0, 0.0, 0.7]]          # top 1: (1, 3)
-    method = bound("razorattention", {"head_scores": induction, "echo_scores": echo}, compression=0.75)
+    method = bound("razorattention", {"head_scores": induction, "echo_scores": echo}, compression=0.75,
+                   compensation=False)
     assert method.retrieval_heads().tolist() == [[True, False, False, False], [False, True, False, True]]
     # N = 40, C = 4: L_h = max(0, 10) = 10 recent + N0 = 4 sinks
     mask = method.keep_mask(prompt_view(1, 40, H=4))
@@ -204,11 +205,13 @@ def test_razor_protects_the_top_echo_and_induction_heads_and_buffers_max_s0_n_ov
                                    list(range(4)) + list(range(30, 40)), list(range(40))]
     assert method.kept_after_prefill(40, 1, 2) == math.ceil((2 * 40 + 2 * 14) / 4)
     # S0 = 16 floors the buffer: 4 + 16; a prompt of 20 or fewer is kept whole
-    floored = bound("razorattention", {"head_scores": induction, "echo_scores": echo}, compression=0.75, s0=16)
+    floored = bound("razorattention", {"head_scores": induction, "echo_scores": echo}, compression=0.75, s0=16,
+                    compensation=False)
     assert kept(floored.keep_mask(prompt_view(0, 40, H=4)), 40, H=4)[1] == list(range(4)) + list(range(24, 40))
     assert floored.keep_mask(prompt_view(0, 20, H=4)) is None
     # budget=B is N / C directly: 4 sinks + 6
-    by_budget = bound("razorattention", {"head_scores": induction, "echo_scores": echo}, budget=6)
+    by_budget = bound("razorattention", {"head_scores": induction, "echo_scores": echo}, budget=6,
+                       compensation=False)
     assert kept(by_budget.keep_mask(prompt_view(0, 40, H=4)), 40, H=4)[2] == list(range(4)) + list(range(34, 40))
 
 
@@ -254,7 +257,7 @@ def engine_method(kind):
         return bound("retrieval_head", {"head_scores": [[0.3, 0.0], [0.05, 0.2]]}, budget=5, sink_size=2)
     # 4 kv-heads: induction 25% protects (0, 0), echo 25% protects (1, 1); others keep 2 + max(0, 3)
     return bound("razorattention", {"head_scores": [[0.9, 0.1], [0.2, 0.3]], "echo_scores": [[0.0, 0.1], [0.2, 0.8]]},
-                 budget=3, sink_size=2, induction_ratio=0.25, echo_ratio=0.25)
+                 budget=3, sink_size=2, induction_ratio=0.25, echo_ratio=0.25, compensation=False)  # see test_razor_compensation
 
 
 @pytest.mark.parametrize("kind", ["retrieval_head", "razorattention"])

@@ -1,4 +1,4 @@
-"""RazorAttention's compensation token (compensation=true): the dropped tokens of each non-retrieval
+"""RazorAttention's compensation token (compensation=true, the default): the dropped tokens of each non-retrieval
 head folded into one slot, mean key and value, weighing as many as it stands for through the
 cache's per-slot logit bias; worked by hand, then in the engine (preemption, every kernel's decode
 path, the whole-batch one included) and refused with a quantizer."""
@@ -65,7 +65,8 @@ def test_the_compensation_token_in_the_engine_through_preemption(tiny):
         assert (lengths - (steps - 1)).tolist() == want
     assert cache.pool.num_free == cache.pool.usable_blocks
     # without the token the outputs differ (the bias is read)
-    plain = make_method("razorattention", budget=3, sink_size=2, induction_ratio=0.25, echo_ratio=0.25)
+    plain = make_method("razorattention", budget=3, sink_size=2, induction_ratio=0.25, echo_ratio=0.25,
+                        compensation=False)
     plain.bind_calibration(PROFILE)
     assert serve(tiny, plain, TINY_PROMPTS, 400, steps)[0] != roomy
 
@@ -79,5 +80,5 @@ def test_the_compensation_token_is_read_by_every_decode(tiny, kernels):
 
 def test_the_compensation_token_cannot_go_into_quantized_blocks():
     with pytest.raises(ValueError, match=r"razorattention with these options weighs slots by a logit bias"):
-        make_method("razorattention+kivi", budget=8, compensation=True)
-    assert make_method("razorattention+kivi", budget=8).attention_bias is None
+        make_method("razorattention+kivi", budget=8)   # the paper's token is on by default
+    assert make_method("razorattention+kivi", budget=8, compensation=False).attention_bias is None

@@ -8,11 +8,6 @@ the CPU's decodes (nanokv/kernels/cpu.py builds them at first use).
                    bias=None)
     kernels.prefill(q [T, Hq, D], q_pos [T], cu_seqlens [B + 1], k_pool, v_pool, pos_pool, tables, lengths, window,
                     obs_window=W, bias=None)   # with W: also each slot's attention summed over the last W queries
-
-`bias`, where given, is a slot field [num_blocks, block_size] float32 added to each slot's scaled
-logit (KeepKV's log vote counts: a slot of bias log c weighs as c copies of itself). Without it every
-kernel runs exactly its unbiased code; the Triton prefill sends a biased call to its plain-torch twin
-(only a method that merges reads merged slots, and its prompt's prefill reads fresh ones).
     kernels.fresh_prefill(q [T, Hq, D], k [T, Hkv, D], v)   # a prompt over its own K/V alone (GPU: SDPA)
     kernels.write_kv(k_pool, v_pool, pos_pool, slots [H, T], k [T, H, D], v, positions [T])
     kernels.quantized_decode(q [B, Hq, D], q_pos [B], quant (QuantBlocks), qtables, qlens,
@@ -26,6 +21,11 @@ kernel runs exactly its unbiased code; the Triton prefill sends a biased call to
                              window)   # MiniCache: a merged pair's second layer
     kernels.latent_attention(q, q_pos, latent K/V/pos pools, tables, lengths, slots_per_token, k_basis, k_bias,
                              ranks, cos, sin, window)   # LoRC, Palu: over value latents [B, T, Hq, r_v]
+
+`bias`, where given, is a slot field [num_blocks, block_size] float32 added to each slot's scaled
+logit (KeepKV's log vote counts: a slot of bias log c weighs as c copies of itself). Without it every
+kernel runs exactly its unbiased code; the Triton prefill sends a biased call to its plain-torch twin
+(only a method that merges reads merged slots, and its prompt's prefill reads fresh ones).
 
 NANOKV_KERNELS=triton|cpu|reference (or LLM(kernels=...)) overrides the choice: the tests run the
 Triton kernels on CPU under TRITON_INTERPRET=1. Where the C++ kernels cannot be built (no compiler),

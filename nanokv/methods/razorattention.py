@@ -16,7 +16,7 @@ C = 1 / (1 - r)) and `budget=B` keeps B; a non-retrieval head holds sink_size + 
 at most N. Protected heads keep the whole prompt. It acts once, after prefill (Algorithm 1 takes
 the prefill's cache): generated tokens are kept in every head.
 
-Compensation token (`compensation=true`): each non-retrieval head that drops tokens keeps one slot
+Compensation token (`compensation=true`, the default; false drops the tokens): each non-retrieval head that drops tokens keeps one slot
 more, the newest dropped token's (the oldest past the sinks that it keeps, so its position is
 before every later query's), and it becomes the paper's compensation token: k = the mean of the
 dropped keys (itself included), v = the mean of their values, and a logit bias log d for the d
@@ -31,10 +31,10 @@ paper's N0, S0 and C could not be read here (only its Algorithm 1 was); N0 = 4 i
 sink count, and S0 = 0 leaves the budget alone to set L_h (give s0 to floor it, as the paper does
 to spare short inputs).
 What differs:
-- the compensation token is opt-in (`compensation=true`; the paper always has it): by default the
-  dropped tokens are simply dropped, as before the kernels took a per-slot logit bias. With it, a
-  head keeps sink_size + L_h + 1 slots, and the method cannot be combined with a quantizer
-  (quantized blocks carry no bias). The keys averaged are the cached ones, after RoPE.
+- with the compensation token a head keeps sink_size + L_h + 1 slots (the token takes the slot of
+  the newest dropped one), and the method cannot be combined with a quantizer (quantized blocks
+  carry no bias: razorattention+kivi needs compensation=false). The keys averaged are the cached
+  ones, after RoPE.
 - kv-heads: each kv-head scores the max over its query heads (it serves all of them), and the
   shares are of the model's kv-heads, ceil(share x L x H) each (the paper ranks query heads).
 - the probe (random ordinary token ids, a segment repeated 4 times, 8 samples of 1024 tokens) is
@@ -58,7 +58,7 @@ def share(ratio: float, count: int) -> int:
 class RazorAttention(RetrievalHead, Merger):
     name = "razorattention"
     description = ("top echo + induction heads (random-token profile) keep everything, the others "
-                   "sinks + recent (+ a compensation token with compensation=true)")
+                   "sinks + recent + a compensation token")
     paper = "https://arxiv.org/abs/2407.15891"
     calibration = "razorattention"
     others = "streaming"  # Algorithm 1: sinks + the recent buffer, never SnapKV
@@ -66,7 +66,7 @@ class RazorAttention(RetrievalHead, Merger):
                "induction_ratio": (float, 0.14, "a number in [0, 1]", lambda v: 0 <= v <= 1),
                "sink_size": (int, 4, "an integer >= 0", lambda v: v >= 0),
                "s0": (int, 0, "an integer >= 0", lambda v: v >= 0),
-               "compensation": (bool, False, "true or false (fold each other head's dropped tokens into one "
+               "compensation": (bool, True, "true or false (fold each other head's dropped tokens into one "
                                 "slot weighing as many)", lambda v: True),
                "calibration_file": CALIBRATION_FILE}
     echo_scores: torch.Tensor | None = None  # [L, H]; head_scores holds the induction scores

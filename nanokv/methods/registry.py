@@ -147,7 +147,7 @@ def make_method(name: str, compression: float = 0.0, budget: int | None = None, 
                          f"prefill, which quantized blocks cannot follow; use {evictor.name} alone")
     if method.attention_bias is not None:  # an option that makes it (razorattention's compensation)
         raise ValueError(f"method {name!r}: {evictor.name} with these options weighs slots by a logit bias, which "
-                         f"quantized blocks cannot carry; use {evictor.name} alone")
+                         f"quantized blocks cannot carry; use {evictor.name} alone (or, for razorattention, compensation=false)")
     method.name, method.quantization = name, quant.quantization
     return method
 
