@@ -31,13 +31,10 @@ What differs:
   and kivi quantizers are separate methods).
 """
 
-import torch
-
-from nanokv.methods.base import DecodeEvictor, PrefillView, observation_attention
-from nanokv.methods.query_ring import prompt_ring, ring_fields, ring_positions, ring_write, windowed_sum
+from nanokv.methods.query_ring import QueryRingEvictor
 
 
-class ALISA(DecodeEvictor):
+class ALISA(QueryRingEvictor):
     name = "alisa"
     description = "keep the newest tokens plus those the last queries attended to most (Sparse Window Attention)"
     paper = "https://arxiv.org/abs/2403.17312"
@@ -48,28 +45,10 @@ class ALISA(DecodeEvictor):
                          lambda v: 1 <= v <= 256),
     }
 
-    def __init__(self, compression: float = 0.0, budget: int | None = None, **options):
-        super().__init__(compression, budget, **options)
-        self.slot_fields = ring_fields("alisa_attention", self.query_window)
+    ring_prefix = "alisa_attention"
+
+    def ring_size(self) -> int:
+        return self.query_window
 
     def recent_window(self, budget):
         return (budget * self.local_ratio).long()
-
-    def prefill_state(self, view: PrefillView) -> dict[str, torch.Tensor]:
-        """The attention of the prompt's last min(query_window, T) queries, each in the field of
-        its position mod query_window (0 in the others)."""
-        H = view.keys.shape[0]
-        window = min(self.query_window, len(view.queries))
-        attention = observation_attention(view, window).unflatten(0, (H, -1)).mean(dim=1)  # [H, W, S]: GQA mean
-        return prompt_ring(list(self.slot_fields), attention, view.positions[-window:].tolist())
-
-    def scores(self, view: PrefillView) -> torch.Tensor:
-        rows = torch.stack(list(self.state_of(view).values()))                   # [R, H, S]
-        row_positions = ring_positions(view.positions[-1], self.query_window).view(-1, 1, 1)
-        return self.protect_recent(windowed_sum(rows, row_positions, view.positions))
-
-    def decode_scores(self, probs, state, step):
-        state = ring_write(state, list(self.slot_fields), probs.mean(dim=2), step.positions)
-        rows = torch.stack(list(state.values()))                                  # [R, B, H, S]
-        row_positions = ring_positions(step.positions[:, None, None], self.query_window)
-        return windowed_sum(rows, row_positions, step.key_positions), state

@@ -27,13 +27,10 @@ What differs:
 - Among equal sums the oldest token goes (the engine's tie rule).
 """
 
-import torch
-
-from nanokv.methods.base import DecodeEvictor, PrefillView, observation_attention
-from nanokv.methods.query_ring import prompt_ring, ring_fields, ring_positions, ring_write, windowed_sum
+from nanokv.methods.query_ring import QueryRingEvictor
 
 
-class InfMLLM(DecodeEvictor):
+class InfMLLM(QueryRingEvictor):
     name = "inf_mllm"
     description = "recent tokens + attention saddles (highest attention summed over the last R queries), every step"
     paper = "https://arxiv.org/abs/2409.09086"
@@ -42,9 +39,10 @@ class InfMLLM(DecodeEvictor):
                                  "attention is summed)", lambda v: v >= 1),
     }
 
-    def __init__(self, compression: float = 0.0, budget: int | None = None, **options):
-        super().__init__(compression, budget, **options)
-        self.slot_fields = ring_fields("infmllm_attn", self.window_size)
+    ring_prefix = "infmllm_attn"
+
+    def ring_size(self) -> int:
+        return self.window_size
 
     def check_budget(self):
         if self.budget is not None and self.budget <= self.window_size:
@@ -53,20 +51,3 @@ class InfMLLM(DecodeEvictor):
 
     def recent_window(self, budget):
         return budget.clamp(max=self.window_size)
-
-    def prefill_state(self, view: PrefillView) -> dict[str, torch.Tensor]:
-        H = view.keys.shape[0]
-        window = min(self.window_size, len(view.queries))
-        attention = observation_attention(view, window).unflatten(0, (H, -1)).mean(dim=1)   # [H, W, S]
-        return prompt_ring(list(self.slot_fields), attention, view.positions[-window:].tolist())
-
-    def scores(self, view: PrefillView) -> torch.Tensor:
-        rows = torch.stack(list(self.state_of(view).values()))                   # [R, H, S]
-        row_positions = ring_positions(view.positions[-1], self.window_size).view(-1, 1, 1)
-        return self.protect_recent(windowed_sum(rows, row_positions, view.positions))
-
-    def decode_scores(self, probs, state, step):
-        state = ring_write(state, list(self.slot_fields), probs.mean(dim=2), step.positions)
-        rows = torch.stack(list(state.values()))                                  # [R, B, H, S]
-        row_positions = ring_positions(step.positions[:, None, None], self.window_size)
-        return windowed_sum(rows, row_positions, step.key_positions), state

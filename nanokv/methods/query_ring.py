@@ -10,6 +10,8 @@ before, and a slot written at prefill holds zeros in the fields no prompt query 
 
 import torch
 
+from nanokv.methods.base import DecodeEvictor, PrefillView, observation_attention
+
 
 def ring_fields(prefix: str, size: int) -> dict[str, torch.dtype]:
     return {f"{prefix}{k}": torch.float32 for k in range(size)}
@@ -43,3 +45,36 @@ def windowed_sum(rows: torch.Tensor, row_positions: torch.Tensor, key_positions:
     """rows [R, ..., S]: the ring's rows; row_positions [R, ..., 1] their queries' positions
     (ring_positions) -> [..., S]: each key's attention summed over the ring's queries that saw it."""
     return rows.masked_fill(key_positions[None] > row_positions, 0.0).sum(dim=0)
+
+
+class QueryRingEvictor(DecodeEvictor):
+    """Scores each key by the attention the last R queries gave it, summed (the group's query heads
+    averaged, GQA): at prefill the prompt's last R queries, then a ring of R slot fields written
+    one query a step. ALISA and Inf-MLLM are this score with their own recent windows."""
+    ring_prefix = ""
+
+    def ring_size(self) -> int:
+        raise NotImplementedError
+
+    def __init__(self, compression: float = 0.0, budget: int | None = None, **options):
+        super().__init__(compression, budget, **options)
+        self.slot_fields = ring_fields(self.ring_prefix, self.ring_size())
+
+    def prefill_state(self, view: PrefillView) -> dict[str, torch.Tensor]:
+        """The attention of the prompt's last min(R, T) queries, each in the field of its position
+        mod R (0 in the others)."""
+        H = view.keys.shape[0]
+        window = min(self.ring_size(), len(view.queries))
+        attention = observation_attention(view, window).unflatten(0, (H, -1)).mean(dim=1)  # [H, W, S]: GQA mean
+        return prompt_ring(list(self.slot_fields), attention, view.positions[-window:].tolist())
+
+    def scores(self, view: PrefillView) -> torch.Tensor:
+        rows = torch.stack(list(self.state_of(view).values()))                   # [R, H, S]
+        row_positions = ring_positions(view.positions[-1], self.ring_size()).view(-1, 1, 1)
+        return self.protect_recent(windowed_sum(rows, row_positions, view.positions))
+
+    def decode_scores(self, probs, state, step):
+        state = ring_write(state, list(self.slot_fields), probs.mean(dim=2), step.positions)
+        rows = torch.stack(list(state.values()))                                  # [R, B, H, S]
+        row_positions = ring_positions(step.positions[:, None, None], self.ring_size())
+        return windowed_sum(rows, row_positions, step.key_positions), state
