@@ -97,6 +97,12 @@ class FastGen(DecodeEvictor):
         self.kinds = torch.tensor([SPECIAL * is_control(t) + PUNCT * (is_punctuation(t) and not is_control(t))
                                    for t in texts], dtype=torch.int32, device="cpu")
 
+    def kinds_on(self, device) -> torch.Tensor:
+        """The vocabulary's kinds on `device`, moved there once (decode reads them every step)."""
+        if self.kinds.device != torch.device(device):
+            self.kinds = self.kinds.to(device)
+        return self.kinds
+
     def kept_after_prefill(self, n: int, layer: int, num_layers: int) -> int:
         return n  # a head may keep it all (C_full)
 
@@ -109,7 +115,7 @@ class FastGen(DecodeEvictor):
         device = view.keys.device
         ids = view.token_ids.to(device)
         known = ids < len(self.kinds)
-        kinds = torch.where(known, self.kinds.to(device)[ids.clamp(max=len(self.kinds) - 1)], 0)
+        kinds = torch.where(known, self.kinds_on(device)[ids.clamp(max=len(self.kinds) - 1)], 0)
         first = torch.arange(len(ids), device=device) < self.special_tokens
         return torch.where(first, SPECIAL, kinds).to(torch.int32)
 
@@ -191,7 +197,7 @@ class FastGen(DecodeEvictor):
         new = {"fg_freq": freq}
         fed = step.token_ids  # a generated punctuation or control token is kept like a prompt one
         if fed is not None and self.kinds is not None:
-            kinds = self.kinds.to(fed.device)
+            kinds = self.kinds_on(fed.device)
             kind = kinds[fed.clamp(max=len(kinds) - 1)] * (fed < len(kinds))              # [b]
             own = step.key_positions == step.positions[:, None, None]                   # the new token's slot
             state["fg_kind"] = new["fg_kind"] = torch.where(own, kind[:, None, None], state["fg_kind"]).to(torch.int32)
