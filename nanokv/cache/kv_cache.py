@@ -200,6 +200,7 @@ class PagedKVCache:
     ragged = True  # a decode may take the whole batch in one call when the kernel reads ragged lengths
     # why a decode step over this block kind cannot be a CUDA graph (engine/cuda_graphs.py); None: it can
     eager_decode_reason: str | None = None
+    codec = None  # what encodes a tiered cache's cold blocks (codec.py); None: one kind of block
 
     def pair_of(self, layer: int) -> int | None:
         """The first layer of the merged pair whose second layer is `layer` (PairedKVCache), or None."""

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import torch
 
-from nanokv.kernels.quant import quantize_tokens
+from nanokv.kernels.reference import dequantized_decode_attention, gather_blocks
 from nanokv.cache.pool import DEFAULT_BLOCK_SIZE, pool_blocks
 from nanokv.cache.tiered import TieredKVCache
-from nanokv.cache.quant_pool import SCALE_DTYPE, QuantizedBlockPool, QuantSpec
+from nanokv.cache.codec import Codec
+from nanokv.cache.quant_pool import QuantizedBlockPool
 
 
 class QuantizedKVCache(TieredKVCache):
@@ -30,15 +31,20 @@ class QuantizedKVCache(TieredKVCache):
         super().__init__(num_layers, num_kv_heads, pool)
         self.cold_block_size = pool.spec.block_size
         self.full_block_size = DEFAULT_BLOCK_SIZE  # full's, for uncompressed_bytes (block_size does not apply)
+        self.carried_fields = tuple(pool.spec.slot_fields)
 
     @classmethod
-    def from_memory(cls, cfg, kv_cache_memory: int, spec: QuantSpec, dtype: torch.dtype, device="cpu"):
+    def from_memory(cls, cfg, kv_cache_memory: int, spec: Codec, dtype: torch.dtype, device="cpu"):
         """A cache whose pool takes `kv_cache_memory` bytes (rows of spec.unit_bytes)."""
         num_blocks = pool_blocks(kv_cache_memory, spec.unit_bytes(cfg.head_dim), cfg.num_layers * cfg.num_kv_heads, 1)
         return cls(cfg.num_layers, cfg.num_kv_heads, QuantizedBlockPool(num_blocks, spec, cfg.head_dim, dtype, device))
 
     @property
-    def spec(self) -> QuantSpec:
+    def spec(self) -> Codec:
+        return self.pool.spec
+
+    @property
+    def codec(self) -> Codec:
         return self.pool.spec
 
     def quantized_lengths(self, seq_id: int) -> torch.Tensor:
@@ -51,29 +57,50 @@ class QuantizedKVCache(TieredKVCache):
         R = self.spec.block_size
         self.to_cold(seq_id, layers, self.seqs[seq_id].lengths[layers] // R * R)
 
-    def store_cold(self, s, layers, heads, slots, k, v, pos):
-        """Whole blocks of R tokens (a head's flush starts a block): quantize each, in its block."""
-        R = self.spec.block_size
-        packed = quantize_tokens(k.view(-1, R, k.shape[-1]), v.view(-1, R, v.shape[-1]), self.spec.bits,
-                                 self.spec.group_size, self.spec.keys_per_channel, SCALE_DTYPE)
+    def store_cold(self, s, layers, heads, slots, k, v, pos, importance=None):
+        """Whole blocks of R tokens (a head's flush starts a block): the codec encodes each, in its
+        block, layer by layer (a codec's bits may differ by layer)."""
+        R, H, codec = self.spec.block_size, self.num_kv_heads, self.spec
         ids = (slots[::R] // R).to(self.pool.device)
-        for name, value in packed.items():
-            self.pool.qfields[name][ids] = value
+        layer_of = layers.indices(self.num_layers)[0] + heads[::R].to(self.pool.device) // H  # each block's
+        for layer in layer_of.unique().tolist():
+            blocks = layer_of == layer
+            tokens = blocks.repeat_interleave(R)
+            packed = codec.encode(k[tokens].view(-1, R, k.shape[-1]), v[tokens].view(-1, R, v.shape[-1]), layer,
+                                  None if importance is None else importance[tokens].view(-1, R))
+            for name, value in packed.items():
+                self.pool.qfields[name][ids[blocks]] = value.to(self.pool.qfields[name].dtype)
 
-    # --- attention's reads: the quantized blocks, then the residual, in one kernel call ------
+    # --- attention's reads: the quantized blocks, then the residual, in one softmax ---------
 
     def attend_decode(self, layer: int, q, positions, group: list[torch.Tensor], sliding_window):
         qtables, qlens, tables, lengths = (t[layer] for t in group)
         pool = self.pool
-        out = self.kernels.quantized_decode(q, positions, pool.quant_blocks(), qtables, qlens, pool.k, pool.v, pool.pos,
-                                            tables, lengths)
-        return out, self.read_bytes(lengths, qlens)
+        if self.spec.packed:  # KIVI's layout: the fused kernel dequantizes in registers as it reads
+            out = self.kernels.quantized_decode(q, positions, pool.quant_blocks(), qtables, qlens, pool.k, pool.v,
+                                                pool.pos, tables, lengths)
+        else:  # any other codec: its blocks decoded to float32, then the same softmax over both tiers
+            k_q, v_q = self.decoded_cold(qtables, layer)
+            out = dequantized_decode_attention(q, positions, k_q, v_q, qlens, pool.k, pool.v, pool.pos, tables,
+                                               lengths)
+        return out, self.read_bytes(lengths) + self.cold_bytes(qlens, layer)
+
+    def decoded_cold(self, qtables: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cold blocks of tables [B, H, nq] decoded -> k, v float32 [B, H, nq * R, D]."""
+        fields = {name: gather_blocks(field, qtables).unflatten(2, (qtables.shape[-1], field.shape[1]))
+                  for name, field in self.pool.qfields.items()}
+        k, v = self.spec.decode(fields, layer)
+        return k.flatten(2, 3), v.flatten(2, 3)
 
     # --- accounting -------------------------------------------------------------------
 
-    def cold_bytes(self, cold_lengths: torch.Tensor) -> torch.Tensor:
-        """Packed codes, scales and zero points of whole quantized blocks."""
-        return cold_lengths.sum() // self.spec.block_size * self.spec.quantized_bytes(self.pool.head_dim)
+    def cold_bytes(self, cold_lengths: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+        """The codec's fields (packed codes, scales, ...) of whole cold blocks: of `layer`'s heads, or
+        with no layer of every layer's (cold_lengths [L, H])."""
+        R, D = self.spec.block_size, self.pool.head_dim
+        if layer is not None:
+            return cold_lengths.sum() // R * self.spec.quantized_bytes(D, layer)
+        return sum(self.cold_bytes(lengths, at) for at, lengths in enumerate(cold_lengths))
 
     def most_blocks(self, tokens: int) -> int:
         """At most: the whole blocks quantized, and a full residual (just before its flush)."""

@@ -24,18 +24,21 @@ from dataclasses import dataclass
 
 import torch
 
-from nanokv.kernels.quant import BITS, QuantBlocks
-from nanokv.cache.pool import BlockPool, align, numel, row_views
+from nanokv.kernels.quant import BITS, QuantBlocks, dequantize_tokens, quantize_tokens
+from nanokv.cache.codec import Codec
+from nanokv.cache.pool import BlockPool, row_views
 
 SCALE_DTYPE = torch.float16  # KIVI keeps scales and zero points in float16
 
 
 @dataclass(frozen=True)
-class QuantSpec:
+class QuantSpec(Codec):
+    """KIVI's codec (kernels/quant.py), which the fused decode kernels read in place."""
     bits: int
     keys_per_channel: bool  # KIVI: keys per channel over groups of tokens; else per token
     group_size: int = 32
     block_size: int = 128   # tokens per quantized block = the residual kept in full precision
+    packed = True
 
     def __post_init__(self):
         if self.bits not in BITS:
@@ -54,22 +57,18 @@ class QuantSpec:
         return {"k_codes": codes, "v_codes": codes, "k_scale": keys, "k_zero": keys,
                 "v_scale": per_token, "v_zero": per_token}
 
-    def quantized_bytes(self, head_dim: int) -> int:
-        """Bytes of one quantized block: packed codes plus scales and zero points."""
-        return sum(dtype.itemsize * numel(shape) for dtype, shape in self.field_shapes(head_dim).values())
+    def encode(self, k, v, layer, importance):
+        return quantize_tokens(k, v, self.bits, self.group_size, self.keys_per_channel, SCALE_DTYPE)
 
-    def unit_bytes(self, head_dim: int) -> int:
-        """Bytes of a pool row: the quantized fields laid out one after another, each 4-aligned."""
-        return sum(align(dtype.itemsize * numel(shape)) for dtype, shape in self.field_shapes(head_dim).values())
-
-    def full_block_size(self, head_dim: int, dtype: torch.dtype) -> int:
-        """Tokens a full-precision block holds in a row: as many as fit, K, V and an int32 position
-        each (not a power of two: the kernels find each slot's block by division)."""
-        return self.unit_bytes(head_dim) // (2 * head_dim * dtype.itemsize + 4)
+    def decode(self, fields, layer):
+        f = fields
+        return (dequantize_tokens(f["k_codes"], f["k_scale"], f["k_zero"], self.bits, self.group_size,
+                                  self.keys_per_channel),
+                dequantize_tokens(f["v_codes"], f["v_scale"], f["v_zero"], self.bits, self.group_size, False))
 
 
 class QuantizedBlockPool(BlockPool):
-    def __init__(self, num_blocks: int, spec: QuantSpec, head_dim: int, dtype: torch.dtype,
+    def __init__(self, num_blocks: int, spec: Codec, head_dim: int, dtype: torch.dtype,
                  device: torch.device | str = "cpu"):
         if num_blocks <= 1:
             raise ValueError(f"a quantized KV-cache pool needs at least two blocks, got num_blocks={num_blocks}")
@@ -81,13 +80,15 @@ class QuantizedBlockPool(BlockPool):
         self.arena = torch.empty(num_blocks, self.unit_bytes, dtype=torch.uint8, device=device)
         self.arena[0] = 0
         n = self.block_size
-        layout = {"k": (dtype, (n, head_dim)), "v": (dtype, (n, head_dim)), "pos": (torch.int32, (n,))}
+        layout = {"k": (dtype, (n, head_dim)), "v": (dtype, (n, head_dim)), "pos": (torch.int32, (n,)),
+                  **{name: (field_dtype, (n,)) for name, field_dtype in spec.slot_fields.items()}}
         self.fields = row_views(self.arena, layout)
         self.qfields = row_views(self.arena, spec.field_shapes(head_dim))
         self.block_fields = {}  # no per-block metadata (Quest's bounds are for full-precision pools)
         self._init_free_list(num_blocks, first=1)
 
     def quant_blocks(self) -> QuantBlocks:
+        """KIVI's fields as the fused kernels read them (a `packed` codec's pool only)."""
         f, s = self.qfields, self.spec
         return QuantBlocks(f["k_codes"], f["k_scale"], f["k_zero"], f["v_codes"], f["v_scale"], f["v_zero"],
                            s.bits, s.group_size, s.keys_per_channel)

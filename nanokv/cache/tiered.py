@@ -37,6 +37,7 @@ class TieredSequenceKV(SequenceKV):
 
 class TieredKVCache(PagedKVCache):
     cold_block_size: int  # tokens a cold block holds
+    carried_fields: tuple[str, ...] = ()  # residual slot fields store_cold is handed with each token
     ragged = False
     eager_decode_reason = "its decode attends in groups of similar length, which change from step to step"
 
@@ -72,6 +73,7 @@ class TieredKVCache(PagedKVCache):
         taken = logical < counts[..., None]                                   # the oldest, head by head
         at = pool.slot_index(self.flat_slots(tables, logical)[taken])
         k, v, pos = pool.fields["k"][at], pool.fields["v"][at], pool.fields["pos"][at]
+        carried = {name: pool.fields[name][at] for name in self.carried_fields}
         self.compact(seq_id, ~taken & (logical < lengths[..., None]), layers)  # frees before we allocate
         cold, num_cold = s.cold_lengths[layers], s.num_cold[layers]
         need = self.cold_blocks_for(cold + counts)
@@ -87,14 +89,16 @@ class TieredKVCache(PagedKVCache):
                                                                                 counts.flatten())[heads]
         block = s.cold_tables[layers].reshape(-1, s.cold_tables.shape[-1])[heads, index // n]
         s.cold_lengths[layers] = cold + counts
-        self.store_cold(s, layers, heads, block * n + index % n, k, v, pos)
+        self.store_cold(s, layers, heads, block * n + index % n, k, v, pos, **carried)
 
     def cold_blocks_for(self, tokens: torch.Tensor) -> torch.Tensor:
         return (tokens + self.cold_block_size - 1) // self.cold_block_size
 
-    def store_cold(self, s: TieredSequenceKV, layers: slice, heads: torch.Tensor, slots: torch.Tensor, k, v, pos):
+    def store_cold(self, s: TieredSequenceKV, layers: slice, heads: torch.Tensor, slots: torch.Tensor, k, v, pos,
+                   **carried):
         """The codec: write tokens k, v [N, D], pos [N] into flat cold slots [N] (block *
-        cold_block_size + offset); heads [N]: each token's head, an index into [L', H] of `layers`."""
+        cold_block_size + offset); heads [N]: each token's head, an index into [L', H] of `layers`;
+        carried: the `carried_fields` of each token [N]."""
         raise NotImplementedError
 
     # --- reading: the cold tier first, then the residual ---------------------------------

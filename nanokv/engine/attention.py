@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import torch
 
+from nanokv.cache.codec import IMPORTANCE
 from nanokv.cache.pool import HOST
 from nanokv.engine.upload import HostToDevice
 from nanokv.kernels.reference import quest_pages
@@ -51,6 +52,8 @@ class StepAttention:
         self.compress = compress
         if not compress and not (self.method is not None and self.method.evicts_during_decode):
             self.method = None
+        # a codec that stores each token by its importance (ZipCache, MiKV): it ranks every prompt
+        self.ranker = cache.codec if compress and cache.codec is not None and cache.codec.ranks_tokens else None
         # a method that picks which blocks each decode step reads (Quest)
         self.selector = method if method is not None and method.selects_pages else None
         # KV bytes the decode attention read this step, over all layers: a 0-d tensor on the pool's
@@ -155,6 +158,9 @@ class StepAttention:
                 outs.append(self._generated(layer, i, q_i, pos_i, sliding_window) if self.method is not None
                             else cache.attend_prefill(seq_id, layer, q_i, pos_i, sliding_window,
                                                       new_kv=(k_i, v_i), **self.biased)[0])
+                if self.method is None and self.ranker is not None:  # a quantizer alone ranks its prompt
+                    n = self.compress_lens[i]
+                    self._rank(self._view(layer, seq_id, q_i[:n], None, True), seq_id)
                 cache.settle(seq_id, layers=slice(layer, layer + 1))
                 continue
             # The prompt attends over itself, then is compressed. Tokens generated before a
@@ -292,10 +298,7 @@ class StepAttention:
         `scoring`: what a method's scoring passes left it (_scoring_passes)."""
         cache, method = self.cache, self.method
         n, held = len(queries), int(cache.seqs[seq_id].lengths[layer].max())
-        prompt = cache.read_prompt(seq_id, layer, n, ("k", "pos", "v") if method.needs_values else ("k", "pos"))
-        view = PrefillView(layer, cache.num_layers, queries, prompt["k"], prompt["pos"],
-                           None if column_sums is None else column_sums[:, :n], self.sequence_state[seq_id],
-                           values=prompt.get("v"))
+        view = self._view(layer, seq_id, queries, column_sums, method.needs_values)
         if scoring is not None:
             view.scoring_queries, view.scoring_keys, view.scoring_lengths = scoring
         if method.needs_vocabulary:
@@ -303,6 +306,7 @@ class StepAttention:
                 raise ValueError(f"method {method.name!r} needs the token ids of a prefill from an empty cache")
             view.token_ids = self.token_ids[i][:n]  # a prefill writes its tokens from slot 0, in order
         cache.write_prompt(seq_id, layer, n, method.state_of(view))
+        self._rank(view, seq_id)  # before compaction, which moves each token's importance with it
         keep = method.keep_mask(view)
         if keep is not None and method.merges:  # what goes is folded into what stays (base.py)
             cache.write_prompt(seq_id, layer, n, method.merge(view, keep))
@@ -317,6 +321,21 @@ class StepAttention:
         if method.prunes_key_channels:  # the older kept tokens' keys keep the channels the method picks (ThinK)
             prompt = torch.full((view.keys.shape[0],), n, device=HOST) if keep is None else keep.sum(-1).to(HOST)
             cache.prune(seq_id, layer, method.key_channels(view, keep).to(HOST), (prompt - method.recent).clamp(min=0))
+
+    def _view(self, layer: int, seq_id: int, queries: torch.Tensor, column_sums: torch.Tensor | None,
+              values: bool) -> PrefillView:
+        """What a method (or a ranking codec) sees of the first len(queries) slots of `layer`."""
+        n, cache = len(queries), self.cache
+        prompt = cache.read_prompt(seq_id, layer, n, ("k", "pos", "v") if values else ("k", "pos"))
+        return PrefillView(layer, cache.num_layers, queries, prompt["k"], prompt["pos"],
+                           None if column_sums is None else column_sums[:, :n], self.sequence_state[seq_id],
+                           values=prompt.get("v"))
+
+    def _rank(self, view: PrefillView, seq_id: int):
+        """A codec that stores tokens by importance (cache/codec.py) ranks the prompt's."""
+        if self.ranker is not None:
+            self.cache.write_prompt(seq_id, view.layer, view.keys.shape[1],
+                                    {IMPORTANCE: self.ranker.importance(view).float()})
 
     def _evict(self, layer, tables, lengths, q, probs, q_pos, budgets, prompt_lens, rounds=None,
                token_ids=None) -> torch.Tensor:

@@ -112,13 +112,21 @@ def quantized_decode_attention(q: torch.Tensor, q_pos: torch.Tensor, quant: "Qua
     than `full` on CPU); the Triton kernel dequantizes in registers as it reads."""
     from nanokv.kernels.quant import dequantize_tokens
 
-    B, Hq, D = q.shape
-    Hkv = tables.shape[1]
-    group = Hq // Hkv
     k_q = dequantize_tokens(gather_blocks(quant.k_codes, qtables), gather_blocks(quant.k_scale, qtables),
                             gather_blocks(quant.k_zero, qtables), quant.bits, quant.group_size, quant.keys_per_channel)
     v_q = dequantize_tokens(gather_blocks(quant.v_codes, qtables), gather_blocks(quant.v_scale, qtables),
                             gather_blocks(quant.v_zero, qtables), quant.bits, quant.group_size, False)
+    return dequantized_decode_attention(q, q_pos, k_q, v_q, qlens, k_pool, v_pool, pos_pool, tables, lengths)
+
+
+def dequantized_decode_attention(q: torch.Tensor, q_pos: torch.Tensor, k_q: torch.Tensor, v_q: torch.Tensor,
+                                 qlens: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                                 pos_pool: torch.Tensor, tables: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """quantized_decode_attention with the cold part already decoded: k_q, v_q [B, Hkv, Sq, D]
+    float32, of which each head holds the first qlens[b, h] (any codec's blocks, decoded)."""
+    B, Hq, D = q.shape
+    Hkv = tables.shape[1]
+    group = Hq // Hkv
     k_pos = gather_blocks(pos_pool, tables)                                              # [B, Hkv, Sf]
     held_q = torch.arange(k_q.shape[2], device=q.device) < qlens[..., None]              # [B, Hkv, Sq]
     allowed = torch.cat([held_q, allowed_keys(q_pos[:, None], k_pos, lengths, None)[:, :, 0]], dim=-1)

@@ -290,7 +290,8 @@ class Method:
     needs_vocabulary = False        # bind_vocabulary is called; PrefillView.token_ids is filled in
     trims_earlier_layers = False    # what follows the prompt waits for a second pass (cake, kvzip, minicache)
     # storage (cache_request)
-    quantization = None             # a QuantSpec: the cache stores K and V quantized (kivi, int4, int8)
+    quantization = None             # a Codec (cache/codec.py): older K and V stored encoded (kivi, int4, gear)
+    quantizes = False               # quantization is all it does: it follows an evictor (snapkv+kivi)
     stores_latents = False          # tokens stored as low-rank latents in latent_layers (lorc, palu)
     prunes_key_channels = False     # key_channels picks what older keys keep (think)
     slot_fields: dict[str, torch.dtype] = {}  # per-token state the cache carries

@@ -30,6 +30,7 @@ class KIVI(Method):
     description = "quantized KV (keys per channel, values per token, newest tokens in full precision)"
     paper = "https://arxiv.org/abs/2402.02750"
     keys_per_channel = True
+    quantizes = True
     compression_hint = "it keeps every token, in fewer bits; to evict too, combine methods, e.g. snapkv+kivi"
     options = {
         "bits": (int, 2, "2, 4 or 8", lambda v: v in (2, 4, 8)),

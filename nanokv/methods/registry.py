@@ -62,7 +62,7 @@ METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, RandomMethod, St
                                                          ALISA, CORM, InfMLLM, BUZZ, SCOPE, HashEvict, MorphKV, KVCrush, FastGen,
                                                          PyramidInfer, KVCompress, DynamicKV, DBudgetKV, RazorAttention, RetrievalHead,
                                                          KeepKV)}
-QUANTIZERS = [name for name, m in METHODS.items() if issubclass(m, KIVI)]
+QUANTIZERS = [name for name, m in METHODS.items() if m.quantizes]
 
 
 def parse_options(pairs: list[str], what: str) -> dict:
