@@ -22,7 +22,7 @@ fields as the JSON above in the header's metadata under "nanokv" (a JSON string,
 "head_dim"), and the tensors k_basis, v_basis [L, G, gD, gD] (G = kv-heads / group,
 gD = group x head_dim; column i of a basis is its i-th most important direction), k_spectrum,
 v_spectrum, k_bias, v_bias [L, G, gD], and lorc's k_condition, v_condition [L] or palu's
-k_fisher, v_fisher [L].
+k_fisher, v_fisher [L] (eckvh's: the bases alone).
 
 The model key is the model name as given, made filesystem-safe (a path: its absolute form);
 a file that is a short name's own download (the nanokv cache's GGUF, a Hugging Face cache
@@ -46,7 +46,7 @@ import torch
 from nanokv.paths import cache_dir
 
 FORMAT = 1
-LOWRANK = ("lorc", "palu")  # the methods whose artifacts are safetensors files of bases
+LOWRANK = ("lorc", "palu", "eckvh")  # the methods whose artifacts are safetensors files of bases
 PROFILES = {"headkv": "copy", "headkv_r2": "reason"}  # HeadKV's calibrations -> the profile each holds
 
 def _safe(name: str) -> str:
@@ -184,7 +184,7 @@ def _checked_bases(artifact: dict, path: Path, make: str, num_layers: int, num_k
         raise ValueError(f"calibration file {path}: group {group!r} does not divide the model's {num_kv_heads} "
                          f"kv-heads; run `{make}`")
     L, G, gd = num_layers, num_kv_heads // group, group * dim
-    extra = ("k_condition", "v_condition") if artifact["method"] == "lorc" else ("k_fisher", "v_fisher")
+    extra = {"lorc": ("k_condition", "v_condition"), "palu": ("k_fisher", "v_fisher")}.get(artifact["method"], ())
     shapes = {"k_basis": (L, G, gd, gd), "v_basis": (L, G, gd, gd), "k_spectrum": (L, G, gd),
               "v_spectrum": (L, G, gd), "k_bias": (L, G, gd), "v_bias": (L, G, gd), **{name: (L,) for name in extra}}
     tensors = artifact.get("tensors", {})

@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.gpu,
 
 PROMPT_LENGTHS = (7, 64, 300, 1100)
 STEPS = 8
-CALIBRATED = ("duoattention", "headkv", "kvsharer", "lorc", "palu", "retrieval_head", "razorattention")
+CALIBRATED = ("duoattention", "headkv", "kvsharer", "lorc", "palu", "retrieval_head", "razorattention", "eckvh")
 
 
 def knob(name: str) -> dict:
@@ -76,8 +76,10 @@ def models(tmp_path_factory):
 def calibrations(path, folder) -> dict:
     """A profile of each calibrated method for the model at `path`: random head scores
     (duoattention, headkv), two shared layer pairs (kvsharer), the weights' bases (lorc) and the
-    whitened bases with Fisher weights over two short texts (palu)."""
+    whitened bases with Fisher weights over two short texts (palu), the activations' bases over
+    them (eckvh)."""
     from nanokv.calibrate import model_key, write_artifact
+    from nanokv.calibrate.eckvh import activation_bases
     from nanokv.calibrate.lowrank import default_group, fisher_information, weight_bases, whitened_bases
     from nanokv.loading import load_model
 
@@ -97,6 +99,7 @@ def calibrations(path, folder) -> dict:
         "lorc": {"group": H, "head_dim": cfg.head_dim, "tensors": weight_bases(model, cfg, H)},
         "palu": {"group": group, "head_dim": cfg.head_dim,
                  "tensors": {**whitened_bases(model, cfg, texts, group), **fisher_information(model, cfg, texts)}},
+        "eckvh": {"group": group, "head_dim": cfg.head_dim, "tensors": activation_bases(model, cfg, texts, group)},
     }
     files = {}
     for method, fields in artifacts.items():

@@ -1,5 +1,5 @@
 """python -m nanokv.calibrate: the per-model profiles that DuoAttention, HeadKV, Retrieval Head,
-RazorAttention, KVSharer, LoRC and Palu read.
+RazorAttention, KVSharer, LoRC, Palu and ECKVH read.
 
     python -m nanokv.calibrate duoattention --model smollm2-135m
     python -m nanokv.calibrate headkv --model smollm2-135m --samples 20 --length 2048 --out profile.json
@@ -75,6 +75,8 @@ for a given --seed.
   ordered by importance, with their spectra (nanokv/calibrate/lowrank.py: the SVD of W_k and W_v
   for lorc, from the weights alone; the whitened SVD over calibration text for palu, with each
   layer's Fisher information).
+- eckvh: the same bases and spectra, from the SVD of each group's stacked pre-RoPE keys and
+  values over calibration text (nanokv/calibrate/eckvh.py; ECKVH, arXiv 2406.07056).
 
 The artifact's format, where it lives and how it is checked and loaded: nanokv/artifacts.py.
 """

@@ -9,6 +9,7 @@ from pathlib import Path
 from nanokv.calibrate import FORMAT, PROFILES, artifact_path, model_key, write_artifact
 from nanokv.calibrate.dense import calibration_texts
 from nanokv.calibrate.duoattention import Q_LEN, duoattention_scores
+from nanokv.calibrate.eckvh import activation_bases
 from nanokv.calibrate.headkv import headkv_scores, needle_probe, reason_probe, retrieval_head_scores
 from nanokv.calibrate.kvsharer import kvsharer_pairs
 from nanokv.calibrate.lowrank import default_group, fisher_information, weight_bases, whitened_bases
@@ -22,7 +23,8 @@ DEFAULTS = {"duoattention": {"samples": 50, "length": 1024}, "headkv": {"samples
             "headkv_r2": {"samples": 50, "length": 1024},
             "kvsharer": {"samples": 30, "length": 64}, "palu": {"samples": 32, "length": 1024},
             "lorc": {"samples": 0, "length": 0},
-            "retrieval_head": {"samples": 50, "length": 1024}, "razorattention": {"samples": 8, "length": 1024}}
+            "retrieval_head": {"samples": 50, "length": 1024}, "razorattention": {"samples": 8, "length": 1024},
+            "eckvh": {"samples": 32, "length": 1024}}  # eckvh: as palu's (the paper's calibration set unread)
 
 
 def calibrate(method: str, model: str, samples: int | None = None, length: int | None = None, seed: int = 0,
@@ -31,7 +33,7 @@ def calibrate(method: str, model: str, samples: int | None = None, length: int |
               group: int | None = None) -> Path:
     """Make and write the artifact of `method` for `model` -> its path. kvsharer: at most
     `share_layers` (default: half the layers) pairs, each kept above `threshold`. lorc, palu: bases
-    per `group` consecutive kv-heads (lorc: all of a layer's; palu: 4, or the largest divisor of
+    per `group` consecutive kv-heads (lorc: all of a layer's; palu, eckvh: 4, or the largest divisor of
     the kv-heads below 4)."""
     from tqdm import tqdm
 
@@ -58,10 +60,12 @@ def calibrate(method: str, model: str, samples: int | None = None, length: int |
     make_tokenizer = Tokenizer.from_gguf if source.kind == "gguf" else Tokenizer.from_dir
     tokenizer = make_tokenizer(source.path)
     settings = {"samples": samples, "length": length, "seed": seed, "dtype": dtype}
-    if method in ("lorc", "palu"):
+    if method in ("lorc", "palu", "eckvh"):
         inputs = calibration_texts(tokenizer, samples, length, seed) if samples else []
         settings.update(text="prose haystack (nanokv/haystack.py), length tokens each" if samples else "none",
                         bases="SVD of each group's W_k, W_v rows" if method == "lorc" else
+                              "right singular vectors of each group's stacked pre-RoPE keys and values (from their "
+                              "Gram matrices)" if method == "eckvh" else
                               "eigenvectors of the pre-RoPE keys' and the values' second moments (the whitened "
                               "SVD's left singular vectors); Fisher: RMS over samples of the LM loss gradient")
     elif method == "duoattention":
@@ -103,13 +107,17 @@ def calibrate(method: str, model: str, samples: int | None = None, length: int |
     net, config = load_model(source.kind, source.path, torch_dtype, device, pack=False)  # weights read as such
     artifact = {"format": FORMAT, "method": method, "model": model_key(model), "num_layers": config.num_layers,
                 "num_kv_heads": config.num_kv_heads}
-    if method in ("lorc", "palu"):
+    if method in ("lorc", "palu", "eckvh"):
         heads = config.num_kv_heads
         group = (heads if method == "lorc" else default_group(heads)) if group is None else group
         if not isinstance(group, int) or group <= 0 or heads % group:
             raise ValueError(f"--group must divide the model's {heads} kv-heads, got {group!r}")
         if method == "lorc":
             tensors = weight_bases(net, config, group)
+        elif method == "eckvh":
+            bar = tqdm(total=samples, desc="calibrating eckvh", unit="sample", file=sys.stderr, disable=quiet)
+            tensors = activation_bases(net, config, inputs, group, lambda: bar.update(1))
+            bar.close()
         else:
             bar = tqdm(total=2 * samples, desc="calibrating palu", unit="pass", file=sys.stderr, disable=quiet)
             tensors = {**whitened_bases(net, config, inputs, group, lambda: bar.update(1)),
@@ -150,7 +158,7 @@ def parse_args(argv=None):
     p.add_argument("--model", default=None,
                    help="short name, local path or Hugging Face repo id (default: smollm2-135m)")
     p.add_argument("--samples", type=int, default=None,
-                   help="calibration samples (default: 50; kvsharer 30, palu 32, razorattention 8; lorc reads none)")
+                   help="calibration samples (default: 50; kvsharer 30, palu and eckvh 32, razorattention 8; lorc reads none)")
     p.add_argument("--length", type=int, default=None, help="tokens per sample (default: 1024; kvsharer 64)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"],
@@ -161,8 +169,8 @@ def parse_args(argv=None):
     p.add_argument("--threshold", type=float, default=0.5,
                    help="kvsharer: least cosine similarity of the final hidden states (default: 0.5)")
     p.add_argument("--group", type=int, default=None,
-                   help="lorc, palu: consecutive kv-heads that share one latent (default: lorc all of a layer's, "
-                        "palu 4 or the largest divisor of the kv-heads below it)")
+                   help="lorc, palu, eckvh: consecutive kv-heads that share one latent (default: lorc all of a "
+                        "layer's, palu and eckvh 4 or the largest divisor of the kv-heads below it)")
     p.add_argument("--out", type=Path, default=None,
                    help="where to write the artifact (default: the nanokv cache, where LLM looks)")
     return p.parse_args(argv)
