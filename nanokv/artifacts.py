@@ -165,6 +165,14 @@ def load_calibration(method: str, model: str, num_layers: int, num_kv_heads: int
             raise ValueError(f"calibration file {path}: pairs is not a list of [later, earlier] layers of "
                              f"{num_layers}; run `{make}`")
         return artifact
+    if method == "kvtuner":
+        pairs, errors = artifact.get("pairs"), artifact.get("layer_errors")
+        if not (isinstance(pairs, list) and isinstance(errors, list) and len(errors) == num_layers and
+                all(isinstance(row, list) and len(row) == len(pairs) and
+                    all(isinstance(e, (int, float)) and math.isfinite(e) and e >= 0 for e in row) for row in errors)):
+            raise ValueError(f"calibration file {path}: layer_errors is not {num_layers} lists of one finite error "
+                             f"per candidate pair; run `{make}`")
+        return artifact
     scores = artifact.get("head_scores")
     if not (isinstance(scores, list) and len(scores) == num_layers and
             all(isinstance(row, list) and len(row) == num_kv_heads and

@@ -11,6 +11,7 @@ from nanokv.calibrate.dense import calibration_texts
 from nanokv.calibrate.duoattention import Q_LEN, duoattention_scores
 from nanokv.calibrate.headkv import headkv_scores, needle_probe, reason_probe, retrieval_head_scores
 from nanokv.calibrate.kvsharer import kvsharer_pairs
+from nanokv.calibrate.kvtuner import kvtuner_errors
 from nanokv.calibrate.lowrank import default_group, fisher_information, weight_bases, whitened_bases
 from nanokv.calibrate.razorattention import REPEATS, razor_scores, repeated_random_tokens
 
@@ -22,7 +23,8 @@ DEFAULTS = {"duoattention": {"samples": 50, "length": 1024}, "headkv": {"samples
             "headkv_r2": {"samples": 50, "length": 1024},
             "kvsharer": {"samples": 30, "length": 64}, "palu": {"samples": 32, "length": 1024},
             "lorc": {"samples": 0, "length": 0},
-            "retrieval_head": {"samples": 50, "length": 1024}, "razorattention": {"samples": 8, "length": 1024}}
+            "retrieval_head": {"samples": 50, "length": 1024}, "razorattention": {"samples": 8, "length": 1024},
+            "kvtuner": {"samples": 8, "length": 1024}}
 
 
 def calibrate(method: str, model: str, samples: int | None = None, length: int | None = None, seed: int = 0,
@@ -87,6 +89,11 @@ def calibrate(method: str, model: str, samples: int | None = None, length: int |
                         score="per query head, mean attention of the queries in copies 2.. on the previous "
                               "occurrence of their token (echo) and on the token after it (induction), mean over "
                               "samples; a kv-head's max over its query heads")
+    elif method == "kvtuner":
+        inputs = calibration_texts(tokenizer, samples, length, seed)
+        settings.update(text="prose haystack (nanokv/haystack.py), length tokens each",
+                        score="per layer and (K bits, V bits) pair, the relative error of the layer's attention output "
+                              "with its keys and values alone quantized by KIVI (group 32, blocks of 32 tokens)")
     elif method == "headkv":
         inputs = [needle_probe(tokenizer, length, seed, i) for i in range(samples)]
         settings.update(probe="teacher-forced needle copy: value kinds number/word/uuid and depths 0..1 in turn, "
@@ -125,6 +132,14 @@ def calibrate(method: str, model: str, samples: int | None = None, length: int |
         pairs, similarities = kvsharer_pairs(net, config, inputs, share_layers, threshold, lambda: bar.update(1))
         bar.close()
         artifact.update(pairs=pairs, similarities=similarities, settings={**settings, "share_layers": share_layers})
+    elif method == "kvtuner":
+        from nanokv.methods.kvtuner import PAIRS
+
+        bar = tqdm(total=samples, desc="calibrating kvtuner", unit="sample", file=sys.stderr, disable=quiet)
+        errors = kvtuner_errors(net, config, inputs, progress=lambda: bar.update(1))
+        bar.close()
+        artifact.update(pairs=[list(p) for p in PAIRS], layer_errors=[[float(e) for e in row] for row in errors.tolist()],
+                        settings=settings)
     else:
         bar = tqdm(total=samples, desc=f"calibrating {method}", unit="sample", file=sys.stderr, disable=quiet)
         if method == "duoattention":

@@ -11,6 +11,7 @@ from nanokv.methods.cam import CaM
 from nanokv.methods.chunkkv import ChunkKV
 from nanokv.methods.d2o import D2O
 from nanokv.methods.duoattention import DuoAttention
+from nanokv.methods.kvtuner import KVTuner
 from nanokv.methods.kivi import KIVI
 from nanokv.methods.knorm import KNorm
 from nanokv.methods.lorc import LoRC
@@ -61,7 +62,9 @@ METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, RandomMethod, St
                                                          # the third wave (issue 27)
                                                          ALISA, CORM, InfMLLM, BUZZ, SCOPE, HashEvict, MorphKV, KVCrush, FastGen,
                                                          PyramidInfer, KVCompress, DynamicKV, DBudgetKV, RazorAttention, RetrievalHead,
-                                                         KeepKV)}
+                                                         KeepKV,
+                                                         # the third wave: quantization and low-rank (issue 28)
+                                                         KVTuner)}
 QUANTIZERS = [name for name, m in METHODS.items() if m.quantizes]
 
 
@@ -148,7 +151,20 @@ def make_method(name: str, compression: float = 0.0, budget: int | None = None, 
     if method.attention_bias is not None:  # an option that makes it (razorattention's compensation)
         raise ValueError(f"method {name!r}: {evictor.name} with these options weighs slots by a logit bias, which "
                          f"quantized blocks cannot carry; use {evictor.name} alone (or, for razorattention, compensation=false)")
-    method.name, method.quantization = name, quant.quantization
+    method.name = name
+    if quant.calibration:  # a calibrated quantizer (kvtuner): its codec exists once the engine binds its artifact
+        if method.calibration:
+            raise ValueError(f"method {name!r}: {evictor.name} and {quantizer.name} each need a calibration of "
+                             f"their own; combine {quantizer.name} with an uncalibrated eviction method (snapkv)")
+        method.calibration, method.calibration_file = quant.calibration, quant.calibration_file
+
+        def bind_calibration(artifact, quant=quant, method=method):
+            quant.bind_calibration(artifact)
+            method.quantization = quant.quantization
+
+        method.bind_calibration = bind_calibration
+    else:
+        method.quantization = quant.quantization
     return method
 
 
