@@ -105,7 +105,7 @@ def cluster_layers(errors: torch.Tensor, clusters: int) -> list[int]:
     s = errors.double().clamp_min(1e-12).log().mean(1)
     k = min(clusters, len(set(s.tolist())))
     order = s.sort().values
-    centres = order[torch.linspace(0, len(s) - 1, k).round().long()].clone()
+    centres = order[torch.linspace(0, len(s) - 1, k, device=s.device).round().long()].clone()
     for _ in range(100):
         labels = (s[:, None] - centres[None]).abs().argmin(1)
         moved = torch.stack([s[labels == c].mean() if bool((labels == c).any()) else centres[c] for c in range(k)])
@@ -158,7 +158,7 @@ class KVTuner(Method):
         if [tuple(p) for p in artifact["pairs"]] != list(PAIRS):
             raise ValueError(f"kvtuner calibration holds candidates {artifact['pairs']}, expected {list(PAIRS)}; "
                              f"make it again with python -m nanokv.calibrate kvtuner")
-        errors = torch.tensor(artifact["layer_errors"], dtype=torch.float64)
+        errors = torch.tensor(artifact["layer_errors"], dtype=torch.float64, device="cpu")
         self.layer_clusters = cluster_layers(errors, self.clusters)
         self.bit_pairs = [PAIRS[p] for p in search_pairs(errors, self.layer_clusters, self.target)]
 

@@ -136,6 +136,9 @@ def make_method(name: str, compression: float = 0.0, budget: int | None = None, 
     if "+" not in name:
         return METHODS[name](compression=compression, budget=budget, **options)
     evictor, quantizer = (METHODS[p] for p in name.split("+"))
+    if evictor.calibration and quantizer.calibration:  # the engine binds one artifact per method
+        raise ValueError(f"method {name!r}: {evictor.name} and {quantizer.name} each need a calibration of their "
+                         f"own; combine {quantizer.name} with an uncalibrated eviction method (snapkv)")
     both = set(evictor.options) & set(quantizer.options)
     if both:  # no two methods share an option name today; refuse rather than guess if they ever do
         raise ValueError(f"option {sorted(both)[0]!r} belongs to both parts of {name!r}")
@@ -153,9 +156,6 @@ def make_method(name: str, compression: float = 0.0, budget: int | None = None, 
                          f"quantized blocks cannot carry; use {evictor.name} alone (or, for razorattention, compensation=false)")
     method.name = name
     if quant.calibration:  # a calibrated quantizer (kvtuner): its codec exists once the engine binds its artifact
-        if method.calibration:
-            raise ValueError(f"method {name!r}: {evictor.name} and {quantizer.name} each need a calibration of "
-                             f"their own; combine {quantizer.name} with an uncalibrated eviction method (snapkv)")
         method.calibration, method.calibration_file = quant.calibration, quant.calibration_file
 
         def bind_calibration(artifact, quant=quant, method=method):
