@@ -12,6 +12,7 @@ from nanokv.calibrate.duoattention import Q_LEN, duoattention_scores
 from nanokv.calibrate.headkv import headkv_scores, needle_probe, reason_probe, retrieval_head_scores
 from nanokv.calibrate.kvsharer import kvsharer_pairs
 from nanokv.calibrate.kvtuner import kvtuner_errors
+from nanokv.calibrate.wkvquant import QUERIES, wkvquant_parameters
 from nanokv.calibrate.lowrank import default_group, fisher_information, weight_bases, whitened_bases
 from nanokv.calibrate.razorattention import REPEATS, razor_scores, repeated_random_tokens
 
@@ -24,7 +25,7 @@ DEFAULTS = {"duoattention": {"samples": 50, "length": 1024}, "headkv": {"samples
             "kvsharer": {"samples": 30, "length": 64}, "palu": {"samples": 32, "length": 1024},
             "lorc": {"samples": 0, "length": 0},
             "retrieval_head": {"samples": 50, "length": 1024}, "razorattention": {"samples": 8, "length": 1024},
-            "kvtuner": {"samples": 8, "length": 1024}}
+            "kvtuner": {"samples": 8, "length": 1024}, "wkvquant": {"samples": 4, "length": 512}}
 
 
 def calibrate(method: str, model: str, samples: int | None = None, length: int | None = None, seed: int = 0,
@@ -94,6 +95,12 @@ def calibrate(method: str, model: str, samples: int | None = None, length: int |
         settings.update(text="prose haystack (nanokv/haystack.py), length tokens each",
                         score="per layer and (K bits, V bits) pair, the relative error of the layer's attention output "
                               "with its keys and values alone quantized by KIVI (group 32, blocks of 32 tokens)")
+    elif method == "wkvquant":
+        inputs = calibration_texts(tokenizer, samples, length, seed)
+        settings.update(text="prose haystack (nanokv/haystack.py), length tokens each",
+                        score=f"per layer, K and V apart: channel centre and radius over all tokens and kv-heads; "
+                              f"per bit width, alpha then the clip ratio on a grid, by the squared error of the "
+                              f"attention output of the last {QUERIES} queries of each sample")
     elif method == "headkv":
         inputs = [needle_probe(tokenizer, length, seed, i) for i in range(samples)]
         settings.update(probe="teacher-forced needle copy: value kinds number/word/uuid and depths 0..1 in turn, "
@@ -140,6 +147,11 @@ def calibrate(method: str, model: str, samples: int | None = None, length: int |
         bar.close()
         artifact.update(pairs=[list(p) for p in PAIRS], layer_errors=[[float(e) for e in row] for row in errors.tolist()],
                         settings=settings)
+    elif method == "wkvquant":
+        bar = tqdm(total=samples, desc="calibrating wkvquant", unit="sample", file=sys.stderr, disable=quiet)
+        artifact.update(head_dim=config.head_dim, **wkvquant_parameters(net, config, inputs, lambda: bar.update(1)),
+                        settings=settings)
+        bar.close()
     else:
         bar = tqdm(total=samples, desc=f"calibrating {method}", unit="sample", file=sys.stderr, disable=quiet)
         if method == "duoattention":

@@ -12,6 +12,7 @@ from nanokv.methods.chunkkv import ChunkKV
 from nanokv.methods.d2o import D2O
 from nanokv.methods.duoattention import DuoAttention
 from nanokv.methods.kvtuner import KVTuner
+from nanokv.methods.wkvquant import WKVQuant
 from nanokv.methods.kivi import KIVI
 from nanokv.methods.knorm import KNorm
 from nanokv.methods.lorc import LoRC
@@ -64,7 +65,7 @@ METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, RandomMethod, St
                                                          PyramidInfer, KVCompress, DynamicKV, DBudgetKV, RazorAttention, RetrievalHead,
                                                          KeepKV,
                                                          # the third wave: quantization and low-rank (issue 28)
-                                                         KVTuner)}
+                                                         KVTuner, WKVQuant)}
 QUANTIZERS = [name for name, m in METHODS.items() if m.quantizes]
 
 
