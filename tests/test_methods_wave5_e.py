@@ -221,8 +221,9 @@ def test_kvtuner_calibration_restated_and_end_to_end(tiny_dir, tmp_path, monkeyp
             seen.setdefault(layer, []).append((q, k, v))
             return attention_by_position(q, k, v, self.positions, self.positions)
 
-    for ids in texts:
-        model(torch.tensor(ids), torch.arange(96), Capture())
+    with torch.inference_mode():
+        for ids in texts:
+            model(torch.tensor(ids), torch.arange(96), Capture())
     want = torch.zeros(2, 5, dtype=torch.float64)
     for layer in range(2):
         err = norm = 0
@@ -240,3 +241,201 @@ def test_kvtuner_calibration_restated_and_end_to_end(tiny_dir, tmp_path, monkeyp
     llm = LLM(str(tiny_dir), dtype="float32", method="kvtuner", target=3.0)
     assert len(llm.method.bit_pairs) == 2
     assert sum(k + v for k, v in llm.method.bit_pairs) / 4 <= 3.0
+
+
+# --- wkvquant ----------------------------------------------------------------------------------
+
+def restated_wkv(x, center, scale, clip, bits):
+    """x [..., D] read back through WKVQuant's two-dimensional quantization, written out apart from
+    nanokv: smoothed per channel, one clipped asymmetric grid per token (float16 scale and zero)."""
+    y = (x.float() - center) / scale
+    low = (y.amin(-1, keepdim=True) * clip).half().float()
+    step = ((y.amax(-1, keepdim=True) * clip - low) / (2 ** bits - 1)).half().float()
+    codes = torch.where(step > 0, ((y - low) / torch.where(step > 0, step, 1)).round(), 0).clamp(0, 2 ** bits - 1)
+    return (codes * step + low) * scale + center
+
+
+def wkv_codec(bits=2, D=32, layers=2, center=0.0, scale=1.0, clip=1.0):
+    from nanokv.methods.wkvquant import WKVQuantCodec
+
+    c = torch.full((layers, D), center) if isinstance(center, float) else center
+    s = torch.full((layers, D), scale) if isinstance(scale, float) else scale
+    g = torch.full((layers,), clip)
+    return WKVQuantCodec(bits, 32, c, s, g, c.clone(), s.clone(), g.clone())
+
+
+def test_wkvquant_codec_by_hand():
+    # a token whose numbers are 0..3: a grid of step 1 from 0 at 2 bits, read back exactly
+    row = (torch.arange(32) % 4).float()
+    k = row.expand(32, 32)[None].half()
+    codec = wkv_codec()
+    fields = codec.encode(k, k, 0, None)
+    assert fields["k_codes"].shape == (1, 32, 8) and int(fields["k_codes"][0, 0, 0]) == 0 | 1 << 2 | 2 << 4 | 3 << 6
+    assert fields["k_scale"].shape == (1, 32, 1) and bool((fields["k_scale"] == 1).all())
+    keys, values = codec.decode(fields, 0)
+    assert torch.equal(keys, k.float()) and torch.equal(values, k.float())
+    # clipping to half the range: -4, 4, 0 on the grid -2 + j 4/3 read back as -2, 2 and 2/3
+    x = torch.zeros(1, 32, 32)
+    x[..., 0], x[..., 1] = -4, 4
+    keys, _ = wkv_codec(clip=0.5).decode(wkv_codec(clip=0.5).encode(x.half(), x.half(), 1, None), 1)
+    assert torch.allclose(keys[0, 0, :3], torch.tensor([-2.0, 2.0, 2 / 3]), atol=2e-3)
+    # smoothing: channels 0..15 spread 4x wider than the grid, 16..31 4x narrower, centred at 10;
+    # (x - 10) / s is back on 0..3 and reads back exactly, while plain token-wise codes do not
+    s = torch.cat([torch.full((16,), 4.0), torch.full((16,), 0.25)]).expand(2, 32)
+    x = (row * s[0] + 10)[None, None].expand(1, 32, 32).half()
+    smooth = wkv_codec(center=torch.full((2, 32), 10.0), scale=s.clone())
+    assert torch.equal(smooth.decode(smooth.encode(x, x, 0, None), 0)[0], x.float())
+    plain = wkv_codec()
+    assert (plain.decode(plain.encode(x, x, 0, None), 0)[0] - x.float()).abs().max() > 0.5
+
+
+def test_wkvquant_smoothing_scale_and_bytes():
+    from nanokv.methods.wkvquant import smoothing_scale
+
+    # radius^0.5 = 1, 2, 4 over their geometric mean 2
+    assert torch.allclose(smoothing_scale(torch.tensor([1.0, 4.0, 16.0]), 0.5), torch.tensor([0.5, 1.0, 2.0]))
+    assert torch.equal(smoothing_scale(torch.tensor([1.0, 4.0, 16.0]), 0.0), torch.ones(3))
+    # D=64, 32 tokens: codes 32 x 64 x bits / 8 for K and V, a float16 scale and zero per token each
+    for bits, per_token in ((4, 72), (2, 40), (8, 136)):
+        codec = wkv_codec(bits, D=64)
+        assert codec.quantized_bytes(64) == 32 * per_token == 2 * 32 * 64 * bits // 8 + 4 * 32 * 2
+    assert 72 / 256 < 0.3                                             # 4 bits: 72 of float16's 256 bytes
+
+
+def wkv_artifact(path, model, layers, D, gen):
+    from nanokv.artifacts import model_key
+
+    fields = {f"{kind}_{stat}": (torch.randn(layers, D, generator=gen) * (0.5 if stat == "center" else 1)).abs().tolist()
+              for kind in "kv" for stat in ("center", "radius")}
+    search = {bits: {"k_alpha": [0.5, 1.0], "k_clip": [0.9, 1.0], "v_alpha": [0.25, 0.0], "v_clip": [1.0, 0.8]}
+              for bits in ("2", "4", "8")}
+    path.write_text(json.dumps({"format": 1, "method": "wkvquant", "model": model_key(model), "num_layers": layers,
+                                "num_kv_heads": 2, "head_dim": D, **fields, "search": search, "settings": {}}))
+    return path, fields, search
+
+
+class PlainWKV:
+    """WKVQuant's cache restated as the model's attention callable: prefill in full precision, then
+    every whole `residual` tokens read back through restated_wkv; decode attends over both."""
+
+    def __init__(self, params, bits, residual):
+        self.params, self.bits, self.residual, self.layers = params, bits, residual, {}
+
+    def __call__(self, layer, q, k, v, sliding_window):
+        kq, vq, kf, vf = self.layers.get(layer, (k[:0], v[:0], k[:0], v[:0]))
+        kf, vf = torch.cat([kf, k]), torch.cat([vf, v])
+        keys, values = torch.cat([kq, kf]), torch.cat([vq, vf])
+        out = attention_by_position(q, keys, values, self.positions, torch.arange(len(keys)))
+        cut = len(kf) // self.residual * self.residual
+        if cut:
+            kq = torch.cat([kq, restated_wkv(kf[:cut], *self.params("k", layer), self.bits)])
+            vq = torch.cat([vq, restated_wkv(vf[:cut], *self.params("v", layer), self.bits)])
+            kf, vf = kf[cut:], vf[cut:]
+        self.layers[layer] = (kq, vq, kf, vf)
+        return out
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_wkvquant_engine_matches_a_plain_restatement_and_its_bytes(tiny_dir, tmp_path, bits):
+    from nanokv import LLM, SamplingParams
+
+    path, fields, search = wkv_artifact(tmp_path / "wkv.json", str(tiny_dir), 2, 32, torch.Generator().manual_seed(5))
+
+    def params(kind, layer):
+        radius = torch.tensor(fields[f"{kind}_radius"][layer]).clamp_min(1e-6)
+        alpha = search[str(bits)][f"{kind}_alpha"][layer]
+        scale = radius ** alpha / torch.exp((alpha * radius.log()).mean())
+        return torch.tensor(fields[f"{kind}_center"][layer]), scale, search[str(bits)][f"{kind}_clip"][layer]
+
+    llm = LLM(str(tiny_dir), dtype="float32", method="wkvquant", bits=bits, calibration_file=str(path))
+    ids, steps = prompt(90, seed=7), 30
+    [out] = llm.generate([ids], SamplingParams(max_tokens=steps, ignore_eos=True))
+    assert out.token_ids == restated_greedy(llm.model, PlainWKV(params, bits, 32), ids, steps)
+    held = 90 + steps - 1
+    per_block = 2 * 32 * 32 * bits // 8 + 4 * 32 * 2
+    assert out.metrics["kv_cache_bytes_theory"] == 2 * 2 * (held // 32 * per_block + held % 32 * (2 * 32 * 4 + 4))
+
+
+def test_snapkv_then_wkvquant_and_bad_options(tiny_dir, tmp_path, monkeypatch):
+    from nanokv import LLM, SamplingParams
+    from nanokv.methods import make_method
+
+    path, _, _ = wkv_artifact(tmp_path / "wkv.json", str(tiny_dir), 2, 32, torch.Generator().manual_seed(5))
+    ids = prompt(200, seed=3)
+    snap = LLM(str(tiny_dir), dtype="float32", method="snapkv", compression=0.5, window_size=8)
+    both = LLM(str(tiny_dir), dtype="float32", method="snapkv+wkvquant", compression=0.5, window_size=8,
+               calibration_file=str(path))
+    [a] = snap.generate([ids], SamplingParams(max_tokens=1, ignore_eos=True))
+    [b] = both.generate([ids], SamplingParams(max_tokens=1, ignore_eos=True))
+    assert b.metrics["kv_cache_tokens"] == a.metrics["kv_cache_tokens"]
+    assert b.metrics["kv_cache_bytes_theory"] < a.metrics["kv_cache_bytes_theory"] / 3
+    with pytest.raises(ValueError, match=r"option bits=3 of method 'wkvquant' must be 2, 4 or 8"):
+        make_method("wkvquant", bits=3)
+    with pytest.raises(ValueError, match=r"option residual_length=20 .* a power of two from 16 to 128"):
+        make_method("wkvquant", residual_length=20)
+    with pytest.raises(ValueError, match="needs its calibration"):
+        make_method("wkvquant").quantization
+    monkeypatch.setenv("NANOKV_CACHE", str(tmp_path))
+    with pytest.raises(ValueError, match=re.escape(f"python -m nanokv.calibrate wkvquant --model {tiny_dir}")):
+        LLM(str(tiny_dir), dtype="float32", method="wkvquant")
+    broken = json.loads(path.read_text())
+    del broken["search"]["2"]["v_clip"]
+    (tmp_path / "broken.json").write_text(json.dumps(broken))
+    with pytest.raises(ValueError, match=r"search\['2'\] does not hold"):
+        LLM(str(tiny_dir), dtype="float32", method="wkvquant", calibration_file=str(tmp_path / "broken.json"))
+
+
+def test_wkvquant_calibration_restated(tiny_dir, tmp_path, monkeypatch, capsys):
+    """The command's centres, radii and searched alpha / clip against a plain restatement over the
+    same dense pass, and the artifact LLM then reads from the cache."""
+    from nanokv import LLM
+    from nanokv.calibrate import cli, model_key
+    from nanokv.calibrate.dense import calibration_texts
+    from nanokv.loading import load_model
+    from nanokv.methods.wkvquant import ALPHAS, CLIPS
+    from nanokv.tokenizer import Tokenizer
+
+    monkeypatch.setenv("NANOKV_CACHE", str(tmp_path))
+    assert cli.main(["wkvquant", "--model", str(tiny_dir), "--samples", "2", "--length", "80", "--device", "cpu"]) == 0
+    path = tmp_path / "calibration" / model_key(str(tiny_dir)) / "wkvquant.json"
+    assert capsys.readouterr().out.strip() == f"wrote {path}"
+    artifact = json.loads(path.read_text())
+    model, _ = load_model("hf_dir", tiny_dir, torch.float32, pack=False)
+    seen = {}
+
+    class Capture:
+        positions = torch.arange(80)
+
+        def __call__(self, layer, q, k, v, sliding_window):
+            seen.setdefault(layer, []).append((q, k, v))
+            return attention_by_position(q, k, v, self.positions, self.positions)
+
+    with torch.inference_mode():
+        for ids in calibration_texts(Tokenizer.from_dir(tiny_dir), 2, 80, 0):
+            model(torch.tensor(ids), torch.arange(80), Capture())
+    layer, bits = 1, 2
+    for i, kind in enumerate("kv"):
+        xs = torch.cat([s[1 + i].reshape(-1, 32) for s in seen[layer]])
+        center, radius = (xs.amax(0) + xs.amin(0)) / 2, (xs.amax(0) - xs.amin(0)) / 2
+        assert (torch.tensor(artifact[f"{kind}_center"][layer]) - center).abs().max() < 1e-5, (torch.tensor(artifact[f"{kind}_center"][layer]) - center).abs().max()
+        assert torch.allclose(torch.tensor(artifact[f"{kind}_radius"][layer]), radius, atol=1e-6)
+
+        def error(alpha, clip):  # every query of the 80 (the command matches the last 64 of each)
+            log = radius.clamp_min(1e-6).log() * alpha
+            scale = (log - log.mean()).exp()
+            total = 0.0
+            for q, k, v in seen[layer]:
+                pos = torch.arange(80)
+                exact = attention_by_position(q[-64:], k, v, pos[-64:], pos)
+                kk, vv = (restated_wkv(k, center, scale, clip, bits), v) if kind == "k" else \
+                    (k, restated_wkv(v, center, scale, clip, bits))
+                total += float((attention_by_position(q[-64:], kk, vv, pos[-64:], pos) - exact).double().square().sum())
+            return total
+
+        alpha = min(ALPHAS, key=lambda a: error(a, 1.0))
+        clip = min(CLIPS, key=lambda c: error(alpha, c))
+        assert (artifact["search"][str(bits)][f"{kind}_alpha"][layer], artifact["search"][str(bits)][f"{kind}_clip"][layer]) \
+            == (alpha, clip)
+        assert error(alpha, clip) <= error(0.0, 1.0)
+    llm = LLM(str(tiny_dir), dtype="float32", method="wkvquant", bits=2)
+    assert llm.method.smoothing["k_clip"].shape == (2,)
