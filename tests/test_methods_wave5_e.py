@@ -439,3 +439,28 @@ def test_wkvquant_calibration_restated(tiny_dir, tmp_path, monkeypatch, capsys):
         assert error(alpha, clip) <= error(0.0, 1.0)
     llm = LLM(str(tiny_dir), dtype="float32", method="wkvquant", bits=2)
     assert llm.method.smoothing["k_clip"].shape == (2,)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["kvtuner", "wkvquant"])
+def test_calibrated_on_real_weights_matches_the_restatement(smollm2_gguf, tmp_path, method):
+    """SmolLM2 calibrated with tiny settings, then the engine's greedy tokens against the plain
+    restatement of the runtime with the parameters the method bound."""
+    from nanokv import LLM, SamplingParams
+    from nanokv.calibrate.cli import calibrate
+
+    path = calibrate(method, str(smollm2_gguf), samples=1, length=128, out=tmp_path / f"{method}.json",
+                     device="cpu", quiet=True)
+    options = {"target": 3.5} if method == "kvtuner" else {"bits": 4}
+    llm = LLM(str(smollm2_gguf), dtype="float32", method=method, calibration_file=str(path), **options)
+    if method == "kvtuner":
+        pairs = llm.method.bit_pairs
+        assert len(pairs) == 30 and sum(k + v for k, v in pairs) / 60 <= 3.5
+        reference = PerLayerKIVI(pairs, 32, 32)
+    else:
+        s = llm.method.smoothing
+        reference = PlainWKV(lambda kind, layer: (s[f"{kind}_center"][layer], s[f"{kind}_scale"][layer],
+                                                  float(s[f"{kind}_clip"][layer])), 4, 32)
+    ids, steps = list(range(1000, 1150)), 30
+    [out] = llm.generate([ids], SamplingParams(max_tokens=steps, ignore_eos=True))
+    assert out.token_ids == restated_greedy(llm.model, reference, ids, steps)

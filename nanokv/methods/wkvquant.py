@@ -79,6 +79,14 @@ class WKVQuantCodec(Codec):
         # [L, D] centres and scales, [L] clip ratios, float32
         self.k_center, self.k_scale, self.k_clip = k_center, k_scale, k_clip
         self.v_center, self.v_scale, self.v_clip = v_center, v_scale, v_clip
+        self.placed: dict = {}  # (kind, device) -> (centres, scales) there: copied once, not every step
+
+    def smoothing(self, kind: str, device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (kind, str(device))
+        if key not in self.placed:
+            center, scale = (self.k_center, self.k_scale) if kind == "k" else (self.v_center, self.v_scale)
+            self.placed[key] = (center.to(device), scale.to(device))
+        return self.placed[key]
 
     def field_shapes(self, head_dim: int) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
         R = self.block_size
@@ -88,21 +96,20 @@ class WKVQuantCodec(Codec):
 
     def encode(self, k, v, layer, importance):
         out = {}
-        for kind, x, center, scale, clip in (("k", k, self.k_center, self.k_scale, self.k_clip),
-                                             ("v", v, self.v_center, self.v_scale, self.v_clip)):
-            at = lambda t: t[layer].to(x.device)  # noqa: E731
-            codes, step, zero = clipped_token_quantize((x.float() - at(center)) / at(scale), self.bits,
+        for kind, x, clip in (("k", k, self.k_clip), ("v", v, self.v_clip)):
+            center, scale = self.smoothing(kind, x.device)
+            codes, step, zero = clipped_token_quantize((x.float() - center[layer]) / scale[layer], self.bits,
                                                        float(clip[layer]))
             out.update({f"{kind}_codes": pack(codes, self.bits), f"{kind}_scale": step, f"{kind}_zero": zero})
         return out
 
     def decode(self, fields, layer):
         out = []
-        for kind, center, scale in (("k", self.k_center, self.k_scale), ("v", self.v_center, self.v_scale)):
+        for kind in "kv":
             codes = unpack(fields[f"{kind}_codes"], self.bits).float()
             smoothed = torch.addcmul(fields[f"{kind}_zero"].float(), codes, fields[f"{kind}_scale"].float())
-            device = smoothed.device
-            out.append(smoothed * scale[layer].to(device) + center[layer].to(device))
+            center, scale = self.smoothing(kind, smoothed.device)
+            out.append(torch.addcmul(center[layer], smoothed, scale[layer]))
         return tuple(out)
 
 
