@@ -16,6 +16,11 @@ scores: HeadKV-R) and "reason" (retrieval-reasoning scores: HeadKV-R2).
 kvsharer's holds, instead of head_scores, "pairs": [[later, earlier], ...] in the order the search
 accepted them (layer `later` reads layer `earlier`'s KV), and the similarity each was kept at.
 
+kvtuner's holds "pairs" (the candidate [K bits, V bits] pairs) and "layer_errors" (num_layers lists of
+one relative attention-output error per pair); wkvquant's "head_dim", "k_center", "k_radius",
+"v_center", "v_radius" (num_layers lists of head_dim floats) and "search": {"2"|"4"|"8": {"k_alpha",
+"k_clip", "v_alpha", "v_clip": num_layers floats}}.
+
 LoRC's and Palu's artifacts (per layer and head group, bases of the pre-RoPE keys and of the values,
 with their spectra) hold matrices, so they are safetensors files, `<method>.safetensors`: the same
 fields as the JSON above in the header's metadata under "nanokv" (a JSON string, with "group",

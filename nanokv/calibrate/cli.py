@@ -177,8 +177,9 @@ def parse_args(argv=None):
     p.add_argument("--model", default=None,
                    help="short name, local path or Hugging Face repo id (default: smollm2-135m)")
     p.add_argument("--samples", type=int, default=None,
-                   help="calibration samples (default: 50; kvsharer 30, palu 32, razorattention 8; lorc reads none)")
-    p.add_argument("--length", type=int, default=None, help="tokens per sample (default: 1024; kvsharer 64)")
+                   help="calibration samples (default: 50; kvsharer 30, palu 32, razorattention and kvtuner 8, "
+                        "wkvquant 4; lorc reads none)")
+    p.add_argument("--length", type=int, default=None, help="tokens per sample (default: 1024; kvsharer 64, wkvquant 512)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"],
                    help="float32 (default: the statistics are sums over many tokens), auto, bfloat16 or float16")
