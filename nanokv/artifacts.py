@@ -16,6 +16,11 @@ scores: HeadKV-R) and "reason" (retrieval-reasoning scores: HeadKV-R2).
 kvsharer's holds, instead of head_scores, "pairs": [[later, earlier], ...] in the order the search
 accepted them (layer `later` reads layer `earlier`'s KV), and the similarity each was kept at.
 
+kvtuner's holds "pairs" (the candidate [K bits, V bits] pairs) and "layer_errors" (num_layers lists of
+one relative attention-output error per pair); wkvquant's "head_dim", "k_center", "k_radius",
+"v_center", "v_radius" (num_layers lists of head_dim floats) and "search": {"2"|"4"|"8": {"k_alpha",
+"k_clip", "v_alpha", "v_clip": num_layers floats}}.
+
 LoRC's and Palu's artifacts (per layer and head group, bases of the pre-RoPE keys and of the values,
 with their spectra) hold matrices, so they are safetensors files, `<method>.safetensors`: the same
 fields as the JSON above in the header's metadata under "nanokv" (a JSON string, with "group",
@@ -165,6 +170,16 @@ def load_calibration(method: str, model: str, num_layers: int, num_kv_heads: int
             raise ValueError(f"calibration file {path}: pairs is not a list of [later, earlier] layers of "
                              f"{num_layers}; run `{make}`")
         return artifact
+    if method == "kvtuner":
+        pairs, errors = artifact.get("pairs"), artifact.get("layer_errors")
+        if not (isinstance(pairs, list) and isinstance(errors, list) and len(errors) == num_layers and
+                all(isinstance(row, list) and len(row) == len(pairs) and
+                    all(isinstance(e, (int, float)) and math.isfinite(e) and e >= 0 for e in row) for row in errors)):
+            raise ValueError(f"calibration file {path}: layer_errors is not {num_layers} lists of one finite error "
+                             f"per candidate pair; run `{make}`")
+        return artifact
+    if method == "wkvquant":
+        return _checked_smoothing(artifact, path, make, num_layers, head_dim)
     scores = artifact.get("head_scores")
     if not (isinstance(scores, list) and len(scores) == num_layers and
             all(isinstance(row, list) and len(row) == num_kv_heads and
@@ -194,4 +209,27 @@ def _checked_bases(artifact: dict, path: Path, make: str, num_layers: int, num_k
             found = "missing" if t is None else f"of shape {tuple(t.shape)}"
             raise ValueError(f"calibration file {path}: tensor {name} is {found}, expected finite {shape}; "
                              f"run `{make}`")
+    return artifact
+
+
+def _checked_smoothing(artifact: dict, path: Path, make: str, num_layers: int, head_dim: int | None) -> dict:
+    """A wkvquant artifact: per layer centres and radii of head_dim channels, and per bit width
+    (2, 4, 8) an alpha and a clip ratio per layer for K and V."""
+    dim = artifact.get("head_dim")
+    if head_dim is not None and dim != head_dim:
+        raise ValueError(f"calibration file {path} is for head_dim {dim}, but the model's is {head_dim}; run `{make}`")
+    finite = lambda row, n: isinstance(row, list) and len(row) == n and all(  # noqa: E731
+        isinstance(x, (int, float)) and math.isfinite(x) for x in row)
+    for name in ("k_center", "k_radius", "v_center", "v_radius"):
+        rows = artifact.get(name)
+        if not (isinstance(rows, list) and len(rows) == num_layers and all(finite(row, dim) for row in rows)):
+            raise ValueError(f"calibration file {path}: {name} is not {num_layers} lists of {dim} finite numbers; "
+                             f"run `{make}`")
+    search = artifact.get("search")
+    for bits in ("2", "4", "8"):
+        found = search.get(bits) if isinstance(search, dict) else None
+        if not (isinstance(found, dict) and all(finite(found.get(f"{kind}_{p}"), num_layers)
+                                                for kind in "kv" for p in ("alpha", "clip"))):
+            raise ValueError(f"calibration file {path}: search[{bits!r}] does not hold k_alpha, k_clip, v_alpha and "
+                             f"v_clip for {num_layers} layers; run `{make}`")
     return artifact

@@ -26,7 +26,8 @@ pytestmark = [pytest.mark.gpu,
 
 PROMPT_LENGTHS = (7, 64, 300, 1100)
 STEPS = 8
-CALIBRATED = ("duoattention", "headkv", "kvsharer", "lorc", "palu", "retrieval_head", "razorattention", "eckvh")
+CALIBRATED = ("duoattention", "headkv", "kvsharer", "lorc", "palu", "retrieval_head", "razorattention", "eckvh",
+              "kvtuner", "wkvquant")
 
 
 def knob(name: str) -> dict:
@@ -96,6 +97,12 @@ def calibrations(path, folder) -> dict:
         "razorattention": {"head_scores": torch.rand(L, H, generator=gen).tolist(),
                            "echo_scores": torch.rand(L, H, generator=gen).tolist()},
         "kvsharer": {"pairs": [[1, 0], [3, 2]]},
+        "kvtuner": {"pairs": [[8, 8], [8, 4], [4, 4], [4, 2], [2, 2]],       # errors growing as bits fall
+                    "layer_errors": (torch.rand(L, 1, generator=gen) * torch.tensor([1, 2, 4, 8, 16])).tolist()},
+        "wkvquant": {"head_dim": cfg.head_dim, **{f"{kind}_{stat}": torch.rand(L, cfg.head_dim, generator=gen).tolist()
+                                                  for kind in "kv" for stat in ("center", "radius")},
+                     "search": {bits: {f"{kind}_{p}": [0.5 if p == "alpha" else 0.9] * L for kind in "kv"
+                                       for p in ("alpha", "clip")} for bits in ("2", "4", "8")}},
         "lorc": {"group": H, "head_dim": cfg.head_dim, "tensors": weight_bases(model, cfg, H)},
         "palu": {"group": group, "head_dim": cfg.head_dim,
                  "tensors": {**whitened_bases(model, cfg, texts, group), **fisher_information(model, cfg, texts)}},
@@ -117,8 +124,8 @@ def run(path, files, name, device, kernels):
     """Greedy tokens and KV bytes held of every prompt, batched through one engine."""
     from nanokv import LLM, SamplingParams
 
-    first = name.split("+")[0]
-    extra = {"calibration_file": str(files[first])} if first in CALIBRATED else {}
+    calibrated = [part for part in name.split("+") if part in CALIBRATED]  # an evictor's, or a quantizer's
+    extra = {"calibration_file": str(files[calibrated[0]])} if calibrated else {}
     llm = LLM(str(path), dtype="float32", device=device, method=name, kernels=kernels,
               kv_cache_memory=256 << 20, **knob(name), **extra)
     outs = llm.generate(prompts(), SamplingParams(max_tokens=STEPS, ignore_eos=True))

@@ -1,11 +1,13 @@
 """python -m nanokv.calibrate: the per-model profiles that DuoAttention, HeadKV, Retrieval Head,
-RazorAttention, KVSharer, LoRC, Palu and ECKVH read.
+RazorAttention, KVSharer, LoRC, Palu, ECKVH, KVTuner and WKVQuant read.
 
     python -m nanokv.calibrate duoattention --model smollm2-135m
     python -m nanokv.calibrate headkv --model smollm2-135m --samples 20 --length 2048 --out profile.json
     python -m nanokv.calibrate headkv_r2 --model smollm2-135m      # for headkv profile=reason (HeadKV-R2)
     python -m nanokv.calibrate retrieval_head --model smollm2-135m
     python -m nanokv.calibrate razorattention --model smollm2-135m
+    python -m nanokv.calibrate kvtuner --model smollm2-135m         # then --method kvtuner (target=4)
+    python -m nanokv.calibrate wkvquant --model smollm2-135m        # then --method wkvquant (bits=4)
 
 Some methods decide per (layer, kv-head) from a profile of the model made ahead of time. This
 command loads the model as LLM does, runs it over calibration text with a dense attention of its
@@ -77,6 +79,12 @@ for a given --seed.
   layer's Fisher information).
 - eckvh: the same bases and spectra, from the SVD of each group's stacked pre-RoPE keys and
   values over calibration text (nanokv/calibrate/eckvh.py; ECKVH, arXiv 2406.07056).
+
+- kvtuner: per layer and candidate (K bits, V bits) pair, the relative error of the layer's
+  attention output with its K/V alone quantized by KIVI (nanokv/calibrate/kvtuner.py); the method
+  clusters the layers and searches the pairs for its memory target when it binds the artifact.
+- wkvquant: per layer, each K and V channel's centre and radius, and per bit width the smoothing
+  exponent and clip ratio that best keep the attention output (nanokv/calibrate/wkvquant.py).
 
 The artifact's format, where it lives and how it is checked and loaded: nanokv/artifacts.py.
 """

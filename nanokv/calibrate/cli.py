@@ -12,6 +12,8 @@ from nanokv.calibrate.duoattention import Q_LEN, duoattention_scores
 from nanokv.calibrate.eckvh import activation_bases
 from nanokv.calibrate.headkv import headkv_scores, needle_probe, reason_probe, retrieval_head_scores
 from nanokv.calibrate.kvsharer import kvsharer_pairs
+from nanokv.calibrate.kvtuner import kvtuner_errors
+from nanokv.calibrate.wkvquant import QUERIES, wkvquant_parameters
 from nanokv.calibrate.lowrank import default_group, fisher_information, weight_bases, whitened_bases
 from nanokv.calibrate.razorattention import REPEATS, razor_scores, repeated_random_tokens
 
@@ -24,7 +26,8 @@ DEFAULTS = {"duoattention": {"samples": 50, "length": 1024}, "headkv": {"samples
             "kvsharer": {"samples": 30, "length": 64}, "palu": {"samples": 32, "length": 1024},
             "lorc": {"samples": 0, "length": 0},
             "retrieval_head": {"samples": 50, "length": 1024}, "razorattention": {"samples": 8, "length": 1024},
-            "eckvh": {"samples": 32, "length": 1024}}  # eckvh: as palu's (the paper's calibration set unread)
+            "eckvh": {"samples": 32, "length": 1024},  # eckvh: as palu's (the paper's calibration set unread)
+            "kvtuner": {"samples": 8, "length": 1024}, "wkvquant": {"samples": 4, "length": 512}}
 
 
 def calibrate(method: str, model: str, samples: int | None = None, length: int | None = None, seed: int = 0,
@@ -91,6 +94,17 @@ def calibrate(method: str, model: str, samples: int | None = None, length: int |
                         score="per query head, mean attention of the queries in copies 2.. on the previous "
                               "occurrence of their token (echo) and on the token after it (induction), mean over "
                               "samples; a kv-head's max over its query heads")
+    elif method == "kvtuner":
+        inputs = calibration_texts(tokenizer, samples, length, seed)
+        settings.update(text="prose haystack (nanokv/haystack.py), length tokens each",
+                        score="per layer and (K bits, V bits) pair, the relative error of the layer's attention output "
+                              "with its keys and values alone quantized by KIVI (group 32, blocks of 32 tokens)")
+    elif method == "wkvquant":
+        inputs = calibration_texts(tokenizer, samples, length, seed)
+        settings.update(text="prose haystack (nanokv/haystack.py), length tokens each",
+                        score=f"per layer, K and V apart: channel centre and radius over all tokens and kv-heads; "
+                              f"per bit width, alpha then the clip ratio on a grid, by the squared error of the "
+                              f"attention output of the last {QUERIES} queries of each sample")
     elif method == "headkv":
         inputs = [needle_probe(tokenizer, length, seed, i) for i in range(samples)]
         settings.update(probe="teacher-forced needle copy: value kinds number/word/uuid and depths 0..1 in turn, "
@@ -133,6 +147,19 @@ def calibrate(method: str, model: str, samples: int | None = None, length: int |
         pairs, similarities = kvsharer_pairs(net, config, inputs, share_layers, threshold, lambda: bar.update(1))
         bar.close()
         artifact.update(pairs=pairs, similarities=similarities, settings={**settings, "share_layers": share_layers})
+    elif method == "kvtuner":
+        from nanokv.methods.kvtuner import PAIRS
+
+        bar = tqdm(total=samples, desc="calibrating kvtuner", unit="sample", file=sys.stderr, disable=quiet)
+        errors = kvtuner_errors(net, config, inputs, progress=lambda: bar.update(1))
+        bar.close()
+        artifact.update(pairs=[list(p) for p in PAIRS], layer_errors=[[float(e) for e in row] for row in errors.tolist()],
+                        settings=settings)
+    elif method == "wkvquant":
+        bar = tqdm(total=samples, desc="calibrating wkvquant", unit="sample", file=sys.stderr, disable=quiet)
+        artifact.update(head_dim=config.head_dim, **wkvquant_parameters(net, config, inputs, lambda: bar.update(1)),
+                        settings=settings)
+        bar.close()
     else:
         bar = tqdm(total=samples, desc=f"calibrating {method}", unit="sample", file=sys.stderr, disable=quiet)
         if method == "duoattention":
@@ -158,8 +185,9 @@ def parse_args(argv=None):
     p.add_argument("--model", default=None,
                    help="short name, local path or Hugging Face repo id (default: smollm2-135m)")
     p.add_argument("--samples", type=int, default=None,
-                   help="calibration samples (default: 50; kvsharer 30, palu and eckvh 32, razorattention 8; lorc reads none)")
-    p.add_argument("--length", type=int, default=None, help="tokens per sample (default: 1024; kvsharer 64)")
+                   help="calibration samples (default: 50; kvsharer 30, palu and eckvh 32, razorattention and kvtuner 8, "
+                        "wkvquant 4; lorc reads none)")
+    p.add_argument("--length", type=int, default=None, help="tokens per sample (default: 1024; kvsharer 64, wkvquant 512)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"],
                    help="float32 (default: the statistics are sums over many tokens), auto, bfloat16 or float16")

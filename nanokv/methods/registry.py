@@ -52,6 +52,8 @@ from nanokv.methods.dbudgetkv import DBudgetKV
 from nanokv.methods.razorattention import RazorAttention
 from nanokv.methods.retrieval_head import RetrievalHead
 from nanokv.methods.eckvh import ECKVH
+from nanokv.methods.wkvquant import WKVQuant
+from nanokv.methods.kvtuner import KVTuner
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, RandomMethod, StreamingLLM, KNorm, SnapKV, PyramidKV, AdaKV, H2O, TOVA,
                                                          A2SF, Keyformer, Scissorhands, RoCo, VATP, RKV,
@@ -64,7 +66,7 @@ METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, RandomMethod, St
                                                          PyramidInfer, KVCompress, DynamicKV, DBudgetKV, RazorAttention, RetrievalHead,
                                                          KeepKV,
                                                          # the third wave: quantization and low-rank (issue 28)
-                                                         ECKVH)}
+                                                         ECKVH, KVTuner, WKVQuant)}
 QUANTIZERS = [name for name, m in METHODS.items() if m.quantizes]
 
 
@@ -136,6 +138,9 @@ def make_method(name: str, compression: float = 0.0, budget: int | None = None, 
     if "+" not in name:
         return METHODS[name](compression=compression, budget=budget, **options)
     evictor, quantizer = (METHODS[p] for p in name.split("+"))
+    if evictor.calibration and quantizer.calibration:  # the engine binds one artifact per method
+        raise ValueError(f"method {name!r}: {evictor.name} and {quantizer.name} each need a calibration of their "
+                         f"own; combine {quantizer.name} with an uncalibrated eviction method (snapkv)")
     both = set(evictor.options) & set(quantizer.options)
     if both:  # no two methods share an option name today; refuse rather than guess if they ever do
         raise ValueError(f"option {sorted(both)[0]!r} belongs to both parts of {name!r}")
@@ -151,7 +156,17 @@ def make_method(name: str, compression: float = 0.0, budget: int | None = None, 
     if method.attention_bias is not None:  # an option that makes it (razorattention's compensation)
         raise ValueError(f"method {name!r}: {evictor.name} with these options weighs slots by a logit bias, which "
                          f"quantized blocks cannot carry; use {evictor.name} alone (or, for razorattention, compensation=false)")
-    method.name, method.quantization = name, quant.quantization
+    method.name = name
+    if quant.calibration:  # a calibrated quantizer (kvtuner): its codec exists once the engine binds its artifact
+        method.calibration, method.calibration_file = quant.calibration, quant.calibration_file
+
+        def bind_calibration(artifact, quant=quant, method=method):
+            quant.bind_calibration(artifact)
+            method.quantization = quant.quantization
+
+        method.bind_calibration = bind_calibration
+    else:
+        method.quantization = quant.quantization
     return method
 
 
