@@ -12,6 +12,7 @@ from helpers import restated_greedy
 from nanokv.cache.quant_cache import QuantizedKVCache
 from nanokv.kernels.reference import attention_by_position
 from nanokv.methods import make_method
+from nanokv.methods.decoquant import DecoQuantCodec
 from nanokv.methods.gear import GEARCodec, power_iteration
 
 
@@ -47,21 +48,14 @@ def restated_gear(x: torch.Tensor, is_key: bool, bits=2, group=64, rank=2, share
     torch.rand(D, rank) of a generator seeded 0, QR in the last round, factors in float16."""
     x = x.float()
     rows = x.t() if is_key else x
-    out = rows.clone()
     n = max(1, round(share / 2 * rows.shape[1])) if share else 0
-    picked = []
-    for i, row in enumerate(rows):
-        if n:
-            idx = torch.cat([row.topk(n).indices, row.topk(n, largest=False).indices])
-            picked.append((i, idx, row[idx].half().float()))
-            out[i, idx] = row.mean()
-    out = out.t() if is_key else out
-    backbone = fake_quant(out, bits, group, dim=0 if is_key else 1)
-    for i, idx, values in picked:
-        if is_key:
-            backbone[idx, i] = values
-        else:
-            backbone[i, idx] = values
+    backbone = fake_quant(x, bits, group, dim=0 if is_key else 1)
+    if n:
+        idx = torch.cat([rows.topk(n).indices, rows.topk(n, largest=False).indices], 1)
+        cleaned = rows.scatter(1, idx, rows.mean(1, keepdim=True).expand(-1, 2 * n))
+        backbone = fake_quant(cleaned.t() if is_key else cleaned, bits, group, dim=0 if is_key else 1)
+        back_rows = (backbone.t() if is_key else backbone).scatter(1, idx, rows.gather(1, idx).half().float())
+        backbone = back_rows.t() if is_key else back_rows
     if not rank:
         return backbone
     error = x - backbone
@@ -245,6 +239,148 @@ def test_gear_refuses_a_group_that_does_not_divide_head_dim():
         GEARCodec().field_shapes(48)
 
 
+# --- DecoQuant --------------------------------------------------------------------------------
+
+def restated_decoquant(x: torch.Tensor, is_key: bool, bits=4, width=16):
+    """One block x [R, D] as DecoQuant stores and reads it, in plain torch: M = x as rows of
+    `width` consecutive channels [R * D / width, width] = U S V^T; the large core U S^(1/2), per
+    token (its D / width rows) quantized symmetric to round(G / s), s = max |G| / (2^(b-1) - 1) in
+    float16; the small core S^(1/2) V^T in float16; read back as the product."""
+    R, D = x.shape
+    u, s, vt = torch.linalg.svd(x.float().reshape(R * D // width, width), full_matrices=False)
+    large = (u * s.sqrt()).reshape(R, D)
+    small = (s.sqrt()[:, None] * vt).half().float()
+    top = 2 ** (bits - 1) - 1
+    scale = (large.abs().amax(1, keepdim=True).clamp(min=1e-5) / top).half().float()
+    read = (large / scale).round().clamp(-top, top) * scale
+    return (read.reshape(R * D // width, width) @ small).reshape(R, D)
+
+
+def test_decoquant_moves_an_outlier_channel_into_the_small_tensor_and_reads_a_rank_one_block_back():
+    # x[t, c] = a_t * b_c over 16 tokens and 16 channels (one row of the small tensor's width), with
+    # channel 3 of b an outlier (50 against 1). M = x is rank one: sigma = |a| |b|, and the large
+    # core is a / |a| * sqrt(sigma) in its first column, 0 elsewhere: every token's largest entry
+    # is its only one, so it is exactly a code of +-7 (4 bits), and x reads back to float16
+    # rounding. The small core's first row is sqrt(sigma) * b / |b|: the outlier is there (50 times
+    # the rest), not in the quantized core. Per-token quantization of x itself at 4 bits has a
+    # step of 50 |a_t| / 7 and reads every other channel as 0.
+    a = torch.linspace(-2, 3, 16)
+    a[6] = 0.0                                         # -2 + 5 * 6 / 15, up to float rounding
+    b = torch.ones(16)
+    b[3] = 50.0
+    x = torch.outer(a, b)
+    codec = DecoQuantCodec(bits=4, block_size=16)
+    fields = codec.encode(x[None], x[None], 0, None)
+    small = fields["k_small"][0].float()
+    assert torch.allclose(small[0].abs() / small[0, 0].abs(), b, rtol=1e-3)
+    assert torch.allclose(small[1:], torch.zeros(15, 16), atol=1e-3)
+    codes = fields["k_codes"][0]                       # two 4-bit codes a byte, offset by 7
+    first = codes[:, 0] & 15                           # +-7 by a_t's sign (a_6 = 0: code 0), up to U's sign
+    expected = torch.where(a > 0, 14, torch.where(a < 0, 0, 7)).to(torch.uint8)
+    assert torch.equal(first, expected) or torch.equal(first, 14 - expected)
+    assert (codes[:, 1:] == 7 * 16 + 7).all() and (codes[:, 0] >> 4 == 7).all()
+    keys, _ = codec.decode(fields, 0)
+    assert torch.allclose(keys[0], x, rtol=2e-3, atol=1e-3)
+
+
+def test_decoquant_reads_the_large_cores_codes_times_their_scale_through_the_small_core():
+    # Fields by hand (2 bits: codes -1, 0, 1 stored as 0, 1, 2; 16 tokens, head_dim 32, two rows
+    # of 16 per token): token 0's large core is 1 at (row 0, bond 0) and -1 at (row 1, bond 2),
+    # scale 3; the small core has row 0 = 0..15 and row 2 = all 2. Token 0 reads 3 * (0..15) on
+    # channels 0..15 and -3 * 2 = -6 on channels 16..31; every other token (all codes 1 = 0) reads 0.
+    codec = DecoQuantCodec(bits=2, block_size=16)
+    shapes = codec.field_shapes(32)
+    assert shapes["k_codes"] == (torch.uint8, (16, 8)) and shapes["k_small"] == (torch.float16, (16, 16))
+    codes = torch.ones(16, 32, dtype=torch.uint8)     # code 1: zero
+    codes[0, 0], codes[0, 16 + 2] = 2, 0
+    packed = (codes.view(16, 8, 4) << torch.tensor([0, 2, 4, 6], dtype=torch.uint8)).sum(-1).to(torch.uint8)
+    small = torch.zeros(16, 16, dtype=torch.float16)
+    small[0] = torch.arange(16, dtype=torch.float16)
+    small[2] = 2.0
+    fields = {"k_codes": packed[None], "k_scale": torch.full((1, 16), 3.0, dtype=torch.float16), "k_small": small[None],
+              "v_codes": packed[None], "v_scale": torch.zeros(1, 16, dtype=torch.float16), "v_small": small[None]}
+    keys, values = codec.decode(fields, 0)
+    expected = torch.zeros(16, 32)
+    expected[0, :16] = 3 * torch.arange(16, dtype=torch.float32)
+    expected[0, 16:] = -6.0
+    assert torch.equal(keys[0], expected)
+    assert torch.equal(values[0], torch.zeros(16, 32))
+
+
+@pytest.mark.parametrize("bits,head_dim,width", [(4, 64, 16), (2, 64, 16), (8, 128, 16), (4, 64, 8)])
+def test_decoquant_codec_is_its_plain_restatement(bits, head_dim, width):
+    gen = torch.Generator().manual_seed(5)
+    k = torch.randn(2, 128, head_dim, generator=gen)
+    k[..., 5] *= 20
+    v = torch.randn(2, 128, head_dim, generator=gen)
+    codec = DecoQuantCodec(bits=bits, width=width)
+    keys, values = codec.decode(codec.encode(k, v, 0, None), 0)
+    for n in range(2):
+        assert torch.allclose(keys[n], restated_decoquant(k[n], True, bits, width), atol=1e-3)
+        assert torch.allclose(values[n], restated_decoquant(v[n], False, bits, width), atol=1e-3)
+
+
+def test_decoquant_halves_the_error_of_quantizing_the_tokens_themselves():
+    # the paper's baseline: per-token absmax (RTN) of x at the same bits, one scale per token
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(4, 128, 64, generator=gen)
+    x[..., 5] *= 20
+    x[..., 40] += 10
+    scale = (x.abs().amax(-1, keepdim=True) / 7).half().float()
+    naive = (x / scale).round().clamp(-7, 7) * scale
+    codec = DecoQuantCodec(bits=4)
+    keys, _ = codec.decode(codec.encode(x, x, 0, None), 0)
+    assert (keys - x).norm() < 0.6 * (naive - x).norm()
+
+
+def test_decoquant_bytes_are_its_fields():
+    # default 4 bits, 128-token blocks, head_dim 64: codes 128 x 32 B = 4096, a float16 scale a
+    # token 256, the small core 16 x 16 x 2 = 512: 4864 for K, as much for V; 9728 / 128 = 76 B a
+    # token against 256 in float16. 2 bits: codes 2048, so 5632 / 128 = 44 B a token.
+    assert make_method("decoquant").quantization.quantized_bytes(64) == 9728
+    assert make_method("decoquant", bits=2).quantization.quantized_bytes(64) == 5632
+    assert make_method("decoquant", bits=8, residual_length=64).quantization.quantized_bytes(128) == \
+        2 * (64 * 128 + 64 * 2 + 512)
+
+
+def test_decoquants_cold_blocks_hold_its_fields_and_decode_to_the_codecs_reading():
+    codec = DecoQuantCodec()
+    cache, _ = cache_with(codec)
+    gen = torch.Generator().manual_seed(0)
+    n = 150
+    k, v = torch.randn(n, 2, 64, generator=gen), torch.randn(n, 2, 64, generator=gen)
+    cache.add(3)
+    for layer in range(2):
+        cache.write(cache.append_slots(3, n, layers=slice(layer, layer + 1))[0], k, v, torch.arange(n))
+    cache.settle(3)
+    s = cache.seqs[3]
+    assert s.num_cold.tolist() == [[1, 1], [1, 1]] and s.lengths.tolist() == [[22, 22], [22, 22]]
+    assert cache.theoretical_bytes(3) == 4 * (9728 + 22 * (2 * 64 * 4 + 4))
+    expected_k, expected_v = codec.decode(codec.encode(k[:128].transpose(0, 1), v[:128].transpose(0, 1), 0, None), 0)
+    for layer in range(2):
+        keys, values = cache.decoded_cold(s.cold_tables[layer][None, :, :1], layer)
+        assert torch.allclose(keys[0], expected_k, atol=1e-6) and torch.allclose(values[0], expected_v, atol=1e-6)
+    cache.free(3)
+    assert cache.pool.num_free == cache.pool.usable_blocks
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"bits": 3}, "bits=3 of method 'decoquant' must be 2, 4 or 8"),
+    ({"residual_length": 20}, "residual_length=20 of method 'decoquant' must be a positive multiple of 16"),
+    ({"width": 12}, "width=12 of method 'decoquant' must be a power of two in [2, 64]"),
+])
+def test_decoquant_refuses_bad_options_naming_the_value_and_the_valid_ones(options, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[")):
+        make_method("decoquant", **options)
+
+
+def test_decoquant_refuses_a_head_dim_its_width_does_not_divide():
+    with pytest.raises(ValueError, match="head_dim=40 is not a multiple of the small tensor's width=16"):
+        DecoQuantCodec().field_shapes(40)
+
+
+# --- both, in the engine on real weights ------------------------------------------------------
+
 class DenseCodec:
     """A plain statement of a codec on the tiered cache, as the model's attention callable: per
     layer the read-back cold tokens and the full-precision residual; prefill attends in full
@@ -269,27 +405,32 @@ class DenseCodec:
         return out
 
 
+@pytest.mark.parametrize("method,restate,block,block_bytes,prompt_len,steps", [
+    ("gear", restated_gear, 64, 4608, 150, 45),            # 2 blocks at prefill, a third at 192
+    ("decoquant", restated_decoquant, 128, 9728, 200, 60),  # 1 block at prefill, a second at 256
+])
 @pytest.mark.slow
-def test_gear_engine_matches_its_plain_restatement(smollm2_gguf):
-    """Greedy tokens through the engine (GEAR's fields in cold blocks, flushes in settle, the twin's
-    attention) and through DenseCodec with restated_gear, across flushes at prefill and decode."""
+def test_engine_matches_the_plain_restatement(smollm2_gguf, method, restate, block, block_bytes, prompt_len, steps):
+    """Greedy tokens through the engine (the codec's fields in cold blocks, flushes in settle, the
+    twin's attention) and through DenseCodec, across flushes at prefill and during decode."""
     from nanokv import LLM, SamplingParams
 
-    prompt, steps = list(range(1000, 1150)), 50   # 150 tokens: 2 blocks at prefill, a third at 192
-    llm = LLM(str(smollm2_gguf), dtype="float32", method="gear")
+    prompt = list(range(1000, 1000 + prompt_len))
+    llm = LLM(str(smollm2_gguf), dtype="float32", method=method)
     [out] = llm.generate([prompt], SamplingParams(max_tokens=steps, ignore_eos=True))
-    tokens = restated_greedy(llm.model, DenseCodec(64, restated_gear), prompt, steps)
+    tokens = restated_greedy(llm.model, DenseCodec(block, restate), prompt, steps)
     assert out.token_ids == tokens
     held = out.metrics["kv_cache_tokens"]
-    assert out.metrics["kv_cache_bytes_theory"] == 30 * 3 * (held // 64 * 4608 + held % 64 * (2 * 64 * 4 + 4))
+    assert out.metrics["kv_cache_bytes_theory"] == 30 * 3 * (held // block * block_bytes + held % block * (2 * 64 * 4 + 4))
 
 
+@pytest.mark.parametrize("quantizer", ["gear", "decoquant"])
 @pytest.mark.slow
-def test_snapkv_then_gear_keeps_snapkvs_tokens_in_fewer_bytes(smollm2_gguf):
+def test_snapkv_then_a_quantizer_keeps_snapkvs_tokens_in_fewer_bytes(smollm2_gguf, quantizer):
     from nanokv import LLM, SamplingParams
 
     prompt, held = list(range(2000, 2300)), {}
-    for method in ("snapkv", "snapkv+gear"):
+    for method in ("snapkv", f"snapkv+{quantizer}"):
         llm = LLM(str(smollm2_gguf), dtype="float32", method=method, compression=0.5, window_size=8)
         finish = llm.scheduler.finish
 
@@ -303,7 +444,7 @@ def test_snapkv_then_gear_keeps_snapkvs_tokens_in_fewer_bytes(smollm2_gguf):
         [out] = llm.generate([prompt], SamplingParams(max_tokens=1, ignore_eos=True))
         held[method] += (out.metrics["kv_cache_bytes"],)
     tokens, _, _, full_bytes = held["snapkv"]
-    gear_tokens, residual, cold, gear_bytes = held["snapkv+gear"]
-    assert torch.equal(tokens, gear_tokens) and (tokens == 150).all()   # snapkv keeps 150 of 300
-    assert (cold == 128).all() and (residual == 22).all()               # two 64-token blocks
-    assert gear_bytes < full_bytes / 2
+    quant_tokens, residual, cold, quant_bytes = held[f"snapkv+{quantizer}"]
+    assert torch.equal(tokens, quant_tokens) and (tokens == 150).all()   # snapkv keeps 150 of 300
+    assert (cold == 128).all() and (residual == 22).all()                # 128 tokens in cold blocks
+    assert quant_bytes < full_bytes / 2
