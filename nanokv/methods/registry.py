@@ -54,6 +54,8 @@ from nanokv.methods.retrieval_head import RetrievalHead
 from nanokv.methods.eckvh import ECKVH
 from nanokv.methods.wkvquant import WKVQuant
 from nanokv.methods.kvtuner import KVTuner
+from nanokv.methods.gear import GEAR
+from nanokv.methods.decoquant import DecoQuant
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, RandomMethod, StreamingLLM, KNorm, SnapKV, PyramidKV, AdaKV, H2O, TOVA,
                                                          A2SF, Keyformer, Scissorhands, RoCo, VATP, RKV,
@@ -66,7 +68,7 @@ METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, RandomMethod, St
                                                          PyramidInfer, KVCompress, DynamicKV, DBudgetKV, RazorAttention, RetrievalHead,
                                                          KeepKV,
                                                          # the third wave: quantization and low-rank (issue 28)
-                                                         ECKVH, KVTuner, WKVQuant)}
+                                                         ECKVH, KVTuner, WKVQuant, GEAR, DecoQuant)}
 QUANTIZERS = [name for name, m in METHODS.items() if m.quantizes]
 
 
