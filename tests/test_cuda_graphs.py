@@ -72,13 +72,14 @@ def test_padding_rows_write_only_the_scratch_block(tiny):
 
 # the calibrated methods need a profile to pick their block kind: lorc and palu's latent cache is
 # checked by its class's reason, the others hold plain blocks
-CALIBRATED = ("lorc", "palu", "duoattention", "headkv", "kvsharer", "retrieval_head", "razorattention", "eckvh")
+CALIBRATED = tuple(name for name, m in METHODS.items() if m.calibration)
 
 
 def test_the_docs_table_lists_every_method():
     assert sorted(documented_reasons()) == sorted(METHODS)
     assert documented_reasons()["lorc"] == LatentKVCache.eager_decode_reason
-    assert all(documented_reasons()[name] is None for name in CALIBRATED if name not in ("lorc", "palu", "eckvh"))
+    assert all(documented_reasons()[name] is None for name in CALIBRATED
+               if not (METHODS[name].stores_latents or name in QUANTIZERS))
 
 
 @pytest.mark.parametrize("name", [n for n in METHODS if n not in CALIBRATED])
@@ -87,7 +88,8 @@ def test_each_method_says_whether_its_decode_is_captured(name, tiny):
     table (docs/architecture.md)."""
     model, cfg = tiny
     if name == "full" or name in QUANTIZERS:
-        method = make_method(name, **({} if name == "full" else {"group_size": 8}))  # head_dim 16
+        small = {"group_size": 8} if "group_size" in METHODS[name].options else {}  # head_dim 16
+        method = make_method(name, **small)
     else:
         method = make_method(name, budget=8) if METHODS[name].selects_pages else make_method(name, compression=0.5)
     cache = build_cache(method.cache_request(cfg.num_layers, cfg.head_dim), cfg, 1 << 20, 4, torch.float32, "cpu",
