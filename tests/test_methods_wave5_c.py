@@ -39,15 +39,20 @@ class DenseCoded:
 
     def __call__(self, layer, q, k, v, sliding_window):
         kc, vc, kf, vf = self.layers.get(layer, (k[:0], v[:0], k[:0], v[:0]))
-        kf, vf = torch.cat([kf, k]), torch.cat([vf, v])
-        keys, values = torch.cat([kc, kf]), torch.cat([vc, vf])
+        keys, values = torch.cat([kc, kf, k]), torch.cat([vc, vf, v])
         out = attention_by_position(q, keys, values, self.positions, torch.arange(len(keys)))
+        self.store(layer, k, v)
+        return out
+
+    def store(self, layer, k, v):
+        """k, v [T, H, D] join the residual; every whole `residual` of it goes cold."""
+        kc, vc, kf, vf = self.layers.get(layer, (k[:0], v[:0], k[:0], v[:0]))
+        kf, vf = torch.cat([kf, k]), torch.cat([vf, v])
         cut = len(kf) // self.residual * self.residual
         for s in range(0, cut, self.residual):
             k_read, v_read = self.coder(kf[s:s + self.residual], vf[s:s + self.residual])
             kc, vc = torch.cat([kc, k_read]), torch.cat([vc, v_read])
         self.layers[layer] = (kc, vc, kf[cut:], vf[cut:])
-        return out
 
 
 def engine_tokens(path, method, prompt, steps, **options):
@@ -142,3 +147,95 @@ def test_snapkv_then_mustafar_holds_snapkvs_tokens_in_fewer_bytes(tiny_llama):
 def test_mustafar_bad_options_name_the_value_and_the_range(option, value, valid):
     with pytest.raises(ValueError, match=rf"{option}={value}.*{re.escape(valid)}"):
         make_method("mustafar", **{option: value})
+
+
+# --- minikv -----------------------------------------------------------------------------------
+
+def test_minikv_layer_budgets_fall_with_depth_as_the_official_pyramid():
+    # n = 100, compression 0.5: B = 50, recent 25, average heavy 25. Over 4 layers the heavy share
+    # runs from 2 - 1/7 = 13/7 down to 1/7 in steps of (12/7) / 3 = 4/7: 13/7, 9/7, 5/7, 1/7 of 25
+    # -> floor 46.43, 32.14, 17.86, 3.57 = 46, 32, 17, 3 heavy, + 25 recent each.
+    minikv = make_method("minikv", compression=0.5)
+    assert [minikv.layer_budget(100, layer, 4) for layer in range(4)] == [71, 57, 42, 28]
+    uniform = make_method("minikv", compression=0.5, eviction_strategy="uniform")
+    assert [uniform.layer_budget(100, layer, 4) for layer in range(4)] == [50] * 4
+    # a heavy share past the prompt keeps all of it
+    assert make_method("minikv", compression=0.1).layer_budget(100, 0, 4) == 100
+
+
+def test_minikv_keeps_the_heavy_hitters_and_the_recent_window():
+    from nanokv.methods.base import PrefillView
+
+    # S = 10, budget 4, uniform: recent = int(4 * 0.5) = 2 (slots 8, 9), heavy 2 of slots 0..7 by
+    # accumulated attention. Head 0's largest sums outside the window are at 3 (0.9) and 6 (0.8)
+    # (slot 9's 5.0 is in the window anyway); head 1's at 0 (0.7) and 7 (0.6).
+    sums = torch.tensor([[0.1, 0.2, 0.1, 0.9, 0.1, 0.3, 0.8, 0.1, 0.0, 5.0],
+                         [0.7, 0.1, 0.1, 0.2, 0.1, 0.3, 0.1, 0.6, 0.0, 0.0]])
+    view = PrefillView(0, 1, torch.zeros(10, 2, 8), torch.zeros(2, 10, 8), torch.arange(10), column_sums=sums)
+    mask = make_method("minikv", budget=4, eviction_strategy="uniform").keep_mask(view)
+    assert [torch.nonzero(m).flatten().tolist() for m in mask] == [[3, 6, 8, 9], [0, 7, 8, 9]]
+
+
+def test_minikv_stores_kivi_2bit_blocks_of_16_groups():
+    codec = make_method("minikv", compression=0.5).quantization
+    assert (codec.bits, codec.group_size, codec.block_size, codec.keys_per_channel, codec.packed) == (2, 16, 128, True, True)
+    # at D = 64, per 128-token block: K and V codes 2 x 128 x 16 bytes; key scale + zero per channel
+    # per 16 tokens 2 x 8 x 64 float16; value scale + zero per token per 16 channels 2 x 128 x 4
+    # float16 -> 4096 + 2048 + 2048 = 8192 bytes, 64 per token (full float16: 256)
+    assert codec.quantized_bytes(64) == 8192
+
+
+def restated_column_sums(q, k):
+    """[H, T] attention each key gets summed over the causal prompt queries, the group's query
+    heads averaged (q [T, Hq, D], k [T, H, D])."""
+    T, Hq, D = q.shape
+    H = k.shape[1]
+    logits = torch.einsum("thd,shd->hts", q.float(), k.float().repeat_interleave(Hq // H, dim=1)) / math.sqrt(D)
+    logits = logits.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), -math.inf)
+    return logits.softmax(-1).sum(1).view(H, Hq // H, T).mean(1)
+
+
+class EvictThenCode(DenseCoded):
+    """DenseCoded whose prompt, right after its prefill attention, keeps per head what `keep(layer,
+    q, k)` ([H, T] bool, the same count per head) says, in position order."""
+
+    def __init__(self, residual, coder, keep):
+        super().__init__(residual, coder)
+        self.keep = keep
+
+    def __call__(self, layer, q, k, v, sliding_window):
+        if layer in self.layers or len(k) == 1:
+            return super().__call__(layer, q, k, v, sliding_window)
+        out = attention_by_position(q, k, v, self.positions, self.positions)
+        mask = self.keep(layer, q, k)                                   # [H, T]
+        index = torch.stack([torch.nonzero(m).flatten() for m in mask], 1)  # [kept, H], position order
+        kept_k = k.gather(0, index[..., None].expand(-1, -1, k.shape[-1]))
+        kept_v = v.gather(0, index[..., None].expand(-1, -1, v.shape[-1]))
+        self.store(layer, kept_k, kept_v)
+        return out
+
+
+def test_minikv_engine_matches_a_plain_restatement(tiny_llama):
+    from test_quant_cache import fake_quant
+
+    R, steps = 16, 30
+    # 40 prompt tokens, compression 0.5: B = 20, recent 10, heavy 10 x 13/7 = 18 (layer 0), 10 x 1/7 = 1
+    budgets = {0: (18, 10), 1: (1, 10)}
+
+    def keep(layer, q, k):
+        heavy, recent = budgets[layer]
+        scores = restated_column_sums(q, k)
+        scores[:, len(k) - recent:] = math.inf
+        top = scores.topk(heavy + recent, dim=-1).indices
+        return torch.zeros(scores.shape, dtype=torch.bool).scatter(-1, top, True)
+
+    def coder(k, v):
+        return fake_quant(k, 2, 16, 0), fake_quant(v, 2, 16, 2)
+
+    llm, out = engine_tokens(tiny_llama, "minikv", PROMPT, steps, compression=0.5, residual_length=R)
+    assert out.token_ids == restated_greedy(llm.model, EvictThenCode(R, coder, keep), PROMPT, steps)
+    # held: layer 0 28 + 29 decode tokens = 3 blocks of 16 + 9, layer 1 11 + 29 = 2 blocks + 8; a
+    # 2-bit token at D = 64 and groups of 16 takes 8192 / 128 = 64 bytes, a residual one 2 x 64 x 4 + 4
+    assert out.metrics["kv_cache_bytes_theory"] == (48 + 32) * 64 + (9 + 8) * (2 * 64 * 4 + 4)
+    _, snap = engine_tokens(tiny_llama, "pyramidkv", PROMPT, steps, compression=0.5)
+    assert out.metrics["kv_cache_bytes"] < snap.metrics["kv_cache_bytes"]

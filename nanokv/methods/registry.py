@@ -52,6 +52,7 @@ from nanokv.methods.dbudgetkv import DBudgetKV
 from nanokv.methods.razorattention import RazorAttention
 from nanokv.methods.retrieval_head import RetrievalHead
 from nanokv.methods.mustafar import Mustafar
+from nanokv.methods.minikv import MiniKV
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, RandomMethod, StreamingLLM, KNorm, SnapKV, PyramidKV, AdaKV, H2O, TOVA,
                                                          A2SF, Keyformer, Scissorhands, RoCo, VATP, RKV,
@@ -64,7 +65,7 @@ METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, RandomMethod, St
                                                          PyramidInfer, KVCompress, DynamicKV, DBudgetKV, RazorAttention, RetrievalHead,
                                                          KeepKV,
                                                          # the third wave: quantization and low-rank (issue 28)
-                                                         Mustafar)}
+                                                         Mustafar, MiniKV)}
 QUANTIZERS = [name for name, m in METHODS.items() if m.quantizes]
 
 
