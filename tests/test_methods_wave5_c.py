@@ -239,3 +239,97 @@ def test_minikv_engine_matches_a_plain_restatement(tiny_llama):
     assert out.metrics["kv_cache_bytes_theory"] == (48 + 32) * 64 + (9 + 8) * (2 * 64 * 4 + 4)
     _, snap = engine_tokens(tiny_llama, "pyramidkv", PROMPT, steps, compression=0.5)
     assert out.metrics["kv_cache_bytes"] < snap.metrics["kv_cache_bytes"]
+
+
+# --- leankv -----------------------------------------------------------------------------------
+
+def test_leankv_each_head_keeps_tokens_until_they_cover_its_attention_mass():
+    from nanokv.methods.base import PrefillView
+
+    # window 2 (slots 6, 7), attention_mass 0.9, budget 6. Head 0 is concentrated: the window holds
+    # 0.06 + 0.06 = 0.12, slot 0 brings it to 0.62, slot 3 to 0.92 >= 0.9: it keeps 0, 3, 6, 7.
+    # Head 1 is uniform (1/8 each): the window 0.25, each token 0.125 more, 0.9 needs 0.25 + 6 x
+    # 0.125 = 1.0, all 8; the budget caps it at 6 (the window and 4 of the tied others).
+    shares = torch.tensor([[0.5, 0.02, 0.02, 0.3, 0.02, 0.02, 0.06, 0.06], [0.125] * 8])
+    leankv = make_method("leankv", budget=6, window_size=2, attention_mass=0.9)
+    leankv.significance = lambda view: shares.clone()
+    view = PrefillView(0, 1, torch.zeros(8, 2, 8), torch.zeros(2, 8, 8), torch.arange(8))
+    mask = leankv.keep_mask(view)
+    assert torch.nonzero(mask[0]).flatten().tolist() == [0, 3, 6, 7]
+    assert int(mask[1].sum()) == 6 and bool(mask[1, 6:].all())
+    # a budget under the window keeps the newest
+    small = make_method("leankv", budget=1, window_size=2)
+    small.significance = lambda view: shares.clone()
+    assert small.keep_mask(view).nonzero().tolist() == [[0, 7], [1, 7]]
+
+
+def test_leankv_codec_keys_and_values_in_their_own_bits():
+    from nanokv.methods.leankv import HeteroCodec
+
+    # K4V2, numbers on each group's grid read back exactly. Key channel c over the 8 tokens (one
+    # group): (0, 1, ..., 6, 15) times (c + 1), min 0, max 15 (c + 1): the 4-bit step is c + 1.
+    # Value token t over the 8 channels: (c mod 4) (t + 1), max 3 (t + 1): the 2-bit step is t + 1.
+    R = D = G = 8
+    t, c = torch.arange(R)[:, None].float(), torch.arange(D)[None, :].float()
+    k = (torch.where(t == 7, 15.0, t) * (c + 1))[None]
+    v = ((c % 4) * (t + 1))[None]
+    codec = HeteroCodec(4, 2, G, R)
+    fields = codec.encode(k, v, 0, None)
+    assert fields["k_codes"].shape == (1, R, D * 4 // 8) and fields["v_codes"].shape == (1, R, D * 2 // 8) and fields["k_scale"].shape == (1, R // G, D)
+    k_read, v_read = codec.decode(fields, 0)
+    assert torch.equal(k_read, k) and torch.equal(v_read, v)
+    # K8V4 against the plain restatement of KIVI's grid (test_quant_cache.fake_quant)
+    from test_quant_cache import fake_quant
+
+    x, y = torch.randn(2, 64, 64), torch.randn(2, 64, 64)
+    codec = HeteroCodec(8, 4, 32, 64)
+    k_read, v_read = codec.decode(codec.encode(x, y, 0, None), 0)
+    assert torch.allclose(k_read, fake_quant(x, 8, 32, 1), atol=1e-6)
+    assert torch.allclose(v_read, fake_quant(y, 4, 32, 2), atol=1e-6)
+
+
+def test_leankv_bytes_per_token_as_stored():
+    # D = 64, G = 32, R = 128: K8V4 64 + 32 code bytes + 8 key scale/zero + 8 value scale/zero = 112
+    # per token; K4V2 32 + 16 + 8 + 8 = 64; full float16 K and V 256
+    assert make_method("leankv", compression=0.5).quantization.quantized_bytes(64) == 128 * 112
+    assert make_method("leankv", compression=0.5, k_bits=4, v_bits=2).quantization.quantized_bytes(64) == 128 * 64
+
+
+def test_leankv_engine_matches_a_plain_restatement(tiny_llama):
+    from test_quant_cache import fake_quant
+
+    R, W, steps = 32, 4, 30
+
+    def keep(layer, q, k):
+        # the last W queries' causal attention over the prompt, averaged over them and the group
+        T, Hq, D = q.shape
+        logits = torch.einsum("thd,shd->hts", q[-W:].float(), k.float().repeat_interleave(Hq // k.shape[1], 1))
+        logits = logits / math.sqrt(D)
+        future = torch.arange(T)[None, :] > torch.arange(T - W, T)[:, None]
+        share = logits.masked_fill(future, -math.inf).softmax(-1).mean(1).view(k.shape[1], -1, T).mean(1)
+        budget = 20                                         # compression 0.5 of 40
+        masks = []
+        for head in share:
+            kept = list(range(T - W, T))                    # the window
+            covered = float(head[kept].sum())
+            for j in head[:T - W].argsort(descending=True).tolist():
+                if covered >= 0.8 or len(kept) >= budget:
+                    break
+                kept.append(j)
+                covered += float(head[j])
+            masks.append(torch.zeros(T, dtype=torch.bool).index_fill(0, torch.tensor(kept), True))
+        return torch.stack(masks)
+
+    def coder(k, v):
+        return fake_quant(k, 4, 32, 0), fake_quant(v, 2, 32, 2)
+
+    llm, out = engine_tokens(tiny_llama, "leankv", PROMPT, steps, compression=0.5, window_size=W,
+                             attention_mass=0.8, k_bits=4, v_bits=2, residual_length=R)
+    reference = EvictThenCode(R, coder, keep)
+    assert out.token_ids == restated_greedy(llm.model, reference, PROMPT, steps)
+    # what each layer keeps of the prompt, by the restatement, is what the engine holds
+    held = [len(reference.layers[layer][0]) + len(reference.layers[layer][2]) for layer in (0, 1)]
+    per_token = 2 * 64 * 4 + 4
+    cold = [h // R * R for h in held]
+    assert out.metrics["kv_cache_bytes_theory"] == sum(c * 64 + (h - c) * per_token for c, h in zip(cold, held))
+    assert all(h < 20 + steps - 1 for h in held)  # the threshold kept fewer than the budget (13, 10 here)

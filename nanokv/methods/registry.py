@@ -53,6 +53,7 @@ from nanokv.methods.razorattention import RazorAttention
 from nanokv.methods.retrieval_head import RetrievalHead
 from nanokv.methods.mustafar import Mustafar
 from nanokv.methods.minikv import MiniKV
+from nanokv.methods.leankv import LeanKV
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, RandomMethod, StreamingLLM, KNorm, SnapKV, PyramidKV, AdaKV, H2O, TOVA,
                                                          A2SF, Keyformer, Scissorhands, RoCo, VATP, RKV,
@@ -65,7 +66,7 @@ METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, RandomMethod, St
                                                          PyramidInfer, KVCompress, DynamicKV, DBudgetKV, RazorAttention, RetrievalHead,
                                                          KeepKV,
                                                          # the third wave: quantization and low-rank (issue 28)
-                                                         Mustafar, MiniKV)}
+                                                         Mustafar, MiniKV, LeanKV)}
 QUANTIZERS = [name for name, m in METHODS.items() if m.quantizes]
 
 
