@@ -142,13 +142,6 @@ def test_snapkv_then_mustafar_holds_snapkvs_tokens_in_fewer_bytes(tiny_llama):
     assert both.metrics["kv_cache_bytes_theory"] < alone.metrics["kv_cache_bytes_theory"]
 
 
-@pytest.mark.parametrize("option,value,valid", [("k_sparsity", 1.0, "[0, 1)"), ("v_sparsity", -0.1, "[0, 1)"),
-                                                ("residual_length", 0, "positive")])
-def test_mustafar_bad_options_name_the_value_and_the_range(option, value, valid):
-    with pytest.raises(ValueError, match=rf"{option}={value}.*{re.escape(valid)}"):
-        make_method("mustafar", **{option: value})
-
-
 # --- minikv -----------------------------------------------------------------------------------
 
 def test_minikv_layer_budgets_fall_with_depth_as_the_official_pyramid():
@@ -333,3 +326,105 @@ def test_leankv_engine_matches_a_plain_restatement(tiny_llama):
     cold = [h // R * R for h in held]
     assert out.metrics["kv_cache_bytes_theory"] == sum(c * 64 + (h - c) * per_token for c, h in zip(cold, held))
     assert all(h < 20 + steps - 1 for h in held)  # the threshold kept fewer than the budget (13, 10 here)
+
+
+# --- bitdecoding ------------------------------------------------------------------------------
+
+def words(data):
+    """Little-endian 16-bit words from the byte pairs of a words field."""
+    pairs = data.to(torch.int64).unflatten(-1, (-1, 2))
+    return pairs[..., 0] + 256 * pairs[..., 1]
+
+
+def test_bitdecoding_packs_4bit_codes_32_apart_in_16bit_words():
+    from nanokv.methods.bitdecoding import BitDecodingCodec
+
+    # 4 bits: a block of 32 x 4 = 128 tokens; D = 8, key groups of 128 tokens, value groups of
+    # min(128, 8) = 8 channels. Key channel 0 is 0, 5, 10, 15 at tokens 0, 32, 64, 96 and 0
+    # elsewhere: min 0, max 15, scale 1, so its codes are the numbers; word (t0 = 0, c = 0) holds
+    # tokens 0, 32, 64, 96 from the lowest bits up: 0x0 | 0x5 << 4 | 0xA << 8 | 0xF << 12 = 0xFA50;
+    # word (1, 0) holds tokens 1, 33, 65, 97: 0. Value token 0 is (0, 9, 3, 9, 7, 9, 15, 9): scale 1;
+    # word (t = 0, n0 = 0) holds channels 0, 2, 4, 6 (stride D / 4 = 2): 0xF730; word (0, 1) the
+    # 9s: 0x9999.
+    R, D = 128, 8
+    k = torch.zeros(1, R, D)
+    k[0, [0, 32, 64, 96], 0] = torch.tensor([0.0, 5, 10, 15])
+    v = torch.zeros(1, R, D)
+    v[0, 0] = torch.tensor([0.0, 9, 3, 9, 7, 9, 15, 9])
+    codec = BitDecodingCodec(4, 128)
+    assert codec.block_size == R
+    fields = codec.encode(k, v, 0, None)
+    k_words, v_words = words(fields["k_words"]), words(fields["v_words"])
+    assert k_words.shape == (1, 32, D) and v_words.shape == (1, R, 2)
+    assert k_words[0, 0, 0] == 0xFA50 and k_words[0, 1, 0] == 0 and k_words[0, 0, 1] == 0
+    assert v_words[0, 0].tolist() == [0xF730, 0x9999]
+    # params: per key group, the D scales then the D zeros; per value group, the R scales then zeros
+    assert fields["k_params"][0, 0, 0] == 1 and fields["k_params"][0, 0, D] == 0
+    assert fields["v_params"][0, 0, 0] == 1 and fields["v_params"][0, 0, R] == 0
+    k_read, v_read = codec.decode(fields, 0)
+    assert torch.equal(k_read, k) and torch.equal(v_read, v)
+
+
+def test_bitdecoding_packs_2bit_codes_eight_to_a_word():
+    from nanokv.methods.bitdecoding import BitDecodingCodec
+
+    # 2 bits: 32 x 8 = 256 tokens. Key channel 0 at token t is (t // 32) mod 4: word (0, 0) holds
+    # tokens 0, 32, ..., 224 = 0, 1, 2, 3, 0, 1, 2, 3 (scale 1): 0b11100100 twice = 0xE4E4.
+    codec = BitDecodingCodec(2, 128)
+    k = torch.zeros(1, 256, 8)
+    k[0, :, 0] = (torch.arange(256) // 32 % 4).float()
+    fields = codec.encode(k, torch.zeros(1, 256, 8), 0, None)
+    assert codec.block_size == 256 and words(fields["k_words"])[0, 0, 0] == 0xE4E4
+    assert torch.equal(codec.decode(fields, 0)[0], k)
+
+
+@pytest.mark.parametrize("bits,group", [(4, 32), (2, 64)])
+def test_bitdecoding_decodes_the_numbers_kivis_layout_decodes(bits, group):
+    from nanokv.cache.quant_pool import QuantSpec
+    from nanokv.methods.bitdecoding import BitDecodingCodec
+
+    codec = BitDecodingCodec(bits, group)
+    kivi = QuantSpec(bits, True, group, codec.block_size)
+    torch.manual_seed(1)
+    k, v = torch.randn(3, codec.block_size, 64) * 3, torch.randn(3, codec.block_size, 64)
+    ours, theirs = codec.decode(codec.encode(k, v, 0, None), 0), kivi.decode(kivi.encode(k, v, 0, None), 0)
+    assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
+    # the layout changes, the bytes do not
+    assert codec.quantized_bytes(64) == kivi.quantized_bytes(64)
+
+
+def test_bitdecoding_bytes_per_token_as_stored():
+    # D = 64, G = 128 (values: one group of 64). 4 bits, 128 tokens: K words 32 x 128 bytes, K params
+    # 1 x 128 float16, V words 128 x 32 bytes, V params 1 x 256 float16: 8960 = 70 a token.
+    # 2 bits, 256 tokens: 16 x 128 + 2 x 128 x 2 + 256 x 16 + 512 x 2 = 9728 = 38 a token.
+    assert make_method("bitdecoding").quantization.quantized_bytes(64) == 8960
+    assert make_method("bitdecoding", bits=2).quantization.quantized_bytes(64) == 9728
+
+
+@pytest.mark.parametrize("evictor", ["", "snapkv+"])
+def test_bitdecoding_gives_kivis_tokens_in_the_engine(tiny_llama, evictor):
+    prompt = [(j * 53 + 7) % 256 for j in range(160)]   # one block of 128 goes cold at prefill (144 kept by snapkv)
+    options = {"compression": 0.1, "window_size": 4} if evictor else {}
+    _, ours = engine_tokens(tiny_llama, evictor + "bitdecoding", prompt, 8, group_size=32, **options)
+    _, kivi = engine_tokens(tiny_llama, evictor + "kivi", prompt, 8, bits=4, group_size=32, **options)
+    _, full = engine_tokens(tiny_llama, evictor.rstrip("+") or "full", prompt, 8, **options)
+    assert ours.token_ids == kivi.token_ids
+    assert ours.metrics["kv_cache_bytes_theory"] == kivi.metrics["kv_cache_bytes_theory"]
+    assert ours.metrics["kv_cache_bytes_theory"] < full.metrics["kv_cache_bytes_theory"]
+
+
+# --- options ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method,option,value,valid", [
+    ("mustafar", "k_sparsity", 1.0, "[0, 1)"), ("mustafar", "v_sparsity", -0.1, "[0, 1)"),
+    ("mustafar", "residual_length", 0, "positive"),
+    ("minikv", "eviction_strategy", "steep", "'pyramid' or 'uniform'"), ("minikv", "bits", 3, "2, 4 or 8"),
+    ("minikv", "recent_ratio", 1.5, "[0, 1]"),
+    ("leankv", "attention_mass", 0.0, "(0, 1]"), ("leankv", "v_bits", 3, "2, 4 or 8"),
+    ("leankv", "k_bits", 2, "at least v_bits=4"),
+    ("bitdecoding", "bits", 8, "2 or 4"), ("bitdecoding", "group_size", 512, "divide the pack block"),
+])
+def test_bad_options_name_the_value_and_the_valid_range(method, option, value, valid):
+    kwargs = {} if method in ("mustafar", "bitdecoding") else {"compression": 0.5}
+    with pytest.raises(ValueError, match=rf"{option}={value!r}.*{re.escape(valid)}|{option}={value}.*{re.escape(valid)}"):
+        make_method(method, **{option: value}, **kwargs)

@@ -54,6 +54,7 @@ from nanokv.methods.retrieval_head import RetrievalHead
 from nanokv.methods.mustafar import Mustafar
 from nanokv.methods.minikv import MiniKV
 from nanokv.methods.leankv import LeanKV
+from nanokv.methods.bitdecoding import BitDecoding
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, RandomMethod, StreamingLLM, KNorm, SnapKV, PyramidKV, AdaKV, H2O, TOVA,
                                                          A2SF, Keyformer, Scissorhands, RoCo, VATP, RKV,
@@ -66,7 +67,7 @@ METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, RandomMethod, St
                                                          PyramidInfer, KVCompress, DynamicKV, DBudgetKV, RazorAttention, RetrievalHead,
                                                          KeepKV,
                                                          # the third wave: quantization and low-rank (issue 28)
-                                                         Mustafar, MiniKV, LeanKV)}
+                                                         Mustafar, MiniKV, LeanKV, BitDecoding)}
 QUANTIZERS = [name for name, m in METHODS.items() if m.quantizes]
 
 
