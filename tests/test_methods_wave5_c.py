@@ -428,3 +428,9 @@ def test_bad_options_name_the_value_and_the_valid_range(method, option, value, v
     kwargs = {} if method in ("mustafar", "bitdecoding") else {"compression": 0.5}
     with pytest.raises(ValueError, match=rf"{option}={value!r}.*{re.escape(valid)}|{option}={value}.*{re.escape(valid)}"):
         make_method(method, **{option: value}, **kwargs)
+
+
+@pytest.mark.parametrize("evictor", ["minikv", "leankv"])
+def test_an_evictor_that_quantizes_itself_takes_no_second_quantizer(evictor):
+    with pytest.raises(ValueError, match=f"{evictor} quantizes what it keeps itself"):
+        make_method(f"{evictor}+kivi", compression=0.5)

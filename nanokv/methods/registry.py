@@ -118,6 +118,8 @@ def check_method(name: str) -> str:
         storage = ("keeps tokens as low-rank latents" if evictor.stores_latents else
                    "keeps older keys in fewer channels" if evictor.prunes_key_channels else
                    "shares whole layers" if evictor.layer_sources is not Method.layer_sources else None)
+        if evictor.quantization is not None:  # an evictor with a codec of its own (minikv, leankv)
+            raise ValueError(f"method {name!r}: {evictor.name} quantizes what it keeps itself; use {evictor.name} alone")
         if storage:  # a storage of its own, which quantized blocks cannot be
             raise ValueError(f"method {name!r}: {evictor.name} {storage}, which quantized blocks cannot hold; "
                              f"use {evictor.name} alone")
