@@ -434,3 +434,15 @@ def test_bad_options_name_the_value_and_the_valid_range(method, option, value, v
 def test_an_evictor_that_quantizes_itself_takes_no_second_quantizer(evictor):
     with pytest.raises(ValueError, match=f"{evictor} quantizes what it keeps itself"):
         make_method(f"{evictor}+kivi", compression=0.5)
+
+
+def test_bitdecoding_value_params_run_128_tokens_at_a_time():
+    from nanokv.methods.bitdecoding import BitDecodingCodec
+
+    # 2 bits, 256 tokens, one value group: per run of 128 tokens, its 128 scales then 128 zeros.
+    # Token t's values are (0, 3 (t + 1), 0, ...): scale t + 1, zero 0 (float16-exact up to 2048).
+    v = torch.zeros(1, 256, 8)
+    v[0, :, 1] = 3 * (torch.arange(256) + 1.0)
+    params = BitDecodingCodec(2, 128).encode(torch.zeros(1, 256, 8), v, 0, None)["v_params"][0, 0]
+    assert params[:128].tolist() == list(range(1, 129)) and params[128:256].eq(0).all()
+    assert params[256:384].tolist() == list(range(129, 257)) and params[384:].eq(0).all()

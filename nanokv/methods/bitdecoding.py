@@ -18,8 +18,8 @@ A cold block of R = 32 x 16 / bits tokens of one kv-head (P = 16 / bits codes a 
   k_params  float16 [R / G, 2 D] per group of G tokens: the D channels' scales, then their zeros
   v_words   uint8 [R, 2 D / P]  word (t, n0), n0 < D / P, holds token t's codes of channels
                                 n0 + (D / P) j, j < P
-  v_params  float16 [D / Gv, 2 R] per group of Gv = min(G, D) channels: the R tokens' scales, then
-                                their zeros
+  v_params  float16 [D / Gv, 2 R] per group of Gv = min(G, D) channels, per run of 128 tokens:
+                                the run's scales, then its zeros
 At D = 64, 4 bits, G = 128 (Gv = 64), per token: K 32 code bytes + 2 (256 bytes of params per 128
 tokens), V 32 + 4 (one group: 2 x 2 bytes a token), 70 bytes against 256 for K and V in float16;
 2 bits, 256-token blocks: K 16 + 2, V 16 + 4, 38 bytes.
@@ -39,9 +39,10 @@ What differs:
   4-bit key and value layout there (stride 32 = D / P), taken as the rule for other head_dims
   and for 2-bit values (stride D / P), which the official kernel does not cover.
 - Words are stored as byte pairs (uint8 fields; the bytes of the little-endian uint16 words).
-  Scales and zeros are float16 in two runs per group where the official writes (scale, zero)
-  half2 pairs in its own interleave of the params tensor (scales of 64 half2, then zeros, per
-  128 entries): the same float16 numbers, in a plainer order.
+  The params follow the official order (flash_fwd_kernel.h writes half2s of neighbouring
+  channels or tokens: per key group 64 half2 scales then 64 zeros at D = 128; per value group
+  and run of 128 tokens, 64 half2 scales then 64 zeros), read here as float16 runs; the official
+  params tensor keeps a row per (group, head) of the whole sequence, here one block's.
 - The value group is capped at the head: Gv = min(group_size, head_dim) (at D = 128 and the
   default 128, the official whole-head group).
 - Codes are rounded against the float16-rounded scale, as KIVI's codec here (kernels/quant.py);
@@ -60,6 +61,7 @@ from nanokv.kernels.quant import dequantize, quantize
 from nanokv.methods.base import Method
 
 LANE_SPAN = 32       # elements between the codes of one word: 4 warps x the MMA's 8 columns along N
+PARAM_RUN = 128      # value params are written per 128 tokens: their scales, then their zeros
 SCALE_DTYPE = torch.float16
 
 
@@ -124,7 +126,9 @@ class BitDecodingCodec(Codec):
         return {"k_words": k_words,
                 "k_params": torch.cat([k_scale.squeeze(-2), k_zero.squeeze(-2)], -1),
                 "v_words": to_words(v_codes, self.bits, D // P),
-                "v_params": torch.cat([v_scale.squeeze(-1).transpose(-1, -2), v_zero.squeeze(-1).transpose(-1, -2)], -1)}
+                "v_params": torch.stack([v_scale.squeeze(-1).transpose(-1, -2).unflatten(-1, (-1, PARAM_RUN)),
+                                         v_zero.squeeze(-1).transpose(-1, -2).unflatten(-1, (-1, PARAM_RUN))],
+                                        -2).flatten(-3)}  # [N, D / Gv, runs x (scales, zeros)]
 
     def decode(self, fields, layer):
         words_k, words_v = fields["k_words"], fields["v_words"]
@@ -134,7 +138,8 @@ class BitDecodingCodec(Codec):
         k_codes = from_words(k_words, self.bits, LANE_SPAN).transpose(-1, -2)  # [..., R, D]
         k_scale, k_zero = fields["k_params"].float().unflatten(-1, (2, D)).unbind(-2)  # [..., R / G, D]
         v_codes = from_words(words_v, self.bits, D // P)                     # [..., R, D]
-        v_scale, v_zero = fields["v_params"].float().unflatten(-1, (2, R)).unbind(-2)  # [..., D / Gv, R]
+        runs = fields["v_params"].float().unflatten(-1, (R // PARAM_RUN, 2, PARAM_RUN))
+        v_scale, v_zero = (part.flatten(-2) for part in runs.unbind(-2))  # [..., D / Gv, R]
         return (dequantize(k_codes, k_scale.unsqueeze(-2), k_zero.unsqueeze(-2), self.group_size, -2),
                 dequantize(v_codes, v_scale.transpose(-1, -2).unsqueeze(-1), v_zero.transpose(-1, -2).unsqueeze(-1),
                            self.value_group(D), -1))
