@@ -446,3 +446,102 @@ def test_bitdecoding_value_params_run_128_tokens_at_a_time():
     params = BitDecodingCodec(2, 128).encode(torch.zeros(1, 256, 8), v, 0, None)["v_params"][0, 0]
     assert params[:128].tolist() == list(range(1, 129)) and params[128:256].eq(0).all()
     assert params[256:384].tolist() == list(range(129, 257)) and params[384:].eq(0).all()
+
+
+# --- on real weights --------------------------------------------------------------------------
+
+def restated_snap_share(q, k, window):
+    """[H, T]: the last `window` queries' causal attention, averaged over them and the group."""
+    T, Hq, D = q.shape
+    H = k.shape[1]
+    logits = torch.einsum("thd,shd->hts", q[-window:].float(), k.float().repeat_interleave(Hq // H, 1)) / math.sqrt(D)
+    future = torch.arange(T)[None, :] > torch.arange(T - window, T)[:, None]
+    return logits.masked_fill(future, -math.inf).softmax(-1).mean(1).view(H, -1, T).mean(1)
+
+
+def minikv_keep(budget, layers):
+    def keep(layer, q, k):
+        T = len(k)
+        recent = budget // 2
+        first, last = 2 - 1 / 7, 1 / 7
+        heavy = int((budget - recent) * (first + (last - first) * layer / (layers - 1)))
+        scores = restated_column_sums(q, k)
+        scores[:, T - recent:] = math.inf
+        return torch.zeros(scores.shape, dtype=torch.bool).scatter(-1, scores.topk(heavy + recent, -1).indices, True)
+    return keep
+
+
+def leankv_keep(budget, window, mass):
+    def keep(layer, q, k):
+        T = len(k)
+        share = restated_snap_share(q, k, window)
+        masks = []
+        for head in share:  # the window, then the rest by share, until `mass` is covered
+            kept, covered = list(range(T - window, T)), float(head[T - window:].sum())
+            for j in head[:T - window].argsort(descending=True).tolist():
+                if covered >= mass * float(head.sum()) or len(kept) >= budget:
+                    break
+                kept.append(j)
+                covered += float(head[j])
+            masks.append(torch.zeros(T, dtype=torch.bool).index_fill(0, torch.tensor(kept), True))
+        return torch.stack(masks)
+    return keep
+
+
+class PerHeadEvictThenCode:
+    """EvictThenCode with each kv-head on its own (heads may keep different counts, and so flush at
+    different steps): per layer and head a DenseCoded of one head."""
+
+    def __init__(self, residual, coder, keep):
+        self.residual, self.coder, self.keep, self.heads = residual, coder, keep, {}
+
+    def __call__(self, layer, q, k, v, sliding_window):
+        H, group = k.shape[1], q.shape[1] // k.shape[1]
+        if layer not in self.heads:  # prefill: attend over the whole prompt, then keep per head
+            out = attention_by_position(q, k, v, self.positions, self.positions)
+            mask = self.keep(layer, q, k)
+            self.heads[layer] = [DenseCoded(self.residual, self.coder) for _ in range(H)]
+            for h, head in enumerate(self.heads[layer]):
+                kept = torch.nonzero(mask[h]).flatten()
+                head.store(0, k[kept, h:h + 1], v[kept, h:h + 1])
+            return out
+        outs = []
+        for h, head in enumerate(self.heads[layer]):
+            head.positions = self.positions
+            outs.append(head(0, q[:, h * group:(h + 1) * group], k[:, h:h + 1], v[:, h:h + 1], sliding_window))
+        return torch.cat(outs, dim=1)
+
+
+@pytest.mark.slow
+def test_leankv_engine_matches_the_restatement_on_smollm2(smollm2_gguf):
+    from test_quant_cache import fake_quant
+
+    prompt, steps = list(range(1000, 1200)), 40   # 200 tokens: budget 100, blocks of 64
+    reference = PerHeadEvictThenCode(64, lambda k, v: (fake_quant(k, 8, 32, 0), fake_quant(v, 4, 32, 2)),
+                                     leankv_keep(100, 32, 0.95))
+    llm, out = engine_tokens(str(smollm2_gguf), "leankv", prompt, steps, compression=0.5, residual_length=64)
+    assert out.token_ids == restated_greedy(llm.model, reference, prompt, steps)
+    kept = [[int(len(head.layers[0][0]) + len(head.layers[0][2])) for head in heads] for heads in reference.heads.values()]
+    assert len({n for layer in kept for n in layer}) > 1  # heads really kept different counts
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["mustafar", "minikv", "bitdecoding"])
+def test_engine_matches_the_restatement_on_smollm2(smollm2_gguf, method):
+    from test_quant_cache import fake_quant
+
+    prompt, steps = list(range(1000, 1200)), 40   # 200 tokens
+    if method == "mustafar":
+        def prune(x):
+            order = x.abs().argsort(dim=-1, descending=True)
+            mask = torch.zeros_like(x, dtype=torch.bool).scatter(-1, order[..., :32], True)  # 64 - 32
+            return torch.where(mask, x.half().float(), 0.0)
+        options, reference = {}, DenseCoded(128, lambda k, v: (prune(k), prune(v)))
+    elif method == "minikv":
+        options = {"compression": 0.5}
+        reference = EvictThenCode(128, lambda k, v: (fake_quant(k, 2, 16, 0), fake_quant(v, 2, 16, 2)),
+                                  minikv_keep(100, 30))
+    else:  # KIVI's numbers, 4 bits, key groups of 128 tokens, value groups of 64 channels
+        options, reference = {}, DenseCoded(128, lambda k, v: (fake_quant(k, 4, 128, 0), fake_quant(v, 4, 64, 2)))
+    llm, out = engine_tokens(str(smollm2_gguf), method, prompt, steps, **options)
+    assert out.token_ids == restated_greedy(llm.model, reference, prompt, steps)
