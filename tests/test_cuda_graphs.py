@@ -87,11 +87,11 @@ def test_each_method_says_whether_its_decode_is_captured(name, tiny):
     """The reason the engine gives, for a CUDA device with the Triton kernels, against the docs'
     table (docs/architecture.md)."""
     model, cfg = tiny
+    small = {"group_size": 8} if "group_size" in METHODS[name].options else {}  # head_dim 16 (mustafar: no groups)
     if name == "full" or name in QUANTIZERS:
-        small = {"group_size": 8} if "group_size" in METHODS[name].options else {}  # head_dim 16
         method = make_method(name, **small)
     else:
-        method = make_method(name, budget=8) if METHODS[name].selects_pages else make_method(name, compression=0.5)
+        method = make_method(name, budget=8) if METHODS[name].selects_pages else make_method(name, compression=0.5, **small)
     cache = build_cache(method.cache_request(cfg.num_layers, cfg.head_dim), cfg, 1 << 20, 4, torch.float32, "cpu",
                         model.inv_freq)
     assert eager_reason(method, cache, "triton", "cuda", False) == documented_reasons()[name]

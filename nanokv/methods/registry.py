@@ -56,6 +56,10 @@ from nanokv.methods.wkvquant import WKVQuant
 from nanokv.methods.kvtuner import KVTuner
 from nanokv.methods.gear import GEAR
 from nanokv.methods.decoquant import DecoQuant
+from nanokv.methods.mustafar import Mustafar
+from nanokv.methods.minikv import MiniKV
+from nanokv.methods.leankv import LeanKV
+from nanokv.methods.bitdecoding import BitDecoding
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, RandomMethod, StreamingLLM, KNorm, SnapKV, PyramidKV, AdaKV, H2O, TOVA,
                                                          A2SF, Keyformer, Scissorhands, RoCo, VATP, RKV,
@@ -68,7 +72,7 @@ METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, RandomMethod, St
                                                          PyramidInfer, KVCompress, DynamicKV, DBudgetKV, RazorAttention, RetrievalHead,
                                                          KeepKV,
                                                          # the third wave: quantization and low-rank (issue 28)
-                                                         ECKVH, KVTuner, WKVQuant, GEAR, DecoQuant)}
+                                                         ECKVH, KVTuner, WKVQuant, GEAR, DecoQuant, Mustafar, MiniKV, LeanKV, BitDecoding)}
 QUANTIZERS = [name for name, m in METHODS.items() if m.quantizes]
 
 
@@ -119,6 +123,8 @@ def check_method(name: str) -> str:
         storage = ("keeps tokens as low-rank latents" if evictor.stores_latents else
                    "keeps older keys in fewer channels" if evictor.prunes_key_channels else
                    "shares whole layers" if evictor.layer_sources is not Method.layer_sources else None)
+        if evictor.quantization is not None:  # an evictor with a codec of its own (minikv, leankv)
+            raise ValueError(f"method {name!r}: {evictor.name} quantizes what it keeps itself; use {evictor.name} alone")
         if storage:  # a storage of its own, which quantized blocks cannot be
             raise ValueError(f"method {name!r}: {evictor.name} {storage}, which quantized blocks cannot hold; "
                              f"use {evictor.name} alone")
