@@ -51,6 +51,7 @@ from nanokv.methods.dynamickv import DynamicKV
 from nanokv.methods.dbudgetkv import DBudgetKV
 from nanokv.methods.razorattention import RazorAttention
 from nanokv.methods.retrieval_head import RetrievalHead
+from nanokv.methods.zipcache import ZipCache
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, RandomMethod, StreamingLLM, KNorm, SnapKV, PyramidKV, AdaKV, H2O, TOVA,
                                                          A2SF, Keyformer, Scissorhands, RoCo, VATP, RKV,
@@ -61,7 +62,9 @@ METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, RandomMethod, St
                                                          # the third wave (issue 27)
                                                          ALISA, CORM, InfMLLM, BUZZ, SCOPE, HashEvict, MorphKV, KVCrush, FastGen,
                                                          PyramidInfer, KVCompress, DynamicKV, DBudgetKV, RazorAttention, RetrievalHead,
-                                                         KeepKV)}
+                                                         KeepKV,
+                                                         # the third wave: quantization and low-rank (issue 28)
+                                                         ZipCache)}
 QUANTIZERS = [name for name, m in METHODS.items() if m.quantizes]
 
 
