@@ -17,8 +17,9 @@ A tier (`Tier`) stores its rows in one of these ways:
 - `separable`: first each channel divided by c = sqrt(max |x_c|) over the tier's rows (stored,
   float16 [D]), then the token grid, then multiplied back: ZipCache's channel-separable
   token-wise quantization, and MiKV's channel balancer for keys;
-- `outliers` (lo, hi): each row's lo lowest and hi highest entries are kept in float16 with their
-  channel index (uint8) and left out of the row's grid: QAQ's outliers.
+- `outliers_ratio` r: each row's ceil(r/2 D) lowest and D - floor((1 - r/2) D) highest entries
+  (QAQ's thresholds) are kept in float16 with their channel index (uint8) and left out of the
+  row's grid: QAQ's outliers.
 
 The arithmetic is KIVI's (kernels/quant.py: quantize, pack): scale = (max - min) / (2^b - 1),
 rounded to float16 before the codes are taken, min as the zero point.
@@ -51,15 +52,21 @@ class Tier:
     rows: int
     grid: str = "token"
     separable: bool = False
-    outliers: tuple[int, int] = (0, 0)
+    outliers_ratio: float = 0.0
 
     def __post_init__(self):
         if self.bits not in TIER_BITS:
             raise ValueError(f"bits must be one of {TIER_BITS}, got {self.bits}")
         if self.grid not in GRIDS:
             raise ValueError(f"grid must be one of {GRIDS}, got {self.grid!r}")
-        if self.grid == "channel" and (self.separable or any(self.outliers)):
+        if self.grid == "channel" and (self.separable or self.outliers_ratio):
             raise ValueError("a channel grid takes neither separable nor outliers")
+
+    def outliers(self, D: int) -> tuple[int, int]:
+        """(lowest, highest) entries of a row kept apart: below or at the ceil(r/2 D)-th smallest,
+        above the floor((1 - r/2) D)-th smallest."""
+        r = self.outliers_ratio
+        return (math.ceil(r / 2 * D), D - math.floor((1 - r / 2) * D)) if r else (0, 0)
 
     def shapes(self, D: int) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
         """This tier's fields (suffix -> dtype, shape per block); none when it holds no rows."""
@@ -75,7 +82,7 @@ class Tier:
                   "zero": (SCALE_DTYPE, per)}
         if self.separable:
             shapes["cscale"] = (SCALE_DTYPE, (D,))
-        kept = sum(self.outliers)
+        kept = sum(self.outliers(D))
         if kept:
             if D > 256:
                 raise ValueError(f"outlier indices are uint8: head_dim={D} must be at most 256")
@@ -95,7 +102,7 @@ class Tier:
             c = x.abs().amax(dim=1).sqrt().to(SCALE_DTYPE).float().clamp(min=torch.finfo(SCALE_DTYPE).tiny)
             fields["cscale"] = c.to(SCALE_DTYPE)
             x = x / c[:, None, :]
-        lo, hi = self.outliers
+        lo, hi = self.outliers(x.shape[-1])
         if lo or hi:
             order = x.argsort(dim=-1)
             idx = torch.cat([order[..., :lo], order[..., x.shape[-1] - hi:]], dim=-1)

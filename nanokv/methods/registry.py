@@ -52,6 +52,8 @@ from nanokv.methods.dbudgetkv import DBudgetKV
 from nanokv.methods.razorattention import RazorAttention
 from nanokv.methods.retrieval_head import RetrievalHead
 from nanokv.methods.zipcache import ZipCache
+from nanokv.methods.mikv import MiKV
+from nanokv.methods.qaq import QAQ
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, RandomMethod, StreamingLLM, KNorm, SnapKV, PyramidKV, AdaKV, H2O, TOVA,
                                                          A2SF, Keyformer, Scissorhands, RoCo, VATP, RKV,
@@ -64,7 +66,7 @@ METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, RandomMethod, St
                                                          PyramidInfer, KVCompress, DynamicKV, DBudgetKV, RazorAttention, RetrievalHead,
                                                          KeepKV,
                                                          # the third wave: quantization and low-rank (issue 28)
-                                                         ZipCache)}
+                                                         ZipCache, MiKV, QAQ)}
 QUANTIZERS = [name for name, m in METHODS.items() if m.quantizes]
 
 
