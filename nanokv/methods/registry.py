@@ -60,6 +60,9 @@ from nanokv.methods.mustafar import Mustafar
 from nanokv.methods.minikv import MiniKV
 from nanokv.methods.leankv import LeanKV
 from nanokv.methods.bitdecoding import BitDecoding
+from nanokv.methods.zipcache import ZipCache
+from nanokv.methods.mikv import MiKV
+from nanokv.methods.qaq import QAQ
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, RandomMethod, StreamingLLM, KNorm, SnapKV, PyramidKV, AdaKV, H2O, TOVA,
                                                          A2SF, Keyformer, Scissorhands, RoCo, VATP, RKV,
@@ -72,7 +75,7 @@ METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, RandomMethod, St
                                                          PyramidInfer, KVCompress, DynamicKV, DBudgetKV, RazorAttention, RetrievalHead,
                                                          KeepKV,
                                                          # the third wave: quantization and low-rank (issue 28)
-                                                         ECKVH, KVTuner, WKVQuant, GEAR, DecoQuant, Mustafar, MiniKV, LeanKV, BitDecoding)}
+                                                         ECKVH, KVTuner, WKVQuant, GEAR, DecoQuant, Mustafar, MiniKV, LeanKV, BitDecoding, ZipCache, MiKV, QAQ)}
 QUANTIZERS = [name for name, m in METHODS.items() if m.quantizes]
 
 
