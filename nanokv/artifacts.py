@@ -47,6 +47,9 @@ from nanokv.paths import cache_dir
 
 FORMAT = 1
 LOWRANK = ("lorc", "palu")  # the methods whose artifacts are safetensors files of bases
+# calibrated quantizers: safetensors files of per-layer tensors (codebooks, channel orders, clip ratios)
+QUANT_TENSORS = ("kvquant", "skvq")
+TENSORS = LOWRANK + QUANT_TENSORS
 PROFILES = {"headkv": "copy", "headkv_r2": "reason"}  # HeadKV's calibrations -> the profile each holds
 
 def _safe(name: str) -> str:
@@ -80,7 +83,7 @@ def model_key(name: str) -> str:
 
 
 def artifact_path(method: str, model: str) -> Path:
-    suffix = ".safetensors" if method in LOWRANK else ".json"
+    suffix = ".safetensors" if method in TENSORS else ".json"
     return cache_dir() / "calibration" / model_key(model) / f"{method}{suffix}"
 
 
@@ -88,7 +91,7 @@ def write_artifact(path: Path, artifact: dict):
     """Write an artifact (its tensors, for lorc and palu, under "tensors") whole or not at all."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    if artifact["method"] in LOWRANK:
+    if artifact["method"] in TENSORS:
         from safetensors.torch import save_file
 
         meta = {key: value for key, value in artifact.items() if key != "tensors"}
@@ -102,7 +105,7 @@ def write_artifact(path: Path, artifact: dict):
 def read_artifact(path: Path, method: str) -> dict:
     """The artifact at `path` as a dict (lorc, palu: with its tensors under "tensors"); ValueError
     if it is not one."""
-    if method not in LOWRANK:
+    if method not in TENSORS:
         return json.loads(path.read_text())
     from safetensors import safe_open
 
@@ -134,7 +137,7 @@ def load_calibration(method: str, model: str, num_layers: int, num_kv_heads: int
     try:
         artifact = read_artifact(path, method)
     except Exception as e:  # a JSON, safetensors or header error: the file is not an artifact
-        kind = "safetensors" if method in LOWRANK else "JSON"
+        kind = "safetensors" if method in TENSORS else "JSON"
         raise ValueError(f"calibration file {path} is not valid {kind} ({e}); make it again: `{make}`") from None
     if not isinstance(artifact, dict) or artifact.get("format") != FORMAT:
         raise ValueError(f"calibration file {path} is not a format-{FORMAT} nanokv calibration; "
@@ -155,6 +158,8 @@ def load_calibration(method: str, model: str, num_layers: int, num_kv_heads: int
     if shape != (num_layers, num_kv_heads):
         raise ValueError(f"calibration file {path} is for {shape[0]} layers x {shape[1]} kv-heads, but model {model!r} "
                          f"has {num_layers} x {num_kv_heads}; run `{make}`")
+    if method in QUANT_TENSORS:
+        return _checked_quant(artifact, path, make, num_layers, head_dim)
     if method in LOWRANK:
         return _checked_bases(artifact, path, make, num_layers, num_kv_heads, head_dim)
     if method == "kvsharer":
@@ -194,4 +199,17 @@ def _checked_bases(artifact: dict, path: Path, make: str, num_layers: int, num_k
             found = "missing" if t is None else f"of shape {tuple(t.shape)}"
             raise ValueError(f"calibration file {path}: tensor {name} is {found}, expected finite {shape}; "
                              f"run `{make}`")
+    return artifact
+
+
+def _checked_quant(artifact: dict, path: Path, make: str, num_layers: int, head_dim: int | None) -> dict:
+    """A kvquant or skvq artifact: made for this head_dim, every tensor finite with one row per layer
+    (what each tensor holds is the method's: methods/kvquant.py, methods/skvq.py)."""
+    dim = artifact.get("head_dim")
+    if head_dim is not None and dim != head_dim:
+        raise ValueError(f"calibration file {path} is for head_dim {dim}, but the model's is {head_dim}; run `{make}`")
+    for name, t in artifact.get("tensors", {}).items():
+        if t.dim() == 0 or t.shape[0] != num_layers or not bool(torch.isfinite(t.float()).all()):
+            raise ValueError(f"calibration file {path}: tensor {name} of shape {tuple(t.shape)} is not finite with "
+                             f"{num_layers} rows; run `{make}`")
     return artifact

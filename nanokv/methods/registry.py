@@ -51,6 +51,8 @@ from nanokv.methods.dynamickv import DynamicKV
 from nanokv.methods.dbudgetkv import DBudgetKV
 from nanokv.methods.razorattention import RazorAttention
 from nanokv.methods.retrieval_head import RetrievalHead
+from nanokv.methods.kvquant import KVQuant
+from nanokv.methods.skvq import SKVQ
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, RandomMethod, StreamingLLM, KNorm, SnapKV, PyramidKV, AdaKV, H2O, TOVA,
                                                          A2SF, Keyformer, Scissorhands, RoCo, VATP, RKV,
@@ -61,7 +63,9 @@ METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, RandomMethod, St
                                                          # the third wave (issue 27)
                                                          ALISA, CORM, InfMLLM, BUZZ, SCOPE, HashEvict, MorphKV, KVCrush, FastGen,
                                                          PyramidInfer, KVCompress, DynamicKV, DBudgetKV, RazorAttention, RetrievalHead,
-                                                         KeepKV)}
+                                                         KeepKV,
+                                                         # the third wave: quantization and low-rank (issue 28)
+                                                         KVQuant, SKVQ)}
 QUANTIZERS = [name for name, m in METHODS.items() if m.quantizes]
 
 
@@ -148,6 +152,18 @@ def make_method(name: str, compression: float = 0.0, budget: int | None = None, 
     if method.attention_bias is not None:  # an option that makes it (razorattention's compensation)
         raise ValueError(f"method {name!r}: {evictor.name} with these options weighs slots by a logit bias, which "
                          f"quantized blocks cannot carry; use {evictor.name} alone (or, for razorattention, compensation=false)")
+    if quant.calibration:  # a calibrated quantizer (kvquant, skvq): its codec exists once its artifact is bound
+        if method.calibration:
+            raise ValueError(f"method {name!r}: both parts need a calibration ({method.calibration}, "
+                             f"{quant.calibration}); use {evictor.name} with another quantizer")
+        method.calibration, method.calibration_file = quant.calibration, quant.calibration_file
+
+        def bind_calibration(artifact, method=method, quant=quant):
+            quant.bind_calibration(artifact)
+            method.quantization = quant.quantization
+
+        method.name, method.bind_calibration = name, bind_calibration
+        return method
     method.name, method.quantization = name, quant.quantization
     return method
 
