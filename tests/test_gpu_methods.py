@@ -26,7 +26,8 @@ pytestmark = [pytest.mark.gpu,
 
 PROMPT_LENGTHS = (7, 64, 300, 1100)
 STEPS = 8
-CALIBRATED = ("duoattention", "headkv", "kvsharer", "lorc", "palu", "retrieval_head", "razorattention")
+CALIBRATED = ("duoattention", "headkv", "kvsharer", "lorc", "palu", "retrieval_head", "razorattention",
+              "kvquant", "skvq")
 
 
 def knob(name: str) -> dict:
@@ -75,10 +76,13 @@ def models(tmp_path_factory):
 
 def calibrations(path, folder) -> dict:
     """A profile of each calibrated method for the model at `path`: random head scores
-    (duoattention, headkv), two shared layer pairs (kvsharer), the weights' bases (lorc) and the
-    whitened bases with Fisher weights over two short texts (palu)."""
+    (duoattention, headkv), two shared layer pairs (kvsharer), the weights' bases (lorc), the
+    whitened bases with Fisher weights over two short texts (palu), and over them too the codebooks
+    (kvquant) and the channel clusters and clip ratios (skvq)."""
     from nanokv.calibrate import model_key, write_artifact
     from nanokv.calibrate.lowrank import default_group, fisher_information, weight_bases, whitened_bases
+    from nanokv.calibrate.kvquant import kvquant_codebooks
+    from nanokv.calibrate.skvq import skvq_calibration
     from nanokv.loading import load_model
 
     model, cfg = load_model("hf_dir", path, torch.float32, pack=False)
@@ -97,6 +101,9 @@ def calibrations(path, folder) -> dict:
         "lorc": {"group": H, "head_dim": cfg.head_dim, "tensors": weight_bases(model, cfg, H)},
         "palu": {"group": group, "head_dim": cfg.head_dim,
                  "tensors": {**whitened_bases(model, cfg, texts, group), **fisher_information(model, cfg, texts)}},
+        # codebooks from blocks of 32 tokens (the texts are shorter than the codec's 128)
+        "kvquant": {"head_dim": cfg.head_dim, "tensors": kvquant_codebooks(model, cfg, texts, block_size=32)},
+        "skvq": {"head_dim": cfg.head_dim, "tensors": skvq_calibration(model, cfg, texts)},
     }
     files = {}
     for method, fields in artifacts.items():
@@ -114,8 +121,8 @@ def run(path, files, name, device, kernels):
     """Greedy tokens and KV bytes held of every prompt, batched through one engine."""
     from nanokv import LLM, SamplingParams
 
-    first = name.split("+")[0]
-    extra = {"calibration_file": str(files[first])} if first in CALIBRATED else {}
+    calibrated = [part for part in name.split("+") if part in CALIBRATED]  # snapkv+kvquant: the quantizer's
+    extra = {"calibration_file": str(files[calibrated[0]])} if calibrated else {}
     llm = LLM(str(path), dtype="float32", device=device, method=name, kernels=kernels,
               kv_cache_memory=256 << 20, **knob(name), **extra)
     outs = llm.generate(prompts(), SamplingParams(max_tokens=STEPS, ignore_eos=True))

@@ -40,14 +40,15 @@ def cluster_channels(low: torch.Tensor, high: torch.Tensor, groups: int, iterati
 
 
 def best_clip(x: torch.Tensor, clusters: torch.Tensor, groups: int, bits: int) -> float:
-    """x [H, T, D] float32, clusters [H, D] -> the clip ratio of CLIPS with the least squared error."""
+    """x [H, T, D] float32, clusters [H, D] -> the clip ratio of CLIPS with the least squared error
+    (of those that tie, the largest)."""
     from nanokv.methods.skvq import group_dequantize, group_quantize
 
     errors = []
     for clip in CLIPS:
         codes, scale, zero = group_quantize(x, clusters, groups, bits, clip)
         errors.append(float(((group_dequantize(codes, scale, zero, clusters) - x) ** 2).sum()))
-    return CLIPS[min(range(len(CLIPS)), key=errors.__getitem__)]
+    return CLIPS[min(range(len(CLIPS)), key=lambda i: (errors[i], -i))]   # ties: the least clipping
 
 
 def skvq_calibration(model, config, texts: list[list[int]], per_sample: int = 256, seed: int = 0,
@@ -59,8 +60,8 @@ def skvq_calibration(model, config, texts: list[list[int]], per_sample: int = 25
     L, H, D = config.num_layers, config.num_kv_heads, config.head_dim
     gen = torch.Generator(device="cpu").manual_seed(seed)
     big = torch.finfo(torch.float32).max
-    low = {kind: torch.full((L, H, D), big) for kind in "kv"}
-    high = {kind: torch.full((L, H, D), -big) for kind in "kv"}
+    low = {kind: torch.full((L, H, D), big, device="cpu") for kind in "kv"}
+    high = {kind: torch.full((L, H, D), -big, device="cpu") for kind in "kv"}
     kept = {kind: [[] for _ in range(L)] for kind in "kv"}
 
     def seen(layer, pre_k, v):
@@ -79,8 +80,8 @@ def skvq_calibration(model, config, texts: list[list[int]], per_sample: int = 25
                                                  for h in range(H)]) for l in range(L)])
             out[f"{kind}_cluster_{g}"] = clusters
             for bits in BITS:
-                out[f"{kind}_clip_{bits}_{g}"] = torch.tensor(
-                    [best_clip(torch.cat(kept[kind][l]).transpose(0, 1).contiguous(), clusters[l], D // g, bits)
-                     for l in range(L)])
+                clips = [best_clip(torch.cat(kept[kind][l]).transpose(0, 1).contiguous(), clusters[l], D // g, bits)
+                         for l in range(L)]
+                out[f"{kind}_clip_{bits}_{g}"] = torch.tensor(clips, device="cpu")
     out["inv_freq"] = model.inv_freq.float().cpu().expand(L, -1).contiguous()
     return out
