@@ -342,3 +342,76 @@ def test_engine_runs_and_holds_the_bytes_as_stored(tiny_dir, artifacts, name):
     full = LLM(str(tiny_dir), dtype="float32", method="full")
     [ref] = full.generate([prompt], SamplingParams(max_tokens=4, ignore_eos=True))
     assert out.metrics["kv_cache_bytes"] < ref.metrics["kv_cache_bytes"]
+
+
+# --- the engine against a plain restatement, on real weights ---------------------------------
+
+class RestatedTiered:
+    """The tiered cache restated as the model's attention callable: per layer the read-back cold
+    blocks and the full-precision residual; each step attends over both in full, then every whole
+    R tokens of the residual go cold, head by head, through `block(k, v, pos, head)` [R, D] ->
+    read-back k, v."""
+
+    def __init__(self, block, R):
+        self.block, self.R, self.layers = block, R, {}
+
+    def __call__(self, layer, q, k, v, sliding_window):
+        from nanokv.kernels.reference import attention_by_position
+
+        empty = k[:0], v[:0]
+        kq, vq, kf, vf, pf = self.layers.get(layer, (*empty, *empty, self.positions[:0]))
+        kf, vf, pf = torch.cat([kf, k]), torch.cat([vf, v]), torch.cat([pf, self.positions])
+        keys, values = torch.cat([kq, kf]), torch.cat([vq, vf])
+        # cold tokens are older than every query: their order (sink-first) does not matter
+        key_pos = torch.cat([torch.zeros(len(kq), dtype=pf.dtype), pf])
+        out = attention_by_position(q, keys, values, self.positions, key_pos)
+        while len(kf) >= self.R:
+            R, H = self.R, k.shape[1]
+            read = [self.block(kf[:R, h], vf[:R, h], pf[:R], h) for h in range(H)]
+            kq = torch.cat([kq, torch.stack([r[0] for r in read], 1).to(k.dtype)])
+            vq = torch.cat([vq, torch.stack([r[1] for r in read], 1).to(v.dtype)])
+            kf, vf, pf = kf[R:], vf[R:], pf[R:]
+        self.layers[layer] = (kq, vq, kf, vf, pf)
+        return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["kvquant", "skvq"])
+def test_engine_matches_a_plain_restatement_on_real_weights(smollm2_gguf, tmp_path, method):
+    """SmolLM2, a 230-token prompt (one block cold at prefill, a second during decode), 30 greedy
+    tokens through the engine and through RestatedTiered with the restated blocks; hand-set
+    calibrations (codebooks, clusters and clip ratios chosen here)."""
+    from helpers import restated_greedy
+    from nanokv import LLM, SamplingParams
+    from nanokv.calibrate import model_key, write_artifact
+
+    full = LLM(str(smollm2_gguf), dtype="float32", method="full")
+    inv_freq = full.model.inv_freq.float().cpu()
+    L, H, D = 30, 3, 64
+    common = {"format": 1, "method": method, "model": model_key(str(smollm2_gguf)), "num_layers": L,
+              "num_kv_heads": H, "head_dim": D, "settings": {}}
+    if method == "kvquant":
+        kb = torch.tensor([-1.0, -0.3, 0.25, 1.0]).expand(L, -1).contiguous()
+        vb = torch.tensor([-1.0, -0.2, 0.35, 1.0]).expand(L, -1).contiguous()
+        tensors = {"k_codebook_2": kb, "v_codebook_2": vb, "k_codebook_4": torch.linspace(-1, 1, 16).expand(L, -1),
+                   "v_codebook_4": torch.linspace(-1, 1, 16).expand(L, -1)}
+        room = math.ceil(0.01 * 128 * D)
+
+        def block(k, v, pos, head):
+            return restated_kvquant_block(k, v, pos, kb[0], vb[0], inv_freq, room)
+    else:
+        k_clusters = (torch.arange(D) % 3 == 0).long().expand(L, H, -1).contiguous()   # any fixed grouping
+        v_clusters = (torch.arange(D) < 16).long().expand(L, H, -1).contiguous()
+        clip = torch.full((L,), 0.95)
+        tensors = {"k_cluster_32": k_clusters, "v_cluster_32": v_clusters, "k_clip_2_32": clip, "v_clip_2_32": clip.clone()}
+
+        def block(k, v, pos, head):
+            return restated_skvq_block(k, v, pos, k_clusters[0, head], v_clusters[0, head], 0.95, 0.95, 2,
+                                       inv_freq, 5)
+    tensors["inv_freq"] = inv_freq.expand(L, -1).contiguous()
+    path = tmp_path / f"{method}.safetensors"
+    write_artifact(path, {**common, "tensors": {n: t.contiguous() for n, t in tensors.items()}})
+    llm = LLM(str(smollm2_gguf), dtype="float32", method=method, calibration_file=str(path))
+    prompt, steps = list(range(1000, 1230)), 30
+    [out] = llm.generate([prompt], SamplingParams(max_tokens=steps, ignore_eos=True))
+    assert out.token_ids == restated_greedy(llm.model, RestatedTiered(block, 128), prompt, steps)
