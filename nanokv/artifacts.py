@@ -24,6 +24,10 @@ gD = group x head_dim; column i of a basis is its i-th most important direction)
 v_spectrum, k_bias, v_bias [L, G, gD], and lorc's k_condition, v_condition [L] or palu's
 k_fisher, v_fisher [L].
 
+KVQuant's and SKVQ's are safetensors files too, with "head_dim" in the header: one row per layer
+in every tensor (kvquant: k_codebook_b, v_codebook_b [L, 2^b]; skvq: k_cluster_g, v_cluster_g
+[L, H, D], k_clip_b_g, v_clip_b_g [L]; both: inv_freq [L, D / 2], RoPE's, the same in every row).
+
 The model key is the model name as given, made filesystem-safe (a path: its absolute form);
 a file that is a short name's own download (the nanokv cache's GGUF, a Hugging Face cache
 snapshot of its repo) and its repo id are keyed by the short name, so `--model smollm2-135m`

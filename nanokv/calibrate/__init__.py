@@ -1,5 +1,5 @@
 """python -m nanokv.calibrate: the per-model profiles that DuoAttention, HeadKV, Retrieval Head,
-RazorAttention, KVSharer, LoRC and Palu read.
+RazorAttention, KVSharer, LoRC, Palu, KVQuant and SKVQ read.
 
     python -m nanokv.calibrate duoattention --model smollm2-135m
     python -m nanokv.calibrate headkv --model smollm2-135m --samples 20 --length 2048 --out profile.json
@@ -75,6 +75,12 @@ for a given --seed.
   ordered by importance, with their spectra (nanokv/calibrate/lowrank.py: the SVD of W_k and W_v
   for lorc, from the weights alone; the whitened SVD over calibration text for palu, with each
   layer's Fisher information).
+
+- kvquant: per layer, KVQuant's non-uniform codebooks (2 and 4 bits) for the pre-RoPE keys and the
+  values, k-means over calibration activations normalized as the codec does
+  (nanokv/calibrate/kvquant.py).
+- skvq: per layer and kv-head, SKVQ's channel clusters (k-means on each channel's min and max),
+  and per layer the clip ratios of least error (nanokv/calibrate/skvq.py).
 
 The artifact's format, where it lives and how it is checked and loaded: nanokv/artifacts.py.
 """
