@@ -415,3 +415,14 @@ def test_engine_matches_a_plain_restatement_on_real_weights(smollm2_gguf, tmp_pa
     prompt, steps = list(range(1000, 1230)), 30
     [out] = llm.generate([prompt], SamplingParams(max_tokens=steps, ignore_eos=True))
     assert out.token_ids == restated_greedy(llm.model, RestatedTiered(block, 128), prompt, steps)
+
+
+def test_no_cold_blocks_decode_to_nothing():
+    """A batch whose heads hold no cold block yet (the decode step reads [B, H, 0, ...] fields)."""
+    books = torch.stack([torch.tensor([-1.0, -0.25, 0.5, 1.0])] * 2)
+    clusters = torch.zeros(2, 2, 8, dtype=torch.long)
+    for codec in (KVQuantCodec(2, books, books, INV_FREQ, block_size=16),
+                  SKVQCodec(2, 2, 1, clusters, clusters, torch.ones(2), torch.ones(2), INV_FREQ, block_size=16)):
+        fields = {n: torch.zeros(1, 2, 0, *shape, dtype=dtype) for n, (dtype, shape) in codec.field_shapes(8).items()}
+        k, v = codec.decode(fields, 1)
+        assert k.shape == v.shape == (1, 2, 0, 16, 8)

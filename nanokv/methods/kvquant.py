@@ -164,7 +164,7 @@ class KVQuantCodec(Codec):
             centre, half = f[f"{name}_centre"].float().unsqueeze(dim), f[f"{name}_half"].float().unsqueeze(dim)
             x = (x * half + centre).flatten(-2)
             x = x.scatter(-1, f[f"{name}_out_index"].long(), f[f"{name}_out_value"].float())
-            out.append(x.view(*f[f"{name}_codes"].shape[:-1], -1))
+            out.append(x.view(*f[f"{name}_codes"].shape[:-1], f[f"{name}_codes"].shape[-1] * 8 // self.bits))
         k, v = out
         cos, sin = rope_angles(f["pos"], inv_freq)
         k = rotate(k, cos, sin)
