@@ -333,8 +333,9 @@ def test_engine_runs_and_holds_the_bytes_as_stored(tiny_dir, artifacts, name):
     kw = {"compression": 0.5, "window_size": 8} if "+" in name else {}
     llm = LLM(str(tiny_dir), dtype="float32", method=name, calibration_file=str(artifacts[quantizer]), **kw)
     prompt = [(7 * i) % 200 + 30 for i in range(300)]
-    [out] = llm.generate([prompt], SamplingParams(max_tokens=4, ignore_eos=True))
-    assert len(out.token_ids) == 4
+    # batched with a 7-token prompt, whose heads hold no cold block
+    out, short = llm.generate([prompt, prompt[:7]], SamplingParams(max_tokens=4, ignore_eos=True))
+    assert len(out.token_ids) == len(short.token_ids) == 4
     per_head = 150 + 3 if "+" in name else 300 + 3          # snapkv keeps 150 of 300; 3 decoded tokens
     D, R = 16, 128
     expected = 2 * 2 * (per_head // R * llm.cache.spec.quantized_bytes(D) + per_head % R * (2 * D * 4 + 4))
