@@ -72,13 +72,15 @@ def test_padding_rows_write_only_the_scratch_block(tiny):
 
 # the calibrated methods need a profile to pick their block kind: lorc and palu's latent cache is
 # checked by its class's reason, the others hold plain blocks
-CALIBRATED = ("lorc", "palu", "duoattention", "headkv", "kvsharer", "retrieval_head", "razorattention")
+CALIBRATED = ("lorc", "palu", "duoattention", "headkv", "kvsharer", "retrieval_head", "razorattention", "kvquant",
+              "skvq")
 
 
 def test_the_docs_table_lists_every_method():
     assert sorted(documented_reasons()) == sorted(METHODS)
     assert documented_reasons()["lorc"] == LatentKVCache.eager_decode_reason
-    assert all(documented_reasons()[name] is None for name in CALIBRATED if name not in ("lorc", "palu"))
+    assert all(documented_reasons()[name] is None for name in CALIBRATED
+               if name not in ("lorc", "palu", "kvquant", "skvq"))  # these four keep tiered or latent caches
 
 
 @pytest.mark.parametrize("name", [n for n in METHODS if n not in CALIBRATED])
