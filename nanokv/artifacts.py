@@ -29,6 +29,10 @@ gD = group x head_dim; column i of a basis is its i-th most important direction)
 v_spectrum, k_bias, v_bias [L, G, gD], and lorc's k_condition, v_condition [L] or palu's
 k_fisher, v_fisher [L] (eckvh's: the bases alone).
 
+KVQuant's and SKVQ's are safetensors files too, with "head_dim" in the header: one row per layer
+in every tensor (kvquant: k_codebook_b, v_codebook_b [L, 2^b]; skvq: k_cluster_g, v_cluster_g
+[L, H, D], k_clip_b_g, v_clip_b_g [L]; both: inv_freq [L, D / 2], RoPE's, the same in every row).
+
 The model key is the model name as given, made filesystem-safe (a path: its absolute form);
 a file that is a short name's own download (the nanokv cache's GGUF, a Hugging Face cache
 snapshot of its repo) and its repo id are keyed by the short name, so `--model smollm2-135m`
@@ -52,6 +56,9 @@ from nanokv.paths import cache_dir
 
 FORMAT = 1
 LOWRANK = ("lorc", "palu", "eckvh")  # the methods whose artifacts are safetensors files of bases
+# calibrated quantizers: safetensors files of per-layer tensors (codebooks, channel orders, clip ratios)
+QUANT_TENSORS = ("kvquant", "skvq")
+TENSORS = LOWRANK + QUANT_TENSORS
 PROFILES = {"headkv": "copy", "headkv_r2": "reason"}  # HeadKV's calibrations -> the profile each holds
 
 def _safe(name: str) -> str:
@@ -85,7 +92,7 @@ def model_key(name: str) -> str:
 
 
 def artifact_path(method: str, model: str) -> Path:
-    suffix = ".safetensors" if method in LOWRANK else ".json"
+    suffix = ".safetensors" if method in TENSORS else ".json"
     return cache_dir() / "calibration" / model_key(model) / f"{method}{suffix}"
 
 
@@ -93,7 +100,7 @@ def write_artifact(path: Path, artifact: dict):
     """Write an artifact (its tensors, for lorc and palu, under "tensors") whole or not at all."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    if artifact["method"] in LOWRANK:
+    if artifact["method"] in TENSORS:
         from safetensors.torch import save_file
 
         meta = {key: value for key, value in artifact.items() if key != "tensors"}
@@ -107,7 +114,7 @@ def write_artifact(path: Path, artifact: dict):
 def read_artifact(path: Path, method: str) -> dict:
     """The artifact at `path` as a dict (lorc, palu: with its tensors under "tensors"); ValueError
     if it is not one."""
-    if method not in LOWRANK:
+    if method not in TENSORS:
         return json.loads(path.read_text())
     from safetensors import safe_open
 
@@ -139,7 +146,7 @@ def load_calibration(method: str, model: str, num_layers: int, num_kv_heads: int
     try:
         artifact = read_artifact(path, method)
     except Exception as e:  # a JSON, safetensors or header error: the file is not an artifact
-        kind = "safetensors" if method in LOWRANK else "JSON"
+        kind = "safetensors" if method in TENSORS else "JSON"
         raise ValueError(f"calibration file {path} is not valid {kind} ({e}); make it again: `{make}`") from None
     if not isinstance(artifact, dict) or artifact.get("format") != FORMAT:
         raise ValueError(f"calibration file {path} is not a format-{FORMAT} nanokv calibration; "
@@ -160,6 +167,8 @@ def load_calibration(method: str, model: str, num_layers: int, num_kv_heads: int
     if shape != (num_layers, num_kv_heads):
         raise ValueError(f"calibration file {path} is for {shape[0]} layers x {shape[1]} kv-heads, but model {model!r} "
                          f"has {num_layers} x {num_kv_heads}; run `{make}`")
+    if method in QUANT_TENSORS:
+        return _checked_quant(artifact, path, make, num_layers, head_dim)
     if method in LOWRANK:
         return _checked_bases(artifact, path, make, num_layers, num_kv_heads, head_dim)
     if method == "kvsharer":
@@ -232,4 +241,16 @@ def _checked_smoothing(artifact: dict, path: Path, make: str, num_layers: int, h
                                                 for kind in "kv" for p in ("alpha", "clip"))):
             raise ValueError(f"calibration file {path}: search[{bits!r}] does not hold k_alpha, k_clip, v_alpha and "
                              f"v_clip for {num_layers} layers; run `{make}`")
+
+
+def _checked_quant(artifact: dict, path: Path, make: str, num_layers: int, head_dim: int | None) -> dict:
+    """A kvquant or skvq artifact: made for this head_dim, every tensor finite with one row per layer
+    (what each tensor holds is the method's: methods/kvquant.py, methods/skvq.py)."""
+    dim = artifact.get("head_dim")
+    if head_dim is not None and dim != head_dim:
+        raise ValueError(f"calibration file {path} is for head_dim {dim}, but the model's is {head_dim}; run `{make}`")
+    for name, t in artifact.get("tensors", {}).items():
+        if t.dim() == 0 or t.shape[0] != num_layers or not bool(torch.isfinite(t.float()).all()):
+            raise ValueError(f"calibration file {path}: tensor {name} of shape {tuple(t.shape)} is not finite with "
+                             f"{num_layers} rows; run `{make}`")
     return artifact

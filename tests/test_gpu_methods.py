@@ -27,7 +27,7 @@ pytestmark = [pytest.mark.gpu,
 PROMPT_LENGTHS = (7, 64, 300, 1100)
 STEPS = 8
 CALIBRATED = ("duoattention", "headkv", "kvsharer", "lorc", "palu", "retrieval_head", "razorattention", "eckvh",
-              "kvtuner", "wkvquant")
+              "kvtuner", "wkvquant", "kvquant", "skvq")
 
 
 def knob(name: str) -> dict:
@@ -76,12 +76,15 @@ def models(tmp_path_factory):
 
 def calibrations(path, folder) -> dict:
     """A profile of each calibrated method for the model at `path`: random head scores
-    (duoattention, headkv), two shared layer pairs (kvsharer), the weights' bases (lorc) and the
+    (duoattention, headkv), two shared layer pairs (kvsharer), the weights' bases (lorc), the
     whitened bases with Fisher weights over two short texts (palu), the activations' bases over
-    them (eckvh)."""
+    them (eckvh), and over them too the codebooks (kvquant) and the channel clusters and clip
+    ratios (skvq)."""
     from nanokv.calibrate import model_key, write_artifact
     from nanokv.calibrate.eckvh import activation_bases
     from nanokv.calibrate.lowrank import default_group, fisher_information, weight_bases, whitened_bases
+    from nanokv.calibrate.kvquant import kvquant_codebooks
+    from nanokv.calibrate.skvq import skvq_calibration
     from nanokv.loading import load_model
 
     model, cfg = load_model("hf_dir", path, torch.float32, pack=False)
@@ -107,6 +110,9 @@ def calibrations(path, folder) -> dict:
         "palu": {"group": group, "head_dim": cfg.head_dim,
                  "tensors": {**whitened_bases(model, cfg, texts, group), **fisher_information(model, cfg, texts)}},
         "eckvh": {"group": group, "head_dim": cfg.head_dim, "tensors": activation_bases(model, cfg, texts, group)},
+        # codebooks from blocks of 32 tokens (the texts are shorter than the codec's 128)
+        "kvquant": {"head_dim": cfg.head_dim, "tensors": kvquant_codebooks(model, cfg, texts, block_size=32)},
+        "skvq": {"head_dim": cfg.head_dim, "tensors": skvq_calibration(model, cfg, texts)},
     }
     files = {}
     for method, fields in artifacts.items():

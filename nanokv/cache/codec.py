@@ -31,15 +31,20 @@ IMPORTANCE = "importance"  # the residual's slot field a ranking codec reads
 class Codec:
     block_size: int  # tokens per cold block (and so the most tokens a head's residual holds)
     packed = False   # True: KIVI's layout, which the fused decode kernels read in place
+    # True: `encode` is also handed each token's position and each block's kv-head (a codec that
+    # quantizes keys before RoPE undoes it with the positions; per-head calibration reads the head)
+    needs_positions = False
 
     def field_shapes(self, head_dim: int) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
         """Each field of a cold block: (dtype, shape per block)."""
         raise NotImplementedError
 
-    def encode(self, k: torch.Tensor, v: torch.Tensor, layer: int, importance: torch.Tensor | None) -> dict:
+    def encode(self, k: torch.Tensor, v: torch.Tensor, layer: int, importance: torch.Tensor | None,
+               positions: torch.Tensor | None = None, heads: torch.Tensor | None = None) -> dict:
         """k, v [N, block_size, D] (the model's dtype; N blocks of one layer, a head's tokens
         oldest first) and importance [N, block_size] float32 (codecs with `importance`) -> each
-        field [N, *shape]."""
+        field [N, *shape]. Codecs with `needs_positions` also get positions [N, block_size] int32
+        (each token's) and heads [N] int64 (each block's kv-head in the layer); others get None."""
         raise NotImplementedError
 
     def decode(self, fields: dict[str, torch.Tensor], layer: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -66,8 +66,10 @@ class QuantizedKVCache(TieredKVCache):
         for layer in layer_of.unique().tolist():
             blocks = layer_of == layer
             tokens = blocks.repeat_interleave(R)
+            where = {"positions": pos[tokens].view(-1, R), "heads": (heads[::R][blocks.to(heads.device)] % H)
+                     .to(self.pool.device)} if codec.needs_positions else {}
             packed = codec.encode(k[tokens].view(-1, R, k.shape[-1]), v[tokens].view(-1, R, v.shape[-1]), layer,
-                                  None if importance is None else importance[tokens].view(-1, R))
+                                  None if importance is None else importance[tokens].view(-1, R), **where)
             for name, value in packed.items():
                 self.pool.qfields[name][ids[blocks]] = value.to(self.pool.qfields[name].dtype)
 

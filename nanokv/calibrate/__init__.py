@@ -1,5 +1,5 @@
 """python -m nanokv.calibrate: the per-model profiles that DuoAttention, HeadKV, Retrieval Head,
-RazorAttention, KVSharer, LoRC, Palu, ECKVH, KVTuner and WKVQuant read.
+RazorAttention, KVSharer, LoRC, Palu, ECKVH, KVTuner, WKVQuant, KVQuant and SKVQ read.
 
     python -m nanokv.calibrate duoattention --model smollm2-135m
     python -m nanokv.calibrate headkv --model smollm2-135m --samples 20 --length 2048 --out profile.json
@@ -85,6 +85,12 @@ for a given --seed.
   clusters the layers and searches the pairs for its memory target when it binds the artifact.
 - wkvquant: per layer, each K and V channel's centre and radius, and per bit width the smoothing
   exponent and clip ratio that best keep the attention output (nanokv/calibrate/wkvquant.py).
+
+- kvquant: per layer, KVQuant's non-uniform codebooks (2 and 4 bits) for the pre-RoPE keys and the
+  values, k-means over calibration activations normalized as the codec does
+  (nanokv/calibrate/kvquant.py).
+- skvq: per layer and kv-head, SKVQ's channel clusters (k-means on each channel's min and max),
+  and per layer the clip ratios of least error (nanokv/calibrate/skvq.py).
 
 The artifact's format, where it lives and how it is checked and loaded: nanokv/artifacts.py.
 """

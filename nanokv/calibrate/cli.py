@@ -27,7 +27,9 @@ DEFAULTS = {"duoattention": {"samples": 50, "length": 1024}, "headkv": {"samples
             "lorc": {"samples": 0, "length": 0},
             "retrieval_head": {"samples": 50, "length": 1024}, "razorattention": {"samples": 8, "length": 1024},
             "eckvh": {"samples": 32, "length": 1024},  # eckvh: as palu's (the paper's calibration set unread)
-            "kvtuner": {"samples": 8, "length": 1024}, "wkvquant": {"samples": 4, "length": 512}}
+            "kvtuner": {"samples": 8, "length": 1024}, "wkvquant": {"samples": 4, "length": 512},
+            # KVQuant's official 16 samples of 2,048 tokens, SKVQ's 256 of 4,096, scaled down for a CPU
+            "kvquant": {"samples": 16, "length": 1024}, "skvq": {"samples": 16, "length": 1024}}
 
 
 def calibrate(method: str, model: str, samples: int | None = None, length: int | None = None, seed: int = 0,
@@ -63,7 +65,14 @@ def calibrate(method: str, model: str, samples: int | None = None, length: int |
     make_tokenizer = Tokenizer.from_gguf if source.kind == "gguf" else Tokenizer.from_dir
     tokenizer = make_tokenizer(source.path)
     settings = {"samples": samples, "length": length, "seed": seed, "dtype": dtype}
-    if method in ("lorc", "palu", "eckvh"):
+    if method in ("kvquant", "skvq"):
+        inputs = calibration_texts(tokenizer, samples, length, seed)
+        settings.update(text="prose haystack (nanokv/haystack.py), length tokens each",
+                        fit="per layer, k-means codebooks (2 and 4 bits) of the pre-RoPE keys and the values, "
+                            "normalized per block as the codec does (nanokv/calibrate/kvquant.py)" if method == "kvquant"
+                            else "per layer and kv-head, channels clustered by their min/max; per layer, clip "
+                                 "ratios of least error (nanokv/calibrate/skvq.py)")
+    elif method in ("lorc", "palu", "eckvh"):
         inputs = calibration_texts(tokenizer, samples, length, seed) if samples else []
         settings.update(text="prose haystack (nanokv/haystack.py), length tokens each" if samples else "none",
                         bases="SVD of each group's W_k, W_v rows" if method == "lorc" else
@@ -121,7 +130,17 @@ def calibrate(method: str, model: str, samples: int | None = None, length: int |
     net, config = load_model(source.kind, source.path, torch_dtype, device, pack=False)  # weights read as such
     artifact = {"format": FORMAT, "method": method, "model": model_key(model), "num_layers": config.num_layers,
                 "num_kv_heads": config.num_kv_heads}
-    if method in ("lorc", "palu", "eckvh"):
+    if method in ("kvquant", "skvq"):
+        bar = tqdm(total=samples, desc=f"calibrating {method}", unit="sample", file=sys.stderr, disable=quiet)
+        if method == "kvquant":
+            from nanokv.calibrate.kvquant import kvquant_codebooks
+            tensors = kvquant_codebooks(net, config, inputs, seed=seed, progress=lambda: bar.update(1))
+        else:
+            from nanokv.calibrate.skvq import skvq_calibration
+            tensors = skvq_calibration(net, config, inputs, seed=seed, progress=lambda: bar.update(1))
+        bar.close()
+        artifact.update(head_dim=config.head_dim, settings=settings, tensors=tensors)
+    elif method in ("lorc", "palu", "eckvh"):
         heads = config.num_kv_heads
         group = (heads if method == "lorc" else default_group(heads)) if group is None else group
         if not isinstance(group, int) or group <= 0 or heads % group:
@@ -185,8 +204,8 @@ def parse_args(argv=None):
     p.add_argument("--model", default=None,
                    help="short name, local path or Hugging Face repo id (default: smollm2-135m)")
     p.add_argument("--samples", type=int, default=None,
-                   help="calibration samples (default: 50; kvsharer 30, palu and eckvh 32, razorattention and kvtuner 8, "
-                        "wkvquant 4; lorc reads none)")
+                   help="calibration samples (default: 50; kvsharer 30, palu and eckvh 32, kvquant and skvq 16, "
+                        "razorattention and kvtuner 8, wkvquant 4; lorc reads none)")
     p.add_argument("--length", type=int, default=None, help="tokens per sample (default: 1024; kvsharer 64, wkvquant 512)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"],

@@ -63,6 +63,8 @@ from nanokv.methods.bitdecoding import BitDecoding
 from nanokv.methods.zipcache import ZipCache
 from nanokv.methods.mikv import MiKV
 from nanokv.methods.qaq import QAQ
+from nanokv.methods.kvquant import KVQuant
+from nanokv.methods.skvq import SKVQ
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, RandomMethod, StreamingLLM, KNorm, SnapKV, PyramidKV, AdaKV, H2O, TOVA,
                                                          A2SF, Keyformer, Scissorhands, RoCo, VATP, RKV,
@@ -75,7 +77,7 @@ METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, RandomMethod, St
                                                          PyramidInfer, KVCompress, DynamicKV, DBudgetKV, RazorAttention, RetrievalHead,
                                                          KeepKV,
                                                          # the third wave: quantization and low-rank (issue 28)
-                                                         ECKVH, KVTuner, WKVQuant, GEAR, DecoQuant, Mustafar, MiniKV, LeanKV, BitDecoding, ZipCache, MiKV, QAQ)}
+                                                         ECKVH, KVTuner, WKVQuant, GEAR, DecoQuant, Mustafar, MiniKV, LeanKV, BitDecoding, ZipCache, MiKV, QAQ, KVQuant, SKVQ)}
 QUANTIZERS = [name for name, m in METHODS.items() if m.quantizes]
 
 
@@ -167,17 +169,16 @@ def make_method(name: str, compression: float = 0.0, budget: int | None = None, 
     if method.attention_bias is not None:  # an option that makes it (razorattention's compensation)
         raise ValueError(f"method {name!r}: {evictor.name} with these options weighs slots by a logit bias, which "
                          f"quantized blocks cannot carry; use {evictor.name} alone (or, for razorattention, compensation=false)")
-    method.name = name
-    if quant.calibration:  # a calibrated quantizer (kvtuner): its codec exists once the engine binds its artifact
+    if quant.calibration:  # a calibrated quantizer (kvquant, kvtuner): its codec exists once its artifact is bound
         method.calibration, method.calibration_file = quant.calibration, quant.calibration_file
 
-        def bind_calibration(artifact, quant=quant, method=method):
+        def bind_calibration(artifact, method=method, quant=quant):
             quant.bind_calibration(artifact)
             method.quantization = quant.quantization
 
-        method.bind_calibration = bind_calibration
-    else:
-        method.quantization = quant.quantization
+        method.name, method.bind_calibration = name, bind_calibration
+        return method
+    method.name, method.quantization = name, quant.quantization
     return method
 
 
