@@ -241,6 +241,7 @@ def _checked_smoothing(artifact: dict, path: Path, make: str, num_layers: int, h
                                                 for kind in "kv" for p in ("alpha", "clip"))):
             raise ValueError(f"calibration file {path}: search[{bits!r}] does not hold k_alpha, k_clip, v_alpha and "
                              f"v_clip for {num_layers} layers; run `{make}`")
+    return artifact
 
 
 def _checked_quant(artifact: dict, path: Path, make: str, num_layers: int, head_dim: int | None) -> dict:
