@@ -51,20 +51,20 @@ from nanokv.methods.dynamickv import DynamicKV
 from nanokv.methods.dbudgetkv import DBudgetKV
 from nanokv.methods.razorattention import RazorAttention
 from nanokv.methods.retrieval_head import RetrievalHead
-from nanokv.methods.eckvh import ECKVH
-from nanokv.methods.wkvquant import WKVQuant
-from nanokv.methods.kvtuner import KVTuner
 from nanokv.methods.gear import GEAR
-from nanokv.methods.decoquant import DecoQuant
-from nanokv.methods.mustafar import Mustafar
-from nanokv.methods.minikv import MiniKV
-from nanokv.methods.leankv import LeanKV
-from nanokv.methods.bitdecoding import BitDecoding
 from nanokv.methods.zipcache import ZipCache
 from nanokv.methods.mikv import MiKV
 from nanokv.methods.qaq import QAQ
+from nanokv.methods.decoquant import DecoQuant
+from nanokv.methods.minikv import MiniKV
+from nanokv.methods.leankv import LeanKV
+from nanokv.methods.bitdecoding import BitDecoding
 from nanokv.methods.kvquant import KVQuant
 from nanokv.methods.skvq import SKVQ
+from nanokv.methods.wkvquant import WKVQuant
+from nanokv.methods.kvtuner import KVTuner
+from nanokv.methods.mustafar import Mustafar
+from nanokv.methods.eckvh import ECKVH
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, RandomMethod, StreamingLLM, KNorm, SnapKV, PyramidKV, AdaKV, H2O, TOVA,
                                                          A2SF, Keyformer, Scissorhands, RoCo, VATP, RKV,
@@ -77,7 +77,8 @@ METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, RandomMethod, St
                                                          PyramidInfer, KVCompress, DynamicKV, DBudgetKV, RazorAttention, RetrievalHead,
                                                          KeepKV,
                                                          # the third wave: quantization and low-rank (issue 28)
-                                                         ECKVH, KVTuner, WKVQuant, GEAR, DecoQuant, Mustafar, MiniKV, LeanKV, BitDecoding, ZipCache, MiKV, QAQ, KVQuant, SKVQ)}
+                                                         GEAR, ZipCache, MiKV, QAQ, DecoQuant, MiniKV, LeanKV, BitDecoding,
+                                                         KVQuant, SKVQ, WKVQuant, KVTuner, Mustafar, ECKVH)}
 QUANTIZERS = [name for name, m in METHODS.items() if m.quantizes]
 
 
