@@ -3,8 +3,6 @@ hand-built blocks whose stored fields and read-back values are worked out by han
 plain restatement of its algorithm (the codec's decode, and the engine's greedy tokens on real
 weights), its bytes as stored, after snapkv, and its options."""
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 
@@ -14,22 +12,7 @@ from nanokv.kernels.reference import attention_by_position
 from nanokv.methods import make_method
 from nanokv.methods.decoquant import DecoQuantCodec
 from nanokv.methods.gear import GEARCodec, power_iteration
-
-
-def fake_quant(x: torch.Tensor, bits: int, group: int, dim: int) -> torch.Tensor:
-    """x quantized and read back (as tests/test_quant_cache.py states it): each run of `group`
-    entries along `dim` gets the grid min + k * (max - min) / (2^bits - 1), its scale and min
-    rounded to float16 as stored."""
-    x = x.float().movedim(dim, -1)
-    g = x.unflatten(-1, (-1, group))
-    low = g.amin(-1, keepdim=True).half().float()
-    scale = ((g.amax(-1, keepdim=True) - low) / (2 ** bits - 1)).half().float()
-    codes = torch.where(scale > 0, ((g - low) / torch.where(scale > 0, scale, 1)).round(), 0).clamp(0, 2 ** bits - 1)
-    return (codes * scale + low).flatten(-2).movedim(-1, dim)
-
-
-def tiny_config(layers=2, heads=2, head_dim=64):
-    return SimpleNamespace(num_layers=layers, num_kv_heads=heads, head_dim=head_dim)
+from test_quant_cache import fake_quant, tiny_config
 
 
 def cache_with(codec, layers=2, heads=2, blocks=200, dtype=torch.float32):

@@ -53,6 +53,7 @@ import torch
 from nanokv.cache.codec import Codec
 from nanokv.kernels.quant import dequantize_tokens, quantize_tokens
 from nanokv.methods.base import Method
+from nanokv.methods.kivi import check_grouped_residual
 
 FLOAT16 = torch.float16  # scales, zero points, low-rank factors and outlier values are stored in it
 INDEX = torch.int16      # an outlier's position in its block, token * head_dim + channel
@@ -190,9 +191,7 @@ class GEAR(Method):
     }
 
     def check_budget(self):
-        if self.residual_length % self.group_size:
-            raise ValueError(f"option residual_length={self.residual_length} of method {self.name!r} must be a "
-                             f"multiple of group_size={self.group_size}")
+        check_grouped_residual(self)
         if self.rank > self.residual_length:
             raise ValueError(f"option rank={self.rank} of method {self.name!r} must be at most "
                              f"residual_length={self.residual_length}")

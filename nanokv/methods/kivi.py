@@ -25,6 +25,19 @@ from nanokv.cache.quant_pool import QuantSpec
 from nanokv.methods.base import Method
 
 
+def grouped_residual(group_size: int, residual_length: int) -> dict:
+    """The options of a codec in KIVI's layout that groups tokens (keys per channel over
+    group_size tokens) and flushes its residual residual_length tokens at a time, with defaults."""
+    return {"group_size": (int, group_size, "a power of two >= 8", lambda v: v >= 8 and v & (v - 1) == 0),
+            "residual_length": (int, residual_length, "a positive multiple of group_size", lambda v: v > 0)}
+
+
+def check_grouped_residual(method: Method):
+    if method.residual_length % method.group_size:
+        raise ValueError(f"option residual_length={method.residual_length} of method {method.name!r} must be a "
+                         f"multiple of group_size={method.group_size}")
+
+
 class KIVI(Method):
     name = "kivi"
     description = "quantized KV (keys per channel, values per token, newest tokens in full precision)"
@@ -34,14 +47,11 @@ class KIVI(Method):
     compression_hint = "it keeps every token, in fewer bits; to evict too, combine methods, e.g. snapkv+kivi"
     options = {
         "bits": (int, 2, "2, 4 or 8", lambda v: v in (2, 4, 8)),
-        "group_size": (int, 32, "a power of two >= 8", lambda v: v >= 8 and v & (v - 1) == 0),
-        "residual_length": (int, 128, "a positive multiple of group_size", lambda v: v > 0),
+        **grouped_residual(group_size=32, residual_length=128),
     }
 
     def check_budget(self):
-        if self.residual_length % self.group_size:
-            raise ValueError(f"option residual_length={self.residual_length} of method {self.name!r} must be a "
-                             f"multiple of group_size={self.group_size}")
+        check_grouped_residual(self)
 
     @property
     def quantization(self) -> QuantSpec:

@@ -49,6 +49,7 @@ import torch
 from nanokv.cache.codec import Codec
 from nanokv.kernels.quant import dequantize_tokens, pack, quantize
 from nanokv.methods.base import CALIBRATION_FILE, Method
+from nanokv.methods.kivi import check_grouped_residual, grouped_residual
 
 PAIRS = ((8, 8), (8, 4), (4, 4), (4, 2), (2, 2))  # (K bits, V bits): the official candidate list
 SCALE_DTYPE = torch.float16
@@ -143,16 +144,13 @@ class KVTuner(Method):
     options = {
         "target": (float, 4.0, "the average bits per K/V number, in [2, 8]", lambda v: 2 <= v <= 8),
         "clusters": (int, 3, "the number of layer groups, 1 to 6", lambda v: 1 <= v <= 6),
-        "group_size": (int, 32, "a power of two >= 8", lambda v: v >= 8 and v & (v - 1) == 0),
-        "residual_length": (int, 32, "a positive multiple of group_size", lambda v: v > 0),
+        **grouped_residual(group_size=32, residual_length=32),
         "calibration_file": CALIBRATION_FILE,
     }
     bit_pairs: list[tuple[int, int]] | None = None  # per layer, once the calibration is bound
 
     def check_budget(self):
-        if self.residual_length % self.group_size:
-            raise ValueError(f"option residual_length={self.residual_length} of method {self.name!r} must be a "
-                             f"multiple of group_size={self.group_size}")
+        check_grouped_residual(self)
 
     def bind_calibration(self, artifact: dict):
         if [tuple(p) for p in artifact["pairs"]] != list(PAIRS):

@@ -57,6 +57,7 @@ import torch
 from nanokv.cache.codec import Codec
 from nanokv.kernels.quant import BITS, dequantize_tokens, pack, quantize_keys, quantize_values
 from nanokv.methods.base import PrefillSelector, PrefillView, observation_attention
+from nanokv.methods.kivi import grouped_residual
 
 SCALE_DTYPE = torch.float16  # KIVI's scales and zero points
 
@@ -110,8 +111,7 @@ class LeanKV(PrefillSelector):
         "window_size": (int, 32, "an integer >= 1", lambda v: v >= 1),
         "k_bits": bits_option(8, "the key bits, at least v_bits"),
         "v_bits": bits_option(4, "the value bits"),
-        "group_size": (int, 32, "a power of two >= 8", lambda v: v >= 8 and v & (v - 1) == 0),
-        "residual_length": (int, 128, "a positive multiple of group_size", lambda v: v > 0),
+        **grouped_residual(group_size=32, residual_length=128),
     }
 
     def check_budget(self):

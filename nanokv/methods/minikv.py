@@ -37,6 +37,7 @@ import torch
 
 from nanokv.cache.quant_pool import QuantSpec
 from nanokv.methods.base import PrefillSelector, PrefillView, top_per_head
+from nanokv.methods.kivi import check_grouped_residual, grouped_residual
 
 DELTA = 7  # the official pyramid's ratio of the first layer's heavy share to the last's, (2 delta - 1)
 
@@ -59,14 +60,11 @@ class MiniKV(PrefillSelector):
                          lambda v: 0 <= v <= 1),
         "eviction_strategy": (str, "pyramid", "'pyramid' or 'uniform'", lambda v: v in ("pyramid", "uniform")),
         "bits": (int, 2, "2, 4 or 8", lambda v: v in (2, 4, 8)),
-        "group_size": (int, 16, "a power of two >= 8", lambda v: v >= 8 and v & (v - 1) == 0),
-        "residual_length": (int, 128, "a positive multiple of group_size", lambda v: v > 0),
+        **grouped_residual(group_size=16, residual_length=128),
     }
 
     def check_budget(self):
-        if self.residual_length % self.group_size:
-            raise ValueError(f"option residual_length={self.residual_length} of method {self.name!r} must be a "
-                             f"multiple of group_size={self.group_size}")
+        check_grouped_residual(self)
 
     @property
     def quantization(self) -> QuantSpec:

@@ -15,7 +15,7 @@ What differs:
   8 bits. FlexGen stores 1 / scale; here the scale (the codes differ only by float16 rounding).
 """
 
-from nanokv.methods.kivi import KIVI
+from nanokv.methods.kivi import KIVI, grouped_residual
 
 
 class Int8(KIVI):
@@ -25,8 +25,7 @@ class Int8(KIVI):
     keys_per_channel = False
     fixed_bits = 8
     options = {
-        "group_size": (int, 32, "a power of two >= 8", lambda v: v >= 8 and v & (v - 1) == 0),
-        "residual_length": (int, 32, "a positive multiple of group_size", lambda v: v > 0),
+        **grouped_residual(group_size=32, residual_length=32),
     }
 
     @property
