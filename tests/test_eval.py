@@ -156,9 +156,10 @@ def test_perplexity_read_through_the_cache_is_the_prefill_perplexity(smollm2_ggu
         logits = llm.model.compute_logits(llm.model(torch.tensor(ids), torch.arange(len(ids)), attention))
         llm.cache.free(0)
     nll = torch.nn.functional.cross_entropy(logits[20:-1].float(), torch.tensor(ids[21:]))
-    ppl, held = perplexity(llm, ids, prefill=21)
+    ppl, held, unrounded = perplexity(llm, ids, prefill=21)
     assert math.isclose(ppl, math.exp(float(nll)), rel_tol=1e-4)
     assert held == llm.cache.uncompressed_bytes(len(ids)) / len(ids)
+    assert unrounded == 30 * 3 * (2 * 64 * 4 + 4)  # SmolLM2: 30 layers x 3 kv-heads, float32 K, V and a position
     quantized = LLM(str(smollm2_gguf), dtype="float32", method="kivi:bits=2:residual_length=32")
-    ppl2, held2 = perplexity(quantized, ids, prefill=21)
-    assert ppl2 != ppl and held2 < held / 2
+    ppl2, held2, unrounded2 = perplexity(quantized, ids, prefill=21)
+    assert ppl2 != ppl and held2 < held / 2 and unrounded2 < unrounded / 2

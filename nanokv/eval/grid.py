@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -102,6 +103,7 @@ def run(llm_factory, grid: list[Setting], lengths: list[int], tasks: list[str], 
                                                                                       sample.metric),
                         "kv_bytes_per_token": output.metrics["kv_cache_bytes"] / cached,
                         "kv_bytes_per_token_full": output.metrics["kv_cache_bytes_uncompressed"] / cached,
+                        "kv_bytes_per_token_unrounded": output.metrics["kv_cache_bytes_theory"] / cached,
                         "answers": sample.answers, "output": output.text}) + "\n")
 
 
@@ -120,7 +122,10 @@ def summarize(out: Path) -> list[dict]:
               "length": k[5], "task": k[6], "samples": len(v),
               "accuracy": 100 * sum(r["score"] for r in v) / len(v),
               "kv_bytes_per_token": sum(r["kv_bytes_per_token"] for r in v) / len(v),
-              "kv_bytes_per_token_full": sum(r["kv_bytes_per_token_full"] for r in v) / len(v)} for k, v in groups.items()]
+              "kv_bytes_per_token_full": sum(r["kv_bytes_per_token_full"] for r in v) / len(v),
+              # no block rounding (NaN for samples written before it was recorded)
+              "kv_bytes_per_token_unrounded": sum(r.get("kv_bytes_per_token_unrounded", math.nan) for r in v) / len(v)}
+             for k, v in groups.items()]
     (out / "results.json").write_text(json.dumps(cells, indent=1))
     with (out / "results.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(cells[0]))

@@ -26,10 +26,11 @@ def default_text() -> str:
 
 
 @torch.inference_mode()
-def perplexity(llm, ids: list[int], prefill: int) -> tuple[float, float]:
+def perplexity(llm, ids: list[int], prefill: int) -> tuple[float, float, float]:
     """exp(mean negative log-likelihood) of ids[prefill:], each token predicted from the cache
     holding every token before it (the first `prefill` ones written in one prefill step); and the
-    KV bytes per token the cache held at the end (whole blocks)."""
+    KV bytes per token the cache held at the end, as stored (whole blocks) and unrounded (what its
+    tokens take: codes, scales, the residual, with no block rounding)."""
     from nanokv.engine.attention import StepAttention
 
     if not 0 < prefill < len(ids):
@@ -52,10 +53,10 @@ def perplexity(llm, ids: list[int], prefill: int) -> tuple[float, float]:
             nll.append(float(torch.logsumexp(logits, 0) - logits[target]))
             start += len(step)
             step = [target]
-        held = cache.seq_bytes(seq_id) / len(ids)
+        held, unrounded = cache.seq_bytes(seq_id) / len(ids), cache.theoretical_bytes(seq_id) / len(ids)
     finally:
         cache.free(seq_id)
-    return math.exp(sum(nll) / len(nll)), held
+    return math.exp(sum(nll) / len(nll)), held, unrounded
 
 
 def main(argv=None):
@@ -63,14 +64,15 @@ def main(argv=None):
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--methods", default="full,int8,int4,kivi:bits=4,kivi:bits=2",
                    help="comma-separated methods, options after colons (kivi:bits=4)")
-    p.add_argument("--compression", type=float, default=0.0, help="for eviction methods: the fraction removed")
+    p.add_argument("--compression", type=float, default=0.0,
+                   help="for eviction methods: the fraction removed (full and quantizers alone keep every token)")
     p.add_argument("--text", help="a UTF-8 text file (default: the Python reference's 'Execution model')")
     p.add_argument("--tokens", type=int, default=1024, help="tokens of the text scored (default: 1024)")
     p.add_argument("--prefill", type=int, default=64, help="leading tokens written in one prefill (default: 64)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto (default): bfloat16 on CUDA and on CPUs with bfloat16 arithmetic, else float32")
     args = p.parse_args(argv)
-    from nanokv.methods import check_method
+    from nanokv.methods import check_method, is_quantizer
 
     try:
         methods = [check_method(m) for m in args.methods.split(",") if m.strip()]
@@ -80,12 +82,13 @@ def main(argv=None):
         return 2
     from nanokv import LLM
 
-    print(f"| method | perplexity | KV bytes / token |\n|---|---|---|")
+    print("| method | perplexity | KV bytes / token (stored) | (unrounded) |\n|---|---|---|---|")
     for method in methods:
-        llm = LLM(args.model, dtype=args.dtype, method=method, compression=args.compression)
+        keeps_all = method == "full" or is_quantizer(method)  # so one list can hold full, kivi and snapkv+kivi
+        llm = LLM(args.model, dtype=args.dtype, method=method, compression=0.0 if keeps_all else args.compression)
         ids = llm.tokenizer.encode(text)[:args.tokens]
-        ppl, held = perplexity(llm, ids, args.prefill)
-        print(f"| {method} | {ppl:.3f} | {held:.0f} |", flush=True)
+        ppl, held, unrounded = perplexity(llm, ids, args.prefill)
+        print(f"| {method} | {ppl:.3f} | {held:.0f} | {unrounded:.0f} |", flush=True)
     return 0
 
 
