@@ -109,7 +109,7 @@ def test_a_channel_separable_tier_by_hand():
     assert fields["cscale"].tolist() == [[4, 1, 2, 2]]
     # row 0 / c = 4 1 2 0: step 4/3 (float16), codes 3 1 2 0 (1 / (4/3) = .75 -> 1, 2 / (4/3) = 1.5 -> 2);
     # row 1 / c = 1 .25 .5 2: min .25, step 1.75/3, codes 1 0 0 3 (.75 / .583 = 1.29, .25 / .583 = .43)
-    s0, s1 = f16(4 / 3), f16(1.75 / 3)
+    s0, s1 = float(f16(4 / 3)), float(f16(1.75 / 3))  # floats: torch.tensor of 0-d tensors fails under a function mode
     want = torch.tensor([[3 * s0 * 4, s0 * 1, 2 * s0 * 2, 0],
                          [(0.25 + s1) * 4, 0.25, 0.25 * 2, (0.25 + 3 * s1) * 2]])
     assert torch.allclose(tier.decode(fields, (1,), 4, "cpu")[0], want, atol=1e-6)
