@@ -278,6 +278,48 @@ class PagedKVCache:
                                        return_probs, bias=pool.fields[bias])
         return self.kernels.decode(q, positions, pool.k, pool.v, pool.pos, tables, lengths, sliding_window, return_probs)
 
+    def read_tables(self, tables: torch.Tensor, names=("k", "pos")) -> dict[str, torch.Tensor]:
+        """Slot fields of explicit tables [b, H, nb], each head's slots in order -> {name: [b, H,
+        nb * block_size(, D)]} (what a query-aware reader scores; -1 entries read block 0)."""
+        return {name: gather_blocks(self.pool.fields[name], tables) for name in names}
+
+    def table_bounds(self, tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each page's key bounds, kmin and kmax [b, H, nb, D], of explicit tables [b, H, nb]."""
+        rows = tables.clamp(min=0)
+        return tuple(bound[rows] for bound in self.key_bounds())
+
+    def pick_pages(self, tables: torch.Tensor, lengths: torch.Tensor, pages: torch.Tensor):
+        """Reduced tables of picked pages [b, H, k] (page indices of tables [b, H, nb], -1: none)
+        -> (tables [b, H, k] of the picked blocks in page order, -1 after; the tokens they hold
+        [b, H]). Only a head's newest page can be partial, and page order puts it last."""
+        bs = self.block_size
+        nb = tables.shape[-1]
+        pages = torch.where(pages < 0, nb, pages).sort(dim=-1).values           # -1 after the picks
+        picked = pages < nb
+        reduced = tables.gather(-1, pages.clamp(max=nb - 1)).masked_fill(~picked, -1)
+        tokens = (lengths[..., None] - pages * bs).clamp(0, bs).masked_fill(~picked, 0)
+        return reduced, tokens.sum(-1)
+
+    def attend_slots(self, q, positions, tables, slots, sliding_window):
+        """Decode attention over single picked slots [b, H, k] of explicit tables [b, H, nb] (-1:
+        none; a token-level reader's picks): they are gathered, in slot order, into blocks of their
+        own, which the kernels read like any table -> (output, KV bytes read)."""
+        pool, bs = self.pool, self.block_size
+        (b, H, k), nb = slots.shape, tables.shape[-1]
+        width = -(-k // bs)
+        far = nb * bs
+        slots = torch.where(slots < 0, far, slots).sort(dim=-1).values
+        slots = torch.nn.functional.pad(slots, (0, width * bs - k), value=far)
+        picked = slots < far
+        blocks = tables.gather(-1, (slots // bs).clamp(max=nb - 1)).clamp(min=0)
+        rows = torch.where(picked, blocks.long() * bs + slots % bs, 0)   # unpicked: block 0's first slot, finite
+        k_, v_, pos_ = (pool.fields[name].flatten(0, 1)[rows].view(b * H * width, bs, *pool.fields[name].shape[2:])
+                        for name in ("k", "v", "pos"))
+        table = torch.arange(b * H * width, dtype=tables.dtype, device=rows.device).view(b, H, width)
+        lengths = picked.sum(-1).to(tables.dtype)
+        out = self.kernels.decode(q, positions, k_, v_, pos_, table, lengths, sliding_window, False)
+        return out, lengths.sum() * self.token_bytes()
+
     def write_prefill(self, seq_id: int, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
         """Append one sequence's new tokens k, v [T, H, D] at `layer` and write them."""
         slots = self.append_slots(seq_id, len(k), layers=slice(layer, layer + 1))[0]

@@ -30,17 +30,19 @@ from nanokv.cache.codec import IMPORTANCE
 from nanokv.cache.pool import HOST
 from nanokv.engine.upload import HostToDevice
 from nanokv.kernels.reference import quest_pages
-from nanokv.methods.base import DecodeStep, PrefillView
+from nanokv.methods.base import DecodeStep, PrefillView, ReadStep
 
 
 class StepAttention:
     def __init__(self, cache, seq_ids: list[int], query_lens: list[int], positions: torch.Tensor, method=None,
                  compress_lens: list[int] | None = None, token_ids: torch.Tensor | None = None,
                  scoring_passes: list[list[int]] | None = None, compress: bool = True,
-                 send: HostToDevice | None = None):
+                 send: HostToDevice | None = None, read_states: dict | None = None,
+                 inv_freq: torch.Tensor | None = None):
         """A decode's positions and token ids may come on the host: they go to the device with the
         step's tables, in one copy by `send` (engine/upload.py), and the model reads them back
-        from here (`positions`, `ids`)."""
+        from here (`positions`, `ids`). `read_states`: a query-aware reader's state per sequence
+        id, kept by the runner from step to step; `inv_freq`: the model's RoPE speeds (ReadStep)."""
         self.cache, self.seq_ids, self.query_lens = cache, seq_ids, query_lens
         compressing = method if method is not None and method.compresses else None
         # a method that picks the tokens each layer's prompt keeps (the PrefillSelector role)
@@ -56,6 +58,8 @@ class StepAttention:
         self.ranker = cache.codec if compress and cache.codec is not None and cache.codec.ranks_tokens else None
         # a method that picks which blocks each decode step reads (Quest)
         self.selector = method if method is not None and method.selects_pages else None
+        self.read_states = {} if read_states is None else read_states
+        self.inv_freq = inv_freq
         # KV bytes the decode attention read this step, over all layers: a 0-d tensor on the pool's
         # device once a layer adds to it (the runner reads it once a step, not once a layer)
         self.bytes_read = 0
@@ -114,6 +118,9 @@ class StepAttention:
         self.slots = None if on_device else next(sent)
         cache.apply_table_edits([next(sent) for _ in edits])
         self.groups = [cache.device_group(group, [next(sent) for _ in group.host]) for group in groups]
+        # a reader that picks for itself: each group's sequence ids, and its state for this step's layers
+        self.group_seqs = [[seq_ids[i] for i in group.host[0].tolist()] for group in groups]
+        self.step_states = [{} for _ in groups]
         if on_device:
             self.slots = cache.decode_slots(*self.groups[0][1:])
         self.ids = next(sent) if self.ids is not None else None
@@ -202,6 +209,9 @@ class StepAttention:
         source, out = cache.sources[layer], torch.empty_like(q)
         for g, (members, tables, lengths) in enumerate(self.groups):
             tables, lengths = tables[source], lengths[source]
+            if selecting and not self.selector.picks_by_bounds:
+                out[members] = self._read_picks(layer, g, members, q[members], tables, lengths, sliding_window)
+                continue
             if selecting:
                 tables, lengths = self._selected_pages(q[members], tables, lengths)
             self.bytes_read += cache.read_bytes(lengths)
@@ -245,6 +255,28 @@ class StepAttention:
             # over the pages they keep on a CPU (cpu_quest.cpp)
             return kernels.quest_select(q, kmin, kmax, tables, lengths, bs, pages)
         return quest_pages(kernels.page_scores(q, kmin, kmax, tables), tables, lengths, bs, pages)
+
+    def _read_picks(self, layer, g, members, q, tables, lengths, sliding_window):
+        """A reader that picks for itself (methods/base.py: PageReader.pick): show it the query and
+        what it reads, then attend over the pages or the single slots it picked."""
+        cache, reader = self.cache, self.selector
+        step = ReadStep(layer, cache.num_layers, q, self.positions[members], lengths, cache.block_size,
+                        cache.pool.dtype.itemsize, [self.read_states.setdefault(i, {}) for i in self.group_seqs[g]],
+                        self.step_states[g], inv_freq=self.inv_freq)
+        if "keys" in reader.reads:
+            held = cache.read_tables(tables, ("k", "pos"))
+            step.keys, step.key_positions = held["k"], held["pos"]
+        if "bounds" in reader.reads:
+            step.bounds = cache.table_bounds(tables)
+        picks = reader.pick(step)
+        self.bytes_read += picks.scored_bytes
+        if picks.slots is not None:
+            out, nbytes = cache.attend_slots(q, self.positions[members], tables, picks.slots, sliding_window)
+            self.bytes_read += nbytes
+            return out
+        tables, lengths = cache.pick_pages(tables, lengths, picks.pages)
+        self.bytes_read += cache.read_bytes(lengths)
+        return cache.attend_tables(q, self.positions[members], tables, lengths, sliding_window)
 
     def finish(self):
         """After the forward pass (a decode: after its sampled tokens are read, so the counts below

@@ -29,12 +29,15 @@ class ModelRunner:
         self.model, self.cache, self.device, self.method, self.graphs = model, cache, device, method, graphs
         self.send = HostToDevice(device)  # a decode step's host inputs, in one copy
         self.graph_steps = self.eager_steps = 0  # decode steps replayed, and run eagerly
+        self.read_states: dict[int, dict] = {}  # a query-aware reader's state per sequence (base.py: ReadStep)
         if method is not None and method.evicts_during_decode:
             cache.reserve_scratch()  # its decode steps write there (attention.py: _evict); now, before any step
 
     @torch.inference_mode()
     def step(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
         if not is_prefill:
+            # the sequences of this step keep theirs; one that left (finished, preempted) drops it
+            self.read_states = {s.id: self.read_states.get(s.id, {}) for s in seqs}
             # on the host: StepAttention sends them with the step's block tables
             ids = torch.tensor([s.last_token_id for s in seqs], device=HOST)
             positions = torch.tensor([len(s) - 1 for s in seqs], device=HOST)
@@ -45,6 +48,8 @@ class ModelRunner:
                 s.num_cached += 1
             return tokens
 
+        for s in seqs:  # a prefill (a recompute) starts a reader's state afresh
+            self.read_states.pop(s.id, None)
         # A method that re-trims earlier layers, or scores with a pass of its own, finishes the
         # compressed part first; what follows it then runs over the cache as it ends (base.py).
         method = self.method if self.method is not None and self.method.compresses else None
@@ -80,7 +85,7 @@ class ModelRunner:
         attention = StepAttention(self.cache, [s.id for s in seqs], query_lens, positions, self.method,
                                    [s.compress_len for s in seqs], ids,
                                    [[len(p) for p in s.scoring_passes] for s in seqs] if compress else None, compress,
-                                   self.send)
+                                   self.send, self.read_states, getattr(self.model, "inv_freq", None))
         if attention.is_decode and self.graphs is not None and self.graphs.takes(attention):
             hidden = self.graphs.forward(attention)
             self.graph_steps += self.graphs.replayed

@@ -6,7 +6,7 @@ engine calls for it (nanokv/engine/attention.py):
     PrefillSelector  what each layer's prompt keeps (scores -> keep_mask)      snapkv, pyramidkv, ...
     DecodeEvictor    a PrefillSelector that also evicts every decode step      h2o, tova, cake, ...
     Merger           a PrefillSelector that folds what goes into what stays   kvmerger (cam, d2o: both)
-    PageReader       the pages each decode step reads; evicts nothing          quest
+    PageReader       the pages or tokens each decode step reads; evicts nothing quest, loki, ...
     Method itself    the storage it asks for (cache_request): quantized blocks (kivi), latents
                      (lorc, palu), layer pairs (minicache), shared layers (kvsharer)
 
@@ -128,6 +128,17 @@ whose prompt is stored once: the engine then keeps a PairedKVCache (nanokv/cache
 at the end of prefill, right after layer b's attention, `merge_pair` gets both layers' prompt K/V
 and returns what layer a stores and which tokens layer b keeps of its own; b's attention reads
 a's merged slots restored with b's magnitudes together with its own.
+
+A method that reads only part of the cache each decode step (PageReader) evicts nothing. Quest
+ranks pages by their key bounds in the engine's kernels (`picks_by_bounds`). Any other reader gets,
+at every decode layer from `skip_layers` on, a `ReadStep`: the query, what it `reads` (every held
+key and its position, or each page's key bounds), a state dict per sequence that lives from step to
+step (TokenSelect's last query, Recycled Attention's last full step), and one per step shared by the
+layers (TidalDecode's picks). It returns `Picks`: per kv-head, the pages or the single slots to read,
+and the bytes its scoring read. The engine attends over the picked pages through a reduced table,
+or over the picked slots gathered into blocks of their own (cache.attend_slots), and counts the
+bytes of both (kv_bytes_read_per_decode_token). A preemption's recompute runs its tokens densely,
+as prefill, and starts the state afresh.
 """
 
 from __future__ import annotations
@@ -190,6 +201,67 @@ class DecodeStep:
     # [b] int64: the id of the token this step feeds, whose slot is the one at `positions` (only for
     # methods with needs_vocabulary: FastGen marks a generated punctuation token)
     token_ids: torch.Tensor | None = None
+
+
+@dataclass
+class ReadStep:
+    """What a query-aware reader (PageReader.pick) sees for b sequences at one decode layer.
+    Nothing is evicted after prefill, so slot j of a head holds the j-th token that head keeps,
+    the same token at every later step (and, where prefill evicted nothing, at every layer)."""
+    layer: int
+    num_layers: int
+    queries: torch.Tensor        # [b, Hq, D] the query (after RoPE)
+    positions: torch.Tensor      # [b] the query's position
+    lengths: torch.Tensor        # [b, H] tokens each head holds, in slots 0 .. length - 1
+    block_size: int              # tokens per page: page p holds slots p * block_size ..
+    itemsize: int                # bytes of one stored number of a key
+    # this sequence's state, one dict each, kept from decode step to decode step (and layer to
+    # layer) until it ends or is preempted: a reader's previous picks, its last query
+    states: list[dict]
+    # shared by this step's layers for these same b sequences (TidalDecode reuses a layer's picks)
+    step_state: dict
+    keys: torch.Tensor | None = None           # [b, H, S, D] the held keys in slot order ("keys");
+    key_positions: torch.Tensor | None = None  # [b, H, S]; S = pages * block_size, garbage past lengths
+    bounds: tuple | None = None   # ("bounds") each page's smallest and largest key per channel [b, H, pages, D]
+    inv_freq: torch.Tensor | None = None  # [D // 2] the model's RoPE speeds: to undo RoPE (ReAttention)
+
+    def held(self) -> torch.Tensor:
+        """[b, H, S] bool: the slots each head holds (S as keys)."""
+        S = self.keys.shape[2] if self.keys is not None else self.bounds[0].shape[2] * self.block_size
+        return torch.arange(S, device=self.lengths.device) < self.lengths[..., None]
+
+    def logits(self, keys: torch.Tensor | None = None, queries: torch.Tensor | None = None) -> torch.Tensor:
+        """[b, H, group, S] float32 q . k / sqrt(D) of each query head over its kv-head's held keys
+        (-inf where not held); `keys` [b, H, S, d] and `queries` [b, Hq, d] replace the step's (a
+        reduced-dimension score: Loki, Double Sparsity; the scale stays the full head's)."""
+        keys = self.keys if keys is None else keys
+        queries = self.queries if queries is None else queries
+        b, H = keys.shape[:2]
+        q = queries.float().view(b, H, -1, queries.shape[-1])
+        logits = torch.einsum("bhgd,bhsd->bhgs", q, keys.float()) / math.sqrt(self.queries.shape[-1])
+        return logits.masked_fill(~self.held()[:, :, None], float("-inf"))
+
+    def key_bytes(self, channels: int | None = None) -> torch.Tensor:
+        """Bytes of `channels` numbers (default: all of a key's) of every held key: what a score
+        over the whole cache reads."""
+        channels = self.queries.shape[-1] if channels is None else channels
+        return self.lengths.sum() * (channels * self.itemsize)
+
+
+@dataclass
+class Picks:
+    """A reader's choice for b sequences at one layer: `slots` or `pages` [b, H, k] per kv-head
+    (held slot indices, or page indices slot // block_size), -1 where a head picks fewer than k."""
+    slots: torch.Tensor | None = None
+    pages: torch.Tensor | None = None
+    scored_bytes: torch.Tensor | int = 0  # bytes of the cache the pick itself read (keys, bounds)
+
+
+def top_slots(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """scores [b, H, S] (-inf: not a candidate) -> [b, H, min(k, S)] each head's k highest slots,
+    -1 where a head has fewer than k candidates."""
+    top = scores.topk(min(k, scores.shape[-1]), dim=-1)
+    return top.indices.masked_fill(top.values == float("-inf"), -1)
 
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
@@ -526,12 +598,20 @@ class Merger(PrefillSelector):
 
 
 class PageReader(Method):
-    """Role: evict nothing, and pick the pages (blocks) each decode step reads (Quest)."""
+    """Role: evict nothing, and pick the pages (blocks) or the tokens each decode step reads
+    (Quest, TidalDecode, Loki, ...). Quest's rule runs in the engine's page-bound kernels
+    (`picks_by_bounds`); every other reader says what it looks at (`reads`) and picks in `pick`."""
     selects_pages = True
 
-    skip_layers = 0  # the first layers, whose decode reads every page
+    skip_layers = 0          # the first layers, whose decode reads every page
+    picks_by_bounds = False  # Quest: the engine picks pages_to_read pages by their key bounds
+    reads: frozenset = frozenset()  # what pick's ReadStep holds: "keys" (and their positions), "bounds"
 
     def pages_to_read(self, block_size: int) -> int:
         """Pages each head reads a decode step by Quest's rule (the highest upper bounds on the
         query's attention logit, the newest page always: kernels.reference.quest_pages)."""
+        raise NotImplementedError
+
+    def pick(self, step: ReadStep) -> Picks:
+        """What each head of b sequences reads at one decode layer (layers >= skip_layers)."""
         raise NotImplementedError

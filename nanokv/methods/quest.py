@@ -35,6 +35,7 @@ class Quest(PageReader):
     name = "quest"
     description = "query-aware sparse decode: read only the top pages by a key min/max bound (cache kept whole)"
     paper = "https://arxiv.org/abs/2406.10774"
+    picks_by_bounds = True
     options = {
         "skip_layers": (int, 2, "an integer >= 0", lambda v: v >= 0),
         "min_pages": (int, 3, "an integer >= 1", lambda v: v >= 1),
