@@ -79,7 +79,9 @@ class RecycledAttention(PageReader):
         probs = step.logits().softmax(dim=-1).amax(dim=2)  # the group's most attentive query head
         pad = self.kernel_size // 2
         pooled = torch.nn.functional.max_pool1d(probs.view(b * H, 1, S), self.kernel_size, 1, pad).view(b, H, S)
-        ranked = top_slots(pooled.masked_fill(~held, float("-inf")), self.budget)
+        # pooling makes plateaus of equal scores: the older token first, whatever the sort
+        pooled, order = pooled.masked_fill(~held, float("-inf")).sort(dim=-1, descending=True, stable=True)
+        ranked = order[..., :self.budget].masked_fill(pooled[..., :self.budget] == float("-inf"), -1)
         return torch.nn.functional.pad(ranked, (0, self.budget - ranked.shape[-1]), value=-1)
 
     def pick(self, step: ReadStep) -> Picks:
