@@ -16,7 +16,8 @@ slots into blocks of their own (cache.attend_slots).
 Defaults from the official code (DerrickYLJ/TidalDecode @ d67a1bd): skip_layers=2
 (`sparse_layer_start`, src/tidal_build/modify_llama.py), correction layer 13 for Llama-3-8B's 32
 layers (examples/run_tidal_llama.sh, experiments/LongBench/run_longbench.sh; the paper's
-"TD+L13"), a budget of 256 tokens when none is given (src/enable_tidal.py's top_k; the paper
+"TD+L13"; 0-based, as layer_idx there, while the kernel path's tidal/models/llama.py puts its
+second selection at index 12), a budget of 256 tokens when none is given (src/enable_tidal.py's top_k; the paper
 runs 128 to 4096). The paper picks the correction layer per model; for a model that is not 32
 layers deep `correction_layer=-1` (the default) takes the same share of the depth, round(13 L /
 32) (our scaling: 12 of SmolLM2's 30, 10 of Qwen2.5-0.5B's 24), and re-selects nowhere when that
