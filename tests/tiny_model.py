@@ -7,12 +7,12 @@ from pathlib import Path
 import torch
 
 
-def save_tiny_llama(path: Path) -> Path:
+def save_tiny_llama(path: Path, num_layers: int = 2) -> Path:
     import transformers as T
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     torch.manual_seed(0)
-    config = T.LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+    config = T.LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=num_layers,
                            num_attention_heads=2, num_key_value_heads=1, initializer_range=0.2,
                            max_position_embeddings=256)   # heads of 64, as SmolLM2's
     T.AutoModelForCausalLM.from_config(config).float().save_pretrained(path)
