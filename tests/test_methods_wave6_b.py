@@ -248,8 +248,9 @@ class DenseReAttention(Dense):
             for i in (k_pre[:, h // group] @ q_pre[h]).topk(min(self.top_k, len(older))).indices.tolist():
                 votes[older[i]] = votes.get(older[i], 0) + 1
         read = set(range(self.sinks)) | set(range(n - self.local, n))
-        for centre in sorted(votes, key=lambda t: (-votes[t], t))[:self.spans]:
-            read |= set(range(max(centre - self.span // 2, self.sinks), min(centre + (self.span + 1) // 2, n - self.local)))
+        for centre in sorted(votes, key=lambda t: (-votes[t], t))[:self.spans]:  # most voted; ties: older
+            start, end = centre - self.span // 2, centre + (self.span + 1) // 2
+            read |= set(range(max(start, self.sinks), min(end, n - self.local)))
         return sorted(read)
 
 
@@ -308,10 +309,31 @@ def test_a_budget_covering_the_context_gives_full_and_reads_fall_with_the_budget
         llm = LLM(str(tiny_dir), dtype="float32", method=name, **options)
         assert [o.token_ids for o in llm.generate(PROMPTS, params)] == expected, name
     read = {}
-    for name, options in (("tokenselect", dict(sinks=4, local=8)), ("reattention", dict(sinks=4, local=8, span_size=4))):
+    sparse = {"tokenselect": dict(sinks=4, local=8), "reattention": dict(sinks=4, local=8, span_size=4)}
+    for name, options in sparse.items():
         for budget in (48, 32, 20):  # all under the shortest prompt: every decode step is sparse
             llm = LLM(str(tiny_dir), dtype="float32", method=name, budget=budget, **options)
             llm.generate(PROMPTS, params)
             read[name, budget] = llm.stats["kv_bytes_read_per_decode_token"]
         assert read[name, 48] > read[name, 32] > read[name, 20], read
         assert read[name, 20] < full.stats["kv_bytes_read_per_decode_token"]  # every key is scored
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, options, restate", [
+    ("tokenselect", dict(budget=84, sinks=4, local=16, theta=0.9), lambda inv, o: DenseTokenSelect(inv, **o)),
+    ("reattention", dict(budget=4 + 16 + 8 * 8, sinks=4, local=16, span_size=8, skip_layers=1),
+     lambda inv, o: DenseReAttention(inv, top_k=4, **o)),
+])
+def test_real_weights_match_a_plain_restatement(smollm2_gguf, name, options, restate):
+    """SmolLM2 (9 query heads over 3 kv-heads of 64): real queries stay alike from step to step, so
+    TokenSelect's Selection Cache reuses votes at the official theta."""
+    from nanokv import LLM, SamplingParams
+
+    prompt, steps = list(range(1000, 1300)), 16
+    llm = LLM(str(smollm2_gguf), dtype="float32", method=name, **options)
+    [out] = llm.generate([prompt], SamplingParams(max_tokens=steps, ignore_eos=True))
+    reference = restate(llm.model.inv_freq, options)
+    assert out.token_ids == restated_greedy(llm.model, reference, prompt, steps)
+    if name == "tokenselect":
+        assert reference.reused > 0 and reference.votes > llm.model.cfg.num_layers  # reused, and voted anew

@@ -1,14 +1,18 @@
 """reattention: pick the cached spans the query points at with RoPE taken off, then attend over them.
 
-Paper: ReAttention: Training-Free Infinite Context with Finite Attention Scope (Liu et al.;
-"Farewell to Length Extrapolation, a Training-Free Infinite Context with Finite Attention Scope"),
-arXiv 2407.15176. Before the ordinary attention, a position-agnostic top-k: every query head scores
+Paper: ReAttention: Training-Free Infinite Context with Finite Attention Scope (Liu, Li et al., ICLR
+2025; first "Farewell to Length Extrapolation, a Training-Free Infinite Context with Finite Attention
+Scope"), arXiv 2407.15176. Before the ordinary attention, a position-agnostic top-k: every query head scores
 the older cached keys by q . k with neither rotated (no position at all, so no length it was not
 trained on), keeps its `top_k` best tokens, and the heads' picks are pooled into one set. Each
 picked token brings the `span_size` tokens around it (a span centred on it); the `budget` holds as
 many spans as fit after the `sinks` first and `local` newest tokens, and when more tokens are
 picked than spans fit, those picked by the most heads win. Attention then runs over sinks + spans
-+ local. Until a sequence holds more than sinks + local tokens it attends over everything.
++ local. Until a sequence holds more than sinks + local tokens it attends over everything. A span
+is centred on its token, as in the official code, not a cache page, so the picks are single slots
+(cache.attend_slots gathers them). GQA: each query head scores its kv-head's keys, and the pooled
+set is the layer's, read by every kv-head: the official decode pools every head's picks
+(torch.unique over all of them).
 
 Defaults: the paper's main Llama-3-8B setting in the official code (OpenMOSS/ReAttention @ a62514f,
 eval/eval_reattn_long.py, '-reattn-32.4x32.4096.512-gu-clip127'; the rule in
@@ -25,8 +29,6 @@ What differs:
   selection, not its extrapolation: within a model's trained length it is a sparse read.
 - The keys are cached after RoPE, so the scores undo it (each key rotated back by its position,
   the query by its own: step.inv_freq); the official cache holds the keys before RoPE.
-- The official read set is one per layer, shared by all kv-heads (torch.unique over every head's
-  picks); so here: the picks are the same for every kv-head.
 - Ties in the head vote (which picked tokens keep a span when more were picked than fit) go to the
   older token; the official topk over the counts breaks them as the GPU does.
 - At layer 0 a key before RoPE depends on its token alone, so a repeated token ties with itself

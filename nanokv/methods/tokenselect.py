@@ -6,8 +6,9 @@ every query head h scores every candidate token j (those after the `sinks` first
 `local` newest) by q_h . k_j and takes a softmax over the candidates, so a head with large logits
 gets no more say than the others; the heads' probabilities are summed (a soft vote) and the top
 budget - sinks - local candidates are read with the sinks and the local window, the same tokens by
-every head of the layer. Selection Cache: while the query stays close to the one that last voted
-(cosine similarity above `theta`), a layer reuses that vote and scores nothing.
+every head of the layer (GQA: the official vote sums every query head, across kv-heads too).
+Selection Cache: while the query stays close to the one that last voted (cosine similarity above
+`theta`), a layer reuses that vote and scores nothing.
 
 Defaults: the official code (pzs19/TokenSelect @ bbc60fd): n_init 128 (`sinks`), n_local 512
 (`local`), top_k 2048 in config/qwen-token-retrieval.yaml and llama-token-retrieval.yaml, hence the
@@ -29,6 +30,8 @@ What differs:
   votes anew every step.
 - The vote is computed in float32 (the official kernel writes bfloat16 scores); its optional
   max-pool smoothing of the vote (kernel_size, off by default) is left out.
+- The official retriever serves one request at a time; here each sequence keeps its own Selection
+  Cache (ReadStep.states), so batched sequences never reuse each other's votes.
 - The prefill is dense (the official also selects per 512-token prefill chunk), as is a recompute
   after preemption, which starts the Selection Cache afresh.
 """
