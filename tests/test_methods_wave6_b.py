@@ -337,3 +337,15 @@ def test_real_weights_match_a_plain_restatement(smollm2_gguf, name, options, res
     assert out.token_ids == restated_greedy(llm.model, reference, prompt, steps)
     if name == "tokenselect":
         assert reference.reused > 0 and reference.votes > llm.model.cfg.num_layers  # reused, and voted anew
+
+
+@pytest.mark.parametrize("name, options", [("tokenselect", TOKENSELECT), ("reattention", REATTENTION)])
+def test_preemption_recomputes_densely_and_the_readers_go_on(tiny_dir, name, options):
+    from nanokv import LLM, SamplingParams
+
+    # 58 blocks of 16 tokens per (layer, kv-head) (their key bounds counted): room for the longest
+    # request alone, not for two to finish together
+    llm = LLM(str(tiny_dir), dtype="float32", method=name, kv_cache_memory=260 * 512, **options)
+    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=64, ignore_eos=True))
+    assert llm.stats["preemptions"] > 0
+    assert [len(o.token_ids) for o in outs] == [64] * 3
