@@ -67,6 +67,8 @@ from nanokv.methods.mustafar import Mustafar
 from nanokv.methods.eckvh import ECKVH
 from nanokv.methods.tidaldecode import TidalDecode
 from nanokv.methods.recycled_attention import RecycledAttention
+from nanokv.methods.tokenselect import TokenSelect
+from nanokv.methods.reattention import ReAttention
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, RandomMethod, StreamingLLM, KNorm, SnapKV, PyramidKV, AdaKV, H2O, TOVA,
                                                          A2SF, Keyformer, Scissorhands, RoCo, VATP, RKV,
@@ -82,7 +84,7 @@ METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, RandomMethod, St
                                                          GEAR, ZipCache, MiKV, QAQ, DecoQuant, MiniKV, LeanKV, BitDecoding,
                                                          KVQuant, SKVQ, WKVQuant, KVTuner, Mustafar, ECKVH,
                                                          # the third wave: query-aware sparse decode (issue 29)
-                                                         TidalDecode, RecycledAttention)}
+                                                         TidalDecode, RecycledAttention, TokenSelect, ReAttention)}
 QUANTIZERS = [name for name, m in METHODS.items() if m.quantizes]
 
 
