@@ -309,3 +309,16 @@ def test_a_budget_covering_the_context_is_full_and_reads_fall_with_the_budget(ti
             assert got == expected
     assert read[256] == full.stats["kv_bytes_read_per_decode_token"] > read[64] > read[32]
     assert read[32] < 0.5 * read[256]
+
+
+@pytest.mark.slow
+def test_engine_matches_a_plain_statement_on_real_weights(smollm2_gguf):
+    # SmolLM2-135M: 9 query heads over 3 kv-heads of 64, 30 layers. 300 tokens, budget 32: the
+    # prompt keeps int(300 / 9.375^0.394) = 124, then 8 pages of 2 on r = round(64 * 2 * 32 / 125..)
+    # = 33 channels, falling to 29 by the last step
+    from nanokv import SamplingParams
+
+    prompt, steps = list(range(1000, 1300)), 16
+    llm = engine(str(smollm2_gguf), "rocketkv", budget=32, block_size=2, window_size=16, kernel_size=1)
+    [out] = llm.generate([prompt], SamplingParams(max_tokens=steps, ignore_eos=True))
+    assert out.token_ids == restated_greedy(llm.model, DenseRocketKV(32, 16, 1, 2), prompt, steps)
