@@ -39,8 +39,10 @@ What differs:
   keeps capacity minus max new of the prompt, so the cache ends at the capacity; here the prompt
   keeps the capacity and generated tokens add to it. c2 and r follow the tokens held each step
   (officially fixed from the capacity).
-- SnapKV++'s "adaptive pooling size" (the paper picks the kernel by sequence length) is the
-  official code's fixed 63, an option here (≈: the paper's per-length rule is not reproduced).
+- SnapKV++'s "adaptive pooling size" is the official code's kernel_size 63 for every length, an
+  option here; how the paper adapts it to the sequence length is not reproduced (≈: not re-checked
+  against the paper's text).
+- A budget at most the window is refused (the official code asserts it), so the window stays whole.
 - Scores in float32 (the official code keeps the model's dtype).
 - A recompute after preemption runs its generated tokens densely (as prefill).
 """
