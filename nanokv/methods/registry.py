@@ -69,6 +69,7 @@ from nanokv.methods.tidaldecode import TidalDecode
 from nanokv.methods.recycled_attention import RecycledAttention
 from nanokv.methods.tokenselect import TokenSelect
 from nanokv.methods.reattention import ReAttention
+from nanokv.methods.rocketkv import RocketKV
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, RandomMethod, StreamingLLM, KNorm, SnapKV, PyramidKV, AdaKV, H2O, TOVA,
                                                          A2SF, Keyformer, Scissorhands, RoCo, VATP, RKV,
@@ -84,7 +85,7 @@ METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, RandomMethod, St
                                                          GEAR, ZipCache, MiKV, QAQ, DecoQuant, MiniKV, LeanKV, BitDecoding,
                                                          KVQuant, SKVQ, WKVQuant, KVTuner, Mustafar, ECKVH,
                                                          # the third wave: query-aware sparse decode (issue 29)
-                                                         TidalDecode, RecycledAttention, TokenSelect, ReAttention)}
+                                                         TidalDecode, RecycledAttention, TokenSelect, ReAttention, RocketKV)}
 QUANTIZERS = [name for name, m in METHODS.items() if m.quantizes]
 
 
