@@ -16,7 +16,8 @@ records what the method's scoring needs, and writes one artifact. There is no da
 the text is the quality harness's own filler (nanokv/haystack.py, varied prose), the same
 for a given --seed.
 
-- duoattention: NVIDIA kvpress's training-free "on-the-fly" DuoAttention score
+- duoattention (read by DuoAttention, and by LServe for its streaming heads): NVIDIA kvpress's
+  training-free "on-the-fly" DuoAttention score
   (kvpress/presses/duo_attention_press.py, `duo_attention_on_the_fly`; the paper trains a gate per
   head instead). Per layer and sample: the mean pre-RoPE query and key over the text's tokens
   (the model hands the attention post-RoPE q and k; RoPE is undone by rotating each token back by

@@ -70,6 +70,7 @@ from nanokv.methods.recycled_attention import RecycledAttention
 from nanokv.methods.tokenselect import TokenSelect
 from nanokv.methods.reattention import ReAttention
 from nanokv.methods.rocketkv import RocketKV
+from nanokv.methods.lserve import LServe
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, RandomMethod, StreamingLLM, KNorm, SnapKV, PyramidKV, AdaKV, H2O, TOVA,
                                                          A2SF, Keyformer, Scissorhands, RoCo, VATP, RKV,
@@ -85,7 +86,7 @@ METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, RandomMethod, St
                                                          GEAR, ZipCache, MiKV, QAQ, DecoQuant, MiniKV, LeanKV, BitDecoding,
                                                          KVQuant, SKVQ, WKVQuant, KVTuner, Mustafar, ECKVH,
                                                          # the third wave: query-aware sparse decode (issue 29)
-                                                         TidalDecode, RecycledAttention, TokenSelect, ReAttention, RocketKV)}
+                                                         TidalDecode, RecycledAttention, TokenSelect, ReAttention, RocketKV, LServe)}
 QUANTIZERS = [name for name, m in METHODS.items() if m.quantizes]
 
 
