@@ -160,13 +160,13 @@ def test_reattention_reads_everything_until_the_cache_outgrows_sinks_and_local()
 @pytest.mark.parametrize("name, options, message", [
     ("tokenselect", dict(theta=1.5), r"theta=1\.5 .* must be a number in \[0, 1\]"),
     ("tokenselect", dict(sinks=-1), r"sinks=-1 .* must be an integer >= 0"),
-    ("tokenselect", dict(budget=640), r"budget=640 must exceed sinks \+ local = 640 .* sinks= and local="),
+    ("tokenselect", dict(budget=640, sinks=128, local=512), r"budget=640 must exceed sinks \+ local = 640 .* sinks= and local="),
     ("tokenselect", dict(compression=0.5), r"give --budget .* not --compression=0\.5"),
     ("tokenselect", dict(window=3), r"unknown option 'window' .* valid: sinks, local, theta"),
     ("reattention", dict(top_k=0), r"top_k=0 .* must be an integer >= 1"),
     ("reattention", dict(skip_layers=-1), r"skip_layers=-1 .* must be an integer >= 0"),
     ("reattention", dict(span_size="wide"), r"span_size='wide' .* must be int"),
-    ("reattention", dict(budget=64), r"budget=64 must be at least sinks \+ local \+ span_size = 4160"),
+    ("reattention", dict(budget=64, sinks=32, local=4096), r"budget=64 must be at least sinks \+ local \+ span_size = 4160"),
     ("reattention", dict(compression=0.5), r"give --budget .* not --compression=0\.5"),
 ])
 def test_bad_options_name_the_value_and_the_valid_range(name, options, message):
@@ -349,3 +349,10 @@ def test_preemption_recomputes_densely_and_the_readers_go_on(tiny_dir, name, opt
     outs = llm.generate(PROMPTS, SamplingParams(max_tokens=64, ignore_eos=True))
     assert llm.stats["preemptions"] > 0
     assert [len(o.token_ids) for o in outs] == [64] * 3
+
+
+@pytest.mark.parametrize("name, budget, sinks, local", [("tokenselect", 256, 12, 48), ("reattention", 256, 1, 128)])
+def test_a_budget_below_the_official_one_shrinks_the_windows_in_proportion(name, budget, sinks, local):
+    method = make_method(name, budget=budget)
+    assert (method.sinks, method.local) == (sinks, local)
+    assert make_method(name, budget=budget, sinks=0).sinks == 0  # given: kept

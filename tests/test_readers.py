@@ -19,7 +19,6 @@ PROMPTS = [list(range(10, 10 + n)) for n in (40, 75, 100)]
 class TopSlots(PageReader):
     """Each kv-head's `budget` slots of highest q . k (the most over its query heads)."""
     name, description, paper = "top_slots", "test: exact top-k slots", ""
-    reads = frozenset({"keys"})
 
     def pick(self, step):
         return Picks(slots=top_slots(step.logits().amax(dim=2), self.budget), scored_bytes=step.key_bytes())
@@ -28,7 +27,6 @@ class TopSlots(PageReader):
 class EveryPage(PageReader):
     """Every held page, newest first (the engine puts them back in order)."""
     name, description, paper = "every_page", "test: every page", ""
-    reads = frozenset({"bounds"})
 
     def pick(self, step):
         nb = step.bounds[0].shape[2]

@@ -260,14 +260,15 @@ class StepAttention:
         """A reader that picks for itself (methods/base.py: PageReader.pick): show it the query and
         what it reads, then attend over the pages or the single slots it picked."""
         cache, reader = self.cache, self.selector
+        def fetch(name):
+            if name == "bounds":
+                return {"bounds": cache.table_bounds(tables)}
+            held = cache.read_tables(tables, ("k", "pos"))
+            return {"keys": held["k"], "key_positions": held["pos"]}
+
         step = ReadStep(layer, cache.num_layers, q, self.positions[members], lengths, cache.block_size,
                         cache.pool.dtype.itemsize, [self.read_states.setdefault(i, {}) for i in self.group_seqs[g]],
-                        self.step_states[g], inv_freq=self.inv_freq)
-        if "keys" in reader.reads:
-            held = cache.read_tables(tables, ("k", "pos"))
-            step.keys, step.key_positions = held["k"], held["pos"]
-        if "bounds" in reader.reads:
-            step.bounds = cache.table_bounds(tables)
+                        self.step_states[g], inv_freq=self.inv_freq, fetch=fetch, pages=tables.shape[-1])
         picks = reader.pick(step)
         self.bytes_read += picks.scored_bytes
         if picks.slots is not None:

@@ -131,8 +131,8 @@ a's merged slots restored with b's magnitudes together with its own.
 
 A method that reads only part of the cache each decode step (PageReader) evicts nothing. Quest
 ranks pages by their key bounds in the engine's kernels (`picks_by_bounds`). Any other reader gets,
-at every decode layer from `skip_layers` on, a `ReadStep`: the query, what it `reads` (every held
-key and its position, or each page's key bounds), a state dict per sequence that lives from step to
+at every decode layer from `skip_layers` on, a `ReadStep`: the query, what it reads of the cache (every held
+key and its position, or each page's key bounds: read when first asked for), a state dict per sequence that lives from step to
 step (TokenSelect's last query, Recycled Attention's last full step), and one per step shared by the
 layers (TidalDecode's picks). It returns `Picks`: per kv-head, the pages or the single slots to read,
 and the bytes its scoring read. The engine attends over the picked pages through a reduced table,
@@ -203,32 +203,51 @@ class DecodeStep:
     token_ids: torch.Tensor | None = None
 
 
-@dataclass
 class ReadStep:
     """What a query-aware reader (PageReader.pick) sees for b sequences at one decode layer.
     Nothing is evicted after prefill, so slot j of a head holds the j-th token that head keeps,
-    the same token at every later step (and, where prefill evicted nothing, at every layer)."""
-    layer: int
-    num_layers: int
-    queries: torch.Tensor        # [b, Hq, D] the query (after RoPE)
-    positions: torch.Tensor      # [b] the query's position
-    lengths: torch.Tensor        # [b, H] tokens each head holds, in slots 0 .. length - 1
-    block_size: int              # tokens per page: page p holds slots p * block_size ..
-    itemsize: int                # bytes of one stored number of a key
-    # this sequence's state, one dict each, kept from decode step to decode step (and layer to
-    # layer) until it ends or is preempted: a reader's previous picks, its last query
-    states: list[dict]
-    # shared by this step's layers for these same b sequences (TidalDecode reuses a layer's picks)
-    step_state: dict
-    keys: torch.Tensor | None = None           # [b, H, S, D] the held keys in slot order ("keys");
-    key_positions: torch.Tensor | None = None  # [b, H, S]; S = pages * block_size, garbage past lengths
-    bounds: tuple | None = None   # ("bounds") each page's smallest and largest key per channel [b, H, pages, D]
-    inv_freq: torch.Tensor | None = None  # [D // 2] the model's RoPE speeds: to undo RoPE (ReAttention)
+    the same token at every later step (and, where prefill evicted nothing, at every layer).
+
+    layer, num_layers; queries [b, Hq, D] (after RoPE); positions [b] the query's; lengths [b, H]
+    the tokens each head holds, in slots 0 .. length - 1; block_size: tokens per page (page p holds
+    slots p * block_size ..); itemsize: bytes of one stored number of a key; states: one dict per
+    sequence, kept from decode step to decode step (and layer to layer) until it ends or is
+    preempted (a reader's previous picks, its last query); step_state: shared by this step's layers
+    for these same b sequences (TidalDecode reuses a layer's picks); inv_freq [D // 2]: the model's
+    RoPE speeds, to undo RoPE (ReAttention).
+
+    What the cache holds is read when a reader first asks for it (the engine's `fetch`), so a step
+    that reuses earlier picks reads nothing: `keys` [b, H, S, D] every held key in slot order and
+    `key_positions` [b, H, S] (S = pages * block_size, garbage past lengths); `bounds`, each page's
+    smallest and largest key per channel, ([b, H, pages, D], [b, H, pages, D]).
+    """
+
+    def __init__(self, layer: int, num_layers: int, queries: torch.Tensor, positions: torch.Tensor,
+                 lengths: torch.Tensor, block_size: int, itemsize: int, states: list[dict], step_state: dict,
+                 keys: torch.Tensor | None = None, key_positions: torch.Tensor | None = None,
+                 bounds: tuple | None = None, inv_freq: torch.Tensor | None = None, fetch=None,
+                 pages: int | None = None):
+        self.layer, self.num_layers, self.queries, self.positions = layer, num_layers, queries, positions
+        self.lengths, self.block_size, self.itemsize = lengths, block_size, itemsize
+        self.states, self.step_state, self.inv_freq = states, step_state, inv_freq
+        self._held = {"keys": keys, "key_positions": key_positions, "bounds": bounds}
+        self._fetch = fetch  # name -> {name: tensor, ...}: the engine's read of the cache
+        # S: the slots of the heads' tables (pages of them: their width); a step built by hand holds them
+        self.slots = pages * block_size if pages is not None else \
+            keys.shape[2] if keys is not None else bounds[0].shape[2] * block_size
+
+    def _read(self, name: str):
+        if self._held[name] is None and self._fetch is not None:
+            self._held.update(self._fetch(name))
+        return self._held[name]
+
+    keys = property(lambda self: self._read("keys"))
+    key_positions = property(lambda self: self._read("key_positions"))
+    bounds = property(lambda self: self._read("bounds"))
 
     def held(self) -> torch.Tensor:
         """[b, H, S] bool: the slots each head holds (S as keys)."""
-        S = self.keys.shape[2] if self.keys is not None else self.bounds[0].shape[2] * self.block_size
-        return torch.arange(S, device=self.lengths.device) < self.lengths[..., None]
+        return torch.arange(self.slots, device=self.lengths.device) < self.lengths[..., None]
 
     def logits(self, keys: torch.Tensor | None = None, queries: torch.Tensor | None = None) -> torch.Tensor:
         """[b, H, group, S] float32 q . k / sqrt(D) of each query head over its kv-head's held keys
@@ -262,6 +281,16 @@ def top_slots(scores: torch.Tensor, k: int) -> torch.Tensor:
     -1 where a head has fewer than k candidates."""
     top = scores.topk(min(k, scores.shape[-1]), dim=-1)
     return top.indices.masked_fill(top.values == float("-inf"), -1)
+
+
+def scaled_windows(options: dict, budget: int | None, official_budget: int, windows: dict[str, int]) -> dict:
+    """A reader's fixed windows (sinks, local: their official sizes in `windows`) shrunk in proportion
+    to a budget below the official one, unless the options give them: a small budget then keeps
+    the official shares of sinks, local window and picks instead of being refused."""
+    if budget is not None and budget < official_budget:
+        for name, size in windows.items():
+            options.setdefault(name, size * budget // official_budget)
+    return options
 
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
@@ -600,12 +629,11 @@ class Merger(PrefillSelector):
 class PageReader(Method):
     """Role: evict nothing, and pick the pages (blocks) or the tokens each decode step reads
     (Quest, TidalDecode, Loki, ...). Quest's rule runs in the engine's page-bound kernels
-    (`picks_by_bounds`); every other reader says what it looks at (`reads`) and picks in `pick`."""
+    (`picks_by_bounds`); every other reader picks in `pick`, from what its ReadStep reads."""
     selects_pages = True
 
     skip_layers = 0          # the first layers, whose decode reads every page
     picks_by_bounds = False  # Quest: the engine picks pages_to_read pages by their key bounds
-    reads: frozenset = frozenset()  # what pick's ReadStep holds: "keys" (and their positions), "bounds"
 
     def pages_to_read(self, block_size: int) -> int:
         """Pages each head reads a decode step by Quest's rule (the highest upper bounds on the

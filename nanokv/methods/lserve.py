@@ -62,7 +62,6 @@ class LServe(PageReader):
     description = "streaming heads read sinks + recent pages; the others a reused top of physical pages by key bounds"
     paper = "https://arxiv.org/abs/2502.14866"
     calibration = "duoattention"
-    reads = frozenset({"bounds"})
     options = {
         "static_sparsity": (float, 0.5, "a number in [0, 1] (the share of kv-heads that stream)",
                             lambda v: 0 <= v <= 1),

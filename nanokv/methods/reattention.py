@@ -22,6 +22,8 @@ re_attention/cache_utils_v0921.py, DynamicCache.update): global_size 32 (`sinks`
 (the budget sets the clip: (budget - sinks - local) // span_size spans).
 
 What differs:
+- A budget below the official 8,192 shrinks `sinks` and `local` in proportion (budget 256: 1 and
+  128, room for 3 spans) unless they are given; the official code sets the sizes, not a budget.
 - Positions: the paper re-assigns positions inside the finite scope (the read tokens get
   consecutive positions, pe_original=False) so that a model attends beyond its trained length. The
   engine stores keys after RoPE and attends with each token's own position; re-assigning would need
@@ -42,7 +44,7 @@ What differs:
 
 import torch
 
-from nanokv.methods.base import PageReader, Picks, ReadStep, top_slots
+from nanokv.methods.base import PageReader, Picks, ReadStep, scaled_windows, top_slots
 from nanokv.models.rope import apply_rope, rope_cos_sin
 
 DEFAULT_BUDGET = 8192
@@ -74,7 +76,6 @@ class ReAttention(PageReader):
     name = "reattention"
     description = "query-aware sparse decode: spans around the tokens each head scores highest with RoPE taken off"
     paper = "https://arxiv.org/abs/2407.15176"
-    reads = frozenset({"keys"})
     options = {
         "sinks": (int, 32, "an integer >= 0", lambda v: v >= 0),
         "local": (int, 4096, "an integer >= 0", lambda v: v >= 0),
@@ -87,6 +88,7 @@ class ReAttention(PageReader):
         if compression:
             raise ValueError(f"reattention keeps the whole cache and reads a token budget: give --budget (tokens "
                              f"read per head and step), not --compression={compression!r}")
+        options = scaled_windows(options, budget, DEFAULT_BUDGET, {"sinks": 32, "local": 4096})
         super().__init__(0.0, DEFAULT_BUDGET if budget is None else budget, **options)
 
     @property

@@ -52,7 +52,6 @@ class RecycledAttention(PageReader):
     description = ("query-aware sparse decode: attend fully every few steps, in between only to the tokens "
                    "that step attended to most (cache kept whole)")
     paper = "https://arxiv.org/abs/2411.05787"
-    reads = frozenset({"keys"})
     options = {
         "stride": (int, 10, "an integer >= 1 (decode steps from one full step, or check, to the next)",
                    lambda v: v >= 1),

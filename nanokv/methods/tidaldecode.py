@@ -54,7 +54,6 @@ class TidalDecode(PageReader):
     description = ("query-aware sparse decode: full attention picks the top tokens at a selection layer, "
                    "the layers after it reuse them (cache kept whole)")
     paper = "https://arxiv.org/abs/2410.05076"
-    reads = frozenset({"keys"})
     options = {
         "skip_layers": (int, 2, "an integer >= 0 (the dense layers; the next one selects)", lambda v: v >= 0),
         "correction_layer": (int, -1, "an integer after skip_layers, or -1 (13 of 32 layers, scaled to the "

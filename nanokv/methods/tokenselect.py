@@ -18,6 +18,8 @@ get_topk_tokens: unscaled q . k, a softmax per query head, summed over every que
 layer; a sequence holding no more than the budget reads everything (retrieval_indices).
 
 What differs:
+- A budget below the official 2,688 shrinks `sinks` and `local` in proportion (budget 256: 12 and
+  48) unless they are given; the official code has no budget, only these three sizes.
 - The official cache holds keys before RoPE: it rotates the scoring query to the fixed position
   n_local, so every candidate is scored as if it sat n_local tokens back, and its attention gives
   the read tokens new consecutive positions (the length extrapolation). The engine stores keys after
@@ -41,7 +43,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from nanokv.methods.base import PageReader, Picks, ReadStep, top_slots
+from nanokv.methods.base import PageReader, Picks, ReadStep, scaled_windows, top_slots
 from nanokv.methods.reattention import unrotated
 
 DEFAULT_BUDGET = 2688
@@ -51,7 +53,6 @@ class TokenSelect(PageReader):
     name = "tokenselect"
     description = "query-aware sparse decode: the tokens the query heads soft-vote for, reused while the query holds"
     paper = "https://arxiv.org/abs/2411.02886"
-    reads = frozenset({"keys"})
     options = {
         "sinks": (int, 128, "an integer >= 0", lambda v: v >= 0),
         "local": (int, 512, "an integer >= 0", lambda v: v >= 0),
@@ -62,6 +63,7 @@ class TokenSelect(PageReader):
         if compression:
             raise ValueError(f"tokenselect keeps the whole cache and reads a token budget: give --budget (tokens "
                              f"read per head and step), not --compression={compression!r}")
+        options = scaled_windows(options, budget, DEFAULT_BUDGET, {"sinks": 128, "local": 512})
         super().__init__(0.0, DEFAULT_BUDGET if budget is None else budget, **options)
 
     @property
