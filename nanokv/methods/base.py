@@ -492,7 +492,9 @@ class Method:
                             group=self.group,
                             key_channels=self.kept_channels(head_dim) if self.prunes_key_channels else None,
                             pairs=self.layer_pairs(num_layers), sources=self.layer_sources(num_layers),
-                            slot_fields=self.slot_fields, key_bounds=self.selects_pages)
+                            slot_fields=self.slot_fields,
+                            # page bounds: for readers that rank pages by them (Quest) or read them
+                            key_bounds=self.selects_pages and (self.picks_by_bounds or "bounds" in self.reads))
 
 
 class PrefillSelector(Method):
