@@ -129,7 +129,8 @@ def recorded(model, texts):
 
     for ids in texts:
         run_dense(model, ids, record)
-    return {layer: (torch.cat([q for q, _ in parts]), torch.cat([k for _, k in parts])) for layer, parts in seen.items()}
+    return {layer: (torch.cat([q for q, _ in parts]), torch.cat([k for _, k in parts]))
+            for layer, parts in seen.items()}
 
 
 def test_loki_bases_are_the_principal_components_of_the_post_rope_keys(tiny):
@@ -253,6 +254,7 @@ def test_batched_a_covering_budget_is_full_and_reads_fall_with_the_budget(tiny_d
         if budget == 1024:  # every held slot picked: the attention full runs
             assert [o.token_ids for o in outs] == expected
             assert all(o.metrics["kv_cache_bytes"] == o.metrics["kv_cache_bytes_uncompressed"] for o in outs)
+            assert llm.cache.pool.bytes_per_block == full.cache.pool.bytes_per_block   # no page bounds kept
     # the covering budget reads every held token (K, V: 2 x 32 float32, its int32 position) and scores
     # each on d = 8 or r = 4 of its 32 numbers, in 2 layers x 2 kv-heads; decode step j of 7 holds
     # prompt + j tokens
