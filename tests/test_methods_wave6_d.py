@@ -2,7 +2,7 @@
 principal directions) and double_sparsity (over a few calibrated outlier channels). Picks on
 hand-built keys through a ReadStep, the calibrations against plain restatements on a tiny random
 model, the command end to end, the engine against a plain restatement, continuous batching with
-a budget covering the context (full's tokens), the bytes read, and bad options."""
+a budget covering the context (full's tokens), the bytes read, preemption, and bad options."""
 
 import math
 import re
@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 
-from helpers import byte_tokenizer_json, restated_greedy
+from helpers import assert_preemption_repeats, byte_tokenizer_json, restated_greedy
 from nanokv.artifacts import FORMAT, model_key, write_artifact
 from nanokv.kernels.reference import attention_by_position
 from nanokv.methods import make_method
@@ -263,6 +263,29 @@ def test_batched_a_covering_budget_is_full_and_reads_fall_with_the_budget(tiny_d
     assert read[1024] == pytest.approx(sum(2 * 2 * h * (2 * 32 * 4 + 4 + scored * 4) for h in held) / len(held))
     assert read[1024] > read[32] > read[8]
     assert read[8] < 0.3 * full.stats["kv_bytes_read_per_decode_token"]
+
+
+@pytest.mark.parametrize("method", ["loki", "double_sparsity"])
+def test_preemption_recomputes_densely(tiny_dir, tmp_path, method):
+    """A pool too small for the batch preempts; the recompute runs densely, so with a budget that
+    covers the context it repeats the roomy engine's tokens, and with a small one it still finishes."""
+    from functools import partial
+
+    from nanokv import LLM, SamplingParams
+
+    path, _ = random_artifact(tmp_path, tiny_dir, method)
+    prompts = [prompt(n, seed) for n, seed in ((40, 1), (75, 2), (100, 3))]
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    for budget in (1024, 16):
+        make_llm = partial(LLM, str(tiny_dir), dtype="float32", method=method, budget=budget, skip_layers=0,
+                           calibration_file=str(path))
+        if budget == 1024:
+            assert_preemption_repeats(make_llm, prompts, params, blocks=2 * 2 * 12)
+        else:
+            roomy = make_llm()
+            tight = make_llm(kv_cache_memory=2 * 2 * 12 * roomy.cache.pool.bytes_per_block)
+            outs = tight.generate(prompts, params)
+            assert tight.stats["preemptions"] > 0 and all(len(o.token_ids) == 40 for o in outs)
 
 
 @pytest.mark.parametrize("method, fitted", [("loki", "principal directions"), ("double_sparsity", "mean |q k|")])
