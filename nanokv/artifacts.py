@@ -32,6 +32,10 @@ k_fisher, v_fisher [L] (eckvh's: the bases alone).
 KVQuant's and SKVQ's are safetensors files too, with "head_dim" in the header: one row per layer
 in every tensor (kvquant: k_codebook_b, v_codebook_b [L, 2^b]; skvq: k_cluster_g, v_cluster_g
 [L, H, D], k_clip_b_g, v_clip_b_g [L]; both: inv_freq [L, D / 2], RoPE's, the same in every row).
+So are the query-aware readers' (the same check: "head_dim", one row per layer): loki's k_basis
+[L, H, D, D] and k_variance [L, H, D] (principal directions of the post-RoPE keys, by descending
+variance); double_sparsity's qk_channels, q_channels [L, Hq, D] and k_channels [L, H, D] (each
+channel's mean magnitude).
 
 The model key is the model name as given, made filesystem-safe (a path: its absolute form);
 a file that is a short name's own download (the nanokv cache's GGUF, a Hugging Face cache
@@ -58,7 +62,8 @@ FORMAT = 1
 LOWRANK = ("lorc", "palu", "eckvh")  # the methods whose artifacts are safetensors files of bases
 # calibrated quantizers: safetensors files of per-layer tensors (codebooks, channel orders, clip ratios)
 QUANT_TENSORS = ("kvquant", "skvq")
-TENSORS = LOWRANK + QUANT_TENSORS
+READER_TENSORS = ("loki", "double_sparsity")  # query-aware readers: key bases, channel magnitudes
+TENSORS = LOWRANK + QUANT_TENSORS + READER_TENSORS
 PROFILES = {"headkv": "copy", "headkv_r2": "reason"}  # HeadKV's calibrations -> the profile each holds
 
 def _safe(name: str) -> str:
@@ -167,7 +172,7 @@ def load_calibration(method: str, model: str, num_layers: int, num_kv_heads: int
     if shape != (num_layers, num_kv_heads):
         raise ValueError(f"calibration file {path} is for {shape[0]} layers x {shape[1]} kv-heads, but model {model!r} "
                          f"has {num_layers} x {num_kv_heads}; run `{make}`")
-    if method in QUANT_TENSORS:
+    if method in QUANT_TENSORS + READER_TENSORS:
         return _checked_quant(artifact, path, make, num_layers, head_dim)
     if method in LOWRANK:
         return _checked_bases(artifact, path, make, num_layers, num_kv_heads, head_dim)
@@ -245,8 +250,8 @@ def _checked_smoothing(artifact: dict, path: Path, make: str, num_layers: int, h
 
 
 def _checked_quant(artifact: dict, path: Path, make: str, num_layers: int, head_dim: int | None) -> dict:
-    """A kvquant or skvq artifact: made for this head_dim, every tensor finite with one row per layer
-    (what each tensor holds is the method's: methods/kvquant.py, methods/skvq.py)."""
+    """A kvquant, skvq, loki or double_sparsity artifact: made for this head_dim, every tensor finite with
+    one row per layer (what each tensor holds is the method's: methods/kvquant.py, methods/skvq.py, ...)."""
     dim = artifact.get("head_dim")
     if head_dim is not None and dim != head_dim:
         raise ValueError(f"calibration file {path} is for head_dim {dim}, but the model's is {head_dim}; run `{make}`")

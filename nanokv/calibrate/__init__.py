@@ -1,5 +1,6 @@
 """python -m nanokv.calibrate: the per-model profiles that DuoAttention, HeadKV, Retrieval Head,
-RazorAttention, KVSharer, LoRC, Palu, ECKVH, KVTuner, WKVQuant, KVQuant and SKVQ read.
+RazorAttention, KVSharer, LoRC, Palu, ECKVH, KVTuner, WKVQuant, KVQuant, SKVQ, Loki and Double
+Sparsity read.
 
     python -m nanokv.calibrate duoattention --model smollm2-135m
     python -m nanokv.calibrate headkv --model smollm2-135m --samples 20 --length 2048 --out profile.json
@@ -92,6 +93,11 @@ for a given --seed.
   (nanokv/calibrate/kvquant.py).
 - skvq: per layer and kv-head, SKVQ's channel clusters (k-means on each channel's min and max),
   and per layer the clip ratios of least error (nanokv/calibrate/skvq.py).
+
+- loki: per layer and kv-head, the principal directions of the post-RoPE keys and the variance
+  along each (nanokv/calibrate/loki.py).
+- double_sparsity: per layer and head, each channel's mean |q k| (post-RoPE, the official "qk"
+  outliers), |q| and |k| (pre-RoPE) (nanokv/calibrate/double_sparsity.py).
 
 The artifact's format, where it lives and how it is checked and loaded: nanokv/artifacts.py.
 """

@@ -29,7 +29,9 @@ DEFAULTS = {"duoattention": {"samples": 50, "length": 1024}, "headkv": {"samples
             "eckvh": {"samples": 32, "length": 1024},  # eckvh: as palu's (the paper's calibration set unread)
             "kvtuner": {"samples": 8, "length": 1024}, "wkvquant": {"samples": 4, "length": 512},
             # KVQuant's official 16 samples of 2,048 tokens, SKVQ's 256 of 4,096, scaled down for a CPU
-            "kvquant": {"samples": 16, "length": 1024}, "skvq": {"samples": 16, "length": 1024}}
+            "kvquant": {"samples": 16, "length": 1024}, "skvq": {"samples": 16, "length": 1024},
+            # Loki's official PCA reads WikiText-2, Double Sparsity's 256 Pile samples in blocks of 512
+            "loki": {"samples": 8, "length": 1024}, "double_sparsity": {"samples": 8, "length": 1024}}
 
 
 def calibrate(method: str, model: str, samples: int | None = None, length: int | None = None, seed: int = 0,
@@ -72,6 +74,13 @@ def calibrate(method: str, model: str, samples: int | None = None, length: int |
                             "normalized per block as the codec does (nanokv/calibrate/kvquant.py)" if method == "kvquant"
                             else "per layer and kv-head, channels clustered by their min/max; per layer, clip "
                                  "ratios of least error (nanokv/calibrate/skvq.py)")
+    elif method in ("loki", "double_sparsity"):
+        inputs = calibration_texts(tokenizer, samples, length, seed)
+        settings.update(text="prose haystack (nanokv/haystack.py), length tokens each",
+                        fit="per layer and kv-head, principal directions of the post-RoPE keys (eigenvectors of "
+                            "their covariance) and their variances (nanokv/calibrate/loki.py)" if method == "loki"
+                            else "per layer and head, each channel's mean |q k| (post-RoPE), |q| and |k| (pre-RoPE) "
+                                 "(nanokv/calibrate/double_sparsity.py)")
     elif method in ("lorc", "palu", "eckvh"):
         inputs = calibration_texts(tokenizer, samples, length, seed) if samples else []
         settings.update(text="prose haystack (nanokv/haystack.py), length tokens each" if samples else "none",
@@ -140,6 +149,16 @@ def calibrate(method: str, model: str, samples: int | None = None, length: int |
             tensors = skvq_calibration(net, config, inputs, seed=seed, progress=lambda: bar.update(1))
         bar.close()
         artifact.update(head_dim=config.head_dim, settings=settings, tensors=tensors)
+    elif method in ("loki", "double_sparsity"):
+        bar = tqdm(total=samples, desc=f"calibrating {method}", unit="sample", file=sys.stderr, disable=quiet)
+        if method == "loki":
+            from nanokv.calibrate.loki import loki_bases
+            tensors = loki_bases(net, config, inputs, progress=lambda: bar.update(1))
+        else:
+            from nanokv.calibrate.double_sparsity import channel_magnitudes
+            tensors = channel_magnitudes(net, config, inputs, progress=lambda: bar.update(1))
+        bar.close()
+        artifact.update(head_dim=config.head_dim, settings=settings, tensors=tensors)
     elif method in ("lorc", "palu", "eckvh"):
         heads = config.num_kv_heads
         group = (heads if method == "lorc" else default_group(heads)) if group is None else group
@@ -205,7 +224,7 @@ def parse_args(argv=None):
                    help="short name, local path or Hugging Face repo id (default: smollm2-135m)")
     p.add_argument("--samples", type=int, default=None,
                    help="calibration samples (default: 50; kvsharer 30, palu and eckvh 32, kvquant and skvq 16, "
-                        "razorattention and kvtuner 8, wkvquant 4; lorc reads none)")
+                        "razorattention, kvtuner, loki and double_sparsity 8, wkvquant 4; lorc reads none)")
     p.add_argument("--length", type=int, default=None, help="tokens per sample (default: 1024; kvsharer 64, wkvquant 512)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"],

@@ -521,7 +521,9 @@ class Method:
                             group=self.group,
                             key_channels=self.kept_channels(head_dim) if self.prunes_key_channels else None,
                             pairs=self.layer_pairs(num_layers), sources=self.layer_sources(num_layers),
-                            slot_fields=self.slot_fields, key_bounds=self.selects_pages)
+                            slot_fields=self.slot_fields,
+                            # page bounds: for readers that rank pages by them (Quest) or read them
+                            key_bounds=self.selects_pages and (self.picks_by_bounds or self.reads_bounds))
 
 
 class PrefillSelector(Method):
@@ -634,6 +636,7 @@ class PageReader(Method):
 
     skip_layers = 0          # the first layers, whose decode reads every page
     picks_by_bounds = False  # Quest: the engine picks pages_to_read pages by their key bounds
+    reads_bounds = False     # ReadStep.bounds: the pool keeps each page's key bounds (a cost only then)
 
     def pages_to_read(self, block_size: int) -> int:
         """Pages each head reads a decode step by Quest's rule (the highest upper bounds on the

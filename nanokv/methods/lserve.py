@@ -61,6 +61,7 @@ class LServe(PageReader):
     name = "lserve"
     description = "streaming heads read sinks + recent pages; the others a reused top of physical pages by key bounds"
     paper = "https://arxiv.org/abs/2502.14866"
+    reads_bounds = True
     calibration = "duoattention"
     options = {
         "static_sparsity": (float, 0.5, "a number in [0, 1] (the share of kv-heads that stream)",

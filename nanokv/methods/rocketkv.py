@@ -62,6 +62,7 @@ class RocketKV(SnapKV, PageReader):
     description = ("SnapKV++ eviction at prefill, then per step the top pages of an approximate attention "
                    "(top-r channels of the page key bounds)")
     paper = "https://arxiv.org/abs/2502.14051"
+    reads_bounds = True
     options = {
         "window_size": (int, 32, "an integer >= 1", lambda v: v >= 1),
         "kernel_size": (int, 63, "an odd integer >= 1", lambda v: v >= 1 and v % 2 == 1),
