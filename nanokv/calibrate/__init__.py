@@ -1,5 +1,5 @@
 """python -m nanokv.calibrate: the per-model profiles that DuoAttention, HeadKV, Retrieval Head,
-RazorAttention, KVSharer, LoRC, Palu, ECKVH, KVTuner, WKVQuant, KVQuant and SKVQ read.
+RazorAttention, KVSharer, LoRC, Palu, ECKVH, KVTuner, WKVQuant, KVQuant, SKVQ and Squeezed Attention read.
 
     python -m nanokv.calibrate duoattention --model smollm2-135m
     python -m nanokv.calibrate headkv --model smollm2-135m --samples 20 --length 2048 --out profile.json
@@ -91,6 +91,10 @@ for a given --seed.
   (nanokv/calibrate/kvquant.py).
 - skvq: per layer and kv-head, SKVQ's channel clusters (k-means on each channel's min and max),
   and per layer the clip ratios of least error (nanokv/calibrate/skvq.py).
+
+- squeezed_attention: the threshold on the centroid estimate of attention for every target sparsity:
+  the quantiles 0, 0.01, .., 1 of each clustered key's estimate, over all layers and kv-heads and per
+  layer (nanokv/calibrate/squeezed_attention.py; --clusters, --window as the method's options).
 
 The artifact's format, where it lives and how it is checked and loaded: nanokv/artifacts.py.
 """

@@ -120,6 +120,7 @@ class StepAttention:
         self.groups = [cache.device_group(group, [next(sent) for _ in group.host]) for group in groups]
         # a reader that picks for itself: each group's sequence ids, and its state for this step's layers
         self.group_seqs = [[seq_ids[i] for i in group.host[0].tolist()] for group in groups]
+        self.group_compress_lens = [[self.compress_lens[i] for i in group.host[0].tolist()] for group in groups]
         self.step_states = [{} for _ in groups]
         if on_device:
             self.slots = cache.decode_slots(*self.groups[0][1:])
@@ -262,7 +263,7 @@ class StepAttention:
         cache, reader = self.cache, self.selector
         step = ReadStep(layer, cache.num_layers, q, self.positions[members], lengths, cache.block_size,
                         cache.pool.dtype.itemsize, [self.read_states.setdefault(i, {}) for i in self.group_seqs[g]],
-                        self.step_states[g], inv_freq=self.inv_freq)
+                        self.step_states[g], inv_freq=self.inv_freq, compress_lens=self.group_compress_lens[g])
         if "keys" in reader.reads:
             held = cache.read_tables(tables, ("k", "pos"))
             step.keys, step.key_positions = held["k"], held["pos"]

@@ -224,6 +224,9 @@ class ReadStep:
     key_positions: torch.Tensor | None = None  # [b, H, S]; S = pages * block_size, garbage past lengths
     bounds: tuple | None = None   # ("bounds") each page's smallest and largest key per channel [b, H, pages, D]
     inv_freq: torch.Tensor | None = None  # [D // 2] the model's RoPE speeds: to undo RoPE (ReAttention)
+    # each sequence's leading tokens the method may treat apart, on the host: its prompt, or the
+    # context before its question (LLM.generate's (context, question) prompts); slots 0 .. n - 1
+    compress_lens: list[int] | None = None
 
     def held(self) -> torch.Tensor:
         """[b, H, S] bool: the slots each head holds (S as keys)."""

@@ -65,6 +65,7 @@ from nanokv.methods.wkvquant import WKVQuant
 from nanokv.methods.kvtuner import KVTuner
 from nanokv.methods.mustafar import Mustafar
 from nanokv.methods.eckvh import ECKVH
+from nanokv.methods.squeezed_attention import SqueezedAttention
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, RandomMethod, StreamingLLM, KNorm, SnapKV, PyramidKV, AdaKV, H2O, TOVA,
                                                          A2SF, Keyformer, Scissorhands, RoCo, VATP, RKV,
@@ -78,7 +79,9 @@ METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, RandomMethod, St
                                                          KeepKV,
                                                          # the third wave: quantization and low-rank (issue 28)
                                                          GEAR, ZipCache, MiKV, QAQ, DecoQuant, MiniKV, LeanKV, BitDecoding,
-                                                         KVQuant, SKVQ, WKVQuant, KVTuner, Mustafar, ECKVH)}
+                                                         KVQuant, SKVQ, WKVQuant, KVTuner, Mustafar, ECKVH,
+                                                         # the third wave: query-aware sparse decode (issue 29)
+                                                         SqueezedAttention)}
 QUANTIZERS = [name for name, m in METHODS.items() if m.quantizes]
 
 
