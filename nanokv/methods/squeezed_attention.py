@@ -11,9 +11,10 @@ base) that many user inputs share, so it can be worked on ahead of time:
    S_i = exp(q . C_i / sqrt(D)) / sum_j N_j exp(q . C_j / sqrt(D))   (N_j: cluster j's size),
    and only the keys of clusters with S_i above a threshold T are attended, exactly, together with
    the window and everything after the fixed context, which are always read;
-3. T is one global number calibrated offline for a target sparsity: the `sparsity` quantile of
-   S over every key of every layer and head, S averaged over sample queries (the context's own
-   last `window` tokens, which is why they are left out of the clusters).
+3. T is one global number calibrated offline for a target sparsity (the official
+   run_global_threshold): the `sparsity` quantile of S over every key of every layer and head, S
+   averaged over sample queries, the context's own last `window` tokens (so they are left out of
+   the clusters, and always read).
 The paper also looks clusters up hierarchically (coarse centroids of the fine ones, each level with
 its own threshold) to make the lookup sublinear: a speed device, left out here (one level).
 
@@ -34,11 +35,13 @@ order of S, the first one below T or that no longer fits ending the pick. So T d
 budget is roomy and the budget caps a step's read (but never what is always read). sparsity=0 sets
 no threshold and needs no calibration: the budget alone decides.
 
-Defaults (official code, SqueezeAILab/SqueezedAttention, read in a fork, Duc-Haui/SqueezedAttention
-@ 889d298: offline_clustering.py, squeezedattention/clustering.py, modeling_llama.py,
-LongBench/run_*.sh): clusters=0.05 (`--percent_clusters 5`: int(5% x (context - window)), at least
-1), window=100 (`--observation_window 100`), sparsity=0.7 (the smallest of the run script's
-percentiles 0.7, 0.8, 0.9; pred.py's default is 0.5), every layer (skip_layers=0).
+Defaults, from the official code (SqueezeAILab/SqueezedAttention), read in a fork of it
+(Duc-Haui/SqueezedAttention @ 889d298: offline_clustering.py, squeezedattention/clustering.py,
+LongBench/pred.py, transformers/.../modeling_llama.py): window=100 (`--observation_window` and
+`--obs_window` default 100); clusters=0.05 (the paper's 5% of the context; the centroid count is
+int(percent x (context - window)), at least 1); sparsity=0.7 (the smallest of the percentiles
+0.7, 0.8, 0.9 the fork's run scripts sweep; pred.py's own default is 0.5: not checked against the
+paper's tables); every layer (skip_layers=0: the lookup runs in each layer's attention).
 
 What differs:
 - the clusters are made at the first decode step (no offline prefix store) and their one read of
@@ -47,8 +50,7 @@ What differs:
 - k-means: evenly spaced starts and at most ITERATIONS Lloyd steps, not cuML's k-means++ (seed 0,
   up to 150 iterations);
 - GQA: the cache stores kv-heads, so clusters are per kv-head and a kv-head's S_i is the mean over
-  its query heads (as the official code averages S over the several queries of a user input);
-  the official models have one kv-head per query head;
+  its query heads, as the official lookup averages S over the several queries of a user input;
 - the official threshold is calibrated on each fixed context itself; here on calibration text,
   once per model (`per_layer=true`: each layer's own quantile instead of the global one);
 - the budget: the paper reads whatever passes T; here the clusters also stop at the budget;
@@ -170,28 +172,27 @@ class SqueezedAttention(PageReader):
         low = min(int(at), GRID - 1)
         return float(grid[low] + (at - low) * (grid[low + 1] - grid[low]))
 
-    def _clusters(self, step: ReadStep, i: int, fixed: int):
-        """The state of sequence i at this layer: its clusters of the context's first `fixed` keys."""
-        state = step.states[i]
-        if step.layer not in state:
-            keys = step.keys[i, :, :fixed]
-            C = cluster_count(fixed, self.clusters)
-            if C:
-                centroids, labels, sizes = kmeans(keys, C)
-                state[step.layer] = (centroids.to(keys.dtype), labels, sizes)
-            else:
-                state[step.layer] = None
-            state.setdefault("read", 0)
-            state["read"] += keys.numel() * step.itemsize  # counted once, by the step that clusters
-        return state[step.layer]
+    def cluster(self, keys: torch.Tensor):
+        """Each kv-head's context keys [H, n, D] -> what the sequence keeps for the layer: centroids
+        (in the keys' dtype, as they would be stored), assignment and sizes; None for no keys."""
+        C = cluster_count(keys.shape[1], self.clusters)
+        if not C:
+            return None
+        centroids, labels, sizes = kmeans(keys, C)
+        return centroids.to(keys.dtype), labels, sizes
 
     def pick(self, step: ReadStep) -> Picks:
         b, H, S, D = step.keys.shape
         device = step.keys.device
+        if step.compress_lens is None:
+            raise ValueError(f"{self.name} needs each sequence's context length (ReadStep.compress_lens)")
         fixed = [max(0, n - self.window) for n in step.compress_lens]     # the clustered keys
-        new_reads = [s.get("read", 0) for s in step.states]
-        found = [self._clusters(step, i, n) for i, n in enumerate(fixed)]
-        scored = sum(s["read"] - r for s, r in zip(step.states, new_reads))
+        scored, found = 0, []
+        for i, n in enumerate(fixed):
+            if step.layer not in step.states[i]:  # the sequence's first decode step (or its recompute's)
+                step.states[i][step.layer] = self.cluster(step.keys[i, :, :n])
+                scored += H * n * D * step.itemsize                        # the context's keys, read once
+            found.append(step.states[i][step.layer])
         C = max([1] + [c[0].shape[1] for c in found if c is not None])
         centroids = torch.zeros(b, H, C, D, dtype=step.keys.dtype, device=device)
         sizes = torch.zeros(b, H, C, dtype=torch.long, device=device)
