@@ -375,3 +375,24 @@ def test_calibration_command_restated_and_read_by_the_engine(tiny_dir, tmp_path,
     assert llm.method.threshold(0) == pytest.approx(made["thresholds"][70])
     [out] = llm.generate([prompt(120)], SamplingParams(max_tokens=4, ignore_eos=True))
     assert len(out.token_ids) == 4
+
+
+@pytest.mark.slow
+def test_real_weights_calibrated_engine_matches_the_plain_statement(smollm2_gguf, tmp_path):
+    """SmolLM2 (9 query heads over 3 kv-heads): its own calibration (2 texts), then the engine at the
+    default sparsity against the restatement, both rules cutting; the reads fall below full's."""
+    from nanokv import LLM, SamplingParams
+    from nanokv.calibrate.cli import calibrate
+
+    path = calibrate("squeezed_attention", str(smollm2_gguf), samples=2, length=512, out=tmp_path / "sq.json",
+                     device="cpu", quiet=True, window=32)
+    context, steps, budget = list(range(1000, 1300)), 16, 160
+    llm = LLM(str(smollm2_gguf), dtype="float32", method="squeezed_attention", budget=budget, window=32,
+              calibration_file=str(path))
+    [out] = llm.generate([context], SamplingParams(max_tokens=steps, ignore_eos=True))
+    reference = DenseSqueezed(len(context) - 32, budget, llm.method.threshold(0), 0.05)
+    assert out.token_ids == restated_greedy(llm.model, reference, context, steps)
+    assert reference.cut_by_threshold and reference.cut_by_budget
+    full = LLM(str(smollm2_gguf), dtype="float32")
+    full.generate([context], SamplingParams(max_tokens=steps, ignore_eos=True))
+    assert llm.stats["kv_bytes_read_per_decode_token"] < 0.6 * full.stats["kv_bytes_read_per_decode_token"]

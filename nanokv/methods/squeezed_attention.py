@@ -199,9 +199,9 @@ class SqueezedAttention(PageReader):
         labels = torch.full((b, H, S), C, dtype=torch.long, device=device)  # cluster C: always read
         for i, c in enumerate(found):
             if c is not None:
-                n = c[0].shape[1]
-                centroids[i, :, :n], labels[i, :, :fixed[i]], sizes[i, :, :n] = c
-                scored += H * n * D * step.itemsize                        # the centroids, every step
+                count = c[0].shape[1]
+                centroids[i, :, :count], labels[i, :, :fixed[i]], sizes[i, :, :count] = c
+                scored += H * count * D * step.itemsize                    # the centroids, every step
         est = cluster_estimates(step.queries.view(b, H, -1, D), centroids, sizes)
         order = est.argsort(dim=-1, descending=True, stable=True)
         always = step.lengths - torch.tensor(fixed, device=device)[:, None]  # window + what follows
