@@ -367,10 +367,10 @@ def test_calibration_command_restated_and_read_by_the_engine(tiny_dir, tmp_path,
                 values.append(est[labels[h]])
         per_layer.append(torch.cat(values))
     qs = torch.linspace(0, 1, 101, dtype=torch.float64)
-    assert torch.allclose(torch.tensor(made["thresholds"], dtype=torch.float64), torch.quantile(torch.cat(per_layer), qs), rtol=1e-4)
+    grid = lambda row: torch.tensor(row, dtype=torch.float64)  # noqa: E731
+    assert torch.allclose(grid(made["thresholds"]), torch.quantile(torch.cat(per_layer), qs), rtol=1e-4)
     for layer in range(2):
-        assert torch.allclose(torch.tensor(made["layer_thresholds"][layer], dtype=torch.float64), torch.quantile(per_layer[layer], qs),
-                              rtol=1e-4)
+        assert torch.allclose(grid(made["layer_thresholds"][layer]), torch.quantile(per_layer[layer], qs), rtol=1e-4)
     llm = LLM(str(tiny_dir), dtype="float32", method="squeezed_attention", budget=64, clusters=0.1, window=16)
     assert llm.method.threshold(0) == pytest.approx(made["thresholds"][70])
     [out] = llm.generate([prompt(120)], SamplingParams(max_tokens=4, ignore_eos=True))
