@@ -29,6 +29,10 @@ gD = group x head_dim; column i of a basis is its i-th most important direction)
 v_spectrum, k_bias, v_bias [L, G, gD], and lorc's k_condition, v_condition [L] or palu's
 k_fisher, v_fisher [L] (eckvh's: the bases alone).
 
+squeezed_attention's holds "thresholds" (101 nondecreasing floats: the quantiles 0, 0.01, .., 1 of
+the centroid estimate S over every clustered key) and "layer_thresholds" (num_layers such lists, each
+layer's own), with "clusters" and "window" in its settings.
+
 KVQuant's and SKVQ's are safetensors files too, with "head_dim" in the header: one row per layer
 in every tensor (kvquant: k_codebook_b, v_codebook_b [L, 2^b]; skvq: k_cluster_g, v_cluster_g
 [L, H, D], k_clip_b_g, v_clip_b_g [L]; both: inv_freq [L, D / 2], RoPE's, the same in every row).
@@ -194,6 +198,15 @@ def load_calibration(method: str, model: str, num_layers: int, num_kv_heads: int
         return artifact
     if method == "wkvquant":
         return _checked_smoothing(artifact, path, make, num_layers, head_dim)
+    if method == "squeezed_attention":
+        rows = [artifact.get("thresholds")] + list(artifact.get("layer_thresholds") or [None])
+        if not (len(rows) == num_layers + 1 and all(
+                isinstance(row, list) and len(row) == 101 and all(isinstance(x, (int, float)) and math.isfinite(x)
+                                                                  for x in row)
+                and all(a <= b for a, b in zip(row, row[1:])) for row in rows)):
+            raise ValueError(f"calibration file {path}: thresholds and each of {num_layers} layer_thresholds are not "
+                             f"101 finite nondecreasing numbers; run `{make}`")
+        return artifact
     scores = artifact.get("head_scores")
     if not (isinstance(scores, list) and len(scores) == num_layers and
             all(isinstance(row, list) and len(row) == num_kv_heads and

@@ -1,6 +1,6 @@
 """python -m nanokv.calibrate: the per-model profiles that DuoAttention, HeadKV, Retrieval Head,
-RazorAttention, KVSharer, LoRC, Palu, ECKVH, KVTuner, WKVQuant, KVQuant, SKVQ, Loki and Double
-Sparsity read.
+RazorAttention, KVSharer, LoRC, Palu, ECKVH, KVTuner, WKVQuant, KVQuant, SKVQ, Loki, Double
+Sparsity and Squeezed Attention read.
 
     python -m nanokv.calibrate duoattention --model smollm2-135m
     python -m nanokv.calibrate headkv --model smollm2-135m --samples 20 --length 2048 --out profile.json
@@ -98,6 +98,9 @@ for a given --seed.
   along each (nanokv/calibrate/loki.py).
 - double_sparsity: per layer and head, each channel's mean |q k| (post-RoPE, the official "qk"
   outliers), |q| and |k| (pre-RoPE) (nanokv/calibrate/double_sparsity.py).
+- squeezed_attention: the threshold on the centroid estimate of attention for every target sparsity:
+  the quantiles 0, 0.01, .., 1 of each clustered key's estimate, over all layers and kv-heads and per
+  layer (nanokv/calibrate/squeezed_attention.py; --clusters, --window as the method's options).
 
 The artifact's format, where it lives and how it is checked and loaded: nanokv/artifacts.py.
 """

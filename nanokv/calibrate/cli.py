@@ -31,17 +31,21 @@ DEFAULTS = {"duoattention": {"samples": 50, "length": 1024}, "headkv": {"samples
             # KVQuant's official 16 samples of 2,048 tokens, SKVQ's 256 of 4,096, scaled down for a CPU
             "kvquant": {"samples": 16, "length": 1024}, "skvq": {"samples": 16, "length": 1024},
             # Loki's official PCA reads WikiText-2, Double Sparsity's 256 Pile samples in blocks of 512
-            "loki": {"samples": 8, "length": 1024}, "double_sparsity": {"samples": 8, "length": 1024}}
+            "loki": {"samples": 8, "length": 1024}, "double_sparsity": {"samples": 8, "length": 1024},
+            # squeezed_attention: the official calibrates on each fixed context itself; these texts stand
+            # for the contexts to come (nanokv's choice)
+            "squeezed_attention": {"samples": 16, "length": 1024}}
 
 
 def calibrate(method: str, model: str, samples: int | None = None, length: int | None = None, seed: int = 0,
               out: str | Path | None = None, dtype: str = "float32", device: str | None = None,
               quiet: bool = False, share_layers: int | None = None, threshold: float = 0.5,
-              group: int | None = None) -> Path:
+              group: int | None = None, clusters: float | None = None, window: int | None = None) -> Path:
     """Make and write the artifact of `method` for `model` -> its path. kvsharer: at most
     `share_layers` (default: half the layers) pairs, each kept above `threshold`. lorc, palu: bases
     per `group` consecutive kv-heads (lorc: all of a layer's; palu, eckvh: 4, or the largest divisor of
-    the kv-heads below 4)."""
+    the kv-heads below 4). squeezed_attention: `clusters` centroids per clustered key and the newest
+    `window` tokens of each text as the sample queries (default: the method's, 0.05 and 100)."""
     from tqdm import tqdm
 
     from nanokv.hardware import resolve_device, resolve_dtype
@@ -67,7 +71,24 @@ def calibrate(method: str, model: str, samples: int | None = None, length: int |
     make_tokenizer = Tokenizer.from_gguf if source.kind == "gguf" else Tokenizer.from_dir
     tokenizer = make_tokenizer(source.path)
     settings = {"samples": samples, "length": length, "seed": seed, "dtype": dtype}
-    if method in ("kvquant", "skvq"):
+    if method == "squeezed_attention":
+        from nanokv.methods.squeezed_attention import SqueezedAttention
+
+        defaults = SqueezedAttention.options
+        clusters = defaults["clusters"][1] if clusters is None else clusters
+        window = defaults["window"][1] if window is None else window
+        if not (isinstance(clusters, (int, float)) and 0 < clusters <= 1):
+            raise ValueError(f"--clusters must be in (0, 1] (centroids per clustered key), got {clusters!r}")
+        if not (isinstance(window, int) and 1 <= window < length):
+            raise ValueError(f"--window must be in [1, {length}) (below --length {length}), got {window!r}")
+        inputs = calibration_texts(tokenizer, samples, length, seed)
+        settings.update(clusters=float(clusters), window=window,
+                        text="prose haystack (nanokv/haystack.py), length tokens each",
+                        score="per layer and kv-head, k-means of all but the last window keys (directions); the "
+                              "centroid estimate S of each cluster, mean over the kv-head's query heads and the last "
+                              "window queries, handed to its keys; the quantiles 0, 0.01, .., 1 over all keys (and "
+                              "per layer)")
+    elif method in ("kvquant", "skvq"):
         inputs = calibration_texts(tokenizer, samples, length, seed)
         settings.update(text="prose haystack (nanokv/haystack.py), length tokens each",
                         fit="per layer, k-means codebooks (2 and 4 bits) of the pre-RoPE keys and the values, "
@@ -139,7 +160,14 @@ def calibrate(method: str, model: str, samples: int | None = None, length: int |
     net, config = load_model(source.kind, source.path, torch_dtype, device, pack=False)  # weights read as such
     artifact = {"format": FORMAT, "method": method, "model": model_key(model), "num_layers": config.num_layers,
                 "num_kv_heads": config.num_kv_heads}
-    if method in ("kvquant", "skvq"):
+    if method == "squeezed_attention":
+        from nanokv.calibrate.squeezed_attention import squeezed_thresholds
+
+        bar = tqdm(total=samples, desc="calibrating squeezed_attention", unit="sample", file=sys.stderr, disable=quiet)
+        thresholds, layer_thresholds = squeezed_thresholds(net, config, inputs, clusters, window, lambda: bar.update(1))
+        bar.close()
+        artifact.update(thresholds=thresholds, layer_thresholds=layer_thresholds, settings=settings)
+    elif method in ("kvquant", "skvq"):
         bar = tqdm(total=samples, desc=f"calibrating {method}", unit="sample", file=sys.stderr, disable=quiet)
         if method == "kvquant":
             from nanokv.calibrate.kvquant import kvquant_codebooks
@@ -223,8 +251,9 @@ def parse_args(argv=None):
     p.add_argument("--model", default=None,
                    help="short name, local path or Hugging Face repo id (default: smollm2-135m)")
     p.add_argument("--samples", type=int, default=None,
-                   help="calibration samples (default: 50; kvsharer 30, palu and eckvh 32, kvquant and skvq 16, "
-                        "razorattention, kvtuner, loki and double_sparsity 8, wkvquant 4; lorc reads none)")
+                   help="calibration samples (default: 50; kvsharer 30, palu and eckvh 32, kvquant, skvq and "
+                        "squeezed_attention 16, razorattention, kvtuner, loki and double_sparsity 8, wkvquant 4; "
+                        "lorc reads none)")
     p.add_argument("--length", type=int, default=None, help="tokens per sample (default: 1024; kvsharer 64, wkvquant 512)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"],
@@ -237,6 +266,11 @@ def parse_args(argv=None):
     p.add_argument("--group", type=int, default=None,
                    help="lorc, palu, eckvh: consecutive kv-heads that share one latent (default: lorc all of a "
                         "layer's, palu and eckvh 4 or the largest divisor of the kv-heads below it)")
+    p.add_argument("--clusters", type=float, default=None,
+                   help="squeezed_attention: centroids per clustered key (default: 0.05)")
+    p.add_argument("--window", type=int, default=None,
+                   help="squeezed_attention: each text's newest tokens, left unclustered, as the sample queries "
+                        "(default: 100)")
     p.add_argument("--out", type=Path, default=None,
                    help="where to write the artifact (default: the nanokv cache, where LLM looks)")
     return p.parse_args(argv)
@@ -249,7 +283,8 @@ def main(argv=None) -> int:
     model = args.model or DEFAULT_MODEL
     try:
         path = calibrate(args.method, model, args.samples, args.length, args.seed, args.out, args.dtype, args.device,
-                         share_layers=args.share_layers, threshold=args.threshold, group=args.group)
+                         share_layers=args.share_layers, threshold=args.threshold, group=args.group,
+                         clusters=args.clusters, window=args.window)
     except ValueError as e:  # ModelNotFoundError and ModelLoadError are ValueErrors with one-line messages
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -119,7 +119,9 @@ class StepAttention:
         cache.apply_table_edits([next(sent) for _ in edits])
         self.groups = [cache.device_group(group, [next(sent) for _ in group.host]) for group in groups]
         # a reader that picks for itself: each group's sequence ids, and its state for this step's layers
-        self.group_seqs = [[seq_ids[i] for i in group.host[0].tolist()] for group in groups]
+        members = [group.host[0].tolist() for group in groups]
+        self.group_seqs = [[seq_ids[i] for i in rows] for rows in members]
+        self.group_compress_lens = [[self.compress_lens[i] for i in rows] for rows in members]
         self.step_states = [{} for _ in groups]
         if on_device:
             self.slots = cache.decode_slots(*self.groups[0][1:])
@@ -268,7 +270,8 @@ class StepAttention:
 
         step = ReadStep(layer, cache.num_layers, q, self.positions[members], lengths, cache.block_size,
                         cache.pool.dtype.itemsize, [self.read_states.setdefault(i, {}) for i in self.group_seqs[g]],
-                        self.step_states[g], inv_freq=self.inv_freq, fetch=fetch, pages=tables.shape[-1])
+                        self.step_states[g], inv_freq=self.inv_freq, fetch=fetch, pages=tables.shape[-1],
+                        compress_lens=self.group_compress_lens[g])
         picks = reader.pick(step)
         self.bytes_read += picks.scored_bytes
         if picks.slots is not None:

@@ -214,7 +214,9 @@ class ReadStep:
     sequence, kept from decode step to decode step (and layer to layer) until it ends or is
     preempted (a reader's previous picks, its last query); step_state: shared by this step's layers
     for these same b sequences (TidalDecode reuses a layer's picks); inv_freq [D // 2]: the model's
-    RoPE speeds, to undo RoPE (ReAttention).
+    RoPE speeds, to undo RoPE (ReAttention); compress_lens: each sequence's leading tokens the
+    method may treat apart, on the host: its prompt, or the context before its question
+    (LLM.generate's (context, question) prompts), slots 0 .. n - 1 (Squeezed Attention's context).
 
     What the cache holds is read when a reader first asks for it (the engine's `fetch`), so a step
     that reuses earlier picks reads nothing: `keys` [b, H, S, D] every held key in slot order and
@@ -226,10 +228,11 @@ class ReadStep:
                  lengths: torch.Tensor, block_size: int, itemsize: int, states: list[dict], step_state: dict,
                  keys: torch.Tensor | None = None, key_positions: torch.Tensor | None = None,
                  bounds: tuple | None = None, inv_freq: torch.Tensor | None = None, fetch=None,
-                 pages: int | None = None):
+                 pages: int | None = None, compress_lens: list[int] | None = None):
         self.layer, self.num_layers, self.queries, self.positions = layer, num_layers, queries, positions
         self.lengths, self.block_size, self.itemsize = lengths, block_size, itemsize
         self.states, self.step_state, self.inv_freq = states, step_state, inv_freq
+        self.compress_lens = compress_lens
         self._held = {"keys": keys, "key_positions": key_positions, "bounds": bounds}
         self._fetch = fetch  # name -> {name: tensor, ...}: the engine's read of the cache
         # S: the slots of the heads' tables (pages of them: their width); a step built by hand holds them
