@@ -27,6 +27,7 @@ class TopSlots(PageReader):
 class EveryPage(PageReader):
     """Every held page, newest first (the engine puts them back in order)."""
     name, description, paper = "every_page", "test: every page", ""
+    reads_bounds = True
 
     def pick(self, step):
         nb = step.bounds[0].shape[2]
