@@ -26,8 +26,8 @@ pytestmark = [pytest.mark.gpu,
 
 PROMPT_LENGTHS = (7, 64, 300, 1100)
 STEPS = 8
-CALIBRATED = ("duoattention", "headkv", "kvsharer", "lorc", "palu", "retrieval_head", "razorattention", "eckvh",
-              "kvtuner", "wkvquant", "kvquant", "skvq")
+# the artifact each calibrated method reads (lserve reads duoattention's)
+CALIBRATED = {name: m.calibration for name, m in METHODS.items() if m.calibration}
 
 
 def knob(name: str) -> dict:
@@ -79,12 +79,16 @@ def calibrations(path, folder) -> dict:
     (duoattention, headkv), two shared layer pairs (kvsharer), the weights' bases (lorc), the
     whitened bases with Fisher weights over two short texts (palu), the activations' bases over
     them (eckvh), and over them too the codebooks (kvquant) and the channel clusters and clip
-    ratios (skvq)."""
+    ratios (skvq), the keys' principal directions (loki), the channel magnitudes (double_sparsity)
+    and the centroid thresholds (squeezed_attention)."""
     from nanokv.calibrate import model_key, write_artifact
     from nanokv.calibrate.eckvh import activation_bases
     from nanokv.calibrate.lowrank import default_group, fisher_information, weight_bases, whitened_bases
     from nanokv.calibrate.kvquant import kvquant_codebooks
     from nanokv.calibrate.skvq import skvq_calibration
+    from nanokv.calibrate.loki import loki_bases
+    from nanokv.calibrate.double_sparsity import channel_magnitudes
+    from nanokv.calibrate.squeezed_attention import squeezed_thresholds
     from nanokv.loading import load_model
 
     model, cfg = load_model("hf_dir", path, torch.float32, pack=False)
@@ -113,6 +117,10 @@ def calibrations(path, folder) -> dict:
         # codebooks from blocks of 32 tokens (the texts are shorter than the codec's 128)
         "kvquant": {"head_dim": cfg.head_dim, "tensors": kvquant_codebooks(model, cfg, texts, block_size=32)},
         "skvq": {"head_dim": cfg.head_dim, "tensors": skvq_calibration(model, cfg, texts)},
+        "loki": {"head_dim": cfg.head_dim, "tensors": loki_bases(model, cfg, texts)},
+        "double_sparsity": {"head_dim": cfg.head_dim, "tensors": channel_magnitudes(model, cfg, texts)},
+        "squeezed_attention": dict(zip(("thresholds", "layer_thresholds"),
+                                       squeezed_thresholds(model, cfg, texts, clusters=0.05, window=16))),
     }
     files = {}
     for method, fields in artifacts.items():
@@ -131,7 +139,7 @@ def run(path, files, name, device, kernels):
     from nanokv import LLM, SamplingParams
 
     calibrated = [part for part in name.split("+") if part in CALIBRATED]  # an evictor's, or a quantizer's
-    extra = {"calibration_file": str(files[calibrated[0]])} if calibrated else {}
+    extra = {"calibration_file": str(files[CALIBRATED[calibrated[0]]])} if calibrated else {}
     llm = LLM(str(path), dtype="float32", device=device, method=name, kernels=kernels,
               kv_cache_memory=256 << 20, **knob(name), **extra)
     outs = llm.generate(prompts(), SamplingParams(max_tokens=STEPS, ignore_eos=True))
