@@ -9,24 +9,14 @@ import re
 import pytest
 import torch
 
-from helpers import byte_tokenizer_json, restated_greedy
+from helpers import restated_greedy
 from nanokv.kernels.reference import attention_by_position
 from test_quant_cache import fake_quant
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """A random 2-layer Llama (4 query heads over 2 kv-heads of 32) with a byte-level tokenizer."""
-    import transformers as T
-
-    torch.manual_seed(0)
-    config = T.LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
-                           max_position_embeddings=1024)
-    path = tmp_path_factory.mktemp("tiny-llama-d32")
-    T.AutoModelForCausalLM.from_config(config).float().save_pretrained(path)
-    (path / "tokenizer.json").write_text(byte_tokenizer_json())
-    return path
+def tiny_dir(tiny_gqa_dir):
+    return tiny_gqa_dir
 
 
 def prompt(n, seed=1):

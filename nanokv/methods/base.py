@@ -641,6 +641,18 @@ class PageReader(Method):
     picks_by_bounds = False  # Quest: the engine picks pages_to_read pages by their key bounds
     reads_bounds = False     # ReadStep.bounds: the pool keeps each page's key bounds (a cost only then)
 
+    default_budget = 1024    # tokens each kv-head reads a decode step when no --budget is given
+
+    def __init__(self, compression: float = 0.0, budget: int | None = None, **options):
+        if compression:
+            raise ValueError(f"{self.name} keeps the whole cache and reads a token budget: give --budget (tokens "
+                             f"read per head and step, e.g. 256), not --compression={compression!r}")
+        super().__init__(0.0, self.default_budget if budget is None else budget, **options)
+
+    @property
+    def compresses(self) -> bool:
+        return False  # nothing is evicted
+
     def pages_to_read(self, block_size: int) -> int:
         """Pages each head reads a decode step by Quest's rule (the highest upper bounds on the
         query's attention logit, the newest page always: kernels.reference.quest_pages)."""

@@ -38,7 +38,6 @@ import torch
 
 from nanokv.methods.base import CALIBRATION_FILE, PageReader, Picks, ReadStep, top_slots
 
-DEFAULT_BUDGET = 256
 OUTLIERS = ("qk", "q", "k")
 
 
@@ -46,6 +45,7 @@ class DoubleSparsity(PageReader):
     name = "double_sparsity"
     description = "query-aware sparse decode: top tokens by attention over a few calibrated outlier channels"
     paper = "https://arxiv.org/abs/2408.07092"
+    default_budget = 256
     calibration = "double_sparsity"
     options = {
         "channel_fraction": (float, 0.125, "a fraction in (0, 1] of the head's channels scored (r / D)",
@@ -58,15 +58,8 @@ class DoubleSparsity(PageReader):
     magnitudes: torch.Tensor | None = None   # [L, H, D] from bind_calibration: summed over each group
 
     def __init__(self, compression: float = 0.0, budget: int | None = None, **options):
-        if compression:
-            raise ValueError(f"double_sparsity keeps the whole cache and reads a token budget: give --budget "
-                             f"(tokens read per head and step, e.g. 256), not --compression={compression!r}")
-        super().__init__(0.0, DEFAULT_BUDGET if budget is None else budget, **options)
+        super().__init__(compression, budget, **options)
         self._on_device = {}
-
-    @property
-    def compresses(self) -> bool:
-        return False  # nothing is evicted
 
     def bind_calibration(self, artifact: dict):
         found = artifact["tensors"].get(f"{self.outliers}_channels")

@@ -38,13 +38,12 @@ import torch
 
 from nanokv.methods.base import CALIBRATION_FILE, PageReader, Picks, ReadStep, top_slots
 
-DEFAULT_BUDGET = 1024
-
 
 class Loki(PageReader):
     name = "loki"
     description = "query-aware sparse decode: top tokens by attention over the keys' top principal directions"
     paper = "https://arxiv.org/abs/2406.02542"
+    default_budget = 1024
     calibration = "loki"
     options = {
         "dim_fraction": (float, 0.25, "a fraction in (0, 1] of the head's dimensions scored (Loki's d_f)",
@@ -55,15 +54,8 @@ class Loki(PageReader):
     bases: torch.Tensor | None = None   # [L, H, D, D] from bind_calibration: column i, the i-th direction
 
     def __init__(self, compression: float = 0.0, budget: int | None = None, **options):
-        if compression:
-            raise ValueError(f"loki keeps the whole cache and reads a token budget: give --budget (tokens read "
-                             f"per head and step, e.g. 256), not --compression={compression!r}")
-        super().__init__(0.0, DEFAULT_BUDGET if budget is None else budget, **options)
+        super().__init__(compression, budget, **options)
         self._on_device = {}
-
-    @property
-    def compresses(self) -> bool:
-        return False  # nothing is evicted
 
     def bind_calibration(self, artifact: dict):
         basis = artifact["tensors"].get("k_basis")

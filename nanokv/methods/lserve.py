@@ -54,13 +54,12 @@ import torch
 
 from nanokv.methods.base import CALIBRATION_FILE, PageReader, Picks, ReadStep, top_slots
 
-DEFAULT_BUDGET = 4096
-
 
 class LServe(PageReader):
     name = "lserve"
     description = "streaming heads read sinks + recent pages; the others a reused top of physical pages by key bounds"
     paper = "https://arxiv.org/abs/2502.14866"
+    default_budget = 4096
     reads_bounds = True
     calibration = "duoattention"
     options = {
@@ -76,16 +75,9 @@ class LServe(PageReader):
     head_scores: torch.Tensor | None = None  # [L, H] from bind_calibration
 
     def __init__(self, compression: float = 0.0, budget: int | None = None, **options):
-        if compression:
-            raise ValueError(f"lserve keeps the whole cache and reads a token budget: give --budget (tokens a "
-                             f"retrieval head reads per step, e.g. 4096), not --compression={compression!r}")
-        super().__init__(0.0, DEFAULT_BUDGET if budget is None else budget, **options)
+        super().__init__(compression, budget, **options)
         if self.static_sparsity == 0:
             self.calibration = None  # no head streams: nothing to read the scores for
-
-    @property
-    def compresses(self) -> bool:
-        return False  # nothing is evicted
 
     def bind_calibration(self, artifact: dict):
         self.head_scores = torch.tensor(artifact["head_scores"], dtype=torch.float64, device="cpu")

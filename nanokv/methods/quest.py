@@ -28,28 +28,17 @@ K pages wide whatever the picks, so no layer waits for the GPU to say how many i
 
 from nanokv.methods.base import PageReader
 
-DEFAULT_BUDGET = 1024
-
 
 class Quest(PageReader):
     name = "quest"
     description = "query-aware sparse decode: read only the top pages by a key min/max bound (cache kept whole)"
     paper = "https://arxiv.org/abs/2406.10774"
+    default_budget = 1024
     picks_by_bounds = True
     options = {
         "skip_layers": (int, 2, "an integer >= 0", lambda v: v >= 0),
         "min_pages": (int, 3, "an integer >= 1", lambda v: v >= 1),
     }
-
-    def __init__(self, compression: float = 0.0, budget: int | None = None, **options):
-        if compression:
-            raise ValueError(f"quest keeps the whole cache and reads a token budget: give --budget (tokens read "
-                             f"per head and step, e.g. 256), not --compression={compression!r}")
-        super().__init__(0.0, DEFAULT_BUDGET if budget is None else budget, **options)
-
-    @property
-    def compresses(self) -> bool:
-        return False  # nothing is evicted
 
     def pages_to_read(self, block_size: int) -> int:
         return max(self.min_pages, self.budget // block_size)

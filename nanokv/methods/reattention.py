@@ -47,8 +47,6 @@ import torch
 from nanokv.methods.base import PageReader, Picks, ReadStep, scaled_windows, top_slots
 from nanokv.models.rope import apply_rope, rope_cos_sin
 
-DEFAULT_BUDGET = 8192
-
 
 def unrotated(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor | None, method: str) -> torch.Tensor:
     """x [..., D] rotated by RoPE at `positions` [...] -> float32 x before the rotation (a rotation
@@ -76,6 +74,7 @@ class ReAttention(PageReader):
     name = "reattention"
     description = "query-aware sparse decode: spans around the tokens each head scores highest with RoPE taken off"
     paper = "https://arxiv.org/abs/2407.15176"
+    default_budget = 8192
     options = {
         "sinks": (int, 32, "an integer >= 0", lambda v: v >= 0),
         "local": (int, 4096, "an integer >= 0", lambda v: v >= 0),
@@ -85,15 +84,8 @@ class ReAttention(PageReader):
     }
 
     def __init__(self, compression: float = 0.0, budget: int | None = None, **options):
-        if compression:
-            raise ValueError(f"reattention keeps the whole cache and reads a token budget: give --budget (tokens "
-                             f"read per head and step), not --compression={compression!r}")
-        options = scaled_windows(options, budget, DEFAULT_BUDGET, {"sinks": 32, "local": 4096})
-        super().__init__(0.0, DEFAULT_BUDGET if budget is None else budget, **options)
-
-    @property
-    def compresses(self) -> bool:
-        return False  # nothing is evicted
+        options = scaled_windows(options, budget, self.default_budget, {"sinks": 32, "local": 4096})
+        super().__init__(compression, budget, **options)
 
     def check_budget(self):
         least = self.sinks + self.local + self.span_size

@@ -43,7 +43,6 @@ import torch
 
 from nanokv.methods.base import PageReader, Picks, ReadStep, top_slots
 
-DEFAULT_BUDGET = 2048
 SCHEDULES = ("fixed", "query")
 
 
@@ -52,6 +51,7 @@ class RecycledAttention(PageReader):
     description = ("query-aware sparse decode: attend fully every few steps, in between only to the tokens "
                    "that step attended to most (cache kept whole)")
     paper = "https://arxiv.org/abs/2411.05787"
+    default_budget = 2048
     options = {
         "stride": (int, 10, "an integer >= 1 (decode steps from one full step, or check, to the next)",
                    lambda v: v >= 1),
@@ -61,16 +61,6 @@ class RecycledAttention(PageReader):
         "threshold": (float, 0.85, "a number in (0, 1] (schedule=query: attend fully below this cosine similarity)",
                       lambda v: 0 < v <= 1),
     }
-
-    def __init__(self, compression: float = 0.0, budget: int | None = None, **options):
-        if compression:
-            raise ValueError(f"recycled_attention keeps the whole cache and reads a token budget: give --budget "
-                             f"(tokens read per head and step, e.g. 2048), not --compression={compression!r}")
-        super().__init__(0.0, DEFAULT_BUDGET if budget is None else budget, **options)
-
-    @property
-    def compresses(self) -> bool:
-        return False  # nothing is evicted
 
     def ranking(self, step: ReadStep, held: torch.Tensor) -> torch.Tensor:
         """[b, H, budget] the slots this query attends to most, best first (-1 after)."""

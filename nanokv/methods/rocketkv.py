@@ -54,8 +54,6 @@ import torch
 from nanokv.methods.base import PageReader, Picks, ReadStep, top_slots
 from nanokv.methods.snapkv import SnapKV
 
-DEFAULT_BUDGET = 1024
-
 
 class RocketKV(SnapKV, PageReader):
     name = "rocketkv"
@@ -75,7 +73,11 @@ class RocketKV(SnapKV, PageReader):
         if compression:
             raise ValueError(f"rocketkv splits a token budget between its two stages: give --budget (tokens read "
                              f"per head and step, e.g. 256), not --compression={compression!r}")
-        super().__init__(0.0, DEFAULT_BUDGET if budget is None else budget, **options)
+        super().__init__(0.0, budget, **options)
+
+    @property
+    def compresses(self) -> bool:
+        return True  # stage 1 evicts at prefill (a PageReader alone evicts nothing)
 
     def check_budget(self):
         if self.budget <= self.window_size:

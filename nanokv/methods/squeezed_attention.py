@@ -64,7 +64,6 @@ import torch.nn.functional as F
 
 from nanokv.methods.base import CALIBRATION_FILE, PageReader, Picks, ReadStep, top_slots
 
-DEFAULT_BUDGET = 1024
 ITERATIONS = 50          # Lloyd steps at most (they stop earlier once no key changes cluster)
 CHUNK = 1 << 22          # key-centroid products per piece: bounds k-means' memory on long contexts
 GRID = 100               # the artifact's thresholds: quantiles 0, 1 / GRID, .., 1
@@ -130,6 +129,7 @@ class SqueezedAttention(PageReader):
     description = ("query-aware sparse decode: k-means clusters of the context's keys; read the clusters whose "
                    "centroid estimate passes a calibrated threshold (cache kept whole)")
     paper = "https://arxiv.org/abs/2411.09688"
+    default_budget = 1024
     calibration = "squeezed_attention"
     options = {
         "sparsity": (float, 0.7, "a number in [0, 0.99]: the calibrated share of the context's keys left "
@@ -144,16 +144,9 @@ class SqueezedAttention(PageReader):
     layer_thresholds: torch.Tensor | None = None  # [L, GRID + 1] each layer's
 
     def __init__(self, compression: float = 0.0, budget: int | None = None, **options):
-        if compression:
-            raise ValueError(f"squeezed_attention keeps the whole cache and reads a token budget: give --budget "
-                             f"(tokens read per head and step, e.g. 256), not --compression={compression!r}")
-        super().__init__(0.0, DEFAULT_BUDGET if budget is None else budget, **options)
+        super().__init__(compression, budget, **options)
         if self.sparsity == 0:
             self.calibration = None  # no threshold to look up
-
-    @property
-    def compresses(self) -> bool:
-        return False  # nothing is evicted
 
     def bind_calibration(self, artifact: dict):
         self.thresholds = torch.tensor(artifact["thresholds"], dtype=torch.float64, device="cpu")

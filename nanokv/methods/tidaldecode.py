@@ -45,7 +45,6 @@ import torch
 
 from nanokv.methods.base import PageReader, Picks, ReadStep, top_slots
 
-DEFAULT_BUDGET = 256
 PAPER_LAYERS, PAPER_CORRECTION = 32, 13  # Llama-3-8B: re-select at layer 13 of 32
 
 
@@ -54,6 +53,7 @@ class TidalDecode(PageReader):
     description = ("query-aware sparse decode: full attention picks the top tokens at a selection layer, "
                    "the layers after it reuse them (cache kept whole)")
     paper = "https://arxiv.org/abs/2410.05076"
+    default_budget = 256
     options = {
         "skip_layers": (int, 2, "an integer >= 0 (the dense layers; the next one selects)", lambda v: v >= 0),
         "correction_layer": (int, -1, "an integer after skip_layers, or -1 (13 of 32 layers, scaled to the "
@@ -61,17 +61,10 @@ class TidalDecode(PageReader):
     }
 
     def __init__(self, compression: float = 0.0, budget: int | None = None, **options):
-        if compression:
-            raise ValueError(f"tidaldecode keeps the whole cache and reads a token budget: give --budget (tokens "
-                             f"read per head and step, e.g. 256), not --compression={compression!r}")
-        super().__init__(0.0, DEFAULT_BUDGET if budget is None else budget, **options)
+        super().__init__(compression, budget, **options)
         if self.correction_layer != -1 and self.correction_layer <= self.skip_layers:
             raise ValueError(f"option correction_layer={self.correction_layer} of method 'tidaldecode' must be after "
                              f"the selection layer skip_layers={self.skip_layers} (or -1: 13 of 32 layers, scaled)")
-
-    @property
-    def compresses(self) -> bool:
-        return False  # nothing is evicted
 
     def correction(self, num_layers: int) -> int | None:
         """The layer that re-selects, or None."""

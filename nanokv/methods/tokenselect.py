@@ -46,13 +46,12 @@ import torch.nn.functional as F
 from nanokv.methods.base import PageReader, Picks, ReadStep, scaled_windows, top_slots
 from nanokv.methods.reattention import unrotated
 
-DEFAULT_BUDGET = 2688
-
 
 class TokenSelect(PageReader):
     name = "tokenselect"
     description = "query-aware sparse decode: the tokens the query heads soft-vote for, reused while the query holds"
     paper = "https://arxiv.org/abs/2411.02886"
+    default_budget = 2688
     options = {
         "sinks": (int, 128, "an integer >= 0", lambda v: v >= 0),
         "local": (int, 512, "an integer >= 0", lambda v: v >= 0),
@@ -60,15 +59,8 @@ class TokenSelect(PageReader):
     }
 
     def __init__(self, compression: float = 0.0, budget: int | None = None, **options):
-        if compression:
-            raise ValueError(f"tokenselect keeps the whole cache and reads a token budget: give --budget (tokens "
-                             f"read per head and step), not --compression={compression!r}")
-        options = scaled_windows(options, budget, DEFAULT_BUDGET, {"sinks": 128, "local": 512})
-        super().__init__(0.0, DEFAULT_BUDGET if budget is None else budget, **options)
-
-    @property
-    def compresses(self) -> bool:
-        return False  # nothing is evicted
+        options = scaled_windows(options, budget, self.default_budget, {"sinks": 128, "local": 512})
+        super().__init__(compression, budget, **options)
 
     def check_budget(self):
         if self.budget <= self.sinks + self.local:
