@@ -286,13 +286,15 @@ def top_slots(scores: torch.Tensor, k: int) -> torch.Tensor:
     return top.indices.masked_fill(top.values == float("-inf"), -1)
 
 
-def scaled_windows(options: dict, budget: int | None, official_budget: int, windows: dict[str, int]) -> dict:
+def scaled_windows(options: dict, budget: int | None, official_budget: int, windows: dict[str, int],
+                   least: int = 0) -> dict:
     """A reader's fixed windows (sinks, local: their official sizes in `windows`) shrunk in proportion
-    to a budget below the official one, unless the options give them: a small budget then keeps
-    the official shares of sinks, local window and picks instead of being refused."""
+    to a budget below the official one (to no fewer than `least`), unless the options give them: a
+    small budget then keeps the official shares of sinks, local window and picks instead of being
+    refused."""
     if budget is not None and budget < official_budget:
         for name, size in windows.items():
-            options.setdefault(name, size * budget // official_budget)
+            options.setdefault(name, max(least, size * budget // official_budget))
     return options
 
 

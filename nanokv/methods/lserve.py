@@ -30,6 +30,9 @@ the official full_attention_heads.tsv. There is no `lserve` calibration command:
 same profile. With static_sparsity=0 no head streams and no calibration is needed.
 
 What differs:
+- a budget below the official 4,096 shrinks the streaming heads' `sink_size` and `local_size` in
+  proportion (budget 256: 8 and 16) unless they are given, so that every head reads about the
+  budget; the official sizes are fixed.
 - head scores are kvpress's training-free approximation of DuoAttention's (nanokv's duoattention
   profile), not the trained gates of the official attn_patterns/.
 - the streaming count is ceil(static_sparsity (N - 1)) of the N pairs, as the official
@@ -52,7 +55,7 @@ import math
 
 import torch
 
-from nanokv.methods.base import CALIBRATION_FILE, PageReader, Picks, ReadStep, top_slots
+from nanokv.methods.base import CALIBRATION_FILE, PageReader, Picks, ReadStep, scaled_windows, top_slots
 
 
 class LServe(PageReader):
@@ -75,6 +78,8 @@ class LServe(PageReader):
     head_scores: torch.Tensor | None = None  # [L, H] from bind_calibration
 
     def __init__(self, compression: float = 0.0, budget: int | None = None, **options):
+        options = scaled_windows(options, budget, self.default_budget, {"sink_size": 128, "local_size": 256},
+                                 least=1)
         super().__init__(compression, budget, **options)
         if self.static_sparsity == 0:
             self.calibration = None  # no head streams: nothing to read the scores for
