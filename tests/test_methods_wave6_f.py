@@ -264,8 +264,6 @@ def test_a_missing_artifact_names_the_duoattention_command(tiny_gqa, monkeypatch
 
 
 def test_a_budget_below_the_official_one_shrinks_the_streaming_windows_in_proportion():
-    from nanokv.methods import make_method
-
     assert (make_method("lserve", budget=256).sink_size, make_method("lserve", budget=256).local_size) == (8, 16)
     assert make_method("lserve", budget=8).local_size == 1  # never below the option's least
     assert make_method("lserve", budget=256, sink_size=0).sink_size == 0  # given: kept
