@@ -66,8 +66,10 @@ def check(args):
         raise ValueError(f"--samples must be a positive integer, got {args.samples}")
     if any(m != "full" and not is_quantizer(m) for m in args.methods) and not (args.compression or args.budget):
         raise ValueError("give --compression or --budget for the eviction methods (all but full, kivi, int4, int8)")
-    if any(selects_pages(m) for m in args.methods) and not args.budget:
-        raise ValueError("quest reads a token budget: give --budget, e.g. --budget 128,256,512")
+    readers = [m for m in args.methods if selects_pages(m)]
+    if readers and not args.budget:
+        raise ValueError(f"a token budget per decode step is what {', '.join(readers)} read by: give --budget, "
+                         f"e.g. --budget 128,256,512")
     for s in settings(args.methods, args.compression, args.budget):
         make_method(s.method, s.compression, s.budget)  # range checks
     source = resolve_model(args.model)

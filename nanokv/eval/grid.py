@@ -37,7 +37,7 @@ class Setting:
 
 
 def settings(methods: list[str], compressions: list[float], budgets: list[int]) -> list[Setting]:
-    """`full` and quantization alone (kivi, int4, ...) once; quest at each budget; every other
+    """`full` and quantization alone (kivi, int4, ...) once; a reader (quest, loki, ...) at each budget; every other
     method at each compression and each budget."""
     from nanokv.methods import is_quantizer, selects_pages
 

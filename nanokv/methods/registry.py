@@ -118,7 +118,8 @@ def is_quantizer(spec: str) -> bool:
 
 
 def selects_pages(spec: str) -> bool:
-    """A method that keeps every token and reads a budget of them (quest): it takes no compression."""
+    """A method that reads a budget of tokens per decode step (quest, loki, ...; rocketkv also evicts at
+    prefill, by the same budget): it takes no compression."""
     name = parse_spec(spec)[0]
     return name in METHODS and METHODS[name].selects_pages
 
