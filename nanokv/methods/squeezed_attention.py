@@ -174,8 +174,8 @@ class SqueezedAttention(PageReader):
         return centroids.to(keys.dtype), labels, sizes
 
     def pick(self, step: ReadStep) -> Picks:
-        b, H, S, D = step.keys.shape
-        device = step.keys.device
+        (b, H), S, D = step.lengths.shape, step.slots, step.queries.shape[-1]
+        device = step.lengths.device  # the keys are read only at the step that clusters them
         if step.compress_lens is None:
             raise ValueError(f"{self.name} needs each sequence's context length (ReadStep.compress_lens)")
         fixed = [max(0, n - self.window) for n in step.compress_lens]     # the clustered keys
@@ -186,7 +186,7 @@ class SqueezedAttention(PageReader):
                 scored += H * n * D * step.itemsize                        # the context's keys, read once
             found.append(step.states[i][step.layer])
         C = max([1] + [c[0].shape[1] for c in found if c is not None])
-        centroids = torch.zeros(b, H, C, D, dtype=step.keys.dtype, device=device)
+        centroids = torch.zeros(b, H, C, D, dtype=step.queries.dtype, device=device)
         sizes = torch.zeros(b, H, C, dtype=torch.long, device=device)
         labels = torch.full((b, H, S), C, dtype=torch.long, device=device)  # cluster C: always read
         for i, c in enumerate(found):
