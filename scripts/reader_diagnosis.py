@@ -112,8 +112,8 @@ def main():
     args = p.parse_args()
     patch_engine()
     rows = []
-    for method in args.methods.split(","):
-        for budget in map(int, args.budgets.split(",")):
+    for budget in map(int, args.budgets.split(",")):  # a budget over every method first: a cut run still compares
+        for method in args.methods.split(","):
             oracle_mode[0] = method == "oracle"
             record.clear()
             start = time.perf_counter()
