@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from nanokv.methods import METHODS
+
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
-CALIBRATED = ("duoattention", "headkv", "kvsharer", "lorc", "palu")
+CALIBRATED = tuple(name for name, m in METHODS.items() if m.calibration)
 
 
 def section(title: str) -> str:
