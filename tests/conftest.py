@@ -55,22 +55,37 @@ def tiny_deep(tmp_path_factory):
     return tiny_qwen2(tmp_path_factory, 5)
 
 
-@pytest.fixture(scope="session")
-def tiny_gqa_dir(tmp_path_factory):
-    """A random 2-layer Llama (4 query heads over 2 kv-heads of 32) saved with save_pretrained and a
-    byte-level tokenizer: a folder LLM loads, for methods that need grouped heads."""
+def saved_tiny(tmp_path_factory, name: str, config):
+    """A random model of `config` saved with save_pretrained and a byte-level tokenizer: a folder LLM loads."""
     import transformers as T
 
     from helpers import byte_tokenizer_json
 
     torch.manual_seed(0)
-    config = T.LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
-                           max_position_embeddings=1024)
-    path = tmp_path_factory.mktemp("tiny-llama-gqa")
+    path = tmp_path_factory.mktemp(name)
     T.AutoModelForCausalLM.from_config(config).float().save_pretrained(path)
     (path / "tokenizer.json").write_text(byte_tokenizer_json())
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_gqa_dir(tmp_path_factory):
+    """A random 2-layer Llama, 4 query heads over 2 kv-heads of 32, for methods that need grouped heads."""
+    import transformers as T
+
+    return saved_tiny(tmp_path_factory, "tiny-llama-gqa", T.LlamaConfig(
+        vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, initializer_range=0.2, max_position_embeddings=1024))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_gqa_dir(tmp_path_factory):
+    """A random 2-layer Qwen2 (biased q/k/v), 4 query heads over 2 kv-heads of 16."""
+    import transformers as T
+
+    return saved_tiny(tmp_path_factory, "tiny-qwen2-gqa", T.Qwen2Config(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, initializer_range=0.2, max_position_embeddings=1024))
 
 
 @pytest.fixture(scope="session")

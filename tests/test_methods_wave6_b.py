@@ -255,20 +255,8 @@ class DenseReAttention(Dense):
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """A random 2-layer Qwen2 (4 query heads over 2 kv-heads of 16) with a byte-level tokenizer."""
-    import transformers as T
-
-    from helpers import byte_tokenizer_json
-
-    torch.manual_seed(0)
-    config = T.Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
-                           max_position_embeddings=1024)
-    path = tmp_path_factory.mktemp("tiny-qwen2-w6b")
-    T.AutoModelForCausalLM.from_config(config).float().save_pretrained(path)
-    (path / "tokenizer.json").write_text(byte_tokenizer_json())
-    return path
+def tiny_dir(tiny_qwen2_gqa_dir):
+    return tiny_qwen2_gqa_dir
 
 
 PROMPTS = [[(7 * i + 3 * j) % 251 + 1 for j in range(n)] for i, n in enumerate((90, 57, 123))]
