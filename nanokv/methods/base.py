@@ -130,15 +130,16 @@ and returns what layer a stores and which tokens layer b keeps of its own; b's a
 a's merged slots restored with b's magnitudes together with its own.
 
 A method that reads only part of the cache each decode step (PageReader) evicts nothing. Quest
-ranks pages by their key bounds in the engine's kernels (`picks_by_bounds`). Any other reader gets,
-at every decode layer from `skip_layers` on, a `ReadStep`: the query, what it reads of the cache (every held
-key and its position, or each page's key bounds: read when first asked for), a state dict per sequence that lives from step to
-step (TokenSelect's last query, Recycled Attention's last full step), and one per step shared by the
-layers (TidalDecode's picks). It returns `Picks`: per kv-head, the pages or the single slots to read,
-and the bytes its scoring read. The engine attends over the picked pages through a reduced table,
-or over the picked slots gathered into blocks of their own (cache.attend_slots), and counts the
-bytes of both (kv_bytes_read_per_decode_token). A preemption's recompute runs its tokens densely,
-as prefill, and starts the state afresh.
+ranks pages by their key bounds in the engine's kernels (`picks_by_bounds`). Any other reader
+gets, at every decode layer from `skip_layers` on, a `ReadStep`: the query, what it reads of the
+cache (every held key and its position, or each page's key bounds: read when first asked for), a
+state dict per sequence that lives from step to step (TokenSelect's last query, Recycled
+Attention's last full step), and one per step shared by the layers (TidalDecode's picks). It
+returns `Picks`: per kv-head, the pages or the single slots to read, and the bytes its scoring
+read. The engine attends over the picked pages through a reduced table, or over the picked slots
+gathered into blocks of their own (cache.attend_slots), and counts the bytes of both
+(kv_bytes_read_per_decode_token). A preemption's recompute runs its tokens densely, as prefill,
+and starts the state afresh.
 """
 
 from __future__ import annotations
@@ -642,7 +643,6 @@ class PageReader(Method):
     skip_layers = 0          # the first layers, whose decode reads every page
     picks_by_bounds = False  # Quest: the engine picks pages_to_read pages by their key bounds
     reads_bounds = False     # ReadStep.bounds: the pool keeps each page's key bounds (a cost only then)
-
     default_budget = 1024    # tokens each kv-head reads a decode step when no --budget is given
 
     def __init__(self, compression: float = 0.0, budget: int | None = None, **options):
