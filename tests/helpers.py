@@ -6,6 +6,7 @@ import torch
 
 from nanokv.cache import PagedKVCache
 from nanokv.engine.attention import StepAttention
+from nanokv.kernels.reference import attention_by_position
 
 
 def held_positions(cache, seq_id: int) -> list[list[list[int]]]:
@@ -60,6 +61,33 @@ def nanokv_forward(model, cache, ids):
     positions = torch.arange(start, start + len(ids))
     attention = StepAttention(cache, [0], [len(ids)], positions)
     return model.compute_logits(model(torch.as_tensor(ids), positions, attention))
+
+
+class DenseLayers:
+    """A method stated plainly, as the model's attention callable (restated_greedy): every layer
+    keeps all its keys; the prompt attends densely; a decode step calls `decode(layer, q, keys,
+    values)`, which picks what each kv-head attends over (`attend`) or attends densely (`dense`)."""
+
+    def __init__(self):
+        self.layers = {}
+
+    def __call__(self, layer, q, k, v, sliding_window):
+        keys, values = self.layers.get(layer, (k[:0], v[:0]))
+        keys, values = torch.cat([keys, k]), torch.cat([values, v])
+        self.layers[layer] = (keys, values)
+        if len(q) > 1:
+            return self.dense(q, keys, values)
+        return self.decode(layer, q, keys, values)
+
+    def dense(self, q, keys, values):
+        return attention_by_position(q, keys, values, self.positions, torch.arange(len(keys)))
+
+    def attend(self, q, keys, values, chosen):
+        """q [1, Hq, D] over each kv-head's `chosen` positions (a list of index tensors)."""
+        group = q.shape[1] // keys.shape[1]
+        return torch.cat([attention_by_position(q[:, h * group:(h + 1) * group], keys[index, h:h + 1],
+                                                values[index, h:h + 1], self.positions, index)
+                          for h, index in enumerate(chosen)], dim=1)
 
 
 @torch.inference_mode()

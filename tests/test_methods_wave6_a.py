@@ -8,8 +8,7 @@ import math
 import pytest
 import torch
 
-from helpers import restated_greedy
-from nanokv.kernels.reference import attention_by_position
+from helpers import DenseLayers, restated_greedy
 from nanokv.methods import make_method
 from nanokv.methods.base import ReadStep
 from test_methods_decode_wave2 import serve
@@ -180,35 +179,12 @@ def test_recycled_takes_a_budget_not_a_compression():
 
 # --- plain restatements against the engine ---------------------------------------------------
 
-class DenseLayers:
-    """The model's attention callable: every layer keeps all its keys; prefill attends densely,
-    a decode step calls `decode` per layer."""
-
-    def __init__(self):
-        self.layers = {}
-
-    def __call__(self, layer, q, k, v, sliding_window):
-        keys, values = self.layers.get(layer, (k[:0], v[:0]))
-        keys, values = torch.cat([keys, k]), torch.cat([values, v])
-        self.layers[layer] = (keys, values)
-        if len(q) > 1:
-            return attention_by_position(q, keys, values, self.positions, torch.arange(len(keys)))
-        return self.decode(layer, q, keys, values)
-
-    def attend(self, q, keys, values, chosen):
-        """q [1, Hq, D] over each kv-head's `chosen` positions."""
-        group = q.shape[1] // keys.shape[1]
-        return torch.cat([attention_by_position(q[:, h * group:(h + 1) * group], keys[index, h:h + 1],
-                                                values[index, h:h + 1], self.positions, index)
-                          for h, index in enumerate(chosen)], dim=1)
-
-    @staticmethod
-    def group_probs(q, keys):
-        """[H, n]: each key's highest attention probability over its kv-head's query heads."""
-        H = keys.shape[1]
-        qg = q[0].float().view(H, -1, q.shape[-1])
-        logits = torch.einsum("hgd,nhd->hgn", qg, keys.float()) / math.sqrt(q.shape[-1])
-        return logits.softmax(dim=-1).amax(dim=1)
+def group_probs(q, keys):
+    """[H, n]: each key's highest attention probability over its kv-head's query heads."""
+    H = keys.shape[1]
+    qg = q[0].float().view(H, -1, q.shape[-1])
+    logits = torch.einsum("hgd,nhd->hgn", qg, keys.float()) / math.sqrt(q.shape[-1])
+    return logits.softmax(dim=-1).amax(dim=1)
 
 
 class DenseTidal(DenseLayers):
@@ -226,7 +202,7 @@ class DenseTidal(DenseLayers):
         if layer < self.skip:
             return self.attend(q, keys, values, everything)
         if layer in (self.skip, self.correction):
-            probs = self.group_probs(q, keys)
+            probs = group_probs(q, keys)
             self.kept = [torch.tensor(sorted(row.topk(min(self.budget, n)).indices.tolist())) for row in probs]
             return self.attend(q, keys, values, everything)
         return self.attend(q, keys, values, self.kept)
@@ -246,7 +222,7 @@ class DenseRecycled(DenseLayers):
         n, r = len(keys), self.kernel // 2
         count, ranked, since = self.state.get(layer, (0, None, 0))
         if count % self.stride == 0:
-            probs = self.group_probs(q, keys)
+            probs = group_probs(q, keys)
             pooled = [[max(row[max(0, s - r):s + r + 1].tolist()) for s in range(n)] for row in probs]
             ranked = [sorted(range(n), key=lambda s: (-p[s], s))[:self.budget] for p in pooled]
             self.state[layer] = (count + 1, ranked, n)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from helpers import restated_greedy
+from helpers import DenseLayers, restated_greedy
 from nanokv.kernels.reference import attention_by_position
 from nanokv.methods import make_method
 from nanokv.methods.base import ReadStep
@@ -183,18 +183,16 @@ def test_defaults_are_the_official_settings():
 
 # --- the engine against plain restatements ---------------------------------------------------
 
-class Dense:
+class Dense(DenseLayers):
     """A method stated plainly, as the model's attention callable: every layer keeps all its keys;
     the prompt attends densely; a decode step attends over `read(layer, q, keys, position)` only."""
 
     def __init__(self, inv_freq):
-        self.inv_freq, self.layers = inv_freq, {}
+        super().__init__()
+        self.inv_freq = inv_freq
 
-    def __call__(self, layer, q, k, v, sliding_window):
-        keys, values = self.layers.get(layer, (k[:0], v[:0]))
-        keys, values = torch.cat([keys, k]), torch.cat([values, v])
-        self.layers[layer] = (keys, values)
-        index = torch.arange(len(keys)) if len(q) > 1 else torch.tensor(self.read(layer, q[0], keys))
+    def decode(self, layer, q, keys, values):
+        index = torch.tensor(self.read(layer, q[0], keys))  # the same tokens for every kv-head
         return attention_by_position(q, keys[index], values[index], self.positions, index)
 
     def unrotate(self, x, position):

@@ -10,9 +10,8 @@ import re
 import pytest
 import torch
 
-from helpers import assert_preemption_repeats, restated_greedy
+from helpers import DenseLayers, assert_preemption_repeats, restated_greedy
 from nanokv.artifacts import FORMAT, model_key, write_artifact
-from nanokv.kernels.reference import attention_by_position
 from nanokv.methods import make_method
 from nanokv.methods.base import ReadStep
 
@@ -164,7 +163,7 @@ def test_double_sparsity_magnitudes_are_the_official_means(tiny):
 
 # --- the engine ----------------------------------------------------------------------------------
 
-class DenseReader:
+class DenseReader(DenseLayers):
     """Loki or Double Sparsity stated plainly, as the model's attention callable: every layer keeps
     all its keys; a decode step from layer `skip` on scores, per kv-head, each of its query heads'
     low(q) . low(k) / sqrt(D) over every key (low: `project(layer, head, x)`, a basis' first
@@ -172,23 +171,19 @@ class DenseReader:
     top `budget` keys only."""
 
     def __init__(self, project, budget, skip):
-        self.project, self.budget, self.skip, self.layers = project, budget, skip, {}
+        super().__init__()
+        self.project, self.budget, self.skip = project, budget, skip
 
-    def __call__(self, layer, q, k, v, sliding_window):
-        keys, values = self.layers.get(layer, (k[:0], v[:0]))
-        keys, values = torch.cat([keys, k]), torch.cat([values, v])
-        self.layers[layer] = (keys, values)
+    def decode(self, layer, q, keys, values):
         n, H, D = keys.shape
-        if len(q) > 1 or layer < self.skip:
-            return attention_by_position(q, keys, values, self.positions, torch.arange(n))
-        group, out = q.shape[1] // H, []
+        if layer < self.skip:
+            return self.dense(q, keys, values)
+        group, chosen = q.shape[1] // H, []
         for h in range(H):
             heads = slice(h * group, (h + 1) * group)
             logits = self.project(layer, h, q[0, heads].float()) @ self.project(layer, h, keys[:, h].float()).T
-            index = (logits / math.sqrt(D)).amax(0).topk(min(self.budget, n)).indices.sort().values
-            out.append(attention_by_position(q[:, heads], keys[index, h:h + 1], values[index, h:h + 1],
-                                             self.positions, index))
-        return torch.cat(out, dim=1)
+            chosen.append((logits / math.sqrt(D)).amax(0).topk(min(self.budget, n)).indices.sort().values)
+        return self.attend(q, keys, values, chosen)
 
 
 def random_artifact(tmp_path, tiny_dir, method):

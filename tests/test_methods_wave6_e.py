@@ -11,7 +11,7 @@ import re
 import pytest
 import torch
 
-from helpers import restated_greedy
+from helpers import DenseLayers, restated_greedy
 from nanokv.kernels.reference import attention_by_position
 from nanokv.methods.base import ReadStep
 from nanokv.methods.squeezed_attention import SqueezedAttention, cluster_estimates, kmeans
@@ -195,7 +195,7 @@ def test_load_calibration_refuses_a_malformed_threshold_grid(tmp_path):
 
 # --- the engine ----------------------------------------------------------------------------------
 
-class DenseSqueezed:
+class DenseSqueezed(DenseLayers):
     """Squeezed Attention stated plainly, as the model's attention callable: every layer keeps all
     its keys; at a layer's first decode step each kv-head's first `fixed` keys are clustered (the
     method's k-means, checked by hand above); each decode step, per kv-head, S_i = the mean over its
@@ -204,21 +204,17 @@ class DenseSqueezed:
     their keys and every key from `fixed` on."""
 
     def __init__(self, fixed, budget, threshold, clusters):
+        super().__init__()
         self.fixed, self.budget, self.threshold, self.clusters = fixed, budget, threshold, clusters
-        self.layers, self.clustered = {}, {}
+        self.clustered = {}
         self.cut_by_budget = self.cut_by_threshold = 0
 
-    def __call__(self, layer, q, k, v, sliding_window):
-        keys, values = self.layers.get(layer, (k[:0], v[:0]))
-        keys, values = torch.cat([keys, k]), torch.cat([values, v])
-        self.layers[layer] = (keys, values)
+    def decode(self, layer, q, keys, values):
         n, H, D = keys.shape
-        if len(q) > 1:
-            return attention_by_position(q, keys, values, self.positions, torch.arange(n))
         if layer not in self.clustered:
             self.clustered[layer] = kmeans(keys[:self.fixed].transpose(0, 1), max(1, int(self.clusters * self.fixed)))
         centroids, labels, sizes = self.clustered[layer]
-        group, out = q.shape[1] // H, []
+        group, chosen = q.shape[1] // H, []
         for h in range(H):
             C = centroids.shape[1]
             heads = q[0, h * group:(h + 1) * group].float()
@@ -239,10 +235,9 @@ class DenseSqueezed:
                     break
                 kept.add(i)
                 used += int(sizes[h, i])
-            index = torch.tensor([j for j in range(self.fixed) if int(labels[h, j]) in kept] + list(range(self.fixed, n)))
-            out.append(attention_by_position(q[:, h * group:(h + 1) * group], keys[index, h:h + 1],
-                                             values[index, h:h + 1], self.positions, index))
-        return torch.cat(out, dim=1)
+            chosen.append(torch.tensor([j for j in range(self.fixed) if int(labels[h, j]) in kept] +
+                                       list(range(self.fixed, n))))
+        return self.attend(q, keys, values, chosen)
 
 
 @pytest.mark.parametrize("question", [0, 24])

@@ -10,8 +10,7 @@ import math
 import pytest
 import torch
 
-from helpers import restated_greedy
-from nanokv.kernels.reference import attention_by_position
+from helpers import DenseLayers, restated_greedy
 from nanokv.methods import make_method
 from nanokv.methods.base import ReadStep
 
@@ -180,7 +179,7 @@ def engine(tiny_gqa, budget, **options):
     return LLM(str(path), dtype="float32", method="lserve", budget=budget, block_size=BLOCK, **options)
 
 
-class DenseLServe:
+class DenseLServe(DenseLayers):
     """LServe stated plainly, as the model's attention callable: every layer keeps all its keys. A
     decode step: a streaming head attends over the blocks of BLOCK tokens holding its first SINK
     and newest LOCAL tokens; a retrieval head over physical pages of LOGICAL blocks, chosen when
@@ -190,19 +189,15 @@ class DenseLServe:
     heads of sum_c max(q_c max_c, q_c min_c), K = max(3, budget // page tokens)."""
 
     def __init__(self, streaming, budget, interval=4):
+        super().__init__()
         self.streaming, self.budget, self.interval = streaming, budget, interval
-        self.layers, self.kept = {}, {}
+        self.kept = {}
 
-    def __call__(self, layer, q, k, v, sliding_window):
-        keys, values = self.layers.get(layer, (k[:0], v[:0]))
-        keys, values = torch.cat([keys, k]), torch.cat([values, v])
-        self.layers[layer] = (keys, values)
+    def decode(self, layer, q, keys, values):
         n, H = len(keys), keys.shape[1]
-        if len(q) > 1:
-            return attention_by_position(q, keys, values, self.positions, torch.arange(n))
         group, span, position = q.shape[1] // H, BLOCK * LOGICAL, int(self.positions[0])
         blocks = range(math.ceil(n / BLOCK))
-        out = []
+        per_head = []
         for h in range(H):
             qh = q[0, h * group:(h + 1) * group].float()
             if self.streaming[layer][h]:
@@ -221,10 +216,8 @@ class DenseLServe:
                         chosen = {*others, newest}
                     self.kept[layer, h] = chosen
                 read = [p for p in blocks if p // LOGICAL in self.kept[layer, h] | {newest}]
-            index = torch.cat([torch.arange(p * BLOCK, min((p + 1) * BLOCK, n)) for p in read])
-            out.append(attention_by_position(q[:, h * group:(h + 1) * group], keys[index, h:h + 1],
-                                             values[index, h:h + 1], self.positions, index))
-        return torch.cat(out, dim=1)
+            per_head.append(torch.cat([torch.arange(p * BLOCK, min((p + 1) * BLOCK, n)) for p in read]))
+        return self.attend(q, keys, values, per_head)
 
 
 def test_engine_under_continuous_batching_matches_a_plain_statement_of_lserve(tiny_gqa):

@@ -7,8 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from helpers import restated_greedy
-from nanokv.kernels.reference import attention_by_position
+from helpers import DenseLayers, restated_greedy
 from nanokv.cache import PagedKVCache
 
 PROMPT = list(range(1000, 1300))
@@ -36,24 +35,21 @@ def test_key_bounds_follow_writes_and_compaction():
     assert cache.pool.bytes_per_block == 4 * (2 * 8 * 4 + 4) + 2 * 8 * 4  # the bounds are counted
 
 
-class DenseQuest:
+class DenseQuest(DenseLayers):
     """Quest stated plainly, as the model's attention callable: every layer keeps all its keys;
     a decode step past layer `skip` splits them into pages of 16 by position, bounds each page by
     max over the kv-head's query heads of sum_c max(q_c max_c, q_c min_c), and attends over the
     top `pages` (the newest always) only."""
 
     def __init__(self, pages, skip=2):
-        self.pages, self.skip, self.layers = pages, skip, {}
+        super().__init__()
+        self.pages, self.skip = pages, skip
 
-    def __call__(self, layer, q, k, v, sliding_window):
-        keys, values = self.layers.get(layer, (k[:0], v[:0]))
-        keys, values = torch.cat([keys, k]), torch.cat([values, v])
-        self.layers[layer] = (keys, values)
+    def decode(self, layer, q, keys, values):
         n, H = len(keys), keys.shape[1]
-        if len(q) > 1 or layer < self.skip:
-            return attention_by_position(q, keys, values, self.positions, torch.arange(n))
-        group = q.shape[1] // H
-        out = []
+        if layer < self.skip:
+            return self.dense(q, keys, values)
+        group, chosen = q.shape[1] // H, []
         for h in range(H):
             pages = [(p, min(p + 16, n)) for p in range(0, n, 16)]
             qh = q[0, h * group:(h + 1) * group].float()
@@ -61,10 +57,8 @@ class DenseQuest:
                          for qg in qh) for a, b in pages]
             newest = len(pages) - 1
             order = sorted(range(len(pages)), key=lambda i: (i != newest, -bound[i]))[:self.pages]
-            index = torch.cat([torch.arange(*pages[i]) for i in sorted(order)])
-            out.append(attention_by_position(q[:, h * group:(h + 1) * group], keys[index, h:h + 1],
-                                             values[index, h:h + 1], self.positions, index))
-        return torch.cat(out, dim=1)
+            chosen.append(torch.cat([torch.arange(*pages[i]) for i in sorted(order)]))
+        return self.attend(q, keys, values, chosen)
 
 
 @pytest.mark.slow

@@ -8,8 +8,7 @@ preempts and recomputes without losing a request."""
 import pytest
 import torch
 
-from helpers import assert_preemption_repeats, restated_greedy
-from nanokv.kernels.reference import attention_by_position
+from helpers import DenseLayers, assert_preemption_repeats, restated_greedy
 from nanokv.methods.base import PageReader, Picks, top_slots
 from tiny_model import save_tiny_llama
 
@@ -82,27 +81,19 @@ def test_picks_covering_the_cache_give_full_exactly(make):
     assert llm.stats["kv_bytes_read_per_decode_token"] == full.stats["kv_bytes_read_per_decode_token"]
 
 
-class DenseTopSlots:
-    """TopSlots stated plainly, as the model's attention callable: each kv-head attends over its
-    `k` keys of highest q . k (the most over its query heads) at every decode step."""
+class DenseTopSlots(DenseLayers):
+    """TopSlots stated plainly: each kv-head attends over its `k` keys of highest q . k (the most
+    over its query heads) at every decode step."""
 
     def __init__(self, k):
-        self.k, self.layers = k, {}
+        super().__init__()
+        self.k = k
 
-    def __call__(self, layer, q, k, v, sliding_window):
-        keys, values = self.layers.get(layer, (k[:0], v[:0]))
-        keys, values = torch.cat([keys, k]), torch.cat([values, v])
-        self.layers[layer] = (keys, values)
-        n, H = len(keys), keys.shape[1]
-        if len(q) > 1:
-            return attention_by_position(q, keys, values, self.positions, torch.arange(n))
-        group, out = q.shape[1] // H, []
-        for h in range(H):
-            logits = q[0, h * group:(h + 1) * group].float() @ keys[:, h].float().T     # [group, n]
-            index = logits.amax(0).topk(min(self.k, n)).indices.sort().values
-            out.append(attention_by_position(q[:, h * group:(h + 1) * group], keys[index, h:h + 1],
-                                             values[index, h:h + 1], self.positions, index))
-        return torch.cat(out, dim=1)
+    def decode(self, layer, q, keys, values):
+        n, H = keys.shape[:2]
+        group = q.shape[1] // H
+        logits = [q[0, h * group:(h + 1) * group].float() @ keys[:, h].float().T for h in range(H)]  # [group, n]
+        return self.attend(q, keys, values, [lg.amax(0).topk(min(self.k, n)).indices.sort().values for lg in logits])
 
 
 @pytest.mark.parametrize("budget", [5, 24])  # fewer than a block, and a block and a half
