@@ -118,11 +118,12 @@ class StepAttention:
         self.slots = None if on_device else next(sent)
         cache.apply_table_edits([next(sent) for _ in edits])
         self.groups = [cache.device_group(group, [next(sent) for _ in group.host]) for group in groups]
-        # a reader that picks for itself: each group's sequence ids, and its state for this step's layers
-        members = [group.host[0].tolist() for group in groups]
-        self.group_seqs = [[seq_ids[i] for i in rows] for rows in members]
-        self.group_compress_lens = [[self.compress_lens[i] for i in rows] for rows in members]
-        self.step_states = [{} for _ in groups]
+        if self.selector is not None and not self.selector.picks_by_bounds:
+            # a reader that picks for itself: each group's sequence ids, and its state for this step's layers
+            members = [group.host[0].tolist() for group in groups]
+            self.group_seqs = [[seq_ids[i] for i in rows] for rows in members]
+            self.group_compress_lens = [[self.compress_lens[i] for i in rows] for rows in members]
+            self.step_states = [{} for _ in groups]
         if on_device:
             self.slots = cache.decode_slots(*self.groups[0][1:])
         self.ids = next(sent) if self.ids is not None else None

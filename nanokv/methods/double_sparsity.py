@@ -57,10 +57,6 @@ class DoubleSparsity(PageReader):
     }
     magnitudes: torch.Tensor | None = None   # [L, H, D] from bind_calibration: summed over each group
 
-    def __init__(self, compression: float = 0.0, budget: int | None = None, **options):
-        super().__init__(compression, budget, **options)
-        self._on_device = {}
-
     def bind_calibration(self, artifact: dict):
         found = artifact["tensors"].get(f"{self.outliers}_channels")
         H = artifact["num_kv_heads"]

@@ -53,10 +53,6 @@ class Loki(PageReader):
     }
     bases: torch.Tensor | None = None   # [L, H, D, D] from bind_calibration: column i, the i-th direction
 
-    def __init__(self, compression: float = 0.0, budget: int | None = None, **options):
-        super().__init__(compression, budget, **options)
-        self._on_device = {}
-
     def bind_calibration(self, artifact: dict):
         basis = artifact["tensors"].get("k_basis")
         if basis is None or basis.dim() != 4 or basis.shape[-1] != basis.shape[-2] or \
