@@ -95,7 +95,7 @@ def test_each_method_says_whether_its_decode_is_captured(name, tiny):
     else:
         method = make_method(name, budget=64) if METHODS[name].selects_pages else make_method(name, compression=0.5, **small)
     cache = build_cache(method.cache_request(cfg.num_layers, cfg.head_dim), cfg, 1 << 20, 4, torch.float32, "cpu",
-                        model.inv_freq)
+                        model.inv_freq, 1 << 20)
     assert eager_reason(method, cache, "triton", "cuda", False) == documented_reasons()[name]
 
 

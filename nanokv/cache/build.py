@@ -7,12 +7,22 @@ from dataclasses import dataclass, field
 
 import torch
 
+from nanokv.cache.host_tier import OffloadedKVCache
 from nanokv.cache.kv_cache import PagedKVCache
 from nanokv.cache.latent_cache import LatentKVCache
 from nanokv.cache.paired import PairedKVCache
 from nanokv.cache.pruned_cache import PrunedKVCache
 from nanokv.cache.quant_cache import QuantizedKVCache
 from nanokv.cache.quant_pool import QuantSpec
+
+
+@dataclass
+class HostTier:
+    """Older tokens in host memory (an Offloader: shadowkv, arkvale): what stays on the device."""
+    device_window: int                         # the newest tokens of each head kept there
+    skip_layers: int = 0                       # layers kept whole there
+    summary_fields: dict = field(default_factory=dict)  # {name: (dtype, shape)} per host slot, on the device
+    summary_bounds: bool = False               # each host block's key bounds, on the device
 
 
 @dataclass
@@ -25,13 +35,20 @@ class CacheRequest:
     sources: list[int] | None = None           # the layer whose KV each layer reads (kvsharer)
     slot_fields: dict[str, torch.dtype] = field(default_factory=dict)  # per-token state (h2o's scores)
     key_bounds: bool = False                   # each block's smallest and largest keys (quest)
+    host_tier: HostTier | None = None          # older tokens offloaded to host memory
 
 
 def build_cache(request: CacheRequest, cfg, kv_cache_memory: int, block_size: int, dtype: torch.dtype, device,
-                inv_freq: torch.Tensor) -> PagedKVCache:
+                inv_freq: torch.Tensor, host_memory: int = 0) -> PagedKVCache:
     """The cache for `request` over a pool of `kv_cache_memory` bytes (cfg: the model's shape;
-    inv_freq: its RoPE frequencies, which a latent cache applies to the keys it rebuilds)."""
-    if request.latent_layers is not None:
+    inv_freq: its RoPE frequencies, which a latent cache applies to the keys it rebuilds; host_memory:
+    the bytes of a host tier's pool)."""
+    if request.host_tier is not None:
+        tier = request.host_tier
+        cache = OffloadedKVCache.from_memory(cfg, kv_cache_memory, host_memory, block_size, dtype, device,
+                                             tier.summary_fields, tier.summary_bounds, tier.device_window,
+                                             tier.skip_layers)
+    elif request.latent_layers is not None:
         cache = LatentKVCache.from_memory(cfg, kv_cache_memory, request.latent_layers, request.group, inv_freq,
                                           block_size, dtype, device)
     elif request.key_channels is not None:

@@ -127,6 +127,12 @@ class PagedKVCache:
         needs more than the pool can never run)."""
         return int(self.blocks_for(tokens * self.slots_per_token).sum()) * self.num_kv_heads
 
+    def host_blocks_for(self, n: int) -> int:
+        """Blocks of a host tier (host_tier.py) a prompt of n tokens takes there: none here."""
+        return 0
+
+    host_free_blocks = host_capacity_blocks = 0  # free and usable blocks of the host tier
+
     def blocks_held(self, tokens: int) -> int:
         """Blocks one head holds for `tokens` tokens once its layer's prefill is done."""
         return self.blocks_for(tokens)
@@ -523,6 +529,8 @@ class PagedKVCache:
     @property
     def used_bytes(self) -> int:
         return self.pool.used_bytes
+
+    host_used_bytes = 0  # a host tier's (host_tier.py)
 
 
 @dataclass

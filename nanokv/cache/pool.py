@@ -29,7 +29,9 @@ class OutOfBlocks(RuntimeError):
 class BlockPool:
     def __init__(self, num_blocks: int, block_size: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device | str = "cpu", extra_fields: dict[str, torch.dtype] | None = None,
-                 key_bounds: bool = False):
+                 key_bounds: bool = False, pin: bool = False):
+        """pin: page-locked host memory (a host tier whose device is CUDA: copies to and from it
+        can be asynchronous)."""
         if num_blocks <= 0:
             raise ValueError(f"the KV-cache pool needs at least one block, got num_blocks={num_blocks}")
         self.num_blocks, self.block_size, self.head_dim = num_blocks, block_size, head_dim
@@ -40,9 +42,9 @@ class BlockPool:
         # out, and block 0, which padded block-table entries point at, is zeroed now. The rest
         # stays untouched (on CPU, unused pool memory costs nothing until written).
         self.fields: dict[str, torch.Tensor] = {
-            "k": torch.empty(*shape, head_dim, dtype=dtype, device=device),
-            "v": torch.empty(*shape, head_dim, dtype=dtype, device=device),
-            "pos": torch.zeros(*shape, dtype=torch.int32, device=device),
+            "k": torch.empty(*shape, head_dim, dtype=dtype, device=device, pin_memory=pin),
+            "v": torch.empty(*shape, head_dim, dtype=dtype, device=device, pin_memory=pin),
+            "pos": torch.zeros(*shape, dtype=torch.int32, device=device, pin_memory=pin),
         }
         for name, field_dtype in (extra_fields or {}).items():  # a method's per-token state
             self.fields[name] = torch.zeros(*shape, dtype=field_dtype, device=device)

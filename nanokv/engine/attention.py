@@ -58,6 +58,9 @@ class StepAttention:
         self.ranker = cache.codec if compress and cache.codec is not None and cache.codec.ranks_tokens else None
         # a method that picks which blocks each decode step reads (Quest)
         self.selector = method if method is not None and method.selects_pages else None
+        # a reader whose older tokens live in host memory (methods/base.py: Offloader)
+        self.offloader = method if method is not None and method.offloads else None
+        self.bytes_moved = 0  # bytes recalled from the host tier this step (a 0-d tensor once any is)
         self.read_states = {} if read_states is None else read_states
         self.inv_freq = inv_freq
         # KV bytes the decode attention read this step, over all layers: a 0-d tensor on the pool's
@@ -172,6 +175,8 @@ class StepAttention:
                     n = self.compress_lens[i]
                     self._rank(self._view(layer, seq_id, q_i[:n], None, True), seq_id)
                 cache.settle(seq_id, layers=slice(layer, layer + 1))
+                if self.offloader is not None:
+                    self._offload(layer, seq_id, prefill=True)
                 continue
             # The prompt attends over itself, then is compressed. Tokens generated before a
             # preemption (recompute) then attend over the compressed prompt, as they did the
@@ -212,6 +217,9 @@ class StepAttention:
         source, out = cache.sources[layer], torch.empty_like(q)
         for g, (members, tables, lengths) in enumerate(self.groups):
             tables, lengths = tables[source], lengths[source]
+            if self.offloader is not None and selecting:
+                out[members] = self._recall_picks(layer, g, members, q[members], tables, lengths, sliding_window)
+                continue
             if selecting and not self.selector.picks_by_bounds:
                 out[members] = self._read_picks(layer, g, members, q[members], tables, lengths, sliding_window)
                 continue
@@ -283,6 +291,53 @@ class StepAttention:
         self.bytes_read += cache.read_bytes(lengths)
         return cache.attend_tables(q, self.positions[members], tables, lengths, sliding_window)
 
+    def _recall_picks(self, layer, g, members, q, tables, lengths, sliding_window):
+        """An Offloader (methods/base.py): it picks host slots or pages from what the device keeps of
+        them; the engine recalls those and attends over them and the device window in one softmax."""
+        cache, reader, seqs = self.cache, self.offloader, self.group_seqs[g]
+        host_tables, host_lengths = cache.host_held(seqs, layer)
+        device = q.device
+
+        def fetch(name):
+            if name == "bounds":
+                return {"bounds": cache.read_summary_bounds(host_tables)}
+            if name in ("keys", "key_positions"):
+                held = cache.read_host(host_tables, ("k", "pos"))
+                return {"keys": held["k"], "key_positions": held["pos"]}
+            return cache.read_summaries(host_tables, (name,))
+
+        step = ReadStep(layer, cache.num_layers, q, self.positions[members], host_lengths.to(device), cache.block_size,
+                        cache.pool.dtype.itemsize, [self.read_states.setdefault(i, {}) for i in seqs],
+                        self.step_states[g], inv_freq=self.inv_freq, fetch=fetch, pages=host_tables.shape[-1],
+                        compress_lens=self.group_compress_lens[g])
+        picks = reader.pick(step)
+        slots = picks.slots
+        if slots is None:  # pages -> their slots, past each head's length dropped
+            bs = cache.block_size
+            slots = (picks.pages[..., None] * bs + torch.arange(bs, device=picks.pages.device)).flatten(-2)
+            slots = slots.masked_fill((picks.pages < 0).repeat_interleave(bs, dim=-1) |
+                                      (slots >= step.lengths.to(slots.device)[..., None]), -1)
+        slots = slots.to(device)
+        picked = slots >= 0
+        names = ("v", "pos") if picks.keys is not None else ("k", "v", "pos")
+        recalled = cache.recall(host_tables, slots, names)
+        if picks.keys is not None:
+            recalled["k"] = picks.keys
+        out, nbytes = cache.attend_recalled(q, self.positions[members], tables, lengths, recalled, picked,
+                                            sliding_window, picks.log_weights)
+        self.bytes_read += nbytes + picks.scored_bytes
+        self.bytes_moved += cache.recalled_bytes(picked, names)
+        return out
+
+    def _offload(self, layer, seq_id, prefill: bool):
+        """Move what the host tier is due of `layer` (cache.due_offload) there, with the summaries the
+        Offloader keeps of it on the device."""
+        n = self.cache.due_offload(seq_id, layer, prefill)
+        if n:
+            held = self.cache.read_prompt(seq_id, layer, n, ("k", "pos"))  # the oldest n on the device
+            summaries = self.offloader.summarize(layer, held["k"], held["pos"], self.read_states.setdefault(seq_id, {}))
+            self.cache.offload(seq_id, layer, n, summaries)
+
     def finish(self):
         """After the forward pass (a decode: after its sampled tokens are read, so the counts below
         come back without a wait): shorten each head by the slots it evicted during this decode step;
@@ -294,6 +349,9 @@ class StepAttention:
                     self.cache.drop_last(self.seq_ids[i], evicted[:, i])
             for seq_id in self.seq_ids:
                 self.cache.settle(seq_id)
+                if self.offloader is not None:  # a decode that filled a block past the window moves it
+                    for layer in range(self.offloader.skip_layers, self.cache.num_layers):
+                        self._offload(layer, seq_id, prefill=False)
 
     def _generated(self, layer, i, q, q_pos, sliding_window):
         """A recompute's generated tokens over the compressed prompt. A decode-time method evicted

@@ -51,6 +51,8 @@ def eager_reason(method, cache, kernels_name: str, device, enforce_eager: bool) 
         return f"the {kernels_name!r} kernels (graphs replay the Triton ones)"
     if method is not None and method.evicts_during_decode:
         return f"{method.name} evicts during decode: the rounds of eviction a layer runs change from step to step"
+    if method is not None and method.offloads:
+        return f"{method.name} recalls what each step reads from host memory, a gather the host makes from the picks"
     if method is not None and method.selects_pages and not method.picks_by_bounds:
         return f"{method.name} picks what each step reads in plain torch, with state the host keeps per sequence"
     return cache.eager_decode_reason

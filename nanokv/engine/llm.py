@@ -45,11 +45,24 @@ def kv_cache_bytes(kv_cache_memory: int | float | None, device: str) -> int:
     return int(kv_cache_memory)
 
 
+def host_cache_bytes(host_cache_memory: int | float | None, kv_cache_memory: int) -> int:
+    """Bytes for the host tier's pool: as given (bytes, or a fraction of free host memory), else
+    four times the device pool, up to half of free host memory."""
+    free = available_memory("cpu")
+    if host_cache_memory is None:
+        return int(min(4 * kv_cache_memory, free // 2))
+    if isinstance(host_cache_memory, float) and 0 < host_cache_memory <= 1:
+        return int(host_cache_memory * free)
+    if host_cache_memory <= 0:
+        raise ValueError(f"host_cache_memory must be a byte count > 0 or a fraction in (0, 1], got {host_cache_memory!r}")
+    return int(host_cache_memory)
+
+
 class LLM:
     def __init__(self, model: str = DEFAULT_MODEL, *, dtype: str = "auto", device: str | None = None,
                  method: str = "full", compression: float = 0.0, budget: int | None = None,
-                 kv_cache_memory: int | float | None = None, block_size: int = 16,
-                 max_num_seqs: int = 256, max_num_batched_tokens: int = 4096, kernels: str | None = None,
+                 kv_cache_memory: int | float | None = None, host_cache_memory: int | float | None = None,
+                 block_size: int = 16, max_num_seqs: int = 256, max_num_batched_tokens: int = 4096, kernels: str | None = None,
                  load_format: str = "auto", enforce_eager: bool = False, **method_options):
         for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
                             ("max_num_batched_tokens", max_num_batched_tokens)):
@@ -83,9 +96,11 @@ class LLM:
             self.method.bind_vocabulary([self.tokenizer.decode([i], skip_special_tokens=False)
                                          for i in range(self.tokenizer.vocab_size)])
         memory = kv_cache_bytes(kv_cache_memory, self.device)
+        # a method that offloads (methods/base.py: Offloader) keeps older tokens in host memory
+        host_memory = host_cache_bytes(host_cache_memory, memory) if self.method.offloads else 0
         # the block kind the method asks for (methods/base.py: cache_request), built by the cache
         self.cache = build_cache(self.method.cache_request(self.config.num_layers, self.config.head_dim), self.config,
-                                 memory, block_size, self.dtype, self.device, self.model.inv_freq)
+                                 memory, block_size, self.dtype, self.device, self.model.inv_freq, host_memory)
         self.cache.kernels = kernels_for(self.device, kernels, self.cache.workspace)
         self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens, self.method)
         # decode steps as CUDA graphs where they can be (engine/cuda_graphs.py), else eagerly, and why
@@ -204,7 +219,8 @@ class LLM:
         replayed, eager = self.runner.graph_steps, self.runner.eager_steps
         captured_s = self.runner.graphs.capture_s if self.runner.graphs else 0.0
         stats = {"prefill_tokens": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0,
-                 "peak_running": 0, "peak_kv_bytes": 0, "preemptions": 0, "decode_kv_bytes_read": 0}
+                 "peak_running": 0, "peak_kv_bytes": 0, "preemptions": 0, "decode_kv_bytes_read": 0,
+                 "peak_host_kv_bytes": 0, "decode_kv_bytes_moved": 0}
         try:
             while not self.scheduler.finished:
                 batch, is_prefill = self.scheduler.schedule()
@@ -219,8 +235,10 @@ class LLM:
                 stats[f"{kind}_s"] += now - start
                 if not is_prefill:
                     stats["decode_kv_bytes_read"] += int(self.runner.last_bytes_read)
+                    stats["decode_kv_bytes_moved"] += int(self.runner.last_bytes_moved)
                 stats["peak_running"] = max(stats["peak_running"], len(self.scheduler.running))
                 stats["peak_kv_bytes"] = max(stats["peak_kv_bytes"], self.cache.used_bytes)
+                stats["peak_host_kv_bytes"] = max(stats["peak_host_kv_bytes"], self.cache.host_used_bytes)
                 for seq, token in zip(batch, tokens):
                     if seq.first_token_time is None:
                         seq.first_token_time = now
@@ -243,6 +261,8 @@ class LLM:
                                   "eager_reason": self.eager_reason or (runner.graphs and runner.graphs.failure)}
         # what one decode token costs in KV reads (all layers): falls with a Quest budget
         stats["kv_bytes_read_per_decode_token"] = stats["decode_kv_bytes_read"] / max(1, stats["decode_tokens"])
+        # what one decode token recalls from a host tier (an Offloader's: shadowkv, arkvale, ...)
+        stats["kv_bytes_moved_per_decode_token"] = stats["decode_kv_bytes_moved"] / max(1, stats["decode_tokens"])
         self.stats = stats
 
 

@@ -96,6 +96,7 @@ class ModelRunner:
         # decode: the KV bytes attention read, all layers; a tensor on the device, which the caller
         # reads after the step, when sampling has waited for the GPU anyway
         self.last_bytes_read = attention.bytes_read
+        self.last_bytes_moved = attention.bytes_moved  # recalled from a host tier (host_tier.py)
         if not finish:
             return hidden, attention
         attention.finish()

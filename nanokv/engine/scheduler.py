@@ -29,6 +29,11 @@ class Scheduler:
         """Refuse a request that could not run even with the whole pool to itself."""
         longest = min(len(seq) + seq.params.max_tokens, seq.max_length)
         need = max(self.cache.most_blocks(longest), self.prefill_blocks(seq))
+        host_need = self.cache.host_blocks_for(len(seq))
+        if host_need > self.cache.host_capacity_blocks:
+            raise ValueError(
+                f"a prompt of {len(seq)} tokens needs {host_need} host-tier blocks but the host pool holds "
+                f"{self.cache.host_capacity_blocks}; raise host_cache_memory")
         if need > self.cache.pool.usable_blocks:
             raise ValueError(
                 f"a request of {len(seq)} prompt tokens and max_tokens={seq.params.max_tokens} needs "
@@ -51,12 +56,14 @@ class Scheduler:
         # Keep back the blocks the running sequences need to cross their next block boundary,
         # so that a newly admitted (or just preempted) sequence is not preempted again at once.
         free = self.cache.pool.num_free - len(self.running) * self.cache.blocks_to_append(None, 1)
+        host_free = self.cache.host_free_blocks  # a host tier's (host_tier.py): the prompt's older tokens go there
         while self.waiting and len(self.running) + len(admitted) < self.max_num_seqs:
             seq = self.waiting[0]
-            need = self.prefill_blocks(seq)
-            if need > free or (admitted and tokens + len(seq) > self.max_num_batched_tokens):
+            need, host_need = self.prefill_blocks(seq), self.cache.host_blocks_for(len(seq))
+            if need > free or host_need > host_free or (admitted and tokens + len(seq) > self.max_num_batched_tokens):
                 break
             free -= need
+            host_free -= host_need
             tokens += len(seq)
             self.cache.add(seq.id)
             admitted.append(self.waiting.popleft())
@@ -85,7 +92,7 @@ class Scheduler:
         """Most blocks the prefill of `seq` holds at once: its compressed part, and the rest (a
         question after the context, generated tokens on a recompute) whole; the layer running
         holds a method's scoring passes too, one at a time."""
-        if self.method is None or not (self.method.compresses or self.method.quantization):
+        if self.method is None or not (self.method.compresses or self.method.quantization or self.method.offloads):
             return self.cache.blocks_to_append(None, len(seq))
         n, rest, L = seq.compress_len, len(seq) - seq.compress_len, self.cache.num_layers
         kept = [self.method.kept_after_prefill(n, layer, L) + rest for layer in range(L)]

@@ -150,7 +150,7 @@ from fractions import Fraction
 
 import torch
 
-from nanokv.cache.build import CacheRequest
+from nanokv.cache.build import CacheRequest, HostTier
 
 
 # the option of a method with a calibration: an explicit artifact instead of the cache's
@@ -249,6 +249,12 @@ class ReadStep:
     key_positions = property(lambda self: self._read("key_positions"))
     bounds = property(lambda self: self._read("bounds"))
 
+    def summary(self, name: str) -> torch.Tensor:
+        """An Offloader's summary field `name` of every host slot [b, H, S, ...] (on the device)."""
+        if name not in self._held:
+            self._held[name] = None
+        return self._read(name)
+
     def held(self) -> torch.Tensor:
         """[b, H, S] bool: the slots each head holds (S as keys)."""
         return torch.arange(self.slots, device=self.lengths.device) < self.lengths[..., None]
@@ -278,6 +284,11 @@ class Picks:
     slots: torch.Tensor | None = None
     pages: torch.Tensor | None = None
     scored_bytes: torch.Tensor | int = 0  # bytes of the cache the pick itself read (keys, bounds)
+    # an Offloader's only: the picked slots' keys [b, H, k, D] as rebuilt on the device (then only
+    # values and positions are recalled: ShadowKV), and a logit added to each pick [b, H, k] (a
+    # sampling estimator's log(1 / probability of being sampled): MagicPIG)
+    keys: torch.Tensor | None = None
+    log_weights: torch.Tensor | None = None
 
 
 def top_slots(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -410,6 +421,7 @@ class Method:
     evicts_during_decode = False    # DecodeEvictor: decode_scores every decode step
     merges = False                  # Merger: merge / merge_evicted change the K/V of kept slots
     selects_pages = False           # PageReader: pages_to_read sets how many blocks each decode step reads
+    offloads = False                # Offloader: older tokens live in host memory, recalled when picked
 
     def __init__(self, compression: float = 0.0, budget: int | None = None, **options):
         if budget is not None:
@@ -529,7 +541,9 @@ class Method:
                             pairs=self.layer_pairs(num_layers), sources=self.layer_sources(num_layers),
                             slot_fields=self.slot_fields,
                             # page bounds: for readers that rank pages by them (Quest) or read them
-                            key_bounds=self.selects_pages and (self.picks_by_bounds or self.reads_bounds))
+                            key_bounds=self.selects_pages and not self.offloads and
+                            (self.picks_by_bounds or self.reads_bounds),
+                            host_tier=self.host_tier(head_dim) if self.offloads else None)
 
 
 class PrefillSelector(Method):
@@ -663,3 +677,40 @@ class PageReader(Method):
     def pick(self, step: ReadStep) -> Picks:
         """What each head of b sequences reads at one decode layer (layers >= skip_layers)."""
         raise NotImplementedError
+
+
+class Offloader(PageReader):
+    """Role: keep every token, most of them in host memory, and recall what each decode step reads
+    (ShadowKV, ArkVale, ClusterKV, ...). From `skip_layers` on, each head keeps its newest
+    `device_window` tokens on the device, read whole every step; the rest move to the host tier as
+    each layer's prefill ends and as decode fills a block (nanokv/cache/host_tier.py).
+
+    When tokens move, `summarize` sees their keys and returns what stays on the device for each of
+    them (`summary_fields`: a low-rank key, hash codes, a cluster id), and may build a per-sequence
+    index in `state` (the ReadStep's state of that sequence: a basis, centroids). Each decode step
+    `pick` reads those (`ReadStep.summary(name)`, and with `summary_bounds` the host pages' key
+    bounds as `ReadStep.bounds`; `ReadStep.keys` are the host's keys, read in host memory: a search
+    on the CPU) and returns the host slots or pages to recall; `lengths` and `slots` of the step are
+    the host tier's. The engine recalls them and attends over them and the device window in one
+    softmax. `Picks.keys` replaces the recalled keys with keys rebuilt on the device (only values
+    move), `Picks.log_weights` weighs each pick (a sampling estimator).
+    """
+    offloads = True
+    device_window = 64       # the newest tokens of each head kept, and read whole, on the device
+    summary_bounds = False   # the host pages' key bounds stay on the device (ReadStep.bounds)
+
+    def summary_fields(self, head_dim: int) -> dict[str, tuple[torch.dtype, tuple]]:
+        """{name: (dtype, shape per token)} of what each host token keeps on the device."""
+        return {}
+
+    def summarize(self, layer: int, keys: torch.Tensor, positions: torch.Tensor, state: dict) -> dict[str, torch.Tensor]:
+        """Keys [H, n, D] (after RoPE) and positions [n] of tokens moving to the host at `layer`
+        (a prompt's first, then a block at a time) -> their summary fields {name: [H, n, ...]}.
+        `state`: the sequence's, which pick sees again (a prefill starts it afresh)."""
+        return {}
+
+    def host_tier(self, head_dim: int) -> HostTier:
+        return HostTier(self.device_window, self.skip_layers, self.summary_fields(head_dim), self.summary_bounds)
+
+    def kept_after_prefill(self, n: int, layer: int, num_layers: int) -> int:
+        return n if layer < self.skip_layers else min(n, self.device_window)

@@ -74,6 +74,7 @@ from nanokv.methods.lserve import LServe
 from nanokv.methods.loki import Loki
 from nanokv.methods.double_sparsity import DoubleSparsity
 from nanokv.methods.squeezed_attention import SqueezedAttention
+from nanokv.methods.arkvale import ArkVale
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, RandomMethod, StreamingLLM, KNorm, SnapKV, PyramidKV, AdaKV, H2O, TOVA,
                                                          A2SF, Keyformer, Scissorhands, RoCo, VATP, RKV,
@@ -89,7 +90,9 @@ METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, RandomMethod, St
                                                          GEAR, ZipCache, MiKV, QAQ, DecoQuant, MiniKV, LeanKV, BitDecoding,
                                                          KVQuant, SKVQ, WKVQuant, KVTuner, Mustafar, ECKVH,
                                                          # the third wave: query-aware sparse decode (issue 29)
-                                                         TidalDecode, RecycledAttention, TokenSelect, ReAttention, RocketKV, LServe, Loki, DoubleSparsity, SqueezedAttention)}
+                                                         TidalDecode, RecycledAttention, TokenSelect, ReAttention, RocketKV, LServe, Loki, DoubleSparsity, SqueezedAttention,
+                                                         # the third wave: offloaded and recallable KV (issue 30)
+                                                         ArkVale)}
 QUANTIZERS = [name for name, m in METHODS.items() if m.quantizes]
 
 
