@@ -91,6 +91,29 @@ class DenseLayers:
 
 
 @torch.inference_mode()
+class DenseOffloaded(DenseLayers):
+    """An Offloader (methods/base.py) stated plainly: at decode step t (from 1) each kv-head reads its
+    newest window + (t - 1) % block + 1 tokens (the device part: the window, and the block filling
+    behind it until it moves to the host) and the `k` older ones that `rank(q [group, D], keys [n, D])
+    -> [n]` scores highest (subclasses may override `older` to pick otherwise)."""
+
+    def __init__(self, prompt_len, window, k, rank=None, block=16):
+        super().__init__()
+        self.prompt_len, self.window, self.k, self.rank, self.block = prompt_len, window, k, rank, block
+
+    def older(self, layer, h, q, keys):
+        """Which of the older tokens keys [n, D] kv-head h reads (q [group, D]) -> indices."""
+        return self.rank(q, keys).topk(min(self.k, len(keys))).indices
+
+    def decode(self, layer, q, keys, values):
+        n, H = keys.shape[:2]
+        hot = min(n, self.window + (n - self.prompt_len - 1) % self.block + 1)
+        group = q.shape[1] // H
+        chosen = [torch.cat([self.older(layer, h, q[0, h * group:(h + 1) * group].float(), keys[:n - hot, h].float()),
+                             torch.arange(n - hot, n)]).sort().values for h in range(H)]
+        return self.attend(q, keys, values, chosen)
+
+
 def restated_greedy(model, attention, prompt, steps):
     """Greedy tokens of `model` over `attention`, a plain restatement of a method called as the
     model's attention callable (it reads the step's positions from `attention.positions`)."""

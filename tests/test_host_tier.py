@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from helpers import DenseLayers, assert_preemption_repeats, restated_greedy
+from helpers import DenseOffloaded, assert_preemption_repeats, restated_greedy
 from nanokv.methods.base import Offloader, Picks, top_slots
 from tiny_model import save_tiny_llama
 
@@ -138,28 +138,6 @@ def test_keys_rebuilt_on_the_device_recall_only_values_and_weights_enter_the_sof
     assert greedy(make("doubled", budget=1000)) != expected
 
 
-class DenseOffloaded(DenseLayers):
-    """An Offloader stated plainly: at decode step t (from 1) each kv-head reads its newest
-    WINDOW + (t - 1) % block + 1 tokens (the device part: the window, and the block filling behind
-    it) and the `k` older ones `rank` scores highest."""
-
-    def __init__(self, prompt_len, k, rank, block=16):
-        super().__init__()
-        self.prompt_len, self.k, self.rank, self.block = prompt_len, k, rank, block
-
-    def decode(self, layer, q, keys, values):
-        n, H = keys.shape[:2]
-        t = n - self.prompt_len
-        hot = WINDOW + (t - 1) % self.block + 1
-        group = q.shape[1] // H
-        chosen = []
-        for h in range(H):
-            old = self.rank(q[0, h * group:(h + 1) * group].float(), keys[:n - hot, h].float())
-            picked = old.topk(min(self.k, n - hot)).indices
-            chosen.append(torch.cat([picked, torch.arange(n - hot, n)]).sort().values)
-        return self.attend(q, keys, values, chosen)
-
-
 @pytest.mark.parametrize("method, rank", [
     ("top_host_slots", lambda q, keys: (q @ keys.T).amax(0)),
     ("key_norm_summary", lambda q, keys: keys.norm(dim=-1)),
@@ -167,7 +145,7 @@ class DenseOffloaded(DenseLayers):
 def test_top_k_host_picks_are_read_as_a_plain_restatement_reads_them(make, method, rank):
     llm = make(method, budget=5)
     [got] = greedy(llm, PROMPTS[1:2], 20)  # past a block of decode steps: a block moves to the host
-    assert got == restated_greedy(llm.model, DenseOffloaded(len(PROMPTS[1]), 5, rank), PROMPTS[1], 20)
+    assert got == restated_greedy(llm.model, DenseOffloaded(len(PROMPTS[1]), WINDOW, 5, rank), PROMPTS[1], 20)
 
 
 def test_summaries_are_made_once_per_moved_token_and_a_prefill_starts_them_afresh(make):
