@@ -90,7 +90,6 @@ class DenseLayers:
                           for h, index in enumerate(chosen)], dim=1)
 
 
-@torch.inference_mode()
 class DenseOffloaded(DenseLayers):
     """An Offloader (methods/base.py) stated plainly: at decode step t (from 1) each kv-head reads its
     newest window + (t - 1) % block + 1 tokens (the device part: the window, and the block filling
@@ -114,6 +113,7 @@ class DenseOffloaded(DenseLayers):
         return self.attend(q, keys, values, chosen)
 
 
+@torch.inference_mode()
 def restated_greedy(model, attention, prompt, steps):
     """Greedy tokens of `model` over `attention`, a plain restatement of a method called as the
     model's attention callable (it reads the step's positions from `attention.positions`)."""
