@@ -50,9 +50,9 @@ class KeyNormSummary(Offloader):
     def summary_fields(self, head_dim):
         return {"norm": (torch.float32, ())}
 
-    def summarize(self, layer, keys, positions, state):
-        state["tokens"] = state.get("tokens", 0) + keys.shape[1]
-        return {"norm": keys.float().norm(dim=-1)}
+    def summarize(self, view):
+        view.state["tokens"] = view.state.get("tokens", 0) + view.keys.shape[1]
+        return {"norm": view.keys.float().norm(dim=-1)}
 
     def pick(self, step):
         norm = step.summary("norm").masked_fill(~step.held(), float("-inf"))
@@ -68,8 +68,8 @@ class RebuiltKeys(Offloader):
     def summary_fields(self, head_dim):
         return {"key": (torch.float32, (head_dim,))}
 
-    def summarize(self, layer, keys, positions, state):
-        return {"key": keys}
+    def summarize(self, view):
+        return {"key": view.keys}
 
     def pick(self, step):
         slots = torch.arange(step.slots, device=step.lengths.device).expand(*step.lengths.shape, step.slots)

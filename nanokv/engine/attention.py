@@ -30,7 +30,7 @@ from nanokv.cache.codec import IMPORTANCE
 from nanokv.cache.pool import HOST
 from nanokv.engine.upload import HostToDevice
 from nanokv.kernels.reference import quest_pages
-from nanokv.methods.base import DecodeStep, PrefillView, ReadStep
+from nanokv.methods.base import DecodeStep, OffloadView, PrefillView, ReadStep
 
 
 class StepAttention:
@@ -38,7 +38,7 @@ class StepAttention:
                  compress_lens: list[int] | None = None, token_ids: torch.Tensor | None = None,
                  scoring_passes: list[list[int]] | None = None, compress: bool = True,
                  send: HostToDevice | None = None, read_states: dict | None = None,
-                 inv_freq: torch.Tensor | None = None):
+                 inv_freq: torch.Tensor | None = None, histories=None):
         """A decode's positions and token ids may come on the host: they go to the device with the
         step's tables, in one copy by `send` (engine/upload.py), and the model reads them back
         from here (`positions`, `ids`). `read_states`: a query-aware reader's state per sequence
@@ -63,6 +63,7 @@ class StepAttention:
         self.bytes_moved = 0  # bytes recalled from the host tier this step (a 0-d tensor once any is)
         self.read_states = {} if read_states is None else read_states
         self.inv_freq = inv_freq
+        self.histories = histories  # i -> every token id sequence i holds (an Offloader's OffloadView.token_ids)
         # KV bytes the decode attention read this step, over all layers: a 0-d tensor on the pool's
         # device once a layer adds to it (the runner reads it once a step, not once a layer)
         self.bytes_read = 0
@@ -334,9 +335,14 @@ class StepAttention:
         Offloader keeps of it on the device."""
         n = self.cache.due_offload(seq_id, layer, prefill)
         if n:
-            held = self.cache.read_prompt(seq_id, layer, n, ("k", "pos"))  # the oldest n on the device
-            summaries = self.offloader.summarize(layer, held["k"], held["pos"], self.read_states.setdefault(seq_id, {}))
-            self.cache.offload(seq_id, layer, n, summaries)
+            held = self.cache.read_prompt(seq_id, layer, n, ("k", "v", "pos"))  # the oldest n on the device
+            ids = None
+            if self.offloader.needs_vocabulary and self.histories is not None:
+                history = self.histories(self.seq_ids.index(seq_id))
+                ids = torch.tensor([history[p] for p in held["pos"].tolist()], device=held["pos"].device)
+            view = OffloadView(layer, held["k"], held["v"], held["pos"], self.read_states.setdefault(seq_id, {}),
+                               self.inv_freq, ids)
+            self.cache.offload(seq_id, layer, n, self.offloader.summarize(view))
 
     def finish(self):
         """After the forward pass (a decode: after its sampled tokens are read, so the counts below

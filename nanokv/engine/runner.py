@@ -85,7 +85,8 @@ class ModelRunner:
         attention = StepAttention(self.cache, [s.id for s in seqs], query_lens, positions, self.method,
                                    [s.compress_len for s in seqs], ids,
                                    [[len(p) for p in s.scoring_passes] for s in seqs] if compress else None, compress,
-                                   self.send, self.read_states, getattr(self.model, "inv_freq", None))
+                                   self.send, self.read_states, getattr(self.model, "inv_freq", None),
+                                   lambda i: seqs[i].all_token_ids)
         if attention.is_decode and self.graphs is not None and self.graphs.takes(attention):
             hidden = self.graphs.forward(attention)
             self.graph_steps += self.graphs.replayed

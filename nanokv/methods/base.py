@@ -679,13 +679,29 @@ class PageReader(Method):
         raise NotImplementedError
 
 
+@dataclass
+class OffloadView:
+    """The tokens one sequence moves to the host tier at one layer, oldest first: keys and values
+    [H, n, D] (keys after RoPE), positions [n]; `state`: the sequence's reader state, which `pick`
+    sees as `ReadStep.states` (a prefill, a recompute's too, starts it afresh); `inv_freq` [D // 2]:
+    the model's RoPE speeds (to undo RoPE: ShadowKV's pre-RoPE keys); `token_ids` [n]: their ids,
+    for a method with needs_vocabulary (SentenceKV's sentences), else None."""
+    layer: int
+    keys: torch.Tensor
+    values: torch.Tensor
+    positions: torch.Tensor
+    state: dict
+    inv_freq: torch.Tensor | None = None
+    token_ids: torch.Tensor | None = None
+
+
 class Offloader(PageReader):
     """Role: keep every token, most of them in host memory, and recall what each decode step reads
     (ShadowKV, ArkVale, ClusterKV, ...). From `skip_layers` on, each head keeps its newest
     `device_window` tokens on the device, read whole every step; the rest move to the host tier as
     each layer's prefill ends and as decode fills a block (nanokv/cache/host_tier.py).
 
-    When tokens move, `summarize` sees their keys and returns what stays on the device for each of
+    When tokens move, `summarize` sees them (an `OffloadView`) and returns what stays on the device for each of
     them (`summary_fields`: a low-rank key, hash codes, a cluster id), and may build a per-sequence
     index in `state` (the ReadStep's state of that sequence: a basis, centroids). Each decode step
     `pick` reads those (`ReadStep.summary(name)`, and with `summary_bounds` the host pages' key
@@ -703,10 +719,9 @@ class Offloader(PageReader):
         """{name: (dtype, shape per token)} of what each host token keeps on the device."""
         return {}
 
-    def summarize(self, layer: int, keys: torch.Tensor, positions: torch.Tensor, state: dict) -> dict[str, torch.Tensor]:
-        """Keys [H, n, D] (after RoPE) and positions [n] of tokens moving to the host at `layer`
-        (a prompt's first, then a block at a time) -> their summary fields {name: [H, n, ...]}.
-        `state`: the sequence's, which pick sees again (a prefill starts it afresh)."""
+    def summarize(self, view: "OffloadView") -> dict[str, torch.Tensor]:
+        """Tokens moving to the host at one layer of one sequence (a prompt's first, then a block at
+        a time) -> their summary fields {name: [H, n, ...]}."""
         return {}
 
     def host_tier(self, head_dim: int) -> HostTier:
