@@ -177,7 +177,7 @@ class StepAttention:
                     self._rank(self._view(layer, seq_id, q_i[:n], None, True), seq_id)
                 cache.settle(seq_id, layers=slice(layer, layer + 1))
                 if self.offloader is not None:
-                    self._offload(layer, seq_id, prefill=True)
+                    self._offload(layer, seq_id, prefill=True, queries=q_i)
                 continue
             # The prompt attends over itself, then is compressed. Tokens generated before a
             # preemption (recompute) then attend over the compressed prompt, as they did the
@@ -330,9 +330,9 @@ class StepAttention:
         self.bytes_moved += cache.recalled_bytes(picked, names)
         return out
 
-    def _offload(self, layer, seq_id, prefill: bool):
+    def _offload(self, layer, seq_id, prefill: bool, queries=None):
         """Move what the host tier is due of `layer` (cache.due_offload) there, with the summaries the
-        Offloader keeps of it on the device."""
+        Offloader keeps of it on the device (`queries`: a prefill's, whose first tokens move)."""
         n = self.cache.due_offload(seq_id, layer, prefill)
         if n:
             held = self.cache.read_prompt(seq_id, layer, n, ("k", "v", "pos"))  # the oldest n on the device
@@ -341,7 +341,7 @@ class StepAttention:
                 history = self.histories(self.seq_ids.index(seq_id))
                 ids = torch.tensor([history[p] for p in held["pos"].tolist()], device=held["pos"].device)
             view = OffloadView(layer, held["k"], held["v"], held["pos"], self.read_states.setdefault(seq_id, {}),
-                               self.inv_freq, ids)
+                               self.inv_freq, ids, None if queries is None else queries[:n])
             self.cache.offload(seq_id, layer, n, self.offloader.summarize(view))
 
     def finish(self):

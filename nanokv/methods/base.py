@@ -685,7 +685,9 @@ class OffloadView:
     [H, n, D] (keys after RoPE), positions [n]; `state`: the sequence's reader state, which `pick`
     sees as `ReadStep.states` (a prefill, a recompute's too, starts it afresh); `inv_freq` [D // 2]:
     the model's RoPE speeds (to undo RoPE: ShadowKV's pre-RoPE keys); `token_ids` [n]: their ids,
-    for a method with needs_vocabulary (SentenceKV's sentences), else None."""
+    for a method with needs_vocabulary (SentenceKV's sentences), else None; `queries` [n, Hq, D]: at
+    prefill, the moved tokens' own queries (after RoPE: RetrievalAttention links them to keys); None
+    for a block moved at decode."""
     layer: int
     keys: torch.Tensor
     values: torch.Tensor
@@ -693,6 +695,7 @@ class OffloadView:
     state: dict
     inv_freq: torch.Tensor | None = None
     token_ids: torch.Tensor | None = None
+    queries: torch.Tensor | None = None
 
 
 class Offloader(PageReader):
