@@ -91,10 +91,11 @@ class DenseLayers:
 
 
 class DenseOffloaded(DenseLayers):
-    """An Offloader (methods/base.py) stated plainly: at decode step t (from 1) each kv-head reads its
-    newest window + (t - 1) % block + 1 tokens (the device part: the window, and the block filling
-    behind it until it moves to the host) and the `k` older ones that `rank(q [group, D], keys [n, D])
-    -> [n]` scores highest (subclasses may override `older` to pick otherwise)."""
+    """An Offloader (methods/base.py) stated plainly: a decode step holding n tokens (its own
+    included) reads each kv-head's device part, the newest 1 + window + (n - 1 - window) % block of
+    them (the window and the part block behind it: whole blocks move to the host), and the `k` older
+    ones that `rank(q [group, D], keys [n, D]) -> [n]` scores highest (subclasses may override `older`
+    to pick otherwise). `prompt_len` is not needed (kept for callers that pass it)."""
 
     def __init__(self, prompt_len, window, k, rank=None, block=16):
         super().__init__()
@@ -106,7 +107,8 @@ class DenseOffloaded(DenseLayers):
 
     def decode(self, layer, q, keys, values):
         n, H = keys.shape[:2]
-        hot = min(n, self.window + (n - self.prompt_len - 1) % self.block + 1)
+        before = n - 1  # what the device held after the previous step
+        hot = 1 + (before if before < self.window else self.window + (before - self.window) % self.block)
         group = q.shape[1] // H
         chosen = [torch.cat([self.older(layer, h, q[0, h * group:(h + 1) * group].float(), keys[:n - hot, h].float()),
                              torch.arange(n - hot, n)]).sort().values for h in range(H)]

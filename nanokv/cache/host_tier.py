@@ -4,9 +4,9 @@ device; a decode step reads the device part whole and recalls the host tokens a 
 Per (sequence, layer, kv-head), oldest first: `host_tables` (blocks of `host`, a BlockPool in host
 memory: pinned where the device is CUDA, a pool of its own on a CPU) holding `host_lengths` tokens,
 then PagedKVCache's `tables` and `lengths` on the device. A layer from `skip_layers` on keeps its
-newest `device_window` tokens (to `device_window + block_size`, moved a block at a time) on the
-device; the rest go to the host (`offload`), as a prompt's layer finishes its prefill and as decode
-fills a block. Layers before `skip_layers` stay whole on the device.
+newest `device_window` tokens and fewer than a block more on the device; the rest go to the host
+in whole blocks (`offload`), as a prompt's layer finishes its prefill and as decode fills a block.
+Layers before `skip_layers` stay whole on the device.
 
 What a reader scores stays on the device next to the pool: per host slot, the `summaries` a method
 asks for (a low-rank key, a low-bit key, hash codes, a cluster id: `summary_fields`), kept in rows
@@ -60,6 +60,8 @@ class OffloadedKVCache(PagedKVCache):
         # device -> host copies in flight (CUDA): (event, host slots, pinned rows), landed by sync_host
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.in_flight: list[tuple] = []
+        # each sequence's reader index on the device (centroids, a basis), as the engine last counted it
+        self.state_bytes: dict[int, int] = {}
 
     @classmethod
     def from_memory(cls, cfg, kv_cache_memory: int, host_memory: int, block_size: int, dtype: torch.dtype,
@@ -97,18 +99,22 @@ class OffloadedKVCache(PagedKVCache):
         held = torch.arange(s.host_tables.shape[-1], device=HOST) < s.host_blocks[..., None]
         super().free(seq_id)
         self.host.free(s.host_tables[held])
+        self.state_bytes.pop(seq_id, None)
 
     # --- the device window and the host tier ------------------------------------------
 
     def due_offload(self, seq_id: int, layer: int, prefill: bool) -> int:
-        """Tokens each head of `layer` should move to the host now: at prefill all but the window,
-        at decode a block once the window holds a block more; 0 before skip_layers, or when the host
-        has no room (they stay on the device, which the scheduler counts like any growing cache)."""
+        """Tokens each head of `layer` should move to the host now: whole blocks, so that the device
+        keeps the window and fewer than a block more (at prefill all such blocks, at decode one once
+        the device holds a block more than the window). The split then depends on the tokens held
+        alone, so a recompute after preemption reads what the first run read. 0 before skip_layers,
+        or when the host has no room (the tokens stay on the device, which the scheduler counts like
+        any growing cache)."""
         if layer < self.skip_layers:
             return 0
         held = int(self.seqs[seq_id].lengths[layer].min())
-        over = held - self.device_window
-        n = max(0, over) if prefill else (self.block_size if over >= self.block_size else 0)
+        over = max(0, held - self.device_window)
+        n = over - over % self.block_size if prefill else (self.block_size if over >= self.block_size else 0)
         s = self.seqs[seq_id]
         need = int((self.blocks_for(s.host_lengths[layer] + n) - s.host_blocks[layer]).sum())
         return n if need <= self.host.num_free else 0
@@ -284,8 +290,9 @@ class OffloadedKVCache(PagedKVCache):
                                    bool(self.summary_bounds), self.block_size, self.pool.head_dim, self.pool.dtype)
 
     def seq_bytes(self, seq_id: int) -> int:
-        """The device's share: its blocks and the summaries of its host blocks."""
-        return super().seq_bytes(seq_id) + int(self.seqs[seq_id].host_blocks.sum()) * self.summary_bytes_per_block()
+        """The device's share: its blocks, the summaries of its host blocks and its reader's index."""
+        return super().seq_bytes(seq_id) + int(self.seqs[seq_id].host_blocks.sum()) * self.summary_bytes_per_block() + \
+            self.state_bytes.get(seq_id, 0)
 
     def theoretical_bytes(self, seq_id: int) -> int:
         return int(self.seqs[seq_id].lengths.sum()) * self.token_bytes() + \
@@ -293,7 +300,8 @@ class OffloadedKVCache(PagedKVCache):
 
     @property
     def used_bytes(self) -> int:
-        return self.pool.used_bytes + (self.host.num_used - 1) * self.summary_bytes_per_block()
+        return self.pool.used_bytes + (self.host.num_used - 1) * self.summary_bytes_per_block() + \
+            sum(self.state_bytes.values())
 
     @property
     def host_used_bytes(self) -> int:

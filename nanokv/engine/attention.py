@@ -38,7 +38,7 @@ class StepAttention:
                  compress_lens: list[int] | None = None, token_ids: torch.Tensor | None = None,
                  scoring_passes: list[list[int]] | None = None, compress: bool = True,
                  send: HostToDevice | None = None, read_states: dict | None = None,
-                 inv_freq: torch.Tensor | None = None, histories=None):
+                 inv_freq: torch.Tensor | None = None, histories=None, chunked: bool = False):
         """A decode's positions and token ids may come on the host: they go to the device with the
         step's tables, in one copy by `send` (engine/upload.py), and the model reads them back
         from here (`positions`, `ids`). `read_states`: a query-aware reader's state per sequence
@@ -64,6 +64,9 @@ class StepAttention:
         self.read_states = {} if read_states is None else read_states
         self.inv_freq = inv_freq
         self.histories = histories  # i -> every token id sequence i holds (an Offloader's OffloadView.token_ids)
+        # a chunk of a chunked prefill (Method.prefill_chunk): its new tokens follow what the earlier
+        # chunks left, and the method compresses both together
+        self.chunked = chunked
         # KV bytes the decode attention read this step, over all layers: a 0-d tensor on the pool's
         # device once a layer adds to it (the runner reads it once a step, not once a layer)
         self.bytes_read = 0
@@ -91,6 +94,8 @@ class StepAttention:
         if not self.is_decode:
             if self.evicting:
                 self.budgets, self.prompt_lens = self._budgets(cache.pool.device)
+            self.propagating: dict[int, torch.Tensor] = {}  # sequence -> [n] bool, for narrow()
+            self.refilled: dict[int, torch.Tensor] = {}     # sequence -> [n] bool, a filter pass's picks
             self._split_by_sequence()
             self.sequence_state = {seq_id: {} for seq_id in seq_ids}  # PrefillView.sequence_state
             return
@@ -343,6 +348,34 @@ class StepAttention:
             view = OffloadView(layer, held["k"], held["v"], held["pos"], self.read_states.setdefault(seq_id, {}),
                                self.inv_freq, ids, None if queries is None else queries[:n])
             self.cache.offload(seq_id, layer, n, self.offloader.summarize(view))
+            self.cache.state_bytes[seq_id] = self.offloader.state_bytes(view.state)  # its index, on the device
+
+    def narrow(self, layer: int) -> torch.Tensor | None:
+        """The model asks after each layer (models/llama.py): the rows of this step's tokens that go on
+        to the next one. A prefill drops the prompt tokens a narrowing method did not propagate (FastKV,
+        LazyLLM: their KV stops at this layer; each sequence's last prompt token always goes on), and
+        a filter pass ends at the method's refill_layer (GemFilter). None: every row goes on."""
+        if self.is_decode or not (self.propagating or self.refilled):
+            return None
+        if self.refilled:
+            return torch.zeros(0, dtype=torch.long, device=self.positions.device)
+        keep, lens = [], []
+        for i, length in enumerate(self.query_lens):
+            rows = torch.ones(length, dtype=torch.bool, device=self.positions.device)
+            n = self.compress_lens[i]
+            if i in self.propagating:
+                rows[:n] = self.propagating[i].to(rows.device)
+                rows[n - 1] = True  # the prompt's last token: the runner samples from it
+            keep.append(rows)
+            lens.append(rows.sum())
+        counts = torch.stack(lens).tolist()  # one read per narrowing layer: the new split
+        self.compress_lens = [n - (length - c) for n, length, c in zip(self.compress_lens, self.query_lens, counts)]
+        self.query_lens, self.propagating = counts, {}
+        rows = torch.cat(keep).nonzero().flatten()
+        self.positions = self.positions[rows]
+        self.ids = None if self.ids is None else self.ids[rows]
+        self._split_by_sequence()
+        return rows
 
     def finish(self):
         """After the forward pass (a decode: after its sampled tokens are read, so the counts below
@@ -399,34 +432,44 @@ class StepAttention:
         `scoring`: what a method's scoring passes left it (_scoring_passes)."""
         cache, method = self.cache, self.method
         n, held = len(queries), int(cache.seqs[seq_id].lengths[layer].max())
-        view = self._view(layer, seq_id, queries, column_sums, method.needs_values)
+        before = held - n if self.chunked else 0  # a chunk's: what the earlier chunks left, first
+        count = before + n  # the slots the method judges; a recompute's generated tokens follow them
+        view = self._view(layer, seq_id, queries, column_sums, method.needs_values, count)
+        view.held_before = before
         if scoring is not None:
             view.scoring_queries, view.scoring_keys, view.scoring_lengths = scoring
         if method.needs_vocabulary:
             if self.token_ids is None or held != len(self.token_ids[i]):
                 raise ValueError(f"method {method.name!r} needs the token ids of a prefill from an empty cache")
             view.token_ids = self.token_ids[i][:n]  # a prefill writes its tokens from slot 0, in order
-        cache.write_prompt(seq_id, layer, n, method.state_of(view))
+        cache.write_prompt(seq_id, layer, count, method.state_of(view))
         self._rank(view, seq_id)  # before compaction, which moves each token's importance with it
         keep = method.keep_mask(view)
         if keep is not None and method.merges:  # what goes is folded into what stays (base.py)
-            cache.write_prompt(seq_id, layer, n, method.merge(view, keep))
+            cache.write_prompt(seq_id, layer, count, method.merge(view, keep))
         masks = {} if keep is None else {layer: keep}
         masks.update(method.earlier_keep_masks(view))  # a cascade re-trims earlier layers (base.py)
         for at, kept in masks.items():
             kept = kept.to(HOST)  # block tables live on the host
-            generated = torch.ones(kept.shape[0], held - n, dtype=torch.bool, device=HOST)
+            generated = torch.ones(kept.shape[0], held - count, dtype=torch.bool, device=HOST)
             cache.compact(seq_id, torch.cat([kept, generated], dim=1)[None], layers=slice(at, at + 1))
         for at, fields in method.earlier_prefill_state(view).items():
             cache.write_prompt(seq_id, at, next(iter(fields.values())).shape[1], fields)
         if method.prunes_key_channels:  # the older kept tokens' keys keep the channels the method picks (ThinK)
             prompt = torch.full((view.keys.shape[0],), n, device=HOST) if keep is None else keep.sum(-1).to(HOST)
             cache.prune(seq_id, layer, method.key_channels(view, keep).to(HOST), (prompt - method.recent).clamp(min=0))
+        if method.narrows:  # the prompt tokens that go on to the next layer (narrow)
+            carried = method.propagate(view)
+            if carried is not None:
+                self.propagating[i] = carried
+        if layer == method.refill_layer:  # a filter pass ends here (narrow); the runner re-prefills
+            self.refilled[i] = method.refill(view)
 
     def _view(self, layer: int, seq_id: int, queries: torch.Tensor, column_sums: torch.Tensor | None,
-              values: bool) -> PrefillView:
-        """What a method (or a ranking codec) sees of the first len(queries) slots of `layer`."""
-        n, cache = len(queries), self.cache
+              values: bool, count: int | None = None) -> PrefillView:
+        """What a method (or a ranking codec) sees of the first `count` slots of `layer` (default
+        len(queries): a prompt from an empty cache)."""
+        n, cache = len(queries) if count is None else count, self.cache
         prompt = cache.read_prompt(seq_id, layer, n, ("k", "pos", "v") if values else ("k", "pos"))
         return PrefillView(layer, cache.num_layers, queries, prompt["k"], prompt["pos"],
                            None if column_sums is None else column_sums[:, :n], self.sequence_state[seq_id],

@@ -7,7 +7,9 @@ sampled token, the one token it has that the cache does not hold yet.
 A method's scoring passes (KVzip) ride in the prefill after the prompt, each at the positions
 after it. When a method scores with such passes or trims earlier layers again (CAKE), what
 follows the compressed part (a question, a recompute's tokens) waits for a second forward pass
-over the finished cache (nanokv/methods/base.py).
+over the finished cache (nanokv/methods/base.py). So does it for a chunked method (InfiniPot,
+CItruS: `prefill_chunk`), whose compressed part runs a chunk per forward pass, each over what the
+earlier chunks left.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ class ModelRunner:
             self.read_states = {s.id: self.read_states.get(s.id, {}) for s in seqs}
             # on the host: StepAttention sends them with the step's block tables
             ids = torch.tensor([s.last_token_id for s in seqs], device=HOST)
-            positions = torch.tensor([len(s) - 1 for s in seqs], device=HOST)
+            positions = torch.tensor([len(s) - 1 - s.position_shift for s in seqs], device=HOST)
             hidden, attention = self._forward(seqs, [1] * len(seqs), ids, positions, finish=False)
             tokens = self._sample(seqs, hidden)
             attention.finish()  # after the tokens are read: what it reads back (evictions) has no GPU to wait for
@@ -50,9 +52,28 @@ class ModelRunner:
 
         for s in seqs:  # a prefill (a recompute) starts a reader's state afresh
             self.read_states.pop(s.id, None)
+        method = self.method if self.method is not None and self.method.compresses else None
+        if method is not None and method.refill_layer is not None:
+            hidden = self._refilled_prefill(seqs)
+            for s in seqs:
+                s.num_cached = len(s)
+            return self._sample(seqs, hidden)
+        # a chunked method (base.py: prefill_chunk) prefills each long prompt a chunk at a time, alone
+        chunk = method.prefill_chunk if method is not None else None
+        chunked = [chunk is not None and s.compress_len > chunk for s in seqs]
+        plain = [s for s, c in zip(seqs, chunked) if not c]
+        rows = iter(self._prefill(plain, method) if plain else [])
+        hidden = torch.stack([self._chunked_prefill(s, chunk) if c else next(rows) for s, c in zip(seqs, chunked)])
+        for s in seqs:
+            s.num_cached = len(s)
+        return self._sample(seqs, hidden)
+
+    def _prefill(self, seqs, method):
+        """Every token of these sequences in one forward pass -> the hidden state of each one's last
+        prompt token [len(seqs), hidden] (or of its last token, when a second pass runs what
+        follows the compressed part)."""
         # A method that re-trims earlier layers, or scores with a pass of its own, finishes the
         # compressed part first; what follows it then runs over the cache as it ends (base.py).
-        method = self.method if self.method is not None and self.method.compresses else None
         split = [method is not None and (method.trims_earlier_layers or bool(s.scoring_passes)) for s in seqs]
         query_lens, ids, positions, last = [], [], [], []
         for s, later in zip(seqs, split):
@@ -64,29 +85,72 @@ class ModelRunner:
                                                                        for p in s.scoring_passes]
             last.append(sum(query_lens) + len(head) - 1)  # the prompt's last token, before any pass
             query_lens.append(len(head) + sum(len(p) for p in s.scoring_passes))
-        hidden = self._forward(seqs, query_lens, ids, torch.cat(positions))[last]
+        hidden, attention = self._forward(seqs, query_lens, ids, torch.cat(positions), finish=False)
+        attention.finish()
+        if attention.query_lens != query_lens:  # a narrowing method dropped prompt rows between layers
+            passes = [sum(len(p) for p in s.scoring_passes) for s in seqs]
+            ends = torch.tensor(attention.query_lens, device=self.device).cumsum(0)
+            last = (ends - torch.tensor(passes, device=self.device) - 1).tolist()
+        hidden = hidden[last]
         rest = [i for i, (s, later) in enumerate(zip(seqs, split)) if later and len(s) > s.compress_len]
         if rest:
-            tails = [seqs[i].all_token_ids[seqs[i].compress_len:] for i in rest]
-            tail_positions = torch.cat([torch.arange(seqs[i].compress_len, len(seqs[i]), device=self.device) for i in rest])
-            tail_hidden = self._forward([seqs[i] for i in rest], [len(t) for t in tails], sum(tails, []),
-                                        tail_positions, compress=False)
-            hidden[rest] = tail_hidden[torch.tensor([len(t) for t in tails], device=self.device).cumsum(0) - 1]
-        for s in seqs:
-            s.num_cached = len(s)
-        return self._sample(seqs, hidden)
+            hidden[rest] = self._rest([seqs[i] for i in rest])
+        return hidden
 
-    def _forward(self, seqs, query_lens, ids, positions, compress=True, finish=True):
+    def _refilled_prefill(self, seqs) -> torch.Tensor:
+        """A filter pass (GemFilter: base.py refill_layer): each compressed part runs up to the
+        method's layer, which picks tokens; their KV is dropped and the picked tokens, then what
+        follows the compressed part, are prefilled alone at positions 0, 1, ... (its
+        position_shift: how far decode positions fall behind) -> each one's last hidden state."""
+        heads = [s.all_token_ids[:s.compress_len] for s in seqs]
+        _, attention = self._forward(seqs, [len(h) for h in heads], sum(heads, []),
+                                     torch.cat([torch.arange(len(h), device=self.device) for h in heads]), finish=False)
+        attention.finish()
+        tokens = []
+        for i, (s, head) in enumerate(zip(seqs, heads)):
+            self.cache.free(s.id)  # the filter pass's KV goes; the second pass starts afresh
+            self.cache.add(s.id)
+            picked = [t for t, kept in zip(head, attention.refilled[i].tolist()) if kept]
+            s.position_shift = len(head) - len(picked)
+            tokens.append(picked + s.all_token_ids[s.compress_len:])
+        positions = torch.cat([torch.arange(len(t), device=self.device) for t in tokens])
+        hidden = self._forward(seqs, [len(t) for t in tokens], sum(tokens, []), positions, compress=False)
+        return hidden[torch.tensor([len(t) for t in tokens], device=self.device).cumsum(0) - 1]
+
+    def _chunked_prefill(self, s: Sequence, chunk: int) -> torch.Tensor:
+        """One sequence's compressed part `chunk` tokens a forward pass (each followed by the method's
+        scoring passes, at the positions after it), the method compressing what the layer holds
+        after each; then what follows it in a second pass -> the last token's hidden state."""
+        n, ids = s.compress_len, s.all_token_ids
+        for start in range(0, n, chunk):
+            part = ids[start:min(n, start + chunk)]
+            end = start + len(part)
+            positions = [torch.arange(start, end, device=self.device)] + \
+                [torch.arange(end, end + len(p), device=self.device) for p in s.scoring_passes]
+            hidden = self._forward([s], [len(part) + sum(len(p) for p in s.scoring_passes)], part + sum(s.scoring_passes, []),
+                                   torch.cat(positions), compress_lens=[len(part)], chunked=True)[len(part) - 1]
+        return self._rest([s])[0] if len(s) > n else hidden
+
+    def _rest(self, seqs) -> torch.Tensor:
+        """What follows each one's compressed part (a question, a recompute's generated tokens), over
+        the finished cache -> each one's last hidden state [len(seqs), hidden]."""
+        tails = [s.all_token_ids[s.compress_len:] for s in seqs]
+        positions = torch.cat([torch.arange(s.compress_len, len(s), device=self.device) for s in seqs])
+        hidden = self._forward(seqs, [len(t) for t in tails], sum(tails, []), positions, compress=False)
+        return hidden[torch.tensor([len(t) for t in tails], device=self.device).cumsum(0) - 1]
+
+    def _forward(self, seqs, query_lens, ids, positions, compress=True, finish=True, compress_lens=None,
+                 chunked=False):
         """The model over the cache for these sequences' new tokens -> hidden states [T, hidden]
         (with finish=False also the step's StepAttention, for the caller to finish).
         ids: a list (prefill), or with positions host tensors (decode)."""
         if isinstance(ids, list):
             ids = torch.tensor(ids, device=self.device)
         attention = StepAttention(self.cache, [s.id for s in seqs], query_lens, positions, self.method,
-                                   [s.compress_len for s in seqs], ids,
+                                   compress_lens or [s.compress_len for s in seqs], ids,
                                    [[len(p) for p in s.scoring_passes] for s in seqs] if compress else None, compress,
                                    self.send, self.read_states, getattr(self.model, "inv_freq", None),
-                                   lambda i: seqs[i].all_token_ids)
+                                   lambda i: seqs[i].all_token_ids, chunked)
         if attention.is_decode and self.graphs is not None and self.graphs.takes(attention):
             hidden = self.graphs.forward(attention)
             self.graph_steps += self.graphs.replayed

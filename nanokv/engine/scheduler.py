@@ -97,7 +97,10 @@ class Scheduler:
         n, rest, L = seq.compress_len, len(seq) - seq.compress_len, self.cache.num_layers
         kept = [self.method.kept_after_prefill(n, layer, L) + rest for layer in range(L)]
         longest_pass = max((len(p) for p in seq.scoring_passes), default=0)
-        return self.cache.prefill_blocks(len(seq) + longest_pass, kept)
+        whole = len(seq)
+        if self.method.prefill_chunk is not None:  # a layer holds what earlier chunks left and one chunk
+            whole = min(whole, max(kept) + self.method.prefill_chunk)
+        return self.cache.prefill_blocks(whole + longest_pass, kept)
 
     def _preempt(self, seq: Sequence) -> int:
         """Free a running sequence's blocks and requeue it first -> blocks freed."""

@@ -33,6 +33,9 @@ class Sequence:
         self.compress_len = len(self.prompt_token_ids)
         # a method's scoring passes over the compressed part, each fed after it and dropped (KVzip)
         self.scoring_passes: list[list[int]] = []
+        # how far its positions fall behind its tokens: a prompt re-prefilled from the tokens a filter
+        # pass kept (GemFilter) sits at positions 0 .. k - 1, and what follows it from k on
+        self.position_shift = 0
         self.output_token_ids: list[int] = []
         self.params = params
         self.stop_token_ids = set() if params.ignore_eos else stop_token_ids

@@ -182,6 +182,9 @@ class PrefillView:
     scoring_queries: torch.Tensor | None = None
     scoring_keys: torch.Tensor | None = None
     scoring_lengths: list[int] | None = None
+    # a chunked prefill's (Method.prefill_chunk): the slots the layer held before this chunk, which
+    # come first in `keys` (what earlier chunks left); the queries are the chunk's alone
+    held_before: int = 0
 
 
 @dataclass
@@ -289,6 +292,17 @@ class Picks:
     # sampling estimator's log(1 / probability of being sampled): MagicPIG)
     keys: torch.Tensor | None = None
     log_weights: torch.Tensor | None = None
+
+
+def tensor_bytes(value) -> int:
+    """Bytes of every tensor in `value`, nested in dicts, lists and tuples."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(tensor_bytes(v) for v in value)
+    return 0
 
 
 def top_slots(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -407,6 +421,9 @@ class Method:
     calibration_file = ""           # the option of such methods: an explicit artifact (default: the cache)
     needs_vocabulary = False        # bind_vocabulary is called; PrefillView.token_ids is filled in
     trims_earlier_layers = False    # what follows the prompt waits for a second pass (cake, kvzip, minicache)
+    prefill_chunk: int | None = None  # the prompt is prefilled this many tokens at a time, compressed after each
+    narrows = False                 # propagate: only some prompt tokens go on to later layers (fastkv, lazyllm)
+    refill_layer: int | None = None  # refill: a filter pass to here picks the tokens a second pass prefills (gemfilter)
     # storage (cache_request)
     quantization = None             # a Codec (cache/codec.py): older K and V stored encoded (kivi, int4, gear)
     quantizes = False               # quantization is all it does: it follows an evictor (snapkv+kivi)
@@ -576,6 +593,15 @@ class PrefillSelector(Method):
         cascade has seen the last layer)."""
         return {}
 
+    def propagate(self, view: PrefillView) -> torch.Tensor | None:
+        """[T] bool over the view's queries (the prompt's, at this layer): the tokens whose hidden
+        states go on to the next layer (the last one always does); None: all of them."""
+        return None
+
+    def refill(self, view: PrefillView) -> torch.Tensor:
+        """At `refill_layer`: [T] bool over the prompt's tokens, those the second pass prefills."""
+        raise NotImplementedError
+
     def prefill_state(self, view: PrefillView) -> dict[str, torch.Tensor]:
         """Initial value [H, S] of each slot field for the prompt's tokens."""
         return {}
@@ -726,6 +752,12 @@ class Offloader(PageReader):
         """Tokens moving to the host at one layer of one sequence (a prompt's first, then a block at
         a time) -> their summary fields {name: [H, n, ...]}."""
         return {}
+
+    def state_bytes(self, state: dict) -> int:
+        """Device bytes of a sequence's index in `state` (a basis, centroids, sentence vectors),
+        which the cache counts with the sequence's (by default: every tensor in it, nested in dicts,
+        lists and tuples; a method that keeps some in host memory says so)."""
+        return tensor_bytes(state)
 
     def host_tier(self, head_dim: int) -> HostTier:
         return HostTier(self.device_window, self.skip_layers, self.summary_fields(head_dim), self.summary_bounds)

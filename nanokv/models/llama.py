@@ -31,6 +31,10 @@ class Attention(Protocol):
                  sliding_window: int | None) -> torch.Tensor:
         """q: [T, num_heads, head_dim], k/v: [T, num_kv_heads, head_dim] -> [T, num_heads, head_dim]."""
 
+    def narrow(self, layer: int) -> torch.Tensor | None:
+        """After `layer`: the rows of the step's tokens that go on to the next layer (None: all; an
+        empty index ends the pass). An attention callable without it keeps every token."""
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -127,8 +131,14 @@ class LlamaModel(nn.Module):
         so the engine can compute them only for the tokens it samples from)."""
         x = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)
-        for layer in self.layers:
+        narrow = getattr(attention, "narrow", None)  # a prefill may drop tokens between layers (FastKV)
+        for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, attention)
+            rows = narrow(i) if narrow is not None else None
+            if rows is not None:
+                if len(rows) == 0:  # the pass ends here (GemFilter's filter pass)
+                    break
+                x, cos, sin = x[rows], cos[rows], sin[rows]
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
