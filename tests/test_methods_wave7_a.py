@@ -242,3 +242,11 @@ def test_bad_options_are_refused_clearly():
         make_method("specache", compression=0.5)
     with pytest.raises(ValueError, match="head_dim=12 must be a multiple of 8"):
         make_method("specache", bits=1).summary_fields(12)
+
+
+@pytest.mark.parametrize("method", ["shadowkv", "specache"])
+def test_a_prompt_within_the_window_reads_all_of_it_beside_one_on_the_host(make, full_run, method):
+    short = list(range(10, 15))  # 5 tokens + 10 steps: never past the window of 8 and a block
+    [expected] = greedy(full_run[1], [short], 10)
+    got = greedy(make(method, budget=8, device_window=WINDOW), [short, PROMPTS[1]], 10)
+    assert got[0] == expected

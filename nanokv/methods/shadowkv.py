@@ -124,7 +124,10 @@ class ShadowKV(Offloader):
         b, H = step.lengths.shape
         D = step.queries.shape[-1]
         cs, device = self.chunk_size, step.queries.device
-        index = [s[("shadowkv", step.layer)] for s in step.states]
+        # a sequence that has moved nothing yet here (a prompt within the window) has no index
+        none = torch.zeros(H, 0, D, device=device)
+        index = [s[("shadowkv", step.layer)] if ("shadowkv", step.layer) in s else self._index(none, none)
+                 for s in step.states]
         C = max(1, max(i["counts"].shape[0] for i in index))
         landmarks = torch.zeros(b, H, C, D, device=device)
         scorable = torch.zeros(b, H, C, dtype=torch.bool, device=device)
