@@ -19,16 +19,19 @@ as tokens move (decode blocks too), its landmark is their mean. `pick` returns t
 slots with keys rebuilt on the device (Picks.keys: only values and positions are recalled) and the
 outlier chunks' slots with their exact keys.
 
-Defaults (bytedance/ShadowKV @ main, models/kv_cache.py, class ShadowKVCache): sparse_budget 2048
-(`budget`: the picked chunks' tokens), chunk_size 8, outlier_chunk 48, rank 160 over the 8 kv-heads
-of Llama-3.1-8B together (keys [n, 8 * 128]: 160 numbers per token and layer), hence `rank` 20 per
-kv-head here; local_chunk 4 (32 tokens) -> `device_window` 32. `skip_layers` 0 (≈: we read no
-dense first layers in that class).
+Defaults: bytedance/ShadowKV (read in its copy intelli-jsong/SpeCache @ b447f6f): README's RULER
+command (--sparse_budget 2048 --rank 160 --chunk_size 8: `budget` 2048, the picked chunks' tokens;
+`chunk_size` 8), models/kv_cache.py ShadowKVCache (outlier_chunk 48: `outliers`; local_chunk 4 = 32
+tokens: `device_window` 32), the decode path of models/llama.py as its forks carry it (the SVD of
+the keys before RoPE, every layer sparse at decode: `skip_layers` 0; landmark softmax per query
+head, the most over the GQA group). The rank
+160 is over the 8 kv-heads of Llama-3-8B together (keys [n, 8 * 128]: 160 numbers per token and
+layer), hence `rank` 20 per kv-head here.
 
 What differs:
 - One basis per kv-head, of `rank` (capped at the head's dimension; fewer if fewer tokens moved
   first), not one SVD over all kv-heads together: the cache's summaries are rows per kv-head. The
-  numbers per token are the same at the default (20 x 8 = 160 for Llama-3.1-8B); coordinates are
+  numbers per token are the same at the default (20 x 8 = 160 for Llama-3-8B); coordinates are
   float32 (the official U is bf16), plus an int32 position per token.
 - The official code keeps every generated token exact on the GPU. Here decode blocks move to the
   host as they fill (the host tier's rule): they get coordinates in the prompt's basis and join
@@ -38,8 +41,9 @@ What differs:
   with the landmarks, float32 [H, chunks, D], and the coordinates the rebuild reads).
 - Landmarks live in the sequence's state (not summaries: one per chunk), as sums and counts, so a
   chunk cut by the prefill's last move is completed by the first decode block.
-- The official scale is 1/sqrt(128) always; here 1/sqrt(D). A recompute after preemption refits the
-  basis over everything it moves (prompt and generated tokens).
+- The official scale is 1/sqrt(128) always; here 1/sqrt(D). The official code keeps 4 local chunks
+  and the prompt's remainder exact; here the device window is `device_window` tokens. A recompute
+  after preemption refits the basis over everything it moves (prompt and generated tokens).
 """
 
 import math
@@ -106,9 +110,10 @@ class ShadowKV(Offloader):
         chunks (their exact keys and slots) and empty landmarks."""
         H, n, D = keys.shape
         r, cs = min(self.rank, D), self.chunk_size
-        vh = torch.linalg.svd(pre, full_matrices=False).Vh                                  # [H, min(n, D), D]
         basis = torch.zeros(H, D, r, device=pre.device)
-        basis[:, :, :min(r, vh.shape[1])] = vh[:, :r].transpose(1, 2)
+        if n:  # (none: a sequence with nothing moved yet, at pick)
+            vh = torch.linalg.svd(pre, full_matrices=False).Vh                              # [H, min(n, D), D]
+            basis[:, :, :min(r, vh.shape[1])] = vh[:, :r].transpose(1, 2)
         # outliers: of the whole chunks, those whose worst key is farthest from the chunk's mean
         whole = n // cs
         chunks = keys[:, :whole * cs].float().view(H, whole, cs, D)
@@ -117,7 +122,8 @@ class ShadowKV(Offloader):
         slots = (picked[..., None] * cs + torch.arange(cs, device=keys.device)).flatten(1)            # [H, o * cs]
         exact = keys.gather(1, slots[..., None].expand(-1, -1, D))
         outlier = torch.zeros(H, -(-n // cs), dtype=torch.bool, device=keys.device).scatter_(1, picked, True)
-        return {"basis": basis, "outlier_slots": slots, "outlier_keys": exact, "outlier": outlier, "sums": torch.zeros(H, 0, D, device=pre.device),
+        return {"basis": basis, "outlier_slots": slots, "outlier_keys": exact, "outlier": outlier,
+                "sums": torch.zeros(H, 0, D, device=pre.device),
                 "counts": torch.zeros(0, device=pre.device), "moved": 0}
 
     def pick(self, step):
@@ -152,7 +158,9 @@ class ShadowKV(Offloader):
             out_slots[j, :, :m] = i["outlier_slots"]
             out_keys[j, :, :m] = i["outlier_keys"].to(keys.dtype)
         r = index[0]["basis"].shape[-1]
-        scored = scorable.sum() * (D * 4) + (slots >= 0).sum() * (r * 4 + 4) + (out_slots >= 0).sum() * (D * step.itemsize)
+        # the landmarks scored, the rebuilt slots' coordinates and positions, the outliers' exact keys
+        scored = scorable.sum() * (D * 4) + (slots >= 0).sum() * (r * 4 + 4) + \
+            (out_slots >= 0).sum() * (D * step.itemsize)
         return Picks(slots=torch.cat([slots, out_slots], -1), keys=torch.cat([keys, out_keys], 2), scored_bytes=scored)
 
     def _rebuilt(self, step, slots, basis):

@@ -2,32 +2,39 @@
 precision K/V are recalled from host memory.
 
 Paper: SpeCache: Speculative Key-Value Caching for Efficient Generation of LLMs (Jie, Tang, Han, Deng,
-Han; ICML 2025), arXiv 2503.16163; no official code found. The full-precision KV lives in CPU memory,
-a low-bit (1 or 2 bit) copy of it in VRAM. Each decode step scores every cached token with the
-low-bit keys, fetches the top-k 16-bit KV pairs and attends over them; to hide the fetch, the step
-also decodes a speculative next token with the low-bit cache, whose top-k are prefetched for the
-next step while this one computes.
+Han; ICML 2025 ≈), arXiv 2503.16163 (OpenReview PQIrsaIQdn). The full-precision KV lives in CPU memory,
+a low-bit (1 or 2 bit, KIVI-style) copy of it in VRAM. Each decode step scores every cached token
+with the low-bit keys, fetches the top-k 16-bit KV pairs and attends over the low-bit cache with
+those k pairs put back in full precision; to hide the fetch, the step also decodes a speculative
+next token with the low-bit cache, whose top-k are prefetched for the next step while this one
+computes.
 Here: every token that moves to the host keeps, on the device, its key quantized per token and
 kv-head, asymmetric over the head's channels (zero = the smallest channel, scale = range / (2^bits
 - 1), codes rounded to nearest, packed 8 / bits to a byte); `pick` dequantizes them, scores each
 host slot by q . k / sqrt(D) (the most over the kv-head's query heads) and recalls the top
 `budget` slots; the newest `device_window` tokens stay exact on the device.
 
-Defaults (≈: the paper's text was not at hand to check them, no official code): bits 2 (the paper
-runs 1 and 2 bits), top-k `budget` 64 tokens per kv-head, a full-precision recent window of 128
-(KIVI's residual length, the quantizer the paper builds on), every layer selective (skip_layers 0).
+Defaults: no official code. A third-party implementation added to a ShadowKV copy
+(intelli-jsong/SpeCache @ b447f6f, specache/specache_2bit_config.yaml, quoting the paper's §4.1):
+2 bits (1 is the other setting), top-k 64 16-bit pairs (`budget` 64 per kv-head), a full-precision
+residual of 64 (`device_window` 64); every layer selective (skip_layers 0).
 
 What differs:
+- Unpicked tokens add nothing to the attention: the paper attends over every token, the low-bit
+  K/V of the unpicked ones and the 16-bit K/V of the picked (that implementation's
+  get_mixed_precision_kv_beta). The engine attends over the recalled picks and the device window
+  only, and a recalled slot's value always comes from the host tier, so only keys are kept low-bit
+  (what the pick needs). This is a sparse read picked by low-bit keys, not the paper's mixed-
+  precision attention.
 - No speculative token: nanokv decodes one token a step, so each step recalls the top-k of its own
   query (the pick SpeCache's speculation guesses ahead of time) and the fetch is not overlapped.
   The state keeps each layer's previous picks and counts how many of a step's picks the previous
-  step had already picked (`state[("specache", layer)]["hits"]` of `["picks"]`): a measure of what a
-  prefetch of the last picks would have covered. Bytes moved count every pick.
-- Only keys are kept low-bit, for the pick: unpicked tokens add nothing to the attention. The paper
-  keeps a low-bit copy of the values too (≈: for their contribution); the engine attends over the
-  recalled picks and the device window only (values always come from the host tier).
-- The quantizer groups each token's whole head (one scale and zero, float32, per token and kv-head).
-- GQA: the most over the group's query heads (≈: the paper's models are MHA).
+  step had already picked (`state[("specache", layer)]["hits"]` of `["picks"]`): what a prefetch
+  of the last picks would have covered. Bytes moved count every pick.
+- The quantizer: keys per token (one scale and zero, float32, per token and kv-head, over the whole
+  head): the cache keeps summaries as rows per token. KIVI and that implementation quantize keys
+  per channel, a scale shared by a group of 64 tokens.
+- GQA: the most over the group's query heads (≈; not checked against the paper).
 """
 
 import torch
@@ -62,7 +69,7 @@ class SpeCache(Offloader):
     options = {
         "bits": (int, 2, "1 or 2 (bits of the device's copy of each key channel)", lambda v: v in (1, 2)),
         "skip_layers": (int, 0, "an integer >= 0 (the first layers, kept whole on the device)", lambda v: v >= 0),
-        "device_window": (int, 128, "an integer >= 0 (the newest tokens of each head kept on the device)",
+        "device_window": (int, 64, "an integer >= 0 (the newest tokens of each head kept on the device)",
                           lambda v: v >= 0),
     }
 
