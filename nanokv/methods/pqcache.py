@@ -34,6 +34,7 @@ What differs:
   bound).
 - Device-side state: the codebooks, H * 2^bits * D float32 per layer and sequence, sit outside the
   cache's pool; each step counts them and the codes it reads in scored_bytes.
+- Ties: tokens with the same codes score exactly the same; the oldest of them are taken first.
 - A recompute after preemption learns the codebooks again from its prompt and generated tokens.
 """
 
@@ -41,7 +42,7 @@ import math
 
 import torch
 
-from nanokv.methods.base import Offloader, OffloadView, Picks, ReadStep, scaled_windows, top_slots
+from nanokv.methods.base import Offloader, OffloadView, Picks, ReadStep, scaled_windows
 
 
 def nearest(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
@@ -126,7 +127,10 @@ class PQCache(Offloader):
         probs = (approx / math.sqrt(D)).masked_fill(~candidate[:, :, None], float("-inf")).softmax(-1)
         scores = probs.sum(2).masked_fill(~candidate, float("-inf"))        # a head with no candidate: nan -> -inf
         k = max(0, self.budget - self.device_window - self.sink)
-        picked = top_slots(scores, k) if k else slot[:0].expand(b, H, 0)
+        # tokens of the same codes score the same: of equal scores, the oldest first (a stable sort),
+        # so the pick does not depend on how topk breaks ties
+        top = scores.argsort(dim=-1, descending=True, stable=True)[..., :k]
+        picked = top.masked_fill(scores.gather(-1, top) == float("-inf"), -1)
         sinks = min(self.sink, S)
         first = slot[:sinks].expand(b, H, sinks).masked_fill(~held[..., :sinks], -1)
         book_bytes = sum(c.numel() * c.element_size() for c in own if c is not None)
