@@ -83,7 +83,7 @@ def test_clusterkv_clusters_the_prompt_by_direction_and_each_later_block_apart()
     assert out["cluster"].tolist() == [[-1, -1, 0, 0, 1, 1, 0]]
     centroids = state["centroids"][0]
     assert torch.allclose(centroids[0], torch.tensor([[2.0, 0.7 / 3], [0.05, 2.0]]))  # mean raw keys
-    # a decode block of 3 keys: one new cluster (3 / 80 rounded up), id 2, its mean
+    # a decode block of 3 keys: one new cluster (3 / 40 rounded up), id 2, its mean
     block = torch.tensor([[0.0, -1.0], [0.0, -2.0], [1.0, 1.0]])[None]
     out = method.summarize(offload_view(block, torch.arange(7, 10), state))
     assert out["cluster"].tolist() == [[2, 2, 2]]
@@ -212,7 +212,8 @@ class PlainPQCache(DenseOffloaded):
         for j in range(self.m):
             sub = keys[:, j * d:(j + 1) * d]
             if (layer, h, j) not in self.books:   # learned once, from the prompt
-                self.books[layer, h, j] = plain_kmeans(sub[SINK:first], min(2 ** self.bits, first - SINK), self.iterations)
+                K = min(2 ** self.bits, first - SINK)
+                self.books[layer, h, j] = plain_kmeans(sub[SINK:first], K, self.iterations)
             book = self.books[layer, h, j]
             scores += (q[:, j * d:(j + 1) * d] @ book.T)[:, torch.cdist(sub, book).argmin(1)]
         probs = (scores[:, SINK:] / math.sqrt(D)).softmax(-1).sum(0)

@@ -10,30 +10,36 @@ budget is filled; the first `sink` tokens are always read and never clustered.
 Here, per kv-head of each layer from `skip_layers` on: the newest `device_window` tokens stay on the
 device and are always read; the older ones move to the host tier, and `summarize` clusters them
 as they move: the prompt's keys into `clusters` clusters (fewer when fewer keys), each later batch
-(a decode block) into new clusters of its own, one per `decode_tokens_per_cluster` keys. The
-centroids stay on the device in the sequence's state, each host token's cluster id is its summary
-field (int32). A step scores each cluster by the highest q . centroid over the kv-head's query
+(a decode block) into new clusters of its own, one per `decode_tokens_per_cluster` keys (rounded
+up). The centroids stay on the device in the sequence's state, each host token's cluster id is its
+summary field (int32). A step scores each cluster by the highest q . centroid over the kv-head's query
 heads, takes clusters in that order until (budget - device_window - sinks) tokens are covered and
 cuts the last one at its newest tokens (the official "truc" selection), plus the sinks.
 
-Defaults (sjtu-zhao-lab/ClusterKV@9579755, accuracy/patch.py and accuracy/cluster_attention.py):
-budget 1024 tokens (--token_budget), 16 sinks (--sink), 400 clusters (--nlist), 20 k-means
-iterations (--fit_iter), cosine distance (--dist_t), the first two layers dense (layer_id < 2).
-Decode tokens: the paper clusters the generated tokens apart, every m steps into new clusters of
-their own (≈: one cluster per 80 tokens here, the ratio of 400 clusters to the paper's 32K
-contexts; a decode block of 16 makes one cluster).
+Defaults (sjtu-zhao-lab/ClusterKV@9579755, accuracy/patch.py and accuracy/cluster_attention.py,
+the LongBench setting): budget 1024 tokens, sinks included (--token_budget), 16 sinks (--sink), 400
+clusters (--nlist), 20 k-means iterations (--fit_iter), cosine distance (--dist_t), the first two
+layers dense (layer_id < 2). Decode tokens: the system code (efficiency/bench_textgen.py,
+clusterkv_controller.py) keeps the generated tokens in a window of 320 and, each time it fills,
+clusters them into 8 new clusters appended to the prompt's: one cluster per 40 tokens, the default
+of `decode_tokens_per_cluster` (a decode block of 16 here makes one cluster).
 
 What differs:
 - k-means starts at evenly spaced keys (deterministic) and runs the full 20 iterations (the
-  official RAFT fit starts at random and stops once converged); centroids are the mean raw key of
-  each cluster (q . centroid is then the cluster's mean logit), assignment by cosine to them.
+  official RAFT fit starts at random and stops once converged). Keys join the cluster of the
+  nearest mean direction (cosine); the centroid a query scores is the cluster's mean raw key, so
+  q . centroid is the cluster's mean logit (the official scores RAFT's centroids).
+- The budget covers the device window too: budget - device_window - sink tokens come from clusters
+  (the official: token_budget - sink, every generated token besides).
 - GQA: one cluster ranking per kv-head, by the highest of its query heads' q . centroid; the
   official code ranks per query head (gqa_policy None).
-- The device window (64 tokens by default) is nanokv's: the official accuracy code attends every
-  generated token; a decode block leaving the window is clustered then.
+- The device window (64 tokens by default) is nanokv's and starts with the prompt's newest tokens:
+  the official accuracy code attends every generated token, its system code keeps a window of 320
+  generated tokens and clusters them 320 at a time; here a block of 16 is clustered as it leaves
+  the window.
 - No cache of recalled clusters on the device (the paper's cluster-level cache): a step recalls
   what it reads, so the bytes moved are an upper bound.
-- Device-side state: the centroids, [H, C, D] float32 per layer and sequence (C = 400 + one per 80
+- Device-side state: the centroids, [H, C, D] float32 per layer and sequence (C = 400 + one per 16
   decode tokens), sit outside the cache's pool; each step counts the centroids and cluster ids it
   reads in scored_bytes.
 - A recompute after preemption re-clusters its prompt and generated tokens together (one batch).
@@ -77,7 +83,7 @@ class ClusterKV(Offloader):
                           lambda v: v >= 0),
         "sink": (int, 16, "an integer >= 0 (the first tokens, always read and never clustered)", lambda v: v >= 0),
         "clusters": (int, 400, "an integer >= 1 (clusters of the prompt's keys per head)", lambda v: v >= 1),
-        "decode_tokens_per_cluster": (int, 80, "an integer >= 1 (keys per new cluster of a later batch)",
+        "decode_tokens_per_cluster": (int, 40, "an integer >= 1 (keys per new cluster of a later batch)",
                                       lambda v: v >= 1),
         "iterations": (int, 20, "an integer >= 1 (k-means iterations)", lambda v: v >= 1),
     }
