@@ -137,6 +137,10 @@ def test_pqcache_learns_a_codebook_per_subspace_once_and_codes_later_blocks_with
     books = state["codebooks"][0].view(1, 2, 2, 2)
     assert torch.allclose(books[0, 0], torch.tensor([[1.1, 0.0], [-1.1, 0.0]]))
     assert torch.allclose(books[0, 1], torch.tensor([[0.0, 4.5], [0.0, -4.5]]))
+    # a first batch of sinks alone learns nothing: the codebooks wait for keys past the sinks
+    early = {}
+    assert method.summarize(offload_view(keys[:, :1], torch.arange(1), early))["codes"].shape == (1, 1, 2)
+    assert early["codebooks"] == {}
     # a later block is coded with the same codebooks, which stay as they were
     out = method.summarize(offload_view(torch.tensor([[[-3.0, 0.0, 0.0, -1.0]]]), torch.tensor([5]), state))
     assert out["codes"].tolist() == [[[1, 1]]]

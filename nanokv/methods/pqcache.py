@@ -17,17 +17,19 @@ turns each query head's lookup scores into a softmax over the host tokens (scale
 sums it over the kv-head's query heads (the official GQA rule), and recalls the top
 (budget - device_window - sink) host tokens, plus the first `sink` tokens, always read.
 
-Defaults (HugoZHL/PQCache@151ce6b, run_mistral.sh and vq_method/retrieval_based/pq_search.py):
+Defaults (HugoZHL/PQCache@0b74e12, run_mistral.sh and vq_method/retrieval_based/pq_search.py):
 m = 2 sub-vectors per head (SUBVEC), 6 bits, so 64 centroids per sub-space (SUBBITS), Euclidean
 k-means (METRIC=euc), 32 sinks (SINK_SIZE), the GQA rule above (GQA=True), recent and top-k halves
 of the tokens read (RECENT_RATIO=0.5: device_window = budget / 2); every layer searched
 (skip_layers 0). The official budget is a fifth of the context (COMPRESS=0.2); nanokv's is tokens,
-1024 by default (≈, a fifth of a 5K context). k-means iterations: the official MAX_ITER=0 picks
-them by a dynamic rule; we fix 10 (≈).
+1024 by default (≈, a fifth of a 5K context). k-means iterations: the official MAX_ITER=0 runs as
+many as the GPU's time on a layer hides, 3 to 300 (multi_core_compressor_v2.py); we fix 10 (≈).
 
 What differs:
 - k-means runs on the device, started at evenly spaced keys, for a fixed number of iterations
-  (the official: scikit-learn on CPU cores, overlapped with the prefill).
+  (the official: scikit-learn on CPU cores, overlapped with the prefill). It learns from the keys
+  that move to the host (the prompt but its sinks and the device window); the official, from the
+  prompt but its sinks.
 - A prompt of no more host tokens than centroids gets one centroid per key (exact scores); the
   official code then skips PQ and attends densely.
 - No block-level GPU cache of fetched tokens: a step recalls what it reads (bytes moved: an upper
@@ -101,7 +103,8 @@ class PQCache(Offloader):
         books = view.state.setdefault("codebooks", {})                       # layer -> [H * m, K, D / m]
         if view.layer not in books:
             train = x[:, view.positions >= self.sink]                         # sinks are always read: no codes needed
-            train = x if train.shape[1] == 0 else train
+            if train.shape[1] == 0:  # only sinks so far: the first batch past them learns the codebooks
+                return {"codes": torch.zeros(H, n, m, dtype=torch.uint8, device=x.device)}
             books[view.layer] = kmeans(train, min(2 ** self.bits, train.shape[1]), self.iterations)
         codes = nearest(x, books[view.layer])                                 # [H * m, n]
         return {"codes": codes.view(H, m, n).transpose(1, 2).to(torch.uint8)}
