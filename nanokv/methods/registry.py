@@ -77,6 +77,8 @@ from nanokv.methods.squeezed_attention import SqueezedAttention
 from nanokv.methods.arkvale import ArkVale
 from nanokv.methods.shadowkv import ShadowKV
 from nanokv.methods.specache import SpeCache
+from nanokv.methods.clusterkv import ClusterKV
+from nanokv.methods.pqcache import PQCache
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, RandomMethod, StreamingLLM, KNorm, SnapKV, PyramidKV, AdaKV, H2O, TOVA,
                                                          A2SF, Keyformer, Scissorhands, RoCo, VATP, RKV,
@@ -94,9 +96,7 @@ METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, RandomMethod, St
                                                          # the third wave: query-aware sparse decode (issue 29)
                                                          TidalDecode, RecycledAttention, TokenSelect, ReAttention, RocketKV, LServe, Loki, DoubleSparsity, SqueezedAttention,
                                                          # the third wave: offloaded and recallable KV (issue 30)
-                                                         ArkVale,
-                                                         ShadowKV,
-                                                         SpeCache)}
+                                                         ArkVale, ShadowKV, SpeCache, ClusterKV, PQCache)}
 QUANTIZERS = [name for name, m in METHODS.items() if m.quantizes]
 
 
