@@ -12,7 +12,8 @@ the device (the device window, read whole); every older token lives in the host 
 adds its query to a ring of the last `query_window` queries of the sequence (at that layer) and
 scores each host token by the attention those queries give it, summed over the ring (softmax
 over the host tokens each query may see, i.e. older than it; the query heads of a kv-head
-averaged, as alisa.py), and recalls the B - local_ratio x B best.
+averaged, as alisa.py), and recalls the B - local_ratio x B best. The ring (query_window x
+query heads x D float32 per layer and sequence) lives in host memory, next to the keys it scores.
 Defaults: as alisa.py, where they mean the same: local_ratio 0.5 (≈: our reading of Section
 III-A), query_window 16 (nanokv's own); budget 1024 (nanokv's readers' default: the paper reports
 KV sparsity, not a budget); every layer (skip_layers 0: SWA runs in every layer).
@@ -20,7 +21,9 @@ KV sparsity, not a budget); every layer (skip_layers 0: SWA runs in every layer)
 What differs:
 - The scores are computed where the keys are: each step reads every host key in host memory
   (a search on the CPU, as RetrievalAttention's) and counts their bytes in scored_bytes; only
-  the picked tokens move to the device. ALISA has every key's attention at hand on the GPU.
+  the picked tokens move to the device. How ALISA scores the tokens it holds in CPU memory is our
+  reading (≈: the abstracts and summaries we could read describe SWA and the three phases, not
+  this detail); keeping an old score per host token instead would never pick one again.
 - A query's attention is a softmax over the host tokens alone (the device window's keys are not
   in the pick's reach): within one query this ranks as the full softmax does; summed over the
   ring each query weighs by its host share instead.
