@@ -45,7 +45,6 @@ import torch
 from nanokv.methods.base import CALIBRATION_FILE, SparsePrefill, SparsePrefillView
 
 PATTERNS = ("a_shape", "vertical_slash", "block_sparse")  # the artifact's pattern ids, in this order
-FORCED = 30  # the first columns and nearest diagonals a vertical-slash head always keeps (official)
 
 
 class MInference(SparsePrefill):
@@ -64,6 +63,7 @@ class MInference(SparsePrefill):
         "calibration_file": CALIBRATION_FILE,
     }
     patterns: torch.Tensor | None = None  # [L, Hq] pattern ids from bind_calibration
+    forced = 30  # the first columns and nearest diagonals a vertical-slash head always keeps (official)
 
     def __init__(self, compression: float = 0.0, budget: int | None = None, **options):
         super().__init__(compression, budget, **options)
@@ -129,10 +129,10 @@ class MInference(SparsePrefill):
         probs = logits.masked_fill(offset < 0, float("-inf")).softmax(dim=-1)
         columns, diagonals = self.sizes()
         vertical = probs.sum(1)                                                      # [h, T]
-        vertical[:, :FORCED] = float("inf")
+        vertical[:, :self.forced] = float("inf")
         slash = torch.zeros_like(vertical).scatter_add_(1, offset.clamp(min=0).flatten().expand(len(heads), -1),
                                                         probs.flatten(1))            # [h, T] by offset
-        slash[:, :FORCED] = float("inf")
+        slash[:, :self.forced] = float("inf")
         cols = vertical.topk(min(columns, T), dim=-1).indices
         offs = slash.topk(min(diagonals, T), dim=-1).indices
         hit = torch.zeros(len(heads), n, n + 1, dtype=torch.long, device=heads.device)  # column n: never a tile
