@@ -761,6 +761,7 @@ class SparsePrefill(Method):
     sparse_prefill = True
     tile_size = 64           # tokens per tile, queries and keys alike (MInference's kernels' 64)
     default_budget = 4096    # what --budget means is the method's (tokens per query row or segment)
+    prefill_flops: list | None = None  # [computed, dense] prompt attention FLOPs so far (set in __init__)
 
     def __init__(self, compression: float = 0.0, budget: int | None = None, **options):
         if compression:

@@ -76,7 +76,7 @@ class MInference(SparsePrefill):
                              f">= 5 (key tokens per query row)")
 
     def bind_calibration(self, artifact: dict):
-        self.patterns = torch.tensor(artifact["patterns"], dtype=torch.long)
+        self.patterns = torch.tensor(artifact["patterns"], dtype=torch.long, device="cpu")
 
     def head_patterns(self, layer: int, query_heads: int, device) -> torch.Tensor:
         """[Hq] the pattern id of each query head at `layer`."""
