@@ -66,15 +66,16 @@ class CritiPrefill(SparsePrefill):
         T, Hq, D = view.queries.shape
         H = view.keys.shape[1]
         S, B = self.segment_size, self.tile_size
-        q = view.queries[:pool_len].float().view(pool_len // S, S, Hq, D)
-        k = view.keys[:pool_len].float().view(pool_len // B, B, H, D).repeat_interleave(Hq // H, dim=2)
-        q_max, q_min, k_max, k_min = q.amax(1), q.amin(1), k.amax(1), k.amin(1)  # [n, Hq, D]
+        q = view.queries[:pool_len].view(pool_len // S, S, H, Hq // H, D)
+        k = view.keys[:pool_len].view(pool_len // B, B, H, D)
+        q_max, q_min = q.amax(1).float(), q.amin(1).float()                           # [segments, H, group, D]
+        k_max, k_min = k.amax(1).float(), k.amin(1).float()                           # [blocks, H, D]
 
-        def mean_over_queries(keys):
-            return (torch.einsum("shd,bhd->hsb", q_max, keys) + torch.einsum("shd,bhd->hsb", q_min, keys)) / 2
+        def mean_over_queries(keys):  # -> [H, group, segments, blocks]
+            return (torch.einsum("shgd,bhd->hgsb", q_max, keys) + torch.einsum("shgd,bhd->hgsb", q_min, keys)) / 2
 
-        scores = torch.maximum(mean_over_queries(k_max), mean_over_queries(k_min))    # [Hq, segments, blocks]
-        scores = scores.view(H, Hq // H, *scores.shape[1:]).mean(dim=1)              # per kv-head
+        scores = torch.maximum(mean_over_queries(k_max), mean_over_queries(k_min))
+        scores = scores.mean(dim=1)                                                    # per kv-head
         before = self.blocks_before(pool_len, scores.device)
         scores = scores.masked_fill(~before, torch.finfo(torch.float32).min)          # as the official mask
         return scores.softmax(dim=-1)

@@ -122,7 +122,7 @@ class MInference(SparsePrefill):
         H, tile, n = view.keys.shape[1], self.tile_size, -(-view.queries.shape[0] // self.tile_size)
         W = min(self.last_q, T)
         q = view.queries[-W:, heads].float()                                         # [W, h, D]
-        keys = view.keys.float().repeat_interleave(Hq // H, dim=1)[:, heads]         # [T, h, D]
+        keys = view.keys[:, heads // (Hq // H)].float()                             # [T, h, D] each head's kv-head
         logits = torch.einsum("whd,thd->hwt", q, keys) / D ** 0.5
         q_pos, k_pos = view.positions[-W:], view.positions
         offset = q_pos[:, None] - k_pos[None, :]                                     # [W, T] query - key
@@ -158,7 +158,7 @@ class MInference(SparsePrefill):
             return (x / count[:, None, None]).transpose(0, 1)
 
         q = pooled(view.queries[:, heads])
-        k = pooled(view.keys.repeat_interleave(Hq // H, dim=1)[:, heads])
+        k = pooled(view.keys[:, heads // (Hq // H)])
         scores = q @ k.transpose(1, 2)                                               # [h, n, n]
         causal = torch.ones(n, n, dtype=torch.bool, device=scores.device).tril()
         scores = scores.masked_fill(~causal, float("-inf"))
