@@ -29,6 +29,10 @@ gD = group x head_dim; column i of a basis is its i-th most important direction)
 v_spectrum, k_bias, v_bias [L, G, gD], and lorc's k_condition, v_condition [L] or palu's
 k_fisher, v_fisher [L] (eckvh's: the bases alone).
 
+minference's holds "patterns" (num_layers lists of one id per query head: 0 A-shape, 1 Vertical-Slash,
+2 Block-Sparse, the head's best) and "recalls" (per layer and query head, each pattern's attention
+recall), with "budget", "tile_size" and "last_q" in its settings.
+
 squeezed_attention's holds "thresholds" (101 nondecreasing floats: the quantiles 0, 0.01, .., 1 of
 the centroid estimate S over every clustered key) and "layer_thresholds" (num_layers such lists, each
 layer's own), with "clusters" and "window" in its settings.
@@ -206,6 +210,14 @@ def load_calibration(method: str, model: str, num_layers: int, num_kv_heads: int
                 and all(a <= b for a, b in zip(row, row[1:])) for row in rows)):
             raise ValueError(f"calibration file {path}: thresholds and each of {num_layers} layer_thresholds are not "
                              f"101 finite nondecreasing numbers; run `{make}`")
+        return artifact
+    if method == "minference":
+        patterns = artifact.get("patterns")
+        if not (isinstance(patterns, list) and len(patterns) == num_layers and
+                all(isinstance(row, list) and len(row) == len(patterns[0]) and len(row) % num_kv_heads == 0 and
+                    len(row) > 0 and all(isinstance(x, int) and 0 <= x < 3 for x in row) for row in patterns)):
+            raise ValueError(f"calibration file {path}: patterns is not {num_layers} lists of one pattern id (0, 1 "
+                             f"or 2) per query head; run `{make}`")
         return artifact
     scores = artifact.get("head_scores")
     if not (isinstance(scores, list) and len(scores) == num_layers and

@@ -6,11 +6,11 @@ the cache reads none
 import ast
 from pathlib import Path
 
-from nanokv.methods.base import DecodeEvictor, Merger, Method, PageReader, PrefillSelector
+from nanokv.methods.base import DecodeEvictor, Merger, Method, PageReader, PrefillSelector, SparsePrefill
 
 PACKAGE = Path(__file__).resolve().parent.parent / "nanokv"
 METHOD_NAMES = {"method", "selector", "evictor", "pair_merger"}  # what the engine calls a method object
-ROLES = (Method, PrefillSelector, DecodeEvictor, Merger, PageReader)
+ROLES = (Method, PrefillSelector, DecodeEvictor, Merger, PageReader, SparsePrefill)
 
 
 def method_reads(path: Path) -> set[tuple[str, int]]:

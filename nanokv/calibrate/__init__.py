@@ -1,6 +1,6 @@
 """python -m nanokv.calibrate: the per-model profiles that DuoAttention, HeadKV, Retrieval Head,
 RazorAttention, KVSharer, LoRC, Palu, ECKVH, KVTuner, WKVQuant, KVQuant, SKVQ, Loki, Double
-Sparsity and Squeezed Attention read.
+Sparsity, Squeezed Attention and MInference read.
 
     python -m nanokv.calibrate duoattention --model smollm2-135m
     python -m nanokv.calibrate headkv --model smollm2-135m --samples 20 --length 2048 --out profile.json
@@ -101,6 +101,10 @@ for a given --seed.
 - squeezed_attention: the threshold on the centroid estimate of attention for every target sparsity:
   the quantiles 0, 0.01, .., 1 of each clustered key's estimate, over all layers and kv-heads and per
   layer (nanokv/calibrate/squeezed_attention.py; --clusters, --window as the method's options).
+
+- minference: per layer and query head, the sparse pattern (A-shape, Vertical-Slash or Block-Sparse)
+  whose tiles keep the most of the head's dense attention at a budget of a quarter of the sample
+  (nanokv/calibrate/minference.py; the paper's search reads one sample).
 
 The artifact's format, where it lives and how it is checked and loaded: nanokv/artifacts.py.
 """

@@ -34,7 +34,9 @@ DEFAULTS = {"duoattention": {"samples": 50, "length": 1024}, "headkv": {"samples
             "loki": {"samples": 8, "length": 1024}, "double_sparsity": {"samples": 8, "length": 1024},
             # squeezed_attention: the official calibrates on each fixed context itself; these texts stand
             # for the contexts to come (nanokv's choice)
-            "squeezed_attention": {"samples": 16, "length": 1024}}
+            "squeezed_attention": {"samples": 16, "length": 1024},
+            # minference: the paper's search reads one sample
+            "minference": {"samples": 1, "length": 1024}}
 
 
 def calibrate(method: str, model: str, samples: int | None = None, length: int | None = None, seed: int = 0,
@@ -88,6 +90,16 @@ def calibrate(method: str, model: str, samples: int | None = None, length: int |
                               "centroid estimate S of each cluster, mean over the kv-head's query heads and the last "
                               "window queries, handed to its keys; the quantiles 0, 0.01, .., 1 over all keys (and "
                               "per layer)")
+    elif method == "minference":
+        from nanokv.methods.minference import MInference, PATTERNS
+
+        inputs = calibration_texts(tokenizer, samples, length, seed)
+        settings.update(budget=length // 4, tile_size=MInference.options["tile_size"][1],
+                        last_q=MInference.options["last_q"][1], patterns=list(PATTERNS),
+                        text="prose haystack (nanokv/haystack.py), length tokens each",
+                        score="per layer and query head, each pattern's attention recall (the dense softmax mass "
+                              "inside its tiles, mean over the later half of the queries) at budget keys per row; "
+                              "the best pattern (nanokv/calibrate/minference.py)")
     elif method in ("kvquant", "skvq"):
         inputs = calibration_texts(tokenizer, samples, length, seed)
         settings.update(text="prose haystack (nanokv/haystack.py), length tokens each",
@@ -167,6 +179,14 @@ def calibrate(method: str, model: str, samples: int | None = None, length: int |
         thresholds, layer_thresholds = squeezed_thresholds(net, config, inputs, clusters, window, lambda: bar.update(1))
         bar.close()
         artifact.update(thresholds=thresholds, layer_thresholds=layer_thresholds, settings=settings)
+    elif method == "minference":
+        from nanokv.calibrate.minference import minference_patterns
+
+        bar = tqdm(total=samples, desc="calibrating minference", unit="sample", file=sys.stderr, disable=quiet)
+        patterns, recalls = minference_patterns(net, config, inputs, settings["budget"], settings["tile_size"],
+                                                settings["last_q"], lambda: bar.update(1))
+        bar.close()
+        artifact.update(patterns=patterns, recalls=recalls, settings=settings)
     elif method in ("kvquant", "skvq"):
         bar = tqdm(total=samples, desc=f"calibrating {method}", unit="sample", file=sys.stderr, disable=quiet)
         if method == "kvquant":
@@ -252,7 +272,8 @@ def parse_args(argv=None):
                    help="short name, local path or Hugging Face repo id (default: smollm2-135m)")
     p.add_argument("--samples", type=int, default=None,
                    help="calibration samples (default: 50; kvsharer 30, palu and eckvh 32, kvquant, skvq and "
-                        "squeezed_attention 16, razorattention, kvtuner, loki and double_sparsity 8, wkvquant 4; "
+                        "squeezed_attention 16, razorattention, kvtuner, loki and double_sparsity 8, wkvquant 4, "
+                        "minference 1; "
                         "lorc reads none)")
     p.add_argument("--length", type=int, default=None, help="tokens per sample (default: 1024; kvsharer 64, wkvquant 512)")
     p.add_argument("--seed", type=int, default=0)

@@ -29,8 +29,8 @@ import torch
 from nanokv.cache.codec import IMPORTANCE
 from nanokv.cache.pool import HOST
 from nanokv.engine.upload import HostToDevice
-from nanokv.kernels.reference import quest_pages
-from nanokv.methods.base import DecodeStep, OffloadView, PrefillView, ReadStep
+from nanokv.kernels.reference import quest_pages, tile_pairs
+from nanokv.methods.base import DecodeStep, OffloadView, PrefillView, ReadStep, SparsePrefillView
 
 
 class StepAttention:
@@ -60,6 +60,8 @@ class StepAttention:
         self.selector = method if method is not None and method.selects_pages else None
         # a reader whose older tokens live in host memory (methods/base.py: Offloader)
         self.offloader = method if method is not None and method.offloads else None
+        # a method that computes a fresh prompt's attention in some tiles only (methods/base.py: SparsePrefill)
+        self.sparse = method if method is not None and method.sparse_prefill else None
         self.bytes_moved = 0  # bytes recalled from the host tier this step (a 0-d tensor once any is)
         self.read_states = {} if read_states is None else read_states
         self.inv_freq = inv_freq
@@ -175,6 +177,8 @@ class StepAttention:
             cache.write_prefill(seq_id, layer, k_i[:cached], v_i[:cached], pos_i[:cached])
             if self.method is None or not self.compress:
                 outs.append(self._generated(layer, i, q_i, pos_i, sliding_window) if self.method is not None
+                            else self._sparse_prefill(layer, i, q_i, k_i, v_i, pos_i, sliding_window)
+                            if self.sparse is not None
                             else cache.attend_prefill(seq_id, layer, q_i, pos_i, sliding_window,
                                                       new_kv=(k_i, v_i), **self.biased)[0])
                 if self.method is None and self.ranker is not None:  # a quantizer alone ranks its prompt
@@ -201,6 +205,35 @@ class StepAttention:
                 outs.append(self._generated(layer, i, q_i[n + m:], pos_i[n + m:], sliding_window))
             cache.settle(seq_id, layers=slice(layer, layer + 1))
         return torch.cat(outs)
+
+    def _sparse_prefill(self, layer, i, q, k, v, q_pos, sliding_window):
+        """Sequence i's new tokens at `layer` under a SparsePrefill method: a prompt the sequence holds
+        alone (no cached prefix, no window) attends over itself in the tiles the method keeps; a
+        recompute's generated tokens after it, and any other chunk, attend densely over the cache.
+        Adds the attention's FLOPs (4 D per (query, key) pair per query head: QK^T and PV), computed
+        and dense, to the method's tally."""
+        seq_id, cache, method = self.seq_ids[i], self.cache, self.sparse
+        n, D = self.compress_lens[i], q.shape[-1]
+        fresh = sliding_window is None and n <= len(q) and cache.holds_only(seq_id, layer, len(q))
+        mask = None if not fresh else method.tile_mask(SparsePrefillView(
+            layer, cache.num_layers, q[:n], k[:n], q_pos[:n], self.sequence_state[seq_id]))
+        if mask is None:  # dense: over any cached prefix and itself
+            prefix = int(cache.seqs[seq_id].lengths[layer].max()) - len(q)
+            pairs = len(q) * prefix + len(q) * (len(q) + 1) // 2
+            method.prefill_flops[0] += 4 * D * q.shape[1] * pairs
+            method.prefill_flops[1] += 4 * D * q.shape[1] * pairs
+            return cache.attend_prefill(seq_id, layer, q, q_pos, sliding_window, new_kv=(k, v))[0]
+        tile = method.tile_size
+        out = cache.kernels.sparse_prefill(q[:n], k[:n], v[:n], mask, tile)
+        method.prefill_flops[0] += 4 * D * (mask.long() * tile_pairs(n, tile, mask.device)).sum()
+        method.prefill_flops[1] += 4 * D * q.shape[1] * (n * (n + 1) // 2)
+        if n == len(q):
+            return out
+        rest = cache.attend_prefill(seq_id, layer, q[n:], q_pos[n:], sliding_window)[0]
+        pairs = (len(q) - n) * n + (len(q) - n) * (len(q) - n + 1) // 2
+        method.prefill_flops[0] += 4 * D * q.shape[1] * pairs
+        method.prefill_flops[1] += 4 * D * q.shape[1] * pairs
+        return torch.cat([out, rest])
 
     def _decode(self, layer, q, k, v, sliding_window):
         cache = self.cache

@@ -9,6 +9,8 @@ the CPU's decodes (nanokv/kernels/cpu.py builds them at first use).
     kernels.prefill(q [T, Hq, D], q_pos [T], cu_seqlens [B + 1], k_pool, v_pool, pos_pool, tables, lengths, window,
                     obs_window=W, bias=None)   # with W: also each slot's attention summed over the last W queries
     kernels.fresh_prefill(q [T, Hq, D], k [T, Hkv, D], v)   # a prompt over its own K/V alone (GPU: SDPA)
+    kernels.sparse_prefill(q [T, Hq, D], k [T, Hkv, D], v, tile_mask [Hq, nq, nk], tile)  # the same, only in the
+                                                                   # tiles a sparse-prefill method keeps
     kernels.write_kv(k_pool, v_pool, pos_pool, slots [H, T], k [T, H, D], v, positions [T])
     kernels.quantized_decode(q [B, Hq, D], q_pos [B], quant (QuantBlocks), qtables, qlens,
                              k_pool, v_pool, pos_pool, tables, lengths)   # over quantized + residual blocks
@@ -73,6 +75,9 @@ class Kernels:
     # (FlashAttention, ~400 TFLOP/s on an H200) beats any paged kernel there. On CPU the paged
     # path is ~3x faster than SDPA (2,000 tokens, 9/3 heads of 64: 55 vs 180 ms), so it has none.
     fresh_prefill: Callable | None = None
+    # A prompt the sequence holds alone, computed only in the (query tile, key tile) pairs a
+    # sparse-prefill method keeps (MInference, CritiPrefill): Triton on a GPU, the twin elsewhere.
+    sparse_prefill: Callable = reference.block_sparse_attention
 
 
 def reference_kernels(workspace: reference.Workspace | None = None) -> Kernels:
@@ -154,6 +159,7 @@ def triton_kernels() -> Kernels:
     from nanokv.kernels.prefill import prefill_attention
     from nanokv.kernels.quant_decode import quantized_decode_attention
     from nanokv.kernels.quest import page_scores
+    from nanokv.kernels.sparse_prefill import block_sparse_attention
     from nanokv.kernels.two_part_decode import paired_decode_attention, pruned_decode_attention
     from nanokv.kernels.write_kv import write_kv
 
@@ -167,8 +173,14 @@ def triton_kernels() -> Kernels:
         return prefill_attention(q, q_pos, cu_seqlens, k_pool, v_pool, pos_pool, tables, lengths, sliding_window,
                                  obs_window=obs_window)
 
+    def sparse_prefill(q, k, v, tile_mask, tile):
+        if tile < 16 or tile & (tile - 1):  # tl.dot needs 16 rows: a smaller tile runs in plain torch
+            return reference.block_sparse_attention(q, k, v, tile_mask, tile)
+        return block_sparse_attention(q, k, v, tile_mask, tile)
+
     return Kernels("triton", paged_decode_attention, prefill, write_kv, quantized_decode_attention,
                    page_scores, ragged_decode=True, fresh_prefill=reference.causal_attention,
+                   sparse_prefill=sparse_prefill,
                    pruned_attention=one_query(pruned_decode_attention, reference.pruned_attention),
                    paired_attention=one_query(paired_decode_attention, reference.paired_attention),
                    latent_attention=one_query(latent_decode_attention, reference.latent_attention))

@@ -370,3 +370,39 @@ class Workspace:
             buf = torch.empty(shape[0] * shape[1], dtype=pool.dtype, device=pool.device)
             self._buffers[name] = buf
         return buf[:shape[0] * shape[1]].view(shape)
+
+
+def tile_pairs(T: int, tile: int, device) -> torch.Tensor:
+    """[nq, nk] int64: the causal (query, key) pairs of a T-token prompt in each tile (i, j) of
+    `tile` x `tile` tokens (the last tiles cut at T): what a block-sparse prefill computes there."""
+    n = -(-T // tile)
+    q = torch.arange(n * tile, device=device)
+    per_key_tile = (q[:, None] - torch.arange(n, device=device)[None, :] * tile + 1).clamp(0, tile)  # [n*tile, nk]
+    per_key_tile = per_key_tile.masked_fill((q >= T)[:, None], 0)
+    last = (T - torch.arange(n, device=device) * tile).clamp(max=tile)                                 # keys in tile j
+    return per_key_tile.clamp(max=last[None, :]).view(n, tile, n).sum(1)
+
+
+def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tile_mask: torch.Tensor,
+                           tile: int, chunk: int = 1024) -> torch.Tensor:
+    """A prompt over its own keys, only in the tiles a sparse prefill computes: q [T, Hq, D], k, v
+    [T, Hkv, D] of the same T tokens in order, tile_mask [Hq, nq, nk] bool (tile (i, j): queries
+    i * tile .., keys j * tile ..; nq = nk = ceil(T / tile)) -> [T, Hq, D]. Causal by index within
+    the computed tiles; a query whose row computes no tile at all would get NaN, so callers keep
+    the diagonal (methods/base.py: SparsePrefill.tile_mask). Scores and softmax in float32, about
+    `chunk` queries at a time (whole tiles), so the scores stay bounded."""
+    T, Hq, D = q.shape
+    group = Hq // k.shape[1]
+    kf = k.float().transpose(0, 1).repeat_interleave(group, dim=0)                # [Hq, T, D]
+    vf = v.transpose(0, 1).repeat_interleave(group, dim=0)
+    rows = max(1, chunk // tile) * tile
+    outs = []
+    for start in range(0, T, rows):
+        end = min(T, start + rows)
+        scores = torch.einsum("thd,hsd->hts", q[start:end].float(), kf[:, :end]) * (1.0 / math.sqrt(D))
+        tiles = tile_mask[:, start // tile:-(-end // tile), :-(-end // tile)]
+        allowed = tiles.repeat_interleave(tile, dim=1).repeat_interleave(tile, dim=2)[:, :end - start, :end]
+        causal = torch.arange(end, device=q.device)[None, :] <= torch.arange(start, end, device=q.device)[:, None]
+        probs = scores.masked_fill(~(allowed & causal), float("-inf")).softmax(dim=-1)
+        outs.append((probs.to(v.dtype) @ vf[:, :end]).transpose(0, 1))
+    return torch.cat(outs).to(q.dtype) if outs else torch.empty_like(q)

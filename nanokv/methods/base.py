@@ -439,6 +439,7 @@ class Method:
     merges = False                  # Merger: merge / merge_evicted change the K/V of kept slots
     selects_pages = False           # PageReader: pages_to_read sets how many blocks each decode step reads
     offloads = False                # Offloader: older tokens live in host memory, recalled when picked
+    sparse_prefill = False          # SparsePrefill: a fresh prompt's attention runs in the tiles it picks
 
     def __init__(self, compression: float = 0.0, budget: int | None = None, **options):
         if budget is not None:
@@ -764,3 +765,63 @@ class Offloader(PageReader):
 
     def kept_after_prefill(self, n: int, layer: int, num_layers: int) -> int:
         return n if layer < self.skip_layers else min(n, self.device_window)
+
+
+@dataclass
+class SparsePrefillView:
+    """What a sparse-prefill method sees of one sequence's prompt at one layer: queries [T, Hq, D] and
+    keys [T, H, D] (after RoPE), positions [T] (the prompt's own, from 0), and the sequence's
+    scratch space across the layers of this prefill (CritiPrefill fuses a layer's scores into the
+    next one's), as PrefillView.sequence_state."""
+    layer: int
+    num_layers: int
+    queries: torch.Tensor
+    keys: torch.Tensor
+    positions: torch.Tensor
+    sequence_state: dict = field(default_factory=dict)
+
+
+class SparsePrefill(Method):
+    """Role: keep the whole cache, and compute a prompt's attention only in some tiles (MInference,
+    CritiPrefill). The prompt's T tokens cut into tiles of `tile_size`; at each layer of a prefill
+    the sequence holds alone (no cached prefix, no sliding window), `prefill_blocks` returns which
+    (query tile, key tile) pairs each query head computes, and the engine runs the block-sparse
+    kernel (kernels.sparse_prefill) over those; None: the layer runs dense. Anything else (a chunk
+    over a cached prefix, a recompute's generated tokens after its prompt) and every decode step
+    attend densely, as `full`. The engine counts the attention's FLOPs, computed and a dense causal
+    prefill's, into `prefill_flops` (LLM.stats: prefill_attention_flops, .._dense)."""
+    sparse_prefill = True
+    tile_size = 64           # tokens per tile, queries and keys alike (MInference's kernels' 64)
+    default_budget = 4096    # what --budget means is the method's (tokens per query row or segment)
+    prefill_flops: list | None = None  # [computed, dense] prompt attention FLOPs so far (set in __init__)
+
+    def __init__(self, compression: float = 0.0, budget: int | None = None, **options):
+        if compression:
+            raise ValueError(f"{self.name} keeps the whole cache and sparsifies the prompt's attention: give "
+                             f"--budget (e.g. {self.default_budget}), not --compression={compression!r}")
+        if budget is not None and (not isinstance(budget, int) or budget <= 0):
+            raise ValueError(f"budget must be a positive number of tokens, got {budget!r}")
+        super().__init__(**options)  # Method refuses a budget of a method that compresses nothing
+        self.budget = self.default_budget if budget is None else budget
+        self.check_budget()
+        # [computed, dense] attention FLOPs of the prompts run so far (the engine adds, LLM reads)
+        self.prefill_flops = [0, 0]
+
+    @property
+    def compresses(self) -> bool:
+        return False  # nothing is evicted
+
+    def prefill_blocks(self, view: SparsePrefillView) -> torch.Tensor | None:
+        """[Hq, nq, nk] bool (nq = nk = ceil(T / tile_size)): the tiles each query head computes;
+        None: this layer runs dense."""
+        raise NotImplementedError
+
+    def tile_mask(self, view: SparsePrefillView) -> torch.Tensor | None:
+        """prefill_blocks with the diagonal tiles always kept (every query sees itself) and the
+        tiles above it dropped (the causal triangle computes nothing there)."""
+        blocks = self.prefill_blocks(view)
+        if blocks is None:
+            return None
+        n = blocks.shape[-1]
+        lower = torch.ones(n, n, dtype=torch.bool, device=blocks.device).tril()
+        return (blocks | torch.eye(n, dtype=torch.bool, device=blocks.device)) & lower

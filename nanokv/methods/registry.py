@@ -81,6 +81,8 @@ from nanokv.methods.clusterkv import ClusterKV
 from nanokv.methods.pqcache import PQCache
 from nanokv.methods.sentencekv import SentenceKV
 from nanokv.methods.alisa_offload import ALISAOffload
+from nanokv.methods.critiprefill import CritiPrefill
+from nanokv.methods.minference import MInference
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, RandomMethod, StreamingLLM, KNorm, SnapKV, PyramidKV, AdaKV, H2O, TOVA,
                                                          A2SF, Keyformer, Scissorhands, RoCo, VATP, RKV,
@@ -98,7 +100,7 @@ METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, RandomMethod, St
                                                          # the third wave: query-aware sparse decode (issue 29)
                                                          TidalDecode, RecycledAttention, TokenSelect, ReAttention, RocketKV, LServe, Loki, DoubleSparsity, SqueezedAttention,
                                                          # the third wave: offloaded and recallable KV (issue 30)
-                                                         ArkVale, ShadowKV, SpeCache, ClusterKV, PQCache, SentenceKV, ALISAOffload)}
+                                                         ArkVale, ShadowKV, SpeCache, ClusterKV, PQCache, SentenceKV, ALISAOffload, F12, CritiPrefill, MInference)}
 QUANTIZERS = [name for name, m in METHODS.items() if m.quantizes]
 
 
