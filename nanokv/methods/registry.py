@@ -99,8 +99,9 @@ METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, RandomMethod, St
                                                          KVQuant, SKVQ, WKVQuant, KVTuner, Mustafar, ECKVH,
                                                          # the third wave: query-aware sparse decode (issue 29)
                                                          TidalDecode, RecycledAttention, TokenSelect, ReAttention, RocketKV, LServe, Loki, DoubleSparsity, SqueezedAttention,
-                                                         # the third wave: offloaded and recallable KV (issue 30)
-                                                         ArkVale, ShadowKV, SpeCache, ClusterKV, PQCache, SentenceKV, ALISAOffload, F12, CritiPrefill, MInference)}
+                                                         # the third wave: offloaded and recallable KV, multi-pass and sparse prefill (issue 30)
+                                                         ArkVale, ShadowKV, SpeCache, ClusterKV, PQCache, SentenceKV, ALISAOffload,
+                                                         CritiPrefill, MInference)}
 QUANTIZERS = [name for name, m in METHODS.items() if m.quantizes]
 
 
