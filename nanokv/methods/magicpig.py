@@ -1,0 +1,127 @@
+"""magicpig: sample the host keys that share LSH buckets with the query, weighed by 1 / their chance.
+
+Paper: MagicPIG: LSH Sampling for Efficient LLM Generation (Chen, Sadhukhan, Ye, Zhou, Zhang,
+Nolte, Tian, Douze, Bottou, Jia, Chen; ICLR 2025), arXiv 2410.16179; code Infini-AI-Lab/MagicPIG.
+Top-k attention is biased when attention is not sparse; sampling keys is not. MagicPIG hashes every
+key with SimHash into L tables of K bits each (a table's code: the signs of the key's projections on
+K random hyperplanes). A decode step hashes the query the same way and samples the keys that share
+its bucket in at least 2 of the L tables. A key at angle theta to the query shares one table's bucket
+with probability u^K, u = 1 - theta / pi, so it is sampled with p = P(Binomial(L, u^K) >= 2); the
+step attends over the samples with each logit raised by log(1 / p) (importance sampling: weight
+exp(q.k) / p, the softmax normalizing over the samples), together with the exact sink and local
+tokens.
+In nanokv, per kv-head of layers from `skip_layers` on: the newest `device_window` tokens stay on the
+device (the local window); every older token moves to host memory and keeps its L codes on the
+device (a summary field, int16 per table). A step recalls the host slots whose codes collide with
+any query head of the group in >= `min_collisions` tables, and the first `sinks` host slots (the
+prompt moves oldest first: positions 0..sinks-1) with weight 1; at most `budget - device_window`
+slots, those of most collisions first. The middle layer (num_layers // 2) reads every host token.
+Defaults (seed-methods.md PR-46, the paper's Sec. 5 and README of Infini-AI-Lab/MagicPIG, ≈):
+K = 10 bits, L = 150 tables, sample at >= 2 collisions, 4 sinks, local 64, dense layers {0, 16} of
+Llama-3-8B's 32 (here: the first `skip_layers` = 1 and the middle one).
+
+What differs:
+- No fixed budget in the paper (the sample size varies, ~2% of the context at K=10, L=150); here
+  `budget` caps what one head recalls (default 2048 tokens with the window, ≈): the sinks, then the
+  samples of most collisions.
+- GQA: picks are per kv-head, so a kv-head samples the union of its query heads' collisions and a
+  sample's p is the highest over those heads (the paper's estimator is per query head).
+- The weights need each sample's angle to the query: the pick reads the host keys
+  (`ReadStep.keys`, in host memory, where the paper's CPU attention reads them too); scored_bytes
+  counts the codes read on the device and the sampled keys' bytes (host memory).
+- The hyperplanes are fixed per (seed, layer): hashed Gaussian draws (hashevict.hyperplanes), shared
+  by the layer's kv-heads; the tables live on the device next to the pool, not on the CPU.
+"""
+
+import torch
+
+from nanokv.methods.base import Offloader, Picks
+from nanokv.methods.hashevict import hyperplanes
+
+MAX_BITS = 15  # a table's code is an int16
+
+
+def table_codes(x: torch.Tensor, planes: torch.Tensor, bits: int) -> torch.Tensor:
+    """x [..., D], planes [D, L * K] -> [..., L] int16: table t's code, the signs of x on its K planes."""
+    signs = ((x.float() @ planes) >= 0).unflatten(-1, (-1, bits))              # [..., L, K]
+    weights = 1 << torch.arange(bits, device=x.device, dtype=torch.int32)
+    return (signs.int() * weights).sum(dim=-1).to(torch.int16)
+
+
+def log_sampled_chance(cos: torch.Tensor, bits: int, tables: int, least: int) -> torch.Tensor:
+    """log P(a key at cosine `cos` to the query shares >= `least` of `tables` buckets of `bits` bits):
+    the binomial tail of the per-table chance u^K, u = 1 - theta / pi, summed in log space."""
+    if least <= 0:
+        return torch.zeros_like(cos)
+    u = 1 - torch.arccos(cos.clamp(-1, 1)) / torch.pi
+    one = (bits * u.clamp(min=1e-12).log()).exp().clamp(1e-12, 1 - 1e-7)          # per-table chance
+    j = torch.arange(least, tables + 1, device=cos.device, dtype=torch.float32)
+    log_choose = torch.lgamma(torch.tensor(tables + 1.0, device=cos.device)) - torch.lgamma(j + 1) - torch.lgamma(tables - j + 1)
+    terms = log_choose + j * one.log()[..., None] + (tables - j) * torch.log1p(-one)[..., None]
+    return terms.logsumexp(dim=-1)
+
+
+class MagicPIG(Offloader):
+    name = "magicpig"
+    description = "LSH sampling: host keys colliding with the query in >= 2 SimHash tables, weighed by 1 / p"
+    paper = "https://arxiv.org/abs/2410.16179"
+    default_budget = 2048
+    options = {
+        "bits": (int, 10, f"an integer in 1..{MAX_BITS} (K: hyperplanes per table)", lambda v: 1 <= v <= MAX_BITS),
+        "tables": (int, 150, "an integer >= 1 (L: hash tables)", lambda v: v >= 1),
+        "min_collisions": (int, 2, "an integer >= 0 (tables a key must share with the query; 0: every key)",
+                           lambda v: v >= 0),
+        "sinks": (int, 4, "an integer >= 0 (the oldest tokens, always read exactly)", lambda v: v >= 0),
+        "seed": (int, 0, "an integer >= 0 (the random hyperplanes)", lambda v: v >= 0),
+        "dense_middle": (bool, True, "true or false (the middle layer reads every token, as the paper's layer 16)",
+                         lambda v: True),
+        "skip_layers": (int, 1, "an integer >= 0 (the first layers, kept whole on the device)", lambda v: v >= 0),
+        "device_window": (int, 64, "an integer >= 0 (the newest tokens of each head kept on the device)",
+                          lambda v: v >= 0),
+    }
+
+    def __init__(self, compression: float = 0.0, budget: int | None = None, **options):
+        super().__init__(compression, budget, **options)
+        if self.min_collisions > self.tables:
+            raise ValueError(f"min_collisions={self.min_collisions} of method 'magicpig' must be at most "
+                             f"tables={self.tables}")
+        self._planes = {}  # (layer, head_dim, device) -> [D, L * K] hyperplanes, made once
+
+    def planes(self, layer: int, head_dim: int, device) -> torch.Tensor:
+        key = (layer, head_dim, str(device))
+        if key not in self._planes:
+            self._planes[key] = hyperplanes(self.seed, layer, head_dim, self.tables * self.bits, device)
+        return self._planes[key]
+
+    def summary_fields(self, head_dim):
+        return {"codes": (torch.int16, (self.tables,))}
+
+    def summarize(self, view):
+        return {"codes": table_codes(view.keys, self.planes(view.layer, view.keys.shape[-1], view.keys.device), self.bits)}
+
+    def pick(self, step) -> Picks:
+        held = step.held()                                                           # [b, H, S]
+        slots = torch.arange(step.slots, device=held.device)
+        if self.dense_middle and step.layer == step.num_layers // 2:
+            return Picks(slots=slots.expand_as(held).masked_fill(~held, -1))
+        b, H, S = held.shape
+        D = step.queries.shape[-1]
+        q = step.queries.float().view(b, H, -1, D)                                   # [b, H, g, D]
+        q_codes = table_codes(q, self.planes(step.layer, D, q.device), self.bits)    # [b, H, g, L]
+        codes = step.summary("codes")                                                # [b, H, S, L]
+        collisions = (codes[:, :, None] == q_codes[:, :, :, None]).sum(-1).amax(dim=2)  # [b, H, S]
+        sink = slots < self.sinks
+        sampled = held & (collisions >= self.min_collisions)
+        rank = torch.where(sink, float(self.tables + 1), collisions.float())
+        rank = rank.masked_fill(~(held & (sink | sampled)), float("-inf"))
+        top = rank.topk(min(S, max(1, self.budget - self.device_window)), dim=-1)
+        picked = top.indices.masked_fill(top.values == float("-inf"), -1)           # [b, H, k]
+        # each sample's weight 1 / p from its angle to the query heads (the keys read in host memory)
+        keys = step.keys.gather(2, picked.clamp(min=0).to(step.keys.device)[..., None].expand(-1, -1, -1, D))
+        keys = keys.to(q.device).float()                                             # [b, H, k, D]
+        cos = torch.einsum("bhgd,bhkd->bhgk", q, keys) / (q.norm(dim=-1)[..., None] * keys.norm(dim=-1)[:, :, None]).clamp(min=1e-12)
+        log_p = log_sampled_chance(cos, self.bits, self.tables, self.min_collisions).amax(dim=2)
+        is_sink = picked < self.sinks
+        log_weights = torch.where(is_sink, 0.0, -log_p)
+        scored = held.sum() * (self.tables * 2) + (picked >= 0).sum() * (D * step.itemsize)
+        return Picks(slots=picked, log_weights=log_weights, scored_bytes=scored)
