@@ -33,6 +33,8 @@ What differs:
   by the layer's kv-heads; the tables live on the device next to the pool, not on the CPU.
 """
 
+import math
+
 import torch
 
 from nanokv.methods.base import Offloader, Picks
@@ -55,8 +57,9 @@ def log_sampled_chance(cos: torch.Tensor, bits: int, tables: int, least: int) ->
         return torch.zeros_like(cos)
     u = 1 - torch.arccos(cos.clamp(-1, 1)) / torch.pi
     one = (bits * u.clamp(min=1e-12).log()).exp().clamp(1e-12, 1 - 1e-7)          # per-table chance
-    j = torch.arange(least, tables + 1, device=cos.device, dtype=torch.float32)
-    log_choose = torch.lgamma(torch.tensor(tables + 1.0, device=cos.device)) - torch.lgamma(j + 1) - torch.lgamma(tables - j + 1)
+    j = torch.arange(least, tables + 1, device=cos.device, dtype=torch.float64)  # log C(L, j): float64, or
+    log_choose = (math.lgamma(tables + 1) - torch.lgamma(j + 1) - torch.lgamma(tables - j + 1)).float()  # L = 150 loses 1e-4
+    j = j.float()
     terms = log_choose + j * one.log()[..., None] + (tables - j) * torch.log1p(-one)[..., None]
     return terms.logsumexp(dim=-1)
 
