@@ -200,11 +200,11 @@ def test_magicpig_sampling_every_key_gives_full_and_bytes_fall_with_the_budget(m
     moved = []
     for budget in (1000, 24, 12):
         llm = make("magicpig", budget=budget, min_collisions=0, device_window=WINDOW, skip_layers=0, dense_middle=False)
-        greedy(llm)
+        greedy(llm, PROMPTS[2:])
         moved.append(llm.stats["kv_bytes_moved_per_decode_token"])
     assert moved[0] > moved[1] > moved[2] > 0
     sampled = make("magicpig", budget=1000, bits=4, tables=16, device_window=WINDOW, skip_layers=0, dense_middle=False)
-    greedy(sampled)
+    greedy(sampled, PROMPTS[2:])
     assert sampled.stats["kv_bytes_moved_per_decode_token"] < moved[0]  # collisions sample fewer than all
 
 
@@ -250,6 +250,10 @@ def test_retrievalattention_recalls_its_sinks_and_the_best_keys_its_search_finds
     m.summarize(OffloadView(0, keys[None, 16:], keys[None, 16:], torch.arange(16, 24), state))  # a decode block
     assert m.graph(state, 0, 0).shape == (24, 4) and int(m.graph(state, 0, 0)[16:].min()) >= -1
     assert int(m.graph(state, 0, 0)[16:].max()) >= 16 and int(m.graph(state, 0, 0)[:16].max()) < 16
+    # the prompt's part is linked by its queries (both heads of the group), not by its keys
+    by_queries = linked_neighbours(keys[:16], queries[:16].flatten(0, 1), 4)
+    assert torch.equal(m.graph(state, 0, 0)[:16], by_queries)
+    assert not torch.equal(by_queries, linked_neighbours(keys[:16], keys[:16], 4))
     q = torch.randn(2, 4)
     picks = m.pick(retrieval_step(m, keys, state=state)(q))
     chosen = picks.slots[0, 0].tolist()
@@ -297,9 +301,10 @@ def test_retrievalattention_covering_the_cache_gives_full_and_bytes_fall_with_th
     llm = make("retrievalattention", budget=1000, sinks=4, beam=1000, device_window=WINDOW)
     assert greedy(llm) == expected
     assert llm.stats["peak_kv_bytes"] < full.stats["peak_kv_bytes"]
+    greedy(llm, PROMPTS[2:])
     moved = [llm.stats["kv_bytes_moved_per_decode_token"]]
     for budget in (WINDOW + 4 + 12, WINDOW + 4 + 2):
         small = make("retrievalattention", budget=budget, sinks=4, degree=4, beam=4, device_window=WINDOW)
-        greedy(small)
+        greedy(small, PROMPTS[2:])
         moved.append(small.stats["kv_bytes_moved_per_decode_token"])
     assert moved[0] > moved[1] > moved[2] > 0
