@@ -59,9 +59,9 @@ def offload_step(queries, lengths, fetch, slots, layer=0, num_layers=1, states=N
 # --- MagicPIG: hashing and the sampled chance ---------------------------------------------------
 
 def binomial_tail(cos, bits, tables, least):
-    """P(Binomial(tables, u^bits) >= least), u = 1 - arccos(cos) / pi, written out."""
+    """P(Binomial(tables, u^bits) >= least), u = 1 - arccos(cos) / pi, written out, + 1e-4 (the official smoothing)."""
     one = (1 - math.acos(cos) / math.pi) ** bits
-    return sum(math.comb(tables, j) * one ** j * (1 - one) ** (tables - j) for j in range(least, tables + 1))
+    return sum(math.comb(tables, j) * one ** j * (1 - one) ** (tables - j) for j in range(least, tables + 1)) + 1e-4
 
 
 @pytest.mark.parametrize("cos, bits, tables, least", [(0.9, 10, 150, 2), (0.5, 4, 16, 2), (0.2, 3, 20, 3),
@@ -83,10 +83,11 @@ def test_a_tables_code_is_the_signs_on_its_own_hyperplanes():
 def magicpig_step(method, keys, queries, layer=0, num_layers=4):
     """keys [S, D] of one kv-head (all held), queries [Hq, D]: codes summarized by the method itself."""
     S, D = keys.shape
-    codes = method.summarize(OffloadView(layer, keys[None], keys[None], torch.arange(S), {}))["codes"]
+    state = {}
+    codes = method.summarize(OffloadView(layer, keys[None], keys[None], torch.arange(S), state))["codes"]
     fetch = lambda name: {"codes": codes[None]} if name == "codes" else {"keys": keys[None, None],
                                                                         "key_positions": None}
-    return offload_step(queries[None], torch.tensor([[S]]), fetch, S, layer, num_layers)
+    return offload_step(queries[None], torch.tensor([[S]]), fetch, S, layer, num_layers, [state])
 
 
 def hand_planes(method):
@@ -95,28 +96,33 @@ def hand_planes(method):
 
 
 def test_magicpig_samples_keys_sharing_two_buckets_with_any_query_head_weighed_by_one_over_p():
-    m = hand_planes(make_method("magicpig", budget=100, bits=2, tables=2, sinks=1, device_window=8))
+    m = hand_planes(make_method("magicpig", budget=100, bits=2, tables=2, sinks=1, device_window=8, dense_every=0))
     ones = torch.ones(4)
     keys = torch.stack([-ones,                                   # 0: a sink, shares no bucket
                         torch.tensor([1.0, 1.0, -1.0, -1.0]),    # 1: one table (table 0) only
                         torch.tensor([1.0, 1.0, 1.0, 0.5]),      # 2: both tables with head 0
                         -ones * 2,                               # 3: both tables with head 1
-                        torch.tensor([-1.0, 1.0, 1.0, -1.0])])   # 4: none
+                        torch.tensor([-1.0, 1.0, 1.0, -1.0]),    # 4: none
+                        torch.tensor([3.0, -1.0, 3.0, -1.0]),    # 5, 6: none, and the keys' mean is 0
+                        torch.tensor([-1.0, 1.0, -1.0, 5.5])])
     q = torch.stack([ones, -ones])                               # one kv-head, its 2 query heads
     picks = m.pick(magicpig_step(m, keys, q))
     chosen = picks.slots[0, 0].tolist()
     assert sorted(s for s in chosen if s >= 0) == [0, 2, 3] and chosen[0] == 0   # the sink first
     weights = dict(zip(chosen, picks.log_weights[0, 0].tolist()))
     assert weights[0] == 0.0                                                      # sinks are exact
-    assert weights[3] == pytest.approx(0.0, abs=1e-5)                             # cos 1 to head 1: p = 1
+    assert weights[3] == pytest.approx(-math.log(1 + 1e-4), abs=1e-6)             # cos 1 to head 1: p = 1
     cos = 3.5 / (2 * math.sqrt(3.25))                                             # key 2 to head 0
     assert weights[2] == pytest.approx(-math.log(binomial_tail(cos, 2, 2, 2)), rel=1e-4)
-    assert int(picks.scored_bytes) == 5 * 2 * 2 + 3 * 4 * 4                       # codes, then sampled keys
+    assert int(picks.scored_bytes) == 7 * 2 * 2 + 3 * 4 * 4                       # codes, then sampled keys
+    # keys hashed less their mean: shifted by one vector, they are sampled and weighed alike
+    shifted = m.pick(magicpig_step(m, keys + torch.tensor([5.0, -3.0, 4.0, 9.0]), q))
+    assert torch.equal(shifted.slots, picks.slots) and torch.allclose(shifted.log_weights, picks.log_weights)
 
 
 def test_magicpig_caps_what_it_recalls_at_the_budget_most_collisions_first():
     m = hand_planes(make_method("magicpig", budget=10, bits=2, tables=2, sinks=0, device_window=8,
-                                min_collisions=1))
+                                min_collisions=1, dense_every=0))
     keys = torch.stack([torch.tensor([1.0, 1.0, -1.0, -1.0]), torch.tensor([-1.0, 1.0, -1.0, -1.0]),
                         torch.tensor([1.0, 2.0, 1.0, 1.0]), torch.tensor([-1.0, -1.0, 1.0, 1.0])])
     q = torch.ones(2, 4)
@@ -125,18 +131,21 @@ def test_magicpig_caps_what_it_recalls_at_the_budget_most_collisions_first():
     assert chosen[0] == 2 and chosen[1] in (0, 3) and len(chosen) == 2
 
 
-def test_magicpig_reads_every_host_token_of_the_middle_layer_unweighed():
-    m = make_method("magicpig", budget=100, device_window=8)
+def test_magicpig_reads_every_host_token_of_its_dense_layers_unweighed():
+    m = make_method("magicpig", budget=100, device_window=8, dense_every=2)
     keys = torch.randn(6, 4)
     picks = m.pick(magicpig_step(m, keys, torch.randn(2, 4), layer=2, num_layers=4))
     assert picks.slots[0, 0].tolist() == list(range(6)) and picks.log_weights is None
-    off = make_method("magicpig", budget=100, device_window=8, bits=2, tables=2, dense_middle=False)
+    for layer in (1, 3):
+        assert m.pick(magicpig_step(m, keys, torch.randn(2, 4), layer=layer, num_layers=4)).log_weights is not None
+    off = make_method("magicpig", budget=100, device_window=8, bits=2, tables=2, dense_every=0)
     assert off.pick(magicpig_step(off, keys, torch.randn(2, 4), layer=2, num_layers=4)).log_weights is not None
 
 
 @pytest.mark.parametrize("options, match", [
     ({"bits": 16}, r"bits=16 .* 1\.\.15"), ({"tables": 0}, "tables=0"), ({"min_collisions": -1}, "min_collisions=-1"),
     ({"tables": 3, "min_collisions": 4}, "min_collisions=4 .* at most tables=3"), ({"sinks": -2}, "sinks=-2"),
+    ({"dense_every": -1}, "dense_every=-1"),
 ])
 def test_magicpig_refuses_bad_options(options, match):
     with pytest.raises(ValueError, match=match):
@@ -147,8 +156,9 @@ def test_magicpig_refuses_bad_options(options, match):
 
 class MagicPIGTwin(DenseOffloaded):
     """MagicPIG stated plainly: each older key shares a table with a query head when all its K signs
-    match; sampled at >= `least` tables with any query head (or a sink), weighed log(1 / p), p the
-    written-out binomial tail at the best query head's angle; one plain softmax with the window."""
+    match, keys centred on the mean of the prompt's moved keys; sampled at >= `least` tables with any
+    query head (or a sink), weighed log(1 / p), p the written-out binomial tail at the best query
+    head's angle to the centred key; one plain softmax with the window."""
 
     def __init__(self, prompt_len, bits, tables, least, sinks):
         super().__init__(prompt_len, WINDOW, 0)
@@ -163,9 +173,10 @@ class MagicPIGTwin(DenseOffloaded):
         for h in range(H):
             qh = q[0, h * group:(h + 1) * group].float()
             signs_q = (qh @ planes >= 0).view(group, self.tables, self.bits)
+            mean = keys[:self.prompt_len - self.window, h].float().mean(0)
             index, bias = [], []
             for j in range(n):
-                k = keys[j, h].float()
+                k = keys[j, h].float() - mean
                 if j >= n - hot or j < self.sinks:
                     index.append(j), bias.append(0.0)
                     continue
@@ -183,7 +194,7 @@ class MagicPIGTwin(DenseOffloaded):
 
 def test_magicpig_tokens_equal_a_plain_restatement_and_sampling_changes_them(make):
     options = dict(bits=3, tables=12, min_collisions=2, sinks=4, device_window=WINDOW, skip_layers=0,
-                   dense_middle=False)
+                   dense_every=0)
     llm = make("magicpig", budget=1000, **options)
     [got] = greedy(llm, PROMPTS[1:2], 20)  # past a block of decode steps: a block moves to the host
     twin = MagicPIGTwin(len(PROMPTS[1]), 3, 12, 2, 4)
@@ -194,16 +205,16 @@ def test_magicpig_tokens_equal_a_plain_restatement_and_sampling_changes_them(mak
 def test_magicpig_sampling_every_key_gives_full_and_bytes_fall_with_the_budget(make):
     full = make()
     expected = greedy(full)
-    every = make("magicpig", budget=1000, min_collisions=0, device_window=WINDOW, skip_layers=0, dense_middle=False)
+    every = make("magicpig", budget=1000, min_collisions=0, device_window=WINDOW, skip_layers=0, dense_every=0)
     assert greedy(every) == expected
     assert every.stats["peak_kv_bytes"] < full.stats["peak_kv_bytes"]
     moved = []
     for budget in (1000, 24, 12):
-        llm = make("magicpig", budget=budget, min_collisions=0, device_window=WINDOW, skip_layers=0, dense_middle=False)
+        llm = make("magicpig", budget=budget, min_collisions=0, device_window=WINDOW, skip_layers=0, dense_every=0)
         greedy(llm, PROMPTS[2:])
         moved.append(llm.stats["kv_bytes_moved_per_decode_token"])
     assert moved[0] > moved[1] > moved[2] > 0
-    sampled = make("magicpig", budget=1000, bits=4, tables=16, device_window=WINDOW, skip_layers=0, dense_middle=False)
+    sampled = make("magicpig", budget=1000, bits=4, tables=16, device_window=WINDOW, skip_layers=0, dense_every=0)
     greedy(sampled, PROMPTS[2:])
     assert sampled.stats["kv_bytes_moved_per_decode_token"] < moved[0]  # collisions sample fewer than all
 
