@@ -202,6 +202,15 @@ def test_magicpig_tokens_equal_a_plain_restatement_and_sampling_changes_them(mak
     assert got != greedy(make(), PROMPTS[1:2], 20)[0]  # the sample is not the whole cache
 
 
+def test_magicpig_with_grouped_heads_samples_the_groups_union(tiny_gqa_dir):
+    from nanokv import LLM
+
+    llm = LLM(str(tiny_gqa_dir), dtype="float32", method="magicpig", budget=1000, bits=3, tables=12, sinks=4,
+              device_window=WINDOW, skip_layers=0, dense_every=0)
+    [got] = greedy(llm, PROMPTS[0:1], 12)
+    assert got == restated_greedy(llm.model, MagicPIGTwin(len(PROMPTS[0]), 3, 12, 2, 4), PROMPTS[0], 12)
+
+
 def test_magicpig_sampling_every_key_gives_full_and_bytes_fall_with_the_budget(make):
     full = make()
     expected = greedy(full)
@@ -304,6 +313,15 @@ def test_retrievalattention_with_a_beam_over_the_graph_reads_the_exact_top_k(mak
     assert got == restated_greedy(llm.model, SinksAndTop(len(PROMPTS[1]), 5, 2), PROMPTS[1], 20)
     [state] = llm.runner.read_states.values()
     assert all(len(llm.method.graph(state, layer, 0)) == 75 - WINDOW + 16 for layer in range(2))
+
+
+def test_retrievalattention_with_grouped_heads_reads_the_groups_best_keys(tiny_gqa_dir):
+    from nanokv import LLM
+
+    llm = LLM(str(tiny_gqa_dir), dtype="float32", method="retrievalattention", budget=WINDOW + 2 + 5, sinks=2,
+              degree=4, beam=200, device_window=WINDOW)
+    [got] = greedy(llm, PROMPTS[0:1], 12)
+    assert got == restated_greedy(llm.model, SinksAndTop(len(PROMPTS[0]), 5, 2), PROMPTS[0], 12)
 
 
 def test_retrievalattention_covering_the_cache_gives_full_and_bytes_fall_with_the_budget(make):
