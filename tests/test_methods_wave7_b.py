@@ -214,9 +214,14 @@ def test_magicpig_with_grouped_heads_samples_the_groups_union(tiny_gqa_dir):
 def test_magicpig_sampling_every_key_gives_full_and_bytes_fall_with_the_budget(make):
     full = make()
     expected = greedy(full)
+    full_peak = full.stats["peak_kv_bytes"]
     every = make("magicpig", budget=1000, min_collisions=0, device_window=WINDOW, skip_layers=0, dense_every=0)
     assert greedy(every) == expected
-    assert every.stats["peak_kv_bytes"] < full.stats["peak_kv_bytes"]
+    # a prompt within the window moves nothing at prefill, beside ones that do
+    assert greedy(make("magicpig", budget=1000, device_window=WINDOW, skip_layers=0, dense_every=0),
+                  [PROMPTS[0], [7, 8, 9]], 4)[1] == greedy(full, [[7, 8, 9]], 4)[0]
+    greedy(every)
+    assert every.stats["peak_kv_bytes"] < full_peak
     moved = []
     for budget in (1000, 24, 12):
         llm = make("magicpig", budget=budget, min_collisions=0, device_window=WINDOW, skip_layers=0, dense_every=0)
@@ -327,9 +332,12 @@ def test_retrievalattention_with_grouped_heads_reads_the_groups_best_keys(tiny_g
 def test_retrievalattention_covering_the_cache_gives_full_and_bytes_fall_with_the_budget(make):
     full = make()
     expected = greedy(full)
+    full_peak = full.stats["peak_kv_bytes"]
     llm = make("retrievalattention", budget=1000, sinks=4, beam=1000, device_window=WINDOW)
     assert greedy(llm) == expected
-    assert llm.stats["peak_kv_bytes"] < full.stats["peak_kv_bytes"]
+    assert greedy(llm, [PROMPTS[0], [7, 8, 9]], 4)[1] == greedy(full, [[7, 8, 9]], 4)[0]  # nothing moved
+    greedy(llm)
+    assert llm.stats["peak_kv_bytes"] < full_peak
     greedy(llm, PROMPTS[2:])
     moved = [llm.stats["kv_bytes_moved_per_decode_token"]]
     for budget in (WINDOW + 4 + 12, WINDOW + 4 + 2):
@@ -337,3 +345,14 @@ def test_retrievalattention_covering_the_cache_gives_full_and_bytes_fall_with_th
         greedy(small, PROMPTS[2:])
         moved.append(small.stats["kv_bytes_moved_per_decode_token"])
     assert moved[0] > moved[1] > moved[2] > 0
+
+
+def test_magicpig_picks_nothing_for_a_sequence_that_moved_nothing_yet():
+    m = make_method("magicpig", budget=100, device_window=8, bits=2, tables=4, sinks=1, dense_every=0)
+    keys = torch.randn(2, 1, 4, 4)
+    state = {}
+    codes = m.summarize(OffloadView(0, keys[0], keys[0], torch.arange(4), state))["codes"]
+    codes = torch.stack([codes, torch.zeros_like(codes)])
+    fetch = lambda name: {"codes": codes} if name == "codes" else {"keys": keys, "key_positions": None}
+    picks = m.pick(offload_step(torch.randn(2, 2, 4), torch.tensor([[4], [0]]), fetch, 4, states=[state, {}]))
+    assert picks.slots[0, 0, 0] == 0 and (picks.slots[1] == -1).all()

@@ -137,7 +137,8 @@ class MagicPIG(Offloader):
         picked = top.indices.masked_fill(top.values == float("-inf"), -1)           # [b, H, k]
         # each sample's weight 1 / p from its angle to the query heads (the keys read in host memory)
         keys = step.keys.gather(2, picked.clamp(min=0).to(step.keys.device)[..., None].expand(-1, -1, -1, D))
-        mean = torch.stack([state["magicpig_mean"][step.layer] for state in step.states]).to(q.device)  # [b, H, D]
+        means = [state.get("magicpig_mean", {}).get(step.layer) for state in step.states]  # None: none moved yet
+        mean = torch.stack([q.new_zeros(H, D) if m is None else m.to(q.device) for m in means])  # [b, H, D]
         keys = keys.to(q.device).float() - mean[:, :, None]                          # [b, H, k, D], centred
         cos = torch.einsum("bhgd,bhkd->bhgk", q, keys) / (q.norm(dim=-1)[..., None] * keys.norm(dim=-1)[:, :, None]).clamp(min=1e-12)
         log_p = log_sampled_chance(cos, self.bits, self.tables, self.min_collisions).amax(dim=2)
