@@ -20,8 +20,10 @@ every unexpanded key among the `beam` best seen, score their neighbours by q . k
 the group's query heads) on the host keys, until the beam's keys are all expanded; it recalls the
 first `sinks` host slots and the best budget - device_window - sinks keys found. The engine
 attends over them and the device window in one softmax (the LSE merge, done exactly).
-Defaults (≈, the paper's Sec. 5 setup): 128 initial + 512 recent static tokens, 100 retrieved keys
-(so budget 740); degree 16 and beam 128 are nanokv's (≈: RoarGraph's M and search list).
+Defaults (≈, to re-check: the paper's evaluation setup as we recall it, not re-read here; the
+official repository microsoft/RetrievalAttention now holds its successor RetroInfer): 128 initial
++ 512 recent static tokens and 100 retrieved keys per head (so budget 740), every layer retrieving
+(skip_layers 0); degree 16 and beam 128 are nanokv's (≈ RoarGraph's out-degree and search list).
 
 What differs:
 - The index is a small graph in torch (chain + query-projected links), not RoarGraph's pruned
