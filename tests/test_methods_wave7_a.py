@@ -157,8 +157,10 @@ class RestatedShadowKV(DenseOffloaded):
     def decode(self, layer, q, keys, values):
         n, H, D = keys.shape
         group, cs = q.shape[1] // H, self.chunk
-        hot = min(n, self.window + (n - self.prompt_len - 1) % self.block + 1)
-        host, first = n - hot, self.prompt_len - self.window
+        before = n - 1  # the device held the window and a part block after the previous step
+        hot = 1 + (before if before < self.window else self.window + (before - self.window) % self.block)
+        first = (self.prompt_len - self.window) // self.block * self.block  # what the prefill moved: whole blocks
+        host = n - hot
         used, chosen = keys.clone(), []
         for h in range(H):
             k = keys[:, h].float()

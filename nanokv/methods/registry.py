@@ -83,6 +83,8 @@ from nanokv.methods.sentencekv import SentenceKV
 from nanokv.methods.alisa_offload import ALISAOffload
 from nanokv.methods.critiprefill import CritiPrefill
 from nanokv.methods.minference import MInference
+from nanokv.methods.magicpig import MagicPIG
+from nanokv.methods.retrievalattention import RetrievalAttention
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, RandomMethod, StreamingLLM, KNorm, SnapKV, PyramidKV, AdaKV, H2O, TOVA,
                                                          A2SF, Keyformer, Scissorhands, RoCo, VATP, RKV,
@@ -99,9 +101,7 @@ METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, RandomMethod, St
                                                          KVQuant, SKVQ, WKVQuant, KVTuner, Mustafar, ECKVH,
                                                          # the third wave: query-aware sparse decode (issue 29)
                                                          TidalDecode, RecycledAttention, TokenSelect, ReAttention, RocketKV, LServe, Loki, DoubleSparsity, SqueezedAttention,
-                                                         # the third wave: offloaded and recallable KV, multi-pass and sparse prefill (issue 30)
-                                                         ArkVale, ShadowKV, SpeCache, ClusterKV, PQCache, SentenceKV, ALISAOffload,
-                                                         CritiPrefill, MInference)}
+                                                         KV, ArkVale, ShadowKV, SpeCache, ClusterKV, PQCache, SentenceKV, ALISAOffload, CritiPrefill, MInference, MagicPIG, RetrievalAttention)}
 QUANTIZERS = [name for name, m in METHODS.items() if m.quantizes]
 
 
