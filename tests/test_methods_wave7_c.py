@@ -174,7 +174,7 @@ class PlainClusterKV(DenseOffloaded):
         self.clusters, self.iterations, self.prompt_clusters = clusters, iterations, {}
 
     def older(self, layer, h, q, keys):
-        first = self.prompt_len - WINDOW
+        first = (self.prompt_len - WINDOW) // 16 * 16  # what the prefill moved: whole blocks
         if (layer, h) not in self.prompt_clusters:   # the prompt is clustered once
             self.prompt_clusters[layer, h] = plain_spherical_kmeans(keys[SINK:first], min(self.clusters, first - SINK),
                                                                     self.iterations)
@@ -210,7 +210,7 @@ class PlainPQCache(DenseOffloaded):
         self.m, self.bits, self.iterations, self.books = m, bits, iterations, {}
 
     def older(self, layer, h, q, keys):
-        first, D = self.prompt_len - WINDOW, keys.shape[1]
+        first, D = (self.prompt_len - WINDOW) // 16 * 16, keys.shape[1]
         d = D // self.m
         scores = torch.zeros(q.shape[0], len(keys))
         for j in range(self.m):

@@ -101,7 +101,10 @@ METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, RandomMethod, St
                                                          KVQuant, SKVQ, WKVQuant, KVTuner, Mustafar, ECKVH,
                                                          # the third wave: query-aware sparse decode (issue 29)
                                                          TidalDecode, RecycledAttention, TokenSelect, ReAttention, RocketKV, LServe, Loki, DoubleSparsity, SqueezedAttention,
-                                                         KV, ArkVale, ShadowKV, SpeCache, ClusterKV, PQCache, SentenceKV, ALISAOffload, CritiPrefill, MInference, MagicPIG, RetrievalAttention)}
+                                                         # the third wave: offloaded and recallable KV, multi-pass and sparse prefill (issue 30)
+                                                         ArkVale, ShadowKV, SpeCache, ClusterKV, PQCache, SentenceKV, ALISAOffload, MagicPIG,
+                                                         RetrievalAttention,
+                                                         CritiPrefill, MInference)}
 QUANTIZERS = [name for name, m in METHODS.items() if m.quantizes]
 
 
