@@ -63,6 +63,8 @@ class StepAttention:
         # a method that computes a fresh prompt's attention in some tiles only (methods/base.py: SparsePrefill)
         self.sparse = method if method is not None and method.sparse_prefill else None
         self.bytes_moved = 0  # bytes recalled from the host tier this step (a 0-d tensor once any is)
+        # the prompt attention's FLOPs this step (a prefill's: _prefill_attention, _sparse_prefill)
+        self.prefill_flops = 0
         self.read_states = {} if read_states is None else read_states
         self.inv_freq = inv_freq
         self.histories = histories  # i -> every token id sequence i holds (an Offloader's OffloadView.token_ids)
@@ -167,7 +169,7 @@ class StepAttention:
         new = zip(self.seq_ids, q.split(self.query_lens), k.split(self.query_lens), v.split(self.query_lens), self.q_pos)
         for i, (seq_id, q_i, k_i, v_i, pos_i) in enumerate(new):
             if source != layer:  # it keeps no KV of its own: its queries read the source layer's
-                outs.append(cache.attend_prefill(seq_id, source, q_i, pos_i, sliding_window)[0])
+                outs.append(self._prefill_attention(seq_id, source, q_i, pos_i, sliding_window)[0])
                 continue
             if cache.pair_of(layer) is not None:  # the second layer of a merged pair (MiniCache)
                 outs.append(self._paired_prefill(layer, i, q_i, k_i, v_i, pos_i, sliding_window))
@@ -179,7 +181,7 @@ class StepAttention:
                 outs.append(self._generated(layer, i, q_i, pos_i, sliding_window) if self.method is not None
                             else self._sparse_prefill(layer, i, q_i, k_i, v_i, pos_i, sliding_window)
                             if self.sparse is not None
-                            else cache.attend_prefill(seq_id, layer, q_i, pos_i, sliding_window,
+                            else self._prefill_attention(seq_id, layer, q_i, pos_i, sliding_window,
                                                       new_kv=(k_i, v_i), **self.biased)[0])
                 if self.method is None and self.ranker is not None:  # a quantizer alone ranks its prompt
                     n = self.compress_lens[i]
@@ -192,7 +194,7 @@ class StepAttention:
             # preemption (recompute) then attend over the compressed prompt, as they did the
             # first time, so the recomputed cache is the one the sequence had.
             n = self.compress_lens[i]
-            out, column_sums = cache.attend_prefill(seq_id, layer, q_i[:n], pos_i[:n], sliding_window,
+            out, column_sums = self._prefill_attention(seq_id, layer, q_i[:n], pos_i[:n], sliding_window,
                                                     self.method.needs_column_sums, new_kv=(k_i[:n], v_i[:n]),
                                                     **self.biased)
             outs.append(out)
@@ -210,30 +212,31 @@ class StepAttention:
         """Sequence i's new tokens at `layer` under a SparsePrefill method: a prompt the sequence holds
         alone (no cached prefix, no window) attends over itself in the tiles the method keeps; a
         recompute's generated tokens after it, and any other chunk, attend densely over the cache.
-        Adds the attention's FLOPs (4 D per (query, key) pair per query head: QK^T and PV), computed
-        and dense, to the method's tally."""
+        Counts the FLOPs of the tiles computed (prefill_flops)."""
         seq_id, cache, method = self.seq_ids[i], self.cache, self.sparse
         n, D = self.compress_lens[i], q.shape[-1]
         fresh = sliding_window is None and n <= len(q) and cache.holds_only(seq_id, layer, len(q))
         mask = None if not fresh else method.tile_mask(SparsePrefillView(
             layer, cache.num_layers, q[:n], k[:n], q_pos[:n], self.sequence_state[seq_id]))
         if mask is None:  # dense: over any cached prefix and itself
-            prefix = int(cache.seqs[seq_id].lengths[layer].max()) - len(q)
-            pairs = len(q) * prefix + len(q) * (len(q) + 1) // 2
-            method.prefill_flops[0] += 4 * D * q.shape[1] * pairs
-            method.prefill_flops[1] += 4 * D * q.shape[1] * pairs
-            return cache.attend_prefill(seq_id, layer, q, q_pos, sliding_window, new_kv=(k, v))[0]
+            return self._prefill_attention(seq_id, layer, q, q_pos, sliding_window, new_kv=(k, v))[0]
         tile = method.tile_size
         out = cache.kernels.sparse_prefill(q[:n], k[:n], v[:n], mask, tile)
-        method.prefill_flops[0] += 4 * D * (mask.long() * tile_pairs(n, tile, mask.device)).sum()
-        method.prefill_flops[1] += 4 * D * q.shape[1] * (n * (n + 1) // 2)
+        self.prefill_flops += 4 * D * (mask.long() * tile_pairs(n, tile, mask.device)).sum()
         if n == len(q):
             return out
-        rest = cache.attend_prefill(seq_id, layer, q[n:], q_pos[n:], sliding_window)[0]
-        pairs = (len(q) - n) * n + (len(q) - n) * (len(q) - n + 1) // 2
-        method.prefill_flops[0] += 4 * D * q.shape[1] * pairs
-        method.prefill_flops[1] += 4 * D * q.shape[1] * pairs
+        rest = self._prefill_attention(seq_id, layer, q[n:], q_pos[n:], sliding_window)[0]
         return torch.cat([out, rest])
+
+    def _prefill_attention(self, seq_id, layer, q, q_pos, sliding_window, *args, **options):
+        """cache.attend_prefill, counting its FLOPs: 4 D per (query, key) pair per query head (QK^T and
+        PV), each of the T queries over what the layer holds less the later queries' own slots."""
+        cache = self.cache
+        source = cache.sources[layer]
+        held = int(cache.seqs[seq_id].lengths[source].max()) // max(1, cache.slot_counts[source])
+        T = len(q)
+        self.prefill_flops += 4 * q.shape[-1] * q.shape[1] * max(0, T * held - T * (T - 1) // 2)
+        return cache.attend_prefill(seq_id, layer, q, q_pos, sliding_window, *args, **options)
 
     def _decode(self, layer, q, k, v, sliding_window):
         cache = self.cache
@@ -285,10 +288,10 @@ class StepAttention:
         cache.write_prefill(seq_id, layer, k, v, q_pos)
         n, outs = self.compress_lens[i] if self.pair_merger is not None else 0, []
         if n:  # prefill starts from an empty cache
-            outs.append(cache.attend_prefill(seq_id, layer, q[:n], q_pos[:n], sliding_window, merged=False)[0])
+            outs.append(self._prefill_attention(seq_id, layer, q[:n], q_pos[:n], sliding_window, merged=False)[0])
             cache.store_merged(seq_id, layer, n, self.pair_merger.merge_pair(*cache.pair_prompt(seq_id, layer, n)))
         if n < len(q):
-            outs.append(cache.attend_prefill(seq_id, layer, q[n:], q_pos[n:], sliding_window)[0])
+            outs.append(self._prefill_attention(seq_id, layer, q[n:], q_pos[n:], sliding_window)[0])
         return torch.cat(outs)
 
     def _selected_pages(self, q, tables, lengths):
@@ -430,7 +433,7 @@ class StepAttention:
         as each of them was decoded: replay that one token at a time, so the cache ends as it was."""
         seq_id, cache = self.seq_ids[i], self.cache
         if not self.evicting:
-            return cache.attend_prefill(seq_id, layer, q, q_pos, sliding_window, **self.biased)[0]
+            return self._prefill_attention(seq_id, layer, q, q_pos, sliding_window, **self.biased)[0]
         outs, ids = [], self.token_ids[i][-len(q):] if self.token_ids is not None else [None] * len(q)
         for q_t, pos_t, id_t in zip(q, q_pos, ids):
             tables, lengths = cache.held(seq_id, layer)
@@ -452,7 +455,7 @@ class StepAttention:
             part = slice(start, start + length)
             held = int(cache.seqs[seq_id].lengths[layer].max())  # every head: a prefill's prompt
             cache.write_prefill(seq_id, layer, k[part], v[part], q_pos[part])
-            outs.append(cache.attend_prefill(seq_id, layer, q[part], q_pos[part], sliding_window)[0])
+            outs.append(self._prefill_attention(seq_id, layer, q[part], q_pos[part], sliding_window)[0])
             keys.append(cache.read_prompt(seq_id, layer, held + length, ("k",))["k"][:, held:])
             cache.drop_last(seq_id, torch.full((1, cache.num_kv_heads), length, device=HOST), layers=layers)
             start += length

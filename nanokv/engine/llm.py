@@ -217,8 +217,7 @@ class LLM:
             seq.arrival_time = time.perf_counter()
         self._busy = True
         replayed, eager = self.runner.graph_steps, self.runner.eager_steps
-        # a sparse-prefill method's tally of prompt attention FLOPs, computed and dense (methods/base.py)
-        flops_before = [int(f) for f in self.method.prefill_flops] if self.method.sparse_prefill else None
+        flops_before = (self.runner.prefill_flops, self.runner.dense_prefill_flops)
         captured_s = self.runner.graphs.capture_s if self.runner.graphs else 0.0
         stats = {"prefill_tokens": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0,
                  "peak_running": 0, "peak_kv_bytes": 0, "preemptions": 0, "decode_kv_bytes_read": 0,
@@ -265,9 +264,10 @@ class LLM:
         stats["kv_bytes_read_per_decode_token"] = stats["decode_kv_bytes_read"] / max(1, stats["decode_tokens"])
         # what one decode token recalls from a host tier (an Offloader's: shadowkv, arkvale, ...)
         stats["kv_bytes_moved_per_decode_token"] = stats["decode_kv_bytes_moved"] / max(1, stats["decode_tokens"])
-        if flops_before is not None:  # the prompt attention's FLOPs, and a dense causal prefill's: their ratio
-            stats["prefill_attention_flops"], stats["prefill_attention_flops_dense"] = (
-                int(f) - b for f, b in zip(self.method.prefill_flops, flops_before))
+        # the prompt attention's FLOPs (scoring passes, chunks and filter passes included), and what a
+        # dense prefill of the same tokens computes (full's): sparse and multi-pass prefills differ
+        stats["prefill_attention_flops"], stats["prefill_attention_flops_dense"] = (
+            int(now) - before for now, before in zip((runner.prefill_flops, runner.dense_prefill_flops), flops_before))
         self.stats = stats
 
 

@@ -32,6 +32,9 @@ class ModelRunner:
         self.send = HostToDevice(device)  # a decode step's host inputs, in one copy
         self.graph_steps = self.eager_steps = 0  # decode steps replayed, and run eagerly
         self.read_states: dict[int, dict] = {}  # a query-aware reader's state per sequence (base.py: ReadStep)
+        # prompt attention FLOPs so far: computed (every prefill pass's), and what a dense prefill of
+        # the same tokens computes (full's), for LLM.stats
+        self.prefill_flops = self.dense_prefill_flops = 0
         if method is not None and method.evicts_during_decode:
             cache.reserve_scratch()  # its decode steps write there (attention.py: _evict); now, before any step
 
@@ -50,8 +53,10 @@ class ModelRunner:
                 s.num_cached += 1
             return tokens
 
+        cfg = self.model.cfg
         for s in seqs:  # a prefill (a recompute) starts a reader's state afresh
             self.read_states.pop(s.id, None)
+            self.dense_prefill_flops += 4 * cfg.head_dim * cfg.num_heads * cfg.num_layers * len(s) * (len(s) + 1) // 2
         method = self.method if self.method is not None and self.method.compresses else None
         if method is not None and method.refill_layer is not None:
             hidden = self._refilled_prefill(seqs)
@@ -162,6 +167,7 @@ class ModelRunner:
         # reads after the step, when sampling has waited for the GPU anyway
         self.last_bytes_read = attention.bytes_read
         self.last_bytes_moved = attention.bytes_moved  # recalled from a host tier (host_tier.py)
+        self.prefill_flops += int(attention.prefill_flops)  # a prefill's: read once a forward pass
         if not finish:
             return hidden, attention
         attention.finish()

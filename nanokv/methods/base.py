@@ -788,12 +788,11 @@ class SparsePrefill(Method):
     (query tile, key tile) pairs each query head computes, and the engine runs the block-sparse
     kernel (kernels.sparse_prefill) over those; None: the layer runs dense. Anything else (a chunk
     over a cached prefix, a recompute's generated tokens after its prompt) and every decode step
-    attend densely, as `full`. The engine counts the attention's FLOPs, computed and a dense causal
-    prefill's, into `prefill_flops` (LLM.stats: prefill_attention_flops, .._dense)."""
+    attend densely, as `full`. The engine counts the FLOPs of the tiles computed (LLM.stats:
+    prefill_attention_flops, against prefill_attention_flops_dense)."""
     sparse_prefill = True
     tile_size = 64           # tokens per tile, queries and keys alike (MInference's kernels' 64)
     default_budget = 4096    # what --budget means is the method's (tokens per query row or segment)
-    prefill_flops: list | None = None  # [computed, dense] prompt attention FLOPs so far (set in __init__)
 
     def __init__(self, compression: float = 0.0, budget: int | None = None, **options):
         if compression:
@@ -804,8 +803,6 @@ class SparsePrefill(Method):
         super().__init__(**options)  # Method refuses a budget of a method that compresses nothing
         self.budget = self.default_budget if budget is None else budget
         self.check_budget()
-        # [computed, dense] attention FLOPs of the prompts run so far (the engine adds, LLM reads)
-        self.prefill_flops = [0, 0]
 
     @property
     def compresses(self) -> bool:
