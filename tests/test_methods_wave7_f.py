@@ -284,7 +284,8 @@ class PlainFastKV:
             outs = []
             group = q.shape[1] // k.shape[1]
             for h, (keys, values, pos) in enumerate(self.held[layer]):
-                keys, values, pos = torch.cat([keys, k[:, h]]), torch.cat([values, v[:, h]]), torch.cat([pos, self.positions])
+                keys, values = torch.cat([keys, k[:, h]]), torch.cat([values, v[:, h]])
+                pos = torch.cat([pos, self.positions])
                 self.held[layer][h] = (keys, values, pos)
                 outs.append(attention_by_position(q[:, h * group:(h + 1) * group], keys[:, None], values[:, None],
                                                   self.positions, pos))
@@ -297,7 +298,8 @@ class PlainFastKV:
         window = torch.arange(S - W, S)
         self.held[layer] = []
         for h in range(k.shape[1]):
-            chosen = torch.cat([scores[h].topk(keep - W).indices, window]).sort().values if keep < S else torch.arange(S)
+            chosen = torch.arange(S) if keep >= S else \
+                torch.cat([scores[h].topk(keep - W).indices, window]).sort().values
             self.held[layer].append((k[chosen, h], v[chosen, h], self.positions[chosen]))
         if layer == self.tsp_layer and self.prompt_len > self.tsp and self.prompt_len >= self.k:
             self.tsp_scores = torch.cat([scores.sum(0).topk(self.tsp - W).indices, window]).sort().values
@@ -313,7 +315,8 @@ class PlainFastKV:
 
 @pytest.mark.parametrize("options, k, tsp", [
     (dict(budget=20, tsp_layer=0, tsp_len=40, kernel_size=1), lambda n: 20, lambda n: 40),
-    (dict(compression=0.6, tsp_layer=0, tsp_rate=0.5, pooling="avg"), lambda n: math.ceil(0.4 * n), lambda n: math.ceil(0.5 * n)),
+    (dict(compression=0.6, tsp_layer=0, tsp_rate=0.5, pooling="avg"),
+     lambda n: math.ceil(0.4 * n), lambda n: math.ceil(0.5 * n)),
     (dict(budget=30, tsp_layer=0, tsp_len=24, kernel_size=3, pooling="avg"), lambda n: 30, lambda n: 24),
 ])
 def test_fastkv_generates_what_a_plain_restatement_does(make, options, k, tsp):
@@ -323,7 +326,8 @@ def test_fastkv_generates_what_a_plain_restatement_does(make, options, k, tsp):
     got = greedy(llm)
     for prompt, tokens in zip(PROMPTS, got):
         n = len(prompt)
-        assert tokens == restated_greedy(llm.model, PlainFastKV(k(n), tsp(n), 0, options.get("kernel_size", 7)), prompt, STEPS)
+        plain = PlainFastKV(k(n), tsp(n), 0, options.get("kernel_size", 7))
+        assert tokens == restated_greedy(llm.model, plain, prompt, STEPS)
     assert got != greedy(make(), PROMPTS)
 
 
@@ -362,3 +366,14 @@ def test_fastkv_refuses_bad_options(make):
         make_method("fastkv", budget=8)
     with pytest.raises(ValueError, match=r"tsp_layer=2 .* 0 \.\. 1 for this 2-layer model"):
         make("fastkv", budget=16, tsp_layer=2)
+
+
+def test_fastkv_question_passes_every_layer_whole(make):
+    # a 100-token context (budget 60, 30 go on) then a 20-token question: each layer keeps its share
+    # of the context and the whole question after it
+    llm = make("fastkv", budget=60, tsp_layer=0, tsp_len=30)
+    context, question = PROMPTS[2][:100], PROMPTS[2][100:]
+    _, held = generate_holding(llm, (context, question), 1)
+    assert [len(h) for h in held] == [80, 80, 50, 50]
+    assert all(h[-20:] == list(range(100, 120)) for h in held)
+    assert held[2][:30][-8:] == list(range(92, 100))  # the context's window went on

@@ -1,8 +1,10 @@
 """fastkv: past a middle layer only the prompt's important tokens go on; every layer keeps SnapKV's picks.
 
 Paper: FastKV: KV Cache Compression for Fast Long-Context Processing with Token-Selective
-Propagation (Jo, Song, Kim, Shin, 2025), arXiv 2502.01068. Early layers need the whole context
-to find what matters; later ones do not. So:
+Propagation (Dongwon Jo, Jiwon Song, Yulhwa Kim, Jae-Joon Kim; arXiv 2025), arXiv 2502.01068
+(later revised as "FastKV: Decoupling of Context Reduction and KV Cache Compression for
+Prefill-Decoding Acceleration"). Early layers need the whole context to find what matters; later
+ones do not. So:
 
     layers 0 .. tsp_layer     the whole prompt runs through them
     tsp_layer (TSP)           SnapKV-style window scores, summed over all heads, pick the tokens
@@ -18,7 +20,9 @@ query heads of each kv-head (GQA). k (the KV each layer keeps) is the request's 
 from the whole prompt (compression r keeps ceil((1 - r) n) in every layer, those after TSP
 included); tsp (how many go on) is `tsp_len` with --budget (the official "constant" mode) and
 ceil(tsp_rate n) with --compression (the official "proportional" mode). A prompt within the
-budget runs whole and keeps everything.
+budget runs whole and keeps everything. Prefill attention costs about
+(t + 1) / L + (L - t - 1) / L * (m / n)^2 of full's (t: the TSP layer, m tokens go on; causal,
+quadratic in length), and the MLPs of the layers past t run on m rows.
 
 Defaults, from the official code (dongwonjo/FastKV @ b978769, eval/run_longbench.py arguments;
 the cluster in baselines/fastkv/utils.py): window_size 8, kernel_size 7, maxpool, budget 512
@@ -34,6 +38,9 @@ What differs:
 - tsp_rate rounds up (ceil), as nanokv's compression does; the official int() rounds down.
 - A later layer's budget is the request's, counted from the whole prompt; the official
   proportional mode gets the same from retain_rate / tsp_rate of the propagated tokens.
+- A (context, question) prompt: the context alone is scored and narrowed (its last tokens are the
+  window); the question goes through every layer whole, after it. The official code scores the
+  whole prompt, question last.
 """
 
 import math

@@ -1,8 +1,8 @@
 """gemfilter: an early layer picks the prompt's tokens; the whole model then reruns on those alone.
 
 Paper: Discovering the Gems in Early Layers: Accelerating Long-Context LLMs with 1000x Input
-Token Reduction (Shi, Ming, Nguyen, Liang, Joty, 2024), arXiv 2409.17422. Early layers already
-find what the question needs. So:
+Token Reduction (Zhenmei Shi, Yifei Ming, Xuan-Phi Nguyen, Yingyu Liang, Shafiq Joty; arXiv 2024),
+arXiv 2409.17422. Early layers already find what the question needs. So:
 
     filter pass   the prompt runs through layers 0 .. filter_layer only (their KV is dropped after)
     select        at filter_layer, the prompt's last query scores each key by q . k, summed over
@@ -11,7 +11,9 @@ find what the question needs. So:
                   new positions 0 .. k - 1; generation follows them (and a question after a
                   (context, question) prompt follows the re-prefilled context)
 
-Every layer then holds k tokens. The budget (--budget / --compression) sets k.
+Every layer then holds k tokens. The budget (--budget / --compression) sets k. Prefill attention
+costs about (r + 1) / L + (k / n)^2 of full's (r + 1 of L layers over all n tokens, then all L over
+k; causal, quadratic in length), plus the MLPs of r + 1 + L layers instead of L.
 
 Defaults, from the official code (SalesforceAIResearch/GemFilter @ 4899a02): k = 1024
 (needle_eval.py --topk); filter layer 13 of Llama-3.1-8B's 32 layers ("13, 14 out of 32"; 19 of 40
@@ -32,6 +34,10 @@ What differs:
 - A budget at least the prompt keeps every token: the re-prefill then equals a plain prefill
   (the official code does the same, top min(k, n) of n).
 - Batches: the official code asserts batch size 1; here each sequence of a batch picks its own.
+- A (context, question) prompt: the filter pass runs over the context alone (the engine's
+  compressed part), so its last token, not the question's, picks; the question is then prefilled
+  whole after the picks. The official code filters the whole prompt, question included, with the
+  question's last token as the query (and may drop question tokens).
 """
 
 import torch
@@ -64,8 +70,8 @@ class GemFilter(PrefillSelector):
         if self.filter_layer == -1:
             return min(num_layers - 1, round(PAPER_FILTER * num_layers / PAPER_LAYERS))
         if self.filter_layer >= num_layers:
-            raise ValueError(f"option filter_layer={self.filter_layer} of method 'gemfilter' must be in "
-                             f"0 .. {num_layers - 1} for this {num_layers}-layer model (or -1: 13 of 32 layers, scaled)")
+            raise ValueError(f"option filter_layer={self.filter_layer} of method 'gemfilter' must be in 0 .. "
+                             f"{num_layers - 1} for this {num_layers}-layer model (or -1: 13 of 32 layers, scaled)")
         return self.filter_layer
 
     def cache_request(self, num_layers: int, head_dim: int) -> CacheRequest:
