@@ -158,24 +158,26 @@ class DenseLazyLLM:
         return rows
 
 
-@pytest.mark.parametrize("options", [dict(compression=0.5, stages=3), dict(budget=30, stages=1)])
-def test_engine_matches_a_plain_statement_under_continuous_batching(tiny4, options):
+@pytest.mark.parametrize("options, at, keeps", [
+    # 4 layers, 3 stages: layers 1 and 2 (3 is the last); to ceil(n / 2) in two even steps
+    (dict(compression=0.5, stages=3), [1, 2], lambda n: [n - (n - math.ceil(n / 2)) // 2, math.ceil(n / 2)]),
+    (dict(budget=30, stages=1), [2], lambda n: [30]),
+])
+def test_engine_matches_a_plain_statement_under_continuous_batching(tiny4, options, at, keeps):
     llm = make(tiny4, "lazyllm", **options)
     got = greedy(llm)
-    method = llm.method
     for prompt, tokens in zip(PROMPTS, got):
-        dense = DenseLazyLLM(method.pruning_layers(4), method.stage_keeps(len(prompt), 4))
-        assert tokens == restated_greedy(llm.model, dense, prompt, 10)
+        assert tokens == restated_greedy(llm.model, DenseLazyLLM(at, keeps(len(prompt))), prompt, 10)
     assert got != greedy(make(tiny4))  # the pruning changes what is generated
     assert int(llm.cache.pool.num_used) == 0
 
 
 def test_a_gqa_model_prunes_by_the_mean_over_all_query_heads(tiny_gqa_dir):
+    # 2 layers, 4 query heads over 2 kv-heads: the default 3 stages prune once, at layer 0
     llm = make(tiny_gqa_dir, "lazyllm", compression=0.6)
     got = greedy(llm)
     for prompt, tokens in zip(PROMPTS, got):
-        dense = DenseLazyLLM([0], llm.method.stage_keeps(len(prompt), 2))
-        assert tokens == restated_greedy(llm.model, dense, prompt, 10)
+        assert tokens == restated_greedy(llm.model, DenseLazyLLM([0], [math.ceil(0.4 * len(prompt))]), prompt, 10)
 
 
 def test_a_budget_covering_the_prompt_is_full(tiny4):
