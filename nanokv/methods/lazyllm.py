@@ -3,12 +3,12 @@
 Paper: LazyLLM: Dynamic Token Pruning for Efficient Long Context LLM Inference (Fu, Cho, Merth,
 Mehta, Rastegari, Najibi; Apple, 2024), arXiv 2407.14057 (preprint; no official code released).
 
-Algorithm (paper §3): a token's importance at layer l is the attention the prompt's last token
+Algorithm: a token's importance at layer l is the attention the prompt's last token
 gives it at that layer, averaged over the attention heads. At a pruning layer, the tokens whose
 importance falls under a percentile of those still present are dropped: their hidden states do
 not go on, so the layers after it neither compute nor cache them (the KV they left in the
 layers they reached stays). Pruning is progressive: more tokens go at later pruning layers,
-since the paper finds later layers less sensitive to pruning (§5, the pruning-location study).
+since the paper's ablation over where and how much to prune finds later layers less sensitive.
 The prompt's last token always goes on (the first generated token is read from it).
 
 In nanokv (Method.narrows): at pruning layer l_s, `propagate` keeps the top k_s of the tokens
@@ -22,9 +22,10 @@ layers compute; the stages between fall evenly from the prompt's n: after stage 
 k_s = n - floor(s (n - B) / m) go on (a layer-dependent percentile 1 - k_s / k_{s-1}).
 
 Defaults: stages=3 (pruning at 1/4, 1/2 and 3/4 of the depth: layers 8, 16, 24 of a 32-layer
-Llama 2 7B) (≈). The paper prunes at a few layers with rates rising with depth (§3.2, Figure 4)
-but its text here did not give the exact layers or percentiles (re-check arXiv 2407.14057 §3.2 /
-§5.4); the even split and the budget as the last stage's keep are nanokv's.
+Llama 2 7B) (≈ re-check). The paper prunes at a few layers with percentiles rising with depth
+(its method section and its progressive-pruning figure); the exact layers and percentiles of its
+LongBench runs could not be read here and no official code exists, so the even spacing, the
+even fall of the kept counts and the budget as the last stage's keep are nanokv's choices.
 
 Prefill attention FLOPs against full's: layer l attends its N_l queries over their N_l keys
 (causal), about 2 * 2 * N_l^2 / 2 * Hq * D each; full has N_l = n in every layer, so the ratio is
@@ -36,8 +37,9 @@ What differs:
   pruned token's hidden state at the layer it was pruned from (the Aux Cache) and, when a later
   step's attention would need it at a deeper layer, computes its KV there from that state. Here
   the deeper layers of every later step see only the tokens that went on; their KV is held,
-  the pruned ones' is not (a static pruning, as in FastKV; see the nanokv report on what engine
-  hook revival would need).
+  the pruned ones' is not: a static pruning in depth, as FastKV's. Revival needs an engine hook
+  that keeps each pruned token's hidden state (and position) per pruning layer, and lets a decode
+  step run the layers after it for the tokens it revives.
 - The paper re-decides at every generation step (the decoding stage prunes too); here only the
   prompt's prefill prunes, and decode steps attend over what each layer holds.
 - With a (context, question) prompt the score is the last context token's attention (the part
