@@ -91,9 +91,9 @@ def test_the_scoring_pass_is_the_text_and_the_reply_opening_only_when_something_
     ("infinipot", {"catalyst": "  "}, "catalyst"),
     ("citrus", {"instruction": ""}, "instruction"),
     ("citrus", {"window": 3}, "unknown option 'window'"),
-    ("infinipot", {"compression": 0.5}, "give --budget"),
-    ("citrus", {"compression": 0.5}, "give --budget"),
     ("citrus", {"budget": 0}, "budget must be a positive"),
+    ("infinipot", {"compression": 0.5, "budget": 8}, "not both"),
+    ("citrus", {"compression": 1.0}, "compression must be in"),
 ])
 def test_bad_options_are_refused_with_the_valid_choices(name, options, match):
     with pytest.raises(ValueError, match=match):
@@ -113,15 +113,16 @@ def llm_of(path, method="full", **kw):
     return LLM(str(path), dtype="float32", method=method, **kw)
 
 
-class ChunkedPass:
+class PlainChunkedPass:
     """The methods stated plainly, per kv-head: each chunk runs over what every head kept of the
     earlier ones, followed by the scoring pass (at the positions after the chunk); the pass's
     queries' softmax over the held keys and its own (causal), averaged over its tokens and over
     the kv-head's group (`per_head`) or all heads, ranks the held tokens, and each head keeps its
-    top `budget`; the pass's KV goes. What follows (a question, decode) attends over what stayed."""
+    top `keep(tokens read so far)`; the pass's KV goes. What follows (a question, decode) attends
+    over what stayed."""
 
-    def __init__(self, budget, pass_len, per_head):
-        self.budget, self.m, self.per_head = budget, pass_len, per_head
+    def __init__(self, keep, pass_len, per_head):
+        self.keep, self.m, self.per_head = keep, pass_len, per_head
         self.layers, self.scoring = {}, False
 
     def __call__(self, layer, q, k, v, sliding_window):
@@ -142,23 +143,24 @@ class ChunkedPass:
             probs = torch.stack(probs)
             score = probs.view(H, group, S).mean(1) if self.per_head else probs.mean(0).expand(H, S)
             heads = [(hk[:S], hv[:S], hp[:S]) for hk, hv, hp in heads]
-            if S > self.budget:
+            k = self.keep(int(self.positions[-self.m - 1]) + 1)
+            if S > k:
                 heads = [(hk[keep], hv[keep], hp[keep]) for (hk, hv, hp), keep in
-                         zip(heads, score.topk(self.budget, dim=-1).indices.sort(dim=-1).values)]
+                         zip(heads, score.topk(k, dim=-1).indices.sort(dim=-1).values)]
         self.layers[layer] = heads
         return out
 
 
 @torch.inference_mode()
 def restated(model, prompt, question, pass_ids, budget, chunk, per_head, steps):
-    """-> (greedy tokens, [layer][head] sorted positions held at the end)."""
-    attention = ChunkedPass(budget, len(pass_ids), per_head)
+    """-> (greedy tokens, [layer][head] sorted positions held at the end). budget: an int, or a
+    function of the tokens read so far."""
+    attention = PlainChunkedPass(budget if callable(budget) else lambda read: budget, len(pass_ids), per_head)
     attention.scoring = True
     for start in range(0, len(prompt), chunk):
         part = prompt[start:start + chunk]
         end = start + len(part)
-        attention.positions = torch.arange(start, end + len(pass_ids))
-        attention.positions[len(part):] = torch.arange(end, end + len(pass_ids))
+        attention.positions = torch.arange(start, end + len(pass_ids))  # the chunk, then the pass after it
         hidden = model(torch.tensor(part + pass_ids), attention.positions, attention)[len(part) - 1:len(part)]
     attention.scoring, tokens, ids, at = False, [], question, len(prompt)
     for _ in range(steps):
@@ -196,6 +198,17 @@ def sampling(steps):
     from nanokv import SamplingParams
 
     return SamplingParams(max_tokens=steps, ignore_eos=True)
+
+
+@pytest.mark.parametrize("name", ["infinipot", "citrus"])
+def test_compression_keeps_the_share_of_what_was_read_after_each_chunk(tiny_gqa_dir, name):
+    # 75 tokens in chunks of 16: after the chunk ending at 32, 16 stay; at 48, 24; ...; at 75, 38
+    llm = llm_of(tiny_gqa_dir, name, compression=0.5, chunk_size=16)
+    pass_ids = llm.tokenizer.encode(TEXTS[name] + "\n", add_special_tokens=False)
+    got, held = generate_holding(llm, PROMPTS[1], 6)
+    assert (got, held) == restated(llm.model, PROMPTS[1], [], pass_ids, lambda read: math.ceil(read / 2), 16,
+                                   name == "infinipot", 6)
+    assert all(len(h) == 38 + 5 for h in held)
 
 
 @pytest.mark.parametrize("name", ["infinipot", "citrus"])

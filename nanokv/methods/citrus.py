@@ -34,19 +34,21 @@ What differs:
   beside the language-modelling one) is not built: nanokv holds one cache per sequence.
 - the official code re-numbers the kept states' positions (a position-shift attention, as
   StreamingLLM's); nanokv keeps each key at its original position.
-- scores in float32 (the official code averages the model's attention in its dtype); budgets are
-  absolute, compression=r is refused (a chunk never knows the prompt's length).
+- scores in float32 (the official code averages the model's attention in its dtype).
+- compression=r (not in the paper, whose k is fixed) keeps after each chunk the share (1 - r) of the
+  context read so far, ending at ceil((1 - r) n) as under any method; with neither budget nor
+  compression k is the default 768.
 """
 
 import torch
 
-from nanokv.methods.base import PrefillSelector, PrefillView
-from nanokv.methods.infinipot import pass_attention
+from nanokv.methods.base import PrefillView
+from nanokv.methods.infinipot import ChunkedPass, pass_attention
 
 INSTRUCTION = "\n\nAnswer the question based on the context above."
 
 
-class CItruS(PrefillSelector):
+class CItruS(ChunkedPass):
     name = "citrus"
     description = "chunked prefill; after each chunk keep the top-k tokens by an instruction's attention (all heads)"
     paper = "https://arxiv.org/abs/2406.12018"
@@ -57,17 +59,8 @@ class CItruS(PrefillSelector):
                         lambda v: bool(v.strip())),
     }
 
-    def __init__(self, compression: float = 0.0, budget: int | None = None, **options):
-        if compression:
-            raise ValueError(f"{self.name} keeps a fixed number of tokens: give --budget (k, e.g. "
-                             f"{self.default_budget}), not --compression={compression!r}")
-        super().__init__(0.0, self.default_budget if budget is None else budget, **options)
-        self.prefill_chunk = self.chunk_size  # the runner reads the context this many tokens at a time
-
-    def scoring_passes(self, prompt_ids: list[int], encode, reply_prefix: str) -> list[list[int]]:
-        if len(prompt_ids) <= self.budget:  # nothing is ever evicted
-            return []
-        return [encode(self.instruction) + encode(reply_prefix)]
+    def pass_text(self) -> str:
+        return self.instruction
 
     def scores(self, view: PrefillView) -> torch.Tensor:
         """[H, S]: the instruction's attention to each held token, averaged over all the layer's
@@ -75,10 +68,8 @@ class CItruS(PrefillSelector):
         H = view.keys.shape[0]
         return pass_attention(view).mean(dim=0).expand(H, -1)
 
-    def keep_mask(self, view: PrefillView) -> torch.Tensor | None:
+    def choose(self, view: PrefillView, k: int) -> torch.Tensor:
         H, S = view.keys.shape[:2]
-        if view.scoring_queries is None or S <= self.budget:
-            return None
-        top = self.scores(view)[0].topk(self.budget).indices
+        top = self.scores(view)[0].topk(k).indices
         keep = torch.zeros(S, dtype=torch.bool, device=view.keys.device).scatter_(0, top, True)
         return keep.expand(H, -1).clone()

@@ -32,7 +32,9 @@ What differs:
   distills when the pot is full.
 - the catalyst's attention is averaged, not pooled (≈: whether the paper pools it SnapKV-style is
   not re-checked), in float32.
-- budgets are absolute (a pot); compression=r is refused: a chunk never knows the prompt's length.
+- compression=r (not in the paper, whose pot is fixed) keeps after each chunk the share (1 - r) of
+  the prompt read so far: a pot growing with the prompt, ending at ceil((1 - r) n) as under any
+  method. With neither budget nor compression the pot is the default budget.
 """
 
 import math
@@ -59,7 +61,48 @@ def pass_attention(view: PrefillView) -> torch.Tensor:
     return logits.softmax(dim=-1)[:, :, :S].mean(dim=1)
 
 
-class InfiniPot(PrefillSelector):
+class ChunkedPass(PrefillSelector):
+    """A prompt read `chunk_size` tokens at a time (Method.prefill_chunk), each chunk followed by one
+    scoring pass (the text `pass_text` and the reply's opening) whose attention picks what each
+    layer keeps of all it holds (`choose`). `budget`: the tokens each head keeps after every chunk;
+    compression=r: the share (1 - r) of the prompt read so far, so the prompt ends at ceil((1 - r) n)
+    as under any method; neither: `default_budget`."""
+    default_budget = 1024
+    chunk_size = 1024
+
+    def __init__(self, compression: float = 0.0, budget: int | None = None, **options):
+        super().__init__(compression, self.default_budget if budget is None and not compression else budget, **options)
+        self.prefill_chunk = self.chunk_size  # the runner reads the prompt this many tokens at a time
+
+    def pass_text(self) -> str:
+        raise NotImplementedError
+
+    def choose(self, view: PrefillView, k: int) -> torch.Tensor:
+        """[H, S] bool: the k tokens each head keeps."""
+        raise NotImplementedError
+
+    def scoring_passes(self, prompt_ids: list[int], encode, reply_prefix: str) -> list[list[int]]:
+        if self.tokens_to_keep(len(prompt_ids)) >= len(prompt_ids):  # nothing is ever dropped
+            return []
+        return [encode(self.pass_text()) + encode(reply_prefix)]
+
+    def pot(self, view: PrefillView) -> int:
+        """Tokens each head keeps after this chunk. Under compression the prompt read so far ends at
+        the newest position (every key keeps its own): read once a chunk, for all its layers."""
+        if self.budget is not None:
+            return self.budget
+        read = view.sequence_state.setdefault("read", int(view.positions.max()) + 1)
+        return self.tokens_to_keep(read)
+
+    def keep_mask(self, view: PrefillView) -> torch.Tensor | None:
+        S = view.keys.shape[1]
+        if view.scoring_queries is None:  # the prompt is within budget: no pass was fed
+            return None
+        k = self.pot(view)
+        return None if S <= k else self.choose(view, k)
+
+
+class InfiniPot(ChunkedPass):
     name = "infinipot"
     description = "chunked prefill into a fixed pot, distilled after each chunk by a catalyst prompt's attention"
     paper = "https://arxiv.org/abs/2410.01518"
@@ -69,25 +112,13 @@ class InfiniPot(PrefillSelector):
         "catalyst": (str, CATALYST, "a non-empty text (the catalyst prompt)", lambda v: bool(v.strip())),
     }
 
-    def __init__(self, compression: float = 0.0, budget: int | None = None, **options):
-        if compression:
-            raise ValueError(f"{self.name} keeps a fixed pot of tokens: give --budget (tokens each head keeps, e.g. "
-                             f"{self.default_budget}), not --compression={compression!r}")
-        super().__init__(0.0, self.default_budget if budget is None else budget, **options)
-        self.prefill_chunk = self.chunk_size  # the runner reads the prompt this many tokens at a time
-
-    def scoring_passes(self, prompt_ids: list[int], encode, reply_prefix: str) -> list[list[int]]:
-        if len(prompt_ids) <= self.budget:  # the pot never overflows: nothing to distil
-            return []
-        return [encode(self.catalyst) + encode(reply_prefix)]
+    def pass_text(self) -> str:
+        return self.catalyst
 
     def scores(self, view: PrefillView) -> torch.Tensor:
         """[H, S]: the catalyst's attention to each held token, averaged over each kv-head's group."""
         H, S = view.keys.shape[:2]
         return pass_attention(view).view(H, -1, S).mean(dim=1)
 
-    def keep_mask(self, view: PrefillView) -> torch.Tensor | None:
-        S = view.keys.shape[1]
-        if view.scoring_queries is None or S <= self.budget:  # the pot holds it all
-            return None
-        return top_per_head(self.scores(view), self.budget)
+    def choose(self, view: PrefillView, k: int) -> torch.Tensor:
+        return top_per_head(self.scores(view), k)
