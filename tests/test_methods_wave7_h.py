@@ -2,7 +2,8 @@
 a scoring pass (a catalyst prompt, an instruction) whose attention picks what each layer keeps. On a
 hand-built view the picks are known (InfiniPot per kv-head, over its query group; CItruS one choice
 for the layer, over all heads); in the engine the tokens and the positions each head holds equal a
-plain restatement of chunk-by-chunk prefill; a budget covering the prompt gives `full`'s tokens;
+plain restatement of chunk-by-chunk prefill (compression=r: the share of what was read, after each
+chunk); a question attends over the finished pot; a budget covering the prompt gives `full`'s tokens;
 the pot holds fewer bytes than `full`; a tight pool preempts and recomputes; bad options are
 refused."""
 
@@ -217,7 +218,7 @@ def test_a_question_after_the_context_attends_over_the_finished_pot(tiny_path, n
     pass_ids = llm.tokenizer.encode(TEXTS[name] + "\n", add_special_tokens=False)
     context, question = PROMPTS[1], [5, 6, 7]
     [out] = llm.generate([(context, question)], sampling(8))
-    assert out.token_ids == restated(llm.model, context, question, pass_ids, 20, 16, True, 8)[0]
+    assert out.token_ids == restated(llm.model, context, question, pass_ids, 20, 16, name == "infinipot", 8)[0]
 
 
 @pytest.mark.parametrize("name", ["infinipot", "citrus"])

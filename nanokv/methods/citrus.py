@@ -18,8 +18,10 @@ kv-head. The instruction is the `instruction` option followed by the reply's ope
 scoring pass sees only the compressed part of the prompt, not the question of a (context,
 question) prompt (LLM.generate hands scoring_passes the context's ids alone).
 
-Defaults: budget (k) 768, chunk_size 256, the shared-cache variant ("instruction_aware_single")
-(ybai-nlp/CItruS @ ce93d9d, src/usage_longbench.py's arguments and README.md's example command).
+Defaults: budget (k) 768 and chunk_size 256 (ybai-nlp/CItruS @ ce93d9d, src/usage_longbench.py's
+arguments and README.md); the shared-cache variant, "instruction_aware_single" (README.md's
+LongBench command; run_on_longbench.sh runs "instruction_aware_double", and the script's own
+default is "standard", the instruction-free chunked eviction).
 What differs:
 - the instruction is a fixed text (the option), not the request's question, which the scoring
   pass cannot reach (see above); give the question as `instruction` for the paper's setting.
