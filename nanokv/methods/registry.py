@@ -88,6 +88,8 @@ from nanokv.methods.retrievalattention import RetrievalAttention
 from nanokv.methods.fastkv import FastKV
 from nanokv.methods.gemfilter import GemFilter
 from nanokv.methods.lazyllm import LazyLLM
+from nanokv.methods.infinipot import InfiniPot
+from nanokv.methods.citrus import CItruS
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, RandomMethod, StreamingLLM, KNorm, SnapKV, PyramidKV, AdaKV, H2O, TOVA,
                                                          A2SF, Keyformer, Scissorhands, RoCo, VATP, RKV,
@@ -105,7 +107,7 @@ METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, RandomMethod, St
                                                          # the third wave: query-aware sparse decode (issue 29)
                                                          TidalDecode, RecycledAttention, TokenSelect, ReAttention, RocketKV, LServe, Loki, DoubleSparsity, SqueezedAttention,
                                                          # the third wave: offloaded and recallable KV, multi-pass and sparse prefill (issue 30)
-                                                         ArkVale, ShadowKV, SpeCache, ClusterKV, PQCache, SentenceKV, ALISAOffload, MagicPIG, RetrievalAttention, CritiPrefill, MInference, GemFilter, FastKV, LazyLLM)}
+                                                         ArkVale, ShadowKV, SpeCache, ClusterKV, PQCache, SentenceKV, ALISAOffload, MagicPIG, RetrievalAttention, CritiPrefill, MInference, GemFilter, FastKV, LazyLLM, InfiniPot, CItruS)}
 QUANTIZERS = [name for name, m in METHODS.items() if m.quantizes]
 
 
