@@ -424,6 +424,7 @@ class Method:
     prefill_chunk: int | None = None  # the prompt is prefilled this many tokens at a time, compressed after each
     narrows = False                 # propagate: only some prompt tokens go on to later layers (fastkv, lazyllm)
     refill_layer: int | None = None  # refill: a filter pass to here picks the tokens a second pass prefills (gemfilter)
+    blends = False                  # chunk_lengths/recompute: chunks prefilled alone, then blended (cacheblend)
     # storage (cache_request)
     quantization = None             # a Codec (cache/codec.py): older K and V stored encoded (kivi, int4, gear)
     quantizes = False               # quantization is all it does: it follows an evictor (snapkv+kivi)

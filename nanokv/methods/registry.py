@@ -75,6 +75,7 @@ from nanokv.methods.loki import Loki
 from nanokv.methods.double_sparsity import DoubleSparsity
 from nanokv.methods.squeezed_attention import SqueezedAttention
 from nanokv.methods.arkvale import ArkVale
+from nanokv.methods.cacheblend import CacheBlend
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, RandomMethod, StreamingLLM, KNorm, SnapKV, PyramidKV, AdaKV, H2O, TOVA,
                                                          A2SF, Keyformer, Scissorhands, RoCo, VATP, RKV,
@@ -92,7 +93,8 @@ METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, RandomMethod, St
                                                          # the third wave: query-aware sparse decode (issue 29)
                                                          TidalDecode, RecycledAttention, TokenSelect, ReAttention, RocketKV, LServe, Loki, DoubleSparsity, SqueezedAttention,
                                                          # the third wave: offloaded and recallable KV (issue 30)
-                                                         ArkVale)}
+                                                         ArkVale,
+                                                         CacheBlend)}
 QUANTIZERS = [name for name, m in METHODS.items() if m.quantizes]
 
 
