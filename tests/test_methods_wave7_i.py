@@ -174,8 +174,9 @@ def test_a_question_after_the_context_is_prefilled_whole_over_the_blend(tiny4):
     assert got == restated(llm.model, CONTEXT, QUESTION, 8, 24)
 
 
-def test_grouped_heads_equal_the_restatement(tiny_gqa_dir):
-    llm = engine(tiny_gqa_dir, chunk_tokens=20, recompute_ratio=0.3)
+@pytest.mark.parametrize("model", ["tiny_gqa_dir", "tiny_qwen2_gqa_dir"])
+def test_grouped_heads_equal_the_restatement(model, request):
+    llm = engine(request.getfixturevalue(model), chunk_tokens=20, recompute_ratio=0.3)
     [got] = greedy(llm, [CONTEXT[:70]], 8)
     assert got == restated(llm.model, CONTEXT[:70], [], 8, 20, ratio=0.3)
 
@@ -198,9 +199,9 @@ def test_every_token_stays_in_the_cache(tiny4):
 def test_a_tight_pool_preempts_and_recomputes_to_the_same_tokens(tiny4):
     from nanokv import SamplingParams
 
-    prompts = [CONTEXT[i:i + 40] for i in range(0, 30, 6)]
+    prompts = [CONTEXT[i:i + 40] for i in range(0, 18, 6)]
     assert_preemption_repeats(lambda **kw: engine(tiny4, chunk_tokens=12, **kw), prompts,
-                              SamplingParams(max_tokens=30, ignore_eos=True), blocks=24)
+                              SamplingParams(max_tokens=26, ignore_eos=True), blocks=30)
 
 
 @pytest.mark.parametrize("kw, message", [
@@ -212,3 +213,10 @@ def test_a_tight_pool_preempts_and_recomputes_to_the_same_tokens(tiny4):
 def test_bad_options_are_refused(kw, message):
     with pytest.raises(ValueError, match=message):
         CacheBlend(**kw)
+
+
+def test_quantized_blocks_are_refused():
+    from nanokv.methods.registry import make_method
+
+    with pytest.raises(ValueError, match="overwrites recomputed tokens' K/V in place"):
+        make_method("cacheblend+kivi")

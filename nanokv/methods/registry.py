@@ -154,10 +154,13 @@ def check_method(name: str) -> str:
         if evictor.trims_earlier_layers:
             raise ValueError(f"method {name!r}: {evictor.name} compacts earlier layers again during prefill, "
                              f"which quantized blocks cannot follow; use {evictor.name} alone")
+        if evictor.blends:
+            raise ValueError(f"method {name!r}: {evictor.name} overwrites recomputed tokens' K/V in place, which quantized "
+                             f"blocks cannot; use {evictor.name} alone")
         if evictor.evicts_during_decode:
             raise ValueError(f"method {name!r}: {evictor.name} evicts during decode, which would move tokens inside "
                              f"quantized blocks; combine {quantizer.name} with a prefill-time method "
-                             f"({', '.join(n for n, m in METHODS.items() if n not in QUANTIZERS and not m.evicts_during_decode and not m.selects_pages and m is not Method)})")
+                             f"({', '.join(n for n, m in METHODS.items() if n not in QUANTIZERS and not m.evicts_during_decode and not m.selects_pages and not m.blends and m is not Method)})")
     elif len(parts) > 2:
         raise ValueError(f"method {name!r}: at most one eviction method and one quantization method, e.g. snapkv+kivi")
     return spec
