@@ -8,14 +8,15 @@ order, so slot j of every layer holds position j.
 Blend: the context again, over that cache. Before the method's check layer every token is
 recomputed; at it, the method picks the tokens to recompute from how far each one's new key lies
 from its chunk-alone key, and only those go on (`narrow`). At each layer the tokens computed there
-overwrite their own slots with their new K/V and attend over the blended cache: chunk-alone K/V for
-the others, recomputed K/V for them.
+overwrite their own slots with their new K/V (cache/overwrite.py) and attend over the blended cache:
+chunk-alone K/V for the others, recomputed K/V for them.
 """
 
 from __future__ import annotations
 
 import torch
 
+from nanokv.cache.overwrite import read_tokens, write_tokens
 from nanokv.kernels.reference import attention_by_position
 
 
@@ -36,24 +37,23 @@ class ChunksAlone:
 
 class Blend:
     def __init__(self, cache, seq_id: int, n: int, method):
-        self.cache, self.seq_id, self.n, self.method = cache, seq_id, n, method
+        self.cache, self.seq_id, self.method = cache, seq_id, method
         self.rows = torch.arange(n, device=cache.pool.device)  # the context tokens this layer computes
         self.picked: torch.Tensor | None = None  # at the check layer: which of them go on
-        self.recomputed = []  # tokens recomputed at each layer (for the stats and tests)
+        self.recomputed = []  # how many tokens each layer recomputed (what tests read)
 
     def __call__(self, layer, q, k, v, sliding_window):
         cache, rows = self.cache, self.rows
-        held = cache.read_prompt(self.seq_id, layer, self.n, ("k", "v"))  # [H, n, D]
-        new_k, new_v = k.transpose(0, 1), v.transpose(0, 1)                # [H, T, D]
-        out = torch.zeros_like(q)  # rows that stop here (at the check layer) leave with garbage
+        new_k, new_v = k.transpose(0, 1), v.transpose(0, 1)  # [H, T, D]
+        out = torch.zeros_like(q)  # rows that stop here (at the check layer) leave with zeros
         computed = slice(None)
         if layer == self.method.check_layer:
-            deviation = (new_k.float() - held["k"][:, rows].float()).pow(2).sum(dim=(0, 2))  # [T]
+            cached = read_tokens(cache, self.seq_id, layer, rows)["k"]                  # [H, T, D] chunk-alone
+            deviation = (new_k.float() - cached.float()).pow(2).sum(dim=(0, 2))          # [T]
             self.picked = self.method.recompute(deviation).nonzero().flatten()
             computed, rows = self.picked, rows[self.picked]
             self.rows = rows
-        held["k"][:, rows], held["v"][:, rows] = new_k[:, computed], new_v[:, computed]
-        cache.write_prompt(self.seq_id, layer, self.n, held)
+        write_tokens(cache, self.seq_id, layer, rows, {"k": new_k[:, computed], "v": new_v[:, computed]})
         out[computed] = cache.attend_prefill(self.seq_id, layer, q[computed], rows, sliding_window)[0]
         self.recomputed.append(len(rows))
         return out
