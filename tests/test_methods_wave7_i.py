@@ -67,8 +67,8 @@ class BlendDense:
     """The blend pass: before `check` every token overwrites its K/V; at `check` the int(n * ratio)
     largest key distances (and the last token) go on; they alone overwrite theirs from there."""
 
-    def __init__(self, layers, check, ratio):
-        self.layers, self.check, self.ratio, self.rows = layers, check, ratio, None
+    def __init__(self, layers, check, ratio, on_values=False):
+        self.layers, self.check, self.ratio, self.rows, self.on_values = layers, check, ratio, None, on_values
 
     def __call__(self, layer, q, k, v, sliding_window):
         keys, values = (x.clone() for x in self.layers[layer])
@@ -76,7 +76,8 @@ class BlendDense:
         rows = torch.arange(n) if self.rows is None else self.rows  # the tokens this layer computes
         go_on = torch.arange(len(q))
         if layer == self.check:
-            distance = ((k.float() - keys.float()) ** 2).sum(dim=(1, 2))
+            new, cached = (v, values) if self.on_values else (k, keys)
+            distance = ((new.float() - cached.float()) ** 2).sum(dim=(1, 2))
             picked = torch.zeros(n, dtype=torch.bool)
             picked[distance.sort(descending=True).indices[:int(n * self.ratio)]] = True
             picked[-1] = True
@@ -109,12 +110,12 @@ class Dense:
 
 
 @torch.inference_mode()
-def restated(model, context, question, steps, chunk, ratio=0.15, check=1, separator=-1):
+def restated(model, context, question, steps, chunk, ratio=0.15, check=1, separator=-1, deviation="keys"):
     n = len(context)
     positions = torch.arange(n)
     alone = ChunksAloneDense(chunk_ids(n, chunk, separator, context))
     model(torch.tensor(context), positions, alone)
-    blend = BlendDense(alone.layers, check, ratio)
+    blend = BlendDense(alone.layers, check, ratio, deviation == "values")
     hidden = model(torch.tensor(context), positions, blend)
     dense, ids, start, tokens = Dense(blend.layers), question, n, []
     for _ in range(steps):
@@ -136,28 +137,46 @@ def test_chunks_end_after_a_separator_and_every_chunk_tokens():
     assert CacheBlend(chunk_tokens=5).chunk_lengths(list(range(10))) == [5, 5]
 
 
+def kv_moved_by(distance, field="k", H=2, D=3):
+    """new and cached {"k", "v"} [H, T, D] where each token's `field` moved by a squared distance
+    distance[t] (spread evenly over heads and channels) and the other field not at all."""
+    T = len(distance)
+    cached = {"k": torch.randn(H, T, D), "v": torch.randn(H, T, D)}
+    step = (torch.tensor(distance) / (H * D)).sqrt()
+    new = {"k": cached["k"].clone(), "v": cached["v"].clone()}
+    new[field] = cached[field] + step[None, :, None]
+    return new, cached
+
+
 def test_the_largest_deviations_and_the_last_token_are_recomputed():
-    deviation = torch.tensor([0.5, 9.0, 0.1, 7.0, 0.2, 3.0, 0.0, 0.3, 8.0, 0.4, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1,
-                              1.2, 1.3, 1.4, 0.05])
+    distance = [0.5, 9.0, 0.1, 7.0, 0.2, 3.0, 0.0, 0.3, 8.0, 0.4, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3, 1.4, 0.05]
     # int(20 * 0.15) = 3 largest: 9.0, 8.0, 7.0; and the last
-    picked = CacheBlend().recompute(deviation)
-    assert picked.nonzero().flatten().tolist() == [1, 3, 8, 19]
+    assert CacheBlend().recompute(*kv_moved_by(distance)).nonzero().flatten().tolist() == [1, 3, 8, 19]
     # the last among the largest: no extra token
-    assert CacheBlend(recompute_ratio=0.1).recompute(torch.tensor([0.0, 5.0, 1.0, 9.0])).tolist() == \
+    assert CacheBlend(recompute_ratio=0.1).recompute(*kv_moved_by([0.0, 5.0, 1.0, 9.0])).tolist() == \
         [False, False, False, True]
     # at least one token, whatever the ratio
-    assert CacheBlend(recompute_ratio=0.01).recompute(torch.tensor([2.0, 1.0, 0.0])).tolist() == [True, False, True]
+    assert CacheBlend(recompute_ratio=0.01).recompute(*kv_moved_by([2.0, 1.0, 0.0])).tolist() == [True, False, True]
+
+
+def test_the_deviation_is_measured_on_the_keys_or_on_the_values():
+    distance = [0.0, 4.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]  # int(10 * 0.15) = 1: token 1 if seen
+    new, cached = kv_moved_by(distance, field="v")
+    new["k"][:, 5] += 1.0  # the keys moved elsewhere: token 5
+    assert CacheBlend(deviation="values").recompute(new, cached).nonzero().flatten().tolist() == [1, 9]
+    assert CacheBlend(deviation="keys").recompute(new, cached).nonzero().flatten().tolist() == [5, 9]
 
 
 # --- the engine against the restatement ---------------------------------------------------------
 
 @pytest.mark.parametrize("kw", [dict(chunk_tokens=16), dict(chunk_tokens=32, recompute_ratio=0.4),
-                                dict(chunk_tokens=64, separator_id=CONTEXT[20], check_layer=2)])
+                                dict(chunk_tokens=64, separator_id=CONTEXT[20], check_layer=2),
+                                dict(chunk_tokens=16, deviation="values")])
 def test_greedy_tokens_equal_a_plain_restatement(tiny4, kw):
     llm = engine(tiny4, **kw)
     [got] = greedy(llm, [CONTEXT], 10)
     options = dict(ratio=kw.get("recompute_ratio", 0.15), check=kw.get("check_layer", 1),
-                   separator=kw.get("separator_id", -1))
+                   separator=kw.get("separator_id", -1), deviation=kw.get("deviation", "keys"))
     assert got == restated(llm.model, CONTEXT, [], 10, kw["chunk_tokens"], **options)
     assert got != greedy(engine(tiny4, "full"), [CONTEXT], 10)[0]  # the blend is not full's prefill
     # recomputed per layer: every token up to the check layer, then int(n * ratio) and maybe the last
@@ -207,7 +226,8 @@ def test_a_tight_pool_preempts_and_recomputes_to_the_same_tokens(tiny4):
 @pytest.mark.parametrize("kw, message", [
     (dict(recompute_ratio=0.0), "recompute_ratio"), (dict(recompute_ratio=1.5), "recompute_ratio"),
     (dict(check_layer=0), "check_layer"), (dict(chunk_tokens=0), "chunk_tokens"),
-    (dict(separator_id=-2), "separator_id"), (dict(compression=0.5), "no compression or budget"),
+    (dict(separator_id=-2), "separator_id"), (dict(deviation="queries"), "deviation"),
+    (dict(compression=0.5), "no compression or budget"),
     (dict(budget=64), "no compression or budget"),
 ])
 def test_bad_options_are_refused(kw, message):

@@ -6,8 +6,8 @@ precomputed chunks would hold, at the chunks' final positions), written to the s
 order, so slot j of every layer holds position j.
 
 Blend: the context again, over that cache. Before the method's check layer every token is
-recomputed; at it, the method picks the tokens to recompute from how far each one's new key lies
-from its chunk-alone key, and only those go on (`narrow`). At each layer the tokens computed there
+recomputed; at it, the method picks the tokens to recompute from how far each one's new K/V lies
+from its chunk-alone K/V, and only those go on (`narrow`). At each layer the tokens computed there
 overwrite their own slots with their new K/V (cache/overwrite.py) and attend over the blended cache:
 chunk-alone K/V for the others, recomputed K/V for them.
 """
@@ -48,9 +48,8 @@ class Blend:
         out = torch.zeros_like(q)  # rows that stop here (at the check layer) leave with zeros
         computed = slice(None)
         if layer == self.method.check_layer:
-            cached = read_tokens(cache, self.seq_id, layer, rows)["k"]                  # [H, T, D] chunk-alone
-            deviation = (new_k.float() - cached.float()).pow(2).sum(dim=(0, 2))          # [T]
-            self.picked = self.method.recompute(deviation).nonzero().flatten()
+            cached = read_tokens(cache, self.seq_id, layer, rows, ("k", "v"))  # [H, T, D] chunk-alone
+            self.picked = self.method.recompute({"k": new_k, "v": new_v}, cached).nonzero().flatten()
             computed, rows = self.picked, rows[self.picked]
             self.rows = rows
         write_tokens(cache, self.seq_id, layer, rows, {"k": new_k[:, computed], "v": new_v[:, computed]})

@@ -29,8 +29,10 @@ Defaults and their sources:
         examples/blend_kv_v1 and config docs).
     check_layer 1: LMCache's blend_check_layers (LMCACHE_BLEND_CHECK_LAYERS); the paper selects from
         layer 1 on (≈ re-check the section).
-    the deviation: LMCache's blender, sum over heads and channels of (k_new - k_cached)^2, keys
-        after RoPE, float32; top max(1, int(T * ratio)) tokens, kept in position order.
+    deviation "keys": LMCache's blender (lmcache/v1/compute/blend/blender.py), the sum over heads and
+        channels of (k_new - k_cached)^2, keys after RoPE, in float32; the paper's first code
+        (YaoJiayi/CacheBlend, vllm_blend/vllm/attention/backends/xformers.py) sums (v_new - v_cached)^2
+        instead: deviation="values". Top max(1, int(T * ratio)) tokens.
     chunk boundaries: LMCache splits the prompt at a separator string (blend_special_str " # # ";
         its first integration at a separator token id); nanokv ends a chunk after each `separator_id`
         token (none by default) and every `chunk_tokens` tokens (256: LMCache's chunk size).
@@ -44,9 +46,10 @@ What differs:
       layer and head, blend c * n^2 / 2 + (L - c) * k * n (k queries over up to n keys), against
       full's L * n^2 / 2 (each times 4 * D per query head).
     - The separator is a token id, not a string matched in the text (methods never tokenize).
-    - The token the runner samples from (the context's last) is always recomputed; LMCache leaves
-      that to the top-k. A question after the context (LLM.generate's (context, question) pairs) is
-      prefilled whole over the blended cache, as a query suffix is in the paper.
+    - The token the runner samples from (the context's last) is always recomputed, as in
+      YaoJiayi/CacheBlend; LMCache leaves it to the top-k. A question after the context
+      (LLM.generate's (context, question) pairs) is prefilled whole over the blended cache, as
+      YaoJiayi/CacheBlend always recomputes its suffix and leaves it out of the top-k.
     - One check layer, as LMCache (whose list of check layers reads only its first ratio); the
       paper's gradual filtering (a smaller share at each later layer) is not done.
     - Nothing is evicted: the cache holds every token, as full's does.
@@ -69,6 +72,7 @@ class CacheBlend(Method):
         "check_layer": (int, 1, "a layer >= 1 (LMCache: 1)", lambda layer: layer >= 1),
         "chunk_tokens": (int, 256, "a positive number of tokens (LMCache's chunk: 256)", lambda n: n > 0),
         "separator_id": (int, -1, "a token id that ends a chunk, or -1 for none", lambda t: t >= -1),
+        "deviation": (str, "keys", "keys (LMCache) or values (YaoJiayi/CacheBlend)", lambda d: d in ("keys", "values")),
     }
 
     def __init__(self, compression: float = 0.0, budget: int | None = None, **options):
@@ -94,11 +98,14 @@ class CacheBlend(Method):
                 start = i + 1
         return lengths + ([len(ids) - start] if start < len(ids) else [])
 
-    def recompute(self, deviation: torch.Tensor) -> torch.Tensor:
-        """deviation [T] float32, each token's squared distance from its chunk-alone key at the check
-        layer -> [T] bool: the tokens recomputed from here on (the last always: it is sampled from)."""
-        k = max(1, int(len(deviation) * self.recompute_ratio))
-        picked = torch.zeros(len(deviation), dtype=torch.bool, device=deviation.device)
-        picked[deviation.topk(k).indices] = True
+    def recompute(self, new: dict[str, torch.Tensor], cached: dict[str, torch.Tensor]) -> torch.Tensor:
+        """new, cached: {"k", "v": [H, T, D]} each token's K/V recomputed at the check layer and its
+        chunk-alone K/V -> [T] bool: the tokens recomputed from here on (the last always: it is
+        sampled from)."""
+        field = "k" if self.deviation == "keys" else "v"
+        distance = (new[field].float() - cached[field].float()).pow(2).sum(dim=(0, 2))   # [T]
+        k = max(1, int(len(distance) * self.recompute_ratio))
+        picked = torch.zeros(len(distance), dtype=torch.bool, device=distance.device)
+        picked[distance.topk(k).indices] = True
         picked[-1] = True
         return picked
