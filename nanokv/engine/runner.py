@@ -33,6 +33,7 @@ class ModelRunner:
         self.send = HostToDevice(device)  # a decode step's host inputs, in one copy
         self.graph_steps = self.eager_steps = 0  # decode steps replayed, and run eagerly
         self.read_states: dict[int, dict] = {}  # a query-aware reader's state per sequence (base.py: ReadStep)
+        self.last_blend = None  # a blending method's last blend pass (engine/blending.py: what it recomputed)
         if method is not None and method.evicts_during_decode:
             cache.reserve_scratch()  # its decode steps write there (attention.py: _evict); now, before any step
 
@@ -144,7 +145,8 @@ class ModelRunner:
         token's hidden state."""
         n, ids = s.compress_len, torch.tensor(s.all_token_ids[:s.compress_len], device=self.device)
         positions = torch.arange(n, device=self.device)
-        self.model(ids, positions, ChunksAlone(self.cache, s.id, self.method.chunk_lengths(s.all_token_ids[:n]), positions))
+        chunks = self.method.chunk_lengths(s.all_token_ids[:n])
+        self.model(ids, positions, ChunksAlone(self.cache, s.id, chunks, positions))  # its hidden states are not needed
         self.last_blend = Blend(self.cache, s.id, n, self.method)
         hidden = self.model(ids, positions, self.last_blend)[-1]
         return self._rest([s])[0] if len(s) > n else hidden

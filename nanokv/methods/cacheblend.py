@@ -10,12 +10,12 @@ as they are, the texts never attend to one another. CacheBlend fuses them:
 
     1. each chunk's KV as if the chunk stood alone (attention within the chunk, keys rotated to the
        chunk's place in the prompt);
-    2. a second forward over the whole prompt: layer 0 recomputes every token; at the check layer
-       (1) every token's new key is compared with its chunk-alone key, and only the
-       `recompute_ratio` share whose keys deviate most (HKVD: the highest squared L2 distance over
-       all heads and channels) go on; from there each layer recomputes only those tokens: their
-       queries attend over the blended cache (the others' chunk-alone K/V, their own new K/V),
-       and their new K/V overwrite their slots.
+    2. a second forward over the whole prompt: the layers before the check layer (1) recompute every
+       token; at the check layer every token's new K/V is compared with its chunk-alone K/V, and only
+       the `recompute_ratio` share that deviates most (HKVD: the highest squared L2 distance over
+       all heads and channels) goes on; from there each layer recomputes only those tokens: their
+       queries attend over the blended cache (the others' chunk-alone K/V, their own new K/V), and
+       their new K/V overwrite their slots.
 
 nanokv serves one request and keeps no store of precomputed chunks, so step 1 runs here, in the
 prefill: the engine (nanokv/engine/blending.py) runs the model once over the whole context with
@@ -35,7 +35,8 @@ Defaults and their sources:
         instead: deviation="values". Top max(1, int(T * ratio)) tokens.
     chunk boundaries: LMCache splits the prompt at a separator string (blend_special_str " # # ";
         its first integration at a separator token id); nanokv ends a chunk after each `separator_id`
-        token (none by default) and every `chunk_tokens` tokens (256: LMCache's chunk size).
+        token (none by default) and every `chunk_tokens` tokens (256: LMCache's storage chunk,
+        LMCACHE_CHUNK_SIZE; nanokv's choice, since a prompt of token ids carries no separator).
 
 What differs:
     - The chunks' KV is computed in the same prefill, not loaded from a store: nanokv's prefill does
@@ -52,7 +53,8 @@ What differs:
       YaoJiayi/CacheBlend always recomputes its suffix and leaves it out of the top-k.
     - One check layer, as LMCache (whose list of check layers reads only its first ratio); the
       paper's gradual filtering (a smaller share at each later layer) is not done.
-    - Nothing is evicted: the cache holds every token, as full's does.
+    - Nothing is evicted: the cache holds every token, as full's does. A check_layer at or past the
+      model's last layer recomputes every token everywhere: full's prefill (after the chunk pass).
 """
 
 from __future__ import annotations
