@@ -19,6 +19,7 @@ import torch
 from nanokv.cache import PagedKVCache
 from nanokv.cache.pool import HOST
 from nanokv.engine.attention import StepAttention
+from nanokv.engine.blending import Blend, ChunksAlone
 from nanokv.engine.cuda_graphs import DecodeGraphs
 from nanokv.engine.upload import HostToDevice
 from nanokv.engine.sequence import Sequence
@@ -32,9 +33,13 @@ class ModelRunner:
         self.send = HostToDevice(device)  # a decode step's host inputs, in one copy
         self.graph_steps = self.eager_steps = 0  # decode steps replayed, and run eagerly
         self.read_states: dict[int, dict] = {}  # a query-aware reader's state per sequence (base.py: ReadStep)
+<<<<<<< HEAD
         # prompt attention FLOPs so far: computed (every prefill pass's), and what a dense prefill of
         # the same tokens computes (full's), for LLM.stats
         self.prefill_flops = self.dense_prefill_flops = 0
+=======
+        self.last_blend = None  # a blending method's last blend pass (engine/blending.py: what it recomputed)
+>>>>>>> w7i
         if method is not None and method.evicts_during_decode:
             cache.reserve_scratch()  # its decode steps write there (attention.py: _evict); now, before any step
 
@@ -60,6 +65,11 @@ class ModelRunner:
         method = self.method if self.method is not None and self.method.compresses else None
         if method is not None and method.refill_layer is not None:
             hidden = self._refilled_prefill(seqs)
+            for s in seqs:
+                s.num_cached = len(s)
+            return self._sample(seqs, hidden)
+        if method is not None and method.blends:  # CacheBlend: chunks alone, then a blend (_blended_prefill)
+            hidden = torch.stack([self._blended_prefill(s) for s in seqs])
             for s in seqs:
                 s.num_cached = len(s)
             return self._sample(seqs, hidden)
@@ -134,6 +144,19 @@ class ModelRunner:
                 [torch.arange(end, end + len(p), device=self.device) for p in s.scoring_passes]
             hidden = self._forward([s], [len(part) + sum(len(p) for p in s.scoring_passes)], part + sum(s.scoring_passes, []),
                                    torch.cat(positions), compress_lens=[len(part)], chunked=True)[len(part) - 1]
+        return self._rest([s])[0] if len(s) > n else hidden
+
+    def _blended_prefill(self, s: Sequence) -> torch.Tensor:
+        """A blending method's prefill of one sequence (engine/blending.py): its compressed part with
+        each of the method's chunks attending over itself alone, then again over that cache,
+        recomputing the tokens the method picks; then what follows in a second pass -> the last
+        token's hidden state."""
+        n, ids = s.compress_len, torch.tensor(s.all_token_ids[:s.compress_len], device=self.device)
+        positions = torch.arange(n, device=self.device)
+        chunks = self.method.chunk_lengths(s.all_token_ids[:n])
+        self.model(ids, positions, ChunksAlone(self.cache, s.id, chunks, positions))  # its hidden states are not needed
+        self.last_blend = Blend(self.cache, s.id, n, self.method)
+        hidden = self.model(ids, positions, self.last_blend)[-1]
         return self._rest([s])[0] if len(s) > n else hidden
 
     def _rest(self, seqs) -> torch.Tensor:

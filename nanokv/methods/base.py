@@ -100,6 +100,12 @@ float32 slot field in `attention_bias`: every attention over the cache, decode a
 it to each slot's logit (log c; a new token's 0 is a plain slot), and the probabilities
 `decode_scores` gets are those of the biased softmax.
 
+A method that blends (CacheBlend: `blends`) prefills the compressed part twice (engine/blending.py):
+first with each of its chunks (`chunk_lengths`) attending only over itself, as KV precomputed
+chunk by chunk would be, then over that cache, recomputing every token up to `check_layer`; there
+`recompute` picks, from each token's new K/V and its chunk-alone K/V, the tokens that go on, and
+from then on only they are recomputed, overwriting their own slots. Nothing is evicted.
+
 A method that decides from a profile of the model made ahead of time (DuoAttention's head
 scores, HeadKV's retrieval heads, KVSharer's layer pairs) names it in `calibration`: the engine
 loads the artifact `python -m nanokv.calibrate <calibration> --model ...` wrote for the loaded
@@ -424,6 +430,8 @@ class Method:
     prefill_chunk: int | None = None  # the prompt is prefilled this many tokens at a time, compressed after each
     narrows = False                 # propagate: only some prompt tokens go on to later layers (fastkv, lazyllm)
     refill_layer: int | None = None  # refill: a filter pass to here picks the tokens a second pass prefills (gemfilter)
+    blends = False                  # chunks prefilled alone, then some tokens recomputed over them (cacheblend)
+    check_layer = 1                 # blends: the layer whose K/V deviations pick the tokens recomputed
     # storage (cache_request)
     quantization = None             # a Codec (cache/codec.py): older K and V stored encoded (kivi, int4, gear)
     quantizes = False               # quantization is all it does: it follows an evictor (snapkv+kivi)
@@ -508,6 +516,15 @@ class Method:
         score it (see the module docstring); none by default. encode(text) -> ids (no BOS);
         reply_prefix: the text that opens the assistant's reply after a user turn."""
         return []
+
+    def chunk_lengths(self, ids: list[int]) -> list[int]:
+        """blends: the lengths of the chunks the compressed part `ids` is prefilled in, each alone."""
+        return [len(ids)]
+
+    def recompute(self, new: dict[str, torch.Tensor], cached: dict[str, torch.Tensor]) -> torch.Tensor:
+        """blends: {"k", "v": [H, T, D]} each token's K/V recomputed at check_layer, and its chunk-alone
+        K/V -> [T] bool: the tokens recomputed from there on."""
+        raise NotImplementedError
 
     def bind_vocabulary(self, texts: list[str]):
         """texts[i]: the decoded text of token id i (for methods with needs_vocabulary)."""

@@ -90,6 +90,7 @@ from nanokv.methods.gemfilter import GemFilter
 from nanokv.methods.lazyllm import LazyLLM
 from nanokv.methods.infinipot import InfiniPot
 from nanokv.methods.citrus import CItruS
+from nanokv.methods.cacheblend import CacheBlend
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, RandomMethod, StreamingLLM, KNorm, SnapKV, PyramidKV, AdaKV, H2O, TOVA,
                                                          A2SF, Keyformer, Scissorhands, RoCo, VATP, RKV,
@@ -107,7 +108,7 @@ METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, RandomMethod, St
                                                          # the third wave: query-aware sparse decode (issue 29)
                                                          TidalDecode, RecycledAttention, TokenSelect, ReAttention, RocketKV, LServe, Loki, DoubleSparsity, SqueezedAttention,
                                                          # the third wave: offloaded and recallable KV, multi-pass and sparse prefill (issue 30)
-                                                         ArkVale, ShadowKV, SpeCache, ClusterKV, PQCache, SentenceKV, ALISAOffload, MagicPIG, RetrievalAttention, CritiPrefill, MInference, GemFilter, FastKV, LazyLLM, InfiniPot, CItruS)}
+                                                         ArkVale, ShadowKV, SpeCache, ClusterKV, PQCache, SentenceKV, ALISAOffload, MagicPIG, RetrievalAttention, CritiPrefill, MInference, GemFilter, FastKV, LazyLLM, InfiniPot, CItruS, CacheBlend)}
 QUANTIZERS = [name for name, m in METHODS.items() if m.quantizes]
 
 
@@ -167,10 +168,13 @@ def check_method(name: str) -> str:
         if evictor.trims_earlier_layers:
             raise ValueError(f"method {name!r}: {evictor.name} compacts earlier layers again during prefill, "
                              f"which quantized blocks cannot follow; use {evictor.name} alone")
+        if evictor.blends:
+            raise ValueError(f"method {name!r}: {evictor.name} overwrites recomputed tokens' K/V in place, which quantized "
+                             f"blocks cannot; use {evictor.name} alone")
         if evictor.evicts_during_decode:
             raise ValueError(f"method {name!r}: {evictor.name} evicts during decode, which would move tokens inside "
                              f"quantized blocks; combine {quantizer.name} with a prefill-time method "
-                             f"({', '.join(n for n, m in METHODS.items() if n not in QUANTIZERS and not m.evicts_during_decode and not m.selects_pages and m is not Method)})")
+                             f"({', '.join(n for n, m in METHODS.items() if n not in QUANTIZERS and not m.evicts_during_decode and not m.selects_pages and not m.blends and m is not Method)})")
     elif len(parts) > 2:
         raise ValueError(f"method {name!r}: at most one eviction method and one quantization method, e.g. snapkv+kivi")
     return spec
