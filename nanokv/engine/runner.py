@@ -33,13 +33,10 @@ class ModelRunner:
         self.send = HostToDevice(device)  # a decode step's host inputs, in one copy
         self.graph_steps = self.eager_steps = 0  # decode steps replayed, and run eagerly
         self.read_states: dict[int, dict] = {}  # a query-aware reader's state per sequence (base.py: ReadStep)
-<<<<<<< HEAD
         # prompt attention FLOPs so far: computed (every prefill pass's), and what a dense prefill of
         # the same tokens computes (full's), for LLM.stats
         self.prefill_flops = self.dense_prefill_flops = 0
-=======
         self.last_blend = None  # a blending method's last blend pass (engine/blending.py: what it recomputed)
->>>>>>> w7i
         if method is not None and method.evicts_during_decode:
             cache.reserve_scratch()  # its decode steps write there (attention.py: _evict); now, before any step
 

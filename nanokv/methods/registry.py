@@ -108,7 +108,10 @@ METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, RandomMethod, St
                                                          # the third wave: query-aware sparse decode (issue 29)
                                                          TidalDecode, RecycledAttention, TokenSelect, ReAttention, RocketKV, LServe, Loki, DoubleSparsity, SqueezedAttention,
                                                          # the third wave: offloaded and recallable KV, multi-pass and sparse prefill (issue 30)
-                                                         ArkVale, ShadowKV, SpeCache, ClusterKV, PQCache, SentenceKV, ALISAOffload, MagicPIG, RetrievalAttention, CritiPrefill, MInference, GemFilter, FastKV, LazyLLM, InfiniPot, CItruS, CacheBlend)}
+                                                         ArkVale, ShadowKV, SpeCache, ClusterKV, PQCache, SentenceKV, ALISAOffload, MagicPIG,
+                                                         RetrievalAttention,
+                                                         GemFilter, FastKV, LazyLLM, InfiniPot, CItruS, CacheBlend,
+                                                         CritiPrefill, MInference)}
 QUANTIZERS = [name for name, m in METHODS.items() if m.quantizes]
 
 
