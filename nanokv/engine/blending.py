@@ -23,11 +23,13 @@ from nanokv.kernels.reference import attention_by_position
 class ChunksAlone:
     def __init__(self, cache, seq_id: int, chunk_lengths: list[int], positions: torch.Tensor):
         self.cache, self.seq_id, self.chunk_lengths, self.positions = cache, seq_id, chunk_lengths, positions
+        self.prefill_flops = 0  # as StepAttention's: 4 D per (query, key) pair per query head
 
     def __call__(self, layer, q, k, v, sliding_window):
         self.cache.write_prefill(self.seq_id, layer, k, v, self.positions)
         fresh = self.cache.kernels.fresh_prefill  # a prompt over its own K/V alone (GPU: SDPA)
         outs = []
+        self.prefill_flops += 4 * q.shape[-1] * q.shape[1] * sum(n * (n + 1) // 2 for n in self.chunk_lengths)
         for q_c, k_c, v_c, pos_c in zip(*(x.split(self.chunk_lengths) for x in (q, k, v, self.positions))):
             outs.append(fresh(q_c, k_c, v_c) if fresh is not None and sliding_window is None
                         else attention_by_position(q_c, k_c, v_c, pos_c, pos_c, sliding_window))
@@ -41,6 +43,8 @@ class Blend:
         self.rows = torch.arange(n, device=cache.pool.device)  # the context tokens this layer computes
         self.picked: torch.Tensor | None = None  # at the check layer: which of them go on
         self.recomputed = []  # how many tokens each layer recomputed (what tests read)
+        self.prefill_flops = 0  # as StepAttention's: each recomputed query over the n context keys at most
+        self.n = n
 
     def __call__(self, layer, q, k, v, sliding_window):
         cache, rows = self.cache, self.rows
@@ -55,6 +59,9 @@ class Blend:
         write_tokens(cache, self.seq_id, layer, rows, {"k": new_k[:, computed], "v": new_v[:, computed]})
         out[computed] = cache.attend_prefill(self.seq_id, layer, q[computed], rows, sliding_window)[0]
         self.recomputed.append(len(rows))
+        T = len(rows)
+        pairs = T * (T + 1) // 2 if T == self.n else T * self.n
+        self.prefill_flops += 4 * q.shape[-1] * q.shape[1] * pairs
         return out
 
     def narrow(self, layer):

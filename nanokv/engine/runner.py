@@ -151,9 +151,11 @@ class ModelRunner:
         n, ids = s.compress_len, torch.tensor(s.all_token_ids[:s.compress_len], device=self.device)
         positions = torch.arange(n, device=self.device)
         chunks = self.method.chunk_lengths(s.all_token_ids[:n])
-        self.model(ids, positions, ChunksAlone(self.cache, s.id, chunks, positions))  # its hidden states are not needed
+        alone = ChunksAlone(self.cache, s.id, chunks, positions)
+        self.model(ids, positions, alone)  # its hidden states are not needed
         self.last_blend = Blend(self.cache, s.id, n, self.method)
         hidden = self.model(ids, positions, self.last_blend)[-1]
+        self.prefill_flops += alone.prefill_flops + self.last_blend.prefill_flops
         return self._rest([s])[0] if len(s) > n else hidden
 
     def _rest(self, seqs) -> torch.Tensor:
