@@ -90,10 +90,14 @@ def test_each_method_says_whether_its_decode_is_captured(name, tiny):
     table (docs/architecture.md)."""
     model, cfg = tiny
     small = {"group_size": 8} if "group_size" in METHODS[name].options else {}  # head_dim 16 (mustafar: no groups)
-    if name == "full" or name in QUANTIZERS:
+    if name == "full" or name in QUANTIZERS or METHODS[name].blends:
         method = make_method(name, **small)
+    elif METHODS[name].offloads:
+        method = make_method(name, budget=256)
+    elif METHODS[name].selects_pages or METHODS[name].sparse_prefill:
+        method = make_method(name, budget=64)
     else:
-        method = make_method(name, budget=64) if METHODS[name].selects_pages else make_method(name, compression=0.5, **small)
+        method = make_method(name, compression=0.5, **small)
     cache = build_cache(method.cache_request(cfg.num_layers, cfg.head_dim), cfg, 1 << 20, 4, torch.float32, "cpu",
                         model.inv_freq, 1 << 20)
     assert eager_reason(method, cache, "triton", "cuda", False) == documented_reasons()[name]

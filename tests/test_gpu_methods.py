@@ -31,12 +31,15 @@ CALIBRATED = {name: m.calibration for name, m in METHODS.items() if m.calibratio
 
 
 def knob(name: str) -> dict:
-    """How much each setting compresses: half the prompt, quest a 64-token read budget, a
-    quantizer alone nothing more than its bits."""
+    """How much each setting compresses: half the prompt, quest a 64-token read budget, an offloader
+    256 (its device window and sinks take part), a sparse prefill 64 keys per query row or segment,
+    a quantizer alone nothing more than its bits, cacheblend its own recompute ratio."""
     first = name.split("+")[0]
-    if first == "full" or first in QUANTIZERS:
+    if first == "full" or first in QUANTIZERS or METHODS[first].blends:
         return {}
-    if METHODS[first].selects_pages:
+    if METHODS[first].offloads:
+        return {"budget": 256}
+    if METHODS[first].selects_pages or METHODS[first].sparse_prefill:
         return {"budget": 64}
     return {"compression": 0.5}
 
@@ -79,8 +82,8 @@ def calibrations(path, folder) -> dict:
     (duoattention, headkv), two shared layer pairs (kvsharer), the weights' bases (lorc), the
     whitened bases with Fisher weights over two short texts (palu), the activations' bases over
     them (eckvh), and over them too the codebooks (kvquant) and the channel clusters and clip
-    ratios (skvq), the keys' principal directions (loki), the channel magnitudes (double_sparsity)
-    and the centroid thresholds (squeezed_attention)."""
+    ratios (skvq), the keys' principal directions (loki), the channel magnitudes (double_sparsity),
+    the centroid thresholds (squeezed_attention) and each query head's pattern (minference)."""
     from nanokv.calibrate import model_key, write_artifact
     from nanokv.calibrate.eckvh import activation_bases
     from nanokv.calibrate.lowrank import default_group, fisher_information, weight_bases, whitened_bases
@@ -121,6 +124,8 @@ def calibrations(path, folder) -> dict:
         "double_sparsity": {"head_dim": cfg.head_dim, "tensors": channel_magnitudes(model, cfg, texts)},
         "squeezed_attention": dict(zip(("thresholds", "layer_thresholds"),
                                        squeezed_thresholds(model, cfg, texts, clusters=0.05, window=16))),
+        # each query head's pattern: 0 A-shape, 1 Vertical-Slash, 2 Block-Sparse, every one present
+        "minference": {"patterns": [[(layer + head) % 3 for head in range(cfg.num_heads)] for layer in range(L)]},
     }
     files = {}
     for method, fields in artifacts.items():

@@ -289,7 +289,7 @@ def test_retrievalattention_recalls_its_sinks_and_the_best_keys_its_search_finds
 
 
 @pytest.mark.parametrize("options, match", [
-    ({"budget": 600}, "budget=600 .* must exceed device_window \\+ sinks = 640"),
+    ({"budget": 600, "device_window": 512, "sinks": 128}, "budget=600 .* must exceed device_window \\+ sinks = 640"),
     ({"budget": 100, "degree": 1}, "degree=1"), ({"budget": 100, "beam": 0}, "beam=0"),
     ({"budget": 100, "sinks": -1}, "sinks=-1"),
 ])

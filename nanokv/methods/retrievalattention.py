@@ -38,7 +38,7 @@ What differs:
 import torch
 
 from nanokv.cache.pool import HOST
-from nanokv.methods.base import Offloader, Picks
+from nanokv.methods.base import Offloader, Picks, scaled_windows
 
 
 def linked_neighbours(keys: torch.Tensor, queries: torch.Tensor, degree: int) -> torch.Tensor:
@@ -97,6 +97,11 @@ class RetrievalAttention(Offloader):
         "device_window": (int, 512, "an integer >= 0 (the newest tokens of each head kept on the device)",
                           lambda v: v >= 0),
     }
+
+    def __init__(self, compression: float = 0.0, budget: int | None = None, **options):
+        # a budget under 740 keeps the official shares of sinks and local window (128 and 512 of 740)
+        options = scaled_windows(options, budget, self.default_budget, {"device_window": 512, "sinks": 128})
+        super().__init__(compression, budget, **options)
 
     def check_budget(self):
         if self.budget <= self.device_window + self.sinks:
