@@ -29,7 +29,8 @@ from nanokv.cli.args import OneLineParser, method_options
 FIGURES = ("requests_per_s", "output_tokens_per_s", "total_tokens_per_s", "prefill_tokens_per_s",
            "decode_tokens_per_s", "ttft_p50_s", "ttft_p90_s", "peak_kv_bytes", "peak_rss_bytes", "peak_gpu_bytes",
            "peak_running_requests", "kv_pool_peak_share", "kv_bytes_per_token", "kv_bytes_per_token_unrounded",
-           "kv_bytes_read_per_decode_token", "decode_graph_share", "decode_graph_capture_s",
+           "kv_bytes_read_per_decode_token", "peak_host_kv_bytes", "kv_bytes_moved_per_decode_token",
+           "prefill_attention_flops", "prefill_attention_flops_dense", "decode_graph_share", "decode_graph_capture_s",
            "single_request_decode_tokens_per_s")
 
 
@@ -56,6 +57,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the random lengths and prompt tokens")
     p.add_argument("--kv-cache-memory", type=float, default=None,
                    help="KV-cache pool: bytes, or a fraction (0, 1] of free memory (unset: the engine's default)")
+    p.add_argument("--host-cache-memory", type=float, default=None,
+                   help="an offloading method's host tier (shadowkv, arkvale, ...): bytes, or a fraction (0, 1] of free "
+                        "host memory (unset: four times the KV-cache pool, at most half of free host memory)")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     p.add_argument("--max-num-seqs", type=int, default=256, help="most requests running at once")
     p.add_argument("--max-num-batched-tokens", type=int, default=4096, help="most tokens in one prefill step")
@@ -156,8 +160,8 @@ def run_nanokv(args) -> dict:
 
     device = resolve_device(args.device)
     llm = LLM(args.model, dtype=args.dtype, device=str(device), load_format=args.load_format,
-              kv_cache_memory=args.kv_cache_memory, block_size=args.block_size,
-              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+              kv_cache_memory=args.kv_cache_memory, host_cache_memory=args.host_cache_memory,
+              block_size=args.block_size, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               method=args.method, compression=args.compression, budget=args.budget,
               enforce_eager=args.enforce_eager, **method_options(args.method_arg))
     requests = workload(args, llm.config.vocab_size)
@@ -179,6 +183,10 @@ def run_nanokv(args) -> dict:
                "preemptions": s["preemptions"], "kv_pool_bytes": llm.cache.pool.total_bytes,
                "kv_pool_peak_share": s["peak_kv_bytes"] / llm.cache.pool.total_bytes,
                "kv_bytes_read_per_decode_token": s["kv_bytes_read_per_decode_token"],
+               "peak_host_kv_bytes": s["peak_host_kv_bytes"],
+               "kv_bytes_moved_per_decode_token": s["kv_bytes_moved_per_decode_token"],
+               "prefill_attention_flops": s["prefill_attention_flops"],
+               "prefill_attention_flops_dense": s["prefill_attention_flops_dense"],
                "decode_graph_share": s["decode_graphs"]["replayed_steps"] / max(1, s["decode_graphs"]["replayed_steps"]
                                                                                + s["decode_graphs"]["eager_steps"]),
                # graphs are captured when a batch bucket and table width first come up: inside the
@@ -349,6 +357,8 @@ def fmt(name: str, value) -> str:
         return "-"
     if "bytes" in name:  # totals in MiB; a per-token figure under a MiB in KiB
         return f"{value / 2**20:.1f} MiB" if value >= 2**20 else f"{value / 2**10:.1f} KiB"
+    if "flops" in name:
+        return f"{value / 1e9:.1f} GFLOP"
     if name.endswith("_share"):
         return f"{value:.0%}"
     if name.endswith("_per_s"):

@@ -51,6 +51,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--kv-cache-memory", type=float, default=None, metavar="BYTES",
                    help="KV-cache pool size: bytes, or a fraction (0, 1] of free memory")
+    p.add_argument("--host-cache-memory", type=float, default=None, metavar="BYTES",
+                   help="an offloading method's host tier (shadowkv, arkvale, ...): bytes, or a fraction (0, 1] of "
+                        "free host memory (default: four times the KV-cache pool, at most half of free host memory)")
     p.add_argument("--enforce-eager", action="store_true",
                    help="run every decode step eagerly, without CUDA graphs (vLLM's name)")
     p.add_argument("--stats-json", metavar="PATH", help="also write the stats line as JSON to PATH")
@@ -91,7 +94,8 @@ def run(args) -> int:
                             top_p=args.top_p, seed=args.seed, stop=args.stop)
     llm = LLM(args.model, dtype=args.dtype, device=args.device, method=args.method,
               compression=args.compression, budget=args.budget, kv_cache_memory=args.kv_cache_memory,
-              load_format=args.load_format, enforce_eager=args.enforce_eager, **options)
+              host_cache_memory=args.host_cache_memory, load_format=args.load_format,
+              enforce_eager=args.enforce_eager, **options)
     stream = llm.stream(args.prompt, params, chat=not args.no_chat)
     for piece in stream:
         print(piece, end="", flush=True)
