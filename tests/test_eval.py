@@ -83,7 +83,7 @@ def test_scoring_gives_partial_credit():
     (["--compression", "1.5"], r"compression must be in \[0, 1\)"),
     (["--placements", "before"], "unknown placement 'before'; valid: after, inside"),
     (["--methods", "snapkv", "--compression", ""], "give --compression or --budget"),
-    (["--methods", "quest"], "a token budget per decode step is what quest read by: give --budget"),
+    (["--methods", "quest"], "give --budget for quest"),
     (["--methods", "kivi:bits=3"], "bits=3 of method 'kivi' must be 2, 4 or 8"),
     (["--methods", "kivi:bits"], "method 'kivi:bits': option .*'bits' is not KEY=VALUE"),
 ])

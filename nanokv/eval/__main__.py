@@ -52,7 +52,7 @@ def check(args):
     """Everything that can be wrong with the arguments, before a model is loaded."""
     from nanokv.hub import resolve_model
     from nanokv.loading import read_config
-    from nanokv.methods import check_method, is_quantizer, make_method, selects_pages
+    from nanokv.methods import check_method, make_method, runs_once, selects_pages
 
     if not args.methods:
         raise ValueError("--methods is empty; give at least one, e.g. full,snapkv")
@@ -64,12 +64,13 @@ def check(args):
             raise ValueError(f"unknown placement {p!r}; valid: {', '.join(PLACEMENTS)}")
     if args.samples <= 0:
         raise ValueError(f"--samples must be a positive integer, got {args.samples}")
-    if any(m != "full" and not is_quantizer(m) for m in args.methods) and not (args.compression or args.budget):
-        raise ValueError("give --compression or --budget for the eviction methods (all but full, kivi, int4, int8)")
+    if any(not runs_once(m) for m in args.methods) and not (args.compression or args.budget):
+        raise ValueError("give --compression or --budget for the compression methods (all but full, the quantizers "
+                         "alone and cacheblend)")
     readers = [m for m in args.methods if selects_pages(m)]
     if readers and not args.budget:
-        raise ValueError(f"a token budget per decode step is what {', '.join(readers)} read by: give --budget, "
-                         f"e.g. --budget 128,256,512")
+        raise ValueError(f"give --budget for {', '.join(readers)} (tokens read per decode step, or keys per query row "
+                         f"of a sparse prefill), e.g. --budget 128,256,512")
     for s in settings(args.methods, args.compression, args.budget):
         make_method(s.method, s.compression, s.budget)  # range checks
     source = resolve_model(args.model)

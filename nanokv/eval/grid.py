@@ -37,13 +37,13 @@ class Setting:
 
 
 def settings(methods: list[str], compressions: list[float], budgets: list[int]) -> list[Setting]:
-    """`full` and quantization alone (kivi, int4, ...) once; a reader (quest, loki, ...) at each budget; every other
-    method at each compression and each budget."""
-    from nanokv.methods import is_quantizer, selects_pages
+    """`full`, quantization alone (kivi, int4, ...) and cacheblend once; a reader (quest, loki, an offloader)
+    or a sparse prefill at each budget; every other method at each compression and each budget."""
+    from nanokv.methods import runs_once, selects_pages
 
     out = []
     for m in methods:
-        if m == "full" or is_quantizer(m):
+        if runs_once(m):
             out.append(Setting(m))
             continue
         if not selects_pages(m):

@@ -1,6 +1,6 @@
 """KV-cache compression methods, one file each; see base.py for the contract."""
 
 from nanokv.methods.registry import (METHODS, check_method, describe_methods, is_quantizer, make_method,
-                                     selects_pages)
+                                     runs_once, selects_pages)
 
-__all__ = ["METHODS", "check_method", "describe_methods", "is_quantizer", "make_method", "selects_pages"]
+__all__ = ["METHODS", "check_method", "describe_methods", "is_quantizer", "make_method", "runs_once", "selects_pages"]

@@ -140,10 +140,18 @@ def is_quantizer(spec: str) -> bool:
 
 
 def selects_pages(spec: str) -> bool:
-    """A method that reads a budget of tokens per decode step (quest, loki, ...; rocketkv also evicts at
-    prefill, by the same budget): it takes no compression."""
+    """A method that takes a budget alone, no compression: a reader of tokens per decode step (quest,
+    loki, ...; rocketkv also evicts at prefill, by the same budget; an offloader recalls them: arkvale,
+    shadowkv, ...) or a sparse prefill (critiprefill, minference: keys per query row or segment)."""
     name = parse_spec(spec)[0]
-    return name in METHODS and METHODS[name].selects_pages
+    return name in METHODS and (METHODS[name].selects_pages or METHODS[name].sparse_prefill)
+
+
+def runs_once(spec: str) -> bool:
+    """A method with no compression or budget to sweep: full, a quantizer alone, a blend (cacheblend:
+    its recompute ratio is an option)."""
+    name = parse_spec(spec)[0]
+    return name == "full" or is_quantizer(spec) or (name in METHODS and METHODS[name].blends)
 
 
 def check_method(name: str) -> str:
