@@ -7,6 +7,8 @@ engine calls for it (nanokv/engine/attention.py):
     DecodeEvictor    a PrefillSelector that also evicts every decode step      h2o, tova, cake, ...
     Merger           a PrefillSelector that folds what goes into what stays   kvmerger (cam, d2o: both)
     PageReader       the pages or tokens each decode step reads; evicts nothing quest, loki, ...
+    Offloader        a PageReader whose older tokens live in host memory      arkvale, shadowkv, ...
+    SparsePrefill    which tiles of a prompt's attention are computed         minference, critiprefill
     Method itself    the storage it asks for (cache_request): quantized blocks (kivi), latents
                      (lorc, palu), layer pairs (minicache), shared layers (kvsharer)
 
@@ -146,6 +148,13 @@ read. The engine attends over the picked pages through a reduced table, or over 
 gathered into blocks of their own (cache.attend_slots), and counts the bytes of both
 (kv_bytes_read_per_decode_token). A preemption's recompute runs its tokens densely, as prefill,
 and starts the state afresh.
+
+A method may also change how the prompt is prefilled (the runner: nanokv/engine/runner.py): in
+chunks, each compressed with what the earlier ones left (`prefill_chunk`: InfiniPot, CItruS; the
+view's `held_before`); with only some prompt tokens going on to later layers (`narrows` +
+`propagate`: FastKV, LazyLLM); with a filter pass whose picks a second pass prefills alone at new
+positions (`refill_layer` + `refill`: GemFilter); or with its context's chunks prefilled alone and
+then blended (`blends`: CacheBlend).
 """
 
 from __future__ import annotations
