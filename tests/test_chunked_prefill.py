@@ -158,3 +158,13 @@ def test_a_tight_pool_preempts_and_recomputes_every_request(make):
 
     assert_preemption_repeats(lambda **kw: make("chunk_keep_newest", budget=20, **kw), PROMPTS,
                               SamplingParams(max_tokens=30, ignore_eos=True), blocks=20)
+
+
+def test_a_prompt_longer_than_the_pool_runs_when_its_chunks_fit(make):
+    # 100 tokens + 10 would take 2 layers x 7 blocks whole; kept to 20 a chunk of 16 at a time, a
+    # layer holds at most 36 (3 blocks) while its chunk runs, so 8 blocks serve it
+    per_block = make().cache.pool.bytes_per_block
+    small = make("chunk_keep_newest", budget=20, kv_cache_memory=8 * per_block)
+    assert greedy(small, PROMPTS[2:], 10) == greedy(make("chunk_keep_newest", budget=20), PROMPTS[2:], 10)
+    with pytest.raises(ValueError, match="raise kv_cache_memory"):
+        greedy(make(kv_cache_memory=8 * per_block), PROMPTS[2:], 10)

@@ -28,6 +28,10 @@ class Scheduler:
     def check_fits(self, seq: Sequence):
         """Refuse a request that could not run even with the whole pool to itself."""
         longest = min(len(seq) + seq.params.max_tokens, seq.max_length)
+        if self.method is not None and self.method.prefill_chunk is not None:  # it never holds the whole prompt
+            n, L = seq.compress_len, self.cache.num_layers
+            kept = max(self.method.kept_after_prefill(n, layer, L) for layer in range(L))
+            longest = min(longest, kept + len(seq) - n + seq.params.max_tokens)
         need = max(self.cache.most_blocks(longest), self.prefill_blocks(seq))
         host_need = self.cache.host_blocks_for(len(seq))
         if host_need > self.cache.host_capacity_blocks:
@@ -104,8 +108,9 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> int:
         """Free a running sequence's blocks and requeue it first -> blocks freed."""
-        freed = self.cache.seq_bytes(seq.id) // self.cache.pool.bytes_per_block
+        before = self.cache.pool.num_free  # seq_bytes may count more than blocks (a host tier's summaries)
         self.cache.free(seq.id)
+        freed = self.cache.pool.num_free - before
         seq.num_preemptions += 1
         self.waiting.appendleft(seq)
         return freed
