@@ -60,22 +60,16 @@ class ModelRunner:
             self.read_states.pop(s.id, None)
             self.dense_prefill_flops += 4 * cfg.head_dim * cfg.num_heads * cfg.num_layers * len(s) * (len(s) + 1) // 2
         method = self.method if self.method is not None and self.method.compresses else None
-        if method is not None and method.refill_layer is not None:
+        if method is not None and method.refill_layer is not None:  # GemFilter: a filter pass, then its picks
             hidden = self._refilled_prefill(seqs)
-            for s in seqs:
-                s.num_cached = len(s)
-            return self._sample(seqs, hidden)
-        if method is not None and method.blends:  # CacheBlend: chunks alone, then a blend (_blended_prefill)
+        elif method is not None and method.blends:  # CacheBlend: chunks alone, then a blend
             hidden = torch.stack([self._blended_prefill(s) for s in seqs])
-            for s in seqs:
-                s.num_cached = len(s)
-            return self._sample(seqs, hidden)
-        # a chunked method (base.py: prefill_chunk) prefills each long prompt a chunk at a time, alone
-        chunk = method.prefill_chunk if method is not None else None
-        chunked = [chunk is not None and s.compress_len > chunk for s in seqs]
-        plain = [s for s, c in zip(seqs, chunked) if not c]
-        rows = iter(self._prefill(plain, method) if plain else [])
-        hidden = torch.stack([self._chunked_prefill(s, chunk) if c else next(rows) for s, c in zip(seqs, chunked)])
+        else:  # a chunked method (base.py: prefill_chunk) prefills each long prompt a chunk at a time, alone
+            chunk = method.prefill_chunk if method is not None else None
+            chunked = [chunk is not None and s.compress_len > chunk for s in seqs]
+            plain = [s for s, c in zip(seqs, chunked) if not c]
+            rows = iter(self._prefill(plain, method) if plain else [])
+            hidden = torch.stack([self._chunked_prefill(s, chunk) if c else next(rows) for s, c in zip(seqs, chunked)])
         for s in seqs:
             s.num_cached = len(s)
         return self._sample(seqs, hidden)
