@@ -59,6 +59,10 @@ class ALISAOffload(Offloader):
         super().__init__(*args, **kwargs)
         self.device_window = int(self.budget * self.local_ratio)  # the locally static part
 
+    def state_bytes(self, state: dict) -> int:
+        """None of the device's: the ring of recent queries lives in host memory, where the scoring runs."""
+        return 0
+
     def pick(self, step) -> Picks:
         keys, positions = step.keys, step.key_positions                   # [b, H, S, D], [b, H, S]: on the host
         host = keys.device

@@ -127,6 +127,10 @@ class RetrievalAttention(Offloader):
         """[n, degree] kv-head h's neighbours over all its host slots."""
         return torch.cat([part[h] for part in state["retrievalattention"][layer]])
 
+    def state_bytes(self, state: dict) -> int:
+        """None of the device's: the graph lives in host memory, beside the keys it indexes."""
+        return 0
+
     def pick(self, step) -> Picks:
         b, H = step.lengths.shape
         D = step.queries.shape[-1]
