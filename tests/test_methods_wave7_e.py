@@ -75,14 +75,8 @@ def test_critiprefill_criticality_is_the_official_max_min_estimate_with_layer_fu
         assert torch.allclose(state["critiprefill"], weights[-1], atol=1e-5)
 
 
-class CritiRestated(DenseLayers):
-    """critiprefill stated plainly over one prompt: per sparse segment and kv-head, the blocks before it
-    scored by the max/min estimate, softmaxed, fused with the previous layer's, the top ones and the
-    segment itself attended; everything else dense."""
-
-    def __init__(self, budget, segment=16, block=8, threshold=16, skip=0):
-        super().__init__()
-        self.budget, self.S, self.B, self.threshold, self.skip, self.previous = budget, segment, block, threshold, skip, None
+class SparsePrompt(DenseLayers):
+    """A sparse prefill stated plainly: `dense` (the prompt) knows its layer; decode is dense."""
 
     def __call__(self, layer, q, k, v, sliding_window):
         self.layer = layer
@@ -90,6 +84,16 @@ class CritiRestated(DenseLayers):
 
     def decode(self, layer, q, keys, values):
         return super().dense(q, keys, values)
+
+
+class CritiRestated(SparsePrompt):
+    """critiprefill stated plainly over one prompt: per sparse segment and kv-head, the blocks before it
+    scored by the max/min estimate, softmaxed, fused with the previous layer's, the top ones and the
+    segment itself attended; everything else dense."""
+
+    def __init__(self, budget, segment=16, block=8, threshold=16, skip=0):
+        super().__init__()
+        self.budget, self.S, self.B, self.threshold, self.skip, self.previous = budget, segment, block, threshold, skip, None
 
     def dense(self, q, keys, values):
         T, S, B = len(q), self.S, self.B
@@ -268,20 +272,13 @@ def test_minference_block_sparse_picks_the_block_of_highest_pooled_score():
                 assert set(mask[head, i].nonzero().flatten().tolist()) == want
 
 
-class MaskRestated(DenseLayers):
+class MaskRestated(SparsePrompt):
     """A prompt attends, per query head, to the keys of the tiles `masks(layer, q, keys)` keeps,
     causally, stated pair by pair; decode is dense."""
 
     def __init__(self, method):
         super().__init__()
         self.method = method
-
-    def __call__(self, layer, q, k, v, sliding_window):
-        self.layer = layer
-        return super().__call__(layer, q, k, v, sliding_window)
-
-    def decode(self, layer, q, keys, values):
-        return super().dense(q, keys, values)
 
     def dense(self, q, keys, values):
         T = len(q)

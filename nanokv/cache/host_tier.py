@@ -57,6 +57,9 @@ class OffloadedKVCache(PagedKVCache):
             summary[0] = 0  # unpicked (-1) entries read block 0
         self.summary_bounds = {name: torch.zeros(n, pool.head_dim, dtype=pool.dtype, device=device)
                                for name in (("kmin", "kmax") if summary_bounds else ())}
+        # the device bytes one host block's summaries take (what each host block costs the device)
+        self.summary_block_bytes = summary_block_bytes(summary_fields, summary_bounds, host.block_size, pool.head_dim,
+                                                       pool.dtype)
         # device -> host copies in flight (CUDA): (event, host slots, pinned rows), landed by sync_host
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.in_flight: list[tuple] = []
@@ -227,29 +230,19 @@ class OffloadedKVCache(PagedKVCache):
         softmax: both gathered, the real ones first, into blocks of their own that the decode
         kernels read. `log_weights` [b, H, k]: added to each recalled slot's logit (a sampling
         estimator's weight) -> (output, device bytes read)."""
-        bs = self.block_size
         hot = self.read_tables(tables, HOST_FIELDS)                                  # [b, H, nb * bs(, D)]
         held = torch.arange(hot["k"].shape[2], device=lengths.device) < lengths[..., None]
         real = torch.cat([picked, held], dim=-1)                                     # [b, H, k + S]
         order = (~real).to(torch.int8).argsort(dim=-1, stable=True)                  # real ones first
-        (b, H, n), width = real.shape, -(-real.shape[-1] // bs)
 
-        def packed(name, hot_value):
-            value = torch.cat([recalled[name].to(hot_value.dtype), hot_value], dim=2)
-            index = order.view(b, H, n, *[1] * (value.dim() - 3)).expand_as(value)
-            value = value.gather(2, index)
-            value = torch.nn.functional.pad(value, [0, 0] * (value.dim() - 3) + [0, width * bs - n])
-            return value.reshape(b * H * width, bs, *value.shape[3:])
+        def packed(recalled_value, hot_value):
+            value = torch.cat([recalled_value.to(hot_value.dtype), hot_value], dim=2)
+            return value.gather(2, order.view(*order.shape, *[1] * (value.dim() - 3)).expand_as(value))
 
-        k, v, pos = (packed(name, hot[name]) for name in HOST_FIELDS)
-        table = torch.arange(b * H * width, dtype=tables.dtype, device=tables.device).view(b, H, width)
-        counts = real.sum(-1).to(tables.dtype)
-        bias = {}
-        if log_weights is not None:
-            weights = torch.cat([log_weights.float().masked_fill(~picked, 0), torch.zeros_like(hot["pos"], dtype=torch.float32)], 2)
-            weights = torch.nn.functional.pad(weights.gather(2, order), [0, width * bs - n])
-            bias = {"bias": weights.reshape(b * H * width, bs)}
-        out = self.kernels.decode(q, positions, k, v, pos, table, counts, sliding_window, False, **bias)
+        k, v, pos = (packed(recalled[name], hot[name]) for name in HOST_FIELDS)
+        bias = None if log_weights is None else \
+            packed(log_weights.float().masked_fill(~picked, 0), torch.zeros_like(hot["pos"], dtype=torch.float32))
+        out = self.attend_gathered(q, positions, k, v, pos, real.sum(-1).to(tables.dtype), sliding_window, bias)
         return out, self.read_bytes(lengths)
 
     def recalled_bytes(self, picked: torch.Tensor, names) -> torch.Tensor:
@@ -285,22 +278,18 @@ class OffloadedKVCache(PagedKVCache):
     def host_seq_bytes(self, seq_id: int) -> int:
         return int(self.seqs[seq_id].host_blocks.sum()) * self.host.bytes_per_block
 
-    def summary_bytes_per_block(self) -> int:
-        return summary_block_bytes({n: (t.dtype, tuple(t.shape[2:])) for n, t in self.summaries.items()},
-                                   bool(self.summary_bounds), self.block_size, self.pool.head_dim, self.pool.dtype)
-
     def seq_bytes(self, seq_id: int) -> int:
         """The device's share: its blocks, the summaries of its host blocks and its reader's index."""
-        return super().seq_bytes(seq_id) + int(self.seqs[seq_id].host_blocks.sum()) * self.summary_bytes_per_block() + \
+        return super().seq_bytes(seq_id) + int(self.seqs[seq_id].host_blocks.sum()) * self.summary_block_bytes + \
             self.state_bytes.get(seq_id, 0)
 
     def theoretical_bytes(self, seq_id: int) -> int:
         return int(self.seqs[seq_id].lengths.sum()) * self.token_bytes() + \
-            int(self.seqs[seq_id].host_lengths.sum()) * (self.summary_bytes_per_block() // self.block_size)
+            int(self.seqs[seq_id].host_lengths.sum()) * (self.summary_block_bytes // self.block_size)
 
     @property
     def used_bytes(self) -> int:
-        return self.pool.used_bytes + (self.host.num_used - 1) * self.summary_bytes_per_block() + \
+        return self.pool.used_bytes + (self.host.num_used - 1) * self.summary_block_bytes + \
             sum(self.state_bytes.values())
 
     @property

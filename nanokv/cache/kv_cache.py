@@ -311,20 +311,33 @@ class PagedKVCache:
         none; a token-level reader's picks): they are gathered, in slot order, into blocks of their
         own, which the kernels read like any table -> (output, KV bytes read)."""
         pool, bs = self.pool, self.block_size
-        (b, H, k), nb = slots.shape, tables.shape[-1]
-        width = -(-k // bs)
+        nb = tables.shape[-1]
         far = nb * bs
         slots = torch.where(slots < 0, far, slots).sort(dim=-1).values
-        slots = torch.nn.functional.pad(slots, (0, width * bs - k), value=far)
         picked = slots < far
         blocks = tables.gather(-1, (slots // bs).clamp(max=nb - 1)).clamp(min=0)
         rows = torch.where(picked, blocks.long() * bs + slots % bs, 0)   # unpicked: block 0's first slot, finite
-        k_, v_, pos_ = (pool.fields[name].flatten(0, 1)[rows].view(b * H * width, bs, *pool.fields[name].shape[2:])
-                        for name in ("k", "v", "pos"))
-        table = torch.arange(b * H * width, dtype=tables.dtype, device=rows.device).view(b, H, width)
+        k, v, pos = (pool.fields[name].flatten(0, 1)[rows] for name in ("k", "v", "pos"))
         lengths = picked.sum(-1).to(tables.dtype)
-        out = self.kernels.decode(q, positions, k_, v_, pos_, table, lengths, sliding_window, False)
-        return out, lengths.sum() * self.token_bytes()
+        return self.attend_gathered(q, positions, k, v, pos, lengths, sliding_window), lengths.sum() * self.token_bytes()
+
+    def attend_gathered(self, q, positions, k, v, pos, counts, sliding_window, bias: torch.Tensor | None = None):
+        """Decode attention over tokens gathered per head, k, v [b, H, n, D] and pos [b, H, n], each
+        head's `counts` [b, H] real ones first (the rest finite): packed into blocks of their own,
+        which the decode kernels read like any table. `bias` [b, H, n] float32: added to each
+        token's logit (the kernels' biased variant)."""
+        bs = self.block_size
+        b, H, n = pos.shape
+        width = -(-n // bs)
+
+        def blocks(x):  # [b, H, n, ...] -> [b * H * width, bs, ...], zeros after n
+            x = torch.nn.functional.pad(x, [0, 0] * (x.dim() - 3) + [0, width * bs - n])
+            return x.reshape(b * H * width, bs, *x.shape[3:])
+
+        table = torch.arange(b * H * width, dtype=counts.dtype, device=counts.device).view(b, H, width)
+        biased = {} if bias is None else {"bias": blocks(bias)}
+        return self.kernels.decode(q, positions, blocks(k), blocks(v), blocks(pos), table, counts, sliding_window,
+                                   False, **biased)
 
     def write_prefill(self, seq_id: int, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
         """Append one sequence's new tokens k, v [T, H, D] at `layer` and write them."""

@@ -319,11 +319,7 @@ class StepAttention:
             held = cache.read_tables(tables, ("k", "pos"))
             return {"keys": held["k"], "key_positions": held["pos"]}
 
-        step = ReadStep(layer, cache.num_layers, q, self.positions[members], lengths, cache.block_size,
-                        cache.pool.dtype.itemsize, [self.read_states.setdefault(i, {}) for i in self.group_seqs[g]],
-                        self.step_states[g], inv_freq=self.inv_freq, fetch=fetch, pages=tables.shape[-1],
-                        compress_lens=self.group_compress_lens[g])
-        picks = reader.pick(step)
+        picks = reader.pick(self._read_step(layer, g, members, q, lengths, tables.shape[-1], fetch))
         self.bytes_read += picks.scored_bytes
         if picks.slots is not None:
             out, nbytes = cache.attend_slots(q, self.positions[members], tables, picks.slots, sliding_window)
@@ -332,6 +328,15 @@ class StepAttention:
         tables, lengths = cache.pick_pages(tables, lengths, picks.pages)
         self.bytes_read += cache.read_bytes(lengths)
         return cache.attend_tables(q, self.positions[members], tables, lengths, sliding_window)
+
+    def _read_step(self, layer, g, members, q, lengths, pages: int, fetch) -> ReadStep:
+        """Group g's ReadStep at `layer` over heads holding `lengths` tokens in `pages` pages, read
+        through `fetch`: the sequences' states from step to step, and the step's own."""
+        cache = self.cache
+        return ReadStep(layer, cache.num_layers, q, self.positions[members], lengths, cache.block_size,
+                        cache.pool.dtype.itemsize, [self.read_states.setdefault(i, {}) for i in self.group_seqs[g]],
+                        self.step_states[g], inv_freq=self.inv_freq, fetch=fetch, pages=pages,
+                        compress_lens=self.group_compress_lens[g])
 
     def _recall_picks(self, layer, g, members, q, tables, lengths, sliding_window):
         """An Offloader (methods/base.py): it picks host slots or pages from what the device keeps of
@@ -348,10 +353,7 @@ class StepAttention:
                 return {"keys": held["k"], "key_positions": held["pos"]}
             return cache.read_summaries(host_tables, (name,))
 
-        step = ReadStep(layer, cache.num_layers, q, self.positions[members], host_lengths.to(device), cache.block_size,
-                        cache.pool.dtype.itemsize, [self.read_states.setdefault(i, {}) for i in seqs],
-                        self.step_states[g], inv_freq=self.inv_freq, fetch=fetch, pages=host_tables.shape[-1],
-                        compress_lens=self.group_compress_lens[g])
+        step = self._read_step(layer, g, members, q, host_lengths.to(device), host_tables.shape[-1], fetch)
         picks = reader.pick(step)
         slots = picks.slots
         if slots is None:  # pages -> their slots, past each head's length dropped

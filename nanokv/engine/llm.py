@@ -62,8 +62,8 @@ class LLM:
     def __init__(self, model: str = DEFAULT_MODEL, *, dtype: str = "auto", device: str | None = None,
                  method: str = "full", compression: float = 0.0, budget: int | None = None,
                  kv_cache_memory: int | float | None = None, host_cache_memory: int | float | None = None,
-                 block_size: int = 16, max_num_seqs: int = 256, max_num_batched_tokens: int = 4096, kernels: str | None = None,
-                 load_format: str = "auto", enforce_eager: bool = False, **method_options):
+                 block_size: int = 16, max_num_seqs: int = 256, max_num_batched_tokens: int = 4096,
+                 kernels: str | None = None, load_format: str = "auto", enforce_eager: bool = False, **method_options):
         for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
                             ("max_num_batched_tokens", max_num_batched_tokens)):
             if not isinstance(value, int) or value <= 0:

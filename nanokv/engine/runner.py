@@ -14,6 +14,8 @@ earlier chunks left.
 
 from __future__ import annotations
 
+from itertools import accumulate
+
 import torch
 
 from nanokv.cache import PagedKVCache
@@ -81,7 +83,7 @@ class ModelRunner:
         # A method that re-trims earlier layers, or scores with a pass of its own, finishes the
         # compressed part first; what follows it then runs over the cache as it ends (base.py).
         split = [method is not None and (method.trims_earlier_layers or bool(s.scoring_passes)) for s in seqs]
-        query_lens, ids, positions, last = [], [], [], []
+        query_lens, ids, positions = [], [], []
         for s, later in zip(seqs, split):
             n = s.compress_len
             head = s.all_token_ids[:n] if later else s.all_token_ids
@@ -89,15 +91,12 @@ class ModelRunner:
             # each scoring pass sits right after the prompt, as if it were the only one
             positions += [torch.arange(len(head), device=self.device)] + [torch.arange(n, n + len(p), device=self.device)
                                                                        for p in s.scoring_passes]
-            last.append(sum(query_lens) + len(head) - 1)  # the prompt's last token, before any pass
             query_lens.append(len(head) + sum(len(p) for p in s.scoring_passes))
         hidden, attention = self._forward(seqs, query_lens, ids, torch.cat(positions), finish=False)
         attention.finish()
-        if attention.query_lens != query_lens:  # a narrowing method dropped prompt rows between layers
-            passes = [sum(len(p) for p in s.scoring_passes) for s in seqs]
-            ends = torch.tensor(attention.query_lens, device=self.device).cumsum(0)
-            last = (ends - torch.tensor(passes, device=self.device) - 1).tolist()
-        hidden = hidden[last]
+        # the prompt's last token, before any pass: from the split the step ends with (a narrowing
+        # method drops prompt rows between layers)
+        hidden = hidden[last_rows(attention.query_lens, [sum(len(p) for p in s.scoring_passes) for s in seqs])]
         rest = [i for i, (s, later) in enumerate(zip(seqs, split)) if later and len(s) > s.compress_len]
         if rest:
             hidden[rest] = self._rest([seqs[i] for i in rest])
@@ -121,7 +120,7 @@ class ModelRunner:
             tokens.append(picked + s.all_token_ids[s.compress_len:])
         positions = torch.cat([torch.arange(len(t), device=self.device) for t in tokens])
         hidden = self._forward(seqs, [len(t) for t in tokens], sum(tokens, []), positions, compress=False)
-        return hidden[torch.tensor([len(t) for t in tokens], device=self.device).cumsum(0) - 1]
+        return hidden[last_rows([len(t) for t in tokens])]
 
     def _chunked_prefill(self, s: Sequence, chunk: int) -> torch.Tensor:
         """One sequence's compressed part `chunk` tokens a forward pass (each followed by the method's
@@ -158,7 +157,7 @@ class ModelRunner:
         tails = [s.all_token_ids[s.compress_len:] for s in seqs]
         positions = torch.cat([torch.arange(s.compress_len, len(s), device=self.device) for s in seqs])
         hidden = self._forward(seqs, [len(t) for t in tails], sum(tails, []), positions, compress=False)
-        return hidden[torch.tensor([len(t) for t in tails], device=self.device).cumsum(0) - 1]
+        return hidden[last_rows([len(t) for t in tails])]
 
     def _forward(self, seqs, query_lens, ids, positions, compress=True, finish=True, compress_lens=None,
                  chunked=False):
@@ -193,3 +192,9 @@ class ModelRunner:
         """Each sequence's next token, from its row of `hidden` [len(seqs), hidden]."""
         logits = self.model.compute_logits(hidden)
         return sample(logits, [s.params for s in seqs], [s.generator for s in seqs]).tolist()
+
+
+def last_rows(lengths: list[int], after: list[int] | None = None) -> list[int]:
+    """The row of each sequence's last token in a step of `lengths` rows each, less `after` rows that
+    follow it (a method's scoring passes)."""
+    return [end - 1 - (after[i] if after else 0) for i, end in enumerate(accumulate(lengths))]

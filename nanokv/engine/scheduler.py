@@ -29,9 +29,7 @@ class Scheduler:
         """Refuse a request that could not run even with the whole pool to itself."""
         longest = min(len(seq) + seq.params.max_tokens, seq.max_length)
         if self.method is not None and self.method.prefill_chunk is not None:  # it never holds the whole prompt
-            n, L = seq.compress_len, self.cache.num_layers
-            kept = max(self.method.kept_after_prefill(n, layer, L) for layer in range(L))
-            longest = min(longest, kept + len(seq) - n + seq.params.max_tokens)
+            longest = min(longest, max(self.kept(seq)) + seq.params.max_tokens)
         need = max(self.cache.most_blocks(longest), self.prefill_blocks(seq))
         host_need = self.cache.host_blocks_for(len(seq))
         if host_need > self.cache.host_capacity_blocks:
@@ -98,13 +96,18 @@ class Scheduler:
         holds a method's scoring passes too, one at a time."""
         if self.method is None or not (self.method.compresses or self.method.quantization or self.method.offloads):
             return self.cache.blocks_to_append(None, len(seq))
-        n, rest, L = seq.compress_len, len(seq) - seq.compress_len, self.cache.num_layers
-        kept = [self.method.kept_after_prefill(n, layer, L) + rest for layer in range(L)]
+        kept = self.kept(seq)
         longest_pass = max((len(p) for p in seq.scoring_passes), default=0)
         whole = len(seq)
         if self.method.prefill_chunk is not None:  # a layer holds what earlier chunks left and one chunk
             whole = min(whole, max(kept) + self.method.prefill_chunk)
         return self.cache.prefill_blocks(whole + longest_pass, kept)
+
+    def kept(self, seq: Sequence) -> list[int]:
+        """Tokens each layer's heads hold once `seq` is prefilled: what the method keeps of its
+        compressed part, and the rest whole."""
+        n, L = seq.compress_len, self.cache.num_layers
+        return [self.method.kept_after_prefill(n, layer, L) + len(seq) - n for layer in range(L)]
 
     def _preempt(self, seq: Sequence) -> int:
         """Free a running sequence's blocks and requeue it first -> blocks freed."""

@@ -83,6 +83,25 @@ def _slot_scores(q, q_pos, q_lo, q_hi, first, length, table, K, Pos, stride_kv, 
     return tl.where(visible, s * qk_scale, float("-inf")), kv, held, seen
 
 
+@triton.jit
+def softmax_step(s, v, m_i, l_i, acc, UPCAST: tl.constexpr):
+    """One tile of FlashAttention's online softmax: scores s [M, N] (base 2, -inf where a key is
+    hidden) and values v [N, D] folded into each row's running max m, sum l and accumulator acc
+    (rescaled as the max grows) -> (m, l, acc)."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    # A row that has seen no visible key yet keeps m = -inf; subtract 0 instead, so that
+    # exp(-inf - -inf) = NaN never appears (its p and alpha are then exp(-inf) = 0).
+    m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_sub)
+    p = tl.exp2(s - m_sub[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if UPCAST:
+        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
 @triton.autotune(configs=_configs(), key=["HEAD_DIM", "GROUP"], reset_to_zero=["ColSums"])
 @triton.jit
 def _prefill_kernel(Q, QPos, K, V, Pos, Tables, Lengths, Out, TileSeq, TileStart, CuSeqlens, ColSums,
@@ -120,18 +139,7 @@ def _prefill_kernel(Q, QPos, K, V, Pos, Tables, Lengths, Out, TileSeq, TileStart
                                          window, qk_scale, d, d_ok, HEAD_DIM, BLOCK_SIZE, HAS_WINDOW, BLOCK_N, UPCAST)
         if tl.max(seen.to(tl.int32), axis=0) > 0:
             v = tl.load(V + kv[:, None] + d[None, :], mask=held[:, None] & d_ok[None, :], other=0.0)
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            # A row that has seen no visible key yet keeps m = -inf; subtract 0 instead, so that
-            # exp(-inf - -inf) = NaN never appears (its p and alpha are then exp(-inf) = 0).
-            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_sub)
-            p = tl.exp2(s - m_sub[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            if UPCAST:
-                acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+            m_i, l_i, acc = softmax_step(s, v, m_i, l_i, acc, UPCAST)
 
     # l = 0 only on rows that saw no key: padding rows (not stored) and, never in a real
     # prefill (a query sees itself), a query with nothing visible, which gets zeros.

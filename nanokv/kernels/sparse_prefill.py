@@ -7,9 +7,9 @@ query head: it walks the key tiles 0 .. its own (the causal lower triangle), rea
 of the tile mask for each, and skips the tile without touching K or V when the bit is off, so the
 work done is what the mask keeps. For the tiles it computes it keeps, per row, a running max m, a
 running sum l of exp(score - m) and an accumulator of exp(score - m) @ V, rescaled whenever the max
-grows (as kernels/prefill.py). Query heads of a group read their kv-head's K/V (GQA); their masks
-may differ, so each query head is a program of its own rather than rows of one tile. Scores in base
-2 (the scale folded with log2(e), then exp2).
+grows (kernels/prefill.py's softmax_step, which the paged prefill runs too). Query heads of a group
+read their kv-head's K/V (GQA); their masks may differ, so each query head is a program of its own
+rather than rows of one tile. Scores in base 2 (the scale folded with log2(e), then exp2).
 
 Tiles stay in the prompt's dtype on tensor cores with float32 accumulators; a float32 prompt and
 the interpreter take float32 tiles and exact dots (launch.exact_dots). TILE is the method's tile
@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from nanokv.kernels.launch import exact_dots
+from nanokv.kernels.prefill import softmax_step
 
 LOG2E = 1.4426950408889634
 
@@ -59,17 +60,7 @@ def _sparse_prefill_kernel(Q, K, V, Mask, Out, T, stride_qt, stride_qh, stride_k
                 s = tl.dot(q, tl.trans(k))
             visible = col_ok[None, :] & (cols[None, :] <= rows[:, None])
             s = tl.where(visible, s * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            # a row that has seen no visible key yet keeps m = -inf: subtract 0 then (no NaN)
-            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_sub)
-            p = tl.exp2(s - m_sub[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            if UPCAST:
-                acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+            m_i, l_i, acc = softmax_step(s, v, m_i, l_i, acc, UPCAST)
     # every row sees itself where the diagonal tile is kept (SparsePrefill.tile_mask keeps it)
     l_i = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_i[:, None]

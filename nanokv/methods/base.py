@@ -467,8 +467,9 @@ class Method:
         if not (isinstance(compression, (int, float)) and 0 <= compression < 1):
             raise ValueError(f"compression must be in [0, 1) (the fraction of tokens removed), got {compression!r}")
         self.compression, self.budget = float(compression), budget
-        if not (self.selects_tokens or self.selects_pages or self.stores_latents) and type(self).layer_sources is \
-                Method.layer_sources and type(self).layer_pairs is Method.layer_pairs and (compression or budget is not None):
+        takes_budget = self.selects_tokens or self.selects_pages or self.sparse_prefill or self.stores_latents
+        if not takes_budget and type(self).layer_sources is Method.layer_sources and \
+                type(self).layer_pairs is Method.layer_pairs and (compression or budget is not None):
             raise ValueError(f"method {self.name!r} does not compress; {self.compression_hint}")
         unknown = set(options) - set(self.options)
         if unknown:
@@ -824,11 +825,7 @@ class SparsePrefill(Method):
         if compression:
             raise ValueError(f"{self.name} keeps the whole cache and sparsifies the prompt's attention: give "
                              f"--budget (e.g. {self.default_budget}), not --compression={compression!r}")
-        if budget is not None and (not isinstance(budget, int) or budget <= 0):
-            raise ValueError(f"budget must be a positive number of tokens, got {budget!r}")
-        super().__init__(**options)  # Method refuses a budget of a method that compresses nothing
-        self.budget = self.default_budget if budget is None else budget
-        self.check_budget()
+        super().__init__(0.0, self.default_budget if budget is None else budget, **options)
 
     @property
     def compresses(self) -> bool:
