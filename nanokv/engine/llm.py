@@ -20,6 +20,7 @@ from tqdm import tqdm
 from nanokv.kernels import KERNELS, kernels_for
 from nanokv.cache.build import build_cache
 from nanokv.engine.cuda_graphs import DecodeGraphs, eager_reason
+from nanokv.engine.request_methods import RequestMethods, method_key
 from nanokv.engine.runner import ModelRunner
 from nanokv.engine.scheduler import Scheduler
 from nanokv.engine.sequence import RequestOutput, Sequence
@@ -73,6 +74,7 @@ class LLM:
                              "(default: triton on CUDA, cpu elsewhere)")
         if load_format not in LOAD_FORMATS:
             raise ValueError(f"unknown load_format {load_format!r}; valid: {', '.join(LOAD_FORMATS)}")
+        self.model_name = model  # as given: a short name, a path, a repo id
         self.method = make_method(method, compression, budget, **method_options)
         self.device = str(resolve_device(device))
         self.dtype = resolve_dtype(dtype, self.device)  # "auto": what this device computes fastest
@@ -86,15 +88,7 @@ class LLM:
             # from_gguf reads the metadata the weights loader already parsed (read_gguf is cached)
             make_tokenizer = Tokenizer.from_gguf if self.source.kind == "gguf" else Tokenizer.from_dir
             self.tokenizer = make_tokenizer(self.source.path)
-        if self.method.calibration:  # a per-head profile made by python -m nanokv.calibrate (methods/base.py)
-            from nanokv.artifacts import load_calibration
-            self.method.bind_calibration(load_calibration(self.method.calibration, model, self.config.num_layers,
-                                                          self.config.num_kv_heads,
-                                                          self.method.calibration_file or None,
-                                                          self.config.head_dim))
-        if self.method.needs_vocabulary:  # what each token id reads as (see methods/base.py)
-            self.method.bind_vocabulary([self.tokenizer.decode([i], skip_special_tokens=False)
-                                         for i in range(self.tokenizer.vocab_size)])
+        self.bind_method(self.method)
         memory = kv_cache_bytes(kv_cache_memory, self.device)
         # a method that offloads (methods/base.py: Offloader) keeps older tokens in host memory
         host_memory = host_cache_bytes(host_cache_memory, memory) if self.method.offloads else 0
@@ -107,8 +101,38 @@ class LLM:
         self.eager_reason = eager_reason(self.method, self.cache, self.cache.kernels.name, self.device, enforce_eager)
         graphs = DecodeGraphs(self.model, self.cache, max_num_seqs) if self.eager_reason is None else None
         self.runner = ModelRunner(self.model, self.cache, self.device, self.method, graphs)
+        # the methods requests may name besides the engine's own, on the same pool (request_methods.py)
+        self.methods = RequestMethods(self.method, method_key(method, compression, budget, **method_options),
+                                      self.cache, self.bind_method)
         self.stats: dict = {}
+        self.tally = new_tally()  # what the steps since the last generate()/stream() began did (step)
         self._busy = False  # one generate/stream at a time: they share the scheduler
+
+    def bind_method(self, method):
+        """Give a method what it reads from the model: its per-head calibration profile, made by
+        python -m nanokv.calibrate (methods/base.py), and what each token id reads as."""
+        if method.calibration:
+            from nanokv.artifacts import load_calibration
+            method.bind_calibration(load_calibration(method.calibration, self.model_name, self.config.num_layers,
+                                                     self.config.num_kv_heads, method.calibration_file or None,
+                                                     self.config.head_dim))
+        if method.needs_vocabulary:
+            method.bind_vocabulary([self.tokenizer.decode([i], skip_special_tokens=False)
+                                    for i in range(self.tokenizer.vocab_size)])
+
+    def request_method(self, spec):
+        """A request's method from `spec`: None (the engine's), a method name, or a dict
+        {"method": name, "compression": ..., "budget": ..., any method option} (the server's
+        `kv_compression` field)."""
+        if spec is None:
+            return self.method
+        if isinstance(spec, str):
+            spec = {"method": spec}
+        if not isinstance(spec, dict) or not isinstance(spec.get("method"), str):
+            raise ValueError(f"a request's method must be a name or a dict with a 'method' name, got {spec!r}")
+        options = dict(spec)
+        name = options.pop("method")
+        return self.methods.get(name, options.pop("compression", 0.0), options.pop("budget", None), **options)
 
     # --- prompts ----------------------------------------------------------------------
 
@@ -145,7 +169,8 @@ class LLM:
         first = self.tokenizer.encode(context)
         return first + self.tokenizer.encode(question + answer_prefix, add_special_tokens=False), len(first)
 
-    def _sequence(self, prompt, params: SamplingParams, chat: bool) -> Sequence:
+    def _sequence(self, prompt, params: SamplingParams, chat: bool, method=None) -> Sequence:
+        """method: the request's own (request_method), or None: the engine's."""
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be SamplingParams, got {type(params).__name__}")
         compress_len = None
@@ -165,8 +190,9 @@ class LLM:
         seq = Sequence(ids, params, self.tokenizer.stop_token_ids, self.tokenizer.stream_decoder().push, limit)
         if compress_len is not None:
             seq.compress_len = compress_len
-        if self.method.compresses:  # a method's own scoring passes over the prompt (methods/base.py)
-            seq.scoring_passes = self.method.scoring_passes(
+        seq.method = method = method if method is not None else self.method
+        if method.compresses:  # a method's own scoring passes over the prompt (methods/base.py)
+            seq.scoring_passes = method.scoring_passes(
                 ids[:seq.compress_len], lambda text: self.tokenizer.encode(text, add_special_tokens=False),
                 self.reply_prefix(chat and templated))
         if params.seed is not None:
@@ -182,9 +208,10 @@ class LLM:
     # --- generation -------------------------------------------------------------------
 
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
-                 chat: bool = True, use_tqdm: bool | None = None) -> list[RequestOutput]:
+                 chat: bool = True, use_tqdm: bool | None = None, method=None) -> list[RequestOutput]:
         """Outputs in the order of `prompts`: strings, token-id lists, or (context, question)
-        pairs whose context a method compresses before the question is read."""
+        pairs whose context a method compresses before the question is read. `method`: the
+        requests' own method instead of the engine's (see request_method), one for all or a list."""
         if isinstance(prompts, (str, tuple)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # one prompt
         if not prompts:
@@ -194,7 +221,10 @@ class LLM:
             params = [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
-        seqs = [self._sequence(p, sp, chat) for p, sp in zip(prompts, params)]
+        methods = method if isinstance(method, list) else [method] * len(prompts)
+        if len(methods) != len(prompts):
+            raise ValueError(f"got {len(methods)} methods for {len(prompts)} prompts")
+        seqs = [self._sequence(p, sp, chat, self.request_method(m)) for p, sp, m in zip(prompts, params, methods)]
         bar = tqdm(total=len(seqs), desc="generating", unit="req",
                    disable=not (use_tqdm if use_tqdm is not None else len(seqs) > 1))
         for seq, _ in self._run(seqs):
@@ -203,10 +233,62 @@ class LLM:
         bar.close()
         return [seq.output() for seq in seqs]
 
-    def stream(self, prompt, params: SamplingParams | None = None, chat: bool = True) -> "TextStream":
+    def stream(self, prompt, params: SamplingParams | None = None, chat: bool = True, method=None) -> "TextStream":
         """Generate for one prompt, yielding text pieces as they become final. The stream's
         `result` holds the RequestOutput once it is exhausted."""
-        return TextStream(self, self._sequence(prompt, params or SamplingParams(), chat))
+        return TextStream(self, self._sequence(prompt, params or SamplingParams(), chat, self.request_method(method)))
+
+    # --- the step loop, for a caller that runs it itself (nanokv/serve) ----------------
+
+    def add_request(self, prompt, params: SamplingParams | None = None, chat: bool = True, method=None) -> Sequence:
+        """Queue one request (see generate for `prompt` and `method`) -> its Sequence, which `step`
+        advances; a ValueError, and nothing queued, when it is bad or could never fit."""
+        seq = self._sequence(prompt, params or SamplingParams(), chat, self.request_method(method))
+        self.scheduler.add([seq])  # refuses it if it could never fit
+        seq.arrival_time = time.perf_counter()
+        return seq
+
+    def has_unfinished(self) -> bool:
+        return not self.scheduler.finished
+
+    def abort(self, seq: Sequence):
+        """Drop a request that is not finished (its caller went away): its blocks go back at once."""
+        if not seq.finished:
+            self.scheduler.abort(seq)
+            self.runner.release(seq.id)
+
+    def step(self) -> list[tuple[Sequence, str]]:
+        """One engine step, a prefill or a decode -> (sequence, new text) for each sequence that took a
+        token (a finished one has `finished` set and its blocks back in the pool). Adds to `tally`."""
+        batch, is_prefill = self.scheduler.schedule()
+        if not batch:  # everything running was preempted; the next step re-admits it
+            return []
+        tally, kind = self.tally, "prefill" if is_prefill else "decode"
+        start = time.perf_counter()
+        with torch.profiler.record_function(f"nanokv.{kind}_step"):  # a span in a profiler's trace
+            tokens = self.runner.step(batch, is_prefill)
+        now = time.perf_counter()
+        tally[f"{kind}_tokens"] += sum(len(s) for s in batch) if is_prefill else len(batch)
+        tally[f"{kind}_s"] += now - start
+        tally[f"{kind}_steps"] += 1
+        if not is_prefill:
+            tally["decode_kv_bytes_read"] += int(self.runner.last_bytes_read)
+            tally["decode_kv_bytes_moved"] += int(self.runner.last_bytes_moved)
+        tally["peak_running"] = max(tally["peak_running"], len(self.scheduler.running))
+        tally["peak_kv_bytes"] = max(tally["peak_kv_bytes"], self.cache.used_bytes)
+        tally["peak_host_kv_bytes"] = max(tally["peak_host_kv_bytes"], self.cache.host_used_bytes)
+        out = []
+        for seq, token in zip(batch, tokens):
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            piece = seq.append(token)
+            if seq.finished:
+                seq.finish_time = now
+                self.scheduler.finish(seq)
+                self.runner.release(seq.id)
+                tally["finished_requests"] += 1
+            out.append((seq, piece))
+        return out
 
     def _run(self, seqs: list[Sequence]) -> Iterator[tuple[Sequence, str]]:
         """Run the engine until `seqs` are done, yielding (sequence, new text) after every token."""
@@ -219,40 +301,14 @@ class LLM:
         replayed, eager = self.runner.graph_steps, self.runner.eager_steps
         flops_before = (self.runner.prefill_flops, self.runner.dense_prefill_flops)
         captured_s = self.runner.graphs.capture_s if self.runner.graphs else 0.0
-        stats = {"prefill_tokens": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0,
-                 "peak_running": 0, "peak_kv_bytes": 0, "preemptions": 0, "decode_kv_bytes_read": 0,
-                 "peak_host_kv_bytes": 0, "decode_kv_bytes_moved": 0}
+        self.tally = stats = new_tally()
         try:
             while not self.scheduler.finished:
-                batch, is_prefill = self.scheduler.schedule()
-                if not batch:  # everything running was preempted; the next step re-admits it
-                    continue
-                kind = "prefill" if is_prefill else "decode"
-                start = time.perf_counter()
-                with torch.profiler.record_function(f"nanokv.{kind}_step"):  # a span in a profiler's trace
-                    tokens = self.runner.step(batch, is_prefill)
-                now = time.perf_counter()
-                stats[f"{kind}_tokens"] += sum(len(s) for s in batch) if is_prefill else len(batch)
-                stats[f"{kind}_s"] += now - start
-                if not is_prefill:
-                    stats["decode_kv_bytes_read"] += int(self.runner.last_bytes_read)
-                    stats["decode_kv_bytes_moved"] += int(self.runner.last_bytes_moved)
-                stats["peak_running"] = max(stats["peak_running"], len(self.scheduler.running))
-                stats["peak_kv_bytes"] = max(stats["peak_kv_bytes"], self.cache.used_bytes)
-                stats["peak_host_kv_bytes"] = max(stats["peak_host_kv_bytes"], self.cache.host_used_bytes)
-                for seq, token in zip(batch, tokens):
-                    if seq.first_token_time is None:
-                        seq.first_token_time = now
-                    piece = seq.append(token)
-                    if seq.finished:
-                        seq.finish_time = now
-                        self.scheduler.finish(seq)
-                    yield seq, piece
+                yield from self.step()
         finally:  # a stream abandoned half-way must not leave its request in the engine
             self._busy = False
             for seq in seqs:
-                if not seq.finished:
-                    self.scheduler.abort(seq)
+                self.abort(seq)
         stats["preemptions"] = sum(s.num_preemptions for s in seqs)
         # decode steps replayed as CUDA graphs and run eagerly (with why, when none can be captured)
         runner = self.runner
@@ -269,6 +325,14 @@ class LLM:
         stats["prefill_attention_flops"], stats["prefill_attention_flops_dense"] = (
             int(now) - before for now, before in zip((runner.prefill_flops, runner.dense_prefill_flops), flops_before))
         self.stats = stats
+
+
+def new_tally() -> dict:
+    """What LLM.step adds up: tokens, seconds and steps of each kind, finished requests, and the
+    peaks of running sequences and KV bytes."""
+    return {"prefill_tokens": 0, "prefill_s": 0.0, "prefill_steps": 0, "decode_tokens": 0, "decode_s": 0.0,
+            "decode_steps": 0, "finished_requests": 0, "peak_running": 0, "peak_kv_bytes": 0,
+            "preemptions": 0, "decode_kv_bytes_read": 0, "peak_host_kv_bytes": 0, "decode_kv_bytes_moved": 0}
 
 
 class TextStream:

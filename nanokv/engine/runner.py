@@ -23,6 +23,7 @@ from nanokv.cache.pool import HOST
 from nanokv.engine.attention import StepAttention
 from nanokv.engine.blending import Blend, ChunksAlone
 from nanokv.engine.cuda_graphs import DecodeGraphs
+from nanokv.engine.request_methods import RequestMethods
 from nanokv.engine.upload import HostToDevice
 from nanokv.engine.sequence import Sequence
 from nanokv.sampling import sample
@@ -31,7 +32,9 @@ from nanokv.sampling import sample
 class ModelRunner:
     def __init__(self, model, cache: PagedKVCache, device, method=None, graphs: DecodeGraphs | None = None):
         """`graphs`: replay decode steps as CUDA graphs (engine/cuda_graphs.py); None: eagerly."""
-        self.model, self.cache, self.device, self.method, self.graphs = model, cache, device, method, graphs
+        self.model, self.cache, self.device, self.graphs = model, cache, device, graphs
+        # the engine's method; `method` is the running step's: a sequence may carry its own (Sequence.method)
+        self.default_method = self.method = method
         self.send = HostToDevice(device)  # a decode step's host inputs, in one copy
         self.graph_steps = self.eager_steps = 0  # decode steps replayed, and run eagerly
         self.read_states: dict[int, dict] = {}  # a query-aware reader's state per sequence (base.py: ReadStep)
@@ -44,9 +47,11 @@ class ModelRunner:
 
     @torch.inference_mode()
     def step(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
+        # the scheduler gives a step sequences of one method, or of methods that decode alike
+        self.method = seqs[0].method if seqs[0].method is not None else self.default_method
         if not is_prefill:
-            # the sequences of this step keep theirs; one that left (finished, preempted) drops it
-            self.read_states = {s.id: self.read_states.get(s.id, {}) for s in seqs}
+            for s in seqs:  # a sequence keeps its state until it is released (finished, aborted)
+                self.read_states.setdefault(s.id, {})
             # on the host: StepAttention sends them with the step's block tables
             ids = torch.tensor([s.last_token_id for s in seqs], device=HOST)
             positions = torch.tensor([len(s) - 1 - s.position_shift for s in seqs], device=HOST)
@@ -75,6 +80,10 @@ class ModelRunner:
         for s in seqs:
             s.num_cached = len(s)
         return self._sample(seqs, hidden)
+
+    def release(self, seq_id: int):
+        """Forget a sequence that left the engine (finished or aborted)."""
+        self.read_states.pop(seq_id, None)
 
     def _prefill(self, seqs, method):
         """Every token of these sequences in one forward pass -> the hidden state of each one's last
@@ -171,7 +180,9 @@ class ModelRunner:
                                    [[len(p) for p in s.scoring_passes] for s in seqs] if compress else None, compress,
                                    self.send, self.read_states, getattr(self.model, "inv_freq", None),
                                    lambda i: seqs[i].all_token_ids, chunked)
-        if attention.is_decode and self.graphs is not None and self.graphs.takes(attention):
+        # the graphs replay the engine's own method's decode (one that decodes alike shares them)
+        if (attention.is_decode and self.graphs is not None and self.graphs.takes(attention)
+                and RequestMethods.same_decode(self.method, self.default_method)):
             hidden = self.graphs.forward(attention)
             self.graph_steps += self.graphs.replayed
             self.eager_steps += not self.graphs.replayed

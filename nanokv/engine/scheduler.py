@@ -7,6 +7,11 @@ sequence is preempted: its blocks are freed and it goes back to the front of the
 queue, to be re-prefilled later from its prompt plus the tokens it has generated
 (recompute). A request is never dropped for lack of blocks; one that could never fit even
 alone is refused when it is added.
+
+Each sequence may carry its own method (`Sequence.method`; engine/request_methods.py): a prefill
+admits sequences of one method, and a decode runs the sequences that can share a step with the
+oldest one whose turn it is; when methods with different decode-time roles run at once, their
+decode steps take turns.
 """
 
 from __future__ import annotations
@@ -14,7 +19,13 @@ from __future__ import annotations
 from collections import deque
 
 from nanokv.cache import PagedKVCache
+from nanokv.engine.request_methods import RequestMethods
 from nanokv.engine.sequence import Sequence
+
+
+class RequestTooLarge(ValueError):
+    """A request that could never run: its prompt and max_tokens need more than the whole pool
+    (the server answers it with HTTP 413)."""
 
 
 class Scheduler:
@@ -24,20 +35,27 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.decode_turns = 0  # decode steps so far: whose turn it is when methods cannot share one
+        self.num_preemptions = 0  # since the engine started (the server's /metrics)
+
+    def method_of(self, seq: Sequence):
+        """The sequence's own method, else the engine's."""
+        return seq.method if seq.method is not None else self.method
 
     def check_fits(self, seq: Sequence):
         """Refuse a request that could not run even with the whole pool to itself."""
         longest = min(len(seq) + seq.params.max_tokens, seq.max_length)
-        if self.method is not None and self.method.prefill_chunk is not None:  # it never holds the whole prompt
+        method = self.method_of(seq)
+        if method is not None and method.prefill_chunk is not None:  # it never holds the whole prompt
             longest = min(longest, max(self.kept(seq)) + seq.params.max_tokens)
         need = max(self.cache.most_blocks(longest), self.prefill_blocks(seq))
         host_need = self.cache.host_blocks_for(len(seq))
         if host_need > self.cache.host_capacity_blocks:
-            raise ValueError(
+            raise RequestTooLarge(
                 f"a prompt of {len(seq)} tokens needs {host_need} host-tier blocks but the host pool holds "
                 f"{self.cache.host_capacity_blocks}; raise host_cache_memory")
         if need > self.cache.pool.usable_blocks:
-            raise ValueError(
+            raise RequestTooLarge(
                 f"a request of {len(seq)} prompt tokens and max_tokens={seq.params.max_tokens} needs "
                 f"{need} KV-cache blocks but the whole pool has {self.cache.pool.usable_blocks}; "
                 f"raise kv_cache_memory (now {self.cache.pool.total_bytes} bytes) or lower max_tokens")
@@ -64,6 +82,8 @@ class Scheduler:
             need, host_need = self.prefill_blocks(seq), self.cache.host_blocks_for(len(seq))
             if need > free or host_need > host_free or (admitted and tokens + len(seq) > self.max_num_batched_tokens):
                 break
+            if admitted and not RequestMethods.same_prefill(self.method_of(seq), self.method_of(admitted[0])):
+                break  # a prefill step runs one method (request_methods.py); it goes in the next one
             free -= need
             host_free -= host_need
             tokens += len(seq)
@@ -73,16 +93,19 @@ class Scheduler:
             self.running.extend(admitted)
             return admitted, True
 
-        # Decode: every running sequence appends one token. Walk them oldest first and
-        # preempt from the youngest end until the blocks they need are there.
-        scheduled = []
+        # Decode: every running sequence that can share the step appends one token. Walk them oldest
+        # first and preempt from the youngest end until the blocks they need are there.
+        members = self._decode_members()
+        scheduled, preempted = [], set()
         free = self.cache.pool.num_free
-        needs = self.cache.blocks_to_append_each([seq.id for seq in self.running], 1)
-        while len(scheduled) < len(self.running):
-            seq = self.running[len(scheduled)]
-            need = needs[len(scheduled)]
+        needs = self.cache.blocks_to_append_each([seq.id for seq in members], 1)
+        for seq, need in zip(members, needs):
+            if seq.id in preempted:  # preemption takes the youngest first: the rest went with it
+                break
             while need > free and self.running[-1] is not seq:
-                free += self._preempt(self.running.pop())
+                victim = self.running.pop()
+                preempted.add(victim.id)
+                free += self._preempt(victim)
             if need > free:  # it is the youngest left: it waits for the others to finish
                 self._preempt(self.running.pop())
                 break
@@ -90,24 +113,39 @@ class Scheduler:
             scheduled.append(seq)
         return scheduled, False
 
+    def _decode_members(self) -> list[Sequence]:
+        """The running sequences of this decode step, oldest first: all of them when their methods can
+        share a step (the usual case), else the group whose turn it is."""
+        groups: list[list[Sequence]] = []
+        for seq in self.running:
+            group = next((g for g in groups if RequestMethods.same_decode(self.method_of(g[0]), self.method_of(seq))),
+                         None)
+            if group is None:
+                groups.append([seq])
+            else:
+                group.append(seq)
+        self.decode_turns += 1
+        return groups[self.decode_turns % len(groups)] if groups else []
+
     def prefill_blocks(self, seq: Sequence) -> int:
         """Most blocks the prefill of `seq` holds at once: its compressed part, and the rest (a
         question after the context, generated tokens on a recompute) whole; the layer running
         holds a method's scoring passes too, one at a time."""
-        if self.method is None or not (self.method.compresses or self.method.quantization or self.method.offloads):
+        method = self.method_of(seq)
+        if method is None or not (method.compresses or method.quantization or method.offloads):
             return self.cache.blocks_to_append(None, len(seq))
         kept = self.kept(seq)
         longest_pass = max((len(p) for p in seq.scoring_passes), default=0)
         whole = len(seq)
-        if self.method.prefill_chunk is not None:  # a layer holds what earlier chunks left and one chunk
-            whole = min(whole, max(kept) + self.method.prefill_chunk)
+        if method.prefill_chunk is not None:  # a layer holds what earlier chunks left and one chunk
+            whole = min(whole, max(kept) + method.prefill_chunk)
         return self.cache.prefill_blocks(whole + longest_pass, kept)
 
     def kept(self, seq: Sequence) -> list[int]:
         """Tokens each layer's heads hold once `seq` is prefilled: what the method keeps of its
         compressed part, and the rest whole."""
-        n, L = seq.compress_len, self.cache.num_layers
-        return [self.method.kept_after_prefill(n, layer, L) + len(seq) - n for layer in range(L)]
+        n, L, method = seq.compress_len, self.cache.num_layers, self.method_of(seq)
+        return [method.kept_after_prefill(n, layer, L) + len(seq) - n for layer in range(L)]
 
     def _preempt(self, seq: Sequence) -> int:
         """Free a running sequence's blocks and requeue it first -> blocks freed."""
@@ -115,6 +153,7 @@ class Scheduler:
         self.cache.free(seq.id)
         freed = self.cache.pool.num_free - before
         seq.num_preemptions += 1
+        self.num_preemptions += 1
         self.waiting.appendleft(seq)
         return freed
 

@@ -36,6 +36,8 @@ class Sequence:
         # how far its positions fall behind its tokens: a prompt re-prefilled from the tokens a filter
         # pass kept (GemFilter) sits at positions 0 .. k - 1, and what follows it from k on
         self.position_shift = 0
+        # its own compression method (engine/request_methods.py), or None: the engine's
+        self.method = None
         self.output_token_ids: list[int] = []
         self.params = params
         self.stop_token_ids = set() if params.ignore_eos else stop_token_ids

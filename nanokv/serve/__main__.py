@@ -1,0 +1,5 @@
+import sys
+
+from nanokv.serve.cli import main
+
+sys.exit(main())
