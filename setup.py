@@ -12,7 +12,8 @@ setup(
     # configs serve --load-format dummy (nanokv/hub.py)
     package_data={"nanokv.kernels": ["*.cpp", "*.h"], "nanokv.models": ["configs/*.json"]},
     entry_points={"console_scripts": ["nanokv-generate = nanokv.cli.generate:main",
-                                      "nanokv-bench = nanokv.cli.bench:main"]},
+                                      "nanokv-bench = nanokv.cli.bench:main",
+                                      "nanokv-serve = nanokv.serve.cli:main"]},
     install_requires=[
         # torch is installed first, on its own (see the Makefile): an unpinned torch can pull a
         # multi-GB CUDA build where a CPU build is wanted.
@@ -30,7 +31,9 @@ setup(
         # triton: torch's CUDA builds bring it; on CPU the tests run the kernels in its interpreter.
         # It has wheels for Linux only.
         "test": ["pytest>=8", "transformers>=5.0,<6", "accelerate>=1.0", "matplotlib>=3.8",
-                 "triton>=3.2; platform_system == 'Linux'"],
+                 "triton>=3.2; platform_system == 'Linux'", "openai>=1.40", "starlette>=0.40", "uvicorn>=0.30"],
+        # the HTTP server (python -m nanokv.serve): an ASGI app and its server, nothing else
+        "serve": ["starlette>=0.40", "uvicorn>=0.30"],
         "plot": ["matplotlib>=3.8"],
         "flash": ["flash-attn>=2.6"],  # CUDA only, optional
     },

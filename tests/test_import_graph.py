@@ -3,7 +3,7 @@ functions alike (a lazy import still ties the two modules together; it only hide
 until the call), must point down the layers and close no loop.
 
 Layers, lowest first: kernels and models, cache, methods, engine, then the tools (calibrate,
-eval, cli, and the kernel benchmark, which lives with the kernels it times but builds a real
+eval, cli, serve, and the kernel benchmark, which lives with the kernels it times but builds a real
 quantized pool from cache/ for them). Top-level modules (hub.py, loading.py, ...) sit where their
 imports put them.
 """
@@ -138,9 +138,9 @@ def test_no_private_name_from_another_package():
 
 
 def test_the_library_imports_no_tool():
-    """calibrate/, eval/, cli/ and the kernel benchmark run the library; nothing else imports them (LLM loads a
+    """calibrate/, eval/, cli/, serve/ and the kernel benchmark run the library; nothing else imports them (LLM loads a
     calibration artifact through nanokv/artifacts.py, not through the command that writes it)."""
-    tools = ("nanokv.calibrate", "nanokv.eval", "nanokv.cli", KERNEL_BENCH)
+    tools = ("nanokv.calibrate", "nanokv.eval", "nanokv.cli", "nanokv.serve", KERNEL_BENCH)
     library = [m for m in MODULES if package(m) not in tools and m != KERNEL_BENCH]
     bad = offenders(library, list(tools))
     assert not bad, "the library reaches up into a tool:\n" + "\n".join(bad)

@@ -67,7 +67,8 @@ def test_the_wheel_declares_the_console_scripts(wheel):
     parser = configparser.ConfigParser()
     parser.read_string(zipfile.ZipFile(wheel).read(entry_points).decode())
     assert dict(parser["console_scripts"]) == {"nanokv-generate": "nanokv.cli.generate:main",
-                                               "nanokv-bench": "nanokv.cli.bench:main"}
+                                               "nanokv-bench": "nanokv.cli.bench:main",
+                                               "nanokv-serve": "nanokv.serve.cli:main"}
 
 
 def test_the_installed_wheel_runs_its_console_script_outside_the_checkout(wheel, tmp_path):
