@@ -221,3 +221,11 @@ def byte_tokenizer_json() -> str:
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     return backend.to_str()
+
+
+def keep_released_states(llm) -> list:
+    """Each sequence's reader state as it leaves the engine (LLM.step releases it when the sequence
+    finishes), in the order they leave: a test reads it after generate() returns."""
+    kept, release = [], llm.runner.release
+    llm.runner.release = lambda seq_id: kept.append(llm.runner.read_states.get(seq_id)) or release(seq_id)
+    return kept

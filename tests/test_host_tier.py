@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from helpers import DenseOffloaded, assert_preemption_repeats, restated_greedy
+from helpers import DenseOffloaded, assert_preemption_repeats, keep_released_states, restated_greedy
 from nanokv.methods.base import Offloader, Picks, top_slots
 from tiny_model import save_tiny_llama
 
@@ -150,8 +150,10 @@ def test_top_k_host_picks_are_read_as_a_plain_restatement_reads_them(make, metho
 
 def test_summaries_are_made_once_per_moved_token_and_a_prefill_starts_them_afresh(make):
     llm = make("key_norm_summary", budget=5)
+    kept = keep_released_states(llm)
     greedy(llm, PROMPTS[:1], 20)  # 40 - 8 at prefill, 16 at step 16, per layer
-    [state] = llm.runner.read_states.values()
+    [state] = kept
+    assert not llm.runner.read_states
     assert state["tokens"] == 2 * (32 + 16)
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import DenseOffloaded, restated_greedy
+from helpers import DenseOffloaded, keep_released_states, restated_greedy
 from nanokv.methods import make_method
 from nanokv.methods.base import OffloadView, ReadStep
 from nanokv.methods.hashevict import hyperplanes
@@ -315,9 +315,10 @@ class SinksAndTop(DenseOffloaded):
 
 def test_retrievalattention_with_a_beam_over_the_graph_reads_the_exact_top_k(make):
     llm = make("retrievalattention", budget=WINDOW + 2 + 5, sinks=2, degree=4, beam=200, device_window=WINDOW)
+    kept = keep_released_states(llm)
     [got] = greedy(llm, PROMPTS[1:2], 20)  # a decode block joins the graph at step 16
     assert got == restated_greedy(llm.model, SinksAndTop(len(PROMPTS[1]), 5, 2), PROMPTS[1], 20)
-    [state] = llm.runner.read_states.values()
+    [state] = kept
     # the prefill's whole blocks, and one from decode
     assert all(len(llm.method.graph(state, layer, 0)) == (75 - WINDOW) // 16 * 16 + 16 for layer in range(2))
 

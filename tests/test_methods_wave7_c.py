@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import DenseOffloaded, restated_greedy
+from helpers import DenseOffloaded, keep_released_states, restated_greedy
 from nanokv.methods import make_method
 from nanokv.methods.base import OffloadView, ReadStep
 
@@ -244,10 +244,10 @@ PQCACHE = dict(skip_layers=0, device_window=WINDOW, sink=SINK, subspaces=2, bits
 def test_clusterkv_reads_what_a_plain_restatement_reads(tiny_gqa_dir):
     k = 10
     llm = make(tiny_gqa_dir, "clusterkv", WINDOW + SINK + k, **CLUSTERKV)
-    prompt = PROMPTS[1]
+    prompt, kept = PROMPTS[1], keep_released_states(llm)
     [got] = greedy(llm, [prompt], 20)   # past a block of decode steps: the block joins as a cluster
     assert got == restated_greedy(llm.model, PlainClusterKV(len(prompt), k, 6, 20), prompt, 20)
-    [state] = llm.runner.read_states.values()
+    [state] = kept
     assert [c.shape[1] for c in state["centroids"].values()] == [6 + 1, 6 + 1]   # per layer
 
 
