@@ -20,6 +20,7 @@ from tqdm import tqdm
 from nanokv.kernels import KERNELS, kernels_for
 from nanokv.cache.build import build_cache
 from nanokv.engine.cuda_graphs import DecodeGraphs, eager_reason
+from nanokv.engine.prefix_sharing import PrefixSharing
 from nanokv.engine.runner import ModelRunner
 from nanokv.engine.scheduler import Scheduler
 from nanokv.engine.sequence import RequestOutput, Sequence
@@ -63,7 +64,8 @@ class LLM:
                  method: str = "full", compression: float = 0.0, budget: int | None = None,
                  kv_cache_memory: int | float | None = None, host_cache_memory: int | float | None = None,
                  block_size: int = 16, max_num_seqs: int = 256, max_num_batched_tokens: int = 4096,
-                 kernels: str | None = None, load_format: str = "auto", enforce_eager: bool = False, **method_options):
+                 kernels: str | None = None, load_format: str = "auto", enforce_eager: bool = False,
+                 enable_prefix_caching: bool = False, **method_options):
         for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
                             ("max_num_batched_tokens", max_num_batched_tokens)):
             if not isinstance(value, int) or value <= 0:
@@ -102,11 +104,16 @@ class LLM:
         self.cache = build_cache(self.method.cache_request(self.config.num_layers, self.config.head_dim), self.config,
                                  memory, block_size, self.dtype, self.device, self.model.inv_freq, host_memory)
         self.cache.kernels = kernels_for(self.device, kernels, self.cache.workspace)
-        self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens, self.method)
+        # prefix caching (engine/prefix_sharing.py): what this method may share, and why not where it may not
+        if not isinstance(enable_prefix_caching, bool):
+            raise ValueError(f"enable_prefix_caching must be True or False, got {enable_prefix_caching!r}")
+        self.prefix_sharing = PrefixSharing(self.cache, self.method) if enable_prefix_caching else None
+        self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens, self.method, self.prefix_sharing)
         # decode steps as CUDA graphs where they can be (engine/cuda_graphs.py), else eagerly, and why
         self.eager_reason = eager_reason(self.method, self.cache, self.cache.kernels.name, self.device, enforce_eager)
         graphs = DecodeGraphs(self.model, self.cache, max_num_seqs) if self.eager_reason is None else None
         self.runner = ModelRunner(self.model, self.cache, self.device, self.method, graphs)
+        self.runner.sharing = self.prefix_sharing
         self.stats: dict = {}
         self._busy = False  # one generate/stream at a time: they share the scheduler
 
@@ -221,7 +228,8 @@ class LLM:
         captured_s = self.runner.graphs.capture_s if self.runner.graphs else 0.0
         stats = {"prefill_tokens": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0,
                  "peak_running": 0, "peak_kv_bytes": 0, "preemptions": 0, "decode_kv_bytes_read": 0,
-                 "peak_host_kv_bytes": 0, "decode_kv_bytes_moved": 0}
+                 "peak_host_kv_bytes": 0, "decode_kv_bytes_moved": 0,
+                 "prefix_cache_hit_tokens": 0, "prefill_tokens_computed": 0}
         try:
             while not self.scheduler.finished:
                 batch, is_prefill = self.scheduler.schedule()
@@ -234,6 +242,10 @@ class LLM:
                 now = time.perf_counter()
                 stats[f"{kind}_tokens"] += sum(len(s) for s in batch) if is_prefill else len(batch)
                 stats[f"{kind}_s"] += now - start
+                if is_prefill:  # prompt tokens the prefix cache served, and those the model ran
+                    hit = sum(s.prefix_cached for s in batch)
+                    stats["prefix_cache_hit_tokens"] += hit
+                    stats["prefill_tokens_computed"] += sum(len(s) for s in batch) - hit
                 if not is_prefill:
                     stats["decode_kv_bytes_read"] += int(self.runner.last_bytes_read)
                     stats["decode_kv_bytes_moved"] += int(self.runner.last_bytes_moved)
@@ -254,6 +266,10 @@ class LLM:
                 if not seq.finished:
                     self.scheduler.abort(seq)
         stats["preemptions"] = sum(s.num_preemptions for s in seqs)
+        # prompt tokens served from the prefix cache / prompt tokens prefilled (recomputes included)
+        stats["prefix_cache_hit_rate"] = stats["prefix_cache_hit_tokens"] / max(1, stats["prefill_tokens"])
+        if self.prefix_sharing is not None:
+            stats["prefix_cache"] = {"sharing": self.prefix_sharing.kind, "why": self.prefix_sharing.reason}
         # decode steps replayed as CUDA graphs and run eagerly (with why, when none can be captured)
         runner = self.runner
         stats["decode_graphs"] = {"replayed_steps": runner.graph_steps - replayed, "eager_steps": runner.eager_steps - eager,

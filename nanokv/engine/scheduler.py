@@ -18,8 +18,10 @@ from nanokv.engine.sequence import Sequence
 
 
 class Scheduler:
-    def __init__(self, cache: PagedKVCache, max_num_seqs: int, max_num_batched_tokens: int, method=None):
-        self.cache, self.method = cache, method
+    def __init__(self, cache: PagedKVCache, max_num_seqs: int, max_num_batched_tokens: int, method=None,
+                 sharing=None):
+        """sharing: a PrefixSharing (engine/prefix_sharing.py), or None: no prefix caching."""
+        self.cache, self.method, self.sharing = cache, method, sharing
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -62,12 +64,17 @@ class Scheduler:
         while self.waiting and len(self.running) + len(admitted) < self.max_num_seqs:
             seq = self.waiting[0]
             need, host_need = self.prefill_blocks(seq), self.cache.host_blocks_for(len(seq))
-            if need > free or host_need > host_free or (admitted and tokens + len(seq) > self.max_num_batched_tokens):
+            if self.sharing is not None:  # what the prefix cache serves is not computed, nor allocated
+                need = self.sharing.plan(seq, need)
+            computed = len(seq) - seq.prefix_cached
+            if need > free or host_need > host_free or (admitted and tokens + computed > self.max_num_batched_tokens):
                 break
             free -= need
             host_free -= host_need
-            tokens += len(seq)
+            tokens += computed
             self.cache.add(seq.id)
+            if self.sharing is not None:
+                self.sharing.attach(seq)
             admitted.append(self.waiting.popleft())
         if admitted:
             self.running.extend(admitted)
