@@ -97,7 +97,8 @@ class BlockPool:
 
     @property
     def num_used(self) -> int:
-        return self.usable_blocks - self._num_free  # set-aside blocks hold no sequence's tokens
+        # set-aside blocks hold no sequence's tokens; a prefix cache's unused ones count as free
+        return self.usable_blocks - self.num_free
 
     def allocate(self, n: int) -> torch.Tensor:
         if n > self._num_free and self.reclaim is not None:

@@ -24,9 +24,9 @@ must see the whole prompt before evicting simply does not share the uncompressed
 
 Which registered method shares what (tests/test_prefix_cache.py checks this list):
 
-    prefix      full, quest, tidaldecode, recycled_attention, tokenselect, reattention, rocketkv,
-                lserve, loki, double_sparsity, squeezed_attention (readers: dense prefill, state
-                only at decode), and any selector run without compression
+    prefix      full, quest, tidaldecode, recycled_attention, tokenselect, reattention, lserve, loki,
+                double_sparsity, squeezed_attention (readers: dense prefill, state only at decode),
+                and any method run without compression
     compressed  random, streaming_llm, knorm, snapkv, pyramidkv, adakv, sage_kv, nacl, simlayerkv,
                 chunkkv, sepllm, kvzip, duoattention, headkv, kvmerger, pyramidinfer, dynamickv,
                 dbudgetkv, retrieval_head, razorattention, fastkv, lazyllm, infinipot, citrus,
@@ -38,7 +38,8 @@ Which registered method shares what (tests/test_prefix_cache.py checks this list
                 move out and a reader's index lives outside the blocks), sparse prefills
                 (critiprefill, minference: a tail over a cached prefix would run dense, so the
                 output would differ from a cold run), gemfilter (its re-prefill's positions live
-                in the sequence: position_shift)
+                in the sequence: position_shift), rocketkv (it compresses, then reads with state
+                outside the blocks)
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ from nanokv.cache import PagedKVCache
 from nanokv.cache.pool import HOST
 from nanokv.cache.prefix_cache import Entry, chain_key
 from nanokv.engine.sequence import Sequence
-from nanokv.methods.base import Method
+from nanokv.methods.base import Method, PrefillSelector
 
 PREFIX, COMPRESSED, NONE = "prefix", "compressed", "none"
 
@@ -61,7 +62,7 @@ def sharing_of(method) -> tuple[str, str]:
     name = method.name
     if method.offloads:
         return NONE, f"{name} moves older tokens to a host tier, and its reader's index lives outside the blocks"
-    if method.quantization is not None:
+    if quantizes(method):
         return NONE, f"{name} re-encodes its full-precision residual in place as tokens settle (quantized blocks)"
     if method.stores_latents or method.prunes_key_channels:
         return NONE, f"{name} stores tokens in another block kind (latents or slim keys)"
@@ -74,11 +75,20 @@ def sharing_of(method) -> tuple[str, str]:
         return PREFIX, f"{name} stores the prompt's KV exactly as full does and never changes a held block"
     if method.evicts_during_decode:
         return NONE, f"{name} evicts (or merges) in held blocks every decode step"
-    if method.refill_layer is not None:
+    if method.refill_layer is not None or getattr(type(method), "refill", PrefillSelector.refill) is not PrefillSelector.refill:  # set once the depth is known
         return NONE, f"{name} re-prefills its picks at new positions (position_shift lives in the sequence)"
+    if method.selects_pages:
+        return NONE, f"{name} compresses and then reads with per-sequence state kept outside the blocks (read_states)"
     if method.selects_tokens or method.blends:
         return COMPRESSED, f"{name} compresses at prefill only: its compressed prompt is cached as compressed"
     return NONE, f"{name} compresses in a way prefix caching does not know"
+
+
+def quantizes(method) -> bool:
+    try:
+        return method.quantization is not None
+    except ValueError:  # a calibrated codec (kvquant, skvq) exists once its artifact is bound
+        return True
 
 
 def method_key(method) -> str:
