@@ -91,12 +91,6 @@ def quantizes(method) -> bool:
         return True
 
 
-def method_key(method) -> str:
-    """The method and every setting that shapes what it keeps: a compressed prompt's namespace."""
-    options = ",".join(f"{k}={getattr(method, k)!r}" for k in sorted(method.options))
-    return f"{method.name}|compression={method.compression!r}|budget={method.budget!r}|{options}"
-
-
 @dataclass
 class Hit:
     """What admission attaches to a sequence (kv_cache.attach)."""
@@ -112,7 +106,7 @@ class PrefixSharing:
         self.kind, self.reason = sharing_of(method)
         if self.kind != NONE and (type(cache) is not PagedKVCache or cache.uneven):
             self.kind, self.reason = NONE, f"the {type(cache).__name__} block kind does not share blocks"
-        self.namespace = ("full" if self.kind == PREFIX else method_key(method)).encode()
+        self.namespace = ("full" if self.kind == PREFIX else method.settings_key()).encode()
         self.store = cache.enable_prefix_cache() if self.kind != NONE else None
         self.pending: dict[int, Hit] = {}   # a planned hit, attached when its sequence is admitted
 
