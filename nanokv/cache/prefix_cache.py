@@ -69,7 +69,8 @@ class PrefixCache:
         now on: a sequence's free leaves them to the entry."""
         if key in self.entries:
             raise ValueError("prefix cache: key already cached")
-        entry = Entry(key, tuple(tokens), blocks.to(HOST).clone(), None if lengths is None else lengths.to(HOST).clone(), 1)
+        lengths = None if lengths is None else lengths.to(HOST).clone()
+        entry = Entry(key, tuple(tokens), blocks.to(HOST).clone(), lengths, refs=1)
         self.entries[key] = entry
         self.shared[entry.ids] = True
         return entry

@@ -75,7 +75,9 @@ def sharing_of(method) -> tuple[str, str]:
         return PREFIX, f"{name} stores the prompt's KV exactly as full does and never changes a held block"
     if method.evicts_during_decode:
         return NONE, f"{name} evicts (or merges) in held blocks every decode step"
-    if method.refill_layer is not None or getattr(type(method), "refill", PrefillSelector.refill) is not PrefillSelector.refill:  # set once the depth is known
+    # a filter pass: refill_layer is set once the model's depth is known, so the hook says it first
+    if method.refill_layer is not None or getattr(type(method), "refill", PrefillSelector.refill) is not \
+            PrefillSelector.refill:
         return NONE, f"{name} re-prefills its picks at new positions (position_shift lives in the sequence)"
     if method.selects_pages:
         return NONE, f"{name} compresses and then reads with per-sequence state kept outside the blocks (read_states)"
@@ -85,6 +87,7 @@ def sharing_of(method) -> tuple[str, str]:
 
 
 def quantizes(method) -> bool:
+    """Does the method store tokens in quantized blocks (alone, or after an evictor: snapkv+kivi)?"""
     try:
         return method.quantization is not None
     except ValueError:  # a calibrated codec (kvquant, skvq) exists once its artifact is bound
