@@ -37,7 +37,7 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(model_dir):
     """A server on a free loopback port, in a thread; it stops when the module's tests end."""
-    llm = LLM(str(model_dir), **ENGINE)
+    llm = LLM(str(model_dir), **ENGINE, enable_prefix_caching=True)  # as python -m nanokv.serve runs it
     loop = EngineLoop(llm)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -199,3 +199,19 @@ def test_bad_input_gets_openai_errors(server):
     metrics = urllib.request.urlopen(url.removesuffix("/v1") + "/metrics").read().decode()
     assert 'nanokv_kv_blocks_free{tier="device"}' in metrics and "nanokv_preemptions_total" in metrics
     assert loop.alive  # nothing above broke the engine
+
+
+def test_a_shared_system_prompt_is_served_from_the_prefix_cache(server, model_dir):
+    url, loop = server
+    client = openai.OpenAI(base_url=url, api_key="none", max_retries=0)
+    system = "You are a careful assistant who answers in one short sentence. " * 2   # 8 blocks of 16 bytes
+    prompts = [system + f"Question {i}: what is {i} + {i}?" for i in range(3)]
+    idle(loop)
+    before = loop.llm.tally["prefix_cache_hit_tokens"]
+    texts = [client.completions.create(model=MODEL, prompt=p, max_tokens=6, temperature=0,
+                                       extra_body={"ignore_eos": True}).choices[0].text for p in prompts]
+    assert texts == reference(model_dir, prompts, max_tokens=6)  # the same tokens as with no cache
+    hits = loop.llm.tally["prefix_cache_hit_tokens"] - before
+    assert hits >= 2 * (len(system) // 16 * 16)  # the 2nd and 3rd requests found the system prompt's blocks
+    metrics = urllib.request.urlopen(url.removesuffix("/v1") + "/metrics").read().decode()
+    assert "nanokv_prefix_cache_hit_tokens_total" in metrics

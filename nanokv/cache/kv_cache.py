@@ -24,6 +24,7 @@ from nanokv.kernels import kernels_for
 from nanokv.kernels.reference import Workspace, gather_blocks
 from nanokv.cache.device_tables import DeviceTables
 from nanokv.cache.pool import HOST, BlockPool, OutOfBlocks, pool_blocks
+from nanokv.cache.prefix_cache import Entry, PrefixCache
 
 
 @dataclass
@@ -53,6 +54,10 @@ class PagedKVCache:
         # the tables mirrored on the pool's device, which a decode step reads
         self.mirror = DeviceTables(num_layers, num_kv_heads, pool.device)
         self.scratch_slot: int | None = None  # reserve_scratch
+        # blocks shared across sequences (prefix_cache.py), once enable_prefix_cache is called; and
+        # the entries each sequence holds, released when it is freed
+        self.prefix: PrefixCache | None = None
+        self.held_entries: dict[int, list[Entry]] = {}
 
     @classmethod
     def from_memory(cls, cfg, kv_cache_memory: int, block_size: int, dtype: torch.dtype, device="cpu",
@@ -92,7 +97,73 @@ class PagedKVCache:
         s = self.seqs.pop(seq_id)
         self.mirror.remove(seq_id, s.tables, s.num_blocks)
         held = torch.arange(s.tables.shape[-1], device=HOST) < s.num_blocks[..., None]
-        self.pool.free(s.tables[held])
+        ids = s.tables[held]
+        if self.prefix is not None:  # shared blocks stay with their entries; the newest entry goes first
+            ids = ids[~self.prefix.shared[ids]]
+            for entry in reversed(self.held_entries.pop(seq_id, [])):
+                self.prefix.release(entry)
+        self.pool.free(ids)
+
+    # --- shared prefixes (prefix_cache.py; which prompts share is the engine's call) ----------
+
+    def enable_prefix_cache(self) -> PrefixCache:
+        if self.prefix is None:
+            self.prefix = PrefixCache(self.pool)
+        return self.prefix
+
+    def attach(self, seq_id: int, entries: list[Entry], tables: torch.Tensor, lengths: torch.Tensor,
+               copy_last: torch.Tensor | None = None):
+        """Start an empty sequence with cached blocks: tables [L, H, nb] (-1 past a head's blocks)
+        holding lengths [L, H] tokens, out of `entries` (each held once more). `copy_last` [L, H]:
+        the heads whose last block is copied to a block of the sequence's own (a partial block the
+        sequence will append to)."""
+        s = self.seqs[seq_id]
+        if int(s.num_blocks.sum()):
+            raise ValueError("attach: the sequence already holds blocks")
+        for entry in entries:  # first, so that the copies' allocation cannot take these back
+            self.prefix.acquire(entry)
+        self.held_entries.setdefault(seq_id, []).extend(entries)
+        tables, lengths = tables.to(HOST).clone(), lengths.to(HOST, torch.int64)
+        num_blocks = self.blocks_for(lengths)
+        if copy_last is not None and bool(copy_last.any()):
+            layer, head = copy_last.to(HOST).nonzero(as_tuple=True)
+            last = num_blocks[layer, head] - 1
+            tables[layer, head, last] = self.pool.clone_blocks(tables[layer, head, last])
+        width = int(num_blocks.max())
+        s.tables = grown_to(s.tables, width)
+        s.tables[..., :width] = tables[..., :width]
+        s.num_blocks, s.lengths = num_blocks, lengths.clone()
+        placed = s.tables >= 0
+        self.mirror.record(seq_id, placed.nonzero(), s.tables[placed])
+
+    def share_blocks(self, seq_id: int, key: bytes, tokens, column: int) -> Entry:
+        """Make column `column` of the sequence's tables (every (layer, head): one prefix block, full)
+        an entry under `key`, which the sequence holds."""
+        entry = self.prefix.insert(key, tokens, self.seqs[seq_id].tables[:, :, column])
+        self.held_entries.setdefault(seq_id, []).append(entry)
+        return entry
+
+    def share_prompt(self, seq_id: int, key: bytes, tokens, lengths: torch.Tensor) -> Entry | None:
+        """Make the first lengths [L, H] tokens of each head (a compressed prompt) an entry under `key`,
+        which the sequence holds: its full blocks shared, each partial last block copied into a
+        block the entry owns (the sequence goes on appending to its own). None: no block for the
+        copies."""
+        s, bs = self.seqs[seq_id], self.block_size
+        lengths = lengths.to(HOST, torch.int64)
+        partial = lengths % bs != 0
+        if int(partial.sum()) > self.pool.num_free:
+            return None
+        width = int(self.blocks_for(lengths).max())
+        tables = s.tables[..., :width].clone()
+        cols = torch.arange(width, device=HOST)
+        tables[cols >= self.blocks_for(lengths)[..., None]] = -1
+        if bool(partial.any()):
+            layer, head = partial.nonzero(as_tuple=True)
+            last = lengths[layer, head] // bs
+            tables[layer, head, last] = self.pool.clone_blocks(tables[layer, head, last])
+        entry = self.prefix.insert(key, tokens, tables, lengths)
+        self.held_entries.setdefault(seq_id, []).append(entry)
+        return entry
 
     def blocks_to_append(self, seq_id: int | None, n: int) -> int:
         """Blocks the pool must supply to append n tokens to every (layer, head) of a sequence
@@ -502,6 +573,9 @@ class PagedKVCache:
         need = self.blocks_for(lengths)
         cols = torch.arange(tables.shape[-1], device=HOST)
         tail = (cols >= need[..., None]) & (cols < s.num_blocks[layers][..., None])
+        if self.prefix is not None and bool(self.prefix.shared[tables[tail]].any()):
+            raise RuntimeError("a shared prefix block would be freed by a compaction; the engine must not "
+                               "share the blocks of a method that changes held blocks")
         self.pool.free(tables[tail])
         tables[tail] = -1
         self.mirror.record_freed(seq_id, tail, layers.indices(self.num_layers)[0])

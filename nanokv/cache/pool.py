@@ -27,6 +27,11 @@ class OutOfBlocks(RuntimeError):
 
 
 class BlockPool:
+    # a prefix cache's unused blocks (prefix_cache.py): held, but free to take back when needed, so
+    # they count as free; `reclaim(n)` (set by the prefix cache) gives at least n of them back
+    cached_free = 0
+    reclaim = None
+
     def __init__(self, num_blocks: int, block_size: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device | str = "cpu", extra_fields: dict[str, torch.dtype] | None = None,
                  key_bounds: bool = False, pin: bool = False):
@@ -87,13 +92,17 @@ class BlockPool:
 
     @property
     def num_free(self) -> int:
-        return self._num_free
+        """Blocks an allocation can have: the free stack, and a prefix cache's unused blocks."""
+        return self._num_free + self.cached_free
 
     @property
     def num_used(self) -> int:
-        return self.usable_blocks - self._num_free  # set-aside blocks hold no sequence's tokens
+        # set-aside blocks hold no sequence's tokens; a prefix cache's unused ones count as free
+        return self.usable_blocks - self.num_free
 
     def allocate(self, n: int) -> torch.Tensor:
+        if n > self._num_free and self.reclaim is not None:
+            self.reclaim(n - self._num_free)
         if n > self._num_free:
             raise OutOfBlocks(f"asked for {n} blocks, {self._num_free} free")
         ids = self._free[self._num_free - n:self._num_free].flip(0)
@@ -105,6 +114,15 @@ class BlockPool:
         if self.block_fields:  # empty bounds, which the first write replaces
             self.block_fields["kmin"][on_device] = torch.finfo(self.dtype).max
             self.block_fields["kmax"][on_device] = torch.finfo(self.dtype).min
+        return ids
+
+    def clone_blocks(self, src: torch.Tensor) -> torch.Tensor:
+        """Fresh blocks holding copies of blocks `src` (every slot field and block field) -> their ids:
+        what a sequence appends to instead of a shared block."""
+        ids = self.allocate(len(src))
+        to, frm = ids.to(self.device), src.to(self.device)
+        for field in [*self.fields.values(), *self.block_fields.values()]:
+            field[to] = field[frm]
         return ids
 
     def set_aside(self) -> int:

@@ -56,6 +56,9 @@ def parse_args(argv=None):
                         "free host memory (default: four times the KV-cache pool, at most half of free host memory)")
     p.add_argument("--enforce-eager", action="store_true",
                    help="run every decode step eagerly, without CUDA graphs (vLLM's name)")
+    p.add_argument("--enable-prefix-caching", action="store_true",
+                   help="share the KV blocks of identical prompt prefixes across requests (vLLM's name; "
+                        "a compressing method shares its compressed prompt, see nanokv/engine/prefix_sharing.py)")
     p.add_argument("--stats-json", metavar="PATH", help="also write the stats line as JSON to PATH")
     return p.parse_args(argv)
 
@@ -95,7 +98,7 @@ def run(args) -> int:
     llm = LLM(args.model, dtype=args.dtype, device=args.device, method=args.method,
               compression=args.compression, budget=args.budget, kv_cache_memory=args.kv_cache_memory,
               host_cache_memory=args.host_cache_memory, load_format=args.load_format,
-              enforce_eager=args.enforce_eager, **options)
+              enforce_eager=args.enforce_eager, enable_prefix_caching=args.enable_prefix_caching, **options)
     stream = llm.stream(args.prompt, params, chat=not args.no_chat)
     for piece in stream:
         print(piece, end="", flush=True)
@@ -109,6 +112,8 @@ def run(args) -> int:
     # what to read (quest)
     stats["kv_bytes_read_per_decode_token"] = read = llm.stats["kv_bytes_read_per_decode_token"]
     stats["decode_graphs"] = llm.stats["decode_graphs"]  # replayed as CUDA graphs, or eager and why
+    if args.enable_prefix_caching:
+        stats["prefix_cache"] = llm.stats["prefix_cache"]  # what this method shares, or why it does not
     per_token = m["kv_cache_bytes"] / max(1, m["kv_cache_tokens"])
     theory = m["kv_cache_bytes_theory"] / max(1, m["kv_cache_tokens"])
     print(f"[{args.model} | {args.method} | {llm.device} {dtype}] prompt {m['prompt_tokens']} tok, generated {m['generated_tokens']} tok "

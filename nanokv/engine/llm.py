@@ -20,6 +20,7 @@ from tqdm import tqdm
 from nanokv.kernels import KERNELS, kernels_for
 from nanokv.cache.build import build_cache
 from nanokv.engine.cuda_graphs import DecodeGraphs, eager_reason
+from nanokv.engine.prefix_sharing import PrefixSharing
 from nanokv.engine.request_methods import RequestMethods, method_key
 from nanokv.engine.runner import ModelRunner
 from nanokv.engine.scheduler import Scheduler
@@ -64,7 +65,8 @@ class LLM:
                  method: str = "full", compression: float = 0.0, budget: int | None = None,
                  kv_cache_memory: int | float | None = None, host_cache_memory: int | float | None = None,
                  block_size: int = 16, max_num_seqs: int = 256, max_num_batched_tokens: int = 4096,
-                 kernels: str | None = None, load_format: str = "auto", enforce_eager: bool = False, **method_options):
+                 kernels: str | None = None, load_format: str = "auto", enforce_eager: bool = False,
+                 enable_prefix_caching: bool = False, **method_options):
         for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
                             ("max_num_batched_tokens", max_num_batched_tokens)):
             if not isinstance(value, int) or value <= 0:
@@ -96,11 +98,16 @@ class LLM:
         self.cache = build_cache(self.method.cache_request(self.config.num_layers, self.config.head_dim), self.config,
                                  memory, block_size, self.dtype, self.device, self.model.inv_freq, host_memory)
         self.cache.kernels = kernels_for(self.device, kernels, self.cache.workspace)
-        self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens, self.method)
+        # prefix caching (engine/prefix_sharing.py): what this method may share, and why not where it may not
+        if not isinstance(enable_prefix_caching, bool):
+            raise ValueError(f"enable_prefix_caching must be True or False, got {enable_prefix_caching!r}")
+        self.prefix_sharing = PrefixSharing(self.cache, self.method) if enable_prefix_caching else None
+        self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens, self.method, self.prefix_sharing)
         # decode steps as CUDA graphs where they can be (engine/cuda_graphs.py), else eagerly, and why
         self.eager_reason = eager_reason(self.method, self.cache, self.cache.kernels.name, self.device, enforce_eager)
         graphs = DecodeGraphs(self.model, self.cache, max_num_seqs) if self.eager_reason is None else None
         self.runner = ModelRunner(self.model, self.cache, self.device, self.method, graphs)
+        self.runner.sharing = self.prefix_sharing
         # the methods requests may name besides the engine's own, on the same pool (request_methods.py)
         self.methods = RequestMethods(self.method, method_key(method, compression, budget, **method_options),
                                       self.cache, self.bind_method)
@@ -271,6 +278,10 @@ class LLM:
         tally[f"{kind}_tokens"] += sum(len(s) for s in batch) if is_prefill else len(batch)
         tally[f"{kind}_s"] += now - start
         tally[f"{kind}_steps"] += 1
+        if is_prefill:  # prompt tokens the prefix cache served, and those the model ran
+            hit = sum(s.prefix_cached for s in batch)
+            tally["prefix_cache_hit_tokens"] += hit
+            tally["prefill_tokens_computed"] += sum(len(s) for s in batch) - hit
         if not is_prefill:
             tally["decode_kv_bytes_read"] += int(self.runner.last_bytes_read)
             tally["decode_kv_bytes_moved"] += int(self.runner.last_bytes_moved)
@@ -310,6 +321,10 @@ class LLM:
             for seq in seqs:
                 self.abort(seq)
         stats["preemptions"] = sum(s.num_preemptions for s in seqs)
+        # prompt tokens served from the prefix cache / prompt tokens prefilled (recomputes included)
+        stats["prefix_cache_hit_rate"] = stats["prefix_cache_hit_tokens"] / max(1, stats["prefill_tokens"])
+        if self.prefix_sharing is not None:
+            stats["prefix_cache"] = {"sharing": self.prefix_sharing.kind, "why": self.prefix_sharing.reason}
         # decode steps replayed as CUDA graphs and run eagerly (with why, when none can be captured)
         runner = self.runner
         stats["decode_graphs"] = {"replayed_steps": runner.graph_steps - replayed, "eager_steps": runner.eager_steps - eager,
@@ -328,11 +343,12 @@ class LLM:
 
 
 def new_tally() -> dict:
-    """What LLM.step adds up: tokens, seconds and steps of each kind, finished requests, and the
-    peaks of running sequences and KV bytes."""
+    """What LLM.step adds up: tokens, seconds and steps of each kind, finished requests, prompt
+    tokens the prefix cache served, and the peaks of running sequences and KV bytes."""
     return {"prefill_tokens": 0, "prefill_s": 0.0, "prefill_steps": 0, "decode_tokens": 0, "decode_s": 0.0,
             "decode_steps": 0, "finished_requests": 0, "peak_running": 0, "peak_kv_bytes": 0,
-            "preemptions": 0, "decode_kv_bytes_read": 0, "peak_host_kv_bytes": 0, "decode_kv_bytes_moved": 0}
+            "preemptions": 0, "decode_kv_bytes_read": 0, "peak_host_kv_bytes": 0, "decode_kv_bytes_moved": 0,
+            "prefix_cache_hit_tokens": 0, "prefill_tokens_computed": 0}
 
 
 class TextStream:

@@ -42,6 +42,7 @@ class ModelRunner:
         # the same tokens computes (full's), for LLM.stats
         self.prefill_flops = self.dense_prefill_flops = 0
         self.last_blend = None  # a blending method's last blend pass (engine/blending.py: what it recomputed)
+        self.sharing = None  # prefix caching (engine/prefix_sharing.py): LLM sets it when enabled
         if method is not None and method.evicts_during_decode:
             cache.reserve_scratch()  # its decode steps write there (attention.py: _evict); now, before any step
 
@@ -66,24 +67,36 @@ class ModelRunner:
         for s in seqs:  # a prefill (a recompute) starts a reader's state afresh
             self.read_states.pop(s.id, None)
             self.dense_prefill_flops += 4 * cfg.head_dim * cfg.num_heads * cfg.num_layers * len(s) * (len(s) + 1) // 2
-        method = self.method if self.method is not None and self.method.compresses else None
-        if method is not None and method.refill_layer is not None:  # GemFilter: a filter pass, then its picks
-            hidden = self._refilled_prefill(seqs)
-        elif method is not None and method.blends:  # CacheBlend: chunks alone, then a blend
-            hidden = torch.stack([self._blended_prefill(s) for s in seqs])
-        else:  # a chunked method (base.py: prefill_chunk) prefills each long prompt a chunk at a time, alone
-            chunk = method.prefill_chunk if method is not None else None
-            chunked = [chunk is not None and s.compress_len > chunk for s in seqs]
-            plain = [s for s, c in zip(seqs, chunked) if not c]
-            rows = iter(self._prefill(plain, method) if plain else [])
-            hidden = torch.stack([self._chunked_prefill(s, chunk) if c else next(rows) for s, c in zip(seqs, chunked)])
+        # a sequence the prefix cache served (engine/prefix_sharing.py) runs only what follows, over it
+        hits = [s for s in seqs if s.prefix_cached]
+        fresh = [s for s in seqs if not s.prefix_cached]
+        rows = iter(self._fresh_prefill(fresh) if fresh else [])
+        served = iter(self._rest(hits, [s.prefix_cached for s in hits]) if hits else [])
+        hidden = torch.stack([next(served) if s.prefix_cached else next(rows) for s in seqs])
         for s in seqs:
             s.num_cached = len(s)
+            if self.sharing is not None:  # its prompt's blocks (or compressed part) go in the prefix cache
+                self.sharing.register(s)
         return self._sample(seqs, hidden)
 
     def release(self, seq_id: int):
         """Forget a sequence that left the engine (finished or aborted)."""
         self.read_states.pop(seq_id, None)
+
+    def _fresh_prefill(self, seqs) -> torch.Tensor:
+        """Every token of these sequences, by the method's way of prefilling -> each one's last hidden
+        state [len(seqs), hidden]."""
+        method = self.method if self.method is not None and self.method.compresses else None
+        if method is not None and method.refill_layer is not None:  # GemFilter: a filter pass, then its picks
+            return self._refilled_prefill(seqs)
+        if method is not None and method.blends:  # CacheBlend: chunks alone, then a blend
+            return torch.stack([self._blended_prefill(s) for s in seqs])
+        # a chunked method (base.py: prefill_chunk) prefills each long prompt a chunk at a time, alone
+        chunk = method.prefill_chunk if method is not None else None
+        chunked = [chunk is not None and s.compress_len > chunk for s in seqs]
+        plain = [s for s, c in zip(seqs, chunked) if not c]
+        rows = iter(self._prefill(plain, method) if plain else [])
+        return torch.stack([self._chunked_prefill(s, chunk) if c else next(rows) for s, c in zip(seqs, chunked)])
 
     def _prefill(self, seqs, method):
         """Every token of these sequences in one forward pass -> the hidden state of each one's last
@@ -160,11 +173,13 @@ class ModelRunner:
         self.prefill_flops += alone.prefill_flops + self.last_blend.prefill_flops
         return self._rest([s])[0] if len(s) > n else hidden
 
-    def _rest(self, seqs) -> torch.Tensor:
-        """What follows each one's compressed part (a question, a recompute's generated tokens), over
-        the finished cache -> each one's last hidden state [len(seqs), hidden]."""
-        tails = [s.all_token_ids[s.compress_len:] for s in seqs]
-        positions = torch.cat([torch.arange(s.compress_len, len(s), device=self.device) for s in seqs])
+    def _rest(self, seqs, starts: list[int] | None = None) -> torch.Tensor:
+        """What follows each one's compressed part (a question, a recompute's generated tokens), or its
+        first `starts` tokens (a cached prefix), over the cache it holds -> each one's last hidden
+        state [len(seqs), hidden]."""
+        starts = starts or [s.compress_len for s in seqs]
+        tails = [s.all_token_ids[start:] for s, start in zip(seqs, starts)]
+        positions = torch.cat([torch.arange(start, len(s), device=self.device) for s, start in zip(seqs, starts)])
         hidden = self._forward(seqs, [len(t) for t in tails], sum(tails, []), positions, compress=False)
         return hidden[last_rows([len(t) for t in tails])]
 

@@ -29,8 +29,10 @@ class RequestTooLarge(ValueError):
 
 
 class Scheduler:
-    def __init__(self, cache: PagedKVCache, max_num_seqs: int, max_num_batched_tokens: int, method=None):
-        self.cache, self.method = cache, method
+    def __init__(self, cache: PagedKVCache, max_num_seqs: int, max_num_batched_tokens: int, method=None,
+                 sharing=None):
+        """sharing: a PrefixSharing (engine/prefix_sharing.py), or None: no prefix caching."""
+        self.cache, self.method, self.sharing = cache, method, sharing
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -80,14 +82,19 @@ class Scheduler:
         while self.waiting and len(self.running) + len(admitted) < self.max_num_seqs:
             seq = self.waiting[0]
             need, host_need = self.prefill_blocks(seq), self.cache.host_blocks_for(len(seq))
-            if need > free or host_need > host_free or (admitted and tokens + len(seq) > self.max_num_batched_tokens):
+            if self.sharing is not None:  # what the prefix cache serves is not computed, nor allocated
+                need = self.sharing.plan(seq, need)
+            computed = len(seq) - seq.prefix_cached
+            if need > free or host_need > host_free or (admitted and tokens + computed > self.max_num_batched_tokens):
                 break
             if admitted and not RequestMethods.same_prefill(self.method_of(seq), self.method_of(admitted[0])):
                 break  # a prefill step runs one method (request_methods.py); it goes in the next one
             free -= need
             host_free -= host_need
-            tokens += len(seq)
+            tokens += computed
             self.cache.add(seq.id)
+            if self.sharing is not None:
+                self.sharing.attach(seq)
             admitted.append(self.waiting.popleft())
         if admitted:
             self.running.extend(admitted)
@@ -171,3 +178,5 @@ class Scheduler:
             self.cache.free(seq.id)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+            if self.sharing is not None:
+                self.sharing.forget(seq)

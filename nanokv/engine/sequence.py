@@ -52,6 +52,9 @@ class Sequence:
         self.kv_bytes_uncompressed = 0  # what `full` would hold for the same tokens
         self.kv_bytes_theory = 0        # the tokens held with no block rounding (packed + scales + residual)
         self.num_cached = 0             # tokens that have gone through the model
+        # leading tokens whose K/V the prefix cache served at its last admission (engine/prefix_sharing.py):
+        # its prefill computes only what follows them
+        self.prefix_cached = 0
         self.generator = None  # a seeded torch.Generator when params.seed is set
         self.num_preemptions = 0
 

@@ -499,6 +499,12 @@ class Method:
     def check_budget(self):
         """Methods with a minimum (a window, sinks) refuse budgets below it."""
 
+    def settings_key(self) -> str:
+        """The method and every setting that shapes what it keeps (its name, budget and options): what a
+        compressed prompt is cached under (engine/prefix_sharing.py)."""
+        options = ",".join(f"{k}={getattr(self, k)!r}" for k in sorted(self.options))
+        return f"{self.name}|compression={self.compression!r}|budget={self.budget!r}|{options}"
+
     def tokens_to_keep(self, n: int) -> int:
         """`budget`, or ceil((1 - r) n) for compression=r, none over n. r is taken as the decimal it
         is written as, so (1 - 0.7) x 10 keeps 3, not the 4 the float product 3.0000000000000004

@@ -37,6 +37,8 @@ def parse_args(argv=None):
                    help="KV-cache pool size: bytes, or a fraction (0, 1] of free memory")
     p.add_argument("--max-num-seqs", type=int, default=256, help="most requests in one batch (default: 256)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--no-prefix-caching", action="store_true",
+                   help="do not share the KV blocks of identical prompt prefixes across requests (on by default)")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
     return p.parse_args(argv)
 
@@ -74,7 +76,8 @@ def make_server(args):
         kv_cache_memory = int(kv_cache_memory)
     llm = LLM(args.model, dtype=args.dtype, device=args.device, method=args.method, compression=args.compression,
               budget=args.budget, kv_cache_memory=kv_cache_memory, max_num_seqs=args.max_num_seqs,
-              load_format=args.load_format, enforce_eager=args.enforce_eager, **options)
+              load_format=args.load_format, enforce_eager=args.enforce_eager,
+              enable_prefix_caching=not args.no_prefix_caching, **options)
     loop = EngineLoop(llm)
     app = build_app(loop, args.served_model_name or args.model)
     return uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))

@@ -30,6 +30,11 @@ def render(loop: EngineLoop) -> str:
            [({}, round(counters.tokens_per_second(), 3))])
     metric("preemptions_total", "counter", "Requests preempted for lack of blocks (recomputed later).",
            [({}, scheduler.num_preemptions)])
+    tally = llm.tally  # the server never resets it: since the start
+    metric("prefix_cache_hit_rate", "gauge", "Prompt tokens served from the prefix cache / prompt tokens prefilled.",
+           [({}, round(tally["prefix_cache_hit_tokens"] / max(1, tally["prefill_tokens"]), 4))])
+    metric("prefix_cache_hit_tokens_total", "counter", "Prompt tokens served from the prefix cache.",
+           [({}, tally["prefix_cache_hit_tokens"])])
     metric("requests_total", "counter", "Requests accepted.", [({}, counters.requests)])
     metric("requests_finished_total", "counter", "Requests that finished.", [({}, counters.finished)])
     metric("requests_aborted_total", "counter", "Requests dropped because their client went away.",
