@@ -7,6 +7,17 @@ sequence is preempted: its blocks are freed and it goes back to the front of the
 queue, to be re-prefilled later from its prompt plus the tokens it has generated
 (recompute). A request is never dropped for lack of blocks; one that could never fit even
 alone is refused when it is added.
+
+Under tensor parallelism (nanokv/distributed.py) every rank runs this scheduler over its own pool,
+which holds its own heads' blocks, and every rank must make the same decisions: the same sequences
+in each step, the same preemptions, or the ranks' collectives no longer pair up. The decisions are
+a function of the queues (the same on every rank: the same requests, rank 0's sampled tokens) and
+of block counts, which per-head compression (AdaKV, PyramidKV, H2O's evictions, a per-head
+calibration) can leave different on different ranks. So each count is agreed before it is used,
+the cautious way: free blocks are the fewest any rank has (MIN), the blocks a sequence needs the
+most any rank needs (MAX), and the blocks a preemption frees the fewest any rank got back (MIN).
+Every rank then decides as the tightest rank would: what it schedules fits on every rank. One
+all-reduce per count read (a handful a step, on the host); on one process `agree` is the identity.
 """
 
 from __future__ import annotations
@@ -14,12 +25,15 @@ from __future__ import annotations
 from collections import deque
 
 from nanokv.cache import PagedKVCache
+from nanokv.distributed import SINGLE
 from nanokv.engine.sequence import Sequence
 
 
 class Scheduler:
-    def __init__(self, cache: PagedKVCache, max_num_seqs: int, max_num_batched_tokens: int, method=None):
+    def __init__(self, cache: PagedKVCache, max_num_seqs: int, max_num_batched_tokens: int, method=None,
+                 ranks=SINGLE):
         self.cache, self.method = cache, method
+        self.ranks = ranks  # tensor parallelism's (nanokv/distributed.py): block counts agreed (module docstring)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -57,11 +71,12 @@ class Scheduler:
         admitted, tokens = [], 0
         # Keep back the blocks the running sequences need to cross their next block boundary,
         # so that a newly admitted (or just preempted) sequence is not preempted again at once.
-        free = self.cache.pool.num_free - len(self.running) * self.cache.blocks_to_append(None, 1)
-        host_free = self.cache.host_free_blocks  # a host tier's (host_tier.py): the prompt's older tokens go there
+        num_free, host_free = self.ranks.agree([self.cache.pool.num_free, self.cache.host_free_blocks], "min")
+        free = num_free - len(self.running) * self.cache.blocks_to_append(None, 1)
+        # host_free: a host tier's (host_tier.py): the prompt's older tokens go there
         while self.waiting and len(self.running) + len(admitted) < self.max_num_seqs:
             seq = self.waiting[0]
-            need, host_need = self.prefill_blocks(seq), self.cache.host_blocks_for(len(seq))
+            need, host_need = self.ranks.agree([self.prefill_blocks(seq), self.cache.host_blocks_for(len(seq))], "max")
             if need > free or host_need > host_free or (admitted and tokens + len(seq) > self.max_num_batched_tokens):
                 break
             free -= need
@@ -76,8 +91,8 @@ class Scheduler:
         # Decode: every running sequence appends one token. Walk them oldest first and
         # preempt from the youngest end until the blocks they need are there.
         scheduled = []
-        free = self.cache.pool.num_free
-        needs = self.cache.blocks_to_append_each([seq.id for seq in self.running], 1)
+        [free] = self.ranks.agree([self.cache.pool.num_free], "min")
+        needs = self.ranks.agree(self.cache.blocks_to_append_each([seq.id for seq in self.running], 1), "max")
         while len(scheduled) < len(self.running):
             seq = self.running[len(scheduled)]
             need = needs[len(scheduled)]
@@ -113,7 +128,7 @@ class Scheduler:
         """Free a running sequence's blocks and requeue it first -> blocks freed."""
         before = self.cache.pool.num_free  # seq_bytes may count more than blocks (a host tier's summaries)
         self.cache.free(seq.id)
-        freed = self.cache.pool.num_free - before
+        [freed] = self.ranks.agree([self.cache.pool.num_free - before], "min")
         seq.num_preemptions += 1
         self.waiting.appendleft(seq)
         return freed

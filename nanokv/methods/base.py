@@ -200,6 +200,20 @@ class PrefillView:
     # a chunked prefill's (Method.prefill_chunk): the slots the layer held before this chunk, which
     # come first in `keys` (what earlier chunks left); the queries are the chunk's alone
     held_before: int = 0
+    # tensor parallelism (nanokv/distributed.py): the ranks that hold the layer's other heads, which
+    # the engine hands in; None on one process. Methods reach them only through all_heads/own_heads.
+    ranks: object | None = None
+
+    def all_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """[H, ...] a value per head of this rank -> [H_all, ...] every head of the layer, in order
+        (global head = rank * H + local head): an all-gather over the ranks, x itself on one. For a
+        selection that compares heads (Ada-KV's and KVzip's layer-wide top-k): select over all
+        heads, then keep `own_heads` of the result, so each head keeps what it keeps on one rank."""
+        return x if self.ranks is None else self.ranks.all_gather(x, 0)
+
+    def own_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """[H_all, ...] over every head of the layer -> this rank's [H, ...] (x itself on one rank)."""
+        return x if self.ranks is None else self.ranks.own(x, 0)
 
 
 @dataclass
@@ -395,7 +409,8 @@ def top_per_head(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 def top_over_heads(scores: torch.Tensor, k: int) -> torch.Tensor:
     """[H, S] bool: the k highest of all the heads' scores together, so heads keep different
-    numbers of tokens (Ada-KV's layer-wide selection, KVzip's)."""
+    numbers of tokens (Ada-KV's layer-wide selection, KVzip's). Under tensor parallelism `scores`
+    must be every rank's heads (PrefillView.all_heads), and k counts over all of them."""
     chosen = scores.flatten().topk(k).indices
     return torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device).scatter_(0, chosen, True).view(scores.shape)
 
@@ -440,6 +455,8 @@ class Method:
     narrows = False                 # propagate: only some prompt tokens go on to later layers (fastkv, lazyllm)
     refill_layer: int | None = None  # refill: a filter pass to here picks the tokens a second pass prefills (gemfilter)
     blends = False                  # chunks prefilled alone, then some tokens recomputed over them (cacheblend)
+    # why it cannot split its heads across tensor-parallel ranks (nanokv/distributed.py); None: it can
+    tensor_parallel_reason: str | None = None
     check_layer = 1                 # blends: the layer whose K/V deviations pick the tokens recomputed
     # storage (cache_request)
     quantization = None             # a Codec (cache/codec.py): older K and V stored encoded (kivi, int4, gear)
