@@ -44,6 +44,22 @@ def valid_sizes(*counts: int) -> list[int]:
     return [n for n in range(1, min(counts) + 1) if all(c % n == 0 for c in counts)]
 
 
+def shard_config(cfg, size: int):
+    """The ModelConfig as one of `size` ranks' layers see it: num_heads / size query heads,
+    num_kv_heads / size kv-heads, intermediate_size / size of the MLP. A clear error when they do
+    not divide."""
+    if size == 1:
+        return cfg
+    counts = {"num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
+              "intermediate_size": cfg.intermediate_size}
+    if any(v % size for v in counts.values()):
+        raise ValueError(f"tensor_parallel_size={size} does not divide the model's "
+                         + ", ".join(f"{k}={v}" for k, v in counts.items())
+                         + f"; valid sizes: {', '.join(map(str, valid_sizes(*counts.values())))}")
+    return dataclasses.replace(cfg, num_heads=cfg.num_heads // size, num_kv_heads=cfg.num_kv_heads // size,
+                               intermediate_size=cfg.intermediate_size // size)
+
+
 class TensorParallel:
     """This process's place in the tensor-parallel group. `rank`, `size`; `device` (cuda:LOCAL_RANK
     under NCCL). Build one with `from_env`; `TensorParallel()` is the single-process group."""
@@ -87,20 +103,8 @@ class TensorParallel:
     # --- splitting the model ----------------------------------------------------------------
 
     def shard_config(self, cfg):
-        """The ModelConfig as one rank's layers see it: num_heads / size query heads, num_kv_heads /
-        size kv-heads, intermediate_size / size of the MLP. A clear error when they do not divide."""
-        if self.size == 1:
-            return cfg
-        counts = {"num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
-                  "intermediate_size": cfg.intermediate_size}
-        bad = {k: v for k, v in counts.items() if v % self.size}
-        if bad:
-            raise ValueError(f"tensor_parallel_size={self.size} does not divide the model's "
-                             + ", ".join(f"{k}={v}" for k, v in counts.items())
-                             + f"; valid sizes: {', '.join(map(str, valid_sizes(*counts.values())))}")
-        return dataclasses.replace(cfg, num_heads=cfg.num_heads // self.size,
-                                   num_kv_heads=cfg.num_kv_heads // self.size,
-                                   intermediate_size=cfg.intermediate_size // self.size)
+        """The ModelConfig as this rank's layers see it (`shard_config`)."""
+        return shard_config(cfg, self.size)
 
     def own(self, x: torch.Tensor, dim: int = 0) -> torch.Tensor:
         """This rank's 1 / size of `x` along `dim` (its heads of a per-head table), contiguous slices
