@@ -337,7 +337,7 @@ class StepAttention:
         return ReadStep(layer, cache.num_layers, q, self.positions[members], lengths, cache.block_size,
                         cache.pool.dtype.itemsize, [self.read_states.setdefault(i, {}) for i in self.group_seqs[g]],
                         self.step_states[g], inv_freq=self.inv_freq, fetch=fetch, pages=pages,
-                        compress_lens=self.group_compress_lens[g])
+                        compress_lens=self.group_compress_lens[g], ranks=self.ranks)
 
     def _recall_picks(self, layer, g, members, q, tables, lengths, sliding_window):
         """An Offloader (methods/base.py): it picks host slots or pages from what the device keeps of
@@ -544,7 +544,7 @@ class StepAttention:
             visible = (arange < length[..., None]) & (k_pos <= q_pos[:, None, None])  # a replay holds later tokens
             return fields, DecodeStep(layer, q_pos, prompt_lens, k_pos, visible, budgets, fields.pop("k", None),
                                       fields.pop("v", None), q if "queries" in method.decode_reads else None,
-                                      token_ids if method.needs_vocabulary else None)
+                                      token_ids if method.needs_vocabulary else None, self.ranks)
 
         state, step = read(lengths)
         scores, new = method.decode_scores(probs, state, step)

@@ -173,8 +173,37 @@ CALIBRATION_FILE = (str, "", "a path to an artifact of python -m nanokv.calibrat
                     lambda v: True)
 
 
+class RankHeads:
+    """What a view offers a method that compares a layer's heads, under tensor parallelism
+    (nanokv/distributed.py), where each rank holds H of the layer's H * ranks heads: rank r its
+    heads r * H .. (r + 1) * H - 1. A method that ranks, averages or draws across heads asks for
+    every head through these hooks, selects as on one process, and keeps its own heads' part; it
+    never imports torch.distributed. `ranks` is the engine's group; None (one process): each hook is
+    the identity. `head_axis`: where the heads sit in this view's tensors."""
+    ranks = None
+    head_axis = 0
+
+    def all_heads(self, x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+        """x holding a value per head of this rank along `dim` (default: head_axis) -> every head of the
+        layer, in global order: an all-gather over the ranks (the score exchange), x itself on one."""
+        return x if self.ranks is None else self.ranks.all_gather(x, self.head_axis if dim is None else dim)
+
+    def own_heads(self, x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+        """x over every head of the layer along `dim` -> this rank's heads (x itself on one process)."""
+        return x if self.ranks is None else self.ranks.own(x, self.head_axis if dim is None else dim)
+
+    def total_heads(self, n: int) -> int:
+        """n heads a rank -> the layer's count over every rank (n on one process)."""
+        return n if self.ranks is None else n * self.ranks.size
+
+    def head_ids(self, n: int, device=None) -> torch.Tensor:
+        """[n] int64: the global index of each of this rank's n heads (a hash or a draw by head)."""
+        first = 0 if self.ranks is None else self.ranks.rank * n
+        return torch.arange(first, first + n, device=device)
+
+
 @dataclass
-class PrefillView:
+class PrefillView(RankHeads):
     """What a prefill-time method sees for one sequence at one layer."""
     layer: int
     num_layers: int
@@ -201,23 +230,12 @@ class PrefillView:
     # come first in `keys` (what earlier chunks left); the queries are the chunk's alone
     held_before: int = 0
     # tensor parallelism (nanokv/distributed.py): the ranks that hold the layer's other heads, which
-    # the engine hands in; None on one process. Methods reach them only through all_heads/own_heads.
+    # the engine hands in; None on one process. Methods reach them only through RankHeads' hooks.
     ranks: object | None = None
-
-    def all_heads(self, x: torch.Tensor) -> torch.Tensor:
-        """[H, ...] a value per head of this rank -> [H_all, ...] every head of the layer, in order
-        (global head = rank * H + local head): an all-gather over the ranks, x itself on one. For a
-        selection that compares heads (Ada-KV's and KVzip's layer-wide top-k): select over all
-        heads, then keep `own_heads` of the result, so each head keeps what it keeps on one rank."""
-        return x if self.ranks is None else self.ranks.all_gather(x, 0)
-
-    def own_heads(self, x: torch.Tensor) -> torch.Tensor:
-        """[H_all, ...] over every head of the layer -> this rank's [H, ...] (x itself on one rank)."""
-        return x if self.ranks is None else self.ranks.own(x, 0)
 
 
 @dataclass
-class DecodeStep:
+class DecodeStep(RankHeads):
     """What a decode-time method sees besides the attention, for b sequences at one layer."""
     layer: int
     positions: torch.Tensor      # [b] the query's position
@@ -234,9 +252,11 @@ class DecodeStep:
     # [b] int64: the id of the token this step feeds, whose slot is the one at `positions` (only for
     # methods with needs_vocabulary: FastGen marks a generated punctuation token)
     token_ids: torch.Tensor | None = None
+    ranks: object | None = None  # tensor parallelism's group (RankHeads), None on one process
+    head_axis = 1                # [b, H, S]: heads second
 
 
-class ReadStep:
+class ReadStep(RankHeads):
     """What a query-aware reader (PageReader.pick) sees for b sequences at one decode layer.
     Nothing is evicted after prefill, so slot j of a head holds the j-th token that head keeps,
     the same token at every later step (and, where prefill evicted nothing, at every layer).
@@ -261,7 +281,8 @@ class ReadStep:
                  lengths: torch.Tensor, block_size: int, itemsize: int, states: list[dict], step_state: dict,
                  keys: torch.Tensor | None = None, key_positions: torch.Tensor | None = None,
                  bounds: tuple | None = None, inv_freq: torch.Tensor | None = None, fetch=None,
-                 pages: int | None = None, compress_lens: list[int] | None = None):
+                 pages: int | None = None, compress_lens: list[int] | None = None, ranks=None):
+        self.ranks, self.head_axis = ranks, 1  # RankHeads: [b, H, ...] heads second
         self.layer, self.num_layers, self.queries, self.positions = layer, num_layers, queries, positions
         self.lengths, self.block_size, self.itemsize = lengths, block_size, itemsize
         self.states, self.step_state, self.inv_freq = states, step_state, inv_freq
