@@ -29,11 +29,11 @@ REPRESENTATIVE = {"full": {}, "snapkv": dict(compression=0.5), "pyramidkv": dict
                   "snapkv+kivi": dict(compression=0.5, group_size=8)}
 
 
-def torchrun(runs: list, tmp_path: Path, nproc: int = 2, timeout: int = 300) -> dict:
+def torchrun(runs: list, tmp_path: Path, nproc: int = 2, timeout: int = 300, **env) -> dict:
     """tp_worker's results at tensor_parallel_size=nproc (torchrun picks a free port: --standalone)."""
     out = tmp_path / f"tp{nproc}.json"
     env = dict(os.environ, OMP_NUM_THREADS="1", NANOKV_TP_TIMEOUT_S="60",  # a desync fails, not hangs
-               PYTHONPATH=os.pathsep.join([str(TESTS.parent), os.environ.get("PYTHONPATH", "")]))
+               PYTHONPATH=os.pathsep.join([str(TESTS.parent), os.environ.get("PYTHONPATH", "")]), **env)
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                            str(TESTS / "tp_worker.py"), json.dumps(runs), str(out)],
                           env=env, capture_output=True, text=True, timeout=timeout)
@@ -49,8 +49,8 @@ def options(name: str) -> dict:
         return small
     if m.offloads:
         return dict(budget=256)
-    if m.selects_pages or m.sparse_prefill:
-        return dict(budget=32)
+    if m.selects_pages or m.sparse_prefill:  # below the prompts' 90 and 120 tokens: the readers read less
+        return dict(budget=64)
     return dict(compression=0.5, **small)
 
 
@@ -61,12 +61,11 @@ def test_two_ranks_generate_what_one_does(tmp_path, tiny_gqa_dir, tiny_qwen2_gqa
             for name, opts in REPRESENTATIVE.items()]
     expected = tp_worker.run(runs)
     assert not [v for v in expected.values() if not isinstance(v, list)]  # no method refused
-    got = torchrun(runs, tmp_path)
+    # and a method that cannot split its heads says so, on every rank, before anything runs
+    got = torchrun(runs + [["refused", str(tiny_gqa_dir), "kv_compress", dict(compression=0.5)]], tmp_path)
+    assert got.pop("refused") == ("error: method 'kv_compress' cannot run under tensor parallelism: "
+                                  + METHODS["kv_compress"].tensor_parallel_reason)
     assert got == expected
-
-
-# methods whose tp=2 tokens differ from tp=1's: what they compare across heads is not exchanged yet
-DIFFERS = {}
 
 
 @pytest.mark.slow
@@ -77,15 +76,40 @@ def test_every_method_runs_on_two_ranks(tmp_path, tiny_gqa_dir):
     runs = [[name, str(tiny_gqa_dir), name, options(name)] for name in names]
     expected = tp_worker.run(runs)
     got = torchrun(runs, tmp_path)
-    for name in names:
-        reason = METHODS[name].tensor_parallel_reason
-        if reason:
-            assert got[name] == f"error: method {name!r} cannot run under tensor parallelism: {reason}"
-            continue
-        assert isinstance(expected[name], list), (name, expected[name])
-        assert isinstance(got[name], list), (name, got[name])
-        if name not in DIFFERS:
-            assert got[name] == expected[name], name
+    refused = {n for n in names if METHODS[n].tensor_parallel_reason}
+    for name in refused:
+        assert got[name] == f"error: method {name!r} cannot run under tensor parallelism: " \
+                            f"{METHODS[name].tensor_parallel_reason}"
+    assert [n for n in names if not isinstance(expected[n], list)] == []
+    assert [n for n in names if n not in refused and got[n] != expected[n]] == []
+
+
+# calibrated methods, each with the artifact `python -m nanokv.calibrate` makes of the tiny model (a few
+# seconds each): per-head tables split by rank (artifacts.rank_share), per-layer ones whole
+CALIBRATED = {"loki": dict(budget=32), "double_sparsity": dict(budget=32), "minference": dict(budget=32),
+              "kvquant": {}, "skvq": dict(group_size=16), "squeezed_attention": dict(budget=32),
+              "lorc": dict(compression=0.5)}
+
+
+@pytest.mark.slow
+def test_calibrated_methods_on_two_ranks(tmp_path, tiny_gqa_dir, monkeypatch):
+    """Their tp=2 tokens equal tp=1's; a profile that ranks heads across the whole model (DuoAttention's
+    head_scores) is refused with why."""
+    cache = tmp_path / "nanokv-cache"
+    monkeypatch.setenv("NANOKV_CACHE", str(cache))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for name in [*CALIBRATED, "duoattention"]:  # lorc's bases per kv-head (--group 1): they split by rank
+        subprocess.run([sys.executable, "-m", "nanokv.calibrate", name, "--model", str(tiny_gqa_dir), "--samples", "2",
+                        "--length", "128", "--dtype", "float32", "--device", "cpu", "--group", "1"],
+                       env=env, check=True, capture_output=True, timeout=300)
+    runs = [[name, str(tiny_gqa_dir), name, opts] for name, opts in CALIBRATED.items()]
+    runs.append(["duoattention", str(tiny_gqa_dir), "duoattention", dict(compression=0.5)])
+    expected = tp_worker.run(runs)
+    got = torchrun(runs, tmp_path, NANOKV_CACHE=str(cache))
+    assert "head_scores rank heads across the whole model" in got.pop("duoattention")
+    assert isinstance(expected.pop("duoattention"), list)
+    assert not [v for v in expected.values() if not isinstance(v, list)], expected
+    assert got == expected
 
 
 def test_cli_prints_once_on_two_ranks(tmp_path, tiny_gqa_dir):

@@ -11,7 +11,7 @@ import json
 import os
 import sys
 
-PROMPTS = [list(range(5, 75)), list(range(40, 90))]  # two sequences: a batch, prompts over the budgets
+PROMPTS = [list(range(5, 125)), list(range(40, 130))]  # two sequences: a batch, prompts over the budgets
 MAX_TOKENS = 6
 
 
