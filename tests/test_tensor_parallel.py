@@ -59,12 +59,18 @@ def test_two_ranks_generate_what_one_does(tmp_path, tiny_gqa_dir, tiny_qwen2_gqa
     query heads over 2 kv-heads: one kv-head per rank."""
     runs = [[f"{model.name}:{name}", str(model), name, opts] for model in (tiny_gqa_dir, tiny_qwen2_gqa_dir)
             for name, opts in REPRESENTATIVE.items()]
-    expected = tp_worker.run(runs)
-    assert not [v for v in expected.values() if not isinstance(v, list)]  # no method refused
+    # a pool that preempts, under AdaKV (its heads keep different lengths, so the ranks' free blocks
+    # differ): the scheduler's agreed counts keep the ranks in step (without them gloo fails)
+    tight = dict(compression=0.5, num_prompts=6, max_tokens=48)
+    expected = tp_worker.run(runs + [["preempts", str(tiny_gqa_dir), "adakv", dict(tight, kv_cache_memory=200_000)]])
+    assert not [v for v in expected.values() if not isinstance(v, list) and v is not True]  # no method refused
+    # each rank holds half the heads: half the bytes make the same blocks per head
+    runs.append(["preempts", str(tiny_gqa_dir), "adakv", dict(tight, kv_cache_memory=100_000)])
     # and a method that cannot split its heads says so, on every rank, before anything runs
     got = torchrun(runs + [["refused", str(tiny_gqa_dir), "kv_compress", dict(compression=0.5)]], tmp_path)
     assert got.pop("refused") == ("error: method 'kv_compress' cannot run under tensor parallelism: "
                                   + METHODS["kv_compress"].tensor_parallel_reason)
+    assert got.get("preempts:preempted") and expected.get("preempts:preempted")
     assert got == expected
 
 

@@ -20,11 +20,18 @@ def run(runs: list) -> dict:
 
     results = {}
     for label, path, name, options in runs:
+        options = dict(options)
+        # a pool this small (bytes on each rank) and more prompts: the scheduler preempts
+        memory, prompts = options.pop("kv_cache_memory", 4 << 20), options.pop("num_prompts", len(PROMPTS))
+        max_tokens = options.pop("max_tokens", MAX_TOKENS)
+        prompts = [[(t + 7 * i) % 256 for t in PROMPTS[i % len(PROMPTS)]] for i in range(prompts)]
         try:
-            llm = LLM(path, device="cpu", dtype="float32", kv_cache_memory=4 << 20, method=name,
+            llm = LLM(path, device="cpu", dtype="float32", kv_cache_memory=memory, method=name,
                       enforce_eager=True, **options)
-            outs = llm.generate(PROMPTS, SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True), use_tqdm=False)
+            outs = llm.generate(prompts, SamplingParams(max_tokens=max_tokens, ignore_eos=True), use_tqdm=False)
             results[label] = [o.token_ids for o in outs]
+            if llm.stats["preemptions"]:
+                results[f"{label}:preempted"] = True
         except ValueError as e:  # a method refused (the same on every rank: no collective is pending)
             results[label] = f"error: {e}"
     return results
