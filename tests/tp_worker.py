@@ -40,6 +40,10 @@ def run(runs: list) -> dict:
 if __name__ == "__main__":
     runs, out = json.loads(sys.argv[1]), sys.argv[2]
     results = run(runs)
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # the LLMs joined torchrun's group; leave it cleanly
+        dist.destroy_process_group()
     if int(os.environ.get("RANK", 0)) == 0:
         with open(out, "w") as f:
             json.dump(results, f)

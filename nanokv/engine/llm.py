@@ -30,7 +30,6 @@ from nanokv.engine.scheduler import Scheduler
 from nanokv.engine.sequence import RequestOutput, Sequence
 from nanokv.hub import DEFAULT_MODEL, resolve_model
 from nanokv.hardware import resolve_device, resolve_dtype
-from nanokv.artifacts import rank_share
 from nanokv.loading import LOAD_FORMATS, available_memory, load_dummy, load_model
 from nanokv.methods import make_method
 from nanokv.sampling import SamplingParams
@@ -101,7 +100,7 @@ class LLM:
             make_tokenizer = Tokenizer.from_gguf if self.source.kind == "gguf" else Tokenizer.from_dir
             self.tokenizer = make_tokenizer(self.source.path)
         if self.method.calibration:  # a per-head profile made by python -m nanokv.calibrate (methods/base.py)
-            from nanokv.artifacts import load_calibration
+            from nanokv.artifacts import load_calibration, rank_share
             artifact = load_calibration(self.method.calibration, model, self.config.num_layers,
                                         self.config.num_kv_heads, self.method.calibration_file or None,
                                         self.config.head_dim)
