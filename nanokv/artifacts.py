@@ -285,3 +285,36 @@ def _checked_quant(artifact: dict, path: Path, make: str, num_layers: int, head_
             raise ValueError(f"calibration file {path}: tensor {name} of shape {tuple(t.shape)} is not finite with "
                              f"{num_layers} rows; run `{make}`")
     return artifact
+
+
+def rank_share(artifact: dict, rank: int, size: int) -> dict:
+    """One tensor-parallel rank's part of a checked artifact (nanokv/distributed.py): rank r of `size`
+    holds kv-heads r * H / size .. (and their query heads), so every per-head table keeps those rows:
+    the tensors' head (or head-group) dimension, dimension 1 of every tensor of 3 or more dimensions
+    (LoRC's and Palu's bases, SKVQ's clusters, Loki's bases, Double Sparsity's channels), and
+    MInference's pattern per query head. Per-layer values pass whole. A "head_scores" profile is
+    refused: DuoAttention and HeadKV rank its scores across every head of the model, a selection
+    no rank can make from its own share (that exchange is not built)."""
+    if size == 1:
+        return artifact
+    method = artifact.get("method")
+    if "head_scores" in artifact:
+        raise ValueError(f"method {method!r} cannot run under tensor parallelism (tensor_parallel_size={size}): "
+                         "its calibration's head_scores rank heads across the whole model, and splitting that "
+                         "ranking across ranks is not implemented; run it with tensor_parallel_size=1")
+    shared = dict(artifact, num_kv_heads=artifact["num_kv_heads"] // size)
+    if "patterns" in artifact:  # minference: one pattern per query head
+        shared["patterns"] = [row[rank * len(row) // size:(rank + 1) * len(row) // size] for row in artifact["patterns"]]
+    if "tensors" in artifact:
+        tensors = {}
+        for name, t in artifact["tensors"].items():
+            if t.dim() >= 3:
+                if t.shape[1] % size:
+                    raise ValueError(f"method {method!r}: calibration tensor {name} has {t.shape[1]} heads (or head "
+                                     f"groups) along dimension 1, which tensor_parallel_size={size} does not divide; "
+                                     f"valid sizes divide {t.shape[1]}")
+                n = t.shape[1] // size
+                t = t.narrow(1, rank * n, n)
+            tensors[name] = t
+        shared["tensors"] = tensors
+    return shared

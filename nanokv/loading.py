@@ -19,7 +19,9 @@ from nanokv.models import MODEL_CLASSES
 from nanokv.models.llama import RMSNorm
 from nanokv.kernels.cpu import gemv_available
 from nanokv.models.cpu_linear import can_pack, pack_linears
+from nanokv.models.parallel import shard_weights
 from nanokv.config import ConfigError, ModelConfig
+from nanokv.distributed import SINGLE, TensorParallel
 from nanokv.gguf_file import GGUFError, GGUFFile, dequantize
 
 # The GGUF tensor types we dequantize. The issue's list plus the K-quant siblings that
@@ -55,14 +57,17 @@ def read_config(kind: str, path: str | Path) -> ModelConfig:
     raise ValueError(f"unknown model kind {kind!r}; valid: hf_dir, gguf")
 
 
-def load_model(kind: str, path: str | Path, dtype: torch.dtype, device="cpu", pack: bool = True):
+def load_model(kind: str, path: str | Path, dtype: torch.dtype, device="cpu", pack: bool = True,
+               tp: TensorParallel = SINGLE):
     """Build the model for `path` ("hf_dir" or "gguf") and fill its weights -> (model, config).
     On CPU in bfloat16 the linear layers' weights are then packed for oneDNN (nanokv/models/cpu_linear.py)
-    unless `pack` is False."""
+    unless `pack` is False. Under tensor parallelism `tp` the model holds this rank's heads and
+    slices (model.cfg); the config returned is the whole model's."""
     path = Path(path)
     config = read_config(kind, path)
     tensors = gguf_tensors(path, config) if kind == "gguf" else _safetensors_tensors(path)
-    model = empty_model(config, dtype, device)
+    tensors = shard_weights(tensors, config, tp.rank, tp.size)
+    model = empty_model(config, dtype, device, tp)
     try:
         model.load_weights(tensors)
     except ValueError as e:
@@ -72,13 +77,14 @@ def load_model(kind: str, path: str | Path, dtype: torch.dtype, device="cpu", pa
     return model.eval(), config
 
 
-def empty_model(config: ModelConfig, dtype: torch.dtype, device="cpu"):
-    """The model for `config` with its weights allocated on `device` but not yet set."""
+def empty_model(config: ModelConfig, dtype: torch.dtype, device="cpu", tp: TensorParallel = SINGLE):
+    """The model for `config` (the whole model's) with its weights allocated on `device` but not yet
+    set: under tensor parallelism `tp`, one rank's share of them (tp.shard_config)."""
     # Build on the meta device (no random init of weights about to be overwritten), then
     # allocate for real. inv_freq is a plain float32 attribute, untouched by the dtype cast.
     # (cast on meta, so no float32 copy of the weights is ever allocated on the device)
     with torch.device("meta"):
-        model = MODEL_CLASSES[config.architecture](config).to(dtype)
+        model = MODEL_CLASSES[config.architecture](tp.shard_config(config), tp).to(dtype)
     model = model.to_empty(device=device)
     model.inv_freq = model.inv_freq.to(device)
     model.tie_weights()
@@ -96,22 +102,34 @@ def pack_for_cpu(model, dtype: torch.dtype, device) -> None:
 
 # --- random weights (--load-format dummy) -------------------------------------------------
 
-def load_dummy(name: str, dtype: torch.dtype, device="cpu", seed: int = 0, pack: bool = True):
+def load_dummy(name: str, dtype: torch.dtype, device="cpu", seed: int = 0, pack: bool = True,
+               tp: TensorParallel = SINGLE):
     """Random weights in the shape of `name` (a shipped short name or a config.json path) -> (model, config)."""
     from nanokv.hub import config_file
 
     config = ModelConfig.from_json_file(config_file(name))
-    return dummy_model(config, dtype, device, seed, pack), config
+    return dummy_model(config, dtype, device, seed, pack, tp), config
 
 
 @torch.no_grad()
-def dummy_model(config: ModelConfig, dtype: torch.dtype, device="cpu", seed: int = 0, pack: bool = True):
+def dummy_model(config: ModelConfig, dtype: torch.dtype, device="cpu", seed: int = 0, pack: bool = True,
+                tp: TensorParallel = SINGLE):
     """A model of `config`'s shape with random weights, initialised as transformers' `_init_weights`
     does for Llama: linear and embedding weights normal(0, initializer_range), biases 0, norms 1.
 
     The numbers are drawn on `device` from a generator seeded with `seed`, parameter by parameter in
     the model's fixed order, so one seed gives one set of weights on a device type (CPU and CUDA
-    draw different streams; drawing an 8B model on the CPU to copy it over would take minutes)."""
+    draw different streams; drawing an 8B model on the CPU to copy it over would take minutes).
+    Under tensor parallelism each rank draws the whole model and keeps its slices, so its weights
+    are those of tp=1 (the whole model passes through each rank's memory once)."""
+    if tp.size > 1:
+        whole = dummy_model(config, dtype, device, seed, pack=False)
+        model = empty_model(config, dtype, device, tp)
+        model.load_weights(shard_weights(hf_tensors(whole), config, tp.rank, tp.size))
+        del whole
+        if pack:
+            pack_for_cpu(model, dtype, device)
+        return model.eval()
     model = empty_model(config, dtype, device)
     generator = torch.Generator(device).manual_seed(seed)
     done = set()  # a tied output head shares the embedding matrix: draw it once

@@ -5,6 +5,11 @@
     python generate.py --model llama3-8b --load-format dummy   # random weights: runs, but says nothing
 
 Text streams to stdout as it is generated; one stats line follows on stderr.
+
+Tensor parallelism: one process per rank, each holding its share of the heads (nanokv/distributed.py);
+only rank 0 prints the text and the stats line (its KV bytes are its own heads').
+
+    torchrun --nproc-per-node 2 generate.py --device cpu --dtype float32 "Hello"
 """
 
 import json
@@ -59,6 +64,9 @@ def parse_args(argv=None):
     p.add_argument("--enable-prefix-caching", action="store_true",
                    help="share the KV blocks of identical prompt prefixes across requests (vLLM's name; "
                         "a compressing method shares its compressed prompt, see nanokv/engine/prefix_sharing.py)")
+    p.add_argument("--tensor-parallel-size", type=int, default=None, metavar="N",
+                   help="ranks the heads are split over (default: WORLD_SIZE, as torchrun sets it; else 1): start "
+                        "with `torchrun --nproc-per-node N generate.py ...`")
     p.add_argument("--stats-json", metavar="PATH", help="also write the stats line as JSON to PATH")
     return p.parse_args(argv)
 
@@ -98,14 +106,21 @@ def run(args) -> int:
     llm = LLM(args.model, dtype=args.dtype, device=args.device, method=args.method,
               compression=args.compression, budget=args.budget, kv_cache_memory=args.kv_cache_memory,
               host_cache_memory=args.host_cache_memory, load_format=args.load_format,
-              enforce_eager=args.enforce_eager, enable_prefix_caching=args.enable_prefix_caching, **options)
+              enforce_eager=args.enforce_eager, enable_prefix_caching=args.enable_prefix_caching,
+              tensor_parallel_size=args.tensor_parallel_size, **options)
+    lead = llm.tp.rank == 0  # under tensor parallelism every rank generates the same text; one prints it
     stream = llm.stream(args.prompt, params, chat=not args.no_chat)
     for piece in stream:
-        print(piece, end="", flush=True)
+        if lead:
+            print(piece, end="", flush=True)
+    llm.tp.close()
+    if not lead:
+        return 0
     print()
     m = stream.result.metrics
     dtype = str(llm.dtype).removeprefix("torch.")  # what --dtype auto chose
-    stats = {"model": args.model, "method": args.method, "device": llm.device, "dtype": dtype, **{k: m[k] for k in (
+    stats = {"model": args.model, "method": args.method, "device": llm.device, "dtype": dtype,
+             "tensor_parallel_size": llm.tp.size, **{k: m[k] for k in (
         "prompt_tokens", "generated_tokens", "prefill_tokens_per_s", "decode_tokens_per_s", "kv_cache_bytes",
         "kv_cache_bytes_uncompressed", "kv_cache_bytes_theory", "kv_cache_tokens")}}
     # what one decode step's attention read, all layers: below what is held where a method picks
@@ -116,7 +131,8 @@ def run(args) -> int:
         stats["prefix_cache"] = llm.stats["prefix_cache"]  # what this method shares, or why it does not
     per_token = m["kv_cache_bytes"] / max(1, m["kv_cache_tokens"])
     theory = m["kv_cache_bytes_theory"] / max(1, m["kv_cache_tokens"])
-    print(f"[{args.model} | {args.method} | {llm.device} {dtype}] prompt {m['prompt_tokens']} tok, generated {m['generated_tokens']} tok "
+    tp = f" x{llm.tp.size} ranks (KV: rank 0's heads)" if llm.tp.size > 1 else ""
+    print(f"[{args.model} | {args.method} | {llm.device} {dtype}{tp}] prompt {m['prompt_tokens']} tok, generated {m['generated_tokens']} tok "
           f"({stream.result.finish_reason}) | prefill {m['prefill_tokens_per_s']:.1f} tok/s | "
           f"decode {m['decode_tokens_per_s']:.1f} tok/s | KV cache {m['kv_cache_bytes'] / 2**20:.2f} MiB "
           f"(full: {m['kv_cache_bytes_uncompressed'] / 2**20:.2f} MiB), {per_token:.0f} B/token "

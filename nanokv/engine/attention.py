@@ -38,7 +38,7 @@ class StepAttention:
                  compress_lens: list[int] | None = None, token_ids: torch.Tensor | None = None,
                  scoring_passes: list[list[int]] | None = None, compress: bool = True,
                  send: HostToDevice | None = None, read_states: dict | None = None,
-                 inv_freq: torch.Tensor | None = None, histories=None, chunked: bool = False):
+                 inv_freq: torch.Tensor | None = None, histories=None, chunked: bool = False, ranks=None):
         """A decode's positions and token ids may come on the host: they go to the device with the
         step's tables, in one copy by `send` (engine/upload.py), and the model reads them back
         from here (`positions`, `ids`). `read_states`: a query-aware reader's state per sequence
@@ -67,6 +67,7 @@ class StepAttention:
         self.prefill_flops = 0
         self.read_states = {} if read_states is None else read_states
         self.inv_freq = inv_freq
+        self.ranks = ranks  # tensor parallelism's (nanokv/distributed.py), for PrefillView.all_heads; None: one
         self.histories = histories  # i -> every token id sequence i holds (an Offloader's OffloadView.token_ids)
         # a chunk of a chunked prefill (Method.prefill_chunk): its new tokens follow what the earlier
         # chunks left, and the method compresses both together
@@ -336,7 +337,7 @@ class StepAttention:
         return ReadStep(layer, cache.num_layers, q, self.positions[members], lengths, cache.block_size,
                         cache.pool.dtype.itemsize, [self.read_states.setdefault(i, {}) for i in self.group_seqs[g]],
                         self.step_states[g], inv_freq=self.inv_freq, fetch=fetch, pages=pages,
-                        compress_lens=self.group_compress_lens[g])
+                        compress_lens=self.group_compress_lens[g], ranks=self.ranks)
 
     def _recall_picks(self, layer, g, members, q, tables, lengths, sliding_window):
         """An Offloader (methods/base.py): it picks host slots or pages from what the device keeps of
@@ -511,7 +512,7 @@ class StepAttention:
         prompt = cache.read_prompt(seq_id, layer, n, ("k", "pos", "v") if values else ("k", "pos"))
         return PrefillView(layer, cache.num_layers, queries, prompt["k"], prompt["pos"],
                            None if column_sums is None else column_sums[:, :n], self.sequence_state[seq_id],
-                           values=prompt.get("v"))
+                           values=prompt.get("v"), ranks=self.ranks)
 
     def _rank(self, view: PrefillView, seq_id: int):
         """A codec that stores tokens by importance (cache/codec.py) ranks the prompt's."""
@@ -543,7 +544,7 @@ class StepAttention:
             visible = (arange < length[..., None]) & (k_pos <= q_pos[:, None, None])  # a replay holds later tokens
             return fields, DecodeStep(layer, q_pos, prompt_lens, k_pos, visible, budgets, fields.pop("k", None),
                                       fields.pop("v", None), q if "queries" in method.decode_reads else None,
-                                      token_ids if method.needs_vocabulary else None)
+                                      token_ids if method.needs_vocabulary else None, self.ranks)
 
         state, step = read(lengths)
         scores, new = method.decode_scores(probs, state, step)

@@ -4,6 +4,10 @@
     outputs = llm.generate(prompts, SamplingParams(max_tokens=64))
     LLM("llama3-8b", load_format="dummy")  # that shape with random weights: nothing downloaded
 
+Under `torchrun --nproc-per-node N` (tensor_parallel_size: WORLD_SIZE by default) each process is
+one rank (nanokv/distributed.py): it holds its share of the heads, a KV pool of its own heads'
+blocks (kv_cache_memory bytes on each rank), and runs this same loop, in step with the others.
+
 Requests go to the Scheduler; each step the ModelRunner runs one prefill or one decode
 batch over the paged cache, and every sequence takes its sampled token. `stream` runs the
 same loop for one prompt and yields its text as it becomes final.
@@ -19,6 +23,7 @@ from tqdm import tqdm
 
 from nanokv.kernels import KERNELS, kernels_for
 from nanokv.cache.build import build_cache
+from nanokv.distributed import TensorParallel
 from nanokv.engine.cuda_graphs import DecodeGraphs, eager_reason
 from nanokv.engine.prefix_sharing import PrefixSharing
 from nanokv.engine.request_methods import RequestMethods, method_key
@@ -66,7 +71,7 @@ class LLM:
                  kv_cache_memory: int | float | None = None, host_cache_memory: int | float | None = None,
                  block_size: int = 16, max_num_seqs: int = 256, max_num_batched_tokens: int = 4096,
                  kernels: str | None = None, load_format: str = "auto", enforce_eager: bool = False,
-                 enable_prefix_caching: bool = False, **method_options):
+                 enable_prefix_caching: bool = False, tensor_parallel_size: int | None = None, **method_options):
         for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
                             ("max_num_batched_tokens", max_num_batched_tokens)):
             if not isinstance(value, int) or value <= 0:
@@ -80,13 +85,17 @@ class LLM:
         self.method = make_method(method, compression, budget, **method_options)
         self.device = str(resolve_device(device))
         self.dtype = resolve_dtype(dtype, self.device)  # "auto": what this device computes fastest
+        # this process's rank of torchrun's group (one process: every collective the identity)
+        self.tp = TensorParallel.from_env(self.device, tensor_parallel_size)
+        self.device = self.tp.device if self.tp.size > 1 else self.device  # cuda:LOCAL_RANK under NCCL
         if load_format == "dummy":  # random weights of a shipped shape, no download (nanokv/loading.py)
             self.source = None
-            self.model, self.config = load_dummy(model, self.dtype, self.device)
+            self.model, self.config = load_dummy(model, self.dtype, self.device, tp=self.tp)
             self.tokenizer = Tokenizer.from_bytes(self.config.vocab_size)
         else:
             self.source = resolve_model(model)
-            self.model, self.config = load_model(self.source.kind, self.source.path, self.dtype, self.device)
+            self.model, self.config = load_model(self.source.kind, self.source.path, self.dtype, self.device,
+                                                 tp=self.tp)
             # from_gguf reads the metadata the weights loader already parsed (read_gguf is cached)
             make_tokenizer = Tokenizer.from_gguf if self.source.kind == "gguf" else Tokenizer.from_dir
             self.tokenizer = make_tokenizer(self.source.path)
@@ -94,19 +103,24 @@ class LLM:
         memory = kv_cache_bytes(kv_cache_memory, self.device)
         # a method that offloads (methods/base.py: Offloader) keeps older tokens in host memory
         host_memory = host_cache_bytes(host_cache_memory, memory) if self.method.offloads else 0
-        # the block kind the method asks for (methods/base.py: cache_request), built by the cache
-        self.cache = build_cache(self.method.cache_request(self.config.num_layers, self.config.head_dim), self.config,
+        # the block kind the method asks for (methods/base.py: cache_request), built by the cache for
+        # the heads this rank holds (model.cfg: the whole model's config at tp=1)
+        self.cache = build_cache(self.method.cache_request(self.config.num_layers, self.config.head_dim), self.model.cfg,
                                  memory, block_size, self.dtype, self.device, self.model.inv_freq, host_memory)
         self.cache.kernels = kernels_for(self.device, kernels, self.cache.workspace)
         # prefix caching (engine/prefix_sharing.py): what this method may share, and why not where it may not
         if not isinstance(enable_prefix_caching, bool):
             raise ValueError(f"enable_prefix_caching must be True or False, got {enable_prefix_caching!r}")
         self.prefix_sharing = PrefixSharing(self.cache, self.method) if enable_prefix_caching else None
-        self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens, self.method, self.prefix_sharing)
+        self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens, self.method, self.prefix_sharing,
+                                   self.tp)
         # decode steps as CUDA graphs where they can be (engine/cuda_graphs.py), else eagerly, and why
         self.eager_reason = eager_reason(self.method, self.cache, self.cache.kernels.name, self.device, enforce_eager)
+        if self.tp.size > 1 and self.eager_reason is None:  # the all-reduces are not captured (not yet tried)
+            self.eager_reason = "tensor parallelism (its all-reduces run eagerly)"
         graphs = DecodeGraphs(self.model, self.cache, max_num_seqs) if self.eager_reason is None else None
-        self.runner = ModelRunner(self.model, self.cache, self.device, self.method, graphs)
+        self.runner = ModelRunner(self.model, self.cache, self.device, self.method, graphs,
+                                  self.tp if self.tp.size > 1 else None)
         self.runner.sharing = self.prefix_sharing
         # the methods requests may name besides the engine's own, on the same pool (request_methods.py)
         self.methods = RequestMethods(self.method, method_key(method, compression, budget, **method_options),
@@ -118,11 +132,16 @@ class LLM:
     def bind_method(self, method):
         """Give a method what it reads from the model: its per-head calibration profile, made by
         python -m nanokv.calibrate (methods/base.py), and what each token id reads as."""
+        if self.tp.size > 1 and method.tensor_parallel_reason:
+            raise ValueError(f"method {method.name!r} cannot run under tensor parallelism: "
+                             f"{method.tensor_parallel_reason}")
         if method.calibration:
-            from nanokv.artifacts import load_calibration
-            method.bind_calibration(load_calibration(method.calibration, self.model_name, self.config.num_layers,
-                                                     self.config.num_kv_heads, method.calibration_file or None,
-                                                     self.config.head_dim))
+            from nanokv.artifacts import load_calibration, rank_share
+            artifact = load_calibration(method.calibration, self.model_name, self.config.num_layers,
+                                        self.config.num_kv_heads, method.calibration_file or None,
+                                        self.config.head_dim)
+            # under tensor parallelism, this rank's heads of its per-head tables (artifacts.py)
+            method.bind_calibration(rank_share(artifact, self.tp.rank, self.tp.size))
         if method.needs_vocabulary:
             method.bind_vocabulary([self.tokenizer.decode([i], skip_special_tokens=False)
                                     for i in range(self.tokenizer.vocab_size)])

@@ -30,11 +30,14 @@ from nanokv.sampling import sample
 
 
 class ModelRunner:
-    def __init__(self, model, cache: PagedKVCache, device, method=None, graphs: DecodeGraphs | None = None):
-        """`graphs`: replay decode steps as CUDA graphs (engine/cuda_graphs.py); None: eagerly."""
+    def __init__(self, model, cache: PagedKVCache, device, method=None, graphs: DecodeGraphs | None = None,
+                 ranks=None):
+        """`graphs`: replay decode steps as CUDA graphs (engine/cuda_graphs.py); None: eagerly.
+        `ranks`: tensor parallelism's group (nanokv/distributed.py), None on one process."""
         self.model, self.cache, self.device, self.graphs = model, cache, device, graphs
         # the engine's method; `method` is the running step's: a sequence may carry its own (Sequence.method)
         self.default_method = self.method = method
+        self.ranks = ranks
         self.send = HostToDevice(device)  # a decode step's host inputs, in one copy
         self.graph_steps = self.eager_steps = 0  # decode steps replayed, and run eagerly
         self.read_states: dict[int, dict] = {}  # a query-aware reader's state per sequence (base.py: ReadStep)
@@ -194,7 +197,7 @@ class ModelRunner:
                                    compress_lens or [s.compress_len for s in seqs], ids,
                                    [[len(p) for p in s.scoring_passes] for s in seqs] if compress else None, compress,
                                    self.send, self.read_states, getattr(self.model, "inv_freq", None),
-                                   lambda i: seqs[i].all_token_ids, chunked)
+                                   lambda i: seqs[i].all_token_ids, chunked, self.ranks)
         # the graphs replay the engine's own method's decode (one that decodes alike shares them)
         if (attention.is_decode and self.graphs is not None and self.graphs.takes(attention)
                 and RequestMethods.same_decode(self.method, self.default_method)):
@@ -217,7 +220,10 @@ class ModelRunner:
     def _sample(self, seqs, hidden):
         """Each sequence's next token, from its row of `hidden` [len(seqs), hidden]."""
         logits = self.model.compute_logits(hidden)
-        return sample(logits, [s.params for s in seqs], [s.generator for s in seqs]).tolist()
+        tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        if self.ranks is not None:  # rank 0's draw on every rank: one sequence of tokens, however sampled
+            tokens = self.ranks.broadcast(tokens.contiguous())
+        return tokens.tolist()
 
 
 def last_rows(lengths: list[int], after: list[int] | None = None) -> list[int]:

@@ -12,6 +12,17 @@ Each sequence may carry its own method (`Sequence.method`; engine/request_method
 admits sequences of one method, and a decode runs the sequences that can share a step with the
 oldest one whose turn it is; when methods with different decode-time roles run at once, their
 decode steps take turns.
+
+Under tensor parallelism (nanokv/distributed.py) every rank runs this scheduler over its own pool,
+which holds its own heads' blocks, and every rank must make the same decisions: the same sequences
+in each step, the same preemptions, or the ranks' collectives no longer pair up. The decisions are
+a function of the queues (the same on every rank: the same requests, rank 0's sampled tokens) and
+of block counts, which per-head compression (AdaKV, PyramidKV, H2O's evictions, a per-head
+calibration) can leave different on different ranks. So each count is agreed before it is used,
+the cautious way: free blocks are the fewest any rank has (MIN), the blocks a sequence needs the
+most any rank needs (MAX), and the blocks a preemption frees the fewest any rank got back (MIN).
+Every rank then decides as the tightest rank would: what it schedules fits on every rank. One
+all-reduce per count read (a handful a step, on the host); on one process `agree` is the identity.
 """
 
 from __future__ import annotations
@@ -20,6 +31,7 @@ from collections import deque
 
 from nanokv.cache import PagedKVCache
 from nanokv.engine.request_methods import RequestMethods
+from nanokv.distributed import SINGLE
 from nanokv.engine.sequence import Sequence
 
 
@@ -30,9 +42,10 @@ class RequestTooLarge(ValueError):
 
 class Scheduler:
     def __init__(self, cache: PagedKVCache, max_num_seqs: int, max_num_batched_tokens: int, method=None,
-                 sharing=None):
+                 sharing=None, ranks=SINGLE):
         """sharing: a PrefixSharing (engine/prefix_sharing.py), or None: no prefix caching."""
         self.cache, self.method, self.sharing = cache, method, sharing
+        self.ranks = ranks  # tensor parallelism's (nanokv/distributed.py): block counts agreed (module docstring)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -77,13 +90,15 @@ class Scheduler:
         admitted, tokens = [], 0
         # Keep back the blocks the running sequences need to cross their next block boundary,
         # so that a newly admitted (or just preempted) sequence is not preempted again at once.
-        free = self.cache.pool.num_free - len(self.running) * self.cache.blocks_to_append(None, 1)
-        host_free = self.cache.host_free_blocks  # a host tier's (host_tier.py): the prompt's older tokens go there
+        num_free, host_free = self.ranks.agree([self.cache.pool.num_free, self.cache.host_free_blocks], "min")
+        free = num_free - len(self.running) * self.cache.blocks_to_append(None, 1)
+        # host_free: a host tier's (host_tier.py): the prompt's older tokens go there
         while self.waiting and len(self.running) + len(admitted) < self.max_num_seqs:
             seq = self.waiting[0]
             need, host_need = self.prefill_blocks(seq), self.cache.host_blocks_for(len(seq))
             if self.sharing is not None:  # what the prefix cache serves is not computed, nor allocated
                 need = self.sharing.plan(seq, need)
+            need, host_need = self.ranks.agree([need, host_need], "max")
             computed = len(seq) - seq.prefix_cached
             if need > free or host_need > host_free or (admitted and tokens + computed > self.max_num_batched_tokens):
                 break
@@ -104,8 +119,8 @@ class Scheduler:
         # first and preempt from the youngest end until the blocks they need are there.
         members = self._decode_members()
         scheduled, preempted = [], set()
-        free = self.cache.pool.num_free
-        needs = self.cache.blocks_to_append_each([seq.id for seq in members], 1)
+        [free] = self.ranks.agree([self.cache.pool.num_free], "min")
+        needs = self.ranks.agree(self.cache.blocks_to_append_each([seq.id for seq in members], 1), "max")
         for seq, need in zip(members, needs):
             if seq.id in preempted:  # preemption takes the youngest first: the rest went with it
                 break
@@ -158,7 +173,7 @@ class Scheduler:
         """Free a running sequence's blocks and requeue it first -> blocks freed."""
         before = self.cache.pool.num_free  # seq_bytes may count more than blocks (a host tier's summaries)
         self.cache.free(seq.id)
-        freed = self.cache.pool.num_free - before
+        [freed] = self.ranks.agree([self.cache.pool.num_free - before], "min")
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)

@@ -51,17 +51,19 @@ class AdaKV(SnapKV):
         floor = int(per_head * self.alpha_safeguard)
         if floor:  # each head's own best `floor` tokens win the layer-wide selection
             scores.scatter_(1, scores.topk(floor, dim=-1).indices, float("inf"))
-        return top_over_heads(scores, per_head * H)
+        # the layer-wide top-k over every rank's heads (tensor parallelism: PrefillView.all_heads)
+        scores = view.all_heads(scores)
+        return view.own_heads(top_over_heads(scores, per_head * len(scores)))
 
     def official_keep_mask(self, view: PrefillView, base: int, prefix: int) -> torch.Tensor:
         """AdaptiveSnapKVCluster's allocation: `base` (B') prefix tokens a head on average, of
         `prefix`; each head's top round((1 - alpha) c_h + int(alpha B')) and the window."""
-        H, S = view.keys.shape[:2]
-        scores = self.scores(view)[:, :prefix]
+        scores = view.all_heads(self.scores(view))[:, :prefix]  # every rank's heads (tensor parallelism)
+        H, S = len(scores), view.keys.shape[1]
         counts = torch.bincount(scores.flatten().topk(H * base).indices // prefix, minlength=H)
         caps = torch.round(counts * (1 - self.alpha_safeguard) + int(base * self.alpha_safeguard)).long()
         order = scores.argsort(dim=-1, descending=True)
         chosen = torch.arange(prefix, device=scores.device)[None, :] < caps[:, None]  # by rank
         keep = torch.ones(H, S, dtype=torch.bool, device=scores.device)
         keep[:, :prefix] = torch.zeros_like(chosen).scatter_(1, order, chosen)
-        return keep
+        return view.own_heads(keep)

@@ -173,8 +173,37 @@ CALIBRATION_FILE = (str, "", "a path to an artifact of python -m nanokv.calibrat
                     lambda v: True)
 
 
+class RankHeads:
+    """What a view offers a method that compares a layer's heads, under tensor parallelism
+    (nanokv/distributed.py), where each rank holds H of the layer's H * ranks heads: rank r its
+    heads r * H .. (r + 1) * H - 1. A method that ranks, averages or draws across heads asks for
+    every head through these hooks, selects as on one process, and keeps its own heads' part; it
+    never imports torch.distributed. `ranks` is the engine's group; None (one process): each hook is
+    the identity. `head_axis`: where the heads sit in this view's tensors."""
+    ranks = None
+    head_axis = 0
+
+    def all_heads(self, x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+        """x holding a value per head of this rank along `dim` (default: head_axis) -> every head of the
+        layer, in global order: an all-gather over the ranks (the score exchange), x itself on one."""
+        return x if self.ranks is None else self.ranks.all_gather(x, self.head_axis if dim is None else dim)
+
+    def own_heads(self, x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+        """x over every head of the layer along `dim` -> this rank's heads (x itself on one process)."""
+        return x if self.ranks is None else self.ranks.own(x, self.head_axis if dim is None else dim)
+
+    def total_heads(self, n: int) -> int:
+        """n heads a rank -> the layer's count over every rank (n on one process)."""
+        return n if self.ranks is None else n * self.ranks.size
+
+    def head_ids(self, n: int, device=None) -> torch.Tensor:
+        """[n] int64: the global index of each of this rank's n heads (a hash or a draw by head)."""
+        first = 0 if self.ranks is None else self.ranks.rank * n
+        return torch.arange(first, first + n, device=device)
+
+
 @dataclass
-class PrefillView:
+class PrefillView(RankHeads):
     """What a prefill-time method sees for one sequence at one layer."""
     layer: int
     num_layers: int
@@ -200,10 +229,13 @@ class PrefillView:
     # a chunked prefill's (Method.prefill_chunk): the slots the layer held before this chunk, which
     # come first in `keys` (what earlier chunks left); the queries are the chunk's alone
     held_before: int = 0
+    # tensor parallelism (nanokv/distributed.py): the ranks that hold the layer's other heads, which
+    # the engine hands in; None on one process. Methods reach them only through RankHeads' hooks.
+    ranks: object | None = None
 
 
 @dataclass
-class DecodeStep:
+class DecodeStep(RankHeads):
     """What a decode-time method sees besides the attention, for b sequences at one layer."""
     layer: int
     positions: torch.Tensor      # [b] the query's position
@@ -220,9 +252,11 @@ class DecodeStep:
     # [b] int64: the id of the token this step feeds, whose slot is the one at `positions` (only for
     # methods with needs_vocabulary: FastGen marks a generated punctuation token)
     token_ids: torch.Tensor | None = None
+    ranks: object | None = None  # tensor parallelism's group (RankHeads), None on one process
+    head_axis = 1                # [b, H, S]: heads second
 
 
-class ReadStep:
+class ReadStep(RankHeads):
     """What a query-aware reader (PageReader.pick) sees for b sequences at one decode layer.
     Nothing is evicted after prefill, so slot j of a head holds the j-th token that head keeps,
     the same token at every later step (and, where prefill evicted nothing, at every layer).
@@ -247,7 +281,8 @@ class ReadStep:
                  lengths: torch.Tensor, block_size: int, itemsize: int, states: list[dict], step_state: dict,
                  keys: torch.Tensor | None = None, key_positions: torch.Tensor | None = None,
                  bounds: tuple | None = None, inv_freq: torch.Tensor | None = None, fetch=None,
-                 pages: int | None = None, compress_lens: list[int] | None = None):
+                 pages: int | None = None, compress_lens: list[int] | None = None, ranks=None):
+        self.ranks, self.head_axis = ranks, 1  # RankHeads: [b, H, ...] heads second
         self.layer, self.num_layers, self.queries, self.positions = layer, num_layers, queries, positions
         self.lengths, self.block_size, self.itemsize = lengths, block_size, itemsize
         self.states, self.step_state, self.inv_freq = states, step_state, inv_freq
@@ -395,7 +430,8 @@ def top_per_head(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 def top_over_heads(scores: torch.Tensor, k: int) -> torch.Tensor:
     """[H, S] bool: the k highest of all the heads' scores together, so heads keep different
-    numbers of tokens (Ada-KV's layer-wide selection, KVzip's)."""
+    numbers of tokens (Ada-KV's layer-wide selection, KVzip's). Under tensor parallelism `scores`
+    must be every rank's heads (PrefillView.all_heads), and k counts over all of them."""
     chosen = scores.flatten().topk(k).indices
     return torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device).scatter_(0, chosen, True).view(scores.shape)
 
@@ -440,6 +476,8 @@ class Method:
     narrows = False                 # propagate: only some prompt tokens go on to later layers (fastkv, lazyllm)
     refill_layer: int | None = None  # refill: a filter pass to here picks the tokens a second pass prefills (gemfilter)
     blends = False                  # chunks prefilled alone, then some tokens recomputed over them (cacheblend)
+    # why it cannot split its heads across tensor-parallel ranks (nanokv/distributed.py); None: it can
+    tensor_parallel_reason: str | None = None
     check_layer = 1                 # blends: the layer whose K/V deviations pick the tokens recomputed
     # storage (cache_request)
     quantization = None             # a Codec (cache/codec.py): older K and V stored encoded (kivi, int4, gear)

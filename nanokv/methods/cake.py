@@ -117,8 +117,9 @@ class CAKE(DecodeEvictor):
         window = min(self.window_size, S - 1)
         prefix = observation_attention(view, window)[:, :, :S - window]        # [Hq, W, P]
         variance = prefix.var(dim=1, correction=1 if window > 1 else 0)        # [Hq, P] across the window
-        entropy = -(prefix * (prefix + 1e-10).log()).sum()
-        preference = float(entropy.pow(1 / self.tau1) * variance.sum().pow(1 / self.tau2))
+        # the layer's sums over every query head: each rank's heads' (RankHeads), exchanged
+        entropy = view.all_heads(-(prefix * (prefix + 1e-10).log()).sum(dim=(1, 2))).sum()
+        preference = float(entropy.pow(1 / self.tau1) * view.all_heads(variance.sum(dim=1)).sum().pow(1 / self.tau2))
         token = prefix.mean(dim=1) + self.gamma * variance                     # [Hq, P]
         token = self.pool(token.view(H, -1, S - window).mean(dim=1))           # GQA mean; pooling is linear
         recent = WINDOW_SCORE + torch.arange(window, dtype=token.dtype, device=token.device)

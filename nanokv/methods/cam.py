@@ -82,7 +82,7 @@ class CaM(DecodeEvictor, Merger):
         count = end - first                                                      # [S] m', 0 for the last
         csum = torch.nn.functional.pad(attention.cumsum(dim=1), (1, 0))          # csum[:, j] = sum of A[:, :j]
         p = merge_probability(attention, (csum[:, end] - csum[:, first]) / count)
-        heads = torch.arange(H, device=keep.device)[:, None]
+        heads = view.head_ids(H, keep.device)[:, None]  # global heads: the draw is tp=1's (RankHeads)
         draw = (hashed_uniform(self.seed, view.layer, heads, view.positions[None, :]) < p) & ~keep & (count > 0)
         share = draw / count.clamp(min=1)                                        # [H, S]
         for i in share.any(dim=0).nonzero().flatten().tolist():                 # oldest first: carried on
@@ -105,7 +105,7 @@ class CaM(DecodeEvictor, Merger):
         count = target.sum(-1)
         mean = (attention.gather(-1, nearest) * target).sum(-1) / count
         p = merge_probability(attention.gather(-1, at)[..., 0], mean)
-        heads = torch.arange(k_pos.shape[1], device=k_pos.device)[None, :]
+        heads = step.head_ids(k_pos.shape[1], k_pos.device)[None, :]
         draw = (hashed_uniform(self.seed, step.layer, heads, evicted_pos[..., 0]) < p) & evicting & (count > 0)
         share = torch.zeros_like(attention).scatter(-1, nearest, target.float())      # 1 at each target
         share = share * (draw / count.clamp(min=1))[..., None]

@@ -60,7 +60,7 @@ class ChunkKV(SnapKV):
         if kept_chunks == 0 or S < self.chunk_length:
             mask = super().keep_mask(view)        # token-level SnapKV
         else:
-            token = self.scores(view).sum(dim=0)  # [S] summed over the kv-heads
+            token = view.all_heads(self.scores(view)).sum(dim=0)  # [S] summed over the kv-heads, every rank's
             starts = torch.arange(0, S, self.chunk_length, device=token.device)
             chunk = torch.arange(S, device=token.device) // self.chunk_length
             sums = torch.zeros(len(starts), device=token.device).index_add_(0, chunk, token)

@@ -68,7 +68,7 @@ class CItruS(ChunkedPass):
         """[H, S]: the instruction's attention to each held token, averaged over all the layer's
         query heads, the same in every kv-head."""
         H = view.keys.shape[0]
-        return pass_attention(view).mean(dim=0).expand(H, -1)
+        return view.all_heads(pass_attention(view)).mean(dim=0).expand(H, -1)  # every rank's heads
 
     def choose(self, view: PrefillView, k: int) -> torch.Tensor:
         H, S = view.keys.shape[:2]

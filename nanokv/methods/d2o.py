@@ -87,7 +87,7 @@ class D2O(DecodeEvictor, Merger):
         if budget >= S:
             return budget
         seen = view.sequence_state.setdefault("d2o_weights", {})
-        seen[view.layer] = math.exp(-self.density(view.column_sums))
+        seen[view.layer] = math.exp(-self.density(view.all_heads(view.column_sums)))  # over every rank's heads
         return min(S, max(1, int(budget * len(seen) * seen[view.layer] / sum(seen.values()))))
 
     def kept_after_prefill(self, n: int, layer: int, num_layers: int) -> int:
@@ -120,7 +120,7 @@ class D2O(DecodeEvictor, Merger):
             budget = self.decode_budget(view.keys.shape[1])
             if budget < view.keys.shape[1]:  # compressed once every layer is seen: until then, whole
                 layers = view.sequence_state.setdefault("d2o", {})
-                layers[view.layer] = (self.density(sums), view)
+                layers[view.layer] = (self.density(view.all_heads(sums)), view)
                 budget = WHOLE
         else:
             budget = self.budget_of(view)

@@ -77,7 +77,8 @@ class DBudgetKV(PrefillSelector):
         rank = attention.sum(dim=1)[:, :P].view(H, -1, P).mean(dim=1)            # [H, P]
         last = attention[:, -1].view(H, -1, S).mean(dim=1)                       # [H, S]
         order = rank.topk(min(cap - window, P), dim=-1).indices                  # best first
-        kept = order.shape[1] - dropped_by_threshold(last, order, self.threshold)
+        # the norms average over every kv-head of the layer: every rank's (RankHeads), one count for all
+        kept = order.shape[1] - dropped_by_threshold(view.all_heads(last), view.all_heads(order), self.threshold)
         keep = torch.zeros(H, S, dtype=torch.bool, device=view.keys.device)
         keep.scatter_(1, order[:, :kept], True)
         keep[:, P:] = True

@@ -124,7 +124,7 @@ class DynamicKV(PrefillSelector):
                                                              "retrim": {}})
         scores = self.prefix_scores(view)
         state["layers"].append(view.layer)
-        state["scores"].append(scores)
+        state["scores"].append(view.all_heads(scores))  # every rank's heads: the layers' shares compare them
         state["prefix"].append(cap)
         state["retrim"] = {}
         if self.reallocates(view.layer, view.num_layers):
@@ -142,7 +142,7 @@ class DynamicKV(PrefillSelector):
             return {}
         S, masks = view.keys.shape[1], {}
         for i, held in state["retrim"].items():                              # held [H, S]: what it holds now
-            scores = state["scores"][i]
+            scores = view.own_heads(state["scores"][i])
             new = self.layer_mask(scores.masked_fill(~held[:, :scores.shape[1]], float("-inf")), state["prefix"][i], S)
             masks[state["layers"][i]] = new[held].view(held.shape[0], -1)    # over the held, in slot order
             state["kept"][i] = new

@@ -105,6 +105,6 @@ class FastKV(SnapKV):
         tsp = self.propagated(n)
         if (self.budget is not None and n < self.budget) or n <= tsp:
             return None
-        # the window scores +inf, so it always goes on; then the prefix's best over all heads
-        chosen = self.scores(view).sum(dim=0).topk(max(tsp, min(self.window_size, n))).indices
+        # the window scores +inf, so it always goes on; then the prefix's best over all heads (every rank's)
+        chosen = view.all_heads(self.scores(view)).sum(dim=0).topk(max(tsp, min(self.window_size, n))).indices
         return torch.zeros(n, dtype=torch.bool, device=view.keys.device).scatter_(0, chosen, True)

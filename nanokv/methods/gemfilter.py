@@ -89,11 +89,11 @@ class GemFilter(PrefillSelector):
         return n if whole else min(n, self.tokens_to_keep(n))
 
     def scores(self, view: PrefillView) -> torch.Tensor:
-        """[S] the last prompt query's q . k, summed over all query heads, average-pooled."""
+        """[S] the last prompt query's q . k, summed over all query heads (every rank's), average-pooled."""
         H, S, D = view.keys.shape
         q = view.queries[-1].float()                                     # [Hq, D]
         keys = view.keys.float().repeat_interleave(q.shape[0] // H, dim=0)  # [Hq, S, D]: GQA as repeat_kv
-        summed = torch.einsum("hd,hsd->s", q, keys)
+        summed = view.all_heads(torch.einsum("hd,hsd->hs", q, keys)).sum(dim=0)  # every rank's query heads
         return F.avg_pool1d(summed[None, None], self.kernel_size, stride=1, padding=self.kernel_size // 2)[0, 0]
 
     def refill(self, view: PrefillView) -> torch.Tensor:

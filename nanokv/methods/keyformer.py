@@ -88,7 +88,7 @@ class Keyformer(DecodeEvictor):
         H, S, _ = view.keys.shape
         T, Hq = view.queries.shape[:2]
         tau = float(self.temperature(0))
-        heads = torch.arange(Hq, device=view.keys.device)[:, None, None]
+        heads = view.head_ids(Hq, view.keys.device)[:, None, None]  # global query heads: the noise is tp=1's
         sums = torch.zeros(H, S, device=view.keys.device)
         for start, logits in prompt_logits(view):
             q_pos = view.positions[S - T + start:S - T + start + logits.shape[1]]
@@ -106,7 +106,7 @@ class Keyformer(DecodeEvictor):
     def decode_scores(self, probs, state, step):
         B, H, group, S = probs.shape
         tau = self.temperature(step.positions - step.prompt_lens + 1).to(probs.device)[:, None, None, None]
-        heads = torch.arange(H * group, device=probs.device).view(1, H, group, 1)
+        heads = step.head_ids(H * group, probs.device).view(1, H, group, 1)
         noised = self.noised(probs, tau, step.layer, step.positions[:, None, None, None], heads,
                              step.key_positions[:, :, None, :])
         score = state["keyformer_score"] + noised.mean(dim=2)

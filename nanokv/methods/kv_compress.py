@@ -94,6 +94,10 @@ class KVCompress(DecodeEvictor):
     name = "kv_compress"
     description = "squared attention of the last queries; evicts whole blocks per head under one budget for all layers"
     paper = "https://arxiv.org/abs/2410.00161"
+    # its decode evicts blocks by one ranking over every head's block metrics, tables whose width differs
+    # from rank to rank (heads hold different lengths): an exchange not built (nanokv/distributed.py)
+    tensor_parallel_reason = ("its decode evicts blocks by a layer-wide ranking over every kv-head's block metrics, "
+                              "whose exchange across ranks is not built")
     options = {
         "window_size": (int, 8, "an integer >= 1", lambda v: v >= 1),
         "protected_window": (int, 8, "an integer >= 0", lambda v: v >= 0),

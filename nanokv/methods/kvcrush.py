@@ -141,8 +141,9 @@ class KVCrush(DecodeEvictor):
             return None
         budget = torch.tensor([budget], device=view.keys.device)
         held = torch.ones(1, S, dtype=torch.bool, device=view.keys.device)
-        kept = self.keep(view.column_sums[None], view.positions[None], held, view.positions[-1:], budget, budget,
-                         view.layer)
+        # one choice for the layer, from every rank's heads (RankHeads): their mean, bits and anchor
+        kept = self.keep(view.all_heads(view.column_sums)[None], view.positions[None], held, view.positions[-1:],
+                         budget, budget, view.layer)
         return kept.repeat(H, 1)
 
     def prefill_state(self, view: PrefillView) -> dict[str, torch.Tensor]:
@@ -151,6 +152,6 @@ class KVCrush(DecodeEvictor):
     def decode_scores(self, probs, state, step):
         score = state["kvcrush_score"] + probs.mean(dim=2)
         # every head of the layer holds the same tokens in the same slots: read the first's
-        kept = self.keep(score, step.key_positions[:, 0], step.visible[:, 0], step.positions,
+        kept = self.keep(step.all_heads(score), step.key_positions[:, 0], step.visible[:, 0], step.positions,
                          self.decode_budgets(state, step)[:, 0], step.budgets, step.layer)
         return kept.float()[:, None].expand_as(score), {"kvcrush_score": score}

@@ -123,8 +123,12 @@ class KVzip(PrefillSelector):
             return None
         scores = self.scores(view)
         scores[:, :self.sink_tokens] = float("inf")
+        # its top-k ranks every head of the layer (or of the model): under tensor parallelism each
+        # rank gathers every rank's scores (PrefillView.all_heads), selects, and keeps its own heads'
+        scores = view.all_heads(scores)
+        H = len(scores)
         if self.layerwise:
-            return top_over_heads(scores, self.kept_pairs(H * S, S))
+            return view.own_heads(top_over_heads(scores, self.kept_pairs(H * S, S)))
         state = view.sequence_state.setdefault("kvzip", {"scores": {}})
         state["scores"][view.layer] = scores
         if view.layer < view.num_layers - 1:
@@ -134,7 +138,8 @@ class KVzip(PrefillSelector):
         stacked = torch.stack([state["scores"][layer] for layer in layers])       # [L, H, S]
         kept = stacked.flatten().topk(self.kept_pairs(len(layers) * H * S, S)).indices
         shares = torch.bincount(kept // (H * S), minlength=len(layers)).tolist()
-        state["masks"] = {layer: top_over_heads(stacked[i], k) for i, (layer, k) in enumerate(zip(layers, shares))}
+        state["masks"] = {layer: view.own_heads(top_over_heads(stacked[i], k))
+                          for i, (layer, k) in enumerate(zip(layers, shares))}
         return state["masks"].pop(view.layer)
 
     def earlier_keep_masks(self, view: PrefillView) -> dict[int, torch.Tensor]:

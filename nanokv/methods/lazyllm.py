@@ -85,7 +85,7 @@ class LazyLLM(PrefillSelector):
 
     def scores(self, view: PrefillView) -> torch.Tensor:
         """[S] the last prompt token's attention to each cached token, averaged over the query heads."""
-        return observation_attention(view, 1)[:, 0].mean(dim=0)
+        return view.all_heads(observation_attention(view, 1)[:, 0]).mean(dim=0)  # every rank's heads (RankHeads)
 
     def propagate(self, view: PrefillView) -> torch.Tensor | None:
         # the prompt's length: the first layer sees every token (sequence_state lives one forward pass)

@@ -73,7 +73,8 @@ class NACL(PrefillSelector):
         mask = torch.zeros(H, S, dtype=torch.bool, device=scores.device).scatter_(1, chosen, True)
         if drawn:
             g = torch.Generator().manual_seed(self.seed * 100003 + view.layer)
-            gumbel = -torch.log(-torch.log(torch.rand(H, S, generator=g, device="cpu").clamp(min=1e-20)))  # same on every device
+            draw = view.own_heads(torch.rand(view.total_heads(H), S, generator=g, device="cpu"))  # tp=1's draw
+            gumbel = -torch.log(-torch.log(draw.clamp(min=1e-20)))  # same on every device
             sample = (scores + gumbel.to(scores.device)).masked_fill(mask, float("-inf"))
             mask.scatter_(1, sample.topk(drawn, dim=-1).indices, True)
         return mask

@@ -97,7 +97,8 @@ class PyramidInfer(PrefillSelector):
         keys = view.keys.float().repeat_interleave(q.shape[1] // H, dim=0)         # [Hq, S, D]
         logits = torch.einsum("rhd,hsd->hrs", q, keys) / math.sqrt(D)
         hidden = (view.positions[None, :] > view.positions[-recent:][:, None]) | ~held[None, :]
-        attention = logits.masked_fill(hidden[None], float("-inf")).softmax(dim=-1).mean(dim=0)  # [R, S]
+        attention = logits.masked_fill(hidden[None], float("-inf")).softmax(dim=-1)
+        attention = view.all_heads(attention).mean(dim=0)  # [R, S] over every rank's query heads (RankHeads)
         weights = torch.linspace(1.0, self.distance_weight, recent, device=attention.device)
         scores = (weights[:, None] * attention).mean(dim=0)
         scores = scores.masked_fill(view.positions < self.sink_tokens, float("inf"))

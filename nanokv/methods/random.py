@@ -21,5 +21,7 @@ class RandomMethod(PrefillSelector):
 
     def scores(self, view: PrefillView) -> torch.Tensor:
         # drawn on the CPU, so a seed keeps the same tokens on every device
+        # every head of the layer drawn (tensor parallelism: this rank keeps its own), so the draw is tp=1's
+        H, S = view.keys.shape[:2]
         g = torch.Generator().manual_seed(self.seed * 100003 + view.layer)
-        return torch.rand(view.keys.shape[:2], generator=g, device="cpu").to(view.keys.device)
+        return view.own_heads(torch.rand((view.total_heads(H), S), generator=g, device="cpu")).to(view.keys.device)

@@ -109,9 +109,11 @@ class ReAttention(PageReader):
         logits = step.logits(keys, queries).masked_fill(~older[:, None, None], float("-inf"))  # [b, H, g, S]
         best = logits.topk(min(self.top_k, S), dim=-1)
         # every query head's picks pooled: a token counts the heads that picked it
-        picked = best.values > float("-inf")
+        # (every rank's heads: the votes are the layer's, RankHeads), a miss voting for slot S
+        voted = step.all_heads(torch.where(best.values > float("-inf"), best.indices, S))
+        picked = voted < S
         votes = torch.zeros(b, S + 1, dtype=torch.int64, device=n.device)
-        votes.scatter_add_(1, torch.where(picked, best.indices, S).flatten(1), picked.long().flatten(1))
+        votes.scatter_add_(1, voted.flatten(1), picked.long().flatten(1))
         order = votes[:, :S].sort(dim=-1, descending=True, stable=True)  # ties: the older token
         keep = min(self.spans(), S)
         centres = order.indices[:, :keep].masked_fill(order.values[:, :keep] == 0, -1)

@@ -54,7 +54,7 @@ class SimLayerKV(StreamingLLM):
         """The last prompt token's attention, averaged over the query heads, on the sinks and
         the recent window of a lazy layer keeping `keep` tokens."""
         S = view.keys.shape[1]
-        last = observation_attention(view, 1)[:, 0].mean(dim=0)          # [S]
+        last = view.all_heads(observation_attention(view, 1)[:, 0]).mean(dim=0)  # [S] every rank's heads
         sinks = min(self.sink_tokens, S)
         start, end = S - (keep - sinks), S
         if self.criterion == "kvpress":  # the n_recent = keep - sinks + 1 tokens before the last

@@ -78,7 +78,8 @@ class TokenSelect(PageReader):
 
         # the Selection Cache: the query that last voted and its vote, per layer of each sequence
         query = unrotated(step.queries, step.positions[:, None].expand(step.queries.shape[:2]), step.inv_freq,
-                          self.name).flatten(1)
+                          self.name)
+        query = step.all_heads(query).flatten(1)  # the whole layer's query: every rank's heads (RankHeads)
         empty = (torch.zeros_like(query[0]), torch.full((k,), -1, device=n.device),
                  torch.zeros((), dtype=torch.bool, device=n.device))
         kept = [state.get("tokenselect", {}).get(step.layer, empty) for state in step.states]
@@ -90,7 +91,8 @@ class TokenSelect(PageReader):
         # computed for the whole batch (no wait for the host), its bytes counted where it is used
         logits = step.logits() * math.sqrt(D)
         probs = logits.masked_fill(~candidate[:, None, None], float("-inf")).softmax(dim=-1)
-        votes = torch.where(candidate, probs.nan_to_num(0.0).sum(dim=(1, 2)), float("-inf"))
+        votes = step.all_heads(probs.nan_to_num(0.0).sum(dim=2)).sum(dim=1)  # over every rank's heads
+        votes = torch.where(candidate, votes, float("-inf"))
         fresh = top_slots(votes, k)
         fresh = F.pad(fresh, (0, k - fresh.shape[-1]), value=-1)
         chosen = torch.where(reuse[:, None], vote, fresh)

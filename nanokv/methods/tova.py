@@ -25,9 +25,10 @@ class TOVA(DecodeEvictor):
     paper = "https://arxiv.org/abs/2401.06104"
 
     def scores(self, view: PrefillView) -> torch.Tensor:
-        last = observation_attention(view, 1)[:, 0].mean(dim=0)   # [S] mean over every query head
+        last = view.all_heads(observation_attention(view, 1)[:, 0]).mean(dim=0)   # [S] over every query head, all ranks
         return last.expand(view.keys.shape[0], -1)
 
     def decode_scores(self, probs, state, step):
         B, H, _, S = probs.shape
-        return probs.mean(dim=(1, 2))[:, None].expand(B, H, S), state
+        layer_mean = step.all_heads(probs.mean(dim=2)).mean(dim=1)  # every rank's heads (RankHeads)
+        return layer_mean[:, None].expand(B, H, S), state

@@ -11,6 +11,12 @@ The model never sees the KV cache. Each attention layer hands its fresh q, k, v 
 `attention` callable owned by the engine, which stores k and v wherever (and however
 compressed) it likes and returns the attention output. Tokens of a batch are flattened
 into one dimension [T] (varlen, as in vLLM), with one position per token.
+
+Tensor parallelism (nanokv/distributed.py, nanokv/models/parallel.py): built from the config one
+rank sees (its num_heads / tp heads, num_kv_heads / tp kv-heads, intermediate_size / tp), qkv_proj
+and gate_up_proj hold this rank's rows (column-parallel) and o_proj and down_proj its columns
+(row-parallel), whose partial sums one all-reduce per sub-block adds up: two per decoder block. The
+embedding and the output head stay whole on every rank. At tp=1 the all-reduce is the identity.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from torch import nn
 from nanokv.kernels import cpu
 from nanokv.models.rope import apply_rope, inverse_frequencies, rope_cos_sin
 from nanokv.config import ModelConfig
+from nanokv.distributed import SINGLE, TensorParallel
 
 
 class Attention(Protocol):
@@ -54,10 +61,10 @@ class RMSNorm(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int):
+    def __init__(self, cfg: ModelConfig, layer: int, tp: TensorParallel = SINGLE):
         super().__init__()
         self.layer = layer
-        self.cfg = cfg
+        self.cfg, self.tp = cfg, tp
         self.sliding_window = cfg.sliding_windows[layer]
         # q, k and v in one matmul: one weight read instead of three.
         self.qkv_proj = nn.Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.attention_bias)
@@ -76,28 +83,28 @@ class SelfAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = attention(self.layer, q, k, v, self.sliding_window)
-        return self.o_proj(out.reshape(-1, cfg.q_size))
+        return self.tp.all_reduce(self.o_proj(out.reshape(-1, cfg.q_size)))  # row-parallel: sum the ranks' heads
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel = SINGLE):
         super().__init__()
-        self.intermediate_size = cfg.intermediate_size
+        self.intermediate_size, self.tp = cfg.intermediate_size, tp
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.tp.all_reduce(self.down_proj(F.silu(gate) * up))  # row-parallel: sum the ranks' slices
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int):
+    def __init__(self, cfg: ModelConfig, layer: int, tp: TensorParallel = SINGLE):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = SelfAttention(cfg, layer)
+        self.self_attn = SelfAttention(cfg, layer, tp)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, tp)
 
     def forward(self, x, cos, sin, attention: Attention):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, attention)
@@ -106,13 +113,14 @@ class DecoderLayer(nn.Module):
 
 class LlamaModel(nn.Module):
     """Parameter names follow Hugging Face's with the leading `model.` dropped and q/k/v
-    and gate/up packed (see `load_weights`)."""
+    and gate/up packed (see `load_weights`). `cfg`: the config one rank sees (TensorParallel.shard_config),
+    the whole model's at tp=1; `load_weights` takes that rank's slices (models/parallel.py)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel = SINGLE):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.tp = cfg, tp
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, tp) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
