@@ -25,6 +25,8 @@ def render(loop: EngineLoop) -> str:
     metric("kv_blocks_used", "gauge", "KV-cache blocks holding tokens, per tier.",
            [({"tier": t}, used) for t, used, _, _ in tiers])
     metric("kv_blocks_free", "gauge", "KV-cache blocks free, per tier.", [({"tier": t}, free) for t, _, free, _ in tiers])
+    metric("kv_blocks_cached", "gauge", "Free device blocks that still hold a cached prompt prefix (reused first "
+           "by a request with that prefix, taken back last).", [({"tier": "device"}, cache.pool.cached_free)])
     metric("kv_bytes_used", "gauge", "KV-cache bytes held, per tier.", [({"tier": t}, b) for t, _, _, b in tiers])
     metric("generation_tokens_per_second", "gauge", "Tokens generated per second over the last 10 s.",
            [({}, round(counters.tokens_per_second(), 3))])
