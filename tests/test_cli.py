@@ -150,7 +150,8 @@ def test_default_command_answers_paris(smollm2_gguf, tmp_path):
     data = json.loads(stats.read_text())
     assert set(data) == {"model", "method", "device", "dtype", "prompt_tokens", "generated_tokens",
                          "prefill_tokens_per_s", "decode_tokens_per_s", "kv_cache_bytes", "kv_cache_bytes_uncompressed",
-                         "kv_cache_bytes_theory", "kv_cache_tokens", "kv_bytes_read_per_decode_token", "decode_graphs"}
+                         "kv_cache_bytes_theory", "kv_cache_tokens", "kv_bytes_read_per_decode_token", "decode_graphs",
+                         "tensor_parallel_size"}
     # a CPU runs every decode step eagerly, and says why
     graphs = data["decode_graphs"]
     assert graphs["eager_steps"] >= data["generated_tokens"] - 1 > 0

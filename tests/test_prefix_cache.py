@@ -84,7 +84,7 @@ def test_every_registered_method_is_classified():
     assert got[PREFIX] == prefix
     assert got[COMPRESSED] == compressed
     assert got[NONE] == set(METHODS) - prefix - compressed
-    assert {"h2o", "kivi", "arkvale", "minference", "gemfilter", "minicache", "kvsharer", "think"} <= got[NONE]
+    assert {"h2o", "kivi", "arkvale", "minference", "gemfilter", "homer", "minicache", "kvsharer", "think"} <= got[NONE]
     assert sharing_of(make_method("snapkv"))[0] == PREFIX     # no compression: it stores full's KV
     assert sharing_of(make_method("snapkv+kivi", 0.5))[0] == NONE
 

@@ -38,7 +38,8 @@ Which registered method shares what (tests/test_prefix_cache.py checks this list
                 move out and a reader's index lives outside the blocks), sparse prefills
                 (critiprefill, minference: a tail over a cached prefix would run dense, so the
                 output would differ from a cold run), gemfilter (its re-prefill's positions live
-                in the sequence: position_shift), rocketkv (it compresses, then reads with state
+                in the sequence: position_shift), homer (likewise: what follows its merged chunks
+                sits after their suffix), rocketkv (it compresses, then reads with state
                 outside the blocks)
 """
 
@@ -79,6 +80,8 @@ def sharing_of(method) -> tuple[str, str]:
     if method.refill_layer is not None or getattr(type(method), "refill", PrefillSelector.refill) is not \
             PrefillSelector.refill:
         return NONE, f"{name} re-prefills its picks at new positions (position_shift lives in the sequence)"
+    if method.merges_chunks:
+        return NONE, f"{name} merges chunks, and what follows them sits at positions of its own (position_shift)"
     if method.selects_pages:
         return NONE, f"{name} compresses and then reads with per-sequence state kept outside the blocks (read_states)"
     if method.selects_tokens or method.blends:

@@ -22,6 +22,7 @@ from nanokv.cache import PagedKVCache
 from nanokv.cache.pool import HOST
 from nanokv.engine.attention import StepAttention
 from nanokv.engine.blending import Blend, ChunksAlone
+from nanokv.engine.merging_prefill import MergingPrefill
 from nanokv.engine.cuda_graphs import DecodeGraphs
 from nanokv.engine.request_methods import RequestMethods
 from nanokv.engine.upload import HostToDevice
@@ -45,6 +46,7 @@ class ModelRunner:
         # the same tokens computes (full's), for LLM.stats
         self.prefill_flops = self.dense_prefill_flops = 0
         self.last_blend = None  # a blending method's last blend pass (engine/blending.py: what it recomputed)
+        self.last_merge = None  # a merging method's last prefill (engine/merging_prefill.py: what it kept)
         self.sharing = None  # prefix caching (engine/prefix_sharing.py): LLM sets it when enabled
         if method is not None and method.evicts_during_decode:
             cache.reserve_scratch()  # its decode steps write there (attention.py: _evict); now, before any step
@@ -94,6 +96,8 @@ class ModelRunner:
             return self._refilled_prefill(seqs)
         if method is not None and method.blends:  # CacheBlend: chunks alone, then a blend
             return torch.stack([self._blended_prefill(s) for s in seqs])
+        if method is not None and method.merges_chunks:  # HOMER: chunks apart, merged up the layers
+            return torch.stack([self._merging_prefill(s) for s in seqs])
         # a chunked method (base.py: prefill_chunk) prefills each long prompt a chunk at a time, alone
         chunk = method.prefill_chunk if method is not None else None
         chunked = [chunk is not None and s.compress_len > chunk for s in seqs]
@@ -176,13 +180,28 @@ class ModelRunner:
         self.prefill_flops += alone.prefill_flops + self.last_blend.prefill_flops
         return self._rest([s])[0] if len(s) > n else hidden
 
+    def _merging_prefill(self, s: Sequence) -> torch.Tensor:
+        """A merging method's prefill of one sequence (engine/merging_prefill.py): its compressed part
+        as chunks, processed apart, pruned and merged pairwise up the layers; then what follows in a
+        second pass, after the suffix's positions (its position_shift) -> the last token's hidden state."""
+        n = s.compress_len
+        tree = self.method.tree(n, self.model.cfg.num_layers)
+        merge = MergingPrefill(self.cache, s.id, tree, self.method, s.all_token_ids[:n], self.ranks)
+        hidden = self.model(merge.ids, merge.positions, merge)[-1]
+        self.prefill_flops += merge.prefill_flops
+        self.last_merge = merge
+        s.position_shift = n - merge.next_position
+        return self._rest([s])[0] if len(s) > n else hidden
+
     def _rest(self, seqs, starts: list[int] | None = None) -> torch.Tensor:
         """What follows each one's compressed part (a question, a recompute's generated tokens), or its
         first `starts` tokens (a cached prefix), over the cache it holds -> each one's last hidden
         state [len(seqs), hidden]."""
         starts = starts or [s.compress_len for s in seqs]
         tails = [s.all_token_ids[start:] for s, start in zip(seqs, starts)]
-        positions = torch.cat([torch.arange(start, len(s), device=self.device) for s, start in zip(seqs, starts)])
+        # (a merging method's compressed part ends before its length: position_shift)
+        positions = torch.cat([torch.arange(start, len(s), device=self.device) - s.position_shift
+                               for s, start in zip(seqs, starts)])
         hidden = self._forward(seqs, [len(t) for t in tails], sum(tails, []), positions, compress=False)
         return hidden[last_rows([len(t) for t in tails])]
 

@@ -153,8 +153,9 @@ A method may also change how the prompt is prefilled (the runner: nanokv/engine/
 chunks, each compressed with what the earlier ones left (`prefill_chunk`: InfiniPot, CItruS; the
 view's `held_before`); with only some prompt tokens going on to later layers (`narrows` +
 `propagate`: FastKV, LazyLLM); with a filter pass whose picks a second pass prefills alone at new
-positions (`refill_layer` + `refill`: GemFilter); or with its context's chunks prefilled alone and
-then blended (`blends`: CacheBlend).
+positions (`refill_layer` + `refill`: GemFilter); with its context's chunks prefilled alone and
+then blended (`blends`: CacheBlend); or as chunks prefilled apart, each pruned by `significance` and
+`prune` and merged pairwise up the layers of a `tree` (`merges_chunks`: HOMER).
 """
 
 from __future__ import annotations
@@ -476,6 +477,7 @@ class Method:
     narrows = False                 # propagate: only some prompt tokens go on to later layers (fastkv, lazyllm)
     refill_layer: int | None = None  # refill: a filter pass to here picks the tokens a second pass prefills (gemfilter)
     blends = False                  # chunks prefilled alone, then some tokens recomputed over them (cacheblend)
+    merges_chunks = False           # chunks prefilled apart, pruned and merged pairwise up the layers (homer)
     # why it cannot split its heads across tensor-parallel ranks (nanokv/distributed.py); None: it can
     tensor_parallel_reason: str | None = None
     check_layer = 1                 # blends: the layer whose K/V deviations pick the tokens recomputed
@@ -505,7 +507,8 @@ class Method:
         if not (isinstance(compression, (int, float)) and 0 <= compression < 1):
             raise ValueError(f"compression must be in [0, 1) (the fraction of tokens removed), got {compression!r}")
         self.compression, self.budget = float(compression), budget
-        takes_budget = self.selects_tokens or self.selects_pages or self.sparse_prefill or self.stores_latents
+        takes_budget = (self.selects_tokens or self.selects_pages or self.sparse_prefill or self.stores_latents
+                        or self.merges_chunks)
         if not takes_budget and type(self).layer_sources is Method.layer_sources and \
                 type(self).layer_pairs is Method.layer_pairs and (compression or budget is not None):
             raise ValueError(f"method {self.name!r} does not compress; {self.compression_hint}")
@@ -578,6 +581,21 @@ class Method:
     def recompute(self, new: dict[str, torch.Tensor], cached: dict[str, torch.Tensor]) -> torch.Tensor:
         """blends: {"k", "v": [H, T, D]} each token's K/V recomputed at check_layer, and its chunk-alone
         K/V -> [T] bool: the tokens recomputed from there on."""
+        raise NotImplementedError
+
+    def tree(self, n: int, num_layers: int):
+        """merges_chunks: the plan of a compressed part of n tokens (methods/homer.py: MergeTree): its
+        chunks, the last layer of each tree level, and each node's length after its pruning."""
+        raise NotImplementedError
+
+    def significance(self, last_row_probs: torch.Tensor) -> torch.Tensor:
+        """merges_chunks: [Hq, S] a chunk's last token's attention probabilities at a pruning layer ->
+        [S] how much each of the chunk's tokens matters."""
+        raise NotImplementedError
+
+    def prune(self, significance: torch.Tensor, prunable: torch.Tensor, target: int) -> torch.Tensor:
+        """merges_chunks: [S] significance, [S] bool (the tokens it may drop) -> [S] bool: what the chunk
+        keeps to be `target` long."""
         raise NotImplementedError
 
     def bind_vocabulary(self, texts: list[str]):

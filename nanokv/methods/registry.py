@@ -91,6 +91,7 @@ from nanokv.methods.lazyllm import LazyLLM
 from nanokv.methods.infinipot import InfiniPot
 from nanokv.methods.citrus import CItruS
 from nanokv.methods.cacheblend import CacheBlend
+from nanokv.methods.homer import Homer
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, RandomMethod, StreamingLLM, KNorm, SnapKV, PyramidKV, AdaKV, H2O, TOVA,
                                                          A2SF, Keyformer, Scissorhands, RoCo, VATP, RKV,
@@ -111,7 +112,8 @@ METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, RandomMethod, St
                                                          ArkVale, ShadowKV, SpeCache, ClusterKV, PQCache, SentenceKV, ALISAOffload, MagicPIG,
                                                          RetrievalAttention,
                                                          GemFilter, FastKV, LazyLLM, InfiniPot, CItruS, CacheBlend,
-                                                         CritiPrefill, MInference)}
+                                                         CritiPrefill, MInference,
+                                                         Homer)}
 QUANTIZERS = [name for name, m in METHODS.items() if m.quantizes]
 
 

@@ -40,7 +40,8 @@ class Attention(Protocol):
 
     def narrow(self, layer: int) -> torch.Tensor | None:
         """After `layer`: the rows of the step's tokens that go on to the next layer (None: all; an
-        empty index ends the pass). An attention callable without it keeps every token."""
+        empty index ends the pass), or [R, 2] pairs of rows each going on as their mean, at the
+        first one's position. An attention callable without it keeps every token."""
 
 
 class RMSNorm(nn.Module):
@@ -146,7 +147,12 @@ class LlamaModel(nn.Module):
             if rows is not None:
                 if len(rows) == 0:  # the pass ends here (GemFilter's filter pass)
                     break
-                x, cos, sin = x[rows], cos[rows], sin[rows]
+                if rows.dim() == 2:  # pairs of rows [R, 2] that go on as their mean (HOMER's merged copies)
+                    x = (x[rows[:, 0]] + x[rows[:, 1]]) / 2  # a row paired with itself goes on unchanged
+                    rows = rows[:, 0]  # a pair shares its position
+                else:
+                    x = x[rows]
+                cos, sin = cos[rows], sin[rows]
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
