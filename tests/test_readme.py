@@ -53,7 +53,8 @@ def test_readme_command_runs_as_written(line, smollm2_gguf, tmp_path):
 
 @pytest.mark.slow
 def test_readme_python_snippet_runs_as_written(smollm2_gguf, tmp_path):
-    [snippet] = blocks(section("Using it"), "python")
+    # the library's snippet (the server's, an openai client, needs a server: tests/test_serve.py)
+    [snippet] = [b for b in blocks(section("Using it"), "python") if "from nanokv import" in b]
     script = tmp_path / "snippet.py"
     script.write_text(snippet)
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=ROOT, timeout=900,
