@@ -1,7 +1,7 @@
 # Each command does its own set-up on a fresh clone (Python 3.11 and make are all they need):
 #   make run       generate with the default model (downloaded on first use)
 #   make test      the quick tests: no real weights, no model download (~6 minutes on 2 cores)
-#   make test-all  every test, as CI runs them (~12 minutes; fetches SmolLM2 and Qwen2.5-Coder-0.5B)
+#   make test-all  every test, as CI runs them (~15 minutes; fetches SmolLM2 and Qwen2.5-Coder-0.5B)
 #   make test-gpu  the tests that need a CUDA GPU (install a CUDA torch: see TORCH below)
 PYTHON ?= python3
 VENV ?= .venv
