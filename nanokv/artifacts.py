@@ -64,6 +64,7 @@ from pathlib import Path
 
 import torch
 
+from nanokv.distributed import rank_slice
 from nanokv.paths import cache_dir
 
 FORMAT = 1
@@ -313,8 +314,7 @@ def rank_share(artifact: dict, rank: int, size: int) -> dict:
                     raise ValueError(f"method {method!r}: calibration tensor {name} has {t.shape[1]} heads (or head "
                                      f"groups) along dimension 1, which tensor_parallel_size={size} does not divide; "
                                      f"valid sizes divide {t.shape[1]}")
-                n = t.shape[1] // size
-                t = t.narrow(1, rank * n, n)
+                t = rank_slice(t, 1, rank, size)
             tensors[name] = t
         shared["tensors"] = tensors
     return shared

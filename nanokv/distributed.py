@@ -44,6 +44,13 @@ def valid_sizes(*counts: int) -> list[int]:
     return [n for n in range(1, min(counts) + 1) if all(c % n == 0 for c in counts)]
 
 
+def rank_slice(x: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:
+    """Rank `rank` of `size`'s contiguous 1 / size of `x` along `dim` (a view): the ranks hold the
+    heads (and MLP rows) in runs, in rank order, so global index = rank * (n / size) + local index."""
+    n = x.shape[dim] // size
+    return x.narrow(dim, rank * n, n)
+
+
 def shard_config(cfg, size: int):
     """The ModelConfig as one of `size` ranks' layers see it: num_heads / size query heads,
     num_kv_heads / size kv-heads, intermediate_size / size of the MLP. A clear error when they do
@@ -109,10 +116,7 @@ class TensorParallel:
     def own(self, x: torch.Tensor, dim: int = 0) -> torch.Tensor:
         """This rank's 1 / size of `x` along `dim` (its heads of a per-head table), contiguous slices
         in rank order: global index = rank * (n / size) + local index."""
-        if self.size == 1:
-            return x
-        n = x.shape[dim] // self.size
-        return x.narrow(dim, self.rank * n, n)
+        return x if self.size == 1 else rank_slice(x, dim, self.rank, self.size)
 
     # --- collectives ------------------------------------------------------------------------
 

@@ -66,7 +66,7 @@ def load_model(kind: str, path: str | Path, dtype: torch.dtype, device="cpu", pa
     path = Path(path)
     config = read_config(kind, path)
     tensors = gguf_tensors(path, config) if kind == "gguf" else _safetensors_tensors(path)
-    tensors = shard_weights(tensors, config, tp.rank, tp.size)
+    tensors = shard_weights(tensors, tp.rank, tp.size)
     model = empty_model(config, dtype, device, tp)
     try:
         model.load_weights(tensors)
@@ -125,7 +125,7 @@ def dummy_model(config: ModelConfig, dtype: torch.dtype, device="cpu", seed: int
     if tp.size > 1:
         whole = dummy_model(config, dtype, device, seed, pack=False)
         model = empty_model(config, dtype, device, tp)
-        model.load_weights(shard_weights(hf_tensors(whole), config, tp.rank, tp.size))
+        model.load_weights(shard_weights(hf_tensors(whole), tp.rank, tp.size))
         del whole
         if pack:
             pack_for_cpu(model, dtype, device)

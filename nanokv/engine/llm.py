@@ -270,9 +270,13 @@ class LLM:
         """Queue one request (see generate for `prompt` and `method`) -> its Sequence, which `step`
         advances; a ValueError, and nothing queued, when it is bad or could never fit."""
         seq = self._sequence(prompt, params or SamplingParams(), chat, self.request_method(method))
-        self.scheduler.add([seq])  # refuses it if it could never fit
-        seq.arrival_time = time.perf_counter()
+        self._queue([seq])
         return seq
+
+    def _queue(self, seqs: list[Sequence]):
+        self.scheduler.add(seqs)  # refuses them all if one could never fit
+        for seq in seqs:
+            seq.arrival_time = time.perf_counter()
 
     def has_unfinished(self) -> bool:
         return not self.scheduler.finished
@@ -301,7 +305,7 @@ class LLM:
             hit = sum(s.prefix_cached for s in batch)
             tally["prefix_cache_hit_tokens"] += hit
             tally["prefill_tokens_computed"] += sum(len(s) for s in batch) - hit
-        if not is_prefill:
+        else:
             tally["decode_kv_bytes_read"] += int(self.runner.last_bytes_read)
             tally["decode_kv_bytes_moved"] += int(self.runner.last_bytes_moved)
         tally["peak_running"] = max(tally["peak_running"], len(self.scheduler.running))
@@ -324,9 +328,7 @@ class LLM:
         """Run the engine until `seqs` are done, yielding (sequence, new text) after every token."""
         if self._busy:
             raise ValueError("this LLM is still running another generate() or stream(); finish it first")
-        self.scheduler.add(seqs)  # refuses them all if one could never fit
-        for seq in seqs:
-            seq.arrival_time = time.perf_counter()
+        self._queue(seqs)
         self._busy = True
         replayed, eager = self.runner.graph_steps, self.runner.eager_steps
         flops_before = (self.runner.prefill_flops, self.runner.dense_prefill_flops)
@@ -366,7 +368,7 @@ def new_tally() -> dict:
     tokens the prefix cache served, and the peaks of running sequences and KV bytes."""
     return {"prefill_tokens": 0, "prefill_s": 0.0, "prefill_steps": 0, "decode_tokens": 0, "decode_s": 0.0,
             "decode_steps": 0, "finished_requests": 0, "peak_running": 0, "peak_kv_bytes": 0,
-            "preemptions": 0, "decode_kv_bytes_read": 0, "peak_host_kv_bytes": 0, "decode_kv_bytes_moved": 0,
+            "decode_kv_bytes_read": 0, "peak_host_kv_bytes": 0, "decode_kv_bytes_moved": 0,
             "prefix_cache_hit_tokens": 0, "prefill_tokens_computed": 0}
 
 

@@ -25,6 +25,7 @@ import torch
 
 from nanokv.cache.overwrite import read_tokens, write_tokens
 from nanokv.kernels.reference import attention_by_position
+from nanokv.methods.base import query_logits
 
 PREFIX, CONTEXT, SUFFIX = 0, 1, 2
 
@@ -80,7 +81,9 @@ class MergingPrefill:
         start = 0
         for node, size in enumerate(sizes):
             rows = slice(start, start + size)
-            significance = self.method.significance(last_row_probs(q[start + size - 1], k[rows]))
+            # the attention probabilities of the node's last row over its keys [Hq, size]
+            probs = query_logits(q[start + size - 1:start + size], k[rows].transpose(0, 1))[:, 0].softmax(dim=-1)
+            significance = self.method.significance(probs)
             if self.ranks is not None:  # the highest over every rank's heads
                 significance = self.ranks.all_reduce(significance.float().contiguous(), "max")
             keep[rows] = self.method.prune(significance, self.kind[rows] == CONTEXT, tree.targets[level][node])
@@ -113,12 +116,3 @@ class MergingPrefill:
         self.kind, self.group, self.positions = kind, group, positions
         self.kept.append(len(kind))
 
-
-def last_row_probs(q_last: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """q_last [Hq, D], keys [S, Hkv, D] -> [Hq, S]: the attention probabilities of one query over the
-    keys (grouped query heads read their kv-head), in float32."""
-    Hq, D = q_last.shape
-    group = Hq // keys.shape[1]
-    k = keys.float().repeat_interleave(group, dim=1)                  # [S, Hq, D]
-    logits = torch.einsum("hd,shd->hs", q_last.float(), k) / D ** 0.5
-    return logits.softmax(dim=-1)

@@ -402,14 +402,20 @@ def hashed_uniform(seed: int, layer: int, head, position) -> torch.Tensor:
     return ((h >> 9).float() + 0.5) / 2.0 ** 23                       # 23 bits, exact in float32
 
 
+def query_logits(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """[Hq, W, S] float32: the attention logits of queries [W, Hq, D] over keys [H, S, D], each group
+    of query heads reading its kv-head."""
+    H, S, D = keys.shape
+    q = queries.float()
+    k = keys.float().repeat_interleave(q.shape[1] // H, dim=0)    # [Hq, S, D]
+    return torch.einsum("whd,hsd->hws", q, k) / math.sqrt(D)
+
+
 def observation_attention(view: PrefillView, window: int, causal: bool = True) -> torch.Tensor:
     """[Hq, W, S] float32: softmax attention of the last `window` prompt queries over the cached
     keys, causal by position (what SnapKV-family and TOVA scores start from); causal=False lets
     each of them see every cached key, the later window queries' too (NACL's proxy scores)."""
-    H, S, D = view.keys.shape
-    q = view.queries[-window:].float()                             # [W, Hq, D]
-    keys = view.keys.float().repeat_interleave(q.shape[1] // H, dim=0)  # [Hq, S, D]
-    logits = torch.einsum("whd,hsd->hws", q, keys) / math.sqrt(D)  # [Hq, W, S]
+    logits = query_logits(view.queries[-window:], view.keys)       # [Hq, W, S]
     if not causal:
         return logits.softmax(dim=-1)
     future = view.positions[None, None, :] > view.positions[-window:][None, :, None]

@@ -95,19 +95,24 @@ class Homer(Method):
         the prefill every layer holds the final length)."""
         if not self.compresses:
             return n
-        tree = self.tree(n, num_layers)
-        return n + (len(tree.pieces) - 1) * (tree.prefix + tree.suffix)
+        p, s, height = self.split(n, num_layers)  # not the whole tree: the scheduler asks once a layer
+        return n + (2 ** height - 1) * (p + s)
 
     def chunk_limit(self, n: int) -> int:
         return self.max_chunk_len if self.max_chunk_len > 0 else self.tokens_to_keep(n)
 
+    def split(self, n: int, num_layers: int) -> tuple[int, int, int]:
+        """(prefix, suffix, tree height) of a compressed part of n tokens: 2 ** height chunks, each of
+        at most max_chunk_len tokens with the prefix and suffix (alinlab/HOMER's create_homer_prefix)."""
+        p, s = min(self.prefix, n // 4), min(self.suffix, n // 4)  # a short prompt still has a context
+        eff_max = max(1, self.chunk_limit(n) - p - s)
+        height = math.ceil(math.log2(max(1, math.ceil((n - p - s) / eff_max))))
+        return p, s, min(height, num_layers - 1)  # a level needs a layer of its own: fewer, longer chunks
+
     def tree(self, n: int, num_layers: int) -> MergeTree:
         """The merging plan of a compressed part of n tokens (alinlab/HOMER's create_homer_prefix)."""
-        p, s = min(self.prefix, n // 4), min(self.suffix, n // 4)  # a short prompt still has a context
+        p, s, height = self.split(n, num_layers)
         context, limit = n - p - s, self.chunk_limit(n)
-        eff_max = max(1, limit - p - s)
-        height = math.ceil(math.log2(max(1, math.ceil(context / eff_max))))
-        height = min(height, num_layers - 1)  # a level needs a layer of its own: fewer, longer chunks
         num_chunks = 2 ** height
         e = math.ceil(context / num_chunks)
         pieces = [(p + min(context, i * e), p + min(context, (i + 1) * e)) for i in range(num_chunks)]

@@ -22,25 +22,21 @@ from typing import Iterable, Iterator
 
 import torch
 
-from nanokv.config import ModelConfig
+from nanokv.distributed import rank_slice
 
-# Hugging Face projection -> (dimension it is split along, what its rows / columns count)
-SPLITS = {"q_proj": (0, "q"), "k_proj": (0, "kv"), "v_proj": (0, "kv"),
-          "gate_proj": (0, "mlp"), "up_proj": (0, "mlp"),
-          "o_proj": (1, "q"), "down_proj": (1, "mlp")}
+# Hugging Face projection -> the dimension it is split along: output rows (column-parallel) or input
+# columns (row-parallel)
+SPLITS = {"q_proj": 0, "k_proj": 0, "v_proj": 0, "gate_proj": 0, "up_proj": 0, "o_proj": 1, "down_proj": 1}
 
 
-def shard_weights(tensors: Iterable[tuple[str, torch.Tensor]], cfg: ModelConfig, rank: int,
+def shard_weights(tensors: Iterable[tuple[str, torch.Tensor]], rank: int,
                   size: int) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) pairs of the whole model (`cfg`: the whole model's config) -> the same names
-    with rank `rank` of `size`'s slice of each split projection (views, no copies)."""
-    widths = {"q": cfg.q_size, "kv": cfg.kv_size, "mlp": cfg.intermediate_size}
+    """(name, tensor) pairs of the whole model -> the same names with rank `rank` of `size`'s slice of
+    each split projection (views, no copies)."""
     for name, tensor in tensors:
         parts = name.rsplit(".", 2)
-        split = SPLITS.get(parts[-2]) if size > 1 and len(parts) == 3 else None
-        if split is not None:
-            dim, width = split
+        dim = SPLITS.get(parts[-2]) if size > 1 and len(parts) == 3 else None
+        if dim is not None:
             dim = min(dim, tensor.dim() - 1)  # a bias (q/k/v's) is split along its only dimension
-            n = widths[width] // size
-            tensor = tensor.narrow(dim, rank * n, n)
+            tensor = rank_slice(tensor, dim, rank, size)
         yield name, tensor
