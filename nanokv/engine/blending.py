@@ -27,14 +27,22 @@ class ChunksAlone:
 
     def __call__(self, layer, q, k, v, sliding_window):
         self.cache.write_prefill(self.seq_id, layer, k, v, self.positions)
-        fresh = self.cache.kernels.fresh_prefill  # a prompt over its own K/V alone (GPU: SDPA)
-        outs = []
         self.prefill_flops += 4 * q.shape[-1] * q.shape[1] * sum(n * (n + 1) // 2 for n in self.chunk_lengths)
-        for q_c, k_c, v_c, pos_c in zip(*(x.split(self.chunk_lengths) for x in (q, k, v, self.positions))):
-            outs.append(fresh(q_c, k_c, v_c) if fresh is not None and sliding_window is None
-                        else attention_by_position(q_c, k_c, v_c, pos_c, pos_c, sliding_window))
+        out = attention_within(self.cache.kernels, q, k, v, self.chunk_lengths, sliding_window)
         self.cache.settle(self.seq_id, layers=slice(layer, layer + 1))
-        return torch.cat(outs)
+        return out
+
+
+def attention_within(kernels, q, k, v, sizes: list[int], sliding_window) -> torch.Tensor:
+    """Causal attention of each run of `sizes` rows over itself alone, in row order (a chunk of
+    consecutive positions, or HOMER's merged chunks, whose positions repeat) -> [T, Hq, D]."""
+    fresh = kernels.fresh_prefill  # a prompt over its own K/V alone (GPU: SDPA)
+    outs = []
+    for q_c, k_c, v_c in zip(q.split(sizes), k.split(sizes), v.split(sizes)):
+        rows = torch.arange(len(q_c), device=q.device)
+        outs.append(fresh(q_c, k_c, v_c) if fresh is not None and sliding_window is None
+                    else attention_by_position(q_c, k_c, v_c, rows, rows, sliding_window))
+    return torch.cat(outs)
 
 
 class Blend:

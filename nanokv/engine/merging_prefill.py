@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from nanokv.cache.overwrite import read_tokens, write_tokens
-from nanokv.kernels.reference import attention_by_position
+from nanokv.engine.blending import attention_within
 from nanokv.methods.base import query_logits
 
 PREFIX, CONTEXT, SUFFIX = 0, 1, 2
@@ -57,18 +57,13 @@ class MergingPrefill:
     def __call__(self, layer, q, k, v, sliding_window):
         cache = self.cache
         cache.write_prefill(self.seq_id, layer, k, v, self.positions)
-        fresh = cache.kernels.fresh_prefill  # a prompt over its own K/V alone (GPU: SDPA)
         sizes = torch.unique_consecutive(self.group, return_counts=True)[1].tolist()
-        outs = []
-        for q_g, k_g, v_g in zip(q.split(sizes), k.split(sizes), v.split(sizes)):
-            rows = torch.arange(len(q_g), device=q.device)  # causal in row order: positions repeat
-            outs.append(fresh(q_g, k_g, v_g) if fresh is not None and sliding_window is None
-                        else attention_by_position(q_g, k_g, v_g, rows, rows, sliding_window))
+        out = attention_within(cache.kernels, q, k, v, sizes, sliding_window)  # row order: positions repeat
         self.prefill_flops += 4 * q.shape[-1] * q.shape[1] * sum(n * (n + 1) // 2 for n in sizes)
         cache.settle(self.seq_id, layers=slice(layer, layer + 1))
         if layer == self.tree.level_ends[self.level]:
             self._prune_and_merge(layer, q, k, sizes)
-        return torch.cat(outs)
+        return out
 
     def narrow(self, layer):
         rows, self.pairs = self.pairs, None
