@@ -234,17 +234,39 @@ def test_the_mirror_takes_a_few_edits_a_decode_step():
     with its last value."""
     cache = PagedKVCache(L, H, BlockPool(64, BS, D, torch.float32))
     cache.add(0)
+
+    def sent():
+        edits = cache.table_edits()
+        cache.apply_table_edits(edits)
+        return edits
+
     cache.append_slots(0, 5)                      # two blocks a head
-    assert len(cache.table_edits()[0]) == 2 * L * H
+    assert len(sent()[0]) == 2 * L * H
     cache.append_slots(0, 3)                      # fills the second block: no new one
-    assert cache.table_edits() == []
+    assert sent() == []
     cache.append_slots(0, 1)                      # a third block in every head
-    index, ids = cache.table_edits()
+    index, ids = sent()
     assert len(index) == L * H and torch.equal(ids, cache.seqs[0].tables[..., 2].flatten())
     cache.append_slots(0, 1)
     cache.drop_last(0, torch.full((L, H), 2))     # the third block goes back before any step sent it
-    index, ids = cache.table_edits()
+    index, ids = sent()
     assert len(index) == L * H and (ids == -1).all()
+    check_mirror(cache)
+
+
+def test_edits_a_failed_step_did_not_apply_are_sent_again():
+    """A step that raises after taking the edits and before applying them (a failed copy, say)
+    leaves them recorded: the next step sends them, and the mirror ends equal to the tables."""
+    cache = PagedKVCache(L, H, BlockPool(64, BS, D, torch.float32))
+    cache.add(0)
+    cache.append_slots(0, 5)
+    lost = cache.table_edits()                    # the step fails here: never applied
+    cache.append_slots(0, 4)                      # a third block a head, in the next step
+    index, ids = cache.table_edits()
+    assert len(index) == len(lost[0]) + L * H
+    cache.apply_table_edits([index, ids])
+    assert cache.table_edits() == []
+    check_mirror(cache)
 
 
 def test_a_decode_step_works_its_slots_out_on_the_device():

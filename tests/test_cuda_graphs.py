@@ -18,7 +18,10 @@ from nanokv.methods.registry import QUANTIZERS
 from test_kernels_engine import PROMPTS, greedy
 
 GRAPH_METHODS = {None: None, "snapkv": dict(budget=12, window_size=4), "quest": dict(budget=8, skip_layers=0),
-                 "minicache": {}}
+                 "minicache": {}, "h2o": dict(budget=12), "cam": dict(budget=12)}
+# the evictors whose rounds the host counts: their decode is captured, one graph per rounds pattern
+CAPTURED_EVICTORS = [name for name, m in METHODS.items() if m.evicts_during_decode
+                     and not make_method(name, compression=0.5).budgets_from_state]
 
 
 def test_batch_buckets_are_nano_vllms():
@@ -49,8 +52,31 @@ def test_the_graphs_buffers_give_the_eager_tokens(tiny, kernels, name):
     assert greedy(model, cfg, PROMPTS, kernels, method=method, graphs=graphs) == expected
     [static] = made
     # all five prompts decoded in the 8-row bucket, tables in widths of powers of two
-    assert 8 in {batch for batch, _ in static.steps}
-    assert all(width & (width - 1) == 0 for _, width in static.steps)
+    assert 8 in {batch for batch, _, _ in static.steps}
+    assert all(width & (width - 1) == 0 for _, width, _ in static.steps)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("name", CAPTURED_EVICTORS)
+def test_an_evictors_graph_buffers_give_the_eager_tokens(tiny, name):
+    """Every evictor whose decode is captured, at half the prompt: the batch in one group padded to
+    its bucket (three padding rows that evict nothing), its budgets and counts in the graph's
+    buffers, one graph per pattern of rounds. Eagerly the batch goes in groups of similar length."""
+    model, cfg = tiny
+    made = []
+
+    def graphs(model, cache):
+        made.append(DecodeGraphs(model, cache, 8, capture=False))
+        return made[-1]
+
+    # scope evicts among the generated tokens only, past a window of its own
+    options = dict(decoding_window_size=4, decoding_recent_size=2) if name == "scope" else {}
+    expected = greedy(model, cfg, PROMPTS, "cpu", method=make_method(name, compression=0.5, **options))
+    assert greedy(model, cfg, PROMPTS, "cpu", method=make_method(name, compression=0.5, **options),
+                  graphs=graphs) == expected
+    [static] = made
+    patterns = {rounds for _, _, rounds in static.steps}
+    assert any(1 in rounds for rounds in patterns) and all(max(r) <= 1 for r in patterns)
 
 
 def test_padding_rows_write_only_the_scratch_block(tiny):
@@ -130,13 +156,13 @@ def test_the_engine_reports_why_decode_is_eager():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("name", ["full", "snapkv", "quest"])
+@pytest.mark.parametrize("name", ["full", "snapkv", "quest", "h2o", "tova"])
 def test_captured_graphs_give_the_eager_tokens_on_cuda(name):
     """float32, random SmolLM2 weights: batches that cross buckets (1, 3, 9 rows) and table widths.
     Replaying a graph gives exactly what running its buffers eagerly gives. Against the plain eager
     engine the decode kernel splits each head's keys differently (the graph sees its bucket and its
     padded width), so sums come in another order: most tokens agree, a near-tie may not."""
-    options = {"budget": 8} if name == "quest" else {"compression": 0.5} if name == "snapkv" else {}
+    options = {"budget": 8} if name == "quest" else {} if name == "full" else {"compression": 0.5}
     llm = LLM("smollm2-135m", load_format="dummy", device="cuda", dtype="float32", kv_cache_memory=256 << 20,
               method=name, **options)
     assert llm.eager_reason is None
@@ -155,17 +181,20 @@ def test_captured_graphs_give_the_eager_tokens_on_cuda(name):
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
-def test_preemption_under_the_graphs_buffers_recomputes_the_same_tokens(tmp_path):
+@pytest.mark.parametrize("method", ["full", "h2o"])
+def test_preemption_under_the_graphs_buffers_recomputes_the_same_tokens(tmp_path, method):
     """A pool too small for every request: sequences are preempted (their rows of the tables' mirror
     freed and handed to others) and recomputed, batches shrink and grow across buckets, and the
-    tokens equal an eager engine's with room to spare."""
+    tokens equal an eager engine's with room to spare (H2O: its evictions replayed on recompute)."""
     from helpers import assert_preemption_repeats
     from test_dummy import tiny_config
 
     config, made = tiny_config(tmp_path), []
+    options = dict(budget=20) if method == "h2o" else {}
 
     def make_llm(**kwargs):
-        llm = LLM(config, load_format="dummy", dtype="float32", device="cpu", block_size=4, **kwargs)
+        llm = LLM(config, load_format="dummy", dtype="float32", device="cpu", block_size=4, method=method,
+                  **options, **kwargs)
         if kwargs:  # the tight one
             llm.runner.graphs = DecodeGraphs(llm.model, llm.cache, 8, capture=False)
             made.append(llm.runner.graphs)
@@ -176,7 +205,7 @@ def test_preemption_under_the_graphs_buffers_recomputes_the_same_tokens(tmp_path
     tight, _ = assert_preemption_repeats(make_llm, prompts, params, blocks=2 * 2 * 18)
     # the static buffers ran every decode step, eagerly: nothing is captured on a CPU
     assert tight.stats["decode_graphs"]["replayed_steps"] == 0 and tight.stats["decode_graphs"]["eager_steps"] > 0
-    assert len({batch for batch, _ in made[0].steps}) >= 2
+    assert len({batch for batch, _, _ in made[0].steps}) >= 2
 
 
 def test_a_capture_that_fails_turns_capturing_off_and_says_why(tmp_path, monkeypatch):
@@ -187,7 +216,7 @@ def test_a_capture_that_fails_turns_capturing_off_and_says_why(tmp_path, monkeyp
     def failing(self, step, attention):
         raise RuntimeError("operation not permitted when stream is capturing")
 
-    monkeypatch.setattr(DecodeGraphs, "_capture", failing)
+    monkeypatch.setattr(DecodeGraphs, "_record", failing)
     llm = LLM(tiny_config(tmp_path), load_format="dummy", dtype="float32", device="cpu")
     prompts, params = [[5, 6, 7], [8, 9, 10, 11, 12]], SamplingParams(max_tokens=6, ignore_eos=True)
     expected = [o.token_ids for o in llm.generate(prompts, params)]

@@ -29,6 +29,7 @@ class DeviceTables:
         self.free_rows: list[int] = []
         self.next_row = 1  # row 0 is the empty row
         self.edits: list[tuple[torch.Tensor, ...]] = []  # (layers, rows, heads, columns, block ids), on the host
+        self.sending = 0  # how many of `edits` the last `pending` covered: `apply` drops them
 
     def add(self, seq_id: int, row: int | None = None):
         """Give a new sequence a row (`row`: the one it holds in another mirror of the same cache,
@@ -71,13 +72,14 @@ class DeviceTables:
             self.edits.append((where[:, 0] + first_layer, torch.full_like(ids, row), where[:, 1], where[:, 2], ids))
 
     def pending(self) -> list[torch.Tensor]:
-        """The edits recorded since the last call, as host tensors [flat indices into `tables`, block
-        ids] (none: an empty list), the last edit of an entry winning. The mirror grows first to hold
-        every row and column they name."""
+        """The edits recorded since the last `apply`, as host tensors [flat indices into `tables`,
+        block ids] (none: an empty list), the last edit of an entry winning. The mirror grows first to
+        hold every row and column they name. They stay recorded until `apply` has written them: a step
+        that fails between the two sends them again with the next."""
+        self.sending = len(self.edits)
         if not self.edits:
             return []
         layers, rows, heads, cols, ids = (torch.cat(parts) for parts in zip(*self.edits))
-        self.edits = []
         self._grow(0, int(cols.max()) + 1)
         _, R, H, C = self.tables.shape
         flat = ((layers * R + rows) * H + heads) * C + cols
@@ -88,6 +90,8 @@ class DeviceTables:
     def apply(self, index: torch.Tensor, ids: torch.Tensor):
         """Write what `pending` returned (sent to the device) into the mirror."""
         self.tables.view(-1)[index] = ids.to(self.tables.dtype)
+        del self.edits[:self.sending]
+        self.sending = 0
 
     def sync(self):
         """Apply the pending edits at once (outside a decode step, which sends them with its inputs)."""

@@ -38,11 +38,13 @@ class StepAttention:
                  compress_lens: list[int] | None = None, token_ids: torch.Tensor | None = None,
                  scoring_passes: list[list[int]] | None = None, compress: bool = True,
                  send: HostToDevice | None = None, read_states: dict | None = None,
-                 inv_freq: torch.Tensor | None = None, histories=None, chunked: bool = False, ranks=None):
+                 inv_freq: torch.Tensor | None = None, histories=None, chunked: bool = False, ranks=None,
+                 graphed: bool = False):
         """A decode's positions and token ids may come on the host: they go to the device with the
         step's tables, in one copy by `send` (engine/upload.py), and the model reads them back
         from here (`positions`, `ids`). `read_states`: a query-aware reader's state per sequence
-        id, kept by the runner from step to step; `inv_freq`: the model's RoPE speeds (ReadStep)."""
+        id, kept by the runner from step to step; `inv_freq`: the model's RoPE speeds (ReadStep);
+        `graphed`: a CUDA graph may replay this decode step (engine/cuda_graphs.py)."""
         self.cache, self.seq_ids, self.query_lens = cache, seq_ids, query_lens
         compressing = method if method is not None and method.compresses else None
         # a method that picks the tokens each layer's prompt keeps (the PrefillSelector role)
@@ -107,6 +109,9 @@ class StepAttention:
         # A kernel that reads each head only to its length (the C++ decode) takes the whole batch
         # at once, Quest's reduced tables too (each head's picks, -1 after).
         self.whole_batch = cache.kernels.ragged_decode and cache.ragged and not self.evicting
+        # an evictor whose rounds the host counts also goes in one group under CUDA graphs (a graph
+        # holds one), padded to its longest sequence rather than split by length
+        self.graph_evicting = graphed and self.evicting and not self.method.budgets_from_state
         # the new tokens' slots: worked out on the device from the batch's tables where they are
         # there (the host only allocates), else on the host for each sequence
         on_device = self.whole_batch and cache.slots_on_device
@@ -115,7 +120,7 @@ class StepAttention:
             slots = []
         else:
             slots = [torch.cat([cache.append_slots(s, 1) for s in seq_ids], dim=-1)]           # [L, H, b]
-        groups = cache.decode_groups(seq_ids, self.whole_batch)                                # on the host
+        groups = cache.decode_groups(seq_ids, self.whole_batch or self.graph_evicting)         # on the host
         edits = cache.table_edits()  # what changed in the tables' device mirror since the last step
         budgets = self._budgets(HOST) if self.evicting else ()
         if self.evicting and not self.method.budgets_from_state:
@@ -145,12 +150,15 @@ class StepAttention:
             self.budgets, self.prompt_lens = next(sent), next(sent)
         self._split_by_sequence()
 
-    def bind(self, ids, positions, slots, members, tables, lengths):
+    def bind(self, ids, positions, slots, members, tables, lengths, budgets=None, prompt_lens=None, evicted=None):
         """Read a whole-batch decode's inputs from these tensors from now on (a CUDA graph's static
         buffers, engine/cuda_graphs.py): ids, positions and members (0 .. B - 1) [B], slots [L, H, B],
-        tables [L, B, H, nb], lengths [L, B, H]."""
+        tables [L, B, H, nb], lengths [L, B, H]; an evictor's budgets and prompt lengths [B], and
+        where it counts what each head evicted [L, B, H]."""
         self.ids, self.positions, self.slots = ids, positions, slots
         self.groups = [[members, tables, lengths]]
+        if self.evicting:
+            self.budgets, self.prompt_lens, self.evicted = budgets, prompt_lens, evicted
         self.bytes_read = 0
 
     def _budgets(self, device):

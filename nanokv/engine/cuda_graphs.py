@@ -11,20 +11,29 @@ tables and lengths) and its output (the final hidden states, the KV bytes attent
 copies its inputs in and replays. Graphs are captured when first needed, one per
 - batch bucket: 1, 2, 4, 8, then every 16 up to max_num_seqs (nano-vllm's); a batch of 5 runs
   in the graph of 8, and
-- table width: the columns of the batch's tables, rounded up to a power of two,
+- table width: the columns of the batch's tables, rounded up to a power of two, and
+- for a method that evicts during decode, the rounds of eviction each layer runs: the host counts
+  them from its lengths and the budgets before the step (a head over budget by n evicts n), and a
+  steady decode evicts one a layer or none, so a run needs a few such patterns. A step that
+  catches up by more than one runs eagerly;
 and share one memory pool; their tables buffers are views of one storage (only one graph replays
 at a time), so wider and wider tables do not each keep a buffer of their own. The rows a batch
 does not fill are padding: length 0 (attention reads nothing), position 0, and their new K/V go to
 a scratch block that no table holds. Their outputs are garbage nobody reads; a decode's rows never
 mix.
 
+The first step of a graph runs eagerly over its buffers (a warm-up, which compiles the Triton kernels
+for these shapes) and is then recorded; that step's result is the warm-up's, and the graph replays
+from the next step on. Running the step twice would evict twice.
+
 What cannot be captured runs eagerly, and `eager_reason` says why (the engine's stats show it):
-a method that evicts during decode (the rounds of eviction a step runs vary), a block kind that
+a method whose budgets are state on the device (how many it evicts is counted there), a block kind that
 attends in groups of similar length or whose read waits for the GPU, kernels other than Triton, a
 CPU. On a CPU the same static buffers run without capture when asked (`capture=False`), which is
 how the tests check the padding and the buffers without a GPU. A capture that fails (something in the step waits for
 the GPU, which a capture forbids) turns capturing off for the rest of the run, with the error as
-the reason: the step, and every later one, runs eagerly over the same buffers.
+the reason: the step keeps its warm-up's result, and every later one runs eagerly over the same
+buffers.
 """
 
 from __future__ import annotations
@@ -49,8 +58,9 @@ def eager_reason(method, cache, kernels_name: str, device, enforce_eager: bool) 
         return "CUDA graphs need a CUDA device"
     if kernels_name != "triton":
         return f"the {kernels_name!r} kernels (graphs replay the Triton ones)"
-    if method is not None and method.evicts_during_decode:
-        return f"{method.name} evicts during decode: the rounds of eviction a layer runs change from step to step"
+    if method is not None and method.evicts_during_decode and method.budgets_from_state:
+        return (f"{method.name} evicts during decode by budgets the cache holds: a layer reads back how many "
+                "each head evicts")
     if method is not None and method.offloads:
         return f"{method.name} recalls what each step reads from host memory, a gather the host makes from the picks"
     if method is not None and method.selects_pages and not method.picks_by_bounds:
@@ -67,6 +77,9 @@ class StaticStep:
     slots: torch.Tensor      # [L, H, B]: the new tokens' slots
     tables: torch.Tensor     # [L, B, H, width]
     lengths: torch.Tensor    # [L, B, H]
+    budgets: torch.Tensor | None = None      # [B]: an evictor's budgets and prompt lengths
+    prompt_lens: torch.Tensor | None = None  # [B]
+    evicted: torch.Tensor | None = None      # [L, B, H]: what each head evicted (an output)
     graph: "torch.cuda.CUDAGraph | None" = None
     hidden: torch.Tensor | None = None       # [B, hidden]
     bytes_read: torch.Tensor | int = 0
@@ -88,8 +101,9 @@ class DecodeGraphs:
 
     def takes(self, attention) -> bool:
         """Whether this decode step fits a graph: one call over the whole batch, tables from the
-        device mirror ([members, tables, lengths])."""
-        return (attention.whole_batch and not attention.evicting and len(attention.groups) == 1
+        device mirror ([members, tables, lengths]); an evictor's, at most one round a layer."""
+        evicting = attention.graph_evicting and max(attention.rounds[0], default=0) <= 1
+        return ((attention.whole_batch or evicting) and len(attention.groups) == 1
                 and len(attention.groups[0]) == 3 and len(attention.seq_ids) <= self.buckets[-1])
 
     def forward(self, attention) -> torch.Tensor:
@@ -97,34 +111,43 @@ class DecodeGraphs:
         graph of its bucket."""
         b = len(attention.seq_ids)
         _, tables, _ = attention.groups[0]
-        key = (next(size for size in self.buckets if size >= b), 1 << max(0, tables.shape[-1] - 1).bit_length())
-        step = self.steps.get(key)
+        rounds = tuple(attention.rounds[0]) if attention.evicting else ()
+        key = (next(size for size in self.buckets if size >= b), 1 << max(0, tables.shape[-1] - 1).bit_length(), rounds)
+        step, first = self.steps.get(key), None
         if step is None:
-            step = self.steps[key] = self._buffers(*key, attention)
+            step = self.steps[key] = self._buffers(*key[:2], attention)
             self._load(step, attention)
             if self.capture:
-                attention.bind(step.ids, step.positions, step.slots, step.members, step.tables, step.lengths)
+                self._bind(step, attention)
                 start = time.perf_counter()
+                first = self._warm_up(step, attention)
                 try:
-                    self._capture(step, attention)
+                    self._record(step, attention)
                 except torch.OutOfMemoryError:
                     raise
                 except RuntimeError as e:  # e.g. a wait for the GPU inside the step
                     self.capture, self.failure, step.graph = False, f"capturing a decode step failed: {e}", None
-                    attention.bytes_read = 0
                 self.capture_s += time.perf_counter() - start
         else:
             self._load(step, attention)
         self.replayed = step.graph is not None
-        if self.replayed:
+        if first is not None:  # the warm-up ran this step: its result stands
+            hidden, attention.bytes_read = first
+        elif self.replayed:
             step.graph.replay()
             self.replays += 1
+            hidden, attention.bytes_read = step.hidden, step.bytes_read
         else:  # not captured: the same buffers, eagerly
-            attention.bind(step.ids, step.positions, step.slots, step.members, step.tables, step.lengths)
-            step.hidden = self.model(step.ids, step.positions, attention)
-            step.bytes_read = attention.bytes_read
-        attention.bytes_read = step.bytes_read
-        return step.hidden[:b]
+            self._bind(step, attention)
+            hidden = self.model(step.ids, step.positions, attention)
+        if attention.evicting:
+            attention.evicted = step.evicted[:, :b]
+        return hidden[:b]
+
+    @staticmethod
+    def _bind(step: StaticStep, attention):
+        attention.bind(step.ids, step.positions, step.slots, step.members, step.tables, step.lengths,
+                       step.budgets, step.prompt_lens, step.evicted)
 
     def _buffers(self, batch: int, width: int, attention) -> StaticStep:
         L, H = self.cache.num_layers, self.cache.num_kv_heads
@@ -132,12 +155,17 @@ class DecodeGraphs:
         if self.table_storage is None or len(self.table_storage) < size:  # graphs before keep the old one
             grown = max(size, 2 * len(self.table_storage) if self.table_storage is not None else 0)
             self.table_storage = torch.full((grown,), -1, dtype=torch.int64, device=device)
-        return StaticStep(torch.zeros(batch, dtype=attention.ids.dtype, device=device),
+        step = StaticStep(torch.zeros(batch, dtype=attention.ids.dtype, device=device),
                           torch.zeros(batch, dtype=attention.positions.dtype, device=device),
                           torch.arange(batch, device=device),
                           torch.full((L, H, batch), self.scratch_slot, dtype=attention.slots.dtype, device=device),
                           self.table_storage[:size].view(L, batch, H, width),
                           torch.zeros(L, batch, H, dtype=torch.int64, device=device))
+        if attention.evicting:
+            step.budgets = torch.ones(batch, dtype=attention.budgets.dtype, device=device)
+            step.prompt_lens = torch.ones(batch, dtype=attention.prompt_lens.dtype, device=device)
+            step.evicted = torch.zeros(L, batch, H, dtype=torch.long, device=device)
+        return step
 
     def _load(self, step: StaticStep, attention):
         """Copy the step's inputs into the graph's buffers; the rows past the batch are padding."""
@@ -153,17 +181,29 @@ class DecodeGraphs:
         step.tables[:, :b, :, :tables.shape[-1]].copy_(tables)
         step.lengths[:, :b].copy_(lengths)
         step.lengths[:, b:] = 0
+        if step.evicted is not None:  # a padding row holds nothing, so it evicts nothing
+            step.budgets[:b].copy_(attention.budgets)
+            step.prompt_lens[:b].copy_(attention.prompt_lens)
+            step.budgets[b:], step.prompt_lens[b:] = 1, 1  # not 0: a method may divide by them
+            step.evicted.zero_()
 
-    def _capture(self, step: StaticStep, attention):
-        """Run the step once eagerly on a side stream (Triton compiles its kernels for these shapes
-        then: compiling inside a capture is not allowed), then record it."""
+    def _warm_up(self, step: StaticStep, attention):
+        """Run the step once eagerly over the graph's buffers, on a side stream on a GPU (Triton
+        compiles its kernels for these shapes then: compiling inside a capture is not allowed)
+        -> (hidden states, KV bytes read): this step's result."""
+        if step.ids.device.type != "cuda":
+            return self.model(step.ids, step.positions, attention), attention.bytes_read
+        stream, side = torch.cuda.current_stream(), torch.cuda.Stream()
+        side.wait_stream(stream)
+        with torch.cuda.stream(side):
+            first = self.model(step.ids, step.positions, attention), attention.bytes_read
+        stream.wait_stream(side)
+        return first
+
+    def _record(self, step: StaticStep, attention):
+        """Record the step as a graph (recording runs nothing): its outputs are the graph's from now on."""
         stream = torch.cuda.current_stream()
         try:
-            side = torch.cuda.Stream()
-            side.wait_stream(stream)
-            with torch.cuda.stream(side):
-                self.model(step.ids, step.positions, attention)
-            stream.wait_stream(side)
             attention.bytes_read = 0
             step.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(step.graph, pool=self.memory_pool):

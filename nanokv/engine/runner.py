@@ -216,7 +216,7 @@ class ModelRunner:
                                    compress_lens or [s.compress_len for s in seqs], ids,
                                    [[len(p) for p in s.scoring_passes] for s in seqs] if compress else None, compress,
                                    self.send, self.read_states, getattr(self.model, "inv_freq", None),
-                                   lambda i: seqs[i].all_token_ids, chunked, self.ranks)
+                                   lambda i: seqs[i].all_token_ids, chunked, self.ranks, self.graphs is not None)
         # the graphs replay the engine's own method's decode (one that decodes alike shares them)
         if (attention.is_decode and self.graphs is not None and self.graphs.takes(attention)
                 and RequestMethods.same_decode(self.method, self.default_method)):
