@@ -269,6 +269,42 @@ def test_edits_a_failed_step_did_not_apply_are_sent_again():
     check_mirror(cache)
 
 
+def test_the_mirror_grows_by_doubling_up_to_its_bound_and_then_as_asked():
+    """Bounded at 5 rows and 12 columns, the mirror doubles (1 -> 2 -> 4 rows, 4 -> 8 columns) and
+    then stops at the bound (5, 12), so it never takes more than most_bytes; asked for more than
+    the bound it grows to exactly that (it never refuses a sequence)."""
+    from nanokv.cache.device_tables import DeviceTables
+
+    mirror = DeviceTables(L, H, "cpu")
+    mirror.bound(5, 12)
+    shapes = []
+    for seq_id in range(4):
+        mirror.add(seq_id)
+        shapes.append(mirror.tables.shape[1])
+    assert shapes == [2, 4, 4, 5]
+    mirror.record(0, torch.tensor([[0, 0, 6]]), torch.tensor([7]))
+    mirror.sync()
+    assert mirror.tables.shape[-1] == 8
+    mirror.record(0, torch.tensor([[0, 0, 10]]), torch.tensor([7]))
+    mirror.sync()
+    assert mirror.tables.shape[-1] == 12 and mirror.tables.nbytes == DeviceTables.most_bytes(L, H, 5, 12)
+    mirror.add(4)
+    mirror.record(0, torch.tensor([[0, 0, 20]]), torch.tensor([7]))
+    mirror.sync()
+    assert mirror.tables.shape[1:] == (6, H, 21)
+
+
+def test_each_request_names_the_tables_tiers_of_the_cache_it_builds():
+    from nanokv.cache.build import CacheRequest, HostTier, build_cache
+    from nanokv.cache.quant_pool import QuantSpec
+
+    cfg = SimpleNamespace(num_layers=L, num_kv_heads=H, head_dim=8, sliding_windows=[None] * L)
+    for request in (CacheRequest(), CacheRequest(key_channels=4), CacheRequest(quantization=QuantSpec(4, True, 8, 32)),
+                    CacheRequest(host_tier=HostTier(device_window=8))):
+        cache = build_cache(request, cfg, 1 << 20, 4, torch.float32, "cpu", None, 1 << 20)
+        assert request.table_tiers() == 1 + hasattr(cache, "cold_mirror"), request
+
+
 def test_a_decode_step_works_its_slots_out_on_the_device():
     """append_decode (allocation on the host only where a head needs a block) then decode_slots
     (slots from the mirrored tables and the lengths) gives the slots, tables and lengths that

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from nanokv import LLM, SamplingParams
-from nanokv.engine.cuda_graphs import DecodeGraphs, batch_buckets, eager_reason
+from nanokv.engine.cuda_graphs import DecodeGraphs, batch_buckets, eager_reason, most_table_bytes
 from nanokv.cache.build import build_cache
 from nanokv.cache.latent_cache import LatentKVCache
 from nanokv.methods import METHODS, make_method
@@ -77,6 +77,46 @@ def test_an_evictors_graph_buffers_give_the_eager_tokens(tiny, name):
     [static] = made
     patterns = {rounds for _, _, rounds in static.steps}
     assert any(1 in rounds for rounds in patterns) and all(max(r) <= 1 for r in patterns)
+
+
+def test_tables_wider_than_max_len_to_capture_run_eagerly(tiny):
+    """At max_len_to_capture=32 tokens (8 blocks of 4), the steps after the 23-token prompt has
+    grown past 32 run eagerly (same tokens), the earlier ones in graphs no wider than 8 blocks, and
+    the tables storage stays within most_table_bytes."""
+    model, cfg = tiny
+    made, taken = [], []
+
+    def graphs(model, cache):
+        made.append(DecodeGraphs(model, cache, 8, capture=False, max_len_to_capture=32))
+        takes = made[-1].takes
+        made[-1].takes = lambda attention: taken.append(takes(attention)) or taken[-1]
+        return made[-1]
+
+    assert greedy(model, cfg, PROMPTS[:3], "cpu", graphs=graphs) == greedy(model, cfg, PROMPTS[:3], "cpu")
+    [static] = made
+    assert True in taken and False in taken
+    assert {width for _, width, _ in static.steps} <= {1, 2, 4, 8}
+    assert static.table_storage.nbytes <= most_table_bytes(cfg.num_layers, cfg.num_kv_heads, 8, 4, 32)
+
+
+def test_the_pool_leaves_room_for_the_tables_at_their_most(monkeypatch):
+    """The default GPU pool is 90% of free memory less what the tables can take: for the 1B shape
+    (16 layers, 8 kv-heads, a 131,072-token context) with 256 sequences, 16 x 257 x 8 x 8,192
+    int32 ids of mirror and 2 x 16 x 256 x 8 x 512 int64 ids of graph tables."""
+    from pathlib import Path
+
+    import nanokv.engine.llm as llm_module
+    from nanokv.cache.build import CacheRequest
+    from nanokv.config import ModelConfig
+
+    cfg = ModelConfig.from_json_file(Path(llm_module.__file__).parents[1] / "models" / "configs" / "llama3.2-1b.json")
+    mirror, graph_tables = 16 * 257 * 8 * 8192 * 4, 2 * 16 * 256 * 8 * 512 * 8
+    assert llm_module.table_bytes(CacheRequest(), cfg, 16, 256, graphs=True) == mirror + graph_tables
+    assert llm_module.table_bytes(CacheRequest(), cfg, 16, 256, graphs=False) == mirror
+    assert llm_module.table_bytes(CacheRequest(key_channels=64), cfg, 16, 256, graphs=False) == 2 * mirror
+    monkeypatch.setattr(llm_module, "available_memory", lambda device: 80 << 30)
+    assert llm_module.kv_cache_bytes(None, "cuda", mirror + graph_tables) == int(0.9 * (80 << 30)) - mirror - graph_tables
+    assert llm_module.kv_cache_bytes(1 << 30, "cuda", mirror) == 1 << 30  # bytes given: the pool's own
 
 
 def test_padding_rows_write_only_the_scratch_block(tiny):

@@ -37,6 +37,12 @@ class CacheRequest:
     key_bounds: bool = False                   # each block's smallest and largest keys (quest)
     host_tier: HostTier | None = None          # older tokens offloaded to host memory
 
+    def table_tiers(self) -> int:
+        """How many tables' mirrors (DeviceTables) the cache build_cache makes keeps: two for a
+        two-tier kind (cold blocks behind a full-precision residual: think, kivi), else one."""
+        two_tier = self.key_channels is not None or self.quantization is not None
+        return 2 if two_tier and self.host_tier is None and self.latent_layers is None else 1
+
 
 def build_cache(request: CacheRequest, cfg, kv_cache_memory: int, block_size: int, dtype: torch.dtype, device,
                 inv_freq: torch.Tensor, host_memory: int = 0) -> PagedKVCache:

@@ -12,6 +12,9 @@ A decode step allocates a block for a head once every block_size tokens, so the 
 are a few entries per sequence, not the whole table. Row 0 is never handed out: it stays -1, a row
 that holds nothing. Block ids are int32 here (half the bytes of a mirror sized for every running
 sequence); a gather hands the kernels int64, which they multiply by block strides without overflow.
+
+The mirror grows by doubling, up to the rows and columns the engine set memory aside for (`bound`:
+every running sequence at the model's context), so `most_bytes` is what it can ever take.
 """
 
 from __future__ import annotations
@@ -29,7 +32,19 @@ class DeviceTables:
         self.free_rows: list[int] = []
         self.next_row = 1  # row 0 is the empty row
         self.edits: list[tuple[torch.Tensor, ...]] = []  # (layers, rows, heads, columns, block ids), on the host
+        self.most_rows: int | None = None     # what doubling stops at (bound); None: no limit
+        self.most_columns: int | None = None
         self.sending = 0  # how many of `edits` the last `pending` covered: `apply` drops them
+
+    def bound(self, rows: int, columns: int):
+        """Grow by doubling up to `rows` rows (the empty one included) and `columns` columns only
+        (past them, to exactly what is asked): the mirror then takes at most `most_bytes`."""
+        self.most_rows, self.most_columns = rows, columns
+
+    @staticmethod
+    def most_bytes(num_layers: int, num_kv_heads: int, rows: int, columns: int) -> int:
+        """The bytes of a mirror of `rows` rows and `columns` columns."""
+        return num_layers * rows * num_kv_heads * columns * 4  # int32 block ids
 
     def add(self, seq_id: int, row: int | None = None):
         """Give a new sequence a row (`row`: the one it holds in another mirror of the same cache,
@@ -108,7 +123,11 @@ class DeviceTables:
         L, R, H, C = self.tables.shape
         if rows <= R and columns <= C:
             return
-        grown = torch.full((L, max(rows, 2 * R if rows > R else R), H, max(columns, 2 * C if columns > C else C)), -1,
+
+        def doubled(want: int, have: int, most: int | None) -> int:
+            return have if want <= have else max(want, min(2 * have, most or 2 * have))
+
+        grown = torch.full((L, doubled(rows, R, self.most_rows), H, doubled(columns, C, self.most_columns)), -1,
                            dtype=torch.int32, device=self.device)
         grown[:, :R, :, :C] = self.tables
         self.tables = grown

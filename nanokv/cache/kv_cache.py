@@ -313,6 +313,11 @@ class PagedKVCache:
                             torch.stack([s.lengths for s in seqs], dim=1)],
                            widths=(max(int(s.num_blocks.max()) for s in seqs),))
 
+    def bound_tables(self, rows: int, columns: int):
+        """The most sequences (rows, the empty one included) and blocks a head (columns) the
+        tables' mirror grows to by doubling (DeviceTables.bound)."""
+        self.mirror.bound(rows, columns)
+
     def table_edits(self) -> list[torch.Tensor]:
         """What changed in the tables since the last decode step, for its one copy to the device
         (an empty list when nothing did)."""

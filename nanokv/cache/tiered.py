@@ -120,6 +120,10 @@ class TieredKVCache(PagedKVCache):
         return [members, self.cold_mirror.gather(rows, group.widths[0]), *cold,
                 self.mirror.gather(rows, group.widths[1]), lengths]
 
+    def bound_tables(self, rows: int, columns: int):
+        super().bound_tables(rows, columns)
+        self.cold_mirror.bound(rows, columns)
+
     def table_edits(self) -> list[torch.Tensor]:
         """Both mirrors' edits: [hot index, hot ids, cold index, cold ids] (empty where a tier has
         none), or nothing."""

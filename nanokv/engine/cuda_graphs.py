@@ -17,7 +17,10 @@ copies its inputs in and replays. Graphs are captured when first needed, one per
   steady decode evicts one a layer or none, so a run needs a few such patterns. A step that
   catches up by more than one runs eagerly;
 and share one memory pool; their tables buffers are views of one storage (only one graph replays
-at a time), so wider and wider tables do not each keep a buffer of their own. The rows a batch
+at a time), so wider and wider tables do not each keep a buffer of their own. A batch whose tables
+are wider than `max_len_to_capture` tokens (8192, vLLM's former default of the same name) runs
+eagerly: its attention outweighs the launches a graph saves, and the storage stays bounded
+(`most_table_bytes`, which the engine sets aside before sizing the KV pool). The rows a batch
 does not fill are padding: length 0 (attention reads nothing), position 0, and their new K/V go to
 a scratch block that no table holds. Their outputs are garbage nobody reads; a decode's rows never
 mix.
@@ -42,6 +45,22 @@ import time
 from dataclasses import dataclass
 
 import torch
+
+
+MAX_LEN_TO_CAPTURE = 8192  # tokens a head's tables may span in a captured step
+
+
+def widest_table(max_len_to_capture: int, block_size: int) -> int:
+    """The widest tables (blocks, a power of two) a graph is captured for."""
+    return 1 << max(0, -(-max_len_to_capture // block_size) - 1).bit_length()
+
+
+def most_table_bytes(num_layers: int, num_kv_heads: int, max_num_seqs: int, block_size: int,
+                     max_len_to_capture: int = MAX_LEN_TO_CAPTURE) -> int:
+    """The most bytes the graphs' tables storages take together: each grows by doubling up to the
+    widest graph of the largest bucket, and a graph captured on an older one keeps it alive (a sum
+    of doublings: under twice the last)."""
+    return 2 * num_layers * max_num_seqs * num_kv_heads * widest_table(max_len_to_capture, block_size) * 8
 
 
 def batch_buckets(max_num_seqs: int) -> list[int]:
@@ -86,10 +105,12 @@ class StaticStep:
 
 
 class DecodeGraphs:
-    def __init__(self, model, cache, max_num_seqs: int, capture: bool | None = None):
+    def __init__(self, model, cache, max_num_seqs: int, capture: bool | None = None,
+                 max_len_to_capture: int = MAX_LEN_TO_CAPTURE):
         """`capture` (default: on CUDA) records graphs; off, the static buffers run eagerly."""
         self.model, self.cache = model, cache
         self.buckets = batch_buckets(max_num_seqs)
+        self.widest = widest_table(max_len_to_capture, cache.block_size)
         self.capture = cache.pool.device.type == "cuda" if capture is None else capture
         self.steps: dict[tuple[int, int], StaticStep] = {}
         self.memory_pool = None  # shared by every graph
@@ -103,8 +124,8 @@ class DecodeGraphs:
         """Whether this decode step fits a graph: one call over the whole batch, tables from the
         device mirror ([members, tables, lengths]); an evictor's, at most one round a layer."""
         evicting = attention.graph_evicting and max(attention.rounds[0], default=0) <= 1
-        return ((attention.whole_batch or evicting) and len(attention.groups) == 1
-                and len(attention.groups[0]) == 3 and len(attention.seq_ids) <= self.buckets[-1])
+        return ((attention.whole_batch or evicting) and len(attention.groups) == 1 and len(attention.groups[0]) == 3
+                and len(attention.seq_ids) <= self.buckets[-1] and attention.groups[0][1].shape[-1] <= self.widest)
 
     def forward(self, attention) -> torch.Tensor:
         """The decode step's final hidden states [b, hidden], by replaying (or first capturing) the
@@ -153,7 +174,8 @@ class DecodeGraphs:
         L, H = self.cache.num_layers, self.cache.num_kv_heads
         device, size = self.cache.pool.device, L * batch * H * width
         if self.table_storage is None or len(self.table_storage) < size:  # graphs before keep the old one
-            grown = max(size, 2 * len(self.table_storage) if self.table_storage is not None else 0)
+            most = L * self.buckets[-1] * H * self.widest
+            grown = max(size, min(most, 2 * len(self.table_storage) if self.table_storage is not None else 0))
             self.table_storage = torch.full((grown,), -1, dtype=torch.int64, device=device)
         step = StaticStep(torch.zeros(batch, dtype=attention.ids.dtype, device=device),
                           torch.zeros(batch, dtype=attention.positions.dtype, device=device),

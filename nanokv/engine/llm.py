@@ -23,8 +23,9 @@ from tqdm import tqdm
 
 from nanokv.kernels import KERNELS, kernels_for
 from nanokv.cache.build import build_cache
+from nanokv.cache.device_tables import DeviceTables
 from nanokv.distributed import TensorParallel
-from nanokv.engine.cuda_graphs import DecodeGraphs, eager_reason
+from nanokv.engine.cuda_graphs import DecodeGraphs, eager_reason, most_table_bytes
 from nanokv.engine.prefix_sharing import PrefixSharing
 from nanokv.engine.request_methods import RequestMethods, method_key
 from nanokv.engine.runner import ModelRunner
@@ -38,18 +39,30 @@ from nanokv.sampling import SamplingParams
 from nanokv.tokenizer import Tokenizer
 
 
-def kv_cache_bytes(kv_cache_memory: int | float | None, device: str) -> int:
+def kv_cache_bytes(kv_cache_memory: int | float | None, device: str, tables: int = 0) -> int:
     """Bytes as given, a fraction (0, 1] of the memory available now, or the default:
-    90% of free GPU memory (after the weights are loaded), 25% of free RAM (at most 4 GiB) on CPU."""
+    90% of free GPU memory (after the weights are loaded) less `tables`, the most the decode tables
+    can take beside the pool (table_bytes); 25% of free RAM (at most 4 GiB) on CPU."""
     if kv_cache_memory is None:
         if str(device).startswith("cuda"):
-            return int(0.9 * available_memory(device))
+            return int(0.9 * available_memory(device)) - tables
         return min(4 << 30, available_memory(device) // 4)
     if isinstance(kv_cache_memory, float) and 0 < kv_cache_memory <= 1:
         return int(kv_cache_memory * available_memory(device))
     if kv_cache_memory <= 0:
         raise ValueError(f"kv_cache_memory must be a byte count > 0 or a fraction in (0, 1], got {kv_cache_memory!r}")
     return int(kv_cache_memory)
+
+
+def table_bytes(request, cfg, block_size: int, max_num_seqs: int, graphs: bool) -> int:
+    """The most bytes the decode tables take beside the KV pool: the device mirror of every running
+    sequence's tables at the model's context, one a tier of the block kind (cache/device_tables.py),
+    and with CUDA graphs their tables buffers (engine/cuda_graphs.py). At the 1B shape with a 128k
+    context and 256 sequences: 1.1 GB of mirror and 0.3 GB of graph tables."""
+    columns = -(-cfg.max_position_embeddings // block_size)
+    mirrors = request.table_tiers() * DeviceTables.most_bytes(cfg.num_layers, cfg.num_kv_heads, max_num_seqs + 1,
+                                                              columns)
+    return mirrors + (most_table_bytes(cfg.num_layers, cfg.num_kv_heads, max_num_seqs, block_size) if graphs else 0)
 
 
 def host_cache_bytes(host_cache_memory: int | float | None, kv_cache_memory: int) -> int:
@@ -100,13 +113,18 @@ class LLM:
             make_tokenizer = Tokenizer.from_gguf if self.source.kind == "gguf" else Tokenizer.from_dir
             self.tokenizer = make_tokenizer(self.source.path)
         self.bind_method(self.method)
-        memory = kv_cache_bytes(kv_cache_memory, self.device)
-        # a method that offloads (methods/base.py: Offloader) keeps older tokens in host memory
-        host_memory = host_cache_bytes(host_cache_memory, memory) if self.method.offloads else 0
         # the block kind the method asks for (methods/base.py: cache_request), built by the cache for
         # the heads this rank holds (model.cfg: the whole model's config at tp=1)
-        self.cache = build_cache(self.method.cache_request(self.config.num_layers, self.config.head_dim), self.model.cfg,
-                                 memory, block_size, self.dtype, self.device, self.model.inv_freq, host_memory)
+        request = self.method.cache_request(self.config.num_layers, self.config.head_dim)
+        graphs_may_run = torch.device(self.device).type == "cuda" and not enforce_eager
+        memory = kv_cache_bytes(kv_cache_memory, self.device,
+                                table_bytes(request, self.model.cfg, block_size, max_num_seqs, graphs_may_run))
+        # a method that offloads (methods/base.py: Offloader) keeps older tokens in host memory
+        host_memory = host_cache_bytes(host_cache_memory, memory) if self.method.offloads else 0
+        self.cache = build_cache(request, self.model.cfg, memory, block_size, self.dtype, self.device,
+                                 self.model.inv_freq, host_memory)
+        # the mirror grows to what table_bytes set aside, no further
+        self.cache.bound_tables(max_num_seqs + 1, -(-self.model.cfg.max_position_embeddings // block_size))
         self.cache.kernels = kernels_for(self.device, kernels, self.cache.workspace)
         # prefix caching (engine/prefix_sharing.py): what this method may share, and why not where it may not
         if not isinstance(enable_prefix_caching, bool):
