@@ -271,12 +271,23 @@ def is_mask(index) -> bool:
                for i in (index if isinstance(index, tuple) else (index,)))
 
 
+# ops that wait for the GPU whoever calls them: a tensor made from Python data (torch.tensor, or a
+# Python number assigned through an index) is copied from the host, and these read a count back
+WAITING_OPS = {"lift_fresh", "_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_dim",
+               "unique_consecutive"}
+
+
 def count_readbacks(monkeypatch, during):
     """Count the calls that read a tensor back to the host (READBACKS) which nanokv's own code makes
-    while `during` (a method of StepAttention) runs -> a dict that fills as they happen. On a GPU
-    each one waits for the queued kernels: a decode layer that makes one serializes the step."""
+    while `during` (a method of StepAttention) runs, and the ops that wait for the GPU underneath
+    (WAITING_OPS, seen by torch's dispatcher, so inside torch functions too) -> a dict that fills
+    as they happen. On a GPU each one waits for the queued kernels: a decode layer that makes one
+    serializes the step, and cannot be captured in a CUDA graph."""
     import sys
+    import traceback
     from pathlib import Path
+
+    from torch.utils._python_dispatch import TorchDispatchMode
 
     from nanokv.engine.attention import StepAttention
 
@@ -294,10 +305,23 @@ def count_readbacks(monkeypatch, during):
         monkeypatch.setattr(torch.Tensor, name, counted)
     wrapped = getattr(StepAttention, during)
 
+    class WaitingOps(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name in WAITING_OPS:
+                ours_frames = [f for f in traceback.extract_stack() if f.filename.startswith(ours)]
+                where = f"{ours_frames[-1].name} ({Path(ours_frames[-1].filename).name})" if ours_frames else "?"
+                key = f"aten.{name} in {where}"
+                counts[key] = counts.get(key, 0) + 1
+            return func(*args, **(kwargs or {}))
+
     def watched(self, *args, **kwargs):
         inside[0] = self.is_decode
         try:
-            return wrapped(self, *args, **kwargs)
+            if not self.is_decode:
+                return wrapped(self, *args, **kwargs)
+            with WaitingOps():
+                return wrapped(self, *args, **kwargs)
         finally:
             inside[0] = False
     monkeypatch.setattr(StepAttention, during, watched)

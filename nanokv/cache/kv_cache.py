@@ -504,7 +504,9 @@ class PagedKVCache:
         f = self.pool.fields
         self.kernels.write_kv(f["k"], f["v"], f["pos"], slots, k, v, positions)
         for name in f.keys() - {"k", "v", "pos"}:  # a method's state starts afresh
-            f[name][self.pool.slot_index(slots.flatten())] = 0
+            # a zero made on the device: a Python 0 would be copied from the host, a wait for the GPU
+            zero = torch.zeros((), dtype=f[name].dtype, device=f[name].device)
+            f[name][self.pool.slot_index(slots.flatten())] = zero
         if self.pool.block_fields:  # widen each written block's key bounds by its new keys
             blocks = (slots // self.block_size).flatten()
             keys = k.transpose(0, 1).reshape(-1, k.shape[-1]).to(self.pool.dtype)

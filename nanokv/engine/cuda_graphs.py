@@ -34,9 +34,9 @@ a method whose budgets are state on the device (how many it evicts is counted th
 attends in groups of similar length or whose read waits for the GPU, kernels other than Triton, a
 CPU. On a CPU the same static buffers run without capture when asked (`capture=False`), which is
 how the tests check the padding and the buffers without a GPU. A capture that fails (something in the step waits for
-the GPU, which a capture forbids) turns capturing off for the rest of the run, with the error as
-the reason: the step keeps its warm-up's result, and every later one runs eagerly over the same
-buffers.
+the GPU, which a capture forbids, or memory runs out) turns capturing off for the rest of the run,
+with the error as the reason: the step keeps its warm-up's result, and every later one runs
+eagerly over the same buffers. The stats count a step that captured as eager (its warm-up ran it).
 """
 
 from __future__ import annotations
@@ -144,14 +144,15 @@ class DecodeGraphs:
                 first = self._warm_up(step, attention)
                 try:
                     self._record(step, attention)
-                except torch.OutOfMemoryError:
-                    raise
-                except RuntimeError as e:  # e.g. a wait for the GPU inside the step
-                    self.capture, self.failure, step.graph = False, f"capturing a decode step failed: {e}", None
+                except RuntimeError as e:  # a wait for the GPU inside the step, or out of memory
+                    # the warm-up has run the step (evictions included): its result stands, and
+                    # raising would leave them unfinished
+                    self.capture, self.failure = False, f"capturing a decode step failed: {e}"
                 self.capture_s += time.perf_counter() - start
         else:
             self._load(step, attention)
-        self.replayed = step.graph is not None
+        # a step counts as replayed when it was; the one that captured ran eagerly (the warm-up)
+        self.replayed = first is None and step.graph is not None
         if first is not None:  # the warm-up ran this step: its result stands
             hidden, attention.bytes_read = first
         elif self.replayed:
@@ -223,15 +224,16 @@ class DecodeGraphs:
         return first
 
     def _record(self, step: StaticStep, attention):
-        """Record the step as a graph (recording runs nothing): its outputs are the graph's from now on."""
+        """Record the step as a graph (recording runs nothing): its outputs are the graph's from now
+        on. The step holds the graph only once it is whole."""
         stream = torch.cuda.current_stream()
         try:
             attention.bytes_read = 0
-            step.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(step.graph, pool=self.memory_pool):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.memory_pool):
                 step.hidden = self.model(step.ids, step.positions, attention)
                 step.bytes_read = attention.bytes_read
-            self.memory_pool = step.graph.pool()
+            self.memory_pool, step.graph = graph.pool(), graph
         except BaseException:
             torch.cuda.set_stream(stream)  # a capture that fails leaves its own stream current
             torch.cuda.synchronize()

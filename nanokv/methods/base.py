@@ -396,9 +396,10 @@ def hashed_uniform(seed: int, layer: int, head, position) -> torch.Tensor:
     arguments broadcast together. The same token gets the same number whatever the batch, slot
     order or preemption (a random merge's draw: see the module docstring)."""
     device = next((p.device for p in (head, position) if isinstance(p, torch.Tensor)), torch.device("cpu"))
-    h = hash32(torch.tensor(seed & 0xFFFFFFFF, dtype=torch.int64, device=device))
+    # a fill on the device, not a copy from the host (which waits for the GPU: no CUDA graph)
+    h = hash32(torch.full((), seed & 0xFFFFFFFF, dtype=torch.int64, device=device))
     for part in (layer, head, position):
-        h = hash32(h ^ (torch.as_tensor(part, device=device).long() & 0xFFFFFFFF))
+        h = hash32(h ^ ((part.long() if isinstance(part, torch.Tensor) else part) & 0xFFFFFFFF))
     return ((h >> 9).float() + 0.5) / 2.0 ** 23                       # 23 bits, exact in float32
 
 
