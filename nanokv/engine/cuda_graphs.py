@@ -112,7 +112,7 @@ class DecodeGraphs:
         self.buckets = batch_buckets(max_num_seqs)
         self.widest = widest_table(max_len_to_capture, cache.block_size)
         self.capture = cache.pool.device.type == "cuda" if capture is None else capture
-        self.steps: dict[tuple[int, int], StaticStep] = {}
+        self.steps: dict[tuple[int, int, tuple], StaticStep] = {}  # (bucket, width, rounds a layer)
         self.memory_pool = None  # shared by every graph
         self.scratch_slot = cache.reserve_scratch()  # where padding rows write their K/V
         self.replays = 0
