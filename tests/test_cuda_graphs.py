@@ -79,6 +79,53 @@ def test_an_evictors_graph_buffers_give_the_eager_tokens(tiny, name):
     assert any(1 in rounds for rounds in patterns) and all(max(r) <= 1 for r in patterns)
 
 
+class ReplayedGraph:
+    """A CUDA graph emulated on the CPU: recording runs nothing, and a replay runs the step again
+    with the StepAttention of the step that captured it, so every value the host worked out then is
+    the capture's, as in a real graph; only what the graph's buffers hold is the replaying step's."""
+
+    def __init__(self, graphs, step, attention):
+        self.graphs, self.step, self.attention = graphs, step, attention
+
+    def replay(self):
+        attention, step = self.attention, self.step
+        attention.bytes_read = 0
+        if attention.evicting:  # the buffer the recorded kernels write (the engine reads a view of it)
+            attention.evicted = step.evicted
+        step.hidden = self.graphs.model(step.ids, step.positions, attention)
+        step.bytes_read = attention.bytes_read
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("name", [None, "snapkv", "quest", "minicache", *CAPTURED_EVICTORS])
+def test_a_replay_reads_every_step_input_from_the_graphs_buffers(tiny, monkeypatch, name):
+    """Replays that see only the capturing step's host values (ReplayedGraph) still give the eager
+    tokens: nothing a decode step works out on the host is frozen into its graph, beyond the key.
+    The requests end one after another, so a graph replays for other sequences than it captured."""
+    model, cfg = tiny
+
+    def record(self, step, attention):
+        step.graph = ReplayedGraph(self, step, attention)
+
+    monkeypatch.setattr(DecodeGraphs, "_record", record)
+    made = []
+
+    def graphs(model, cache):
+        made.append(DecodeGraphs(model, cache, 8, capture=True))
+        return made[-1]
+
+    def method():
+        if name is None or name in GRAPH_METHODS:
+            return name and make_method(name, **GRAPH_METHODS[name])
+        options = dict(decoding_window_size=4, decoding_recent_size=2) if name == "scope" else {}
+        return make_method(name, compression=0.5, **options)
+
+    steps = [3, 14, 6, 11, 8]
+    expected = greedy(model, cfg, PROMPTS, "cpu", steps, method())
+    assert greedy(model, cfg, PROMPTS, "cpu", steps, method(), graphs=graphs) == expected
+    assert made[0].replays > 0 and made[0].failure is None
+
+
 def test_tables_wider_than_max_len_to_capture_run_eagerly(tiny):
     """At max_len_to_capture=32 tokens (8 blocks of 4), the steps after the 23-token prompt has
     grown past 32 run eagerly (same tokens), the earlier ones in graphs no wider than 8 blocks, and

@@ -22,14 +22,16 @@ from nanokv.sampling import SamplingParams
 def greedy(model, cfg, prompts, choice, steps=12, method=None, send=None, graphs=None):
     """Every prompt through the scheduler and runner (batched, continuous), with `choice` kernels
     (and `send`, what sends a decode step's host inputs, when given; `graphs(model, cache)`, the
-    runner's DecodeGraphs, when given)."""
+    runner's DecodeGraphs, when given). `steps`: the tokens each generates, or a list, one a prompt."""
     request = method.cache_request(cfg.num_layers, cfg.head_dim) if method is not None else CacheRequest()
     cache = build_cache(request, cfg, 4 << 20, 4, torch.float32, "cpu", model.inv_freq)
     cache.kernels = kernels_for("cpu", choice, cache.workspace)
     scheduler = Scheduler(cache, 8, 64, method)
     runner = ModelRunner(model, cache, "cpu", method, graphs and graphs(model, cache))
     runner.send = send or runner.send
-    seqs = [Sequence(p, SamplingParams(max_tokens=steps, ignore_eos=True), set(), lambda t: "", 256) for p in prompts]
+    steps = [steps] * len(prompts) if isinstance(steps, int) else steps
+    seqs = [Sequence(p, SamplingParams(max_tokens=n, ignore_eos=True), set(), lambda t: "", 256)
+            for p, n in zip(prompts, steps)]
     scheduler.add(seqs)
     while not scheduler.finished:
         batch, is_prefill = scheduler.schedule()
