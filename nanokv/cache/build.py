@@ -38,8 +38,9 @@ class CacheRequest:
     host_tier: HostTier | None = None          # older tokens offloaded to host memory
 
     def table_tiers(self) -> int:
-        """How many tables' mirrors (DeviceTables) the cache build_cache makes keeps: two for a
-        two-tier kind (cold blocks behind a full-precision residual: think, kivi), else one."""
+        """How many mirrors of its tables (DeviceTables) the cache build_cache makes for this request
+        keeps: two for a two-tier kind (cold blocks behind a full-precision residual: think, kivi),
+        else one."""
         two_tier = self.key_channels is not None or self.quantization is not None
         return 2 if two_tier and self.host_tier is None and self.latent_layers is None else 1
 
