@@ -15,7 +15,7 @@ from nanokv.cache.build import build_cache
 from nanokv.cache.latent_cache import LatentKVCache
 from nanokv.methods import METHODS, make_method
 from nanokv.methods.registry import QUANTIZERS
-from test_kernels_engine import PROMPTS, greedy
+from test_kernels_engine import PROMPTS, count_readbacks, greedy
 
 GRAPH_METHODS = {None: None, "snapkv": dict(budget=12, window_size=4), "quest": dict(budget=8, skip_layers=0),
                  "minicache": {}, "h2o": dict(budget=12), "cam": dict(budget=12)}
@@ -316,3 +316,26 @@ def test_a_capture_that_fails_turns_capturing_off_and_says_why(tmp_path, monkeyp
     assert stats == {
         "replayed_steps": 0, "eager_steps": 5, "graphs": 1,
         "eager_reason": "capturing a decode step failed: operation not permitted when stream is capturing"}
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("name", [n for n, why in documented_reasons().items() if why is None and n not in CALIBRATED])
+def test_a_captured_decode_layer_reads_nothing_back_to_the_host(tiny, monkeypatch, name):
+    """Every method the docs list as captured (but the calibrated ones), through the graphs' buffers
+    with the Triton kernels: its decode layers make no call that waits for the GPU (a read-back, a
+    copy from the host, a count: test_kernels_engine.count_readbacks), which would make a capture fail."""
+    model, cfg = tiny
+    m = METHODS[name]
+    if name == "full" or m.blends:
+        method = make_method(name)
+    elif m.selects_pages or m.sparse_prefill:
+        method = make_method(name, budget=64)
+    else:
+        options = dict(decoding_window_size=4, decoding_recent_size=2) if name == "scope" else {}
+        method = make_method(name, compression=0.5, **options)
+    if method.needs_vocabulary:  # what the engine binds: each token id's text (made up here)
+        method.bind_vocabulary([f"w{i}" if i % 7 else "." for i in range(cfg.vocab_size)])
+    counts = count_readbacks(monkeypatch, "__call__")
+    greedy(model, cfg, PROMPTS[:2], "triton", steps=4, method=method,
+           graphs=lambda model, cache: DecodeGraphs(model, cache, 8, capture=False))
+    assert counts == {}
