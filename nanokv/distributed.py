@@ -82,8 +82,8 @@ class TensorParallel:
                 backend = "nccl" if self.device.startswith("cuda") else "gloo"
                 timeout = timedelta(seconds=timeout_s or float(os.environ.get("NANOKV_TP_TIMEOUT_S", 600)))
                 dist.init_process_group(backend, rank=rank, world_size=size, timeout=timeout)
+                atexit.register(self._at_exit)  # once, by whoever joined the group
             self._dist = dist
-            atexit.register(self._at_exit)
 
     @classmethod
     def from_env(cls, device: str, size: int | None = None) -> "TensorParallel":
