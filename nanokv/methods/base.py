@@ -391,14 +391,15 @@ def hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def hashed_uniform(seed: int, layer: int, head, position) -> torch.Tensor:
-    """A uniform number in (0, 1), float32, per (seed, layer, kv-head, position); the tensor
-    arguments broadcast together. The same token gets the same number whatever the batch, slot
-    order or preemption (a random merge's draw: see the module docstring)."""
-    device = next((p.device for p in (head, position) if isinstance(p, torch.Tensor)), torch.device("cpu"))
+def hashed_uniform(seed: int, *coordinates) -> torch.Tensor:
+    """A uniform number in (0, 1), float32, per (seed, coordinates...): (layer, kv-head, position)
+    for a random merge's draw, (layer, query position, query head, key position) for Keyformer's
+    noise. The tensor coordinates broadcast together. The same token gets the same number whatever
+    the batch, slot order or preemption (a random merge's draw: see the module docstring)."""
+    device = next((p.device for p in coordinates if isinstance(p, torch.Tensor)), torch.device("cpu"))
     # a fill on the device, not a copy from the host (which waits for the GPU: no CUDA graph)
     h = hash32(torch.full((), seed & 0xFFFFFFFF, dtype=torch.int64, device=device))
-    for part in (layer, head, position):
+    for part in coordinates:
         h = hash32(h ^ ((part.long() if isinstance(part, torch.Tensor) else part) & 0xFFFFFFFF))
     return ((h >> 9).float() + 0.5) / 2.0 ** 23                       # 23 bits, exact in float32
 

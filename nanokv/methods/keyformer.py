@@ -35,23 +35,14 @@ What differs:
 
 import torch
 
-from nanokv.methods.base import DecodeEvictor, PrefillView, hash32, prompt_logits
-
-M32 = 0xFFFFFFFF
+from nanokv.methods.base import DecodeEvictor, PrefillView, hashed_uniform, prompt_logits
 
 
 def exponential_noise(seed: int, layer: int, q_pos, q_head, k_pos) -> torch.Tensor:
     """Exponential(1) noise E, float32, one value per (seed, layer, query position, query head,
     key position); the tensor arguments broadcast together (int64). -log E is Gumbel(0, 1)."""
-    device = next((p.device for p in (q_pos, q_head, k_pos) if isinstance(p, torch.Tensor)), torch.device("cpu"))
-    # torch.full, not torch.tensor: a fill on the device, where a copy from the host would wait for
-    # the GPU (and cannot be captured in a CUDA graph)
-    h = hash32(torch.full((), seed & M32, dtype=torch.int64, device=device))
-    h = hash32(h ^ (layer & M32))
-    for part in (q_pos, q_head, k_pos):
-        h = hash32(h ^ ((part.long() if isinstance(part, torch.Tensor) else part) & M32))
-    u = ((h >> 9).float() + 0.5) / 2.0 ** 23              # 23 bits, exact in float32: in (0, 1)
-    return -torch.log1p(u - 1)                            # u - 1 is exact too
+    u = hashed_uniform(seed, layer, q_pos, q_head, k_pos)  # in (0, 1), 23 bits: exact in float32
+    return -torch.log1p(u - 1)                              # u - 1 is exact too
 
 
 class Keyformer(DecodeEvictor):
