@@ -54,12 +54,17 @@ def kv_cache_bytes(kv_cache_memory: int | float | None, device: str, tables: int
     return int(kv_cache_memory)
 
 
+def context_blocks(cfg, block_size: int) -> int:
+    """The most blocks a head's table holds: the model's context in blocks."""
+    return -(-cfg.max_position_embeddings // block_size)
+
+
 def table_bytes(request, cfg, block_size: int, max_num_seqs: int, graphs: bool) -> int:
     """The most bytes the decode tables take beside the KV pool: the device mirror of every running
     sequence's tables at the model's context, one a tier of the block kind (cache/device_tables.py),
     and with CUDA graphs their tables buffers (engine/cuda_graphs.py). At the 1B shape with a 128k
     context and 256 sequences: 1.1 GB of mirror and 0.3 GB of graph tables."""
-    columns = -(-cfg.max_position_embeddings // block_size)
+    columns = context_blocks(cfg, block_size)
     mirrors = request.table_tiers() * DeviceTables.most_bytes(cfg.num_layers, cfg.num_kv_heads, max_num_seqs + 1,
                                                               columns)
     return mirrors + (most_table_bytes(cfg.num_layers, cfg.num_kv_heads, max_num_seqs, block_size) if graphs else 0)
@@ -124,7 +129,7 @@ class LLM:
         self.cache = build_cache(request, self.model.cfg, memory, block_size, self.dtype, self.device,
                                  self.model.inv_freq, host_memory)
         # the mirror grows to what table_bytes set aside, no further
-        self.cache.bound_tables(max_num_seqs + 1, -(-self.model.cfg.max_position_embeddings // block_size))
+        self.cache.bound_tables(max_num_seqs + 1, context_blocks(self.model.cfg, block_size))
         self.cache.kernels = kernels_for(self.device, kernels, self.cache.workspace)
         # prefix caching (engine/prefix_sharing.py): what this method may share, and why not where it may not
         if not isinstance(enable_prefix_caching, bool):
