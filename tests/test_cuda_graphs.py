@@ -24,6 +24,22 @@ CAPTURED_EVICTORS = [name for name, m in METHODS.items() if m.evicts_during_deco
                      and not make_method(name, compression=0.5).budgets_from_state]
 
 
+def sample_method(name):
+    """`name` with settings the tiny model runs: full, the quantizers and the blending methods as
+    they come (groups of 8: head_dim 16), an offloader at budget 256, a reader or a sparse prefill
+    at 64, the rest at half the prompt (scope also evicting among its few generated tokens)."""
+    small = {"group_size": 8} if "group_size" in METHODS[name].options else {}  # mustafar: no groups
+    if name == "full" or name in QUANTIZERS or METHODS[name].blends:
+        return make_method(name, **small)
+    if METHODS[name].offloads:
+        return make_method(name, budget=256)
+    if METHODS[name].selects_pages or METHODS[name].sparse_prefill:
+        return make_method(name, budget=64)
+    # scope evicts among the generated tokens only, past a window of its own
+    scope = dict(decoding_window_size=4, decoding_recent_size=2) if name == "scope" else {}
+    return make_method(name, compression=0.5, **small, **scope)
+
+
 def test_batch_buckets_are_nano_vllms():
     assert batch_buckets(1) == [1]
     assert batch_buckets(5) == [1, 2, 4, 5]
@@ -69,11 +85,8 @@ def test_an_evictors_graph_buffers_give_the_eager_tokens(tiny, name):
         made.append(DecodeGraphs(model, cache, 8, capture=False))
         return made[-1]
 
-    # scope evicts among the generated tokens only, past a window of its own
-    options = dict(decoding_window_size=4, decoding_recent_size=2) if name == "scope" else {}
-    expected = greedy(model, cfg, PROMPTS, "cpu", method=make_method(name, compression=0.5, **options))
-    assert greedy(model, cfg, PROMPTS, "cpu", method=make_method(name, compression=0.5, **options),
-                  graphs=graphs) == expected
+    expected = greedy(model, cfg, PROMPTS, "cpu", method=sample_method(name))
+    assert greedy(model, cfg, PROMPTS, "cpu", method=sample_method(name), graphs=graphs) == expected
     [static] = made
     patterns = {rounds for _, _, rounds in static.steps}
     assert any(1 in rounds for rounds in patterns) and all(max(r) <= 1 for r in patterns)
@@ -117,8 +130,7 @@ def test_a_replay_reads_every_step_input_from_the_graphs_buffers(tiny, monkeypat
     def method():
         if name is None or name in GRAPH_METHODS:
             return name and make_method(name, **GRAPH_METHODS[name])
-        options = dict(decoding_window_size=4, decoding_recent_size=2) if name == "scope" else {}
-        return make_method(name, compression=0.5, **options)
+        return sample_method(name)
 
     steps = [3, 14, 6, 11, 8]
     expected = greedy(model, cfg, PROMPTS, "cpu", steps, method())
@@ -202,15 +214,7 @@ def test_each_method_says_whether_its_decode_is_captured(name, tiny):
     """The reason the engine gives, for a CUDA device with the Triton kernels, against the docs'
     table (docs/architecture.md)."""
     model, cfg = tiny
-    small = {"group_size": 8} if "group_size" in METHODS[name].options else {}  # head_dim 16 (mustafar: no groups)
-    if name == "full" or name in QUANTIZERS or METHODS[name].blends:
-        method = make_method(name, **small)
-    elif METHODS[name].offloads:
-        method = make_method(name, budget=256)
-    elif METHODS[name].selects_pages or METHODS[name].sparse_prefill:
-        method = make_method(name, budget=64)
-    else:
-        method = make_method(name, compression=0.5, **small)
+    method = sample_method(name)
     cache = build_cache(method.cache_request(cfg.num_layers, cfg.head_dim), cfg, 1 << 20, 4, torch.float32, "cpu",
                         model.inv_freq, 1 << 20)
     assert eager_reason(method, cache, "triton", "cuda", False) == documented_reasons()[name]
@@ -333,13 +337,7 @@ def test_a_captured_decode_layer_reads_nothing_back_to_the_host(tiny, monkeypatc
                 "razorattention": {"head_scores": scores, "echo_scores": scores},
                 "kvsharer": {"pairs": [[L - 1, 0]], "num_layers": L},
                 "minference": {"patterns": [[(layer + h) % 3 for h in range(cfg.num_heads)] for layer in range(L)]}}
-    if name == "full" or m.blends:
-        method = make_method(name)
-    elif m.selects_pages or m.sparse_prefill:
-        method = make_method(name, budget=64)
-    else:
-        options = dict(decoding_window_size=4, decoding_recent_size=2) if name == "scope" else {}
-        method = make_method(name, compression=0.5, **options)
+    method = sample_method(name)
     if m.calibration:
         method.bind_calibration(profiles[name])
     if method.needs_vocabulary:  # what the engine binds: each token id's text (made up here)
