@@ -362,3 +362,30 @@ def test_headkv_r2_profile_of_a_real_model_is_dense(smollm2_gguf, tmp_path):
     scores = torch.tensor(artifact["head_scores"])
     assert (artifact["model"], artifact["profile"], scores.shape) == ("smollm2-135m", "reason", (30, 3))
     assert float((scores > 0).float().mean()) > 0.5 and float(scores.max()) <= 1
+
+
+def test_a_profile_of_random_weights_loads_where_there_are_no_weights(tmp_path, capsys):
+    """--load-format dummy: the random weights `LLM(..., load_format="dummy")` runs read random token
+    ids, and the profile loads there by calibration_file (a machine without weights can time a
+    calibrated method); it is never written to the cache's path, and probes of words are refused."""
+    from test_dummy import tiny_config
+
+    from nanokv import LLM, SamplingParams
+    from nanokv.artifacts import read_artifact
+
+    config, out = tiny_config(tmp_path), tmp_path / "loki.safetensors"
+    argv = ["loki", "--model", config, "--load-format", "dummy", "--samples", "2", "--length", "64", "--device", "cpu"]
+    assert cli.main(argv + ["--out", str(out)]) == 0
+    artifact = read_artifact(out, "loki")
+    assert artifact["settings"]["text"] == "random token ids" and artifact["settings"]["weights"].startswith("random")
+    assert artifact["tensors"]["k_basis"].shape == (2, 2, 16, 16)       # layers, kv-heads, head_dim^2
+    llm = LLM(config, load_format="dummy", dtype="float32", device="cpu", method="loki", budget=16,
+              calibration_file=str(out), kv_cache_memory=8 << 20)
+    outs = llm.generate([list(range(1, 120))], SamplingParams(max_tokens=3, ignore_eos=True))
+    assert len(outs[0].token_ids) == 3
+    capsys.readouterr()
+    assert cli.main(argv) == 2                                          # no --out: refused
+    assert "needs --out" in capsys.readouterr().err
+    assert cli.main(["headkv", *argv[1:], "--out", str(tmp_path / "headkv.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "probe" in err and "loki" in err

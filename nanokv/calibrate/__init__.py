@@ -9,6 +9,8 @@ Sparsity, Squeezed Attention and MInference read.
     python -m nanokv.calibrate razorattention --model smollm2-135m
     python -m nanokv.calibrate kvtuner --model smollm2-135m         # then --method kvtuner (target=4)
     python -m nanokv.calibrate wkvquant --model smollm2-135m        # then --method wkvquant (bits=4)
+    python -m nanokv.calibrate loki --model llama3.2-1b --load-format dummy --out loki.safetensors
+                                    # random weights, random token ids: a profile to time with, no more
 
 Some methods decide per (layer, kv-head) from a profile of the model made ahead of time. This
 command loads the model as LLM does, runs it over calibration text with a dense attention of its

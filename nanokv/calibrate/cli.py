@@ -17,6 +17,10 @@ from nanokv.calibrate.wkvquant import QUERIES, wkvquant_parameters
 from nanokv.calibrate.lowrank import default_group, fisher_information, weight_bases, whitened_bases
 from nanokv.calibrate.razorattention import REPEATS, razor_scores, repeated_random_tokens
 
+# methods whose calibration runs a probe made of words (needles, repeated ordinary tokens): they need
+# the model's tokenizer, so not --load-format dummy
+PROBES = ("headkv", "headkv_r2", "retrieval_head", "razorattention")
+
 # --samples, --length by default: kvpress's on-the-fly scoring reads 50 samples; KVSharer's
 # official script 30 of 64 tokens; Palu's 256 of 2048 (whitening) and 2048 of 1024 (Fisher) scaled
 # down for a CPU; LoRC reads no text; retrieval_head as headkv (the official probe runs 3 needles x
@@ -42,21 +46,37 @@ DEFAULTS = {"duoattention": {"samples": 50, "length": 1024}, "headkv": {"samples
 def calibrate(method: str, model: str, samples: int | None = None, length: int | None = None, seed: int = 0,
               out: str | Path | None = None, dtype: str = "float32", device: str | None = None,
               quiet: bool = False, share_layers: int | None = None, threshold: float = 0.5,
-              group: int | None = None, clusters: float | None = None, window: int | None = None) -> Path:
+              group: int | None = None, clusters: float | None = None, window: int | None = None,
+              load_format: str = "auto") -> Path:
     """Make and write the artifact of `method` for `model` -> its path. kvsharer: at most
     `share_layers` (default: half the layers) pairs, each kept above `threshold`. lorc, palu: bases
     per `group` consecutive kv-heads (lorc: all of a layer's; palu, eckvh: 4, or the largest divisor of
     the kv-heads below 4). squeezed_attention: `clusters` centroids per clustered key and the newest
-    `window` tokens of each text as the sample queries (default: the method's, 0.05 and 100)."""
+    `window` tokens of each text as the sample queries (default: the method's, 0.05 and 100).
+    load_format "dummy": the random weights `--load-format dummy` runs (loading.load_dummy, on this
+    device) read random token ids, for a profile of the right shape that times a method on a machine
+    without weights; it says nothing of a real model, so it is written only where `out` says."""
+    import torch
     from tqdm import tqdm
 
+    from nanokv.config import ModelConfig
     from nanokv.hardware import resolve_device, resolve_dtype
-    from nanokv.hub import resolve_model
-    from nanokv.loading import load_model, read_config
+    from nanokv.hub import config_file, resolve_model
+    from nanokv.loading import LOAD_FORMATS, load_dummy, load_model, read_config
     from nanokv.tokenizer import Tokenizer
 
     if method not in DEFAULTS:
         raise ValueError(f"unknown calibration method {method!r}; valid: {', '.join(DEFAULTS)}")
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"unknown load format {load_format!r}; valid: {', '.join(LOAD_FORMATS)}")
+    dummy = load_format == "dummy"
+    if dummy and method in PROBES:
+        raise ValueError(f"{method} calibrates with a probe of words (needles, repeated tokens) that random weights "
+                         f"without a tokenizer cannot run; --load-format dummy serves: "
+                         f"{', '.join(m for m in DEFAULTS if m not in PROBES)}")
+    if dummy and out is None:
+        raise ValueError("--load-format dummy needs --out: a profile of random weights must not stand in the cache "
+                         f"for {model}'s real one")
     samples = DEFAULTS[method]["samples"] if samples is None else samples
     length = DEFAULTS[method]["length"] if length is None else length
     if method == "lorc":  # from the weights alone
@@ -66,12 +86,21 @@ def calibrate(method: str, model: str, samples: int | None = None, length: int |
     device = str(resolve_device(device))
     torch_dtype = resolve_dtype(dtype, device)
     dtype = str(torch_dtype).removeprefix("torch.")  # the artifact records what ran, not "auto"
-    source = resolve_model(model)
-    limit = read_config(source.kind, source.path).max_position_embeddings
+    source = None if dummy else resolve_model(model)
+    shape = ModelConfig.from_json_file(config_file(model)) if dummy else read_config(source.kind, source.path)
+    limit = shape.max_position_embeddings
     if method != "lorc" and (not isinstance(length, int) or not 32 <= length < limit):
         raise ValueError(f"--length must be in [32, {limit}) for {model} (its context is {limit}), got {length!r}")
-    make_tokenizer = Tokenizer.from_gguf if source.kind == "gguf" else Tokenizer.from_dir
-    tokenizer = make_tokenizer(source.path)
+    if not dummy:
+        make_tokenizer = Tokenizer.from_gguf if source.kind == "gguf" else Tokenizer.from_dir
+        tokenizer = make_tokenizer(source.path)
+
+    def texts() -> list[list[int]]:
+        if dummy:  # no tokenizer, and random weights read nothing in prose anyway
+            gen = torch.Generator().manual_seed(seed)
+            return [torch.randint(0, shape.vocab_size, (length,), generator=gen).tolist() for _ in range(samples)]
+        return calibration_texts(tokenizer, samples, length, seed)
+
     settings = {"samples": samples, "length": length, "seed": seed, "dtype": dtype}
     if method == "squeezed_attention":
         from nanokv.methods.squeezed_attention import SqueezedAttention
@@ -83,7 +112,7 @@ def calibrate(method: str, model: str, samples: int | None = None, length: int |
             raise ValueError(f"--clusters must be in (0, 1] (centroids per clustered key), got {clusters!r}")
         if not (isinstance(window, int) and 1 <= window < length):
             raise ValueError(f"--window must be in [1, {length}) (below --length {length}), got {window!r}")
-        inputs = calibration_texts(tokenizer, samples, length, seed)
+        inputs = texts()
         settings.update(clusters=float(clusters), window=window,
                         text="prose haystack (nanokv/haystack.py), length tokens each",
                         score="per layer and kv-head, k-means of all but the last window keys (directions); the "
@@ -93,7 +122,7 @@ def calibrate(method: str, model: str, samples: int | None = None, length: int |
     elif method == "minference":
         from nanokv.methods.minference import MInference, PATTERNS
 
-        inputs = calibration_texts(tokenizer, samples, length, seed)
+        inputs = texts()
         settings.update(budget=length // 4, tile_size=MInference.options["tile_size"][1],
                         last_q=MInference.options["last_q"][1], patterns=list(PATTERNS),
                         text="prose haystack (nanokv/haystack.py), length tokens each",
@@ -101,21 +130,21 @@ def calibrate(method: str, model: str, samples: int | None = None, length: int |
                               "inside its tiles, mean over the later half of the queries) at budget keys per row; "
                               "the best pattern (nanokv/calibrate/minference.py)")
     elif method in ("kvquant", "skvq"):
-        inputs = calibration_texts(tokenizer, samples, length, seed)
+        inputs = texts()
         settings.update(text="prose haystack (nanokv/haystack.py), length tokens each",
                         fit="per layer, k-means codebooks (2 and 4 bits) of the pre-RoPE keys and the values, "
                             "normalized per block as the codec does (nanokv/calibrate/kvquant.py)" if method == "kvquant"
                             else "per layer and kv-head, channels clustered by their min/max; per layer, clip "
                                  "ratios of least error (nanokv/calibrate/skvq.py)")
     elif method in ("loki", "double_sparsity"):
-        inputs = calibration_texts(tokenizer, samples, length, seed)
+        inputs = texts()
         settings.update(text="prose haystack (nanokv/haystack.py), length tokens each",
                         fit="per layer and kv-head, principal directions of the post-RoPE keys (eigenvectors of "
                             "their covariance) and their variances (nanokv/calibrate/loki.py)" if method == "loki"
                             else "per layer and head, each channel's mean |q k| (post-RoPE), |q| and |k| (pre-RoPE) "
                                  "(nanokv/calibrate/double_sparsity.py)")
     elif method in ("lorc", "palu", "eckvh"):
-        inputs = calibration_texts(tokenizer, samples, length, seed) if samples else []
+        inputs = texts() if samples else []
         settings.update(text="prose haystack (nanokv/haystack.py), length tokens each" if samples else "none",
                         bases="SVD of each group's W_k, W_v rows" if method == "lorc" else
                               "right singular vectors of each group's stacked pre-RoPE keys and values (from their "
@@ -123,12 +152,12 @@ def calibrate(method: str, model: str, samples: int | None = None, length: int |
                               "eigenvectors of the pre-RoPE keys' and the values' second moments (the whitened "
                               "SVD's left singular vectors); Fisher: RMS over samples of the LM loss gradient")
     elif method == "duoattention":
-        inputs = calibration_texts(tokenizer, samples, length, seed)
+        inputs = texts()
         settings.update(q_len=Q_LEN, text="prose haystack (nanokv/haystack.py), length tokens each",
                         score="kvpress duo_attention_on_the_fly: area under the cumulative attention of the "
                               "mean pre-RoPE query over the mean key at positions 0..q_len-1")
     elif method == "kvsharer":
-        inputs = calibration_texts(tokenizer, samples, length, seed)
+        inputs = texts()
         settings.update(threshold=threshold, text="prose haystack (nanokv/haystack.py), length tokens each",
                         score="pairs most dissimilar first (mean KV distance), kept while the final hidden "
                               "states' cosine similarity to the unshared model's stays above threshold")
@@ -146,12 +175,12 @@ def calibrate(method: str, model: str, samples: int | None = None, length: int |
                               "occurrence of their token (echo) and on the token after it (induction), mean over "
                               "samples; a kv-head's max over its query heads")
     elif method == "kvtuner":
-        inputs = calibration_texts(tokenizer, samples, length, seed)
+        inputs = texts()
         settings.update(text="prose haystack (nanokv/haystack.py), length tokens each",
                         score="per layer and (K bits, V bits) pair, the relative error of the layer's attention output "
                               "with its keys and values alone quantized by KIVI (group 32, blocks of 32 tokens)")
     elif method == "wkvquant":
-        inputs = calibration_texts(tokenizer, samples, length, seed)
+        inputs = texts()
         settings.update(text="prose haystack (nanokv/haystack.py), length tokens each",
                         score=f"per layer, K and V apart: channel centre and radius over all tokens and kv-heads; "
                               f"per bit width, alpha then the clip ratio on a grid, by the squared error of the "
@@ -169,7 +198,12 @@ def calibrate(method: str, model: str, samples: int | None = None, length: int |
                         score="per answer token, the attention of the predicting query's top-k slots (k = answer "
                               "length) inside the answer sentence / k, summed (HeadKV-R2); mean over query heads and "
                               "samples, no success filter")
-    net, config = load_model(source.kind, source.path, torch_dtype, device, pack=False)  # weights read as such
+    if dummy:
+        net, config = load_dummy(model, torch_dtype, device, pack=False)
+        settings.update(weights="random (--load-format dummy, loading.load_dummy seed 0): for timing only",
+                        text="random token ids")
+    else:
+        net, config = load_model(source.kind, source.path, torch_dtype, device, pack=False)  # weights read as such
     artifact = {"format": FORMAT, "method": method, "model": model_key(model), "num_layers": config.num_layers,
                 "num_kv_heads": config.num_kv_heads}
     if method == "squeezed_attention":
@@ -294,6 +328,9 @@ def parse_args(argv=None):
                         "(default: 100)")
     p.add_argument("--out", type=Path, default=None,
                    help="where to write the artifact (default: the nanokv cache, where LLM looks)")
+    p.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
+                   help="auto: the model's weights; dummy: the random weights bench.py --load-format dummy runs, "
+                        "over random token ids (a profile to time a method with, not to use; needs --out)")
     return p.parse_args(argv)
 
 
@@ -305,7 +342,7 @@ def main(argv=None) -> int:
     try:
         path = calibrate(args.method, model, args.samples, args.length, args.seed, args.out, args.dtype, args.device,
                          share_layers=args.share_layers, threshold=args.threshold, group=args.group,
-                         clusters=args.clusters, window=args.window)
+                         clusters=args.clusters, window=args.window, load_format=args.load_format)
     except ValueError as e:  # ModelNotFoundError and ModelLoadError are ValueErrors with one-line messages
         print(f"error: {e}", file=sys.stderr)
         return 2
