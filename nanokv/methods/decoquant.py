@@ -33,7 +33,10 @@ What differs:
   taken; the official scale floor of 1e-5 is kept.
 - Codes are stored offset by 2^(b-1) - 1 (unsigned, packed along the channels).
 
-The cold blocks, the residual and attention over both are the cache's (nanokv/cache/quant_cache.py).
+The cold blocks, the residual and attention over both are the cache's (nanokv/cache/quant_cache.py). On CUDA too
+the twin decodes the blocks: a token is its codes times the block's small core, a matrix product
+the fused kernels (KIVI's affine codes) do not make (docs/architecture.md, "Which codecs the fused
+kernels read").
 """
 
 from __future__ import annotations

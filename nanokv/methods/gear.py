@@ -41,7 +41,9 @@ What differs:
 - The newest 0 to 63 tokens wait in full precision for their block, as in the official
   streaming buffer; the prompt's last partial block waits too (official: compressed at once).
 
-The cold blocks, the residual and attention over both are the cache's (nanokv/cache/quant_cache.py).
+The cold blocks, the residual and attention over both are the cache's (nanokv/cache/quant_cache.py). On CUDA too
+the twin decodes the blocks: the fused kernels read KIVI's codes alone, not the low-rank product
+and the outlier lists (docs/architecture.md, "Which codecs the fused kernels read").
 """
 
 from __future__ import annotations

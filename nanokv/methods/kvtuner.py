@@ -15,7 +15,7 @@ much quantizing their KV hurts, and keys matter more than values, so each layer 
 4. search: every assignment of a pair to each cluster (5^clusters) is scored by its average bits
    per K/V number (memory) and the sum of its layers' errors (quality); of the Pareto front the
    assignment with the least error whose average bits are at most `target` wins (ties: fewer bits).
-The runtime is KIVI's: each layer's cold blocks hold codes of its own bits.
+The codes are KIVI's: each layer's cold blocks hold codes of its own bits.
 
 Defaults from the official code (cmd2001/KVTuner; the search scripts as read in the fork
 KexuanZhang/KVTuner @ 519db0f, optuna_search.py: TEMPLATE_KV_QUANT_CONFIG, three layer groups
@@ -38,6 +38,9 @@ What differs:
   of the row unused.
 - Scales and zero points are float16 (as nanokv's KIVI); values are flushed with their keys,
   R = residual_length at a time (see kivi.py).
+- Decode reads the cold blocks through the twin (decoded to float32), on CUDA too: the fused
+  kernels take one bit width for K and V, and a pair here differs (docs/architecture.md, "Which
+  codecs the fused kernels read").
 """
 
 from __future__ import annotations

@@ -31,6 +31,9 @@ What differs:
 - Past-only keeps 1 to R - 1 = 31 of the newest tokens in full precision, not just the current one:
   whole blocks of R tokens are quantized at once (a head's residual, see quant_cache.py). Scales
   and zero points are float16.
+- Decode reads the cold blocks through the twin (decoded to float32), on CUDA too: the fused
+  kernels read KIVI's `code * scale + zero`, not the smoothing undone after it (docs/architecture.md,
+  "Which codecs the fused kernels read").
 """
 
 from __future__ import annotations
