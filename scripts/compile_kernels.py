@@ -106,8 +106,8 @@ def launch_all():
     """Every wrapper, over the shapes and options the engine uses, with launches recorded."""
     from nanokv.kernels import latent_decode, paged_decode, prefill, quant_decode, quest, two_part_decode, write_kv
     from nanokv.cache.pruned_cache import PrunedBlockPool
-    from nanokv.kernels.quant import quantize_tokens
-    from nanokv.cache.quant_pool import SCALE_DTYPE, QuantSpec
+    from nanokv.cache.quant_pool import QuantSpec
+    from nanokv.methods.leankv import HeteroCodec
 
     B, Hq, Hkv, D, bs, nb = 2, 8, 2, 128, 16, 8
     with recorded_launches() as launches:
@@ -150,15 +150,15 @@ def launch_all():
             slots = torch.arange(Hkv * 4).view(Hkv, 4)
             write_kv.write_kv(*pools, pos, slots, torch.randn(4, Hkv, D, dtype=dtype),
                               torch.randn(4, Hkv, D, dtype=dtype), torch.arange(4))
-            # the engine's quantized blocks (R = 128, G = 32) and residual blocks (a row's worth of
-            # tokens); the tiles depend on the head dim
-            for d, (bits, per_channel) in itertools.product((64, 128), ((2, True), (4, True), (8, False))):
-                spec = QuantSpec(bits, per_channel)
+            # the engine's quantized blocks (R = 128, G = 32: KIVI's, and LeanKV's keys wider than its
+            # values) and residual blocks (a row's worth of tokens); the tiles depend on the head dim
+            for d, spec in itertools.product((64, 128), (QuantSpec(2, True), QuantSpec(4, True), QuantSpec(8, False),
+                                                         HeteroCodec(8, 4))):
                 R, rbs, nq = spec.block_size, spec.full_block_size(d, dtype), 2
-                packed = quantize_tokens(torch.randn(B * Hkv * nq, R, d), torch.randn(B * Hkv * nq, R, d), bits,
-                                         spec.group_size, per_channel, SCALE_DTYPE)
-                quant = type("QuantBlocks", (), dict(block_size=R, group_size=spec.group_size, bits=bits,
-                                                     keys_per_channel=per_channel, **packed))
+                packed = spec.encode(torch.randn(B * Hkv * nq, R, d), torch.randn(B * Hkv * nq, R, d), 0, None)
+                k_bits, v_bits = spec.packed_bits(0)
+                quant = type("QuantBlocks", (), dict(block_size=R, group_size=spec.group_size, k_bits=k_bits,
+                                                     v_bits=v_bits, keys_per_channel=spec.keys_per_channel, **packed))
                 residual = [torch.randn(B * Hkv * nb, rbs, d, dtype=dtype) for _ in range(2)]
                 quant_decode.quantized_decode_attention(
                     torch.randn(B, Hq, d, dtype=dtype), q_pos, quant, torch.arange(B * Hkv * nq).view(B, Hkv, nq),

@@ -9,6 +9,8 @@ import torch
 from nanokv.cache.quant_pool import QuantSpec
 from nanokv.kernels import cpu, kernels_for, reference
 from nanokv.methods import make_method
+from nanokv.methods.kvtuner import KVTunerCodec
+from nanokv.methods.leankv import HeteroCodec
 from test_kernels_engine import PROMPTS, greedy
 from test_kernels_quant import CASES, GARBAGE, quant_inputs, rel_err
 
@@ -25,7 +27,7 @@ MORE_CASES = [  # bits, per channel, G, R, group, D, dtype, splits (unused), qle
 
 
 def run(q, q_pos, pool, qtables, qlens, tables, lengths):
-    args = (pool.quant_blocks(), qtables, qlens, pool.fields["k"], pool.fields["v"], pool.fields["pos"], tables,
+    args = (pool.quant_blocks(0), qtables, qlens, pool.fields["k"], pool.fields["v"], pool.fields["pos"], tables,
             lengths)
     return cpu.quantized_decode(q, q_pos, *args), reference.quantized_decode_attention(q.float(), q_pos, *args)
 
@@ -38,6 +40,23 @@ def test_quantized_decode_matches_reference(bits, per_channel, G, R, group, d, d
     assert got.shape == inputs[0].shape and got.dtype == dtype
     assert torch.isfinite(got).all()
     assert rel_err(got, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("codec, layer, d, dtype", [
+    (HeteroCodec(8, 4, 32, 64), 0, 64, torch.float32),                  # LeanKV: K8V4, unrolled D
+    (HeteroCodec(8, 2, 16, 32), 0, 80, torch.bfloat16),                 # K8V2, no unrolled copy
+    (KVTunerCodec([(8, 8), (4, 2)], 32, 32), 1, 128, torch.float32),    # a narrow layer in rows sized for K8V8
+    (KVTunerCodec([(4, 4), (2, 2)], 16, 32), 0, 64, torch.float16)])
+def test_keys_and_values_at_their_own_bits_read_as_the_codec_decodes_them(codec, layer, d, dtype):
+    q, q_pos, pool, qtables, qlens, tables, lengths = quant_inputs(
+        d + layer, codec, d, dtype, 3, [[64, 32], [96, 0]], [[5, 2], [0, 9]], layer=layer)
+    fields = {name: reference.gather_blocks(field, qtables).unflatten(2, (qtables.shape[-1], field.shape[1]))
+              for name, field in pool.qfields.items()}
+    k_q, v_q = (x.flatten(2, 3) for x in codec.decode(fields, layer))
+    residual = (pool.fields["k"], pool.fields["v"], pool.fields["pos"], tables, lengths)
+    want = reference.dequantized_decode_attention(q.float(), q_pos, k_q, v_q, qlens, *residual)
+    got = cpu.quantized_decode(q, q_pos, pool.quant_blocks(layer), qtables, qlens, *residual)
+    assert rel_err(got, want) < TOL[dtype]
 
 
 def test_masked_tokens_do_not_leak_and_quantized_ones_count():

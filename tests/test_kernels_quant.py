@@ -15,10 +15,11 @@ import torch
 from helpers import paged_layout
 from nanokv.kernels.prefill import prefill_attention
 from nanokv.kernels.paged_decode import paged_decode_attention
-from nanokv.kernels.quant import quantize_tokens
 from nanokv.kernels.quant_decode import quantized_decode_attention
 from nanokv.kernels import reference
 from nanokv.cache.quant_pool import QuantizedBlockPool, QuantSpec
+from nanokv.methods.kvtuner import KVTunerCodec
+from nanokv.methods.leankv import HeteroCodec
 
 GARBAGE = 1e4  # large but finite in float16
 
@@ -30,11 +31,12 @@ def fresh_pool(gen, num_blocks, spec, d, dtype):
     return pool
 
 
-def write_quantized(pool, block, k, v, held):
-    """Quantize R tokens into `block`; rows from `held` on become garbage where they are per token
-    (per-channel key scales are shared with the held rows of their group, so they stay)."""
+def write_quantized(pool, block, k, v, held, layer=0):
+    """Quantize R tokens into `block` with the pool's codec (at `layer`); rows from `held` on become
+    garbage where they are per token (per-channel key scales are shared with the held rows of their
+    group, so they stay)."""
     spec = pool.spec
-    fields = quantize_tokens(k, v, spec.bits, spec.group_size, spec.keys_per_channel)
+    fields = spec.encode(k, v, layer, None)
     for name, value in fields.items():
         pool.qfields[name][block] = value
     per_token = ["k_codes", "v_codes", "v_scale", "v_zero"] + ([] if spec.keys_per_channel else ["k_scale", "k_zero"])
@@ -42,7 +44,7 @@ def write_quantized(pool, block, k, v, held):
         pool.qfields[name][block, held:] = 255 if name.endswith("codes") else GARBAGE
 
 
-def quant_inputs(seed, spec, d, dtype, group, qlens, lengths, hkv=2):
+def quant_inputs(seed, spec, d, dtype, group, qlens, lengths, hkv=2, layer=0):
     """qlens, lengths [B][Hkv]: tokens per head in quantized blocks, then in full-precision ones.
     Quantized tokens are positions 0 .. qlen - 1; full-precision ones a random sorted subset of
     later positions that always holds q_pos (so every head sees a token) and may hold one past it."""
@@ -64,7 +66,7 @@ def quant_inputs(seed, spec, d, dtype, group, qlens, lengths, hkv=2):
             for j in range(math.ceil(qlen / R)):
                 qtables[b, h, j] = block = order.pop()
                 write_quantized(pool, block, torch.randn(R, d, generator=gen), torch.randn(R, d, generator=gen),
-                                held=min(R, qlen - j * R))
+                                held=min(R, qlen - j * R), layer=layer)
             later = torch.arange(qlen, int(q_pos[b]) + 2)
             later = later[later != q_pos[b]]
             pos = torch.cat([later[torch.randperm(len(later), generator=gen)[:n - 1]], q_pos[b:b + 1]]).sort().values
@@ -125,8 +127,8 @@ def test_quantized_decode_matches_reference(bits, per_channel, G, R, group, d, d
     moved = QuantizedBlockPool(pool.num_blocks, spec, d, dtype, triton_device)  # the same rows, on the device
     moved.arena.copy_(pool.arena)
     pool = moved
-    assert pool.quant_blocks().k_codes.stride(0) == pool.unit_bytes, "fields are strided views of the rows"
-    args = (pool.quant_blocks(), qtables, qlens_t, pool.fields["k"], pool.fields["v"], pool.fields["pos"],
+    assert pool.quant_blocks(0).k_codes.stride(0) == pool.unit_bytes, "fields are strided views of the rows"
+    args = (pool.quant_blocks(0), qtables, qlens_t, pool.fields["k"], pool.fields["v"], pool.fields["pos"],
             tables, lengths_t)
     out = quantized_decode_attention(q, q_pos, *args, num_splits=splits)
     # the reference in float32 from the same (possibly half-precision) pool
@@ -136,13 +138,43 @@ def test_quantized_decode_matches_reference(bits, per_channel, G, R, group, d, d
     assert rel_err(out, ref) < (TOL if triton_device.type == "cpu" else TOL_TENSOR_CORES)[dtype]
 
 
+@pytest.mark.parametrize("codec, layer, d, dtype, splits", [
+    (HeteroCodec(8, 4, 32, 64), 0, 64, torch.float32, 2),           # LeanKV: K8V4
+    (HeteroCodec(4, 2, 16, 32), 0, 96, torch.float16, None),        # K4V2
+    (KVTunerCodec([(8, 8), (4, 2)], 32, 32), 1, 64, torch.float32, 3),  # a narrow layer in rows sized for K8V8
+    (KVTunerCodec([(8, 4), (2, 2)], 16, 32), 0, 64, torch.bfloat16, None)])
+def test_keys_and_values_at_their_own_bits_read_as_the_codec_decodes_them(codec, layer, d, dtype, splits,
+                                                                         triton_device):
+    """The kernel over a codec that packs K and V at different widths (rows possibly wider than a
+    layer's codes) equals attention over what that codec's own `decode` gives back."""
+    q, q_pos, pool, qtables, qlens, tables, lengths = quant_inputs(
+        d + layer, codec, d, dtype, 2, [[64, 32], [96, 0]], [[5, 2], [0, 9]], layer=layer)
+    quant = pool.quant_blocks(layer)
+    assert (quant.k_bits, quant.v_bits) == codec.packed_bits(layer)
+    fields = {name: reference.gather_blocks(field, qtables).unflatten(2, (qtables.shape[-1], field.shape[1]))
+              for name, field in pool.qfields.items()}
+    k_q, v_q = (x.flatten(2, 3) for x in codec.decode(fields, layer))
+    want = reference.dequantized_decode_attention(q.float(), q_pos, k_q, v_q, qlens, pool.fields["k"],
+                                                  pool.fields["v"], pool.fields["pos"], tables, lengths)
+    args = (qtables, qlens, pool.fields["k"], pool.fields["v"], pool.fields["pos"], tables, lengths)
+    assert rel_err(reference.quantized_decode_attention(q.float(), q_pos, quant, *args), want) < 1e-5
+    moved = QuantizedBlockPool(pool.num_blocks, codec, d, dtype, triton_device)
+    moved.arena.copy_(pool.arena)
+    quant = moved.quant_blocks(layer)
+    q, q_pos, *args = (t.to(triton_device) for t in (q, q_pos, qtables, qlens))
+    out = quantized_decode_attention(q, q_pos, quant, *args, moved.fields["k"], moved.fields["v"],
+                                     moved.fields["pos"], tables.to(triton_device), lengths.to(triton_device),
+                                     num_splits=splits)
+    assert rel_err(out, want) < (TOL if triton_device.type == "cpu" else TOL_TENSOR_CORES)[dtype]
+
+
 def test_quantized_tokens_count_and_masked_slots_do_not_leak():
     """Quantized tokens weigh in (dropping them changes the output), and rewriting everything the
     masks hide (rows past qlens, slots past lengths, unused rows) changes nothing."""
     spec = QuantSpec(4, True, 16, 32)
     q, q_pos, pool, qtables, qlens, tables, lengths = quant_inputs(3, spec, 64, torch.float32, 2,
                                                                    [[32, 40], [64, 16]], [[3, 5], [6, 1]])
-    run = lambda ql: quantized_decode_attention(q, q_pos, pool.quant_blocks(), qtables, ql, pool.fields["k"],  # noqa: E731
+    run = lambda ql: quantized_decode_attention(q, q_pos, pool.quant_blocks(0), qtables, ql, pool.fields["k"],  # noqa: E731
                                                 pool.fields["v"], pool.fields["pos"], tables, lengths, num_splits=2)
     out = run(qlens)
     assert rel_err(run(torch.zeros_like(qlens)), out) > 1e-2

@@ -133,7 +133,7 @@ def test_decode_attention_over_quantized_blocks_and_residual_is_attention_over_t
     pad = lambda t, w: torch.nn.functional.pad(t, (0, w - t.shape[-1]), value=-1)  # noqa: E731
     qtables = torch.stack([pad(s.cold_tables[0], 4) for s in seqs])
     tables = torch.stack([pad(s.tables[0], 8) for s in seqs])
-    out = quantized_decode_attention(q, torch.tensor([149, 69]), cache.pool.quant_blocks(), qtables,
+    out = quantized_decode_attention(q, torch.tensor([149, 69]), cache.pool.quant_blocks(0), qtables,
                                      torch.stack([s.num_cold[0] * 64 for s in seqs]), cache.pool.k, cache.pool.v,
                                      cache.pool.pos, tables, torch.stack([s.lengths[0] for s in seqs]))
     for i, n in enumerate(lengths):

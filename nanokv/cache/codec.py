@@ -30,13 +30,21 @@ IMPORTANCE = "importance"  # the residual's slot field a ranking codec reads
 
 class Codec:
     block_size: int  # tokens per cold block (and so the most tokens a head's residual holds)
-    packed = False   # True: KIVI's layout, which the fused decode kernels read in place
+    # True: KIVI's layout (codes packed along the head dim, float16 scales and zero points, keys per
+    # channel or per token, values per token, over `group_size`), which the fused decode kernels read
+    # in place at the bits `packed_bits` gives; such a codec has `group_size` and `keys_per_channel`
+    packed = False
     # True: `encode` is also handed each token's position and each block's kv-head (a codec that
     # quantizes keys before RoPE undoes it with the positions; per-head calibration reads the head)
     needs_positions = False
 
     def field_shapes(self, head_dim: int) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
         """Each field of a cold block: (dtype, shape per block)."""
+        raise NotImplementedError
+
+    def packed_bits(self, layer: int) -> tuple[int, int]:
+        """A packed codec's (K bits, V bits) at `layer`. Its code rows may be wider (sized for the
+        widest layer): a narrower layer's codes fill the front of each row."""
         raise NotImplementedError
 
     def encode(self, k: torch.Tensor, v: torch.Tensor, layer: int, importance: torch.Tensor | None,

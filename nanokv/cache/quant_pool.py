@@ -57,6 +57,9 @@ class QuantSpec(Codec):
         return {"k_codes": codes, "v_codes": codes, "k_scale": keys, "k_zero": keys,
                 "v_scale": per_token, "v_zero": per_token}
 
+    def packed_bits(self, layer):
+        return self.bits, self.bits
+
     def encode(self, k, v, layer, importance):
         return quantize_tokens(k, v, self.bits, self.group_size, self.keys_per_channel, SCALE_DTYPE)
 
@@ -87,11 +90,14 @@ class QuantizedBlockPool(BlockPool):
         self.block_fields = {}  # no per-block metadata (Quest's bounds are for full-precision pools)
         self._init_free_list(num_blocks, first=1)
 
-    def quant_blocks(self) -> QuantBlocks:
-        """KIVI's fields as the fused kernels read them (a `packed` codec's pool only)."""
-        f, s = self.qfields, self.spec
-        return QuantBlocks(f["k_codes"], f["k_scale"], f["k_zero"], f["v_codes"], f["v_scale"], f["v_zero"],
-                           s.bits, s.group_size, s.keys_per_channel)
+    def quant_blocks(self, layer: int) -> QuantBlocks:
+        """`layer`'s blocks as the fused kernels read them (a `packed` codec's pool only): the codes
+        of its own bits at the front of each row."""
+        f, s, D = self.qfields, self.spec, self.head_dim
+        k_bits, v_bits = s.packed_bits(layer)
+        return QuantBlocks(f["k_codes"][..., :D * k_bits // 8], f["k_scale"], f["k_zero"],
+                           f["v_codes"][..., :D * v_bits // 8], f["v_scale"], f["v_zero"], k_bits, v_bits,
+                           s.group_size, s.keys_per_channel)
 
     @property
     def bytes_per_block(self) -> int:

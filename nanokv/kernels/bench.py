@@ -126,7 +126,7 @@ def quantized_pool(k, v, bits, dtype):
     positions = torch.arange(nq * R, nq * R + nb * bs, dtype=torch.int32, device="cuda")
     pool.fields["pos"][tables.flatten()] = positions.view(nb, bs).repeat(B * HKV, 1)
     qlens = torch.full((B, HKV), nq * R, device="cuda")
-    return (pool.quant_blocks(), qtables, qlens, pool.k, pool.v, pool.pos, tables, torch.full_like(qlens, R))
+    return (pool.quant_blocks(0), qtables, qlens, pool.k, pool.v, pool.pos, tables, torch.full_like(qlens, R))
 
 
 def quant_impls(B, S, dtype):

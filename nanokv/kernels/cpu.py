@@ -115,7 +115,8 @@ def quantized_decode(q, q_pos, quant, qtables, qlens, k_pool, v_pool, pos_pool, 
     with float16 scales -> [B, Hq, D] in q's dtype (computed in float32)."""
     out = torch.ops.nanokv_cpu.quantized_decode(
         q.float(), q_pos, quant.k_codes, quant.k_scale, quant.k_zero, quant.v_codes, quant.v_scale, quant.v_zero,
-        quant.bits, quant.group_size, quant.keys_per_channel, qtables, qlens, k_pool, v_pool, pos_pool, tables, lengths)
+        quant.k_bits, quant.v_bits, quant.group_size, quant.keys_per_channel, qtables, qlens, k_pool, v_pool, pos_pool,
+        tables, lengths)
     return out.to(q.dtype)
 
 

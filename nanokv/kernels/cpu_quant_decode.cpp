@@ -140,7 +140,7 @@ void attend_chunk(const float* qf, const float* k, const float* v, const int32_t
 
 // One task: quantized tokens [q_start, q_end) of a head (through qtable), then its residual slots
 // [r_start, r_end) (through table), into partial = [acc | best | total] as in cpu_decode.cpp.
-template <typename T, int BITS, int FIXED_D>
+template <typename T, int KBITS, int VBITS, int FIXED_D>
 void quant_part(const float* q, int64_t q_pos, const Quantized& quant, const int64_t* qtable, int64_t q_start,
                 int64_t q_end, const Residual<T>& res, const int64_t* table, int64_t r_start, int64_t r_end,
                 int64_t group, int64_t head_dim, float* partial, Scratch& scratch) {
@@ -166,7 +166,7 @@ void quant_part(const float* q, int64_t q_pos, const Quantized& quant, const int
   const float sm_scale = 1.0f / std::sqrt(static_cast<float>(D));
   // q, the keys and acc in unpacked order for the quantized tokens
   for (int64_t j = 0; j < group; ++j)
-    for (int64_t d = 0; d < D; ++d) qf[j * D + unpacked_at<BITS>(d, D)] = q[j * D + d] * sm_scale;
+    for (int64_t d = 0; d < D; ++d) qf[j * D + unpacked_at<KBITS>(d, D)] = q[j * D + d] * sm_scale;
 
   // Quantized tokens, a chunk at a time: each token's keys are unpacked and scored at once (the row
   // is still in L1), its values dequantized into the chunk's buffer; then the chunk is attended.
@@ -181,8 +181,8 @@ void quant_part(const float* q, int64_t q_pos, const Quantized& quant, const int
       for (int64_t r = first; r < first + run; ++r, ++i) {
         if (quant.keys_per_channel) {
           if (block != folded_block || r / G != folded_group) {
-            widen_unpacked<BITS, FIXED_D>(quant.k_scale.row(block, r / G), D, k_scale);
-            widen_unpacked<BITS, FIXED_D>(quant.k_zero.row(block, r / G), D, k_zero);
+            widen_unpacked<KBITS, FIXED_D>(quant.k_scale.row(block, r / G), D, k_scale);
+            widen_unpacked<KBITS, FIXED_D>(quant.k_zero.row(block, r / G), D, k_zero);
             for (int64_t j = 0; j < group; ++j) {
 #pragma omp simd
               for (int64_t u = 0; u < D; ++u) q_scaled[j * D + u] = qf[j * D + u] * k_scale[u];
@@ -190,25 +190,26 @@ void quant_part(const float* q, int64_t q_pos, const Quantized& quant, const int
             }
             folded_block = block, folded_group = r / G;
           }
-          unpack<BITS, FIXED_D>(quant.k_codes.row(block, r), D, row);
+          unpack<KBITS, FIXED_D>(quant.k_codes.row(block, r), D, row);
           for (int64_t j = 0; j < group; ++j) scores[j * CHUNK + i] = dot(q_scaled + j * D, row, D) + q_zero[j];
         } else {
-          dequantize_per_token<BITS, FIXED_D>(quant.k_codes.row(block, r), quant.k_scale.row(block, r),
+          dequantize_per_token<KBITS, FIXED_D>(quant.k_codes.row(block, r), quant.k_scale.row(block, r),
                                               quant.k_zero.row(block, r), G, D, row);
           for (int64_t j = 0; j < group; ++j) scores[j * CHUNK + i] = dot(qf + j * D, row, D);
         }
-        dequantize_per_token<BITS, FIXED_D>(quant.v_codes.row(block, r), quant.v_scale.row(block, r),
+        dequantize_per_token<VBITS, FIXED_D>(quant.v_codes.row(block, r), quant.v_scale.row(block, r),
                                             quant.v_zero.row(block, r), G, D, v + i * D);
       }
     });
     softmax_chunk<FIXED_D>(scores, v, n, group, D, acc, best, total);
   }
 
-  // acc back in channel order: the residual's rows are read as they are stored, with q in channel order
-  if constexpr (BITS != 8) {
+  // acc (summed in the values' unpacked order) back in channel order: the residual's rows are read as
+  // they are stored, with q in channel order
+  if constexpr (VBITS != 8) {
     for (int64_t j = 0; j < group; ++j) {
       std::copy(acc + j * D, acc + (j + 1) * D, k);
-      for (int64_t d = 0; d < D; ++d) acc[j * D + d] = k[unpacked_at<BITS>(d, D)];
+      for (int64_t d = 0; d < D; ++d) acc[j * D + d] = k[unpacked_at<VBITS>(d, D)];
     }
   }
   if (r_start == r_end) return;
@@ -240,19 +241,23 @@ Field<T> field(const at::Tensor& t) {
   return {t.data_ptr<T>(), t.stride(0), t.dim() == 3 ? t.stride(1) : 1};
 }
 
-// q [B, Hq, D] float32; q_pos [B]; the QuantBlocks fields (codes uint8 [N, R, D * bits / 8], scales
+// q [B, Hq, D] float32; q_pos [B]; the QuantBlocks fields (codes uint8 [N, R, D * bits / 8] at k_bits and
+// v_bits, rows possibly strided wider; scales
 // and zeros float16); qtables [B, Hkv, nq], qlens [B, Hkv]; k_pool, v_pool [N, block_size, D],
 // pos_pool [N, block_size] int32, tables [B, Hkv, nb], lengths [B, Hkv] -> [B, Hq, D] float32.
 // Work is cut as in cpu_decode.cpp: with fewer heads than threads, each head's tokens (quantized
 // then residual, as one list) are split across threads and merged after.
 at::Tensor quantized_decode(const at::Tensor& q, const at::Tensor& q_pos, const at::Tensor& k_codes,
                             const at::Tensor& k_scale, const at::Tensor& k_zero, const at::Tensor& v_codes,
-                            const at::Tensor& v_scale, const at::Tensor& v_zero, int64_t bits, int64_t group_size,
+                            const at::Tensor& v_scale, const at::Tensor& v_zero, int64_t k_bits, int64_t v_bits,
+                            int64_t group_size,
                             bool keys_per_channel, const at::Tensor& qtables, const at::Tensor& qlens,
                             const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& pos_pool,
                             const at::Tensor& tables, const at::Tensor& lengths) {
   TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat, "quantized_decode: q must be float32 [B, Hq, D]");
-  TORCH_CHECK(bits == 2 || bits == 4 || bits == 8, "quantized_decode: bits must be 2, 4 or 8");
+  for (const int64_t bits : {k_bits, v_bits})
+    TORCH_CHECK(bits == 2 || bits == 4 || bits == 8, "quantized_decode: bits must be 2, 4 or 8");
+  TORCH_CHECK(k_bits >= v_bits, "quantized_decode: keys take at least the values' bits");
   TORCH_CHECK(k_codes.scalar_type() == at::kByte && v_codes.scalar_type() == at::kByte, "quantized_decode: codes are uint8");
   for (const auto* t : {&k_scale, &k_zero, &v_scale, &v_zero})
     TORCH_CHECK(t->scalar_type() == at::kHalf, "quantized_decode: scales and zeros must be float16");
@@ -265,7 +270,8 @@ at::Tensor quantized_decode(const at::Tensor& q, const at::Tensor& q_pos, const 
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = tables.size(1);
   const int64_t nq = qtables.size(2), nb = tables.size(2), R = k_codes.size(1), block_size = k_pool.size(1);
   const int64_t group = Hq / Hkv, heads = B * Hkv, G = group_size;
-  TORCH_CHECK(Hq == group * Hkv && D % G == 0 && R % G == 0 && k_codes.size(2) * 8 == D * bits,
+  TORCH_CHECK(Hq == group * Hkv && D % G == 0 && R % G == 0 && k_codes.size(2) * 8 == D * k_bits &&
+                  v_codes.size(2) * 8 == D * v_bits,
               "quantized_decode: shapes do not match");
   const Quantized quant{field<uint8_t>(k_codes), field<uint8_t>(v_codes), field<c10::Half>(k_scale),
                         field<c10::Half>(k_zero), field<c10::Half>(v_scale), field<c10::Half>(v_zero), G, R,
@@ -291,14 +297,20 @@ at::Tensor quantized_decode(const at::Tensor& q, const at::Tensor& q_pos, const 
     using Part = void (*)(const float*, int64_t, const Quantized&, const int64_t*, int64_t, int64_t,
                           const Residual<scalar_t>&, const int64_t*, int64_t, int64_t, int64_t, int64_t, float*,
                           Scratch&);
-    // one copy per bit width (the unpacking's shifts are constants), unrolled for head sizes 64 and 128
-    auto pick = [&](auto bits_tag) -> Part {
-      constexpr int BITS = decltype(bits_tag)::value;
-      return D == 64 ? quant_part<scalar_t, BITS, 64> : D == 128 ? quant_part<scalar_t, BITS, 128>
-                                                                 : quant_part<scalar_t, BITS, 0>;
+    // one copy per (key bits, value bits), keys at least as wide (the unpacking's shifts are
+    // constants), unrolled for head sizes 64 and 128
+    auto pick = [&](auto k_tag, auto v_tag) -> Part {
+      constexpr int KBITS = decltype(k_tag)::value, VBITS = decltype(v_tag)::value;
+      return D == 64 ? quant_part<scalar_t, KBITS, VBITS, 64> : D == 128 ? quant_part<scalar_t, KBITS, VBITS, 128>
+                                                                         : quant_part<scalar_t, KBITS, VBITS, 0>;
     };
-    const Part part = bits == 2 ? pick(std::integral_constant<int, 2>{})
-                      : bits == 4 ? pick(std::integral_constant<int, 4>{}) : pick(std::integral_constant<int, 8>{});
+    using Two = std::integral_constant<int, 2>;
+    using Four = std::integral_constant<int, 4>;
+    using Eight = std::integral_constant<int, 8>;
+    const Part part = k_bits == 2   ? pick(Two{}, Two{})
+                      : k_bits == 4 ? (v_bits == 2 ? pick(Four{}, Two{}) : pick(Four{}, Four{}))
+                                    : (v_bits == 2 ? pick(Eight{}, Two{}) : v_bits == 4 ? pick(Eight{}, Four{})
+                                                                                        : pick(Eight{}, Eight{}));
     const float* q_ptr = qc.data_ptr<float>();
     const int64_t* qp_ptr = qp.data_ptr<int64_t>();
     const int64_t* qtab_ptr = qtab.data_ptr<int64_t>();
@@ -329,7 +341,7 @@ at::Tensor quantized_decode(const at::Tensor& q, const at::Tensor& q_pos, const 
 
 TORCH_LIBRARY_FRAGMENT(nanokv_cpu, m) {
   m.def("quantized_decode(Tensor q, Tensor q_pos, Tensor k_codes, Tensor k_scale, Tensor k_zero, Tensor v_codes, "
-        "Tensor v_scale, Tensor v_zero, int bits, int group_size, bool keys_per_channel, Tensor qtables, "
+        "Tensor v_scale, Tensor v_zero, int k_bits, int v_bits, int group_size, bool keys_per_channel, Tensor qtables, "
         "Tensor qlens, Tensor k_pool, Tensor v_pool, Tensor pos_pool, Tensor tables, Tensor lengths) -> Tensor");
 }
 

@@ -88,7 +88,8 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
 @dataclass(frozen=True)
 class QuantBlocks:
     """Quantized blocks as a kernel reads them. Block b holds `block_size` tokens of one head:
-    k_codes, v_codes [num_blocks, block_size, D * bits / 8] uint8 (packed along D);
+    k_codes [num_blocks, block_size, D * k_bits / 8], v_codes [..., D * v_bits / 8] uint8 (packed
+    along D; a row may sit in a wider one: KVTuner's rows fit its widest layer);
     v_scale, v_zero [num_blocks, block_size, D / group_size] (per token, groups of channels);
     k_scale, k_zero [num_blocks, block_size / group_size, D] when `keys_per_channel` (KIVI: per
     channel, groups of tokens), else [num_blocks, block_size, D / group_size] like values.
@@ -99,7 +100,8 @@ class QuantBlocks:
     v_codes: torch.Tensor
     v_scale: torch.Tensor
     v_zero: torch.Tensor
-    bits: int
+    k_bits: int
+    v_bits: int
     group_size: int
     keys_per_channel: bool
 

@@ -2,10 +2,11 @@
 `reference.quantized_decode_attention`.
 
 Each (sequence, kv-head) holds its oldest tokens in quantized blocks (KIVI's layout, see
-nanokv/kernels/quant.py: b-bit codes packed along the head dimension, a float16 scale and zero point per
-group) and its newest ones, the residual, in full-precision blocks. The reference dequantizes every
-block to float32 before attending, as transformers' quantized caches do at every step: that writes
-and rereads 16 / b times the bytes the codes hold, and decode is bound by exactly those bytes. Here
+nanokv/kernels/quant.py: b-bit codes packed along the head dimension, K and V each at their own b,
+a float16 scale and zero point per group) and its newest ones, the residual, in full-precision
+blocks. The reference dequantizes every block to float32 before attending, as transformers'
+quantized caches do at every step: that writes and rereads 16 / b times the bytes the codes hold,
+and decode is bound by exactly those bytes. Here
 each tile of codes is dequantized in registers right after it is loaded (code * scale + zero), so
 only the packed codes and their scales ever leave memory: at 4 bits and D=128, 160 bytes a token
 (K and V) against bfloat16's 512.
@@ -19,7 +20,8 @@ full-precision blocks. Quantized tokens carry no positions (every one is older t
 full-precision slots are visible by position, as in paged_decode.
 
 Tiles (`tiling`): a step takes up to 128 tokens, a power of two that divides the quantized block
-size, so a tile of codes is one contiguous run of bytes in one block, loaded once and unpacked
+size, so a tile of codes is one run of rows in one block (contiguous unless the rows sit in wider
+ones), loaded once and unpacked
 in registers (a byte holds 8 / b channels), and spans several key groups, whose scales are
 loaded once per group. The dequantized tiles take q's dtype and meet q on tensor cores, float32
 accumulation (launch.exact_dots: a float32 cache, and the interpreter, keep float32 tiles and exact
@@ -67,16 +69,16 @@ def _unpack(byte, BITS: tl.constexpr):
 
 
 @triton.jit
-def _dequantize(codes_ptr, scale_ptr, zero_ptr, block, row, count, s_codes, s_scale, D: tl.constexpr,
+def _dequantize(codes_ptr, scale_ptr, zero_ptr, block, row, count, s_codes, s_row, s_scale, D: tl.constexpr,
                 BITS: tl.constexpr, G: tl.constexpr, PER_CHANNEL: tl.constexpr, TOKENS: tl.constexpr,
                 BLOCK_D: tl.constexpr):
     """float32 [TOKENS, BLOCK_D]: rows row.. of quantized block `block`, the first `count` of
-    them held (0 past them)."""
+    them held (0 past them); a row's D * BITS / 8 bytes start s_row apart."""
     t = tl.arange(0, TOKENS)
-    # the tile's codes are one contiguous run of TOKENS rows of D * BITS / 8 bytes: each byte is
-    # loaded once, and unpacked in registers
+    # the tile's codes are TOKENS rows of D * BITS / 8 bytes (one contiguous run unless the rows sit
+    # in wider ones): each byte is loaded once, and unpacked in registers
     c = tl.arange(0, BLOCK_D * BITS // 8)
-    byte = tl.load(codes_ptr + block * s_codes + (row + t)[:, None] * (D * BITS // 8) + c[None, :],
+    byte = tl.load(codes_ptr + block * s_codes + (row + t)[:, None] * s_row + c[None, :],
                    mask=(t < count)[:, None] & (c < D * BITS // 8)[None, :], other=0)
     code = _unpack(byte, BITS)
     # Scales and zero points are loaded once per group and spread in registers over its G tokens
@@ -105,11 +107,11 @@ def _dequantize(codes_ptr, scale_ptr, zero_ptr, block, row, count, s_codes, s_sc
 @triton.jit
 def _split_kernel(q_ptr, q_pos_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, qtables_ptr, qlens_ptr,
                   k_ptr, v_ptr, pos_ptr, tables_ptr, lengths_ptr, acc_ptr, m_ptr, l_ptr,
-                  s_codes, s_kscale, s_vscale, s_kv, s_pos, sm_scale, nq, nb, num_splits, q_split, f_split, group,
-                  D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, R: tl.constexpr,
-                  KEYS_PER_CHANNEL: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
-                  NUM_STAGES: tl.constexpr):
+                  s_kcodes, s_krow, s_vcodes, s_vrow, s_kscale, s_vscale, s_kv, s_pos, sm_scale, nq, nb,
+                  num_splits, q_split, f_split, group, D: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
+                  G: tl.constexpr, R: tl.constexpr, KEYS_PER_CHANNEL: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                  BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+                  UPCAST: tl.constexpr, NUM_STAGES: tl.constexpr):
     b, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     head = b * tl.num_programs(1) + h
     g, d = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D)
@@ -130,12 +132,12 @@ def _split_kernel(q_ptr, q_pos_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_p
     for start in tl.range(lo, hi, BLOCK_Q, num_stages=NUM_STAGES):
         block = tl.load(qtables_ptr + head * nq + start // R)  # a tile lies in one block (BLOCK_Q divides R)
         row, count = start % R, hi - start
-        k = _dequantize(kc_ptr, ks_ptr, kz_ptr, block, row, count, s_codes, s_kscale,
-                        D, BITS, G, KEYS_PER_CHANNEL, BLOCK_Q, BLOCK_D).to(q.dtype)
+        k = _dequantize(kc_ptr, ks_ptr, kz_ptr, block, row, count, s_kcodes, s_krow, s_kscale,
+                        D, K_BITS, G, KEYS_PER_CHANNEL, BLOCK_Q, BLOCK_D).to(q.dtype)
         held = tl.arange(0, BLOCK_Q) < count
         scores = tl.where(held[None, :], _dot(q, tl.trans(k), UPCAST), float("-inf"))
-        v = _dequantize(vc_ptr, vs_ptr, vz_ptr, block, row, count, s_codes, s_vscale,
-                        D, BITS, G, False, BLOCK_Q, BLOCK_D).to(q.dtype)
+        v = _dequantize(vc_ptr, vs_ptr, vz_ptr, block, row, count, s_vcodes, s_vrow, s_vscale,
+                        D, V_BITS, G, False, BLOCK_Q, BLOCK_D).to(q.dtype)
         m, l, acc = _online_softmax(m, l, acc, scores, v, UPCAST)
 
     # The full-precision residual: visible by position, as in paged_decode.
@@ -174,13 +176,16 @@ def quantized_decode_attention(q, q_pos, quant, qtables, qlens, k_pool, v_pool, 
     B, Hq, D = q.shape
     Hkv, nq, nb = tables.shape[1], qtables.shape[2], tables.shape[2]
     group, block_size = Hq // Hkv, k_pool.shape[1]
-    R, G, bits = quant.block_size, quant.group_size, quant.bits
+    R, G = quant.block_size, quant.group_size
     assert Hq == Hkv * group and qtables.shape[:2] == tables.shape[:2] and D % G == 0 and R % G == 0
     assert G & (G - 1) == 0, "the group size is a power of two (a tile of G tokens)"
-    # inner dims contiguous; paired fields share a row stride, so one stride serves both
-    for t in (quant.k_codes, quant.k_scale, quant.v_codes, quant.v_scale, k_pool, pos_pool):
+    assert quant.k_codes.shape[2] * 8 == D * quant.k_bits and quant.v_codes.shape[2] * 8 == D * quant.v_bits
+    # inner dims contiguous (a row of codes may sit in a wider one: the codes pass their own strides);
+    # paired fields share a row stride, so one stride serves both
+    for t in (quant.k_scale, quant.v_scale, k_pool, pos_pool):
         assert t.stride(-1) == 1 and (t.dim() < 3 or t.stride(1) == t.shape[2]), "inner dims must be contiguous"
-    assert quant.k_codes.stride() == quant.v_codes.stride() and k_pool.stride() == v_pool.stride()
+    assert quant.k_codes.stride(-1) == quant.v_codes.stride(-1) == 1, "a code row's bytes are contiguous"
+    assert k_pool.stride() == v_pool.stride()
     assert quant.k_scale.stride() == quant.k_zero.stride() and quant.v_scale.stride() == quant.v_zero.stride()
     q, q_pos, qtables, qlens, tables, lengths = (t.contiguous() for t in (q, q_pos, qtables, qlens, tables, lengths))
     num_splits = num_splits or split_count(B * Hkv, nq * R + nb * block_size, q.device)
@@ -201,10 +206,11 @@ def quantized_decode_attention(q, q_pos, quant, qtables, qlens, k_pool, v_pool, 
     _split_kernel[(B, Hkv, num_splits)](
         q, q_pos, quant.k_codes, quant.k_scale, quant.k_zero, quant.v_codes, quant.v_scale, quant.v_zero,
         qtables, qlens, k_pool, v_pool, pos_pool, tables, lengths, acc, m, l,
-        quant.k_codes.stride(0), quant.k_scale.stride(0), quant.v_scale.stride(0), k_pool.stride(0),
-        pos_pool.stride(0), 1.0 / math.sqrt(D), nq, nb, num_splits, q_split, f_split, group,
-        D=D, BITS=bits, G=G, R=R, KEYS_PER_CHANNEL=quant.keys_per_channel, BLOCK_SIZE=block_size,
-        BLOCK_Q=block_q, BLOCK_N=tokens, BLOCK_G=block_g, BLOCK_D=block_d, UPCAST=exact_dots(q.dtype),
+        *quant.k_codes.stride()[:2], *quant.v_codes.stride()[:2], quant.k_scale.stride(0), quant.v_scale.stride(0),
+        k_pool.stride(0), pos_pool.stride(0), 1.0 / math.sqrt(D), nq, nb, num_splits, q_split, f_split, group,
+        D=D, K_BITS=quant.k_bits, V_BITS=quant.v_bits, G=G, R=R, KEYS_PER_CHANNEL=quant.keys_per_channel,
+        BLOCK_SIZE=block_size, BLOCK_Q=block_q, BLOCK_N=tokens, BLOCK_G=block_g, BLOCK_D=block_d,
+        UPCAST=exact_dots(q.dtype),
         NUM_STAGES=stages, num_warps=warps)
     _merge_kernel[(B, Hkv)](acc, m, l, out, lse, num_splits, group, D=D, BLOCK_G=block_g, BLOCK_D=block_d)
     return out

@@ -113,9 +113,9 @@ def quantized_decode_attention(q: torch.Tensor, q_pos: torch.Tensor, quant: "Qua
     from nanokv.kernels.quant import dequantize_tokens
 
     k_q = dequantize_tokens(gather_blocks(quant.k_codes, qtables), gather_blocks(quant.k_scale, qtables),
-                            gather_blocks(quant.k_zero, qtables), quant.bits, quant.group_size, quant.keys_per_channel)
+                            gather_blocks(quant.k_zero, qtables), quant.k_bits, quant.group_size, quant.keys_per_channel)
     v_q = dequantize_tokens(gather_blocks(quant.v_codes, qtables), gather_blocks(quant.v_scale, qtables),
-                            gather_blocks(quant.v_zero, qtables), quant.bits, quant.group_size, False)
+                            gather_blocks(quant.v_zero, qtables), quant.v_bits, quant.group_size, False)
     return dequantized_decode_attention(q, q_pos, k_q, v_q, qlens, k_pool, v_pool, pos_pool, tables, lengths)
 
 
@@ -349,8 +349,12 @@ def gather_blocks(pool: torch.Tensor, tables: torch.Tensor, out: torch.Tensor | 
     """pool: [num_blocks, block_size, *rest]; tables: [..., nb] (-1 reads block 0) ->
     [..., nb * block_size, *rest], each head's slots in order (written into `out` if given)."""
     num_blocks, block_size, *rest = pool.shape
+    index = tables.clamp(min=0).flatten()
+    if not pool[0].is_contiguous():  # rows narrower than their stride (a narrow layer's codes in wide rows)
+        assert out is None
+        return torch.index_select(pool, 0, index).view(*tables.shape[:-1], tables.shape[-1] * block_size, *rest)
     # index_select over whole blocks is ~6x faster on CPU than advanced indexing
-    rows = torch.index_select(pool.view(num_blocks, -1), 0, tables.clamp(min=0).flatten(), out=out)
+    rows = torch.index_select(pool.view(num_blocks, -1), 0, index, out=out)
     return rows.view(*tables.shape[:-1], tables.shape[-1] * block_size, *rest)
 
 

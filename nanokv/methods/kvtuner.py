@@ -38,9 +38,8 @@ What differs:
   of the row unused.
 - Scales and zero points are float16 (as nanokv's KIVI); values are flushed with their keys,
   R = residual_length at a time (see kivi.py).
-- Decode reads the cold blocks through the twin (decoded to float32), on CUDA too: the fused
-  kernels take one bit width for K and V, and a pair here differs (docs/architecture.md, "Which
-  codecs the fused kernels read").
+- The fused decode kernels (Triton on CUDA, C++ on CPU) read each layer's codes in place at its
+  own pair, from the front of rows sized for the widest.
 """
 
 from __future__ import annotations
@@ -62,6 +61,9 @@ class KVTunerCodec(Codec):
     """KIVI's layout with (K bits, V bits) per layer: keys per channel over groups of `group_size`
     tokens, values per token over groups of `group_size` channels, codes packed along the head dim."""
 
+    packed = True            # KIVI's codes at a width per layer: the fused kernels read them
+    keys_per_channel = True
+
     def __init__(self, pairs: list[tuple[int, int]], group_size: int = 32, block_size: int = 32):
         self.pairs, self.group_size, self.block_size = [tuple(p) for p in pairs], group_size, block_size
         self.k_max, self.v_max = max(k for k, _ in self.pairs), max(v for _, v in self.pairs)
@@ -73,6 +75,9 @@ class KVTunerCodec(Codec):
         per_channel, per_token = (SCALE_DTYPE, (R // G, D)), (SCALE_DTYPE, (R, D // G))
         return {"k_codes": (torch.uint8, (R, D * self.k_max // 8)), "v_codes": (torch.uint8, (R, D * self.v_max // 8)),
                 "k_scale": per_channel, "k_zero": per_channel, "v_scale": per_token, "v_zero": per_token}
+
+    def packed_bits(self, layer):
+        return self.pairs[layer]
 
     def quantized_bytes(self, head_dim: int, layer: int | None = None) -> int:
         if layer is None:

@@ -44,8 +44,8 @@ What differs:
   pair, the next ones in the lower, the rest pruned) is not here: one pair for every kept token.
 - A head's count is capped by the request's budget (nanokv plans a request's memory from it);
   with a budget that does not bind, the threshold alone decides.
-- Decode reads the cold blocks through the twin (decoded to float32), not a fused kernel: K and V
-  in different bits are not KIVI's layout (quant_pool.QuantSpec has one bit width).
+- The codes are KIVI's at two widths, which the fused decode kernels (Triton on CUDA, C++ on CPU)
+  read in place, dequantizing as they go; LeanKV's own kernels and page manager are not ported.
 """
 
 from __future__ import annotations
@@ -69,6 +69,11 @@ class HeteroCodec(Codec):
     v_bits: int
     group_size: int = 32
     block_size: int = 128
+    packed = True            # KIVI's codes at two widths: the fused kernels read them
+    keys_per_channel = True
+
+    def packed_bits(self, layer):
+        return self.k_bits, self.v_bits
 
     def __post_init__(self):
         for name, bits in (("k_bits", self.k_bits), ("v_bits", self.v_bits)):
