@@ -79,8 +79,8 @@ class QuantizedKVCache(TieredKVCache):
         qtables, qlens, tables, lengths = (t[layer] for t in group)
         pool = self.pool
         if self.spec.packed:  # KIVI's layout: the fused kernel dequantizes in registers as it reads
-            out = self.kernels.quantized_decode(q, positions, pool.quant_blocks(layer), qtables, qlens, pool.k, pool.v,
-                                                pool.pos, tables, lengths)
+            out = self.kernels.quantized_decode(q, positions, pool.quant_blocks(layer), qtables, qlens, pool.k,
+                                                pool.v, pool.pos, tables, lengths)
         else:  # any other codec: its blocks decoded to float32, then the same softmax over both tiers
             k_q, v_q = self.decoded_cold(qtables, layer)
             out = dequantized_decode_attention(q, positions, k_q, v_q, qlens, pool.k, pool.v, pool.pos, tables,

@@ -194,11 +194,11 @@ void quant_part(const float* q, int64_t q_pos, const Quantized& quant, const int
           for (int64_t j = 0; j < group; ++j) scores[j * CHUNK + i] = dot(q_scaled + j * D, row, D) + q_zero[j];
         } else {
           dequantize_per_token<KBITS, FIXED_D>(quant.k_codes.row(block, r), quant.k_scale.row(block, r),
-                                              quant.k_zero.row(block, r), G, D, row);
+                                               quant.k_zero.row(block, r), G, D, row);
           for (int64_t j = 0; j < group; ++j) scores[j * CHUNK + i] = dot(qf + j * D, row, D);
         }
         dequantize_per_token<VBITS, FIXED_D>(quant.v_codes.row(block, r), quant.v_scale.row(block, r),
-                                            quant.v_zero.row(block, r), G, D, v + i * D);
+                                             quant.v_zero.row(block, r), G, D, v + i * D);
       }
     });
     softmax_chunk<FIXED_D>(scores, v, n, group, D, acc, best, total);
@@ -241,17 +241,15 @@ Field<T> field(const at::Tensor& t) {
   return {t.data_ptr<T>(), t.stride(0), t.dim() == 3 ? t.stride(1) : 1};
 }
 
-// q [B, Hq, D] float32; q_pos [B]; the QuantBlocks fields (codes uint8 [N, R, D * bits / 8] at k_bits and
-// v_bits, rows possibly strided wider; scales
-// and zeros float16); qtables [B, Hkv, nq], qlens [B, Hkv]; k_pool, v_pool [N, block_size, D],
-// pos_pool [N, block_size] int32, tables [B, Hkv, nb], lengths [B, Hkv] -> [B, Hq, D] float32.
+// q [B, Hq, D] float32; q_pos [B]; the QuantBlocks fields (codes uint8 [N, R, D * bits / 8] at k_bits
+// and v_bits, a row possibly inside a wider one; scales and zeros float16); qtables [B, Hkv, nq],
+// qlens [B, Hkv]; k_pool, v_pool [N, block_size, D], pos_pool [N, block_size] int32, tables [B, Hkv, nb], lengths [B, Hkv] -> [B, Hq, D] float32.
 // Work is cut as in cpu_decode.cpp: with fewer heads than threads, each head's tokens (quantized
 // then residual, as one list) are split across threads and merged after.
 at::Tensor quantized_decode(const at::Tensor& q, const at::Tensor& q_pos, const at::Tensor& k_codes,
                             const at::Tensor& k_scale, const at::Tensor& k_zero, const at::Tensor& v_codes,
                             const at::Tensor& v_scale, const at::Tensor& v_zero, int64_t k_bits, int64_t v_bits,
-                            int64_t group_size,
-                            bool keys_per_channel, const at::Tensor& qtables, const at::Tensor& qlens,
+                            int64_t group_size, bool keys_per_channel, const at::Tensor& qtables, const at::Tensor& qlens,
                             const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& pos_pool,
                             const at::Tensor& tables, const at::Tensor& lengths) {
   TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat, "quantized_decode: q must be float32 [B, Hq, D]");
