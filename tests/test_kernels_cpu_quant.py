@@ -12,7 +12,7 @@ from nanokv.methods import make_method
 from nanokv.methods.kvtuner import KVTunerCodec
 from nanokv.methods.leankv import HeteroCodec
 from test_kernels_engine import PROMPTS, greedy
-from test_kernels_quant import CASES, GARBAGE, quant_inputs, rel_err
+from test_kernels_quant import CASES, GARBAGE, codec_decoded_attention, quant_inputs, rel_err
 
 if not cpu.load():
     pytest.skip("the C++ CPU kernels could not be built here", allow_module_level=True)
@@ -50,12 +50,9 @@ def test_quantized_decode_matches_reference(bits, per_channel, G, R, group, d, d
 def test_keys_and_values_at_their_own_bits_read_as_the_codec_decodes_them(codec, layer, d, dtype):
     q, q_pos, pool, qtables, qlens, tables, lengths = quant_inputs(
         d + layer, codec, d, dtype, 3, [[64, 32], [96, 0]], [[5, 2], [0, 9]], layer=layer)
-    fields = {name: reference.gather_blocks(field, qtables).unflatten(2, (qtables.shape[-1], field.shape[1]))
-              for name, field in pool.qfields.items()}
-    k_q, v_q = (x.flatten(2, 3) for x in codec.decode(fields, layer))
-    residual = (pool.fields["k"], pool.fields["v"], pool.fields["pos"], tables, lengths)
-    want = reference.dequantized_decode_attention(q.float(), q_pos, k_q, v_q, qlens, *residual)
-    got = cpu.quantized_decode(q, q_pos, pool.quant_blocks(layer), qtables, qlens, *residual)
+    want = codec_decoded_attention(q, q_pos, pool, layer, qtables, qlens, tables, lengths)
+    got = cpu.quantized_decode(q, q_pos, pool.quant_blocks(layer), qtables, qlens, pool.fields["k"], pool.fields["v"],
+                               pool.fields["pos"], tables, lengths)
     assert rel_err(got, want) < TOL[dtype]
 
 

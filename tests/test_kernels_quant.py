@@ -17,6 +17,7 @@ from nanokv.kernels.prefill import prefill_attention
 from nanokv.kernels.paged_decode import paged_decode_attention
 from nanokv.kernels.quant_decode import quantized_decode_attention
 from nanokv.kernels import reference
+from nanokv.cache.quant_cache import QuantizedKVCache
 from nanokv.cache.quant_pool import QuantizedBlockPool, QuantSpec
 from nanokv.methods.kvtuner import KVTunerCodec
 from nanokv.methods.leankv import HeteroCodec
@@ -84,6 +85,21 @@ def quant_inputs(seed, spec, d, dtype, group, qlens, lengths, hkv=2, layer=0):
     return q, q_pos, pool, qtables, as_t(qlens), tables, as_t(lengths)
 
 
+def on_device(pool, device):
+    """The same pool rows, on `device`."""
+    moved = QuantizedBlockPool(pool.num_blocks, pool.spec, pool.head_dim, pool.dtype, device)
+    moved.arena.copy_(pool.arena)
+    return moved
+
+
+def codec_decoded_attention(q, q_pos, pool, layer, qtables, qlens, tables, lengths):
+    """Attention over what the pool's codec's own `decode` gives back of `layer`'s cold blocks (the
+    cache's path for a codec the kernels do not read), float32."""
+    k_q, v_q = QuantizedKVCache(layer + 1, qtables.shape[1], pool).decoded_cold(qtables, layer)
+    return reference.dequantized_decode_attention(q.float(), q_pos, k_q, v_q, qlens, pool.fields["k"],
+                                                  pool.fields["v"], pool.fields["pos"], tables, lengths)
+
+
 def rel_err(x, ref):
     return ((x.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
 
@@ -124,9 +140,7 @@ def test_quantized_decode_matches_reference(bits, per_channel, G, R, group, d, d
         bits * 100 + G + R + d + group, spec, d, dtype, group, qlens, lengths)
     q, q_pos, qtables, qlens_t, tables, lengths_t = (t.to(triton_device) for t in (q, q_pos, qtables, qlens_t,
                                                                                   tables, lengths_t))
-    moved = QuantizedBlockPool(pool.num_blocks, spec, d, dtype, triton_device)  # the same rows, on the device
-    moved.arena.copy_(pool.arena)
-    pool = moved
+    pool = on_device(pool, triton_device)
     assert pool.quant_blocks(0).k_codes.stride(0) == pool.unit_bytes, "fields are strided views of the rows"
     args = (pool.quant_blocks(0), qtables, qlens_t, pool.fields["k"], pool.fields["v"], pool.fields["pos"],
             tables, lengths_t)
@@ -151,20 +165,14 @@ def test_keys_and_values_at_their_own_bits_read_as_the_codec_decodes_them(codec,
         d + layer, codec, d, dtype, 2, [[64, 32], [96, 0]], [[5, 2], [0, 9]], layer=layer)
     quant = pool.quant_blocks(layer)
     assert (quant.k_bits, quant.v_bits) == codec.packed_bits(layer)
-    fields = {name: reference.gather_blocks(field, qtables).unflatten(2, (qtables.shape[-1], field.shape[1]))
-              for name, field in pool.qfields.items()}
-    k_q, v_q = (x.flatten(2, 3) for x in codec.decode(fields, layer))
-    want = reference.dequantized_decode_attention(q.float(), q_pos, k_q, v_q, qlens, pool.fields["k"],
-                                                  pool.fields["v"], pool.fields["pos"], tables, lengths)
+    want = codec_decoded_attention(q, q_pos, pool, layer, qtables, qlens, tables, lengths)
     args = (qtables, qlens, pool.fields["k"], pool.fields["v"], pool.fields["pos"], tables, lengths)
     assert rel_err(reference.quantized_decode_attention(q.float(), q_pos, quant, *args), want) < 1e-5
-    moved = QuantizedBlockPool(pool.num_blocks, codec, d, dtype, triton_device)
-    moved.arena.copy_(pool.arena)
-    quant = moved.quant_blocks(layer)
-    q, q_pos, *args = (t.to(triton_device) for t in (q, q_pos, qtables, qlens))
-    out = quantized_decode_attention(q, q_pos, quant, *args, moved.fields["k"], moved.fields["v"],
-                                     moved.fields["pos"], tables.to(triton_device), lengths.to(triton_device),
-                                     num_splits=splits)
+    moved = on_device(pool, triton_device)
+    q, q_pos, qtables, qlens, tables, lengths = (t.to(triton_device) for t in (q, q_pos, qtables, qlens, tables,
+                                                                              lengths))
+    out = quantized_decode_attention(q, q_pos, moved.quant_blocks(layer), qtables, qlens, moved.fields["k"],
+                                     moved.fields["v"], moved.fields["pos"], tables, lengths, num_splits=splits)
     assert rel_err(out, want) < (TOL if triton_device.type == "cpu" else TOL_TENSOR_CORES)[dtype]
 
 
