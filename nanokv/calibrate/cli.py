@@ -300,6 +300,8 @@ def calibrate(method: str, model: str, samples: int | None = None, length: int |
 
 
 def parse_args(argv=None):
+    from nanokv.loading import LOAD_FORMATS
+
     p = argparse.ArgumentParser(prog="python -m nanokv.calibrate", description=__doc__.splitlines()[0])
     p.add_argument("method", metavar="METHOD", help=f"one of: {', '.join(DEFAULTS)}")
     p.add_argument("--model", default=None,
@@ -328,7 +330,7 @@ def parse_args(argv=None):
                         "(default: 100)")
     p.add_argument("--out", type=Path, default=None,
                    help="where to write the artifact (default: the nanokv cache, where LLM looks)")
-    p.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
+    p.add_argument("--load-format", default="auto", choices=LOAD_FORMATS,
                    help="auto: the model's weights; dummy: the random weights bench.py --load-format dummy runs, "
                         "over random token ids (a profile to time a method with, not to use; needs --out)")
     return p.parse_args(argv)
