@@ -212,12 +212,13 @@ class OffloadedKVCache(PagedKVCache):
         {name: [b, H, k(, D)]} on the device (unpicked entries read block 0's zeros)."""
         self.sync_host()
         slots = slots.to(HOST)
-        flat = torch.where(slots >= 0, self.flat_slots(host_tables, slots.clamp(min=0)), 0)
-        at = self.host.slot_index(flat)
+        flat = torch.where(slots >= 0, self.flat_slots(host_tables, slots.clamp(min=0)), 0).flatten()
         device = self.pool.device
         out = {}
         for name in names:
-            rows = self.host.fields[name][at]
+            field = self.host.fields[name]  # a plain pool's: its blocks' slots are rows of one view
+            # index_select over slot rows: on a CPU ~8x faster than indexing by (block, offset)
+            rows = field.view(-1, *field.shape[2:]).index_select(0, flat).view(*slots.shape, *field.shape[2:])
             if device.type == "cuda":
                 rows = rows.pin_memory()
             out[name] = rows.to(device, non_blocking=True)
@@ -235,12 +236,16 @@ class OffloadedKVCache(PagedKVCache):
         real = torch.cat([picked, held], dim=-1)                                     # [b, H, k + S]
         order = (~real).to(torch.int8).argsort(dim=-1, stable=True)                  # real ones first
         b, H, n = order.shape
+        bs = self.block_size
+        # padded to whole blocks (with each head's first row: finite, past its count) so that
+        # attend_gathered has no copy left to make
+        order = torch.nn.functional.pad(order, (0, -n % bs))
         # whole rows by index_select: on a CPU ~15x faster than a gather with an expanded index
         rows = (order + torch.arange(b * H, device=order.device).view(b, H, 1) * n).flatten()
 
         def packed(recalled_value, hot_value):
             value = torch.cat([recalled_value.to(hot_value.dtype), hot_value], dim=2)
-            return value.flatten(0, 2).index_select(0, rows).view(value.shape)
+            return value.flatten(0, 2).index_select(0, rows).view(*order.shape, *value.shape[3:])
 
         k, v, pos = (packed(recalled[name], hot[name]) for name in HOST_FIELDS)
         bias = None if log_weights is None else \

@@ -407,7 +407,8 @@ class PagedKVCache:
         width = -(-n // bs)
 
         def blocks(x):  # [b, H, n, ...] -> [b * H * width, bs, ...], zeros after n
-            x = torch.nn.functional.pad(x, [0, 0] * (x.dim() - 3) + [0, width * bs - n])
+            if n < width * bs:
+                x = torch.nn.functional.pad(x, [0, 0] * (x.dim() - 3) + [0, width * bs - n])
             return x.reshape(b * H * width, bs, *x.shape[3:])
 
         table = torch.arange(b * H * width, dtype=counts.dtype, device=counts.device).view(b, H, width)
