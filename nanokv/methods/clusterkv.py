@@ -25,7 +25,7 @@ clusters them into 8 new clusters appended to the prompt's: one cluster per 40 t
 of `decode_tokens_per_cluster` (a decode block of 16 here makes one cluster).
 
 What differs:
-- k-means starts at evenly spaced keys (deterministic) and runs the full 20 iterations (the
+- k-means starts at evenly spaced keys (deterministic) and runs the full 20 iterations (one cluster: none; the
   official RAFT fit starts at random and stops once converged). Keys join the cluster of the
   nearest mean direction (cosine); the centroid a query scores is the cluster's mean raw key, so
   q . centroid is the cluster's mean logit (the official scores RAFT's centroids).
@@ -57,6 +57,8 @@ def spherical_kmeans(keys: torch.Tensor, C: int, iterations: int) -> tuple[torch
     """keys [H, n, D] -> (centroids [H, C, D] float32: the mean key of each cluster; labels [H, n]):
     k-means on the keys' directions (cosine similarity), started at C evenly spaced keys."""
     H, n, D = keys.shape
+    if C == 1:  # every key in the one cluster from the start (a decode block's, by default): nothing to iterate
+        return keys.float().mean(dim=1, keepdim=True), torch.zeros(H, n, dtype=torch.int64, device=keys.device)
     x = F.normalize(keys.float(), dim=-1)
     directions = x[:, torch.arange(C, device=keys.device) * n // C]            # [H, C, D]
     index = torch.zeros(H, n, D, dtype=torch.int64, device=keys.device)
