@@ -485,6 +485,23 @@ def test_allocations_are_ascending_neighbouring_blocks():
     assert pool.allocate(4).tolist() == [8, 9, 10, 11]
 
 
+def test_read_slots_gives_each_flat_slot_its_field_on_plain_and_strided_fields():
+    """One reader by flat slot (block * block_size + offset) for the host tier's recall and the
+    token-level readers: a field whose blocks are rows of one view, and a strided one (a
+    quantized pool's, whose fields share byte rows)."""
+    from nanokv.cache.pool import row_views
+    pool = BlockPool(8, 4, 3, torch.float32)
+    pool.fields["k"].copy_(torch.randn(8, 4, 3))
+    pool.fields["pos"].copy_(torch.arange(32, dtype=torch.int32).view(8, 4))
+    strided = row_views(torch.zeros(8, 100, dtype=torch.uint8), {"pad": (torch.int32, (3,)), "s": (torch.float16, (4, 3))})["s"]
+    strided.copy_(torch.randn(8, 4, 3))
+    pool.fields["s"] = strided
+    slots = torch.tensor([[5, 31, 0], [17, 17, 2]])
+    assert pool.read_slots(slots, "pos").tolist() == slots.tolist()
+    assert pool.read_slots(slots, "k").tolist() == [[pool.k[int(s) // 4, int(s) % 4].tolist() for s in row] for row in slots]
+    assert pool.read_slots(slots, "s").tolist() == [[strided[int(s) // 4, int(s) % 4].tolist() for s in row] for row in slots]
+
+
 def test_compact_accepts_a_mask_wider_than_the_sequence():
     cache = PagedKVCache(1, 1, BlockPool(20, 4, 2, torch.float32))
     cache.add(0)

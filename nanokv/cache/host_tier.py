@@ -212,13 +212,11 @@ class OffloadedKVCache(PagedKVCache):
         {name: [b, H, k(, D)]} on the device (unpicked entries read block 0's zeros)."""
         self.sync_host()
         slots = slots.to(HOST)
-        flat = torch.where(slots >= 0, self.flat_slots(host_tables, slots.clamp(min=0)), 0).flatten()
+        flat = torch.where(slots >= 0, self.flat_slots(host_tables, slots.clamp(min=0)), 0)
         device = self.pool.device
         out = {}
         for name in names:
-            field = self.host.fields[name]  # a plain pool's: its blocks' slots are rows of one view
-            # index_select over slot rows: on a CPU ~8x faster than indexing by (block, offset)
-            rows = field.view(-1, *field.shape[2:]).index_select(0, flat).view(*slots.shape, *field.shape[2:])
+            rows = self.host.read_slots(flat, name)
             if device.type == "cuda":
                 rows = rows.pin_memory()
             out[name] = rows.to(device, non_blocking=True)

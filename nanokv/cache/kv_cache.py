@@ -393,7 +393,7 @@ class PagedKVCache:
         picked = slots < far
         blocks = tables.gather(-1, (slots // bs).clamp(max=nb - 1)).clamp(min=0)
         rows = torch.where(picked, blocks.long() * bs + slots % bs, 0)   # unpicked: block 0's first slot, finite
-        k, v, pos = (pool.fields[name].flatten(0, 1)[rows] for name in ("k", "v", "pos"))
+        k, v, pos = (pool.read_slots(rows, name) for name in ("k", "v", "pos"))
         lengths = picked.sum(-1).to(tables.dtype)
         return self.attend_gathered(q, positions, k, v, pos, lengths, sliding_window), lengths.sum() * self.token_bytes()
 

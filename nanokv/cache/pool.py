@@ -149,6 +149,16 @@ class BlockPool:
         slots = slots.to(self.device)
         return slots // self.block_size, slots % self.block_size
 
+    def read_slots(self, slots: torch.Tensor, name: str) -> torch.Tensor:
+        """Field `name` at flat slots of any shape -> [*slots.shape, *per-slot shape]: one index_select
+        over the field's slot rows (on a CPU ~6x faster than indexing by block and offset); a
+        strided field (a quantized pool's, whose blocks are not one run of slots) by block and offset."""
+        field = self.fields[name]
+        if field[0].is_contiguous() and field.stride(0) == field[0].numel():
+            rows = field.view(-1, *field.shape[2:]).index_select(0, slots.to(self.device).flatten())
+            return rows.view(*slots.shape, *field.shape[2:])
+        return field[self.slot_index(slots)]
+
     def free(self, ids: torch.Tensor):
         ids = ids.to(HOST)
         if len(ids) == 0:
