@@ -246,17 +246,45 @@ def test_each_prefill_query_links_its_nearest_key_with_the_others_most_links_fir
     assert linked_neighbours(keys, queries, 2).tolist() == [[1, -1], [0, -1], [3, -1], [2, -1]]
 
 
+def search(neighbours, keys, q, entry, beam):
+    """beam_search of one graph."""
+    score, seen = beam_search(neighbours[None], keys[None], q[None], torch.tensor([entry]), beam,
+                              torch.tensor([len(keys)]))
+    return score[0], int(seen[0])
+
+
 def test_the_beam_search_walks_the_links_and_a_narrow_beam_stops_at_a_local_best():
     keys = torch.tensor([1.0, 3.0, 2.0, 0.0, 5.0, 9.0, 4.0])[:, None]             # q . k along a chain
     q = torch.ones(1, 1)
     chain = torch.full((7, 1), -1)
-    score, seen = beam_search(chain, keys, q, 0, 1)
+    score, seen = search(chain, keys, q, 0, 1)
     assert int(score.argmax()) == 1 and seen == 3                                  # stuck at slot 1 (3)
-    assert int(beam_search(chain, keys, q, 0, 7)[0].argmax()) == 5                 # a wide beam walks on
+    assert int(search(chain, keys, q, 0, 7)[0].argmax()) == 5                      # a wide beam walks on
     linked = chain.clone()
     linked[0, 0] = 5
-    score, seen = beam_search(linked, keys, q, 0, 1)                               # a link jumps to 5
+    score, seen = search(linked, keys, q, 0, 1)                                    # a link jumps to 5
     assert int(score.argmax()) == 5 and seen == 5                                  # 0, 1, 5, then 4 and 6
+
+
+def test_searches_run_together_find_what_each_finds_alone():
+    """One batched search per kv-head of each sequence: graphs of different lengths (padded with
+    keys no link reaches) and an empty one give each search what it gives alone."""
+    torch.manual_seed(0)
+    lengths = [40, 25, 0, 33]
+    keys, q = torch.randn(4, 40, 8), torch.randn(4, 2, 8)
+    neighbours = torch.full((4, 40, 3), -1)
+    for p, n in enumerate(lengths):
+        if n:
+            neighbours[p, :n] = linked_neighbours(keys[p, :n], torch.randn(3 * n, 8), 3)
+    entry = torch.tensor([5, 0, 0, 32])
+    score, seen = beam_search(neighbours, keys, q, entry, 4, torch.tensor(lengths))
+    for p, n in enumerate(lengths):
+        if n == 0:
+            assert int(seen[p]) == 0 and bool((score[p] == float("-inf")).all())
+            continue
+        alone, alone_seen = search(neighbours[p, :n], keys[p, :n], q[p], int(entry[p]), 4)
+        assert torch.equal(score[p, :n], alone) and int(seen[p]) == alone_seen
+        assert 4 < alone_seen < n and bool((score[p, n:] == float("-inf")).all())  # a search, not a scan
 
 
 def retrieval_step(method, keys, layer=0, state=None):

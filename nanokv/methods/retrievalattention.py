@@ -62,25 +62,37 @@ def linked_neighbours(keys: torch.Tensor, queries: torch.Tensor, degree: int) ->
     return out
 
 
-def beam_search(neighbours: torch.Tensor, keys: torch.Tensor, q: torch.Tensor, entry: int, beam: int):
-    """Greedy beam search over the graph neighbours [n, W] (plus the chain i - 1, i + 1) of keys [n, D]
-    for the query heads q [g, D] (score: the highest q . k) from slot `entry` -> (scores [n], -inf
-    where not visited; the number of keys visited)."""
-    n = keys.shape[0]
-    score = torch.full((n,), float("-inf"), device=keys.device)
-    visited = torch.zeros(n, dtype=torch.bool, device=keys.device)
-    expanded = torch.zeros(n, dtype=torch.bool, device=keys.device)
-    fresh = torch.tensor([entry], device=keys.device)
-    while len(fresh):
-        visited[fresh] = True
-        score[fresh] = (keys[fresh].float() @ q.float().T).amax(dim=-1)
-        best = score.topk(min(beam, n)).indices
-        best = best[visited[best] & ~expanded[best]]
-        expanded[best] = True
-        near = torch.cat([neighbours[best].flatten(), best - 1, best + 1])
-        near = near[(near >= 0) & (near < n)]
-        fresh = near[~visited[near]].unique()
-    return score, int(visited.sum())
+def beam_search(neighbours: torch.Tensor, keys: torch.Tensor, q: torch.Tensor, entry: torch.Tensor, beam: int,
+                lengths: torch.Tensor):
+    """P greedy beam searches at once (one per kv-head of each sequence), each over its graph
+    neighbours [P, n, W] (-1: none; plus the chain i - 1, i + 1) of its first `lengths` [P] keys
+    [P, n, D], for its query heads q [P, g, D] (score: the highest q . k) from slot entry [P] ->
+    (scores [P, n], -inf where not visited; keys visited [P]). Each round expands every unexpanded
+    key among a search's `beam` best seen and scores only the neighbours not seen yet."""
+    P, n = keys.shape[:2]
+    score = torch.full((P, n), float("-inf"), device=keys.device)
+    visited = torch.zeros(P, n, dtype=torch.bool, device=keys.device)
+    expanded = torch.zeros(P, n, dtype=torch.bool, device=keys.device)
+    fresh = torch.zeros(P, n, dtype=torch.bool, device=keys.device)
+    fresh.scatter_(1, entry.clamp(0, n - 1)[:, None], (lengths > 0)[:, None])
+    flat_keys, q = keys.flatten(0, 1), q.float()
+    while True:
+        at = fresh.flatten().nonzero().squeeze(1)                                     # p * n + slot
+        if len(at) == 0:
+            break
+        visited |= fresh
+        scores = torch.einsum("fd,fgd->fg", flat_keys.index_select(0, at).float(), q.index_select(0, at // n))
+        score.view(-1)[at] = scores.amax(dim=-1)
+        best = score.topk(min(beam, n), dim=-1, sorted=False).indices                 # [P, beam], a set
+        seen = visited.gather(1, best)
+        opened = seen & ~expanded.gather(1, best)
+        expanded.scatter_(1, best, seen)  # an unvisited key among the best stays unexpanded
+        links = neighbours.gather(1, best[..., None].expand(-1, -1, neighbours.shape[-1]))
+        near = torch.cat([links, best[..., None] - 1, best[..., None] + 1], dim=-1)
+        near = torch.where(opened[..., None] & (near >= 0) & (near < lengths[:, None, None]), near, n).flatten(1)
+        fresh = torch.zeros(P, n + 1, dtype=torch.bool, device=keys.device).scatter_(1, near, True)[:, :n]
+        fresh &= ~visited
+    return score, visited.sum(dim=1)
 
 
 class RetrievalAttention(Offloader):
@@ -135,24 +147,27 @@ class RetrievalAttention(Offloader):
         b, H = step.lengths.shape
         D = step.queries.shape[-1]
         k = self.budget - self.device_window - self.sinks
-        keys = step.keys                                                              # [b, H, S, D] host memory
-        q = step.queries.to(HOST).float().view(b, H, -1, D)
-        lengths = step.lengths.tolist()
-        picks = torch.full((b, H, self.sinks + k), -1, dtype=torch.int64, device=HOST)
-        visited = 0
+        lengths = step.lengths.to(HOST).flatten()                                     # [P = b H]
+        n = max(int(lengths.max()), 1)
+        keys = step.keys.to(HOST).flatten(0, 1)[:, :n]                               # [P, n, D] host memory
+        q = step.queries.to(HOST).float().view(b * H, -1, D)
+        # every head's graph, padded to n with no links; the search starts at the key most linked to
+        neighbours = torch.full((b * H, n, self.degree), -1, dtype=torch.int64)
         for i in range(b):
             for h in range(H):
-                n = lengths[i][h]
-                if n == 0:
-                    continue
-                neighbours = self.graph(step.states[i], step.layer, h)[:n]
-                sinks = torch.arange(min(n, self.sinks), device=HOST)
-                entry = int(torch.bincount(neighbours[neighbours >= 0], minlength=n).argmax())
-                score, seen = beam_search(neighbours, keys[i, h, :n].to(HOST), q[i, h], entry, max(self.beam, k))
-                visited += seen
-                score[sinks] = float("-inf")
-                top = score.topk(min(k, n))
-                found = top.indices[top.values > float("-inf")]
-                chosen = torch.cat([sinks, found])
-                picks[i, h, :len(chosen)] = chosen
-        return Picks(slots=picks.to(step.lengths.device), scored_bytes=visited * D * step.itemsize)
+                if lengths[i * H + h] > 0:  # a sequence that moved nothing yet has no graph
+                    graph = self.graph(step.states[i], step.layer, h)[:int(lengths[i * H + h])]
+                    neighbours[i * H + h, :len(graph)] = graph
+        linked = (neighbours >= 0) & (neighbours < lengths[:, None, None])
+        counts = torch.zeros(b * H, n + 1, dtype=torch.int64).scatter_add_(
+            1, torch.where(linked, neighbours, n).flatten(1), torch.ones(b * H, n * self.degree, dtype=torch.int64))
+        entry = counts[:, :n].argmax(dim=1)
+        score, visited = beam_search(neighbours, keys, q, entry, max(self.beam, k), lengths)
+        slot = torch.arange(self.sinks)
+        sinks = torch.where(slot < lengths[:, None], slot, -1)                       # [P, sinks]
+        score[:, :self.sinks] = float("-inf")
+        top = score.topk(min(k, n), dim=-1)
+        found = torch.where(top.values > float("-inf"), top.indices, -1)             # best first, -1 after
+        picks = torch.nn.functional.pad(torch.cat([sinks, found], dim=1), (0, k - found.shape[1]), value=-1)
+        return Picks(slots=picks.view(b, H, -1).to(step.lengths.device),
+                     scored_bytes=int(visited.sum()) * D * step.itemsize)
