@@ -86,11 +86,16 @@ class SpeCache(Offloader):
     def pick(self, step):
         keys = dequantized(step.summary("codes"), step.summary("scale"), step.summary("zero"), self.bits)
         slots = top_slots(step.logits(keys).amax(dim=2), self.budget)                   # [b, H, k]
+        S = keys.shape[2]
         for j, state in enumerate(step.states):  # how many of these the previous step had picked
             s = state.setdefault(("specache", step.layer), {"hits": 0, "picks": 0})
             now = slots[j]
             if "last" in s:
-                again = (now[..., None] == s["last"][:, None, :]).any(-1) & (now >= 0)
+                # the previous picks as a mask over the slots (comparing every pair took a quarter of a step)
+                last = s["last"]
+                before = torch.zeros(now.shape[0], S + 1, dtype=torch.bool, device=now.device)
+                before.scatter_(1, torch.where((last >= 0) & (last < S), last, S), True)
+                again = before.gather(1, torch.where(now >= 0, now, S)) & (now >= 0)
                 s["hits"] = s["hits"] + again.sum()
                 s["picks"] = s["picks"] + (now >= 0).sum()
             s["last"] = now
