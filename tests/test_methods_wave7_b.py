@@ -72,6 +72,16 @@ def test_the_sampled_chance_is_the_binomial_tail_of_the_per_table_collision(cos,
     assert float(log_sampled_chance(torch.tensor([cos]), bits, tables, 0)[0]) == 0.0  # every key: p = 1
 
 
+@pytest.mark.parametrize("bits, tables, least", [(10, 150, 2), (3, 20, 3), (10, 150, 75), (10, 150, 76), (2, 4, 3)])
+def test_the_sampled_chance_holds_from_opposite_to_equal_both_below_and_above_half_the_tables(bits, tables, least):
+    """Up to half the tables the chance is one minus the terms below the tail (float64), above it
+    the tail itself: both agree with the sum written out at every angle, the ends included."""
+    cos = torch.linspace(-1, 1, 201)
+    got = log_sampled_chance(cos, bits, tables, least)
+    want = [math.log(binomial_tail(max(-1.0, min(1.0, float(c))), bits, tables, least)) for c in cos.double()]
+    assert got.tolist() == pytest.approx(want, rel=1e-4, abs=2e-5)
+
+
 def test_a_tables_code_is_the_signs_on_its_own_hyperplanes():
     planes = torch.eye(4)                                       # K = 2, L = 2: table 0 reads c0, c1; table 1 c2, c3
     x = torch.tensor([[1.0, -1.0, -1.0, 1.0], [-1.0, 1.0, 1.0, 1.0]])
