@@ -135,3 +135,16 @@ def test_packed_bfloat16_linears_equal_plain_ones(name, tmp_path_factory):
     ours, theirs = (nanokv_logits(m, cfg, ids, torch.bfloat16) for m in (packed, plain))
     assert theirs.abs().max() > 0.5
     assert torch.equal(ours, theirs)
+
+
+def test_cos_and_sin_of_repeating_positions_read_from_their_range_are_the_rows_own():
+    """A reader undoes RoPE on every head's copy of its tokens: each position of their range once,
+    read per row, must be the same numbers as per row (repeats and a negative range: the table;
+    positions spread wider than their count: per row)."""
+    from nanokv.models.rope import inverse_frequencies, rope_cos_sin, rope_cos_sin_gathered
+    inv_freq = inverse_frequencies(8, 10000.0, {})
+    for positions in (torch.tensor([5, 3, 5, 4, 3, 9, 9, 9, 5, 4, 3, 7]), -torch.arange(40).repeat(3),
+                      torch.tensor([0, 1000, 70000])):
+        want = rope_cos_sin(positions, inv_freq, torch.float32)
+        got = rope_cos_sin_gathered(positions, inv_freq, torch.float32)
+        assert all(torch.allclose(g, w, atol=1e-6, rtol=0) for g, w in zip(got, want))

@@ -45,7 +45,7 @@ What differs:
 import torch
 
 from nanokv.methods.base import PageReader, Picks, ReadStep, scaled_windows, top_slots
-from nanokv.models.rope import apply_rope, rope_cos_sin
+from nanokv.models.rope import apply_rope, rope_cos_sin_gathered
 
 
 def unrotated(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor | None, method: str) -> torch.Tensor:
@@ -53,15 +53,7 @@ def unrotated(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor |
     by -position undoes one by +position)."""
     if inv_freq is None:
         raise ValueError(f"method {method!r} scores without RoPE and needs the model's RoPE speeds (ReadStep.inv_freq)")
-    flat = -positions.reshape(-1)
-    low, high = (int(p) for p in torch.aminmax(flat))
-    if high - low + 1 < flat.numel():
-        # many rows share a position (every head's copy of a token, every sequence's first ones):
-        # each position's cos and sin once, then read per row; on a CPU they were a quarter of a step
-        cos, sin = rope_cos_sin(torch.arange(low, high + 1, device=x.device), inv_freq.to(x.device), torch.float32)
-        cos, sin = cos.index_select(0, flat - low), sin.index_select(0, flat - low)
-    else:
-        cos, sin = rope_cos_sin(flat, inv_freq.to(x.device), torch.float32)
+    cos, sin = rope_cos_sin_gathered(-positions.reshape(-1), inv_freq.to(x.device), torch.float32)
     return apply_rope(x.float().reshape(-1, 1, x.shape[-1]), cos, sin).view(x.shape)
 
 

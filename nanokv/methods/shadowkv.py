@@ -52,7 +52,7 @@ import torch
 
 from nanokv.methods.base import Offloader, Picks, top_slots
 from nanokv.methods.reattention import unrotated
-from nanokv.models.rope import apply_rope, rope_cos_sin
+from nanokv.models.rope import apply_rope, rope_cos_sin_gathered
 
 
 def padded(x: torch.Tensor, size: int, dim: int) -> torch.Tensor:
@@ -171,5 +171,5 @@ class ShadowKV(Offloader):
         coords = coords.gather(2, at[..., None].expand(-1, -1, -1, coords.shape[-1]))        # [b, H, k, r]
         positions = step.summary("pos").gather(2, at)                                         # [b, H, k]
         pre = torch.einsum("bhkr,bhdr->bhkd", coords.float(), basis)
-        cos, sin = rope_cos_sin(positions.reshape(-1), step.inv_freq.to(pre.device), torch.float32)
+        cos, sin = rope_cos_sin_gathered(positions.reshape(-1), step.inv_freq.to(pre.device), torch.float32)
         return apply_rope(pre.reshape(-1, 1, pre.shape[-1]), cos, sin).view(pre.shape)

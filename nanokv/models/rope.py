@@ -44,3 +44,15 @@ def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.d
     freqs = positions.float()[:, None] * inv_freq[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rope_cos_sin_gathered(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
+    """rope_cos_sin of many positions [T] that repeat or lie close (every head's copy of a token, a
+    reader's picks): each position of their range once, then read per row, where the range is the
+    shorter (on a CPU, cos and sin per row took a quarter of a reader's decode step). One host sync,
+    to size the range: for the eager paths, not the model's step."""
+    low, high = (int(p) for p in torch.aminmax(positions))
+    if high - low + 1 >= positions.numel():
+        return rope_cos_sin(positions, inv_freq, dtype)
+    cos, sin = rope_cos_sin(torch.arange(low, high + 1, device=positions.device), inv_freq, dtype)
+    return cos.index_select(0, positions - low), sin.index_select(0, positions - low)
