@@ -493,13 +493,15 @@ def test_read_slots_gives_each_flat_slot_its_field_on_plain_and_strided_fields()
     pool = BlockPool(8, 4, 3, torch.float32)
     pool.fields["k"].copy_(torch.randn(8, 4, 3))
     pool.fields["pos"].copy_(torch.arange(32, dtype=torch.int32).view(8, 4))
-    strided = row_views(torch.zeros(8, 100, dtype=torch.uint8), {"pad": (torch.int32, (3,)), "s": (torch.float16, (4, 3))})["s"]
+    layout = {"pad": (torch.int32, (3,)), "s": (torch.float16, (4, 3))}
+    strided = row_views(torch.zeros(8, 100, dtype=torch.uint8), layout)["s"]
     strided.copy_(torch.randn(8, 4, 3))
     pool.fields["s"] = strided
     slots = torch.tensor([[5, 31, 0], [17, 17, 2]])
     assert pool.read_slots(slots, "pos").tolist() == slots.tolist()
-    assert pool.read_slots(slots, "k").tolist() == [[pool.k[int(s) // 4, int(s) % 4].tolist() for s in row] for row in slots]
-    assert pool.read_slots(slots, "s").tolist() == [[strided[int(s) // 4, int(s) % 4].tolist() for s in row] for row in slots]
+    for name, field in (("k", pool.k), ("s", strided)):
+        want = [[field[int(s) // 4, int(s) % 4].tolist() for s in row] for row in slots]
+        assert pool.read_slots(slots, name).tolist() == want
 
 
 def test_compact_accepts_a_mask_wider_than_the_sequence():

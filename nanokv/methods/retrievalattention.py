@@ -152,18 +152,18 @@ class RetrievalAttention(Offloader):
         keys = step.keys.to(HOST).flatten(0, 1)[:, :n]                               # [P, n, D] host memory
         q = step.queries.to(HOST).float().view(b * H, -1, D)
         # every head's graph, padded to n with no links; the search starts at the key most linked to
-        neighbours = torch.full((b * H, n, self.degree), -1, dtype=torch.int64)
+        neighbours = torch.full((b * H, n, self.degree), -1, dtype=torch.int64, device=HOST)
         for i in range(b):
             for h in range(H):
                 if lengths[i * H + h] > 0:  # a sequence that moved nothing yet has no graph
                     graph = self.graph(step.states[i], step.layer, h)[:int(lengths[i * H + h])]
                     neighbours[i * H + h, :len(graph)] = graph
         linked = (neighbours >= 0) & (neighbours < lengths[:, None, None])
-        counts = torch.zeros(b * H, n + 1, dtype=torch.int64).scatter_add_(
-            1, torch.where(linked, neighbours, n).flatten(1), torch.ones(b * H, n * self.degree, dtype=torch.int64))
+        ends = torch.where(linked, neighbours, n).flatten(1)
+        counts = torch.zeros(b * H, n + 1, dtype=torch.int64, device=HOST).scatter_add_(1, ends, torch.ones_like(ends))
         entry = counts[:, :n].argmax(dim=1)
         score, visited = beam_search(neighbours, keys, q, entry, max(self.beam, k), lengths)
-        slot = torch.arange(self.sinks)
+        slot = torch.arange(self.sinks, device=HOST)
         sinks = torch.where(slot < lengths[:, None], slot, -1)                       # [P, sinks]
         score[:, :self.sinks] = float("-inf")
         top = score.topk(min(k, n), dim=-1)
