@@ -144,7 +144,7 @@ def test_cos_and_sin_of_repeating_positions_read_from_their_range_are_the_rows_o
     from nanokv.models.rope import inverse_frequencies, rope_cos_sin, rope_cos_sin_gathered
     inv_freq = inverse_frequencies(8, 10000.0, {})
     for positions in (torch.tensor([5, 3, 5, 4, 3, 9, 9, 9, 5, 4, 3, 7]), -torch.arange(40).repeat(3),
-                      torch.tensor([0, 1000, 70000])):
+                      torch.tensor([0, 1000, 70000]), torch.zeros(0, dtype=torch.int64)):
         want = rope_cos_sin(positions, inv_freq, torch.float32)
         got = rope_cos_sin_gathered(positions, inv_freq, torch.float32)
         assert all(torch.allclose(g, w, atol=1e-6, rtol=0) for g, w in zip(got, want))

@@ -51,6 +51,8 @@ def rope_cos_sin_gathered(positions: torch.Tensor, inv_freq: torch.Tensor, dtype
     reader's picks): each position of their range once, then read per row, where the range is the
     shorter (on a CPU, cos and sin per row took a quarter of a reader's decode step). One host sync,
     to size the range: for the eager paths, not the model's step."""
+    if positions.numel() == 0:
+        return rope_cos_sin(positions, inv_freq, dtype)
     low, high = (int(p) for p in torch.aminmax(positions))
     if high - low + 1 >= positions.numel():
         return rope_cos_sin(positions, inv_freq, dtype)
