@@ -154,7 +154,7 @@ class BlockPool:
         over the field's slot rows (on a CPU ~6x faster than indexing by block and offset); a
         strided field (a quantized pool's, whose blocks are not one run of slots) by block and offset."""
         field = self.fields[name]
-        if field[0].is_contiguous() and field.stride(0) == field[0].numel():
+        if field.is_contiguous():
             rows = field.view(-1, *field.shape[2:]).index_select(0, slots.to(self.device).flatten())
             return rows.view(*slots.shape, *field.shape[2:])
         return field[self.slot_index(slots)]

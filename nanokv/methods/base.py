@@ -363,6 +363,13 @@ def top_slots(scores: torch.Tensor, k: int) -> torch.Tensor:
     return top.indices.masked_fill(top.values == float("-inf"), -1)
 
 
+def slot_mask(slots: torch.Tensor, width: int) -> torch.Tensor:
+    """slots [..., k] (-1 or past the width: none) -> [..., width] bool, True at each slot given:
+    top_slots' picks as a mask."""
+    mask = torch.zeros(*slots.shape[:-1], width + 1, dtype=torch.bool, device=slots.device)
+    return mask.scatter_(-1, torch.where((slots >= 0) & (slots < width), slots, width), True)[..., :width]
+
+
 def scaled_windows(options: dict, budget: int | None, official_budget: int, windows: dict[str, int],
                    least: int = 0) -> dict:
     """A reader's fixed windows (sinks, local: their official sizes in `windows`) shrunk in proportion

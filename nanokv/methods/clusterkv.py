@@ -25,8 +25,8 @@ clusters them into 8 new clusters appended to the prompt's: one cluster per 40 t
 of `decode_tokens_per_cluster` (a decode block of 16 here makes one cluster).
 
 What differs:
-- k-means starts at evenly spaced keys (deterministic) and runs the full 20 iterations (one cluster: none; the
-  official RAFT fit starts at random and stops once converged). Keys join the cluster of the
+- k-means starts at evenly spaced keys (deterministic) and runs the full 20 iterations (one
+  cluster: none; the official RAFT fit starts at random and stops once converged). Keys join the cluster of the
   nearest mean direction (cosine); the centroid a query scores is the cluster's mean raw key, so
   q . centroid is the cluster's mean logit (the official scores RAFT's centroids).
 - The budget covers the device window too: budget - device_window - sink tokens come from clusters

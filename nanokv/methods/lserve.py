@@ -55,7 +55,7 @@ import math
 
 import torch
 
-from nanokv.methods.base import CALIBRATION_FILE, PageReader, Picks, ReadStep, scaled_windows, top_slots
+from nanokv.methods.base import CALIBRATION_FILE, PageReader, Picks, ReadStep, scaled_windows, slot_mask, top_slots
 
 
 class LServe(PageReader):
@@ -121,8 +121,7 @@ class LServe(PageReader):
         newest = ((step.lengths - 1) // (P * step.block_size))[..., None]
         others = top_slots(importance.masked_fill(phys == newest, float("-inf")),
                            self.physical_pages_to_read(step.block_size) - 1)
-        chosen = torch.zeros(b, H, n_phys + 1, dtype=torch.bool, device=kmin.device)
-        chosen = chosen.scatter_(-1, others.masked_fill(others < 0, n_phys), True)[..., :n_phys] | (phys == newest)
+        chosen = slot_mask(others, n_phys) | (phys == newest)
         dense = (step.lengths - 1 <= self.budget)[..., None]  # the history fits the budget: every page
         return torch.where(dense, phys <= newest, chosen)
 

@@ -38,7 +38,7 @@ What differs:
 import torch
 
 from nanokv.cache.pool import HOST
-from nanokv.methods.base import Offloader, Picks, scaled_windows
+from nanokv.methods.base import Offloader, Picks, scaled_windows, slot_mask
 
 
 def linked_neighbours(keys: torch.Tensor, queries: torch.Tensor, degree: int) -> torch.Tensor:
@@ -89,9 +89,8 @@ def beam_search(neighbours: torch.Tensor, keys: torch.Tensor, q: torch.Tensor, e
         expanded.scatter_(1, best, seen)  # an unvisited key among the best stays unexpanded
         links = neighbours.gather(1, best[..., None].expand(-1, -1, neighbours.shape[-1]))
         near = torch.cat([links, best[..., None] - 1, best[..., None] + 1], dim=-1)
-        near = torch.where(opened[..., None] & (near >= 0) & (near < lengths[:, None, None]), near, n).flatten(1)
-        fresh = torch.zeros(P, n + 1, dtype=torch.bool, device=keys.device).scatter_(1, near, True)[:, :n]
-        fresh &= ~visited
+        near = torch.where(opened[..., None] & (near < lengths[:, None, None]), near, -1).flatten(1)
+        fresh = slot_mask(near, n) & ~visited
     return score, visited.sum(dim=1)
 
 
@@ -153,11 +152,10 @@ class RetrievalAttention(Offloader):
         q = step.queries.to(HOST).float().view(b * H, -1, D)
         # every head's graph, padded to n with no links; the search starts at the key most linked to
         neighbours = torch.full((b * H, n, self.degree), -1, dtype=torch.int64, device=HOST)
-        for i in range(b):
-            for h in range(H):
-                if lengths[i * H + h] > 0:  # a sequence that moved nothing yet has no graph
-                    graph = self.graph(step.states[i], step.layer, h)[:int(lengths[i * H + h])]
-                    neighbours[i * H + h, :len(graph)] = graph
+        for p, held in enumerate(lengths.tolist()):
+            if held > 0:  # a sequence that moved nothing yet has no graph
+                graph = self.graph(step.states[p // H], step.layer, p % H)[:held]
+                neighbours[p, :len(graph)] = graph
         linked = (neighbours >= 0) & (neighbours < lengths[:, None, None])
         ends = torch.where(linked, neighbours, n).flatten(1)
         counts = torch.zeros(b * H, n + 1, dtype=torch.int64, device=HOST).scatter_add_(1, ends, torch.ones_like(ends))

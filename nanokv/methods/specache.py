@@ -39,7 +39,7 @@ What differs:
 
 import torch
 
-from nanokv.methods.base import Offloader, Picks, top_slots
+from nanokv.methods.base import Offloader, Picks, slot_mask, top_slots
 
 
 def quantized(keys: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
@@ -92,10 +92,7 @@ class SpeCache(Offloader):
             now = slots[j]
             if "last" in s:
                 # the previous picks as a mask over the slots (comparing every pair took a quarter of a step)
-                last = s["last"]
-                before = torch.zeros(now.shape[0], S + 1, dtype=torch.bool, device=now.device)
-                before.scatter_(1, torch.where((last >= 0) & (last < S), last, S), True)
-                again = before.gather(1, torch.where(now >= 0, now, S)) & (now >= 0)
+                again = slot_mask(s["last"], S).gather(1, now.clamp(min=0)) & (now >= 0)
                 s["hits"] = s["hits"] + again.sum()
                 s["picks"] = s["picks"] + (now >= 0).sum()
             s["last"] = now

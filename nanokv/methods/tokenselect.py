@@ -43,7 +43,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from nanokv.methods.base import PageReader, Picks, ReadStep, scaled_windows, top_slots
+from nanokv.methods.base import PageReader, Picks, ReadStep, scaled_windows, slot_mask, top_slots
 from nanokv.methods.reattention import unrotated
 
 
@@ -101,9 +101,7 @@ class TokenSelect(PageReader):
         for state, row in zip(step.states, kept):
             state.setdefault("tokenselect", {})[step.layer] = row
 
-        read = torch.zeros(b, S + 1, dtype=torch.bool, device=n.device)
-        read.scatter_(1, torch.where(chosen >= 0, chosen, S), True)
-        read = read[:, :S] | (slot < self.sinks) | (slot >= (n - self.local)[:, None]) | ~sparse[:, None]
+        read = slot_mask(chosen, S) | (slot < self.sinks) | (slot >= (n - self.local)[:, None]) | ~sparse[:, None]
         read &= slot < n[:, None]
         slots = top_slots(torch.zeros(b, S, device=n.device).masked_fill(~read, float("-inf")), self.budget)
         scored = (candidate.sum(-1) * (sparse & ~reuse)).sum() * H * (D * step.itemsize)
