@@ -214,3 +214,34 @@ def test_recall_round_trips_and_attends_as_the_plain_twin():
     index = torch.tensor([2, 17, 30, 33, 34, 35, 36])
     want = attention_by_position(q, k[index], v[index], torch.tensor([n]), index)
     assert torch.allclose(out, want, atol=1e-5)
+
+
+def test_a_layers_device_width_is_its_own_not_a_kept_layers():
+    from nanokv.cache.host_tier import OffloadedKVCache
+    from nanokv.config import ModelConfig
+
+    cfg = ModelConfig("llama", vocab_size=8, hidden_size=64, intermediate_size=8, num_layers=2, num_heads=2,
+                      num_kv_heads=1, head_dim=32, rms_norm_eps=1e-6, rope_theta=1e4, max_position_embeddings=128)
+    # layer 0 stays whole on the device (skip_layers=1); layer 1 keeps a window of 4
+    cache = OffloadedKVCache.from_memory(cfg, 1 << 20, 1 << 20, 16, torch.float32, "cpu", {}, False, 4, 1)
+    torch.manual_seed(0)
+    for seq, n in enumerate((70, 37)):
+        cache.add(seq)
+        for layer in (0, 1):
+            cache.write_prefill(seq, layer, torch.randn(n, 1, 32), torch.randn(n, 1, 32), torch.arange(n))
+        cache.offload(seq, 1, cache.due_offload(seq, 1, prefill=True), {})
+    assert cache.device_width([0, 1], 0) == 5                   # 70 tokens: 5 blocks of 16
+    assert cache.device_width([0, 1], 1) == 1                   # each keeps its window and under a block more
+    assert cache.device_width([1], 0) == 3
+    # what attend_recalled reads from the narrower tables is what it reads from the group's wide ones
+    wide, lengths = torch.full((2, 1, 5), -1), torch.zeros(2, 1, dtype=torch.int64)
+    for seq in (0, 1):
+        tables, lengths[seq] = cache.held(seq, 1)
+        wide[seq, :, :tables.shape[-1]] = tables[0]
+    host_tables, _ = cache.host_held([0, 1], 1)
+    slots = torch.tensor([[[0, 5]], [[3, -1]]])
+    got = cache.recall(host_tables, slots)
+    q, positions = torch.randn(2, 2, 32), torch.tensor([70, 37])
+    out_wide, _ = cache.attend_recalled(q, positions, wide, lengths, got, slots >= 0, None)
+    out, _ = cache.attend_recalled(q, positions, wide[..., :1], lengths, got, slots >= 0, None)
+    assert torch.allclose(out, out_wide, atol=1e-6)

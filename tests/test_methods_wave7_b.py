@@ -141,6 +141,23 @@ def test_magicpig_caps_what_it_recalls_at_the_budget_most_collisions_first():
     assert chosen[0] == 2 and chosen[1] in (0, 3) and len(chosen) == 2
 
 
+@pytest.mark.parametrize("tables", [150, 300])  # a count in a byte, and past what a byte holds
+def test_magicpig_recalls_the_keys_of_most_collisions_counted_past_a_byte(tables):
+    m = make_method("magicpig", budget=8 + 5, bits=2, tables=tables, sinks=0, device_window=8,
+                    min_collisions=1, dense_every=0)
+    torch.manual_seed(0)
+    q = torch.randn(1, 16)
+    near = torch.cat([q + 0.2 * k * torch.randn(12, 16) for k in range(1, 5)])    # near the query, then farther
+    keys = torch.cat([near, -near])                                                # centred: their mean is 0
+    picks = m.pick(magicpig_step(m, keys, q))
+    # each key's collisions counted here table by table in int64
+    planes = m.planes(0, 16, keys.device)
+    counts = (table_codes(keys, planes, 2).long() == table_codes(q, planes, 2).long()).sum(-1)
+    assert counts.max() > 255 if tables == 300 else counts.max() <= 150
+    chosen = picks.slots[0, 0]
+    assert sorted(counts[chosen].tolist()) == sorted(counts.topk(5).values.tolist())
+
+
 def test_magicpig_reads_every_host_token_of_its_dense_layers_unweighed():
     m = make_method("magicpig", budget=100, device_window=8, dense_every=2)
     keys = torch.randn(6, 4)

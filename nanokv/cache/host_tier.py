@@ -190,6 +190,10 @@ class OffloadedKVCache(PagedKVCache):
         tables = torch.stack([grown_to(s.host_tables, width)[layer, :, :width] for s in seqs])
         return tables, torch.stack([s.host_lengths[layer] for s in seqs])
 
+    def device_width(self, seq_ids: list[int], layer: int) -> int:
+        """Blocks in the widest device table of these sequences at `layer` (at least 1)."""
+        return max(1, max(int(self.seqs[s].num_blocks[layer].max()) for s in seq_ids))
+
     def read_summaries(self, host_tables: torch.Tensor, names) -> dict[str, torch.Tensor]:
         """Summary fields of every host slot of tables [b, H, nb] -> {name: [b, H, nb * block_size, ...]}
         on the device (padding reads block 0)."""

@@ -10,9 +10,10 @@ next token with the low-bit cache, whose top-k are prefetched for the next step 
 computes.
 Here: every token that moves to the host keeps, on the device, its key quantized per token and
 kv-head, asymmetric over the head's channels (zero = the smallest channel, scale = range / (2^bits
-- 1), codes rounded to nearest, packed 8 / bits to a byte); `pick` dequantizes them, scores each
-host slot by q . k / sqrt(D) (the most over the kv-head's query heads) and recalls the top
-`budget` slots; the newest `device_window` tokens stay exact on the device.
+- 1), codes rounded to nearest, packed 8 / bits to a byte); `pick` scores each host slot by
+q . k / sqrt(D) of its dequantized key (the most over the kv-head's query heads), worked out from
+the codes as scale * (q . codes) + zero * sum(q), and recalls the top `budget` slots; the newest
+`device_window` tokens stay exact on the device.
 
 Defaults: no official code. A third-party implementation added to a ShadowKV copy
 (intelli-jsong/SpeCache @ b447f6f, specache/specache_2bit_config.yaml, quoting the paper's §4.1):
@@ -38,6 +39,7 @@ What differs:
 """
 
 import torch
+import torch.nn.functional as F
 
 from nanokv.methods.base import Offloader, Picks, slot_mask, top_slots
 
@@ -54,11 +56,14 @@ def quantized(keys: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
     return {"codes": (codes << shifts).sum(-1).to(torch.uint8), "scale": scale, "zero": zero}
 
 
-def dequantized(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
-    """The inverse of `quantized` (to its rounding) -> [..., D] float32."""
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)
-    levels = ((codes[..., None] >> shifts) & (2 ** bits - 1)).flatten(-2).float()
-    return levels * scale[..., None] + zero[..., None]
+def code_levels(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Packed codes [..., D * bits / 8] uint8 -> each channel's code [..., D] float32, read through a
+    table of the codes in every byte value (one lookup, not a shift, a mask and a cast per code)."""
+    per_byte = 8 // bits
+    byte = torch.arange(256, device=codes.device)
+    table = (byte[:, None] >> torch.arange(0, 8, bits, device=codes.device)) & (2 ** bits - 1)  # lowest bits first
+    # an embedding lookup: 4.5x faster than indexing the table on a CPU ([8, 3, 4000, 16] codes)
+    return F.embedding(codes.int(), table.float()).view(*codes.shape[:-1], codes.shape[-1] * per_byte)
 
 
 class SpeCache(Offloader):
@@ -84,9 +89,15 @@ class SpeCache(Offloader):
         return quantized(view.keys, self.bits)
 
     def pick(self, step):
-        keys = dequantized(step.summary("codes"), step.summary("scale"), step.summary("zero"), self.bits)
-        slots = top_slots(step.logits(keys).amax(dim=2), self.budget)                   # [b, H, k]
-        S = keys.shape[2]
+        levels = code_levels(step.summary("codes"), self.bits)                          # [b, H, S, D]
+        scale, zero = step.summary("scale")[:, :, None], step.summary("zero")[:, :, None]  # [b, H, 1, S]
+        b, H, S, D = levels.shape
+        q = step.queries.float().view(b, H, -1, D)
+        # q . (scale * levels + zero) = scale * (q . levels) + zero * sum(q): scored from the codes,
+        # never a dequantized copy of every key (which took most of a long prompt's decode step)
+        logits = (torch.einsum("bhgd,bhsd->bhgs", q, levels) * scale + zero * q.sum(-1, keepdim=True)) / D ** 0.5
+        logits = logits.masked_fill(~step.held()[:, :, None], float("-inf"))
+        slots = top_slots(logits.amax(dim=2), self.budget)                              # [b, H, k]
         for j, state in enumerate(step.states):  # how many of these the previous step had picked
             s = state.setdefault(("specache", step.layer), {"hits": 0, "picks": 0})
             now = slots[j]
@@ -96,5 +107,5 @@ class SpeCache(Offloader):
                 s["hits"] = s["hits"] + again.sum()
                 s["picks"] = s["picks"] + (now >= 0).sum()
             s["last"] = now
-        per_token = keys.shape[-1] * self.bits // 8 + 8                                 # codes, scale, zero
+        per_token = D * self.bits // 8 + 8                                 # codes, scale, zero
         return Picks(slots=slots, scored_bytes=step.lengths.sum() * per_token)
