@@ -343,6 +343,17 @@ def test_retrievalattention_recalls_its_sinks_and_the_best_keys_its_search_finds
     assert 0 < int(picks.scored_bytes) <= 24 * 4 * 4 and int(picks.scored_bytes) % (4 * 4) == 0
 
 
+def test_retrievalattention_starts_its_search_at_the_key_most_linked_to():
+    # the chain of the beam search test: from slot 0 a beam of 1 stops at slot 1 (3); slots 2 and 6
+    # link to slot 4 (5), the key most linked to, and from there it climbs to slot 5 (9)
+    m = make_method("retrievalattention", budget=1, sinks=0, device_window=0, degree=2, beam=1)
+    keys = torch.tensor([1.0, 3.0, 2.0, 0.0, 5.0, 9.0, 4.0])[:, None]
+    graph = torch.full((7, 2), -1)
+    graph[2, 0] = graph[6, 0] = 4
+    picks = m.pick(retrieval_step(m, keys, state={"retrievalattention": {0: [[graph]]}})(torch.ones(1, 1)))
+    assert picks.slots[0, 0].tolist() == [5]
+
+
 @pytest.mark.parametrize("options, match", [
     ({"budget": 600, "device_window": 512, "sinks": 128}, "budget=600 .* must exceed device_window \\+ sinks = 640"),
     ({"budget": 100, "degree": 1}, "degree=1"), ({"budget": 100, "beam": 0}, "beam=0"),

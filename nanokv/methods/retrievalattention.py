@@ -152,14 +152,13 @@ class RetrievalAttention(Offloader):
         q = step.queries.to(HOST).float().view(b * H, -1, D)
         # every head's graph, padded to n with no links; the search starts at the key most linked to
         neighbours = torch.full((b * H, n, self.degree), -1, dtype=torch.int64, device=HOST)
+        entry = torch.zeros(b * H, dtype=torch.int64, device=HOST)
         for p, held in enumerate(lengths.tolist()):
             if held > 0:  # a sequence that moved nothing yet has no graph
                 graph = self.graph(step.states[p // H], step.layer, p % H)[:held]
                 neighbours[p, :len(graph)] = graph
-        linked = (neighbours >= 0) & (neighbours < lengths[:, None, None])
-        ends = torch.where(linked, neighbours, n).flatten(1)
-        counts = torch.zeros(b * H, n + 1, dtype=torch.int64, device=HOST).scatter_add_(1, ends, torch.ones_like(ends))
-        entry = counts[:, :n].argmax(dim=1)
+                # counted per head: masks and counts over the whole padded [P, n, W] took a third of a step
+                entry[p] = torch.bincount(graph[(graph >= 0) & (graph < held)], minlength=held).argmax()
         score, visited = beam_search(neighbours, keys, q, entry, max(self.beam, k), lengths)
         slot = torch.arange(self.sinks, device=HOST)
         sinks = torch.where(slot < lengths[:, None], slot, -1)                       # [P, sinks]
