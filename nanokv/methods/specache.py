@@ -107,5 +107,5 @@ class SpeCache(Offloader):
                 s["hits"] = s["hits"] + again.sum()
                 s["picks"] = s["picks"] + (now >= 0).sum()
             s["last"] = now
-        per_token = D * self.bits // 8 + 8                                 # codes, scale, zero
+        per_token = D * self.bits // 8 + 8                                               # codes, scale, zero
         return Picks(slots=slots, scored_bytes=step.lengths.sum() * per_token)
