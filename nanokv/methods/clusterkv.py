@@ -26,9 +26,10 @@ of `decode_tokens_per_cluster` (a decode block of 16 here makes one cluster).
 
 What differs:
 - k-means starts at evenly spaced keys (deterministic) and runs the full 20 iterations (one
-  cluster: none; the official RAFT fit starts at random and stops once converged). Keys join the cluster of the
-  nearest mean direction (cosine); the centroid a query scores is the cluster's mean raw key, so
-  q . centroid is the cluster's mean logit (the official scores RAFT's centroids).
+  cluster: none; the official RAFT fit starts at random and stops once converged). Keys join the
+  cluster of the nearest mean direction (cosine); the centroid a query scores is the cluster's
+  mean raw key, so q . centroid is the cluster's mean logit (the official scores RAFT's
+  centroids).
 - The budget covers the device window too: budget - device_window - sink tokens come from clusters
   (the official: token_budget - sink, every generated token besides).
 - GQA: one cluster ranking per kv-head, by the highest of its query heads' q . centroid; the
